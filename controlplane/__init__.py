@@ -1,0 +1,1 @@
+"""The gRPC control plane: config store, registry, CA, xDS server."""

@@ -1,0 +1,1 @@
+"""The per-node daemon: capture, the shared proxy, identity, xDS client."""

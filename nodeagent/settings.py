@@ -1,0 +1,49 @@
+"""Settings shared by the agent's supervisor and its proxy workers, and the
+certificate material the supervisor hands to workers. Every default lives here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+OUTBOUND_PORT = 15001
+INBOUND_PLAIN_PORT = 15006
+HBONE_PORT = 15008
+ADMIN_PORT = 15000
+# SO_MARK the proxy sets on every socket it opens, so capture rules let its own
+# traffic through ("nm" in ASCII).
+PROXY_MARK = 0x6E6D
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    node_name: str
+    node_address: str  # this node's address peers use for HBONE
+    outbound_port: int = OUTBOUND_PORT
+    inbound_plain_port: int = INBOUND_PLAIN_PORT
+    hbone_port: int = HBONE_PORT
+    outbound_bind: str = "127.0.0.1"  # captured outbound arrives here (REDIRECT)
+    inbound_bind: str = "0.0.0.0"  # 15006 and 15008
+    mark: int = PROXY_MARK
+    workers: int = 1
+    connect_timeout_s: float = 5.0
+    access_log: str = ""  # path; "" = stderr, "off" = none
+    # The control plane's address(es): never captured, and never proxied.
+    excluded_cidrs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Svid:
+    """One workload identity's certificate and private key, held in memory."""
+
+    identity: str  # SPIFFE URI
+    cert_chain_pem: str  # leaf first
+    key_pem: str
+    not_after_unix: float
+
+
+@dataclass(frozen=True)
+class Certs:
+    svids: Mapping[str, Svid] = field(default_factory=dict)  # identity -> Svid
+    trust_bundle: tuple[str, ...] = ()  # PEM roots
+    version: int = 0

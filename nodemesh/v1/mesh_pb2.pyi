@@ -1,0 +1,246 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Resource(_message.Message):
+    __slots__ = ("api_version", "kind", "namespace", "name", "spec_json", "status_json", "resource_version", "created_unix_ms", "updated_unix_ms", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    API_VERSION_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
+    STATUS_JSON_FIELD_NUMBER: _ClassVar[int]
+    RESOURCE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    api_version: str
+    kind: str
+    namespace: str
+    name: str
+    spec_json: str
+    status_json: str
+    resource_version: int
+    created_unix_ms: int
+    updated_unix_ms: int
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, api_version: _Optional[str] = ..., kind: _Optional[str] = ..., namespace: _Optional[str] = ..., name: _Optional[str] = ..., spec_json: _Optional[str] = ..., status_json: _Optional[str] = ..., resource_version: _Optional[int] = ..., created_unix_ms: _Optional[int] = ..., updated_unix_ms: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class ApplyRequest(_message.Message):
+    __slots__ = ("documents", "dry_run")
+    DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    documents: str
+    dry_run: bool
+    def __init__(self, documents: _Optional[str] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+
+class ApplyResult(_message.Message):
+    __slots__ = ("kind", "namespace", "name", "action", "resource_version")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    RESOURCE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    namespace: str
+    name: str
+    action: str
+    resource_version: int
+    def __init__(self, kind: _Optional[str] = ..., namespace: _Optional[str] = ..., name: _Optional[str] = ..., action: _Optional[str] = ..., resource_version: _Optional[int] = ...) -> None: ...
+
+class ApplyResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[ApplyResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[ApplyResult, _Mapping]]] = ...) -> None: ...
+
+class ResourceRef(_message.Message):
+    __slots__ = ("kind", "namespace", "name")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    namespace: str
+    name: str
+    def __init__(self, kind: _Optional[str] = ..., namespace: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class ListRequest(_message.Message):
+    __slots__ = ("kind", "namespace")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    namespace: str
+    def __init__(self, kind: _Optional[str] = ..., namespace: _Optional[str] = ...) -> None: ...
+
+class ListResponse(_message.Message):
+    __slots__ = ("resources", "revision")
+    RESOURCES_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    resources: _containers.RepeatedCompositeFieldContainer[Resource]
+    revision: int
+    def __init__(self, resources: _Optional[_Iterable[_Union[Resource, _Mapping]]] = ..., revision: _Optional[int] = ...) -> None: ...
+
+class DeleteResponse(_message.Message):
+    __slots__ = ("deleted", "resource_version")
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    RESOURCE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    deleted: bool
+    resource_version: int
+    def __init__(self, deleted: _Optional[bool] = ..., resource_version: _Optional[int] = ...) -> None: ...
+
+class WatchRequest(_message.Message):
+    __slots__ = ("kind", "namespace", "since_revision")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    SINCE_REVISION_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    namespace: str
+    since_revision: int
+    def __init__(self, kind: _Optional[str] = ..., namespace: _Optional[str] = ..., since_revision: _Optional[int] = ...) -> None: ...
+
+class WatchEvent(_message.Message):
+    __slots__ = ("type", "resource")
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    RESOURCE_FIELD_NUMBER: _ClassVar[int]
+    type: str
+    resource: Resource
+    def __init__(self, type: _Optional[str] = ..., resource: _Optional[_Union[Resource, _Mapping]] = ...) -> None: ...
+
+class WorkloadRegistration(_message.Message):
+    __slots__ = ("name", "namespace", "service_account", "labels", "ip", "ports")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_ACCOUNT_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    IP_FIELD_NUMBER: _ClassVar[int]
+    PORTS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    namespace: str
+    service_account: str
+    labels: _containers.ScalarMap[str, str]
+    ip: str
+    ports: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., namespace: _Optional[str] = ..., service_account: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., ip: _Optional[str] = ..., ports: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class NodeRegistration(_message.Message):
+    __slots__ = ("node_name", "addresses", "hbone_port", "zone", "workloads", "agent_version")
+    NODE_NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    HBONE_PORT_FIELD_NUMBER: _ClassVar[int]
+    ZONE_FIELD_NUMBER: _ClassVar[int]
+    WORKLOADS_FIELD_NUMBER: _ClassVar[int]
+    AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    node_name: str
+    addresses: _containers.RepeatedScalarFieldContainer[str]
+    hbone_port: int
+    zone: str
+    workloads: _containers.RepeatedCompositeFieldContainer[WorkloadRegistration]
+    agent_version: str
+    def __init__(self, node_name: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., hbone_port: _Optional[int] = ..., zone: _Optional[str] = ..., workloads: _Optional[_Iterable[_Union[WorkloadRegistration, _Mapping]]] = ..., agent_version: _Optional[str] = ...) -> None: ...
+
+class Heartbeat(_message.Message):
+    __slots__ = ("sent_unix_ms",)
+    SENT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    sent_unix_ms: int
+    def __init__(self, sent_unix_ms: _Optional[int] = ...) -> None: ...
+
+class NodeReport(_message.Message):
+    __slots__ = ("register", "heartbeat")
+    REGISTER_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    register: NodeRegistration
+    heartbeat: Heartbeat
+    def __init__(self, register: _Optional[_Union[NodeRegistration, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
+
+class LeaseGrant(_message.Message):
+    __slots__ = ("node_name", "lease_seconds", "expires_unix_ms")
+    NODE_NAME_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    node_name: str
+    lease_seconds: int
+    expires_unix_ms: int
+    def __init__(self, node_name: _Optional[str] = ..., lease_seconds: _Optional[int] = ..., expires_unix_ms: _Optional[int] = ...) -> None: ...
+
+class CertificateRequest(_message.Message):
+    __slots__ = ("node_name", "csr_pem", "ttl_seconds")
+    NODE_NAME_FIELD_NUMBER: _ClassVar[int]
+    CSR_PEM_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    node_name: str
+    csr_pem: str
+    ttl_seconds: int
+    def __init__(self, node_name: _Optional[str] = ..., csr_pem: _Optional[str] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
+
+class CertificateResponse(_message.Message):
+    __slots__ = ("cert_chain", "trust_bundle")
+    CERT_CHAIN_FIELD_NUMBER: _ClassVar[int]
+    TRUST_BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    cert_chain: _containers.RepeatedScalarFieldContainer[str]
+    trust_bundle: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, cert_chain: _Optional[_Iterable[str]] = ..., trust_bundle: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Workload(_message.Message):
+    __slots__ = ("name", "namespace", "service_account", "node", "ip", "ports", "labels", "identity", "node_address", "hbone_port", "zone")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_ACCOUNT_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    IP_FIELD_NUMBER: _ClassVar[int]
+    PORTS_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    NODE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    HBONE_PORT_FIELD_NUMBER: _ClassVar[int]
+    ZONE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    namespace: str
+    service_account: str
+    node: str
+    ip: str
+    ports: _containers.RepeatedScalarFieldContainer[int]
+    labels: _containers.ScalarMap[str, str]
+    identity: str
+    node_address: str
+    hbone_port: int
+    zone: str
+    def __init__(self, name: _Optional[str] = ..., namespace: _Optional[str] = ..., service_account: _Optional[str] = ..., node: _Optional[str] = ..., ip: _Optional[str] = ..., ports: _Optional[_Iterable[int]] = ..., labels: _Optional[_Mapping[str, str]] = ..., identity: _Optional[str] = ..., node_address: _Optional[str] = ..., hbone_port: _Optional[int] = ..., zone: _Optional[str] = ...) -> None: ...
+
+class MeshConfig(_message.Message):
+    __slots__ = ("trust_domain", "outbound_policy", "vip_cidr", "trust_bundle", "dns_domain")
+    TRUST_DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    OUTBOUND_POLICY_FIELD_NUMBER: _ClassVar[int]
+    VIP_CIDR_FIELD_NUMBER: _ClassVar[int]
+    TRUST_BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    DNS_DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    trust_domain: str
+    outbound_policy: str
+    vip_cidr: str
+    trust_bundle: _containers.RepeatedScalarFieldContainer[str]
+    dns_domain: str
+    def __init__(self, trust_domain: _Optional[str] = ..., outbound_policy: _Optional[str] = ..., vip_cidr: _Optional[str] = ..., trust_bundle: _Optional[_Iterable[str]] = ..., dns_domain: _Optional[str] = ...) -> None: ...

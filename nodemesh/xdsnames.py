@@ -1,0 +1,54 @@
+"""The xDS contract between the control plane and the node agent: type URLs,
+resource names and the metadata keys nodemesh puts into standard Envoy types.
+
+Services travel as standard Cluster (one per service port, EDS) and
+ClusterLoadAssignment resources, so that Envoy and proxyless gRPC clients can
+consume them; node-level facts travel as nodemesh.v1.Workload and
+nodemesh.v1.MeshConfig.
+
+Cluster:   name  outbound|<port>||<service>.<namespace>.svc.<dns_domain>
+           type EDS, eds_cluster_config.eds_config.ads, lb_policy ROUND_ROBIN
+           metadata.filter_metadata["nodemesh"] = {
+               "service": str, "namespace": str, "vip": str ("" if none),
+               "port": number, "target_port": number, "protocol": str,
+               "port_name": str }
+ClusterLoadAssignment: cluster_name as above; one LocalityLbEndpoints per node
+           (locality.zone = node zone, locality.sub_zone = node name,
+           load_balancing_weight = number of endpoints); each LbEndpoint has
+           endpoint.address.socket_address = workload ip : target port,
+           health_status HEALTHY, load_balancing_weight 1, and
+           metadata.filter_metadata["nodemesh"] = {
+               "workload": "<namespace>/<name>", "identity": spiffe URI,
+               "node": str, "node_address": str, "hbone_port": number }
+Workload:  name  <node>/<namespace>/<name>
+MeshConfig: name "mesh"
+"""
+
+from __future__ import annotations
+
+TYPE_PREFIX = "type.googleapis.com/"
+CLUSTER = TYPE_PREFIX + "envoy.config.cluster.v3.Cluster"
+ENDPOINT = TYPE_PREFIX + "envoy.config.endpoint.v3.ClusterLoadAssignment"
+LISTENER = TYPE_PREFIX + "envoy.config.listener.v3.Listener"
+ROUTE = TYPE_PREFIX + "envoy.config.route.v3.RouteConfiguration"
+WORKLOAD = TYPE_PREFIX + "nodemesh.v1.Workload"
+MESH_CONFIG = TYPE_PREFIX + "nodemesh.v1.MeshConfig"
+
+# What a node agent subscribes to, in the order it subscribes.
+AGENT_TYPES = (MESH_CONFIG, WORKLOAD, CLUSTER, ENDPOINT)
+
+METADATA_KEY = "nodemesh"
+MESH_CONFIG_NAME = "mesh"
+HBONE_PORT = 15008
+
+
+def service_host(service: str, namespace: str, dns_domain: str) -> str:
+    return f"{service}.{namespace}.svc.{dns_domain}"
+
+
+def cluster_name(service: str, namespace: str, port: int, dns_domain: str) -> str:
+    return f"outbound|{port}||{service_host(service, namespace, dns_domain)}"
+
+
+def workload_resource_name(node: str, namespace: str, name: str) -> str:
+    return f"{node}/{namespace}/{name}"
