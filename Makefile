@@ -1,0 +1,34 @@
+# The two commands the README promises: `make demo` and `make test`.
+# Both install what they need first (scripts/setup.sh, idempotent). Run as root.
+PY := .venv/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test unit netns bench proto lint clean-netns
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	$(PY) -m nodemesh demo
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests
+
+unit: setup
+	$(PY) -m pytest -q tests/unit
+
+netns: setup
+	$(PY) -m pytest -q tests/netns
+
+bench: setup
+	$(PY) bench/run.py
+
+proto: setup
+	$(PY) -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. nodemesh/v1/mesh.proto
+
+lint: setup
+	.venv/bin/ruff check nodemesh nodeagent controlplane tests
+
+# Remove namespaces left by an interrupted demo or test run.
+clean-netns:
+	$(PY) -m nodemesh lab cleanup

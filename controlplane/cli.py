@@ -1,0 +1,157 @@
+"""The control plane's CLI subcommands: serve, apply, get, delete."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from typing import Any
+
+import yaml
+
+from controlplane.client import ClientError, ConfigClient, default_server
+from nodemesh import model
+from nodemesh.v1 import mesh_pb2
+
+
+def _add_server(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", default=None,
+                   help="control plane address, unix:/path or host:port "
+                        f"(default: $NODEMESH_SERVER or {default_server()})")
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    cp = subparsers.add_parser("controlplane", help="run the control plane")
+    cps = cp.add_subparsers(dest="controlplane_command", required=True)
+    serve = cps.add_parser("serve", help="serve the config API, registry, CA and xDS")
+    serve.add_argument("--state-dir", default="/var/lib/nodemesh", help="database and CA root live here")
+    serve.add_argument("--listen", action="append", default=None, metavar="ADDR",
+                       help="host:port or unix:/path; repeatable (default unix:/run/nodemesh/controlplane.sock)")
+    serve.add_argument("--lease-seconds", type=float, default=15.0, help="node registration lease")
+    serve.add_argument("--cert-ttl", type=int, default=24 * 3600, metavar="S",
+                       help="default workload certificate lifetime in seconds")
+    serve.add_argument("--log-level", default="INFO")
+    serve.set_defaults(func=cmd_serve)
+
+    apply = subparsers.add_parser("apply", help="create or update config from YAML documents")
+    apply.add_argument("-f", "--filename", required=True, help="a YAML file, or - for stdin")
+    apply.add_argument("--dry-run", action="store_true", help="validate and report, store nothing")
+    _add_server(apply)
+    apply.set_defaults(func=cmd_apply)
+
+    get = subparsers.add_parser("get", help="show config resources")
+    get.add_argument("kind", help="Service (svc) or MeshConfig")
+    get.add_argument("name", nargs="?", default="")
+    get.add_argument("-n", "--namespace", default="", help="default: every namespace for a list, "
+                     "'default' for one resource")
+    get.add_argument("-o", "--output", choices=("table", "yaml", "json"), default="table")
+    _add_server(get)
+    get.set_defaults(func=cmd_get)
+
+    delete = subparsers.add_parser("delete", help="delete a config resource")
+    delete.add_argument("kind")
+    delete.add_argument("name")
+    delete.add_argument("-n", "--namespace", default="")
+    _add_server(delete)
+    delete.set_defaults(func=cmd_delete)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from controlplane.server import DEFAULT_LISTEN, ControlPlaneSettings, serve
+
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = ControlPlaneSettings(
+            state_dir=args.state_dir, listen=tuple(args.listen or [DEFAULT_LISTEN]),
+            lease_seconds=args.lease_seconds, default_cert_ttl_s=args.cert_ttl, log_level=args.log_level)
+        asyncio.run(serve(settings))
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _resource_doc(r: mesh_pb2.Resource) -> dict[str, Any]:
+    doc = model.to_yaml_document(r.kind, r.namespace, r.name, json.loads(r.spec_json or "{}"),
+                                 dict(r.labels), json.loads(r.status_json or "{}"))
+    doc["metadata"]["resourceVersion"] = r.resource_version
+    return doc
+
+
+def _print(resources: list[mesh_pb2.Resource], output: str, single: bool) -> None:
+    docs = [_resource_doc(r) for r in resources]
+    if output == "json":
+        print(json.dumps(docs[0] if single else docs, indent=2, sort_keys=False))
+    elif output == "yaml":
+        print(yaml.safe_dump_all(docs, sort_keys=False), end="")
+    else:
+        rows = [("KIND", "NAMESPACE", "NAME", "DETAIL", "VERSION")]
+        for r in resources:
+            spec = json.loads(r.spec_json or "{}")
+            status = json.loads(r.status_json or "{}")
+            if r.kind == model.KIND_SERVICE:
+                ports = ",".join(f"{p['port']}/{p['protocol']}" for p in spec.get("ports", []))
+                detail = f"vip={status.get('vip', spec.get('vip', ''))} ports={ports}"
+            else:
+                detail = " ".join(f"{k}={v}" for k, v in spec.items())
+            rows.append((r.kind, r.namespace or "-", r.name, detail, str(r.resource_version)))
+        widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        for row in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[4])
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    try:
+        if args.filename == "-":
+            text = sys.stdin.read()
+        else:
+            with open(args.filename) as f:
+                text = f.read()
+    except OSError as e:
+        print(f"error: cannot read {args.filename}: {e}", file=sys.stderr)
+        return 1
+    try:
+        with ConfigClient(args.server) as c:
+            for outcome in c.apply(text, args.dry_run):
+                print(f"{outcome}{' (dry run)' if args.dry_run else ''}")
+    except ClientError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    try:
+        with ConfigClient(args.server) as c:
+            if args.name:
+                _print([c.get(args.kind, args.name, args.namespace)], args.output, True)
+            else:
+                items = c.list(args.kind, args.namespace)
+                if not items and args.output == "table":
+                    print("no resources found", file=sys.stderr)
+                    return 0
+                _print(items, args.output, False)
+    except ClientError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    try:
+        with ConfigClient(args.server) as c:
+            deleted = c.delete(args.kind, args.name, args.namespace)
+    except ClientError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    kind = model.canonical_kind(args.kind)  # the server accepted it, so it is known
+    ns = "" if kind in model.CLUSTER_SCOPED else (args.namespace or model.DEFAULT_NAMESPACE)
+    ref = f"{kind.lower()}/{ns}/{args.name}" if ns else f"{kind.lower()}/{args.name}"
+    if not deleted:
+        print(f"error: {ref} not found", file=sys.stderr)
+        return 1
+    print(f"{ref} deleted")
+    return 0

@@ -1,0 +1,183 @@
+"""The node registry: which nodes are alive (leases renewed by heartbeats) and
+which workloads they run, plus the Registry/Session gRPC servicer feeding it.
+
+A node whose session ends stays registered until its lease runs out, so a short
+disconnect does not make its endpoints flap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import grpc
+
+from controlplane.nodes import RegisteredNode, RegistrationError, node_from_proto
+from controlplane.store import NodeRecord, Store
+from nodemesh.v1 import mesh_pb2, mesh_pb2_grpc
+
+log = logging.getLogger("nodemesh.controlplane.registry")
+
+DEFAULT_LEASE_SECONDS = 15.0
+
+
+@dataclass(frozen=True)
+class Lease:
+    node: RegisteredNode
+    expires_unix: float
+
+
+class NodeRegistry:
+    """Registered nodes with leases. Time comes from `clock` (unix seconds) so
+    tests can drive expiry; persistence goes to `store` when one is given."""
+
+    def __init__(self, store: Store | None = None, lease_seconds: float = DEFAULT_LEASE_SECONDS,
+                 clock: Callable[[], float] = time.time) -> None:
+        if lease_seconds <= 0:
+            raise ValueError("lease_seconds must be positive")
+        self.lease_seconds = lease_seconds
+        self._store = store
+        self._clock = clock
+        self._leases: dict[str, Lease] = {}
+        self._listeners: list[Callable[[], None]] = []
+        self.version = 0  # bumps on every change of the node or workload set
+
+    # ------------------------------------------------------------ reads
+
+    def nodes(self) -> tuple[RegisteredNode, ...]:
+        return tuple(self._leases[n].node for n in sorted(self._leases))
+
+    def get(self, name: str) -> RegisteredNode | None:
+        lease = self._leases.get(name)
+        return lease.node if lease else None
+
+    def lease(self, name: str) -> Lease | None:
+        return self._leases.get(name)
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` after every change to the registered set."""
+        self._listeners.append(listener)
+
+    def _changed(self) -> None:
+        self.version += 1
+        for listener in list(self._listeners):
+            try:
+                listener()
+            except Exception:
+                log.exception("registry listener failed")
+
+    # ------------------------------------------------------------ writes
+
+    def restore(self) -> int:
+        """Reload registrations persisted before a restart. Each gets a fresh
+        lease from now: the agents have had no chance to heartbeat meanwhile."""
+        if self._store is None:
+            return 0
+        expires = self._clock() + self.lease_seconds
+        restored = 0
+        for rec in self._store.load_nodes():
+            reg = mesh_pb2.NodeRegistration()
+            try:
+                reg.ParseFromString(rec.registration)
+                node = node_from_proto(reg)
+            except Exception as e:  # noqa: BLE001 - a bad row must not stop the control plane
+                log.warning("dropping stored registration of node %s: %s", rec.name, e)
+                self._store.delete_node(rec.name)
+                continue
+            self._leases[node.name] = Lease(node, expires)
+            restored += 1
+        if restored:
+            self._changed()
+        return restored
+
+    def register(self, reg: mesh_pb2.NodeRegistration) -> Lease:
+        """Register or re-register a node (its workload set is replaced).
+        Raises RegistrationError when the registration is invalid."""
+        node = node_from_proto(reg)
+        expires = self._clock() + self.lease_seconds
+        old = self._leases.get(node.name)
+        self._leases[node.name] = lease = Lease(node, expires)
+        if self._store is not None and (old is None or old.node != node):
+            self._store.save_node(NodeRecord(node.name, reg.SerializeToString(deterministic=True),
+                                             int(expires * 1000)))
+        if old is None or old.node != node:
+            log.info("node %s registered with %d workloads at %s", node.name, len(node.workloads),
+                     node.address)
+            self._changed()
+        return lease
+
+    def renew(self, name: str) -> Lease | None:
+        """Extend a node's lease; None when the node is not (or no longer) registered."""
+        old = self._leases.get(name)
+        if old is None:
+            return None
+        self._leases[name] = lease = Lease(old.node, self._clock() + self.lease_seconds)
+        return lease
+
+    def expire(self) -> list[str]:
+        """Remove nodes whose lease has run out; returns their names."""
+        now = self._clock()
+        gone = [n for n, lease in self._leases.items() if lease.expires_unix <= now]
+        for n in gone:
+            del self._leases[n]
+            if self._store is not None:
+                self._store.delete_node(n)
+            log.info("node %s lease expired; its workloads are removed", n)
+        if gone:
+            self._changed()
+        return sorted(gone)
+
+    async def run_expiry(self, interval: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self.expire()
+
+
+def _grant(lease: Lease, lease_seconds: float) -> mesh_pb2.LeaseGrant:
+    return mesh_pb2.LeaseGrant(node_name=lease.node.name, lease_seconds=int(lease_seconds),
+                               expires_unix_ms=int(lease.expires_unix * 1000))
+
+
+class RegistryServicer(mesh_pb2_grpc.RegistryServicer):
+    """nodemesh.v1.Registry: one Session stream per node agent."""
+
+    def __init__(self, registry: NodeRegistry) -> None:
+        self._registry = registry
+
+    async def Session(self, request_iterator: AsyncIterator[mesh_pb2.NodeReport],
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[mesh_pb2.LeaseGrant]:
+        node_name = ""
+        async for report in request_iterator:
+            which = report.WhichOneof("report")
+            if which == "register":
+                try:
+                    lease = self._registry.register(report.register)
+                except RegistrationError as e:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                        f"registration refused: {e}; check the agent's node and "
+                                        "workload configuration")
+                if node_name and node_name != lease.node.name:
+                    log.warning("session of node %s re-registered as %s", node_name, lease.node.name)
+                node_name = lease.node.name
+                yield _grant(lease, self._registry.lease_seconds)
+            elif which == "heartbeat":
+                if not node_name:
+                    await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                        "the first message of a registry session must be a registration")
+                renewed = self._registry.renew(node_name)
+                if renewed is None:
+                    # The lease ran out while the stream stayed open; the agent must re-register.
+                    await context.abort(grpc.StatusCode.NOT_FOUND,
+                                        f"node {node_name} is no longer registered (its lease expired); "
+                                        "re-register with a full NodeRegistration")
+                    return
+                yield _grant(renewed, self._registry.lease_seconds)
+            else:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    "empty NodeReport: set register or heartbeat")
+        if node_name:
+            log.info("registry session of node %s ended; registration kept until its lease expires",
+                     node_name)

@@ -1,0 +1,191 @@
+"""The control plane process: one grpc.aio server with the config API, the
+registry, the CA and ADS, and a publisher that rebuilds the xDS snapshot
+whenever config or registry change."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+from envoy.service.discovery.v3 import ads_pb2_grpc
+
+from controlplane.api import ConfigServicer, current_mesh, current_services
+from controlplane.ca import DEFAULT_CERT_TTL_S, MAX_CERT_TTL_S, CertificateAuthority, CertificateServicer
+from controlplane.registry import DEFAULT_LEASE_SECONDS, NodeRegistry, RegistryServicer
+from controlplane.store import SQLiteStore, Store
+from controlplane.xds.build import build_snapshot
+from controlplane.xds.cache import SnapshotCache
+from controlplane.xds.server import AdsServicer
+from nodemesh.v1 import mesh_pb2_grpc
+
+log = logging.getLogger("nodemesh.controlplane")
+
+DEFAULT_LISTEN = "unix:/run/nodemesh/controlplane.sock"
+DB_FILE = "nodemesh.db"
+DEBOUNCE_S = 0.05
+
+
+@dataclass(frozen=True)
+class ControlPlaneSettings:
+    state_dir: str
+    listen: tuple[str, ...] = (DEFAULT_LISTEN,)  # "host:port" or "unix:/path"
+    lease_seconds: float = DEFAULT_LEASE_SECONDS
+    default_cert_ttl_s: int = DEFAULT_CERT_TTL_S
+    max_cert_ttl_s: int = MAX_CERT_TTL_S
+    log_level: str = "INFO"
+    debounce_s: float = DEBOUNCE_S
+    expiry_interval_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.listen:
+            raise ValueError("at least one listen address is needed (host:port or unix:/path)")
+        if self.lease_seconds <= 0:
+            raise ValueError("lease_seconds must be positive")
+        if self.default_cert_ttl_s <= 0:
+            raise ValueError("default_cert_ttl_s must be positive")
+
+
+class SnapshotPublisher:
+    """Rebuilds the snapshot after changes, coalescing bursts: a change marks
+    the snapshot dirty, and one rebuild follows `debounce_s` later."""
+
+    def __init__(self, store: Store, registry: NodeRegistry, cache: SnapshotCache,
+                 trust_bundle: Callable[[], list[str]], debounce_s: float = DEBOUNCE_S) -> None:
+        self._store = store
+        self._registry = registry
+        self._cache = cache
+        self._trust_bundle = trust_bundle
+        self._debounce_s = debounce_s
+        self._dirty = asyncio.Event()
+        self.published = 0
+        registry.subscribe(self.trigger)
+
+    def trigger(self) -> None:
+        self._dirty.set()
+
+    def publish_now(self) -> None:
+        snap = build_snapshot(current_mesh(self._store), current_services(self._store),
+                              self._registry.nodes(), self._trust_bundle())
+        self._cache.set_default(snap)
+        self.published += 1
+        log.debug("published xDS snapshot %d", self.published)
+
+    async def run(self) -> None:
+        watcher = asyncio.create_task(self._watch_store())
+        try:
+            while True:
+                await self._dirty.wait()
+                await asyncio.sleep(self._debounce_s)
+                self._dirty.clear()
+                try:
+                    self.publish_now()
+                except Exception:
+                    # Keep serving the last good snapshot; the next change retries.
+                    log.exception("building the xDS snapshot failed; the previous one stays in force")
+        finally:
+            watcher.cancel()
+
+    async def _watch_store(self) -> None:
+        async for _ in self._store.watch(since_revision=self._store.revision()):
+            self.trigger()
+
+
+def _bind_address(addr: str) -> str:
+    if addr.startswith("unix:"):
+        path = addr[len("unix:"):]
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        if os.path.exists(path):
+            os.unlink(path)  # a stale socket from an earlier run
+    return addr
+
+
+async def start(settings: ControlPlaneSettings) -> ControlPlane:
+    """Open state, build the first snapshot and start serving."""
+    os.makedirs(settings.state_dir, exist_ok=True)
+    store = SQLiteStore(os.path.join(settings.state_dir, DB_FILE))
+    mesh = current_mesh(store)
+    ca = CertificateAuthority.load_or_create(settings.state_dir, mesh.trust_domain)
+    registry = NodeRegistry(store, settings.lease_seconds)
+    restored = registry.restore()
+    cache = SnapshotCache()
+    publisher = SnapshotPublisher(store, registry, cache, lambda: [ca.root_pem], settings.debounce_s)
+    publisher.publish_now()
+    ads = AdsServicer(cache)
+
+    server = grpc.aio.server()
+    # The generated registration helpers carry no type hints.
+    mesh_pb2_grpc.add_ConfigServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        ConfigServicer(store), server)
+    mesh_pb2_grpc.add_RegistryServicer_to_server(  # type: ignore[no-untyped-call]
+        RegistryServicer(registry), server)
+    mesh_pb2_grpc.add_CertificateServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        CertificateServicer(ca, registry, lambda: current_mesh(store).trust_domain,
+                            settings.default_cert_ttl_s, settings.max_cert_ttl_s), server)
+    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(ads, server)
+    bound = []
+    for addr in settings.listen:
+        try:
+            port = server.add_insecure_port(_bind_address(addr))
+        except RuntimeError as e:
+            store.close()
+            raise OSError(f"cannot listen on {addr}: {e}; check that the address is free and "
+                          "the directory is writable") from e
+        bound.append(addr if addr.startswith("unix:") or not addr.endswith(":0")
+                     else f"{addr.rsplit(':', 1)[0]}:{port}")
+    await server.start()
+    tasks = [asyncio.create_task(publisher.run()),
+             asyncio.create_task(registry.run_expiry(settings.expiry_interval_s))]
+    log.info("control plane ready on %s (state %s, %d nodes restored, trust domain %s)",
+             ", ".join(bound), settings.state_dir, restored, mesh.trust_domain)
+    return ControlPlane(settings, server, store, registry, cache, ads, publisher, ca, tasks, tuple(bound))
+
+
+@dataclass
+class ControlPlane:
+    settings: ControlPlaneSettings
+    server: grpc.aio.Server
+    store: SQLiteStore
+    registry: NodeRegistry
+    cache: SnapshotCache
+    ads: AdsServicer
+    publisher: SnapshotPublisher
+    ca: CertificateAuthority
+    tasks: list[asyncio.Task[None]]
+    addresses: tuple[str, ...]
+
+    async def stop(self, grace: float = 1.0) -> None:
+        for t in self.tasks:
+            t.cancel()
+        await self.server.stop(grace)
+        for t in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self.store.close()
+        for addr in self.addresses:
+            if addr.startswith("unix:"):
+                try:
+                    os.unlink(addr[len("unix:"):])
+                except OSError:
+                    pass
+
+
+async def serve(settings: ControlPlaneSettings) -> None:
+    """Run until SIGTERM or SIGINT, then stop cleanly."""
+    cp = await start(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        log.info("stopping the control plane")
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await cp.stop()

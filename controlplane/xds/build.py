@@ -1,0 +1,141 @@
+"""Build the xDS snapshot from config and registry: a pure function following
+the contract in nodemesh.xdsnames (the agent consumes exactly this)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import address_pb2, config_source_pb2, health_check_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from google.protobuf import any_pb2, duration_pb2, struct_pb2
+from google.protobuf.message import Message
+
+from controlplane.nodes import RegisteredNode, RegisteredWorkload
+from controlplane.xds.cache import XdsSnapshot
+from nodemesh import model, xdsnames
+from nodemesh.identity import Identity
+from nodemesh.v1 import mesh_pb2
+
+CONNECT_TIMEOUT_S = 5
+# Envoy must be told to speak HTTP/2 upstream for these; gRPC clients ignore the option.
+_H2_PROTOCOLS = ("http2", "grpc")
+_HTTP_OPTIONS_KEY = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+@dataclass(frozen=True)
+class ServiceEntry:
+    """A service with the VIP it has (fixed by the user or allocated)."""
+
+    service: model.Service
+    vip: str
+
+
+def _pack(msg: Message) -> any_pb2.Any:
+    a = any_pb2.Any()
+    a.Pack(msg)
+    # Pack() serializes non-deterministically (map order); repack so equal content
+    # gives equal bytes and therefore equal versions.
+    a.value = msg.SerializeToString(deterministic=True)
+    return a
+
+
+def _struct(values: dict[str, Any]) -> struct_pb2.Struct:
+    s = struct_pb2.Struct()
+    s.update(values)
+    return s
+
+
+def _cluster(entry: ServiceEntry, port: model.ServicePort, dns_domain: str) -> cluster_pb2.Cluster:
+    svc = entry.service
+    c = cluster_pb2.Cluster(
+        name=xdsnames.cluster_name(svc.name, svc.namespace, port.port, dns_domain),
+        type=cluster_pb2.Cluster.EDS,
+        lb_policy=cluster_pb2.Cluster.ROUND_ROBIN,
+        connect_timeout=duration_pb2.Duration(seconds=CONNECT_TIMEOUT_S),
+    )
+    c.eds_cluster_config.eds_config.ads.SetInParent()
+    c.eds_cluster_config.eds_config.resource_api_version = config_source_pb2.V3
+    c.metadata.filter_metadata[xdsnames.METADATA_KEY].CopyFrom(_struct({
+        "service": svc.name, "namespace": svc.namespace, "vip": entry.vip,
+        "port": port.port, "target_port": port.target_port, "protocol": port.protocol,
+        "port_name": port.name,
+    }))
+    if port.protocol in _H2_PROTOCOLS:
+        opts = http_protocol_options_pb2.HttpProtocolOptions()
+        opts.explicit_http_config.http2_protocol_options.SetInParent()
+        c.typed_extension_protocol_options[_HTTP_OPTIONS_KEY].CopyFrom(_pack(opts))
+    return c
+
+
+def _load_assignment(cluster: str, port: model.ServicePort, backends: Sequence[
+        tuple[RegisteredNode, RegisteredWorkload]], trust_domain: str) -> endpoint_pb2.ClusterLoadAssignment:
+    cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=cluster)
+    by_node: dict[str, list[tuple[RegisteredNode, RegisteredWorkload]]] = {}
+    for node, wl in backends:
+        by_node.setdefault(node.name, []).append((node, wl))
+    for node_name in sorted(by_node):
+        members = sorted(by_node[node_name], key=lambda nw: (nw[1].namespace, nw[1].name))
+        node = members[0][0]
+        loc = cla.endpoints.add()
+        loc.locality.zone = node.zone
+        loc.locality.sub_zone = node.name
+        # gRPC silently drops a locality without a weight.
+        loc.load_balancing_weight.value = len(members)
+        for _, wl in members:
+            lb = loc.lb_endpoints.add()
+            sa = lb.endpoint.address.socket_address
+            sa.address = wl.ip
+            sa.port_value = port.target_port
+            sa.protocol = address_pb2.SocketAddress.TCP
+            lb.health_status = health_check_pb2.HEALTHY
+            lb.load_balancing_weight.value = 1
+            lb.metadata.filter_metadata[xdsnames.METADATA_KEY].CopyFrom(_struct({
+                "workload": wl.key,
+                "identity": Identity(trust_domain, wl.namespace, wl.service_account).uri,
+                "node": node.name, "node_address": node.address, "hbone_port": node.hbone_port,
+            }))
+    return cla
+
+
+def _workload(node: RegisteredNode, wl: RegisteredWorkload, trust_domain: str) -> mesh_pb2.Workload:
+    return mesh_pb2.Workload(
+        name=wl.name, namespace=wl.namespace, service_account=wl.service_account, node=node.name,
+        ip=wl.ip, ports=list(wl.ports), labels=dict(wl.labels),
+        identity=Identity(trust_domain, wl.namespace, wl.service_account).uri,
+        node_address=node.address, hbone_port=node.hbone_port, zone=node.zone)
+
+
+def build_snapshot(mesh: model.MeshConfig, services: Sequence[ServiceEntry],
+                   nodes: Sequence[RegisteredNode], trust_bundle: Sequence[str]) -> XdsSnapshot:
+    """Every resource a node agent needs, each type versioned by its content."""
+    clusters: dict[str, any_pb2.Any] = {}
+    assignments: dict[str, any_pb2.Any] = {}
+    workloads: dict[str, any_pb2.Any] = {}
+    all_workloads = [(n, w) for n in sorted(nodes, key=lambda n: n.name) for w in n.workloads]
+    for node, wl in all_workloads:
+        workloads[xdsnames.workload_resource_name(node.name, wl.namespace, wl.name)] = _pack(
+            _workload(node, wl, mesh.trust_domain))
+    for entry in sorted(services, key=lambda e: e.service.key):
+        svc = entry.service
+        selected = [(n, w) for n, w in all_workloads if svc.selects(w.namespace, w.label_map)]
+        for port in svc.ports:
+            c = _cluster(entry, port, mesh.dns_domain)
+            clusters[c.name] = _pack(c)
+            backends = [(n, w) for n, w in selected if w.serves(port.target_port)]
+            assignments[c.name] = _pack(_load_assignment(c.name, port, backends, mesh.trust_domain))
+    mesh_pb = mesh_pb2.MeshConfig(
+        trust_domain=mesh.trust_domain, outbound_policy=mesh.outbound_policy, vip_cidr=mesh.vip_range,
+        trust_bundle=list(trust_bundle), dns_domain=mesh.dns_domain)
+    snap = XdsSnapshot.from_resources({
+        xdsnames.CLUSTER: clusters,
+        xdsnames.ENDPOINT: assignments,
+        xdsnames.WORKLOAD: workloads,
+        xdsnames.MESH_CONFIG: {xdsnames.MESH_CONFIG_NAME: _pack(mesh_pb)},
+    })
+    snap.consistent()
+    return snap
+

@@ -1,0 +1,427 @@
+"""The node agent's config file (agent.yaml), parsed once into a frozen AgentConfig.
+
+Unknown fields and bad values are rejected with the field's path and the reason,
+so an operator can fix the file without reading the code.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from nodeagent import settings as defaults
+from nodeagent.settings import ProxySettings
+from nodeagent.snapshot import LocalWorkload
+from nodemesh.identity import IdentityError, check_dns_label
+
+CAPTURE_MODES = ("iptables",)
+# Modes the design names but this version does not implement yet.
+CAPTURE_MODES_LATER = ("nftables", "tproxy", "ebpf")
+FAILURE_POLICIES = ("open", "closed")
+DEFAULT_STATE_DIR = "/var/lib/nodemesh"
+DEFAULT_CONTROL_PLANE_PORT = 15010
+
+
+class ConfigError(ValueError):
+    """The agent config is not valid; `path` names the offending field."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"{path or '<config>'}: {reason}")
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    name: str
+    address: str
+    addresses: tuple[str, ...] = ()  # extra addresses, after `address`
+    zone: str = ""
+
+    @property
+    def all_addresses(self) -> tuple[str, ...]:
+        return (self.address,) + tuple(a for a in self.addresses if a != self.address)
+
+
+@dataclass(frozen=True)
+class ControlPlaneConfig:
+    address: str  # "host:port" or "unix:/path"
+
+    @property
+    def is_unix(self) -> bool:
+        return self.address.startswith("unix:")
+
+    @property
+    def host(self) -> str:
+        """The host part of a TCP address ("" for unix sockets)."""
+        if self.is_unix:
+            return ""
+        host, _, _ = self.address.rpartition(":")
+        return host.strip("[]")
+
+    @property
+    def grpc_target(self) -> str:
+        return self.address
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    mode: str = "iptables"
+    exclude_cidrs: tuple[str, ...] = ()
+    # open: if capture cannot be installed or the proxy dies, traffic flows
+    # directly (unmeshed); closed: the agent fails rather than let it bypass.
+    failure_policy: str = "open"
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    workers: int = 1
+    access_log: str = ""
+    outbound_port: int = defaults.OUTBOUND_PORT
+    inbound_port: int = defaults.INBOUND_PLAIN_PORT
+    hbone_port: int = defaults.HBONE_PORT
+    admin_port: int = defaults.ADMIN_PORT
+
+
+@dataclass(frozen=True)
+class WorkloadConfig:
+    name: str
+    namespace: str
+    service_account: str
+    ports: tuple[int, ...]
+    uid: int | None = None
+    cgroup: str | None = None
+    ip: str = ""  # "" = node.address
+    labels: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    node: NodeConfig
+    control_plane: ControlPlaneConfig
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    workloads: tuple[WorkloadConfig, ...] = ()
+    state_dir: str = DEFAULT_STATE_DIR
+
+    def control_plane_exclusions(self) -> tuple[str, ...]:
+        """CIDRs of the control plane that capture must never redirect. A host
+        name cannot be known without DNS; the supervisor resolves it."""
+        host = self.control_plane.host
+        if not host:
+            return ()
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            return ()
+        return (f"{ip}/{ip.max_prefixlen}",)
+
+    def proxy_settings(self, extra_exclusions: tuple[str, ...] = ()) -> ProxySettings:
+        excluded = _dedupe(self.control_plane_exclusions() + extra_exclusions + self.capture.exclude_cidrs)
+        return ProxySettings(
+            node_name=self.node.name,
+            node_address=self.node.address,
+            outbound_port=self.proxy.outbound_port,
+            inbound_plain_port=self.proxy.inbound_port,
+            hbone_port=self.proxy.hbone_port,
+            workers=self.proxy.workers,
+            access_log=self.proxy.access_log,
+            excluded_cidrs=excluded,
+        )
+
+    def local_workloads(self) -> tuple[LocalWorkload, ...]:
+        return tuple(
+            LocalWorkload(
+                name=w.name,
+                namespace=w.namespace,
+                service_account=w.service_account,
+                ip=w.ip or self.node.address,
+                ports=w.ports,
+                uid=w.uid,
+                cgroup=w.cgroup,
+                labels=w.labels,
+            )
+            for w in self.workloads
+        )
+
+
+def _dedupe(items: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(items))
+
+
+# ------------------------------------------------------------------ parsing
+
+T = TypeVar("T")
+
+
+class _Fields:
+    """Reads one YAML mapping, remembering which keys were consumed so that
+    unknown ones can be reported with their path."""
+
+    def __init__(self, raw: Any, path: str) -> None:
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            raise ConfigError(path, f"must be a mapping, got {type(raw).__name__}")
+        self.raw = raw
+        self.path = path
+        self.seen: set[str] = set()
+
+    def sub(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def get(self, key: str, check: Callable[[Any, str], T], default: T | None = None,
+            required: bool = False) -> T:
+        self.seen.add(key)
+        if key not in self.raw or self.raw[key] is None:
+            if required:
+                raise ConfigError(self.sub(key), "is required")
+            return default  # type: ignore[return-value]
+        return check(self.raw[key], self.sub(key))
+
+    def done(self) -> None:
+        for key in self.raw:
+            if key not in self.seen:
+                known = ", ".join(sorted(self.seen))
+                raise ConfigError(self.sub(str(key)), f"unknown field (known here: {known})")
+
+
+def _str(v: Any, path: str) -> str:
+    if not isinstance(v, str):
+        raise ConfigError(path, f"must be a string, got {type(v).__name__}")
+    return v
+
+
+def _nonempty(v: Any, path: str) -> str:
+    s = _str(v, path)
+    if not s:
+        raise ConfigError(path, "must not be empty")
+    return s
+
+
+def _label(v: Any, path: str) -> str:
+    s = _str(v, path)
+    try:
+        return check_dns_label(s, "value")
+    except IdentityError as e:
+        raise ConfigError(path, str(e)) from None
+
+
+def _int(lo: int, hi: int) -> Callable[[Any, str], int]:
+    def check(v: Any, path: str) -> int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigError(path, f"must be an integer, got {type(v).__name__}")
+        if not lo <= v <= hi:
+            raise ConfigError(path, f"must be between {lo} and {hi}, got {v}")
+        return v
+    return check
+
+
+_port = _int(1, 65535)
+
+
+def _ip(v: Any, path: str) -> str:
+    s = _str(v, path)
+    try:
+        return str(ipaddress.ip_address(s))
+    except ValueError:
+        raise ConfigError(path, f"{s!r} is not an IP address") from None
+
+
+def _cidr(v: Any, path: str) -> str:
+    s = _str(v, path)
+    try:
+        return str(ipaddress.ip_network(s, strict=False))
+    except ValueError:
+        raise ConfigError(path, f"{s!r} is not a CIDR (e.g. 10.0.0.0/8)") from None
+
+
+def _list(item: Callable[[Any, str], T]) -> Callable[[Any, str], tuple[T, ...]]:
+    def check(v: Any, path: str) -> tuple[T, ...]:
+        if not isinstance(v, list):
+            raise ConfigError(path, f"must be a list, got {type(v).__name__}")
+        return tuple(item(x, f"{path}[{i}]") for i, x in enumerate(v))
+    return check
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[Any, str], str]:
+    def check(v: Any, path: str) -> str:
+        s = _str(v, path)
+        if s not in choices:
+            raise ConfigError(path, f"must be one of {', '.join(choices)}, got {s!r}")
+        return s
+    return check
+
+
+def _labels(v: Any, path: str) -> tuple[tuple[str, str], ...]:
+    if not isinstance(v, Mapping):
+        raise ConfigError(path, f"must be a mapping of strings, got {type(v).__name__}")
+    out = []
+    for k, val in v.items():
+        if not isinstance(k, str) or not k:
+            raise ConfigError(path, f"label key {k!r} must be a non-empty string")
+        if not isinstance(val, str):
+            raise ConfigError(f"{path}.{k}", f"must be a string, got {type(val).__name__}")
+        out.append((k, val))
+    return tuple(sorted(out))
+
+
+def _control_plane_address(v: Any, path: str) -> str:
+    s = _nonempty(v, path)
+    if s.startswith("unix:"):
+        if len(s) <= len("unix:"):
+            raise ConfigError(path, "unix: needs a socket path, e.g. unix:/run/nodemesh/cp.sock")
+        return s
+    host, sep, port = s.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(path, f"{s!r} must be host:port or unix:/path")
+    try:
+        _port(int(port), path)
+    except ValueError:
+        raise ConfigError(path, f"port {port!r} is not a number") from None
+    return s
+
+
+def _cgroup(v: Any, path: str) -> str:
+    s = _nonempty(v, path)
+    if ".." in s.split("/") or '"' in s or any(c.isspace() for c in s):
+        raise ConfigError(path, f"{s!r} is not a plain cgroup v2 path (e.g. /nodemesh/web)")
+    return "/" + s.strip("/")
+
+
+def _workload(v: Any, path: str) -> WorkloadConfig:
+    f = _Fields(v, path)
+    w = WorkloadConfig(
+        name=f.get("name", _label, required=True),
+        namespace=f.get("namespace", _label, "default"),
+        service_account=f.get("serviceAccount", _label, None) or "",
+        ports=f.get("ports", _list(_port), ()),
+        uid=f.get("uid", _int(0, 2**32 - 2), None),
+        cgroup=f.get("cgroup", _cgroup, None),
+        ip=f.get("ip", _ip, ""),
+        labels=f.get("labels", _labels, ()),
+    )
+    f.done()
+    if (w.uid is None) == (w.cgroup is None):
+        raise ConfigError(path, "exactly one of uid or cgroup must be set (how the agent recognises its processes)")
+    if len(set(w.ports)) != len(w.ports):
+        raise ConfigError(f"{path}.ports", "lists a port twice")
+    if not w.service_account:
+        # Kubernetes' convention: a workload without a service account runs as "default".
+        w = WorkloadConfig(w.name, w.namespace, "default", w.ports, w.uid, w.cgroup, w.ip, w.labels)
+    return w
+
+
+def parse_config(raw: Any) -> AgentConfig:
+    """Validate a loaded YAML document; raises ConfigError naming the field."""
+    top = _Fields(raw, "")
+
+    def node(v: Any, path: str) -> NodeConfig:
+        f = _Fields(v, path)
+        n = NodeConfig(
+            name=f.get("name", _label, required=True),
+            address=f.get("address", _ip, required=True),
+            addresses=f.get("addresses", _list(_ip), ()),
+            zone=f.get("zone", _str, ""),
+        )
+        f.done()
+        return n
+
+    def control_plane(v: Any, path: str) -> ControlPlaneConfig:
+        f = _Fields(v, path)
+        c = ControlPlaneConfig(address=f.get("address", _control_plane_address, required=True))
+        f.done()
+        return c
+
+    def capture(v: Any, path: str) -> CaptureConfig:
+        f = _Fields(v, path)
+        mode = f.get("mode", _str, "iptables")
+        if mode in CAPTURE_MODES_LATER:
+            raise ConfigError(f.sub("mode"), f"capture mode {mode!r} is not implemented yet; use iptables")
+        _one_of(CAPTURE_MODES)(mode, f.sub("mode"))
+        c = CaptureConfig(
+            mode=mode,
+            exclude_cidrs=f.get("excludeCidrs", _list(_cidr), ()),
+            failure_policy=f.get("failurePolicy", _one_of(FAILURE_POLICIES), "open"),
+        )
+        f.done()
+        return c
+
+    def proxy(v: Any, path: str) -> ProxyConfig:
+        f = _Fields(v, path)
+        p = ProxyConfig(
+            workers=f.get("workers", _int(1, 256), 1),
+            access_log=f.get("accessLog", _str, ""),
+            outbound_port=f.get("outboundPort", _port, defaults.OUTBOUND_PORT),
+            inbound_port=f.get("inboundPort", _port, defaults.INBOUND_PLAIN_PORT),
+            hbone_port=f.get("hbonePort", _port, defaults.HBONE_PORT),
+            admin_port=f.get("adminPort", _port, defaults.ADMIN_PORT),
+        )
+        f.done()
+        ports = {"outboundPort": p.outbound_port, "inboundPort": p.inbound_port,
+                 "hbonePort": p.hbone_port, "adminPort": p.admin_port}
+        seen: dict[int, str] = {}
+        for key, port in ports.items():
+            if port in seen:
+                raise ConfigError(f"{path}.{key}", f"port {port} is also {path}.{seen[port]}")
+            seen[port] = key
+        return p
+
+    cfg = AgentConfig(
+        node=top.get("node", node, required=True),
+        control_plane=top.get("controlPlane", control_plane, required=True),
+        capture=top.get("capture", capture, CaptureConfig()),
+        proxy=top.get("proxy", proxy, ProxyConfig()),
+        workloads=top.get("workloads", _list(_workload), ()),
+        state_dir=top.get("stateDir", _nonempty, DEFAULT_STATE_DIR),
+    )
+    top.done()
+    _check_workloads(cfg)
+    return cfg
+
+
+def _check_workloads(cfg: AgentConfig) -> None:
+    names: dict[str, int] = {}
+    uids: dict[int, int] = {}
+    cgroups: dict[str, int] = {}
+    ports: dict[int, int] = {}
+    proxy_ports = {cfg.proxy.outbound_port, cfg.proxy.inbound_port, cfg.proxy.hbone_port, cfg.proxy.admin_port}
+    for i, w in enumerate(cfg.workloads):
+        path = f"workloads[{i}]"
+        key = f"{w.namespace}/{w.name}"
+        if key in names:
+            raise ConfigError(f"{path}.name", f"workload {key} is also workloads[{names[key]}]")
+        names[key] = i
+        if w.uid is not None:
+            if w.uid in uids:
+                raise ConfigError(f"{path}.uid", f"uid {w.uid} is also used by workloads[{uids[w.uid]}]")
+            uids[w.uid] = i
+        if w.cgroup is not None:
+            if w.cgroup in cgroups:
+                raise ConfigError(f"{path}.cgroup", f"cgroup {w.cgroup} is also used by workloads[{cgroups[w.cgroup]}]")
+            cgroups[w.cgroup] = i
+        for p in w.ports:
+            if p in ports:
+                raise ConfigError(f"{path}.ports", f"port {p} is also served by workloads[{ports[p]}]")
+            if p in proxy_ports:
+                raise ConfigError(f"{path}.ports", f"port {p} is one of the proxy's own ports")
+            ports[p] = i
+
+
+def load_config(path: str | Path) -> AgentConfig:
+    """Read and validate an agent.yaml; errors name the file and the field."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError("", f"cannot read {p}: {e.strerror}; does the file exist and is it readable?") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError("", f"{p} is not valid YAML: {e}") from None
+    return parse_config(raw)

@@ -1,0 +1,140 @@
+"""The node's registry session: registers the node and its workloads with the
+control plane, then heartbeats at a third of the granted lease; reconnects with backoff."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+import nodemesh
+from nodeagent.config import AgentConfig
+from nodeagent.xds.client import backoff_delay
+from nodemesh.v1 import mesh_pb2, mesh_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+# Until the first grant says otherwise; a lease is never shorter than this in practice.
+MIN_HEARTBEAT_S = 0.2
+
+
+def registration_from_config(config: AgentConfig) -> mesh_pb2.NodeRegistration:
+    reg = mesh_pb2.NodeRegistration(
+        node_name=config.node.name,
+        addresses=list(config.node.all_addresses),
+        hbone_port=config.proxy.hbone_port,
+        zone=config.node.zone,
+        agent_version=nodemesh.__version__,
+    )
+    for wl in config.local_workloads():
+        reg.workloads.append(mesh_pb2.WorkloadRegistration(
+            name=wl.name, namespace=wl.namespace, service_account=wl.service_account,
+            labels=dict(wl.labels), ip=wl.ip, ports=list(wl.ports),
+        ))
+    return reg
+
+
+def heartbeat_interval(lease_seconds: int) -> float:
+    return max(MIN_HEARTBEAT_S, lease_seconds / 3)
+
+
+class RegistrySession:
+    def __init__(self, target: str, registration: mesh_pb2.NodeRegistration, *,
+                 on_connection: Callable[[bool], None] | None = None,
+                 backoff_initial_s: float = 0.2, backoff_cap_s: float = 5.0) -> None:
+        self.target = target
+        self.registration = registration
+        self.lease: mesh_pb2.LeaseGrant | None = None
+        self.connected = False
+        self.heartbeats = 0
+        self._on_connection = on_connection
+        self._backoff_initial = backoff_initial_s
+        self._backoff_cap = backoff_cap_s
+        self._outbox: asyncio.Queue[mesh_pb2.NodeReport] | None = None
+
+    def _set_connected(self, value: bool) -> None:
+        if value != self.connected:
+            self.connected = value
+            if self._on_connection:
+                self._on_connection(value)
+
+    async def run(self) -> None:
+        attempt = 0
+        while True:
+            granted = False
+            try:
+                granted = await self._session()
+                reason = "the control plane closed the session"
+            except grpc.aio.AioRpcError as e:
+                reason = f"{e.code().name}: {e.details()}"
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.exception("registry: unexpected error")
+                reason = repr(e)
+            self._set_connected(False)
+            if granted:
+                attempt = 0
+            delay = backoff_delay(attempt, self._backoff_initial, self._backoff_cap)
+            attempt += 1
+            log.warning("registry session with %s ended (%s): is the control plane at %s reachable? "
+                        "node %s may expire from the registry if this lasts past its lease; retrying in %.1fs",
+                        self.target, reason, self.target, self.registration.node_name, delay)
+            await asyncio.sleep(delay)
+
+    def update(self, registration: mesh_pb2.NodeRegistration) -> None:
+        """Re-register with a changed workload set: sent on the open session at
+        once, and used for every later reconnect."""
+        self.registration = registration
+        if self._outbox is not None:
+            self._outbox.put_nowait(mesh_pb2.NodeReport(register=registration))
+
+    async def _session(self) -> bool:
+        outbox: asyncio.Queue[mesh_pb2.NodeReport] = asyncio.Queue()
+        outbox.put_nowait(mesh_pb2.NodeReport(register=self.registration))
+        self._outbox = outbox
+        periods: asyncio.Queue[float] = asyncio.Queue()
+
+        async def heartbeats() -> None:
+            period = await periods.get()
+            while True:
+                try:
+                    # A new grant may change the period; pick it up without waiting out the old one.
+                    period = await asyncio.wait_for(periods.get(), timeout=period)
+                    continue
+                except TimeoutError:
+                    pass
+                self.heartbeats += 1
+                outbox.put_nowait(mesh_pb2.NodeReport(
+                    heartbeat=mesh_pb2.Heartbeat(sent_unix_ms=int(time.time() * 1000))))
+
+        async def reports() -> AsyncIterator[mesh_pb2.NodeReport]:
+            while True:
+                yield await outbox.get()
+
+        granted = False
+        beat = asyncio.get_running_loop().create_task(heartbeats())
+        try:
+            async with grpc.aio.insecure_channel(self.target) as channel:
+                call = mesh_pb2_grpc.RegistryStub(channel).Session(reports())  # type: ignore[no-untyped-call]
+                period: float | None = None
+                async for grant in call:
+                    if not granted:
+                        log.info("registry: node %s registered with %s (lease %ds)",
+                                 self.registration.node_name, self.target, grant.lease_seconds)
+                    granted = True
+                    self.lease = grant
+                    self._set_connected(True)
+                    # Only a changed lease resets the timer, so grants answering each
+                    # heartbeat cannot postpone the next one forever.
+                    new_period = heartbeat_interval(grant.lease_seconds)
+                    if new_period != period:
+                        period = new_period
+                        periods.put_nowait(new_period)
+        finally:
+            self._outbox = None
+            beat.cancel()
+        return granted

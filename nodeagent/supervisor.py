@@ -1,0 +1,332 @@
+"""The agent's supervisor: starts the proxy workers, the registry session, the
+xDS client and the certificate manager, installs capture only once the proxy can
+serve, and on shutdown removes capture before anything else stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import nodemesh
+from nodeagent.capture.iptables import CaptureError, IptablesCapture
+from nodeagent.certs import CertManager, grpc_issuer
+from nodeagent.config import AgentConfig, ConfigError, load_config
+from nodeagent.registry import RegistrySession, registration_from_config
+from nodeagent.settings import Certs, ProxySettings
+from nodeagent.snapshot import Snapshot, SnapshotError
+from nodeagent.xds.client import AdsClient
+
+log = logging.getLogger("nodeagent")
+
+HEALTH_CHECK_S = 1.0
+
+
+class AgentError(RuntimeError):
+    def __init__(self, reason: str, message: str) -> None:
+        self.reason = reason
+        super().__init__(message)
+
+
+class Pool(Protocol):
+    """What the supervisor needs of nodeagent.proxy.worker.WorkerPool."""
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    def publish(self, *, snapshot: Snapshot, certs: Certs) -> None: ...
+    def alive(self) -> bool: ...
+
+
+def _default_pool(settings: ProxySettings) -> Pool:
+    from nodeagent.proxy.worker import WorkerPool
+
+    pool: Pool = WorkerPool(settings)
+    return pool
+
+
+def resolve_control_plane(config: AgentConfig) -> tuple[str, ...]:
+    """CIDRs of a control plane named by host name (IP literals need no DNS)."""
+    host = config.control_plane.host
+    if not host or config.control_plane_exclusions():
+        return ()
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except socket.gaierror as e:
+        raise AgentError("control_plane_unresolved",
+                         f"cannot resolve control plane host {host!r} ({e}): is DNS or /etc/hosts set up "
+                         "on this node?") from None
+    ips = {str(info[4][0]) for info in infos}
+    return tuple(sorted(f"{ip}/{ipaddress.ip_address(ip).max_prefixlen}" for ip in ips))
+
+
+def identities_for(snapshot: Snapshot) -> set[str]:
+    return {snapshot.identity_of(lw) for lw in snapshot.local_workloads}
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, *, config_path: str | None = None,
+                 pool_factory: Callable[[ProxySettings], Pool] = _default_pool) -> None:
+        self.config = config
+        self.config_path = config_path
+        self._pool_factory = pool_factory
+        self.state_dir = Path(config.state_dir)
+        self.settings = config.proxy_settings(resolve_control_plane(config))
+        self.capture = self._capture_for(config)
+        self.snapshot: Snapshot | None = None
+        self.certs: Certs | None = None
+        self.capture_installed = False
+        self.capture_error = ""
+        self.phase = "starting"
+        self._stop = asyncio.Event()
+        self._ready_changed = asyncio.Event()
+        self._published: tuple[str, int] | None = None
+        self.pool: Pool | None = None
+        self.ads: AdsClient | None = None
+        self.registry: RegistrySession | None = None
+        self.cert_manager: CertManager | None = None
+
+    def _capture_for(self, config: AgentConfig) -> IptablesCapture:
+        return IptablesCapture(self.settings, config.local_workloads(), exclusions=self.settings.excluded_cidrs)
+
+    # ------------------------------------------------------------ status file
+
+    def status(self) -> dict[str, Any]:
+        certs = self.certs.svids if self.certs else {}
+        return {
+            "pid": os.getpid(),
+            "agent_version": nodemesh.__version__,
+            "node": self.config.node.name,
+            "phase": self.phase,
+            "capture_installed": self.capture_installed,
+            "capture_error": self.capture_error,
+            "snapshot_version": self.snapshot.version if self.snapshot else "",
+            "certs": {
+                ident: {"not_after_unix": svid.not_after_unix,
+                        "not_after": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(svid.not_after_unix))}
+                for ident, svid in certs.items()
+            },
+            "certs_version": self.certs.version if self.certs else 0,
+            "control_plane_connected": bool(self.ads and self.ads.connected),
+            "registry_connected": bool(self.registry and self.registry.connected),
+            "workers_alive": bool(self.pool and self.pool.alive()),
+            "updated_unix": time.time(),
+        }
+
+    def write_status(self) -> None:
+        """Atomically replace stateDir/status.json (the CLI and tests read it)."""
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.state_dir / "status.json.tmp"
+            tmp.write_text(json.dumps(self.status(), indent=2, sort_keys=True) + "\n")
+            os.replace(tmp, self.state_dir / "status.json")
+            (self.state_dir / "agent.pid").write_text(f"{os.getpid()}\n")
+        except OSError as e:
+            log.warning("cannot write status to %s (%s): is stateDir writable?", self.state_dir, e)
+
+    # ------------------------------------------------------------ callbacks
+
+    def _on_snapshot(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+        if self.cert_manager is not None:
+            self.cert_manager.set_identities(identities_for(snapshot), snapshot.mesh.trust_bundle)
+        self._publish()
+
+    def _on_certs(self, certs: Certs) -> None:
+        self.certs = certs
+        self._publish()
+
+    def _on_connection(self, _connected: bool) -> None:
+        self.write_status()
+
+    def _certs_complete(self) -> bool:
+        if self.snapshot is None or self.certs is None:
+            return False
+        return identities_for(self.snapshot) <= set(self.certs.svids)
+
+    def _publish(self) -> None:
+        """Hand the workers the current snapshot and certs, once both are known."""
+        if self.pool is not None and self.snapshot is not None and self.certs is not None:
+            key = (self.snapshot.version, self.certs.version)
+            if key != self._published:
+                self.pool.publish(snapshot=self.snapshot, certs=self.certs)
+                self._published = key
+                log.info("published snapshot %s and certs v%d to the proxy workers",
+                         self.snapshot.version, self.certs.version)
+        self._ready_changed.set()
+        self.write_status()
+
+    # ------------------------------------------------------------ capture
+
+    async def _install_capture(self) -> None:
+        try:
+            await asyncio.to_thread(self.capture.install)
+        except CaptureError as e:
+            self.capture_installed = False
+            self.capture_error = str(e)
+            if self.config.capture.failure_policy == "closed":
+                raise AgentError("capture_failed", f"cannot install capture (failurePolicy closed): {e}") from None
+            log.error("cannot install capture; workloads' traffic flows unmeshed (failurePolicy open): %s", e)
+            return
+        self.capture_installed = True
+        self.capture_error = ""
+        log.info("capture installed: traffic of %d workload(s) now goes through the proxy",
+                 len(self.capture.workloads))
+
+    async def _remove_capture(self) -> None:
+        try:
+            removed = await asyncio.to_thread(self.capture.remove)
+            if removed:
+                log.info("capture removed")
+        except CaptureError as e:
+            log.error("cannot remove capture: %s; run `nodemesh capture remove` in this network namespace", e)
+        self.capture_installed = False
+
+    # ------------------------------------------------------------ reload
+
+    async def reload(self) -> None:
+        """SIGHUP: reread the config; workloads and capture exclusions change in
+        place, anything else needs a restart."""
+        if not self.config_path:
+            log.warning("SIGHUP ignored: the agent was not started from a config file")
+            return
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as e:
+            log.error("reload: %s; keeping the running config", e)
+            return
+        restart_only = [name for name, old, cur in (
+            ("node", self.config.node, new.node), ("controlPlane", self.config.control_plane, new.control_plane),
+            ("proxy", self.config.proxy, new.proxy), ("stateDir", self.config.state_dir, new.state_dir),
+            ("capture.mode", self.config.capture.mode, new.capture.mode)) if old != cur]
+        if restart_only:
+            log.warning("reload: changes to %s take effect only after a restart", ", ".join(restart_only))
+        workloads = new.local_workloads()
+        if self.ads is not None:
+            try:
+                self.ads.set_local_workloads(workloads)
+            except SnapshotError as e:
+                log.error("reload: the new workloads are inconsistent with the mesh (%s); keeping the old ones", e)
+                return
+        self.config = AgentConfig(node=self.config.node, control_plane=self.config.control_plane,
+                                  capture=new.capture, proxy=self.config.proxy, workloads=new.workloads,
+                                  state_dir=self.config.state_dir)
+        self.settings = self.config.proxy_settings(resolve_control_plane(self.config))
+        self.capture = self._capture_for(self.config)
+        if self.registry is not None:
+            self.registry.update(registration_from_config(self.config))
+        if self.capture_installed:
+            await self._install_capture()
+        log.info("reload: now serving %d local workload(s)", len(workloads))
+        self.write_status()
+
+    # ------------------------------------------------------------ main
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._request_stop, sig)
+        reloads: set[asyncio.Task[None]] = set()
+
+        def on_hup() -> None:
+            t = loop.create_task(self.reload())
+            reloads.add(t)
+            t.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
+        tasks: list[asyncio.Task[None]] = []
+        keep_capture = False
+        try:
+            await self._start(tasks)
+            await self._serve()
+        except AgentError as e:
+            # failurePolicy closed: a dead proxy must not let traffic bypass the mesh.
+            keep_capture = e.reason == "workers_died" and self.config.capture.failure_policy == "closed"
+            raise
+        finally:
+            self.phase = "stopping"
+            if keep_capture:
+                log.error("leaving capture installed (failurePolicy closed): workloads' connections "
+                          "are refused until the agent is back")
+            else:
+                log.info("stopping: removing capture first, so workloads never point at a stopped proxy")
+                await self._remove_capture()
+            if self.pool is not None:
+                log.info("stopping proxy workers")
+                await self.pool.stop()
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if self.cert_manager is not None:
+                await self.cert_manager.close()
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            self.phase = "stopped"
+            self.write_status()
+            log.info("agent stopped")
+
+    def _request_stop(self, sig: int) -> None:
+        log.info("received %s", signal.Signals(sig).name)
+        self._stop.set()
+        self._ready_changed.set()
+
+    async def _start(self, tasks: list[asyncio.Task[None]]) -> None:
+        cfg = self.config
+        log.info("nodemesh agent %s starting: node %s (%s), control plane %s, %d workload(s)",
+                 nodemesh.__version__, cfg.node.name, cfg.node.address, cfg.control_plane.address,
+                 len(cfg.workloads))
+        self.write_status()
+        if cfg.capture.failure_policy == "open":
+            # Leftovers of a killed agent would send workloads to a proxy that is
+            # not serving yet; until ready, let their traffic flow directly.
+            await self._remove_capture()
+        # (1) proxy workers first, so capture never points at nothing.
+        self.pool = self._pool_factory(self.settings)
+        log.info("starting %d proxy worker(s)", self.settings.workers)
+        await self.pool.start()
+        # (2) control plane sessions.
+        target = cfg.control_plane.grpc_target
+        self.cert_manager = CertManager(cfg.node.name, grpc_issuer(target), self._on_certs)
+        self.ads = AdsClient(target, cfg.node.name, cfg.local_workloads(), self._on_snapshot,
+                             zone=cfg.node.zone, on_connection=self._on_connection)
+        self.registry = RegistrySession(target, registration_from_config(cfg), on_connection=self._on_connection)
+        loop = asyncio.get_running_loop()
+        tasks.append(loop.create_task(self.registry.run(), name="registry"))
+        tasks.append(loop.create_task(self.ads.run(), name="xds"))
+        self.phase = "waiting for snapshot and certificates"
+        self.write_status()
+        log.info("waiting for the first complete snapshot and certificates from %s", target)
+        # (3) capture only once the proxy can actually serve.
+        while not self._stop.is_set() and not self._certs_complete():
+            self._ready_changed.clear()
+            await self._ready_changed.wait()
+        if self._stop.is_set():
+            return
+        self._publish()
+        await self._install_capture()
+        self.phase = "running"
+        self.write_status()
+
+    async def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                await asyncio.wait_for(self._stop.wait(), timeout=HEALTH_CHECK_S)
+            except TimeoutError:
+                pass
+            if self._stop.is_set():
+                return
+            if self.pool is not None and not self.pool.alive():
+                raise AgentError("workers_died", "the proxy workers exited; see their log lines above")
+
+
+async def run_agent(config: AgentConfig, config_path: str | None = None) -> None:
+    """Run the agent until SIGTERM/SIGINT."""
+    await Agent(config, config_path=config_path).run()

@@ -1,0 +1,192 @@
+"""ADS state-of-the-world client: subscribes to nodemesh's types as wildcards,
+ACKs or NACKs each response, and hands every accepted, complete Snapshot on.
+
+The last good snapshot survives stream failures; the client reconnects with
+capped exponential backoff and jitter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import AsyncIterator, Callable, Sequence
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from google.rpc import status_pb2
+
+import nodemesh
+from nodeagent.snapshot import LocalWorkload, Snapshot
+from nodeagent.xds.convert import NamedResource, XdsState
+from nodemesh import xdsnames
+
+log = logging.getLogger(__name__)
+
+BACKOFF_INITIAL_S = 0.2
+BACKOFF_CAP_S = 5.0
+
+
+def backoff_delay(attempt: int, initial: float = BACKOFF_INITIAL_S, cap: float = BACKOFF_CAP_S,
+                  rand: Callable[[], float] = random.random) -> float:
+    """Delay before reconnect number `attempt` (0-based): doubling up to `cap`,
+    then scaled into [50%, 100%] so that many agents do not reconnect in step."""
+    base = min(cap, initial * float(2 ** min(attempt, 30)))
+    return base * (0.5 + 0.5 * rand())
+
+
+def node_proto(node_name: str, zone: str = "") -> base_pb2.Node:
+    node = base_pb2.Node(id=node_name, cluster="nodemesh", user_agent_name="nodemesh-agent",
+                         user_agent_version=nodemesh.__version__)
+    node.metadata.update({"agent_version": nodemesh.__version__, "node_name": node_name})
+    if zone:
+        node.locality.zone = zone
+    return node
+
+
+def ack(type_url: str, response: discovery_pb2.DiscoveryResponse) -> discovery_pb2.DiscoveryRequest:
+    return discovery_pb2.DiscoveryRequest(type_url=type_url, version_info=response.version_info,
+                                          response_nonce=response.nonce)
+
+
+def nack(type_url: str, previous_version: str, response: discovery_pb2.DiscoveryResponse,
+         errors: Sequence[str]) -> discovery_pb2.DiscoveryRequest:
+    # INVALID_ARGUMENT (3): the resources, not the transport, are at fault.
+    detail = status_pb2.Status(code=3, message="; ".join(errors))
+    return discovery_pb2.DiscoveryRequest(type_url=type_url, version_info=previous_version,
+                                          response_nonce=response.nonce, error_detail=detail)
+
+
+class AdsClient:
+    def __init__(
+        self,
+        target: str,
+        node_name: str,
+        local_workloads: Sequence[LocalWorkload],
+        on_snapshot: Callable[[Snapshot], None],
+        *,
+        zone: str = "",
+        on_connection: Callable[[bool], None] | None = None,
+        types: Sequence[str] = xdsnames.AGENT_TYPES,
+        backoff_initial_s: float = BACKOFF_INITIAL_S,
+        backoff_cap_s: float = BACKOFF_CAP_S,
+    ) -> None:
+        self.target = target
+        self.node_name = node_name
+        self.zone = zone
+        self.types = tuple(types)
+        self.state = XdsState(node=node_name, local_workloads=tuple(local_workloads), types=self.types)
+        self._on_snapshot = on_snapshot
+        self._on_connection = on_connection
+        self._backoff_initial = backoff_initial_s
+        self._backoff_cap = backoff_cap_s
+        self.connected = False
+        self.acks = 0
+        self.nacks = 0
+        self.last_error = ""
+
+    @property
+    def snapshot(self) -> Snapshot | None:
+        return self.state.snapshot
+
+    def set_local_workloads(self, local_workloads: Sequence[LocalWorkload]) -> None:
+        """Apply a reloaded workload list; publishes a new snapshot if one exists.
+        Raises SnapshotError (nothing changes) if the list is inconsistent."""
+        snap = self.state.set_local_workloads(local_workloads)
+        if snap is not None:
+            self._on_snapshot(snap)
+
+    def _set_connected(self, value: bool) -> None:
+        if value != self.connected:
+            self.connected = value
+            if self._on_connection:
+                self._on_connection(value)
+
+    async def run(self) -> None:
+        """Keep a stream open until cancelled."""
+        attempt = 0
+        while True:
+            got_response = False
+            try:
+                got_response = await self._session()
+                reason = "the control plane closed the stream"
+            except grpc.aio.AioRpcError as e:
+                reason = f"{e.code().name}: {e.details()}"
+            except (OSError, ConnectionError) as e:
+                reason = str(e)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a bug must not end the subscription for good
+                log.exception("xDS: unexpected error in the stream to %s", self.target)
+                reason = f"internal error: {e!r}"
+            self._set_connected(False)
+            self.last_error = reason
+            if got_response:
+                attempt = 0
+            delay = backoff_delay(attempt, self._backoff_initial, self._backoff_cap)
+            attempt += 1
+            log.warning("xDS stream to %s ended (%s): is the control plane at %s reachable and serving ADS? "
+                        "keeping the last good snapshot (%s); reconnecting in %.1fs",
+                        self.target, reason, self.target,
+                        self.snapshot.version if self.snapshot else "none yet", delay)
+            await asyncio.sleep(delay)
+
+    def initial_requests(self) -> list[discovery_pb2.DiscoveryRequest]:
+        """One wildcard subscription per type. On a reconnect the versions we
+        hold are sent, so the server can tell what we already have."""
+        node = node_proto(self.node_name, self.zone)
+        return [
+            discovery_pb2.DiscoveryRequest(node=node, type_url=t, version_info=self.state.versions.get(t, ""))
+            for t in self.types
+        ]
+
+    async def _session(self) -> bool:
+        """One stream; returns whether any response arrived (resets backoff)."""
+        queue: asyncio.Queue[discovery_pb2.DiscoveryRequest] = asyncio.Queue()
+        for r in self.initial_requests():
+            queue.put_nowait(r)
+
+        async def requests() -> AsyncIterator[discovery_pb2.DiscoveryRequest]:
+            while True:
+                yield await queue.get()
+
+        got_response = False
+        async with grpc.aio.insecure_channel(self.target) as channel:
+            stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
+            call = stub.StreamAggregatedResources(requests())
+            log.info("xDS: connecting to %s as node %s", self.target, self.node_name)
+            async for response in call:
+                if not got_response:
+                    got_response = True
+                    self._set_connected(True)
+                    log.info("xDS: connected to %s", self.target)
+                queue.put_nowait(self.handle_response(response))
+        return got_response
+
+    def handle_response(self, response: discovery_pb2.DiscoveryResponse) -> discovery_pb2.DiscoveryRequest:
+        """Apply one response and return the ACK or NACK to send."""
+        type_url = response.type_url
+        if type_url not in self.types:
+            self.nacks += 1
+            return nack(type_url, "", response, [f"type {type_url} was not subscribed to"])
+        previous = self.state.versions.get(type_url, "")
+        result = self.state.apply(type_url, response.version_info,
+                                  [NamedResource("", r) for r in response.resources])
+        if not result.accepted:
+            self.nacks += 1
+            self.last_error = result.error_detail
+            log.error("xDS: rejected %s version %s: %s; still serving version %s of that type",
+                      type_url.rsplit(".", 1)[-1], response.version_info, result.error_detail, previous or "none")
+            return nack(type_url, previous, response, result.errors)
+        self.acks += 1
+        log.debug("xDS: accepted %s version %s (%d resources)", type_url, response.version_info,
+                  len(response.resources))
+        if result.snapshot is not None:
+            log.info("xDS: snapshot %s (%d services, %d workloads)", result.snapshot.version,
+                     len(result.snapshot.services), len(result.snapshot.workloads))
+            self._on_snapshot(result.snapshot)
+        elif not self.state.complete:
+            waiting = [t.rsplit(".", 1)[-1] for t in self.types if t not in self.state.versions]
+            log.info("xDS: waiting for the first %s before publishing a snapshot", ", ".join(waiting))
+        return ack(type_url, response)

@@ -1,0 +1,439 @@
+"""The one place where xDS protobufs become the agent's frozen types.
+
+Resources of one type arrive as a whole (state of the world); each is checked on
+its own and every bad one yields "<name>: <reason>". A type's batch is accepted
+whole or not at all, so the previous good set of that type stays in force when
+one resource is bad (the NACK carries the reasons). Once every type has been
+received, the accepted sets are joined into a Snapshot, which checks itself.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography import x509
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import health_check_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError, Message
+
+from nodeagent.snapshot import (
+    OUTBOUND_ALLOW_ANY,
+    OUTBOUND_REGISTRY_ONLY,
+    Endpoint,
+    LocalWorkload,
+    MeshSettings,
+    Service,
+    ServicePort,
+    Snapshot,
+    SnapshotError,
+    Workload,
+)
+from nodemesh import xdsnames
+from nodemesh.identity import Identity, IdentityError, check_dns_label
+from nodemesh.v1 import mesh_pb2
+
+PROTOCOLS = ("tcp", "http", "http2", "grpc")
+
+
+class ResourceError(ValueError):
+    """One resource is invalid; the message becomes part of the NACK."""
+
+
+# Intermediate, still per-resource, forms of Cluster and ClusterLoadAssignment:
+# they only become Services once both types are known.
+@dataclass(frozen=True)
+class ClusterInfo:
+    name: str
+    service: str
+    namespace: str
+    vip: str
+    port: int
+    target_port: int
+    protocol: str
+    port_name: str
+
+
+@dataclass(frozen=True)
+class AssignmentInfo:
+    cluster: str
+    endpoints: tuple[Endpoint, ...]
+
+
+# ------------------------------------------------------------------ field checks
+
+
+def _ip(value: str, what: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ResourceError(f"{what} {value!r} is not an IP address") from None
+
+
+def _port(value: float, what: str) -> int:
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ResourceError(f"{what} {value!r} is not an integer")
+        value = int(value)
+    if not 1 <= value <= 65535:
+        raise ResourceError(f"{what} {value} is not a port (1-65535)")
+    return value
+
+
+def _label(value: str, what: str) -> str:
+    try:
+        return check_dns_label(value, what)
+    except IdentityError as e:
+        raise ResourceError(str(e)) from None
+
+
+def _identity(value: str, what: str) -> str:
+    try:
+        return Identity.parse(value).uri
+    except IdentityError as e:
+        raise ResourceError(f"{what}: {e}") from None
+
+
+def _meta(struct_map: Any, what: str) -> Mapping[str, Any]:
+    if xdsnames.METADATA_KEY not in struct_map:
+        raise ResourceError(f"{what} has no metadata.filter_metadata[{xdsnames.METADATA_KEY!r}]")
+    fields = struct_map[xdsnames.METADATA_KEY].fields
+    out: dict[str, Any] = {}
+    for k, v in fields.items():
+        kind = v.WhichOneof("kind")
+        out[k] = getattr(v, kind) if kind else None
+    return out
+
+
+def _meta_str(meta: Mapping[str, Any], key: str, what: str, required: bool = True) -> str:
+    v = meta.get(key)
+    if v is None:
+        if required:
+            raise ResourceError(f"{what} metadata lacks {key!r}")
+        return ""
+    if not isinstance(v, str):
+        raise ResourceError(f"{what} metadata {key!r} must be a string, got {type(v).__name__}")
+    return v
+
+
+def _meta_num(meta: Mapping[str, Any], key: str, what: str) -> float:
+    v = meta.get(key)
+    if v is None:
+        raise ResourceError(f"{what} metadata lacks {key!r}")
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ResourceError(f"{what} metadata {key!r} must be a number, got {type(v).__name__}")
+    return float(v)
+
+
+# ------------------------------------------------------------------ per-resource conversion
+
+
+def convert_mesh_config(msg: mesh_pb2.MeshConfig) -> MeshSettings:
+    trust_domain = msg.trust_domain or "cluster.local"
+    try:
+        Identity(trust_domain, "x", "x")
+    except IdentityError as e:
+        raise ResourceError(str(e)) from None
+    policy = msg.outbound_policy or OUTBOUND_ALLOW_ANY
+    if policy not in (OUTBOUND_ALLOW_ANY, OUTBOUND_REGISTRY_ONLY):
+        raise ResourceError(
+            f"outbound_policy {policy!r} must be {OUTBOUND_ALLOW_ANY} or {OUTBOUND_REGISTRY_ONLY}"
+        )
+    if msg.vip_cidr:
+        try:
+            ipaddress.ip_network(msg.vip_cidr)
+        except ValueError:
+            raise ResourceError(f"vip_cidr {msg.vip_cidr!r} is not a CIDR") from None
+    for i, pem in enumerate(msg.trust_bundle):
+        try:
+            x509.load_pem_x509_certificates(pem.encode())
+        except ValueError as e:
+            raise ResourceError(f"trust_bundle[{i}] is not a PEM certificate: {e}") from None
+    dns_domain = msg.dns_domain or MeshSettings.dns_domain
+    return MeshSettings(
+        trust_domain=trust_domain,
+        outbound_policy=policy,
+        dns_domain=dns_domain,
+        vip_cidr=msg.vip_cidr,
+        trust_bundle=tuple(msg.trust_bundle),
+    )
+
+
+def convert_workload(name: str, msg: mesh_pb2.Workload) -> Workload:
+    _label(msg.name, "workload name")
+    _label(msg.namespace, "namespace")
+    if not msg.node:
+        raise ResourceError("node is empty")
+    expected = xdsnames.workload_resource_name(msg.node, msg.namespace, msg.name)
+    if name != expected:
+        raise ResourceError(f"resource name should be {expected!r} for this workload")
+    ident = _identity(msg.identity, "identity")
+    return Workload(
+        name=msg.name,
+        namespace=msg.namespace,
+        service_account=_label(msg.service_account or "default", "service account"),
+        node=msg.node,
+        ip=_ip(msg.ip, "ip"),
+        ports=tuple(_port(p, "port") for p in msg.ports),
+        identity=ident,
+        node_address=_ip(msg.node_address, "node_address"),
+        hbone_port=_port(msg.hbone_port, "hbone_port") if msg.hbone_port else xdsnames.HBONE_PORT,
+        zone=msg.zone,
+        labels=tuple(sorted(msg.labels.items())),
+    )
+
+
+def convert_cluster(msg: cluster_pb2.Cluster) -> ClusterInfo:
+    if msg.type != cluster_pb2.Cluster.EDS:
+        raise ResourceError(
+            f"type is {cluster_pb2.Cluster.DiscoveryType.Name(msg.type)}, nodemesh clusters are EDS"
+        )
+    meta = _meta(msg.metadata.filter_metadata, "cluster")
+    service = _label(_meta_str(meta, "service", "cluster"), "service")
+    namespace = _label(_meta_str(meta, "namespace", "cluster"), "namespace")
+    vip = _meta_str(meta, "vip", "cluster", required=False)
+    if vip:
+        vip = _ip(vip, "vip")
+    port = _port(_meta_num(meta, "port", "cluster"), "port")
+    target = _port(_meta_num(meta, "target_port", "cluster"), "target_port")
+    protocol = (_meta_str(meta, "protocol", "cluster", required=False) or "tcp").lower()
+    if protocol not in PROTOCOLS:
+        raise ResourceError(f"protocol {protocol!r} must be one of {', '.join(PROTOCOLS)}")
+    prefix = f"outbound|{port}||{service}.{namespace}.svc."
+    if not msg.name.startswith(prefix):
+        raise ResourceError(f"name does not match its metadata (expected {prefix}<dns domain>)")
+    return ClusterInfo(
+        name=msg.name,
+        service=service,
+        namespace=namespace,
+        vip=vip,
+        port=port,
+        target_port=target,
+        protocol=protocol,
+        port_name=_meta_str(meta, "port_name", "cluster", required=False),
+    )
+
+
+_HEALTHY = (health_check_pb2.HEALTHY, health_check_pb2.UNKNOWN)
+
+
+def convert_assignment(msg: endpoint_pb2.ClusterLoadAssignment) -> AssignmentInfo:
+    endpoints: list[Endpoint] = []
+    for li, locality in enumerate(msg.endpoints):
+        for ei, lb in enumerate(locality.lb_endpoints):
+            what = f"endpoints[{li}].lb_endpoints[{ei}]"
+            sa = lb.endpoint.address.socket_address
+            if not lb.endpoint.address.HasField("socket_address"):
+                raise ResourceError(f"{what} has no socket_address")
+            meta = _meta(lb.metadata.filter_metadata, what)
+            workload = _meta_str(meta, "workload", what)
+            if workload.count("/") != 1:
+                raise ResourceError(f"{what} workload {workload!r} is not <namespace>/<name>")
+            hbone = meta.get("hbone_port")
+            endpoints.append(Endpoint(
+                ip=_ip(sa.address, f"{what} address"),
+                port=_port(sa.port_value, f"{what} port"),
+                workload=workload,
+                identity=_identity(_meta_str(meta, "identity", what), f"{what} identity"),
+                node=_meta_str(meta, "node", what),
+                node_address=_ip(_meta_str(meta, "node_address", what), f"{what} node_address"),
+                hbone_port=(_port(_meta_num(meta, "hbone_port", what), f"{what} hbone_port")
+                            if hbone is not None else xdsnames.HBONE_PORT),
+                zone=locality.locality.zone,
+                healthy=lb.health_status in _HEALTHY,
+            ))
+    return AssignmentInfo(cluster=msg.cluster_name, endpoints=tuple(endpoints))
+
+
+# ------------------------------------------------------------------ per-type batches
+
+
+def _unpack(resource: any_pb2.Any, type_url: str, message: type[Message]) -> Message:
+    if resource.type_url != type_url:
+        raise ResourceError(f"has type {resource.type_url!r} in a {type_url} response")
+    msg = message()
+    try:
+        msg.ParseFromString(resource.value)
+    except DecodeError as e:
+        raise ResourceError(f"does not decode as {message.DESCRIPTOR.full_name}: {e}") from None
+    return msg
+
+
+def _name_of(type_url: str, msg: Any) -> str:
+    if type_url == xdsnames.CLUSTER:
+        return str(msg.name)
+    if type_url == xdsnames.ENDPOINT:
+        return str(msg.cluster_name)
+    if type_url == xdsnames.WORKLOAD:
+        return xdsnames.workload_resource_name(msg.node, msg.namespace, msg.name)
+    return xdsnames.MESH_CONFIG_NAME
+
+
+_MESSAGES: dict[str, type[Message]] = {
+    xdsnames.MESH_CONFIG: mesh_pb2.MeshConfig,
+    xdsnames.WORKLOAD: mesh_pb2.Workload,
+    xdsnames.CLUSTER: cluster_pb2.Cluster,
+    xdsnames.ENDPOINT: endpoint_pb2.ClusterLoadAssignment,
+}
+
+
+@dataclass(frozen=True)
+class NamedResource:
+    """A resource as received: its name (from the Resource wrapper or the
+    message itself) and the Any it came in."""
+
+    name: str
+    resource: any_pb2.Any
+
+
+def convert_batch(type_url: str, resources: Sequence[NamedResource]) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """Convert every resource of one response. Returns (name -> converted, errors)."""
+    if type_url not in _MESSAGES:
+        return {}, (f"type {type_url} is not one nodemesh subscribes to",)
+    out: dict[str, Any] = {}
+    errors: list[str] = []
+    for i, r in enumerate(resources):
+        label = r.name or f"#{i}"
+        try:
+            msg = _unpack(r.resource, type_url, _MESSAGES[type_url])
+            name = r.name or _name_of(type_url, msg)
+            label = name or label
+            if not name:
+                raise ResourceError("has no name")
+            converted: Any
+            if type_url == xdsnames.MESH_CONFIG:
+                if name != xdsnames.MESH_CONFIG_NAME:
+                    raise ResourceError(f"MeshConfig must be named {xdsnames.MESH_CONFIG_NAME!r}")
+                converted = convert_mesh_config(msg)
+            elif type_url == xdsnames.WORKLOAD:
+                converted = convert_workload(name, msg)
+            elif type_url == xdsnames.CLUSTER:
+                converted = convert_cluster(msg)
+            else:
+                converted = convert_assignment(msg)
+            if name in out:
+                raise ResourceError("appears twice in one response")
+            out[name] = converted
+        except ResourceError as e:
+            errors.append(f"{label}: {e}")
+    if type_url == xdsnames.MESH_CONFIG and not errors and xdsnames.MESH_CONFIG_NAME not in out:
+        errors.append(f"{xdsnames.MESH_CONFIG_NAME}: the response holds no MeshConfig named "
+                      f"{xdsnames.MESH_CONFIG_NAME!r}; the agent needs it (trust domain)")
+    return out, tuple(errors)
+
+
+def build_snapshot(version: str, node: str, local_workloads: Sequence[LocalWorkload],
+                   resources: Mapping[str, Mapping[str, Any]]) -> Snapshot:
+    """Join accepted resources of all types into a Snapshot (raises SnapshotError)."""
+    mesh: MeshSettings = resources[xdsnames.MESH_CONFIG][xdsnames.MESH_CONFIG_NAME]
+    assignments: Mapping[str, AssignmentInfo] = resources.get(xdsnames.ENDPOINT, {})
+    clusters: Mapping[str, ClusterInfo] = resources.get(xdsnames.CLUSTER, {})
+    grouped: dict[tuple[str, str], list[ClusterInfo]] = {}
+    for c in clusters.values():
+        expected = xdsnames.cluster_name(c.service, c.namespace, c.port, mesh.dns_domain)
+        if c.name != expected:
+            raise SnapshotError(f"cluster {c.name} does not match dns domain {mesh.dns_domain!r} "
+                                f"(expected {expected})")
+        grouped.setdefault((c.namespace, c.service), []).append(c)
+    services = []
+    for (namespace, name), cs in sorted(grouped.items()):
+        vips = {c.vip for c in cs}
+        if len(vips) > 1:
+            raise SnapshotError(f"service {namespace}/{name} has clusters with different VIPs {sorted(vips)}")
+        ports = []
+        for c in sorted(cs, key=lambda c: c.port):
+            la = assignments.get(c.name)
+            ports.append(ServicePort(
+                port=c.port, target_port=c.target_port, protocol=c.protocol, name=c.port_name,
+                cluster=c.name, endpoints=la.endpoints if la else (),
+            ))
+        services.append(Service(name=name, namespace=namespace, vip=vips.pop(), ports=tuple(ports)))
+    workloads = tuple(sorted(resources.get(xdsnames.WORKLOAD, {}).values(),
+                             key=lambda w: (w.node, w.namespace, w.name)))
+    return Snapshot(version=version, node=node, mesh=mesh, services=tuple(services),
+                    workloads=workloads, local_workloads=tuple(local_workloads))
+
+
+# ------------------------------------------------------------------ state across responses
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    accepted: bool
+    errors: tuple[str, ...] = ()
+    snapshot: Snapshot | None = None  # set when accepted and every type is known
+
+    @property
+    def error_detail(self) -> str:
+        return "; ".join(self.errors)
+
+
+@dataclass
+class XdsState:
+    """Accepted resources per type and their versions; pure (no I/O), so the
+    ADS client and tests drive it alike."""
+
+    node: str
+    local_workloads: tuple[LocalWorkload, ...] = ()
+    types: tuple[str, ...] = xdsnames.AGENT_TYPES
+    resources: dict[str, dict[str, Any]] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    snapshot: Snapshot | None = None
+    local_generation: int = 0  # bumped when the agent's own workload list changes
+
+    @property
+    def complete(self) -> bool:
+        return all(t in self.versions for t in self.types)
+
+    def snapshot_version(self) -> str:
+        short = {xdsnames.MESH_CONFIG: "mesh", xdsnames.WORKLOAD: "wl",
+                 xdsnames.CLUSTER: "cds", xdsnames.ENDPOINT: "eds"}
+        version = ",".join(f"{short.get(t, t)}={self.versions.get(t, '')}" for t in self.types)
+        return f"{version},local={self.local_generation}" if self.local_generation else version
+
+    def set_local_workloads(self, local_workloads: Sequence[LocalWorkload]) -> Snapshot | None:
+        """Swap the agent's own workloads (config reload); returns the rebuilt
+        snapshot, or None while not every type is known. Raises SnapshotError and
+        keeps the previous workloads if the result is inconsistent."""
+        previous = (self.local_workloads, self.local_generation)
+        self.local_workloads = tuple(local_workloads)
+        self.local_generation += 1
+        if not self.complete:
+            return None
+        try:
+            self.snapshot = build_snapshot(self.snapshot_version(), self.node, self.local_workloads,
+                                           self.resources)
+        except SnapshotError:
+            self.local_workloads, self.local_generation = previous
+            raise
+        return self.snapshot
+
+    def apply(self, type_url: str, version: str, resources: Sequence[NamedResource]) -> ApplyResult:
+        converted, errors = convert_batch(type_url, resources)
+        if errors:
+            return ApplyResult(False, errors)
+        prev_resources = self.resources.get(type_url)
+        prev_version = self.versions.get(type_url)
+        self.resources[type_url] = converted
+        self.versions[type_url] = version
+        if not self.complete:
+            return ApplyResult(True)
+        try:
+            snap = build_snapshot(self.snapshot_version(), self.node, self.local_workloads, self.resources)
+        except SnapshotError as e:
+            # Roll this type back: the snapshot in force stays what it was.
+            if prev_resources is None:
+                del self.resources[type_url]
+            else:
+                self.resources[type_url] = prev_resources
+            if prev_version is None:
+                del self.versions[type_url]
+            else:
+                self.versions[type_url] = prev_version
+            return ApplyResult(False, (f"snapshot: {e}",))
+        self.snapshot = snap
+        return ApplyResult(True, (), snap)

@@ -1,0 +1,5 @@
+import sys
+
+from nodemesh.cli import main
+
+sys.exit(main())

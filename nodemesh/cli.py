@@ -1,0 +1,67 @@
+"""The `nodemesh` command: one entry point for the control plane, the node
+agent, the config API client, the demo and the lab helpers."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from nodemesh import __version__
+
+
+def _cmd_version(_args: argparse.Namespace) -> int:
+    print(f"nodemesh {__version__}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from nodemesh.demo import run_demo
+
+    return run_demo(requests=args.requests, keep=args.keep)
+
+
+def _cmd_lab_cleanup(_args: argparse.Namespace) -> int:
+    from nodemesh.lab import cleanup_all
+
+    removed = cleanup_all()
+    print(f"removed {len(removed)} lab namespace(s)" + (f": {', '.join(removed)}" if removed else ""))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nodemesh", description="A service mesh for Linux nodes.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    from controlplane.cli import register as register_controlplane
+    from nodeagent.cli import register as register_agent
+
+    register_controlplane(sub)
+    register_agent(sub)
+
+    p = sub.add_parser("demo", help="bring up a two-node mesh in network namespaces and show traffic crossing it")
+    p.add_argument("--requests", type=int, default=6, help="requests the client sends by the service VIP")
+    p.add_argument("--keep", action="store_true", help="leave the lab running until Ctrl-C")
+    p.set_defaults(func=_cmd_demo)
+
+    lab = sub.add_parser("lab", help="helpers for the namespace lab used by the demo and tests")
+    lab_sub = lab.add_subparsers(dest="lab_command", metavar="LAB_COMMAND")
+    lab_sub.required = True
+    lc = lab_sub.add_parser("cleanup", help="remove lab namespaces left by an interrupted run")
+    lc.set_defaults(func=_cmd_lab_cleanup)
+
+    v = sub.add_parser("version", help="print the version")
+    v.set_defaults(func=_cmd_version)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

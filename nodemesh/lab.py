@@ -1,0 +1,367 @@
+"""A mesh on one machine: node network namespaces joined by a bridge, a control
+plane, one agent per node, and small HTTP workloads. Used by the demo, the
+namespace tests and the benchmarks; everything it makes it removes.
+
+Layout (X is the lab's subnet index):
+  nmlab-<id>-hub   holds bridge br0 at 10.X.0.1/24; the control plane listens there
+  nmlab-<id>-n<k>  node k: eth0 at 10.X.0.(10+k)/24, default route via 10.X.0.1
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import yaml
+
+NETNS_PREFIX = "nmlab-"
+
+
+class LabError(RuntimeError):
+    pass
+
+
+def _run(argv: Sequence[str], check: bool = True, **kw: Any) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run(list(argv), capture_output=True, text=True, **kw)
+    if check and res.returncode != 0:
+        raise LabError(f"{' '.join(argv)} failed ({res.returncode}): {res.stderr.strip() or res.stdout.strip()}")
+    return res
+
+
+def list_lab_namespaces() -> list[str]:
+    out = _run(["ip", "netns", "list"], check=False).stdout
+    return [line.split()[0] for line in out.splitlines() if line.startswith(NETNS_PREFIX)]
+
+
+def cleanup_all() -> list[str]:
+    """Remove every lab namespace (and the processes in it) left by an interrupted run."""
+    removed = []
+    for ns in list_lab_namespaces():
+        pids = _run(["ip", "netns", "pids", ns], check=False).stdout.split()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+        _run(["ip", "netns", "delete", ns], check=False)
+        removed.append(ns)
+    return removed
+
+
+@dataclass
+class LabWorkload:
+    name: str
+    node: int
+    uid: int
+    ports: tuple[int, ...] = ()
+    namespace: str = "default"
+    service_account: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def agent_entry(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "name": self.name,
+            "namespace": self.namespace,
+            "serviceAccount": self.service_account or self.name,
+            "labels": dict(self.labels),
+            "uid": self.uid,
+            "ports": list(self.ports),
+        }
+        return entry
+
+
+class Lab:
+    """A small cluster of node namespaces. Use as a context manager."""
+
+    def __init__(self, nodes: int = 2, lab_id: str | None = None, subnet: int | None = None,
+                 workdir: str | None = None, proxy_workers: int = 1, lease_seconds: int = 6,
+                 keep_workdir: bool = False) -> None:
+        self.lab_id = lab_id or f"{os.getpid() % 10000}{int(time.time() * 1000) % 1000:03d}"
+        self.nodes = nodes
+        # Each lab has its own hub bridge, so labs never see each other's addresses.
+        self.subnet = subnet if subnet is not None else 77
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix=f"nmlab-{self.lab_id}-"))
+        self.proxy_workers = proxy_workers
+        self.lease_seconds = lease_seconds
+        self.keep_workdir = keep_workdir
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.workloads: dict[str, LabWorkload] = {}
+        self._created = False
+
+    # ------------------------------------------------------------- topology
+    @property
+    def hub(self) -> str:
+        return f"{NETNS_PREFIX}{self.lab_id}-hub"
+
+    def node_ns(self, k: int) -> str:
+        return f"{NETNS_PREFIX}{self.lab_id}-n{k}"
+
+    def node_name(self, k: int) -> str:
+        return f"node-{k}"
+
+    def node_ip(self, k: int) -> str:
+        return f"10.{self.subnet}.0.{10 + k}"
+
+    @property
+    def cp_ip(self) -> str:
+        return f"10.{self.subnet}.0.1"
+
+    @property
+    def cp_addr(self) -> str:
+        return f"{self.cp_ip}:15010"
+
+    @property
+    def cp_unix(self) -> str:
+        return f"unix:{self.workdir}/controlplane.sock"
+
+    def create(self) -> "Lab":
+        self._created = True
+        _run(["ip", "netns", "add", self.hub])
+        self.ns_exec(self.hub, ["ip", "link", "set", "lo", "up"])
+        self.ns_exec(self.hub, ["ip", "link", "add", "br0", "type", "bridge"])
+        self.ns_exec(self.hub, ["ip", "addr", "add", f"{self.cp_ip}/24", "dev", "br0"])
+        self.ns_exec(self.hub, ["ip", "link", "set", "br0", "up"])
+        for k in range(1, self.nodes + 1):
+            ns = self.node_ns(k)
+            _run(["ip", "netns", "add", ns])
+            a, b = f"nm{self.lab_id[-6:]}a{k}", f"nm{self.lab_id[-6:]}b{k}"
+            _run(["ip", "link", "add", a, "type", "veth", "peer", "name", b])
+            _run(["ip", "link", "set", a, "netns", ns])
+            _run(["ip", "link", "set", b, "netns", self.hub])
+            self.ns_exec(ns, ["ip", "link", "set", a, "name", "eth0"])
+            self.ns_exec(ns, ["ip", "link", "set", "lo", "up"])
+            self.ns_exec(ns, ["ip", "addr", "add", f"{self.node_ip(k)}/24", "dev", "eth0"])
+            self.ns_exec(ns, ["ip", "link", "set", "eth0", "up"])
+            self.ns_exec(ns, ["ip", "route", "add", "default", "via", self.cp_ip])
+            self.ns_exec(self.hub, ["ip", "link", "set", b, "master", "br0"])
+            self.ns_exec(self.hub, ["ip", "link", "set", b, "up"])
+        return self
+
+    def destroy(self) -> None:
+        for name in list(self.procs):
+            self.stop(name, timeout=3.0)
+        if self._created:
+            for ns in [self.hub] + [self.node_ns(k) for k in range(1, self.nodes + 1)]:
+                pids = _run(["ip", "netns", "pids", ns], check=False).stdout.split()
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError, ValueError):
+                        os.kill(int(pid), signal.SIGKILL)
+                _run(["ip", "netns", "delete", ns], check=False)
+        if not self.keep_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> "Lab":
+        try:
+            return self.create()
+        except BaseException:
+            self.destroy()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.destroy()
+
+    # ------------------------------------------------------------- processes
+    @staticmethod
+    def _wrap(ns: str, argv: Sequence[str], uid: int | None) -> list[str]:
+        cmd = ["ip", "netns", "exec", ns]
+        if uid is not None:
+            cmd += ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+        return cmd + list(argv)
+
+    def ns_exec(self, ns: str, argv: Sequence[str], uid: int | None = None, check: bool = True,
+                timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+        return _run(self._wrap(ns, argv, uid), check=check, timeout=timeout)
+
+    def spawn(self, name: str, ns: str, argv: Sequence[str], uid: int | None = None,
+              env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        if name in self.procs and self.procs[name].poll() is None:
+            raise LabError(f"process {name} is already running")
+        log = open(self.workdir / f"{name}.log", "ab")
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        full_env.setdefault("PYTHONUNBUFFERED", "1")
+        p = subprocess.Popen(self._wrap(ns, argv, uid), stdout=log, stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL, env=full_env, start_new_session=True)
+        log.close()
+        self.procs[name] = p
+        return p
+
+    def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 8.0) -> int | None:
+        p = self.procs.pop(name, None)
+        if p is None:
+            return None
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, sig)
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait(5)
+        return p.returncode
+
+    def log(self, name: str) -> str:
+        path = self.workdir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    # ------------------------------------------------------------- the mesh
+    def start_controlplane(self, extra: Sequence[str] = ()) -> None:
+        state = self.workdir / "cp-state"
+        state.mkdir(exist_ok=True)
+        self.spawn("controlplane", self.hub, [
+            sys.executable, "-m", "nodemesh", "controlplane", "serve",
+            "--state-dir", str(state), "--listen", self.cp_addr, "--listen", self.cp_unix,
+            "--lease-seconds", str(self.lease_seconds), *extra,
+        ])
+        self.wait_for(lambda: self._cp_ready(), 20, "the control plane to accept calls",
+                      lambda: self.log("controlplane"))
+
+    def _cp_ready(self) -> bool:
+        from controlplane.client import ConfigClient
+
+        try:
+            with ConfigClient(self.cp_unix, timeout=1.0) as c:
+                c.list("Service")
+            return True
+        except Exception:
+            return False
+
+    def config_client(self) -> Any:
+        from controlplane.client import ConfigClient
+
+        return ConfigClient(self.cp_unix, timeout=10.0)
+
+    def apply(self, docs: str | list[dict[str, Any]]) -> Any:
+        text = docs if isinstance(docs, str) else yaml.safe_dump_all(docs)
+        with self.config_client() as c:
+            return c.apply(text)
+
+    def add_workload(self, wl: LabWorkload) -> None:
+        self.workloads[wl.name] = wl
+
+    def agent_config(self, k: int, capture_mode: str = "iptables") -> dict[str, Any]:
+        return {
+            "node": {"name": self.node_name(k), "address": self.node_ip(k), "zone": "lab"},
+            "controlPlane": {"address": self.cp_addr},
+            "capture": {"mode": capture_mode},
+            "proxy": {"workers": self.proxy_workers,
+                      "accessLog": str(self.workdir / f"access-{k}.log")},
+            "workloads": [w.agent_entry() for w in self.workloads.values() if w.node == k],
+            "stateDir": str(self.workdir / f"agent-{k}"),
+        }
+
+    def write_agent_config(self, k: int) -> Path:
+        path = self.workdir / f"agent-{k}.yaml"
+        path.write_text(yaml.safe_dump(self.agent_config(k), sort_keys=False))
+        return path
+
+    def start_agent(self, k: int, wait: bool = True) -> None:
+        path = self.write_agent_config(k)
+        self.spawn(f"agent-{k}", self.node_ns(k), [sys.executable, "-m", "nodemesh", "agent", "run",
+                                                  "--config", str(path)])
+        if wait:
+            self.wait_agent_ready(k)
+
+    def reload_agent(self, k: int) -> None:
+        """Rewrite node k's agent config from the lab's workloads and tell the agent (SIGHUP)."""
+        self.write_agent_config(k)
+        p = self.procs[f"agent-{k}"]
+        os.killpg(p.pid, signal.SIGHUP)
+
+    def agent_status(self, k: int) -> dict[str, Any]:
+        path = self.workdir / f"agent-{k}" / "status.json"
+        try:
+            return dict(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            return {}
+
+    def wait_agent_ready(self, k: int, timeout: float = 30.0) -> None:
+        def ready() -> bool:
+            p = self.procs.get(f"agent-{k}")
+            if p is not None and p.poll() is not None:
+                raise LabError(f"agent-{k} exited with {p.returncode}:\n{self.log(f'agent-{k}')[-3000:]}")
+            return bool(self.agent_status(k).get("capture_installed"))
+
+        self.wait_for(ready, timeout, f"agent-{k} to install capture", lambda: self.log(f"agent-{k}"))
+
+    def start_app(self, name: str) -> None:
+        wl = self.workloads[name]
+        port = wl.ports[0]
+        self.spawn(f"app-{name}", self.node_ns(wl.node),
+                   [sys.executable, "-m", "nodemesh.labapp", "--name", name, "--node",
+                    self.node_name(wl.node), "--port", str(port)], uid=wl.uid)
+        self.wait_for(lambda: self._listening(wl.node, port), 10, f"app {name} to listen on {port}",
+                      lambda: self.log(f"app-{name}"))
+
+    def _listening(self, k: int, port: int) -> bool:
+        out = self.ns_exec(self.node_ns(k), ["ss", "-Hltn", f"sport = :{port}"], check=False).stdout
+        return bool(out.strip())
+
+    def curl(self, k: int, url: str, uid: int, timeout: float = 5.0,
+             extra: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
+        return self.ns_exec(self.node_ns(k), ["curl", "-sS", "--max-time", str(timeout), *extra, url],
+                            uid=uid, check=False, timeout=timeout + 5)
+
+    def access_log(self, k: int) -> list[dict[str, Any]]:
+        path = self.workdir / f"access-{k}.log"
+        if not path.exists():
+            return []
+        out = []
+        for line in path.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+        return out
+
+    def service_vip(self, name: str, namespace: str = "default") -> str:
+        with self.config_client() as c:
+            res = c.get("Service", name, namespace)
+        vip = json.loads(res.status_json or "{}").get("vip", "")
+        if not vip:
+            raise LabError(f"service {namespace}/{name} has no VIP yet: {res}")
+        return str(vip)
+
+    @staticmethod
+    def wait_for(cond: Any, timeout: float, what: str, diag: Any = None) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if cond():
+                return
+            time.sleep(0.1)
+        detail = f"\n--- log tail ---\n{diag()[-3000:]}" if diag else ""
+        raise LabError(f"timed out after {timeout:.0f}s waiting for {what}{detail}")
+
+    @contextlib.contextmanager
+    def capture_bridge(self, path: Path, bpf_filter: str = "tcp") -> Iterator[Path]:
+        """tcpdump on the hub bridge while the block runs; yields the pcap path."""
+        p = subprocess.Popen(self._wrap(self.hub, ["tcpdump", "-i", "br0", "-U", "-s", "0", "-w",
+                                                    str(path), bpf_filter]),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            # tcpdump prints "listening on" once the capture is open.
+            assert p.stderr is not None
+            os.set_blocking(p.stderr.fileno(), False)
+            deadline = time.monotonic() + 5
+            buf = b""
+            while time.monotonic() < deadline and b"listening on" not in buf:
+                time.sleep(0.05)
+                chunk = p.stderr.read()
+                if chunk:
+                    buf += chunk
+            yield path
+        finally:
+            time.sleep(0.3)
+            p.send_signal(signal.SIGINT)
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()

@@ -1,0 +1,459 @@
+"""The declarative config model: YAML documents shaped like Kubernetes objects,
+parsed and validated into frozen dataclasses. The one place validation lives."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from nodemesh.identity import IdentityError, check_trust_domain
+
+API_VERSION = "nodemesh.io/v1alpha1"
+DEFAULT_NAMESPACE = "default"
+MESH_CONFIG_NAME = "mesh"
+
+KIND_SERVICE = "Service"
+KIND_MESH_CONFIG = "MeshConfig"
+KINDS = (KIND_SERVICE, KIND_MESH_CONFIG)
+CLUSTER_SCOPED = frozenset({KIND_MESH_CONFIG})
+
+PROTOCOLS = ("tcp", "http", "http2", "grpc", "auto")
+OUTBOUND_POLICIES = ("ALLOW_ANY", "REGISTRY_ONLY")
+DEFAULT_VIP_RANGE = "240.240.0.0/16"  # class E: never routed, so a VIP never collides with a real host
+
+_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+# Label keys and values as in Kubernetes: optional DNS prefix, then a name of [A-Za-z0-9._-].
+_LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+_LABEL_PREFIX = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+
+_KIND_ALIASES = {
+    "service": KIND_SERVICE,
+    "services": KIND_SERVICE,
+    "svc": KIND_SERVICE,
+    "meshconfig": KIND_MESH_CONFIG,
+    "meshconfigs": KIND_MESH_CONFIG,
+    "mesh": KIND_MESH_CONFIG,
+}
+
+Problem = tuple[str, str]  # (path, reason); the path names the object and the field
+
+
+class ValidationError(ValueError):
+    """One or more documents are invalid. `problems` lists every (path, reason)."""
+
+    def __init__(self, problems: Sequence[Problem]) -> None:
+        self.problems: tuple[Problem, ...] = tuple(problems)
+        super().__init__("\n".join(f"{p}: {r}" for p, r in self.problems))
+
+
+def canonical_kind(kind: str) -> str:
+    """'svc', 'services', 'Service' -> 'Service'. Raises ValidationError for an unknown kind."""
+    if kind in KINDS:
+        return kind
+    found = _KIND_ALIASES.get(kind.lower())
+    if found is None:
+        raise ValidationError([("kind", f"unknown kind {kind!r}; known kinds: {', '.join(KINDS)}")])
+    return found
+
+
+# ---------------------------------------------------------------- objects
+
+
+@dataclass(frozen=True)
+class ServicePort:
+    port: int
+    target_port: int
+    protocol: str = "tcp"
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    namespace: str
+    ports: tuple[ServicePort, ...]
+    selector: tuple[tuple[str, str], ...]  # sorted (key, value) pairs
+    vip: str = ""  # a fixed VIP asked for by the user; "" = allocate one
+    labels: tuple[tuple[str, str], ...] = ()
+
+    kind = KIND_SERVICE
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def selects(self, namespace: str, labels: Mapping[str, str]) -> bool:
+        """Whether a workload with these labels in this namespace backs the service."""
+        return namespace == self.namespace and all(labels.get(k) == v for k, v in self.selector)
+
+    def spec(self) -> dict[str, Any]:
+        """The canonical spec (defaults filled in), as stored and returned by the API."""
+        ports: list[dict[str, Any]] = []
+        for p in self.ports:
+            d: dict[str, Any] = {"port": p.port, "targetPort": p.target_port, "protocol": p.protocol}
+            if p.name:
+                d["name"] = p.name
+            ports.append(d)
+        spec: dict[str, Any] = {"ports": ports, "selector": dict(self.selector)}
+        if self.vip:
+            spec["vip"] = self.vip
+        return spec
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    trust_domain: str = "cluster.local"
+    vip_range: str = DEFAULT_VIP_RANGE
+    outbound_policy: str = "ALLOW_ANY"
+    dns_domain: str = "mesh"
+    labels: tuple[tuple[str, str], ...] = ()
+
+    kind = KIND_MESH_CONFIG
+    name = MESH_CONFIG_NAME
+    namespace = ""
+
+    @property
+    def key(self) -> str:
+        return self.name
+
+    @property
+    def vip_network(self) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Network(self.vip_range)
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "trustDomain": self.trust_domain,
+            "vipRange": self.vip_range,
+            "outboundPolicy": self.outbound_policy,
+            "dnsDomain": self.dns_domain,
+        }
+
+
+Object = Service | MeshConfig
+
+
+@dataclass(frozen=True)
+class Document:
+    """One parsed document: the object plus what identifies it in the store."""
+
+    kind: str
+    namespace: str
+    name: str
+    obj: Object
+    labels: tuple[tuple[str, str], ...] = field(default=())
+
+    @property
+    def ref(self) -> tuple[str, str, str]:
+        return (self.kind, self.namespace, self.name)
+
+
+# ---------------------------------------------------------------- validation helpers
+
+
+class _Checker:
+    """Collects problems for one document under a subject like 'Service default/web'."""
+
+    def __init__(self, subject: str) -> None:
+        self.subject = subject
+        self.problems: list[Problem] = []
+
+    def add(self, path: str, reason: str) -> None:
+        self.problems.append((f"{self.subject}: {path}" if path else self.subject, reason))
+
+    def mapping(self, value: Any, path: str, allowed: Sequence[str]) -> dict[str, Any] | None:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.add(path, f"must be a mapping, got {_type_name(value)}")
+            return None
+        for k in value:
+            if not isinstance(k, str) or k not in allowed:
+                self.add(_join(path, str(k)), f"unknown field; allowed: {', '.join(allowed)}")
+        return value
+
+    def string(self, value: Any, path: str, required: bool = False) -> str:
+        if value is None:
+            if required:
+                self.add(path, "required")
+            return ""
+        if not isinstance(value, str):
+            self.add(path, f"must be a string, got {_type_name(value)}")
+            return ""
+        if required and not value:
+            self.add(path, "required; must not be empty")
+        return str(value)
+
+    def port(self, value: Any, path: str) -> int:
+        # bool is an int in Python; a port of `true` is a mistake, not 1.
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 65535:
+            self.add(path, "must be an integer in 1..65535")
+            return 0
+        return value
+
+    def labels(self, value: Any, path: str, allow_empty: bool = True) -> tuple[tuple[str, str], ...]:
+        if value is None:
+            if not allow_empty:
+                self.add(path, "required; must map at least one label to a value")
+            return ()
+        if not isinstance(value, dict):
+            self.add(path, f"must be a mapping of label to value, got {_type_name(value)}")
+            return ()
+        if not value and not allow_empty:
+            self.add(path, "must map at least one label to a value")
+        out: list[tuple[str, str]] = []
+        for k, v in value.items():
+            kpath = _join(path, str(k))
+            if not isinstance(k, str) or not _valid_label_key(k):
+                self.add(kpath, "invalid label key (optional DNS prefix and '/', then up to 63 of "
+                         "[A-Za-z0-9._-] starting and ending alphanumeric)")
+                continue
+            if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+                self.add(kpath, f"label value must be a string, got {_type_name(v)}")
+                continue
+            sv = str(v)
+            if len(sv) > 63 or not _LABEL_NAME.match(sv):
+                self.add(kpath, "invalid label value (up to 63 of [A-Za-z0-9._-], "
+                         "starting and ending alphanumeric)")
+                continue
+            out.append((k, sv))
+        return tuple(sorted(out))
+
+
+def _valid_label_key(key: str) -> bool:
+    prefix, _, name = key.rpartition("/")
+    if prefix and not _LABEL_PREFIX.match(prefix):
+        return False
+    return bool(name) and len(name) <= 63 and bool(_LABEL_NAME.match(name))
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "mapping", list: "list", str: "string", bool: "boolean", int: "integer",
+            float: "number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+# ---------------------------------------------------------------- per-kind parsers
+
+
+def _parse_service(c: _Checker, name: str, namespace: str, labels: tuple[tuple[str, str], ...],
+                   spec_raw: Any) -> Service | None:
+    spec = c.mapping(spec_raw, "spec", ("ports", "selector", "vip"))
+    if spec is None:
+        return None
+    if spec_raw is None:
+        c.add("spec", "required")
+        return None
+    ports: list[ServicePort] = []
+    raw_ports = spec.get("ports")
+    if not isinstance(raw_ports, list) or not raw_ports:
+        c.add("spec.ports", "required; must be a non-empty list of ports")
+        raw_ports = []
+    seen_ports: dict[int, int] = {}
+    seen_names: dict[str, int] = {}
+    for i, rp in enumerate(raw_ports):
+        path = f"spec.ports[{i}]"
+        m = c.mapping(rp, path, ("name", "port", "targetPort", "protocol"))
+        if m is None:
+            continue
+        if "port" not in m:
+            c.add(f"{path}.port", "required")
+            port = 0
+        else:
+            port = c.port(m.get("port"), f"{path}.port")
+        target = c.port(m["targetPort"], f"{path}.targetPort") if "targetPort" in m else port
+        proto = c.string(m.get("protocol", "tcp"), f"{path}.protocol")
+        if proto and proto not in PROTOCOLS:
+            c.add(f"{path}.protocol", f"must be one of {', '.join(PROTOCOLS)}, got {proto!r}")
+        pname = c.string(m.get("name"), f"{path}.name")
+        if pname and not _LABEL.match(pname):
+            c.add(f"{path}.name", "must be a DNS label (lower case letters, digits and '-', at most 63)")
+        if port:
+            if port in seen_ports:
+                c.add(f"{path}.port", f"duplicate port {port} (also spec.ports[{seen_ports[port]}])")
+            seen_ports.setdefault(port, i)
+        if pname:
+            if pname in seen_names:
+                c.add(f"{path}.name", f"duplicate port name {pname!r} (also spec.ports[{seen_names[pname]}])")
+            seen_names.setdefault(pname, i)
+        ports.append(ServicePort(port=port, target_port=target, protocol=proto or "tcp", name=pname))
+    selector = c.labels(spec.get("selector"), "spec.selector", allow_empty=False)
+    vip = c.string(spec.get("vip"), "spec.vip")
+    if vip:
+        try:
+            addr = ipaddress.ip_address(vip)
+            if addr.version != 4:
+                c.add("spec.vip", "must be an IPv4 address")
+        except ValueError:
+            c.add("spec.vip", f"{vip!r} is not an IP address")
+    if c.problems:
+        return None
+    return Service(name=name, namespace=namespace, ports=tuple(ports), selector=selector, vip=vip,
+                   labels=labels)
+
+
+def _parse_mesh_config(c: _Checker, name: str, labels: tuple[tuple[str, str], ...],
+                       spec_raw: Any) -> MeshConfig | None:
+    if name != MESH_CONFIG_NAME:
+        c.add("metadata.name", f"there is one MeshConfig and it must be named {MESH_CONFIG_NAME!r}")
+    spec = c.mapping(spec_raw, "spec", ("trustDomain", "vipRange", "outboundPolicy", "dnsDomain"))
+    if spec is None:
+        return None
+    td = c.string(spec.get("trustDomain", "cluster.local"), "spec.trustDomain")
+    if td:
+        try:
+            check_trust_domain(td)
+        except IdentityError as e:
+            c.add("spec.trustDomain", str(e))
+    vip_range = c.string(spec.get("vipRange", DEFAULT_VIP_RANGE), "spec.vipRange")
+    if vip_range:
+        try:
+            net = ipaddress.IPv4Network(vip_range)
+            if net.prefixlen > 30:
+                c.add("spec.vipRange", "must be a /30 or larger: the network and broadcast "
+                      "addresses are never handed out")
+        except ValueError as e:
+            c.add("spec.vipRange", f"must be an IPv4 CIDR with no host bits set, like "
+                  f"{DEFAULT_VIP_RANGE} ({e})")
+    policy = c.string(spec.get("outboundPolicy", "ALLOW_ANY"), "spec.outboundPolicy")
+    if policy and policy not in OUTBOUND_POLICIES:
+        c.add("spec.outboundPolicy", f"must be one of {', '.join(OUTBOUND_POLICIES)}, got {policy!r}")
+    dns = c.string(spec.get("dnsDomain", "mesh"), "spec.dnsDomain")
+    if dns and not all(_LABEL.match(part) for part in dns.split(".")):
+        c.add("spec.dnsDomain", "must be a DNS name made of DNS labels, like 'mesh' or 'mesh.local'")
+    if not dns:
+        c.add("spec.dnsDomain", "must not be empty")
+    if c.problems:
+        return None
+    return MeshConfig(trust_domain=td, vip_range=vip_range, outbound_policy=policy, dns_domain=dns,
+                      labels=labels)
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def parse_document(doc: Any, index: int = 0) -> Document:
+    """Validate one decoded YAML document. Raises ValidationError with every problem found."""
+    c = _Checker(f"document {index}")
+    if not isinstance(doc, dict):
+        c.add("", f"must be a mapping with apiVersion, kind, metadata and spec, got {_type_name(doc)}")
+        raise ValidationError(c.problems)
+    api_version = doc.get("apiVersion")
+    kind_raw = doc.get("kind")
+    meta = doc.get("metadata")
+    kind = kind_raw if isinstance(kind_raw, str) and kind_raw in KINDS else ""
+    name = meta.get("name") if isinstance(meta, dict) else None
+    ns_raw = meta.get("namespace") if isinstance(meta, dict) else None
+    cluster_scoped = kind in CLUSTER_SCOPED
+    namespace = "" if cluster_scoped else (ns_raw if isinstance(ns_raw, str) and ns_raw else DEFAULT_NAMESPACE)
+    if kind and isinstance(name, str) and name:
+        # Name the object, as operators will grep for it.
+        c.subject = f"{kind} {namespace}/{name}" if namespace else f"{kind} {name}"
+    # status is accepted (and ignored) so that `get -o yaml` output applies again.
+    c.mapping(doc, "", ("apiVersion", "kind", "metadata", "spec", "status"))
+    if api_version != API_VERSION:
+        c.add("apiVersion", f"must be {API_VERSION!r}, got {api_version!r}")
+    if not kind:
+        c.add("kind", f"must be one of {', '.join(KINDS)}, got {kind_raw!r}")
+    # annotations are accepted (and not stored) so kubectl-style files apply unchanged.
+    m = c.mapping(meta, "metadata", ("name", "namespace", "labels", "annotations"))
+    if meta is None:
+        c.add("metadata", "required")
+    name_s = c.string(name, "metadata.name", required=True) if m is not None else ""
+    if name_s and not _LABEL.match(name_s):
+        c.add("metadata.name", "must be a DNS label (lower case letters, digits and '-', at most 63)")
+    if isinstance(ns_raw, str) and ns_raw and not cluster_scoped and not _LABEL.match(ns_raw):
+        c.add("metadata.namespace", "must be a DNS label (lower case letters, digits and '-', at most 63)")
+    elif ns_raw is not None and not isinstance(ns_raw, str):
+        c.add("metadata.namespace", f"must be a string, got {_type_name(ns_raw)}")
+    labels = c.labels(m.get("labels") if m else None, "metadata.labels")
+    obj: Object | None = None
+    if kind == KIND_SERVICE:
+        obj = _parse_service(c, name_s, namespace, labels, doc.get("spec"))
+    elif kind == KIND_MESH_CONFIG:
+        obj = _parse_mesh_config(c, name_s, labels, doc.get("spec"))
+    if c.problems or obj is None:
+        raise ValidationError(c.problems or [(c.subject, "invalid document")])
+    return Document(kind=kind, namespace=namespace, name=name_s, obj=obj, labels=labels)
+
+
+def parse_documents(text: str) -> list[Document]:
+    """Parse a multi-document YAML text. The batch is validated whole: any bad
+    document raises ValidationError listing the problems of every document."""
+    try:
+        raw = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as e:
+        raise ValidationError([("yaml", f"not valid YAML: {e}")]) from e
+    if not raw:
+        raise ValidationError([("documents", "no documents found")])
+    problems: list[Problem] = []
+    docs: list[Document] = []
+    seen: dict[tuple[str, str, str], int] = {}
+    for i, d in enumerate(raw):
+        try:
+            doc = parse_document(d, i)
+        except ValidationError as e:
+            problems.extend(e.problems)
+            continue
+        if doc.ref in seen:
+            problems.append((f"document {i}", (f"{doc.kind} {doc.namespace}/{doc.name} also appears in "
+                             f"document {seen[doc.ref]}; each object may appear once per apply")))
+        seen.setdefault(doc.ref, i)
+        docs.append(doc)
+    if problems:
+        raise ValidationError(problems)
+    return docs
+
+
+def object_from_spec(kind: str, namespace: str, name: str, spec: Mapping[str, Any],
+                     labels: Mapping[str, str] | None = None) -> Object:
+    """Rebuild an object from a stored spec (as the store keeps it)."""
+    doc = {
+        "apiVersion": API_VERSION,
+        "kind": kind,
+        "metadata": {"name": name, "namespace": namespace or None, "labels": dict(labels or {})},
+        "spec": dict(spec),
+    }
+    return parse_document(doc).obj
+
+
+def check_services_against_mesh(services: Sequence[Service], mesh: MeshConfig) -> list[Problem]:
+    """Cross-object checks that need the MeshConfig: a fixed VIP must lie inside
+    the VIP range and must not be the network or broadcast address."""
+    net = mesh.vip_network
+    problems: list[Problem] = []
+    for s in services:
+        if not s.vip:
+            continue
+        addr = ipaddress.IPv4Address(s.vip)
+        if addr not in net:
+            problems.append((f"Service {s.key}: spec.vip",
+                             (f"{s.vip} is outside the mesh VIP range {mesh.vip_range} "
+                              "(MeshConfig spec.vipRange); pick an address inside it or omit spec.vip")))
+        elif addr in (net.network_address, net.broadcast_address):
+            problems.append((f"Service {s.key}: spec.vip",
+                             f"{s.vip} is the network or broadcast address of {mesh.vip_range}"))
+    return problems
+
+
+def to_yaml_document(kind: str, namespace: str, name: str, spec: Mapping[str, Any],
+                     labels: Mapping[str, str] | None = None,
+                     status: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The document shape `get -o yaml` prints."""
+    meta: dict[str, Any] = {"name": name}
+    if namespace:
+        meta["namespace"] = namespace
+    if labels:
+        meta["labels"] = dict(labels)
+    out: dict[str, Any] = {"apiVersion": API_VERSION, "kind": kind, "metadata": meta, "spec": dict(spec)}
+    if status:
+        out["status"] = dict(status)
+    return out
+

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs what nodemesh needs on a Debian 12 machine, idempotently: the
+# Debian packages (iptables, iproute2, bcc, tools the tests and benchmarks
+# use) and a venv at .venv that can see Debian's python3-bpfcc.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" != 0 ]; then
+  echo "setup: run as root (capture rules and network namespaces need it)" >&2
+  exit 1
+fi
+
+APT_PACKAGES=(iptables nftables iproute2 python3-venv python3-dev python3-bpfcc
+  tcpdump curl wrk iperf3 util-linux procps)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# Debian's python (not a pyenv one): bcc lives in its dist-packages.
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys; sys.exit(0 if sys.base_prefix == "/usr" else 1)'; then
+  rm -rf .venv
+  /usr/bin/python3 -m venv --system-site-packages .venv
+fi
+stamp=.venv/.nodemesh-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e '.[dev]'
+  touch "$stamp"
+fi
+echo "setup: ready (.venv/bin/nodemesh)"

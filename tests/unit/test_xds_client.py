@@ -1,0 +1,196 @@
+"""The ADS client against an in-process fake ADS server: wildcard subscription,
+ACK/NACK, snapshot only once complete, last good snapshot kept across reconnects.
+Also the registry session against a fake Registry."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from google.protobuf.message import Message
+from test_xds_convert import LOCAL, assignment, cluster, mesh_config, pack, workload
+
+from nodeagent.registry import RegistrySession
+from nodeagent.snapshot import Snapshot
+from nodeagent.xds.client import AdsClient, backoff_delay
+from nodemesh import xdsnames
+from nodemesh.v1 import mesh_pb2, mesh_pb2_grpc
+
+
+class FakeAds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
+    def __init__(self) -> None:
+        self.requests: asyncio.Queue[discovery_pb2.DiscoveryRequest] = asyncio.Queue()
+        self.streams = 0
+        self.outbox: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def StreamAggregatedResources(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:
+        self.streams += 1
+        self.outbox = asyncio.Queue()
+        outbox = self.outbox
+
+        async def reader() -> None:
+            async for req in request_iterator:
+                await self.requests.put(req)
+
+        task = asyncio.get_running_loop().create_task(reader())
+        try:
+            while True:
+                item = await outbox.get()
+                if item == "abort":
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "control plane going away")
+                yield item
+        finally:
+            task.cancel()
+
+    async def next_request(self) -> discovery_pb2.DiscoveryRequest:
+        return await asyncio.wait_for(self.requests.get(), 5)
+
+
+def response(type_url: str, version: str, nonce: str, *msgs: Message) -> discovery_pb2.DiscoveryResponse:
+    return discovery_pb2.DiscoveryResponse(type_url=type_url, version_info=version, nonce=nonce,
+                                           resources=[pack(m) for m in msgs])
+
+
+async def start_server(servicer: Any, add: Any) -> tuple[grpc.aio.Server, str]:
+    server = grpc.aio.server()
+    add(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+def test_ack_nack_and_reconnect() -> None:
+    async def main() -> None:
+        fake = FakeAds()
+        server, target = await start_server(fake, ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server)
+        snaps: list[Snapshot] = []
+        conn: list[bool] = []
+        client = AdsClient(target, "node-1", LOCAL, snaps.append, on_connection=conn.append,
+                           backoff_initial_s=0.05, backoff_cap_s=0.1)
+        task = asyncio.get_running_loop().create_task(client.run())
+        try:
+            # Wildcard subscription to every agent type, node id = node name.
+            initial = [await fake.next_request() for _ in xdsnames.AGENT_TYPES]
+            assert [r.type_url for r in initial] == list(xdsnames.AGENT_TYPES)
+            assert all(not r.resource_names and not r.version_info and not r.response_nonce for r in initial)
+            assert initial[0].node.id == "node-1"
+            assert initial[0].node.metadata["agent_version"]
+
+            good = [
+                response(xdsnames.MESH_CONFIG, "1", "n1", mesh_config()),
+                response(xdsnames.WORKLOAD, "1", "n2", workload()),
+                response(xdsnames.CLUSTER, "1", "n3", cluster()),
+                response(xdsnames.ENDPOINT, "1", "n4", assignment()),
+            ]
+            for i, resp in enumerate(good):
+                fake.outbox.put_nowait(resp)
+                ack = await fake.next_request()
+                assert (ack.type_url, ack.version_info, ack.response_nonce) == (resp.type_url, "1", resp.nonce)
+                assert not ack.HasField("error_detail")
+                # The proxy never sees a half-known mesh.
+                assert len(snaps) == (1 if i == 3 else 0)
+            assert snaps[0].services[0].key == "default/web" and conn == [True]
+
+            # A bad Cluster: NACK with the last accepted version, this nonce and the reason.
+            fake.outbox.put_nowait(response(xdsnames.CLUSTER, "2", "n5", cluster("api", port=0)))
+            nack = await fake.next_request()
+            assert (nack.type_url, nack.version_info, nack.response_nonce) == (xdsnames.CLUSTER, "1", "n5")
+            assert "outbound|0||api.default.svc.mesh" in nack.error_detail.message
+            assert "port 0" in nack.error_detail.message
+            assert len(snaps) == 1 and client.snapshot is snaps[0]
+
+            # Stream failure: the last good snapshot stays; the client reconnects and
+            # tells the server which versions it holds.
+            fake.outbox.put_nowait("abort")
+            again = [await fake.next_request() for _ in xdsnames.AGENT_TYPES]
+            assert fake.streams == 2
+            assert [r.version_info for r in again] == ["1", "1", "1", "1"]
+            assert client.snapshot is snaps[0] and False in conn
+
+            fake.outbox.put_nowait(response(xdsnames.WORKLOAD, "2", "m1"))
+            ack = await fake.next_request()
+            assert (ack.version_info, ack.response_nonce) == ("2", "m1")
+            assert len(snaps) == 2 and snaps[1].workloads == ()
+            assert client.connected
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await server.stop(None)
+
+    asyncio.run(main())
+
+
+def test_reconnects_while_control_plane_is_down() -> None:
+    async def main() -> None:
+        # Nothing listens on this port at first; the client keeps trying.
+        probe = grpc.aio.server()
+        port = probe.add_insecure_port("127.0.0.1:0")
+        await probe.start()
+        await probe.stop(None)
+        target = f"127.0.0.1:{port}"
+        client = AdsClient(target, "node-1", (), lambda s: None, backoff_initial_s=0.05, backoff_cap_s=0.1)
+        task = asyncio.get_running_loop().create_task(client.run())
+        await asyncio.sleep(0.3)
+        assert not client.connected and client.last_error
+        fake = FakeAds()
+        server = grpc.aio.server()
+        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(fake, server)
+        server.add_insecure_port(target)
+        await server.start()
+        try:
+            first = await fake.next_request()
+            assert first.node.id == "node-1"
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await server.stop(None)
+
+    asyncio.run(main())
+
+
+def test_backoff_grows_and_is_capped_with_jitter() -> None:
+    delays = [backoff_delay(i, 0.2, 5.0, rand=lambda: 1.0) for i in range(8)]
+    assert delays[:3] == [0.2, 0.4, 0.8] and max(delays) == 5.0
+    assert backoff_delay(10, 0.2, 5.0, rand=lambda: 0.0) == 2.5
+
+
+class FakeRegistry(mesh_pb2_grpc.RegistryServicer):
+    def __init__(self) -> None:
+        self.reports: asyncio.Queue[mesh_pb2.NodeReport] = asyncio.Queue()
+
+    async def Session(self, request_iterator: Any, context: Any) -> AsyncIterator[mesh_pb2.LeaseGrant]:
+        async for report in request_iterator:
+            await self.reports.put(report)
+            if report.HasField("register"):
+                yield mesh_pb2.LeaseGrant(node_name=report.register.node_name, lease_seconds=1)
+
+
+def test_registry_registers_heartbeats_and_reregisters() -> None:
+    async def main() -> None:
+        fake = FakeRegistry()
+        server, target = await start_server(fake, mesh_pb2_grpc.add_RegistryServicer_to_server)
+        reg = mesh_pb2.NodeRegistration(node_name="node-1", addresses=["10.0.0.2"], hbone_port=15008)
+        session = RegistrySession(target, reg)
+        task = asyncio.get_running_loop().create_task(session.run())
+        try:
+            first = await asyncio.wait_for(fake.reports.get(), 5)
+            assert first.register.node_name == "node-1"
+            beat = await asyncio.wait_for(fake.reports.get(), 5)  # at lease/3 = 0.33 s
+            assert beat.HasField("heartbeat") and session.connected
+            reg2 = mesh_pb2.NodeRegistration(node_name="node-1", addresses=["10.0.0.2"],
+                                             workloads=[mesh_pb2.WorkloadRegistration(name="web")])
+            session.update(reg2)
+            while True:
+                r = await asyncio.wait_for(fake.reports.get(), 5)
+                if r.HasField("register"):
+                    break
+            assert r.register.workloads[0].name == "web"
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await server.stop(None)
+
+    asyncio.run(main())
