@@ -118,6 +118,7 @@ class Agent:
             "control_plane_connected": bool(self.ads and self.ads.connected),
             "registry_connected": bool(self.registry and self.registry.connected),
             "workers_alive": bool(self.pool and self.pool.alive()),
+            "workers_up": self.pool.up() if self.pool is not None and hasattr(self.pool, "up") else 0,
             "updated_unix": time.time(),
         }
 

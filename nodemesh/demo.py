@@ -102,42 +102,71 @@ def run_demo(requests: int = 6, keep: bool = False) -> int:
             _say(f"    {lab.node_name(k)}: capture installed, snapshot {st.get('snapshot_version', '?')}, "
                  f"identities {', '.join(sorted(st.get('certs', {}))) or '-'}")
 
-        _step(f"client on node-1 (uid 3001) sends {requests} requests to http://{vip}/")
-        marker = f"demo-{uuid.uuid4().hex[:12]}"
-        pcap = lab.workdir / "bridge.pcap"
-        answers: dict[str, int] = {}
-        with lab.capture_bridge(pcap):
+        import json
+
+        def send(label: str) -> dict[str, int]:
+            answers: dict[str, int] = {}
             for i in range(requests):
                 res = lab.curl(1, f"http://{vip}/hello?marker={marker}", uid=3001,
                                extra=["-H", f"x-demo-marker: {marker}"])
                 if res.returncode != 0:
-                    _say(f"    request {i + 1}: FAILED: {res.stderr.strip()}")
+                    _say(f"    {label} request {i + 1}: FAILED: {res.stderr.strip()}")
                     continue
-                import json
-
                 body = json.loads(res.stdout)
                 answers[body["replica"]] = answers.get(body["replica"], 0) + 1
-                _say(f"    request {i + 1}: answered by {body['replica']} on {body['node']}")
-        time.sleep(0.5)  # access logs are written at connection close
+                _say(f"    {label} request {i + 1}: answered by {body['replica']} on {body['node']}")
+            time.sleep(0.5)  # access logs are written at connection close
+            return answers
 
+        def show_logs(since: list[int]) -> None:
+            for k in (1, 2):
+                entries = lab.access_log(k)
+                for e in entries[since[k - 1]:]:
+                    _say(f"    {lab.node_name(k)} {e.get('direction', '?'):8} "
+                         f"{e.get('source_principal') or e.get('source_workload', '?')} -> "
+                         f"{e.get('dst_service') or e.get('dst_workload') or e.get('dst_addr', '?')} "
+                         f"[{e.get('dst_workload', '?')} as {e.get('dst_identity') or '-'}] "
+                         f"via {e.get('via', '?')}{' (mTLS)' if e.get('tls') else ''} "
+                         f"{e.get('bytes_sent', '?')}B out/{e.get('bytes_received', '?')}B back"
+                         + (f" error={e.get('error')}" if e.get("error") else ""))
+                since[k - 1] = len(entries)
+
+        marker = f"demo-{uuid.uuid4().hex[:12]}"
+        seen = [0, 0]
+        _step(f"client on node-1 (uid 3001) sends {requests} requests to http://{vip}/ "
+              "(both replicas up)")
+        first = send("vip")
+        _say("    (the proxy picks a replica per connection with power of two choices over a peak-EWMA "
+             "of connect latency and outstanding connections)")
         _step("what the node proxies saw (access logs)")
-        for k in (1, 2):
-            for e in lab.access_log(k)[-requests * 2:]:
-                _say(f"    {lab.node_name(k)} {e.get('direction', '?'):9} "
-                     f"{e.get('source_principal') or e.get('source_workload', '?')} -> "
-                     f"{e.get('destination_workload') or e.get('destination', '?')} "
-                     f"via {e.get('via', '?')} "
-                     f"peer={e.get('destination_principal') or '-'} "
-                     f"{e.get('bytes_sent', '?')}B/{e.get('bytes_received', '?')}B"
-                     + (f" error={e.get('error')}" if e.get("error") else ""))
+        show_logs(seen)
+
+        _step("scaling web down to the replica on node-2: web-1 leaves node-1's agent config (SIGHUP)")
+        lab.stop("app-web-1")
+        del lab.workloads["web-1"]
+        lab.reload_agent(1)
+        lab.wait_for(lambda: lab.curl(1, f"http://{vip}/", uid=3001).stdout.find("web-2") >= 0, 15,
+                     "node-1 to route web to node-2")
+        seen = [len(lab.access_log(1)), len(lab.access_log(2))]
+        pcap = lab.workdir / "bridge.pcap"
+        _step(f"client on node-1 sends {requests} more requests to http://{vip}/, "
+              "capturing the bridge between the nodes")
+        with lab.capture_bridge(pcap):
+            second = send("vip")
+        _step("what the node proxies saw (access logs)")
+        show_logs(seen)
 
         _step("what crossed the bridge between the nodes")
         clear, records = pcap_summary(pcap, marker.encode())
         _say(f"    TLS application-data records: {records}; request marker seen in clear text: "
              f"{'YES (not encrypted!)' if clear else 'no'}")
-        ok = bool(answers) and not clear and sum(answers.values()) == requests
+        ok = (sum(first.values()) == requests and second.get("web-2") == requests and not clear
+              and records > 0)
+        answers = {k: first.get(k, 0) + second.get(k, 0) for k in set(first) | set(second)}
         _step("summary: " + ", ".join(f"{k} answered {v}" for k, v in sorted(answers.items()))
-              + (" — mesh OK" if ok else " — something failed, see the logs in " + str(lab.workdir)))
+              + (" - mesh OK" if ok else " - something failed, see the logs in " + str(lab.workdir)))
+        if not ok:
+            lab.keep_workdir = True
         if keep:
             _say(f"\nlab left running (logs in {lab.workdir}); Ctrl-C to remove it")
             lab.keep_workdir = True

@@ -229,7 +229,7 @@ class Lab:
         from controlplane.client import ConfigClient
 
         try:
-            with ConfigClient(self.cp_unix, timeout=1.0) as c:
+            with ConfigClient(self.cp_unix, timeout_s=1.0) as c:
                 c.list("Service")
             return True
         except Exception:
@@ -238,7 +238,7 @@ class Lab:
     def config_client(self) -> Any:
         from controlplane.client import ConfigClient
 
-        return ConfigClient(self.cp_unix, timeout=10.0)
+        return ConfigClient(self.cp_unix, timeout_s=10.0)
 
     def apply(self, docs: str | list[dict[str, Any]]) -> Any:
         text = docs if isinstance(docs, str) else yaml.safe_dump_all(docs)
@@ -266,6 +266,8 @@ class Lab:
 
     def start_agent(self, k: int, wait: bool = True) -> None:
         path = self.write_agent_config(k)
+        # A killed agent's status.json must not pass for the new agent's readiness.
+        (self.workdir / f"agent-{k}" / "status.json").unlink(missing_ok=True)
         self.spawn(f"agent-{k}", self.node_ns(k), [sys.executable, "-m", "nodemesh", "agent", "run",
                                                   "--config", str(path)])
         if wait:
@@ -341,9 +343,11 @@ class Lab:
 
     @contextlib.contextmanager
     def capture_bridge(self, path: Path, bpf_filter: str = "tcp") -> Iterator[Path]:
-        """tcpdump on the hub bridge while the block runs; yields the pcap path."""
-        p = subprocess.Popen(self._wrap(self.hub, ["tcpdump", "-i", "br0", "-U", "-s", "0", "-w",
-                                                    str(path), bpf_filter]),
+        """tcpdump on every port of the hub bridge while the block runs; yields the pcap path.
+        --immediate-mode: without it packets still in the kernel's ring when tcpdump
+        is stopped (up to a second's worth) never reach the file."""
+        p = subprocess.Popen(self._wrap(self.hub, ["tcpdump", "-Z", "root", "-i", "any", "--immediate-mode", "-U", "-s", "0",
+                                                    "-w", str(path), bpf_filter], None),
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             # tcpdump prints "listening on" once the capture is open.

@@ -70,7 +70,7 @@ def test_receiving_proxy_records_caller_identity(mesh: Lab) -> None:
     inbound = [e for e in mesh.access_log(2) if e.get("direction") == "inbound" and e.get("via") == "hbone"]
     assert inbound[-1]["source_principal"] == "spiffe://cluster.local/ns/default/sa/client"
     outbound = [e for e in mesh.access_log(1) if e.get("direction") == "outbound"]
-    assert outbound and outbound[-1].get("destination_principal") == "spiffe://cluster.local/ns/default/sa/web"
+    assert outbound and outbound[-1].get("dst_identity") == "spiffe://cluster.local/ns/default/sa/web"
 
 
 def test_scaling_reaches_other_node_without_restart(mesh: Lab) -> None:
@@ -110,14 +110,19 @@ def test_replica_added_to_existing_service(mesh: Lab) -> None:
     # A second replica of web, on node 1 this time; node 1 learns of it from the control plane.
     mesh.add_workload(LabWorkload("web-1", node=1, uid=WEB_UID, ports=(8080,), service_account="web",
                                   labels={"app": "web"}))
+
+    assert get_json(mesh, f"http://{vip}/")["replica"] == "web-2"
     mesh.start_app("web-1")
     mesh.reload_agent(1)
-
-    def both_answer() -> bool:
-        seen = {get_json(mesh, f"http://{vip}/")["replica"] for _ in range(12)}
-        return seen == {"web-1", "web-2"}
-
-    wait_until(both_answer, 20, "both replicas to answer")
+    # A new endpoint is probed as soon as node-1 knows it (it starts as fast as its rival).
+    wait_until(lambda: get_json(mesh, f"http://{vip}/")["replica"] == "web-1", 20,
+               "the new replica web-1 to answer")
+    # Scale back down: web-2 carries the service again.
+    mesh.stop("app-web-1")
+    del mesh.workloads["web-1"]
+    mesh.reload_agent(1)
+    wait_until(lambda: all(get_json(mesh, f"http://{vip}/")["replica"] == "web-2" for _ in range(5)), 20,
+               "web-1 to leave the endpoint set")
 
 
 def test_controlplane_restart_keeps_config_and_traffic(mesh: Lab) -> None:

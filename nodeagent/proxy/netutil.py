@@ -1,0 +1,90 @@
+"""Socket plumbing for the proxy: marked sockets, SO_REUSEPORT listeners,
+upstream connects with a timeout, and SO_ORIGINAL_DST."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import socket
+import struct
+
+from .errors import ConnectRefused, ConnectTimeout, NetworkError
+
+SO_ORIGINAL_DST = 80
+IP6T_SO_ORIGINAL_DST = 80
+
+
+def _family(ip: str) -> int:
+    return socket.AF_INET6 if ipaddress.ip_address(ip).version == 6 else socket.AF_INET
+
+
+def set_mark(sock: socket.socket, mark: int) -> None:
+    """Mark our own traffic so capture rules let it through. mark 0 = off (tests without root)."""
+    if not mark:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+    except PermissionError as e:
+        raise PermissionError(
+            e.errno, f"cannot set SO_MARK {mark:#x}: the proxy needs CAP_NET_ADMIN (run as root or grant it)"
+        ) from None
+
+
+def listen_socket(host: str, port: int, mark: int, backlog: int = 1024) -> socket.socket:
+    sock = socket.socket(_family(host), socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Every worker binds the same port; the kernel spreads connections.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        set_mark(sock, mark)  # inherited by accepted sockets
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def connect(ip: str, port: int, mark: int, timeout_s: float) -> socket.socket:
+    """A connected, non-blocking, marked TCP socket, or ConnectTimeout/ConnectRefused."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(_family(ip), socket.SOCK_STREAM)
+    try:
+        set_mark(sock, mark)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setblocking(False)
+        await asyncio.wait_for(loop.sock_connect(sock, (ip, port)), timeout_s)
+        return sock
+    except TimeoutError:
+        sock.close()
+        raise ConnectTimeout(f"connect to {ip}:{port} timed out after {timeout_s:g}s") from None
+    except ConnectionRefusedError:
+        sock.close()
+        raise ConnectRefused(f"connect to {ip}:{port} refused") from None
+    except OSError as e:
+        sock.close()
+        if e.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+            raise NetworkError(f"connect to {ip}:{port}: {e.strerror}", hint="is there a route to that address?") from None
+        raise NetworkError(f"connect to {ip}:{port}: {e}") from None
+    except BaseException:
+        sock.close()
+        raise
+
+
+def original_dst(sock: socket.socket) -> tuple[str, int]:
+    """Where a REDIRECTed connection was going (iptables/nft nat, or the BPF getsockopt hook)."""
+    if sock.family == socket.AF_INET6:
+        raw = sock.getsockopt(socket.IPPROTO_IPV6, IP6T_SO_ORIGINAL_DST, 28)
+        port = struct.unpack_from("!H", raw, 2)[0]
+        return str(ipaddress.IPv6Address(raw[8:24])), port
+    raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    port = struct.unpack_from("!H", raw, 2)[0]
+    return socket.inet_ntoa(raw[4:8]), port
+
+
+def local_dst(sock: socket.socket) -> tuple[str, int]:
+    """For TPROXY listeners: the accepted socket's own address is the original destination."""
+    name = sock.getsockname()
+    return str(name[0]), int(name[1])

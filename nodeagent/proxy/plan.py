@@ -1,0 +1,118 @@
+"""The outbound routing decision as a pure function: (snapshot, source workload,
+original destination) -> OutboundPlan. Socket code only carries a plan out."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+from nodeagent.snapshot import (
+    OUTBOUND_ALLOW_ANY,
+    OUTBOUND_REGISTRY_ONLY,
+    Endpoint,
+    LocalWorkload,
+    Snapshot,
+    Workload,
+)
+
+PlanKind = Literal["service", "workload", "passthrough", "deny"]
+
+
+@dataclass(frozen=True)
+class OutboundPlan:
+    kind: PlanKind
+    dst_ip: str
+    dst_port: int
+    service: str = ""  # "<namespace>/<name>" when kind == "service"
+    service_port: int = 0
+    endpoints: tuple[Endpoint, ...] = ()  # candidates; the balancer picks one
+    reason: str = ""  # stable code when kind == "deny", else why this kind was chosen
+    detail: str = ""  # human sentence for logs and `nodemesh explain`
+
+
+def endpoint_of_workload(wl: Workload, port: int) -> Endpoint:
+    return Endpoint(
+        ip=wl.ip,
+        port=port,
+        workload=wl.key,
+        identity=wl.identity,
+        node=wl.node,
+        node_address=wl.node_address,
+        hbone_port=wl.hbone_port,
+        zone=wl.zone,
+    )
+
+
+def is_same_node(endpoint: Endpoint, node_name: str) -> bool:
+    return endpoint.node == node_name
+
+
+def _excluded(dst_ip: str, cidrs: Iterable[str]) -> bool:
+    try:
+        addr = ipaddress.ip_address(dst_ip)
+    except ValueError:
+        return False
+    for c in cidrs:
+        try:
+            if addr in ipaddress.ip_network(c, strict=False):
+                return True
+        except ValueError:
+            continue  # settings are validated elsewhere; a bad entry simply never matches
+    return False
+
+
+def plan_outbound(
+    snapshot: Snapshot,
+    source: LocalWorkload,
+    dst_ip: str,
+    dst_port: int,
+    *,
+    excluded_cidrs: Iterable[str] = (),
+) -> OutboundPlan:
+    """Decide what to do with a connection `source` opened to dst_ip:dst_port."""
+    if _excluded(dst_ip, excluded_cidrs):
+        return OutboundPlan(
+            "passthrough", dst_ip, dst_port, reason="excluded",
+            detail=f"{dst_ip} is in an excluded range (control plane): never proxied",
+        )
+    hit = snapshot.by_vip.get((dst_ip, dst_port))
+    if hit is not None:
+        svc, sp = hit
+        healthy = tuple(e for e in sp.endpoints if e.healthy)
+        if not healthy:
+            return OutboundPlan(
+                "deny", dst_ip, dst_port, service=svc.key, service_port=sp.port,
+                reason="no_healthy_endpoint",
+                detail=f"service {svc.key} port {sp.port} has {len(sp.endpoints)} endpoints, none healthy",
+            )
+        return OutboundPlan(
+            "service", dst_ip, dst_port, service=svc.key, service_port=sp.port, endpoints=healthy,
+            reason="service_vip",
+            detail=f"{dst_ip}:{dst_port} is the VIP of service {svc.key}",
+        )
+    wl = snapshot.by_workload_addr.get((dst_ip, dst_port))
+    if wl is not None:
+        return OutboundPlan(
+            "workload", dst_ip, dst_port, endpoints=(endpoint_of_workload(wl, dst_port),),
+            reason="workload_addr",
+            detail=f"{dst_ip}:{dst_port} is served by workload {wl.key} on node {wl.node}",
+        )
+    policy = snapshot.mesh.outbound_policy
+    if policy == OUTBOUND_REGISTRY_ONLY:
+        return OutboundPlan(
+            "deny", dst_ip, dst_port, reason="policy_denied",
+            detail=f"{dst_ip}:{dst_port} is not a mesh service or workload and outbound policy is "
+            f"REGISTRY_ONLY (source {source.key})",
+        )
+    if policy == OUTBOUND_ALLOW_ANY:
+        return OutboundPlan(
+            "passthrough", dst_ip, dst_port, reason="allow_any",
+            detail=f"{dst_ip}:{dst_port} is outside the mesh; outbound policy ALLOW_ANY",
+        )
+    # An unknown policy value is a config bug: fail closed rather than leak traffic.
+    return OutboundPlan(
+        "deny", dst_ip, dst_port, reason="policy_denied",
+        detail=f"unknown outbound policy {policy!r}: denying (expected ALLOW_ANY or REGISTRY_ONLY)",
+    )

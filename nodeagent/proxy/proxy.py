@@ -1,0 +1,246 @@
+"""One proxy instance (one worker's worth): the three listeners, the current
+snapshot and certificates, the balancer and the HBONE pool."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from collections.abc import Coroutine
+from typing import Any
+
+from nodeagent.settings import Certs, ProxySettings
+from nodeagent.snapshot import Snapshot
+from nodemesh.identity import Identity
+
+from . import hbone, netutil, tls
+from .accesslog import AccessLog
+from .balance import Balancer
+from .errors import NoCertificate, PeerIdentityMismatch, ProxyError, TlsHandshakeFailed
+from .inbound import InboundRefused, connect_local, resolve_inbound
+from .outbound import KernelSourceLookup, OriginalDst, OutboundConnection, SourceLookup, start_outbound
+from .pool import HbonePool, PoolKey
+from .relay import End, Session, TcpEnd
+from .tunnel import HboneClientProtocol, HboneServerProtocol
+
+log = logging.getLogger(__name__)
+
+
+class ListenerError(OSError):
+    pass
+
+
+class NodeProxy:
+    def __init__(
+        self,
+        settings: ProxySettings,
+        *,
+        access_log: AccessLog | None = None,
+        original_dst: OriginalDst = netutil.original_dst,
+        inbound_original_dst: OriginalDst = netutil.original_dst,
+        source_lookup: SourceLookup | None = None,
+        balancer: Balancer | None = None,
+        pool_idle_timeout_s: float = 60.0,
+        pool_max_streams: int = 100,
+    ) -> None:
+        self.settings = settings
+        self.access_log = access_log if access_log is not None else AccessLog(settings.access_log)
+        self.original_dst = original_dst
+        self.inbound_original_dst = inbound_original_dst
+        self.source_lookup: SourceLookup = source_lookup if source_lookup is not None else KernelSourceLookup()
+        self.balancer = balancer if balancer is not None else Balancer()
+        self.snapshot: Snapshot | None = None
+        self.certs: Certs | None = None
+        self.server_tls = tls.ServerTls()
+        self.pool: HbonePool[HboneClientProtocol] = HbonePool(
+            self._connect_hbone, max_streams=pool_max_streams, idle_timeout_s=pool_idle_timeout_s
+        )
+        self._client_ctx: dict[str, ssl.SSLContext] = {}
+        self._servers: list[asyncio.AbstractServer] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._reaper: asyncio.Task[None] | None = None
+        self._idle = pool_idle_timeout_s
+
+    # -- configuration --
+    def update(self, snapshot: Snapshot | None = None, certs: Certs | None = None) -> list[str]:
+        """Swap in new config for new connections; returns per-item errors (the rest applies)."""
+        errors: list[str] = []
+        if snapshot is not None:
+            self.snapshot = snapshot
+        if certs is not None:
+            errors += self.server_tls.update(certs)
+            self.certs = certs
+            self._client_ctx.clear()
+            self.pool.retire_all()  # new streams use the new SVIDs; old streams drain
+        for e in errors:
+            log.warning("certificate not usable: %s", e)
+        return errors
+
+    # -- lifecycle --
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        s = self.settings
+        specs = [
+            ("outbound", s.outbound_bind, s.outbound_port),
+            ("inbound plaintext", s.inbound_bind, s.inbound_plain_port),
+            ("HBONE", s.node_address if s.inbound_bind in ("0.0.0.0", "::") else s.inbound_bind, s.hbone_port),
+        ]
+        socks: list[socket.socket] = []
+        try:
+            for name, host, port in specs:
+                try:
+                    socks.append(netutil.listen_socket(host, port, s.mark))
+                except OSError as e:
+                    raise ListenerError(
+                        e.errno, f"cannot bind the {name} listener on {host}:{port}: {e.strerror or e}"
+                        " (is another process using the port, or the address not on this host?)"
+                    ) from None
+        except BaseException:
+            for sk in socks:
+                sk.close()
+            raise
+        self._servers = [
+            await loop.create_server(self._outbound_factory, sock=socks[0]),
+            await loop.create_server(self._inbound_plain_factory, sock=socks[1]),
+            await loop.create_server(self._hbone_factory, sock=socks[2], ssl=self.server_tls.context,
+                                     ssl_handshake_timeout=s.connect_timeout_s),
+        ]
+        self._reaper = loop.create_task(self._reap_loop())
+
+    def addresses(self) -> list[tuple[str, int]]:
+        return [srv.sockets[0].getsockname()[:2] for srv in self._servers]  # type: ignore[attr-defined]
+
+    async def stop(self) -> None:
+        for srv in self._servers:
+            srv.close()
+        if self._reaper is not None:
+            self._reaper.cancel()
+        self.pool.close()
+        for t in list(self._tasks):
+            t.cancel()
+        for srv in self._servers:
+            try:
+                await asyncio.wait_for(srv.wait_closed(), 1.0)
+            except (TimeoutError, Exception):
+                pass
+        self._servers = []
+
+    async def _reap_loop(self) -> None:
+        while True:
+            await asyncio.sleep(max(0.5, self._idle / 2))
+            self.pool.reap()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        t = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    def new_session(self, direction: str, **fields: Any) -> Session:
+        return Session(self.access_log, direction, node=self.settings.node_name, **fields)
+
+    # -- outbound --
+    def _outbound_factory(self) -> OutboundConnection:
+        return OutboundConnection(self, self.new_session("outbound"))
+
+    def outbound_accepted(self, end: OutboundConnection) -> None:
+        start_outbound(self, end)
+
+    def _client_context(self, source_identity: str) -> ssl.SSLContext:
+        ctx = self._client_ctx.get(source_identity)
+        if ctx is None:
+            if self.certs is None:
+                raise NoCertificate("no certificates yet: cannot open mTLS connections")
+            ctx = self._client_ctx[source_identity] = tls.client_context(self.certs, source_identity)
+        return ctx
+
+    async def _connect_hbone(self, key: PoolKey) -> HboneClientProtocol:
+        ctx = self._client_context(key.source_identity)
+        host, port = key.peer
+        timeout = self.settings.connect_timeout_s
+        sock = await netutil.connect(host, port, self.settings.mark, timeout)
+        loop = asyncio.get_running_loop()
+        try:
+            transport, proto = await loop.create_connection(
+                HboneClientProtocol, sock=sock, ssl=ctx, server_hostname=Identity.parse(key.expected_identity).sni(),
+                ssl_handshake_timeout=timeout,
+            )
+        except (TimeoutError, ssl.SSLError, ConnectionError) as e:
+            sock.close()
+            raise TlsHandshakeFailed(f"TLS handshake with {host}:{port} for {key.expected_identity} failed: {e}") from None
+        try:
+            tls.check_peer_identity(transport.get_extra_info("ssl_object"), key.expected_identity)
+        except PeerIdentityMismatch as e:
+            transport.abort()
+            raise PeerIdentityMismatch(f"node {host}:{port}: {e.message}") from None
+        return proto
+
+    # -- inbound: HBONE --
+    def _hbone_factory(self) -> HboneServerProtocol:
+        return HboneServerProtocol(self._on_connect, self._hbone_session, self._describe_tls)
+
+    def _describe_tls(self, ssl_object: Any) -> tuple[str, str]:
+        return tls.peer_spiffe_id(ssl_object), self.server_tls.presented_identity(ssl_object)
+
+    def _hbone_session(self, conn: HboneServerProtocol, ev: hbone.ConnectRequested) -> Session:
+        peer = conn.peer_addr
+        return self.new_session(
+            "inbound", src=f"{peer[0]}:{peer[1]}" if peer else "", source_principal=conn.peer_identity,
+            dst_addr=hbone.format_authority(ev.host, ev.port) if ev.port else "", dst_identity=conn.presented_identity,
+            via="hbone", tls=True,
+        )
+
+    async def _on_connect(self, conn: HboneServerProtocol, sid: int, host: str, port: int, session: Session) -> End:
+        snapshot = self.snapshot
+        if snapshot is None:
+            raise InboundRefused(503, "not_ready", "node proxy has no configuration yet")
+        if not conn.peer_identity:
+            raise InboundRefused(403, "no_peer_identity", "caller presented no SPIFFE ID")
+        target = resolve_inbound(snapshot, host, port, conn.presented_identity)
+        session.set(dst_workload=target.workload.key)
+        return await connect_local(target, session, self.settings.mark, self.settings.connect_timeout_s)
+
+    # -- inbound: plaintext --
+    def _inbound_plain_factory(self) -> TcpEnd:
+        return _PlainInbound(self, self.new_session("inbound", via="plaintext", tls=False))
+
+    def plain_accepted(self, end: _PlainInbound) -> None:
+        assert end.transport is not None
+        peer = end.transport.get_extra_info("peername")
+        end.session.set(src=f"{peer[0]}:{peer[1]}", source_principal="")
+        snapshot = self.snapshot
+        if snapshot is None:
+            end.session.fail("not_ready", "no snapshot yet")
+            end.close()
+            return
+        try:
+            ip, port = self.inbound_original_dst(end.transport.get_extra_info("socket"))
+            end.session.set(dst_addr=f"{ip}:{port}")
+            target = resolve_inbound(snapshot, ip, port, None)
+        except (OSError, ProxyError) as e:
+            end.session.fail(e if isinstance(e, ProxyError) else ProxyError(f"original destination: {e}"))
+            end.close()
+            return
+        end.session.set(dst_workload=target.workload.key, dst_identity=target.identity)
+        self.spawn(self._plain_connect(end, target))
+
+    async def _plain_connect(self, end: _PlainInbound, target: Any) -> None:
+        try:
+            up = await connect_local(target, end.session, self.settings.mark, self.settings.connect_timeout_s)
+        except ProxyError as e:
+            end.session.fail(e)
+            end.close()
+            return
+        end.attach(up)
+        up.attach(end)
+
+
+class _PlainInbound(TcpEnd):
+    def __init__(self, proxy: NodeProxy, session: Session) -> None:
+        super().__init__(session)
+        self.proxy = proxy
+        session.downstream = self
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.proxy.plain_accepted(self)

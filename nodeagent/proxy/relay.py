@@ -1,0 +1,224 @@
+"""Byte relay between two connection ends, on asyncio Protocols: back-pressure
+(a full writer pauses the other side's reader), half-close (EOF becomes
+write_eof / END_STREAM), reset (abort both), and the per-connection Session
+that writes the access log line when every end is closed."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import Callable
+from typing import Any, Protocol, cast
+
+from .accesslog import AccessLog, iso_now
+from .errors import ProxyError
+
+log = logging.getLogger(__name__)
+
+
+class End(Protocol):
+    """What an end offers its partner."""
+
+    rx: int
+    tx: int
+
+    def send(self, data: bytes) -> None: ...
+    def send_eof(self) -> None: ...
+    def abort(self) -> None: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+
+
+class Session:
+    """One proxied connection: its access log fields and its ends."""
+
+    def __init__(self, access_log: AccessLog, direction: str, **fields: Any) -> None:
+        self._log = access_log
+        self._t0 = time.monotonic()
+        self.fields: dict[str, Any] = {"start": iso_now(), "direction": direction, **fields}
+        self._open_ends = 0
+        self._done = False
+        self.downstream: End | None = None  # whose counters are the connection's bytes
+        self.on_finish: list[Callable[[], None]] = []
+
+    def set(self, **fields: Any) -> None:
+        self.fields.update(fields)
+
+    def fail(self, err: ProxyError | str, detail: str = "") -> None:
+        if isinstance(err, ProxyError):
+            self.fields.setdefault("reason", err.reason)
+            self.fields.setdefault("error", str(err))
+        else:
+            self.fields.setdefault("reason", err)
+            if detail:
+                self.fields.setdefault("error", detail)
+
+    def end_opened(self) -> None:
+        self._open_ends += 1
+
+    def end_closed(self) -> None:
+        self._open_ends -= 1
+        if self._open_ends <= 0:
+            self.finish()
+
+    def finish(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        for cb in self.on_finish:
+            try:
+                cb()
+            except Exception:  # bookkeeping must not stop the log line
+                log.exception("session finish callback failed")
+        rec = dict(self.fields)
+        rec["duration_ms"] = round((time.monotonic() - self._t0) * 1000, 3)
+        if self.downstream is not None:
+            rec["bytes_sent"] = self.downstream.rx  # caller -> destination
+            rec["bytes_received"] = self.downstream.tx
+        self._log.write(rec)
+
+
+class TcpEnd(asyncio.Protocol):
+    """A plain TCP connection (application socket or upstream workload). Reads
+    only while it has a partner and the partner has not pushed back."""
+
+    def __init__(self, session: Session, partner: End | None = None) -> None:
+        self.session = session
+        self.partner: End | None = partner
+        self.transport: asyncio.Transport | None = None
+        self.rx = 0
+        self.tx = 0
+        self._early: list[bytes] = []
+        self._early_eof = False
+        self._read_eof = False
+        self._wrote_eof = False
+        self._reading = True  # the transport's actual state
+        self._want_paused = False  # the partner's wish (back-pressure)
+        self._closed = False
+        self._aborted_by_partner = False
+        session.end_opened()
+
+    # -- asyncio.Protocol --
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses; same interface.
+        self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        self._apply_reading()  # paused while there is nothing to relay to yet
+        # uvloop starts reading right after connection_made returns, ignoring a
+        # pause made inside it: apply our state again on the next loop turn.
+        asyncio.get_running_loop().call_soon(self._resync_reading)
+
+    def data_received(self, data: bytes) -> None:
+        self.rx += len(data)
+        if self.partner is None:
+            self._early.append(data)
+        else:
+            self.partner.send(data)
+
+    def eof_received(self) -> bool:
+        self._read_eof = True
+        if self.partner is None:
+            self._early_eof = True
+        else:
+            self.partner.send_eof()
+        self._maybe_close()
+        return True  # keep our write side open: the other direction may still flow
+
+    def pause_writing(self) -> None:
+        if self.partner is not None:
+            self.partner.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.partner is not None:
+            self.partner.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        clean = self._read_eof and self._wrote_eof
+        if not clean and not self._aborted_by_partner and self.partner is not None:
+            # A reset (or an unexpected close) travels on as a reset.
+            if exc is not None:
+                self.session.fields.setdefault("error", f"connection reset: {exc}")
+            self.partner.abort()
+        self.session.end_closed()
+
+    # -- End --
+    def attach(self, partner: End) -> None:
+        self.partner = partner
+        early, self._early = self._early, []
+        for chunk in early:
+            partner.send(chunk)
+        if self._early_eof:
+            partner.send_eof()
+        self._apply_reading()  # flushing may already have made the partner push back
+
+    def send(self, data: bytes) -> None:
+        if self.transport is None or self._closed or self.transport.is_closing():
+            return
+        self.tx += len(data)
+        self.transport.write(data)
+
+    def send_eof(self) -> None:
+        if self._wrote_eof or self.transport is None or self.transport.is_closing():
+            return
+        self._wrote_eof = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self._maybe_close()
+
+    def abort(self) -> None:
+        self._aborted_by_partner = True
+        if self.transport is not None:
+            self.transport.abort()
+        elif not self._closed:
+            self._closed = True
+            self.session.end_closed()
+
+    def close(self) -> None:
+        """Close without relaying anything (a refused or failed connection)."""
+        self._aborted_by_partner = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def pause_reading(self) -> None:
+        self._want_paused = True
+        self._apply_reading()
+
+    def resume_reading(self) -> None:
+        self._want_paused = False
+        self._apply_reading()
+
+    def _apply_reading(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        should = not self._want_paused and self.partner is not None
+        if should and not self._reading:
+            self._reading = True
+            self.transport.resume_reading()
+        elif not should and self._reading:
+            self._reading = False
+            self.transport.pause_reading()
+
+    def _resync_reading(self) -> None:
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        is_reading = getattr(t, "is_reading", None)
+        if is_reading is not None and is_reading() != self._reading:
+            if self._reading:
+                t.resume_reading()
+            else:
+                t.pause_reading()
+
+    def _maybe_close(self) -> None:
+        if self._read_eof and self._wrote_eof and self.transport is not None:
+            self.transport.close()

@@ -1,0 +1,330 @@
+"""HBONE over an mTLS transport: asyncio Protocols that drive the HBONE core,
+and StreamEnd, one tunnel seen as a relay end."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
+
+from . import hbone
+from .errors import ProxyError, RemoteProtocolError, StreamRefused
+from .relay import End, Session
+
+log = logging.getLogger(__name__)
+
+
+class StreamEnd:
+    """One CONNECT tunnel. Data received is acknowledged (HTTP/2 window credit
+    returned) only once the partner took it without pushing back."""
+
+    def __init__(self, conn: HboneProtocol, stream_id: int, session: Session) -> None:
+        self.conn = conn
+        self.stream_id = stream_id
+        self.session = session
+        self.partner: End | None = None
+        self.rx = 0
+        self.tx = 0
+        self._unacked = 0
+        self._ack_paused = False
+        self._window_blocked = False
+        self._partner_paused = False
+        self._closed = False
+        session.end_opened()
+
+    # -- End: called by the partner --
+    def send(self, data: bytes) -> None:
+        if self._closed:
+            return
+        self.tx += len(data)
+        self._window_blocked = self.conn.core.send(self.stream_id, data)
+        self.conn.flush()
+        self._update_partner_reading()
+
+    def send_eof(self) -> None:
+        if self._closed:
+            return
+        finished = self.conn.core.end(self.stream_id)
+        self.conn.flush()
+        if finished:
+            self._on_closed()
+
+    def abort(self) -> None:
+        if self._closed:
+            return
+        self.conn.core.reset(self.stream_id, hbone.RST_CANCEL)
+        self.conn.flush()
+        self._on_closed(propagate=False)
+
+    def pause_reading(self) -> None:
+        self._ack_paused = True
+
+    def resume_reading(self) -> None:
+        self._ack_paused = False
+        if self._unacked:
+            n, self._unacked = self._unacked, 0
+            self.conn.core.acknowledge(self.stream_id, n)
+            self.conn.flush()
+
+    # -- events from the connection --
+    def on_data(self, data: bytes, flow_controlled_length: int) -> None:
+        self.rx += len(data)
+        self._unacked += flow_controlled_length
+        if self.partner is not None:
+            self.partner.send(data)  # may call our pause_reading() synchronously
+        if not self._ack_paused and self._unacked:
+            n, self._unacked = self._unacked, 0
+            self.conn.core.acknowledge(self.stream_id, n)
+
+    def on_peer_eof(self) -> None:
+        if self.partner is not None:
+            self.partner.send_eof()
+
+    def on_unblocked(self) -> None:
+        self._window_blocked = False
+        self._update_partner_reading()
+
+    def on_connection_paused(self) -> None:
+        self._update_partner_reading()
+
+    def on_reset(self, why: str) -> None:
+        if self._closed:
+            return
+        self.session.fields.setdefault("error", why)
+        self._on_closed(propagate=True)
+
+    def on_closed(self) -> None:
+        self._on_closed(propagate=False)
+
+    def _update_partner_reading(self) -> None:
+        want_pause = self._window_blocked or self.conn.write_paused
+        if self.partner is None or want_pause == self._partner_paused:
+            return
+        self._partner_paused = want_pause
+        if want_pause:
+            self.partner.pause_reading()
+        else:
+            self.partner.resume_reading()
+
+    def _on_closed(self, propagate: bool = False) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.conn.stream_finished(self.stream_id)
+        if propagate and self.partner is not None:
+            self.partner.abort()
+        self.session.end_closed()
+
+
+class HboneProtocol(asyncio.Protocol):
+    """Shared by both sides: feeds the core, dispatches its events to StreamEnds."""
+
+    def __init__(self, client: bool) -> None:
+        self.core = hbone.HboneConnection(client=client)
+        self.transport: asyncio.Transport | None = None
+        self.streams: dict[int, StreamEnd] = {}
+        self.write_paused = False
+        self.lost = False
+        self.close_reason = ""
+        self.on_lost: list[Callable[[], None]] = []
+        self.on_stream_finished: Callable[[int], None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses; same interface.
+        self.transport = cast(asyncio.Transport, transport)
+        self.core.initiate()
+        self.flush()
+
+    def flush(self) -> None:
+        data = self.core.data_to_send()
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def data_received(self, data: bytes) -> None:
+        for ev in self.core.receive_data(data):
+            self.handle(ev)
+        self.flush()
+        if self.core.closed and not self.streams and self.transport is not None:
+            self.transport.close()
+
+    def handle(self, ev: hbone.Event) -> None:
+        if isinstance(ev, hbone.Data):
+            s = self.streams.get(ev.stream_id)
+            if s is not None:
+                s.on_data(ev.data, ev.flow_controlled_length)
+            else:
+                self.core.acknowledge(ev.stream_id, ev.flow_controlled_length)
+        elif isinstance(ev, hbone.PeerHalfClosed):
+            s = self.streams.get(ev.stream_id)
+            if s is not None:
+                s.on_peer_eof()
+        elif isinstance(ev, hbone.StreamClosed):
+            s = self.streams.get(ev.stream_id)
+            if s is not None:
+                s.on_closed()
+        elif isinstance(ev, hbone.StreamReset):
+            s = self.streams.get(ev.stream_id)
+            if s is not None:
+                s.on_reset(f"stream reset by {'peer' if ev.remote else 'us'} (code {ev.error_code})")
+        elif isinstance(ev, hbone.SendUnblocked):
+            s = self.streams.get(ev.stream_id)
+            if s is not None:
+                s.on_unblocked()
+        elif isinstance(ev, hbone.ConnectionClosed):
+            self.close_reason = ev.reason
+            log.info("HBONE connection closed: %s", ev.reason)
+
+    def stream_finished(self, stream_id: int) -> None:
+        self.streams.pop(stream_id, None)
+        if self.on_stream_finished is not None:
+            self.on_stream_finished(stream_id)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        for s in list(self.streams.values()):
+            s.on_connection_paused()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        for s in list(self.streams.values()):
+            s.on_connection_paused()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        why = f"HBONE connection lost: {exc or self.close_reason or 'closed'}"
+        for s in list(self.streams.values()):
+            s.on_reset(why)
+        self.streams.clear()
+        for cb in self.on_lost:
+            cb()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.core.close()
+            self.flush()
+            self.transport.close()
+
+
+class HboneClientProtocol(HboneProtocol):
+    """Client side: opens tunnels; the pool owns it."""
+
+    def __init__(self) -> None:
+        super().__init__(client=True)
+        self._pending: dict[int, asyncio.Future[None]] = {}
+
+    def open_tunnel(self, ip: str, port: int, session: Session) -> tuple[StreamEnd, asyncio.Future[None]]:
+        sid = self.core.open_tunnel(ip, port)
+        end = StreamEnd(self, sid, session)
+        self.streams[sid] = end
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending[sid] = fut
+        self.flush()
+        return end, fut
+
+    def handle(self, ev: hbone.Event) -> None:
+        if isinstance(ev, hbone.TunnelEstablished):
+            fut = self._pending.pop(ev.stream_id, None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+            return
+        if isinstance(ev, hbone.TunnelRefused):
+            fut = self._pending.pop(ev.stream_id, None)
+            if fut is not None and not fut.done():
+                fut.set_exception(StreamRefused(ev.status, ev.reason))
+            s = self.streams.get(ev.stream_id)
+            if s is not None:
+                s.on_closed()
+            return
+        if isinstance(ev, (hbone.StreamReset, hbone.ConnectionClosed)):
+            sids = [ev.stream_id] if isinstance(ev, hbone.StreamReset) else list(self._pending)
+            for sid in sids:
+                fut = self._pending.pop(sid, None)
+                if fut is not None and not fut.done():
+                    fut.set_exception(RemoteProtocolError(f"tunnel closed before it was established: {ev}"))
+        super().handle(ev)
+
+    def cancel_tunnel(self, end: StreamEnd) -> None:
+        """Give up on a tunnel still waiting for its answer (timeout)."""
+        self._pending.pop(end.stream_id, None)
+        end.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(RemoteProtocolError(f"HBONE connection lost: {exc or self.close_reason or 'closed'}"))
+        self._pending.clear()
+        super().connection_lost(exc)
+
+
+# The server's decision for one CONNECT: returns the StreamEnd's partner, or raises ProxyError
+# whose .status (if any) becomes the HTTP status.
+InboundHandler = Callable[["HboneServerProtocol", int, str, int, Session], Awaitable[End]]
+
+
+class HboneServerProtocol(HboneProtocol):
+    """Server side of 15008: one per accepted mTLS connection."""
+
+    def __init__(
+        self,
+        on_connect: InboundHandler,
+        make_session: Callable[[HboneServerProtocol, hbone.ConnectRequested], Session],
+        describe_tls: Callable[[Any], tuple[str, str]],
+    ) -> None:
+        super().__init__(client=False)
+        self._on_connect = on_connect
+        self._make_session = make_session
+        self._describe_tls = describe_tls
+        self.peer_identity = ""
+        self.presented_identity = ""
+        self.peer_addr: tuple[str, int] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.peer_identity, self.presented_identity = self._describe_tls(transport.get_extra_info("ssl_object"))
+        peer = transport.get_extra_info("peername")
+        self.peer_addr = (str(peer[0]), int(peer[1])) if peer else None
+        super().connection_made(transport)
+
+    def handle(self, ev: hbone.Event) -> None:
+        if isinstance(ev, hbone.ConnectRequested):
+            session = self._make_session(self, ev)
+            t = asyncio.get_running_loop().create_task(self._serve(ev, session))
+            self._tasks.add(t)
+            t.add_done_callback(self._tasks.discard)
+            return
+        if isinstance(ev, hbone.ConnectRejected):
+            session = self._make_session(self, hbone.ConnectRequested(ev.stream_id, "", 0, ()))
+            session.fail("bad_request", f"refused CONNECT with {ev.status}: {ev.reason}")
+            session.finish()
+            return
+        super().handle(ev)
+
+    async def _serve(self, ev: hbone.ConnectRequested, session: Session) -> None:
+        try:
+            upstream = await self._on_connect(self, ev.stream_id, ev.host, ev.port, session)
+        except ProxyError as e:
+            status = int(getattr(e, "status", 503))
+            session.fail(e)
+            self.core.refuse(ev.stream_id, status, f"{e.reason}: {e.message}")
+            self.flush()
+            session.finish()
+            return
+        if self.lost or self.core.closed:
+            upstream.abort()
+            return
+        end = StreamEnd(self, ev.stream_id, session)
+        session.downstream = end
+        try:
+            self.core.accept(ev.stream_id)
+        except Exception as e:  # the caller reset the stream while we were connecting
+            session.fail("downstream_gone", f"stream gone before accept: {e}")
+            end.on_closed()
+            upstream.abort()
+            return
+        self.streams[ev.stream_id] = end
+        end.partner = upstream
+        self.flush()
+        attach = getattr(upstream, "attach", None)
+        if attach is not None:
+            attach(end)

@@ -1,0 +1,328 @@
+"""The proxy's process boundary: WorkerPool (in the agent) spawns N worker
+processes (`python -m nodeagent.proxy.worker`), each running a NodeProxy on
+uvloop with SO_REUSEPORT listeners, and feeds them snapshots and certificates
+as length-prefixed pickles over a socketpair."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import pickle
+import signal
+import socket
+import struct
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from nodeagent.settings import Certs, ProxySettings
+from nodeagent.snapshot import Snapshot
+
+log = logging.getLogger(__name__)
+
+_LEN = struct.Struct("!I")
+MAX_MESSAGE = 256 * 1024 * 1024
+READY_TIMEOUT_S = 20.0
+RESTART_BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0)
+HEALTHY_AFTER_S = 30.0
+MAX_RESTART_FAILURES = 5
+
+
+def frame(kind: str, payload: Any) -> bytes:
+    body = pickle.dumps((kind, payload), protocol=pickle.HIGHEST_PROTOCOL)
+    return _LEN.pack(len(body)) + body
+
+
+class _Framer:
+    """Length-prefixed message reassembly (pure)."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[tuple[str, Any]]:
+        self._buf += data
+        out = []
+        while len(self._buf) >= _LEN.size:
+            (n,) = _LEN.unpack_from(self._buf)
+            if n > MAX_MESSAGE:
+                raise ValueError(f"control message of {n} bytes exceeds {MAX_MESSAGE}")
+            if len(self._buf) < _LEN.size + n:
+                break
+            body = bytes(self._buf[_LEN.size: _LEN.size + n])
+            del self._buf[: _LEN.size + n]
+            out.append(pickle.loads(body))  # both ends are our own processes
+        return out
+
+
+class WorkerStartError(RuntimeError):
+    pass
+
+
+# --- agent side -------------------------------------------------------------------------------------
+class _Channel(asyncio.Protocol):
+    def __init__(self, worker: _Worker) -> None:
+        self.worker = worker
+        self.framer = _Framer()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            msgs = self.framer.feed(data)
+        except Exception as e:
+            log.error("proxy worker %d sent a bad control message: %s", self.worker.index, e)
+            return
+        for kind, payload in msgs:
+            self.worker.on_message(kind, payload)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.worker.on_message("gone", str(exc or "closed"))
+
+
+@dataclass
+class _Worker:
+    index: int
+    proc: asyncio.subprocess.Process | None = None
+    channel: _Channel | None = None
+    ready: asyncio.Future[None] | None = None
+    restarts: int = 0
+    watcher: asyncio.Task[None] | None = None
+    messages: list[tuple[str, Any]] = field(default_factory=list)
+
+    def on_message(self, kind: str, payload: Any) -> None:
+        if kind == "ready":
+            if self.ready is not None and not self.ready.done():
+                self.ready.set_result(None)
+        elif kind == "error":
+            if self.ready is not None and not self.ready.done():
+                self.ready.set_exception(WorkerStartError(f"proxy worker {self.index}: {payload}"))
+            else:
+                log.error("proxy worker %d: %s", self.index, payload)
+        elif kind == "gone":
+            if self.ready is not None and not self.ready.done():
+                self.ready.set_exception(
+                    WorkerStartError(f"proxy worker {self.index} exited before it was ready ({payload})")
+                )
+
+    def send(self, data: bytes) -> None:
+        if self.channel is not None and self.channel.transport is not None and not self.channel.transport.is_closing():
+            self.channel.transport.write(data)
+
+
+class WorkerPool:
+    def __init__(self, settings: ProxySettings) -> None:
+        if settings.workers < 1:
+            raise ValueError(f"settings.workers must be >= 1, got {settings.workers}")
+        self.settings = settings
+        self._workers = [_Worker(i) for i in range(settings.workers)]
+        self._snapshot: Snapshot | None = None
+        self._certs: Certs | None = None
+        self._stopping = False
+        self._gave_up = False
+
+    async def start(self) -> None:
+        """Spawn every worker and wait until each has bound its listeners."""
+        try:
+            await asyncio.gather(*(self._spawn(w) for w in self._workers))
+        except BaseException:
+            await self.stop(timeout=2.0)
+            raise
+        for w in self._workers:
+            w.watcher = asyncio.get_running_loop().create_task(self._watch(w))
+
+    async def _spawn(self, w: _Worker) -> None:
+        loop = asyncio.get_running_loop()
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            w.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "nodeagent.proxy.worker", str(child.fileno()), str(w.index),
+                pass_fds=(child.fileno(),),
+            )
+        finally:
+            child.close()
+        w.ready = loop.create_future()
+        _, w.channel = await loop.create_unix_connection(lambda: _Channel(w), sock=parent)
+        w.send(frame("settings", self.settings))
+        if self._snapshot is not None:
+            w.send(frame("snapshot", self._snapshot))
+        if self._certs is not None:
+            w.send(frame("certs", self._certs))
+        try:
+            await asyncio.wait_for(w.ready, READY_TIMEOUT_S)
+        except TimeoutError:
+            raise WorkerStartError(f"proxy worker {w.index} did not report ready within {READY_TIMEOUT_S:g}s") from None
+
+    async def _watch(self, w: _Worker) -> None:
+        loop = asyncio.get_running_loop()
+        failures = 0
+        while not self._stopping:
+            assert w.proc is not None
+            started = loop.time()
+            rc = await w.proc.wait()
+            if self._stopping:
+                return
+            if loop.time() - started > HEALTHY_AFTER_S:
+                w.restarts = 0  # it ran long enough: back off from scratch
+            delay = RESTART_BACKOFF_S[min(w.restarts, len(RESTART_BACKOFF_S) - 1)]
+            log.error("proxy worker %d (pid %d) exited with %s; restarting in %.1fs", w.index, w.proc.pid, rc, delay)
+            w.restarts += 1
+            await asyncio.sleep(delay)
+            if self._stopping:
+                return
+            try:
+                await self._spawn(w)  # gets the last snapshot and certs
+                failures = 0
+            except Exception as e:
+                failures += 1
+                log.error("restarting proxy worker %d failed (%d in a row): %s", w.index, failures, e)
+                if failures >= MAX_RESTART_FAILURES:
+                    self._gave_up = True
+                    return
+
+    def publish(self, snapshot: Snapshot | None = None, certs: Certs | None = None) -> None:
+        if snapshot is not None:
+            self._snapshot = snapshot
+            msg = frame("snapshot", snapshot)
+            for w in self._workers:
+                w.send(msg)
+        if certs is not None:
+            self._certs = certs
+            msg = frame("certs", certs)
+            for w in self._workers:
+                w.send(msg)
+
+    def alive(self) -> bool:
+        """False once the pool has given up restarting a worker (the agent then exits);
+        a worker being restarted still counts as alive."""
+        return not self._gave_up and not self._stopping
+
+    def up(self) -> int:
+        """How many workers are running now."""
+        return sum(1 for w in self._workers if w.proc is not None and w.proc.returncode is None)
+
+    def pids(self) -> list[int]:
+        return [w.proc.pid for w in self._workers if w.proc is not None and w.proc.returncode is None]
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        self._stopping = True
+        for w in self._workers:
+            if w.watcher is not None:
+                w.watcher.cancel()
+            w.send(frame("stop", None))
+        for w in self._workers:
+            if w.proc is None or w.proc.returncode is not None:
+                continue
+            try:
+                await asyncio.wait_for(w.proc.wait(), timeout)
+            except TimeoutError:
+                log.warning("proxy worker %d did not stop within %.1fs: killing it", w.index, timeout)
+                w.proc.kill()
+                await w.proc.wait()
+        for w in self._workers:
+            if w.channel is not None and w.channel.transport is not None:
+                w.channel.transport.close()
+
+    def __repr__(self) -> str:
+        states = ", ".join(
+            f"#{w.index} pid {w.proc.pid if w.proc else '-'} "
+            f"{'up' if w.proc and w.proc.returncode is None else 'down'} restarts {w.restarts}"
+            for w in self._workers
+        )
+        return f"<WorkerPool [{states}]>"
+
+
+# --- worker side ------------------------------------------------------------------------------------
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+
+
+async def _worker_main(fd: int, index: int) -> None:
+    from .proxy import NodeProxy  # imported in the worker only
+
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(fileno=fd)
+    stop = asyncio.Event()
+    proxy: NodeProxy | None = None
+    pending: list[tuple[str, Any]] = []
+    settings_box: list[ProxySettings] = []
+
+    class Ctl(asyncio.Protocol):
+        def __init__(self) -> None:
+            self.framer = _Framer()
+            self.t: Any = None
+
+        def connection_made(self, transport: Any) -> None:
+            self.t = transport
+
+        def data_received(self, data: bytes) -> None:
+            for kind, payload in self.framer.feed(data):
+                if kind == "settings":
+                    settings_box.append(payload)
+                elif kind == "stop":
+                    stop.set()
+                elif proxy is None:
+                    pending.append((kind, payload))
+                else:
+                    apply(kind, payload)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            stop.set()  # the agent went away
+
+    def apply(kind: str, payload: Any) -> None:
+        assert proxy is not None
+        if kind == "snapshot":
+            proxy.update(snapshot=payload)
+        elif kind == "certs":
+            for err in proxy.update(certs=payload):
+                ctl.t.write(frame("error", err))
+
+    _, ctl = await loop.create_unix_connection(Ctl, sock=sock)
+    while not settings_box and not stop.is_set():
+        await asyncio.sleep(0.01)
+    if stop.is_set():
+        return
+    settings = settings_box[0]
+    logging.basicConfig(level=logging.INFO, format=f"proxy[{index}] %(levelname)s %(name)s: %(message)s")
+    proxy = NodeProxy(settings)
+    try:
+        await proxy.start()
+    except OSError as e:
+        ctl.t.write(frame("error", str(e)))
+        await asyncio.sleep(0.1)
+        return
+    for kind, payload in pending:
+        apply(kind, payload)
+    ctl.t.write(frame("ready", os.getpid()))
+    await stop.wait()
+    await proxy.stop()
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print("usage: python -m nodeagent.proxy.worker <control fd> <index>", file=sys.stderr)
+        return 2
+    _die_with_parent()
+    # The agent owns shutdown order (capture is removed before workers stop), so
+    # signals sent to the whole process group (systemd, Ctrl-C, SIGHUP reload)
+    # must not stop a worker: it stops on the control channel's "stop" or EOF.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    if os.getppid() == 1:
+        return 1  # the agent died before prctl took effect
+    import uvloop
+
+    uvloop.run(_worker_main(int(argv[0]), int(argv[1])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
