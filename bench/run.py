@@ -113,8 +113,8 @@ def wrk(lab: Lab, url: str, uid: int, duration: float, conns: int = 50) -> dict[
         v = float(mm.group(1))
         return v / 1000 if mm.group(2) == "us" else v * 1000 if mm.group(2) == "s" else v
 
-    if not m:
-        raise RuntimeError(f"wrk failed: {res.stderr or out}")
+    if not m or errors or (total and float(total.group(1)) == 0):
+        raise RuntimeError(f"wrk against {url} failed or saw errors: {res.stderr or out}")
     return {"rps": float(m.group(1)), "requests": float(total.group(1)) if total else 0.0,
             "p50_ms": pct("50"), "p99_ms": pct("99"),
             "non2xx": float(errors.group(1)) if errors else 0.0,

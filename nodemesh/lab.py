@@ -89,6 +89,8 @@ class Lab:
         # Each lab has its own hub bridge, so labs never see each other's addresses.
         self.subnet = subnet if subnet is not None else 77
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix=f"nmlab-{self.lab_id}-"))
+        # Workload processes run under their own uids and read files kept here.
+        os.chmod(self.workdir, 0o755)
         self.proxy_workers = proxy_workers
         self.lease_seconds = lease_seconds
         self.keep_workdir = keep_workdir
