@@ -231,7 +231,11 @@ class CertManager:
             self.renewals += 1
             self._publish()
             self._update_ready()
-            delay = renewal_delay(_not_before(svid), svid.not_after_unix, self._clock(), self._rand)
+            # The CA backdates not_before (clock skew); the life this agent can use
+            # starts when it received the certificate, so count the half-life from then
+            # (else a short-lived certificate would be renewed again at once, in a loop).
+            now = self._clock()
+            delay = renewal_delay(max(_not_before(svid), now), svid.not_after_unix, now, self._rand)
             log.info("certs: certificate for %s valid until %s; renewing in %.0fs", identity,
                      time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(svid.not_after_unix)), delay)
             await self._sleep(delay)

@@ -45,6 +45,7 @@ class FakeCA:
         self.requests: list[mesh_pb2.CertificateRequest] = []
         self.fail_next = 0
         self.san_override: str | None = None
+        self.backdate_s = 0.0
 
     def pem(self, cert: x509.Certificate) -> str:
         return cert.public_bytes(serialization.Encoding.PEM).decode()
@@ -56,10 +57,11 @@ class FakeCA:
             raise ConnectionError("CA unavailable")
         csr = x509.load_pem_x509_csr(req.csr_pem.encode())
         san = self.san_override or uri_sans(csr)[0]
-        start = dt.datetime.fromtimestamp(int(self.clock()), dt.UTC)
+        start = dt.datetime.fromtimestamp(int(self.clock() - self.backdate_s), dt.UTC)
         leaf = (x509.CertificateBuilder().subject_name(x509.Name([])).issuer_name(self.root.subject)
                 .public_key(csr.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(start).not_valid_after(start + dt.timedelta(seconds=self.lifetime))
+                .not_valid_before(start)
+                .not_valid_after(start + dt.timedelta(seconds=self.lifetime + self.backdate_s))
                 .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(san)]), critical=True)
                 .sign(self.key, hashes.SHA256()))
         return mesh_pb2.CertificateResponse(cert_chain=[self.pem(leaf)], trust_bundle=[self.pem(self.root)])
@@ -182,3 +184,23 @@ def test_keys_are_not_logged(caplog: Any) -> None:
     caplog.set_level("DEBUG")
     asyncio.run(main())
     assert "PRIVATE KEY" not in caplog.text
+
+
+def test_backdated_short_lived_certificate_is_not_renewed_in_a_loop() -> None:
+    # The control plane's CA backdates not_before by 5 minutes (clock skew). For a
+    # 60 s certificate, half-life counted from not_before is already past; the agent
+    # must count from receipt and wait about 30 s, not renew again at once.
+    async def main() -> None:
+        clock = FakeClock()
+        ca = FakeCA(clock, lifetime_s=60)
+        ca.backdate_s = 300
+        published: list[Certs] = []
+        mgr = CertManager("node-1", ca, published.append, clock=clock, sleep=clock.sleep, rand=lambda: 0.5)
+        mgr.set_identities([ID])
+        await asyncio.wait_for(mgr.wait_ready(), 5)
+        await settle()
+        assert clock.sleeps == [pytest.approx(30, abs=1)]
+        assert len(ca.requests) == 1
+        await mgr.close()
+
+    asyncio.run(main())
