@@ -4,8 +4,10 @@ for registered workloads."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
+import json
 import logging
 import os
 import time
@@ -28,6 +30,10 @@ log = logging.getLogger("nodemesh.controlplane.ca")
 
 ROOT_CERT_FILE = "ca-root.pem"
 ROOT_KEY_FILE = "ca-root.key"
+# Roots replaced by a rotation, still trusted until their overlap ends:
+# [{"pem": ..., "trusted_until_unix": ...}]
+PREVIOUS_ROOTS_FILE = "ca-previous-roots.json"
+DEFAULT_ROTATION_OVERLAP_S = 2 * 24 * 3600  # two default SVID lifetimes: every old leaf is renewed by then
 ROOT_LIFETIME = datetime.timedelta(days=3650)
 DEFAULT_CERT_TTL_S = 24 * 3600
 MAX_CERT_TTL_S = 7 * 24 * 3600
@@ -48,15 +54,126 @@ class CertificateRefused(Exception):
         super().__init__(message)
 
 
+def _pem(cert: x509.Certificate) -> str:
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    return cert.fingerprint(hashes.SHA256()).hex()[:16]
+
+
+def _write_private(path: str, data: bytes) -> None:
+    """Write a key file with mode 0600 from its creation, replacing any old one
+    atomically (a crash leaves the old key or the new one, never half of one)."""
+    tmp = f"{path}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_public(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class PreviousRoot:
+    pem: str
+    trusted_until_unix: float
+
+
 class CertificateAuthority:
-    """Holds the root key and signs leaves. Time comes from `clock` (unix seconds)."""
+    """Holds the signing key and signs leaves. Time comes from `clock` (unix seconds).
+
+    The signing certificate is the self-signed root (default), or an
+    intermediate signed by the operator's own root (from_files). `chain` is
+    what follows a leaf in the chain it is served with; `trust_bundle` the roots
+    peers must trust: the current one and those replaced by a rotation whose
+    overlap has not ended.
+    """
 
     def __init__(self, root_cert: x509.Certificate, root_key: ec.EllipticCurvePrivateKey,
-                 clock: Callable[[], float] = time.time) -> None:
-        self.root_cert = root_cert
+                 clock: Callable[[], float] = time.time, *, chain: tuple[x509.Certificate, ...] = (),
+                 trust_anchors: tuple[x509.Certificate, ...] = (), state_dir: str | None = None,
+                 previous: tuple[PreviousRoot, ...] = ()) -> None:
+        self.root_cert = root_cert  # the signing certificate (a root or an intermediate)
         self._root_key = root_key
         self._clock = clock
-        self.root_pem = root_cert.public_bytes(serialization.Encoding.PEM).decode()
+        self.root_pem = _pem(root_cert)
+        self._chain = tuple(_pem(c) for c in chain)  # intermediates above the signing cert
+        self._anchors = tuple(_pem(c) for c in trust_anchors) or (self.root_pem,)
+        self._state_dir = state_dir
+        self.previous = previous
+        self.rotatable = state_dir is not None and not chain and not trust_anchors
+
+    @property
+    def chain(self) -> list[str]:
+        """PEMs that follow a leaf: the signing certificate and its intermediates."""
+        return [self.root_pem, *self._chain]
+
+    @property
+    def trust_bundle(self) -> list[str]:
+        now = self._clock()
+        return [*self._anchors, *(p.pem for p in self.previous if p.trusted_until_unix > now)]
+
+    def next_bundle_change(self) -> float | None:
+        """When a previous root leaves the bundle (unix seconds), if any is still in."""
+        now = self._clock()
+        pending = [p.trusted_until_unix for p in self.previous if p.trusted_until_unix > now]
+        return min(pending) if pending else None
+
+    @classmethod
+    def from_files(cls, cert_file: str, key_file: str, chain_file: str = "",
+                   clock: Callable[[], float] = time.time) -> CertificateAuthority:
+        """An intermediate CA the operator made with their own root: `cert_file`
+        is the intermediate (a CA certificate), `key_file` its key (never copied
+        or logged), `chain_file` the certificates above it up to and including
+        the operator's root (the last one is the trust anchor)."""
+        try:
+            with open(cert_file, "rb") as f:
+                cert = x509.load_pem_x509_certificate(f.read())
+            with open(key_file, "rb") as f:
+                key = serialization.load_pem_private_key(f.read(), password=None)
+            chain: list[x509.Certificate] = []
+            if chain_file:
+                with open(chain_file, "rb") as f:
+                    chain = x509.load_pem_x509_certificates(f.read())
+        except (OSError, ValueError) as e:
+            raise CaError(f"cannot load the operator CA from --ca-cert {cert_file}, --ca-key {key_file}"
+                          f"{', --ca-chain ' + chain_file if chain_file else ''}: {e}") from None
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise CaError(f"--ca-key {key_file} is not an ECDSA private key (nodemesh signs with ECDSA P-256)")
+        if cert.public_key() != key.public_key():
+            raise CaError(f"--ca-cert {cert_file} and --ca-key {key_file} do not belong together")
+        try:
+            bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        except x509.ExtensionNotFound:
+            bc = None
+        if bc is None or not bc.ca:
+            raise CaError(f"--ca-cert {cert_file} is not a CA certificate (basicConstraints CA:TRUE is needed)")
+        try:
+            cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+        except x509.ExtensionNotFound:
+            raise CaError(f"--ca-cert {cert_file} has no subjectKeyIdentifier; add one when signing it") from None
+        issuer = cert
+        for i, above in enumerate(chain):
+            try:
+                issuer.verify_directly_issued_by(above)
+            except (ValueError, TypeError, InvalidSignature) as e:
+                raise CaError(f"--ca-chain {chain_file}: certificate {i} did not issue the one below it ({e}); "
+                              "list the chain from the intermediate's issuer up to the root") from None
+            issuer = above
+        anchors = (chain[-1],) if chain else (cert,)
+        log.info("using the operator's intermediate CA %s (trust anchor %s)", cert.subject.rfc4514_string(),
+                 anchors[0].subject.rfc4514_string())
+        return cls(cert, key, clock, chain=tuple(chain[:-1]) if chain else (), trust_anchors=anchors)
 
     @classmethod
     def load_or_create(cls, state_dir: str, trust_domain: str = "cluster.local",
@@ -78,28 +195,12 @@ class CertificateAuthority:
                 raise CaError(f"{cert_path} and {key_path} do not belong together; restore both "
                               "from the same backup")
             log.info("loaded CA root %s", cert.subject.rfc4514_string())
-            return cls(cert, key, clock)
+            return cls(cert, key, clock, state_dir=state_dir, previous=_load_previous(state_dir))
         if have_cert or have_key:
             raise CaError(f"only one of {cert_path} and {key_path} exists; restore the missing one "
                           "or remove both to create a new root (every node must then fetch new certificates)")
         os.makedirs(state_dir, exist_ok=True)
-        key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.fromtimestamp(clock(), datetime.UTC)
-        name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "nodemesh"),
-                          x509.NameAttribute(NameOID.COMMON_NAME, f"nodemesh root CA {trust_domain}")])
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - BACKDATE).not_valid_after(now + ROOT_LIFETIME)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
-                                         key_encipherment=False, data_encipherment=False,
-                                         key_agreement=False, key_cert_sign=True, crl_sign=True,
-                                         encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .sign(key, hashes.SHA256())
-        )
+        cert, key = _new_root(trust_domain, clock)
         key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption())
         # Create the key file with 0600 from the start: never world-readable, not even briefly.
@@ -109,7 +210,36 @@ class CertificateAuthority:
         with open(cert_path, "wb") as f:
             f.write(cert.public_bytes(serialization.Encoding.PEM))
         log.info("created a new CA root in %s", state_dir)
-        return cls(cert, key, clock)
+        return cls(cert, key, clock, state_dir=state_dir)
+
+    def rotate(self, trust_domain: str, overlap_s: float = DEFAULT_ROTATION_OVERLAP_S) -> tuple[str, str]:
+        """Replace the root: new leaves are signed by a new root at once, and the
+        old root stays in the trust bundle for `overlap_s` so that leaves it
+        signed keep verifying until agents have renewed them. Returns the old
+        and new fingerprints."""
+        if not self.rotatable or self._state_dir is None:
+            raise CaError("only the control plane's own root can be rotated; with an operator intermediate, "
+                          "issue a new intermediate and restart with --ca-cert/--ca-key/--ca-chain")
+        if overlap_s < 0:
+            raise CaError("the overlap must not be negative")
+        old = self.root_cert
+        cert, key = _new_root(trust_domain, self._clock)
+        now = self._clock()
+        previous = tuple(p for p in self.previous if p.trusted_until_unix > now) + (
+            PreviousRoot(self.root_pem, now + overlap_s),)
+        # Persist the old root's overlap before the new root replaces it, so a crash
+        # in between never leaves leaves that nothing trusts.
+        _write_public(os.path.join(self._state_dir, PREVIOUS_ROOTS_FILE), json.dumps(
+            [{"pem": p.pem, "trusted_until_unix": p.trusted_until_unix} for p in previous]).encode())
+        _write_private(os.path.join(self._state_dir, ROOT_KEY_FILE), key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        _write_public(os.path.join(self._state_dir, ROOT_CERT_FILE), cert.public_bytes(serialization.Encoding.PEM))
+        self.root_cert, self._root_key, self.root_pem = cert, key, _pem(cert)
+        self._anchors = (self.root_pem,)
+        self.previous = previous
+        log.info("rotated the CA root %s -> %s; the old root stays trusted for %.0fs", fingerprint(old),
+                 fingerprint(cert), overlap_s)
+        return fingerprint(old), fingerprint(cert)
 
     def sign(self, csr: x509.CertificateSigningRequest, identity: Identity, ttl_s: int) -> x509.Certificate:
         now = datetime.datetime.fromtimestamp(self._clock(), datetime.UTC)
@@ -136,6 +266,45 @@ class CertificateAuthority:
                            critical=False)
             .sign(self._root_key, hashes.SHA256())
         )
+
+
+def _new_root(trust_domain: str, clock: Callable[[], float]) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.fromtimestamp(clock(), datetime.UTC)
+    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "nodemesh"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, f"nodemesh root CA {trust_domain}"),
+                      # Two roots of one mesh (a rotation) must not share a subject name.
+                      x509.NameAttribute(NameOID.SERIAL_NUMBER, f"{x509.random_serial_number():x}"[:16])])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - BACKDATE).not_valid_after(now + ROOT_LIFETIME)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
+                                     key_encipherment=False, data_encipherment=False,
+                                     key_agreement=False, key_cert_sign=True, crl_sign=True,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def _load_previous(state_dir: str) -> tuple[PreviousRoot, ...]:
+    path = os.path.join(state_dir, PREVIOUS_ROOTS_FILE)
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+        out = tuple(PreviousRoot(str(r["pem"]), float(r["trusted_until_unix"])) for r in raw)
+        for p in out:
+            x509.load_pem_x509_certificate(p.pem.encode())
+        return out
+    except FileNotFoundError:
+        return ()
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CaError(f"cannot read the previous roots in {path}: {e}; restore it from a backup, or remove "
+                      "it if every node already holds certificates from the current root") from None
 
 
 # ---------------------------------------------------------------- decisions
@@ -270,8 +439,8 @@ class CertificateServicer(mesh_pb2_grpc.CertificateServiceServicer):
         leaf = self._ca.sign(csr, identity, ttl)
         log.info("issued a certificate for %s to node %s (ttl %ds)", identity.uri, req.node_name, ttl)
         return mesh_pb2.CertificateResponse(
-            cert_chain=[leaf.public_bytes(serialization.Encoding.PEM).decode(), self._ca.root_pem],
-            trust_bundle=[self._ca.root_pem])
+            cert_chain=[leaf.public_bytes(serialization.Encoding.PEM).decode(), *self._ca.chain],
+            trust_bundle=self._ca.trust_bundle)
 
     async def CreateCertificate(self, request: mesh_pb2.CertificateRequest,
                                 context: grpc.aio.ServicerContext) -> mesh_pb2.CertificateResponse:

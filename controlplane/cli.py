@@ -33,6 +33,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     serve.add_argument("--cert-ttl", type=int, default=24 * 3600, metavar="S",
                        help="default workload certificate lifetime in seconds")
     serve.add_argument("--log-level", default="INFO")
+    serve.add_argument("--web-listen", default="127.0.0.1:15014", metavar="HOST:PORT",
+                       help="the mesh view web page and control plane /metrics ('' to turn off)")
     serve.set_defaults(func=cmd_serve)
 
     apply = subparsers.add_parser("apply", help="create or update config from YAML documents")
@@ -66,7 +68,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         settings = ControlPlaneSettings(
             state_dir=args.state_dir, listen=tuple(args.listen or [DEFAULT_LISTEN]),
-            lease_seconds=args.lease_seconds, default_cert_ttl_s=args.cert_ttl, log_level=args.log_level)
+            lease_seconds=args.lease_seconds, default_cert_ttl_s=args.cert_ttl, log_level=args.log_level,
+            web_listen=args.web_listen)
         asyncio.run(serve(settings))
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -146,6 +146,8 @@ class RegistryServicer(mesh_pb2_grpc.RegistryServicer):
 
     def __init__(self, registry: NodeRegistry) -> None:
         self._registry = registry
+        # (node, telemetry JSON) from heartbeats, for the mesh view (controlplane/web).
+        self.on_telemetry: Callable[[str, str], None] | None = None
 
     async def Session(self, request_iterator: AsyncIterator[mesh_pb2.NodeReport],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[mesh_pb2.LeaseGrant]:
@@ -168,6 +170,8 @@ class RegistryServicer(mesh_pb2_grpc.RegistryServicer):
                     await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                         "the first message of a registry session must be a registration")
                 renewed = self._registry.renew(node_name)
+                if self.on_telemetry is not None and report.heartbeat.telemetry_json:
+                    self.on_telemetry(node_name, report.heartbeat.telemetry_json)
                 if renewed is None:
                     # The lease ran out while the stream stayed open; the agent must re-register.
                     await context.abort(grpc.StatusCode.NOT_FOUND,

@@ -11,14 +11,18 @@ import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc
 
 from controlplane.api import ConfigServicer, current_mesh, current_services
+from controlplane.metrics import ControlPlaneMetrics
 from controlplane.ca import DEFAULT_CERT_TTL_S, MAX_CERT_TTL_S, CertificateAuthority, CertificateServicer
+from controlplane.policies import current_policies
 from controlplane.registry import DEFAULT_LEASE_SECONDS, NodeRegistry, RegistryServicer
 from controlplane.store import SQLiteStore, Store
+from controlplane.xds import routes as xds_routes
 from controlplane.xds.build import build_snapshot
 from controlplane.xds.cache import SnapshotCache
 from controlplane.xds.server import AdsServicer
@@ -41,6 +45,7 @@ class ControlPlaneSettings:
     log_level: str = "INFO"
     debounce_s: float = DEBOUNCE_S
     expiry_interval_s: float = 1.0
+    web_listen: str = ""  # the mesh view's HTTP "host:port"; "" = not served (controlplane/web)
 
     def __post_init__(self) -> None:
         if not self.listen:
@@ -64,16 +69,22 @@ class SnapshotPublisher:
         self._debounce_s = debounce_s
         self._dirty = asyncio.Event()
         self.published = 0
+        self.observer: Any = None  # controlplane.metrics.ControlPlaneMetrics: changed() / published(snap)
         registry.subscribe(self.trigger)
 
     def trigger(self) -> None:
+        if self.observer is not None:
+            self.observer.changed()
         self._dirty.set()
 
     def publish_now(self) -> None:
         snap = build_snapshot(current_mesh(self._store), current_services(self._store),
-                              self._registry.nodes(), self._trust_bundle())
+                              self._registry.nodes(), self._trust_bundle(),
+                              current_policies(self._store), l7=xds_routes.load(self._store))
         self._cache.set_default(snap)
         self.published += 1
+        if self.observer is not None:
+            self.observer.published(snap)
         log.debug("published xDS snapshot %d", self.published)
 
     async def run(self) -> None:
@@ -114,16 +125,21 @@ async def start(settings: ControlPlaneSettings) -> ControlPlane:
     registry = NodeRegistry(store, settings.lease_seconds)
     restored = registry.restore()
     cache = SnapshotCache()
-    publisher = SnapshotPublisher(store, registry, cache, lambda: [ca.root_pem], settings.debounce_s)
+    # The bundle holds roots replaced by a rotation until their overlap ends (ca.py).
+    publisher = SnapshotPublisher(store, registry, cache, lambda: ca.trust_bundle, settings.debounce_s)
+    cp_metrics = ControlPlaneMetrics()
+    publisher.observer = cp_metrics
     publisher.publish_now()
     ads = AdsServicer(cache)
+    ads.on_ack, ads.on_nack = cp_metrics.acked, cp_metrics.nacked
+    registry_servicer = RegistryServicer(registry)
 
     server = grpc.aio.server()
     # The generated registration helpers carry no type hints.
     mesh_pb2_grpc.add_ConfigServiceServicer_to_server(  # type: ignore[no-untyped-call]
         ConfigServicer(store), server)
     mesh_pb2_grpc.add_RegistryServicer_to_server(  # type: ignore[no-untyped-call]
-        RegistryServicer(registry), server)
+        registry_servicer, server)
     mesh_pb2_grpc.add_CertificateServiceServicer_to_server(  # type: ignore[no-untyped-call]
         CertificateServicer(ca, registry, lambda: current_mesh(store).trust_domain,
                             settings.default_cert_ttl_s, settings.max_cert_ttl_s), server)
@@ -143,7 +159,15 @@ async def start(settings: ControlPlaneSettings) -> ControlPlane:
              asyncio.create_task(registry.run_expiry(settings.expiry_interval_s))]
     log.info("control plane ready on %s (state %s, %d nodes restored, trust domain %s)",
              ", ".join(bound), settings.state_dir, restored, mesh.trust_domain)
-    return ControlPlane(settings, server, store, registry, cache, ads, publisher, ca, tasks, tuple(bound))
+    cp = ControlPlane(settings, server, store, registry, cache, ads, publisher, ca, tasks, tuple(bound))
+    cp.metrics = cp_metrics
+    if settings.web_listen:
+        from controlplane.web import MeshView  # the mesh view and /metrics (docs/observability.md)
+
+        cp.web = MeshView(cp)
+        registry_servicer.on_telemetry = cp.web.telemetry.ingest
+        await cp.web.start(settings.web_listen)
+    return cp
 
 
 @dataclass
@@ -158,8 +182,13 @@ class ControlPlane:
     ca: CertificateAuthority
     tasks: list[asyncio.Task[None]]
     addresses: tuple[str, ...]
+    metrics: Any = None  # controlplane.metrics.ControlPlaneMetrics
+    web: Any = None  # controlplane.web.MeshView when settings.web_listen is set
+
 
     async def stop(self, grace: float = 1.0) -> None:
+        if self.web is not None:
+            await self.web.close()
         for t in self.tasks:
             t.cancel()
         await self.server.stop(grace)

@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("nodeagent")
@@ -18,7 +19,7 @@ def _setup_logging(verbose: bool = False) -> None:
 
 
 def _cmd_agent_run(args: argparse.Namespace) -> int:
-    from nodeagent.capture.iptables import CaptureError
+    from nodeagent.capture.base import CaptureError
     from nodeagent.config import ConfigError, load_config
     from nodeagent.supervisor import AgentError, run_agent
 
@@ -44,65 +45,118 @@ def _cmd_agent_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _capture_for_status(config_path: str | None) -> Any:
-    from nodeagent.capture.iptables import IptablesCapture
+def _capture_for_config(config_path: str) -> tuple[Any, dict[str, Any]]:
+    """The backend the agent with this config uses (its status.json says which,
+    and in which proxy state), and that status."""
+    from nodeagent.capture import select as capture_select
+    from nodeagent.capture.base import ProxyState
     from nodeagent.config import load_config
+    from nodeagent.supervisor import resolve_control_plane
 
-    if not config_path:
-        return None
     cfg = load_config(config_path)
-    settings = cfg.proxy_settings()
-    return IptablesCapture(settings, cfg.local_workloads(), exclusions=settings.excluded_cidrs)
+    settings = cfg.proxy_settings(resolve_control_plane(cfg))
+    try:
+        agent_status = json.loads((Path(cfg.state_dir) / "status.json").read_text())
+    except (OSError, ValueError):
+        agent_status = {}
+    mode = agent_status.get("capture_backend") or cfg.capture.mode
+    dns_port = cfg.dns.port if getattr(cfg, "dns", None) is not None and cfg.dns.enabled else None
+    if agent_status and not agent_status.get("dns_listening", True):
+        dns_port = None
+    choice = capture_select.choose(mode, settings, cfg.local_workloads(),
+                                   failure_policy=cfg.capture.failure_policy, dns_port=dns_port)
+    backend = choice.backend
+    state = agent_status.get("proxy_state")
+    if state and hasattr(backend, "state"):
+        backend.state = ProxyState(state)
+    return backend, agent_status
+
+
+def _print_sections(title: str, sections: dict[str, Any]) -> None:
+    print(f"{title}:")
+    for name, lines in sections.items():
+        print(f"  {name}:")
+        for line in lines:
+            print(f"    {line}")
 
 
 def _cmd_capture_status(args: argparse.Namespace) -> int:
-    from nodeagent.capture.iptables import CaptureError, parse_nat_save, run_command
+    """Exactly what of nodemesh's capture is installed in this network namespace."""
+    from nodeagent.capture.base import CaptureError
+    from nodeagent.capture.select import survey
     from nodeagent.config import ConfigError
+    from nodeagent.settings import ProxySettings
 
     try:
-        state = parse_nat_save(run_command(["iptables-save", "-t", "nat"], None))
-        capture = _capture_for_status(args.config)
+        settings = ProxySettings(node_name="", node_address="")
+        backend = None
+        agent_status: dict[str, Any] = {}
+        if args.config:
+            backend, agent_status = _capture_for_config(args.config)
+            settings = backend.settings
+        found = survey(settings)
+        diff = backend.verify() if backend is not None else None
     except (CaptureError, ConfigError) as e:
         print(f"nodemesh capture status: {e}", file=sys.stderr)
         return 2
-    out: dict[str, Any] = {
-        "installed": state.installed,
-        "jumps": state.jumps,
-        "chains": {name: list(rules) for name, rules in state.chains.items()},
-    }
-    rc = 0 if state.installed or not state.anything else 1
-    if capture is not None:
-        from nodeagent.capture.iptables import diff_state
-
-        diff = diff_state(capture.expected(), state)
-        out["matches_config"] = diff.ok
-        out["differences"] = diff.describe()
-        rc = 0 if diff.ok else 1
+    out: dict[str, Any] = {"installed": {k: {n: list(v) for n, v in sec.items()} for k, sec in found.items()}}
+    if backend is not None:
+        out.update(backend=backend.name, proxy_state=agent_status.get("proxy_state", ""),
+                   matches_config=diff.ok if diff else None, differences=diff.describe() if diff else "")
     if args.json:
         print(json.dumps(out, indent=2))
     else:
-        print(f"capture installed: {'yes' if state.installed else 'no'}")
-        for builtin, n in sorted(state.jumps.items()):
-            print(f"  jumps from {builtin}: {n}")
-        for name, rules in state.chains.items():
-            print(f"  chain {name}:")
-            for r in rules:
-                print(f"    {r}")
-        if capture is not None:
-            print(f"matches config: {'yes' if out['matches_config'] else 'no'} ({out['differences']})")
-    return rc
+        if not found:
+            print("no nodemesh capture installed in this network namespace")
+        for name, sections in found.items():
+            _print_sections(name, sections)
+        if backend is not None and diff is not None:
+            print(f"agent backend: {backend.name} (proxy {agent_status.get('proxy_state') or 'state unknown'})")
+            print(f"matches config: {'yes' if diff.ok else 'no'} ({diff.describe()})")
+    return 0 if diff is None or diff.ok else 1
+
+
+def _cmd_capture_verify(args: argparse.Namespace) -> int:
+    """Check what is installed against what the config should install: exit 0/1."""
+    from nodeagent.capture.base import CaptureError
+    from nodeagent.capture.select import survey
+    from nodeagent.config import ConfigError
+
+    try:
+        backend, agent_status = _capture_for_config(args.config)
+        diff = backend.verify()
+        others = [k for k in survey(backend.settings) if k not in (backend.name, "policy routing")]
+    except (CaptureError, ConfigError) as e:
+        print(f"nodemesh capture verify: {e}", file=sys.stderr)
+        return 2
+    problems = [diff.describe()] if not diff.ok else []
+    problems += [f"leftover {o} capture while the agent uses {backend.name}: run `nodemesh capture remove` "
+                 "or restart the agent" for o in others]
+    if args.json:
+        print(json.dumps({"backend": backend.name, "ok": not problems, "problems": problems,
+                          "proxy_state": agent_status.get("proxy_state", "")}, indent=2))
+    elif problems:
+        print(f"capture ({backend.name}) does NOT match the config: " + "; ".join(problems))
+    else:
+        print(f"capture ({backend.name}) matches the config")
+    return 0 if not problems else 1
 
 
 def _cmd_capture_remove(_args: argparse.Namespace) -> int:
-    from nodeagent.capture.iptables import CaptureError, remove_leftovers
+    from nodeagent.capture import iptables, nftables
+    from nodeagent.capture.base import CaptureError
 
-    try:
-        removed = remove_leftovers()
-    except CaptureError as e:
-        print(f"nodemesh capture remove: {e}", file=sys.stderr)
-        return 1
+    removed = False
+    failed = False
+    for name, fn in (("iptables", iptables.remove_leftovers), ("nftables", nftables.remove_leftovers)):
+        try:
+            removed = bool(fn()) or removed
+        except CaptureError as e:
+            if e.reason not in ("iptables_missing", "pyroute2_missing", "nft_unavailable"):
+                print(f"nodemesh capture remove ({name}): {e}", file=sys.stderr)
+                failed = True
     print("removed nodemesh capture rules" if removed else "no nodemesh capture rules to remove")
-    return 0
+    return 1 if failed else 0
 
 
 def register(subparsers: Any) -> None:
@@ -121,5 +175,9 @@ def register(subparsers: Any) -> None:
     st.add_argument("--config", help="also compare with what this agent config should install")
     st.add_argument("--json", action="store_true", help="print JSON")
     st.set_defaults(func=_cmd_capture_status)
+    vf = capture_sub.add_parser("verify", help="check installed capture against an agent config (exit 0/1)")
+    vf.add_argument("--config", required=True, help="the agent config file, e.g. /etc/nodemesh/agent.yaml")
+    vf.add_argument("--json", action="store_true", help="print JSON")
+    vf.set_defaults(func=_cmd_capture_verify)
     rm = capture_sub.add_parser("remove", help="remove nodemesh capture rules (e.g. left by a killed agent)")
     rm.set_defaults(func=_cmd_capture_remove)

@@ -19,9 +19,10 @@ from nodeagent.settings import ProxySettings
 from nodeagent.snapshot import LocalWorkload
 from nodemesh.identity import IdentityError, check_dns_label
 
-CAPTURE_MODES = ("iptables",)
+CAPTURE_MODES = ("iptables", "nftables", "ebpf", "auto")
 # Modes the design names but this version does not implement yet.
-CAPTURE_MODES_LATER = ("nftables", "tproxy", "ebpf")
+CAPTURE_MODES_LATER: tuple[str, ...] = ()
+INBOUND_MODES = ("tproxy", "redirect")
 FAILURE_POLICIES = ("open", "closed")
 DEFAULT_STATE_DIR = "/var/lib/nodemesh"
 DEFAULT_CONTROL_PLANE_PORT = 15010
@@ -76,6 +77,11 @@ class CaptureConfig:
     # open: if capture cannot be installed or the proxy dies, traffic flows
     # directly (unmeshed); closed: the agent fails rather than let it bypass.
     failure_policy: str = "open"
+    # Inbound plaintext capture (docs/capture.md): tproxy keeps the caller's
+    # address end to end; redirect is nat REDIRECT.
+    inbound: str = "tproxy"
+    tproxy_mark: int = defaults.TPROXY_MARK
+    tproxy_table: int = defaults.TPROXY_TABLE
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,22 @@ class ProxyConfig:
     inbound_port: int = defaults.INBOUND_PLAIN_PORT
     hbone_port: int = defaults.HBONE_PORT
     admin_port: int = defaults.ADMIN_PORT
+    # Observability (docs/observability.md): see ProxySettings for the meaning.
+    tracing: str = ""
+    trace_sampling: float = 1.0
+    access_log_sampling: float = 1.0
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    """The agent's DNS proxy (nodeagent/dns, docs/dns.md); the mesh domain comes
+    from MeshConfig dnsDomain. Empty upstreams = the node's resolv.conf."""
+
+    enabled: bool = True
+    address: str = "127.0.0.1"
+    port: int = 15053
+    upstreams: tuple[str, ...] = ()  # "ip" or "ip:port"
+    upstream_timeout_s: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -108,6 +130,7 @@ class AgentConfig:
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     workloads: tuple[WorkloadConfig, ...] = ()
     state_dir: str = DEFAULT_STATE_DIR
+    dns: DnsConfig = field(default_factory=DnsConfig)
 
     def control_plane_exclusions(self) -> tuple[str, ...]:
         """CIDRs of the control plane that capture must never redirect. A host
@@ -132,6 +155,13 @@ class AgentConfig:
             workers=self.proxy.workers,
             access_log=self.proxy.access_log,
             excluded_cidrs=excluded,
+            inbound_mode=self.capture.inbound,
+            tproxy_mark=self.capture.tproxy_mark,
+            tproxy_table=self.capture.tproxy_table,
+            tproxy_rule_pref=self.capture.tproxy_table,
+            tracing=self.proxy.tracing,
+            trace_sampling=self.proxy.trace_sampling,
+            access_log_sampling=self.proxy.access_log_sampling,
         )
 
     def local_workloads(self) -> tuple[LocalWorkload, ...]:
@@ -223,6 +253,12 @@ def _int(lo: int, hi: int) -> Callable[[Any, str], int]:
 
 
 _port = _int(1, 65535)
+
+
+def _fraction(v: Any, path: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
+        raise ConfigError(path, f"must be a number from 0 to 1 (a sampling fraction), got {v!r}")
+    return float(v)
 
 
 def _ip(v: Any, path: str) -> str:
@@ -348,8 +384,16 @@ def parse_config(raw: Any) -> AgentConfig:
             mode=mode,
             exclude_cidrs=f.get("excludeCidrs", _list(_cidr), ()),
             failure_policy=f.get("failurePolicy", _one_of(FAILURE_POLICIES), "open"),
+            inbound=f.get("inbound", _one_of(INBOUND_MODES), "tproxy"),
+            tproxy_mark=f.get("tproxyMark", _int(1, 2**32 - 1), defaults.TPROXY_MARK),
+            tproxy_table=f.get("tproxyTable", _int(1, 2**31 - 1), defaults.TPROXY_TABLE),
         )
         f.done()
+        if c.tproxy_mark & defaults.PROXY_MARK:
+            raise ConfigError(f.sub("tproxyMark"), f"{c.tproxy_mark:#x} shares bits with the proxy's own socket "
+                                                   f"mark {defaults.PROXY_MARK:#x}; pick a mark without them (e.g. 0x10000)")
+        if c.tproxy_table in (253, 254, 255):
+            raise ConfigError(f.sub("tproxyTable"), f"{c.tproxy_table} is a kernel routing table (default/main/local)")
         return c
 
     def proxy(v: Any, path: str) -> ProxyConfig:
@@ -361,6 +405,9 @@ def parse_config(raw: Any) -> AgentConfig:
             inbound_port=f.get("inboundPort", _port, defaults.INBOUND_PLAIN_PORT),
             hbone_port=f.get("hbonePort", _port, defaults.HBONE_PORT),
             admin_port=f.get("adminPort", _port, defaults.ADMIN_PORT),
+            tracing=f.get("tracing", _str, ""),
+            trace_sampling=f.get("traceSampling", _fraction, 1.0),
+            access_log_sampling=f.get("accessLogSampling", _fraction, 1.0),
         )
         f.done()
         ports = {"outboundPort": p.outbound_port, "inboundPort": p.inbound_port,
@@ -372,6 +419,36 @@ def parse_config(raw: Any) -> AgentConfig:
             seen[port] = key
         return p
 
+    def dns(v: Any, path: str) -> DnsConfig:
+        from nodeagent.dns.upstream import parse_upstream
+
+        def upstream(u: Any, upath: str) -> str:
+            try:
+                return str(parse_upstream(_nonempty(u, upath)))
+            except ValueError as e:
+                raise ConfigError(upath, str(e)) from None
+
+        def timeout(t: Any, tpath: str) -> float:
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.05 <= float(t) <= 30:
+                raise ConfigError(tpath, f"must be a number of seconds from 0.05 to 30, got {t!r}")
+            return float(t)
+
+        def flag(b: Any, bpath: str) -> bool:
+            if not isinstance(b, bool):
+                raise ConfigError(bpath, f"must be true or false, got {b!r}")
+            return b
+
+        f = _Fields(v, path)
+        d = DnsConfig(
+            enabled=f.get("enabled", flag, True),
+            address=f.get("address", _ip, "127.0.0.1"),
+            port=f.get("port", _port, 15053),
+            upstreams=f.get("upstreams", _list(upstream), ()),
+            upstream_timeout_s=f.get("upstreamTimeout", timeout, 2.0),
+        )
+        f.done()
+        return d
+
     cfg = AgentConfig(
         node=top.get("node", node, required=True),
         control_plane=top.get("controlPlane", control_plane, required=True),
@@ -379,8 +456,12 @@ def parse_config(raw: Any) -> AgentConfig:
         proxy=top.get("proxy", proxy, ProxyConfig()),
         workloads=top.get("workloads", _list(_workload), ()),
         state_dir=top.get("stateDir", _nonempty, DEFAULT_STATE_DIR),
+        dns=top.get("dns", dns, DnsConfig()),
     )
     top.done()
+    if cfg.dns.enabled and cfg.dns.port in (cfg.proxy.outbound_port, cfg.proxy.inbound_port,
+                                            cfg.proxy.hbone_port, cfg.proxy.admin_port):
+        raise ConfigError("dns.port", f"port {cfg.dns.port} is also one of the proxy's ports")
     _check_workloads(cfg)
     return cfg
 

@@ -54,6 +54,9 @@ class RegistrySession:
         self._backoff_initial = backoff_initial_s
         self._backoff_cap = backoff_cap_s
         self._outbox: asyncio.Queue[mesh_pb2.NodeReport] | None = None
+        # Returns a compact JSON summary of the node's traffic for the control plane's
+        # mesh view (nodeagent.admin.AdminServer.telemetry_json); None = send none.
+        self.telemetry: Callable[[], str] | None = None
 
     def _set_connected(self, value: bool) -> None:
         if value != self.connected:
@@ -109,7 +112,8 @@ class RegistrySession:
                     pass
                 self.heartbeats += 1
                 outbox.put_nowait(mesh_pb2.NodeReport(
-                    heartbeat=mesh_pb2.Heartbeat(sent_unix_ms=int(time.time() * 1000))))
+                    heartbeat=mesh_pb2.Heartbeat(sent_unix_ms=int(time.time() * 1000),
+                                                 telemetry_json=self.telemetry() if self.telemetry else "")))
 
         async def reports() -> AsyncIterator[mesh_pb2.NodeReport]:
             while True:

@@ -13,6 +13,12 @@ ADMIN_PORT = 15000
 # SO_MARK the proxy sets on every socket it opens, so capture rules let its own
 # traffic through ("nm" in ASCII).
 PROXY_MARK = 0x6E6D
+# TPROXY inbound: the fwmark (used as value and mask, so it must not share a bit
+# with PROXY_MARK), the routing table holding `local 0.0.0.0/0 dev lo`, and the
+# preference of the `ip rule` that sends marked packets there.
+TPROXY_MARK = 0x10000
+TPROXY_TABLE = 15006
+TPROXY_RULE_PREF = 15006
 
 
 @dataclass(frozen=True)
@@ -30,6 +36,18 @@ class ProxySettings:
     access_log: str = ""  # path; "" = stderr, "off" = none
     # The control plane's address(es): never captured, and never proxied.
     excluded_cidrs: tuple[str, ...] = ()
+    # How plaintext inbound reaches 15006: "redirect" (nat REDIRECT, original
+    # destination from SO_ORIGINAL_DST) or "tproxy" (IP_TRANSPARENT listener,
+    # original destination from getsockname(), caller's source IP kept).
+    inbound_mode: str = "redirect"
+    tproxy_mark: int = TPROXY_MARK
+    tproxy_table: int = TPROXY_TABLE
+    tproxy_rule_pref: int = TPROXY_RULE_PREF
+    # Observability: "" = no traces, "http(s)://collector:4318" = OTLP/HTTP JSON,
+    # else a file of JSON lines; fractions of traces / successful-connection log lines kept.
+    tracing: str = ""
+    trace_sampling: float = 1.0
+    access_log_sampling: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping
 
+from nodeagent.routing import ClusterPolicy, RouteTable
+from nodemesh.security import SecurityPolicies
+
 OUTBOUND_ALLOW_ANY = "ALLOW_ANY"
 OUTBOUND_REGISTRY_ONLY = "REGISTRY_ONLY"
 
@@ -68,6 +71,8 @@ class ServicePort:
     name: str = ""
     cluster: str = ""  # the xDS cluster name carrying this port's endpoints
     endpoints: tuple[Endpoint, ...] = ()
+    routes: RouteTable | None = None  # L7 route table (HTTP-ish ports), from RouteConfiguration
+    policy: ClusterPolicy | None = None  # L7 traffic policy, from the Cluster
 
 
 @dataclass(frozen=True)
@@ -113,6 +118,8 @@ class Snapshot:
     services: tuple[Service, ...] = ()
     workloads: tuple[Workload, ...] = ()
     local_workloads: tuple[LocalWorkload, ...] = ()
+    # PeerAuthentication / AuthorizationPolicy and mesh-wide security settings (issue 5).
+    security: SecurityPolicies = field(default_factory=SecurityPolicies)
     # Indexes, derived in __post_init__; not part of equality.
     by_vip: Mapping[tuple[str, int], tuple[Service, ServicePort]] = field(
         default_factory=dict, compare=False, repr=False

@@ -18,9 +18,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import nodemesh
-from nodeagent.capture.iptables import CaptureError, IptablesCapture
+from nodeagent.capture import select as capture_select
+from nodeagent.capture.base import AgentFailover, CaptureBackend, CaptureError, ProxyState
+from nodeagent.capture.failover import Failover
 from nodeagent.certs import CertManager, grpc_issuer
 from nodeagent.config import AgentConfig, ConfigError, load_config
+from nodeagent.dns.server import DnsServer, dns_server_for
 from nodeagent.registry import RegistrySession, registration_from_config
 from nodeagent.settings import Certs, ProxySettings
 from nodeagent.snapshot import Snapshot, SnapshotError
@@ -93,9 +96,25 @@ class Agent:
         self.ads: AdsClient | None = None
         self.registry: RegistrySession | None = None
         self.cert_manager: CertManager | None = None
+        self.admin: Any = None  # nodeagent.admin.AdminServer, once started
+        self.dns: DnsServer | None = None  # mesh DNS (nodeagent/dns), started after the first snapshot
+        self.dns_failed = False
 
-    def _capture_for(self, config: AgentConfig) -> IptablesCapture:
-        return IptablesCapture(self.settings, config.local_workloads(), exclusions=self.settings.excluded_cidrs)
+    def _capture_for(self, config: AgentConfig) -> CaptureBackend:
+        # Port 53 is captured only while the DNS proxy serves (docs/dns.md).
+        dns_port = config.dns.port if config.dns.enabled and not getattr(self, "dns_failed", False) else None
+        # `auto` probes once; later rebuilds (reload, DNS failure) keep that backend.
+        mode = getattr(self, "capture_mode", "") or config.capture.mode
+        choice = capture_select.choose(mode, self.settings, config.local_workloads(),
+                                       failure_policy=config.capture.failure_policy, dns_port=dns_port)
+        if not getattr(self, "capture_mode", ""):
+            self.capture_mode, self.capture_reason = choice.mode, choice.reason
+            log.info("capture backend %s (%s), inbound %s, failurePolicy %s", choice.mode, choice.reason,
+                     self.settings.inbound_mode, config.capture.failure_policy)
+        if not hasattr(self, "failover"):
+            self.failover = Failover(config.capture.failure_policy, self.settings.outbound_port)
+        self.failover.failure_policy = config.capture.failure_policy
+        return choice.backend
 
     # ------------------------------------------------------------ status file
 
@@ -108,6 +127,10 @@ class Agent:
             "phase": self.phase,
             "capture_installed": self.capture_installed,
             "capture_error": self.capture_error,
+            "capture_backend": self.capture_mode,
+            "capture_backend_reason": self.capture_reason,
+            "capture_inbound": self.settings.inbound_mode,
+            **self.failover.status(),
             "snapshot_version": self.snapshot.version if self.snapshot else "",
             "certs": {
                 ident: {"not_after_unix": svid.not_after_unix,
@@ -118,6 +141,7 @@ class Agent:
             "control_plane_connected": bool(self.ads and self.ads.connected),
             "registry_connected": bool(self.registry and self.registry.connected),
             "workers_alive": bool(self.pool and self.pool.alive()),
+            "dns_listening": bool(self.dns and self.dns.listening),
             "workers_up": self.pool.up() if self.pool is not None and hasattr(self.pool, "up") else 0,
             "updated_unix": time.time(),
         }
@@ -137,6 +161,8 @@ class Agent:
 
     def _on_snapshot(self, snapshot: Snapshot) -> None:
         self.snapshot = snapshot
+        if self.dns is not None:
+            self.dns.set_snapshot(snapshot)
         if self.cert_manager is not None:
             self.cert_manager.set_identities(identities_for(snapshot), snapshot.mesh.trust_bundle)
         self._publish()
@@ -180,7 +206,23 @@ class Agent:
         self.capture_installed = True
         self.capture_error = ""
         log.info("capture installed: traffic of %d workload(s) now goes through the proxy",
-                 len(self.capture.workloads))
+                 len(getattr(self.capture, "workloads", ())))
+
+    async def _start_dns(self) -> None:
+        """Mesh DNS, once a snapshot exists. If it cannot listen, port 53 is not
+        captured, so workloads keep the node's own DNS (never a dead port)."""
+        if not self.config.dns.enabled or self.snapshot is None:
+            return
+        server = dns_server_for(self.config.dns, self.settings.mark)
+        server.set_snapshot(self.snapshot)
+        try:
+            await server.start()
+        except OSError as e:
+            log.error("%s; mesh names will not resolve and port 53 is not captured", e)
+            self.dns_failed = True
+            self.capture = self._capture_for(self.config)
+            return
+        self.dns = server
 
     async def _remove_capture(self) -> None:
         try:
@@ -207,7 +249,8 @@ class Agent:
         restart_only = [name for name, old, cur in (
             ("node", self.config.node, new.node), ("controlPlane", self.config.control_plane, new.control_plane),
             ("proxy", self.config.proxy, new.proxy), ("stateDir", self.config.state_dir, new.state_dir),
-            ("capture.mode", self.config.capture.mode, new.capture.mode)) if old != cur]
+            ("capture.mode", self.config.capture.mode, new.capture.mode),
+            ("dns", self.config.dns, new.dns)) if old != cur]
         if restart_only:
             log.warning("reload: changes to %s take effect only after a restart", ", ".join(restart_only))
         workloads = new.local_workloads()
@@ -219,7 +262,7 @@ class Agent:
                 return
         self.config = AgentConfig(node=self.config.node, control_plane=self.config.control_plane,
                                   capture=new.capture, proxy=self.config.proxy, workloads=new.workloads,
-                                  state_dir=self.config.state_dir)
+                                  state_dir=self.config.state_dir, dns=self.config.dns)
         self.settings = self.config.proxy_settings(resolve_control_plane(self.config))
         self.capture = self._capture_for(self.config)
         if self.registry is not None:
@@ -254,12 +297,24 @@ class Agent:
             raise
         finally:
             self.phase = "stopping"
+            if (not keep_capture and self.capture_installed and self.config.capture.failure_policy == "closed"
+                    and isinstance(self.capture, AgentFailover)):
+                # Stop or restart under failurePolicy closed: workloads must never
+                # go unmeshed, so leave capture refusing until the next agent
+                # installs it again (`nodemesh capture remove` takes it away).
+                try:
+                    await asyncio.to_thread(self.capture.set_proxy_state, ProxyState.REFUSE)
+                    keep_capture = True
+                except CaptureError as err:
+                    log.error("cannot switch capture to refuse on stop: %s", err)
             if keep_capture:
                 log.error("leaving capture installed (failurePolicy closed): workloads' connections "
                           "are refused until the agent is back")
             else:
                 log.info("stopping: removing capture first, so workloads never point at a stopped proxy")
                 await self._remove_capture()
+            if self.dns is not None:
+                await self.dns.stop()
             if self.pool is not None:
                 log.info("stopping proxy workers")
                 await self.pool.stop()
@@ -268,6 +323,8 @@ class Agent:
             await asyncio.gather(*tasks, return_exceptions=True)
             if self.cert_manager is not None:
                 await self.cert_manager.close()
+            if self.admin is not None:
+                await self.admin.close()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             self.phase = "stopped"
@@ -293,12 +350,15 @@ class Agent:
         self.pool = self._pool_factory(self.settings)
         log.info("starting %d proxy worker(s)", self.settings.workers)
         await self.pool.start()
+        await self._start_admin()
         # (2) control plane sessions.
         target = cfg.control_plane.grpc_target
         self.cert_manager = CertManager(cfg.node.name, grpc_issuer(target), self._on_certs)
         self.ads = AdsClient(target, cfg.node.name, cfg.local_workloads(), self._on_snapshot,
                              zone=cfg.node.zone, on_connection=self._on_connection)
         self.registry = RegistrySession(target, registration_from_config(cfg), on_connection=self._on_connection)
+        if self.admin is not None:
+            self.registry.telemetry = self.admin.telemetry_json  # heartbeats carry the mesh view's summary
         loop = asyncio.get_running_loop()
         tasks.append(loop.create_task(self.registry.run(), name="registry"))
         tasks.append(loop.create_task(self.ads.run(), name="xds"))
@@ -312,9 +372,28 @@ class Agent:
         if self._stop.is_set():
             return
         self._publish()
+        await self._start_dns()
         await self._install_capture()
+        # Watchdog: switch capture to bypass/refuse within ~POLL_S of the proxy's
+        # listeners vanishing, and back once they return.
+        tasks.append(asyncio.get_running_loop().create_task(self.failover.run(
+            lambda: self.capture, lambda: self.capture_installed, self.write_status, self._stop), name="failover"))
         self.phase = "running"
         self.write_status()
+
+    async def _start_admin(self) -> None:
+        """The admin endpoint (nodeagent/admin.py); the mesh serves without it, so a
+        port clash is reported, not fatal."""
+        from nodeagent.admin import AdminServer
+
+        admin = AdminServer(self, port=self.config.proxy.admin_port)
+        try:
+            await admin.start()
+        except OSError as e:
+            log.error("cannot serve the admin endpoint on 127.0.0.1:%d (%s): is another agent or process using "
+                      "proxy.adminPort? metrics and the node CLI are unavailable", self.config.proxy.admin_port, e)
+            return
+        self.admin = admin
 
     async def _serve(self) -> None:
         while not self._stop.is_set():

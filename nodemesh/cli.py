@@ -39,6 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     register_controlplane(sub)
     register_agent(sub)
 
+    from nodemesh.cli_observe import register as register_observe
+
+    register_observe(sub)  # status, services, endpoints, routes, explain, top, tap, logs, completion
+    from nodemesh.seccli import register as register_security
+
+    register_security(sub)
+
     p = sub.add_parser("demo", help="bring up a two-node mesh in network namespaces and show traffic crossing it")
     p.add_argument("--requests", type=int, default=6, help="requests the client sends by the service VIP")
     p.add_argument("--keep", action="store_true", help="leave the lab running until Ctrl-C")

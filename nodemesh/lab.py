@@ -31,6 +31,16 @@ class LabError(RuntimeError):
     pass
 
 
+def cgroup2_root() -> Path:
+    """The host's cgroup v2 mount (lab processes start outside `ip netns exec`)."""
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 2 and fields[2] == "cgroup2":
+                return Path(fields[1])
+    raise LabError("no cgroup v2 mount in /proc/self/mounts: cgroup workloads need one")
+
+
 def _run(argv: Sequence[str], check: bool = True, **kw: Any) -> subprocess.CompletedProcess[str]:
     res = subprocess.run(list(argv), capture_output=True, text=True, **kw)
     if check and res.returncode != 0:
@@ -52,6 +62,7 @@ def cleanup_all() -> list[str]:
             with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(pid), signal.SIGKILL)
         _run(["ip", "netns", "delete", ns], check=False)
+        shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)  # a lab's node_resolv_conf
         removed.append(ns)
     return removed
 
@@ -65,6 +76,9 @@ class LabWorkload:
     namespace: str = "default"
     service_account: str = ""
     labels: dict[str, str] = field(default_factory=dict)
+    # cgroup v2 path: when set, the agent recognises the workload by it (not
+    # by uid) and the lab runs the workload's processes in it.
+    cgroup: str | None = None
 
     def agent_entry(self) -> dict[str, Any]:
         entry: dict[str, Any] = {
@@ -75,6 +89,9 @@ class LabWorkload:
             "uid": self.uid,
             "ports": list(self.ports),
         }
+        if self.cgroup:
+            del entry["uid"]
+            entry["cgroup"] = self.cgroup
         return entry
 
 
@@ -83,7 +100,7 @@ class Lab:
 
     def __init__(self, nodes: int = 2, lab_id: str | None = None, subnet: int | None = None,
                  workdir: str | None = None, proxy_workers: int = 1, lease_seconds: int = 6,
-                 keep_workdir: bool = False) -> None:
+                 keep_workdir: bool = False, node_resolv_conf: str | None = None) -> None:
         self.lab_id = lab_id or f"{os.getpid() % 10000}{int(time.time() * 1000) % 1000:03d}"
         self.nodes = nodes
         # Each lab has its own hub bridge, so labs never see each other's addresses.
@@ -97,6 +114,13 @@ class Lab:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.workloads: dict[str, LabWorkload] = {}
         self._created = False
+        # agent.yaml's capture section: mode, plus e.g. {"failurePolicy": "closed"}.
+        self.capture_mode = "iptables"
+        self.capture_extra: dict[str, Any] = {}
+        self._cgroups: list[Path] = []  # created by ensure_cgroup, removed by destroy
+        # Contents of every node's /etc/resolv.conf: `ip netns exec` bind-mounts
+        # /etc/netns/<ns>/resolv.conf over it (the mesh DNS tests use this).
+        self.node_resolv_conf = node_resolv_conf
 
     # ------------------------------------------------------------- topology
     @property
@@ -145,6 +169,10 @@ class Lab:
             self.ns_exec(ns, ["ip", "route", "add", "default", "via", self.cp_ip])
             self.ns_exec(self.hub, ["ip", "link", "set", b, "master", "br0"])
             self.ns_exec(self.hub, ["ip", "link", "set", b, "up"])
+            if self.node_resolv_conf is not None:
+                etc = Path("/etc/netns") / ns
+                etc.mkdir(parents=True, exist_ok=True)
+                (etc / "resolv.conf").write_text(self.node_resolv_conf)
         return self
 
     def destroy(self) -> None:
@@ -157,6 +185,17 @@ class Lab:
                     with contextlib.suppress(ProcessLookupError, ValueError):
                         os.kill(int(pid), signal.SIGKILL)
                 _run(["ip", "netns", "delete", ns], check=False)
+                if self.node_resolv_conf is not None:
+                    shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
+        for cg in reversed(self._cgroups):
+            for _ in range(50):  # killed processes leave their cgroup asynchronously
+                with contextlib.suppress(FileNotFoundError):
+                    try:
+                        cg.rmdir()
+                    except OSError:
+                        time.sleep(0.05)
+                        continue
+                break
         if not self.keep_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -172,25 +211,29 @@ class Lab:
 
     # ------------------------------------------------------------- processes
     @staticmethod
-    def _wrap(ns: str, argv: Sequence[str], uid: int | None) -> list[str]:
+    def _wrap(ns: str, argv: Sequence[str], uid: int | None, cgroup: str | None = None) -> list[str]:
         cmd = ["ip", "netns", "exec", ns]
+        if cgroup:
+            # Join the cgroup before `ip netns exec`, whose fresh /sys hides it.
+            cmd = ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(cgroup2_root() / cgroup.strip("/") / "cgroup.procs"),
+                   *cmd]
         if uid is not None:
             cmd += ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
         return cmd + list(argv)
 
     def ns_exec(self, ns: str, argv: Sequence[str], uid: int | None = None, check: bool = True,
-                timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-        return _run(self._wrap(ns, argv, uid), check=check, timeout=timeout)
+                timeout: float = 30.0, cgroup: str | None = None) -> subprocess.CompletedProcess[str]:
+        return _run(self._wrap(ns, argv, uid, cgroup), check=check, timeout=timeout)
 
     def spawn(self, name: str, ns: str, argv: Sequence[str], uid: int | None = None,
-              env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+              env: dict[str, str] | None = None, cgroup: str | None = None) -> subprocess.Popen[bytes]:
         if name in self.procs and self.procs[name].poll() is None:
             raise LabError(f"process {name} is already running")
         log = open(self.workdir / f"{name}.log", "ab")
         full_env = dict(os.environ)
         full_env.update(env or {})
         full_env.setdefault("PYTHONUNBUFFERED", "1")
-        p = subprocess.Popen(self._wrap(ns, argv, uid), stdout=log, stderr=subprocess.STDOUT,
+        p = subprocess.Popen(self._wrap(ns, argv, uid, cgroup), stdout=log, stderr=subprocess.STDOUT,
                              stdin=subprocess.DEVNULL, env=full_env, start_new_session=True)
         log.close()
         self.procs[name] = p
@@ -250,11 +293,11 @@ class Lab:
     def add_workload(self, wl: LabWorkload) -> None:
         self.workloads[wl.name] = wl
 
-    def agent_config(self, k: int, capture_mode: str = "iptables") -> dict[str, Any]:
+    def agent_config(self, k: int, capture_mode: str | None = None) -> dict[str, Any]:
         return {
             "node": {"name": self.node_name(k), "address": self.node_ip(k), "zone": "lab"},
             "controlPlane": {"address": self.cp_addr},
-            "capture": {"mode": capture_mode},
+            "capture": {"mode": capture_mode or self.capture_mode, **self.capture_extra},
             "proxy": {"workers": self.proxy_workers,
                       "accessLog": str(self.workdir / f"access-{k}.log")},
             "workloads": [w.agent_entry() for w in self.workloads.values() if w.node == k],
@@ -302,7 +345,8 @@ class Lab:
         port = wl.ports[0]
         self.spawn(f"app-{name}", self.node_ns(wl.node),
                    [sys.executable, "-m", "nodemesh.labapp", "--name", name, "--node",
-                    self.node_name(wl.node), "--port", str(port)], uid=wl.uid)
+                    self.node_name(wl.node), "--port", str(port)], uid=wl.uid,
+                   cgroup=self.ensure_cgroup(wl.cgroup) if wl.cgroup else None)
         self.wait_for(lambda: self._listening(wl.node, port), 10, f"app {name} to listen on {port}",
                       lambda: self.log(f"app-{name}"))
 
@@ -311,9 +355,18 @@ class Lab:
         return bool(out.strip())
 
     def curl(self, k: int, url: str, uid: int, timeout: float = 5.0,
-             extra: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
+             extra: Sequence[str] = (), cgroup: str | None = None) -> subprocess.CompletedProcess[str]:
         return self.ns_exec(self.node_ns(k), ["curl", "-sS", "--max-time", str(timeout), *extra, url],
-                            uid=uid, check=False, timeout=timeout + 5)
+                            uid=uid, check=False, timeout=timeout + 5, cgroup=cgroup)
+
+    def ensure_cgroup(self, cgroup: str) -> str:
+        """Create a cgroup v2 directory (removed again by destroy()); returns the path as given."""
+        path = cgroup2_root() / cgroup.strip("/")
+        if not path.exists():
+            missing = [p for p in [path, *path.parents] if not p.exists()]
+            path.mkdir(parents=True)
+            self._cgroups += sorted(missing, key=lambda p: len(p.parts))
+        return cgroup
 
     def access_log(self, k: int) -> list[dict[str, Any]]:
         path = self.workdir / f"access-{k}.log"

@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from nodemesh import routes as _routes
 from nodemesh.identity import IdentityError, check_trust_domain
 
 API_VERSION = "nodemesh.io/v1alpha1"
@@ -19,7 +20,10 @@ MESH_CONFIG_NAME = "mesh"
 
 KIND_SERVICE = "Service"
 KIND_MESH_CONFIG = "MeshConfig"
-KINDS = (KIND_SERVICE, KIND_MESH_CONFIG)
+KIND_PEER_AUTHENTICATION = "PeerAuthentication"  # parsed in nodemesh.security
+KIND_AUTHORIZATION_POLICY = "AuthorizationPolicy"  # parsed in nodemesh.security
+KINDS = (KIND_SERVICE, KIND_MESH_CONFIG, KIND_PEER_AUTHENTICATION, KIND_AUTHORIZATION_POLICY,
+         *_routes.ROUTE_KINDS)  # L7 kinds: parsed in nodemesh.routes
 CLUSTER_SCOPED = frozenset({KIND_MESH_CONFIG})
 
 PROTOCOLS = ("tcp", "http", "http2", "grpc", "auto")
@@ -38,6 +42,13 @@ _KIND_ALIASES = {
     "meshconfig": KIND_MESH_CONFIG,
     "meshconfigs": KIND_MESH_CONFIG,
     "mesh": KIND_MESH_CONFIG,
+    "peerauthentication": KIND_PEER_AUTHENTICATION,
+    "peerauthentications": KIND_PEER_AUTHENTICATION,
+    "pa": KIND_PEER_AUTHENTICATION,
+    "authorizationpolicy": KIND_AUTHORIZATION_POLICY,
+    "authorizationpolicies": KIND_AUTHORIZATION_POLICY,
+    "authz": KIND_AUTHORIZATION_POLICY,
+    **_routes.ALIASES,
 }
 
 Problem = tuple[str, str]  # (path, reason); the path names the object and the field
@@ -112,6 +123,13 @@ class MeshConfig:
     outbound_policy: str = "ALLOW_ANY"
     dns_domain: str = "mesh"
     labels: tuple[tuple[str, str], ...] = ()
+    # Security (issue 5; see nodemesh.security and docs/security.md). Only
+    # written to spec() when not the default, so older specs stay unchanged.
+    mtls_mode: str = "PERMISSIVE"
+    default_deny: bool = False
+    root_namespace: str = "nodemesh-system"
+    # node name (or "*") -> service accounts ("<ns>/<sa>", "<ns>/*") it may register; empty: any
+    node_service_accounts: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     kind = KIND_MESH_CONFIG
     name = MESH_CONFIG_NAME
@@ -126,15 +144,19 @@ class MeshConfig:
         return ipaddress.IPv4Network(self.vip_range)
 
     def spec(self) -> dict[str, Any]:
-        return {
+        spec: dict[str, Any] = {
             "trustDomain": self.trust_domain,
             "vipRange": self.vip_range,
             "outboundPolicy": self.outbound_policy,
             "dnsDomain": self.dns_domain,
         }
+        from nodemesh import security
+
+        spec.update(security.mesh_spec_extra(self))
+        return spec
 
 
-Object = Service | MeshConfig
+Object = Any  # Service | MeshConfig | nodemesh.security kinds
 
 
 @dataclass(frozen=True)
@@ -303,7 +325,8 @@ def _parse_mesh_config(c: _Checker, name: str, labels: tuple[tuple[str, str], ..
                        spec_raw: Any) -> MeshConfig | None:
     if name != MESH_CONFIG_NAME:
         c.add("metadata.name", f"there is one MeshConfig and it must be named {MESH_CONFIG_NAME!r}")
-    spec = c.mapping(spec_raw, "spec", ("trustDomain", "vipRange", "outboundPolicy", "dnsDomain"))
+    spec = c.mapping(spec_raw, "spec", ("trustDomain", "vipRange", "outboundPolicy", "dnsDomain", "mtls",
+                                        "defaultDeny", "rootNamespace", "nodeServiceAccounts"))
     if spec is None:
         return None
     td = c.string(spec.get("trustDomain", "cluster.local"), "spec.trustDomain")
@@ -332,8 +355,13 @@ def _parse_mesh_config(c: _Checker, name: str, labels: tuple[tuple[str, str], ..
         c.add("spec.dnsDomain", "must not be empty")
     if c.problems:
         return None
+    from nodemesh import security
+
+    extra = security.parse_mesh_extra(c, spec)
+    if c.problems:
+        return None
     return MeshConfig(trust_domain=td, vip_range=vip_range, outbound_policy=policy, dns_domain=dns,
-                      labels=labels)
+                      labels=labels, **extra)
 
 
 # ---------------------------------------------------------------- entry points
@@ -379,6 +407,15 @@ def parse_document(doc: Any, index: int = 0) -> Document:
         obj = _parse_service(c, name_s, namespace, labels, doc.get("spec"))
     elif kind == KIND_MESH_CONFIG:
         obj = _parse_mesh_config(c, name_s, labels, doc.get("spec"))
+    elif kind in (KIND_PEER_AUTHENTICATION, KIND_AUTHORIZATION_POLICY):
+        from nodemesh import security
+
+        parse = (security.parse_peer_authentication if kind == KIND_PEER_AUTHENTICATION
+                 else security.parse_authorization_policy)
+        obj = parse(c, name_s, namespace, labels, doc.get("spec"))
+    elif kind in _routes.ROUTE_KINDS and not c.problems:
+        obj, more = _routes.parse(c.subject, kind, name_s, namespace, labels, doc.get("spec"))
+        c.problems.extend(more)
     if c.problems or obj is None:
         raise ValidationError(c.problems or [(c.subject, "invalid document")])
     return Document(kind=kind, namespace=namespace, name=name_s, obj=obj, labels=labels)

@@ -22,6 +22,8 @@ ClusterLoadAssignment: cluster_name as above; one LocalityLbEndpoints per node
                "node": str, "node_address": str, "hbone_port": number }
 Workload:  name  <node>/<namespace>/<name>
 MeshConfig: name "mesh"
+Policy:    name  <kind>/<namespace>/<name> (PeerAuthentication, AuthorizationPolicy),
+           plus MeshSecurity//mesh (mesh-wide mTLS mode, default deny, root namespace)
 """
 
 from __future__ import annotations
@@ -33,9 +35,13 @@ LISTENER = TYPE_PREFIX + "envoy.config.listener.v3.Listener"
 ROUTE = TYPE_PREFIX + "envoy.config.route.v3.RouteConfiguration"
 WORKLOAD = TYPE_PREFIX + "nodemesh.v1.Workload"
 MESH_CONFIG = TYPE_PREFIX + "nodemesh.v1.MeshConfig"
+POLICY = TYPE_PREFIX + "nodemesh.v1.Policy"
 
-# What a node agent subscribes to, in the order it subscribes.
-AGENT_TYPES = (MESH_CONFIG, WORKLOAD, CLUSTER, ENDPOINT)
+# What a node agent subscribes to, in the order it subscribes. A snapshot is
+# published only once every type has arrived: POLICY always holds the
+# "MeshSecurity//mesh" resource, so "no policies" is never "not received yet".
+AGENT_TYPES = (MESH_CONFIG, WORKLOAD, CLUSTER, ENDPOINT, POLICY, ROUTE)  # ROUTE: always sent, maybe empty
+MESH_SECURITY_RESOURCE = "MeshSecurity//mesh"
 
 METADATA_KEY = "nodemesh"
 MESH_CONFIG_NAME = "mesh"
@@ -52,3 +58,7 @@ def cluster_name(service: str, namespace: str, port: int, dns_domain: str) -> st
 
 def workload_resource_name(node: str, namespace: str, name: str) -> str:
     return f"{node}/{namespace}/{name}"
+
+
+def policy_resource_name(kind: str, namespace: str, name: str) -> str:
+    return f"{kind}/{namespace}/{name}"

@@ -15,6 +15,8 @@ from google.protobuf import any_pb2, duration_pb2, struct_pb2
 from google.protobuf.message import Message
 
 from controlplane.nodes import RegisteredNode, RegisteredWorkload
+from controlplane.policies import policy_resources
+from controlplane.xds import routes as xds_routes
 from controlplane.xds.cache import XdsSnapshot
 from nodemesh import model, xdsnames
 from nodemesh.identity import Identity
@@ -110,8 +112,11 @@ def _workload(node: RegisteredNode, wl: RegisteredWorkload, trust_domain: str) -
 
 
 def build_snapshot(mesh: model.MeshConfig, services: Sequence[ServiceEntry],
-                   nodes: Sequence[RegisteredNode], trust_bundle: Sequence[str]) -> XdsSnapshot:
-    """Every resource a node agent needs, each type versioned by its content."""
+                   nodes: Sequence[RegisteredNode], trust_bundle: Sequence[str],
+                   policies: Sequence[Any] = (), *, l7: Any = None) -> XdsSnapshot:
+    """Every resource a node agent needs, each type versioned by its content.
+    `l7`: (routes, destination policies) from controlplane.xds.routes.load()."""
+    l7_routes, l7_policies = l7 if l7 is not None else ((), ())
     clusters: dict[str, any_pb2.Any] = {}
     assignments: dict[str, any_pb2.Any] = {}
     workloads: dict[str, any_pb2.Any] = {}
@@ -124,6 +129,9 @@ def build_snapshot(mesh: model.MeshConfig, services: Sequence[ServiceEntry],
         selected = [(n, w) for n, w in all_workloads if svc.selects(w.namespace, w.label_map)]
         for port in svc.ports:
             c = _cluster(entry, port, mesh.dns_domain)
+            l7_policy = xds_routes.policy_for(l7_policies, svc)
+            if l7_policy is not None or port.protocol in xds_routes.L7_PROTOCOLS:
+                xds_routes.apply_policy(c, l7_policy)
             clusters[c.name] = _pack(c)
             backends = [(n, w) for n, w in selected if w.serves(port.target_port)]
             assignments[c.name] = _pack(_load_assignment(c.name, port, backends, mesh.trust_domain))
@@ -135,6 +143,10 @@ def build_snapshot(mesh: model.MeshConfig, services: Sequence[ServiceEntry],
         xdsnames.ENDPOINT: assignments,
         xdsnames.WORKLOAD: workloads,
         xdsnames.MESH_CONFIG: {xdsnames.MESH_CONFIG_NAME: _pack(mesh_pb)},
+        xdsnames.ROUTE: {n: _pack(r) for n, r in xds_routes.route_configurations(
+            mesh, [e.service for e in services], l7_routes).items()},
+        # Security policies (issue 5): always at least MeshSecurity//mesh.
+        xdsnames.POLICY: {n: _pack(p) for n, p in policy_resources(mesh, policies).items()},
     })
     snap.consistent()
     return snap

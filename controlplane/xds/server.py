@@ -64,6 +64,9 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
     def __init__(self, cache: SnapshotCache) -> None:
         self._cache = cache
         self.stats = AdsStats()
+        # Observers for controlplane.metrics (push latency, NACKs): (node, type_url, version/None).
+        self.on_ack: Callable[[str, str, str], None] | None = None
+        self.on_nack: Callable[[str, str], None] | None = None
         self._nonces = itertools.count(1)
         self._watch_ids = itertools.count(1)
 
@@ -124,9 +127,13 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
                                         "version %r until a new snapshot", node_id or "?", req.type_url,
                                         st.sent_version, req.response_nonce, req.error_detail.message,
                                         req.version_info)
+                            if self.on_nack is not None:
+                                self.on_nack(node_id, req.type_url)
                         elif req.response_nonce:
                             self.stats.acks += 1
                             st.acked_version = req.version_info
+                            if self.on_ack is not None:
+                                self.on_ack(node_id, req.type_url, req.version_info)
                         # Whether ACK or NACK, wait for a snapshot newer than what was sent:
                         # resending a rejected version would only be rejected again.
                         known = st.sent_version

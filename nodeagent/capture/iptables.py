@@ -1,8 +1,14 @@
-"""Traffic capture with iptables (nat table): pure functions render
-`iptables-restore --noflush` text, a thin executor applies it atomically.
+"""Traffic capture with iptables: pure functions render `iptables-restore
+--noflush` text, a thin executor applies it atomically (one restore call).
 
-Only our own chains (NODEMESH_OUTPUT, NODEMESH_PREROUTING) and the one jump into
-each are ever written or removed; every other rule in the table is left alone.
+Only our own chains and the one jump into each are ever written or removed;
+every other rule is left alone. Tables used:
+  nat     NODEMESH_OUTPUT (workloads' outbound -> :15001),
+          NODEMESH_PREROUTING (inbound plaintext -> :15006, redirect mode)
+  mangle  NODEMESH_TPROXY, NODEMESH_DIVERT, NODEMESH_MANGLE_OUT (tproxy mode)
+  filter  NODEMESH_INPUT (tproxy mode: refuses inbound while the proxy is down
+          under failurePolicy closed; TPROXY itself would drop, i.e. hang)
+plus, in tproxy mode, one `ip rule` and one route (nodeagent.capture.routing).
 """
 
 from __future__ import annotations
@@ -17,21 +23,65 @@ from dataclasses import dataclass, field
 from nodeagent.settings import ProxySettings
 from nodeagent.snapshot import LocalWorkload
 
+from . import routing
+from .base import CaptureDiff, CaptureError, CaptureStatus, ProxyState
+
+__all__ = [
+    "CaptureDiff",
+    "CaptureError",
+    "IptablesCapture",
+    "NatState",
+    "SaveState",
+    "diff_state",
+    "parse_nat_save",
+    "parse_save",
+    "remove_leftovers",
+    "render_install",
+    "render_remove",
+]
+
 log = logging.getLogger(__name__)
 
 OUTPUT_CHAIN = "NODEMESH_OUTPUT"
 PREROUTING_CHAIN = "NODEMESH_PREROUTING"
-# (built-in chain, our chain) pairs: the jumps we insert.
+TPROXY_CHAIN = "NODEMESH_TPROXY"
+DIVERT_CHAIN = "NODEMESH_DIVERT"
+MANGLE_OUT_CHAIN = "NODEMESH_MANGLE_OUT"
+INPUT_CHAIN = "NODEMESH_INPUT"
+
+# (built-in chain, our chain) pairs of the nat table in redirect mode (kept for callers).
 JUMPS: tuple[tuple[str, str], ...] = (("OUTPUT", OUTPUT_CHAIN), ("PREROUTING", PREROUTING_CHAIN))
 OUR_CHAINS = (OUTPUT_CHAIN, PREROUTING_CHAIN)
 
+TABLES = ("nat", "mangle", "filter")
+# Every chain we may ever create, per table (leftovers of any mode are found).
+ALL_CHAINS: dict[str, tuple[str, ...]] = {
+    "nat": (OUTPUT_CHAIN, PREROUTING_CHAIN),
+    "mangle": (TPROXY_CHAIN, DIVERT_CHAIN, MANGLE_OUT_CHAIN),
+    "filter": (INPUT_CHAIN,),
+}
+ALL_JUMPS: dict[str, tuple[tuple[str, str], ...]] = {
+    "nat": JUMPS,
+    "mangle": (("PREROUTING", TPROXY_CHAIN), ("OUTPUT", MANGLE_OUT_CHAIN)),
+    "filter": (("INPUT", INPUT_CHAIN),),
+}
 
-class CaptureError(RuntimeError):
-    """Installing, removing or reading capture rules failed."""
 
-    def __init__(self, reason: str, message: str) -> None:
-        self.reason = reason
-        super().__init__(message)
+@dataclass(frozen=True)
+class Layout:
+    """Which of our chains and jumps a mode uses, per table."""
+
+    chains: dict[str, tuple[str, ...]]
+    jumps: dict[str, tuple[tuple[str, str], ...]]
+
+
+def layout(inbound_mode: str) -> Layout:
+    if inbound_mode == "tproxy":
+        return Layout(
+            chains={"nat": (OUTPUT_CHAIN,), "mangle": ALL_CHAINS["mangle"], "filter": ALL_CHAINS["filter"]},
+            jumps={"nat": (("OUTPUT", OUTPUT_CHAIN),), "mangle": ALL_JUMPS["mangle"], "filter": ALL_JUMPS["filter"]},
+        )
+    return Layout(chains={"nat": OUR_CHAINS}, jumps={"nat": JUMPS})
 
 
 # ------------------------------------------------------------------ state parsing
@@ -39,7 +89,7 @@ class CaptureError(RuntimeError):
 
 @dataclass(frozen=True)
 class NatState:
-    """What of ours is in the nat table, parsed from `iptables-save -t nat`."""
+    """What of ours is in one table, parsed from iptables-save."""
 
     chains: dict[str, tuple[str, ...]] = field(default_factory=dict)  # our chain -> rules (normalized)
     jumps: dict[str, int] = field(default_factory=dict)  # built-in chain -> count of jumps into ours
@@ -52,6 +102,29 @@ class NatState:
     @property
     def anything(self) -> bool:
         return bool(self.chains) or any(self.jumps.values())
+
+
+@dataclass(frozen=True)
+class SaveState:
+    """Our chains and jumps in every table (table -> NatState)."""
+
+    tables: dict[str, NatState] = field(default_factory=dict)
+
+    def table(self, name: str) -> NatState:
+        return self.tables.get(name, NatState())
+
+    @property
+    def anything(self) -> bool:
+        return any(t.anything for t in self.tables.values())
+
+    def installed_for(self, lay: Layout) -> bool:
+        for table, chains in lay.chains.items():
+            st = self.table(table)
+            if not all(c in st.chains for c in chains):
+                return False
+            if not all(st.jumps.get(b, 0) >= 1 for b, _ in lay.jumps.get(table, ())):
+                return False
+        return True
 
 
 def normalize_rule(rule: str) -> str:
@@ -69,43 +142,53 @@ def normalize_rule(rule: str) -> str:
     return " ".join(out)
 
 
-def parse_nat_save(text: str) -> NatState:
-    """Extract our chains and the jumps into them from iptables-save output of
-    the nat table. Other chains' rules are ignored."""
-    chains: dict[str, list[str]] = {}
-    positions: dict[str, list[int]] = {}
-    counters: dict[str, int] = {}
-    in_nat = False
+def parse_save(text: str) -> SaveState:
+    """Extract our chains and the jumps into them, per table, from iptables-save
+    output. Other chains' rules are ignored."""
+    chains: dict[str, dict[str, list[str]]] = {}
+    positions: dict[str, dict[str, list[int]]] = {}
+    counters: dict[tuple[str, str], int] = {}
+    table = ""
     for line in text.splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         if line.startswith("*"):
-            in_nat = line == "*nat"
+            table = line[1:]
             continue
-        if not in_nat:
+        if table not in ALL_CHAINS:
             continue
+        ours = ALL_CHAINS[table]
         if line.startswith(":"):
             name = line[1:].split()[0]
-            if name in OUR_CHAINS:
-                chains.setdefault(name, [])
+            if name in ours:
+                chains.setdefault(table, {}).setdefault(name, [])
             continue
         if line.startswith("-A "):
             parts = line.split(None, 2)
             chain = parts[1]
             spec = parts[2] if len(parts) > 2 else ""
-            counters[chain] = counters.get(chain, 0) + 1
-            if chain in OUR_CHAINS:
-                chains.setdefault(chain, []).append(normalize_rule(spec))
+            counters[(table, chain)] = counters.get((table, chain), 0) + 1
+            if chain in ours:
+                chains.setdefault(table, {}).setdefault(chain, []).append(normalize_rule(spec))
                 continue
-            for builtin, ours in JUMPS:
-                if chain == builtin and normalize_rule(spec) == f"-j {ours}":
-                    positions.setdefault(builtin, []).append(counters[chain])
-    return NatState(
-        chains={k: tuple(v) for k, v in chains.items()},
-        jumps={k: len(v) for k, v in positions.items()},
-        jump_positions={k: tuple(v) for k, v in positions.items()},
-    )
+            for builtin, our in ALL_JUMPS[table]:
+                if chain == builtin and normalize_rule(spec) == f"-j {our}":
+                    positions.setdefault(table, {}).setdefault(builtin, []).append(counters[(table, chain)])
+    tables = {}
+    for t in set(chains) | set(positions):
+        pos = positions.get(t, {})
+        tables[t] = NatState(
+            chains={k: tuple(v) for k, v in chains.get(t, {}).items()},
+            jumps={k: len(v) for k, v in pos.items()},
+            jump_positions={k: tuple(v) for k, v in pos.items()},
+        )
+    return SaveState(tables)
+
+
+def parse_nat_save(text: str) -> NatState:
+    """Our nat-table chains and jumps (the redirect-mode view)."""
+    return parse_save(text).table("nat")
 
 
 # ------------------------------------------------------------------ rendering
@@ -116,13 +199,36 @@ def _host_cidr(ip: str) -> str:
     return f"{addr}/{addr.max_prefixlen}"
 
 
+def _workload_match(wl: LocalWorkload) -> str | None:
+    if wl.uid is not None:
+        return f"-m owner --uid-owner {wl.uid}"
+    if wl.cgroup:
+        return f"-m cgroup --path {shlex.quote('/' + wl.cgroup.strip('/'))}"
+    return None
+
+
+def _inbound_ports(workloads: Sequence[LocalWorkload]) -> list[tuple[str, int]]:
+    return [(wl.ip, p) for wl in workloads if ipaddress.ip_address(wl.ip).version == 4 for p in wl.ports]
+
+
 def output_rules(settings: ProxySettings, workloads: Sequence[LocalWorkload],
-                 exclusions: Iterable[str], control_plane: Sequence[str] = ()) -> tuple[str, ...]:
+                 exclusions: Iterable[str], control_plane: Sequence[str] = (),
+                 state: ProxyState = ProxyState.SERVING, dns_port: int | None = None) -> tuple[str, ...]:
     """Rules of NODEMESH_OUTPUT, in order. The proxy's own traffic (marked)
     returns first so it is never captured again; loopback, the control plane
     and excluded CIDRs return next; then each declared workload's TCP is
-    redirected to the outbound listener. Nothing else on the node is touched."""
-    rules = [f"-m mark --mark {settings.mark:#x} -j RETURN", "-d 127.0.0.0/8 -j RETURN"]
+    redirected to the outbound listener. Nothing else on the node is touched.
+
+    BYPASS: the workload rules RETURN instead (their packet counters count the
+    connections that bypassed the mesh). REFUSE keeps the REDIRECT: with no
+    listener on the port the kernel answers the SYN with a reset at once."""
+    rules = [f"-m mark --mark {settings.mark:#x} -j RETURN"]
+    if dns_port is not None:
+        # Mesh DNS (docs/dns.md): a workload's port 53 to ANY address, loopback
+        # stubs included, goes to the agent's DNS proxy, hence before the RETURNs.
+        rules += [f"-p {proto} -m {proto} --dport 53 {match} -j REDIRECT --to-ports {dns_port}"
+                  for wl in workloads if (match := _workload_match(wl)) for proto in ("udp", "tcp")]
+    rules.append("-d 127.0.0.0/8 -j RETURN")
     seen: set[str] = set()
     for cidr in list(control_plane) + list(exclusions):
         net = str(ipaddress.ip_network(cidr, strict=False))
@@ -131,126 +237,199 @@ def output_rules(settings: ProxySettings, workloads: Sequence[LocalWorkload],
             continue
         seen.add(net)
         rules.append(f"-d {net} -j RETURN")
+    target = "RETURN" if state is ProxyState.BYPASS else f"REDIRECT --to-ports {settings.outbound_port}"
     for wl in workloads:
-        if wl.uid is not None:
-            match = f"-m owner --uid-owner {wl.uid}"
-        elif wl.cgroup:
-            match = f"-m cgroup --path {shlex.quote('/' + wl.cgroup.strip('/'))}"
-        else:
-            continue
-        rules.append(f"-p tcp {match} -j REDIRECT --to-ports {settings.outbound_port}")
+        match = _workload_match(wl)
+        if match is not None:
+            rules.append(f"-p tcp {match} -j {target}")
     return tuple(rules)
 
 
-def prerouting_rules(settings: ProxySettings, workloads: Sequence[LocalWorkload]) -> tuple[str, ...]:
-    """Rules of NODEMESH_PREROUTING: plaintext TCP arriving for a local workload's
-    port goes to the inbound listener. Traffic on lo is left alone, since the
-    proxy itself delivers to workloads over loopback-routed local addresses."""
-    rules = []
-    for wl in workloads:
-        if ipaddress.ip_address(wl.ip).version != 4:
-            continue
-        for port in wl.ports:
-            rules.append(
-                f"-d {_host_cidr(wl.ip)} ! -i lo -p tcp -m tcp --dport {port} "
-                f"-j REDIRECT --to-ports {settings.inbound_plain_port}"
-            )
-    return tuple(rules)
+def prerouting_rules(settings: ProxySettings, workloads: Sequence[LocalWorkload],
+                     state: ProxyState = ProxyState.SERVING) -> tuple[str, ...]:
+    """Rules of NODEMESH_PREROUTING (redirect mode): plaintext TCP arriving for a
+    local workload's port goes to the inbound listener. Traffic on lo is left
+    alone, since the proxy itself delivers to workloads over loopback-routed
+    local addresses. BYPASS: none (callers reach the workload directly)."""
+    if state is ProxyState.BYPASS:
+        return ()
+    return tuple(
+        f"-d {_host_cidr(ip)} ! -i lo -p tcp -m tcp --dport {port} -j REDIRECT --to-ports {settings.inbound_plain_port}"
+        for ip, port in _inbound_ports(workloads)
+    )
+
+
+def _xmark(mark: int) -> str:
+    return f"{mark:#x}/{mark:#x}"
+
+
+def tproxy_rules(settings: ProxySettings, workloads: Sequence[LocalWorkload],
+                 state: ProxyState = ProxyState.SERVING) -> dict[str, tuple[str, ...]]:
+    """mangle/filter chains of tproxy mode, as iptables-save prints them.
+
+    NODEMESH_TPROXY: packets of a connection a transparent socket already owns
+    (the proxy's accepted inbound sockets, and its source-preserving upstream
+    sockets) are marked and accepted; new plaintext connections to a workload
+    port arriving on any interface but lo go to :15006 with TPROXY.
+    NODEMESH_MANGLE_OUT: the proxy's upstream connections that carry the
+    caller's source address get a connmark, and the workload's replies on them
+    are marked, so policy routing brings them back to the proxy instead of
+    sending them to the caller directly.
+    NODEMESH_INPUT (REFUSE only): reset inbound connections while the proxy is down."""
+    m = settings.tproxy_mark
+    ports = _inbound_ports(workloads)
+    tp = [f"-p tcp -m socket --transparent -j {DIVERT_CHAIN}"]
+    if state is ProxyState.SERVING:
+        tp += [f"-d {_host_cidr(ip)} ! -i lo -p tcp -m tcp --dport {port} -j TPROXY --on-port "
+               f"{settings.inbound_plain_port} --on-ip 0.0.0.0 --tproxy-mark {_xmark(m)}" for ip, port in ports]
+    refuse: list[str] = []
+    if state is ProxyState.REFUSE:
+        refuse = [f"-d {_host_cidr(ip)} ! -i lo -p tcp -m tcp --dport {port} -j REJECT --reject-with tcp-reset"
+                  for ip, port in ports]
+    return {
+        TPROXY_CHAIN: tuple(tp),
+        DIVERT_CHAIN: (f"-j MARK --set-xmark {_xmark(m)}", "-j ACCEPT"),
+        MANGLE_OUT_CHAIN: (
+            f"-p tcp -m mark --mark {settings.mark:#x} -m addrtype ! --src-type LOCAL -j CONNMARK --set-xmark {_xmark(m)}",
+            f"-p tcp -m connmark --mark {_xmark(m)} -j MARK --set-xmark {_xmark(m)}",
+        ),
+        INPUT_CHAIN: tuple(refuse),
+    }
+
+
+def desired_tables(settings: ProxySettings, workloads: Sequence[LocalWorkload], exclusions: Iterable[str],
+                   control_plane: Sequence[str] = (),
+                   state: ProxyState = ProxyState.SERVING,
+                   dns_port: int | None = None) -> dict[str, dict[str, tuple[str, ...]]]:
+    """table -> our chain -> rules, for the settings' inbound mode and `state`."""
+    out = output_rules(settings, workloads, exclusions, control_plane, state, dns_port)
+    if settings.inbound_mode == "tproxy":
+        tp = tproxy_rules(settings, workloads, state)
+        return {"nat": {OUTPUT_CHAIN: out},
+                "mangle": {c: tp[c] for c in ALL_CHAINS["mangle"]},
+                "filter": {INPUT_CHAIN: tp[INPUT_CHAIN]}}
+    return {"nat": {OUTPUT_CHAIN: out, PREROUTING_CHAIN: prerouting_rules(settings, workloads, state)}}
 
 
 def desired_chains(settings: ProxySettings, workloads: Sequence[LocalWorkload],
                    exclusions: Iterable[str], control_plane: Sequence[str] = ()) -> dict[str, tuple[str, ...]]:
-    return {
-        OUTPUT_CHAIN: output_rules(settings, workloads, exclusions, control_plane),
-        PREROUTING_CHAIN: prerouting_rules(settings, workloads),
-    }
+    """The nat chains (redirect mode), kept for callers of the nat-only view."""
+    return desired_tables(settings, workloads, exclusions, control_plane)["nat"]
+
+
+def render_tables(desired: dict[str, dict[str, tuple[str, ...]]], lay: Layout, state: SaveState) -> str:
+    """iptables-restore --noflush text making every table hold exactly `desired`
+    and one jump into each chain of `lay`; our chains of other modes (leftovers
+    of an earlier config) are flushed and deleted. Declaring `:CHAIN - [0:0]`
+    flushes a chain, so leftovers of a killed agent are replaced."""
+    lines: list[str] = []
+    for table in TABLES:
+        cur = state.table(table)
+        want = desired.get(table, {})
+        stale = [c for c in ALL_CHAINS[table] if c in cur.chains and c not in want]
+        stale_jumps = [(b, c) for b, c in ALL_JUMPS[table] if c not in want and cur.jumps.get(b, 0)]
+        if not want and not stale and not stale_jumps:
+            continue
+        body = [f"*{table}"]
+        body += [f":{name} - [0:0]" for name in want]
+        body += [f":{name} - [0:0]" for name in stale]
+        for builtin, ours in lay.jumps.get(table, ()):
+            # Per table, each built-in chain jumps into at most one chain of ours.
+            count = cur.jumps.get(builtin, 0)
+            # A killed agent racing a restart can leave duplicates: keep one.
+            body += [f"-D {builtin} -j {ours}"] * max(0, count - 1)
+            if count == 0:
+                body.append(f"-I {builtin} 1 -j {ours}")
+        for builtin, ours in stale_jumps:
+            body += [f"-D {builtin} -j {ours}"] * cur.jumps.get(builtin, 0)
+        for name, rules in want.items():
+            body += [f"-A {name} {rule}" for rule in rules]
+        body += [f"-X {name}" for name in stale]
+        body.append("COMMIT")
+        lines += body
+    return "\n".join(lines) + "\n" if lines else ""
 
 
 def render_install(settings: ProxySettings, workloads: Sequence[LocalWorkload],
-                   exclusions: Iterable[str], control_plane: Sequence[str], current_save: str) -> str:
-    """iptables-restore --noflush text that makes the nat table hold exactly our
-    chains and one jump into each. Declaring `:CHAIN - [0:0]` flushes the chain,
-    so leftovers of a killed agent are replaced; extra jumps are deleted."""
-    state = parse_nat_save(current_save)
-    chains = desired_chains(settings, workloads, exclusions, control_plane)
-    lines = ["*nat"]
-    lines += [f":{name} - [0:0]" for name in OUR_CHAINS]
-    for builtin, ours in JUMPS:
-        count = state.jumps.get(builtin, 0)
-        # A killed agent racing a restart can leave duplicates: keep one.
-        lines += [f"-D {builtin} -j {ours}"] * max(0, count - 1)
-        if count == 0:
-            lines.append(f"-I {builtin} 1 -j {ours}")
-    for name in OUR_CHAINS:
-        lines += [f"-A {name} {rule}" for rule in chains[name]]
-    lines.append("COMMIT")
-    return "\n".join(lines) + "\n"
+                   exclusions: Iterable[str], control_plane: Sequence[str], current_save: str,
+                   state: ProxyState = ProxyState.SERVING) -> str:
+    """iptables-restore --noflush text installing capture over `current_save`."""
+    return render_tables(desired_tables(settings, workloads, exclusions, control_plane, state),
+                         layout(settings.inbound_mode), parse_save(current_save))
 
 
 def render_remove(current_save: str) -> str:
     """iptables-restore --noflush text deleting exactly our jumps and chains, as
     far as they exist now; "" when there is nothing to remove."""
-    state = parse_nat_save(current_save)
+    state = parse_save(current_save)
     if not state.anything:
         return ""
-    lines = ["*nat"]
-    present = [c for c in OUR_CHAINS if c in state.chains]
-    # Flush before delete: a chain that still has rules cannot be deleted.
-    lines += [f":{name} - [0:0]" for name in present]
-    for builtin, ours in JUMPS:
-        lines += [f"-D {builtin} -j {ours}"] * state.jumps.get(builtin, 0)
-    lines += [f"-X {name}" for name in present]
-    lines.append("COMMIT")
+    lines: list[str] = []
+    for table in TABLES:
+        cur = state.table(table)
+        if not cur.anything:
+            continue
+        present = [c for c in ALL_CHAINS[table] if c in cur.chains]
+        lines.append(f"*{table}")
+        # Flush before delete: a chain that still has rules cannot be deleted.
+        lines += [f":{name} - [0:0]" for name in present]
+        for builtin, ours in ALL_JUMPS[table]:
+            lines += [f"-D {builtin} -j {ours}"] * cur.jumps.get(builtin, 0)
+        lines += [f"-X {name}" for name in present]
+        lines.append("COMMIT")
     return "\n".join(lines) + "\n"
 
 
-@dataclass(frozen=True)
-class CaptureDiff:
-    """Difference between the rules that should be installed and what is."""
-
-    missing: tuple[str, ...] = ()  # "CHAIN: rule" expected but absent
-    unexpected: tuple[str, ...] = ()  # "CHAIN: rule" present but not expected
-    jump_problems: tuple[str, ...] = ()
-
-    @property
-    def ok(self) -> bool:
-        return not (self.missing or self.unexpected or self.jump_problems)
-
-    def describe(self) -> str:
-        if self.ok:
-            return "capture rules are as expected"
-        parts = [f"missing: {m}" for m in self.missing]
-        parts += [f"unexpected: {u}" for u in self.unexpected]
-        parts += list(self.jump_problems)
-        return "; ".join(parts)
-
-
-def diff_state(expected: dict[str, tuple[str, ...]], state: NatState) -> CaptureDiff:
+def _diff_table(table: str, expected: dict[str, tuple[str, ...]], state: NatState,
+                jumps: tuple[tuple[str, str], ...]) -> CaptureDiff:
     """Compare rule by rule, order included (RETURNs must precede REDIRECTs)."""
     missing: list[str] = []
     unexpected: list[str] = []
     problems: list[str] = []
+    prefix = "" if table == "nat" else f"{table} "
     for chain, rules in expected.items():
         if chain not in state.chains:
-            problems.append(f"chain {chain} does not exist")
+            problems.append(f"chain {prefix}{chain} does not exist")
             continue
         want = [normalize_rule(r) for r in rules]
         have = list(state.chains[chain])
         if want == have:
             continue
-        chain_missing = [f"{chain}: {r}" for r in want if r not in have]
-        chain_unexpected = [f"{chain}: {r}" for r in have if r not in want]
+        chain_missing = [f"{prefix}{chain}: {r}" for r in want if r not in have]
+        chain_unexpected = [f"{prefix}{chain}: {r}" for r in have if r not in want]
         missing += chain_missing
         unexpected += chain_unexpected
         if not chain_missing and not chain_unexpected:
-            problems.append(f"chain {chain} has the expected rules in the wrong order")
-    for builtin, ours in JUMPS:
+            problems.append(f"chain {prefix}{chain} has the expected rules in the wrong order")
+    for builtin, ours in jumps:
         n = state.jumps.get(builtin, 0)
         if n == 0:
-            problems.append(f"no jump from {builtin} to {ours}")
+            problems.append(f"no jump from {prefix}{builtin} to {ours}")
         elif n > 1:
-            problems.append(f"{n} jumps from {builtin} to {ours} (expected 1)")
+            problems.append(f"{n} jumps from {prefix}{builtin} to {ours} (expected 1)")
+    for chain in state.chains:
+        if chain not in expected:
+            problems.append(f"leftover chain {prefix}{chain}")
     return CaptureDiff(tuple(missing), tuple(unexpected), tuple(problems))
+
+
+def diff_state(expected: dict[str, tuple[str, ...]], state: NatState) -> CaptureDiff:
+    """nat-table comparison (redirect-mode view)."""
+    jumps = tuple((b, c) for b, c in JUMPS if c in expected)
+    return _diff_table("nat", expected, state, jumps)
+
+
+def diff_tables(expected: dict[str, dict[str, tuple[str, ...]]], lay: Layout, state: SaveState) -> CaptureDiff:
+    total = CaptureDiff()
+    for table in TABLES:
+        want = expected.get(table, {})
+        cur = state.table(table)
+        if not want:
+            if cur.anything:
+                total = total + CaptureDiff(jump_problems=(f"leftover nodemesh chains or jumps in table {table}",))
+            continue
+        total = total + _diff_table(table, want, cur, lay.jumps.get(table, ()))
+    return total
 
 
 # ------------------------------------------------------------------ executor
@@ -273,26 +452,41 @@ def run_command(argv: Sequence[str], stdin: str | None) -> str:
         raise CaptureError(
             "iptables_failed",
             f"{' '.join(argv)} failed (exit {proc.returncode}): {proc.stderr.strip()}; "
-            "is the agent running as root (CAP_NET_ADMIN) and is the nat table available?",
+            "is the agent running as root (CAP_NET_ADMIN) and are the nat/mangle tables available?",
         )
     return proc.stdout
+
+
+def _policy_route(settings: ProxySettings) -> routing.PolicyRoute:
+    return routing.PolicyRoute(settings.tproxy_mark, settings.tproxy_table, settings.tproxy_rule_pref)
 
 
 class IptablesCapture:
     """Applies rendered rules with one iptables-restore call each time, so a
     reader never sees half a rule set."""
 
+    name = "iptables"
+
     def __init__(self, settings: ProxySettings, workloads: Sequence[LocalWorkload],
                  exclusions: Iterable[str] = (), control_plane: Sequence[str] = (),
-                 runner: Runner = run_command) -> None:
+                 runner: Runner = run_command, manage_routes: bool | None = None,
+                 dns_port: int | None = None) -> None:
         self.settings = settings
+        self.dns_port = dns_port  # the DNS proxy's port; None = port 53 not captured
         self.workloads = tuple(workloads)
         self.exclusions = tuple(exclusions)
         self.control_plane = tuple(control_plane)
+        self.state = ProxyState.SERVING
         self._run = runner
+        # Policy routes go through netlink; scripted runners in unit tests skip them.
+        self._routes = (runner is run_command) if manage_routes is None else manage_routes
+
+    @property
+    def tproxy(self) -> bool:
+        return self.settings.inbound_mode == "tproxy"
 
     def _save(self) -> str:
-        return self._run(["iptables-save", "-t", "nat"], None)
+        return self._run(["iptables-save"], None)
 
     def _restore(self, text: str, action: str) -> None:
         try:
@@ -300,42 +494,88 @@ class IptablesCapture:
         except CaptureError as e:
             raise CaptureError(e.reason, f"iptables-restore failed while {action}: {e}") from None
 
+    def expected_tables(self) -> dict[str, dict[str, tuple[str, ...]]]:
+        return desired_tables(self.settings, self.workloads, self.exclusions, self.control_plane, self.state,
+                              self.dns_port)
+
     def expected(self) -> dict[str, tuple[str, ...]]:
-        return desired_chains(self.settings, self.workloads, self.exclusions, self.control_plane)
+        return self.expected_tables()["nat"]
 
     def install(self) -> None:
         """Install (or repair) capture atomically; leftovers are replaced."""
         current = self._save()
-        state = parse_nat_save(current)
+        state = parse_save(current)
         if state.anything:
-            log.info("capture: replacing leftover rules (%s)", ", ".join(sorted(state.chains)) or "jumps only")
-        self._restore(render_install(self.settings, self.workloads, self.exclusions,
-                                     self.control_plane, current), "installing capture")
+            log.info("capture: replacing leftover iptables rules (%s)",
+                     ", ".join(f"{t}/{c}" for t, st in sorted(state.tables.items()) for c in st.chains) or "jumps only")
+        if self._routes:
+            pr = _policy_route(self.settings)
+            if self.tproxy:
+                routing.install(pr)
+            else:
+                routing.remove(pr)
+        text = render_tables(self.expected_tables(), layout(self.settings.inbound_mode), state)
+        if text:
+            self._restore(text, "installing capture")
         diff = self.verify()
         if not diff.ok:
             raise CaptureError("capture_mismatch",
                                f"capture rules differ right after install: {diff.describe()}; "
-                               "is another agent or firewall manager rewriting the nat table?")
+                               "is another agent or firewall manager rewriting the tables?")
+
+    def set_proxy_state(self, state: ProxyState) -> None:
+        """Re-render for `state` and apply in one restore call (policy routes stay)."""
+        self.state = state
+        text = render_tables(self.expected_tables(), layout(self.settings.inbound_mode), parse_save(self._save()))
+        if text:
+            self._restore(text, f"switching capture to {state.value}")
 
     def remove(self) -> bool:
-        """Remove our jumps and chains; True if anything was removed."""
+        """Remove our jumps, chains and policy route; True if anything was removed."""
         text = render_remove(self._save())
-        if not text:
-            return False
-        self._restore(text, "removing capture")
-        return True
+        removed = False
+        if text:
+            self._restore(text, "removing capture")
+            removed = True
+        if self._routes:
+            removed = routing.remove(_policy_route(self.settings)) or removed
+        return removed
 
-    def status(self) -> NatState:
-        return parse_nat_save(self._save())
+    def save_state(self) -> SaveState:
+        return parse_save(self._save())
+
+    def status(self) -> CaptureStatus:
+        state = self.save_state()
+        sections: dict[str, tuple[str, ...]] = {}
+        for table, st in sorted(state.tables.items()):
+            for builtin, n in sorted(st.jumps.items()):
+                sections.setdefault(f"{table} jumps", ())
+                sections[f"{table} jumps"] += (f"{builtin} -> {n} jump(s) into nodemesh",)
+            for chain, rules in st.chains.items():
+                sections[f"{table} {chain}"] = rules
+        if self._routes:
+            nrules, nroutes = routing.present(_policy_route(self.settings))
+            if nrules or nroutes:
+                sections["policy routing"] = _policy_route(self.settings).describe()
+        return CaptureStatus("iptables", state.installed_for(layout(self.settings.inbound_mode)), sections,
+                             {"inbound": self.settings.inbound_mode, "state": self.state.value})
 
     def verify(self) -> CaptureDiff:
-        return diff_state(self.expected(), self.status())
+        diff = diff_tables(self.expected_tables(), layout(self.settings.inbound_mode), self.save_state())
+        if self._routes:
+            diff = diff + CaptureDiff(jump_problems=routing.diff(_policy_route(self.settings), self.tproxy))
+        return diff
 
 
-def remove_leftovers(runner: Runner = run_command) -> bool:
-    """Remove our chains from this netns without knowing the config."""
-    text = render_remove(runner(["iptables-save", "-t", "nat"], None))
-    if not text:
-        return False
-    runner(["iptables-restore", "--noflush"], text)
-    return True
+def remove_leftovers(runner: Runner = run_command, settings: ProxySettings | None = None) -> bool:
+    """Remove our chains (every table) and the default TPROXY policy route from
+    this netns without knowing the config."""
+    text = render_remove(runner(["iptables-save"], None))
+    removed = False
+    if text:
+        runner(["iptables-restore", "--noflush"], text)
+        removed = True
+    if runner is run_command:
+        s = settings or ProxySettings(node_name="", node_address="")
+        removed = routing.remove(_policy_route(s)) or removed
+    return removed

@@ -59,10 +59,12 @@ def resolve_inbound(
     return InboundTarget(lw, identity, ip, port)
 
 
-async def connect_local(target: InboundTarget, session: Session, mark: int, timeout_s: float) -> TcpEnd:
-    """Connect to the local workload; the returned end is paused until attached."""
+async def connect_local(target: InboundTarget, session: Session, mark: int, timeout_s: float,
+                        source_ip: str = "") -> TcpEnd:
+    """Connect to the local workload; the returned end is paused until attached.
+    source_ip: the plaintext caller's address, kept in TPROXY mode."""
     try:
-        sock = await netutil.connect(target.ip, target.port, mark, timeout_s)
+        sock = await netutil.connect(target.ip, target.port, mark, timeout_s, source_ip)
     except ProxyError as e:
         raise InboundRefused(
             503, "upstream_connect_failed", f"workload {target.workload.key} at {target.ip}:{target.port}: {e.message}",

@@ -13,6 +13,7 @@ from .errors import ConnectRefused, ConnectTimeout, NetworkError
 
 SO_ORIGINAL_DST = 80
 IP6T_SO_ORIGINAL_DST = 80
+IP_TRANSPARENT = 19  # linux/in.h; needs CAP_NET_ADMIN
 
 
 def _family(ip: str) -> int:
@@ -31,9 +32,22 @@ def set_mark(sock: socket.socket, mark: int) -> None:
         ) from None
 
 
-def listen_socket(host: str, port: int, mark: int, backlog: int = 1024) -> socket.socket:
+def set_transparent(sock: socket.socket) -> None:
+    """IP_TRANSPARENT: accept TPROXY'd connections / bind a non-local source address."""
+    try:
+        sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+    except PermissionError as e:
+        raise PermissionError(
+            e.errno, "cannot set IP_TRANSPARENT: TPROXY inbound needs CAP_NET_ADMIN "
+            "(run the agent as root, or set capture.inbound: redirect)") from None
+
+
+def listen_socket(host: str, port: int, mark: int, backlog: int = 1024,
+                  transparent: bool = False) -> socket.socket:
     sock = socket.socket(_family(host), socket.SOCK_STREAM)
     try:
+        if transparent:
+            set_transparent(sock)  # inherited by accepted sockets
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         # Every worker binds the same port; the kernel spreads connections.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -47,12 +61,17 @@ def listen_socket(host: str, port: int, mark: int, backlog: int = 1024) -> socke
     return sock
 
 
-async def connect(ip: str, port: int, mark: int, timeout_s: float) -> socket.socket:
-    """A connected, non-blocking, marked TCP socket, or ConnectTimeout/ConnectRefused."""
+async def connect(ip: str, port: int, mark: int, timeout_s: float, source_ip: str = "") -> socket.socket:
+    """A connected, non-blocking, marked TCP socket, or ConnectTimeout/ConnectRefused.
+    source_ip: connect from that (non-local) address with IP_TRANSPARENT, so the
+    peer sees the original caller (TPROXY inbound); the port is ephemeral."""
     loop = asyncio.get_running_loop()
     sock = socket.socket(_family(ip), socket.SOCK_STREAM)
     try:
         set_mark(sock, mark)
+        if source_ip:
+            set_transparent(sock)
+            sock.bind((source_ip, 0))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setblocking(False)
         await asyncio.wait_for(loop.sock_connect(sock, (ip, port)), timeout_s)

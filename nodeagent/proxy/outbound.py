@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from nodeagent.snapshot import Endpoint, LocalWorkload, Snapshot
 
-from . import netutil, sockdiag
+from . import authz, netutil, sockdiag
 from .errors import (
     ConnectTimeout,
     NoHealthyEndpoint,
@@ -21,6 +21,7 @@ from .errors import (
     ProxyError,
     UnknownSource,
 )
+from .http.stack import l7_protocol, start_l7
 from .inbound import connect_local, resolve_inbound
 from .plan import OutboundPlan, is_same_node, plan_outbound
 from .pool import PoolKey
@@ -41,9 +42,12 @@ FAILURE_PENALTY_S = 1.0  # what a failed connect costs an endpoint in the balanc
 class KernelSourceLookup:
     """The real source lookup: sock_diag for the client's socket, then uid/cgroup."""
 
-    def __init__(self) -> None:
+    def __init__(self, redirect_target: tuple[str, int] | None = None) -> None:
         self._index_for: Snapshot | None = None
         self._index: Mapping[int, LocalWorkload] = {}
+        # eBPF capture rewrites the connect itself (no NAT): the client's socket
+        # is connected to the outbound listener, not to the original destination.
+        self._redirect_target = redirect_target
 
     def __call__(self, snapshot: Snapshot, client: tuple[str, int], dst: tuple[str, int]) -> LocalWorkload | None:
         if self._index_for is not snapshot:
@@ -52,8 +56,13 @@ class KernelSourceLookup:
         try:
             owner = sockdiag.query_owner(client, dst)
         except OSError as e:
-            log.warning("cannot find the socket for %s:%s -> %s:%s: %s", *client, *dst, e)
-            return None
+            try:
+                if self._redirect_target is None:
+                    raise
+                owner = sockdiag.query_owner(client, self._redirect_target)
+            except OSError:
+                log.warning("cannot find the socket for %s:%s -> %s:%s: %s", *client, *dst, e)
+                return None
         return sockdiag.identify(snapshot, self._index, owner)
 
 
@@ -104,6 +113,10 @@ def start_outbound(proxy: NodeProxy, end: OutboundConnection) -> None:
         err: ProxyError = (NoHealthyEndpoint(plan.detail) if plan.reason == "no_healthy_endpoint"
                            else PolicyDenied(plan.detail))
         return refuse(end, err)
+    l7_mode = l7_protocol(snapshot, plan)  # HTTP ports: per-request routing (nodeagent/proxy/http/)
+    if l7_mode is not None:
+        return start_l7(proxy, end, snapshot, source.key, source_id, plan, l7_mode,
+                        lambda: proxy.spawn(carry_out(proxy, end, snapshot, source_id, plan)))
     proxy.spawn(carry_out(proxy, end, snapshot, source_id, plan))
 
 
@@ -149,6 +162,10 @@ async def _same_node(proxy: NodeProxy, end: OutboundConnection, snapshot: Snapsh
                                    dst_addr=f"{ep.ip}:{ep.port}", dst_workload=target.workload.key,
                                    dst_identity=target.identity, via="same-node", tls=False)
     try:
+        # The receiving side's policy applies to same-node callers too; the
+        # source identity comes from the kernel (sock_diag), as good as mTLS here.
+        authz.enforce(snapshot, target.workload, ep.port, source_id,
+                      str(end.session.fields.get("src", "")).rsplit(":", 1)[0], in_session)
         up = await connect_local(target, end.session, proxy.settings.mark, proxy.settings.connect_timeout_s)
     except ProxyError as e:
         in_session.fail(e)
@@ -159,6 +176,8 @@ async def _same_node(proxy: NodeProxy, end: OutboundConnection, snapshot: Snapsh
     up.partner = end
     end.attach(up)
     up.attach(end)
+    in_session.peer_headers = end.session.connect_headers()  # same trace and baggage as a remote hop
+    in_session.connected()
 
 
 async def _via_hbone(proxy: NodeProxy, end: OutboundConnection, source_id: str, ep: Endpoint) -> None:

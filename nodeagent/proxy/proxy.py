@@ -14,7 +14,7 @@ from nodeagent.settings import Certs, ProxySettings
 from nodeagent.snapshot import Snapshot
 from nodemesh.identity import Identity
 
-from . import hbone, netutil, tls
+from . import authz, hbone, netutil, tls
 from .accesslog import AccessLog
 from .balance import Balancer
 from .errors import NoCertificate, PeerIdentityMismatch, ProxyError, TlsHandshakeFailed
@@ -38,7 +38,7 @@ class NodeProxy:
         *,
         access_log: AccessLog | None = None,
         original_dst: OriginalDst = netutil.original_dst,
-        inbound_original_dst: OriginalDst = netutil.original_dst,
+        inbound_original_dst: OriginalDst | None = None,
         source_lookup: SourceLookup | None = None,
         balancer: Balancer | None = None,
         pool_idle_timeout_s: float = 60.0,
@@ -47,8 +47,11 @@ class NodeProxy:
         self.settings = settings
         self.access_log = access_log if access_log is not None else AccessLog(settings.access_log)
         self.original_dst = original_dst
-        self.inbound_original_dst = inbound_original_dst
-        self.source_lookup: SourceLookup = source_lookup if source_lookup is not None else KernelSourceLookup()
+        # TPROXY does no NAT: the accepted socket's own address is the original destination.
+        self.inbound_original_dst: OriginalDst = inbound_original_dst or (
+            netutil.local_dst if settings.inbound_mode == "tproxy" else netutil.original_dst)
+        self.source_lookup: SourceLookup = source_lookup if source_lookup is not None else KernelSourceLookup(
+            (settings.outbound_bind, settings.outbound_port))
         self.balancer = balancer if balancer is not None else Balancer()
         self.snapshot: Snapshot | None = None
         self.certs: Certs | None = None
@@ -61,6 +64,8 @@ class NodeProxy:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._reaper: asyncio.Task[None] | None = None
         self._idle = pool_idle_timeout_s
+        from nodeagent.telemetry import ProxyTelemetry  # metrics, traces, log sampling
+        self.telemetry = ProxyTelemetry(self)
 
     # -- configuration --
     def update(self, snapshot: Snapshot | None = None, certs: Certs | None = None) -> list[str]:
@@ -90,7 +95,8 @@ class NodeProxy:
         try:
             for name, host, port in specs:
                 try:
-                    socks.append(netutil.listen_socket(host, port, s.mark))
+                    socks.append(netutil.listen_socket(
+                        host, port, s.mark, transparent=(port == s.inbound_plain_port and s.inbound_mode == "tproxy")))
                 except OSError as e:
                     raise ListenerError(
                         e.errno, f"cannot bind the {name} listener on {host}:{port}: {e.strerror or e}"
@@ -117,6 +123,7 @@ class NodeProxy:
         if self._reaper is not None:
             self._reaper.cancel()
         self.pool.close()
+        self.telemetry.close()
         for t in list(self._tasks):
             t.cancel()
         for srv in self._servers:
@@ -137,7 +144,10 @@ class NodeProxy:
         t.add_done_callback(self._tasks.discard)
 
     def new_session(self, direction: str, **fields: Any) -> Session:
-        return Session(self.access_log, direction, node=self.settings.node_name, **fields)
+        session = Session(self.access_log, direction, node=self.settings.node_name, **fields)
+        session.observer = self.telemetry
+        self.telemetry.begin(session)
+        return session
 
     # -- outbound --
     def _outbound_factory(self) -> OutboundConnection:
@@ -184,11 +194,13 @@ class NodeProxy:
 
     def _hbone_session(self, conn: HboneServerProtocol, ev: hbone.ConnectRequested) -> Session:
         peer = conn.peer_addr
-        return self.new_session(
+        session = self.new_session(
             "inbound", src=f"{peer[0]}:{peer[1]}" if peer else "", source_principal=conn.peer_identity,
             dst_addr=hbone.format_authority(ev.host, ev.port) if ev.port else "", dst_identity=conn.presented_identity,
             via="hbone", tls=True,
         )
+        session.peer_headers = ev.headers  # trace context and baggage from the calling node
+        return session
 
     async def _on_connect(self, conn: HboneServerProtocol, sid: int, host: str, port: int, session: Session) -> End:
         snapshot = self.snapshot
@@ -198,6 +210,9 @@ class NodeProxy:
             raise InboundRefused(403, "no_peer_identity", "caller presented no SPIFFE ID")
         target = resolve_inbound(snapshot, host, port, conn.presented_identity)
         session.set(dst_workload=target.workload.key)
+        # mTLS mode and AuthorizationPolicy (nodeagent/proxy/authz.py); raises InboundRefused (403).
+        authz.enforce(snapshot, target.workload, port, conn.peer_identity,
+                      conn.peer_addr[0] if conn.peer_addr else "", session)
         return await connect_local(target, session, self.settings.mark, self.settings.connect_timeout_s)
 
     # -- inbound: plaintext --
@@ -208,6 +223,7 @@ class NodeProxy:
         assert end.transport is not None
         peer = end.transport.get_extra_info("peername")
         end.session.set(src=f"{peer[0]}:{peer[1]}", source_principal="")
+        end.peer_ip = str(peer[0])
         snapshot = self.snapshot
         if snapshot is None:
             end.session.fail("not_ready", "no snapshot yet")
@@ -217,6 +233,8 @@ class NodeProxy:
             ip, port = self.inbound_original_dst(end.transport.get_extra_info("socket"))
             end.session.set(dst_addr=f"{ip}:{port}")
             target = resolve_inbound(snapshot, ip, port, None)
+            # Plaintext: refused if the port is STRICT, else counted; then AuthorizationPolicy.
+            authz.enforce(snapshot, target.workload, port, "", str(peer[0]), end.session)
         except (OSError, ProxyError) as e:
             end.session.fail(e if isinstance(e, ProxyError) else ProxyError(f"original destination: {e}"))
             end.close()
@@ -226,7 +244,10 @@ class NodeProxy:
 
     async def _plain_connect(self, end: _PlainInbound, target: Any) -> None:
         try:
-            up = await connect_local(target, end.session, self.settings.mark, self.settings.connect_timeout_s)
+            # TPROXY mode: connect from the caller's address so the workload sees it.
+            source_ip = end.peer_ip if self.settings.inbound_mode == "tproxy" else ""
+            up = await connect_local(target, end.session, self.settings.mark, self.settings.connect_timeout_s,
+                                     source_ip)
         except ProxyError as e:
             end.session.fail(e)
             end.close()
@@ -239,6 +260,7 @@ class _PlainInbound(TcpEnd):
     def __init__(self, proxy: NodeProxy, session: Session) -> None:
         super().__init__(session)
         self.proxy = proxy
+        self.peer_ip = ""
         session.downstream = self
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

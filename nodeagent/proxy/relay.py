@@ -34,6 +34,10 @@ class End(Protocol):
 class Session:
     """One proxied connection: its access log fields and its ends."""
 
+    # Telemetry (nodeagent.telemetry.ProxyTelemetry: metrics, traces, log sampling);
+    # set by NodeProxy.new_session, None in bare unit tests.
+    observer: Any = None
+
     def __init__(self, access_log: AccessLog, direction: str, **fields: Any) -> None:
         self._log = access_log
         self._t0 = time.monotonic()
@@ -42,6 +46,19 @@ class Session:
         self._done = False
         self.downstream: End | None = None  # whose counters are the connection's bytes
         self.on_finish: list[Callable[[], None]] = []
+        self.opened = False  # the connection reached its destination (metrics: opened)
+        self.peer_headers: tuple[tuple[str, str], ...] = ()  # the HBONE CONNECT's headers (inbound)
+
+    def connect_headers(self) -> tuple[tuple[str, str], ...]:
+        """Extra headers for the HBONE CONNECT this session opens (trace context, baggage)."""
+        return self.observer.connect_headers(self) if self.observer is not None else ()
+
+    def connected(self) -> None:
+        """Both ends are joined; called once (TcpEnd.attach), for the opened counters."""
+        if not self.opened:
+            self.opened = True
+            if self.observer is not None:
+                self.observer.opened(self)
 
     def set(self, **fields: Any) -> None:
         self.fields.update(fields)
@@ -77,6 +94,8 @@ class Session:
         if self.downstream is not None:
             rec["bytes_sent"] = self.downstream.rx  # caller -> destination
             rec["bytes_received"] = self.downstream.tx
+        if self.observer is not None and not self.observer.closed(self, rec):
+            return  # sampled out of the access log (metrics were still recorded)
         self._log.write(rec)
 
 
@@ -159,6 +178,7 @@ class TcpEnd(asyncio.Protocol):
             partner.send(chunk)
         if self._early_eof:
             partner.send_eof()
+        self.session.connected()
         self._apply_reading()  # flushing may already have made the partner push back
 
     def send(self, data: bytes) -> None:

@@ -214,7 +214,7 @@ class HboneClientProtocol(HboneProtocol):
         self._pending: dict[int, asyncio.Future[None]] = {}
 
     def open_tunnel(self, ip: str, port: int, session: Session) -> tuple[StreamEnd, asyncio.Future[None]]:
-        sid = self.core.open_tunnel(ip, port)
+        sid = self.core.open_tunnel(ip, port, session.connect_headers())
         end = StreamEnd(self, sid, session)
         self.streams[sid] = end
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()

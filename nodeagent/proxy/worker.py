@@ -28,6 +28,7 @@ READY_TIMEOUT_S = 20.0
 RESTART_BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0)
 HEALTHY_AFTER_S = 30.0
 MAX_RESTART_FAILURES = 5
+RESTART_DELAY_ENV = "NODEMESH_TEST_WORKER_RESTART_DELAY_S"
 
 
 def frame(kind: str, payload: Any) -> bytes:
@@ -92,6 +93,7 @@ class _Worker:
     restarts: int = 0
     watcher: asyncio.Task[None] | None = None
     messages: list[tuple[str, Any]] = field(default_factory=list)
+    stats_waiters: dict[int, asyncio.Future[Any]] = field(default_factory=dict)  # request id -> answer
 
     def on_message(self, kind: str, payload: Any) -> None:
         if kind == "ready":
@@ -102,7 +104,15 @@ class _Worker:
                 self.ready.set_exception(WorkerStartError(f"proxy worker {self.index}: {payload}"))
             else:
                 log.error("proxy worker %d: %s", self.index, payload)
+        elif kind == "stats":
+            fut = self.stats_waiters.pop(payload.get("id", -1), None)
+            if fut is not None and not fut.done():
+                fut.set_result(payload)
         elif kind == "gone":
+            for fut in self.stats_waiters.values():
+                if not fut.done():
+                    fut.set_exception(WorkerStartError(f"proxy worker {self.index} is gone ({payload})"))
+            self.stats_waiters.clear()
             if self.ready is not None and not self.ready.done():
                 self.ready.set_exception(
                     WorkerStartError(f"proxy worker {self.index} exited before it was ready ({payload})")
@@ -123,6 +133,7 @@ class WorkerPool:
         self._certs: Certs | None = None
         self._stopping = False
         self._gave_up = False
+        self._stats_id = 0
 
     async def start(self) -> None:
         """Spawn every worker and wait until each has bound its listeners."""
@@ -168,6 +179,8 @@ class WorkerPool:
             if loop.time() - started > HEALTHY_AFTER_S:
                 w.restarts = 0  # it ran long enough: back off from scratch
             delay = RESTART_BACKOFF_S[min(w.restarts, len(RESTART_BACKOFF_S) - 1)]
+            # Test hook: a fixed, longer restart delay makes proxy-down windows observable.
+            delay = float(os.environ.get(RESTART_DELAY_ENV, "") or delay)
             log.error("proxy worker %d (pid %d) exited with %s; restarting in %.1fs", w.index, w.proc.pid, rc, delay)
             w.restarts += 1
             await asyncio.sleep(delay)
@@ -194,6 +207,27 @@ class WorkerPool:
             msg = frame("certs", certs)
             for w in self._workers:
                 w.send(msg)
+
+    async def stats(self, request: Any, timeout: float = 2.0) -> list[Any]:
+        """Ask every running worker for its telemetry (nodeagent.telemetry.worker_stats);
+        a worker that does not answer in time is left out."""
+        loop = asyncio.get_running_loop()
+        futs = []
+        for w in self._workers:
+            if w.proc is None or w.proc.returncode is not None or w.channel is None:
+                continue
+            fut: asyncio.Future[Any] = loop.create_future()
+            self._stats_id += 1
+            w.stats_waiters[self._stats_id] = fut
+            w.send(frame("stats", {**request, "id": self._stats_id}))
+            futs.append(fut)
+        done, pending = await asyncio.wait(futs, timeout=timeout) if futs else (set(), set())
+        for fut in pending:
+            fut.cancel()
+        for w in self._workers:  # forget unanswered requests (a late answer is dropped)
+            for rid in [rid for rid, f in w.stats_waiters.items() if f.done()]:
+                del w.stats_waiters[rid]
+        return [f.result() for f in futs if f in done and not f.cancelled() and f.exception() is None]
 
     def alive(self) -> bool:
         """False once the pool has given up restarting a worker (the agent then exits);
@@ -284,6 +318,10 @@ async def _worker_main(fd: int, index: int) -> None:
         elif kind == "certs":
             for err in proxy.update(certs=payload):
                 ctl.t.write(frame("error", err))
+        elif kind == "stats":
+            from nodeagent.telemetry import worker_stats
+
+            ctl.t.write(frame("stats", worker_stats(proxy, index, payload)))
 
     _, ctl = await loop.create_unix_connection(Ctl, sock=sock)
     while not settings_box and not stop.is_set():

@@ -18,8 +18,11 @@ from cryptography import x509
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.route.v3 import route_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError, Message
+
+from nodeagent.xds import l7convert
 
 from nodeagent.snapshot import (
     OUTBOUND_ALLOW_ANY,
@@ -33,7 +36,7 @@ from nodeagent.snapshot import (
     SnapshotError,
     Workload,
 )
-from nodemesh import xdsnames
+from nodemesh import security, xdsnames
 from nodemesh.identity import Identity, IdentityError, check_dns_label
 from nodemesh.v1 import mesh_pb2
 
@@ -56,6 +59,7 @@ class ClusterInfo:
     target_port: int
     protocol: str
     port_name: str
+    policy: Any = None  # nodeagent.routing.ClusterPolicy (L7 traffic policy)
 
 
 @dataclass(frozen=True)
@@ -215,7 +219,15 @@ def convert_cluster(msg: cluster_pb2.Cluster) -> ClusterInfo:
         target_port=target,
         protocol=protocol,
         port_name=_meta_str(meta, "port_name", "cluster", required=False),
+        policy=_l7_policy(msg),
     )
+
+
+def _l7_policy(msg: cluster_pb2.Cluster) -> Any:
+    try:
+        return l7convert.cluster_policy(msg)
+    except l7convert.L7ResourceError as e:
+        raise ResourceError(str(e)) from None
 
 
 _HEALTHY = (health_check_pb2.HEALTHY, health_check_pb2.UNKNOWN)
@@ -249,6 +261,38 @@ def convert_assignment(msg: endpoint_pb2.ClusterLoadAssignment) -> AssignmentInf
     return AssignmentInfo(cluster=msg.cluster_name, endpoints=tuple(endpoints))
 
 
+def convert_policy(name: str, msg: mesh_pb2.Policy) -> Any:
+    """A Policy resource: MeshSecurity settings or a PeerAuthentication /
+    AuthorizationPolicy, validated by the same parser the config API uses."""
+    if msg.kind == security.KIND_MESH_SECURITY:
+        if name != xdsnames.MESH_SECURITY_RESOURCE:
+            raise ResourceError(f"MeshSecurity must be named {xdsnames.MESH_SECURITY_RESOURCE!r}")
+        try:
+            return security.MeshSecurity.from_json(msg.spec_json)
+        except security.PolicyError as e:
+            raise ResourceError(str(e)) from None
+    if msg.kind not in (security.KIND_PEER_AUTHENTICATION, security.KIND_AUTHORIZATION_POLICY):
+        raise ResourceError(f"kind {msg.kind!r} must be PeerAuthentication, AuthorizationPolicy or MeshSecurity")
+    expected = xdsnames.policy_resource_name(msg.kind, msg.namespace, msg.name)
+    if name != expected:
+        raise ResourceError(f"resource name should be {expected!r} for this policy")
+    try:
+        return security.policy_from_json(msg.kind, msg.namespace, msg.name, msg.spec_json)
+    except security.PolicyError as e:
+        raise ResourceError(str(e)) from None
+
+
+def security_from(policies: Mapping[str, Any]) -> security.SecurityPolicies:
+    mesh = policies.get(xdsnames.MESH_SECURITY_RESOURCE, security.MeshSecurity())
+    return security.SecurityPolicies(
+        mesh=mesh,
+        peer_authentications=tuple(p for _, p in sorted(policies.items())
+                                   if isinstance(p, security.PeerAuthentication)),
+        authorization_policies=tuple(p for _, p in sorted(policies.items())
+                                     if isinstance(p, security.AuthorizationPolicy)),
+    )
+
+
 # ------------------------------------------------------------------ per-type batches
 
 
@@ -270,6 +314,10 @@ def _name_of(type_url: str, msg: Any) -> str:
         return str(msg.cluster_name)
     if type_url == xdsnames.WORKLOAD:
         return xdsnames.workload_resource_name(msg.node, msg.namespace, msg.name)
+    if type_url == xdsnames.POLICY:
+        return xdsnames.policy_resource_name(msg.kind, msg.namespace, msg.name)
+    if type_url == xdsnames.ROUTE:
+        return str(msg.name)
     return xdsnames.MESH_CONFIG_NAME
 
 
@@ -278,6 +326,8 @@ _MESSAGES: dict[str, type[Message]] = {
     xdsnames.WORKLOAD: mesh_pb2.Workload,
     xdsnames.CLUSTER: cluster_pb2.Cluster,
     xdsnames.ENDPOINT: endpoint_pb2.ClusterLoadAssignment,
+    xdsnames.POLICY: mesh_pb2.Policy,
+    xdsnames.ROUTE: route_pb2.RouteConfiguration,
 }
 
 
@@ -313,6 +363,13 @@ def convert_batch(type_url: str, resources: Sequence[NamedResource]) -> tuple[di
                 converted = convert_workload(name, msg)
             elif type_url == xdsnames.CLUSTER:
                 converted = convert_cluster(msg)
+            elif type_url == xdsnames.POLICY:
+                converted = convert_policy(name, msg)
+            elif type_url == xdsnames.ROUTE:
+                try:
+                    converted = l7convert.convert_route_configuration(msg)
+                except l7convert.L7ResourceError as e:
+                    raise ResourceError(str(e)) from None
             else:
                 converted = convert_assignment(msg)
             if name in out:
@@ -320,6 +377,9 @@ def convert_batch(type_url: str, resources: Sequence[NamedResource]) -> tuple[di
             out[name] = converted
         except ResourceError as e:
             errors.append(f"{label}: {e}")
+    if type_url == xdsnames.POLICY and not errors and xdsnames.MESH_SECURITY_RESOURCE not in out:
+        errors.append(f"{xdsnames.MESH_SECURITY_RESOURCE}: the response holds no mesh security settings; "
+                      "the agent needs them (mTLS mode, default deny)")
     if type_url == xdsnames.MESH_CONFIG and not errors and xdsnames.MESH_CONFIG_NAME not in out:
         errors.append(f"{xdsnames.MESH_CONFIG_NAME}: the response holds no MeshConfig named "
                       f"{xdsnames.MESH_CONFIG_NAME!r}; the agent needs it (trust domain)")
@@ -350,12 +410,14 @@ def build_snapshot(version: str, node: str, local_workloads: Sequence[LocalWorkl
             ports.append(ServicePort(
                 port=c.port, target_port=c.target_port, protocol=c.protocol, name=c.port_name,
                 cluster=c.name, endpoints=la.endpoints if la else (),
+                routes=resources.get(xdsnames.ROUTE, {}).get(c.name), policy=c.policy,
             ))
         services.append(Service(name=name, namespace=namespace, vip=vips.pop(), ports=tuple(ports)))
     workloads = tuple(sorted(resources.get(xdsnames.WORKLOAD, {}).values(),
                              key=lambda w: (w.node, w.namespace, w.name)))
     return Snapshot(version=version, node=node, mesh=mesh, services=tuple(services),
-                    workloads=workloads, local_workloads=tuple(local_workloads))
+                    workloads=workloads, local_workloads=tuple(local_workloads),
+                    security=security_from(resources.get(xdsnames.POLICY, {})))
 
 
 # ------------------------------------------------------------------ state across responses
@@ -391,7 +453,8 @@ class XdsState:
 
     def snapshot_version(self) -> str:
         short = {xdsnames.MESH_CONFIG: "mesh", xdsnames.WORKLOAD: "wl",
-                 xdsnames.CLUSTER: "cds", xdsnames.ENDPOINT: "eds"}
+                 xdsnames.CLUSTER: "cds", xdsnames.ENDPOINT: "eds", xdsnames.POLICY: "pol",
+                 xdsnames.ROUTE: "rds"}
         version = ",".join(f"{short.get(t, t)}={self.versions.get(t, '')}" for t in self.types)
         return f"{version},local={self.local_generation}" if self.local_generation else version
 

@@ -157,10 +157,12 @@ class NodeRegistration(_message.Message):
     def __init__(self, node_name: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., hbone_port: _Optional[int] = ..., zone: _Optional[str] = ..., workloads: _Optional[_Iterable[_Union[WorkloadRegistration, _Mapping]]] = ..., agent_version: _Optional[str] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("sent_unix_ms",)
+    __slots__ = ("sent_unix_ms", "telemetry_json")
     SENT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    TELEMETRY_JSON_FIELD_NUMBER: _ClassVar[int]
     sent_unix_ms: int
-    def __init__(self, sent_unix_ms: _Optional[int] = ...) -> None: ...
+    telemetry_json: str
+    def __init__(self, sent_unix_ms: _Optional[int] = ..., telemetry_json: _Optional[str] = ...) -> None: ...
 
 class NodeReport(_message.Message):
     __slots__ = ("register", "heartbeat")
@@ -244,3 +246,15 @@ class MeshConfig(_message.Message):
     trust_bundle: _containers.RepeatedScalarFieldContainer[str]
     dns_domain: str
     def __init__(self, trust_domain: _Optional[str] = ..., outbound_policy: _Optional[str] = ..., vip_cidr: _Optional[str] = ..., trust_bundle: _Optional[_Iterable[str]] = ..., dns_domain: _Optional[str] = ...) -> None: ...
+
+class Policy(_message.Message):
+    __slots__ = ("kind", "namespace", "name", "spec_json")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    namespace: str
+    name: str
+    spec_json: str
+    def __init__(self, kind: _Optional[str] = ..., namespace: _Optional[str] = ..., name: _Optional[str] = ..., spec_json: _Optional[str] = ...) -> None: ...

@@ -184,5 +184,7 @@ def test_killed_agent_leftovers_repaired_on_restart(mesh: Lab) -> None:
     mesh.start_agent(1)
     rules = mesh.ns_exec(mesh.node_ns(1), ["iptables-save", "-t", "nat"]).stdout
     assert rules.count("-A OUTPUT -j NODEMESH_OUTPUT") == 1, rules
-    assert rules.count("-A PREROUTING -j NODEMESH_PREROUTING") == 1, rules
+    # Inbound capture jumps from nat PREROUTING (redirect) or mangle PREROUTING (tproxy, the default).
+    every = mesh.ns_exec(mesh.node_ns(1), ["iptables-save"]).stdout
+    assert every.count("-A PREROUTING -j NODEMESH_PREROUTING") + every.count("-A PREROUTING -j NODEMESH_TPROXY") == 1
     assert get_json(mesh, f"http://{vip}/")["replica"] == "web-2"

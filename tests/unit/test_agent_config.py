@@ -60,7 +60,6 @@ def test_unix_control_plane_is_not_excluded() -> None:
     (lambda d: d["node"].pop("name"), "node.name", "is required"),
     (lambda d: d["node"].update(address="nope"), "node.address", "not an IP address"),
     (lambda d: d["controlPlane"].update(address="nohost"), "controlPlane.address", "host:port"),
-    (lambda d: d["capture"].update(mode="ebpf"), "capture.mode", "not implemented yet"),
     (lambda d: d["capture"].update(mode="carrier-pigeon"), "capture.mode", "must be one of"),
     (lambda d: d["capture"].update(excludeCidrs=["10.0.0.0/33"]), "capture.excludeCidrs[0]", "not a CIDR"),
     (lambda d: d["capture"].update(failurePolicy="maybe"), "capture.failurePolicy", "must be one of"),

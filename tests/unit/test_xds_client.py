@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf.message import Message
-from test_xds_convert import LOCAL, assignment, cluster, mesh_config, pack, workload
+from test_xds_convert import LOCAL, assignment, cluster, mesh_config, mesh_security, pack, workload
 
 from nodeagent.registry import RegistrySession
 from nodeagent.snapshot import Snapshot
@@ -80,6 +80,8 @@ def test_ack_nack_and_reconnect() -> None:
             assert initial[0].node.metadata["agent_version"]
 
             good = [
+                response(xdsnames.POLICY, "1", "n0", mesh_security()),
+                response(xdsnames.ROUTE, "1", "r0"),
                 response(xdsnames.MESH_CONFIG, "1", "n1", mesh_config()),
                 response(xdsnames.WORKLOAD, "1", "n2", workload()),
                 response(xdsnames.CLUSTER, "1", "n3", cluster()),
@@ -91,7 +93,7 @@ def test_ack_nack_and_reconnect() -> None:
                 assert (ack.type_url, ack.version_info, ack.response_nonce) == (resp.type_url, "1", resp.nonce)
                 assert not ack.HasField("error_detail")
                 # The proxy never sees a half-known mesh.
-                assert len(snaps) == (1 if i == 3 else 0)
+                assert len(snaps) == (1 if i == len(good) - 1 else 0)
             assert snaps[0].services[0].key == "default/web" and conn == [True]
 
             # A bad Cluster: NACK with the last accepted version, this nonce and the reason.
@@ -107,7 +109,7 @@ def test_ack_nack_and_reconnect() -> None:
             fake.outbox.put_nowait("abort")
             again = [await fake.next_request() for _ in xdsnames.AGENT_TYPES]
             assert fake.streams == 2
-            assert [r.version_info for r in again] == ["1", "1", "1", "1"]
+            assert [r.version_info for r in again] == ["1"] * len(xdsnames.AGENT_TYPES)
             assert client.snapshot is snaps[0] and False in conn
 
             fake.outbox.put_nowait(response(xdsnames.WORKLOAD, "2", "m1"))

@@ -74,8 +74,14 @@ def assignment(service: str = "web", port: int = 80, ip: str = "10.0.0.3",
     return cla
 
 
+def mesh_security() -> mesh_pb2.Policy:
+    return mesh_pb2.Policy(kind="MeshSecurity", name="mesh", spec_json="{}")
+
+
 def full_state() -> XdsState:
     st = XdsState(node="node-1", local_workloads=LOCAL)
+    assert st.apply(xdsnames.POLICY, "1", named(mesh_security())).accepted
+    assert st.apply(xdsnames.ROUTE, "1", []).accepted  # no L7 routes
     assert st.apply(xdsnames.MESH_CONFIG, "1", named(mesh_config())).accepted
     assert st.apply(xdsnames.WORKLOAD, "1", named(workload())).accepted
     assert st.apply(xdsnames.CLUSTER, "1", named(cluster())).accepted
@@ -88,7 +94,7 @@ def test_good_resources_build_a_snapshot() -> None:
     snap = full_state().snapshot
     assert snap is not None
     assert snap.node == "node-1" and snap.mesh.trust_domain == "cluster.local"
-    assert snap.version == "mesh=1,wl=1,cds=1,eds=1"
+    assert snap.version == "mesh=1,wl=1,cds=1,eds=1,pol=1,rds=1"
     (svc,) = snap.services
     assert (svc.key, svc.vip) == ("default/web", "10.96.0.10")
     (sp,) = svc.ports
@@ -107,6 +113,8 @@ def test_no_snapshot_until_every_type_arrived() -> None:
     r1 = st.apply(xdsnames.MESH_CONFIG, "1", named(mesh_config()))
     r2 = st.apply(xdsnames.CLUSTER, "1", named(cluster()))
     r3 = st.apply(xdsnames.WORKLOAD, "1", [])
+    assert st.apply(xdsnames.POLICY, "1", named(mesh_security())).snapshot is None
+    assert st.apply(xdsnames.ROUTE, "1", []).snapshot is None
     assert r1.accepted and r2.accepted and r3.accepted
     assert r1.snapshot is r2.snapshot is r3.snapshot is None
     r4 = st.apply(xdsnames.ENDPOINT, "1", [])

@@ -1,0 +1,119 @@
+"""The mesh's metric families under Istio's standard names and labels, so
+existing dashboards work unchanged, and the functions the proxy calls
+(`tcp_opened`, `tcp_closed`, `record_request`), on nodemesh.prom's registry.
+
+Every proxy worker process keeps its own REGISTRY; the agent's admin endpoint
+asks each worker for `REGISTRY.collect()` over the control channel and merges
+the pieces (nodemesh.prom.merge) before rendering. Label values are mesh names
+(workloads, services, identities, response codes), never request IDs or paths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+from nodemesh.prom import (  # noqa: F401 - re-exported for the agent's code and tests
+    BYTES_BUCKETS,
+    DURATION_BUCKETS_MS,
+    FamilyData,
+    LabelKey,
+    MetricError,
+    Registry,
+    merge,
+    parse,
+    render,
+    select,
+)
+
+
+@dataclass(frozen=True)
+class MeshLabels:
+    """Istio's standard labels for one connection or request (bounded values only)."""
+
+    reporter: str = "source"  # "source" on the outbound proxy, "destination" on the inbound one
+    source_workload: str = "unknown"
+    source_workload_namespace: str = "unknown"
+    source_principal: str = "unknown"
+    destination_workload: str = "unknown"
+    destination_workload_namespace: str = "unknown"
+    destination_principal: str = "unknown"
+    destination_service: str = "unknown"
+    destination_service_name: str = "unknown"
+    destination_service_namespace: str = "unknown"
+    request_protocol: str = "tcp"
+    response_flags: str = "-"
+    connection_security_policy: str = "unknown"
+
+    def as_dict(self) -> dict[str, str]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+TCP_LABELS: LabelKey = tuple(f.name for f in fields(MeshLabels))
+REQUEST_LABELS: LabelKey = (*TCP_LABELS, "response_code", "grpc_response_status")
+
+REGISTRY = Registry()
+
+TCP_OPENED = REGISTRY.counter("istio_tcp_connections_opened_total", "TCP connections opened.", TCP_LABELS)
+TCP_CLOSED = REGISTRY.counter("istio_tcp_connections_closed_total", "TCP connections closed.", TCP_LABELS)
+TCP_SENT = REGISTRY.counter("istio_tcp_sent_bytes_total",
+                            "Bytes sent towards the destination (request direction) on TCP connections.",
+                            TCP_LABELS)
+TCP_RECEIVED = REGISTRY.counter("istio_tcp_received_bytes_total",
+                                "Bytes received from the destination (response direction) on TCP connections.",
+                                TCP_LABELS)
+REQUESTS = REGISTRY.counter("istio_requests_total", "Requests handled.", REQUEST_LABELS)
+REQUEST_DURATION = REGISTRY.histogram("istio_request_duration_milliseconds", "Request duration in milliseconds.",
+                                      REQUEST_LABELS, buckets=DURATION_BUCKETS_MS)
+REQUEST_BYTES = REGISTRY.histogram("istio_request_bytes", "Request body size in bytes.", REQUEST_LABELS,
+                                   buckets=BYTES_BUCKETS)
+RESPONSE_BYTES = REGISTRY.histogram("istio_response_bytes", "Response body size in bytes.", REQUEST_LABELS,
+                                    buckets=BYTES_BUCKETS)
+
+# nodemesh's own data-plane families (set by the resilience layers and capture code).
+RETRIES = REGISTRY.counter("nodemesh_retries_total", "Request retries attempted.",
+                           ("destination_service", "reason"))
+RETRY_BUDGET_EXHAUSTED = REGISTRY.counter("nodemesh_retry_budget_exhausted_total",
+                                          "Retries refused because the retry budget was spent.",
+                                          ("destination_service",))
+BREAKER_OPEN = REGISTRY.gauge("nodemesh_circuit_breaker_open", "1 while a service's circuit breaker is open.",
+                              ("destination_service",), merge="max")
+OUTLIER_EJECTED = REGISTRY.gauge("nodemesh_outlier_ejected",
+                                 "1 while an endpoint is ejected by outlier detection.",
+                                 ("destination_service", "endpoint"), merge="max")
+OUTLIER_EJECTIONS = REGISTRY.counter("nodemesh_outlier_ejections_total", "Endpoint ejections.",
+                                     ("destination_service", "reason"))
+HEALTH_CHECKS = REGISTRY.counter("nodemesh_health_checks_total", "Active health check results.",
+                                 ("destination_service", "result"))
+CAPTURE_BYPASSED = REGISTRY.counter("nodemesh_capture_bypassed_connections_total",
+                                    "Connections that were not proxied (excluded ranges, fail-open bypass).",
+                                    ("reason",))
+PROXY_ACTIVE = REGISTRY.gauge("nodemesh_proxy_active_connections", "Connections open in the proxy now.",
+                              ("direction",))
+PROXY_ERRORS = REGISTRY.counter("nodemesh_proxy_connection_errors_total",
+                                "Connections that ended with an error, by stable reason code.",
+                                ("direction", "reason"))
+
+
+def tcp_opened(labels: MeshLabels) -> None:
+    TCP_OPENED.inc(labels.as_dict())
+
+
+def tcp_closed(labels: MeshLabels, sent_bytes: int, received_bytes: int) -> None:
+    d = labels.as_dict()
+    TCP_CLOSED.inc(d)
+    TCP_SENT.inc(d, float(sent_bytes))
+    TCP_RECEIVED.inc(d, float(received_bytes))
+
+
+def record_request(labels: MeshLabels, *, response_code: int, duration_ms: float, request_bytes: int = 0,
+                   response_bytes: int = 0, grpc_response_status: str = "", request_protocol: str = "http") -> None:
+    """One finished HTTP/gRPC request, for the L7 proxy to call once per request
+    (after the last retry; retries themselves count in nodemesh_retries_total).
+    `labels` is the connection's MeshLabels; response_code 0 means no response."""
+    d = replace(labels, request_protocol=request_protocol).as_dict()
+    d["response_code"] = str(int(response_code))
+    d["grpc_response_status"] = grpc_response_status
+    REQUESTS.inc(d)
+    REQUEST_DURATION.observe(d, float(duration_ms))
+    REQUEST_BYTES.observe(d, float(request_bytes))
+    RESPONSE_BYTES.observe(d, float(response_bytes))

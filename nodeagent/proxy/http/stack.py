@@ -1,0 +1,663 @@
+"""The outbound L7 stack: takes over a captured client connection on an HTTP
+service port, parses requests with h11 (no I/O in the core), and for each
+request composes the layers in one place:
+
+  route (router) -> redirect/direct/fault -> deadline (timeout) -> mirror
+  -> cluster (weighted) -> breaker -> [endpoint (balance, outlier) -> try
+  (per-try timeout)] × retries (policy, budget, backoff) -> response filters
+
+Each request gets its own access log line. The inbound side is unchanged:
+every try is a CONNECT stream (or a same-node connection) to the endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
+
+import h11
+
+from nodeagent.routing import RouteEntry, RouteTable, WeightedCluster
+from nodeagent.snapshot import Endpoint, ServicePort, Snapshot
+from nodemesh.routes import RouteMatch
+
+from .. import authz, detect
+from ..errors import ConnectTimeout, ProxyError
+from ..inbound import connect_local, resolve_inbound
+from ..plan import OutboundPlan, is_same_node
+from ..pool import PoolKey
+from ..relay import Session
+from . import fault as faults
+from . import router
+from .balance import Destination
+from .retry import Outcome, backoff, retryable
+from .timeout import GRPC_TIMEOUT_HEADER, MESH_DEADLINE_HEADER, Deadline, format_grpc_timeout, incoming_budget
+from .upstream import UpstreamExchange, UpstreamReset
+
+if TYPE_CHECKING:
+    from ..outbound import OutboundConnection
+    from ..proxy import NodeProxy
+
+log = logging.getLogger(__name__)
+
+MAX_BUFFERED_BODY = 1 << 20  # a bigger request body is refused with 413 (bodies are buffered for retries)
+FAILURE_PENALTY_S = 1.0
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "transfer-encoding", "upgrade",
+                        "trailer", "content-length"})
+_REASONS = {200: "OK", 301: "Moved Permanently", 302: "Found", 303: "See Other", 307: "Temporary Redirect",
+            308: "Permanent Redirect", 400: "Bad Request", 404: "Not Found", 413: "Content Too Large",
+            500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable",
+            504: "Gateway Timeout"}
+_DEFAULT_MATCH = RouteMatch()
+
+
+def l7_protocol(snapshot: Snapshot, plan: OutboundPlan) -> str | None:
+    """'http' or 'auto' when the plan's service port is handled at L7, else None.
+    HTTP/2 and gRPC ports stay L4 for now (see docs/traffic.md)."""
+    if plan.kind != "service":
+        return None
+    hit = snapshot.by_vip.get((plan.dst_ip, plan.dst_port))
+    if hit is None:
+        return None
+    proto = hit[1].protocol
+    if proto == "http":
+        return "http"
+    if proto == "auto" and not detect.skip_detection(plan.dst_port):
+        return "auto"
+    return None
+
+
+@dataclass
+class Counters:
+    requests: int = 0
+    retries: int = 0
+    detect_timeouts: int = 0
+    detected_tcp: int = 0
+
+
+class L7Runtime:
+    """Per proxy (per worker): destinations by cluster, counters, clock and RNG."""
+
+    def __init__(self, proxy: NodeProxy, clock: Callable[[], float] = time.monotonic,
+                 rng: random.Random | None = None, detect_timeout_s: float = detect.DEFAULT_TIMEOUT_S) -> None:
+        self.proxy = proxy
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.detect_timeout_s = detect_timeout_s
+        self.counters = Counters()
+        self._dests: dict[str, Destination] = {}
+        self._index_for: Snapshot | None = None
+        self._by_cluster: dict[str, ServicePort] = {}
+
+    def port_of_cluster(self, snapshot: Snapshot, cluster: str) -> ServicePort | None:
+        if self._index_for is not snapshot:
+            self._by_cluster = {sp.cluster: sp for s in snapshot.services for sp in s.ports if sp.cluster}
+            self._index_for = snapshot
+        return self._by_cluster.get(cluster)
+
+    def destination(self, sp: ServicePort) -> Destination:
+        d = self._dests.get(sp.cluster)
+        if d is None or d.policy != (sp.policy or d.policy):
+            d = self._dests[sp.cluster] = Destination(sp.cluster, sp.policy, clock=self.clock, rng=self.rng)
+        return d
+
+
+_RUNTIMES: weakref.WeakKeyDictionary[Any, L7Runtime] = weakref.WeakKeyDictionary()
+
+
+def runtime_of(proxy: NodeProxy) -> L7Runtime:
+    rt = _RUNTIMES.get(proxy)
+    if rt is None:
+        rt = _RUNTIMES[proxy] = L7Runtime(proxy)
+    return rt
+
+
+def start_l7(proxy: NodeProxy, end: OutboundConnection, snapshot: Snapshot, source_key: str, source_id: str,
+             plan: OutboundPlan, mode: str, tcp_fallback: Callable[[], None]) -> None:
+    """Take the client connection over from the L4 relay end."""
+    assert end.transport is not None
+    h = Downstream(runtime_of(proxy), end, snapshot, source_key, source_id, plan, mode, tcp_fallback)
+    end.transport.set_protocol(h)  # type: ignore[arg-type]
+    h.begin()
+
+
+class Downstream(asyncio.Protocol):
+    """The client's HTTP/1.1 connection (server role), one request at a time."""
+
+    def __init__(self, rt: L7Runtime, end: OutboundConnection, snapshot: Snapshot, source_key: str,
+                 source_id: str, plan: OutboundPlan, mode: str, tcp_fallback: Callable[[], None]) -> None:
+        self.rt = rt
+        self.end = end
+        self.transport = cast(asyncio.Transport, end.transport)
+        self.conn_session = end.session
+        self.source_key = source_key
+        self.source_id = source_id
+        self.plan = plan
+        self.mode = mode
+        self.tcp_fallback = tcp_fallback
+        self.h = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
+        self._sniffed = b""
+        self._detect_timer: asyncio.TimerHandle | None = None
+        self._req: h11.Request | None = None
+        self._body = bytearray()
+        self._too_big = False
+        self._busy = False
+        self._closed = False
+        self._upstream: UpstreamExchange | None = None
+        self.requests = 0
+
+    # -- start --
+    def begin(self) -> None:
+        early, self.end._early = self.end._early, []
+        self.end._reading = True  # so the relay end's deferred read re-sync keeps us reading
+        self.conn_session.set(protocol="http")
+        if self.mode == "auto":
+            self._detect_timer = asyncio.get_running_loop().call_later(self.rt.detect_timeout_s, self._detect_timeout)
+        self.transport.resume_reading()
+        for chunk in early:
+            self.data_received(chunk)
+
+    def _detect_timeout(self) -> None:
+        self.rt.counters.detect_timeouts += 1
+        log.info("protocol detection timed out after %gs for %s:%s: relaying as TCP (server-first protocol? "
+                 "declare the port protocol: tcp)", self.rt.detect_timeout_s, self.plan.dst_ip, self.plan.dst_port)
+        self.conn_session.set(protocol="tcp", detect="timeout")
+        self._to_tcp()
+
+    def _to_tcp(self) -> None:
+        self.mode = "tcp"
+        if self._detect_timer is not None:
+            self._detect_timer.cancel()
+        self.transport.pause_reading()
+        self.end._reading = False
+        if self._sniffed:
+            self.end._early.append(self._sniffed)
+            self.end.rx += len(self._sniffed)
+        self.transport.set_protocol(self.end)
+        self.tcp_fallback()
+
+    # -- asyncio.Protocol --
+    def data_received(self, data: bytes) -> None:
+        if self.mode == "auto":
+            self._sniffed += data
+            kind = detect.sniff(self._sniffed)
+            if kind == detect.UNKNOWN:
+                return
+            if self._detect_timer is not None:
+                self._detect_timer.cancel()
+            if kind != detect.HTTP1:
+                self.rt.counters.detected_tcp += 1
+                self.conn_session.set(protocol="tcp", detect=kind)
+                self._to_tcp()
+                return
+            self.mode = "http"
+            data, self._sniffed = self._sniffed, b""
+        self.end.rx += len(data)
+        try:
+            self.h.receive_data(data)
+        except h11.RemoteProtocolError:
+            pass
+        self._process()
+
+    def eof_received(self) -> bool:
+        try:
+            self.h.receive_data(b"")
+        except h11.RemoteProtocolError:
+            pass
+        self._process()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._detect_timer is not None:
+            self._detect_timer.cancel()
+        if self._upstream is not None:
+            self._upstream.close()
+        self.conn_session.set(requests=self.requests)
+        self.conn_session.end_closed()
+
+    def pause_writing(self) -> None:
+        if self._upstream is not None:
+            self._upstream.pause_wire(True)
+
+    def resume_writing(self) -> None:
+        if self._upstream is not None:
+            self._upstream.pause_wire(False)
+
+    # -- request parsing --
+    def _process(self) -> None:
+        while not self._busy and not self._closed:
+            try:
+                ev = self.h.next_event()
+            except h11.RemoteProtocolError as e:
+                self._local_reply(e.error_status_hint or 400, f"bad request: {e}", close=True)
+                return
+            if ev is h11.NEED_DATA or ev is h11.PAUSED:
+                return
+            if isinstance(ev, h11.Request):
+                self._req, self._body, self._too_big = ev, bytearray(), False
+            elif isinstance(ev, h11.Data):
+                if len(self._body) + len(ev.data) > MAX_BUFFERED_BODY:
+                    self._too_big = True
+                else:
+                    self._body += ev.data
+            elif isinstance(ev, h11.EndOfMessage):
+                req, body = self._req, bytes(self._body)
+                assert req is not None
+                self._busy = True
+                self.transport.pause_reading()
+                self.rt.proxy.spawn(self._serve(req, body, self._too_big))
+            elif isinstance(ev, h11.ConnectionClosed):
+                self.transport.close()
+                return
+
+    # -- responding --
+    def _write(self, ev: Any) -> None:
+        try:
+            data = self.h.send(ev)
+        except h11.LocalProtocolError:
+            self.transport.abort()
+            return
+        if data:
+            self.end.tx += len(data)
+            self.transport.write(data)
+
+    def _local_reply(self, status: int, text: str, close: bool = False,
+                     extra: list[tuple[str, str]] | None = None) -> None:
+        body = (text + "\n").encode()
+        headers = [("content-type", "text/plain"), ("content-length", str(len(body))),
+                   ("x-nodemesh-reason", text.split(":")[0][:100]), *(extra or [])]
+        if close:
+            headers.append(("connection", "close"))
+        if self.h.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            self._write(h11.Response(status_code=status, headers=headers, reason=_REASONS.get(status, "")))
+            self._write(h11.Data(data=body))
+            self._write(h11.EndOfMessage())
+        if close:
+            self.transport.close()
+
+    def _next_cycle(self) -> None:
+        self._busy = False
+        self._upstream = None
+        if self._closed:
+            return
+        if self.h.our_state is h11.MUST_CLOSE or self.h.their_state is h11.MUST_CLOSE:
+            self.transport.close()
+            return
+        if self.h.our_state is h11.DONE and self.h.their_state is h11.DONE:
+            self.h.start_next_cycle()
+            self.transport.resume_reading()
+            self._process()
+            return
+        self.transport.close()
+
+    async def _serve(self, req: h11.Request, body: bytes, too_big: bool) -> None:
+        self.requests += 1
+        self.rt.counters.requests += 1
+        call = Call(self, req, body)
+        try:
+            if too_big:
+                call.fail_local(413, f"request_too_large: body over {MAX_BUFFERED_BODY} bytes (L7 ports buffer "
+                                     "request bodies; declare the port protocol: tcp for big uploads)")
+            else:
+                await call.run()
+        except Exception as e:  # a bug must not leave the client hanging
+            log.exception("L7 request failed unexpectedly")
+            call.fail_local(500, f"internal_error: {e!r}")
+        finally:
+            call.finish_log()
+            self._next_cycle()
+
+
+def _hdrs(req: h11.Request) -> list[tuple[str, str]]:
+    return [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in req.headers]
+
+
+class Call:
+    """One request through the stack."""
+
+    def __init__(self, ds: Downstream, req: h11.Request, body: bytes) -> None:
+        self.ds = ds
+        self.rt = ds.rt
+        self.req = req
+        self.body = body
+        self.t0 = self.rt.clock()
+        f = ds.conn_session.fields
+        self.session: Session = ds.rt.proxy.new_session(
+            "outbound", protocol="http", src=f.get("src", ""), source_workload=ds.source_key,
+            source_principal=ds.source_id, dst_addr=f.get("dst_addr", ""), dst_service=ds.plan.service,
+            method=req.method.decode("latin-1"), path=req.target.decode("latin-1"))
+        self.status = 0
+        self.attempts = 0
+
+    def fail_local(self, status: int, text: str, extra: list[tuple[str, str]] | None = None) -> None:
+        self.status = status
+        reason, _, detail = text.partition(":")
+        self.session.fail(reason.strip(), detail.strip() or text)
+        self.ds._local_reply(status, text, extra=extra)
+
+    def finish_log(self) -> None:
+        self.session.set(status=self.status, attempts=self.attempts)
+        self.ds.conn_session.set(**{k: v for k, v in self.session.fields.items()
+                                    if k in ("endpoint", "dst_workload", "dst_identity", "via", "node")})
+        self.session.finish()
+
+    async def run(self) -> None:
+        rt, ds = self.rt, self.ds
+        snapshot = rt.proxy.snapshot or ds.end.proxy.snapshot
+        assert snapshot is not None
+        hit = snapshot.by_vip.get((ds.plan.dst_ip, ds.plan.dst_port))
+        if hit is None:
+            return self.fail_local(503, f"no_route: {ds.plan.service} is no longer in the mesh config")
+        sp = hit[1]
+        table = sp.routes or RouteTable(sp.cluster, (RouteEntry("default", _DEFAULT_MATCH,
+                                                                  (WeightedCluster(sp.cluster),)),))
+        headers = _hdrs(self.req)
+        view = router.RequestView(self.req.method.decode("latin-1"), self.req.target.decode("latin-1"),
+                                  tuple(headers))
+        entry = router.select_route(table, view)
+        if entry is None:
+            return self.fail_local(404, f"no_route: no route of {ds.plan.service} matches "
+                                        f"{view.method} {view.path} (check the HTTPRoute matches)")
+        self.session.set(route=entry.name)
+        if entry.redirect is not None:
+            loc = router.redirect_location(entry.redirect, entry.match, view, router.host_of(headers))
+            self.status = entry.redirect.status_code
+            self.ds._local_reply(self.status, f"redirect: {loc}", extra=[("location", loc)])
+            return None
+        if entry.direct_status:
+            return self.fail_local(entry.direct_status, f"no_backend: route {entry.name} has no usable backendRefs")
+        deadline = Deadline.start(entry.timeout_s or None, incoming_budget(dict(headers)), clock=rt.clock)
+        if deadline.expired():
+            return self._deadline_exceeded(headers)
+        fd = faults.decide(entry.fault, rt.rng)
+        if fd.delay_s:
+            wait = deadline.bound(fd.delay_s) or fd.delay_s
+            await asyncio.sleep(wait)
+            if deadline.expired():
+                return self._deadline_exceeded(headers)
+        if fd.abort_status or fd.abort_grpc_status >= 0:
+            self.session.set(fault="abort")
+            if fd.abort_grpc_status >= 0:
+                self.status = 200
+                self.session.fail("fault_injected", f"grpc-status {fd.abort_grpc_status}")
+                self.ds._local_reply(200, "fault_injected", extra=[("grpc-status", str(fd.abort_grpc_status))])
+                return None
+            return self.fail_local(fd.abort_status, "fault_injected: aborted by the route's Fault filter")
+        headers = router.modify_headers(headers, entry.request_headers)
+        target = self.req.target.decode("latin-1")
+        path, sep, query = target.partition("?")
+        new_path = router.rewrite_path(entry, path)
+        target = new_path + (sep + query if sep else "")
+        if entry.host_rewrite:
+            headers = [(k, v) for k, v in headers if k != "host"] + [("host", entry.host_rewrite)]
+        for m in entry.mirrors:
+            if rt.rng.random() * 100 < m.percent:
+                rt.proxy.spawn(_mirror(self, snapshot, m.cluster, target, headers))
+        cluster = router.choose_cluster(entry, rt.rng)
+        self.session.set(cluster=cluster)
+        bsp = rt.port_of_cluster(snapshot, cluster)
+        if bsp is None:
+            return self.fail_local(500, f"backend_not_found: cluster {cluster} is not known (does the "
+                                        "backendRef name an existing Service and port?)")
+        dest = rt.destination(bsp)
+        over = dest.breaker.try_acquire("requests")
+        if over:
+            return self.fail_local(503, f"overflow: circuit breaker {over} reached for {cluster}",
+                                   extra=[("x-nodemesh-overloaded", "true")])
+        try:
+            await self._attempts(snapshot, entry, dest, bsp, target, headers, deadline)
+        finally:
+            dest.breaker.release("requests")
+        return None
+
+    def _deadline_exceeded(self, headers: list[tuple[str, str]]) -> None:
+        if any(k == "content-type" and v.startswith("application/grpc") for k, v in headers):
+            self.status = 200
+            self.session.fail("deadline_exceeded", "deadline exceeded before the call completed")
+            self.ds._local_reply(200, "deadline_exceeded", extra=[("grpc-status", "4"),
+                                                                  ("content-type", "application/grpc")])
+            return None
+        return self.fail_local(504, "deadline_exceeded: the request's deadline passed (route timeout or "
+                                    "caller's grpc-timeout / x-nodemesh-deadline-ms)")
+
+    async def _attempts(self, snapshot: Snapshot, entry: RouteEntry, dest: Destination, sp: ServicePort,
+                        target: str, headers: list[tuple[str, str]], deadline: Deadline) -> None:
+        rt = self.rt
+        dest.budget.record_request()
+        policy = entry.retry
+        max_attempts = policy.attempts if policy else 1
+        tried: set[tuple[str, int]] = set()
+        hash_key = _hash_key(dest, headers, self.session.fields.get("src", ""))
+        last_err = ""
+        while True:
+            self.attempts += 1
+            cands = dest.candidates(sp.endpoints, rt.proxy.settings.node_name, "", tried)
+            if not cands:
+                return self.fail_local(503, f"no_healthy_endpoint: cluster {sp.cluster} has no healthy "
+                                            "endpoint (are its workloads registered and passing health checks?)")
+            ep = dest.pick(cands, hash_key)
+            tried.add((ep.ip, ep.port))
+            self.session.set(endpoint=f"{ep.ip}:{ep.port}", dst_workload=ep.workload, dst_identity=ep.identity)
+            per_try = deadline.bound(entry.per_try_timeout_s)
+            # Whether a timeout of this try is the whole call's deadline (504 deadline_exceeded).
+            by_deadline = per_try is not None and (not entry.per_try_timeout_s or per_try < entry.per_try_timeout_s)
+            fwd = _forward_headers(headers, deadline, self.ds.plan)
+            t0 = rt.clock()
+            dest.ewma.start(ep)
+            outcome, ex, err = await self._try(snapshot, ep, target, fwd, per_try, dest)
+            dest.ewma.finish(ep)
+            elapsed = rt.clock() - t0
+            dest.record(ep, outcome, elapsed if not outcome.gateway_error or outcome.status else
+                        max(elapsed, FAILURE_PENALTY_S), len(sp.endpoints))
+            last_err = err or last_err
+            more = (policy is not None and self.attempts < max_attempts and retryable(policy, outcome))
+            if more and policy is not None:
+                wait = backoff(policy, self.attempts, rt.rng)
+                rem = deadline.remaining()
+                if rem is not None and rem <= wait:
+                    more = False
+                    self.session.set(retry_stopped="deadline")
+                elif not dest.budget.try_withdraw():
+                    more = False
+                    self.session.set(retry_stopped="budget")
+                elif dest.breaker.try_acquire("retries"):
+                    more = False
+                    self.session.set(retry_stopped="max_retries")
+                else:
+                    if ex is not None:
+                        ex.close()
+                    rt.counters.retries += 1
+                    try:
+                        await asyncio.sleep(wait)
+                    finally:
+                        dest.breaker.release("retries")
+                    continue
+            if ex is not None:
+                return await self._relay_response(ex, entry)
+            if outcome.timeout:
+                if by_deadline or deadline.expired():
+                    return self._deadline_exceeded(headers)
+                return self.fail_local(504, f"upstream_timeout: no response from {ep.ip}:{ep.port} within the "
+                                            "per-try timeout (timeouts.backendRequest)")
+            code = 503 if outcome.connect_failure else 502
+            return self.fail_local(code, f"{'upstream_connect_failed' if outcome.connect_failure else 'upstream_reset'}"
+                                         f": {last_err}")
+
+    async def _try(self, snapshot: Snapshot, ep: Endpoint, target: str, headers: list[tuple[str, str]],
+                   timeout_s: float | None, dest: Destination
+                   ) -> tuple[Outcome, UpstreamExchange | None, str]:
+        """One try; returns the outcome, the exchange when a response head arrived, and an error text."""
+        over = dest.breaker.try_acquire("connections")
+        if over:
+            return Outcome(connect_failure=True), None, f"circuit breaker {over}"
+        ex = UpstreamExchange()
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                dest.breaker.release("connections")
+
+        ex.done.add_done_callback(lambda _f: release())
+        req = h11.Request(method=self.req.method, target=target.encode("latin-1"), headers=headers)
+        try:
+            coro = self._connect_and_send(snapshot, ep, ex, req)
+            head = await asyncio.wait_for(coro, timeout_s) if timeout_s else await coro
+        except TimeoutError:
+            ex.close()
+            release()
+            return Outcome(timeout=True), None, "timeout"
+        except ProxyError as e:
+            ex.close()
+            release()
+            self.session.set(try_error=e.reason)
+            return Outcome(connect_failure=True), None, str(e)
+        except UpstreamReset as e:
+            ex.close()
+            release()
+            return Outcome(reset=True), None, str(e)
+        grpc_status = _grpc_status(head)
+        return Outcome(status=head.status_code, grpc_status=grpc_status), ex, ""
+
+    async def _connect_and_send(self, snapshot: Snapshot, ep: Endpoint, ex: UpstreamExchange,
+                                req: h11.Request) -> h11.Response:
+        proxy = self.rt.proxy
+        settings = proxy.settings
+        quiet = _QuietSession(proxy.access_log, "outbound")
+        quiet.connect_headers = self.session.connect_headers  # type: ignore[method-assign]  # trace context over HBONE
+        if is_same_node(ep, settings.node_name):
+            self.session.set(via="same-node")
+            target = resolve_inbound(snapshot, ep.ip, ep.port, ep.identity)
+            enforce = getattr(authz, "enforce", None)
+            if enforce is not None:  # the receiving workload's policy applies to same-node callers too
+                enforce(snapshot, target.workload, ep.port, self.ds.source_id,
+                        str(self.session.fields.get("src", "")).rsplit(":", 1)[0], quiet)
+            up = await connect_local(target, quiet, settings.mark, settings.connect_timeout_s)
+            up.attach(ex)
+            ex.start(up, req, self.body)
+        else:
+            self.session.set(via="hbone", node=ep.node)
+            key = PoolKey(self.ds.source_id, (ep.node_address, ep.hbone_port), ep.identity)
+            try:
+                stream, answered, _conn = await asyncio.wait_for(
+                    proxy.pool.open_stream(key, ep.ip, ep.port, quiet), settings.connect_timeout_s)
+            except TimeoutError:
+                raise ConnectTimeout(f"HBONE connect to {ep.node_address}:{ep.hbone_port} timed out") from None
+            try:
+                await answered
+            except ProxyError:
+                stream.on_closed()
+                raise
+            stream.partner = ex
+            ex.start(stream, req, self.body)
+        return await ex.head
+
+    async def _relay_response(self, ex: UpstreamExchange, entry: RouteEntry) -> None:
+        head = ex.head.result()
+        self.status = head.status_code
+        hdrs = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in head.headers]
+        framing = [(k, v) for k, v in hdrs if k in ("content-length", "transfer-encoding")]
+        hdrs = [(k, v) for k, v in hdrs if k not in HOP_BY_HOP]
+        hdrs = router.modify_headers(hdrs, entry.response_headers)
+        ds = self.ds
+        ds._upstream = ex
+        ds._write(h11.Response(status_code=head.status_code, headers=hdrs + framing, reason=head.reason))
+        ex.set_sink(lambda chunk: ds._write(h11.Data(data=chunk)))
+        try:
+            await ex.done
+        except UpstreamReset as e:
+            self.session.fail("upstream_reset", f"response cut short: {e}")
+            ds.transport.abort()
+            return
+        finally:
+            ex.close()
+        ds._write(h11.EndOfMessage())
+
+
+class _QuietSession(Session):
+    """Bookkeeping for a per-try upstream stream: the request line is the log."""
+
+    def finish(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        for cb in self.on_finish:
+            cb()
+
+
+def _grpc_status(head: h11.Response) -> int | None:
+    for k, v in head.headers:
+        if k == b"grpc-status":
+            try:
+                return int(v)
+            except ValueError:
+                return None
+    return None
+
+
+def _hash_key(dest: Destination, headers: list[tuple[str, str]], src: str) -> str | None:
+    lb = dest.policy.load_balancer
+    if lb.hash_header:
+        return next((v for k, v in headers if k == lb.hash_header), "")
+    if lb.hash_cookie:
+        for k, v in headers:
+            if k == "cookie":
+                for part in v.split(";"):
+                    name, _, val = part.strip().partition("=")
+                    if name == lb.hash_cookie:
+                        return val
+        return ""
+    if lb.hash_source_ip:
+        return src.rpartition(":")[0]
+    return None
+
+
+def _forward_headers(headers: list[tuple[str, str]], deadline: Deadline, plan: OutboundPlan) -> list[tuple[str, str]]:
+    out = [(k, v) for k, v in headers if k not in HOP_BY_HOP and k not in (MESH_DEADLINE_HEADER,)]
+    rem = deadline.remaining()
+    if rem is not None:
+        # Pass the deadline on, reduced by what this hop already spent.
+        out = [(k, v) for k, v in out if k != GRPC_TIMEOUT_HEADER]
+        out.append((MESH_DEADLINE_HEADER, str(max(0, int(rem * 1000)))))
+        if any(k == GRPC_TIMEOUT_HEADER for k, _ in headers):
+            out.append((GRPC_TIMEOUT_HEADER, format_grpc_timeout(rem)))
+    if not any(k == "host" for k, _ in out):
+        out.append(("host", f"{plan.dst_ip}:{plan.dst_port}"))
+    out.append(("connection", "close"))
+    return out
+
+
+async def _mirror(call: Call, snapshot: Snapshot, cluster: str, target: str, headers: list[tuple[str, str]]) -> None:
+    """Fire and forget: its own task, a short timeout, the response discarded."""
+    rt = call.rt
+    sp = rt.port_of_cluster(snapshot, cluster)
+    if sp is None:
+        return
+    dest = rt.destination(sp)
+    cands = dest.candidates(sp.endpoints, rt.proxy.settings.node_name, "")
+    if not cands:
+        return
+    ep = dest.pick(cands, None)
+    ex = UpstreamExchange()
+    fwd = [(k, v) for k, v in headers if k not in HOP_BY_HOP] + [("connection", "close")]
+    host = next((v for k, v in fwd if k == "host"), "")
+    fwd = [(k, v) for k, v in fwd if k != "host"] + [("host", (host + "-shadow") if host else "shadow")]
+    req = h11.Request(method=call.req.method, target=target.encode("latin-1"), headers=fwd)
+    try:
+        await asyncio.wait_for(call._connect_and_send(snapshot, ep, ex, req), 5.0)
+        ex.set_sink(lambda _c: None)
+        await asyncio.wait_for(ex.done, 5.0)
+    except Exception as e:  # noqa: BLE001 - a mirror never affects the original
+        log.debug("mirror to %s failed: %r", cluster, e)
+    finally:
+        ex.close()

@@ -1,0 +1,349 @@
+"""The proxy's telemetry: turns the facts a connection's Session gathered into
+Istio-standard metrics, a span per hop (the trace context crosses nodes in the
+HBONE CONNECT headers), the access log's extra fields and its sampling, and a
+ring of recent connection summaries for `nodemesh tap/top/logs`.
+
+One ProxyTelemetry per NodeProxy (one per worker process). The label logic is
+the pure function `mesh_labels()`, tested without sockets.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from nodeagent import metrics, tracing
+from nodeagent.snapshot import Snapshot
+from nodemesh.xdsnames import service_host
+
+if TYPE_CHECKING:
+    from nodeagent.proxy.proxy import NodeProxy
+    from nodeagent.proxy.relay import Session
+
+RECENT_MAX = 2000
+BAGGAGE = "baggage"
+
+# Stable reason codes (nodeagent/proxy/errors.py, inbound refusals) -> Envoy response flags.
+RESPONSE_FLAGS: Mapping[str, str] = {
+    "no_healthy_endpoint": "UH",
+    "connect_timeout": "UF",
+    "connect_refused": "UF",
+    "upstream_connect_failed": "UF",
+    "tls_handshake_failed": "UF",
+    "stream_refused": "UF",
+    "remote_protocol_error": "UPE",
+    "local_protocol_error": "DPE",
+    "bad_request": "DPE",
+    "policy_denied": "NR",
+    "unknown_destination": "NR",
+    "unknown_source": "NR",
+    "not_ready": "NC",
+    "no_certificate": "UF",
+    "peer_identity_mismatch": "UAEX",
+    "identity_mismatch": "UAEX",
+    "no_peer_identity": "UAEX",
+    "downstream_gone": "DC",
+    "timeout": "UT",
+}
+
+
+def response_flags(reason: str | None, error: str | None = None) -> str:
+    if reason:
+        return RESPONSE_FLAGS.get(reason, "UF" if "connect" in reason else "-")
+    if error and "reset" in error:
+        return "UC"  # the connection was reset mid-stream
+    return "-"
+
+
+def _split(key: str | None) -> tuple[str, str]:
+    """'ns/name' -> (name, ns); unknown pieces stay 'unknown'."""
+    if not key or "/" not in key:
+        return (key or "unknown", "unknown")
+    ns, name = key.split("/", 1)
+    return name, ns
+
+
+def parse_baggage(headers: Sequence[tuple[str, str]]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in headers:
+        if k.lower() != BAGGAGE:
+            continue
+        for member in v.split(","):
+            kv = member.split(";", 1)[0].strip()
+            if "=" in kv:
+                a, b = kv.split("=", 1)
+                out[a.strip()] = b.strip()
+    return out
+
+
+def _ns_of_principal(principal: str) -> str:
+    parts = principal.split("/")
+    return parts[parts.index("ns") + 1] if "ns" in parts and parts.index("ns") + 1 < len(parts) else ""
+
+
+def _service_of_workload(snapshot: Snapshot, workload: str, port: int) -> str:
+    """The one service with this workload's target port as an endpoint; '' if none or several."""
+    found = {svc.key for svc in snapshot.services for sp in svc.ports for ep in sp.endpoints
+             if ep.workload == workload and ep.port == port}
+    return found.pop() if len(found) == 1 else ""
+
+
+def _workload_of_principal(snapshot: Snapshot, principal: str) -> str:
+    found = {w.key for w in snapshot.workloads if w.identity == principal}
+    return found.pop() if len(found) == 1 else ""
+
+
+def mesh_labels(fields: Mapping[str, Any], snapshot: Snapshot | None,
+                peer_headers: Sequence[tuple[str, str]] = ()) -> metrics.MeshLabels:
+    """Istio labels for one connection from its access-log fields (pure)."""
+    outbound = fields.get("direction") == "outbound"
+    via = fields.get("via", "")
+    src_key = fields.get("source_workload") or ""
+    src_principal = fields.get("source_principal") or ""
+    dst_key = fields.get("dst_workload") or ""
+    svc_key = fields.get("dst_service") or ""
+    baggage = parse_baggage(peer_headers) if not outbound else {}
+    if not outbound:
+        # The caller's node names its workload and service in baggage; believe it only
+        # as far as the verified identity allows (same namespace as the principal).
+        claimed = baggage.get("k8s.namespace.name", "") + "/" + baggage.get("k8s.workload.name", "")
+        if not src_key and baggage.get("k8s.workload.name") and \
+                baggage.get("k8s.namespace.name") == _ns_of_principal(src_principal):
+            src_key = claimed
+        if not src_key and snapshot is not None and src_principal:
+            src_key = _workload_of_principal(snapshot, src_principal)
+        if not svc_key and baggage.get("service.name") and snapshot is not None:
+            cand = baggage["service.name"]
+            if any(s.key == cand for s in snapshot.services):
+                svc_key = cand
+        if not svc_key and snapshot is not None and dst_key:
+            port = str(fields.get("dst_addr", ":0")).rsplit(":", 1)[-1]
+            svc_key = _service_of_workload(snapshot, dst_key, int(port) if port.isdigit() else 0)
+    src_name, src_ns = _split(src_key or None)
+    dst_name, dst_ns = _split(dst_key or None)
+    if svc_key:
+        svc_name, svc_ns = _split(svc_key)
+        domain = snapshot.mesh.dns_domain if snapshot is not None else "mesh"
+        svc = service_host(svc_name, svc_ns, domain)
+    elif via == "passthrough":
+        svc = svc_name = "PassthroughCluster"
+        svc_ns = "unknown"
+    else:
+        svc = svc_name = svc_ns = "unknown"
+    if via == "hbone" or fields.get("tls") is True:
+        security = "mutual_tls"
+    elif via in ("passthrough", "plaintext", "same-node") or fields.get("tls") is False:
+        security = "none"
+    else:
+        security = "unknown"  # refused before a path was chosen
+    return metrics.MeshLabels(
+        reporter="source" if outbound else "destination",
+        source_workload=src_name, source_workload_namespace=src_ns,
+        source_principal=src_principal or "unknown",
+        destination_workload=dst_name, destination_workload_namespace=dst_ns,
+        destination_principal=fields.get("dst_identity") or "unknown",
+        destination_service=svc, destination_service_name=svc_name, destination_service_namespace=svc_ns,
+        request_protocol="tcp",
+        response_flags=response_flags(fields.get("reason"), fields.get("error")),
+        connection_security_policy=security,
+    )
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+
+
+class ProxyTelemetry:
+    """The Session observer (nodeagent.proxy.relay.Session.observer)."""
+
+    def __init__(self, proxy: NodeProxy, *, rng: random.Random | None = None) -> None:
+        self._proxy = proxy
+        s = proxy.settings
+        self.exporter = tracing.exporter_for(s.tracing, service_name=f"nodemesh-proxy.{s.node_name}")
+        self.trace_sampling = s.trace_sampling
+        self.log_sampling = s.access_log_sampling
+        self._rng = rng or random.Random()
+        self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_MAX)
+        self.seq = 0
+
+    # -- session hooks --
+    @staticmethod
+    def is_request(session: Session) -> bool:
+        """The HTTP proxy (nodeagent/proxy/http) opens one Session per request, with its method."""
+        return "method" in session.fields
+
+    def begin(self, session: Session) -> None:
+        direction = session.fields.get("direction", "")
+        if not self.is_request(session):
+            metrics.PROXY_ACTIVE.inc({"direction": direction})
+        session.t0_unix = time.time()  # type: ignore[attr-defined]
+        if direction == "outbound":
+            # Every outbound connection roots a trace (L4 has no headers to read);
+            # the ID also ties both nodes' access log lines together.
+            sampled = self._rng.random() < self.trace_sampling
+            session.span = tracing.start_span(None, "outbound", "client", sampled=sampled)  # type: ignore[attr-defined]
+
+    def connect_headers(self, session: Session) -> tuple[tuple[str, str], ...]:
+        span: tracing.Span | None = getattr(session, "span", None)
+        out: list[tuple[str, str]] = []
+        if span is not None:
+            out += tracing.inject(span.context)
+        f = session.fields
+        bag = []
+        name, ns = _split(f.get("source_workload"))
+        if ns != "unknown":
+            bag += [f"k8s.namespace.name={ns}", f"k8s.workload.name={name}"]
+        if f.get("dst_service"):
+            bag.append(f"service.name={f['dst_service']}")
+        if bag:
+            out.append((BAGGAGE, ",".join(bag)))
+        return tuple(out)
+
+    def request_headers(self, session: Session, headers: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+        """For the HTTP proxy: make this request's span a child of the caller's trace
+        (W3C or B3 in `headers`) and return the headers to forward upstream instead
+        of the incoming trace headers (see tracing.replace_trace_headers)."""
+        parent = tracing.extract(headers)
+        if parent is not None:
+            span = tracing.start_span(parent, "outbound", "client")
+            session.span = span  # type: ignore[attr-defined]
+        else:
+            span = getattr(session, "span", None) or tracing.start_span(None, "outbound", "client")
+            session.span = span  # type: ignore[attr-defined]
+        ctx = tracing.TraceContext(span.trace_id, span.span_id, span.sampled,
+                                   parent.tracestate if parent else "", parent.b3 if parent else False)
+        return tracing.inject(ctx)
+
+    def opened(self, session: Session) -> None:
+        if self.is_request(session):
+            return
+        labels = mesh_labels(session.fields, self._proxy.snapshot, session.peer_headers)
+        session.labels = labels  # type: ignore[attr-defined]  # closed() uses the same series
+        metrics.tcp_opened(labels)
+
+    def closed(self, session: Session, rec: dict[str, Any]) -> bool:
+        """Record metrics and the span, enrich the log record; False = sampled out of the log."""
+        f = session.fields
+        direction = f.get("direction", "")
+        final = mesh_labels(f, self._proxy.snapshot, session.peer_headers)
+        if self.is_request(session):
+            return self._request_closed(session, final, rec)
+        metrics.PROXY_ACTIVE.inc({"direction": direction}, -1.0)
+        labels: metrics.MeshLabels | None = getattr(session, "labels", None)
+        if labels is None:
+            metrics.tcp_opened(final)  # refused or failed before it was joined: still a connection
+            labels = final
+        elif labels.response_flags != final.response_flags:
+            labels = final  # an error at the end (a reset): the closing series says so
+        sent, received = int(rec.get("bytes_sent", 0)), int(rec.get("bytes_received", 0))
+        metrics.tcp_closed(labels, sent, received)
+        reason = f.get("reason")
+        if reason:
+            metrics.PROXY_ERRORS.inc({"direction": direction, "reason": reason})
+        return self._finish_record(session, labels, rec)
+
+    def _request_closed(self, session: Session, labels: metrics.MeshLabels, rec: dict[str, Any]) -> bool:
+        f = session.fields
+        code = int(f.get("status") or f.get("response_code") or 0)
+        flags = labels.response_flags if labels.response_flags != "-" or code else "DC"
+        labels = metrics.MeshLabels(**{**labels.as_dict(), "response_flags": flags})
+        metrics.record_request(labels, response_code=code, duration_ms=float(rec.get("duration_ms", 0.0)),
+                               request_bytes=int(f.get("request_bytes", 0) or 0),
+                               response_bytes=int(f.get("response_bytes", 0) or 0),
+                               grpc_response_status=str(f.get("grpc_status", "") or ""),
+                               request_protocol=str(f.get("protocol", "http")))
+        rec.setdefault("response_code", code)
+        return self._finish_record(session, labels, rec)
+
+    def _finish_record(self, session: Session, labels: metrics.MeshLabels, rec: dict[str, Any]) -> bool:
+        f = session.fields
+        direction = f.get("direction", "")
+        reason = f.get("reason")
+        # Access log fields of issue 6 (added beside the existing ones).
+        now = time.time()
+        rec["end"] = _iso(now)
+        rec["reporter"] = labels.reporter
+        rec["source_workload_name"] = labels.source_workload
+        rec["source_namespace"] = labels.source_workload_namespace
+        rec["destination_service"] = labels.destination_service
+        rec["route"] = f.get("route", "")
+        rec["attempts"] = f.get("attempts", 1 if direction == "outbound" and f.get("endpoint") else 0)
+        rec.setdefault("response_code", f.get("response_code"))
+        rec["response_flags"] = labels.response_flags
+        rec["error_reason"] = reason or ""
+        rec["connection_security_policy"] = labels.connection_security_policy
+        span = self._span(session, labels, rec, now)
+        if span is not None:
+            rec["trace_id"] = span.trace_id
+            rec["span_id"] = span.span_id
+        self.seq += 1
+        summary = dict(rec)
+        summary["seq"] = self.seq
+        summary["pid"] = os.getpid()
+        summary["end_unix"] = now
+        self.recent.append(summary)
+        if reason or rec.get("error"):
+            return True  # errors are always logged, whatever the sampling
+        return self.log_sampling >= 1.0 or self._rng.random() < self.log_sampling
+
+    def _span(self, session: Session, labels: metrics.MeshLabels, rec: Mapping[str, Any],
+              now: float) -> tracing.Span | None:
+        f = session.fields
+        span: tracing.Span | None = getattr(session, "span", None)
+        if span is None:
+            parent = tracing.extract(session.peer_headers) if session.peer_headers else None
+            if parent is None and f.get("direction") != "outbound":
+                # Same-node inbound: the outbound session in this process is the parent.
+                return None
+            span = tracing.start_span(parent, "inbound", "server")
+        span.start_unix_ns = int(getattr(session, "t0_unix", now) * 1e9)
+        span.name = f"{f.get('direction', 'tcp')} {labels.destination_service}"
+        span.attributes.update({
+            "nodemesh.node": f.get("node", ""),
+            "nodemesh.direction": f.get("direction", ""),
+            "nodemesh.via": f.get("via", ""),
+            "nodemesh.reporter": labels.reporter,
+            "source.workload": f"{labels.source_workload_namespace}/{labels.source_workload}",
+            "source.principal": labels.source_principal,
+            "destination.workload": f"{labels.destination_workload_namespace}/{labels.destination_workload}",
+            "destination.principal": labels.destination_principal,
+            "destination.service": labels.destination_service,
+            "net.peer.address": str(f.get("endpoint") or f.get("dst_addr") or ""),
+            "nodemesh.bytes_sent": int(rec.get("bytes_sent", 0)),
+            "nodemesh.bytes_received": int(rec.get("bytes_received", 0)),
+            "nodemesh.response_flags": labels.response_flags,
+            "nodemesh.connection_security_policy": labels.connection_security_policy,
+        })
+        reason = f.get("reason")
+        tracing.finish_span(span, status="error" if reason else "ok", message=str(f.get("error", reason or "")),
+                            now_ns=int(now * 1e9))
+        self.exporter.export(span)
+        return span
+
+    def close(self) -> None:
+        self.exporter.close()
+
+
+def worker_stats(proxy: NodeProxy, index: int, request: Any) -> dict[str, Any]:
+    """Answer to the agent's "stats" control message: this worker's metrics,
+    balancer state and the connection summaries after `request['since']`."""
+    tel: ProxyTelemetry | None = getattr(proxy, "telemetry", None)
+    since = int(request.get("since", 0)) if isinstance(request, dict) else 0
+    recent = [r for r in tel.recent if r["seq"] > since] if tel is not None else []
+    bal = getattr(proxy.balancer, "_stats", {})
+    return {
+        "id": request.get("id", -1) if isinstance(request, dict) else -1,
+        "index": index,
+        "pid": os.getpid(),
+        "snapshot_version": proxy.snapshot.version if proxy.snapshot is not None else "",
+        "metrics": metrics.REGISTRY.collect(),
+        "balancer": [{"address": f"{ip}:{port}", "ewma_ms": round(st.ewma_s * 1000, 3),
+                      "outstanding": st.outstanding, "measured": st.measured}
+                     for (ip, port), st in list(bal.items())],
+        "recent": recent[-500:],
+        "seq": tel.seq if tel is not None else 0,
+    }

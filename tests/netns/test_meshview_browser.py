@@ -1,0 +1,110 @@
+"""The mesh view in a real headless Chromium (Debian's chromium + chromedriver,
+driven by Selenium): after the demo's traffic (client -> web), the graph shows
+the client -> web edge with mTLS, and the service page and config page render.
+
+The control plane serves the page on 127.0.0.1:15014 inside the lab's hub
+namespace, so the browser runs there too: this test runs a small Selenium
+driver script under `ip netns exec` and reads its JSON answer."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import textwrap
+
+import pytest
+
+from nodemesh.lab import Lab
+from tests.conftest import require_tool
+from tests.netns.conftest import CLIENT_UID
+from tests.netns.test_observability import traced  # noqa: F401 - the fixture (conftest layout, REDIRECT inbound)
+
+pytestmark = pytest.mark.netns
+
+DRIVER = textwrap.dedent('''
+    import json, sys, time
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    url, profile = sys.argv[1], sys.argv[2]
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = "/usr/bin/chromium"
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--user-data-dir=" + profile, "--window-size=1280,900"):
+        opts.add_argument(flag)
+    drv = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
+    out = {}
+    try:
+        drv.get(url)
+        deadline = time.time() + 20
+        edge = None
+        while time.time() < deadline:
+            edges = drv.find_elements(By.CSS_SELECTOR,
+                'g.edge[data-source="wl:default/client"][data-target="svc:default/web"]')
+            callee = drv.find_elements(By.CSS_SELECTOR,
+                'g.edge[data-source="svc:default/web"][data-target="wl:default/web-2"]')
+            if edges and callee and float(edges[0].get_attribute("data-total") or 0) >= 3 \
+                    and float(callee[0].get_attribute("data-total") or 0) >= 3:
+                edge = edges[0]
+                break
+            time.sleep(0.5)
+        out["edges"] = [{k: e.get_attribute("data-" + k) for k in ("source", "target", "reporter", "mtls", "total")}
+                        for e in drv.find_elements(By.CSS_SELECTOR, "g.edge")]
+        out["nodes"] = [n.get_attribute("data-id") for n in drv.find_elements(By.CSS_SELECTOR, "g.node")]
+        out["edge_label"] = edge.text if edge is not None else ""
+        out["meta"] = drv.find_element(By.ID, "meta").text
+        if len(sys.argv) > 3:
+            drv.save_screenshot(sys.argv[3])
+        drv.find_element(By.CSS_SELECTOR, 'g.node[data-id="svc:default/web"]').click()
+        time.sleep(0.3)
+        deadline = time.time() + 10
+        while time.time() < deadline and not drv.find_elements(By.ID, "service-title"):
+            time.sleep(0.3)
+        out["service_title"] = drv.find_element(By.ID, "service-title").text
+        out["charts"] = [c.get_attribute("data-field") for c in drv.find_elements(By.CSS_SELECTOR, ".chart")]
+        drv.get(url + "#/config")
+        deadline = time.time() + 10
+        while time.time() < deadline and not drv.find_elements(By.CSS_SELECTOR, "pre.resource"):
+            time.sleep(0.3)
+        out["config"] = drv.find_element(By.ID, "main").text[:2000]
+    finally:
+        drv.quit()
+    print(json.dumps(out))
+''')
+
+
+def test_mesh_view_shows_client_to_web(traced: Lab) -> None:  # noqa: F811
+    mesh = traced
+    require_tool("chromium")
+    require_tool("chromedriver")
+    vip = mesh.service_vip("web")
+    for i in range(3):
+        assert mesh.curl(1, f"http://{vip}/view-{i}", uid=CLIENT_UID).returncode == 0
+    with tempfile.TemporaryDirectory(prefix="nm-chromium-") as profile:
+        res = mesh.ns_exec(mesh.hub, [sys.executable, "-c", DRIVER, "http://127.0.0.1:15014/", profile,
+                                           str(mesh.workdir / "meshview.png")],
+                           check=False, timeout=90)
+    assert res.returncode == 0, f"browser driver failed:\n{res.stderr[-3000:]}"
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    client_web = [e for e in out["edges"] if e["source"] == "wl:default/client" and e["target"] == "svc:default/web"]
+    assert client_web, f"no client -> web edge in the graph: {out['edges']}"
+    assert client_web[0]["reporter"] == "source" and client_web[0]["mtls"] == "mutual_tls"
+    assert float(client_web[0]["total"]) >= 3
+    # The callee's view: web -> its replica on node 2, also over mTLS.
+    assert any(e["source"] == "svc:default/web" and e["target"] == "wl:default/web-2" and e["mtls"] == "mutual_tls"
+               for e in out["edges"]), out["edges"]
+    assert "100%" in out["edge_label"] and "mTLS" in out["edge_label"]
+    assert {"wl:default/client", "svc:default/web", "wl:default/web-2"} <= set(out["nodes"])
+    assert "2 node(s) reporting" in out["meta"]
+    assert out["service_title"] == "default/web"
+    assert out["charts"] == ["request_rate", "connection_rate", "success_rate", "p99_ms"]
+    assert "Service default/web" in out["config"] and "MeshConfig" in out["config"]
+    shot = mesh.workdir / "meshview.png"
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("NODEMESH_KEEP_SCREENSHOT"):
+        shutil.copy(shot, os.environ["NODEMESH_KEEP_SCREENSHOT"])

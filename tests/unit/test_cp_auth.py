@@ -1,0 +1,111 @@
+"""Control-plane trust material: root rotation with an overlap (old and new
+roots trusted together, new leaves from the new root, the old root dropped
+when the overlap ends, all persisted), and an intermediate CA signed by an
+operator's own root, loaded from files."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from test_cp_ca import make_csr
+
+from controlplane.ca import ROOT_KEY_FILE, CaError, CertificateAuthority
+from nodemesh.identity import Identity
+
+TD = "cluster.local"
+ID = Identity(TD, "default", "web")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def issuer_of(ca: CertificateAuthority) -> x509.Name:
+    leaf = ca.sign(x509.load_pem_x509_csr(make_csr(ID.uri).encode()), ID, 3600)
+    return leaf.issuer
+
+
+def test_rotation_keeps_the_old_root_trusted_for_the_overlap(tmp_path: Path) -> None:
+    clock = Clock()
+    ca = CertificateAuthority.load_or_create(str(tmp_path), TD, clock)
+    old_pem, old_subject = ca.root_pem, ca.root_cert.subject
+    assert ca.trust_bundle == [old_pem]
+    old_fp, new_fp = ca.rotate(TD, overlap_s=600)
+    assert old_fp != new_fp and ca.root_pem != old_pem
+    assert ca.trust_bundle == [ca.root_pem, old_pem]
+    assert issuer_of(ca) == ca.root_cert.subject != old_subject
+    assert stat.S_IMODE(os.stat(tmp_path / ROOT_KEY_FILE).st_mode) == 0o600
+    assert ca.next_bundle_change() == clock.t + 600
+    # A restart during the overlap keeps both roots.
+    again = CertificateAuthority.load_or_create(str(tmp_path), TD, clock)
+    assert again.trust_bundle == ca.trust_bundle
+    clock.t += 601
+    assert ca.trust_bundle == [ca.root_pem] and ca.next_bundle_change() is None
+
+
+def _operator_ca(tmp_path: Path) -> tuple[str, str, str]:
+    now = datetime.datetime.now(datetime.UTC)
+    root_key = ec.generate_private_key(ec.SECP256R1())
+    root_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "operator root")])
+    root = (x509.CertificateBuilder().subject_name(root_name).issuer_name(root_name)
+            .public_key(root_key.public_key()).serial_number(1)
+            .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(root_key.public_key()), critical=False)
+            .sign(root_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    inter = (x509.CertificateBuilder()
+             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mesh intermediate")]))
+             .issuer_name(root_name).public_key(key.public_key()).serial_number(2)
+             .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=10))
+             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+             .sign(root_key, hashes.SHA256()))
+    paths = (tmp_path / "inter.pem", tmp_path / "inter.key", tmp_path / "chain.pem")
+    paths[0].write_bytes(inter.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    os.chmod(paths[1], 0o600)
+    paths[2].write_bytes(root.public_bytes(serialization.Encoding.PEM))
+    return str(paths[0]), str(paths[1]), str(paths[2])
+
+
+def test_intermediate_from_operator_files(tmp_path: Path) -> None:
+    cert, key, chain = _operator_ca(tmp_path)
+    ca = CertificateAuthority.from_files(cert, key, chain)
+    root = x509.load_pem_x509_certificate(Path(chain).read_bytes())
+    inter = x509.load_pem_x509_certificate(Path(cert).read_bytes())
+    assert ca.trust_bundle == [root.public_bytes(serialization.Encoding.PEM).decode()]
+    leaf = ca.sign(x509.load_pem_x509_csr(make_csr(ID.uri).encode()), ID, 3600)
+    leaf.verify_directly_issued_by(inter)
+    assert ca.chain[0] == inter.public_bytes(serialization.Encoding.PEM).decode()
+    with pytest.raises(CaError, match="operator"):
+        ca.rotate(TD)
+
+
+def test_operator_files_errors_name_the_file(tmp_path: Path) -> None:
+    cert, key, chain = _operator_ca(tmp_path)
+    with pytest.raises(CaError, match="--ca-cert"):
+        CertificateAuthority.from_files(str(tmp_path / "missing.pem"), key, chain)
+    other = _operator_ca(tmp_path / "x" if (tmp_path / "x").mkdir() is None else tmp_path)
+    with pytest.raises(CaError, match="do not belong together"):
+        CertificateAuthority.from_files(cert, other[1], chain)
+    with pytest.raises(CaError, match="--ca-chain"):
+        CertificateAuthority.from_files(cert, key, other[2])
+    # The private key never appears in an error message.
+    try:
+        CertificateAuthority.from_files(cert, other[1], chain)
+    except CaError as e:
+        assert "PRIVATE KEY" not in str(e)

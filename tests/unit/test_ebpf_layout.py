@@ -1,0 +1,153 @@
+"""eBPF capture: the Python mirrors of bpf/maps.h against what bcc compiled
+(root: compiling creates maps), and the pure rendering (no root)."""
+
+from __future__ import annotations
+
+import ctypes as ct
+import ipaddress
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nodeagent.capture import bpfheaders, ebpf
+from nodeagent.capture.base import CaptureError
+from nodeagent.settings import ProxySettings
+from nodeagent.snapshot import LocalWorkload
+from tests.conftest import require_root
+
+
+def _layout(t: Any) -> list[tuple[str, int, int]] | int:
+    """(field, offset, size) of a ctypes struct; the size of a scalar."""
+    if hasattr(t, "_fields_"):
+        return [(name, getattr(t, name).offset, getattr(t, name).size) for name, *_ in t._fields_]
+    return ct.sizeof(t)
+
+
+@pytest.fixture(scope="module")
+def compiled() -> Any:
+    require_root("compiling bpf/ with bcc (map creation needs CAP_BPF)")
+    bpf = ebpf._load_bpf()  # fails (not skips) with the reason if bcc or headers are missing
+    yield bpf
+    bpf.cleanup()
+
+
+@pytest.mark.parametrize("name", sorted(ebpf.MAP_LAYOUTS))
+def test_map_layout_matches_compiled_program(compiled: Any, name: str) -> None:
+    key, leaf, max_entries = ebpf.MAP_LAYOUTS[name]
+    table = compiled[name.encode()]
+    assert _layout(table.Key) == _layout(key), f"{name} key layout differs from bpf/maps.h"
+    assert ct.sizeof(table.Key) == ct.sizeof(key)
+    # Per-CPU tables give bcc an array of leaves, one per CPU.
+    bcc_leaf = table.Leaf._type_ if name == "nm_counters" else table.Leaf
+    assert _layout(bcc_leaf) == _layout(leaf), f"{name} leaf layout differs from bpf/maps.h"
+    assert ct.sizeof(bcc_leaf) == ct.sizeof(leaf)
+    assert table.max_entries == max_entries
+
+
+def test_every_map_in_the_program_is_mirrored(compiled: Any) -> None:
+    ours = {n.decode() if isinstance(n, bytes) else n for n in compiled.tables}
+    assert ours == set(ebpf.MAP_LAYOUTS), "a map in bpf/maps.h has no Python mirror (or the reverse)"
+
+
+def test_counter_names_match_counter_slots(compiled: Any) -> None:
+    assert compiled[b"nm_counters"].max_entries == len(ebpf.COUNTERS)
+    source = (ebpf.BPF_DIR / "maps.h").read_text()
+    for i, name in enumerate(ebpf.COUNTERS):
+        assert f"NM_CTR_{name.upper()} {i}" in source, f"counter {name} is not slot {i} in maps.h"
+
+
+def test_every_program_loads_with_its_attach_type(compiled: Any) -> None:
+    for spec in ebpf.PROGRAMS.values():
+        assert spec.function.encode() in compiled.funcs
+
+
+# ------------------------------------------------------------------ pure
+
+
+def wl(name: str, uid: int | None = None, cgroup: str | None = None) -> LocalWorkload:
+    return LocalWorkload(name, "default", name, "10.0.0.1", (), uid=uid, cgroup=cgroup)
+
+
+def test_plan_cgroup_workloads_attach_to_their_cgroup_and_getsockopt_to_agent() -> None:
+    plan = ebpf.plan_attachments([wl("a", cgroup="/mesh/a")], "/system/agent")
+    assert [p.describe() for p in plan] == [
+        "/mesh/a cgroup_inet4_connect nm_connect4",
+        "/mesh/a cgroup_inet4_getpeername nm_getpeername4",
+        "/mesh/a cgroup_sock_ops nm_sockops",
+        "/system/agent cgroup_getsockopt nm_getsockopt",
+    ]
+
+
+def test_plan_uid_workloads_attach_at_root_once() -> None:
+    plan = ebpf.plan_attachments([wl("a", uid=3001), wl("b", uid=3002)], "/")
+    assert {p.describe() for p in plan} == {
+        "/ cgroup_inet4_connect nm_connect4_uid",
+        "/ cgroup_inet4_getpeername nm_getpeername4",
+        "/ cgroup_sock_ops nm_sockops",
+        "/ cgroup_getsockopt nm_getsockopt",
+    }
+    assert ebpf.render_uids([wl("a", uid=3001), wl("b", uid=3002), wl("c", cgroup="/x")]) == (3001, 3002)
+
+
+def test_plan_without_workloads_attaches_nothing() -> None:
+    assert ebpf.plan_attachments([], "/") == ()
+
+
+def test_config_is_in_network_order_where_the_kernel_is() -> None:
+    cfg = ebpf.render_config(ProxySettings("n", "10.0.0.1"), 77, "closed", 2.0)
+    assert struct.pack("=I", cfg.proxy_ip4) == ipaddress.ip_address("127.0.0.1").packed
+    assert (cfg.proxy_port, cfg.failure_policy, cfg.enabled, cfg.netns_cookie) == (15001, 1, 1, 77)
+    assert cfg.liveness_timeout_ns == 2_000_000_000
+    with pytest.raises(CaptureError, match="failurePolicy"):
+        ebpf.render_config(ProxySettings("n", "10.0.0.1"), 1, "maybe")
+
+
+def test_exclusions_are_ipv4_lpm_keys_deduplicated() -> None:
+    keys = ebpf.render_exclusions(["10.1.2.3/32", "10.0.0.0/8", "10.0.0.5/8", "fd00::/8"])
+    got = {(k.prefixlen, str(ipaddress.ip_address(struct.pack("=I", k.ip4)))) for k in keys}
+    assert got == {(32, "10.1.2.3"), (8, "10.0.0.0")}
+
+
+def test_source_concatenates_every_file_once() -> None:
+    src = ebpf.load_source()
+    assert src.count("struct nm_config {") == 1
+    for name in ebpf.SOURCES:
+        assert f'#line 1 "bpf/{name}"' in src
+    assert '#include "maps.h"' not in src
+
+
+def test_proxy_listening_reads_proc_net_tcp(tmp_path: Path) -> None:
+    f = tmp_path / "tcp"
+    f.write_text(
+        "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+        "   0: 0100007F:3A99 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1\n"
+        "   1: 0100007F:1F90 0100007F:D2F0 01 00000000:00000000 00:00000000 00000000     0        0 2 1\n")
+    assert ebpf.proxy_listening("127.0.0.1", 15001, str(f))
+    assert not ebpf.proxy_listening("127.0.0.1", 8080, str(f))  # established, not listening
+    assert not ebpf.proxy_listening("127.0.0.1", 15002, str(tmp_path / "missing"))
+
+
+def test_headers_merged_from_debian_trees(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    common = src / "linux-headers-6.1.0-9-common"
+    arch = src / "linux-headers-6.1.0-9-amd64"
+    (common / "include/linux").mkdir(parents=True)
+    (common / "include/linux/a.h").write_text("common")
+    (common / "include/linux/b.h").write_text("common")
+    (arch / "include/generated").mkdir(parents=True)
+    (arch / "include/generated/autoconf.h").write_text("arch")
+    (arch / "include/linux").mkdir(parents=True)
+    (arch / "include/linux/b.h").write_text("arch")
+    tree = bpfheaders.find_headers(str(tmp_path / "cache"), str(src), release="0.0-none")
+    merged = Path(tree.path)
+    assert tree.version == "6.1.0-9" and merged == tmp_path / "cache" / "6.1.0-9"
+    assert (merged / "include/linux/a.h").read_text() == "common"
+    assert (merged / "include/linux/b.h").read_text() == "arch"  # the arch tree wins
+    assert (merged / "include/generated/autoconf.h").exists()
+
+
+def test_missing_headers_name_the_package(tmp_path: Path) -> None:
+    with pytest.raises(bpfheaders.HeadersError, match="apt-get install linux-headers-amd64"):
+        bpfheaders.find_headers(str(tmp_path / "cache"), str(tmp_path / "nothing"), release="0.0-none")
