@@ -6,6 +6,7 @@ serve, and on shutdown removes capture before anything else stops.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -250,6 +251,9 @@ class Agent:
             ("node", self.config.node, new.node), ("controlPlane", self.config.control_plane, new.control_plane),
             ("proxy", self.config.proxy, new.proxy), ("stateDir", self.config.state_dir, new.state_dir),
             ("capture.mode", self.config.capture.mode, new.capture.mode),
+            ("capture.inbound/tproxyMark/tproxyTable",
+             (self.config.capture.inbound, self.config.capture.tproxy_mark, self.config.capture.tproxy_table),
+             (new.capture.inbound, new.capture.tproxy_mark, new.capture.tproxy_table)),
             ("dns", self.config.dns, new.dns)) if old != cur]
         if restart_only:
             log.warning("reload: changes to %s take effect only after a restart", ", ".join(restart_only))
@@ -261,7 +265,11 @@ class Agent:
                 log.error("reload: the new workloads are inconsistent with the mesh (%s); keeping the old ones", e)
                 return
         self.config = AgentConfig(node=self.config.node, control_plane=self.config.control_plane,
-                                  capture=new.capture, proxy=self.config.proxy, workloads=new.workloads,
+                                  # The workers' listeners follow the inbound mode: it changes on restart only.
+                                  capture=dataclasses.replace(new.capture, inbound=self.config.capture.inbound,
+                                                              tproxy_mark=self.config.capture.tproxy_mark,
+                                                              tproxy_table=self.config.capture.tproxy_table),
+                                  proxy=self.config.proxy, workloads=new.workloads,
                                   state_dir=self.config.state_dir, dns=self.config.dns)
         self.settings = self.config.proxy_settings(resolve_control_plane(self.config))
         self.capture = self._capture_for(self.config)

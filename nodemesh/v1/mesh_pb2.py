@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16nodemesh/v1/mesh.proto\x12\x0bnodemesh.v1\"\xa4\x02\n\x08Resource\x12\x13\n\x0b\x61pi_version\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x11\n\tspec_json\x18\x05 \x01(\t\x12\x13\n\x0bstatus_json\x18\x06 \x01(\t\x12\x18\n\x10resource_version\x18\x07 \x01(\x03\x12\x17\n\x0f\x63reated_unix_ms\x18\x08 \x01(\x03\x12\x17\n\x0fupdated_unix_ms\x18\t \x01(\x03\x12\x31\n\x06labels\x18\n \x03(\x0b\x32!.nodemesh.v1.Resource.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"2\n\x0c\x41pplyRequest\x12\x11\n\tdocuments\x18\x01 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x02 \x01(\x08\"f\n\x0b\x41pplyResult\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\x12\x18\n\x10resource_version\x18\x05 \x01(\x03\":\n\rApplyResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.nodemesh.v1.ApplyResult\"<\n\x0bResourceRef\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\".\n\x0bListRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\"J\n\x0cListResponse\x12(\n\tresources\x18\x01 \x03(\x0b\x32\x15.nodemesh.v1.Resource\x12\x10\n\x08revision\x18\x02 \x01(\x03\";\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\x12\x18\n\x10resource_version\x18\x02 \x01(\x03\"G\n\x0cWatchRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x16\n\x0esince_revision\x18\x03 \x01(\x03\"C\n\nWatchEvent\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\'\n\x08resource\x18\x02 \x01(\x0b\x32\x15.nodemesh.v1.Resource\"\xd9\x01\n\x14WorkloadRegistration\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x17\n\x0fservice_account\x18\x03 \x01(\t\x12=\n\x06labels\x18\x04 \x03(\x0b\x32-.nodemesh.v1.WorkloadRegistration.LabelsEntry\x12\n\n\x02ip\x18\x05 \x01(\t\x12\r\n\x05ports\x18\x06 \x03(\r\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa7\x01\n\x10NodeRegistration\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x11\n\taddresses\x18\x02 \x03(\t\x12\x12\n\nhbone_port\x18\x03 \x01(\r\x12\x0c\n\x04zone\x18\x04 \x01(\t\x12\x34\n\tworkloads\x18\x05 \x03(\x0b\x32!.nodemesh.v1.WorkloadRegistration\x12\x15\n\ragent_version\x18\x06 \x01(\t\"9\n\tHeartbeat\x12\x14\n\x0csent_unix_ms\x18\x01 \x01(\x03\x12\x16\n\x0etelemetry_json\x18\x02 \x01(\t\"v\n\nNodeReport\x12\x31\n\x08register\x18\x01 \x01(\x0b\x32\x1d.nodemesh.v1.NodeRegistrationH\x00\x12+\n\theartbeat\x18\x02 \x01(\x0b\x32\x16.nodemesh.v1.HeartbeatH\x00\x42\x08\n\x06report\"O\n\nLeaseGrant\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x15\n\rlease_seconds\x18\x02 \x01(\x03\x12\x17\n\x0f\x65xpires_unix_ms\x18\x03 \x01(\x03\"M\n\x12\x43\x65rtificateRequest\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x02 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\x03\"?\n\x13\x43\x65rtificateResponse\x12\x12\n\ncert_chain\x18\x01 \x03(\t\x12\x14\n\x0ctrust_bundle\x18\x02 \x03(\t\"\x99\x02\n\x08Workload\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x17\n\x0fservice_account\x18\x03 \x01(\t\x12\x0c\n\x04node\x18\x04 \x01(\t\x12\n\n\x02ip\x18\x05 \x01(\t\x12\r\n\x05ports\x18\x06 \x03(\r\x12\x31\n\x06labels\x18\x07 \x03(\x0b\x32!.nodemesh.v1.Workload.LabelsEntry\x12\x10\n\x08identity\x18\x08 \x01(\t\x12\x14\n\x0cnode_address\x18\t \x01(\t\x12\x12\n\nhbone_port\x18\n \x01(\r\x12\x0c\n\x04zone\x18\x0b \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"w\n\nMeshConfig\x12\x14\n\x0ctrust_domain\x18\x01 \x01(\t\x12\x17\n\x0foutbound_policy\x18\x02 \x01(\t\x12\x10\n\x08vip_cidr\x18\x03 \x01(\t\x12\x14\n\x0ctrust_bundle\x18\x04 \x03(\t\x12\x12\n\ndns_domain\x18\x05 \x01(\t\"J\n\x06Policy\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\tspec_json\x18\x04 \x01(\t2\xc4\x02\n\rConfigService\x12>\n\x05\x41pply\x12\x19.nodemesh.v1.ApplyRequest\x1a\x1a.nodemesh.v1.ApplyResponse\x12\x36\n\x03Get\x12\x18.nodemesh.v1.ResourceRef\x1a\x15.nodemesh.v1.Resource\x12;\n\x04List\x12\x18.nodemesh.v1.ListRequest\x1a\x19.nodemesh.v1.ListResponse\x12?\n\x06\x44\x65lete\x12\x18.nodemesh.v1.ResourceRef\x1a\x1b.nodemesh.v1.DeleteResponse\x12=\n\x05Watch\x12\x19.nodemesh.v1.WatchRequest\x1a\x17.nodemesh.v1.WatchEvent0\x01\x32K\n\x08Registry\x12?\n\x07Session\x12\x17.nodemesh.v1.NodeReport\x1a\x17.nodemesh.v1.LeaseGrant(\x01\x30\x01\x32l\n\x12\x43\x65rtificateService\x12V\n\x11\x43reateCertificate\x12\x1f.nodemesh.v1.CertificateRequest\x1a .nodemesh.v1.CertificateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16nodemesh/v1/mesh.proto\x12\x0bnodemesh.v1\"\xa4\x02\n\x08Resource\x12\x13\n\x0b\x61pi_version\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x11\n\tspec_json\x18\x05 \x01(\t\x12\x13\n\x0bstatus_json\x18\x06 \x01(\t\x12\x18\n\x10resource_version\x18\x07 \x01(\x03\x12\x17\n\x0f\x63reated_unix_ms\x18\x08 \x01(\x03\x12\x17\n\x0fupdated_unix_ms\x18\t \x01(\x03\x12\x31\n\x06labels\x18\n \x03(\x0b\x32!.nodemesh.v1.Resource.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"2\n\x0c\x41pplyRequest\x12\x11\n\tdocuments\x18\x01 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x02 \x01(\x08\"f\n\x0b\x41pplyResult\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\x12\x18\n\x10resource_version\x18\x05 \x01(\x03\":\n\rApplyResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.nodemesh.v1.ApplyResult\"<\n\x0bResourceRef\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\".\n\x0bListRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\"J\n\x0cListResponse\x12(\n\tresources\x18\x01 \x03(\x0b\x32\x15.nodemesh.v1.Resource\x12\x10\n\x08revision\x18\x02 \x01(\x03\";\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\x12\x18\n\x10resource_version\x18\x02 \x01(\x03\"G\n\x0cWatchRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x16\n\x0esince_revision\x18\x03 \x01(\x03\"C\n\nWatchEvent\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\'\n\x08resource\x18\x02 \x01(\x0b\x32\x15.nodemesh.v1.Resource\"\xd9\x01\n\x14WorkloadRegistration\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x17\n\x0fservice_account\x18\x03 \x01(\t\x12=\n\x06labels\x18\x04 \x03(\x0b\x32-.nodemesh.v1.WorkloadRegistration.LabelsEntry\x12\n\n\x02ip\x18\x05 \x01(\t\x12\r\n\x05ports\x18\x06 \x03(\r\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa7\x01\n\x10NodeRegistration\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x11\n\taddresses\x18\x02 \x03(\t\x12\x12\n\nhbone_port\x18\x03 \x01(\r\x12\x0c\n\x04zone\x18\x04 \x01(\t\x12\x34\n\tworkloads\x18\x05 \x03(\x0b\x32!.nodemesh.v1.WorkloadRegistration\x12\x15\n\ragent_version\x18\x06 \x01(\t\"9\n\tHeartbeat\x12\x14\n\x0csent_unix_ms\x18\x01 \x01(\x03\x12\x16\n\x0etelemetry_json\x18\x02 \x01(\t\"Q\n\x0e\x45ndpointHealth\x12\x10\n\x08workload\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\x12\x0f\n\x07healthy\x18\x03 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\">\n\x0cHealthReport\x12.\n\tendpoints\x18\x01 \x03(\x0b\x32\x1b.nodemesh.v1.EndpointHealth\"\xa3\x01\n\nNodeReport\x12\x31\n\x08register\x18\x01 \x01(\x0b\x32\x1d.nodemesh.v1.NodeRegistrationH\x00\x12+\n\theartbeat\x18\x02 \x01(\x0b\x32\x16.nodemesh.v1.HeartbeatH\x00\x12+\n\x06health\x18\x03 \x01(\x0b\x32\x19.nodemesh.v1.HealthReportH\x00\x42\x08\n\x06report\"O\n\nLeaseGrant\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x15\n\rlease_seconds\x18\x02 \x01(\x03\x12\x17\n\x0f\x65xpires_unix_ms\x18\x03 \x01(\x03\"M\n\x12\x43\x65rtificateRequest\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x02 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\x03\"?\n\x13\x43\x65rtificateResponse\x12\x12\n\ncert_chain\x18\x01 \x03(\t\x12\x14\n\x0ctrust_bundle\x18\x02 \x03(\t\"@\n\x0bJoinRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x11\n\tnode_name\x18\x02 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x03 \x01(\t\"W\n\x0cJoinResponse\x12\x17\n\x0fnode_cert_chain\x18\x01 \x03(\t\x12\x14\n\x0ctrust_bundle\x18\x02 \x03(\t\x12\x18\n\x10server_ca_bundle\x18\x03 \x03(\t\"@\n\x16\x43reateJoinTokenRequest\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\x03\">\n\x17\x43reateJoinTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x14\n\x0c\x65xpires_unix\x18\x02 \x01(\x03\"Y\n\x15\x43reateOperatorRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x03 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\x03\"U\n\x16\x43reateOperatorResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x12\n\ncert_chain\x18\x02 \x03(\t\x12\x18\n\x10server_ca_bundle\x18\x03 \x03(\t\"%\n\x15RevokeOperatorRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\")\n\x16RevokeOperatorResponse\x12\x0f\n\x07revoked\x18\x01 \x01(\x08\"\x1d\n\x0c\x41uditRequest\x12\r\n\x05limit\x18\x01 \x01(\x03\"a\n\nAuditEntry\x12\x0f\n\x07unix_ms\x18\x01 \x01(\x03\x12\x11\n\tprincipal\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\x12\x0f\n\x07outcome\x18\x05 \x01(\t\"9\n\rAuditResponse\x12(\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x17.nodemesh.v1.AuditEntry\",\n\x11RotateRootRequest\x12\x17\n\x0foverlap_seconds\x18\x01 \x01(\x03\"f\n\x12RotateRootResponse\x12\x17\n\x0fold_fingerprint\x18\x01 \x01(\t\x12\x17\n\x0fnew_fingerprint\x18\x02 \x01(\t\x12\x1e\n\x16old_trusted_until_unix\x18\x03 \x01(\x03\"\x99\x02\n\x08Workload\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x17\n\x0fservice_account\x18\x03 \x01(\t\x12\x0c\n\x04node\x18\x04 \x01(\t\x12\n\n\x02ip\x18\x05 \x01(\t\x12\r\n\x05ports\x18\x06 \x03(\r\x12\x31\n\x06labels\x18\x07 \x03(\x0b\x32!.nodemesh.v1.Workload.LabelsEntry\x12\x10\n\x08identity\x18\x08 \x01(\t\x12\x14\n\x0cnode_address\x18\t \x01(\t\x12\x12\n\nhbone_port\x18\n \x01(\r\x12\x0c\n\x04zone\x18\x0b \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"w\n\nMeshConfig\x12\x14\n\x0ctrust_domain\x18\x01 \x01(\t\x12\x17\n\x0foutbound_policy\x18\x02 \x01(\t\x12\x10\n\x08vip_cidr\x18\x03 \x01(\t\x12\x14\n\x0ctrust_bundle\x18\x04 \x03(\t\x12\x12\n\ndns_domain\x18\x05 \x01(\t\"J\n\x06Policy\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\tspec_json\x18\x04 \x01(\t2\xc4\x02\n\rConfigService\x12>\n\x05\x41pply\x12\x19.nodemesh.v1.ApplyRequest\x1a\x1a.nodemesh.v1.ApplyResponse\x12\x36\n\x03Get\x12\x18.nodemesh.v1.ResourceRef\x1a\x15.nodemesh.v1.Resource\x12;\n\x04List\x12\x18.nodemesh.v1.ListRequest\x1a\x19.nodemesh.v1.ListResponse\x12?\n\x06\x44\x65lete\x12\x18.nodemesh.v1.ResourceRef\x1a\x1b.nodemesh.v1.DeleteResponse\x12=\n\x05Watch\x12\x19.nodemesh.v1.WatchRequest\x1a\x17.nodemesh.v1.WatchEvent0\x01\x32K\n\x08Registry\x12?\n\x07Session\x12\x17.nodemesh.v1.NodeReport\x1a\x17.nodemesh.v1.LeaseGrant(\x01\x30\x01\x32l\n\x12\x43\x65rtificateService\x12V\n\x11\x43reateCertificate\x12\x1f.nodemesh.v1.CertificateRequest\x1a .nodemesh.v1.CertificateResponse2\x9b\x01\n\x0fNodeAttestation\x12;\n\x04Join\x12\x18.nodemesh.v1.JoinRequest\x1a\x19.nodemesh.v1.JoinResponse\x12K\n\x14RenewNodeCertificate\x12\x18.nodemesh.v1.JoinRequest\x1a\x19.nodemesh.v1.JoinResponse2\xaa\x03\n\x05\x41\x64min\x12\\\n\x0f\x43reateJoinToken\x12#.nodemesh.v1.CreateJoinTokenRequest\x1a$.nodemesh.v1.CreateJoinTokenResponse\x12Y\n\x0e\x43reateOperator\x12\".nodemesh.v1.CreateOperatorRequest\x1a#.nodemesh.v1.CreateOperatorResponse\x12Y\n\x0eRevokeOperator\x12\".nodemesh.v1.RevokeOperatorRequest\x1a#.nodemesh.v1.RevokeOperatorResponse\x12>\n\x05\x41udit\x12\x19.nodemesh.v1.AuditRequest\x1a\x1a.nodemesh.v1.AuditResponse\x12M\n\nRotateRoot\x12\x1e.nodemesh.v1.RotateRootRequest\x1a\x1f.nodemesh.v1.RotateRootResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -67,26 +67,60 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NODEREGISTRATION']._serialized_end=1327
   _globals['_HEARTBEAT']._serialized_start=1329
   _globals['_HEARTBEAT']._serialized_end=1386
-  _globals['_NODEREPORT']._serialized_start=1388
-  _globals['_NODEREPORT']._serialized_end=1506
-  _globals['_LEASEGRANT']._serialized_start=1508
-  _globals['_LEASEGRANT']._serialized_end=1587
-  _globals['_CERTIFICATEREQUEST']._serialized_start=1589
-  _globals['_CERTIFICATEREQUEST']._serialized_end=1666
-  _globals['_CERTIFICATERESPONSE']._serialized_start=1668
-  _globals['_CERTIFICATERESPONSE']._serialized_end=1731
-  _globals['_WORKLOAD']._serialized_start=1734
-  _globals['_WORKLOAD']._serialized_end=2015
+  _globals['_ENDPOINTHEALTH']._serialized_start=1388
+  _globals['_ENDPOINTHEALTH']._serialized_end=1469
+  _globals['_HEALTHREPORT']._serialized_start=1471
+  _globals['_HEALTHREPORT']._serialized_end=1533
+  _globals['_NODEREPORT']._serialized_start=1536
+  _globals['_NODEREPORT']._serialized_end=1699
+  _globals['_LEASEGRANT']._serialized_start=1701
+  _globals['_LEASEGRANT']._serialized_end=1780
+  _globals['_CERTIFICATEREQUEST']._serialized_start=1782
+  _globals['_CERTIFICATEREQUEST']._serialized_end=1859
+  _globals['_CERTIFICATERESPONSE']._serialized_start=1861
+  _globals['_CERTIFICATERESPONSE']._serialized_end=1924
+  _globals['_JOINREQUEST']._serialized_start=1926
+  _globals['_JOINREQUEST']._serialized_end=1990
+  _globals['_JOINRESPONSE']._serialized_start=1992
+  _globals['_JOINRESPONSE']._serialized_end=2079
+  _globals['_CREATEJOINTOKENREQUEST']._serialized_start=2081
+  _globals['_CREATEJOINTOKENREQUEST']._serialized_end=2145
+  _globals['_CREATEJOINTOKENRESPONSE']._serialized_start=2147
+  _globals['_CREATEJOINTOKENRESPONSE']._serialized_end=2209
+  _globals['_CREATEOPERATORREQUEST']._serialized_start=2211
+  _globals['_CREATEOPERATORREQUEST']._serialized_end=2300
+  _globals['_CREATEOPERATORRESPONSE']._serialized_start=2302
+  _globals['_CREATEOPERATORRESPONSE']._serialized_end=2387
+  _globals['_REVOKEOPERATORREQUEST']._serialized_start=2389
+  _globals['_REVOKEOPERATORREQUEST']._serialized_end=2426
+  _globals['_REVOKEOPERATORRESPONSE']._serialized_start=2428
+  _globals['_REVOKEOPERATORRESPONSE']._serialized_end=2469
+  _globals['_AUDITREQUEST']._serialized_start=2471
+  _globals['_AUDITREQUEST']._serialized_end=2500
+  _globals['_AUDITENTRY']._serialized_start=2502
+  _globals['_AUDITENTRY']._serialized_end=2599
+  _globals['_AUDITRESPONSE']._serialized_start=2601
+  _globals['_AUDITRESPONSE']._serialized_end=2658
+  _globals['_ROTATEROOTREQUEST']._serialized_start=2660
+  _globals['_ROTATEROOTREQUEST']._serialized_end=2704
+  _globals['_ROTATEROOTRESPONSE']._serialized_start=2706
+  _globals['_ROTATEROOTRESPONSE']._serialized_end=2808
+  _globals['_WORKLOAD']._serialized_start=2811
+  _globals['_WORKLOAD']._serialized_end=3092
   _globals['_WORKLOAD_LABELSENTRY']._serialized_start=287
   _globals['_WORKLOAD_LABELSENTRY']._serialized_end=332
-  _globals['_MESHCONFIG']._serialized_start=2017
-  _globals['_MESHCONFIG']._serialized_end=2136
-  _globals['_POLICY']._serialized_start=2138
-  _globals['_POLICY']._serialized_end=2212
-  _globals['_CONFIGSERVICE']._serialized_start=2215
-  _globals['_CONFIGSERVICE']._serialized_end=2539
-  _globals['_REGISTRY']._serialized_start=2541
-  _globals['_REGISTRY']._serialized_end=2616
-  _globals['_CERTIFICATESERVICE']._serialized_start=2618
-  _globals['_CERTIFICATESERVICE']._serialized_end=2726
+  _globals['_MESHCONFIG']._serialized_start=3094
+  _globals['_MESHCONFIG']._serialized_end=3213
+  _globals['_POLICY']._serialized_start=3215
+  _globals['_POLICY']._serialized_end=3289
+  _globals['_CONFIGSERVICE']._serialized_start=3292
+  _globals['_CONFIGSERVICE']._serialized_end=3616
+  _globals['_REGISTRY']._serialized_start=3618
+  _globals['_REGISTRY']._serialized_end=3693
+  _globals['_CERTIFICATESERVICE']._serialized_start=3695
+  _globals['_CERTIFICATESERVICE']._serialized_end=3803
+  _globals['_NODEATTESTATION']._serialized_start=3806
+  _globals['_NODEATTESTATION']._serialized_end=3961
+  _globals['_ADMIN']._serialized_start=3964
+  _globals['_ADMIN']._serialized_end=4390
 # @@protoc_insertion_point(module_scope)

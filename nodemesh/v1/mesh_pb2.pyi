@@ -164,13 +164,33 @@ class Heartbeat(_message.Message):
     telemetry_json: str
     def __init__(self, sent_unix_ms: _Optional[int] = ..., telemetry_json: _Optional[str] = ...) -> None: ...
 
+class EndpointHealth(_message.Message):
+    __slots__ = ("workload", "port", "healthy", "detail")
+    WORKLOAD_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    workload: str
+    port: int
+    healthy: bool
+    detail: str
+    def __init__(self, workload: _Optional[str] = ..., port: _Optional[int] = ..., healthy: _Optional[bool] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class HealthReport(_message.Message):
+    __slots__ = ("endpoints",)
+    ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
+    endpoints: _containers.RepeatedCompositeFieldContainer[EndpointHealth]
+    def __init__(self, endpoints: _Optional[_Iterable[_Union[EndpointHealth, _Mapping]]] = ...) -> None: ...
+
 class NodeReport(_message.Message):
-    __slots__ = ("register", "heartbeat")
+    __slots__ = ("register", "heartbeat", "health")
     REGISTER_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
     register: NodeRegistration
     heartbeat: Heartbeat
-    def __init__(self, register: _Optional[_Union[NodeRegistration, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
+    health: HealthReport
+    def __init__(self, register: _Optional[_Union[NodeRegistration, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., health: _Optional[_Union[HealthReport, _Mapping]] = ...) -> None: ...
 
 class LeaseGrant(_message.Message):
     __slots__ = ("node_name", "lease_seconds", "expires_unix_ms")
@@ -199,6 +219,118 @@ class CertificateResponse(_message.Message):
     cert_chain: _containers.RepeatedScalarFieldContainer[str]
     trust_bundle: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, cert_chain: _Optional[_Iterable[str]] = ..., trust_bundle: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class JoinRequest(_message.Message):
+    __slots__ = ("token", "node_name", "csr_pem")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    NODE_NAME_FIELD_NUMBER: _ClassVar[int]
+    CSR_PEM_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    node_name: str
+    csr_pem: str
+    def __init__(self, token: _Optional[str] = ..., node_name: _Optional[str] = ..., csr_pem: _Optional[str] = ...) -> None: ...
+
+class JoinResponse(_message.Message):
+    __slots__ = ("node_cert_chain", "trust_bundle", "server_ca_bundle")
+    NODE_CERT_CHAIN_FIELD_NUMBER: _ClassVar[int]
+    TRUST_BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    SERVER_CA_BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    node_cert_chain: _containers.RepeatedScalarFieldContainer[str]
+    trust_bundle: _containers.RepeatedScalarFieldContainer[str]
+    server_ca_bundle: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, node_cert_chain: _Optional[_Iterable[str]] = ..., trust_bundle: _Optional[_Iterable[str]] = ..., server_ca_bundle: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class CreateJoinTokenRequest(_message.Message):
+    __slots__ = ("node_name", "ttl_seconds")
+    NODE_NAME_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    node_name: str
+    ttl_seconds: int
+    def __init__(self, node_name: _Optional[str] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
+
+class CreateJoinTokenResponse(_message.Message):
+    __slots__ = ("token", "expires_unix")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_UNIX_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    expires_unix: int
+    def __init__(self, token: _Optional[str] = ..., expires_unix: _Optional[int] = ...) -> None: ...
+
+class CreateOperatorRequest(_message.Message):
+    __slots__ = ("name", "role", "csr_pem", "ttl_seconds")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CSR_PEM_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    role: str
+    csr_pem: str
+    ttl_seconds: int
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., csr_pem: _Optional[str] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
+
+class CreateOperatorResponse(_message.Message):
+    __slots__ = ("token", "cert_chain", "server_ca_bundle")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    CERT_CHAIN_FIELD_NUMBER: _ClassVar[int]
+    SERVER_CA_BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    cert_chain: _containers.RepeatedScalarFieldContainer[str]
+    server_ca_bundle: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, token: _Optional[str] = ..., cert_chain: _Optional[_Iterable[str]] = ..., server_ca_bundle: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RevokeOperatorRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class RevokeOperatorResponse(_message.Message):
+    __slots__ = ("revoked",)
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
+    revoked: bool
+    def __init__(self, revoked: _Optional[bool] = ...) -> None: ...
+
+class AuditRequest(_message.Message):
+    __slots__ = ("limit",)
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    def __init__(self, limit: _Optional[int] = ...) -> None: ...
+
+class AuditEntry(_message.Message):
+    __slots__ = ("unix_ms", "principal", "action", "detail", "outcome")
+    UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    unix_ms: int
+    principal: str
+    action: str
+    detail: str
+    outcome: str
+    def __init__(self, unix_ms: _Optional[int] = ..., principal: _Optional[str] = ..., action: _Optional[str] = ..., detail: _Optional[str] = ..., outcome: _Optional[str] = ...) -> None: ...
+
+class AuditResponse(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[AuditEntry]
+    def __init__(self, entries: _Optional[_Iterable[_Union[AuditEntry, _Mapping]]] = ...) -> None: ...
+
+class RotateRootRequest(_message.Message):
+    __slots__ = ("overlap_seconds",)
+    OVERLAP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    overlap_seconds: int
+    def __init__(self, overlap_seconds: _Optional[int] = ...) -> None: ...
+
+class RotateRootResponse(_message.Message):
+    __slots__ = ("old_fingerprint", "new_fingerprint", "old_trusted_until_unix")
+    OLD_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    NEW_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    OLD_TRUSTED_UNTIL_UNIX_FIELD_NUMBER: _ClassVar[int]
+    old_fingerprint: str
+    new_fingerprint: str
+    old_trusted_until_unix: int
+    def __init__(self, old_fingerprint: _Optional[str] = ..., new_fingerprint: _Optional[str] = ..., old_trusted_until_unix: _Optional[int] = ...) -> None: ...
 
 class Workload(_message.Message):
     __slots__ = ("name", "namespace", "service_account", "node", "ip", "ports", "labels", "identity", "node_address", "hbone_port", "zone")

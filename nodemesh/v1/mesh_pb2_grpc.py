@@ -411,3 +411,364 @@ class CertificateService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class NodeAttestationStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Join = channel.unary_unary(
+                '/nodemesh.v1.NodeAttestation/Join',
+                request_serializer=nodemesh_dot_v1_dot_mesh__pb2.JoinRequest.SerializeToString,
+                response_deserializer=nodemesh_dot_v1_dot_mesh__pb2.JoinResponse.FromString,
+                _registered_method=True)
+        self.RenewNodeCertificate = channel.unary_unary(
+                '/nodemesh.v1.NodeAttestation/RenewNodeCertificate',
+                request_serializer=nodemesh_dot_v1_dot_mesh__pb2.JoinRequest.SerializeToString,
+                response_deserializer=nodemesh_dot_v1_dot_mesh__pb2.JoinResponse.FromString,
+                _registered_method=True)
+
+
+class NodeAttestationServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Join(self, request, context):
+        """Allowed without a client certificate: the one-time token authenticates.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenewNodeCertificate(self, request, context):
+        """Needs the node's current certificate; the new one is for the same node.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_NodeAttestationServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Join': grpc.unary_unary_rpc_method_handler(
+                    servicer.Join,
+                    request_deserializer=nodemesh_dot_v1_dot_mesh__pb2.JoinRequest.FromString,
+                    response_serializer=nodemesh_dot_v1_dot_mesh__pb2.JoinResponse.SerializeToString,
+            ),
+            'RenewNodeCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewNodeCertificate,
+                    request_deserializer=nodemesh_dot_v1_dot_mesh__pb2.JoinRequest.FromString,
+                    response_serializer=nodemesh_dot_v1_dot_mesh__pb2.JoinResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'nodemesh.v1.NodeAttestation', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('nodemesh.v1.NodeAttestation', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class NodeAttestation:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Join(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nodemesh.v1.NodeAttestation/Join',
+            nodemesh_dot_v1_dot_mesh__pb2.JoinRequest.SerializeToString,
+            nodemesh_dot_v1_dot_mesh__pb2.JoinResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewNodeCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nodemesh.v1.NodeAttestation/RenewNodeCertificate',
+            nodemesh_dot_v1_dot_mesh__pb2.JoinRequest.SerializeToString,
+            nodemesh_dot_v1_dot_mesh__pb2.JoinResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class AdminStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.CreateJoinToken = channel.unary_unary(
+                '/nodemesh.v1.Admin/CreateJoinToken',
+                request_serializer=nodemesh_dot_v1_dot_mesh__pb2.CreateJoinTokenRequest.SerializeToString,
+                response_deserializer=nodemesh_dot_v1_dot_mesh__pb2.CreateJoinTokenResponse.FromString,
+                _registered_method=True)
+        self.CreateOperator = channel.unary_unary(
+                '/nodemesh.v1.Admin/CreateOperator',
+                request_serializer=nodemesh_dot_v1_dot_mesh__pb2.CreateOperatorRequest.SerializeToString,
+                response_deserializer=nodemesh_dot_v1_dot_mesh__pb2.CreateOperatorResponse.FromString,
+                _registered_method=True)
+        self.RevokeOperator = channel.unary_unary(
+                '/nodemesh.v1.Admin/RevokeOperator',
+                request_serializer=nodemesh_dot_v1_dot_mesh__pb2.RevokeOperatorRequest.SerializeToString,
+                response_deserializer=nodemesh_dot_v1_dot_mesh__pb2.RevokeOperatorResponse.FromString,
+                _registered_method=True)
+        self.Audit = channel.unary_unary(
+                '/nodemesh.v1.Admin/Audit',
+                request_serializer=nodemesh_dot_v1_dot_mesh__pb2.AuditRequest.SerializeToString,
+                response_deserializer=nodemesh_dot_v1_dot_mesh__pb2.AuditResponse.FromString,
+                _registered_method=True)
+        self.RotateRoot = channel.unary_unary(
+                '/nodemesh.v1.Admin/RotateRoot',
+                request_serializer=nodemesh_dot_v1_dot_mesh__pb2.RotateRootRequest.SerializeToString,
+                response_deserializer=nodemesh_dot_v1_dot_mesh__pb2.RotateRootResponse.FromString,
+                _registered_method=True)
+
+
+class AdminServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def CreateJoinToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateOperator(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeOperator(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Audit(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateRoot(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'CreateJoinToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateJoinToken,
+                    request_deserializer=nodemesh_dot_v1_dot_mesh__pb2.CreateJoinTokenRequest.FromString,
+                    response_serializer=nodemesh_dot_v1_dot_mesh__pb2.CreateJoinTokenResponse.SerializeToString,
+            ),
+            'CreateOperator': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateOperator,
+                    request_deserializer=nodemesh_dot_v1_dot_mesh__pb2.CreateOperatorRequest.FromString,
+                    response_serializer=nodemesh_dot_v1_dot_mesh__pb2.CreateOperatorResponse.SerializeToString,
+            ),
+            'RevokeOperator': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeOperator,
+                    request_deserializer=nodemesh_dot_v1_dot_mesh__pb2.RevokeOperatorRequest.FromString,
+                    response_serializer=nodemesh_dot_v1_dot_mesh__pb2.RevokeOperatorResponse.SerializeToString,
+            ),
+            'Audit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Audit,
+                    request_deserializer=nodemesh_dot_v1_dot_mesh__pb2.AuditRequest.FromString,
+                    response_serializer=nodemesh_dot_v1_dot_mesh__pb2.AuditResponse.SerializeToString,
+            ),
+            'RotateRoot': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateRoot,
+                    request_deserializer=nodemesh_dot_v1_dot_mesh__pb2.RotateRootRequest.FromString,
+                    response_serializer=nodemesh_dot_v1_dot_mesh__pb2.RotateRootResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'nodemesh.v1.Admin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('nodemesh.v1.Admin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Admin:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def CreateJoinToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nodemesh.v1.Admin/CreateJoinToken',
+            nodemesh_dot_v1_dot_mesh__pb2.CreateJoinTokenRequest.SerializeToString,
+            nodemesh_dot_v1_dot_mesh__pb2.CreateJoinTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateOperator(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nodemesh.v1.Admin/CreateOperator',
+            nodemesh_dot_v1_dot_mesh__pb2.CreateOperatorRequest.SerializeToString,
+            nodemesh_dot_v1_dot_mesh__pb2.CreateOperatorResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeOperator(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nodemesh.v1.Admin/RevokeOperator',
+            nodemesh_dot_v1_dot_mesh__pb2.RevokeOperatorRequest.SerializeToString,
+            nodemesh_dot_v1_dot_mesh__pb2.RevokeOperatorResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Audit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nodemesh.v1.Admin/Audit',
+            nodemesh_dot_v1_dot_mesh__pb2.AuditRequest.SerializeToString,
+            nodemesh_dot_v1_dot_mesh__pb2.AuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateRoot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nodemesh.v1.Admin/RotateRoot',
+            nodemesh_dot_v1_dot_mesh__pb2.RotateRootRequest.SerializeToString,
+            nodemesh_dot_v1_dot_mesh__pb2.RotateRootResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -1,0 +1,215 @@
+"""Join tokens and node attestation: `nodemesh token create --node X` makes a
+one-time, expiring token bound to node X; the agent presents it once to
+NodeAttestation.Join and gets a node certificate (spiffe://<td>/node/X) signed
+by the control-plane CA, which authenticates every later call of that agent.
+
+Only a SHA-256 hash of a token's secret is stored; the token is shown once.
+A token reads `nmjt1.<ca-pin>.<id>.<secret>`: the pin is the SHA-256 of the
+control-plane CA certificate, so an agent without a CA bundle file can check
+that it talks to the right control plane before it sends the token.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import hmac
+import logging
+import re
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import grpc
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+
+from nodemesh.v1 import mesh_pb2, mesh_pb2_grpc
+
+if TYPE_CHECKING:
+    from controlplane.auth import ControlPlaneCA
+
+log = logging.getLogger("nodemesh.controlplane.tokens")
+
+TOKEN_PREFIX = "nmjt1"
+DEFAULT_TOKEN_TTL_S = 3600
+MAX_TOKEN_TTL_S = 7 * 24 * 3600
+DEFAULT_NODE_CERT_TTL_S = 7 * 24 * 3600
+_NODE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS join_tokens (
+    id TEXT PRIMARY KEY,
+    node_name TEXT NOT NULL,
+    secret_sha256 TEXT NOT NULL,
+    created_unix REAL NOT NULL,
+    expires_unix REAL NOT NULL,
+    used_unix REAL
+);
+"""
+
+
+class TokenRefused(Exception):
+    """A join token that cannot be used; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class ParsedToken:
+    ca_pin: str
+    token_id: str
+    secret: str
+
+
+def parse_token(token: str) -> ParsedToken:
+    parts = token.strip().split(".")
+    if len(parts) != 4 or parts[0] != TOKEN_PREFIX or not all(parts[1:]):
+        raise TokenRefused(f"a join token reads {TOKEN_PREFIX}.<ca-pin>.<id>.<secret>; this one does not "
+                           "(check the joinTokenFile holds exactly what `nodemesh token create` printed)")
+    return ParsedToken(parts[1], parts[2], parts[3])
+
+
+def _hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def check_node_name(name: str) -> str:
+    if not _NODE_NAME.match(name or ""):
+        raise ValueError(f"node name {name!r} must be lower-case letters, digits, '-' and '.' "
+                         "(as in the agent's node.name)")
+    return name
+
+
+class JoinTokens:
+    """The join_tokens table (in the control plane's SQLite file). Time comes
+    from `clock` so tests can expire tokens."""
+
+    def __init__(self, db: sqlite3.Connection, clock: Callable[[], float] = time.time,
+                 lock: threading.Lock | None = None) -> None:
+        self._db = db
+        self._clock = clock
+        self._lock = lock or threading.Lock()
+        with self._lock:
+            self._db.executescript(_SCHEMA)
+
+    def create(self, node_name: str, ttl_s: float, ca_pin: str) -> tuple[str, float]:
+        """A new token for `node_name`, valid `ttl_s` seconds; returns it and its expiry."""
+        check_node_name(node_name)
+        if ttl_s <= 0 or ttl_s > MAX_TOKEN_TTL_S:
+            raise ValueError(f"ttl must be between 1 s and {MAX_TOKEN_TTL_S // 3600} h, got {ttl_s:.0f} s")
+        token_id = secrets.token_hex(6)
+        secret = secrets.token_urlsafe(24)
+        now = self._clock()
+        with self._lock:
+            self._db.execute("DELETE FROM join_tokens WHERE expires_unix < ?", (now - 86400,))
+            self._db.execute("INSERT INTO join_tokens (id, node_name, secret_sha256, created_unix, expires_unix) "
+                             "VALUES (?, ?, ?, ?, ?)", (token_id, node_name, _hash(secret), now, now + ttl_s))
+        return f"{TOKEN_PREFIX}.{ca_pin}.{token_id}.{secret}", now + ttl_s
+
+    def consume(self, token: str, node_name: str) -> None:
+        """Use up `token` for `node_name`, or raise TokenRefused. A token works once:
+        the row is marked used in the same statement that checks it is unused."""
+        parsed = parse_token(token)
+        now = self._clock()
+        with self._lock:
+            row = self._db.execute("SELECT node_name, secret_sha256, expires_unix, used_unix FROM join_tokens "
+                                   "WHERE id = ?", (parsed.token_id,)).fetchone()
+            if row is None or not hmac.compare_digest(str(row[1]), _hash(parsed.secret)):
+                raise TokenRefused("the join token is not known to this control plane; create one with "
+                                   f"`nodemesh token create --node {node_name}`")
+            bound, expires, used = str(row[0]), float(row[2]), row[3]
+            if bound != node_name:
+                raise TokenRefused(f"the join token was made for node {bound!r}, not {node_name!r}; "
+                                   "check the agent's node.name or create a token for this node")
+            if used is not None:
+                raise TokenRefused(f"the join token was already used at "
+                                   f"{_iso(float(used))}; a token works once: create a new one with "
+                                   f"`nodemesh token create --node {node_name}`")
+            if expires <= now:
+                raise TokenRefused(f"the join token expired at {_iso(expires)}; create a new one with "
+                                   f"`nodemesh token create --node {node_name}`")
+            cur = self._db.execute("UPDATE join_tokens SET used_unix = ? WHERE id = ? AND used_unix IS NULL",
+                                   (now, parsed.token_id))
+            if cur.rowcount != 1:
+                raise TokenRefused("the join token was used concurrently by another join; create a new one")
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def node_id(trust_domain: str, node_name: str) -> str:
+    return f"spiffe://{trust_domain}/node/{node_name}"
+
+
+def node_csr(csr_pem: str, expected_uri: str) -> x509.CertificateSigningRequest:
+    """Load a node CSR and check it asks for exactly `expected_uri`."""
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem.encode())
+        if not csr.is_signature_valid:
+            raise ValueError("its signature does not verify with its own key")
+        san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (ValueError, InvalidSignature, x509.ExtensionNotFound) as e:
+        raise ValueError(f"csr_pem is not a usable certificate signing request ({e}); the agent makes it "
+                         "from its node key") from None
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    if uris != [expected_uri] or len(list(san)) != 1:
+        raise ValueError(f"the CSR must carry exactly one SAN, the URI {expected_uri}; it has {list(san)}")
+    return csr
+
+
+class NodeAttestationServicer(mesh_pb2_grpc.NodeAttestationServicer):
+    """nodemesh.v1.NodeAttestation: Join (token) and RenewNodeCertificate (node certificate).
+    The auth interceptor lets Join through without credentials and puts the caller
+    of RenewNodeCertificate in controlplane.auth.current_caller()."""
+
+    def __init__(self, tokens: JoinTokens, cp_ca: ControlPlaneCA, trust_domain: Callable[[], str],
+                 trust_bundle: Callable[[], list[str]], node_cert_ttl_s: int = DEFAULT_NODE_CERT_TTL_S) -> None:
+        self._tokens = tokens
+        self._cp_ca = cp_ca
+        self._trust_domain = trust_domain
+        self._trust_bundle = trust_bundle
+        self._ttl = node_cert_ttl_s
+
+    def _issue(self, node_name: str, csr: x509.CertificateSigningRequest) -> mesh_pb2.JoinResponse:
+        cert = self._cp_ca.sign_client(csr.public_key(), node_id(self._trust_domain(), node_name),
+                                       datetime.timedelta(seconds=self._ttl))
+        return mesh_pb2.JoinResponse(node_cert_chain=[cert, self._cp_ca.pem],
+                                     trust_bundle=self._trust_bundle(), server_ca_bundle=[self._cp_ca.pem])
+
+    async def Join(self, request: mesh_pb2.JoinRequest,
+                   context: grpc.aio.ServicerContext) -> mesh_pb2.JoinResponse:
+        try:
+            check_node_name(request.node_name)
+            csr = node_csr(request.csr_pem, node_id(self._trust_domain(), request.node_name))
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        try:
+            parsed = parse_token(request.token)
+            if parsed.ca_pin != self._cp_ca.pin:
+                raise TokenRefused("the join token's CA pin is not this control plane's CA; was it made by "
+                                   "another control plane?")
+            self._tokens.consume(request.token, request.node_name)
+        except TokenRefused as e:
+            log.warning("refused a join of node %s from %s: %s", request.node_name, context.peer(), e)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"join refused: {e}")
+        log.info("node %s joined from %s", request.node_name, context.peer())
+        return self._issue(request.node_name, csr)
+
+    async def RenewNodeCertificate(self, request: mesh_pb2.JoinRequest,
+                                   context: grpc.aio.ServicerContext) -> mesh_pb2.JoinResponse:
+        from controlplane.auth import current_caller
+
+        caller = current_caller()
+        if caller is None or caller.kind != "node" or caller.name != request.node_name:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"only node {request.node_name!r}'s own certificate can renew it; the caller "
+                                f"is {caller.principal if caller else 'unknown'}")
+        try:
+            csr = node_csr(request.csr_pem, node_id(self._trust_domain(), request.node_name))
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return self._issue(request.node_name, csr)
