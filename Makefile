@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test unit netns bench proto lint clean-netns
+.PHONY: setup demo test unit netns interop bench proto lint clean-netns
 
 setup:
 	@bash scripts/setup.sh
@@ -19,6 +19,9 @@ unit: setup
 
 netns: setup
 	$(PY) -m pytest -q tests/netns
+
+interop: setup
+	$(PY) -m pytest -q tests/interop
 
 bench: setup
 	$(PY) bench/run.py

@@ -377,7 +377,7 @@ def parse_csr(csr_pem: str) -> tuple[x509.CertificateSigningRequest, str]:
 
 
 def authorize(uri: str, node_name: str, peer: Peer, registry: NodeRegistry,
-              trust_domain: str) -> Identity:
+              trust_domain: str, attested_node: str | None = None) -> Identity:
     """Decide whether `node_name`, calling from `peer`, may get a certificate for `uri`.
 
     Interim attestation: the caller must come from one of the node's registered
@@ -394,6 +394,12 @@ def authorize(uri: str, node_name: str, peer: Peer, registry: NodeRegistry,
             grpc.StatusCode.PERMISSION_DENIED,
             f"{uri} is in trust domain {identity.trust_domain!r} but this mesh's trust domain is "
             f"{trust_domain!r}; check the agent's trust domain against MeshConfig spec.trustDomain")
+    if attested_node is not None and attested_node != node_name:
+        # Node attestation (controlplane/auth.py): the node certificate, not the request, says who calls.
+        raise CertificateRefused(
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"the caller's node certificate is for node {attested_node!r}, but the request names node "
+            f"{node_name!r}; a node can only get certificates for its own workloads")
     node = registry.get(node_name)
     if node is None:
         raise CertificateRefused(
@@ -406,7 +412,8 @@ def authorize(uri: str, node_name: str, peer: Peer, registry: NodeRegistry,
             grpc.StatusCode.PERMISSION_DENIED,
             f"node {node_name} registers no workload with namespace {identity.namespace!r} and "
             f"service account {identity.service_account!r}; check the node's workload list")
-    if not peer.is_local and peer.address not in node.addresses:
+    # Without a node certificate (the local-admin unix socket), the interim address check stays.
+    if attested_node is None and not peer.is_local and peer.address not in node.addresses:
         raise CertificateRefused(
             grpc.StatusCode.PERMISSION_DENIED,
             f"the request came from {peer.address or peer.kind}, which is not an address registered "
@@ -434,7 +441,10 @@ class CertificateServicer(mesh_pb2_grpc.CertificateServiceServicer):
 
     def create(self, req: mesh_pb2.CertificateRequest, peer: str) -> mesh_pb2.CertificateResponse:
         csr, uri = parse_csr(req.csr_pem)
-        identity = authorize(uri, req.node_name, parse_peer(peer), self._registry, self._trust_domain())
+        from controlplane.auth import attested_node
+
+        identity = authorize(uri, req.node_name, parse_peer(peer), self._registry, self._trust_domain(),
+                             attested_node())
         ttl = clamp_ttl(req.ttl_seconds, self._default_ttl_s, self._max_ttl_s)
         leaf = self._ca.sign(csr, identity, ttl)
         log.info("issued a certificate for %s to node %s (ttl %ds)", identity.uri, req.node_name, ttl)

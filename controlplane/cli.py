@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from controlplane.client import ClientError, ConfigClient, default_server
+from controlplane.client import ClientError, ConfigClient, add_credential_flags, default_server
 from nodemesh import model
 from nodemesh.v1 import mesh_pb2
 
@@ -20,6 +20,7 @@ def _add_server(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", default=None,
                    help="control plane address, unix:/path or host:port "
                         f"(default: $NODEMESH_SERVER or {default_server()})")
+    add_credential_flags(p)  # --token-file --ca-file --cert --key (docs/security.md)
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -33,6 +34,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     serve.add_argument("--cert-ttl", type=int, default=24 * 3600, metavar="S",
                        help="default workload certificate lifetime in seconds")
     serve.add_argument("--log-level", default="INFO")
+    serve.add_argument("--san", action="append", default=[], metavar="IP|NAME",
+                       help="another name or IP agents and operators use to reach a TCP listener "
+                            "(the listen addresses and loopback are always in the server certificate)")
+    serve.add_argument("--node-cert-ttl", type=int, default=7 * 24 * 3600, metavar="S",
+                       help="node certificate lifetime in seconds (renewed at half life)")
     serve.add_argument("--web-listen", default="127.0.0.1:15014", metavar="HOST:PORT",
                        help="the mesh view web page and control plane /metrics ('' to turn off)")
     serve.set_defaults(func=cmd_serve)
@@ -69,7 +75,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings = ControlPlaneSettings(
             state_dir=args.state_dir, listen=tuple(args.listen or [DEFAULT_LISTEN]),
             lease_seconds=args.lease_seconds, default_cert_ttl_s=args.cert_ttl, log_level=args.log_level,
-            web_listen=args.web_listen)
+            web_listen=args.web_listen, sans=tuple(args.san), node_cert_ttl_s=args.node_cert_ttl)
         asyncio.run(serve(settings))
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

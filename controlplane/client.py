@@ -1,7 +1,15 @@
-"""A small synchronous client of the config API, for the CLI."""
+"""A small synchronous client of the config API, for the CLI.
+
+Credentials (docs/security.md "Control plane access"): a unix socket is
+local-admin and needs none; a TCP address is TLS, verified with the control
+plane's CA ($NODEMESH_CA_FILE / --ca-file, its state dir's cp-ca.pem), and
+the call carries an operator bearer token ($NODEMESH_TOKEN, or the file
+$NODEMESH_TOKEN_FILE / --token-file) or a client certificate
+($NODEMESH_CERT and $NODEMESH_KEY / --cert --key)."""
 
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import dataclass
 from typing import Self
@@ -14,8 +22,74 @@ DEFAULT_SERVER = "unix:/run/nodemesh/controlplane.sock"
 SERVER_ENV = "NODEMESH_SERVER"
 
 
+TOKEN_ENV = "NODEMESH_TOKEN"
+TOKEN_FILE_ENV = "NODEMESH_TOKEN_FILE"
+CA_FILE_ENV = "NODEMESH_CA_FILE"
+CERT_ENV = "NODEMESH_CERT"
+KEY_ENV = "NODEMESH_KEY"
+
+
 def default_server() -> str:
     return os.environ.get(SERVER_ENV) or DEFAULT_SERVER
+
+
+class _EnvFlag(argparse.Action):
+    """A credential flag sets its environment variable, so every client made
+    later in the command (config, admin, authz check) sees it."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        os.environ[str(self.const)] = str(values)
+        setattr(namespace, self.dest, values)
+
+
+def add_credential_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--token-file", action=_EnvFlag, const=TOKEN_FILE_ENV, metavar="FILE",
+                   help=f"operator bearer token file (default: ${TOKEN_ENV} or ${TOKEN_FILE_ENV})")
+    p.add_argument("--ca-file", action=_EnvFlag, const=CA_FILE_ENV, metavar="FILE",
+                   help=f"the control plane's CA (cp-ca.pem in its state dir), for TCP addresses (${CA_FILE_ENV})")
+    p.add_argument("--cert", action=_EnvFlag, const=CERT_ENV, metavar="FILE",
+                   help=f"operator client certificate (${CERT_ENV}); with --key")
+    p.add_argument("--key", action=_EnvFlag, const=KEY_ENV, metavar="FILE", help=f"its key (${KEY_ENV})")
+
+
+@dataclass(frozen=True)
+class Credentials:
+    token: str = ""
+    ca_pem: bytes = b""
+    cert_pem: bytes = b""
+    key_pem: bytes = b""
+
+    @classmethod
+    def from_env(cls) -> Credentials:
+        def read(env: str) -> bytes:
+            path = os.environ.get(env, "")
+            if not path:
+                return b""
+            try:
+                with open(path, "rb") as f:
+                    return f.read()
+            except OSError as e:
+                raise ClientError(None, f"cannot read {path} (${env}): {e}") from None
+
+        token = os.environ.get(TOKEN_ENV, "") or read(TOKEN_FILE_ENV).decode().strip()
+        cert, key = read(CERT_ENV), read(KEY_ENV)
+        if bool(cert) != bool(key):
+            raise ClientError(None, "a client certificate needs both --cert and --key ($NODEMESH_CERT, $NODEMESH_KEY)")
+        return cls(token=token, ca_pem=read(CA_FILE_ENV), cert_pem=cert, key_pem=key)
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+
+def open_channel(target: str, creds: Credentials) -> grpc.Channel:
+    if target.startswith("unix:"):
+        return grpc.insecure_channel(target)  # local admin: the socket's file mode is the access control
+    if not creds.ca_pem:
+        raise ClientError(None, f"{target} is a TCP address, where the control plane serves TLS: pass --ca-file "
+                                f"(cp-ca.pem in its state dir) or set ${CA_FILE_ENV}")
+    return grpc.secure_channel(target, grpc.ssl_channel_credentials(
+        creds.ca_pem, creds.key_pem or None, creds.cert_pem or None))
 
 
 class ClientError(Exception):
@@ -40,10 +114,12 @@ class ApplyOutcome:
 
 
 class ConfigClient:
-    def __init__(self, target: str | None = None, timeout_s: float = 10.0) -> None:
+    def __init__(self, target: str | None = None, timeout_s: float = 10.0,
+                 credentials: Credentials | None = None) -> None:
         self.target = target or default_server()
         self._timeout = timeout_s
-        self._channel = grpc.insecure_channel(self.target)
+        self.credentials = credentials if credentials is not None else Credentials.from_env()
+        self._channel = open_channel(self.target, self.credentials)
         self._stub = mesh_pb2_grpc.ConfigServiceStub(self._channel)  # type: ignore[no-untyped-call]
 
     def close(self) -> None:
@@ -55,9 +131,10 @@ class ConfigClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, method: str, request: object) -> object:
+    def _call(self, method: str, request: object, stub: object = None) -> object:
         try:
-            return getattr(self._stub, method)(request, timeout=self._timeout)
+            return getattr(stub or self._stub, method)(request, timeout=self._timeout,
+                                                       metadata=self.credentials.metadata())
         except grpc.RpcError as e:
             code = e.code() if hasattr(e, "code") else None
             details = e.details() if hasattr(e, "details") else str(e)

@@ -50,6 +50,9 @@ class RegisteredNode:
     zone: str = ""
     workloads: tuple[RegisteredWorkload, ...] = ()
     agent_version: str = ""
+    # (workload key, target port) its agent's active health checks found failing;
+    # merged in by NodeRegistry.nodes(), never persisted (the agent re-reports).
+    unhealthy: frozenset[tuple[str, int]] = frozenset()
 
     @property
     def address(self) -> str:

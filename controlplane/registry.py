@@ -8,6 +8,7 @@ disconnect does not make its endpoints flap.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -44,11 +45,45 @@ class NodeRegistry:
         self._leases: dict[str, Lease] = {}
         self._listeners: list[Callable[[], None]] = []
         self.version = 0  # bumps on every change of the node or workload set
+        # node -> {(workload key, port): detail} of endpoints its health checks fail (in memory only).
+        self._unhealthy: dict[str, dict[tuple[str, int], str]] = {}
 
     # ------------------------------------------------------------ reads
 
     def nodes(self) -> tuple[RegisteredNode, ...]:
-        return tuple(self._leases[n].node for n in sorted(self._leases))
+        """Registered nodes, each with the unhealthy endpoints its agent last reported."""
+        return tuple(self._with_health(self._leases[n].node) for n in sorted(self._leases))
+
+    def _with_health(self, node: RegisteredNode) -> RegisteredNode:
+        bad = self._unhealthy.get(node.name)
+        return dataclasses.replace(node, unhealthy=frozenset(bad)) if bad else node
+
+    def unhealthy(self, name: str) -> dict[tuple[str, int], str]:
+        return dict(self._unhealthy.get(name, {}))
+
+    def set_health(self, name: str, report: mesh_pb2.HealthReport) -> bool:
+        """Replace a node's health report (agent's active checks on its own
+        workloads). Only endpoints of that node's own workloads count. Returns
+        True when the unhealthy set changed (and listeners were told)."""
+        lease = self._leases.get(name)
+        if lease is None:
+            return False
+        own = {w.key for w in lease.node.workloads}
+        bad = {(e.workload, e.port): e.detail for e in report.endpoints
+               if not e.healthy and e.workload in own}
+        old = self._unhealthy.get(name, {})
+        if bad:
+            self._unhealthy[name] = bad
+        else:
+            self._unhealthy.pop(name, None)
+        if set(bad) == set(old):
+            return False
+        for key in sorted(set(bad) - set(old)):
+            log.info("node %s reports endpoint %s:%d unhealthy (%s)", name, key[0], key[1], bad[key])
+        for key in sorted(set(old) - set(bad)):
+            log.info("node %s reports endpoint %s:%d healthy again", name, key[0], key[1])
+        self._changed()
+        return True
 
     def get(self, name: str) -> RegisteredNode | None:
         lease = self._leases.get(name)
@@ -123,6 +158,7 @@ class NodeRegistry:
         gone = [n for n, lease in self._leases.items() if lease.expires_unix <= now]
         for n in gone:
             del self._leases[n]
+            self._unhealthy.pop(n, None)
             if self._store is not None:
                 self._store.delete_node(n)
             log.info("node %s lease expired; its workloads are removed", n)
@@ -148,6 +184,10 @@ class RegistryServicer(mesh_pb2_grpc.RegistryServicer):
         self._registry = registry
         # (node, telemetry JSON) from heartbeats, for the mesh view (controlplane/web).
         self.on_telemetry: Callable[[str, str], None] | None = None
+        # Registration admission (controlplane/auth.py): '' accepts, else the reason it is
+        # refused (the node certificate names another node; a service account the mesh
+        # config does not allow on this node).
+        self.admit: Callable[[mesh_pb2.NodeRegistration], str] | None = None
 
     async def Session(self, request_iterator: AsyncIterator[mesh_pb2.NodeReport],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[mesh_pb2.LeaseGrant]:
@@ -155,6 +195,10 @@ class RegistryServicer(mesh_pb2_grpc.RegistryServicer):
         async for report in request_iterator:
             which = report.WhichOneof("report")
             if which == "register":
+                refused = self.admit(report.register) if self.admit is not None else ""
+                if refused:
+                    log.warning("refused the registration of node %s: %s", report.register.node_name, refused)
+                    await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"registration refused: {refused}")
                 try:
                     lease = self._registry.register(report.register)
                 except RegistrationError as e:
@@ -179,6 +223,11 @@ class RegistryServicer(mesh_pb2_grpc.RegistryServicer):
                                         "re-register with a full NodeRegistration")
                     return
                 yield _grant(renewed, self._registry.lease_seconds)
+            elif which == "health":
+                if not node_name:
+                    await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                        "the first message of a registry session must be a registration")
+                self._registry.set_health(node_name, report.health)
             else:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                     "empty NodeReport: set register or heartbeat")

@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc
 
+from controlplane import auth as cp_auth
 from controlplane.api import ConfigServicer, current_mesh, current_services
 from controlplane.metrics import ControlPlaneMetrics
 from controlplane.ca import DEFAULT_CERT_TTL_S, MAX_CERT_TTL_S, CertificateAuthority, CertificateServicer
@@ -46,6 +47,9 @@ class ControlPlaneSettings:
     debounce_s: float = DEBOUNCE_S
     expiry_interval_s: float = 1.0
     web_listen: str = ""  # the mesh view's HTTP "host:port"; "" = not served (controlplane/web)
+    # TLS on TCP listeners, node and operator access (controlplane/auth.py, docs/security.md).
+    sans: tuple[str, ...] = ()  # extra server-certificate names/IPs beyond the listen addresses
+    node_cert_ttl_s: int = 7 * 24 * 3600
 
     def __post_init__(self) -> None:
         if not self.listen:
@@ -133,8 +137,12 @@ async def start(settings: ControlPlaneSettings) -> ControlPlane:
     ads = AdsServicer(cache)
     ads.on_ack, ads.on_nack = cp_metrics.acked, cp_metrics.nacked
     registry_servicer = RegistryServicer(registry)
+    security = cp_auth.Security.open(settings.state_dir, os.path.join(settings.state_dir, DB_FILE),
+                                     settings.node_cert_ttl_s)
+    registry_servicer.admit = security.admit_registration(lambda: current_mesh(store))
 
-    server = grpc.aio.server()
+    server = grpc.aio.server(interceptors=[security.interceptor])
+    security.register(server, ca, lambda: current_mesh(store).trust_domain, publisher.publish_now)
     # The generated registration helpers carry no type hints.
     mesh_pb2_grpc.add_ConfigServiceServicer_to_server(  # type: ignore[no-untyped-call]
         ConfigServicer(store), server)
@@ -145,22 +153,41 @@ async def start(settings: ControlPlaneSettings) -> ControlPlane:
                             settings.default_cert_ttl_s, settings.max_cert_ttl_s), server)
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(ads, server)
     bound = []
+    token_bound: list[str] = []  # server-only TLS ports, after the listen addresses
+    tls = None
     for addr in settings.listen:
         try:
-            port = server.add_insecure_port(_bind_address(addr))
+            if addr.startswith("unix:"):
+                cp_auth.prepare_unix_socket(addr[len("unix:"):])  # plaintext: local admin only
+                port = server.add_insecure_port(_bind_address(addr))
+            else:
+                # Mutual TLS here (agents, operator certificates); server-only TLS on the
+                # next port (Join, bearer-token operators): controlplane/auth.py.
+                tls = tls or security.server_credentials_for(settings.listen, settings.sans)
+                port = server.add_secure_port(_bind_address(addr), tls[0])
+                token_addr = cp_auth.token_port_address(addr)
+                token_port = server.add_secure_port(token_addr, tls[1])
+                token_bound.append(token_addr if not token_addr.endswith(":0")
+                                   else f"{token_addr.rsplit(':', 1)[0]}:{token_port}")
         except RuntimeError as e:
             store.close()
             raise OSError(f"cannot listen on {addr}: {e}; check that the address is free and "
                           "the directory is writable") from e
         bound.append(addr if addr.startswith("unix:") or not addr.endswith(":0")
                      else f"{addr.rsplit(':', 1)[0]}:{port}")
+    bound += token_bound
     await server.start()
+    for addr in bound:
+        if addr.startswith("unix:"):
+            cp_auth.secure_unix_socket(addr[len("unix:"):])
     tasks = [asyncio.create_task(publisher.run()),
-             asyncio.create_task(registry.run_expiry(settings.expiry_interval_s))]
+             asyncio.create_task(registry.run_expiry(settings.expiry_interval_s)),
+             asyncio.create_task(cp_auth.watch_trust_bundle(ca, publisher.trigger))]
     log.info("control plane ready on %s (state %s, %d nodes restored, trust domain %s)",
              ", ".join(bound), settings.state_dir, restored, mesh.trust_domain)
     cp = ControlPlane(settings, server, store, registry, cache, ads, publisher, ca, tasks, tuple(bound))
     cp.metrics = cp_metrics
+    cp.security = security
     if settings.web_listen:
         from controlplane.web import MeshView  # the mesh view and /metrics (docs/observability.md)
 
@@ -184,6 +211,7 @@ class ControlPlane:
     addresses: tuple[str, ...]
     metrics: Any = None  # controlplane.metrics.ControlPlaneMetrics
     web: Any = None  # controlplane.web.MeshView when settings.web_listen is set
+    security: Any = None  # controlplane.auth.Security
 
 
     async def stop(self, grace: float = 1.0) -> None:
@@ -196,6 +224,8 @@ class ControlPlane:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         self.store.close()
+        if self.security is not None:
+            self.security.close()
         for addr in self.addresses:
             if addr.startswith("unix:"):
                 try:

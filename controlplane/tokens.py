@@ -145,19 +145,16 @@ def node_id(trust_domain: str, node_name: str) -> str:
     return f"spiffe://{trust_domain}/node/{node_name}"
 
 
-def node_csr(csr_pem: str, expected_uri: str) -> x509.CertificateSigningRequest:
-    """Load a node CSR and check it asks for exactly `expected_uri`."""
+def load_csr(csr_pem: str) -> x509.CertificateSigningRequest:
+    """Load a CSR and check its signature. Its names are ignored: the control
+    plane decides the certificate's identity (from the token, the caller's
+    certificate or the operator request), the CSR only proves the key."""
     try:
         csr = x509.load_pem_x509_csr(csr_pem.encode())
         if not csr.is_signature_valid:
             raise ValueError("its signature does not verify with its own key")
-        san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except (ValueError, InvalidSignature, x509.ExtensionNotFound) as e:
-        raise ValueError(f"csr_pem is not a usable certificate signing request ({e}); the agent makes it "
-                         "from its node key") from None
-    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
-    if uris != [expected_uri] or len(list(san)) != 1:
-        raise ValueError(f"the CSR must carry exactly one SAN, the URI {expected_uri}; it has {list(san)}")
+    except (ValueError, InvalidSignature) as e:
+        raise ValueError(f"csr_pem is not a usable certificate signing request ({e})") from None
     return csr
 
 
@@ -184,7 +181,7 @@ class NodeAttestationServicer(mesh_pb2_grpc.NodeAttestationServicer):
                    context: grpc.aio.ServicerContext) -> mesh_pb2.JoinResponse:
         try:
             check_node_name(request.node_name)
-            csr = node_csr(request.csr_pem, node_id(self._trust_domain(), request.node_name))
+            csr = load_csr(request.csr_pem)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         try:
@@ -209,7 +206,7 @@ class NodeAttestationServicer(mesh_pb2_grpc.NodeAttestationServicer):
                                 f"only node {request.node_name!r}'s own certificate can renew it; the caller "
                                 f"is {caller.principal if caller else 'unknown'}")
         try:
-            csr = node_csr(request.csr_pem, node_id(self._trust_domain(), request.node_name))
+            csr = load_csr(request.csr_pem)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return self._issue(request.node_name, csr)

@@ -72,7 +72,7 @@ def cert_info(identity: str, chain_pem: str, not_after_unix: float, now: float) 
         info.update(serial=format(leaf.serial_number, "x"), issuer=leaf.issuer.rfc4514_string(),
                     not_before=leaf.not_valid_before_utc.isoformat(), not_after=leaf.not_valid_after_utc.isoformat(),
                     chain_length=chain_pem.count("BEGIN CERTIFICATE"))
-    except Exception as e:  # show what we can; a bad PEM is already reported by the cert manager
+    except Exception as e:  # noqa: BLE001 - show what we can; a bad PEM is reported by the cert manager
         info["parse_error"] = str(e)
     return info
 

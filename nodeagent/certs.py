@@ -18,6 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from nodeagent import cpchannel
 from nodeagent.settings import Certs, Svid
 from nodemesh.v1 import mesh_pb2, mesh_pb2_grpc
 
@@ -28,6 +29,7 @@ RENEW_JITTER = 0.05  # of the lifetime, either way: agents that started together
 RETRY_INITIAL_S = 0.5
 RETRY_CAP_S = 30.0
 ISSUE_TIMEOUT_S = 10.0
+ROTATION_JITTER_S = 1.0  # re-issue after a root rotation within 1-2 s
 
 Issuer = Callable[[mesh_pb2.CertificateRequest], Awaitable[mesh_pb2.CertificateResponse]]
 
@@ -97,6 +99,17 @@ def svid_from_response(identity: str, key: ec.EllipticCurvePrivateKey,
                 not_after_unix=leaf.not_valid_after_utc.timestamp())
 
 
+def chains_to(chain_pem: str, root_pem: str) -> bool:
+    """Whether the chain (leaf first, as the CA sends it) ends at `root_pem`:
+    its top certificate is that root or was issued by it (an operator intermediate)."""
+    try:
+        top = x509.load_pem_x509_certificates(chain_pem.encode())[-1]
+        root = x509.load_pem_x509_certificate(root_pem.encode())
+    except (ValueError, IndexError):
+        return False
+    return top == root or top.issuer == root.subject
+
+
 def _not_before(svid: Svid) -> float:
     leaf = x509.load_pem_x509_certificate(svid.cert_chain_pem.encode())
     return leaf.not_valid_before_utc.timestamp()
@@ -105,11 +118,15 @@ def _not_before(svid: Svid) -> float:
 def grpc_issuer(target: str) -> Issuer:
     """CreateCertificate over a channel to the control plane (opened lazily)."""
     channel: grpc.aio.Channel | None = None
+    generation = -1
 
     async def issue(request: mesh_pb2.CertificateRequest) -> mesh_pb2.CertificateResponse:
-        nonlocal channel
-        if channel is None:
-            channel = grpc.aio.insecure_channel(target)
+        nonlocal channel, generation
+        # A renewed node certificate (nodeagent/attest.py) is used by a new channel.
+        if channel is None or generation != cpchannel.generation():
+            old, channel, generation = channel, cpchannel.open_channel(target), cpchannel.generation()
+            if old is not None:
+                await old.close(grace=None)
         stub = mesh_pb2_grpc.CertificateServiceStub(channel)  # type: ignore[no-untyped-call]
         response: mesh_pb2.CertificateResponse = await stub.CreateCertificate(request, timeout=ISSUE_TIMEOUT_S)
         return response
@@ -168,9 +185,25 @@ class CertManager:
         for ident in sorted(wanted - set(self._tasks)):
             self._tasks[ident] = asyncio.get_running_loop().create_task(self._keep_fresh(ident),
                                                                         name=f"svid {ident}")
+        if changed and self._mesh_bundle:
+            self._reissue_stale()
         if changed:
             self._publish()
         self._update_ready()
+
+    def _reissue_stale(self) -> None:
+        """Root rotation: the mesh bundle's first root is the one the CA signs with
+        now. Every SVID that does not chain to it is re-issued, after a short
+        jitter so that every node holds the new bundle before new certificates
+        appear (the old root stays trusted for the overlap meanwhile)."""
+        current = self._mesh_bundle[0]
+        for ident, issued in list(self._issued.items()):
+            if ident in self._tasks and not chains_to(issued.svid.cert_chain_pem, current):
+                self._tasks.pop(ident).cancel()
+                delay = ROTATION_JITTER_S * (1 + self._rand())
+                log.info("certs: the mesh root changed; re-issuing %s from the new root in %.1fs", ident, delay)
+                self._tasks[ident] = asyncio.get_running_loop().create_task(
+                    self._keep_fresh(ident, first_delay=delay), name=f"svid {ident}")
 
     async def close(self) -> None:
         tasks = list(self._tasks.values())
@@ -189,7 +222,13 @@ class CertManager:
         self._version += 1
         bundle: dict[str, None] = {}
         for issued in self._issued.values():
-            bundle.update(dict.fromkeys(issued.trust_bundle))
+            if not self._mesh_bundle:
+                bundle.update(dict.fromkeys(issued.trust_bundle))
+            else:
+                # The mesh bundle (xDS) is authoritative once known, so a root whose
+                # overlap ended leaves; the root of a certificate held now stays.
+                bundle.update(dict.fromkeys(r for r in issued.trust_bundle
+                                            if chains_to(issued.svid.cert_chain_pem, r)))
         bundle.update(dict.fromkeys(self._mesh_bundle))
         self.certs = Certs(svids={i: v.svid for i, v in sorted(self._issued.items())},
                            trust_bundle=tuple(bundle), version=self._version)
@@ -202,7 +241,9 @@ class CertManager:
         response = await self._issue(request)
         return _Issued(svid_from_response(identity, key, response), tuple(response.trust_bundle))
 
-    async def _keep_fresh(self, identity: str) -> None:
+    async def _keep_fresh(self, identity: str, first_delay: float = 0.0) -> None:
+        if first_delay > 0:
+            await self._sleep(first_delay)
         attempt = 0
         while True:
             try:

@@ -52,6 +52,12 @@ class NodeConfig:
 @dataclass(frozen=True)
 class ControlPlaneConfig:
     address: str  # "host:port" or "unix:/path"
+    # Node attestation (nodeagent/attest.py): a one-time token used when stateDir holds
+    # no valid node certificate yet, and the CA that verifies the control plane's TLS
+    # (else the one the join brought, pinned by the token).
+    join_token_file: str = ""
+    ca_bundle_file: str = ""
+    join_address: str = ""  # server-only TLS port for the join; default: address's port + 1
 
     @property
     def is_unix(self) -> bool:
@@ -370,7 +376,10 @@ def parse_config(raw: Any) -> AgentConfig:
 
     def control_plane(v: Any, path: str) -> ControlPlaneConfig:
         f = _Fields(v, path)
-        c = ControlPlaneConfig(address=f.get("address", _control_plane_address, required=True))
+        c = ControlPlaneConfig(address=f.get("address", _control_plane_address, required=True),
+                               join_token_file=f.get("joinTokenFile", _str, ""),
+                               ca_bundle_file=f.get("caBundleFile", _str, ""),
+                               join_address=f.get("joinAddress", _control_plane_address, ""))
         f.done()
         return c
 

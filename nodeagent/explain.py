@@ -149,7 +149,7 @@ def explain(snapshot: Snapshot, settings: ProxySettings, source_name: str, to: s
     policy = getattr(sp, "policy", None) if sp is not None else None
     out["policies"] = _plain(policy) if policy is not None else {}
     bal = balancer or {}
-    cands = []
+    cands: list[dict[str, Any]] = []
     for ep in plan.endpoints:
         addr = f"{ep.ip}:{ep.port}"
         b = bal.get(addr, {})
@@ -167,7 +167,7 @@ def explain(snapshot: Snapshot, settings: ProxySettings, source_name: str, to: s
     out["candidates"] = cands
     if len(cands) > 1:
         measured = [c for c in cands if c["cost"] is not None]
-        best = min(measured, key=lambda c: c["cost"])["address"] if measured else None
+        best = min(measured, key=lambda c: float(c["cost"]))["address"] if measured else None
         out["choice"] = ("power of two choices: two random candidates, the lower peak-EWMA × (outstanding+1) wins"
                          + (f"; lowest cost now: {best}" if best else "; none measured yet, so any may be picked"))
     elif len(cands) == 1:

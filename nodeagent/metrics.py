@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
-from nodemesh.prom import (  # noqa: F401 - re-exported for the agent's code and tests
+from nodemesh.prom import (
     BYTES_BUCKETS,
     DURATION_BUCKETS_MS,
     FamilyData,
@@ -24,6 +24,26 @@ from nodemesh.prom import (  # noqa: F401 - re-exported for the agent's code and
     render,
     select,
 )
+
+__all__ = [  # re-exported from nodemesh.prom for the agent's code and tests
+    "BYTES_BUCKETS",
+    "DURATION_BUCKETS_MS",
+    "REGISTRY",
+    "REQUEST_LABELS",
+    "TCP_LABELS",
+    "FamilyData",
+    "LabelKey",
+    "MeshLabels",
+    "MetricError",
+    "Registry",
+    "merge",
+    "parse",
+    "record_request",
+    "render",
+    "select",
+    "tcp_closed",
+    "tcp_opened",
+]
 
 
 @dataclass(frozen=True)

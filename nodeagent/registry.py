@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 
 import nodemesh
+from nodeagent import cpchannel
 from nodeagent.config import AgentConfig
 from nodeagent.xds.client import backoff_delay
 from nodemesh.v1 import mesh_pb2, mesh_pb2_grpc
@@ -57,6 +58,8 @@ class RegistrySession:
         # Returns a compact JSON summary of the node's traffic for the control plane's
         # mesh view (nodeagent.admin.AdminServer.telemetry_json); None = send none.
         self.telemetry: Callable[[], str] | None = None
+        # The last health report (nodeagent/health.py); re-sent after every registration.
+        self.health: mesh_pb2.HealthReport | None = None
 
     def _set_connected(self, value: bool) -> None:
         if value != self.connected:
@@ -95,9 +98,17 @@ class RegistrySession:
         if self._outbox is not None:
             self._outbox.put_nowait(mesh_pb2.NodeReport(register=registration))
 
+    def set_health(self, report: mesh_pb2.HealthReport) -> None:
+        """Send the node's health verdicts now (if connected) and after every reconnect."""
+        self.health = report
+        if self._outbox is not None:
+            self._outbox.put_nowait(mesh_pb2.NodeReport(health=report))
+
     async def _session(self) -> bool:
         outbox: asyncio.Queue[mesh_pb2.NodeReport] = asyncio.Queue()
         outbox.put_nowait(mesh_pb2.NodeReport(register=self.registration))
+        if self.health is not None:
+            outbox.put_nowait(mesh_pb2.NodeReport(health=self.health))
         self._outbox = outbox
         periods: asyncio.Queue[float] = asyncio.Queue()
 
@@ -122,7 +133,7 @@ class RegistrySession:
         granted = False
         beat = asyncio.get_running_loop().create_task(heartbeats())
         try:
-            async with grpc.aio.insecure_channel(self.target) as channel:
+            async with cpchannel.open_channel(self.target) as channel:
                 call = mesh_pb2_grpc.RegistryStub(channel).Session(reports())  # type: ignore[no-untyped-call]
                 period: float | None = None
                 async for grant in call:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from nodemesh.healthcheck import HealthCheck
 from nodemesh.routes import (
     CircuitBreaker,
     Fault,
@@ -76,6 +77,7 @@ class ClusterPolicy:
     circuit_breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
     outlier: OutlierDetection | None = None
     retry_budget: RetryBudget = field(default_factory=RetryBudget)
+    health_check: HealthCheck | None = None  # run by the endpoint's own node (nodeagent/health.py)
 
 
 DEFAULT_POLICY = ClusterPolicy()

@@ -100,6 +100,7 @@ class Agent:
         self.admin: Any = None  # nodeagent.admin.AdminServer, once started
         self.dns: DnsServer | None = None  # mesh DNS (nodeagent/dns), started after the first snapshot
         self.dns_failed = False
+        self.health: Any = None  # nodeagent.health.HealthMonitor, once the registry session exists
 
     def _capture_for(self, config: AgentConfig) -> CaptureBackend:
         # Port 53 is captured only while the DNS proxy serves (docs/dns.md).
@@ -144,6 +145,7 @@ class Agent:
             "workers_alive": bool(self.pool and self.pool.alive()),
             "dns_listening": bool(self.dns and self.dns.listening),
             "workers_up": self.pool.up() if self.pool is not None and hasattr(self.pool, "up") else 0,
+            "health": [dataclasses.asdict(v) for v in self.health.verdicts()] if self.health is not None else [],
             "updated_unix": time.time(),
         }
 
@@ -162,6 +164,8 @@ class Agent:
 
     def _on_snapshot(self, snapshot: Snapshot) -> None:
         self.snapshot = snapshot
+        if self.health is not None:
+            self.health.set_snapshot(snapshot)  # active checks on this node's endpoints
         if self.dns is not None:
             self.dns.set_snapshot(snapshot)
         if self.cert_manager is not None:
@@ -329,6 +333,8 @@ class Agent:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if self.health is not None:
+                await self.health.close()
             if self.cert_manager is not None:
                 await self.cert_manager.close()
             if self.admin is not None:
@@ -359,7 +365,17 @@ class Agent:
         log.info("starting %d proxy worker(s)", self.settings.workers)
         await self.pool.start()
         await self._start_admin()
-        # (2) control plane sessions.
+        # (2) control plane sessions, over a channel the node certificate authenticates
+        # (nodeagent/attest.py: joins with the one-time token, or reuses stateDir/node.pem).
+        from nodeagent.attest import AttestError, NodeAttestation
+
+        self.attestation = NodeAttestation(cfg, self.state_dir)
+        try:
+            if not await self.attestation.ensure(self._stop):
+                return
+        except AttestError as e:
+            raise AgentError(e.reason, str(e)) from None
+        tasks.append(asyncio.get_running_loop().create_task(self.attestation.run(), name="node-cert"))
         target = cfg.control_plane.grpc_target
         self.cert_manager = CertManager(cfg.node.name, grpc_issuer(target), self._on_certs)
         self.ads = AdsClient(target, cfg.node.name, cfg.local_workloads(), self._on_snapshot,
@@ -367,6 +383,7 @@ class Agent:
         self.registry = RegistrySession(target, registration_from_config(cfg), on_connection=self._on_connection)
         if self.admin is not None:
             self.registry.telemetry = self.admin.telemetry_json  # heartbeats carry the mesh view's summary
+        self.health = self._health_monitor(self.registry)
         loop = asyncio.get_running_loop()
         tasks.append(loop.create_task(self.registry.run(), name="registry"))
         tasks.append(loop.create_task(self.ads.run(), name="xds"))
@@ -388,6 +405,19 @@ class Agent:
             lambda: self.capture, lambda: self.capture_installed, self.write_status, self._stop), name="failover"))
         self.phase = "running"
         self.write_status()
+
+    def _health_monitor(self, registry: RegistrySession) -> Any:
+        """Active health checks of local endpoints, reported on the registry session."""
+        from nodeagent.health import HealthMonitor, Verdict
+        from nodemesh.v1 import mesh_pb2
+
+        def report(verdicts: list[Verdict]) -> None:
+            registry.set_health(mesh_pb2.HealthReport(endpoints=[
+                mesh_pb2.EndpointHealth(workload=v.workload, port=v.port, healthy=v.healthy, detail=v.detail)
+                for v in verdicts]))
+            self.write_status()
+
+        return HealthMonitor(report, mark=self.settings.mark)
 
     async def _start_admin(self) -> None:
         """The admin endpoint (nodeagent/admin.py); the mesh serves without it, so a

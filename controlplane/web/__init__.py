@@ -17,6 +17,7 @@ keeps a short history per node and turns consecutive summaries into rates.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import time
@@ -74,8 +75,8 @@ class MeshTelemetry:
             raise TelemetryError(f"summary of {len(text)} bytes exceeds {MAX_SUMMARY_BYTES}")
         try:
             d = json.loads(text)
-        except ValueError as e:
-            raise TelemetryError(f"not JSON: {e}") from None
+        except ValueError as err:
+            raise TelemetryError(f"not JSON: {err}") from None
         if not isinstance(d, dict) or not isinstance(d.get("edges"), list):
             raise TelemetryError("expected an object with an 'edges' list")
         for i, e in enumerate(d["edges"]):
@@ -167,9 +168,8 @@ class MeshTelemetry:
     def service_series(self, service: str) -> list[dict[str, Any]]:
         """Golden metrics over time for one service (its callers' view, else its own)."""
         buckets: dict[int, dict[str, Any]] = {}
-        for _node, hist in self.nodes.items():
-            items = list(hist)
-            for (t0, s0), (t1, s1) in zip(items, items[1:]):
+        for hist in self.nodes.values():
+            for (t0, s0), (t1, s1) in itertools.pairwise(hist):
                 dt = t1 - t0
                 if dt <= 0:
                     continue
@@ -263,7 +263,7 @@ class MeshView:
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ConnectionError):
             writer.close()
             return
-        except Exception as e:  # noqa: BLE001 - one broken view must not stop the server
+        except Exception as e:  # one broken view must not stop the server
             log.exception("mesh view request failed")
             status, ctype, body = 500, "text/plain", f"internal error: {e!r}\n".encode()
         writer.write(f"HTTP/1.1 {status} {'OK' if status == 200 else 'Error'}\r\nContent-Type: {ctype}\r\n"

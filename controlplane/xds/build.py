@@ -16,7 +16,9 @@ from google.protobuf.message import Message
 
 from controlplane.nodes import RegisteredNode, RegisteredWorkload
 from controlplane.policies import policy_resources
+from controlplane.xds import listeners as xds_listeners
 from controlplane.xds import routes as xds_routes
+from controlplane.xds.health import apply_health_checks
 from controlplane.xds.cache import XdsSnapshot
 from nodemesh import model, xdsnames
 from nodemesh.identity import Identity
@@ -93,7 +95,9 @@ def _load_assignment(cluster: str, port: model.ServicePort, backends: Sequence[
             sa.address = wl.ip
             sa.port_value = port.target_port
             sa.protocol = address_pb2.SocketAddress.TCP
-            lb.health_status = health_check_pb2.HEALTHY
+            # Active health checks run by the endpoint's own node (nodeagent/health.py).
+            lb.health_status = (health_check_pb2.UNHEALTHY if (wl.key, port.target_port) in node.unhealthy
+                                else health_check_pb2.HEALTHY)
             lb.load_balancing_weight.value = 1
             lb.metadata.filter_metadata[xdsnames.METADATA_KEY].CopyFrom(_struct({
                 "workload": wl.key,
@@ -132,6 +136,7 @@ def build_snapshot(mesh: model.MeshConfig, services: Sequence[ServiceEntry],
             l7_policy = xds_routes.policy_for(l7_policies, svc)
             if l7_policy is not None or port.protocol in xds_routes.L7_PROTOCOLS:
                 xds_routes.apply_policy(c, l7_policy)
+                apply_health_checks(c, l7_policy, port.port)
             clusters[c.name] = _pack(c)
             backends = [(n, w) for n, w in selected if w.serves(port.target_port)]
             assignments[c.name] = _pack(_load_assignment(c.name, port, backends, mesh.trust_domain))
@@ -145,6 +150,9 @@ def build_snapshot(mesh: model.MeshConfig, services: Sequence[ServiceEntry],
         xdsnames.MESH_CONFIG: {xdsnames.MESH_CONFIG_NAME: _pack(mesh_pb)},
         xdsnames.ROUTE: {n: _pack(r) for n, r in xds_routes.route_configurations(
             mesh, [e.service for e in services], l7_routes).items()},
+        # API listeners for proxyless gRPC clients (agents do not subscribe to LDS).
+        xdsnames.LISTENER: {n: _pack(x) for n, x in xds_listeners.api_listeners(
+            mesh, [e.service for e in services]).items()},
         # Security policies (issue 5): always at least MeshSecurity//mesh.
         xdsnames.POLICY: {n: _pack(p) for n, p in policy_resources(mesh, policies).items()},
     })

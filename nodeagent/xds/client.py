@@ -18,6 +18,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.rpc import status_pb2
 
 import nodemesh
+from nodeagent import cpchannel
 from nodeagent.snapshot import LocalWorkload, Snapshot
 from nodeagent.xds.convert import NamedResource, XdsState
 from nodemesh import xdsnames
@@ -152,7 +153,7 @@ class AdsClient:
                 yield await queue.get()
 
         got_response = False
-        async with grpc.aio.insecure_channel(self.target) as channel:
+        async with cpchannel.open_channel(self.target) as channel:
             stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
             call = stub.StreamAggregatedResources(requests())
             log.info("xDS: connecting to %s as node %s", self.target, self.node_name)

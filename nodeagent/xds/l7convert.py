@@ -18,6 +18,7 @@ from envoy.type.v3 import percent_pb2
 from google.protobuf import duration_pb2
 
 from nodeagent.routing import ClusterPolicy, MirrorTo, PathRewrite, RouteEntry, RouteTable, WeightedCluster
+from nodeagent.xds.healthconvert import HealthCheckError, cluster_health_check
 from nodemesh import routes as m
 
 FAULT_FILTER = "envoy.filters.http.fault"
@@ -221,4 +222,8 @@ def cluster_policy(msg: cluster_pb2.Cluster) -> ClusterPolicy:
     budget = m.RetryBudget(float(meta.get("retry_budget_ratio", b.ratio)),
                            float(meta.get("retry_budget_min_per_second", b.min_per_second)),
                            float(meta.get("retry_budget_window_s", b.window_s)))
-    return ClusterPolicy(lb, cb, outlier, budget)
+    try:
+        health = cluster_health_check(msg)
+    except HealthCheckError as e:
+        raise L7ResourceError(str(e)) from None
+    return ClusterPolicy(lb, cb, outlier, budget, health_check=health)

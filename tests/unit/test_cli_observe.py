@@ -185,7 +185,7 @@ def test_push_latency_from_change_to_ack() -> None:
     now[0] = 10.5
     m.acked("n1", "t.Cluster", "v2")
     m.acked("n1", "t.Cluster", "v2")  # a re-ACK is not a push
-    counts, total, n = m.push_latency.value({"type": "Cluster"})
+    _counts, total, n = m.push_latency.value({"type": "Cluster"})
     assert n == 1 and total == pytest.approx(0.5)
 
 

@@ -105,8 +105,8 @@ def test_outbound_labels_from_session_fields() -> None:
 def test_inbound_labels_trust_baggage_only_within_the_principal_namespace() -> None:
     base = {"direction": "inbound", "via": "hbone", "tls": True, "source_principal": "spiffe://td/ns/default/sa/client",
             "dst_workload": "default/web-2", "dst_addr": "10.0.0.2:8080", "dst_identity": "spiffe://td/ns/default/sa/web"}
-    ok = mesh_labels(base, _snapshot(), [("baggage", "k8s.namespace.name=default,k8s.workload.name=client,"
-                                                     "service.name=default/web")])
+    bag = "k8s.namespace.name=default,k8s.workload.name=client,service.name=default/web"
+    ok = mesh_labels(base, _snapshot(), [("baggage", bag)])
     assert (ok.reporter, ok.source_workload, ok.destination_service_name) == ("destination", "client", "web")
     # A claim outside the verified identity's namespace is ignored; the principal's
     # unique workload in the snapshot is used instead.

@@ -78,7 +78,7 @@ def test_otlp_http_exporter_posts_json() -> None:
     done = threading.Event()
 
     class H(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             got.append({"path": self.path, "body": json.loads(self.rfile.read(int(self.headers["Content-Length"])))})
             self.send_response(200)
             self.end_headers()

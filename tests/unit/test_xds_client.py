@@ -13,6 +13,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf.message import Message
 from test_xds_convert import LOCAL, assignment, cluster, mesh_config, mesh_security, pack, workload
 
+from nodeagent import cpchannel
 from nodeagent.registry import RegistrySession
 from nodeagent.snapshot import Snapshot
 from nodeagent.xds.client import AdsClient, backoff_delay
@@ -47,6 +48,9 @@ class FakeAds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
 
     async def next_request(self) -> discovery_pb2.DiscoveryRequest:
         return await asyncio.wait_for(self.requests.get(), 5)
+
+# These fakes serve plaintext TCP; the agent itself always presents a node certificate (nodeagent/cpchannel.py).
+cpchannel.allow_plaintext_tcp()
 
 
 def response(type_url: str, version: str, nonce: str, *msgs: Message) -> discovery_pb2.DiscoveryResponse:

@@ -58,8 +58,8 @@ _DEFAULT_MATCH = RouteMatch()
 
 
 def l7_protocol(snapshot: Snapshot, plan: OutboundPlan) -> str | None:
-    """'http' or 'auto' when the plan's service port is handled at L7, else None.
-    HTTP/2 and gRPC ports stay L4 for now (see docs/traffic.md)."""
+    """'http', 'http2' (http2 and grpc ports: h2stack.py) or 'auto' when the
+    plan's service port is handled at L7, else None."""
     if plan.kind != "service":
         return None
     hit = snapshot.by_vip.get((plan.dst_ip, plan.dst_port))
@@ -68,6 +68,8 @@ def l7_protocol(snapshot: Snapshot, plan: OutboundPlan) -> str | None:
     proto = hit[1].protocol
     if proto == "http":
         return "http"
+    if proto in ("http2", "grpc"):
+        return "http2"
     if proto == "auto" and not detect.skip_detection(plan.dst_port):
         return "auto"
     return None
@@ -122,6 +124,10 @@ def start_l7(proxy: NodeProxy, end: OutboundConnection, snapshot: Snapshot, sour
              plan: OutboundPlan, mode: str, tcp_fallback: Callable[[], None]) -> None:
     """Take the client connection over from the L4 relay end."""
     assert end.transport is not None
+    if mode == "http2":
+        from .h2stack import start_h2  # h2c and gRPC (docs/interop.md)
+
+        return start_h2(proxy, end, source_key, source_id, plan, tcp_fallback)
     h = Downstream(runtime_of(proxy), end, snapshot, source_key, source_id, plan, mode, tcp_fallback)
     end.transport.set_protocol(h)  # type: ignore[arg-type]
     h.begin()
@@ -191,6 +197,11 @@ class Downstream(asyncio.Protocol):
                 return
             if self._detect_timer is not None:
                 self._detect_timer.cancel()
+            if kind == detect.HTTP2:
+                from .h2stack import take_over_from_h1  # the HTTP/2 preface: h2c at L7
+
+                take_over_from_h1(self, self._sniffed)
+                return
             if kind != detect.HTTP1:
                 self.rt.counters.detected_tcp += 1
                 self.conn_session.set(protocol="tcp", detect=kind)

@@ -1,0 +1,72 @@
+"""The one helper that opens the agent's gRPC channels to the control plane.
+
+TCP: TLS, verifying the control plane's server certificate with its CA (from
+the join or controlPlane.caBundleFile) and presenting the node certificate
+(nodeagent/attest.py). A unix socket is the control plane's local-admin
+transport: plaintext, used by an agent on the control plane's own host.
+The registry session, the certificate manager and the xDS client all call
+`open_channel`; a renewed node certificate is used by channels opened after it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+
+
+class CpChannelError(RuntimeError):
+    """No channel can be opened yet; the message says what is missing."""
+
+
+@dataclass(frozen=True)
+class NodeCredentials:
+    server_ca_pem: bytes  # verifies the control plane's server certificate
+    cert_chain_pem: bytes  # the node certificate, leaf first
+    key_pem: bytes
+
+
+_current: NodeCredentials | None = None
+_generation = 0
+_plaintext_tcp = False  # only for in-process tests against a plaintext fake server
+
+
+def allow_plaintext_tcp(allow: bool = True) -> None:
+    """Tests of the xDS, registry and certificate clients against plaintext fakes
+    call this; the agent never does (it installs a node certificate first)."""
+    global _plaintext_tcp
+    _plaintext_tcp = allow
+
+
+def configure(creds: NodeCredentials | None) -> None:
+    """Install (or replace, after a renewal) the node's credentials."""
+    global _current, _generation
+    _current = creds
+    _generation += 1
+
+
+def generation() -> int:
+    """Bumps at every configure(): a holder of a long-lived channel reopens it."""
+    return _generation
+
+
+def credentials() -> NodeCredentials | None:
+    return _current
+
+
+def open_channel(target: str) -> grpc.aio.Channel:
+    if target.startswith("unix:"):
+        return grpc.aio.insecure_channel(target)
+    creds = _current
+    if creds is None and _plaintext_tcp:
+        return grpc.aio.insecure_channel(target)
+    if creds is None:
+        raise CpChannelError(f"no node certificate yet for the control plane at {target}: the agent must join "
+                             "first (controlPlane.joinTokenFile)")
+    return grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(
+        root_certificates=creds.server_ca_pem, private_key=creds.key_pem, certificate_chain=creds.cert_chain_pem))
+
+
+def open_join_channel(target: str, server_ca_pem: bytes) -> grpc.aio.Channel:
+    """TLS without a client certificate: only NodeAttestation.Join accepts it."""
+    return grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=server_ca_pem))

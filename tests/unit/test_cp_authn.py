@@ -1,0 +1,138 @@
+"""Operator authentication and roles on the control plane: the role table,
+refusal messages, hashed and revocable operator tokens, and the real grpc.aio
+control plane (mutual-TLS port, server-only TLS port, local-admin unix socket)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import stat
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from controlplane.admincli import AdminClient
+from controlplane.auth import NODE, OPEN, RO, RW, Caller, Operators, allows, refusal
+from controlplane.client import ClientError, Credentials
+from controlplane.server import ControlPlaneSettings, start
+
+LOCAL = Caller("local", "unix", RW)
+ADMIN = Caller("operator", "admin", RW)
+VIEWER = Caller("operator", "viewer", RO)
+NODE1 = Caller("node", "node-1")
+NOBODY = Caller("anonymous")
+
+
+@pytest.mark.parametrize(("caller", "need", "allowed"), [
+    (LOCAL, RW, True), (LOCAL, NODE, True), (ADMIN, RW, True), (ADMIN, RO, True), (ADMIN, NODE, False),
+    (VIEWER, RO, True), (VIEWER, RW, False), (NODE1, NODE, True), (NODE1, RO, False), (NODE1, RW, False),
+    (NOBODY, RO, False), (NOBODY, NODE, False), (NOBODY, OPEN, True), (VIEWER, OPEN, True),
+])
+def test_role_table(caller: Caller, need: str, allowed: bool) -> None:
+    assert allows(caller, need) is allowed
+
+
+def test_refusals_say_what_to_check() -> None:
+    code, msg = refusal(NOBODY, "/nodemesh.v1.ConfigService/List", RO)
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "--token-file" in msg and "admin.token" in msg
+    code, msg = refusal(VIEWER, "/nodemesh.v1.ConfigService/Apply", RW)
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "needs the rw role" in msg and "viewer has role ro" in msg
+    code, msg = refusal(NODE1, "/nodemesh.v1.ConfigService/Apply", RW)
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "node certificates" in msg
+    code, msg = refusal(NOBODY, "/nodemesh.v1.Registry/Session", NODE)
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "joinTokenFile" in msg
+    code, _ = refusal(ADMIN, "/some.Unknown/Method", None)
+    assert code == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_operator_tokens_are_hashed_and_revocable() -> None:
+    db = sqlite3.connect(":memory:", isolation_level=None)
+    ops = Operators(db)
+    token = ops.create_token("viewer", RO)
+    assert token.split(".")[2] not in str(db.execute("SELECT * FROM operators").fetchall())
+    assert ops.by_token(token) == Caller("operator", "viewer", RO)
+    assert ops.by_token(token[:-2] + "xx").kind == "anonymous"
+    assert "not an operator token" in ops.by_token("Bearer-ish").why_anonymous
+    new = ops.create_token("viewer", RW)  # a new token replaces the old one
+    assert ops.by_token(token).kind == "anonymous" and ops.by_token(new).role == RW
+    assert ops.revoke("viewer") and not ops.revoke("viewer")
+    assert ops.by_token(new).kind == "anonymous" and ops.by_name("viewer").kind == "anonymous"
+    with pytest.raises(ValueError, match="role 'admin'"):
+        ops.create_token("x", "admin")
+    ops.audit("operator/admin", "Apply", "apply Service/default/web", "ok")
+    assert [(e.principal, e.action, e.outcome) for e in ops.audit_entries()] == [("operator/admin", "Apply", "ok")]
+
+
+def _call(fn: Any) -> tuple[grpc.StatusCode | None, str]:
+    try:
+        fn()
+    except ClientError as e:
+        return e.code, str(e)
+    return grpc.StatusCode.OK, ""
+
+
+def test_control_plane_serves_tls_with_operator_roles() -> None:
+    async def main() -> None:
+        with tempfile.TemporaryDirectory() as d:
+            sock = os.path.join(d, "cp.sock")
+            state = os.path.join(d, "state")
+            cp = await start(ControlPlaneSettings(state_dir=state, listen=("127.0.0.1:0", f"unix:{sock}"),
+                                                  debounce_s=0.01))
+            try:
+                mtls, _unix, tls = cp.addresses
+                assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+                assert stat.S_IMODE(os.stat(os.path.join(state, "admin.token")).st_mode) == 0o600
+                assert stat.S_IMODE(os.stat(os.path.join(state, "cp-ca.key")).st_mode) == 0o600
+                ca = Path(state, "cp-ca.pem").read_bytes()
+                admin = Credentials(token=Path(state, "admin.token").read_text().strip(), ca_pem=ca)
+
+                def calls() -> None:
+                    with AdminClient(tls, credentials=Credentials(ca_pem=ca), timeout_s=3) as c:
+                        code, msg = _call(lambda: c.list("Service"))
+                        assert code == grpc.StatusCode.UNAUTHENTICATED and "operator credential" in msg
+                    with AdminClient(tls, credentials=admin, timeout_s=3) as c:
+                        assert c.list("Service") == []
+                        viewer = c.create_operator("viewer", RO).token
+                    with AdminClient(tls, credentials=Credentials(token=viewer, ca_pem=ca), timeout_s=3) as c:
+                        assert c.list("Service") == []
+                        code, msg = _call(lambda: c.apply("apiVersion: nodemesh.io/v1alpha1\nkind: Service\n"
+                                                          "metadata: {name: web}\nspec: {ports: [{port: 80}]}\n"))
+                        assert code == grpc.StatusCode.PERMISSION_DENIED and "rw role" in msg
+                        code, msg = _call(lambda: c.rotate_root(60))
+                        assert code == grpc.StatusCode.PERMISSION_DENIED
+                        entries = c.audit()
+                    # No client certificate: the mutual-TLS port refuses the handshake.
+                    with AdminClient(mtls, credentials=admin, timeout_s=3) as c:
+                        code, _ = _call(lambda: c.list("Service"))
+                        assert code == grpc.StatusCode.UNAVAILABLE
+                    # The unix socket is local admin.
+                    with AdminClient(f"unix:{sock}", credentials=Credentials(), timeout_s=3) as c:
+                        token = c.create_join_token("node-1", 60)
+                        assert token.token.startswith("nmjt1.") and token.expires_unix > 0
+                    seen = [(e.principal, e.action, e.outcome.split(":")[0]) for e in entries]
+                    assert ("operator/admin", "CreateOperator", "ok") in seen
+                    assert ("operator/viewer", "Apply", "denied") in seen
+                    assert ("operator/viewer", "RotateRoot", "denied") in seen
+
+                await asyncio.to_thread(calls)
+            finally:
+                await cp.stop(0)
+
+    asyncio.run(main())
+
+
+def test_world_writable_socket_directory_is_refused() -> None:
+    async def main() -> None:
+        with tempfile.TemporaryDirectory() as d:
+            open_dir = os.path.join(d, "open")
+            os.mkdir(open_dir)
+            os.chmod(open_dir, 0o777)
+            with pytest.raises(OSError, match="writable by group or others"):
+                await start(ControlPlaneSettings(state_dir=os.path.join(d, "state"),
+                                                 listen=(f"unix:{open_dir}/cp.sock",)))
+
+    asyncio.run(main())

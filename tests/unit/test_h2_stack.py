@@ -1,0 +1,281 @@
+"""The h2c/gRPC L7 stack end to end on loopback: node proxies A and B in one
+process over real mTLS HBONE, real grpcio servers on B and a real grpcio
+client whose connection A's outbound listener takes as if captured. Route
+tables go straight into the snapshot (the xDS path is in test_http_xds.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+import uvloop
+
+from nodeagent.proxy.accesslog import AccessLog
+from nodeagent.proxy.http.h2stack import pool_of
+from nodeagent.proxy.http.stack import runtime_of
+from nodeagent.proxy.proxy import NodeProxy
+from nodeagent.proxy.testca import TestCA
+from nodeagent.routing import ClusterPolicy, RouteEntry, RouteTable, WeightedCluster
+from nodeagent.settings import ProxySettings
+from nodeagent.snapshot import Endpoint, LocalWorkload, MeshSettings, Service, ServicePort, Snapshot, Workload
+from nodemesh.routes import LoadBalancer, Retry, RouteMatch
+
+RR = ClusterPolicy(load_balancer=LoadBalancer(policy="RoundRobin"))  # every replica gets its turn
+
+A, B = "127.0.0.2", "127.0.0.3"
+TD = "cluster.local"
+CLIENT = f"spiffe://{TD}/ns/default/sa/client"
+ECHO = f"spiffe://{TD}/ns/default/sa/echo"
+VIP = ("10.96.0.30", 50051)
+CL = "outbound|50051||echo.default.svc.mesh"
+CL_V2 = "outbound|50051||echo-v2.default.svc.mesh"
+_ident = (lambda b: b, lambda b: b)
+
+
+class Backend:
+    """A grpcio server with a generic handler: /test.Echo/Unary answers
+    `<name>:<request>`, /test.Echo/Stream sends n messages; `fail` aborts with
+    that status, `delay` sleeps first."""
+
+    def __init__(self, name: str, fail: grpc.StatusCode | None = None, delay: float = 0.0) -> None:
+        self.name, self.fail, self.delay = name, fail, delay
+        self.calls = 0
+        self.seen_timeouts: list[float | None] = []
+        self._lock = threading.Lock()
+
+    def _unary(self, req: bytes, ctx: grpc.ServicerContext) -> bytes:
+        with self._lock:
+            self.calls += 1
+        self.seen_timeouts.append(ctx.time_remaining())
+        if self.delay:
+            time.sleep(self.delay)
+        if req == b"notfound":
+            ctx.abort(grpc.StatusCode.NOT_FOUND, "no such thing: notfound")
+        if self.fail is not None:
+            ctx.abort(self.fail, f"{self.name} is failing")
+        return self.name.encode() + b":" + req[:64] + (b"#%d" % len(req))
+
+    def _stream(self, req: bytes, ctx: grpc.ServicerContext) -> Iterator[bytes]:
+        with self._lock:
+            self.calls += 1
+        n, size = (int(x) for x in req.split(b","))
+        for i in range(n):
+            yield (b"%s-%d:" % (self.name.encode(), i)).ljust(size, b".")
+
+    def start(self) -> int:
+        handlers = {
+            "Unary": grpc.unary_unary_rpc_method_handler(self._unary, *_ident),
+            "Stream": grpc.unary_stream_rpc_method_handler(self._stream, *_ident),
+        }
+        self.server = grpc.server(futures.ThreadPoolExecutor(8))
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Echo", handlers),))
+        port = self.server.add_insecure_port(f"{B}:0")
+        self.server.start()
+        return port
+
+
+class Mesh:
+    def __init__(self) -> None:
+        self.ca = TestCA()
+        self.log_a = AccessLog("off")
+        self.rec_a = self.log_a.capture()
+
+    async def start(self, v1: list[Backend], v2: list[Backend] | None = None) -> None:
+        def settings(name: str, addr: str) -> ProxySettings:
+            return ProxySettings(node_name=name, node_address=addr, outbound_bind=addr, inbound_bind=addr,
+                                 outbound_port=0, inbound_plain_port=0, hbone_port=0, mark=0,
+                                 connect_timeout_s=3.0, access_log="off")
+
+        # Every connection to A's outbound listener counts as captured on its way to the VIP.
+        self.a = NodeProxy(settings("a", A), access_log=self.log_a, original_dst=lambda s: VIP,
+                           source_lookup=lambda snap, c, d: snap.local_by_uid.get(os.getuid()))
+        self.b = NodeProxy(settings("b", B), access_log=AccessLog("off"), original_dst=lambda s: VIP)
+        await self.a.start()
+        await self.b.start()
+        self.a_out = self.a.addresses()[0]
+        self.hbone_b = self.b.addresses()[2][1]
+        self.backends = v1 + (v2 or [])
+        self.ports = [b.start() for b in v1]
+        self.v2_ports = [b.start() for b in (v2 or [])]
+        self.publish(None)
+        self.channel = grpc.insecure_channel(f"{self.a_out[0]}:{self.a_out[1]}")
+
+    def eps(self, ports: list[int], first: int = 0) -> tuple[Endpoint, ...]:
+        return tuple(Endpoint(B, p, f"default/echo-{first + i}", ECHO, "b", B, hbone_port=self.hbone_b)
+                     for i, p in enumerate(ports))
+
+    def publish(self, routes: RouteTable | None, policy: ClusterPolicy | None = None) -> None:
+        mesh = MeshSettings(trust_domain=TD, trust_bundle=(self.ca.pem,))
+        all_ports = self.ports + self.v2_ports
+        services = (
+            Service("echo", "default", VIP[0], (ServicePort(VIP[1], 0, "grpc", "grpc", CL, self.eps(self.ports),
+                                                            routes=routes, policy=policy),)),
+            Service("echo-v2", "default", "10.96.0.31", (ServicePort(VIP[1], 0, "grpc", "grpc", CL_V2,
+                                                                     self.eps(self.v2_ports, len(self.ports))),)),
+        )
+        workloads = tuple(Workload(f"echo-{i}", "default", "echo", "b", B, (p,), ECHO, B, self.hbone_b)
+                          for i, p in enumerate(all_ports))
+        client = LocalWorkload("client", "default", "client", A, (), uid=os.getuid())
+        echo = LocalWorkload("echo", "default", "echo", B, tuple(all_ports))
+        self.a.update(Snapshot("1", "a", mesh, services, workloads, (client,)), self.ca.certs(CLIENT))
+        self.b.update(Snapshot("1", "b", mesh, services, workloads, (echo,)), self.ca.certs(ECHO))
+
+    async def unary(self, req: bytes, timeout: float | None = 10.0, method: str = "Unary") -> tuple[Any, str, bytes]:
+        """(status code, details, response) of one call, made from a thread (grpcio is blocking)."""
+        call = self.channel.unary_unary(f"/test.Echo/{method}", *_ident)
+
+        def go() -> tuple[Any, str, bytes]:
+            try:
+                return grpc.StatusCode.OK, "", call(req, timeout=timeout)
+            except grpc.RpcError as e:
+                return e.code(), e.details() or "", b""
+        return await asyncio.to_thread(go)
+
+    async def stream(self, n: int, size: int) -> list[bytes]:
+        call = self.channel.unary_stream("/test.Echo/Stream", *_ident)
+        return await asyncio.to_thread(lambda: list(call(b"%d,%d" % (n, size), timeout=30)))
+
+    async def stop(self) -> None:
+        self.channel.close()
+        for b in self.backends:
+            b.server.stop(0)
+        await self.a.stop()
+        await self.b.stop()
+
+    def grpc_lines(self) -> list[dict[str, Any]]:
+        return [r for r in self.rec_a if r.get("protocol") == "grpc"]
+
+
+def run(coro_fn: Any, v1: list[Backend], v2: list[Backend] | None = None) -> Any:
+    async def main() -> Any:
+        m = Mesh()
+        await m.start(v1, v2)
+        try:
+            return await coro_fn(m)
+        finally:
+            await m.stop()
+    return uvloop.run(main())
+
+
+def entry(**kw: Any) -> RouteEntry:
+    kw.setdefault("clusters", (WeightedCluster(CL),))
+    return RouteEntry(kw.pop("name", "r"), kw.pop("match", RouteMatch()), **kw)
+
+
+def test_unary_status_codes_preserved_and_one_pooled_connection() -> None:
+    async def body(m: Mesh) -> None:
+        code, _, resp = await m.unary(b"hello")
+        assert code == grpc.StatusCode.OK and resp == b"r0:hello#5"
+        code, details, _ = await m.unary(b"notfound")
+        assert code == grpc.StatusCode.NOT_FOUND and details == "no such thing: notfound"
+        for i in range(20):
+            code, _, _ = await m.unary(b"x%d" % i)
+            assert code == grpc.StatusCode.OK
+        await asyncio.sleep(0.05)
+        lines = m.grpc_lines()
+        assert len(lines) == 22, lines
+        assert lines[0]["grpc_status"] == 0 and lines[0]["dst_identity"] == ECHO and lines[0]["via"] == "hbone"
+        assert lines[0]["path"] == "/test.Echo/Unary"
+        assert lines[1]["grpc_status"] == 5
+        # Every request rode one h2c connection (one CONNECT stream) to the endpoint.
+        assert pool_of(runtime_of(m.a)).opened == 1
+    run(body, [Backend("r0")])
+
+
+def test_unavailable_with_message_and_retry_hides_failing_replica() -> None:
+    async def body(m: Mesh) -> None:
+        m.publish(None, RR)
+        fails = 0
+        for _ in range(10):
+            code, details, _ = await m.unary(b"a")
+            if code != grpc.StatusCode.OK:
+                assert code == grpc.StatusCode.UNAVAILABLE and details == "bad is failing"
+                fails += 1
+        assert fails > 0  # without a retry policy the failing replica shows
+        retry = Retry(attempts=3, backoff_s=0.001, max_backoff_s=0.002, retry_on=(), grpc_retry_on=("unavailable",))
+        m.publish(RouteTable(CL, (entry(retry=retry),)), RR)
+        for _ in range(30):
+            code, details, resp = await m.unary(b"b")
+            assert code == grpc.StatusCode.OK, details
+            assert resp.startswith(b"good:")
+        await asyncio.sleep(0.05)
+        assert any(r.get("attempts", 1) > 1 for r in m.grpc_lines()), m.grpc_lines()[-3:]
+    run(body, [Backend("bad", fail=grpc.StatusCode.UNAVAILABLE), Backend("good")])
+
+
+def test_grpc_timeout_deadline_fails_fast_and_is_passed_on_reduced() -> None:
+    async def body(m: Mesh) -> None:
+        t0 = time.monotonic()
+        code, _, _ = await m.unary(b"slow", timeout=0.3)
+        took = time.monotonic() - t0
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED and took < 1.0, took
+        await asyncio.sleep(0.05)
+        line = m.grpc_lines()[-1]
+        assert line["grpc_status"] == 4 and line["reason"] == "deadline_exceeded", line
+        seen = m.backends[0].seen_timeouts[-1]
+        assert seen is not None and 0 < seen < 0.3  # the endpoint got the reduced grpc-timeout
+    run(body, [Backend("slow", delay=1.0)])
+
+
+def test_server_streaming_big_response_flows_under_flow_control() -> None:
+    async def body(m: Mesh) -> None:
+        msgs = await m.stream(400, 64 * 1024)  # 25 MiB: far beyond every HTTP/2 window on the way
+        assert len(msgs) == 400 and msgs[399].startswith(b"r0-399:")
+        code, _, resp = await m.unary(b"z" * (3 << 20))  # a request body over the retry buffer still passes
+        assert code == grpc.StatusCode.OK and resp.endswith(b"#%d" % (3 << 20))
+    run(body, [Backend("r0")])
+
+
+def test_grpcroute_method_match_splits_by_method() -> None:
+    table = RouteTable(CL, (
+        entry(name="stream-to-v2", match=RouteMatch("Exact", "/test.Echo/Stream"),
+              clusters=(WeightedCluster(CL_V2),)),
+        entry(name="rest", match=RouteMatch("PathPrefix", "/test.Echo")),
+    ))
+
+    async def body(m: Mesh) -> None:
+        m.publish(table)
+        msgs = await m.stream(3, 16)
+        assert msgs[0].startswith(b"v2-0:")
+        code, _, resp = await m.unary(b"q")
+        assert code == grpc.StatusCode.OK and resp.startswith(b"v1:")
+        code, _, _ = await m.unary(b"q", method="Nope")  # matches /test.Echo prefix: reaches v1, unimplemented
+        assert code == grpc.StatusCode.UNIMPLEMENTED
+    run(body, [Backend("v1")], [Backend("v2")])
+
+
+def test_no_route_is_unimplemented_and_client_cancel_resets_upstream() -> None:
+    table = RouteTable(CL, (entry(name="only", match=RouteMatch("Exact", "/test.Echo/Stream")),))
+
+    async def body(m: Mesh) -> None:
+        m.publish(table)
+        code, details, _ = await m.unary(b"q")
+        assert code == grpc.StatusCode.UNIMPLEMENTED and "no_route" in details
+    run(body, [Backend("v1")])
+
+
+def test_auto_port_detects_http2_preface() -> None:
+    async def body(m: Mesh) -> None:
+        mesh = MeshSettings(trust_domain=TD, trust_bundle=(m.ca.pem,))
+        snap_a = m.a.snapshot
+        assert snap_a is not None
+        svc = Service("echo", "default", VIP[0], (ServicePort(VIP[1], 0, "auto", "grpc", CL, m.eps(m.ports)),))
+        m.a.update(Snapshot("2", "a", mesh, (svc,), snap_a.workloads, snap_a.local_workloads), m.ca.certs(CLIENT))
+        code, _, resp = await m.unary(b"auto")
+        assert code == grpc.StatusCode.OK and resp == b"r0:auto#4"
+        await asyncio.sleep(0.05)
+        assert m.grpc_lines()[-1]["grpc_status"] == 0
+    run(body, [Backend("r0")])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
