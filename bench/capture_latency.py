@@ -5,6 +5,7 @@ inside a fresh network namespace and times socket() + connect() + close():
 - none: straight to the listener on 10.200.0.1:8080;
 - loopback: straight to the 127.0.0.1:15001 listener (where captured connects land);
 - iptables: nat REDIRECT (uid match) to a listener on 127.0.0.1:15001;
+- nftables: `redirect to :15001` (meta skuid) in table ip nodemesh, through netlink;
 - ebpf: cgroup/connect4 (cgroup attach) rewrites to 127.0.0.1:15001, sockops files the tuple.
 The listener on 15001 reads SO_ORIGINAL_DST for each connection, as the proxy
 does. Rounds are rotated so drift on this shared machine hits every mode alike.
@@ -75,7 +76,9 @@ def run_client(n: int, cgroup_root: str, dst: tuple[str, int] = DST) -> list[int
 def inner(connects: int, rounds: int) -> None:
     sys.path.insert(0, str(ROOT))
     from nodeagent.capture.ebpf import EbpfCapture, cgroup2_mount
+    from nodeagent.capture.heartbeat import LivenessWriter
     from nodeagent.capture.iptables import IptablesCapture
+    from nodeagent.capture.nftables import NftablesCapture
     from nodeagent.settings import ProxySettings
     from nodeagent.snapshot import LocalWorkload
 
@@ -90,16 +93,29 @@ def inner(connects: int, rounds: int) -> None:
     acceptor(15001, "127.0.0.1", True)
     settings = ProxySettings("bench", DST[0])
     ipt = IptablesCapture(settings, [LocalWorkload("c", "default", "c", DST[0], (), uid=CLIENT_UID)])
+    nft = NftablesCapture(settings, [LocalWorkload("c", "default", "c", DST[0], (), uid=CLIENT_UID)])
     bpf = EbpfCapture(settings, [LocalWorkload("c", "default", "c", DST[0], (), cgroup=CGROUP)])
 
     # "loopback": no capture, straight to the 15001 listener: where captured connects end up.
-    samples: dict[str, list[int]] = {"none": [], "loopback": [], "iptables": [], "ebpf": []}
+    samples: dict[str, list[int]] = {"none": [], "loopback": [], "iptables": [], "nftables": [], "ebpf": []}
+    # Stands in for the proxy workers: keeps the kernel's liveness entry fresh
+    # (else eBPF capture would fail open after 2 s and measure a direct connect).
+    beating = threading.Event()
+
+    def beat() -> None:
+        writer = LivenessWriter()
+        while not beating.wait(0.5):
+            writer.beat()
+
+    threading.Thread(target=beat, daemon=True).start()
     run_client(200, mount)  # warm up
     try:
         for _ in range(rounds):
             for mode in samples:
                 if mode == "iptables":
                     ipt.install()
+                elif mode == "nftables":
+                    nft.install()
                 elif mode == "ebpf":
                     bpf.install()
                 try:
@@ -108,10 +124,14 @@ def inner(connects: int, rounds: int) -> None:
                 finally:
                     if mode == "iptables":
                         ipt.remove()
+                    elif mode == "nftables":
+                        nft.remove()
                     elif mode == "ebpf":
                         bpf.remove()
     finally:
+        beating.set()
         ipt.remove()
+        nft.remove()
         bpf.remove()
     result = {}
     for mode, xs in samples.items():

@@ -1,5 +1,7 @@
 /* cgroup/connect4: send a captured workload's TCP connect to the proxy's
- * outbound listener and remember where it was going, keyed by socket cookie.
+ * outbound listener and remember where it was going, keyed by socket cookie;
+ * send its DNS connects (TCP, and UDP as glibc's resolver connects its UDP
+ * socket) to port 53 to the agent's DNS proxy.
  *
  * Two entry points share one body: nm_connect4 is attached to the cgroups of
  * workloads declared by cgroup (everything there is captured);
@@ -11,25 +13,18 @@
 
 static __always_inline int nm_connect4_body(struct bpf_sock_addr *ctx, int by_uid)
 {
-    struct nm_config *cfg = nm_cfg();
+    int tcp = ctx->type == NM_SOCK_STREAM && ctx->protocol == IPPROTO_TCP;
+    int udp = ctx->type == NM_SOCK_DGRAM && ctx->protocol == IPPROTO_UDP;
+    if (!tcp && !udp)
+        return 1;
+    struct nm_config *cfg = nm_captured(ctx, by_uid);
     if (!cfg)
         return 1;
-    if (ctx->type != NM_SOCK_STREAM || ctx->protocol != IPPROTO_TCP)
+    /* DNS first: a loopback stub resolver (127.0.0.53) is captured too. */
+    if (cfg->dns_port && ctx->user_port == bpf_htons(NM_DNS_PORT))
+        return nm_to_dns(ctx, cfg);
+    if (!tcp)
         return 1;
-    /* Programs at the root see every namespace on the node: only ours. */
-    if (bpf_get_netns_cookie(ctx) != cfg->netns_cookie)
-        return 1;
-    if (by_uid) {
-        u32 uid = (u32)bpf_get_current_uid_gid();
-        if (!nm_uids.lookup(&uid))
-            return 1;
-    }
-    /* The proxy's own upstream sockets carry its SO_MARK (set before connect). */
-    struct bpf_sock *sk = ctx->sk;
-    if (sk && cfg->proxy_mark && sk->mark == cfg->proxy_mark) {
-        nm_count(NM_CTR_SKIP_PROXY_MARK);
-        return 1;
-    }
     u32 dst = ctx->user_ip4;
     if ((bpf_ntohl(dst) >> 24) == 127) {
         nm_count(NM_CTR_SKIP_LOOPBACK);
@@ -40,11 +35,9 @@ static __always_inline int nm_connect4_body(struct bpf_sock_addr *ctx, int by_ui
         nm_count(NM_CTR_SKIP_EXCLUDED);
         return 1;
     }
-    /* Fail-open/closed is decided here, in the kernel, at connect time. */
-    int zero = 0;
-    u64 *beat = nm_liveness.lookup(&zero);
-    u64 now = bpf_ktime_get_ns();
-    if (!beat || *beat == 0 || now - *beat > cfg->liveness_timeout_ns) {
+    /* Fail-open/closed is decided here, in the kernel, at connect time, from
+     * the heartbeat the proxy workers write from their event loops. */
+    if (!nm_live(cfg, NM_LIVE_PROXY)) {
         if (cfg->failure_policy == NM_POLICY_CLOSED) {
             nm_count(NM_CTR_REFUSED_STALE);
             return 0;

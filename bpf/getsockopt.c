@@ -44,7 +44,13 @@ int nm_getsockopt(struct bpf_sockopt *ctx)
     return 1;
 
 pass:
-    /* optlen 0 = keep the kernel's own answer (and required past a page). */
-    ctx->optlen = 0;
+    /* Leave optlen alone: the buffer holds the kernel's answer, or the answer
+     * of a program that ran before this one (another node namespace's agent
+     * on the same root cgroup: ALLOW_MULTI runs them all on one ctx), and it
+     * is copied back as is. Setting optlen = 0 here would drop that answer
+     * and return the caller an uninitialised buffer with success. Only past a
+     * page (the buffer is truncated) must it be 0, so the kernel's own stays. */
+    if (ctx->optlen > NM_PAGE_SIZE)
+        ctx->optlen = 0;
     return 1;
 }

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 import time
@@ -146,10 +145,12 @@ def cmd_operator_create(args: argparse.Namespace) -> int:
         print(f"bearer token of operator {args.name} (role {args.role}); it is shown only now", file=sys.stderr)
         return 0
     key_path, cert_path = f"{args.cert_out}.key", f"{args.cert_out}.pem"
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))
+    # A fresh file made 0600 and renamed over any old one: truncating an existing
+    # file would keep its mode, which may let others read the new key.
+    from controlplane.auth import write_private
+
+    write_private(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                              serialization.NoEncryption()))
     with open(cert_path, "w") as f:
         f.write("".join(resp.cert_chain))
     with open(f"{args.cert_out}-ca.pem", "w") as f:

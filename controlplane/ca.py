@@ -133,47 +133,51 @@ class CertificateAuthority:
     def from_files(cls, cert_file: str, key_file: str, chain_file: str = "",
                    clock: Callable[[], float] = time.time) -> CertificateAuthority:
         """An intermediate CA the operator made with their own root: `cert_file`
-        is the intermediate (a CA certificate), `key_file` its key (never copied
-        or logged), `chain_file` the certificates above it up to and including
-        the operator's root (the last one is the trust anchor)."""
-        try:
-            with open(cert_file, "rb") as f:
-                cert = x509.load_pem_x509_certificate(f.read())
-            with open(key_file, "rb") as f:
-                key = serialization.load_pem_private_key(f.read(), password=None)
-            chain: list[x509.Certificate] = []
-            if chain_file:
+        is the intermediate (a CA certificate), `key_file` its key (read into
+        this process only: never copied, written or logged), `chain_file` the
+        certificates above it up to and including the operator's root (the
+        last one, self-signed, is the trust anchor peers get). Every problem
+        raises CaError naming the flag and file to fix."""
+        cert = _load_one_cert(cert_file, "--ca-cert")
+        key = _load_key(key_file)
+        chain: list[x509.Certificate] = []
+        if chain_file:
+            try:
                 with open(chain_file, "rb") as f:
                     chain = x509.load_pem_x509_certificates(f.read())
-        except (OSError, ValueError) as e:
-            raise CaError(f"cannot load the operator CA from --ca-cert {cert_file}, --ca-key {key_file}"
-                          f"{', --ca-chain ' + chain_file if chain_file else ''}: {e}") from None
+            except (OSError, ValueError) as e:
+                raise CaError(f"--ca-chain {chain_file}: cannot read PEM certificates from it: {e}") from None
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise CaError(f"--ca-key {key_file} is not an ECDSA private key (nodemesh signs with ECDSA P-256)")
         if cert.public_key() != key.public_key():
-            raise CaError(f"--ca-cert {cert_file} and --ca-key {key_file} do not belong together")
-        try:
-            bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-        except x509.ExtensionNotFound:
-            bc = None
-        if bc is None or not bc.ca:
-            raise CaError(f"--ca-cert {cert_file} is not a CA certificate (basicConstraints CA:TRUE is needed)")
+            raise CaError(f"--ca-cert {cert_file} and --ca-key {key_file} do not belong together "
+                          "(the certificate's public key is not the key's)")
+        _check_ca_cert(cert, f"--ca-cert {cert_file}", clock)
         try:
             cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
         except x509.ExtensionNotFound:
             raise CaError(f"--ca-cert {cert_file} has no subjectKeyIdentifier; add one when signing it") from None
         issuer = cert
         for i, above in enumerate(chain):
+            _check_ca_cert(above, f"--ca-chain {chain_file} certificate {i} ({above.subject.rfc4514_string()})",
+                           clock)
             try:
                 issuer.verify_directly_issued_by(above)
             except (ValueError, TypeError, InvalidSignature) as e:
-                raise CaError(f"--ca-chain {chain_file}: certificate {i} did not issue the one below it ({e}); "
-                              "list the chain from the intermediate's issuer up to the root") from None
+                below = "--ca-cert" if i == 0 else f"chain certificate {i - 1}"
+                raise CaError(f"--ca-chain {chain_file}: certificate {i} ({above.subject.rfc4514_string()}) did "
+                              f"not issue {below} ({issuer.subject.rfc4514_string()}): {e}; list the chain from "
+                              "the intermediate's issuer up to the root, in that order") from None
             issuer = above
-        anchors = (chain[-1],) if chain else (cert,)
-        log.info("using the operator's intermediate CA %s (trust anchor %s)", cert.subject.rfc4514_string(),
-                 anchors[0].subject.rfc4514_string())
-        return cls(cert, key, clock, chain=tuple(chain[:-1]) if chain else (), trust_anchors=anchors)
+        anchor = chain[-1] if chain else cert
+        if not _self_signed(anchor):
+            where = f"--ca-chain {chain_file}" if chain else f"--ca-cert {cert_file}"
+            raise CaError(f"{where}: the last certificate ({anchor.subject.rfc4514_string()}) is not a "
+                          "self-signed root; the chain must end with the operator's root, the trust anchor "
+                          "every node is given" + ("" if chain else " (pass --ca-chain)"))
+        log.info("using the operator's intermediate CA %s (trust anchor %s, %s)", cert.subject.rfc4514_string(),
+                 anchor.subject.rfc4514_string(), fingerprint(anchor))
+        return cls(cert, key, clock, chain=tuple(chain[:-1]) if chain else (), trust_anchors=(anchor,))
 
     @classmethod
     def load_or_create(cls, state_dir: str, trust_domain: str = "cluster.local",
@@ -305,6 +309,69 @@ def _load_previous(state_dir: str) -> tuple[PreviousRoot, ...]:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CaError(f"cannot read the previous roots in {path}: {e}; restore it from a backup, or remove "
                       "it if every node already holds certificates from the current root") from None
+
+
+def _load_one_cert(path: str, flag: str) -> x509.Certificate:
+    try:
+        with open(path, "rb") as f:
+            certs = x509.load_pem_x509_certificates(f.read())
+    except (OSError, ValueError) as e:
+        raise CaError(f"{flag} {path}: cannot read a PEM certificate from it: {e}") from None
+    if len(certs) != 1:
+        raise CaError(f"{flag} {path} holds {len(certs)} certificates; it must hold only the intermediate "
+                      "(put the certificates above it in --ca-chain)")
+    return certs[0]
+
+
+def _load_key(path: str) -> object:
+    """The operator's CA key, from the file the operator named. Its bytes stay in
+    this function; errors name the file, never quote its content."""
+    try:
+        st = os.stat(path)
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise CaError(f"--ca-key {path}: cannot read it: {e.strerror or e}") from None
+    if st.st_mode & 0o007:
+        raise CaError(f"--ca-key {path} is readable or writable by every user (mode {st.st_mode & 0o777:o}); "
+                      f"run `chmod 600 {path}` (and keep it owned by the control plane's user)")
+    if st.st_mode & 0o070:
+        log.warning("--ca-key %s is accessible to its group (mode %o); 0600 is recommended", path,
+                    st.st_mode & 0o777)
+    try:
+        return serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as e:
+        # The parser's message never contains key bytes; keep it (it says e.g. "encrypted").
+        raise CaError(f"--ca-key {path} is not an unencrypted PEM private key: {e}") from None
+
+
+def _check_ca_cert(cert: x509.Certificate, what: str, clock: Callable[[], float]) -> None:
+    try:
+        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        bc = None
+    if bc is None or not bc.ca:
+        raise CaError(f"{what} is not a CA certificate (basicConstraints CA:TRUE is needed)")
+    try:
+        ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+        if not ku.key_cert_sign:
+            raise CaError(f"{what} may not sign certificates (its keyUsage lacks keyCertSign)")
+    except x509.ExtensionNotFound:
+        pass
+    now = datetime.datetime.fromtimestamp(clock(), datetime.UTC)
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise CaError(f"{what} is not valid now (valid {cert.not_valid_before_utc:%Y-%m-%d %H:%M} to "
+                      f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC); issue a new one")
+
+
+def _self_signed(cert: x509.Certificate) -> bool:
+    if cert.issuer != cert.subject:
+        return False
+    try:
+        cert.verify_directly_issued_by(cert)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 # ---------------------------------------------------------------- decisions

@@ -41,6 +41,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                        help="node certificate lifetime in seconds (renewed at half life)")
     serve.add_argument("--web-listen", default="127.0.0.1:15014", metavar="HOST:PORT",
                        help="the mesh view web page and control plane /metrics ('' to turn off)")
+    # An intermediate signed by the operator's own root (docs/security.md "Operator CA").
+    serve.add_argument("--ca-cert", default="", metavar="FILE",
+                       help="sign workload certificates with this intermediate CA certificate (PEM) instead "
+                            "of the self-signed root in --state-dir; needs --ca-key and --ca-chain")
+    serve.add_argument("--ca-key", default="", metavar="FILE",
+                       help="the intermediate's private key (PEM, unencrypted, mode 0600); read, never copied")
+    serve.add_argument("--ca-chain", default="", metavar="FILE",
+                       help="the certificates above the intermediate, ending with the operator's root "
+                            "(the trust anchor given to every node)")
     serve.set_defaults(func=cmd_serve)
 
     apply = subparsers.add_parser("apply", help="create or update config from YAML documents")
@@ -67,6 +76,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from controlplane.ca import CaError
     from controlplane.server import DEFAULT_LISTEN, ControlPlaneSettings, serve
 
     logging.basicConfig(level=args.log_level.upper(),
@@ -75,9 +85,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings = ControlPlaneSettings(
             state_dir=args.state_dir, listen=tuple(args.listen or [DEFAULT_LISTEN]),
             lease_seconds=args.lease_seconds, default_cert_ttl_s=args.cert_ttl, log_level=args.log_level,
-            web_listen=args.web_listen, sans=tuple(args.san), node_cert_ttl_s=args.node_cert_ttl)
+            web_listen=args.web_listen, sans=tuple(args.san), node_cert_ttl_s=args.node_cert_ttl,
+            ca_cert=args.ca_cert, ca_key=args.ca_key, ca_chain=args.ca_chain)
         asyncio.run(serve(settings))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, CaError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -50,8 +50,15 @@ class ControlPlaneSettings:
     # TLS on TCP listeners, node and operator access (controlplane/auth.py, docs/security.md).
     sans: tuple[str, ...] = ()  # extra server-certificate names/IPs beyond the listen addresses
     node_cert_ttl_s: int = 7 * 24 * 3600
+    # The operator's intermediate CA (CertificateAuthority.from_files); "" = the self-signed root.
+    ca_cert: str = ""
+    ca_key: str = ""
+    ca_chain: str = ""
 
     def __post_init__(self) -> None:
+        if (self.ca_cert or self.ca_key or self.ca_chain) and not (self.ca_cert and self.ca_key and self.ca_chain):
+            raise ValueError("--ca-cert, --ca-key and --ca-chain go together: the intermediate, its key, and "
+                             "the certificates above it up to the operator's root")
         if not self.listen:
             raise ValueError("at least one listen address is needed (host:port or unix:/path)")
         if self.lease_seconds <= 0:
@@ -125,7 +132,12 @@ async def start(settings: ControlPlaneSettings) -> ControlPlane:
     os.makedirs(settings.state_dir, exist_ok=True)
     store = SQLiteStore(os.path.join(settings.state_dir, DB_FILE))
     mesh = current_mesh(store)
-    ca = CertificateAuthority.load_or_create(settings.state_dir, mesh.trust_domain)
+    try:
+        ca = (CertificateAuthority.from_files(settings.ca_cert, settings.ca_key, settings.ca_chain)
+              if settings.ca_cert else CertificateAuthority.load_or_create(settings.state_dir, mesh.trust_domain))
+    except BaseException:
+        store.close()
+        raise
     registry = NodeRegistry(store, settings.lease_seconds)
     restored = registry.restore()
     cache = SnapshotCache()

@@ -188,7 +188,7 @@ class AdminServer:
         """Keep a summary ready for the registry heartbeat (which cannot wait on workers)."""
         while True:
             try:
-                summary = summarize(await self.merged_families())
+                summary = summarize(await self.merged_families(agent_process=False))
                 summary["node"] = self.agent.config.node.name
                 summary["edges"] = summary["edges"][:MAX_PUSHED_EDGES]
                 self._summary_json = json.dumps(summary, separators=(",", ":"))
@@ -299,9 +299,33 @@ class AdminServer:
             None, a.pool.up() if a.pool is not None and hasattr(a.pool, "up") else 0)
         return r.collect()
 
-    async def merged_families(self) -> list[metrics.FamilyData]:
+    async def merged_families(self, agent_process: bool = True) -> list[metrics.FamilyData]:
+        """agent_process=False: without the agent process's own families (the per-second summary)."""
         parts = [s["metrics"] for s in await self.worker_stats()]
-        return metrics.merge([*parts, self.agent_families()])
+        extra = [self.agent_process_families()] if agent_process else []
+        return metrics.merge([*parts, self.agent_families(), *extra])
+
+    def agent_process_families(self) -> list[metrics.FamilyData]:
+        """Families kept in this (agent) process: health checks (nodeagent/health.py,
+        fed as results arrive) and the capture watchdog and backend counters."""
+        a = self.agent
+        fo = getattr(a, "failover", None)
+        if fo is not None:
+            st = fo.status()
+            metrics.CAPTURE_PROXY_STATE.clear()
+            metrics.CAPTURE_PROXY_STATE.set({"state": st.get("proxy_state", "serving")}, 1)
+            metrics.CAPTURE_DOWN_WINDOWS.set_total(None, float(st.get("proxy_down_windows", 0)))
+            metrics.CAPTURE_DOWN_SECONDS.set_total(None, float(st.get("proxy_down_seconds", 0.0)))
+        read = getattr(a.capture, "counters", None)
+        if callable(read):  # eBPF: the kernel counts what bypassed the proxy (map reads, no bpftool)
+            try:
+                counters = read() or {}
+            except Exception:  # noqa: BLE001 - a scrape must not fail on a capture read
+                counters = {}
+            for name, reason in (("bypass_stale", "fail_open"), ("skip_excluded", "excluded_cidr")):
+                if name in counters:
+                    metrics.CAPTURE_BYPASSED.set_total({"reason": reason}, float(counters[name]))
+        return metrics.AGENT_REGISTRY.collect()
 
     # ------------------------------------------------------------------ views
     async def _index(self, _q: dict[str, str]) -> Response:
@@ -343,20 +367,35 @@ class AdminServer:
 
     async def _clusters(self, _q: dict[str, str]) -> Response:
         snap = self.agent.snapshot
-        bal = await self.balancer_state()
+        stats = await self.worker_stats()
+        bal = self._merge_balancer(stats)
+        # Outlier and breaker state live per worker (each sees its own outcomes):
+        # an endpoint is ejected if any worker ejected it.
+        l7: dict[str, dict[str, Any]] = {}
+        for st in stats:
+            for d in st.get("l7", []):
+                cur = l7.setdefault(d["cluster"], {"ejected": set(), "breaker_open": False, "breaker_overflows": 0,
+                                                    "ejections": 0, "retry_budget_refused": 0})
+                cur["ejected"].update(d.get("ejected", ()))
+                cur["breaker_open"] = cur["breaker_open"] or d.get("breaker_open", False)
+                for k in ("breaker_overflows", "ejections", "retry_budget_refused"):
+                    cur[k] += int(d.get(k, 0))
         clusters = []
         for svc in snap.services if snap else ():
             for sp in svc.ports:
                 eps = []
+                cl7 = l7.get(sp.cluster, {})
                 for ep in sp.endpoints:
                     addr = f"{ep.ip}:{ep.port}"
                     b = bal.get(addr, {})
                     eps.append({"address": addr, "workload": ep.workload, "identity": ep.identity, "node": ep.node,
-                                "zone": ep.zone, "healthy": ep.healthy, "outlier_ejected": False,
+                                "zone": ep.zone, "healthy": ep.healthy,
+                                "outlier_ejected": addr in cl7.get("ejected", ()),
                                 "ewma_ms": b.get("ewma_ms") if b.get("measured") else None,
                                 "outstanding": b.get("outstanding", 0)})
                 clusters.append({"cluster": sp.cluster, "service": svc.key, "vip": svc.vip, "port": sp.port,
-                                 "target_port": sp.target_port, "protocol": sp.protocol, "endpoints": eps})
+                                 "target_port": sp.target_port, "protocol": sp.protocol, "endpoints": eps,
+                                 **({"l7": {k: v for k, v in cl7.items() if k != "ejected"}} if cl7 else {})})
         return self._json({"clusters": clusters})
 
     async def _certs(self, _q: dict[str, str]) -> Response:
@@ -388,8 +427,12 @@ class AdminServer:
         return self._json(d)
 
     async def balancer_state(self) -> dict[str, dict[str, Any]]:
+        return self._merge_balancer(await self.worker_stats())
+
+    @staticmethod
+    def _merge_balancer(stats: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         bal: dict[str, dict[str, Any]] = {}
-        for s in await self.worker_stats():
+        for s in stats:
             for b in s.get("balancer", []):
                 cur = bal.setdefault(b["address"], {"ewma_ms": 0.0, "outstanding": 0, "measured": False})
                 if b["measured"]:

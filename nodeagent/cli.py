@@ -125,7 +125,9 @@ def _cmd_capture_verify(args: argparse.Namespace) -> int:
     try:
         backend, agent_status = _capture_for_config(args.config)
         diff = backend.verify()
-        others = [k for k in survey(backend.settings) if k not in (backend.name, "policy routing")]
+        # A backend may compose others (ebpf: the nftables inbound part).
+        owned = tuple(getattr(backend, "components", (backend.name,)))
+        others = [k for k in survey(backend.settings) if k not in (*owned, "policy routing")]
     except (CaptureError, ConfigError) as e:
         print(f"nodemesh capture verify: {e}", file=sys.stderr)
         return 2
@@ -143,16 +145,18 @@ def _cmd_capture_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_capture_remove(_args: argparse.Namespace) -> int:
-    from nodeagent.capture import iptables, nftables
+    from nodeagent.capture import ebpf, iptables, nftables
     from nodeagent.capture.base import CaptureError
 
     removed = False
     failed = False
-    for name, fn in (("iptables", iptables.remove_leftovers), ("nftables", nftables.remove_leftovers)):
+    for name, fn in (("iptables", iptables.remove_leftovers), ("nftables", nftables.remove_leftovers),
+                     ("ebpf", ebpf.remove_leftovers)):
         try:
             removed = bool(fn()) or removed
         except CaptureError as e:
-            if e.reason not in ("iptables_missing", "pyroute2_missing", "nft_unavailable"):
+            if e.reason not in ("iptables_missing", "pyroute2_missing", "nft_unavailable", "bpftool_missing",
+                                "no_cgroup2", "no_netns_cookie"):
                 print(f"nodemesh capture remove ({name}): {e}", file=sys.stderr)
                 failed = True
     print("removed nodemesh capture rules" if removed else "no nodemesh capture rules to remove")

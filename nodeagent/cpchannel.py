@@ -10,7 +10,7 @@ The registry session, the certificate manager and the xDS client all call
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -23,7 +23,7 @@ class CpChannelError(RuntimeError):
 class NodeCredentials:
     server_ca_pem: bytes  # verifies the control plane's server certificate
     cert_chain_pem: bytes  # the node certificate, leaf first
-    key_pem: bytes
+    key_pem: bytes = field(repr=False)  # never in a log line or traceback that prints the object
 
 
 _current: NodeCredentials | None = None

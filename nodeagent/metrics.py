@@ -26,6 +26,7 @@ from nodemesh.prom import (
 )
 
 __all__ = [  # re-exported from nodemesh.prom for the agent's code and tests
+    "AGENT_REGISTRY",
     "BYTES_BUCKETS",
     "DURATION_BUCKETS_MS",
     "REGISTRY",
@@ -36,11 +37,16 @@ __all__ = [  # re-exported from nodemesh.prom for the agent's code and tests
     "MeshLabels",
     "MetricError",
     "Registry",
+    "breaker_overflow",
     "merge",
+    "outlier_ejected",
     "parse",
     "record_request",
     "render",
+    "retry",
+    "retry_stopped",
     "select",
+    "service_of_cluster",
     "tcp_closed",
     "tcp_opened",
 ]
@@ -89,24 +95,52 @@ REQUEST_BYTES = REGISTRY.histogram("istio_request_bytes", "Request body size in 
 RESPONSE_BYTES = REGISTRY.histogram("istio_response_bytes", "Response body size in bytes.", REQUEST_LABELS,
                                     buckets=BYTES_BUCKETS)
 
-# nodemesh's own data-plane families (set by the resilience layers and capture code).
-RETRIES = REGISTRY.counter("nodemesh_retries_total", "Request retries attempted.",
+# nodemesh's own data-plane families, fed by the L7 stack (nodeagent/proxy/http/stack.py,
+# h2stack.py) through the functions below. `destination_service` is the service host
+# (from the cluster name), never an address: bounded by the mesh config.
+RETRIES = REGISTRY.counter("nodemesh_retries_total", "Request retries attempted, by what the previous try got.",
                            ("destination_service", "reason"))
 RETRY_BUDGET_EXHAUSTED = REGISTRY.counter("nodemesh_retry_budget_exhausted_total",
                                           "Retries refused because the retry budget was spent.",
                                           ("destination_service",))
-BREAKER_OPEN = REGISTRY.gauge("nodemesh_circuit_breaker_open", "1 while a service's circuit breaker is open.",
+RETRIES_STOPPED = REGISTRY.counter("nodemesh_retries_stopped_total",
+                                   "Retries a policy allowed but did not make (budget, deadline, max_retries).",
+                                   ("destination_service", "reason"))
+BREAKER_OPEN = REGISTRY.gauge("nodemesh_circuit_breaker_open",
+                              "1 while a service's circuit breaker refuses new requests (at scrape time).",
                               ("destination_service",), merge="max")
+BREAKER_ACTIVE = REGISTRY.gauge("nodemesh_circuit_breaker_active",
+                                "Slots in use per breaker kind (connections, pending, requests, retries).",
+                                ("destination_service", "kind"))
+BREAKER_OVERFLOWS = REGISTRY.counter("nodemesh_circuit_breaker_overflows_total",
+                                     "Requests or tries refused by a circuit breaker, by the limit reached.",
+                                     ("destination_service", "limit"))
 OUTLIER_EJECTED = REGISTRY.gauge("nodemesh_outlier_ejected",
-                                 "1 while an endpoint is ejected by outlier detection.",
+                                 "1 while an endpoint is ejected by outlier detection (at scrape time).",
                                  ("destination_service", "endpoint"), merge="max")
 OUTLIER_EJECTIONS = REGISTRY.counter("nodemesh_outlier_ejections_total", "Endpoint ejections.",
                                      ("destination_service", "reason"))
-HEALTH_CHECKS = REGISTRY.counter("nodemesh_health_checks_total", "Active health check results.",
-                                 ("destination_service", "result"))
-CAPTURE_BYPASSED = REGISTRY.counter("nodemesh_capture_bypassed_connections_total",
-                                    "Connections that were not proxied (excluded ranges, fail-open bypass).",
-                                    ("reason",))
+
+# Families of the agent process itself (health checks, capture watchdog), merged
+# by the admin endpoint beside the workers' registries.
+AGENT_REGISTRY = Registry()
+HEALTH_CHECKS = AGENT_REGISTRY.counter("nodemesh_health_checks_total", "Active health check results.",
+                                       ("destination_service", "result"))
+ENDPOINT_HEALTHY = AGENT_REGISTRY.gauge("nodemesh_endpoint_healthy",
+                                        "Active health check verdict of a local endpoint (1 healthy, 0 not).",
+                                        ("destination_service", "workload"))
+CAPTURE_BYPASSED = AGENT_REGISTRY.counter(
+    "nodemesh_capture_bypassed_connections_total",
+    "Connections of declared workloads that were not proxied, counted by the capture backend "
+    "(eBPF kernel counters: fail-open bypass, excluded ranges).", ("reason",))
+CAPTURE_PROXY_STATE = AGENT_REGISTRY.gauge("nodemesh_capture_proxy_state",
+                                           "1 for the capture watchdog's current state (serving, bypass, refuse).",
+                                           ("state",))
+CAPTURE_DOWN_WINDOWS = AGENT_REGISTRY.counter("nodemesh_capture_proxy_down_windows_total",
+                                              "Windows in which the proxy did not listen and capture was switched "
+                                              "to bypass (failurePolicy open) or refuse (closed).")
+CAPTURE_DOWN_SECONDS = AGENT_REGISTRY.counter("nodemesh_capture_proxy_down_seconds_total",
+                                              "Seconds spent in proxy-down windows.")
 PROXY_ACTIVE = REGISTRY.gauge("nodemesh_proxy_active_connections", "Connections open in the proxy now.",
                               ("direction",))
 PROXY_ERRORS = REGISTRY.counter("nodemesh_proxy_connection_errors_total",
@@ -137,3 +171,43 @@ def record_request(labels: MeshLabels, *, response_code: int, duration_ms: float
     REQUEST_DURATION.observe(d, float(duration_ms))
     REQUEST_BYTES.observe(d, float(request_bytes))
     RESPONSE_BYTES.observe(d, float(response_bytes))
+
+
+def service_of_cluster(cluster: str) -> str:
+    """'outbound|80||web.default.svc.mesh' -> 'web.default.svc.mesh' (the label value)."""
+    return cluster.rsplit("|", 1)[-1] if cluster else "unknown"
+
+
+def retry(cluster: str, reason: str) -> None:
+    """A retry is about to be made; `reason` is what the previous try got (bounded:
+    a status class, connect_failure, reset, timeout or a gRPC code name)."""
+    RETRIES.inc({"destination_service": service_of_cluster(cluster), "reason": reason})
+
+
+def retry_stopped(cluster: str, reason: str) -> None:
+    svc = service_of_cluster(cluster)
+    RETRIES_STOPPED.inc({"destination_service": svc, "reason": reason})
+    if reason == "budget":
+        RETRY_BUDGET_EXHAUSTED.inc({"destination_service": svc})
+
+
+def breaker_overflow(cluster: str, limit: str) -> None:
+    BREAKER_OVERFLOWS.inc({"destination_service": service_of_cluster(cluster), "limit": limit})
+
+
+def outlier_ejected(cluster: str, reason: str) -> None:
+    OUTLIER_EJECTIONS.inc({"destination_service": service_of_cluster(cluster), "reason": reason})
+
+
+def outcome_reason(status: int, grpc_status: int | None, *, connect_failure: bool = False, reset: bool = False,
+                   timeout: bool = False) -> str:
+    """A bounded name for how a try ended (the retry and ejection reason label)."""
+    if connect_failure:
+        return "connect_failure"
+    if reset:
+        return "reset"
+    if timeout:
+        return "timeout"
+    if grpc_status not in (None, 0):
+        return f"grpc_{grpc_status}"
+    return str(status) if status in (500, 502, 503, 504) else f"{status // 100}xx" if status else "none"

@@ -56,7 +56,7 @@ class Svid:
 
     identity: str  # SPIFFE URI
     cert_chain_pem: str  # leaf first
-    key_pem: str
+    key_pem: str = field(repr=False)  # never in a log line or traceback that prints the object
     not_after_unix: float
 
 

@@ -114,7 +114,13 @@ class Agent:
             log.info("capture backend %s (%s), inbound %s, failurePolicy %s", choice.mode, choice.reason,
                      self.settings.inbound_mode, config.capture.failure_policy)
         if not hasattr(self, "failover"):
+            # eBPF: live = listener AND the workers' kernel heartbeat is fresh (a hung proxy too).
             self.failover = Failover(config.capture.failure_policy, self.settings.outbound_port)
+            if choice.mode == "ebpf":
+                from nodeagent.capture import ebpf
+
+                self.failover = Failover(config.capture.failure_policy, self.settings.outbound_port,
+                                         probe=ebpf.proxy_probe())
         self.failover.failure_policy = config.capture.failure_policy
         return choice.backend
 

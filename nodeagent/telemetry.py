@@ -21,11 +21,28 @@ from nodeagent.snapshot import Snapshot
 from nodemesh.xdsnames import service_host
 
 if TYPE_CHECKING:
+    from nodeagent.httpwatch import Exchange
+    from nodeagent.proxy.inbound import InboundTarget
     from nodeagent.proxy.proxy import NodeProxy
-    from nodeagent.proxy.relay import Session
+    from nodeagent.proxy.relay import Session, TcpEnd
 
 RECENT_MAX = 2000
 BAGGAGE = "baggage"
+# A connection that carried requests the proxy saw at L7 is reported as requests,
+# not as a TCP connection (Istio: an HTTP listener reports istio_requests_*, a TCP
+# one istio_tcp_*; never both for the same traffic).
+L7_PROTOCOLS = frozenset({"http", "http2", "grpc"})
+# Fields a destination-side request inherits from its tunnel's session.
+_INHERITED = ("src", "source_principal", "source_workload", "dst_addr", "dst_workload", "dst_identity", "via",
+              "tls")
+
+
+def http_port(snapshot: Snapshot | None, port: int) -> bool:
+    """Whether a local workload port is declared HTTP/1.1 by some service (the
+    destination side observes it per request; http2/grpc stay TCP there, see docs)."""
+    if snapshot is None:
+        return False
+    return any(sp.target_port == port and sp.protocol == "http" for svc in snapshot.services for sp in svc.ports)
 
 # Stable reason codes (nodeagent/proxy/errors.py, inbound refusals) -> Envoy response flags.
 RESPONSE_FLAGS: Mapping[str, str] = {
@@ -218,7 +235,45 @@ class ProxyTelemetry:
                                    parent.tracestate if parent else "", parent.b3 if parent else False)
         return tracing.inject(ctx)
 
+    # -- destination side: per-request observation of HTTP ports --
+    def workload_end(self, session: Session, end: TcpEnd, target: InboundTarget) -> None:
+        """Called by connect_local for the end towards a local workload: on an HTTP
+        port of an inbound connection, watch the exchange (nodeagent.httpwatch)."""
+        if session.fields.get("direction") != "inbound" or not http_port(self._proxy.snapshot, target.port):
+            return
+        from nodeagent.httpwatch import Http1Watch
+
+        watch = Http1Watch(lambda ex: self._dest_request_start(session, ex),
+                           lambda ex: self._dest_request_done(ex))
+        end.tap = watch
+        session.http_watch = watch  # type: ignore[attr-defined]
+        session.http_requests = 0  # type: ignore[attr-defined]
+
+    def _dest_request_start(self, conn: Session, ex: Exchange) -> None:
+        f = conn.fields
+        req = self._proxy.new_session("inbound", method=ex.method, path=ex.target,
+                                      protocol="grpc" if ex.grpc else "http",
+                                      **{k: f[k] for k in _INHERITED if k in f})
+        # The request's own trace context first (the caller's proxy put its span
+        # there), then the tunnel's baggage (caller workload and service).
+        req.peer_headers = tuple(ex.trace_headers) + tuple(conn.peer_headers)
+        ex.extra["session"] = req
+        conn.http_requests = getattr(conn, "http_requests", 0) + 1  # type: ignore[attr-defined]
+
+    def _dest_request_done(self, ex: Exchange) -> None:
+        req: Session | None = ex.extra.get("session")  # type: ignore[assignment]
+        if req is None:
+            return
+        req.set(status=ex.status, request_bytes=ex.request_bytes, response_bytes=ex.response_bytes, attempts=1)
+        if ex.grpc_status:
+            req.set(grpc_status=ex.grpc_status)
+        if not ex.complete and ex.status == 0:
+            req.fail("downstream_gone", "the connection ended before the workload answered")
+        req.finish()
+
     def opened(self, session: Session) -> None:
+        if getattr(session, "http_watch", None) is not None:
+            return  # decided at close: requests, or a TCP connection if none was seen
         if self.is_request(session):
             return
         labels = mesh_labels(session.fields, self._proxy.snapshot, session.peer_headers)
@@ -233,6 +288,15 @@ class ProxyTelemetry:
         if self.is_request(session):
             return self._request_closed(session, final, rec)
         metrics.PROXY_ACTIVE.inc({"direction": direction}, -1.0)
+        watch = getattr(session, "http_watch", None)
+        if watch is not None:
+            watch.close()
+        reason = f.get("reason")
+        if reason:
+            metrics.PROXY_ERRORS.inc({"direction": direction, "reason": reason})
+        if (f.get("protocol") in L7_PROTOCOLS and not reason) or int(getattr(session, "http_requests", 0)):
+            # Its requests were counted one by one: no TCP series for the same traffic.
+            return self._finish_record(session, final, rec, export_span=False)
         labels: metrics.MeshLabels | None = getattr(session, "labels", None)
         if labels is None:
             metrics.tcp_opened(final)  # refused or failed before it was joined: still a connection
@@ -241,9 +305,6 @@ class ProxyTelemetry:
             labels = final  # an error at the end (a reset): the closing series says so
         sent, received = int(rec.get("bytes_sent", 0)), int(rec.get("bytes_received", 0))
         metrics.tcp_closed(labels, sent, received)
-        reason = f.get("reason")
-        if reason:
-            metrics.PROXY_ERRORS.inc({"direction": direction, "reason": reason})
         return self._finish_record(session, labels, rec)
 
     def _request_closed(self, session: Session, labels: metrics.MeshLabels, rec: dict[str, Any]) -> bool:
@@ -257,9 +318,12 @@ class ProxyTelemetry:
                                grpc_response_status=str(f.get("grpc_status", "") or ""),
                                request_protocol=str(f.get("protocol", "http")))
         rec.setdefault("response_code", code)
+        rec["bytes_sent"] = int(f.get("request_bytes", 0) or 0)  # body bytes, as in istio_request_bytes
+        rec["bytes_received"] = int(f.get("response_bytes", 0) or 0)
         return self._finish_record(session, labels, rec)
 
-    def _finish_record(self, session: Session, labels: metrics.MeshLabels, rec: dict[str, Any]) -> bool:
+    def _finish_record(self, session: Session, labels: metrics.MeshLabels, rec: dict[str, Any],
+                       export_span: bool = True) -> bool:
         f = session.fields
         direction = f.get("direction", "")
         reason = f.get("reason")
@@ -276,7 +340,7 @@ class ProxyTelemetry:
         rec["response_flags"] = labels.response_flags
         rec["error_reason"] = reason or ""
         rec["connection_security_policy"] = labels.connection_security_policy
-        span = self._span(session, labels, rec, now)
+        span = self._span(session, labels, rec, now, export=export_span)
         if span is not None:
             rec["trace_id"] = span.trace_id
             rec["span_id"] = span.span_id
@@ -291,7 +355,7 @@ class ProxyTelemetry:
         return self.log_sampling >= 1.0 or self._rng.random() < self.log_sampling
 
     def _span(self, session: Session, labels: metrics.MeshLabels, rec: Mapping[str, Any],
-              now: float) -> tracing.Span | None:
+              now: float, export: bool = True) -> tracing.Span | None:
         f = session.fields
         span: tracing.Span | None = getattr(session, "span", None)
         if span is None:
@@ -303,7 +367,8 @@ class ProxyTelemetry:
         span.start_unix_ns = int(getattr(session, "t0_unix", now) * 1e9)
         span.name = f"{f.get('direction', 'tcp')} {labels.destination_service}"
         span.attributes.update({
-            "nodemesh.node": f.get("node", ""),
+            # The reporting proxy's node ("node" in an outbound log line is the peer's).
+            "nodemesh.node": self._proxy.settings.node_name,
             "nodemesh.direction": f.get("direction", ""),
             "nodemesh.via": f.get("via", ""),
             "nodemesh.reporter": labels.reporter,
@@ -318,10 +383,22 @@ class ProxyTelemetry:
             "nodemesh.response_flags": labels.response_flags,
             "nodemesh.connection_security_policy": labels.connection_security_policy,
         })
+        if self.is_request(session):
+            span.name = f"{f.get('direction', 'http')} {f.get('method', '')} {labels.destination_service}"
+            span.attributes.update({
+                "http.request.method": str(f.get("method", "")),
+                "http.response.status_code": int(rec.get("response_code") or 0),
+                "nodemesh.route": str(f.get("route", "")),
+                "nodemesh.attempts": int(rec.get("attempts") or 0),
+            })
+            if f.get("grpc_status") not in (None, ""):
+                span.attributes["rpc.grpc.status_code"] = int(f["grpc_status"])
         reason = f.get("reason")
-        tracing.finish_span(span, status="error" if reason else "ok", message=str(f.get("error", reason or "")),
-                            now_ns=int(now * 1e9))
-        self.exporter.export(span)
+        code = int(rec.get("response_code") or 0) if self.is_request(session) else 0
+        tracing.finish_span(span, status="error" if reason or code >= 500 else "ok",
+                            message=str(f.get("error", reason or "")), now_ns=int(now * 1e9))
+        if export:
+            self.exporter.export(span)
         return span
 
     def close(self) -> None:
@@ -335,6 +412,7 @@ def worker_stats(proxy: NodeProxy, index: int, request: Any) -> dict[str, Any]:
     since = int(request.get("since", 0)) if isinstance(request, dict) else 0
     recent = [r for r in tel.recent if r["seq"] > since] if tel is not None else []
     bal = getattr(proxy.balancer, "_stats", {})
+    l7 = l7_state(proxy)
     return {
         "id": request.get("id", -1) if isinstance(request, dict) else -1,
         "index": index,
@@ -344,6 +422,38 @@ def worker_stats(proxy: NodeProxy, index: int, request: Any) -> dict[str, Any]:
         "balancer": [{"address": f"{ip}:{port}", "ewma_ms": round(st.ewma_s * 1000, 3),
                       "outstanding": st.outstanding, "measured": st.measured}
                      for (ip, port), st in list(bal.items())],
+        "l7": l7,
         "recent": recent[-500:],
         "seq": tel.seq if tel is not None else 0,
     }
+
+
+def l7_state(proxy: NodeProxy) -> list[dict[str, Any]]:
+    """This worker's L7 destinations (breaker slots, ejected endpoints, retry
+    budget), and the scrape-time gauges made from them: an ejection ends by the
+    clock, not by an event, so the gauges are set here rather than on change."""
+    from nodeagent.proxy.http.breaker import KINDS
+    from nodeagent.proxy.http.stack import _RUNTIMES
+
+    for fam in (metrics.BREAKER_OPEN, metrics.BREAKER_ACTIVE, metrics.OUTLIER_EJECTED):
+        fam.clear()
+    rt = _RUNTIMES.get(proxy)
+    out: list[dict[str, Any]] = []
+    for cluster, dest in list(getattr(rt, "_dests", {}).items()):
+        svc = metrics.service_of_cluster(cluster)
+        br = dest.breaker
+        metrics.BREAKER_OPEN.set({"destination_service": svc}, 1 if br.open else 0)
+        for kind in KINDS:
+            metrics.BREAKER_ACTIVE.set({"destination_service": svc, "kind": kind}, getattr(br, kind))
+        ejected: list[str] = []
+        det = dest.outlier
+        if det is not None:
+            for key in list(det._st):
+                if det.is_ejected(key):
+                    ejected.append(f"{key[0]}:{key[1]}")
+                    metrics.OUTLIER_EJECTED.set({"destination_service": svc, "endpoint": ejected[-1]}, 1)
+        out.append({"cluster": cluster, "breaker_open": br.open, "breaker_overflows": br.overflows,
+                    "breaker": {k: getattr(br, k) for k in KINDS}, "ejected": ejected,
+                    "ejections": det.ejections if det is not None else 0,
+                    "retry_budget_refused": dest.budget.refused})
+    return out

@@ -109,6 +109,19 @@ class Family:
             if key is not None:
                 self._values[key] = float(value)
 
+    def set_total(self, labels: Mapping[str, object] | None = None, value: float = 0.0) -> None:
+        """A counter mirrored from a cumulative count kept elsewhere (a kernel map,
+        a monitor's tally). A lower value is a reset of that source (a reloaded BPF
+        program), which Prometheus' rate() already understands."""
+        if self.kind != "counter":
+            raise MetricError(f"metric {self.name} is a {self.kind}: set_total() is for counters")
+        if value < 0:
+            raise MetricError(f"counter {self.name} cannot be negative ({value})")
+        with self._lock:
+            key = self._key(labels or {})
+            if key is not None:
+                self._values[key] = float(value)
+
     def observe(self, labels: Mapping[str, object] | None = None, value: float = 0.0) -> None:
         if self.kind != "histogram":
             raise MetricError(f"metric {self.name} is a {self.kind}: observe() is for histograms")

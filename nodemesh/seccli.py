@@ -29,6 +29,9 @@ def register(sub: Any) -> None:
     chk.add_argument("--header", action="append", default=[], metavar="NAME=VALUE", help="HTTP header; repeatable")
     chk.add_argument("--source-ip", default="", help="the caller's address, for ipBlocks rules")
     chk.add_argument("--server", default=None, help="control plane address (default: $NODEMESH_SERVER)")
+    from controlplane.client import add_credential_flags
+
+    add_credential_flags(chk)  # --token-file --ca-file --cert --key, as on every config command
     chk.add_argument("--json", action="store_true", help="print JSON")
     chk.set_defaults(func=cmd_authz_check)
 

@@ -21,7 +21,10 @@ All attachments use BPF_F_ALLOW_MULTI, so nothing else's programs are displaced.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ctypes as ct
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -30,13 +33,13 @@ import socket
 import struct
 import subprocess
 import threading
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nodeagent.capture.base import CaptureDiff, CaptureError, CaptureStatus
+from nodeagent.capture import heartbeat
+from nodeagent.capture.base import CaptureDiff, CaptureError, CaptureStatus, ProxyState
 from nodeagent.capture.bpfheaders import HeadersError, ensure_bcc_headers
 from nodeagent.settings import ProxySettings
 from nodeagent.snapshot import LocalWorkload
@@ -46,13 +49,13 @@ log = logging.getLogger(__name__)
 BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 # maps.h first; each .c's own `#include "maps.h"` is dropped when concatenating
 # (bcc only turns functions and maps of its main file into programs and maps).
-SOURCES = ("maps.h", "connect4.c", "sockops.c", "getsockopt.c", "getpeername4.c")
+SOURCES = ("maps.h", "connect4.c", "sockops.c", "getsockopt.c", "getpeername4.c", "sendmsg4.c", "recvmsg4.c")
 PROG_PREFIX = "nm_"
 BPF_F_ALLOW_MULTI = 2
 SO_NETNS_COOKIE = 71  # <asm-generic/socket.h>, Linux 5.14+
-# The agent refreshes the heartbeat every REFRESH_S while its proxy listens;
-# connect4 treats one older than LIVENESS_TIMEOUT_S as a dead proxy.
-REFRESH_S = 0.5
+# The proxy workers refresh their heartbeat every REFRESH_S (heartbeat.py), the
+# agent the DNS proxy's; connect4 treats one older than LIVENESS_TIMEOUT_S as dead.
+REFRESH_S = heartbeat.REFRESH_S
 LIVENESS_TIMEOUT_S = 2.0
 POLICIES = {"open": 0, "closed": 1}
 
@@ -71,7 +74,10 @@ class NmConfig(ct.Structure):
         ("proxy_port", ct.c_uint16),
         ("failure_policy", ct.c_uint8),
         ("enabled", ct.c_uint8),
-        ("_pad", ct.c_uint32),
+        ("dns_ip4", ct.c_uint32),
+        ("dns_port", ct.c_uint16),
+        ("_pad", ct.c_uint16),
+        ("_pad2", ct.c_uint32),
     ]
 
 
@@ -90,16 +96,17 @@ class NmCidrKey(ct.Structure):
 # map name -> (key mirror, leaf mirror, max_entries); ctypes scalars for plain ones.
 MAP_LAYOUTS: dict[str, tuple[Any, Any, int]] = {
     "nm_config": (ct.c_int, NmConfig, 1),
-    "nm_liveness": (ct.c_int, ct.c_uint64, 1),
+    "nm_liveness": (ct.c_int, ct.c_uint64, 2),
     "nm_orig_by_cookie": (ct.c_uint64, NmOrigDst, 65536),
     "nm_orig_by_tuple": (NmTuple, NmOrigDst, 65536),
     "nm_exclusions": (NmCidrKey, ct.c_uint8, 1024),
     "nm_uids": (ct.c_uint32, ct.c_uint8, 1024),
-    "nm_counters": (ct.c_int, ct.c_uint64, 9),
+    "nm_counters": (ct.c_int, ct.c_uint64, 13),
 }
 # Index order of nm_counters (NM_CTR_* in maps.h).
 COUNTERS = ("redirected", "bypass_stale", "refused_stale", "skip_excluded", "skip_loopback",
-            "origdst_answered", "origdst_miss", "peer_rewritten", "skip_proxy_mark")
+            "origdst_answered", "origdst_miss", "peer_rewritten", "skip_proxy_mark",
+            "dns_redirected", "dns_reply_rewritten", "dns_bypass_stale", "dns_refused_stale")
 
 
 @dataclass(frozen=True)
@@ -118,6 +125,9 @@ PROGRAMS: dict[str, ProgSpec] = {
     "nm_sockops": ProgSpec("nm_sockops", 13, 3, "cgroup_sock_ops"),
     "nm_getsockopt": ProgSpec("nm_getsockopt", 25, 21, "cgroup_getsockopt"),
     "nm_getpeername4": ProgSpec("nm_getpeername4", 18, 29, "cgroup_inet4_getpeername"),
+    "nm_sendmsg4": ProgSpec("nm_sendmsg4", 18, 14, "cgroup_udp4_sendmsg"),
+    "nm_sendmsg4_uid": ProgSpec("nm_sendmsg4_uid", 18, 14, "cgroup_udp4_sendmsg"),
+    "nm_recvmsg4": ProgSpec("nm_recvmsg4", 18, 19, "cgroup_udp4_recvmsg"),
 }
 ATTACH_NAMES = {spec.attach_name: spec.attach_type for spec in PROGRAMS.values()}
 
@@ -135,18 +145,24 @@ class Attachment:
         return f"{self.cgroup} {self.attach_name} {self.function}"
 
 
-def plan_attachments(workloads: Sequence[LocalWorkload], agent_cgroup: str) -> tuple[Attachment, ...]:
-    """Which program goes on which cgroup for these workloads (see the module doc)."""
+def plan_attachments(workloads: Sequence[LocalWorkload], agent_cgroup: str,
+                     dns: bool = False) -> tuple[Attachment, ...]:
+    """Which program goes on which cgroup for these workloads (see the module
+    doc); dns: port 53 is captured too (sendmsg4 and recvmsg4 attached)."""
     plan: set[Attachment] = set()
-    per_workload = ("nm_sockops", "nm_getpeername4")
+    per_workload = ("nm_sockops", "nm_getpeername4") + (("nm_recvmsg4",) if dns else ())
     for wl in workloads:
         if wl.cgroup:
             cg = "/" + wl.cgroup.strip("/")
             plan.add(Attachment(cg, PROGRAMS["nm_connect4"].attach_name, "nm_connect4"))
             plan.update(Attachment(cg, PROGRAMS[f].attach_name, f) for f in per_workload)
+            if dns:
+                plan.add(Attachment(cg, PROGRAMS["nm_sendmsg4"].attach_name, "nm_sendmsg4"))
     if any(wl.uid is not None and not wl.cgroup for wl in workloads):
         plan.add(Attachment("/", PROGRAMS["nm_connect4_uid"].attach_name, "nm_connect4_uid"))
         plan.update(Attachment("/", PROGRAMS[f].attach_name, f) for f in per_workload)
+        if dns:
+            plan.add(Attachment("/", PROGRAMS["nm_sendmsg4_uid"].attach_name, "nm_sendmsg4_uid"))
     if plan:
         plan.add(Attachment("/" + agent_cgroup.strip("/"), PROGRAMS["nm_getsockopt"].attach_name,
                             "nm_getsockopt"))
@@ -154,7 +170,8 @@ def plan_attachments(workloads: Sequence[LocalWorkload], agent_cgroup: str) -> t
 
 
 def render_config(settings: ProxySettings, netns_cookie: int, failure_policy: str,
-                  liveness_timeout_s: float = LIVENESS_TIMEOUT_S) -> NmConfig:
+                  liveness_timeout_s: float = LIVENESS_TIMEOUT_S, dns_port: int | None = None,
+                  dns_ip: str = "127.0.0.1") -> NmConfig:
     if failure_policy not in POLICIES:
         raise CaptureError("bad_failure_policy",
                            f"capture.failurePolicy must be one of {', '.join(POLICIES)}, got {failure_policy!r}")
@@ -162,8 +179,14 @@ def render_config(settings: ProxySettings, netns_cookie: int, failure_policy: st
     if proxy_ip.version != 4:
         raise CaptureError("bad_outbound_bind", f"eBPF capture redirects to an IPv4 listener; "
                                                 f"outbound_bind is {settings.outbound_bind}")
+    dns = ipaddress.ip_address(dns_ip)
+    if dns_port is not None and (dns.version != 4 or not 0 < dns_port < 65536):
+        raise CaptureError("bad_dns_address", f"eBPF capture sends port 53 to an IPv4 DNS proxy; "
+                                              f"dns.address:port is {dns_ip}:{dns_port}")
     return NmConfig(
         netns_cookie=netns_cookie,
+        dns_ip4=struct.unpack("=I", dns.packed)[0] if dns_port else 0,
+        dns_port=dns_port or 0,
         liveness_timeout_ns=int(liveness_timeout_s * 1e9),
         proxy_ip4=struct.unpack("=I", proxy_ip.packed)[0],  # network order, as the kernel stores it
         proxy_mark=settings.mark,
@@ -385,7 +408,7 @@ def _load_bpf() -> Any:
         raise CaptureError("no_bcc", "cannot import bcc: install python3-bpfcc and run the agent with a "
                            "Python that sees /usr/lib/python3/dist-packages (scripts/setup.sh's .venv does)") from None
     try:
-        bpf = BPF(text=load_source(), cflags=["-Wno-macro-redefined"])
+        bpf = BPF(text=load_source().encode(), cflags=["-Wno-macro-redefined"])
         for spec in PROGRAMS.values():
             bpf.load_func(spec.function.encode(), spec.prog_type, attach_type=spec.attach_type)
     except CaptureError:
@@ -415,6 +438,69 @@ def available() -> tuple[bool, str]:
     return _available
 
 
+# ------------------------------------------------------------------ reading maps of attached programs
+
+
+def _maps_of_prog(prog_id: int) -> dict[str, int]:
+    """name -> map id of the maps an attached program uses (bpftool)."""
+    info = _bpftool("prog", "show", "id", str(prog_id))
+    out: dict[str, int] = {}
+    for map_id in info.get("map_ids", []):
+        minfo = _bpftool("map", "show", "id", str(map_id))
+        out[str(minfo.get("name", ""))] = int(map_id)
+    return out
+
+
+def _u64(raw: Sequence[str]) -> int:
+    return int.from_bytes(bytes(int(b, 16) for b in raw), "little")
+
+
+def read_maps_by_id(maps: dict[str, int]) -> tuple[dict[str, int], dict[int, float | None]]:
+    """Counters and liveness ages from the kernel's maps (no bcc; the CLI uses this)."""
+    counters: dict[str, int] = {}
+    ages: dict[int, float | None] = {}
+    if "nm_counters" in maps:
+        for entry in _bpftool("map", "dump", "id", str(maps["nm_counters"])) or []:
+            idx = _u64(entry.get("key", []))
+            if idx < len(COUNTERS):
+                counters[COUNTERS[idx]] = sum(_u64(v.get("value", [])) for v in entry.get("values", []))
+    if "nm_liveness" in maps:
+        now = heartbeat.now_ns()
+        for entry in _bpftool("map", "dump", "id", str(maps["nm_liveness"])) or []:
+            beat = _u64(entry.get("value", []))
+            ages[_u64(entry.get("key", []))] = (now - beat) / 1e9 if beat else None
+    return counters, ages
+
+
+def proxy_probe(timeout_s: float = LIVENESS_TIMEOUT_S) -> Any:
+    """The agent watchdog's probe in eBPF mode: the outbound port has a listener
+    AND the workers' heartbeat is fresh, the same test the kernel applies, so a
+    hung (not dead) proxy also switches inbound capture to bypass/refuse."""
+    from nodeagent.capture import liveness
+
+    def probe(port: int) -> bool:
+        if not liveness.listening(port):
+            return False
+        mount = heartbeat.bpffs_mount()
+        if mount is None:
+            return True  # nothing pinned (not installed yet): the listener decides
+        age = heartbeat.age_s(heartbeat.pin_path(mount, heartbeat.netns_cookie()), heartbeat.SLOT_PROXY)
+        return age is not None and age <= timeout_s
+
+    return probe
+
+
+def udp_bound(ip: str, port: int, proc_net_udp: str = "/proc/net/udp") -> bool:
+    """Whether a UDP socket is bound to ip:port (or 0.0.0.0:port) in this netns."""
+    wanted = {f"{struct.unpack('<I', ipaddress.ip_address(a).packed)[0]:08X}:{port:04X}" for a in (ip, "0.0.0.0")}
+    try:
+        with open(proc_net_udp) as f:
+            next(f, None)
+            return any(len(p) > 1 and p[1] in wanted for p in (line.split() for line in f))
+    except OSError:
+        return False
+
+
 # ------------------------------------------------------------------ executor
 
 
@@ -423,74 +509,184 @@ class EbpfState:
     mount: str
     attached: tuple[Attached, ...]  # ours (this netns) only
     counters: dict[str, int]
-    liveness_age_s: float | None
+    liveness_age_s: float | None  # the proxy workers' heartbeat
+    dns_liveness_age_s: float | None = None
+    maps: tuple[str, ...] = ()  # "name id N" of the maps in use
+
+
+def _inbound_backend(settings: ProxySettings, workloads: Sequence[LocalWorkload]) -> Any:
+    """The nftables backend's inbound part only (TPROXY or REDIRECT to 15006),
+    for workloads' ports: eBPF sock_addr hooks cannot see packets arriving from
+    other hosts, so inbound plaintext capture stays in netfilter (docs/capture-ebpf.md)."""
+    from nodeagent.capture.nftables import NftablesCapture, Ruleset
+
+    class InboundNftables(NftablesCapture):
+        def expected(self) -> Ruleset:
+            full = super().expected()
+            return Ruleset(tuple(c for c in full.chains if c.name != "output"),
+                           tuple(r for r in full.rules if r.chain != "output"))
+
+    # Outbound is eBPF's: the nft workloads only contribute their ports (no uid,
+    # no cgroup, so no output rule and no refusal for cgroup workloads).
+    inbound = [dataclasses.replace(wl, uid=None, cgroup=None) for wl in workloads]
+    return InboundNftables(settings, inbound)
 
 
 class EbpfCapture:
-    """Loads bpf/ once per install, attaches the plan, keeps the liveness entry
-    fresh while the proxy listens, and detaches exactly what serves this netns."""
+    """Loads bpf/ once per install, attaches the plan, pins the liveness map the
+    proxy workers keep fresh, keeps the DNS proxy's entry fresh from the agent's
+    event loop, composes the nftables inbound part, and detaches exactly what
+    serves this netns."""
 
     name = "ebpf"
-    _refreshing: EbpfCapture | None = None  # one heartbeat writer per process
+    _refreshing: EbpfCapture | None = None  # one DNS heartbeat writer per process
 
     def __init__(self, settings: ProxySettings, workloads: Sequence[LocalWorkload],
                  exclusions: Sequence[str] = (), control_plane: Sequence[str] = (),
-                 failure_policy: str = "open", liveness_timeout_s: float = LIVENESS_TIMEOUT_S) -> None:
+                 failure_policy: str = "open", liveness_timeout_s: float = LIVENESS_TIMEOUT_S,
+                 dns_port: int | None = None, dns_ip: str = "127.0.0.1") -> None:
         self.settings = settings
         self.workloads = tuple(workloads)
         self.exclusions = tuple(exclusions)
         self.control_plane = tuple(control_plane)
         self.failure_policy = failure_policy
         self.liveness_timeout_s = liveness_timeout_s
+        self.dns_port = dns_port
+        self.dns_ip = dns_ip
         # Resolved now, before any worker forks: a private cgroup2 mount made
         # here is inherited by them (sock_diag attribution needs it too).
         self.mount = cgroup2_mount()
         self.agent_cgroup = own_cgroup()
+        has_ports = any(wl.ports and ipaddress.ip_address(wl.ip).version == 4 for wl in self.workloads)
+        self.inbound: Any = _inbound_backend(settings, self.workloads) if has_ports else None
+        self.components = ("ebpf", "nftables") if self.inbound is not None else ("ebpf",)
+        self._state = ProxyState.SERVING
         self._bpf: Any = None
+        self._pin: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        try:
+            # The DNS heartbeat is written from the agent's loop (where the DNS proxy runs).
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
+
+    # -- proxy state (the watchdog's view; the kernel decides on its own too)
+    @property
+    def state(self) -> ProxyState:
+        return self._state
+
+    @state.setter
+    def state(self, value: ProxyState) -> None:
+        self._state = value
+        if self.inbound is not None:
+            self.inbound.state = value
+
+    def set_proxy_state(self, state: ProxyState) -> None:
+        """The watchdog saw the proxy go down or come back. Inbound (nftables)
+        follows it; for outbound, down = the heartbeat is cleared so the kernel
+        applies failurePolicy at once (not only once it ages out), and serving =
+        a fresh beat so capture resumes before the first worker beat."""
+        if self.inbound is not None:
+            self.inbound.set_proxy_state(state)
+        self._state = state
+        if self._bpf is not None:
+            self._write_slot(heartbeat.SLOT_PROXY, heartbeat.now_ns() if state is ProxyState.SERVING else 0)
 
     # -- plan
     def expected(self) -> tuple[Attachment, ...]:
-        return plan_attachments(self.workloads, self.agent_cgroup)
+        return plan_attachments(self.workloads, self.agent_cgroup, dns=self.dns_port is not None)
 
     def _cgroup_path(self, rel: str) -> str:
         return self.mount if rel == "/" else os.path.join(self.mount, rel.lstrip("/"))
 
     # -- maps
     def _fill_maps(self, bpf: Any, cookie: int) -> None:
-        cfg = render_config(self.settings, cookie, self.failure_policy, self.liveness_timeout_s)
+        cfg = render_config(self.settings, cookie, self.failure_policy, self.liveness_timeout_s,
+                            self.dns_port, self.dns_ip)
         excl = bpf[b"nm_exclusions"]
         for key in render_exclusions(list(self.control_plane) + list(self.exclusions)):
             excl[excl.Key(key.prefixlen, key.ip4)] = ct.c_uint8(1)
         uids = bpf[b"nm_uids"]
         for uid in render_uids(self.workloads):
             uids[uids.Key(uid)] = ct.c_uint8(1)
-        self._beat(bpf)  # the proxy listens when install() is called
+        # install() runs once the workers listen (and the DNS proxy, when it is
+        # captured): seed both entries; from now on the workers keep slot 0 fresh.
+        live = bpf[b"nm_liveness"]
+        now = heartbeat.now_ns()
+        live[live.Key(heartbeat.SLOT_PROXY)] = live.Leaf(now)
+        live[live.Key(heartbeat.SLOT_DNS)] = live.Leaf(now if self.dns_port is not None else 0)
         table = bpf[b"nm_config"]
         table[table.Key(0)] = table.Leaf.from_buffer_copy(bytes(cfg))
 
+    def _write_slot(self, slot: int, value: int) -> None:
+        bpf = self._bpf
+        if bpf is None:
+            return
+        try:
+            table = bpf[b"nm_liveness"]
+            table[table.Key(slot)] = table.Leaf(value)
+        except Exception as e:  # noqa: BLE001 - bcc raises bare Exception; the log says why
+            log.warning("ebpf: cannot write liveness slot %d: %s", slot, e)
+
+    def _pin_liveness(self, bpf: Any, cookie: int) -> str:
+        """Pin the new liveness map where the workers look (heartbeat.pin_path),
+        replacing a previous install's pin in one rename."""
+        try:
+            path = heartbeat.pin_path(heartbeat.ensure_bpffs(), cookie)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = path + "_new"  # bpffs refuses names with a dot
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            heartbeat.obj_pin(bpf[b"nm_liveness"].map_fd, tmp)
+            os.rename(tmp, path)
+        except OSError as e:
+            raise CaptureError("bpf_pin_failed", f"cannot pin the liveness map for the proxy workers: {e}") from None
+        return path
+
     @staticmethod
-    def _beat(bpf: Any) -> None:
-        table = bpf[b"nm_liveness"]
-        # bpf_ktime_get_ns() is CLOCK_MONOTONIC, as time.monotonic_ns() is.
-        table[table.Key(0)] = table.Leaf(time.monotonic_ns())
+    def _unpin(path: str | None) -> bool:
+        if not path:
+            mount = heartbeat.bpffs_mount()
+            if mount is None:
+                return False
+            try:
+                path = heartbeat.pin_path(mount, netns_cookie())
+            except CaptureError:
+                return False
+        removed = False
+        for p in (path, path + "_new"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+                removed = True
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(path))
+        return removed
+
+    def _dns_beat(self) -> None:
+        """Runs on the agent's event loop: fresh while the DNS proxy is bound there."""
+        if self.dns_port is not None and udp_bound(self.dns_ip, self.dns_port):
+            self._write_slot(heartbeat.SLOT_DNS, heartbeat.now_ns())
 
     def _refresh_loop(self) -> None:
-        bpf = self._bpf
+        loop = self._loop
         while not self._stop.wait(REFRESH_S):
-            if proxy_listening(self.settings.outbound_bind, self.settings.outbound_port):
-                try:
-                    self._beat(bpf)
-                except Exception as e:  # noqa: BLE001 - keep beating; the log says why
-                    log.warning("ebpf: cannot refresh the liveness entry: %s", e)
+            if loop is not None and not loop.is_closed():
+                # Scheduled on the agent's loop: if that loop hangs, so does DNS,
+                # and the entry goes stale (the kernel then applies failurePolicy).
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(self._dns_beat)
+            else:
+                self._dns_beat()
 
     def _start_refresh(self) -> None:
         prev = EbpfCapture._refreshing
         if prev is not None and prev is not self:
             prev._stop_refresh()
+        if self.dns_port is None:
+            return
         self._stop.clear()
-        self._thread = threading.Thread(target=self._refresh_loop, name="ebpf-liveness", daemon=True)
+        self._thread = threading.Thread(target=self._refresh_loop, name="ebpf-dns-liveness", daemon=True)
         self._thread.start()
         EbpfCapture._refreshing = self
 
@@ -504,9 +700,10 @@ class EbpfCapture:
 
     # -- backend interface
     def install(self) -> None:
-        """Load, fill maps, attach the plan, then detach whatever else served this
-        netns (a killed agent's leftovers, a previous install): attach first, so
-        a reinstall never leaves a window without capture."""
+        """Load, fill maps, pin the liveness map, attach the plan, then detach
+        whatever else served this netns (a killed agent's leftovers, a previous
+        install): attach first, so a reinstall never leaves a window without
+        capture. Then the nftables inbound part, in one transaction."""
         plan = self.expected()
         for a in plan:
             path = self._cgroup_path(a.cgroup)
@@ -518,6 +715,7 @@ class EbpfCapture:
         from bcc import BPF
 
         self._fill_maps(bpf, cookie)
+        pin = self._pin_liveness(bpf, cookie)
         fds: dict[str, int] = {}
         try:
             for a in plan:
@@ -540,13 +738,28 @@ class EbpfCapture:
         if stale:
             log.info("ebpf: detached %d leftover program(s) of this netns: %s", len(stale),
                      "; ".join(x.describe() for x in stale))
-        old, self._bpf = self._bpf, bpf
+        old, self._bpf, self._pin = self._bpf, bpf, pin
         if old is not None:
             old.cleanup()
         self._start_refresh()
+        if self.inbound is not None:
+            self.inbound.install()
+        else:
+            self._remove_inbound_leftovers()
         diff = self.verify()
         if not diff.ok:
-            raise CaptureError("capture_mismatch", f"eBPF attachments differ right after install: {diff.describe()}")
+            raise CaptureError("capture_mismatch", f"eBPF capture differs right after install: {diff.describe()}")
+
+    def _remove_inbound_leftovers(self) -> bool:
+        from nodeagent.capture.nftables import remove_leftovers as nft_remove
+
+        try:
+            return bool(nft_remove(self.settings))
+        except CaptureError as e:
+            if self.inbound is not None:
+                raise
+            log.debug("ebpf: no nftables inbound leftovers to check: %s", e)
+            return False
 
     @staticmethod
     def _prog_id(bpf: Any, function: str) -> int:
@@ -559,39 +772,68 @@ class EbpfCapture:
         return -1
 
     def remove(self) -> bool:
-        """Stop the heartbeat and detach every nm_* program serving this netns."""
+        """Stop the DNS heartbeat, detach every nm_* program serving this netns,
+        unpin the liveness map, and delete the nftables inbound part."""
         self._stop_refresh()
         n = remove_leftovers(self.mount, netns_cookie())
+        unpinned = self._unpin(self._pin)
+        self._pin = None
         if self._bpf is not None:
             self._bpf.cleanup()
             self._bpf = None
-        return n > 0
+        inbound = self._remove_inbound_leftovers()
+        return n > 0 or unpinned or inbound
 
-    def state(self) -> EbpfState:
+    def counters(self) -> dict[str, int]:
+        """The kernel's per-reason counts (nm_counters), without listing attachments
+        (no bpftool call): cheap enough for every metrics scrape."""
+        if self._bpf is None:
+            return {}
+        table = self._bpf[b"nm_counters"]
+        return {name: int(sum(table[table.Key(i)])) for i, name in enumerate(COUNTERS)}
+
+    def state_of_kernel(self) -> EbpfState:
         cookie = netns_cookie()
         attached = tuple(a for a in list_attached(self.mount) if a.netns_cookie == cookie)
         counters: dict[str, int] = {}
-        age: float | None = None
+        ages: dict[int, float | None] = {}
+        maps: dict[str, int] = {}
         if self._bpf is not None:
             table = self._bpf[b"nm_counters"]
             for i, name in enumerate(COUNTERS):
                 counters[name] = int(sum(table[table.Key(i)]))
-            beat = int(self._bpf[b"nm_liveness"][ct.c_int(0)].value)
-            age = (time.monotonic_ns() - beat) / 1e9 if beat else None
-        return EbpfState(self.mount, attached, counters, age)
+            live = self._bpf[b"nm_liveness"]
+            now = heartbeat.now_ns()
+            for slot in (heartbeat.SLOT_PROXY, heartbeat.SLOT_DNS):
+                beat = int(live[live.Key(slot)].value)
+                ages[slot] = (now - beat) / 1e9 if beat else None
+            maps = {name.decode(): self._bpf[name].map_id for name in (n.encode() for n in MAP_LAYOUTS)
+                    if hasattr(self._bpf[name], "map_id")}
+        elif attached:
+            # Another process (the CLI): read the maps of the attached programs.
+            with contextlib.suppress(CaptureError):
+                maps = _maps_of_prog(attached[0].prog_id)
+                counters, ages = read_maps_by_id(maps)
+        return EbpfState(self.mount, attached, counters, ages.get(heartbeat.SLOT_PROXY),
+                         ages.get(heartbeat.SLOT_DNS), tuple(f"{n} id {i}" for n, i in sorted(maps.items())))
 
     def status(self) -> CaptureStatus:
-        st = self.state()
-        return CaptureStatus(
-            backend=self.name,
-            installed=bool(st.attached),
-            sections={"programs": tuple(a.describe() for a in st.attached)},
-            detail={"counters": st.counters, "liveness_age_s": st.liveness_age_s,
-                    "failure_policy": self.failure_policy, "cgroup2": st.mount},
-        )
+        st = self.state_of_kernel()
+        sections: dict[str, tuple[str, ...]] = {"ebpf programs": tuple(a.describe() for a in st.attached)}
+        if st.maps:
+            sections["ebpf maps"] = st.maps
+        detail: dict[str, Any] = {
+            "counters": st.counters, "liveness_age_s": st.liveness_age_s,
+            "dns_liveness_age_s": st.dns_liveness_age_s, "failure_policy": self.failure_policy,
+            "cgroup2": st.mount, "dns_captured": self.dns_port is not None, "state": self._state.value}
+        if self.inbound is not None:
+            inbound = self.inbound.status()
+            sections.update(inbound.sections)
+            detail["inbound"] = self.settings.inbound_mode
+        return CaptureStatus(backend=self.name, installed=bool(st.attached), sections=sections, detail=detail)
 
     def verify(self) -> CaptureDiff:
-        st = self.state()
+        st = self.state_of_kernel()
         have = {Attachment(a.cgroup, a.attach_name, a.function) for a in st.attached}
         want = set(self.expected())
         problems: list[str] = []
@@ -600,14 +842,36 @@ class EbpfCapture:
             for fn, pid in ids_by_fn.items():
                 if pid != self._prog_id(self._bpf, fn):
                     problems.append(f"{fn} attached is prog id {pid}, not the one this agent loaded")
-        if st.liveness_age_s is not None and st.liveness_age_s > self.liveness_timeout_s:
-            problems.append(f"liveness entry is {st.liveness_age_s:.1f}s old: the proxy is treated as down "
-                            f"(failurePolicy {self.failure_policy})")
-        return CaptureDiff(
+        if (self._state is ProxyState.SERVING and st.liveness_age_s is not None
+                and st.liveness_age_s > self.liveness_timeout_s):
+            problems.append(f"the proxy workers' liveness entry is {st.liveness_age_s:.1f}s old: the kernel treats "
+                            f"the proxy as down (failurePolicy {self.failure_policy}); are the workers hung?")
+        diff = CaptureDiff(
             missing=tuple(a.describe() for a in sorted(want - have)),
             unexpected=tuple(a.describe() for a in sorted(have - want)),
             jump_problems=tuple(problems),
         )
+        if self.inbound is not None:
+            diff = diff + self.inbound.verify()
+        return diff
+
+
+def survey() -> dict[str, tuple[str, ...]]:
+    """What eBPF capture serves this netns, for `nodemesh capture status` without
+    a config: programs, maps, counters and liveness (bpftool only, no bcc)."""
+    mount = cgroup2_mount()
+    cookie = netns_cookie()
+    attached = [a for a in list_attached(mount) if a.netns_cookie == cookie]
+    if not attached:
+        return {}
+    maps = _maps_of_prog(attached[0].prog_id)
+    counters, ages = read_maps_by_id(maps)
+    live = [f"{'proxy workers' if slot == 0 else 'dns proxy'}: "
+            + (f"{age:.1f}s ago" if age is not None else "never / cleared") for slot, age in sorted(ages.items())]
+    return {"programs": tuple(a.describe() for a in attached),
+            "maps": tuple(f"{n} id {i}" for n, i in sorted(maps.items())),
+            "counters": tuple(f"{k} {v}" for k, v in counters.items() if v),
+            "liveness": tuple(live)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -623,6 +887,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     mount = cgroup2_mount()
     if cmd == "remove-leftovers":
         print(f"detached {remove_leftovers(mount)} program(s)")
+        EbpfCapture._unpin(None)
         return 0
     cookie = netns_cookie()
     for a in list_attached(mount):

@@ -84,8 +84,11 @@ def _build(mode: str, settings: ProxySettings, workloads: Sequence[LocalWorkload
         return NftablesCapture(settings, workloads, exclusions=exclusions, dns_port=dns_port)
     if mode == "ebpf":
         mod: Any = importlib.import_module("nodeagent.capture.ebpf")
+        # eBPF captures port 53 itself (connect4/sendmsg4/recvmsg4) and composes
+        # the nftables backend's inbound rules (docs/capture-ebpf.md).
         backend: CaptureBackend = mod.EbpfCapture(settings, workloads, exclusions=exclusions,
-                                                  failure_policy=failure_policy)
+                                                  failure_policy=failure_policy,
+                                                  **({"dns_port": dns_port} if dns_port is not None else {}))
         return backend
     raise CaptureError("capture_mode_unknown", f"capture.mode {mode!r} is not one of {', '.join(MODES)}")
 
@@ -141,6 +144,17 @@ def survey(settings: ProxySettings) -> dict[str, dict[str, tuple[str, ...]]]:
             out["nftables"] = sections
     except CaptureError as e:
         out["nftables"] = {"error": (str(e),)}
+    try:
+        from . import ebpf
+
+        ebpf_sections = ebpf.survey()
+        if ebpf_sections:
+            out["ebpf"] = ebpf_sections
+    except CaptureError as e:
+        if e.reason not in ("bpftool_missing", "no_cgroup2", "no_netns_cookie"):
+            out["ebpf"] = {"error": (str(e),)}
+    except ImportError:
+        pass
     pr = routing.PolicyRoute(settings.tproxy_mark, settings.tproxy_table, settings.tproxy_rule_pref)
     try:
         nrules, nroutes = routing.present(pr)

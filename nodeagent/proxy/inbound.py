@@ -72,4 +72,6 @@ async def connect_local(target: InboundTarget, session: Session, mark: int, time
         ) from None
     loop = asyncio.get_running_loop()
     _, end = await loop.create_connection(lambda: TcpEnd(session), sock=sock)
+    if session.observer is not None:  # telemetry: HTTP ports are observed per request (nodeagent/httpwatch.py)
+        session.observer.workload_end(session, end, target)
     return end

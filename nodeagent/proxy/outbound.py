@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from nodeagent.snapshot import Endpoint, LocalWorkload, Snapshot
 
-from . import authz, netutil, sockdiag
+from . import authz_l7, netutil, sockdiag
 from .errors import (
     ConnectTimeout,
     NoHealthyEndpoint,
@@ -164,8 +164,9 @@ async def _same_node(proxy: NodeProxy, end: OutboundConnection, snapshot: Snapsh
     try:
         # The receiving side's policy applies to same-node callers too; the
         # source identity comes from the kernel (sock_diag), as good as mTLS here.
-        authz.enforce(snapshot, target.workload, ep.port, source_id,
-                      str(end.session.fields.get("src", "")).rsplit(":", 1)[0], in_session)
+        # With HTTP rules, each request is decided by a guard in front of the workload (authz_l7.py).
+        l7 = authz_l7.admit(snapshot, target.workload, ep.port, source_id,
+                            str(end.session.fields.get("src", "")).rsplit(":", 1)[0], in_session)
         up = await connect_local(target, end.session, proxy.settings.mark, proxy.settings.connect_timeout_s)
     except ProxyError as e:
         in_session.fail(e)
@@ -173,9 +174,14 @@ async def _same_node(proxy: NodeProxy, end: OutboundConnection, snapshot: Snapsh
         raise
     end.session.on_finish.append(in_session.finish)
     in_session.downstream = end
-    up.partner = end
-    end.attach(up)
-    up.attach(end)
+    if l7 is not None:
+        guard = authz_l7.wrap(l7, up, in_session)
+        guard.attach(end)
+        end.attach(guard)
+    else:
+        up.partner = end
+        end.attach(up)
+        up.attach(end)
     in_session.peer_headers = end.session.connect_headers()  # same trace and baggage as a remote hop
     in_session.connected()
 

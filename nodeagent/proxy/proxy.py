@@ -14,7 +14,7 @@ from nodeagent.settings import Certs, ProxySettings
 from nodeagent.snapshot import Snapshot
 from nodemesh.identity import Identity
 
-from . import authz, hbone, netutil, tls
+from . import authz_l7, hbone, netutil, tls
 from .accesslog import AccessLog
 from .balance import Balancer
 from .errors import NoCertificate, PeerIdentityMismatch, ProxyError, TlsHandshakeFailed
@@ -211,9 +211,11 @@ class NodeProxy:
         target = resolve_inbound(snapshot, host, port, conn.presented_identity)
         session.set(dst_workload=target.workload.key)
         # mTLS mode and AuthorizationPolicy (nodeagent/proxy/authz.py); raises InboundRefused (403).
-        authz.enforce(snapshot, target.workload, port, conn.peer_identity,
-                      conn.peer_addr[0] if conn.peer_addr else "", session)
-        return await connect_local(target, session, self.settings.mark, self.settings.connect_timeout_s)
+        # With HTTP rules, each request is decided by a guard in front of the workload (authz_l7.py).
+        l7 = authz_l7.admit(snapshot, target.workload, port, conn.peer_identity,
+                            conn.peer_addr[0] if conn.peer_addr else "", session)
+        up = await connect_local(target, session, self.settings.mark, self.settings.connect_timeout_s)
+        return authz_l7.wrap(l7, up, session)  # type: ignore[no-any-return]
 
     # -- inbound: plaintext --
     def _inbound_plain_factory(self) -> TcpEnd:
@@ -233,8 +235,9 @@ class NodeProxy:
             ip, port = self.inbound_original_dst(end.transport.get_extra_info("socket"))
             end.session.set(dst_addr=f"{ip}:{port}")
             target = resolve_inbound(snapshot, ip, port, None)
-            # Plaintext: refused if the port is STRICT, else counted; then AuthorizationPolicy.
-            authz.enforce(snapshot, target.workload, port, "", str(peer[0]), end.session)
+            # Plaintext: refused if the port is STRICT, else counted; then AuthorizationPolicy
+            # (per request when HTTP rules apply: authz_l7.py).
+            end.l7 = authz_l7.admit(snapshot, target.workload, port, "", str(peer[0]), end.session)
         except (OSError, ProxyError) as e:
             end.session.fail(e if isinstance(e, ProxyError) else ProxyError(f"original destination: {e}"))
             end.close()
@@ -252,6 +255,11 @@ class NodeProxy:
             end.session.fail(e)
             end.close()
             return
+        if end.l7 is not None:
+            guard = authz_l7.wrap(end.l7, up, end.session)
+            guard.attach(end)
+            end.attach(guard)
+            return
         end.attach(up)
         up.attach(end)
 
@@ -261,6 +269,7 @@ class _PlainInbound(TcpEnd):
         super().__init__(session)
         self.proxy = proxy
         self.peer_ip = ""
+        self.l7: authz_l7.L7Check | None = None  # set when requests are decided one by one
         session.downstream = self
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

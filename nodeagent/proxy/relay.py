@@ -103,6 +103,10 @@ class TcpEnd(asyncio.Protocol):
     """A plain TCP connection (application socket or upstream workload). Reads
     only while it has a partner and the partner has not pushed back."""
 
+    # A passive observer of the bytes (nodeagent.httpwatch.Http1Watch on the inbound
+    # end towards an HTTP workload): request(bytes sent to it), response(bytes read).
+    tap: Any = None
+
     def __init__(self, session: Session, partner: End | None = None) -> None:
         self.session = session
         self.partner: End | None = partner
@@ -136,6 +140,8 @@ class TcpEnd(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.rx += len(data)
+        if self.tap is not None:
+            self.tap.response(data)
         if self.partner is None:
             self._early.append(data)
         else:
@@ -185,6 +191,8 @@ class TcpEnd(asyncio.Protocol):
         if self.transport is None or self._closed or self.transport.is_closing():
             return
         self.tx += len(data)
+        if self.tap is not None:
+            self.tap.request(data)
         self.transport.write(data)
 
     def send_eof(self) -> None:

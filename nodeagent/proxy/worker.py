@@ -340,7 +340,13 @@ async def _worker_main(fd: int, index: int) -> None:
     for kind, payload in pending:
         apply(kind, payload)
     ctl.t.write(frame("ready", os.getpid()))
+    # eBPF capture decides fail-open/closed in the kernel from a heartbeat this
+    # loop writes (nodeagent/capture/heartbeat.py; idle unless the map is pinned).
+    from nodeagent.capture import heartbeat
+
+    beating = loop.create_task(heartbeat.run(stop), name="ebpf-heartbeat")
     await stop.wait()
+    await beating
     await proxy.stop()
 
 

@@ -7,6 +7,7 @@ agent's reason (the agent refuses to start in ebpf mode when it cannot load)."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -95,7 +96,18 @@ def test_ebpf_outbound_exclusions_and_clean_removal(lab: Lab) -> None:
         res = lab.curl(1, f"http://{vip}/", uid=CLIENT_UID, timeout=1)
         assert res.returncode != 0
 
-        # Clean removal: a stopped agent leaves nothing attached.
+        # DNS, unconnected sendto() (sendmsg4): a mesh name answered by the agent's
+        # DNS proxy, and the reply shows the nameserver the workload asked (recvmsg4).
+        res = lab.ns_exec(lab.node_ns(1), [sys.executable, "-c", SENDTO_DNS], uid=CLIENT_UID, cgroup=cgroup,
+                          check=False, timeout=10)
+        assert res.returncode == 0, res.stderr
+        src, answer = json.loads(res.stdout)
+        assert src == ["10.255.255.53", 53], src
+        assert answer == vip, answer
+
+        # Clean removal: a stopped agent leaves nothing attached and frees its maps.
+        maps = map_ids(lab, 1)
+        assert maps, "no maps found for the attached programs"
         lab.stop("agent-1")
         lab.stop("agent-2")
         assert ebpf_status(lab, 1) == []
@@ -103,8 +115,34 @@ def test_ebpf_outbound_exclusions_and_clean_removal(lab: Lab) -> None:
         tree = subprocess.run(["bpftool", "cgroup", "show", str(lab_cgroup_path(cgroup))],
                               capture_output=True, text=True, check=True).stdout
         assert "nm_" not in tree, tree
+        left = [m for m in maps if subprocess.run(["bpftool", "map", "show", "id", str(m)],
+                                                  capture_output=True, check=False).returncode == 0]
+        assert not left, f"maps still alive (pinned or referenced) after stop: {left}"
     finally:
         remove_leftovers(lab)
+
+
+SENDTO_DNS = """
+import json, socket
+from nodeagent.dns.message import CLASS_IN, FLAG_RD, TYPE_A, Message, Question, build_message, name_from_text, parse_message
+q = build_message(Message(7, FLAG_RD, (Question(name_from_text("web.default.svc.mesh"), TYPE_A, CLASS_IN),)))
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(3)
+s.sendto(q, ("10.255.255.53", 53))
+data, src = s.recvfrom(4096)
+print(json.dumps([list(src), socket.inet_ntoa(parse_message(data).answers[0].rdata)]))
+"""
+
+
+def map_ids(lab: Lab, k: int) -> list[int]:
+    """Ids of the maps the programs serving node k use (from bpftool)."""
+    ids: set[int] = set()
+    for line in ebpf_status(lab, k):
+        prog = int(line.rsplit("prog id ", 1)[1].rstrip(")"))
+        info = json.loads(subprocess.run(["bpftool", "-j", "prog", "show", "id", str(prog)],
+                                         capture_output=True, text=True, check=True).stdout)
+        ids.update(info.get("map_ids", []))
+    return sorted(ids)
 
 
 def lab_cgroup_path(cgroup: str) -> str:
@@ -149,6 +187,69 @@ def test_ebpf_failure_policy_with_proxy_killed(lab: Lab, policy: str) -> None:
         assert res.returncode == 0, f"{res.stderr}\n{lab.log('agent-1')[-3000:]}"
         lab.stop("agent-1")
         lab.stop("agent-2")
-        assert ebpf_status(lab, 1) == []
+        # open: removed on stop; closed: left refusing (like iptables/nftables) until
+        # the next agent replaces it or `nodemesh capture remove` takes it away.
+        assert bool(ebpf_status(lab, 1)) == (policy == "closed")
+        if policy == "closed":
+            t0 = time.monotonic()
+            assert curl(lab, cgroup, web_direct, timeout=3).returncode != 0
+            assert time.monotonic() - t0 < 1.5
+            rm = lab.ns_exec(lab.node_ns(1), [sys.executable, "-m", "nodemesh", "capture", "remove"], check=False)
+            assert rm.returncode == 0, rm.stderr
+            assert ebpf_status(lab, 1) == []
+    finally:
+        remove_leftovers(lab)
+
+
+def proxy_workers(lab: Lab, k: int) -> list[int]:
+    pids = subprocess.run(["ip", "netns", "pids", lab.node_ns(k)], capture_output=True, text=True, check=False).stdout.split()
+    out = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"nodeagent.proxy.worker" in f.read():
+                    out.append(int(pid))
+        except OSError:
+            continue
+    return out
+
+
+@pytest.mark.parametrize("policy", ["open", "closed"])
+def test_ebpf_frozen_workers_stop_the_heartbeat(lab: Lab, policy: str) -> None:
+    """The workers, not the agent, keep the kernel's liveness entry fresh: with
+    their event loops frozen (SIGSTOP; the listeners still exist) the kernel
+    applies failurePolicy within ~2 s; SIGCONT resumes capture."""
+    web_direct = f"http://{lab.node_ip(2)}:8080/frozen"
+    try:
+        cgroup = start(lab, policy=policy)
+        vip = lab.service_vip("web")
+        assert curl(lab, cgroup, f"http://{vip}/").returncode == 0, lab.log("agent-1")[-3000:]
+        workers = proxy_workers(lab, 1)
+        assert workers
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            time.sleep(2.3)  # past the 2 s liveness timeout
+            t0 = time.monotonic()
+            res = curl(lab, cgroup, web_direct, timeout=3)
+            took = time.monotonic() - t0
+            if policy == "open":
+                assert res.returncode == 0, f"{res.stderr}\n{lab.log('agent-1')[-2000:]}"
+                assert json.loads(res.stdout)["path"] == "/frozen"
+                counter = "bypass_stale"
+            else:
+                assert res.returncode != 0 and took < 1.5, (res.returncode, took)
+                counter = "refused_stale"
+            lab.wait_for(lambda: lab.agent_status(1).get("proxy_state") == ("bypass" if policy == "open" else "refuse"),
+                         3, "the watchdog to see the frozen proxy")
+            st = lab.ns_exec(lab.node_ns(1), [sys.executable, "-m", "nodemesh", "capture", "status"], check=False)
+            assert f"{counter} " in st.stdout, st.stdout
+        finally:
+            for pid in workers:
+                os.kill(pid, signal.SIGCONT)
+        lab.wait_for(lambda: lab.agent_status(1).get("proxy_state") == "serving", 5, "capture back")
+        res = curl(lab, cgroup, f"http://{vip}/thawed")
+        assert res.returncode == 0, f"{res.stderr}\n{lab.log('agent-1')[-2000:]}"
+        assert json.loads(res.stdout)["path"] == "/thawed"
     finally:
         remove_leftovers(lab)

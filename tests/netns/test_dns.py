@@ -153,8 +153,8 @@ from tests.netns.conftest import BASE_CONFIG, CLIENT_UID, WEB_UID
 pytestmark = pytest.mark.netns
 
 
-# The eBPF backend does not capture port 53 yet (docs/dns.md says what it needs).
-@pytest.fixture(params=["iptables", "nftables"])
+# eBPF captures port 53 with connect4/sendmsg4/recvmsg4 (docs/capture-ebpf.md).
+@pytest.fixture(params=["iptables", "nftables", "ebpf"])
 def dns_mesh(request: pytest.FixtureRequest) -> Iterator[Lab]:
     require_root("namespace tests")
     for tool in ("ip", "iptables-restore", "curl", "setpriv"):

@@ -14,6 +14,9 @@ import shutil
 import sys
 import tempfile
 import textwrap
+import threading
+import time
+from typing import Any
 
 import pytest
 
@@ -30,7 +33,7 @@ DRIVER = textwrap.dedent('''
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
 
-    url, profile = sys.argv[1], sys.argv[2]
+    url, profile, ready = sys.argv[1], sys.argv[2], sys.argv[3]
     opts = webdriver.ChromeOptions()
     opts.binary_location = "/usr/bin/chromium"
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -58,15 +61,35 @@ DRIVER = textwrap.dedent('''
         out["nodes"] = [n.get_attribute("data-id") for n in drv.find_elements(By.CSS_SELECTOR, "g.node")]
         out["edge_label"] = edge.text if edge is not None else ""
         out["meta"] = drv.find_element(By.ID, "meta").text
-        if len(sys.argv) > 3:
-            drv.save_screenshot(sys.argv[3])
+        if len(sys.argv) > 4:
+            drv.save_screenshot(sys.argv[4])
+        # Live: the test sends more traffic now; the same page (no reload) must show it.
+        sel = 'g.edge[data-source="wl:default/client"][data-target="svc:default/web"]'
+        first = float(drv.find_elements(By.CSS_SELECTOR, sel)[0].get_attribute("data-total") or 0)
+        open(ready, "w").write(str(first))
+        out["live"] = [first]
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            found = drv.find_elements(By.CSS_SELECTOR, sel)
+            now = float(found[0].get_attribute("data-total") or 0) if found else 0.0
+            if now >= first + 3:
+                out["live"].append(now)
+                out["live_label"] = found[0].text
+                break
+            time.sleep(0.3)
         drv.find_element(By.CSS_SELECTOR, 'g.node[data-id="svc:default/web"]').click()
         time.sleep(0.3)
         deadline = time.time() + 10
         while time.time() < deadline and not drv.find_elements(By.ID, "service-title"):
             time.sleep(0.3)
         out["service_title"] = drv.find_element(By.ID, "service-title").text
+        deadline = time.time() + 10  # the control plane's series needs two summaries with traffic between
+        while time.time() < deadline and drv.find_elements(
+                By.CSS_SELECTOR, '.chart[data-field="request_rate"] .empty'):
+            time.sleep(0.3)
         out["charts"] = [c.get_attribute("data-field") for c in drv.find_elements(By.CSS_SELECTOR, ".chart")]
+        out["charts_with_data"] = [c.get_attribute("data-field") for c in
+                                   drv.find_elements(By.CSS_SELECTOR, ".chart") if c.find_elements(By.TAG_NAME, "svg")]
         drv.get(url + "#/config")
         deadline = time.time() + 10
         while time.time() < deadline and not drv.find_elements(By.CSS_SELECTOR, "pre.resource"):
@@ -85,10 +108,23 @@ def test_mesh_view_shows_client_to_web(traced: Lab) -> None:  # noqa: F811
     vip = mesh.service_vip("web")
     for i in range(3):
         assert mesh.curl(1, f"http://{vip}/view-{i}", uid=CLIENT_UID).returncode == 0
+    ready = mesh.workdir / "meshview-ready"
+    result: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="nm-chromium-") as profile:
-        res = mesh.ns_exec(mesh.hub, [sys.executable, "-c", DRIVER, "http://127.0.0.1:15014/", profile,
-                                           str(mesh.workdir / "meshview.png")],
-                           check=False, timeout=90)
+        def drive() -> None:
+            result["res"] = mesh.ns_exec(mesh.hub, [sys.executable, "-c", DRIVER, "http://127.0.0.1:15014/", profile,
+                                                    str(ready), str(mesh.workdir / "meshview.png")],
+                                         check=False, timeout=90)
+        browser = threading.Thread(target=drive)
+        browser.start()
+        deadline = time.monotonic() + 60
+        while not ready.exists() and browser.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if ready.exists():  # the page is up and showing the first 3 requests: now 3 more, live
+            for i in range(3):
+                assert mesh.curl(1, f"http://{vip}/live-{i}", uid=CLIENT_UID).returncode == 0
+        browser.join(120)
+    res = result["res"]
     assert res.returncode == 0, f"browser driver failed:\n{res.stderr[-3000:]}"
     out = json.loads(res.stdout.strip().splitlines()[-1])
     client_web = [e for e in out["edges"] if e["source"] == "wl:default/client" and e["target"] == "svc:default/web"]
@@ -103,6 +139,11 @@ def test_mesh_view_shows_client_to_web(traced: Lab) -> None:  # noqa: F811
     assert "2 node(s) reporting" in out["meta"]
     assert out["service_title"] == "default/web"
     assert out["charts"] == ["request_rate", "connection_rate", "success_rate", "p99_ms"]
+    # Golden metrics over time, from the control plane's series (HTTP: no connection rate).
+    assert {"request_rate", "success_rate", "p99_ms"} <= set(out["charts_with_data"]), out["charts_with_data"]
+    # Live: the same page showed the later requests without a reload; the label has p99 and mTLS.
+    assert len(out["live"]) == 2 and out["live"][1] >= out["live"][0] + 3, out["live"]
+    assert "p99" in out["live_label"] and "mTLS" in out["live_label"] and "rps" in out["live_label"]
     assert "Service default/web" in out["config"] and "MeshConfig" in out["config"]
     shot = mesh.workdir / "meshview.png"
     assert shot.stat().st_size > 10_000

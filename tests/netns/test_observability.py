@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,11 +21,44 @@ pytestmark = pytest.mark.netns
 
 CLIENT = "spiffe://cluster.local/ns/default/sa/client"
 WEB = "spiffe://cluster.local/ns/default/sa/web"
+RAW = "spiffe://cluster.local/ns/default/sa/raw"
+
+
+OBS_CONFIG = """\
+---
+apiVersion: nodemesh.io/v1alpha1
+kind: Service
+metadata: {name: raw, namespace: default}
+spec:
+  selector: {app: raw}
+  ports: [{name: tcp, port: 90, targetPort: 9000, protocol: tcp}]
+---
+apiVersion: nodemesh.io/v1alpha1
+kind: HTTPRoute
+metadata: {name: web}
+spec:
+  parentRefs: [{name: web, port: 80}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /retry}}]
+    backendRefs: [{name: web, port: 80}]
+    retry: {attempts: 2, backoff: 1ms, retryOn: [5xx]}
+  - backendRefs: [{name: web, port: 80}]
+---
+apiVersion: nodemesh.io/v1alpha1
+kind: DestinationPolicy
+metadata: {name: web}
+spec:
+  targetRef: {name: web}
+  healthChecks:
+  - {port: 80, interval: 200ms, timeout: 150ms, unhealthyThreshold: 2, healthyThreshold: 1, http: {path: /healthz}}
+"""
+RAW_UID = 2002
 
 
 @pytest.fixture
 def traced(lab: Lab) -> Iterator[Lab]:
-    """The conftest `mesh` layout, with each agent tracing to a local JSONL file."""
+    """The conftest `mesh` layout (HTTP service web -> web-2 on node 2), a TCP service
+    raw -> raw-2 on node 2, each agent tracing to a local JSONL file."""
     orig = lab.agent_config
 
     def with_tracing(k: int, *args: Any, **kw: Any) -> dict[str, Any]:
@@ -36,17 +70,20 @@ def traced(lab: Lab) -> Iterator[Lab]:
 
     lab.agent_config = with_tracing  # type: ignore[method-assign]
     lab.start_controlplane()
-    lab.apply(BASE_CONFIG)
+    lab.apply(BASE_CONFIG + OBS_CONFIG)
     lab.add_workload(LabWorkload("web-2", node=2, uid=WEB_UID, ports=(8080,), service_account="web",
                                  labels={"app": "web"}))
+    lab.add_workload(LabWorkload("raw-2", node=2, uid=RAW_UID, ports=(9000,), service_account="raw",
+                                 labels={"app": "raw"}))
     lab.add_workload(LabWorkload("client", node=1, uid=CLIENT_UID, service_account="client",
                                  labels={"app": "client"}))
     lab.start_app("web-2")
+    lab.start_app("raw-2")
     lab.start_agent(1)
     lab.start_agent(2)
-    # Discovery is eventually consistent: wait until node 1 knows web's endpoint on node 2.
-    lab.wait_for(lambda: "default/web-2" in admin(lab, 1, "/clusters"), 10, "node-1 to learn web-2's endpoint",
-                 lambda: lab.log("agent-1"))
+    # Discovery is eventually consistent: wait until node 1 knows both endpoints on node 2.
+    lab.wait_for(lambda: all(w in admin(lab, 1, "/clusters") for w in ("default/web-2", "default/raw-2")), 10,
+                 "node-1 to learn web-2's and raw-2's endpoints", lambda: lab.log("agent-1"))
     yield lab
 
 
@@ -55,76 +92,185 @@ def admin(lab: Lab, k: int, path: str) -> str:
     return res.stdout
 
 
-def tcp_series(lab: Lab, k: int, name: str, reporter: str) -> list[tuple[dict[str, str], float]]:
-    return select(parse(admin(lab, k, "/metrics")), name, reporter=reporter, destination_workload="web-2")
+def series(lab: Lab, k: int, name: str, **match: str) -> list[tuple[dict[str, str], float]]:
+    return select(parse(admin(lab, k, "/metrics")), name, **match)
+
+
+def total(lab: Lab, k: int, name: str, **match: str) -> float:
+    return sum(v for _, v in series(lab, k, name, **match))
+
+
+def spans(lab: Lab, k: int) -> list[dict[str, Any]]:
+    path = lab.workdir / f"trace-{k}.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def attrs(span: dict[str, Any]) -> dict[str, Any]:
+    return {a["key"]: next(iter(a["value"].values())) for a in span["attributes"]}
+
+
+def labels_for(dst: str, svc: str, principal: str, protocol: str) -> dict[str, str]:
+    return {
+        "source_workload": "client", "source_workload_namespace": "default", "source_principal": CLIENT,
+        "destination_workload": dst, "destination_workload_namespace": "default",
+        "destination_principal": principal, "destination_service": f"{svc}.default.svc.mesh",
+        "destination_service_name": svc, "destination_service_namespace": "default",
+        "request_protocol": protocol, "response_flags": "-", "connection_security_policy": "mutual_tls",
+    }
+
+
+def test_http_requests_exact_on_both_reporters_and_app_trace_continued(traced: Lab) -> None:
+    lab = traced
+    vip = lab.service_vip("web")
+    sizes: list[tuple[int, int, int]] = []  # (code, request body bytes, response body bytes)
+    for i, status in enumerate((200, 503, 200, 503, 200)):
+        body = "x" * (10 * (i + 1))
+        q = f"?status={status}" if status != 200 else ""
+        res = lab.curl(1, f"http://{vip}/obs-{i}{q}", uid=CLIENT_UID,
+                       extra=["--data-binary", body, "-o", "/dev/null", "-w", "%{http_code} %{size_download}"])
+        assert res.returncode == 0, res.stderr
+        code, down = res.stdout.split()
+        sizes.append((int(code), len(body), int(down)))
+    assert [c for c, _, _ in sizes] == [200, 503, 200, 503, 200]
+
+    def requests(k: int, reporter: str) -> float:
+        return total(lab, k, "istio_requests_total", reporter=reporter, destination_workload="web-2")
+
+    lab.wait_for(lambda: requests(1, "source") == 5 and requests(2, "destination") == 5, 10,
+                 "5 requests on both reporters", lambda: admin(lab, 2, "/metrics")[-3000:])
+    want = labels_for("web-2", "web", WEB, "http")
+    for k, reporter in ((1, "source"), (2, "destination")):
+        got = series(lab, k, "istio_requests_total", reporter=reporter, destination_workload="web-2")
+        assert sorted((d["response_code"], v) for d, v in got) == [("200", 3.0), ("503", 2.0)], got
+        for d, _ in got:
+            assert d == {"reporter": reporter, **want, "response_code": d["response_code"],
+                         "grpc_response_status": ""}, d
+        # Body sizes, exactly: what curl sent and what it received.
+        m = {"reporter": reporter, "destination_workload": "web-2"}
+        assert total(lab, k, "istio_request_bytes_count", **m) == 5
+        assert total(lab, k, "istio_request_bytes_sum", **m) == sum(b for _, b, _ in sizes)
+        assert total(lab, k, "istio_response_bytes_sum", **m) == sum(r for _, _, r in sizes) > 0
+        assert total(lab, k, "istio_request_duration_milliseconds_count", **m) == 5
+        # Istio's split: HTTP traffic is reported as requests, never also as TCP connections.
+        assert series(lab, k, "istio_tcp_connections_opened_total", destination_workload="web-2") == []
+    # One access log line per request on each side, with the issue's fields.
+    out_req = [e for e in lab.access_log(1) if e.get("direction") == "outbound" and "method" in e]
+    in_req = [e for e in lab.access_log(2) if e.get("direction") == "inbound" and "method" in e]
+    assert len(out_req) == 5 and len(in_req) == 5
+    for log_ in (out_req, in_req):
+        assert sorted(e["response_code"] for e in log_) == [200, 200, 200, 503, 503]
+        assert sum(e["bytes_sent"] for e in log_) == sum(b for _, b, _ in sizes)
+        assert sum(e["bytes_received"] for e in log_) == sum(r for _, _, r in sizes)
+    for e in out_req:
+        assert e["reporter"] == "source" and e["destination_service"] == "web.default.svc.mesh"
+        assert e["attempts"] == 1 and e["route"] and e["dst_identity"] == WEB and e["source_principal"] == CLIENT
+        assert e["endpoint"].endswith(":8080") and len(e["trace_id"]) == 32 and e["end"] >= e["start"]
+        assert e["response_flags"] == "-" and e["error_reason"] == ""
+    assert {e["trace_id"] for e in out_req} == {e["trace_id"] for e in in_req}, "one trace ID per hop pair"
+
+    # The application's own trace is continued: both proxies' spans under its trace ID.
+    tid, app_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    res = lab.curl(1, f"http://{vip}/traced", uid=CLIENT_UID,
+                   extra=["-H", f"traceparent: 00-{tid}-{app_span}-01", "-H", "tracestate: app=1"])
+    assert res.returncode == 0, res.stderr
+    lab.wait_for(lambda: any(s["traceId"] == tid for s in spans(lab, 2)) and any(s["traceId"] == tid for s in spans(lab, 1)),
+                 5, "spans of the app's trace on both nodes")
+    src = [s for s in spans(lab, 1) if s["traceId"] == tid]
+    dst = [s for s in spans(lab, 2) if s["traceId"] == tid]
+    assert len(src) == 1 and src[0]["kind"] == 3 and src[0]["parentSpanId"] == app_span, src
+    assert len(dst) == 1 and dst[0]["kind"] == 2 and dst[0]["parentSpanId"] == src[0]["spanId"], dst
+    for s, node in ((src[0], "node-1"), (dst[0], "node-2")):
+        a = attrs(s)
+        assert a["nodemesh.node"] == node and a["source.principal"] == CLIENT
+        assert a["destination.workload"] == "default/web-2" and a["http.request.method"] == "GET"
+        assert int(a["http.response.status_code"]) == 200
+    assert {e["trace_id"] for e in lab.access_log(1) if e.get("path") == "/traced"} == {tid}
+    assert {e["trace_id"] for e in lab.access_log(2) if e.get("path") == "/traced"} == {tid}
+
+    # A retry (route /retry: 2 attempts on 5xx) is counted as one.
+    res = lab.curl(1, f"http://{vip}/retry?status=503", uid=CLIENT_UID, extra=["-o", "/dev/null", "-w", "%{http_code}"])
+    assert res.stdout == "503"
+    lab.wait_for(lambda: total(lab, 1, "nodemesh_retries_total") == 1, 5, "the retry counter")
+    assert series(lab, 1, "nodemesh_retries_total") == [
+        ({"destination_service": "web.default.svc.mesh", "reason": "503"}, 1.0)]
+    line = [e for e in lab.access_log(1) if e.get("path") == "/retry?status=503"]
+    assert len(line) == 1 and line[0]["attempts"] == 2 and line[0]["route"]
+    # Both tries reached the workload: two requests on the destination side.
+    lab.wait_for(lambda: total(lab, 2, "istio_requests_total", response_code="503") == 4, 5, "2 more 503s on node 2")
 
 
 def test_tcp_metrics_access_log_and_trace(traced: Lab) -> None:
     lab = traced
-    vip = lab.service_vip("web")
+    vip = lab.service_vip("raw")
     for i in range(3):
-        res = lab.curl(1, f"http://{vip}/obs-{i}", uid=CLIENT_UID)
+        res = lab.curl(1, f"http://{vip}:90/obs-{i}", uid=CLIENT_UID)
         assert res.returncode == 0, res.stderr
 
     def closed(k: int, reporter: str) -> float:
-        return sum(v for _, v in tcp_series(lab, k, "istio_tcp_connections_closed_total", reporter))
+        return total(lab, k, "istio_tcp_connections_closed_total", reporter=reporter, destination_workload="raw-2")
 
     lab.wait_for(lambda: closed(1, "source") == 3 and closed(2, "destination") == 3, 10,
                  "3 closed connections on both reporters", lambda: admin(lab, 1, "/metrics")[-3000:])
-    want = {
-        "source_workload": "client", "source_workload_namespace": "default", "source_principal": CLIENT,
-        "destination_workload": "web-2", "destination_workload_namespace": "default",
-        "destination_principal": WEB, "destination_service": "web.default.svc.mesh",
-        "destination_service_name": "web", "destination_service_namespace": "default",
-        "request_protocol": "tcp", "response_flags": "-", "connection_security_policy": "mutual_tls",
-    }
+    want = labels_for("raw-2", "raw", RAW, "tcp")
     for k, reporter in ((1, "source"), (2, "destination")):
         for name in ("istio_tcp_connections_opened_total", "istio_tcp_connections_closed_total"):
-            series = tcp_series(lab, k, name, reporter)
-            assert len(series) == 1, f"{name} on node {k}: {series}"
-            labels, value = series[0]
+            got = series(lab, k, name, reporter=reporter, destination_workload="raw-2")
+            assert len(got) == 1, f"{name} on node {k}: {got}"
+            labels, value = got[0]
             assert value == 3, f"{name} {reporter}"
             assert labels == {"reporter": reporter, **want}
-    # The port is declared http: the outbound proxy also counts each request (nodeagent/proxy/http).
-    reqs = select(parse(admin(lab, 1, "/metrics")), "istio_requests_total", reporter="source")
-    assert [(d["response_code"], d["request_protocol"], d["destination_workload"], v) for d, v in reqs] == \
-        [("200", "http", "web-2", 3.0)]
+    # A TCP port has no requests.
+    assert series(lab, 1, "istio_requests_total", destination_workload="raw-2") == []
     # Bytes: the metric equals the access log's sum, on each side.
-    out_log = [e for e in lab.access_log(1) if e.get("direction") == "outbound" and "method" not in e]
-    in_log = [e for e in lab.access_log(2) if e.get("direction") == "inbound" and e.get("via") == "hbone"]
+    out_log = [e for e in lab.access_log(1) if e.get("direction") == "outbound" and e.get("dst_workload") == "default/raw-2"]
+    in_log = [e for e in lab.access_log(2) if e.get("direction") == "inbound" and e.get("via") == "hbone"
+              and e.get("dst_workload") == "default/raw-2"]
     assert len(out_log) == 3 and len(in_log) == 3
-    sent = sum(v for _, v in tcp_series(lab, 1, "istio_tcp_sent_bytes_total", "source"))
-    received = sum(v for _, v in tcp_series(lab, 1, "istio_tcp_received_bytes_total", "source"))
-    assert sent == sum(e["bytes_sent"] for e in out_log) > 0
-    assert received == sum(e["bytes_received"] for e in out_log) > 0
-    # Access log fields (issue 6), beside the original ones.
+    for k, log_, reporter in ((1, out_log, "source"), (2, in_log, "destination")):
+        m = {"reporter": reporter, "destination_workload": "raw-2"}
+        assert total(lab, k, "istio_tcp_sent_bytes_total", **m) == sum(e["bytes_sent"] for e in log_) > 0
+        assert total(lab, k, "istio_tcp_received_bytes_total", **m) == sum(e["bytes_received"] for e in log_) > 0
     for e in out_log:
-        assert e["reporter"] == "source" and e["destination_service"] == "web.default.svc.mesh"
+        assert e["reporter"] == "source" and e["destination_service"] == "raw.default.svc.mesh"
         assert e["response_flags"] == "-" and e["error_reason"] == "" and e["attempts"] == 1
-        assert e["endpoint"].endswith(":8080") and e["dst_identity"] == WEB
+        assert e["endpoint"].endswith(":9000") and e["dst_identity"] == RAW
         assert len(e["trace_id"]) == 32 and e["end"] >= e["start"]
-    # Each request's trace crosses to node 2 in the HBONE CONNECT: one trace ID, both access logs.
-    out_req = [e for e in lab.access_log(1) if e.get("direction") == "outbound" and "method" in e]
-    assert len(out_req) == 3 and all(e["response_code"] == 200 for e in out_req)
-    assert {e["trace_id"] for e in out_req} == {e["trace_id"] for e in in_log}, "one trace ID per hop pair"
-    # Traces: each connection's inbound span (node 2) is a child of its outbound span (node 1).
-    def spans(k: int) -> list[dict[str, Any]]:
-        path = lab.workdir / f"trace-{k}.jsonl"
-        return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
-
-    lab.wait_for(lambda: len(spans(1)) >= 6 and len(spans(2)) >= 3, 5, "spans from both nodes")
-    inbound = {s["traceId"]: s for s in spans(2) if s["kind"] == 2}
-    outbound = {s["traceId"]: s for s in spans(1) if s["kind"] == 3 and s["traceId"] in inbound}
-    assert set(outbound) == set(inbound) == {e["trace_id"] for e in out_req}
+    # Each connection's trace crosses to node 2 in the HBONE CONNECT: the inbound span
+    # (node 2) is a child of the outbound one (node 1), and both log lines share the ID.
+    assert {e["trace_id"] for e in out_log} == {e["trace_id"] for e in in_log}
+    lab.wait_for(lambda: len(spans(lab, 1)) >= 3 and len(spans(lab, 2)) >= 3, 5, "spans from both nodes")
+    inbound = {s["traceId"]: s for s in spans(lab, 2) if s["kind"] == 2}
+    outbound = {s["traceId"]: s for s in spans(lab, 1) if s["kind"] == 3 and s["traceId"] in inbound}
+    assert set(outbound) == set(inbound) == {e["trace_id"] for e in out_log}
     for tid, s in inbound.items():
         assert s["parentSpanId"] == outbound[tid]["spanId"]
-        attrs = {a["key"]: next(iter(a["value"].values())) for a in s["attributes"]}
-        assert attrs["source.principal"] == CLIENT and attrs["destination.workload"] == "default/web-2"
+        a = attrs(s)
+        assert a["source.principal"] == CLIENT and a["destination.workload"] == "default/raw-2"
     # The node view of the same facts.
     summary = json.loads(admin(lab, 1, "/summary"))
-    edge = next(e for e in summary["edges"] if e["reporter"] == "source")
-    assert edge["source"] == "default/client" and edge["destination_service_key"] == "default/web"
+    edge = next(e for e in summary["edges"] if e["reporter"] == "source"
+                and e["destination_service_key"] == "default/raw")
+    assert edge["source"] == "default/client"
     assert edge["tcp_closed"] == 3 and edge["success_rate"] == 1.0 and edge["mtls"] == ["mutual_tls"]
+    # nodemesh's own families on the agents: xDS link, capture, certificates, health checks.
+    for k in (1, 2):
+        assert total(lab, k, "nodemesh_xds_connected") == 1
+        assert series(lab, k, "nodemesh_capture_installed") == [({"mode": "iptables"}, 1.0)]
+        assert series(lab, k, "nodemesh_capture_proxy_state") == [({"state": "serving"}, 1.0)]
+        assert total(lab, k, "nodemesh_capture_proxy_down_windows_total") == 0
+    expiry = {d["identity"]: v for d, v in series(lab, 2, "nodemesh_cert_expiry_timestamp_seconds")}
+    assert set(expiry) == {WEB, RAW} and all(v > time.time() + 3600 for v in expiry.values())
+    # web-2's health check runs on node 2 every 200 ms and passes.
+    lab.wait_for(lambda: total(lab, 2, "nodemesh_health_checks_total", result="pass") >= 2, 5, "health check results")
+    assert series(lab, 2, "nodemesh_endpoint_healthy") == [
+        ({"destination_service": "web.default.svc.mesh", "workload": "default/web-2"}, 1.0)]
+    assert total(lab, 2, "nodemesh_health_checks_total", result="fail") == 0
+    # The control plane: both proxies connected, no NACK, push latency observed per type.
+    cp_metrics = parse(lab.ns_exec(lab.hub, ["curl", "-sS", "--max-time", "5", "http://127.0.0.1:15014/metrics"]).stdout)
+    assert select(cp_metrics, "nodemesh_controlplane_xds_streams") == [({}, 2.0)]
+    assert select(cp_metrics, "nodemesh_controlplane_xds_nacks_total") == []
+    pushes = {d["type"]: v for d, v in select(cp_metrics, "nodemesh_controlplane_push_latency_seconds_count")}
+    assert pushes.get("Cluster", 0) >= 2 and pushes.get("ClusterLoadAssignment", 0) >= 2, pushes
 
 
 def test_explain_agrees_with_the_proxy(traced: Lab) -> None:

@@ -75,7 +75,10 @@ class FakePool:
             r.counter("istio_tcp_connections_closed_total", "", metrics.TCP_LABELS).inc(lab.as_dict())
             out.append({"metrics": r.collect(), "balancer": [{"address": "10.0.0.2:8080", "ewma_ms": 1.0 + i,
                                                               "outstanding": 1, "measured": True}],
-                        "recent": [{"seq": 1, "end_unix": 100.0 + i, "direction": "outbound"}]})
+                        "recent": [{"seq": 1, "end_unix": 100.0 + i, "direction": "outbound"}],
+                        # Only the second worker has ejected 10.0.0.2 (each sees its own outcomes).
+                        "l7": [{"cluster": "c-web", "ejected": ["10.0.0.2:8080"] if i else [], "breaker_open": False,
+                                "breaker_overflows": i, "ejections": i, "retry_budget_refused": 0}]})
         return out
 
     def alive(self) -> bool:
@@ -118,8 +121,12 @@ def test_admin_endpoint_merges_workers_and_serves_views() -> None:
     assert select(samples, "istio_tcp_connections_closed_total", source_workload="client")[0][1] == 2
     assert select(samples, "nodemesh_capture_installed", mode="iptables")[0][1] == 1
     assert res["/ready"][0] == 200
-    ep = json.loads(res["/clusters"][1])["clusters"][0]["endpoints"][0]
+    cl = json.loads(res["/clusters"][1])["clusters"][0]
+    ep = cl["endpoints"][0]
     assert (ep["address"], ep["ewma_ms"], ep["outstanding"]) == ("10.0.0.2:8080", 2.0, 2)
+    assert [(e["address"], e["outlier_ejected"]) for e in cl["endpoints"]] == [
+        ("10.0.0.2:8080", True), ("10.0.0.1:8080", False)]
+    assert cl["l7"] == {"breaker_open": False, "breaker_overflows": 1, "ejections": 1, "retry_budget_refused": 0}
     assert json.loads(res["/config_dump"][1])["services"][0]["vip"] == "240.240.0.1"
     assert json.loads(res["/explain?from=client&to=web"][1])["plan"]["kind"] == "service"
     assert res["/explain?from=x&to=web"][0] == 400 and "not a workload" in res["/explain?from=x&to=web"][1]

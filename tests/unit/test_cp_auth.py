@@ -15,10 +15,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from test_cp_ca import make_csr
 
 from controlplane.ca import ROOT_KEY_FILE, CaError, CertificateAuthority
 from nodemesh.identity import Identity
+from tests.unit.test_cp_ca import make_csr
 
 TD = "cluster.local"
 ID = Identity(TD, "default", "web")
@@ -109,3 +109,73 @@ def test_operator_files_errors_name_the_file(tmp_path: Path) -> None:
         CertificateAuthority.from_files(cert, other[1], chain)
     except CaError as e:
         assert "PRIVATE KEY" not in str(e)
+
+
+def _write(path: Path, *certs: x509.Certificate) -> str:
+    path.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs))
+    return str(path)
+
+
+def test_operator_files_refusals_say_what_to_fix(tmp_path: Path) -> None:
+    cert, key, chain = _operator_ca(tmp_path)
+    inter = x509.load_pem_x509_certificate(Path(cert).read_bytes())
+    root = x509.load_pem_x509_certificate(Path(chain).read_bytes())
+    # The intermediate file holding the root too: the chain goes in --ca-chain.
+    with pytest.raises(CaError, match="holds 2 certificates"):
+        CertificateAuthority.from_files(_write(tmp_path / "both.pem", inter, root), key, chain)
+    # A chain that does not end with a self-signed root: no trust anchor.
+    with pytest.raises(CaError, match="not a self-signed root"):
+        CertificateAuthority.from_files(cert, key, "")
+    # A key readable by every user is refused before it is parsed.
+    os.chmod(key, 0o644)
+    with pytest.raises(CaError, match="chmod 600"):
+        CertificateAuthority.from_files(cert, key, chain)
+    os.chmod(key, 0o600)
+    # Garbage where PEM is expected names the flag and the file.
+    (tmp_path / "junk").write_bytes(os.urandom(64))
+    for args, flag in (((str(tmp_path / "junk"), key, chain), "--ca-cert"),
+                       ((cert, str(tmp_path / "junk"), chain), "--ca-key"),
+                       ((cert, key, str(tmp_path / "junk")), "--ca-chain")):
+        if flag == "--ca-key":
+            os.chmod(tmp_path / "junk", 0o600)
+        with pytest.raises(CaError, match=flag):
+            CertificateAuthority.from_files(*args)
+    # Not valid any more (the operator's clock says 2100): issue a new one.
+    with pytest.raises(CaError, match="not valid now"):
+        CertificateAuthority.from_files(cert, key, chain, clock=lambda: 4_102_444_800.0)
+    # A leaf certificate (CA:FALSE) cannot be the intermediate.
+    k = serialization.load_pem_private_key(Path(key).read_bytes(), None)
+    assert isinstance(k, ec.EllipticCurvePrivateKey)
+    now = datetime.datetime.now(datetime.UTC)
+    leaf = (x509.CertificateBuilder().subject_name(inter.subject).issuer_name(inter.subject)
+            .public_key(k.public_key()).serial_number(9).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .sign(k, hashes.SHA256()))
+    with pytest.raises(CaError, match="not a CA certificate"):
+        CertificateAuthority.from_files(_write(tmp_path / "leaf.pem", leaf), key, chain)
+
+
+def test_controlplane_settings_need_all_three_ca_files(tmp_path: Path) -> None:
+    from controlplane.server import ControlPlaneSettings
+
+    with pytest.raises(ValueError, match="go together"):
+        ControlPlaneSettings(state_dir=str(tmp_path), ca_cert="x.pem")
+    ControlPlaneSettings(state_dir=str(tmp_path), ca_cert="a", ca_key="b", ca_chain="c")
+
+
+def test_serve_with_operator_ca_bad_chain_exits_with_a_clear_error(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    cert, key, _chain = _operator_ca(tmp_path)
+    other = tmp_path / "o"
+    other.mkdir()
+    wrong_chain = _operator_ca(other)[2]
+    p = subprocess.run([sys.executable, "-m", "nodemesh", "controlplane", "serve", "--state-dir",
+                        str(tmp_path / "state"), "--listen", f"unix:{tmp_path}/cp.sock", "--web-listen", "",
+                        "--ca-cert", cert, "--ca-key", key, "--ca-chain", wrong_chain],
+                       capture_output=True, text=True, timeout=30, check=False)
+    assert p.returncode == 1
+    assert "--ca-chain" in p.stderr and "did not issue" in p.stderr and "Traceback" not in p.stderr
+    assert "PRIVATE KEY" not in p.stderr + p.stdout

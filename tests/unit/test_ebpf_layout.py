@@ -151,3 +151,64 @@ def test_headers_merged_from_debian_trees(tmp_path: Path) -> None:
 def test_missing_headers_name_the_package(tmp_path: Path) -> None:
     with pytest.raises(bpfheaders.HeadersError, match="apt-get install linux-headers-amd64"):
         bpfheaders.find_headers(str(tmp_path / "cache"), str(tmp_path / "nothing"), release="0.0-none")
+
+
+def test_plan_with_dns_adds_sendmsg_and_recvmsg_where_connect4_is() -> None:
+    plan = ebpf.plan_attachments([wl("a", cgroup="/mesh/a"), wl("b", uid=3001)], "/", dns=True)
+    described = {p.describe() for p in plan}
+    assert {"/mesh/a cgroup_udp4_sendmsg nm_sendmsg4", "/mesh/a cgroup_udp4_recvmsg nm_recvmsg4",
+            "/ cgroup_udp4_sendmsg nm_sendmsg4_uid", "/ cgroup_udp4_recvmsg nm_recvmsg4"} <= described
+    assert not any("udp4" in p.describe() for p in ebpf.plan_attachments([wl("a", uid=1)], "/"))
+
+
+def test_config_carries_the_dns_proxy_only_when_captured() -> None:
+    s = ProxySettings("n", "10.0.0.1")
+    cfg = ebpf.render_config(s, 1, "open", dns_port=15053)
+    assert (cfg.dns_port, struct.pack("=I", cfg.dns_ip4)) == (15053, bytes([127, 0, 0, 1]))
+    off = ebpf.render_config(s, 1, "open")
+    assert (off.dns_port, off.dns_ip4) == (0, 0)
+    with pytest.raises(CaptureError, match="dns.address"):
+        ebpf.render_config(s, 1, "open", dns_port=15053, dns_ip="::1")
+
+
+def test_udp_bound_reads_proc_net_udp(tmp_path: Path) -> None:
+    f = tmp_path / "udp"
+    f.write_text(
+        "   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref\n"
+        "  1: 0100007F:3ACD 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 1 2\n")
+    assert ebpf.udp_bound("127.0.0.1", 15053, str(f))
+    assert not ebpf.udp_bound("127.0.0.1", 53, str(f))
+
+
+def test_liveness_pin_path_is_per_netns(tmp_path: Path) -> None:
+    from nodeagent.capture import heartbeat
+
+    assert heartbeat.pin_path("/sys/fs/bpf", 0x1F) == "/sys/fs/bpf/nodemesh/1f/liveness"
+    mounts = tmp_path / "mounts"
+    mounts.write_text("sysfs /sys sysfs rw 0 0\nbpf /run/bpf bpf rw,relatime 0 0\n")
+    assert heartbeat.bpffs_mount(str(mounts)) == "/run/bpf"
+
+
+def test_liveness_map_round_trip_through_a_pin(tmp_path: Path) -> None:
+    """The workers' writer (raw bpf(2), no bcc) against a map bcc created."""
+    require_root("creating a BPF map")
+    from nodeagent.capture import heartbeat
+
+    bpf = ebpf._load_bpf()
+    try:
+        mount = heartbeat.ensure_bpffs()
+        path = f"{mount}/nodemesh-test-{abs(hash(str(tmp_path))) % 10**8}"
+        heartbeat.obj_pin(bpf[b"nm_liveness"].map_fd, path)
+        try:
+            fd = heartbeat.obj_get(path)
+            heartbeat.write_slot(fd, heartbeat.SLOT_PROXY, 12345)
+            assert bpf[b"nm_liveness"][ct.c_int(0)].value == 12345
+            assert heartbeat.read_slot(fd, heartbeat.SLOT_PROXY) == 12345
+            import os
+
+            os.close(fd)
+            assert heartbeat.age_s(path, heartbeat.SLOT_DNS) is None  # never written
+        finally:
+            Path(path).unlink()
+    finally:
+        bpf.cleanup()

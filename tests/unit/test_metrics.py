@@ -3,6 +3,7 @@ proxy's telemetry derives from a connection's facts."""
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 
 import pytest
@@ -136,7 +137,212 @@ def test_grafana_dashboard_uses_only_metrics_we_export() -> None:
     dash = json.loads((root / "docs" / "grafana-dashboard.json").read_text())
     exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
     used = {re.sub(r"_(bucket|sum|count)$", "", m) for e in exprs for m in re.findall(r"\b(?:istio|nodemesh)_\w+", e)}
-    defined = {f.name for f in metrics.REGISTRY.collect()}
+    defined = {f.name for f in [*metrics.REGISTRY.collect(), *metrics.AGENT_REGISTRY.collect()]}
     sources = (root / "nodeagent" / "admin.py").read_text() + (root / "controlplane" / "metrics.py").read_text()
     missing = {n for n in used if n not in defined and f'"{n}"' not in sources}
     assert not missing, f"the dashboard queries metrics nobody exports: {sorted(missing)}"
+
+
+def test_set_total_mirrors_a_cumulative_count() -> None:
+    r = Registry()
+    c = r.counter("k_total", "kernel count", ("reason",))
+    c.set_total({"reason": "fail_open"}, 7)
+    c.set_total({"reason": "fail_open"}, 9)
+    assert c.value({"reason": "fail_open"}) == 9
+    with pytest.raises(MetricError, match="only for counters|is for counters"):
+        r.gauge("g", "").set_total(None, 1)
+    with pytest.raises(MetricError, match="negative"):
+        c.set_total({"reason": "x"}, -1)
+
+
+def test_resilience_feeds_use_bounded_service_labels() -> None:
+    metrics.REGISTRY.reset()
+    cl = "outbound|80||web.default.svc.mesh"
+    assert metrics.service_of_cluster(cl) == "web.default.svc.mesh"
+    assert metrics.outcome_reason(503, None) == "503"
+    assert metrics.outcome_reason(404, None) == "4xx"
+    assert metrics.outcome_reason(200, 14) == "grpc_14"
+    assert metrics.outcome_reason(0, None, connect_failure=True) == "connect_failure"
+    metrics.retry(cl, "503")
+    metrics.retry_stopped(cl, "budget")
+    metrics.retry_stopped(cl, "deadline")
+    metrics.breaker_overflow(cl, "max_requests")
+    metrics.outlier_ejected(cl, "503")
+    s = parse(render(metrics.REGISTRY.collect()))
+    svc = {"destination_service": "web.default.svc.mesh"}
+    assert select(s, "nodemesh_retries_total") == [({**svc, "reason": "503"}, 1.0)]
+    assert select(s, "nodemesh_retry_budget_exhausted_total") == [(svc, 1.0)]
+    assert sorted(d["reason"] for d, _ in select(s, "nodemesh_retries_stopped_total")) == ["budget", "deadline"]
+    assert select(s, "nodemesh_circuit_breaker_overflows_total") == [({**svc, "limit": "max_requests"}, 1.0)]
+    assert select(s, "nodemesh_outlier_ejections_total") == [({**svc, "reason": "503"}, 1.0)]
+    metrics.REGISTRY.reset()
+
+
+class _Settings:
+    tracing = ""
+    trace_sampling = 1.0
+    access_log_sampling = 1.0
+    node_name = "n2"
+
+
+class _FakeProxy:
+    """What ProxyTelemetry and the sessions need of a NodeProxy."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        from nodeagent.proxy.accesslog import AccessLog
+        from nodeagent.telemetry import ProxyTelemetry
+
+        self.settings = _Settings()
+        self.snapshot = snapshot
+        self.access_log = AccessLog("off")
+        self.lines = self.access_log.capture()
+        self.telemetry = ProxyTelemetry(self)  # type: ignore[arg-type]
+
+    def new_session(self, direction: str, **fields: object) -> object:
+        from nodeagent.proxy.relay import Session
+
+        session = Session(self.access_log, direction, node=self.settings.node_name, **fields)
+        session.observer = self.telemetry
+        self.telemetry.begin(session)
+        return session
+
+
+def _http_snapshot() -> Snapshot:
+    ep = Endpoint("10.0.0.2", 8080, "default/web-2", "spiffe://td/ns/default/sa/web", "n2", "10.0.0.2")
+    svc = Service("web", "default", "240.240.0.1", (ServicePort(80, 8080, protocol="http", endpoints=(ep,)),))
+    wl = Workload("client", "default", "client", "n1", "10.0.0.1", (), "spiffe://td/ns/default/sa/client", "10.0.0.1")
+    return Snapshot("v1", "n2", MeshSettings(trust_domain="td", dns_domain="mesh"), services=(svc,), workloads=(wl,))
+
+
+class _End:
+    tap = None
+
+
+def test_destination_side_reports_http_requests_not_tcp() -> None:
+    """An inbound tunnel to an HTTP port: each request observed on the workload end
+    becomes a reporter=destination request (with its body sizes, a span child of the
+    request's traceparent and a log line), and the tunnel is not also a TCP connection."""
+    from nodeagent.proxy.inbound import InboundTarget
+    from nodeagent.snapshot import LocalWorkload
+
+    metrics.REGISTRY.reset()
+    proxy = _FakeProxy(_http_snapshot())
+    conn = proxy.new_session("inbound", src="10.0.0.1:5000", source_principal="spiffe://td/ns/default/sa/client",
+                             dst_addr="10.0.0.2:8080", dst_identity="spiffe://td/ns/default/sa/web", via="hbone",
+                             tls=True)
+    conn.peer_headers = (("baggage", "k8s.namespace.name=default,k8s.workload.name=client,service.name=default/web"),)
+    conn.set(dst_workload="default/web-2")
+    end = _End()
+    lw = LocalWorkload("web-2", "default", "web", "10.0.0.2", (8080,), uid=2001)
+    proxy.telemetry.workload_end(conn, end, InboundTarget(lw, "spiffe://td/ns/default/sa/web", "10.0.0.2", 8080))
+    watch = end.tap
+    assert watch is not None
+    conn.connected()
+    tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    watch.request(f"POST /a HTTP/1.1\r\nhost: x\r\ntraceparent: {tp}\r\ncontent-length: 4\r\n\r\nabcd".encode())
+    watch.response(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 6\r\n\r\nnope!\n")
+    watch.request(b"GET /b HTTP/1.1\r\nhost: x\r\n\r\n")
+    watch.response(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+    conn.finish()
+    s = parse(render(metrics.REGISTRY.collect()))
+    reqs = select(s, "istio_requests_total", reporter="destination")
+    assert sorted((d["response_code"], v) for d, v in reqs) == [("200", 1.0), ("503", 1.0)]
+    d = reqs[0][0]
+    assert (d["source_workload"], d["destination_workload"], d["destination_service"], d["request_protocol"],
+            d["connection_security_policy"]) == ("client", "web-2", "web.default.svc.mesh", "http", "mutual_tls")
+    assert select(s, "istio_request_bytes_sum", reporter="destination", response_code="503")[0][1] == 4
+    assert select(s, "istio_response_bytes_sum", reporter="destination", response_code="503")[0][1] == 6
+    assert select(s, "istio_response_bytes_sum", reporter="destination", response_code="200")[0][1] == 2
+    assert select(s, "istio_tcp_connections_opened_total") == []
+    assert select(s, "istio_tcp_connections_closed_total") == []
+    lines = [r for r in proxy.lines if "method" in r]
+    assert [(r["method"], r["response_code"], r["bytes_sent"], r["bytes_received"]) for r in lines] == \
+        [("POST", 503, 4, 6), ("GET", 200, 0, 2)]
+    assert lines[0]["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
+    metrics.REGISTRY.reset()
+
+
+def test_destination_side_falls_back_to_tcp_when_not_http() -> None:
+    from nodeagent.proxy.inbound import InboundTarget
+    from nodeagent.snapshot import LocalWorkload
+
+    metrics.REGISTRY.reset()
+    proxy = _FakeProxy(_http_snapshot())
+    conn = proxy.new_session("inbound", source_principal="spiffe://td/ns/default/sa/client",
+                             dst_addr="10.0.0.2:8080", via="hbone", tls=True, dst_workload="default/web-2")
+    end = _End()
+    lw = LocalWorkload("web-2", "default", "web", "10.0.0.2", (8080,), uid=2001)
+    proxy.telemetry.workload_end(conn, end, InboundTarget(lw, "spiffe://td/ns/default/sa/web", "10.0.0.2", 8080))
+    conn.connected()
+    end.tap.request(b"\x16\x03\x01 not http at all\r\n\r\n")
+    assert end.tap.stopped
+    conn.finish()
+    s = parse(render(metrics.REGISTRY.collect()))
+    assert select(s, "istio_requests_total") == []
+    assert [v for _, v in select(s, "istio_tcp_connections_closed_total", reporter="destination")] == [1.0]
+    metrics.REGISTRY.reset()
+
+
+def test_outbound_l7_connection_is_not_also_a_tcp_connection() -> None:
+    metrics.REGISTRY.reset()
+    proxy = _FakeProxy(_http_snapshot())
+    conn = proxy.new_session("outbound", source_workload="default/client", dst_service="default/web")
+    conn.set(protocol="http")  # the L7 stack took it over
+    conn.finish()
+    tcp = proxy.new_session("outbound", source_workload="default/client", dst_service="default/web")
+    tcp.set(protocol="tcp", detect="timeout")  # auto-detection fell back to TCP
+    tcp.finish()
+    s = parse(render(metrics.REGISTRY.collect()))
+    assert [v for _, v in select(s, "istio_tcp_connections_closed_total")] == [1.0]
+    metrics.REGISTRY.reset()
+
+
+def test_l7_state_sets_scrape_time_gauges_and_admin_sees_ejections() -> None:
+    from nodeagent.proxy.http.retry import Outcome
+    from nodeagent.proxy.http.stack import runtime_of
+    from nodeagent.routing import DEFAULT_POLICY
+    from nodeagent.telemetry import l7_state
+    from nodemesh.routes import OutlierDetection
+
+    metrics.REGISTRY.reset()
+    proxy = _FakeProxy(_http_snapshot())
+    t = [100.0]
+    rt = runtime_of(proxy)  # type: ignore[arg-type]
+    rt.clock = lambda: t[0]
+    policy = dataclasses.replace(DEFAULT_POLICY, outlier=OutlierDetection(consecutive_5xx=2, base_ejection_s=30))
+    sp = ServicePort(80, 8080, protocol="http", cluster="outbound|80||web.default.svc.mesh", policy=policy)
+    dest = rt.destination(sp)
+    ep = _http_snapshot().services[0].ports[0].endpoints[0]
+    dest.outlier._clock = lambda: t[0]
+    assert not dest.record(ep, Outcome(status=503), 0.01, 2)
+    assert dest.record(ep, Outcome(status=503), 0.01, 2)
+    state = l7_state(proxy)  # type: ignore[arg-type]
+    assert state[0]["ejected"] == ["10.0.0.2:8080"] and state[0]["ejections"] == 1
+    s = parse(render(metrics.REGISTRY.collect()))
+    assert select(s, "nodemesh_outlier_ejected") == [
+        ({"destination_service": "web.default.svc.mesh", "endpoint": "10.0.0.2:8080"}, 1.0)]
+    assert select(s, "nodemesh_circuit_breaker_open") == [({"destination_service": "web.default.svc.mesh"}, 0.0)]
+    t[0] += 31  # the ejection ends by the clock: the next scrape says so
+    assert l7_state(proxy)[0]["ejected"] == []  # type: ignore[arg-type]
+    assert select(parse(render(metrics.REGISTRY.collect())), "nodemesh_outlier_ejected") == []
+    metrics.REGISTRY.reset()
+
+
+def test_request_headers_continue_w3c_and_b3_traces() -> None:
+    proxy = _FakeProxy(_http_snapshot())
+    tel = proxy.telemetry
+    s = proxy.new_session("outbound", method="GET")
+    out = dict(tel.request_headers(s, [("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+                                       ("tracestate", "app=1")]))
+    assert (s.span.trace_id, s.span.parent_span_id) == ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7")
+    assert out["traceparent"] == f"00-4bf92f3577b34da6a3ce929d0e0e4736-{s.span.span_id}-01"
+    assert out["tracestate"] == "app=1"
+    b = proxy.new_session("outbound", method="GET")
+    out = dict(tel.request_headers(b, [("x-b3-traceid", "a3ce929d0e0e4736"), ("x-b3-spanid", "00f067aa0ba902b7"),
+                                       ("x-b3-sampled", "1")]))
+    assert b.span.trace_id == "0000000000000000a3ce929d0e0e4736" and b.span.parent_span_id == "00f067aa0ba902b7"
+    assert out["x-b3-spanid"] == b.span.span_id and out["traceparent"].startswith("00-0000000000000000a3ce")
+    fresh = proxy.new_session("outbound", method="GET")
+    root = fresh.span
+    out = dict(tel.request_headers(fresh, [("host", "web")]))
+    assert fresh.span is root and out["traceparent"] == f"00-{root.trace_id}-{root.span_id}-01"

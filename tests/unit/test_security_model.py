@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_xds_convert import full_state, pack
+from tests.unit.test_xds_convert import full_state, pack
 
 from controlplane.ca import CertificateRefused, parse_csr
 from controlplane.policies import policy_resources

@@ -102,3 +102,38 @@ def test_otlp_http_exporter_posts_json() -> None:
     assert rs["scopeSpans"][0]["spans"][0]["name"] == "op"
     with pytest.raises(ValueError, match="must start with http"):
         tracing.OtlpHttpExporter("collector:4318")
+
+
+def test_grpc_call_continues_the_apps_trace_through_the_http2_stack() -> None:
+    """HTTP/2 (gRPC) path: the app's traceparent and tracestate are continued; the
+    endpoint receives the proxy's span as parent under the app's trace ID, and the
+    request's access log line carries that trace ID (nodeagent/proxy/http/h2stack.py)."""
+    import asyncio
+
+    import grpc
+
+    from tests.unit.test_h2_stack import Backend, _ident, run
+
+    seen: list[dict[str, str]] = []
+
+    class Recording(Backend):
+        def _unary(self, req: bytes, ctx: grpc.ServicerContext) -> bytes:
+            seen.append({k: v for k, v in ctx.invocation_metadata() if isinstance(v, str)})
+            return super()._unary(req, ctx)
+
+    tid, app_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+
+    async def body(m: object) -> None:
+        call = m.channel.unary_unary("/test.Echo/Unary", *_ident)  # type: ignore[attr-defined]
+        md = [("traceparent", f"00-{tid}-{app_span}-01"), ("tracestate", "app=1")]
+        resp = await asyncio.to_thread(lambda: call(b"hi", metadata=md, timeout=10))
+        assert resp.startswith(b"r0:hi")
+        await asyncio.sleep(0.05)
+        line = m.grpc_lines()[-1]  # type: ignore[attr-defined]
+        assert line["trace_id"] == tid and line["span_id"] != app_span
+
+        got = tracing.parse_traceparent(seen[-1]["traceparent"])
+        assert got is not None and got.trace_id == tid and got.span_id == line["span_id"]
+        assert seen[-1]["tracestate"] == "app=1"
+
+    run(body, [Recording("r0")])

@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf.message import Message
-from test_xds_convert import LOCAL, assignment, cluster, mesh_config, mesh_security, pack, workload
+from tests.unit.test_xds_convert import LOCAL, assignment, cluster, mesh_config, mesh_security, pack, workload
 
 from nodeagent import cpchannel
 from nodeagent.registry import RegistrySession

@@ -34,6 +34,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 
+from nodeagent import metrics, tracing
 from nodeagent.routing import RouteEntry, RouteTable, WeightedCluster
 from nodeagent.snapshot import Endpoint, ServicePort, Snapshot
 from nodemesh.routes import RouteMatch
@@ -619,6 +620,8 @@ class H2Call:
         self.req_ended = False
         self.request_trailers: Headers | None = None
         self.owed_req = 0  # client window credit, returned once the upstream took the data
+        self.request_bytes = 0  # DATA payload from the client (istio_request_bytes)
+        self.response_bytes = 0  # DATA payload to the client (istio_response_bytes)
         # response side
         self.cur: Try | None = None
         self.owed_resp = 0
@@ -630,6 +633,7 @@ class H2Call:
 
     # -- from the client --
     def on_request_data(self, data: bytes, n: int) -> None:
+        self.request_bytes += len(data)
         if self.finished:
             self.ds.core.acknowledge(self.sid, n)
             return
@@ -685,6 +689,7 @@ class H2Call:
             t.conn.core.acknowledge(t.sid, n)
             return
         self.ds.core.send_data(self.sid, data)
+        self.response_bytes += len(data)
         self.owed_resp += n
         self.ds.flush()
         self.resp_progress()
@@ -752,6 +757,7 @@ class H2Call:
                     ("x-nodemesh-reason", reason[:100]), *(extra or [])]
             self.ds.core.send_headers(self.sid, hdrs)
             self.ds.core.send_data(self.sid, body)
+            self.response_bytes += len(body)
             self.ds.core.end_stream(self.sid)
         self.committed = True
         self.ds.flush()
@@ -772,7 +778,8 @@ class H2Call:
             if self.cur is not None and not self.finished:
                 self.cur.abandon()
             self._finish()
-            self.session.set(status=self.status, attempts=self.attempts)
+            self.session.set(status=self.status, attempts=self.attempts, request_bytes=self.request_bytes,
+                             response_bytes=self.response_bytes)
             if self.grpc_status is not None:
                 self.session.set(grpc_status=self.grpc_status)
             self.ds.conn_session.set(**{k: v for k, v in self.session.fields.items()
@@ -785,6 +792,11 @@ class H2Call:
         rt, ds = self.rt, self.ds
         snapshot = rt.proxy.snapshot
         assert snapshot is not None
+        tel = getattr(rt.proxy, "telemetry", None)
+        if tel is not None:
+            # Continue the caller's W3C / B3 trace, as the HTTP/1.1 stack does: this
+            # hop's span is its child and the request goes on with it as parent.
+            self.headers = tracing.replace_trace_headers(self.headers, tel.request_headers(self.session, self.headers))
         hit = snapshot.by_vip.get((ds.plan.dst_ip, ds.plan.dst_port))
         if hit is None:
             return self.reply_local(503, f"no_route: {ds.plan.service} is no longer in the mesh config")
@@ -836,6 +848,7 @@ class H2Call:
         dest = rt.destination(bsp)
         over = dest.breaker.try_acquire("requests")
         if over:
+            metrics.breaker_overflow(cluster, over)
             return self.reply_local(503, f"overflow: circuit breaker {over} reached for {cluster}",
                                     extra=[("x-nodemesh-overloaded", "true")])
         try:
@@ -886,8 +899,11 @@ class H2Call:
             outcome, t, err = await self._try(snapshot, ep, fwd, per_try, dest)
             dest.ewma.finish(ep)
             elapsed = rt.clock() - t0
-            dest.record(ep, outcome, elapsed if not outcome.gateway_error or outcome.status else
-                        max(elapsed, FAILURE_PENALTY_S), len(sp.endpoints))
+            why = metrics.outcome_reason(outcome.status, outcome.grpc_status, connect_failure=outcome.connect_failure,
+                                         reset=outcome.reset, timeout=outcome.timeout)
+            if dest.record(ep, outcome, elapsed if not outcome.gateway_error or outcome.status else
+                           max(elapsed, FAILURE_PENALTY_S), len(sp.endpoints)):
+                metrics.outlier_ejected(sp.cluster, why)
             last_err = err or last_err
             if self.finished:  # the client went away meanwhile
                 if t is not None:
@@ -909,17 +925,21 @@ class H2Call:
                 elif dest.breaker.try_acquire("retries"):
                     more = False
                     self.session.set(retry_stopped="max_retries")
+                    metrics.breaker_overflow(sp.cluster, "max_retries")
                 else:
                     if t is not None:
                         t.abandon()
                     self.cur = None
                     self._live = False
                     rt.counters.retries += 1
+                    metrics.retry(sp.cluster, why)
                     try:
                         await asyncio.sleep(wait)
                     finally:
                         dest.breaker.release("retries")
                     continue
+            if "retry_stopped" in self.session.fields:
+                metrics.retry_stopped(sp.cluster, self.session.fields["retry_stopped"])
             if t is not None:
                 return await self._relay(t, entry, deadline)
             if outcome.timeout:
@@ -936,6 +956,7 @@ class H2Call:
         """One try; returns the outcome, the try when a response head arrived, and an error text."""
         over = dest.breaker.try_acquire("connections")
         if over:
+            metrics.breaker_overflow(dest.cluster, over)
             return Outcome(connect_failure=True), None, f"circuit breaker {over}"
         try:
             return await (asyncio.wait_for(self._try_inner(snapshot, ep, fwd), timeout_s) if timeout_s

@@ -23,11 +23,12 @@ from typing import TYPE_CHECKING, Any, cast
 
 import h11
 
+from nodeagent import metrics, tracing
 from nodeagent.routing import RouteEntry, RouteTable, WeightedCluster
 from nodeagent.snapshot import Endpoint, ServicePort, Snapshot
 from nodemesh.routes import RouteMatch
 
-from .. import authz, detect
+from .. import authz_l7, detect
 from ..errors import ConnectTimeout, ProxyError
 from ..inbound import connect_local, resolve_inbound
 from ..plan import OutboundPlan, is_same_node
@@ -152,6 +153,8 @@ class Downstream(asyncio.Protocol):
         self._detect_timer: asyncio.TimerHandle | None = None
         self._req: h11.Request | None = None
         self._body = bytearray()
+        self._body_size = 0  # the request body's size, even past MAX_BUFFERED_BODY (istio_request_bytes)
+        self.resp_body = 0  # response body bytes written for the current request (istio_response_bytes)
         self._too_big = False
         self._busy = False
         self._closed = False
@@ -254,8 +257,9 @@ class Downstream(asyncio.Protocol):
             if ev is h11.NEED_DATA or ev is h11.PAUSED:
                 return
             if isinstance(ev, h11.Request):
-                self._req, self._body, self._too_big = ev, bytearray(), False
+                self._req, self._body, self._too_big, self._body_size = ev, bytearray(), False, 0
             elif isinstance(ev, h11.Data):
+                self._body_size += len(ev.data)
                 if len(self._body) + len(ev.data) > MAX_BUFFERED_BODY:
                     self._too_big = True
                 else:
@@ -278,6 +282,8 @@ class Downstream(asyncio.Protocol):
             self.transport.abort()
             return
         if data:
+            if isinstance(ev, h11.Data):
+                self.resp_body += len(ev.data)
             self.end.tx += len(data)
             self.transport.write(data)
 
@@ -314,6 +320,8 @@ class Downstream(asyncio.Protocol):
         self.requests += 1
         self.rt.counters.requests += 1
         call = Call(self, req, body)
+        call.request_bytes = self._body_size
+        self.resp_body = 0
         try:
             if too_big:
                 call.fail_local(413, f"request_too_large: body over {MAX_BUFFERED_BODY} bytes (L7 ports buffer "
@@ -348,6 +356,7 @@ class Call:
             method=req.method.decode("latin-1"), path=req.target.decode("latin-1"))
         self.status = 0
         self.attempts = 0
+        self.request_bytes = len(body)
 
     def fail_local(self, status: int, text: str, extra: list[tuple[str, str]] | None = None) -> None:
         self.status = status
@@ -356,7 +365,8 @@ class Call:
         self.ds._local_reply(status, text, extra=extra)
 
     def finish_log(self) -> None:
-        self.session.set(status=self.status, attempts=self.attempts)
+        self.session.set(status=self.status, attempts=self.attempts, request_bytes=self.request_bytes,
+                         response_bytes=self.ds.resp_body)
         self.ds.conn_session.set(**{k: v for k, v in self.session.fields.items()
                                     if k in ("endpoint", "dst_workload", "dst_identity", "via", "node")})
         self.session.finish()
@@ -372,6 +382,11 @@ class Call:
         table = sp.routes or RouteTable(sp.cluster, (RouteEntry("default", _DEFAULT_MATCH,
                                                                   (WeightedCluster(sp.cluster),)),))
         headers = _hdrs(self.req)
+        tel = getattr(rt.proxy, "telemetry", None)
+        if tel is not None:
+            # Continue the caller's W3C / B3 trace: this hop's span is its child, and the
+            # request goes on with this span as the parent (tracestate kept).
+            headers = tracing.replace_trace_headers(headers, tel.request_headers(self.session, headers))
         view = router.RequestView(self.req.method.decode("latin-1"), self.req.target.decode("latin-1"),
                                   tuple(headers))
         entry = router.select_route(table, view)
@@ -422,6 +437,7 @@ class Call:
         dest = rt.destination(bsp)
         over = dest.breaker.try_acquire("requests")
         if over:
+            metrics.breaker_overflow(cluster, over)
             return self.fail_local(503, f"overflow: circuit breaker {over} reached for {cluster}",
                                    extra=[("x-nodemesh-overloaded", "true")])
         try:
@@ -467,8 +483,11 @@ class Call:
             outcome, ex, err = await self._try(snapshot, ep, target, fwd, per_try, dest)
             dest.ewma.finish(ep)
             elapsed = rt.clock() - t0
-            dest.record(ep, outcome, elapsed if not outcome.gateway_error or outcome.status else
-                        max(elapsed, FAILURE_PENALTY_S), len(sp.endpoints))
+            why = metrics.outcome_reason(outcome.status, outcome.grpc_status, connect_failure=outcome.connect_failure,
+                                         reset=outcome.reset, timeout=outcome.timeout)
+            if dest.record(ep, outcome, elapsed if not outcome.gateway_error or outcome.status else
+                           max(elapsed, FAILURE_PENALTY_S), len(sp.endpoints)):
+                metrics.outlier_ejected(sp.cluster, why)
             last_err = err or last_err
             more = (policy is not None and self.attempts < max_attempts and retryable(policy, outcome))
             if more and policy is not None:
@@ -483,15 +502,19 @@ class Call:
                 elif dest.breaker.try_acquire("retries"):
                     more = False
                     self.session.set(retry_stopped="max_retries")
+                    metrics.breaker_overflow(sp.cluster, "max_retries")
                 else:
                     if ex is not None:
                         ex.close()
                     rt.counters.retries += 1
+                    metrics.retry(sp.cluster, why)
                     try:
                         await asyncio.sleep(wait)
                     finally:
                         dest.breaker.release("retries")
                     continue
+            if "retry_stopped" in self.session.fields:
+                metrics.retry_stopped(sp.cluster, self.session.fields["retry_stopped"])
             if ex is not None:
                 return await self._relay_response(ex, entry)
             if outcome.timeout:
@@ -509,6 +532,7 @@ class Call:
         """One try; returns the outcome, the exchange when a response head arrived, and an error text."""
         over = dest.breaker.try_acquire("connections")
         if over:
+            metrics.breaker_overflow(dest.cluster, over)
             return Outcome(connect_failure=True), None, f"circuit breaker {over}"
         ex = UpstreamExchange()
         released = False
@@ -544,18 +568,36 @@ class Call:
                                 req: h11.Request) -> h11.Response:
         proxy = self.rt.proxy
         settings = proxy.settings
+        if self.body and not any(k.lower() == b"content-length" for k, _ in req.headers):
+            # The body is buffered whole and its framing headers were dropped as hop-by-hop:
+            # frame it again, or h11 refuses to send it (a POST would fail with 500).
+            req = h11.Request(method=req.method, target=req.target,
+                              headers=[*req.headers, ("content-length", str(len(self.body)))])
         quiet = _QuietSession(proxy.access_log, "outbound")
         quiet.connect_headers = self.session.connect_headers  # type: ignore[method-assign]  # trace context over HBONE
         if is_same_node(ep, settings.node_name):
             self.session.set(via="same-node")
             target = resolve_inbound(snapshot, ep.ip, ep.port, ep.identity)
-            enforce = getattr(authz, "enforce", None)
-            if enforce is not None:  # the receiving workload's policy applies to same-node callers too
-                enforce(snapshot, target.workload, ep.port, self.ds.source_id,
-                        str(self.session.fields.get("src", "")).rsplit(":", 1)[0], quiet)
-            up = await connect_local(target, quiet, settings.mark, settings.connect_timeout_s)
-            up.attach(ex)
-            ex.start(up, req, self.body)
+            # The receiving workload's policy applies to same-node callers too; with HTTP
+            # rules a guard decides each request and answers 403 itself (authz_l7.py).
+            l7 = authz_l7.admit(snapshot, target.workload, ep.port, self.ds.source_id,
+                                str(self.session.fields.get("src", "")).rsplit(":", 1)[0], quiet)
+            # The destination side of this hop, as on another node: reporter=destination
+            # requests and log lines (nodeagent/telemetry.py watches the workload end).
+            inner = proxy.new_session("inbound", src=self.session.fields.get("src", ""),
+                                      source_principal=self.ds.source_id, source_workload=self.ds.source_key,
+                                      dst_addr=f"{ep.ip}:{ep.port}", dst_workload=target.workload.key,
+                                      dst_identity=target.identity, via="same-node", tls=False)
+            inner.peer_headers = self.session.connect_headers()
+            try:
+                up = await connect_local(target, inner, settings.mark, settings.connect_timeout_s)
+            except ProxyError as e:
+                inner.fail(e)
+                inner.finish()
+                raise
+            wire = authz_l7.wrap(l7, up, self.session)  # the guard's decision goes into this request's line
+            wire.attach(ex)
+            ex.start(wire, req, self.body)
         else:
             self.session.set(via="hbone", node=ep.node)
             key = PoolKey(self.ds.source_id, (ep.node_address, ep.hbone_port), ep.identity)
