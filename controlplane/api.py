@@ -170,8 +170,15 @@ class ConfigServicer(mesh_pb2_grpc.ConfigServiceServicer):
 
     def apply(self, documents: str, dry_run: bool = False) -> list[mesh_pb2.ApplyResult]:
         docs = model.parse_documents(documents)
-        plan = plan_changes(self._store, docs)
-        results = self._store.apply(plan.writes, dry_run=dry_run)
+        planned: list[Plan] = []
+
+        def make() -> list[Write]:
+            # Re-run when another control plane replica changed config meanwhile (store_etcd.py).
+            planned[:] = [plan_changes(self._store, docs)]
+            return planned[0].writes
+
+        results = self._store.apply_planned(make, dry_run=dry_run)
+        plan = planned[0]
         if not dry_run:
             for r in results:
                 if r.action != "unchanged":
@@ -226,11 +233,11 @@ class ConfigServicer(mesh_pb2_grpc.ConfigServiceServicer):
         try:
             if self._store.get(*ref) is None:
                 return mesh_pb2.DeleteResponse(deleted=False, resource_version=self._store.revision())
-            plan = plan_changes(self._store, [], [ref])
+            # Planned in the store's apply: re-run if another replica changed config meanwhile.
+            results = self._store.apply_planned(lambda: plan_changes(self._store, [], [ref]).writes)
         except model.ValidationError as e:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"{request.kind} {request.name} was not deleted:\n{e}")
-        results = self._store.apply(plan.writes)
         log.info("deleted %s %s/%s", *ref)
         return mesh_pb2.DeleteResponse(deleted=results[0].action == "deleted",
                                        resource_version=results[0].resource_version)

@@ -695,19 +695,25 @@ class Security:
     operators: Operators
     tokens: JoinTokens
     interceptor: AuthInterceptor
-    db: sqlite3.Connection
+    db: sqlite3.Connection | None  # None when the records live in a shared store (etcd)
     node_cert_ttl_s: int
 
     @classmethod
     def open(cls, state_dir: str, db_path: str, node_cert_ttl_s: int,
-             clock: Callable[[], float] = time.time) -> Security:
+             clock: Callable[[], float] = time.time, store: Any = None) -> Security:
         cp_ca = ControlPlaneCA.load_or_create(state_dir, clock)
-        # Its own connection to the store's SQLite file (WAL): own tables, no shared locks.
-        db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
-        db.execute("PRAGMA busy_timeout=5000")
-        lock = threading.Lock()
-        operators = Operators(db, clock, lock)
-        tokens = JoinTokens(db, clock, lock)
+        db: sqlite3.Connection | None = None
+        if store is not None and getattr(store, "shares_state", False):
+            # Several replicas: operators, audit and join tokens in the shared store
+            # (controlplane/store_etcd.py), so a token made on one replica joins on another.
+            operators, tokens = store.security_tables(clock)
+        else:
+            # Its own connection to the store's SQLite file (WAL): own tables, no shared locks.
+            db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
+            db.execute("PRAGMA busy_timeout=5000")
+            lock = threading.Lock()
+            operators = Operators(db, clock, lock)
+            tokens = JoinTokens(db, clock, lock)
         bootstrap_admin(state_dir, operators)
         return cls(state_dir, cp_ca, operators, tokens, AuthInterceptor(operators), db, node_cert_ttl_s)
 
@@ -746,7 +752,8 @@ class Security:
         return check
 
     def close(self) -> None:
-        self.db.close()
+        if self.db is not None:
+            self.db.close()
 
 
 def token_port_address(addr: str) -> str:

@@ -50,6 +50,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     serve.add_argument("--ca-chain", default="", metavar="FILE",
                        help="the certificates above the intermediate, ending with the operator's root "
                             "(the trust anchor given to every node)")
+    # Several replicas on one etcd (docs/reference.md "Store backends and replicas").
+    serve.add_argument("--store", choices=("sqlite", "etcd"), default="sqlite",
+                       help="sqlite: one control plane, state in --state-dir; etcd: several replicas sharing "
+                            "config and registrations (needs --etcd-endpoints and --ca-cert/--ca-key/--ca-chain)")
+    serve.add_argument("--etcd-endpoints", default="", metavar="URLS",
+                       help="comma-separated etcd client URLs, e.g. http://127.0.0.1:2379")
+    serve.add_argument("--etcd-prefix", default="/nodemesh", metavar="PREFIX",
+                       help="the key prefix of this mesh in etcd")
     serve.set_defaults(func=cmd_serve)
 
     apply = subparsers.add_parser("apply", help="create or update config from YAML documents")
@@ -78,6 +86,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def cmd_serve(args: argparse.Namespace) -> int:
     from controlplane.ca import CaError
     from controlplane.server import DEFAULT_LISTEN, ControlPlaneSettings, serve
+    from controlplane.store import StoreError
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -86,9 +95,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             state_dir=args.state_dir, listen=tuple(args.listen or [DEFAULT_LISTEN]),
             lease_seconds=args.lease_seconds, default_cert_ttl_s=args.cert_ttl, log_level=args.log_level,
             web_listen=args.web_listen, sans=tuple(args.san), node_cert_ttl_s=args.node_cert_ttl,
-            ca_cert=args.ca_cert, ca_key=args.ca_key, ca_chain=args.ca_chain)
+            ca_cert=args.ca_cert, ca_key=args.ca_key, ca_chain=args.ca_chain, store=args.store,
+            etcd_endpoints=tuple(e.strip() for e in args.etcd_endpoints.split(",") if e.strip()),
+            etcd_prefix=args.etcd_prefix)
         asyncio.run(serve(settings))
-    except (OSError, ValueError, CaError) as e:
+    except (OSError, ValueError, CaError, StoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -47,12 +47,17 @@ class NodeRegistry:
         self.version = 0  # bumps on every change of the node or workload set
         # node -> {(workload key, port): detail} of endpoints its health checks fail (in memory only).
         self._unhealthy: dict[str, dict[tuple[str, int], str]] = {}
+        # Nodes whose agents hold their session with another control plane replica
+        # sharing the store (controlplane/store_etcd.py): they count while the store
+        # keeps their record, and this replica never expires them itself.
+        self._remote: dict[str, RegisteredNode] = {}
 
     # ------------------------------------------------------------ reads
 
     def nodes(self) -> tuple[RegisteredNode, ...]:
         """Registered nodes, each with the unhealthy endpoints its agent last reported."""
-        return tuple(self._with_health(self._leases[n].node) for n in sorted(self._leases))
+        merged = {**self._remote, **{n: lease.node for n, lease in self._leases.items()}}
+        return tuple(self._with_health(merged[n]) for n in sorted(merged))
 
     def _with_health(self, node: RegisteredNode) -> RegisteredNode:
         bad = self._unhealthy.get(node.name)
@@ -87,7 +92,7 @@ class NodeRegistry:
 
     def get(self, name: str) -> RegisteredNode | None:
         lease = self._leases.get(name)
-        return lease.node if lease else None
+        return lease.node if lease else self._remote.get(name)
 
     def lease(self, name: str) -> Lease | None:
         return self._leases.get(name)
@@ -128,12 +133,26 @@ class NodeRegistry:
             self._changed()
         return restored
 
+    def set_remote(self, name: str, node: RegisteredNode | None) -> None:
+        """A registration another replica wrote to the shared store (None: it is gone).
+        A node held here whose agent re-registered with another replica moves to
+        the remote set; a deletion leaves a node held here alone."""
+        moved = self._leases.pop(name, None) if node is not None else None
+        old = self._remote.pop(name, None)
+        if node is not None:
+            self._remote[name] = node
+        if moved is not None or old != node:
+            log.info("node %s %s through another control plane replica", name,
+                     "is registered" if node is not None else "is no longer registered")
+            self._changed()
+
     def register(self, reg: mesh_pb2.NodeRegistration) -> Lease:
         """Register or re-register a node (its workload set is replaced).
         Raises RegistrationError when the registration is invalid."""
         node = node_from_proto(reg)
         expires = self._clock() + self.lease_seconds
         old = self._leases.get(node.name)
+        self._remote.pop(node.name, None)  # its agent is with this replica now
         self._leases[node.name] = lease = Lease(node, expires)
         if self._store is not None and (old is None or old.node != node):
             self._store.save_node(NodeRecord(node.name, reg.SerializeToString(deterministic=True),

@@ -22,7 +22,7 @@ from controlplane.metrics import ControlPlaneMetrics
 from controlplane.ca import DEFAULT_CERT_TTL_S, MAX_CERT_TTL_S, CertificateAuthority, CertificateServicer
 from controlplane.policies import current_policies
 from controlplane.registry import DEFAULT_LEASE_SECONDS, NodeRegistry, RegistryServicer
-from controlplane.store import SQLiteStore, Store
+from controlplane.store import Store
 from controlplane.xds import routes as xds_routes
 from controlplane.xds.build import build_snapshot
 from controlplane.xds.cache import SnapshotCache
@@ -54,8 +54,23 @@ class ControlPlaneSettings:
     ca_cert: str = ""
     ca_key: str = ""
     ca_chain: str = ""
+    # Where config and registrations live: sqlite (one control plane) or etcd (several
+    # replicas on one etcd; controlplane/store_etcd.py, docs/reference.md).
+    store: str = "sqlite"
+    etcd_endpoints: tuple[str, ...] = ()
+    etcd_prefix: str = "/nodemesh"
 
     def __post_init__(self) -> None:
+        if self.store not in ("sqlite", "etcd"):
+            raise ValueError(f"--store {self.store!r} must be sqlite or etcd")
+        if self.store == "etcd" and not self.etcd_endpoints:
+            raise ValueError("--store etcd needs --etcd-endpoints (e.g. http://127.0.0.1:2379)")
+        if self.store == "etcd" and not self.ca_cert:
+            # Every replica must sign SVIDs under one CA; a self-signed root per replica
+            # would split the mesh, and the root's key is not something to put in etcd.
+            raise ValueError("--store etcd (several control plane replicas) needs the operator intermediate CA: "
+                             "give every replica the same --ca-cert, --ca-key and --ca-chain "
+                             "(docs/security.md \"Operator CA\", docs/reference.md \"Store backends and replicas\")")
         if (self.ca_cert or self.ca_key or self.ca_chain) and not (self.ca_cert and self.ca_key and self.ca_chain):
             raise ValueError("--ca-cert, --ca-key and --ca-chain go together: the intermediate, its key, and "
                              "the certificates above it up to the operator's root")
@@ -130,16 +145,28 @@ def _bind_address(addr: str) -> str:
 async def start(settings: ControlPlaneSettings) -> ControlPlane:
     """Open state, build the first snapshot and start serving."""
     os.makedirs(settings.state_dir, exist_ok=True)
-    store = SQLiteStore(os.path.join(settings.state_dir, DB_FILE))
-    mesh = current_mesh(store)
+    from controlplane import store_etcd
+
+    store = store_etcd.open_store(settings.store, sqlite_path=os.path.join(settings.state_dir, DB_FILE),
+                                  etcd_endpoints=settings.etcd_endpoints, etcd_prefix=settings.etcd_prefix,
+                                  node_lease_s=settings.lease_seconds)
     try:
+        mesh = current_mesh(store)
+        if isinstance(store, store_etcd.EtcdStore):
+            store.claim_cp_ca(settings.state_dir)  # one control-plane CA for every replica
         ca = (CertificateAuthority.from_files(settings.ca_cert, settings.ca_key, settings.ca_chain)
               if settings.ca_cert else CertificateAuthority.load_or_create(settings.state_dir, mesh.trust_domain))
     except BaseException:
         store.close()
         raise
     registry = NodeRegistry(store, settings.lease_seconds)
-    restored = registry.restore()
+    follow_from = -1
+    if isinstance(store, store_etcd.EtcdStore):
+        # Registrations are shared: the other replicas' nodes count while etcd keeps them.
+        follow_from = store_etcd.prime_registry(store, registry)
+        restored = len(registry.nodes())
+    else:
+        restored = registry.restore()
     cache = SnapshotCache()
     # The bundle holds roots replaced by a rotation until their overlap ends (ca.py).
     publisher = SnapshotPublisher(store, registry, cache, lambda: ca.trust_bundle, settings.debounce_s)
@@ -150,7 +177,7 @@ async def start(settings: ControlPlaneSettings) -> ControlPlane:
     ads.on_ack, ads.on_nack = cp_metrics.acked, cp_metrics.nacked
     registry_servicer = RegistryServicer(registry)
     security = cp_auth.Security.open(settings.state_dir, os.path.join(settings.state_dir, DB_FILE),
-                                     settings.node_cert_ttl_s)
+                                     settings.node_cert_ttl_s, store=store)
     registry_servicer.admit = security.admit_registration(lambda: current_mesh(store))
 
     server = grpc.aio.server(interceptors=[security.interceptor])
@@ -195,6 +222,8 @@ async def start(settings: ControlPlaneSettings) -> ControlPlane:
     tasks = [asyncio.create_task(publisher.run()),
              asyncio.create_task(registry.run_expiry(settings.expiry_interval_s)),
              asyncio.create_task(cp_auth.watch_trust_bundle(ca, publisher.trigger))]
+    if isinstance(store, store_etcd.EtcdStore):
+        tasks.append(asyncio.create_task(store_etcd.follow_registry(store, registry, follow_from)))
     log.info("control plane ready on %s (state %s, %d nodes restored, trust domain %s)",
              ", ".join(bound), settings.state_dir, restored, mesh.trust_domain)
     cp = ControlPlane(settings, server, store, registry, cache, ads, publisher, ca, tasks, tuple(bound))
@@ -213,7 +242,7 @@ async def start(settings: ControlPlaneSettings) -> ControlPlane:
 class ControlPlane:
     settings: ControlPlaneSettings
     server: grpc.aio.Server
-    store: SQLiteStore
+    store: Store
     registry: NodeRegistry
     cache: SnapshotCache
     ads: AdsServicer

@@ -1,7 +1,7 @@
 """Durable config storage: resources keyed by (kind, namespace, name) under one
 store-wide monotonic revision, node registrations, and watches fed in process.
 
-`Store` is the interface (an etcd backend can follow); `SQLiteStore` keeps
+`Store` is the interface (controlplane/store_etcd.py is the etcd backend); `SQLiteStore` keeps
 state in one SQLite file in WAL mode. A batch is one transaction and one
 revision, as in etcd: every write of an apply shares the revision it created.
 """
@@ -155,6 +155,18 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def close(self) -> None: ...
+
+    # Several control plane replicas on one store (controlplane/store_etcd.py) need
+    # these; a store only one process uses keeps the defaults.
+    shares_state: bool = False  # node records, operators, tokens and audit are shared between replicas
+
+    def apply_planned(self, plan: Callable[[], Sequence[Write]],
+                      dry_run: bool = False) -> builtins.list[WriteResult]:
+        """Apply the writes `plan()` computes from what it reads in this store (VIPs
+        from the services already stored). A store that other processes write re-runs
+        `plan` when the state it read changed before the write; here nothing can
+        come in between."""
+        return self.apply(plan(), dry_run)
 
 
 @dataclass(eq=False)

@@ -103,38 +103,54 @@ class JoinTokens:
         token_id = secrets.token_hex(6)
         secret = secrets.token_urlsafe(24)
         now = self._clock()
-        with self._lock:
-            self._db.execute("DELETE FROM join_tokens WHERE expires_unix < ?", (now - 86400,))
-            self._db.execute("INSERT INTO join_tokens (id, node_name, secret_sha256, created_unix, expires_unix) "
-                             "VALUES (?, ?, ?, ?, ?)", (token_id, node_name, _hash(secret), now, now + ttl_s))
+        self._insert(token_id, node_name, _hash(secret), now, now + ttl_s)
         return f"{TOKEN_PREFIX}.{ca_pin}.{token_id}.{secret}", now + ttl_s
+
+    # Persistence: these three are all a store-backed subclass replaces (controlplane/store_etcd.py).
+
+    def _insert(self, token_id: str, node_name: str, secret_hash: str, created: float, expires: float) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM join_tokens WHERE expires_unix < ?", (created - 86400,))
+            self._db.execute("INSERT INTO join_tokens (id, node_name, secret_sha256, created_unix, expires_unix) "
+                             "VALUES (?, ?, ?, ?, ?)", (token_id, node_name, secret_hash, created, expires))
+
+    def _row(self, token_id: str) -> tuple[str, str, float, float | None] | None:
+        """(node name, secret hash, expiry, used at or None) of a token."""
+        with self._lock:
+            row = self._db.execute("SELECT node_name, secret_sha256, expires_unix, used_unix FROM join_tokens "
+                                   "WHERE id = ?", (token_id,)).fetchone()
+        return None if row is None else (str(row[0]), str(row[1]), float(row[2]),
+                                         None if row[3] is None else float(row[3]))
+
+    def _mark_used(self, token_id: str, now: float) -> bool:
+        """Mark a token used unless it already is (one statement: two joins cannot both win)."""
+        with self._lock:
+            cur = self._db.execute("UPDATE join_tokens SET used_unix = ? WHERE id = ? AND used_unix IS NULL",
+                                   (now, token_id))
+            return cur.rowcount == 1
 
     def consume(self, token: str, node_name: str) -> None:
         """Use up `token` for `node_name`, or raise TokenRefused. A token works once:
         the row is marked used in the same statement that checks it is unused."""
         parsed = parse_token(token)
         now = self._clock()
-        with self._lock:
-            row = self._db.execute("SELECT node_name, secret_sha256, expires_unix, used_unix FROM join_tokens "
-                                   "WHERE id = ?", (parsed.token_id,)).fetchone()
-            if row is None or not hmac.compare_digest(str(row[1]), _hash(parsed.secret)):
-                raise TokenRefused("the join token is not known to this control plane; create one with "
-                                   f"`nodemesh token create --node {node_name}`")
-            bound, expires, used = str(row[0]), float(row[2]), row[3]
-            if bound != node_name:
-                raise TokenRefused(f"the join token was made for node {bound!r}, not {node_name!r}; "
-                                   "check the agent's node.name or create a token for this node")
-            if used is not None:
-                raise TokenRefused(f"the join token was already used at "
-                                   f"{_iso(float(used))}; a token works once: create a new one with "
-                                   f"`nodemesh token create --node {node_name}`")
-            if expires <= now:
-                raise TokenRefused(f"the join token expired at {_iso(expires)}; create a new one with "
-                                   f"`nodemesh token create --node {node_name}`")
-            cur = self._db.execute("UPDATE join_tokens SET used_unix = ? WHERE id = ? AND used_unix IS NULL",
-                                   (now, parsed.token_id))
-            if cur.rowcount != 1:
-                raise TokenRefused("the join token was used concurrently by another join; create a new one")
+        row = self._row(parsed.token_id)
+        if row is None or not hmac.compare_digest(row[1], _hash(parsed.secret)):
+            raise TokenRefused("the join token is not known to this control plane; create one with "
+                               f"`nodemesh token create --node {node_name}`")
+        bound, _, expires, used = row
+        if bound != node_name:
+            raise TokenRefused(f"the join token was made for node {bound!r}, not {node_name!r}; "
+                               "check the agent's node.name or create a token for this node")
+        if used is not None:
+            raise TokenRefused(f"the join token was already used at "
+                               f"{_iso(float(used))}; a token works once: create a new one with "
+                               f"`nodemesh token create --node {node_name}`")
+        if expires <= now:
+            raise TokenRefused(f"the join token expired at {_iso(expires)}; create a new one with "
+                               f"`nodemesh token create --node {node_name}`")
+        if not self._mark_used(parsed.token_id, now):
+            raise TokenRefused("the join token was used concurrently by another join; create a new one")
 
 
 def _iso(t: float) -> str:

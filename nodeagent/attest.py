@@ -119,7 +119,7 @@ class NodeAttestation:
         """The control plane's server-only TLS port (no client certificate yet)."""
         if self.config.control_plane.join_address:
             return self.config.control_plane.join_address
-        host, _, port = self.target.rpartition(":")
+        host, _, port = self.config.control_plane.address.rpartition(":")  # the first replica's
         return f"{host}:{int(port) + 1}"
 
     @property

@@ -58,6 +58,9 @@ class ControlPlaneConfig:
     join_token_file: str = ""
     ca_bundle_file: str = ""
     join_address: str = ""  # server-only TLS port for the join; default: address's port + 1
+    # Other control plane replicas (several on one etcd), tried in order when `address`
+    # cannot be reached: gRPC pick_first over every address (nodeagent/cpchannel.py).
+    addresses: tuple[str, ...] = ()
 
     @property
     def is_unix(self) -> bool:
@@ -73,6 +76,8 @@ class ControlPlaneConfig:
 
     @property
     def grpc_target(self) -> str:
+        if self.addresses:
+            return "ipv4:" + ",".join((self.address,) + self.addresses)
         return self.address
 
 
@@ -148,7 +153,8 @@ class AgentConfig:
             ip = ipaddress.ip_address(host)
         except ValueError:
             return ()
-        return (f"{ip}/{ip.max_prefixlen}",)
+        replicas = [ipaddress.ip_address(a.rpartition(":")[0]) for a in self.control_plane.addresses]
+        return tuple(dict.fromkeys(f"{i}/{i.max_prefixlen}" for i in [ip, *replicas]))
 
     def proxy_settings(self, extra_exclusions: tuple[str, ...] = ()) -> ProxySettings:
         excluded = _dedupe(self.control_plane_exclusions() + extra_exclusions + self.capture.exclude_cidrs)
@@ -313,6 +319,20 @@ def _labels(v: Any, path: str) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(out))
 
 
+def _replica_address(v: Any, path: str) -> str:
+    """A control plane replica for failover: an IPv4 address and port (gRPC lists
+    several addresses only as IP literals; a host name with several A records
+    needs no list at all)."""
+    s = _control_plane_address(v, path)
+    host = s.rpartition(":")[0]
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        raise ConfigError(path, f"{s!r}: with controlPlane.addresses, every control plane address must be "
+                                "IPv4:port (or use one host name that resolves to every replica, and no list)") from None
+    return s
+
+
 def _control_plane_address(v: Any, path: str) -> str:
     s = _nonempty(v, path)
     if s.startswith("unix:"):
@@ -379,7 +399,10 @@ def parse_config(raw: Any) -> AgentConfig:
         c = ControlPlaneConfig(address=f.get("address", _control_plane_address, required=True),
                                join_token_file=f.get("joinTokenFile", _str, ""),
                                ca_bundle_file=f.get("caBundleFile", _str, ""),
-                               join_address=f.get("joinAddress", _control_plane_address, ""))
+                               join_address=f.get("joinAddress", _control_plane_address, ""),
+                               addresses=f.get("addresses", _list(_replica_address), ()))
+        if c.addresses:
+            _replica_address(c.address, f.sub("address"))
         f.done()
         return c
 

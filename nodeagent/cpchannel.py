@@ -63,8 +63,15 @@ def open_channel(target: str) -> grpc.aio.Channel:
     if creds is None:
         raise CpChannelError(f"no node certificate yet for the control plane at {target}: the agent must join "
                              "first (controlPlane.joinTokenFile)")
+    options: list[tuple[str, str]] = []
+    if target.startswith("ipv4:") and "," in target:
+        # Several replicas (controlPlane.addresses): gRPC's authority would be the whole
+        # list, so verify every replica's server certificate for the first address's
+        # host (each replica lists it, e.g. with --san, docs/reference.md).
+        options.append(("grpc.ssl_target_name_override", target[len("ipv4:"):].split(",")[0].rpartition(":")[0]))
     return grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(
-        root_certificates=creds.server_ca_pem, private_key=creds.key_pem, certificate_chain=creds.cert_chain_pem))
+        root_certificates=creds.server_ca_pem, private_key=creds.key_pem, certificate_chain=creds.cert_chain_pem),
+        options=options)
 
 
 def open_join_channel(target: str, server_ca_pem: bytes) -> grpc.aio.Channel:

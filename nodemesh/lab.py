@@ -121,6 +121,8 @@ class Lab:
         # Contents of every node's /etc/resolv.conf: `ip netns exec` bind-mounts
         # /etc/netns/<ns>/resolv.conf over it (the mesh DNS tests use this).
         self.node_resolv_conf = node_resolv_conf
+        # Per node: fields merged into agent.yaml's controlPlane (another replica's address, a failover list).
+        self.agent_control_plane: dict[int, dict[str, Any]] = {}
 
     # ------------------------------------------------------------- topology
     @property
@@ -259,26 +261,33 @@ class Lab:
         return path.read_text(errors="replace") if path.exists() else ""
 
     # ------------------------------------------------------------- the mesh
-    def start_controlplane(self, extra: Sequence[str] = ()) -> None:
-        state = self.workdir / "cp-state"
+    def start_controlplane(self, extra: Sequence[str] = (), replica: str = "", port: int = 15010) -> None:
+        """The control plane in the hub. `replica` names a further instance (several
+        replicas on one etcd): process controlplane-<replica>, state cp-state-<replica>,
+        socket controlplane-<replica>.sock, TCP `port` (and port + 1 for joins)."""
+        suffix = f"-{replica}" if replica else ""
+        state = self.workdir / f"cp-state{suffix}"
         state.mkdir(exist_ok=True)
-        self.spawn("controlplane", self.hub, [
+        unix = self.cp_unix if not replica else f"unix:{self.workdir}/controlplane{suffix}.sock"
+        self.spawn(f"controlplane{suffix}", self.hub, [
             sys.executable, "-m", "nodemesh", "controlplane", "serve",
-            "--state-dir", str(state), "--listen", self.cp_addr, "--listen", self.cp_unix,
+            "--state-dir", str(state), "--listen", f"{self.cp_ip}:{port}", "--listen", unix,
             "--lease-seconds", str(self.lease_seconds), *extra,
         ])
-        self.wait_for(lambda: self._cp_ready(), 20, "the control plane to accept calls",
-                      lambda: self.log("controlplane"))
+        self.wait_for(lambda: self._cp_ready(unix), 20, "the control plane to accept calls",
+                      lambda: self.log(f"controlplane{suffix}"))
+        if replica:
+            return
         # The bootstrap operator token (rw) and the CA that verifies the control plane's TLS
         # (docs/security.md): for clients that use the TCP address rather than the local socket.
         self.admin_token_file = state / "admin.token"
         self.cp_ca_file = state / "cp-ca.pem"
 
-    def _cp_ready(self) -> bool:
+    def _cp_ready(self, unix: str = "") -> bool:
         from controlplane.client import ConfigClient
 
         try:
-            with ConfigClient(self.cp_unix, timeout_s=1.0) as c:
+            with ConfigClient(unix or self.cp_unix, timeout_s=1.0) as c:
                 c.list("Service")
             return True
         except Exception:
@@ -303,7 +312,8 @@ class Lab:
     def agent_config(self, k: int, capture_mode: str | None = None) -> dict[str, Any]:
         return {
             "node": {"name": self.node_name(k), "address": self.node_ip(k), "zone": "lab"},
-            "controlPlane": {"address": self.cp_addr, "joinTokenFile": str(self.workdir / f"agent-{k}.token")},
+            "controlPlane": {"address": self.cp_addr, "joinTokenFile": str(self.workdir / f"agent-{k}.token"),
+                             **self.agent_control_plane.get(k, {})},
             "capture": {"mode": capture_mode or self.capture_mode, **self.capture_extra},
             "proxy": {"workers": self.proxy_workers,
                       "accessLog": str(self.workdir / f"access-{k}.log")},

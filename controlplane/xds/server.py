@@ -1,5 +1,6 @@
-"""The ADS servicer (state of the world): turns a gRPC stream into cache
-watches, one per type URL, and tracks nonces, ACKs and NACKs per stream."""
+"""The ADS servicer: turns a gRPC stream into cache watches, one per type URL,
+and tracks nonces, ACKs and NACKs per stream. State of the world here; Delta
+(incremental) in controlplane/xds/delta.py."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from controlplane.xds.cache import SnapshotCache, WatchResponse
+from controlplane.xds.delta import serve_delta
 
 log = logging.getLogger("nodemesh.controlplane.xds")
 
@@ -26,6 +28,7 @@ class AdsStats:
 
     streams_opened: int = 0
     streams_active: int = 0
+    delta_streams_opened: int = 0  # of streams_opened, those on DeltaAggregatedResources
     responses: int = 0
     acks: int = 0
     nacks: int = 0
@@ -169,7 +172,7 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
 
     async def DeltaAggregatedResources(
             self, request_iterator: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest],
-            context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                            "nodemesh serves state-of-the-world ADS only; configure the client for "
-                            "GRPC (SotW) ADS, not DELTA_GRPC")
+            context: grpc.aio.ServicerContext) -> AsyncIterator[discovery_pb2.DeltaDiscoveryResponse]:
+        # Incremental ADS (controlplane/xds/delta.py), over the same cache and counters.
+        async for resp in serve_delta(self, self._cache, CONTROL_PLANE_ID, request_iterator, context):
+            yield resp

@@ -60,4 +60,9 @@ def mesh(lab: Lab) -> Lab:
     lab.start_app("web-2")
     lab.start_agent(1)
     lab.start_agent(2)
+    # Discovery is eventually consistent: node-1 learns of web-2 one registry update
+    # and one xDS push after node-2's agent registers. Tests start from steady state.
+    vip = lab.service_vip("web")
+    lab.wait_for(lambda: lab.curl(1, f"http://{vip}/", uid=CLIENT_UID, timeout=2).returncode == 0, 15,
+                 "node-1 to reach web-2 through the mesh", lambda: lab.log("agent-1"))
     return lab

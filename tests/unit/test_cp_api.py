@@ -231,15 +231,27 @@ def test_mesh_config_vip_range_change_moves_allocated_vips_and_guards_fixed_ones
     run(body)
 
 
-def test_delta_ads_is_unimplemented() -> None:
+def test_delta_ads_serves_the_control_planes_snapshot() -> None:
+    """Delta ADS through the real server (the protocol itself: test_cp_delta.py)."""
     async def body(cp: ControlPlane, target: str) -> None:
         async with grpc.aio.insecure_channel(target) as ch:
+            await mesh_pb2_grpc.ConfigServiceStub(ch).Apply(mesh_pb2.ApplyRequest(documents=SERVICE))
+            await settled(cp, xdsnames.CLUSTER, lambda r: len(r) == 1)
             call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(ch).DeltaAggregatedResources()
-            await call.write(discovery_pb2.DeltaDiscoveryRequest(type_url=xdsnames.CLUSTER))
-            with pytest.raises(grpc.aio.AioRpcError) as e:
-                await call.read()
-            assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
-            assert "state-of-the-world" in e.value.details()
+            req = discovery_pb2.DeltaDiscoveryRequest(type_url=xdsnames.CLUSTER)  # legacy wildcard
+            req.node.id = "test-node"
+            await call.write(req)
+            r = await asyncio.wait_for(call.read(), 5)
+            assert [x.name for x in r.resources] == ["outbound|80||web.shop.svc.mesh"]
+            assert r.resources[0].version and r.nonce and not r.removed_resources
+            await call.write(discovery_pb2.DeltaDiscoveryRequest(type_url=xdsnames.CLUSTER,
+                                                                 response_nonce=r.nonce))
+            for _ in range(100):
+                if cp.ads.stats.acks:
+                    break
+                await asyncio.sleep(0.01)
+            assert cp.ads.stats.acks == 1 and cp.ads.stats.nacks == 0
+            call.cancel()
 
     run(body)
 

@@ -1,0 +1,428 @@
+"""The Store contract, run against SQLiteStore and EtcdStore alike (the etcd
+case starts a real one-member etcd on loopback in a temporary directory), and
+what only a shared store has: replicas that plan VIPs concurrently, share
+registrations under etcd leases, and share operators, audit and join tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controlplane.api import ConfigServicer, current_services
+from controlplane.auth import RO, RW, Caller, Operators
+from controlplane.etcd_client import EtcdClient, EtcdError, single_member_argv, wait_ready
+from controlplane.registry import NodeRegistry
+from controlplane.store import (
+    ADDED,
+    DELETED,
+    MODIFIED,
+    Delete,
+    NodeRecord,
+    Put,
+    SQLiteStore,
+    Store,
+    StoreError,
+)
+from controlplane.store_etcd import EtcdJoinTokens, EtcdOperators, EtcdStore, follow_registry, prime_registry
+from controlplane.tokens import JoinTokens, TokenRefused
+from nodemesh.v1 import mesh_pb2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def etcd_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if shutil.which("etcd") is None:
+        msg = "etcd is not installed: run scripts/setup.sh (Debian package etcd-server)"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    data = tmp_path_factory.mktemp("etcd")
+    port, peer = _free_port(), _free_port()
+    with open(data / "etcd.log", "wb") as log:
+        proc = subprocess.Popen(single_member_argv(str(data / "data"), "127.0.0.1", port, peer),
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        try:
+            wait_ready(endpoint)
+        except EtcdError:
+            pytest.fail(f"etcd did not start: {(data / 'etcd.log').read_text()[-2000:]}")
+        yield endpoint
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _etcd(endpoint: str, **kw: Any) -> EtcdStore:
+    # A fresh prefix per test: one etcd serves the whole module.
+    return EtcdStore([endpoint], f"/t-{uuid.uuid4().hex[:8]}", **kw)
+
+
+@pytest.fixture(params=["sqlite", "etcd"])
+def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], Store]]:
+    """A factory: the second call gives another handle on the same state (a restart, or another replica)."""
+    opened: list[Store] = []
+    if request.param == "sqlite":
+        path = str(tmp_path / "db")
+
+        def make() -> Store:
+            opened.append(SQLiteStore(path))
+            return opened[-1]
+    else:
+        endpoint = request.getfixturevalue("etcd_endpoint")
+        prefix = f"/t-{uuid.uuid4().hex[:8]}"
+
+        def make() -> Store:
+            opened.append(EtcdStore([endpoint], prefix, node_lease_s=2))
+            return opened[-1]
+    yield make
+    for s in opened:
+        s.close()
+
+
+def put(name: str, spec: dict[str, object] | None = None, ns: str = "default", kind: str = "Service") -> Put:
+    return Put(kind, ns, name, json.dumps(spec or {"a": 1}))
+
+
+# ---------------------------------------------------------------- the contract
+
+
+def test_a_batch_is_one_revision_and_unchanged_writes_do_not_bump(make_store: Callable[[], Store]) -> None:
+    s = make_store()
+    r0 = s.revision()
+    res = s.apply([put("a"), put("b")])
+    rev = s.revision()
+    assert rev > r0
+    assert [(r.name, r.action, r.resource_version) for r in res] == [("a", "created", rev), ("b", "created", rev)]
+    res = s.apply([put("a"), put("b", {"a": 2})])
+    assert [r.action for r in res] == ["unchanged", "configured"]
+    assert res[0].resource_version == rev and res[1].resource_version == s.revision() > rev
+    rev2 = s.revision()
+    assert s.apply([Put("Service", "default", "a", '{ "a" : 1 }')])[0].action == "unchanged"
+    assert s.apply([Delete("Service", "default", "zzz")])[0].action == "not_found"
+    assert s.revision() == rev2
+    b = s.get("Service", "default", "b")
+    assert b is not None and b.spec() == {"a": 2} and b.resource_version == rev2
+    a = s.get("Service", "default", "a")
+    assert a is not None and a.created_unix_ms <= b.updated_unix_ms
+
+
+def test_a_failing_batch_and_a_dry_run_write_nothing(make_store: Callable[[], Store]) -> None:
+    s = make_store()
+    s.apply([put("a")])
+    rev = s.revision()
+    with pytest.raises(ValueError):
+        s.apply([put("b"), Put("Service", "default", "c", "not json")])
+    res = s.apply([put("d"), Delete("Service", "default", "a")], dry_run=True)
+    assert [r.action for r in res] == ["created", "deleted"]
+    assert s.get("Service", "default", "b") is None and s.get("Service", "default", "d") is None
+    assert s.get("Service", "default", "a") is not None and s.revision() == rev
+
+
+def test_a_ref_written_twice_in_a_batch_ends_as_the_last_write(make_store: Callable[[], Store]) -> None:
+    s = make_store()
+    res = s.apply([put("a"), Delete("Service", "default", "a"), put("b"), put("b", {"x": 1})])
+    assert [r.action for r in res] == ["created", "deleted", "created", "configured"]
+    assert s.get("Service", "default", "a") is None
+    b = s.get("Service", "default", "b")
+    assert b is not None and b.spec() == {"x": 1}
+
+
+def test_list_sorts_and_filters(make_store: Callable[[], Store]) -> None:
+    s = make_store()
+    s.apply([put("x", ns="a-b"), put("y", ns="a"), put("mesh", kind="MeshConfig", ns=""), put("z", ns="a")])
+    items, rev = s.list()
+    assert [r.ref for r in items] == [("MeshConfig", "", "mesh"), ("Service", "a", "y"), ("Service", "a", "z"),
+                                      ("Service", "a-b", "x")]
+    assert rev == s.revision()
+    assert [r.name for r in s.list("Service", "a")[0]] == ["y", "z"]
+    assert [r.name for r in s.list(None, "a-b")[0]] == ["x"]
+
+
+def test_state_survives_reopening(make_store: Callable[[], Store]) -> None:
+    s = make_store()
+    s.apply([put("a", {"k": "v"})])
+    s.save_node(NodeRecord("node-1", b"\x01\x02", 123))
+    s2 = make_store()
+    a = s2.get("Service", "default", "a")
+    assert a is not None and a.spec() == {"k": "v"}
+    assert [(n.name, n.registration) for n in s2.load_nodes()] == [("node-1", b"\x01\x02")]
+    s.delete_node("node-1")
+    assert s2.load_nodes() == []
+
+
+def test_watch_from_zero_then_live_and_from_a_revision(make_store: Callable[[], Store]) -> None:
+    s = make_store()
+    s.apply([put("a"), put("other", ns="kube")])
+    rev_a = s.revision()
+
+    async def main() -> None:
+        it = s.watch("Service", "default").__aiter__()
+        first = await asyncio.wait_for(it.__anext__(), 5)
+        assert (first.type, first.resource.name) == (ADDED, "a")
+        s.apply([put("a", {"a": 2}), put("skip", ns="kube")])
+        s.apply([Delete("Service", "default", "a"), put("b")])
+        seen = [await asyncio.wait_for(it.__anext__(), 5) for _ in range(3)]
+        assert [(e.type, e.resource.name) for e in seen] == [(MODIFIED, "a"), (DELETED, "a"), (ADDED, "b")]
+        assert seen[0].revision < seen[1].revision == seen[2].revision == s.revision()
+        assert seen[1].resource.spec() == {"a": 2}  # a deletion carries what was deleted
+        await it.aclose()  # type: ignore[attr-defined]
+        # Resuming from a revision replays what followed it.
+        it2 = s.watch("Service", "default", since_revision=rev_a).__aiter__()
+        replay = [await asyncio.wait_for(it2.__anext__(), 5) for _ in range(3)]
+        assert [(e.type, e.resource.name) for e in replay] == [(MODIFIED, "a"), (DELETED, "a"), (ADDED, "b")]
+        await it2.aclose()  # type: ignore[attr-defined]
+        with pytest.raises(StoreError, match="use a revision returned by List"):
+            async for _ in s.watch(since_revision=s.revision() + 100):
+                pass
+
+    asyncio.run(main())
+
+
+def test_a_watch_sees_writes_of_another_handle(make_store: Callable[[], Store]) -> None:
+    """For etcd, another replica's writes; for SQLite, a restart's (the watch starts after it)."""
+    a, b = make_store(), make_store()
+
+    async def main() -> None:
+        it = a.watch("Service", since_revision=a.revision()).__aiter__()
+        pending = asyncio.ensure_future(it.__anext__())
+        await asyncio.sleep(0.2)
+        b.apply([put("from-b")])
+        if isinstance(a, SQLiteStore):
+            # In-process notification only: a SQLite store is one control plane's.
+            pending.cancel()
+            return
+        ev = await asyncio.wait_for(pending, 5)
+        assert (ev.type, ev.resource.name) == (ADDED, "from-b")
+        await it.aclose()  # type: ignore[attr-defined]
+
+    asyncio.run(main())
+
+
+def test_planned_apply_allocates_distinct_vips(make_store: Callable[[], Store]) -> None:
+    s = make_store()
+    api = ConfigServicer(s)
+    api.apply(_mesh_doc("240.240.0.0/28"))
+    for i in range(5):
+        api.apply(_svc_doc(f"s{i}"))
+    vips = [e.vip for e in current_services(s)]
+    assert len(vips) == 5 and len(set(vips)) == 5
+
+
+# ---------------------------------------------------------------- several replicas (etcd)
+
+
+def _mesh_doc(vip_range: str) -> str:
+    return ("apiVersion: nodemesh.io/v1alpha1\nkind: MeshConfig\nmetadata: {name: mesh}\n"
+            f"spec: {{trustDomain: cluster.local, vipRange: '{vip_range}'}}\n")
+
+
+def _svc_doc(name: str) -> str:
+    return (f"apiVersion: nodemesh.io/v1alpha1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\n"
+            "spec:\n  selector: {app: x}\n  ports: [{name: http, port: 80, targetPort: 8080, protocol: http}]\n")
+
+
+def test_concurrent_applies_on_two_replicas_never_share_a_vip(etcd_endpoint: str) -> None:
+    prefix = f"/t-{uuid.uuid4().hex[:8]}"
+    a, b = EtcdStore([etcd_endpoint], prefix), EtcdStore([etcd_endpoint], prefix)
+    ConfigServicer(a).apply(_mesh_doc("240.240.0.0/28"))  # 14 addresses for 12 services: collisions likely
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def run(store: EtcdStore, names: list[str]) -> None:
+        api = ConfigServicer(store)
+        start.wait()
+        try:
+            for n in names:
+                api.apply(_svc_doc(n))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(a, [f"a{i}" for i in range(6)])),
+               threading.Thread(target=run, args=(b, [f"b{i}" for i in range(6)]))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    entries = current_services(a)
+    assert len(entries) == 12
+    assert len({e.vip for e in entries}) == 12, sorted((e.vip, e.service.key) for e in entries)
+    a.close()
+    b.close()
+
+
+def test_a_stale_plan_is_planned_again(etcd_endpoint: str) -> None:
+    prefix = f"/t-{uuid.uuid4().hex[:8]}"
+    a, b = EtcdStore([etcd_endpoint], prefix), EtcdStore([etcd_endpoint], prefix)
+    runs = []
+
+    def plan() -> list[Put]:
+        runs.append(a.list("Service")[0])
+        if len(runs) == 1:
+            b.apply([put("sneaked-in")])  # another replica writes between our read and our write
+        return [put("mine", {"seen": len(runs[-1])})]
+
+    a.apply_planned(plan)
+    assert len(runs) == 2
+    mine = a.get("Service", "default", "mine")
+    assert mine is not None and mine.spec() == {"seen": 1}  # planned from the state that includes b's write
+    a.close()
+    b.close()
+
+
+def _reg(name: str, ip: str) -> mesh_pb2.NodeRegistration:
+    return mesh_pb2.NodeRegistration(node_name=name, addresses=[ip], workloads=[mesh_pb2.WorkloadRegistration(
+        name="w", namespace="default", service_account="sa", ip=ip, ports=[8080])])
+
+
+def _until(cond: Callable[[], bool], timeout: float = 8.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+def test_replicas_share_registrations_and_a_dead_replicas_nodes_expire(etcd_endpoint: str) -> None:
+    prefix = f"/t-{uuid.uuid4().hex[:8]}"
+    sa, sb = EtcdStore([etcd_endpoint], prefix, node_lease_s=2), EtcdStore([etcd_endpoint], prefix, node_lease_s=2)
+    ra, rb = NodeRegistry(sa, 2), NodeRegistry(sb, 2)
+
+    async def main() -> None:
+        fa = asyncio.create_task(follow_registry(sa, ra, prime_registry(sa, ra)))
+        fb = asyncio.create_task(follow_registry(sb, rb, prime_registry(sb, rb)))
+        ra.register(_reg("node-1", "10.0.0.1"))
+        rb.register(_reg("node-2", "10.0.0.2"))
+
+        async def until(cond: Callable[[], bool], timeout: float = 8.0) -> None:
+            deadline = time.monotonic() + timeout
+            while not cond():
+                assert time.monotonic() < deadline, "condition not met in time"
+                await asyncio.sleep(0.05)
+
+        both = ("node-1", "node-2")
+        await until(lambda: tuple(n.name for n in ra.nodes()) == both and tuple(n.name for n in rb.nodes()) == both)
+        # node-2's agent moves to replica A: B gives it up, and B's expiry must not delete A's record.
+        ra.register(_reg("node-2", "10.0.0.2"))
+        await until(lambda: rb.lease("node-2") is None)
+        assert rb.expire() == [] and [r.name for r in sa.load_nodes()] == ["node-1", "node-2"]
+        # Replica A dies (no more keepalives): its nodes go when its etcd lease runs out.
+        sa._stop.set()
+        fa.cancel()
+        await until(lambda: rb.nodes() == (), timeout=10)
+        assert sb.load_nodes() == []
+        fb.cancel()
+
+    asyncio.run(main())
+    sa.close()
+    sb.close()
+
+
+def test_operators_audit_and_join_tokens_are_shared(etcd_endpoint: str) -> None:
+    prefix = f"/t-{uuid.uuid4().hex[:8]}"
+    a, b = EtcdStore([etcd_endpoint], prefix), EtcdStore([etcd_endpoint], prefix)
+    ops_a, toks_a = a.security_tables()
+    ops_b, toks_b = b.security_tables()
+    assert isinstance(ops_a, EtcdOperators) and isinstance(toks_b, EtcdJoinTokens)
+    assert ops_a.count() == 0
+    token = ops_a.create_token("viewer", RO)
+    assert ops_b.by_token(token) == Caller("operator", "viewer", RO)
+    assert ops_b.by_token(token[:-2] + "xx").kind == "anonymous"
+    new = ops_b.create_token("viewer", RW)
+    assert ops_a.by_token(token).kind == "anonymous" and ops_a.by_token(new).role == RW
+    assert ops_a.revoke("viewer") and not ops_b.revoke("viewer")
+    assert ops_b.by_name("viewer").kind == "anonymous"
+    ops_a.audit("operator/admin", "Apply", "apply Service/default/web", "ok")
+    ops_b.audit("operator/admin", "Delete", "delete Service/default/web", "ok")
+    assert [e.action for e in ops_a.audit_entries()] == ["Delete", "Apply"]  # newest first
+    ops_a._prune(1)
+    assert [e.action for e in ops_b.audit_entries()] == ["Delete"]
+    # A join token made on one replica is used on the other, once.
+    jt, _ = toks_a.create("node-1", 600, "pin")
+    with pytest.raises(TokenRefused, match="made for node 'node-1'"):
+        toks_b.consume(jt, "node-2")
+    toks_b.consume(jt, "node-1")
+    with pytest.raises(TokenRefused, match="already used"):
+        toks_a.consume(jt, "node-1")
+    a.close()
+    b.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "etcd"])
+def test_join_tokens_behave_alike(backend: str, request: pytest.FixtureRequest) -> None:
+    now = [1000.0]
+    if backend == "sqlite":
+        import sqlite3
+
+        tokens: JoinTokens = JoinTokens(sqlite3.connect(":memory:", isolation_level=None), lambda: now[0])
+        ops: Operators = Operators(sqlite3.connect(":memory:", isolation_level=None))
+    else:
+        store = _etcd(request.getfixturevalue("etcd_endpoint"))
+        ops, tokens = store.security_tables(lambda: now[0])
+    tok, expires = tokens.create("node-1", 60, "pin")
+    assert tok.startswith("nmjt1.pin.") and expires == 1060
+    with pytest.raises(TokenRefused, match="not known"):
+        tokens.consume(tok[:-3] + "zzz", "node-1")
+    now[0] = 1061
+    with pytest.raises(TokenRefused, match="expired"):
+        tokens.consume(tok, "node-1")
+    tok2, _ = tokens.create("node-1", 60, "pin")
+    tokens.consume(tok2, "node-1")
+    with pytest.raises(ValueError, match="ttl must be"):
+        tokens.create("node-1", 0, "pin")
+    assert ops.count() == 0
+    ops.register_cert("alice", RW)
+    assert ops.by_name("alice") == Caller("operator", "alice", RW) and ops.count() == 1
+
+
+def test_etcd_store_refuses_clearly_when_etcd_is_away() -> None:
+    with pytest.raises(StoreError, match="cannot reach etcd .*check --etcd-endpoints"):
+        EtcdStore([f"http://127.0.0.1:{_free_port()}"], "/x", timeout_s=0.5)
+    with pytest.raises(StoreError, match="prefix"):
+        EtcdStore(["http://127.0.0.1:1"], "nodemesh")
+    with pytest.raises(ValueError, match="http://host:port"):
+        EtcdClient(["https://etcd:2379"])
+
+
+def test_serve_settings_refuse_etcd_without_a_shared_ca(tmp_path: Path) -> None:
+    from controlplane.server import ControlPlaneSettings
+
+    with pytest.raises(ValueError, match="needs the operator intermediate CA"):
+        ControlPlaneSettings(state_dir=str(tmp_path), store="etcd", etcd_endpoints=("http://127.0.0.1:2379",))
+    with pytest.raises(ValueError, match="needs --etcd-endpoints"):
+        ControlPlaneSettings(state_dir=str(tmp_path), store="etcd", ca_cert="a", ca_key="b", ca_chain="c")
+    with pytest.raises(ValueError, match="must be sqlite or etcd"):
+        ControlPlaneSettings(state_dir=str(tmp_path), store="redis")
+
+
+def test_agent_lists_replicas_for_failover() -> None:
+    from nodeagent.config import ConfigError, parse_config
+
+    base = {"node": {"name": "n1", "address": "10.0.0.11"}, "workloads": []}
+    cfg = parse_config({**base, "controlPlane": {"address": "10.0.0.1:15010",
+                                                 "addresses": ["10.0.0.2:15010", "10.0.0.3:15010"]}})
+    assert cfg.control_plane.grpc_target == "ipv4:10.0.0.1:15010,10.0.0.2:15010,10.0.0.3:15010"
+    assert cfg.control_plane_exclusions() == ("10.0.0.1/32", "10.0.0.2/32", "10.0.0.3/32")
+    with pytest.raises(ConfigError, match=r"controlPlane.addresses\[0\].*IPv4:port"):
+        parse_config({**base, "controlPlane": {"address": "10.0.0.1:15010", "addresses": ["cp-b:15010"]}})
+    with pytest.raises(ConfigError, match=r"controlPlane.address.*IPv4:port"):
+        parse_config({**base, "controlPlane": {"address": "cp:15010", "addresses": ["10.0.0.2:15010"]}})
