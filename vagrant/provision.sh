@@ -9,6 +9,7 @@ bash scripts/setup.sh
 install -m 0644 deploy/systemd/*.service /etc/systemd/system/
 systemctl daemon-reload
 if [ "$name" = cp ]; then
+  echo "NODEMESH_CP_ARGS=\"--san $ip\"" > /etc/default/nodemesh-controlplane
   systemctl enable --now nodemesh-controlplane
   for i in $(seq 30); do
     .venv/bin/nodemesh get service --server unix:/run/nodemesh/controlplane.sock >/dev/null 2>&1 && break
@@ -20,9 +21,11 @@ fi
 id web >/dev/null 2>&1 || useradd --system --uid 2001 web
 id client >/dev/null 2>&1 || useradd --system --uid 3001 client
 mkdir -p /etc/nodemesh
+# The host made a one-time join token for this node on the cp VM (Vagrantfile trigger).
+install -m 0600 "/opt/nodemesh-src/vagrant/tokens/$name.token" /etc/nodemesh/join.token
 cat > /etc/nodemesh/agent.yaml <<YAML
 node: {name: $name, address: $ip, zone: vagrant}
-controlPlane: {address: "$cp_ip:15010"}
+controlPlane: {address: "$cp_ip:15010", joinTokenFile: /etc/nodemesh/join.token}
 capture: {mode: iptables}
 workloads:
   - {name: web-$name, namespace: default, serviceAccount: web, labels: {app: web}, uid: 2001, ports: [8080]}

@@ -17,7 +17,12 @@ log = logging.getLogger(__name__)
 
 class StreamEnd:
     """One CONNECT tunnel. Data received is acknowledged (HTTP/2 window credit
-    returned) only once the partner took it without pushing back."""
+    returned) only once the partner took it without pushing back.
+
+    The peer may send data right behind its 200 (a server that speaks first:
+    an HTTP/2 server's SETTINGS, an SMTP banner), often in the same read as
+    the 200, before the opener had a turn to attach its partner. That data
+    (and an early EOF) is held, unacknowledged, until attach() delivers it."""
 
     def __init__(self, conn: HboneProtocol, stream_id: int, session: Session) -> None:
         self.conn = conn
@@ -31,7 +36,24 @@ class StreamEnd:
         self._window_blocked = False
         self._partner_paused = False
         self._closed = False
+        self._early: list[bytes] = []  # received before a partner was attached
+        self._early_eof = False
         session.end_opened()
+
+    def attach(self, partner: End) -> None:
+        """Join the partner and hand it what arrived before it (see the class doc)."""
+        self.partner = partner
+        early, self._early = self._early, []
+        for chunk in early:
+            partner.send(chunk)  # may call our pause_reading() synchronously
+        if self._early_eof:
+            self._early_eof = False
+            partner.send_eof()
+        self._update_partner_reading()  # a window that blocked before the partner came
+        if not self._ack_paused and self._unacked and not self._closed:
+            n, self._unacked = self._unacked, 0
+            self.conn.core.acknowledge(self.stream_id, n)
+            self.conn.flush()
 
     # -- End: called by the partner --
     def send(self, data: bytes) -> None:
@@ -71,8 +93,10 @@ class StreamEnd:
     def on_data(self, data: bytes, flow_controlled_length: int) -> None:
         self.rx += len(data)
         self._unacked += flow_controlled_length
-        if self.partner is not None:
-            self.partner.send(data)  # may call our pause_reading() synchronously
+        if self.partner is None:
+            self._early.append(data)  # no credit back until attach() passed it on
+            return
+        self.partner.send(data)  # may call our pause_reading() synchronously
         if not self._ack_paused and self._unacked:
             n, self._unacked = self._unacked, 0
             self.conn.core.acknowledge(self.stream_id, n)
@@ -80,6 +104,8 @@ class StreamEnd:
     def on_peer_eof(self) -> None:
         if self.partner is not None:
             self.partner.send_eof()
+        else:
+            self._early_eof = True
 
     def on_unblocked(self) -> None:
         self._window_blocked = False
