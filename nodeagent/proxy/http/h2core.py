@@ -127,6 +127,11 @@ class H2Core:
             h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self._max_streams,
         })
+        # Accept our announced frame size from the start. h2 sizes its frame parser once
+        # per receive_data() call, so a peer's SETTINGS ACK and a big DATA frame arriving
+        # in one read would otherwise fail as "overlong frame" (a protocol error that
+        # kills the connection). Taking larger frames early is always safe.
+        self.h2.max_inbound_frame_size = MAX_FRAME_SIZE
         extra = self._connection_window - 65535
         if extra > 0:
             self.h2.increment_flow_control_window(extra)

@@ -461,8 +461,10 @@ class H2UpstreamPool:
             except ProxyError:
                 stream.on_closed()
                 raise
-            stream.partner = conn
+            # Our preface first, then what the endpoint already sent: its SETTINGS often
+            # rides right behind the CONNECT's 200 (losing it leaves us on default windows).
             conn.start(stream)
+            stream.attach(conn)
         self.opened += 1
         conn.on_dead = self._forget
         conn.on_idle = self._idle
