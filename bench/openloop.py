@@ -39,7 +39,7 @@ PR_SET_TIMERSLACK = 29
 
 
 class Conn:
-    __slots__ = ("sock", "buf", "due", "sent_lag", "busy", "waiting", "need", "head_len")
+    __slots__ = ("buf", "busy", "due", "need", "sock", "waiting")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -48,7 +48,6 @@ class Conn:
         self.waiting: deque[float] = deque()  # scheduled times of requests not yet sent
         self.busy = False
         self.need = -1  # bytes of the current response (head + body) once the head is parsed
-        self.head_len = 0
 
 
 class ResponseError(RuntimeError):

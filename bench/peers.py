@@ -176,7 +176,7 @@ def render_nginx_upstream(d: Path, ports: Ports = PORTS) -> str:
 _HAPROXY_COMMON = """\
 global
   nbthread 1
-  maxconn 20000
+  maxconn 4000
   # TLS 1.3 with P-256 only, as the other pairs.
   ssl-default-bind-options ssl-min-ver TLSv1.3
   ssl-default-server-options ssl-min-ver TLSv1.3

@@ -205,5 +205,5 @@ async def _via_hbone(proxy: NodeProxy, end: OutboundConnection, source_id: str, 
     except ProxyError:
         stream.on_closed()
         raise
-    stream.partner = end
+    stream.attach(end)  # with what a server-speaks-first workload sent right behind the 200
     end.attach(stream)

@@ -90,6 +90,22 @@ def test_drained_reported_after_window_update() -> None:
     assert sid in r.drained and c.queued(sid) == 0
 
 
+def test_big_frame_in_the_same_read_as_the_settings_ack() -> None:
+    # The peer acknowledges our SETTINGS (MAX_FRAME_SIZE 64 KiB) and uses the new size
+    # right away; both arrive in one read, before we ever processed the ACK.
+    c, s = H2Core(client=True), H2Core(client=False)
+    c.initiate()
+    s.initiate()
+    sid = c.new_request(REQ, end_stream=True)
+    s.receive_data(c.data_to_send())
+    s.send_headers(sid, [(":status", "200"), ("content-type", "application/grpc")])
+    s.send_data(sid, b"f" * 200_000)
+    assert s.h2.max_outbound_frame_size > 16384  # the server does send frames over the 16 KiB default
+    r = c.receive_data(s.data_to_send())
+    assert r.error == ""
+    assert sum(len(e.data) for e in r.events if isinstance(e, h2.events.DataReceived)) == 200_000
+
+
 def test_grpc_helpers() -> None:
     assert grpc_status_for_http(503) == 14 and grpc_status_for_http(404) == 12 and grpc_status_for_http(418) == 2
     assert grpc_message_escape("a b%ü") == "a b%25%C3%BC"
