@@ -35,6 +35,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -56,6 +57,7 @@ CLIENT_UID, PLAIN_UID, WEB_UID = 3001, 4000, 2001
 # Lab ids of this benchmark only: leftovers of an interrupted run are removed by
 # these names, never other labs (other engineers' tests may be running).
 LAB_IDS = {1: "cmpw1", 2: "cmpw2"}
+HBONE_PORT = 15008
 ALL_PATHS = ("direct", "haproxy", "envoy_l7", "envoy_l4", "mesh_l7", "mesh_l4", "mesh_l7_w2")
 BULK_PATHS = ("direct", "envoy_l4", "mesh_l4")
 LABELS = {
@@ -108,6 +110,7 @@ class Path_:
     cpu_pids: Callable[[], list[int]]  # the proxies whose CPU counts (none for direct)
     bulk: tuple[str, int] | None = None
     log_names: tuple[str, ...] = ()  # lab process logs to show when the path fails
+    mtls_port: int | None = None  # node 2's port between the proxies (connections counted under load)
 
     @property
     def url(self) -> str:
@@ -185,12 +188,18 @@ def iperf(p: Path_, seconds: float) -> float:
         raise BenchError(f"iperf3 to {host}:{port} failed: {res.stdout[-600:]} {res.stderr[-400:]}") from e
 
 
-def check_path(p: Path_) -> None:
-    """One request must come back 200 with the 1 KiB body, or the path is misconfigured."""
-    res = p.lab.curl(1, p.url, p.uid, extra=["-o", "/dev/null", "-w", "%{http_code} %{size_download}"])
-    if res.stdout.strip() != "200 1024":
-        raise BenchError(f"path {p.key}: GET {p.url} as uid {p.uid} gave {res.stdout.strip()!r} "
-                         f"{res.stderr.strip()!r} (want '200 1024')\n{p.log_tail()}")
+def check_path(p: Path_, timeout: float = 20.0) -> None:
+    """One request must come back 200 with the 1 KiB body, or the path is misconfigured.
+    Retried for a while: an agent installs capture before its first xDS snapshot lands."""
+    deadline = time.monotonic() + timeout
+    while True:
+        res = p.lab.curl(1, p.url, p.uid, extra=["-o", "/dev/null", "-w", "%{http_code} %{size_download}"])
+        if res.stdout.strip() == "200 1024":
+            return
+        if time.monotonic() > deadline:
+            raise BenchError(f"path {p.key}: GET {p.url} as uid {p.uid} gave {res.stdout.strip()!r} "
+                             f"{res.stderr.strip()!r} (want '200 1024')\n{p.log_tail()}")
+        time.sleep(0.3)
 
 
 def versions() -> dict[str, str]:
@@ -304,33 +313,51 @@ def build_paths(made: dict[int, Lab], paths: list[str]) -> dict[str, Path_]:
     for key, pair in pairs.items():
         procs = pair.processes
         out[key] = Path_(key, lab, PLAIN_UID, pair.front[0], pair.front[1], proc_pids(lab, [x.name for x in procs]),
-                         bulk=pair.bulk_front, log_names=tuple(x.name for x in procs))
+                         bulk=pair.bulk_front, log_names=tuple(x.name for x in procs), mtls_port=procs[1].listen[1])
     mesh_logs = ("agent-1", "agent-2")
-    out["mesh_l7"] = Path_("mesh_l7", lab, CLIENT_UID, vips["web"], 80, agent_pids(lab), log_names=mesh_logs)
+    out["mesh_l7"] = Path_("mesh_l7", lab, CLIENT_UID, vips["web"], 80, agent_pids(lab), log_names=mesh_logs,
+                           mtls_port=HBONE_PORT)
     out["mesh_l4"] = Path_("mesh_l4", lab, CLIENT_UID, vips["web-tcp"], 80, agent_pids(lab),
-                           bulk=(vips["web-tcp"], PORTS.iperf_mesh), log_names=mesh_logs)
+                           bulk=(vips["web-tcp"], PORTS.iperf_mesh), log_names=mesh_logs, mtls_port=HBONE_PORT)
     if 2 in made:
         lab2 = made[2]
         vips2 = start_mesh_lab(lab2)
         print(f"  lab {lab2.lab_id} (2 workers) up: web {vips2['web']}", flush=True)
         out["mesh_l7_w2"] = Path_("mesh_l7_w2", lab2, CLIENT_UID, vips2["web"], 80, agent_pids(lab2),
-                                  log_names=mesh_logs)
+                                  log_names=mesh_logs, mtls_port=HBONE_PORT)
     return {k: v for k, v in out.items() if k in paths}
 
 
 # --------------------------------------------------------------------------- measurement
+def count_established(lab: Lab, node: int, port: int) -> int:
+    out = lab.ns_exec(lab.node_ns(node), ["ss", "-Htn", "state", "established", f"sport = :{port}"],
+                      check=False).stdout
+    return len(out.splitlines())
+
+
 def measure(p: Path_, a: argparse.Namespace) -> dict[str, Any]:
     r: dict[str, Any] = {}
     cpu0 = peers.tree_cpu_seconds(p.cpu_pids())
     b0, t0 = host_busy()
+    # Halfway through wrk's 50 connections, how many connections cross between the
+    # proxies: 1-2 means requests are multiplexed (h2, HBONE), 50 means one per client.
+    sampler: threading.Timer | None = None
+    if p.mtls_port is not None:
+        port = p.mtls_port
+        sampler = threading.Timer(a.duration / 2,
+                                  lambda: r.__setitem__("mtls_conns", count_established(p.lab, 2, port)))
+        sampler.start()
     r.update(wrk(p, a.duration))
+    if sampler is not None:
+        sampler.join()
     b1, t1 = host_busy()
     cpu1 = peers.tree_cpu_seconds(p.cpu_pids())
     r["host_busy"] = (b1 - b0) / (t1 - t0) if t1 > t0 else float("nan")
     r["cpu_s_per_1k_max"] = (cpu1 - cpu0) / r["requests"] * 1000 if p.cpu_pids() else None
     fr = openloop(p, a.rate, a.fixed_seconds)
     cpu2 = peers.tree_cpu_seconds(p.cpu_pids())
-    r.update({f"fixed_{k}": v for k, v in fr.items() if k.endswith("_ms") or k in ("n", "client_cpu_s")})
+    r.update({f"fixed_{k}": v for k, v in fr.items()
+              if k.endswith("_ms") or k in ("n", "unfinished", "client_cpu_s")})
     # CPU-seconds per 1,000 requests while serving 1k req/s = vCPU per 1k req/s.
     r["cpu_s_per_1k_fixed"] = (cpu2 - cpu1) / fr["n"] * 1000 if p.cpu_pids() and fr["n"] else None
     if p.bulk is not None and p.key in a.bulk_paths:
@@ -347,7 +374,7 @@ def summarize(rounds: list[dict[str, dict[str, Any]]], paths: list[str]) -> dict
     summary: dict[str, dict[str, Any]] = {}
     keys = ("rps", "wrk_p50_ms", "wrk_p99_ms", "fixed_p50_ms", "fixed_p99_ms", "fixed_p999_ms",
             "fixed_send_lag_p99_ms", "cpu_s_per_1k_max", "cpu_s_per_1k_fixed", "bulk_MBps", "generator_vcpu",
-            "host_busy")
+            "host_busy", "mtls_conns")
     for key in paths:
         got = [r[key] for r in rounds if key in r and "error" not in r[key]]
         errs = [r[key]["error"] for r in rounds if key in r and "error" in r[key]]
@@ -368,22 +395,23 @@ def table(summary: dict[str, dict[str, Any]], rate: float) -> str:
     drps, dp99, dbulk = d.get("rps"), d.get("fixed_p99_ms"), d.get("bulk_MBps")
     header = (f"| path | max req/s (× direct) | p99 at {rate:,.0f} req/s, ms (added over direct) | "
               "vCPU per 1k req/s, both proxies (at max load) | bulk one stream, MB/s (× direct) | "
-              "wrk p99 ms | host CPU busy during wrk |")
-    lines = [header, "|---|---|---|---|---|---|---|"]
+              "wrk p99 ms | wrk vCPU | host CPU busy during wrk | connections between the proxies |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
     for key, s in summary.items():
         if not s.get("rounds_ok"):
-            lines.append(f"| {LABELS[key]} | error: {str(s.get('errors', ['?'])[0])[:120]!r} | | | | | |")
+            lines.append(f"| {LABELS[key]} | error: {str(s.get('errors', ['?'])[0])[:120]!r} | | | | | | | |")
             continue
         rps = s["rps"]
         ratio = f" ({rps / drps:.2f})" if drps and rps else ""
         p99 = s["fixed_p99_ms"]
-        added = f" (+{p99 - dp99:.2f})" if key != "direct" and p99 is not None and dp99 is not None else ""
+        added = f" ({p99 - dp99:+.2f})" if key != "direct" and p99 is not None and dp99 is not None else ""
         cpu = fmt(s["cpu_s_per_1k_fixed"], ".2f") + (f" ({s['cpu_s_per_1k_max']:.2f})"
                                                     if s["cpu_s_per_1k_max"] is not None else "")
         bulk = s.get("bulk_MBps")
         bulk_s = "–" if bulk is None else f"{bulk:,.0f}" + (f" ({bulk / dbulk:.2f})" if dbulk else "")
         lines.append(f"| {LABELS[key]} | {rps:,.0f}{ratio} | {fmt(p99, '.2f')}{added} | {cpu} | {bulk_s} | "
-                     f"{fmt(s['wrk_p99_ms'], '.2f')} | {fmt(s['host_busy'], '.0%')} |")
+                     f"{fmt(s['wrk_p99_ms'], '.2f')} | {fmt(s['generator_vcpu'], '.2f')} | "
+                     f"{fmt(s['host_busy'], '.0%')} | {fmt(s.get('mtls_conns'), '.0f')} |")
     return "\n".join(lines)
 
 
@@ -410,7 +438,7 @@ def target_checks(summary: dict[str, dict[str, Any]]) -> list[str]:
               f"{fmt(m, ',.0f')} vs {fmt(e, ',.0f')}" + (f" ({m / e:.2f}×)" if m and e else ""))
         am, ae = added(mesh), added(peer)
         check(f"{what}: added p99 at the fixed rate", None if am is None or ae is None else am <= ae,
-              f"+{fmt(am, '.2f')} ms vs +{fmt(ae, '.2f')} ms")
+              f"{fmt(am, '+.2f')} ms vs {fmt(ae, '+.2f')} ms")
         if mesh == "mesh_l7":
             cm, ce = get(mesh, "cpu_s_per_1k_fixed"), get(peer, "cpu_s_per_1k_fixed")
             check(f"{what}: vCPU per 1k req/s", None if cm is None or ce is None else cm <= ce,
@@ -495,7 +523,9 @@ def main() -> int:
                     print(f"  round {r + 1} {key:>10}: {res['rps']:>8,.0f} req/s, fixed p99 "
                           f"{res['fixed_p99_ms']:.2f} ms (lag p99 {res['fixed_send_lag_p99_ms']:.2f}), cpu/1k "
                           f"{fmt(res['cpu_s_per_1k_fixed'], '.3f')} fixed, {fmt(res['cpu_s_per_1k_max'], '.3f')} "
-                          f"max" + (f", bulk {res['bulk_MBps']:,.0f} MB/s" if "bulk_MBps" in res else ""),
+                          f"max" + (f", bulk {res['bulk_MBps']:,.0f} MB/s" if "bulk_MBps" in res else "")
+                          + (f", {res['fixed_unfinished']} requests unanswered at the end of the fixed-rate run "
+                             "(counted with their wait so far)" if res.get("fixed_unfinished") else ""),
                           flush=True)
             rounds.append(this)
         if a.keep_workdir:

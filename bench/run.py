@@ -31,7 +31,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from nodemesh.lab import Lab, LabWorkload, cleanup_all  # noqa: E402
+from nodemesh.lab import Lab, LabWorkload  # noqa: E402
 
 CLIENT_UID, DIRECT_UID, WEB_UID = 3001, 4000, 2001
 BODY_1K = "x" * 1024
@@ -68,6 +68,7 @@ def nginx_conf(workdir: Path) -> Path:
           keepalive_requests 1000000;
           server {{
             listen 8080 reuseport;
+            listen 8081 reuseport;
             location / {{ default_type text/plain; return 200 '{BODY_1K}'; }}
           }}
         }}
@@ -162,8 +163,8 @@ def fixed_rate(lab: Lab, host: str, port: int, uid: int, rate: float, seconds: f
     return {"n": float(parts[0]), "p50_ms": float(parts[1]), "p99_ms": float(parts[2])}
 
 
-def iperf(lab: Lab, host: str, uid: int, seconds: float = 4) -> float:
-    res = lab.ns_exec(lab.node_ns(1), ["iperf3", "-c", host, "-p", "5201", "-t", f"{seconds:.0f}", "-J"],
+def iperf(lab: Lab, host: str, uid: int, port: int, seconds: float = 4) -> float:
+    res = lab.ns_exec(lab.node_ns(1), ["iperf3", "-c", host, "-p", str(port), "-t", f"{seconds:.0f}", "-J"],
                       uid=uid, check=False, timeout=seconds + 30)
     try:
         data = json.loads(res.stdout)
@@ -185,11 +186,14 @@ def run_cluster(workers: int, rounds: int, duration: float, rate: float) -> dict
         conf = nginx_conf(lab.workdir)
         lab.spawn("nginx", lab.node_ns(2), ["nginx", "-c", str(conf), "-g", "daemon off;"], uid=WEB_UID)
         lab.spawn("iperf3", lab.node_ns(2), ["iperf3", "-s", "-p", "5201"], uid=WEB_UID)
+        # Direct paths use ports no workload declares: node 2's inbound capture takes
+        # every declared port, so "direct" to 8080 would pass through node 2's proxy.
+        lab.spawn("iperf3-direct", lab.node_ns(2), ["iperf3", "-s", "-p", "5202"], uid=WEB_UID)
         lab.start_agent(1)
         lab.start_agent(2)
         vip = lab.service_vip("web")
         time.sleep(1.0)
-        paths = {"direct": (f"http://{lab.node_ip(2)}:8080/", DIRECT_UID, lab.node_ip(2), 8080),
+        paths = {"direct": (f"http://{lab.node_ip(2)}:8081/", DIRECT_UID, lab.node_ip(2), 8081),
                  "mesh": (f"http://{vip}/", CLIENT_UID, vip, 80)}
         # warm up (pools, EWMA, TLS sessions)
         for name, (url, uid, _h, _p) in paths.items():
@@ -206,7 +210,7 @@ def run_cluster(workers: int, rounds: int, duration: float, rate: float) -> dict
                 results[name].append(w)
                 if name == "mesh" and w["requests"]:
                     cpu_per_1k.append((cpu1 - cpu0) / w["requests"] * 1000)
-                bulk[name].append(iperf(lab, lab.node_ip(2), uid))
+                bulk[name].append(iperf(lab, lab.node_ip(2), uid, 5202 if name == "direct" else 5201))
                 print(f"  workers={workers} round {r + 1} {name}: {w['rps']:.0f} req/s, "
                       f"p50 {w['p50_ms']:.2f} ms, p99 {w['p99_ms']:.2f} ms, fixed-rate p99 "
                       f"{fr['p99_ms']:.2f} ms, bulk {bulk[name][-1]:.0f} MB/s", flush=True)
@@ -232,7 +236,6 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench: run as root", file=sys.stderr)
         return 1
-    cleanup_all()
     out = []
     for w in [int(x) for x in a.workers.split(",")]:
         out.append(run_cluster(w, a.rounds, a.duration, a.rate))

@@ -33,6 +33,8 @@ from nodeagent.xds.client import AdsClient
 log = logging.getLogger("nodeagent")
 
 HEALTH_CHECK_S = 1.0
+# How long capture waits for the control plane to list this node's own workloads.
+OWN_WORKLOADS_WAIT_S = 5.0
 
 
 class AgentError(RuntimeError):
@@ -184,6 +186,13 @@ class Agent:
 
     def _on_connection(self, _connected: bool) -> None:
         self.write_status()
+
+    def _own_workloads_visible(self) -> bool:
+        if self.snapshot is None:
+            return False
+        seen = {(w.node, w.namespace, w.name) for w in self.snapshot.workloads}
+        return all((self.config.node.name, lw.namespace, lw.name) in seen
+                   for lw in self.snapshot.local_workloads)
 
     def _certs_complete(self) -> bool:
         if self.snapshot is None or self.certs is None:
@@ -400,6 +409,21 @@ class Agent:
         while not self._stop.is_set() and not self._certs_complete():
             self._ready_changed.clear()
             await self._ready_changed.wait()
+        if self._stop.is_set():
+            return
+        # The first snapshot can predate this node's own registration: capturing
+        # then would make its local services look endpoint-less for a moment.
+        # Wait (bounded) until the mesh shows this node's workloads.
+        deadline = loop.time() + OWN_WORKLOADS_WAIT_S
+        while not self._stop.is_set() and not self._own_workloads_visible() and loop.time() < deadline:
+            self._ready_changed.clear()
+            try:
+                await asyncio.wait_for(self._ready_changed.wait(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                break
+        if not self._own_workloads_visible():
+            log.warning("installing capture although the control plane does not list this node's "
+                        "workloads yet (waited %.0fs): is the registry session up?", OWN_WORKLOADS_WAIT_S)
         if self._stop.is_set():
             return
         self._publish()

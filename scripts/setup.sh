@@ -12,6 +12,7 @@ fi
 
 APT_PACKAGES=(iptables nftables iproute2 python3-venv python3-dev python3-bpfcc
   tcpdump curl wrk iperf3 util-linux procps
+  haproxy nginx  # bench/: the nginx upstream, HAProxy peers (bench/compare.py)
   linux-headers-amd64 bpftool  # eBPF capture: headers for bcc, bpftool for status
   chromium chromium-driver  # the mesh view's browser test (Selenium drives headless Chromium)
   etcd-server  # the etcd store backend's tests (several control plane replicas)

@@ -156,6 +156,7 @@ class InboundHttpGuard:
         self._cli = h11.Connection(h11.CLIENT)  # the same requests, to the workload
         self.requests = 0
         self.denied = 0
+        self.logged = 0  # per-request decision lines written (_log_decision)
         self._linger: asyncio.TimerHandle | None = None
         self._caller_eof_sent = False
 
@@ -285,6 +286,7 @@ class InboundHttpGuard:
         authz.STATS.record(v)
         self.session.set(**v.log_fields(), http_method=facts.http.method if facts.http else "",
                          http_path=path, authz_requests=self.requests)
+        self._log_decision(v)
         if not v.allowed:
             self._deny(v)
             return False
@@ -294,6 +296,21 @@ class InboundHttpGuard:
             headers.append((b"host", b"localhost"))
         self._to_workload(h11.Request(method=req.method, target=(path + query).encode("latin-1"), headers=headers))
         return True
+
+    def _log_decision(self, v: authz.Verdict) -> None:
+        """One access log line per decided request when the guard's session is a
+        connection (inbound: a kept-alive stream carries many requests), so that
+        every decision is logged, not only the last. A same-node guard decides into
+        the caller's per-request line instead (its session is swapped per request)."""
+        if self.session.fields.get("direction") != "inbound":
+            return
+        rec = dict(self.session.fields)
+        rec.update(event="authz_request", authz_request=self.requests)
+        if not v.allowed:
+            rec.update(reason="denied_by_policy" if v.reason != "mtls_required" else "mtls_required",
+                       error=v.message, http_status=403)
+        self.logged += 1
+        self.session._log.write(rec)
 
     def _to_workload(self, ev: Any) -> None:
         try:

@@ -168,3 +168,16 @@ def test_random_bytes_never_raise_and_never_reach_a_denied_path(data: bytes, chu
     g.send_eof()
     # Whatever got through is either opaque TCP (refused here: HTTP-only ALLOW) or an allowed request.
     assert not workload.data or workload.data.startswith(b"GET /public")
+
+
+def test_each_decided_request_on_a_kept_alive_stream_gets_its_own_line() -> None:
+    g, caller, _workload, session = guard()
+    for path in ("/public/a", "/public/b"):
+        g.send(f"GET {path} HTTP/1.1\r\nHost: web\r\n\r\n".encode())
+        g.workload_side.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    g.send(b"POST /admin HTTP/1.1\r\nHost: web\r\nContent-Length: 0\r\n\r\n")
+    lines = session._log.lines  # type: ignore[attr-defined]
+    assert [(r["http_path"], r["authz"], r["authz_request"]) for r in lines] == [
+        ("/public/a", "allow", 1), ("/public/b", "allow", 2), ("/admin", "deny", 3)]
+    assert lines[-1]["http_status"] == 403 and lines[-1]["reason"] == "denied_by_policy"
+    assert g.logged == 3 and caller.data.count(b"HTTP/1.1 200 OK") == 2

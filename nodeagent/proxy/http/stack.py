@@ -6,8 +6,10 @@ request composes the layers in one place:
   -> cluster (weighted) -> breaker -> [endpoint (balance, outlier) -> try
   (per-try timeout)] × retries (policy, budget, backoff) -> response filters
 
-Each request gets its own access log line. The inbound side is unchanged:
-every try is a CONNECT stream (or a same-node connection) to the endpoint.
+Each request gets its own access log line. A try takes an idle keep-alive
+conn to the endpoint from the runtime's pool (h1pool.py: an HBONE CONNECT
+stream, or a same-node TCP connection after the authz check) or opens one;
+a complete keep-alive response returns the conn to the pool.
 """
 
 from __future__ import annotations
@@ -37,9 +39,10 @@ from ..relay import Session
 from . import fault as faults
 from . import router
 from .balance import Destination
+from .h1pool import UpstreamPool
 from .retry import Outcome, backoff, retryable
 from .timeout import GRPC_TIMEOUT_HEADER, MESH_DEADLINE_HEADER, Deadline, format_grpc_timeout, incoming_budget
-from .upstream import UpstreamExchange, UpstreamReset
+from .upstream import UpstreamConn, UpstreamExchange, UpstreamReset
 
 if TYPE_CHECKING:
     from ..outbound import OutboundConnection
@@ -56,6 +59,7 @@ _REASONS = {200: "OK", 301: "Moved Permanently", 302: "Found", 303: "See Other",
             500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable",
             504: "Gateway Timeout"}
 _DEFAULT_MATCH = RouteMatch()
+IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 
 def l7_protocol(snapshot: Snapshot, plan: OutboundPlan) -> str | None:
@@ -97,6 +101,7 @@ class L7Runtime:
         self._dests: dict[str, Destination] = {}
         self._index_for: Snapshot | None = None
         self._by_cluster: dict[str, ServicePort] = {}
+        self.upstreams = UpstreamPool(clock=clock)  # keep-alive upstream conns (h1pool.py)
 
     def port_of_cluster(self, snapshot: Snapshot, cluster: str) -> ServicePort | None:
         if self._index_for is not snapshot:
@@ -534,7 +539,6 @@ class Call:
         if over:
             metrics.breaker_overflow(dest.cluster, over)
             return Outcome(connect_failure=True), None, f"circuit breaker {over}"
-        ex = UpstreamExchange()
         released = False
 
         def release() -> None:
@@ -543,11 +547,31 @@ class Call:
                 released = True
                 dest.breaker.release("connections")
 
-        ex.done.add_done_callback(lambda _f: release())
+        def new_exchange() -> UpstreamExchange:
+            e = UpstreamExchange()
+            e.done.add_done_callback(lambda _f: release())
+            return e
+
+        ex = new_exchange()
         req = h11.Request(method=self.req.method, target=target.encode("latin-1"), headers=headers)
+        idempotent = self.req.method.upper() in IDEMPOTENT_METHODS
+
+        async def attempt() -> h11.Response:
+            nonlocal ex
+            try:
+                return await self._connect_and_send(snapshot, ep, ex, req)
+            except UpstreamReset:
+                # A kept-alive conn the upstream closed as we wrote (the classic race): once, on a
+                # fresh conn, when nothing of the response came and resending is safe.
+                if not (ex.reused and ex.rx == 0 and (idempotent or not ex.written)):
+                    raise
+                ex.close()
+                ex = new_exchange()
+                self.session.set(stale_conn_retry=True)
+                return await self._connect_and_send(snapshot, ep, ex, req, fresh=True)
+
         try:
-            coro = self._connect_and_send(snapshot, ep, ex, req)
-            head = await asyncio.wait_for(coro, timeout_s) if timeout_s else await coro
+            head = await asyncio.wait_for(attempt(), timeout_s) if timeout_s else await attempt()
         except TimeoutError:
             ex.close()
             release()
@@ -565,14 +589,33 @@ class Call:
         return Outcome(status=head.status_code, grpc_status=grpc_status), ex, ""
 
     async def _connect_and_send(self, snapshot: Snapshot, ep: Endpoint, ex: UpstreamExchange,
-                                req: h11.Request) -> h11.Response:
-        proxy = self.rt.proxy
-        settings = proxy.settings
+                                req: h11.Request, fresh: bool = False) -> h11.Response:
+        """Send on an idle keep-alive conn to the endpoint (h1pool.py), or a new one."""
         if self.body and not any(k.lower() == b"content-length" for k, _ in req.headers):
             # The body is buffered whole and its framing headers were dropped as hop-by-hop:
             # frame it again, or h11 refuses to send it (a POST would fail with 500).
             req = h11.Request(method=req.method, target=req.target,
                               headers=[*req.headers, ("content-length", str(len(self.body)))])
+        pool = self.rt.upstreams
+        pool.check_security(snapshot.security)
+        key = (self.ds.source_id, ep.ip, ep.port, ep.node_address, ep.hbone_port, ep.identity)
+        conn = None if fresh else pool.take(key)
+        if conn is not None:
+            ex.reused = True
+            self.session.set(via="same-node" if is_same_node(ep, self.rt.proxy.settings.node_name) else "hbone",
+                             upstream_reused=True)
+            if not is_same_node(ep, self.rt.proxy.settings.node_name):
+                self.session.set(node=ep.node)
+        else:
+            conn = await self._open_conn(snapshot, ep, key)
+        ex.on_release = pool.release
+        conn.begin(ex, req, self.body, self.session)
+        return await ex.head
+
+    async def _open_conn(self, snapshot: Snapshot, ep: Endpoint, key: Any) -> UpstreamConn:
+        proxy = self.rt.proxy
+        settings = proxy.settings
+        conn = self.rt.upstreams.new_conn(key)
         quiet = _QuietSession(proxy.access_log, "outbound")
         quiet.connect_headers = self.session.connect_headers  # type: ignore[method-assign]  # trace context over HBONE
         if is_same_node(ep, settings.node_name):
@@ -596,14 +639,17 @@ class Call:
                 inner.finish()
                 raise
             wire = authz_l7.wrap(l7, up, self.session)  # the guard's decision goes into this request's line
-            wire.attach(ex)
-            ex.start(wire, req, self.body)
+            if wire is not up:
+                # A kept-alive conn carries later requests: their decisions go into their own lines.
+                conn.on_reuse = lambda s, g=wire: setattr(g, "session", s)
+            conn.wire = wire
+            wire.attach(conn)
         else:
             self.session.set(via="hbone", node=ep.node)
-            key = PoolKey(self.ds.source_id, (ep.node_address, ep.hbone_port), ep.identity)
+            pkey = PoolKey(self.ds.source_id, (ep.node_address, ep.hbone_port), ep.identity)
             try:
                 stream, answered, _conn = await asyncio.wait_for(
-                    proxy.pool.open_stream(key, ep.ip, ep.port, quiet), settings.connect_timeout_s)
+                    proxy.pool.open_stream(pkey, ep.ip, ep.port, quiet), settings.connect_timeout_s)
             except TimeoutError:
                 raise ConnectTimeout(f"HBONE connect to {ep.node_address}:{ep.hbone_port} timed out") from None
             try:
@@ -611,9 +657,9 @@ class Call:
             except ProxyError:
                 stream.on_closed()
                 raise
-            stream.partner = ex
-            ex.start(stream, req, self.body)
-        return await ex.head
+            stream.partner = conn
+            conn.wire = stream
+        return conn
 
     async def _relay_response(self, ex: UpstreamExchange, entry: RouteEntry) -> None:
         head = ex.head.result()
@@ -686,8 +732,7 @@ def _forward_headers(headers: list[tuple[str, str]], deadline: Deadline, plan: O
             out.append((GRPC_TIMEOUT_HEADER, format_grpc_timeout(rem)))
     if not any(k == "host" for k, _ in out):
         out.append(("host", f"{plan.dst_ip}:{plan.dst_port}"))
-    out.append(("connection", "close"))
-    return out
+    return out  # no `Connection: close`: the upstream conn is kept alive (h1pool.py)
 
 
 async def _mirror(call: Call, snapshot: Snapshot, cluster: str, target: str, headers: list[tuple[str, str]]) -> None:
@@ -702,7 +747,7 @@ async def _mirror(call: Call, snapshot: Snapshot, cluster: str, target: str, hea
         return
     ep = dest.pick(cands, None)
     ex = UpstreamExchange()
-    fwd = [(k, v) for k, v in headers if k not in HOP_BY_HOP] + [("connection", "close")]
+    fwd = [(k, v) for k, v in headers if k not in HOP_BY_HOP]
     host = next((v for k, v in fwd if k == "host"), "")
     fwd = [(k, v) for k, v in fwd if k != "host"] + [("host", (host + "-shadow") if host else "shadow")]
     req = h11.Request(method=call.req.method, target=target.encode("latin-1"), headers=fwd)
