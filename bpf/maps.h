@@ -1,7 +1,8 @@
 /* nodemesh eBPF capture: the maps and record layouts shared by every program.
  *
- * Compiled by bcc (python3-bpfcc) together with connect4.c, sockops.c,
- * getsockopt.c, getpeername4.c, sendmsg4.c and recvmsg4.c into one module
+ * Compiled by bcc (python3-bpfcc) together with connect4.c, connect6.c,
+ * sockops.c, getsockopt.c, getpeername4.c, getpeername6.c, sendmsg4.c and
+ * recvmsg4.c into one module
  * (nodeagent/capture/ebpf.py SOURCES), so all programs share
  * these maps. nodeagent/capture/ebpf.py mirrors each struct with ctypes;
  * tests/unit/test_ebpf_layout.py checks that mirror against the types bcc
@@ -17,6 +18,7 @@
 #define NM_SO_ORIGINAL_DST 80
 #define NM_SOL_IP 0
 #define NM_AF_INET 2
+#define NM_AF_INET6 10
 #define NM_SOCK_STREAM 1
 #define NM_SOCK_DGRAM 2
 #define NM_DNS_PORT 53
@@ -41,7 +43,8 @@
 #define NM_CTR_DNS_REPLY_REWRITTEN 10 /* a DNS proxy reply shown as from the nameserver */
 #define NM_CTR_DNS_BYPASS_STALE 11 /* DNS proxy not live, policy open: sent directly */
 #define NM_CTR_DNS_REFUSED_STALE 12 /* DNS proxy not live, policy closed: EPERM */
-#define NM_COUNTERS 13
+#define NM_CTR_V6_NATIVE_BYPASS 13 /* connect6 to a native IPv6 address: not meshed (IPv4-only mesh) */
+#define NM_COUNTERS 14
 
 /* Slots of nm_liveness. */
 #define NM_LIVE_PROXY 0 /* written by every proxy worker from its event loop */
@@ -88,7 +91,7 @@ BPF_ARRAY(nm_config, struct nm_config, 1);
 /* NM_LIVE_* slots: bpf_ktime_get_ns() (CLOCK_MONOTONIC) of the last
  * heartbeat. Pinned by the agent so the proxy workers can write slot 0. */
 BPF_ARRAY(nm_liveness, u64, NM_LIVE_SLOTS);
-/* connect4/sendmsg4 -> sockops, getpeername4 and recvmsg4: socket cookie ->
+/* connect4/connect6/sendmsg4 -> sockops, getpeername4/6 and recvmsg4: socket cookie ->
  * original destination (for DNS: the nameserver the workload asked). */
 BPF_TABLE("lru_hash", u64, struct nm_orig_dst, nm_orig_by_cookie, 65536);
 /* sockops -> getsockopt: the client's (ip, port) -> original dst. */
@@ -150,7 +153,16 @@ static __always_inline int nm_to_dns(struct bpf_sock_addr *ctx, struct nm_config
     return 1;
 }
 
-/* Common gate of connect4 and sendmsg4: the config when this socket is a
+/* Is the IPv6 address whose first three words (network order) are these an
+ * IPv4-mapped one, ::ffff:a.b.c.d? Dual-stack (AF_INET6) sockets reach IPv4
+ * peers that way. Words, not a pointer: context fields must be read one by
+ * one with constant offsets for the verifier. */
+static __always_inline int nm_v4mapped(__u32 w0, __u32 w1, __u32 w2)
+{
+    return w0 == 0 && w1 == 0 && w2 == bpf_htonl(0x0000ffff);
+}
+
+/* Common gate of connect4, connect6 and sendmsg4: the config when this socket is a
  * captured workload's (this netns, a captured uid when by_uid, not the
  * proxy's own marked socket), else 0. */
 static __always_inline struct nm_config *nm_captured(struct bpf_sock_addr *ctx, int by_uid)

@@ -78,6 +78,7 @@ class ClusterPolicy:
     outlier: OutlierDetection | None = None
     retry_budget: RetryBudget = field(default_factory=RetryBudget)
     health_check: HealthCheck | None = None  # run by the endpoint's own node (nodeagent/health.py)
+    idle_timeout_s: float = 3600.0  # L4 relay: no bytes either way this long closes it (0 = never)
 
 
 DEFAULT_POLICY = ClusterPolicy()

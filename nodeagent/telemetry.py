@@ -37,6 +37,17 @@ _INHERITED = ("src", "source_principal", "source_workload", "dst_addr", "dst_wor
               "tls")
 
 
+def l7_port_protocol(snapshot: Snapshot | None, port: int) -> str:
+    """How a local workload port is observed on the destination side: "http"
+    (nodeagent.httpwatch), "http2" for http2/grpc ports (nodeagent.h2watch), or ""."""
+    if snapshot is None:
+        return ""
+    protos = {sp.protocol for svc in snapshot.services for sp in svc.ports if sp.target_port == port}
+    if "http" in protos:
+        return "http"
+    return "http2" if protos & {"http2", "grpc"} else ""
+
+
 def http_port(snapshot: Snapshot | None, port: int) -> bool:
     """Whether a local workload port is declared HTTP/1.1 by some service (the
     destination side observes it per request; http2/grpc stay TCP there, see docs)."""
@@ -239,12 +250,16 @@ class ProxyTelemetry:
     def workload_end(self, session: Session, end: TcpEnd, target: InboundTarget) -> None:
         """Called by connect_local for the end towards a local workload: on an HTTP
         port of an inbound connection, watch the exchange (nodeagent.httpwatch)."""
-        if session.fields.get("direction") != "inbound" or not http_port(self._proxy.snapshot, target.port):
+        if session.fields.get("direction") != "inbound":
             return
+        kind = l7_port_protocol(self._proxy.snapshot, target.port)
+        if not kind:
+            return
+        from nodeagent.h2watch import H2Watch
         from nodeagent.httpwatch import Http1Watch
 
-        watch = Http1Watch(lambda ex: self._dest_request_start(session, ex),
-                           lambda ex: self._dest_request_done(ex))
+        watch: Http1Watch | H2Watch = (Http1Watch if kind == "http" else H2Watch)(
+            lambda ex: self._dest_request_start(session, ex), lambda ex: self._dest_request_done(ex))
         end.tap = watch
         session.http_watch = watch  # type: ignore[attr-defined]
         session.http_requests = 0  # type: ignore[attr-defined]
@@ -252,8 +267,10 @@ class ProxyTelemetry:
     def _dest_request_start(self, conn: Session, ex: Exchange) -> None:
         f = conn.fields
         req = self._proxy.new_session("inbound", method=ex.method, path=ex.target,
-                                      protocol="grpc" if ex.grpc else "http",
+                                      protocol="grpc" if ex.grpc else str(ex.extra.get("protocol", "http")),
                                       **{k: f[k] for k in _INHERITED if k in f})
+        if ex.extra.get("authority"):  # HTTP/2 (nodeagent/h2watch.py): for the access log only, never a label
+            req.set(authority=ex.extra["authority"])
         # The request's own trace context first (the caller's proxy put its span
         # there), then the tunnel's baggage (caller workload and service).
         req.peer_headers = tuple(ex.trace_headers) + tuple(conn.peer_headers)
@@ -267,7 +284,9 @@ class ProxyTelemetry:
         req.set(status=ex.status, request_bytes=ex.request_bytes, response_bytes=ex.response_bytes, attempts=1)
         if ex.grpc_status:
             req.set(grpc_status=ex.grpc_status)
-        if not ex.complete and ex.status == 0:
+        if "reset" in ex.extra:  # an HTTP/2 stream reset (nodeagent/h2watch.py): response flag UC
+            req.set(error=f"stream reset by the {ex.extra.get('reset_by')} (HTTP/2 error code {ex.extra['reset']})")
+        elif not ex.complete and ex.status == 0:
             req.fail("downstream_gone", "the connection ended before the workload answered")
         req.finish()
 
@@ -294,7 +313,8 @@ class ProxyTelemetry:
         reason = f.get("reason")
         if reason:
             metrics.PROXY_ERRORS.inc({"direction": direction, "reason": reason})
-        if (f.get("protocol") in L7_PROTOCOLS and not reason) or int(getattr(session, "http_requests", 0)):
+        if ((f.get("protocol") in L7_PROTOCOLS and not reason) or int(getattr(session, "http_requests", 0))
+                or getattr(watch, "is_l7", False)):  # HTTP/2 seen (h2watch), even if it carried no request
             # Its requests were counted one by one: no TCP series for the same traffic.
             return self._finish_record(session, final, rec, export_span=False)
         labels: metrics.MeshLabels | None = getattr(session, "labels", None)

@@ -207,6 +207,7 @@ class DestinationPolicy:
     labels: tuple[tuple[str, str], ...] = ()
     raw_spec: tuple[tuple[str, Any], ...] = ()
     health_checks: tuple[HealthCheck, ...] = ()  # active checks (nodemesh/healthcheck.py)
+    idle_timeout_s: float = 3600.0  # connectionPool.idleTimeout: per TCP connection, "0s" = never
 
     @property
     def key(self) -> str:
@@ -557,7 +558,7 @@ def _parse_route(c: _C, kind: str, name: str, namespace: str, labels: tuple[tupl
 def _parse_policy(c: _C, name: str, namespace: str, labels: tuple[tuple[str, str], ...],
                   spec_raw: Any) -> DestinationPolicy | None:
     spec = c.map(spec_raw, "spec", ("targetRef", "loadBalancer", "circuitBreaker", "outlierDetection",
-                                    "retryBudget", "healthChecks"), required=True)
+                                    "retryBudget", "healthChecks", "connectionPool"), required=True)
     tr = c.map(spec.get("targetRef"), "spec.targetRef", ("group", "kind", "name"), required=True)
     if tr.get("kind", "Service") != "Service":
         c.add("spec.targetRef.kind", "must be Service")
@@ -610,10 +611,12 @@ def _parse_policy(c: _C, name: str, namespace: str, labels: tuple[tuple[str, str
                                b.min_per_second),
                          c.duration(rb.get("window"), "spec.retryBudget.window", b.window_s))
     health_checks = parse_health_checks(c, spec.get("healthChecks"))
+    cp = c.map(spec.get("connectionPool"), "spec.connectionPool", ("idleTimeout",))
+    idle = c.duration(cp.get("idleTimeout"), "spec.connectionPool.idleTimeout", 3600.0)
     if c.problems:
         return None
     return DestinationPolicy(name, namespace, svc, lb, cb, outlier, budget, KIND_DESTINATION_POLICY, labels,
-                             tuple(sorted(spec.items())), health_checks=health_checks)
+                             tuple(sorted(spec.items())), health_checks=health_checks, idle_timeout_s=idle)
 
 
 def parse(subject: str, kind: str, name: str, namespace: str, labels: tuple[tuple[str, str], ...],

@@ -259,6 +259,8 @@ def apply_policy(cluster: cluster_pb2.Cluster, policy: routes.DestinationPolicy 
     th.max_retries.value = cb.max_retries
     th.retry_budget.budget_percent.value = p.retry_budget.ratio * 100.0
     th.retry_budget.min_retry_concurrency.value = int(p.retry_budget.min_per_second)
+    if p.idle_timeout_s != 3600.0:  # Envoy's default is 1 h too: write it only when it differs
+        cluster.common_http_protocol_options.idle_timeout.CopyFrom(_dur(p.idle_timeout_s))
     if p.outlier:
         o = p.outlier
         od = cluster.outlier_detection

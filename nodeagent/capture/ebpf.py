@@ -9,11 +9,13 @@ config map holds this network namespace's cookie are ever detached, so other
 agents on the same machine (other node namespaces) are left alone.
 
 Where programs go (cgroup v2):
-- workloads declared by ``cgroup``: nm_connect4, nm_sockops, nm_getpeername4 on
-  the workload's cgroup (and so its descendants);
+- workloads declared by ``cgroup``: nm_connect4, nm_connect6 (dual-stack
+  sockets dialling IPv4-mapped addresses), nm_sockops, nm_getpeername4 and
+  nm_getpeername6 on the workload's cgroup (and so its descendants);
 - workloads declared by ``uid``: a cgroup attach cannot select a uid, so
-  nm_connect4_uid (same body, filtered by the nm_uids map), nm_sockops and
-  nm_getpeername4 go on the cgroup v2 root, node-wide, filtered by netns cookie;
+  nm_connect4_uid and nm_connect6_uid (same bodies, filtered by the nm_uids
+  map), nm_sockops and nm_getpeername4/6 go on the cgroup v2 root, node-wide,
+  filtered by netns cookie;
 - nm_getsockopt on the agent's own cgroup, where the proxy's accepted sockets
   live (a socket belongs to the cgroup of the process that created it).
 All attachments use BPF_F_ALLOW_MULTI, so nothing else's programs are displaced.
@@ -49,7 +51,8 @@ log = logging.getLogger(__name__)
 BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 # maps.h first; each .c's own `#include "maps.h"` is dropped when concatenating
 # (bcc only turns functions and maps of its main file into programs and maps).
-SOURCES = ("maps.h", "connect4.c", "sockops.c", "getsockopt.c", "getpeername4.c", "sendmsg4.c", "recvmsg4.c")
+SOURCES = ("maps.h", "connect4.c", "connect6.c", "sockops.c", "getsockopt.c", "getpeername4.c",
+           "getpeername6.c", "sendmsg4.c", "recvmsg4.c")
 PROG_PREFIX = "nm_"
 BPF_F_ALLOW_MULTI = 2
 SO_NETNS_COOKIE = 71  # <asm-generic/socket.h>, Linux 5.14+
@@ -101,12 +104,13 @@ MAP_LAYOUTS: dict[str, tuple[Any, Any, int]] = {
     "nm_orig_by_tuple": (NmTuple, NmOrigDst, 65536),
     "nm_exclusions": (NmCidrKey, ct.c_uint8, 1024),
     "nm_uids": (ct.c_uint32, ct.c_uint8, 1024),
-    "nm_counters": (ct.c_int, ct.c_uint64, 13),
+    "nm_counters": (ct.c_int, ct.c_uint64, 14),
 }
 # Index order of nm_counters (NM_CTR_* in maps.h).
 COUNTERS = ("redirected", "bypass_stale", "refused_stale", "skip_excluded", "skip_loopback",
             "origdst_answered", "origdst_miss", "peer_rewritten", "skip_proxy_mark",
-            "dns_redirected", "dns_reply_rewritten", "dns_bypass_stale", "dns_refused_stale")
+            "dns_redirected", "dns_reply_rewritten", "dns_bypass_stale", "dns_refused_stale",
+            "v6_native_bypass")
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,10 @@ PROGRAMS: dict[str, ProgSpec] = {
     "nm_sockops": ProgSpec("nm_sockops", 13, 3, "cgroup_sock_ops"),
     "nm_getsockopt": ProgSpec("nm_getsockopt", 25, 21, "cgroup_getsockopt"),
     "nm_getpeername4": ProgSpec("nm_getpeername4", 18, 29, "cgroup_inet4_getpeername"),
+    # Dual-stack sockets dialling ::ffff:a.b.c.d (bpf/connect6.c, getpeername6.c).
+    "nm_connect6": ProgSpec("nm_connect6", 18, 11, "cgroup_inet6_connect"),
+    "nm_connect6_uid": ProgSpec("nm_connect6_uid", 18, 11, "cgroup_inet6_connect"),
+    "nm_getpeername6": ProgSpec("nm_getpeername6", 18, 30, "cgroup_inet6_getpeername"),
     "nm_sendmsg4": ProgSpec("nm_sendmsg4", 18, 14, "cgroup_udp4_sendmsg"),
     "nm_sendmsg4_uid": ProgSpec("nm_sendmsg4_uid", 18, 14, "cgroup_udp4_sendmsg"),
     "nm_recvmsg4": ProgSpec("nm_recvmsg4", 18, 19, "cgroup_udp4_recvmsg"),
@@ -150,16 +158,18 @@ def plan_attachments(workloads: Sequence[LocalWorkload], agent_cgroup: str,
     """Which program goes on which cgroup for these workloads (see the module
     doc); dns: port 53 is captured too (sendmsg4 and recvmsg4 attached)."""
     plan: set[Attachment] = set()
-    per_workload = ("nm_sockops", "nm_getpeername4") + (("nm_recvmsg4",) if dns else ())
+    per_workload = ("nm_sockops", "nm_getpeername4", "nm_getpeername6") + (("nm_recvmsg4",) if dns else ())
     for wl in workloads:
         if wl.cgroup:
             cg = "/" + wl.cgroup.strip("/")
             plan.add(Attachment(cg, PROGRAMS["nm_connect4"].attach_name, "nm_connect4"))
+            plan.add(Attachment(cg, PROGRAMS["nm_connect6"].attach_name, "nm_connect6"))
             plan.update(Attachment(cg, PROGRAMS[f].attach_name, f) for f in per_workload)
             if dns:
                 plan.add(Attachment(cg, PROGRAMS["nm_sendmsg4"].attach_name, "nm_sendmsg4"))
     if any(wl.uid is not None and not wl.cgroup for wl in workloads):
         plan.add(Attachment("/", PROGRAMS["nm_connect4_uid"].attach_name, "nm_connect4_uid"))
+        plan.add(Attachment("/", PROGRAMS["nm_connect6_uid"].attach_name, "nm_connect6_uid"))
         plan.update(Attachment("/", PROGRAMS[f].attach_name, f) for f in per_workload)
         if dns:
             plan.add(Attachment("/", PROGRAMS["nm_sendmsg4_uid"].attach_name, "nm_sendmsg4_uid"))

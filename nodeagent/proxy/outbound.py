@@ -22,6 +22,7 @@ from .errors import (
     UnknownSource,
 )
 from .http.stack import l7_protocol, start_l7
+from .idle import idle_timeout_of
 from .inbound import connect_local, resolve_inbound
 from .plan import OutboundPlan, is_same_node, plan_outbound
 from .pool import PoolKey
@@ -123,6 +124,7 @@ def start_outbound(proxy: NodeProxy, end: OutboundConnection) -> None:
 async def carry_out(proxy: NodeProxy, end: OutboundConnection, snapshot: Snapshot, source_id: str,
                     plan: OutboundPlan) -> None:
     session = end.session
+    session.idle_timeout_s = idle_timeout_of(snapshot, plan)  # armed when the ends join
     try:
         if plan.kind == "passthrough":
             session.set(via="passthrough")

@@ -14,6 +14,7 @@ from typing import Any, Protocol, cast
 
 from .accesslog import AccessLog, iso_now
 from .errors import ProxyError
+from .idle import watch as idle_watch
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,9 @@ class Session:
     # Telemetry (nodeagent.telemetry.ProxyTelemetry: metrics, traces, log sampling);
     # set by NodeProxy.new_session, None in bare unit tests.
     observer: Any = None
+    # No bytes either way for this long closes both ends (nodeagent/proxy/idle.py);
+    # 0 = none. Set before the ends are joined (outbound.carry_out).
+    idle_timeout_s: float = 0.0
 
     def __init__(self, access_log: AccessLog, direction: str, **fields: Any) -> None:
         self._log = access_log
@@ -59,6 +63,8 @@ class Session:
             self.opened = True
             if self.observer is not None:
                 self.observer.opened(self)
+            if self.idle_timeout_s > 0:
+                idle_watch(self, self.idle_timeout_s)
 
     def set(self, **fields: Any) -> None:
         self.fields.update(fields)
@@ -103,7 +109,7 @@ class TcpEnd(asyncio.Protocol):
     """A plain TCP connection (application socket or upstream workload). Reads
     only while it has a partner and the partner has not pushed back."""
 
-    # A passive observer of the bytes (nodeagent.httpwatch.Http1Watch on the inbound
+    # A passive observer of the bytes (nodeagent.httpwatch.Http1Watch, or h2watch.H2Watch, on the inbound
     # end towards an HTTP workload): request(bytes sent to it), response(bytes read).
     tap: Any = None
 

@@ -226,4 +226,7 @@ def cluster_policy(msg: cluster_pb2.Cluster) -> ClusterPolicy:
         health = cluster_health_check(msg)
     except HealthCheckError as e:
         raise L7ResourceError(str(e)) from None
-    return ClusterPolicy(lb, cb, outlier, budget, health_check=health)
+    idle = 3600.0  # Envoy's default for common_http_protocol_options.idle_timeout
+    if msg.HasField("common_http_protocol_options") and msg.common_http_protocol_options.HasField("idle_timeout"):
+        idle = _secs(msg.common_http_protocol_options.idle_timeout)
+    return ClusterPolicy(lb, cb, outlier, budget, health_check=health, idle_timeout_s=idle)

@@ -253,3 +253,82 @@ def test_ebpf_frozen_workers_stop_the_heartbeat(lab: Lab, policy: str) -> None:
         assert json.loads(res.stdout)["path"] == "/thawed"
     finally:
         remove_leftovers(lab)
+
+
+DUAL_STACK_GET = """
+import json, socket, sys
+host, port, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+s.settimeout(5)
+s.connect((host, port))
+peer = s.getpeername()[:2]
+s.sendall(f"GET {path} HTTP/1.1\\r\\nHost: web\\r\\nConnection: close\\r\\n\\r\\n".encode())
+data = b""
+while True:
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    data += chunk
+print(json.dumps({"peer": list(peer), "response": data.decode(errors="replace")}))
+"""
+
+NATIVE6_SERVER = """
+import socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen(8)
+while True:
+    c, peer = s.accept()
+    c.sendall(("native6 from " + peer[0]).encode())
+    c.close()
+"""
+
+
+def dual_stack(lab: Lab, cgroup: str, host: str, port: int, path: str = "/") -> subprocess.CompletedProcess[str]:
+    return lab.ns_exec(lab.node_ns(1), [sys.executable, "-c", DUAL_STACK_GET, host, str(port), path],
+                       uid=CLIENT_UID, cgroup=cgroup, check=False, timeout=10)
+
+
+def test_ebpf_dual_stack_socket_is_captured_native_ipv6_is_not(lab: Lab) -> None:
+    """An AF_INET6 socket dialling ::ffff:<VIP> (Java/Node/Python dual-stack
+    style) goes through the mesh via connect6 and sees ::ffff:<VIP> as its peer;
+    a native IPv6 destination is left alone and counted (v6_native_bypass)."""
+    try:
+        cgroup = start(lab)
+        assert any(f"{cgroup} cgroup_inet6_connect nm_connect6" in a for a in ebpf_status(lab, 1))
+        assert any("/ cgroup_inet6_connect nm_connect6_uid" in a for a in ebpf_status(lab, 2))
+        vip = lab.service_vip("web")
+        logged = len(outbound_lines(lab))
+        res = dual_stack(lab, cgroup, f"::ffff:{vip}", 80, "/via-connect6")
+        assert res.returncode == 0, f"{res.stderr}\n{lab.log('agent-1')[-3000:]}"
+        out = json.loads(res.stdout)
+        assert out["peer"] == [f"::ffff:{vip}", 80], out  # getpeername6
+        head, _, body = out["response"].partition("\r\n\r\n")
+        assert head.startswith("HTTP/1.1 200"), out["response"]
+        answer = json.loads(body)
+        assert (answer["replica"], answer["path"]) == ("web-2", "/via-connect6"), answer
+        lab.wait_for(lambda: len(outbound_lines(lab)) > logged, 5, "an outbound access log line")
+        line = outbound_lines(lab)[-1]
+        assert line.get("source_workload") == "default/client", line  # cgroup recorded by connect6
+        assert line.get("dst_identity") == "spiffe://cluster.local/ns/default/sa/web", line
+
+        # Native IPv6 (a ULA on both nodes' eth0): not meshed, reached directly, counted.
+        for k, addr in ((1, "fd00:77::11"), (2, "fd00:77::12")):
+            lab.ns_exec(lab.node_ns(k), ["sysctl", "-qw", "net.ipv6.conf.eth0.disable_ipv6=0"], check=False)
+            lab.ns_exec(lab.node_ns(k), ["ip", "-6", "addr", "add", f"{addr}/64", "dev", "eth0", "nodad"])
+        lab.spawn("native6", lab.node_ns(2), [sys.executable, "-c", NATIVE6_SERVER, "fd00:77::12", "8081"])
+        lab.wait_for(lambda: lab._listening(2, 8081), 5, "the native IPv6 listener", lambda: lab.log("native6"))
+        before = len(outbound_lines(lab))
+        script = ("import socket; s = socket.socket(socket.AF_INET6); s.settimeout(5); "
+                  "s.connect(('fd00:77::12', 8081)); print(s.getpeername()[0], s.recv(100).decode())")
+        res = lab.ns_exec(lab.node_ns(1), [sys.executable, "-c", script], uid=CLIENT_UID, cgroup=cgroup,
+                          check=False, timeout=10)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.split() == ["fd00:77::12", "native6", "from", "fd00:77::11"], res.stdout
+        time.sleep(0.5)
+        assert len(outbound_lines(lab)) == before, "a native IPv6 connect went through the proxy"
+        st = lab.ns_exec(lab.node_ns(1), [sys.executable, "-m", "nodemesh", "capture", "status"], check=False)
+        assert "v6_native_bypass 1" in st.stdout, st.stdout
+    finally:
+        remove_leftovers(lab)

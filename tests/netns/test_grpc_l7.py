@@ -1,7 +1,8 @@
 """gRPC at L7 through the full mesh: grpcio servers on both nodes, a grpcio
 client on node 1 calling by VIP. Status codes and messages preserved, a
 GRPCRoute splitting by method, a retry on UNAVAILABLE hiding a failing
-replica, a grpc-timeout deadline failing fast, server streaming."""
+replica, a grpc-timeout deadline failing fast, server streaming; a RequestMirror
+copying every call to a slow shadow without slowing the original."""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ from concurrent import futures
 name, port, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 ident = (lambda b: b, lambda b: b)
 def unary(req, ctx):
+    if mode == "shadow":  # a slow mirror target: says what it got, then takes its time
+        print("MIRRORED", req.decode(), flush=True)
+        time.sleep(0.5)
     if mode == "fail":
         ctx.abort(grpc.StatusCode.UNAVAILABLE, f"{name} is failing")
     if req == b"notfound":
@@ -168,3 +172,76 @@ def test_grpc_through_the_mesh(lab: Lab) -> None:
     assert all(code == "OK" and body == "flaky-good" for code, _, body in out["flaky"]), diag
     assert any(e.get("attempts", 1) > 1 and e.get("dst_service") == "default/flaky" for e in grpc_log), diag
     assert any(e.get("grpc_status") == 5 for e in grpc_log), diag
+
+
+MIRROR_CONFIG = """\
+---
+apiVersion: nodemesh.io/v1alpha1
+kind: Service
+metadata: {name: api}
+spec: {selector: {app: api}, ports: [{port: 50053, targetPort: 50053, protocol: grpc}]}
+---
+apiVersion: nodemesh.io/v1alpha1
+kind: Service
+metadata: {name: api-shadow}
+spec: {selector: {app: api-shadow}, ports: [{port: 50054, targetPort: 50054, protocol: grpc}]}
+---
+apiVersion: nodemesh.io/v1alpha1
+kind: GRPCRoute
+metadata: {name: api}
+spec:
+  parentRefs: [{kind: Service, name: api, port: 50053}]
+  rules:
+  - backendRefs: [{name: api, port: 50053}]
+    filters: [{type: RequestMirror, requestMirror: {backendRef: {name: api-shadow, port: 50054}}}]
+"""
+
+MIRROR_CLIENT = r"""
+import json, sys, time, grpc
+ident = (lambda b: b, lambda b: b)
+ch = grpc.insecure_channel(sys.argv[1])
+call = ch.unary_unary("/test.Echo/Unary", *ident)
+deadline = time.monotonic() + 20
+while True:  # until the route (with its mirror) reached the node
+    try:
+        call(b"warmup", timeout=5)
+        break
+    except grpc.RpcError:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.3)
+took, bodies = [], []
+for i in range(10):
+    t0 = time.monotonic()
+    bodies.append(call(b"m%d" % i, timeout=5).decode())
+    took.append(time.monotonic() - t0)
+print(json.dumps({"took": took, "bodies": bodies}))
+"""
+
+
+def test_grpc_request_mirror_never_slows_the_original(lab: Lab) -> None:
+    lab.start_controlplane()
+    lab.apply(BASE_CONFIG + MIRROR_CONFIG)
+    for wl in (LabWorkload("api-1", node=2, uid=2011, ports=(50053,), service_account="api", labels={"app": "api"}),
+               LabWorkload("shadow-1", node=2, uid=2012, ports=(50054,), service_account="api",
+                           labels={"app": "api-shadow"}),
+               LabWorkload("client", node=1, uid=CLIENT_UID, service_account="client")):
+        lab.add_workload(wl)
+    _server(lab, "api-1", 50053)
+    _server(lab, "shadow-1", 50054, "shadow")
+    lab.start_agent(1)
+    lab.start_agent(2)
+    res = lab.ns_exec(lab.node_ns(1), [sys.executable, "-c", MIRROR_CLIENT, f"{lab.service_vip('api')}:50053"],
+                      uid=CLIENT_UID, check=False, timeout=60)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["bodies"] == ["api-1"] * 10, out
+    # The shadow sleeps 500 ms per call; the originals never wait for it.
+    assert max(out["took"]) < 0.3, out
+    want = {f"m{i}" for i in range(10)}
+    lab.wait_for(lambda: want <= {ln.split()[1] for ln in lab.log("app-shadow-1").splitlines()
+                                  if ln.startswith("MIRRORED ")}, 10, "the shadow to get every mirrored call",
+                 lambda: lab.log("app-shadow-1"))
+    grpc_log = [e for e in lab.access_log(1) if e.get("protocol") == "grpc" and e.get("path") == "/test.Echo/Unary"]
+    assert grpc_log and all("api-shadow" in e.get("mirror", "") for e in grpc_log), \
+        grpc_log[-2:]

@@ -81,6 +81,9 @@ spec:
 """, {"web-1": (2, 8080, {"app": "web"}, ("--fail-rate", "1", "--log-requests"))})
     url = f"http://{lab.service_vip('web')}/storm"
     wait_l7(lab, url, ok=(503,))
+    # The proxy writes a request's line just after the response's last bytes: a
+    # loaded machine can let curl exit first.
+    lab.wait_for(lambda: http_log(lab, "/storm"), 5, "the warm-up request's access log line")
     before = sum(int(str(e.get("attempts", 1))) for e in http_log(lab, "/storm"))
     n = 100
     res = curl_many(lab, url, n)

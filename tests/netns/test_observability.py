@@ -299,3 +299,89 @@ def test_explain_agrees_with_the_proxy(traced: Lab) -> None:
     # A refused connection is explained and counted with its response flag.
     bad = lab.ns_exec(lab.node_ns(1), [sys.executable, "-m", "nodemesh", "explain", "nosuch", "web"], check=False)
     assert bad.returncode == 1 and "not a workload declared on node node-1" in bad.stderr
+
+
+GRPC_CONFIG = """\
+---
+apiVersion: nodemesh.io/v1alpha1
+kind: Service
+metadata: {name: echo}
+spec: {selector: {app: echo}, ports: [{port: 50051, targetPort: 50051, protocol: grpc}]}
+"""
+ECHO = "spiffe://cluster.local/ns/default/sa/echo"
+GRPC_CALLS = r"""
+import json, sys, grpc
+ident = (lambda b: b, lambda b: b)
+out = []
+with grpc.insecure_channel(sys.argv[1]) as ch:
+    unary, stream = ch.unary_unary("/test.Echo/Unary", *ident), ch.unary_stream("/test.Echo/Stream", *ident)
+    for req in (b"a", b"bb", b"notfound"):
+        try:
+            out.append(["OK", unary(req, timeout=5).decode()])
+        except grpc.RpcError as e:
+            out.append([e.code().name, e.details()])
+    out.append(["OK", [m.decode() for m in stream(b"3", timeout=5)]])
+print(json.dumps(out))
+"""
+
+
+def test_grpc_requests_exact_on_the_destination(lab: Lab) -> None:
+    """The receiving node follows HTTP/2 passively (nodeagent/h2watch.py): each gRPC
+    call is a reporter="destination" request with its grpc-status, a server span
+    and an access log line; the tunnel is not also a TCP connection."""
+    from tests.netns.test_grpc_l7 import SERVER
+
+    orig = lab.agent_config
+
+    def with_tracing(k: int, *args: Any, **kw: Any) -> dict[str, Any]:
+        cfg = orig(k, *args, **kw)
+        cfg["proxy"]["tracing"] = str(lab.workdir / f"trace-{k}.jsonl")
+        return cfg
+
+    lab.agent_config = with_tracing  # type: ignore[method-assign]
+    lab.start_controlplane()
+    lab.apply(BASE_CONFIG + GRPC_CONFIG)
+    lab.add_workload(LabWorkload("echo-2", node=2, uid=2005, ports=(50051,), service_account="echo",
+                                 labels={"app": "echo"}))
+    lab.add_workload(LabWorkload("client", node=1, uid=CLIENT_UID, service_account="client",
+                                 labels={"app": "client"}))
+    lab.spawn("app-echo-2", lab.node_ns(2), [sys.executable, "-c", SERVER, "echo-2", "50051", "ok"], uid=2005)
+    lab.wait_for(lambda: lab._listening(2, 50051), 15, "the gRPC server to listen", lambda: lab.log("app-echo-2"))
+    lab.start_agent(1)
+    lab.start_agent(2)
+    lab.wait_for(lambda: "default/echo-2" in admin(lab, 1, "/clusters"), 10, "node-1 to learn echo-2",
+                 lambda: lab.log("agent-1"))
+    res = lab.ns_exec(lab.node_ns(1), [sys.executable, "-c", GRPC_CALLS, f"{lab.service_vip('echo')}:50051"],
+                      uid=CLIENT_UID, check=False, timeout=30)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out == [["OK", "echo-2"], ["OK", "echo-2"], ["NOT_FOUND", "no such thing"],
+                   ["OK", ["echo-2-0", "echo-2-1", "echo-2-2"]]], out
+
+    def requests(k: int, reporter: str) -> float:
+        return total(lab, k, "istio_requests_total", reporter=reporter, destination_workload="echo-2")
+
+    lab.wait_for(lambda: requests(1, "source") == 4 and requests(2, "destination") == 4, 10,
+                 "4 gRPC requests on both reporters", lambda: admin(lab, 2, "/metrics")[-3000:])
+    want = labels_for("echo-2", "echo", ECHO, "grpc")
+    got = series(lab, 2, "istio_requests_total", reporter="destination", destination_workload="echo-2")
+    assert sorted((d["grpc_response_status"], d["response_code"], v) for d, v in got) == [
+        ("0", "200", 3.0), ("5", "200", 1.0)], got
+    for d, _ in got:
+        assert d == {"reporter": "destination", **want, "response_code": "200",
+                     "grpc_response_status": d["grpc_response_status"]}, d
+    # Message bytes (5-byte gRPC frame header + payload) agree on both reporters.
+    for name in ("istio_request_bytes_sum", "istio_response_bytes_sum", "istio_request_duration_milliseconds_count"):
+        assert total(lab, 2, name, reporter="destination") == total(lab, 1, name, reporter="source"), name
+    assert total(lab, 2, "istio_request_bytes_sum", reporter="destination") == (5 + 1) + (5 + 2) + (5 + 8) + (5 + 1)
+    assert series(lab, 2, "istio_tcp_connections_opened_total", destination_workload="echo-2") == []
+    # An access log line and a server span per call, in the source proxy's trace.
+    in_req = [e for e in lab.access_log(2) if e.get("direction") == "inbound" and "method" in e]
+    assert sorted(e["path"] for e in in_req) == ["/test.Echo/Stream"] + ["/test.Echo/Unary"] * 3, in_req
+    assert all(e["method"] == "POST" and e["protocol"] == "grpc" for e in in_req), in_req
+    out_req = [e for e in lab.access_log(1) if e.get("direction") == "outbound" and "method" in e]
+    assert {e["trace_id"] for e in in_req} == {e["trace_id"] for e in out_req}, (in_req, out_req)
+    lab.wait_for(lambda: sum(s["kind"] == 2 for s in spans(lab, 2)) >= 4, 5, "4 server spans on node 2")
+    by_id = {s["spanId"]: s for s in spans(lab, 1)}
+    for s in (s for s in spans(lab, 2) if s["kind"] == 2):
+        assert s["parentSpanId"] in by_id and by_id[s["parentSpanId"]]["traceId"] == s["traceId"], s

@@ -63,6 +63,17 @@ def test_every_program_loads_with_its_attach_type(compiled: Any) -> None:
         assert spec.function.encode() in compiled.funcs
 
 
+def test_dual_stack_programs_use_the_inet6_hooks() -> None:
+    """connect6/getpeername6 must be loaded and attached as the IPv6 hooks
+    (BPF_CGROUP_INET6_CONNECT 11, BPF_CGROUP_INET6_GETPEERNAME 30): the kernel
+    runs only those for AF_INET6 sockets, IPv4-mapped destinations included."""
+    for fn, attach in (("nm_connect6", 11), ("nm_connect6_uid", 11), ("nm_getpeername6", 30)):
+        spec = ebpf.PROGRAMS[fn]
+        assert (spec.prog_type, spec.attach_type) == (18, attach)
+        assert ebpf.ATTACH_NAMES[spec.attach_name] == attach
+    assert "v6_native_bypass" in ebpf.COUNTERS
+
+
 # ------------------------------------------------------------------ pure
 
 
@@ -75,6 +86,8 @@ def test_plan_cgroup_workloads_attach_to_their_cgroup_and_getsockopt_to_agent() 
     assert [p.describe() for p in plan] == [
         "/mesh/a cgroup_inet4_connect nm_connect4",
         "/mesh/a cgroup_inet4_getpeername nm_getpeername4",
+        "/mesh/a cgroup_inet6_connect nm_connect6",
+        "/mesh/a cgroup_inet6_getpeername nm_getpeername6",
         "/mesh/a cgroup_sock_ops nm_sockops",
         "/system/agent cgroup_getsockopt nm_getsockopt",
     ]
@@ -85,6 +98,8 @@ def test_plan_uid_workloads_attach_at_root_once() -> None:
     assert {p.describe() for p in plan} == {
         "/ cgroup_inet4_connect nm_connect4_uid",
         "/ cgroup_inet4_getpeername nm_getpeername4",
+        "/ cgroup_inet6_connect nm_connect6_uid",
+        "/ cgroup_inet6_getpeername nm_getpeername6",
         "/ cgroup_sock_ops nm_sockops",
         "/ cgroup_getsockopt nm_getsockopt",
     }

@@ -18,11 +18,12 @@ import grpc
 import uvloop
 
 from nodeagent.proxy.accesslog import AccessLog
+from nodeagent.proxy.http.h2mirror import shadow_authority, stats_of
 from nodeagent.proxy.http.h2stack import pool_of
 from nodeagent.proxy.http.stack import runtime_of
 from nodeagent.proxy.proxy import NodeProxy
 from nodeagent.proxy.testca import TestCA
-from nodeagent.routing import ClusterPolicy, RouteEntry, RouteTable, WeightedCluster
+from nodeagent.routing import ClusterPolicy, MirrorTo, RouteEntry, RouteTable, WeightedCluster
 from nodeagent.settings import ProxySettings
 from nodeagent.snapshot import Endpoint, LocalWorkload, MeshSettings, Service, ServicePort, Snapshot, Workload
 from nodemesh.routes import LoadBalancer, Retry, RouteMatch
@@ -273,6 +274,57 @@ def test_auto_port_detects_http2_preface() -> None:
         await asyncio.sleep(0.05)
         assert m.grpc_lines()[-1]["grpc_status"] == 0
     run(body, [Backend("r0")])
+
+
+def test_mirror_reaches_shadow_without_slowing_the_original() -> None:
+    table = RouteTable(CL, (entry(mirrors=(MirrorTo(CL_V2, 100.0),)),))
+
+    async def body(m: Mesh) -> None:
+        m.publish(table)
+        shadow = m.backends[1]
+        for i in range(5):
+            t0 = time.monotonic()
+            code, _, resp = await m.unary(b"m%d" % i)
+            took = time.monotonic() - t0
+            assert code == grpc.StatusCode.OK and resp == b"orig:m%d#2" % i
+            assert took < 0.2, took  # the shadow sleeps 500 ms: nobody waits for it
+        st = stats_of(runtime_of(m.a))
+        for _ in range(100):
+            if st.completed >= 5:
+                break
+            await asyncio.sleep(0.05)
+        assert shadow.calls == 5 and st.completed == 5 and st.failed == 0, st
+        assert m.grpc_lines()[-1]["mirror"] == CL_V2
+        # Over the retry buffer: the original passes, the copy is skipped and counted.
+        code, _, _ = await m.unary(b"z" * (3 << 20))
+        assert code == grpc.StatusCode.OK
+        await asyncio.sleep(0.1)
+        assert st.skipped_body == 1 and shadow.calls == 5, st
+    run(body, [Backend("orig")], [Backend("shadow", delay=0.5)])
+
+
+def test_mirror_failure_never_reaches_the_original() -> None:
+    table = RouteTable(CL, (entry(mirrors=(MirrorTo("outbound|1||nowhere.default.svc.mesh", 100.0),
+                                           MirrorTo(CL_V2, 100.0))),))
+
+    async def body(m: Mesh) -> None:
+        m.publish(table)
+        m.backends[1].server.stop(0)  # the shadow's endpoint refuses connections
+        code, _, resp = await m.unary(b"q")
+        assert code == grpc.StatusCode.OK and resp == b"orig:q#1"
+        st = stats_of(runtime_of(m.a))
+        for _ in range(100):
+            if st.failed and st.skipped_no_endpoint:
+                break
+            await asyncio.sleep(0.05)
+        assert st.failed == 1 and st.skipped_no_endpoint == 1, st
+    run(body, [Backend("orig")], [Backend("shadow")])
+
+
+def test_shadow_authority_suffix() -> None:
+    assert shadow_authority("echo.default:50051") == "echo.default-shadow:50051"
+    assert shadow_authority("echo") == "echo-shadow"
+    assert shadow_authority("[::1]:80") == "[::1]-shadow:80"
 
 
 def _free_port() -> int:

@@ -46,7 +46,7 @@ from ..plan import OutboundPlan, is_same_node
 from ..pool import PoolKey
 from ..relay import End, Session
 from . import fault as faults
-from . import router
+from . import h2mirror, router
 from .balance import Destination
 from .h2core import (
     GRPC_DEADLINE_EXCEEDED,
@@ -632,6 +632,9 @@ class H2Call:
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._live = False
+        # True once the whole request is buffered in self.body (mirrors wait on it),
+        # False if it never will be (over the buffer bound, or the call ended first).
+        self.request_complete: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
 
     # -- from the client --
     def on_request_data(self, data: bytes, n: int) -> None:
@@ -643,6 +646,7 @@ class H2Call:
             if len(self.body) + len(data) > MAX_BUFFERED_BODY:
                 self.overflow = True
                 self.body = bytearray()
+                self._request_complete(False)
             else:
                 self.body += data
         self.owed_req += n
@@ -655,8 +659,13 @@ class H2Call:
         else:
             self.unsent.append(data)
 
+    def _request_complete(self, whole: bool) -> None:
+        if not self.request_complete.done():
+            self.request_complete.set_result(whole)
+
     def on_request_end(self) -> None:
         self.req_ended = True
+        self._request_complete(not self.overflow)
         t = self.cur
         if t is not None and self._live and not t.closed:
             t.conn.core.end_stream(t.sid, self.request_trailers)
@@ -727,6 +736,7 @@ class H2Call:
         self.finished = True
         if self._deadline_timer is not None:
             self._deadline_timer.cancel()
+        self._request_complete(self.req_ended and not self.overflow)
         if self.unsent or self.owed_req:
             # Whatever the client sent that no upstream will take: credit it back.
             self.ds.core.acknowledge(self.sid, self.owed_req)
@@ -840,7 +850,10 @@ class H2Call:
         if entry.host_rewrite:
             authority = entry.host_rewrite
         if entry.mirrors:
-            self.session.set(mirror="unsupported_on_http2")
+            # Fire and forget: each copy waits for the request body on its own task.
+            shadows = h2mirror.start_mirrors(self, snapshot, entry.mirrors, method, target, authority, headers)
+            if shadows:
+                self.session.set(mirror=",".join(shadows))
         cluster = router.choose_cluster(entry, rt.rng)
         self.session.set(cluster=cluster)
         bsp = rt.port_of_cluster(snapshot, cluster)
