@@ -362,7 +362,10 @@ def test_grpc_requests_exact_on_the_destination(lab: Lab) -> None:
         return total(lab, k, "istio_requests_total", reporter=reporter, destination_workload="echo-2")
 
     lab.wait_for(lambda: requests(1, "source") == 4 and requests(2, "destination") == 4, 10,
-                 "4 gRPC requests on both reporters", lambda: admin(lab, 2, "/metrics")[-3000:])
+                 "4 gRPC requests on both reporters",
+                 lambda: "\n".join(x for k in (1, 2) for x in admin(lab, k, "/metrics").splitlines()
+                                   if x.startswith(("istio_requests_total", "istio_tcp_conn")))
+                 + f"\n{lab.access_log(1)[-6:]}\n{lab.access_log(2)[-6:]}")
     want = labels_for("echo-2", "echo", ECHO, "grpc")
     got = series(lab, 2, "istio_requests_total", reporter="destination", destination_workload="echo-2")
     assert sorted((d["grpc_response_status"], d["response_code"], v) for d, v in got) == [
