@@ -623,9 +623,12 @@ class EtcdOperators(Operators):
         _, _, n = self._store._call(client.range, start, prefix_end(start), count_only=True)
         if n <= keep:
             return
-        oldest, _, _ = self._store._call(client.range, start, prefix_end(start), limit=n - keep, keys_only=True)
-        if oldest:
-            self._store._call(client.delete_range, start, oldest[-1].key + b"\x00")
+        # Oldest by write order (mod revision), not by key: two entries written in the
+        # same millisecond sort by their random tails, not by time.
+        newest_first, _, _ = self._store._call(client.range, start, prefix_end(start), keys_only=True,
+                                               descending=True, sort_target="MOD")
+        for kv in newest_first[keep:]:
+            self._store._call(client.delete_range, kv.key, kv.key + b"\x00")
 
     def audit_entries(self, limit: int = 100) -> builtins.list[Any]:
         from nodemesh.v1 import mesh_pb2
