@@ -105,7 +105,7 @@ class ProxyConfig:
     admin_port: int = defaults.ADMIN_PORT
     # Observability (docs/observability.md): see ProxySettings for the meaning.
     tracing: str = ""
-    trace_sampling: float = 1.0
+    trace_sampling: float = defaults.DEFAULT_TRACE_SAMPLING
     access_log_sampling: float = 1.0
 
 
@@ -438,7 +438,7 @@ def parse_config(raw: Any) -> AgentConfig:
             hbone_port=f.get("hbonePort", _port, defaults.HBONE_PORT),
             admin_port=f.get("adminPort", _port, defaults.ADMIN_PORT),
             tracing=f.get("tracing", _str, ""),
-            trace_sampling=f.get("traceSampling", _fraction, 1.0),
+            trace_sampling=f.get("traceSampling", _fraction, defaults.DEFAULT_TRACE_SAMPLING),
             access_log_sampling=f.get("accessLogSampling", _fraction, 1.0),
         )
         f.done()

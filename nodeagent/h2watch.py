@@ -90,6 +90,9 @@ class H2Watch:
         self.failed = False  # stopped on bytes that are not HTTP/2 (vs. a normal close)
         self.detected = False  # the client's connection preface was seen
         self.exchanges = 0  # streams reported
+        # Client stream IDs only grow: HEADERS on a lower ID belong to a stream
+        # already reported (late request trailers), never a new request.
+        self._last_client_stream = 0
 
     def __repr__(self) -> str:
         return f"<H2Watch exchanges={self.exchanges} open={len(self.streams)} stopped={self.stopped!r}>"
@@ -135,6 +138,8 @@ class H2Watch:
     def _fail(self, why: str) -> None:
         self.stopped = why or "stopped"
         self.failed = True
+        log.info("HTTP/2 watch stopped, the connection is accounted as TCP (check the port's declared"
+                 " protocol): %s", self.stopped)
         # Streams already started are closed now (status 0 unless their head was
         # seen), so no request is left half-open; the rest of the connection is
         # not followed.
@@ -306,8 +311,9 @@ class H2Watch:
     def _request_headers(self, stream_id: int, flags: int, headers: list[tuple[str, str]]) -> None:
         ex = self.streams.get(stream_id)
         if ex is None:
-            if stream_id % 2 == 0:
-                return  # not a client-initiated stream
+            if stream_id % 2 == 0 or stream_id <= self._last_client_stream:
+                return  # not a client-initiated stream, or one already reported
+            self._last_client_stream = stream_id
             if len(self.streams) >= MAX_OPEN_STREAMS:
                 raise Malformed(f"more than {MAX_OPEN_STREAMS} open streams")
             h = dict(headers)

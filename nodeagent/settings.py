@@ -10,6 +10,8 @@ OUTBOUND_PORT = 15001
 INBOUND_PLAIN_PORT = 15006
 HBONE_PORT = 15008
 ADMIN_PORT = 15000
+# Fraction of new traces kept when the config says nothing (Istio's default: 1%).
+DEFAULT_TRACE_SAMPLING = 0.01
 # SO_MARK the proxy sets on every socket it opens, so capture rules let its own
 # traffic through ("nm" in ASCII).
 PROXY_MARK = 0x6E6D
@@ -46,7 +48,9 @@ class ProxySettings:
     # Observability: "" = no traces, "http(s)://collector:4318" = OTLP/HTTP JSON,
     # else a file of JSON lines; fractions of traces / successful-connection log lines kept.
     tracing: str = ""
-    trace_sampling: float = 1.0
+    # 1% of new traces, as Istio's default (a parent's decision is kept): every span
+    # written to a file or queued for a collector costs CPU on every request.
+    trace_sampling: float = DEFAULT_TRACE_SAMPLING
     access_log_sampling: float = 1.0
 
 

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from nodeagent import metrics, tracing
+from nodeagent.proxy.accesslog import iso_time
 from nodeagent.snapshot import Snapshot
 from nodemesh.xdsnames import service_host
 
@@ -182,7 +183,7 @@ def mesh_labels(fields: Mapping[str, Any], snapshot: Snapshot | None,
 
 
 def _iso(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+    return iso_time(t)  # the seconds part is cached (nodeagent/proxy/accesslog.py)
 
 
 class ProxyTelemetry:
@@ -287,7 +288,9 @@ class ProxyTelemetry:
         if "reset" in ex.extra:  # an HTTP/2 stream reset (nodeagent/h2watch.py): response flag UC
             req.set(error=f"stream reset by the {ex.extra.get('reset_by')} (HTTP/2 error code {ex.extra['reset']})")
         elif not ex.complete and ex.status == 0:
-            req.fail("downstream_gone", "the connection ended before the workload answered")
+            why = ex.extra.get("abandoned")  # the HTTP/2 watch stopped following the connection
+            req.fail("downstream_gone", f"not followed to the end: the HTTP/2 watch stopped ({why})" if why
+                     else "the connection ended before the workload answered")
         req.finish()
 
     def opened(self, session: Session) -> None:
@@ -384,6 +387,10 @@ class ProxyTelemetry:
                 # Same-node inbound: the outbound session in this process is the parent.
                 return None
             span = tracing.start_span(parent, "inbound", "server")
+        if not span.sampled:
+            # Sampled out (traceSampling, default 1%): only its IDs are used (the access
+            # log line); building attributes nobody exports is per-request waste.
+            return span
         span.start_unix_ns = int(getattr(session, "t0_unix", now) * 1e9)
         span.name = f"{f.get('direction', 'tcp')} {labels.destination_service}"
         span.attributes.update({

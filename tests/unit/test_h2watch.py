@@ -133,6 +133,9 @@ def test_rst_stream_by_client_and_by_workload() -> None:
     p.pump()
     (ex,) = p.done
     assert ex.extra["reset"] == int(h2.errors.ErrorCodes.CANCEL) and ex.extra["reset_by"] == "client"
+    # Late frames of the reset stream are not a new request.
+    p.watch.request(b"\x00\x00\x01\x01\x05" + sid.to_bytes(4, "big") + b"\x82")  # HEADERS: :method GET
+    assert len(p.started) == 1 and not p.watch.stopped
     assert ex.status == 200 and not ex.complete and ex.response_bytes == 6
 
     sid = p.grpc_request("/test.Echo/Unary", b"y")

@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_OUT_FLUSH_BYTES = 64 * 1024  # response bytes held before a write (_write coalesces per response)
 MAX_BUFFERED_BODY = 1 << 20  # a bigger request body is refused with 413 (bodies are buffered for retries)
 FAILURE_PENALTY_S = 1.0
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "transfer-encoding", "upgrade",
@@ -165,6 +166,8 @@ class Downstream(asyncio.Protocol):
         self._closed = False
         self._upstream: UpstreamExchange | None = None
         self.requests = 0
+        self._out: list[bytes] = []  # response bytes not yet written (see _write)
+        self._flush_soon = False
 
     # -- start --
     def begin(self) -> None:
@@ -276,6 +279,7 @@ class Downstream(asyncio.Protocol):
                 self.transport.pause_reading()
                 self.rt.proxy.spawn(self._serve(req, body, self._too_big))
             elif isinstance(ev, h11.ConnectionClosed):
+                self._flush_out()
                 self.transport.close()
                 return
 
@@ -290,7 +294,22 @@ class Downstream(asyncio.Protocol):
             if isinstance(ev, h11.Data):
                 self.resp_body += len(ev.data)
             self.end.tx += len(data)
-            self.transport.write(data)
+            # One send per response, not one per h11 event: a small response's head, body
+            # and end were three write syscalls, each running the peer's receive path.
+            self._out.append(data)
+        if type(ev) is h11.EndOfMessage or sum(map(len, self._out)) >= _OUT_FLUSH_BYTES:
+            self._flush_out()
+        elif self._out and not self._flush_soon:
+            self._flush_soon = True  # a streamed body goes out once this loop pass is done
+            asyncio.get_running_loop().call_soon(self._flush_out)
+
+    def _flush_out(self) -> None:
+        self._flush_soon = False
+        if not self._out:
+            return
+        out, self._out = self._out, []
+        if not self._closed and not self.transport.is_closing():
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def _local_reply(self, status: int, text: str, close: bool = False,
                      extra: list[tuple[str, str]] | None = None) -> None:
@@ -304,6 +323,7 @@ class Downstream(asyncio.Protocol):
             self._write(h11.Data(data=body))
             self._write(h11.EndOfMessage())
         if close:
+            self._flush_out()
             self.transport.close()
 
     def _next_cycle(self) -> None:
@@ -312,6 +332,7 @@ class Downstream(asyncio.Protocol):
         if self._closed:
             return
         if self.h.our_state is h11.MUST_CLOSE or self.h.their_state is h11.MUST_CLOSE:
+            self._flush_out()
             self.transport.close()
             return
         if self.h.our_state is h11.DONE and self.h.their_state is h11.DONE:
@@ -319,6 +340,7 @@ class Downstream(asyncio.Protocol):
             self.transport.resume_reading()
             self._process()
             return
+        self._flush_out()
         self.transport.close()
 
     async def _serve(self, req: h11.Request, body: bytes, too_big: bool) -> None:
