@@ -59,7 +59,7 @@ class _Direction:
         self.name = name
         self.buf = bytearray()
         self.preface_left = PREFACE if expect_preface else b""
-        self.first_frame = True  # the first frame after the preface must be SETTINGS
+        self.first_frame = True  # both sides' prefaces start with a SETTINGS frame
         self.decoder = hpack.Decoder()
         # HPACK's own limit on a decoded list; generous, the workload enforces the real one.
         self.decoder.max_header_list_size = MAX_HEADER_BLOCK
@@ -183,7 +183,7 @@ class H2Watch:
                 raise Malformed(f"frame of {length} bytes over the advertised maximum {d.max_frame}")
             if d.first_frame:
                 if ftype != SETTINGS or flags & ACK:
-                    raise Malformed("the first frame is not SETTINGS")
+                    raise Malformed(f"the frame after the preface is type {ftype}, not SETTINGS")
                 d.first_frame = False
             if d.block_stream and ftype != CONTINUATION:
                 raise Malformed(f"frame type {ftype} inside a header block (CONTINUATION expected)")

@@ -262,6 +262,10 @@ class ProxyTelemetry:
         watch: Http1Watch | H2Watch = (Http1Watch if kind == "http" else H2Watch)(
             lambda ex: self._dest_request_start(session, ex), lambda ex: self._dest_request_done(ex))
         end.tap = watch
+        # A server may speak first (an HTTP/2 server sends its SETTINGS on accept):
+        # bytes read before the tap was set wait in the end's early buffer, unseen.
+        for chunk in getattr(end, "_early", ()):
+            watch.response(chunk)
         session.http_watch = watch  # type: ignore[attr-defined]
         session.http_requests = 0  # type: ignore[attr-defined]
 

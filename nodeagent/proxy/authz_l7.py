@@ -9,8 +9,9 @@ TCP end, looks at the caller's first bytes, and
   authz.evaluate(..., http=HttpFacts), forwards allowed requests (re-framed by
   h11, path normalised as checked) and answers a denied one itself with
   403 and `Connection: close`;
-- for anything else (opaque TCP, a server-first protocol, the HTTP/2 preface:
-  gRPC over h2c is decided at L4, see docs/security.md) decides once with the
+- for the HTTP/2 preface (gRPC over h2c) terminates HTTP/2 and decides each
+  stream (authz_h2.py: grpc-status 7 PERMISSION_DENIED, or 403);
+- for anything else (opaque TCP, a server-first protocol) decides once with the
   L4 semantics of authz.evaluate (an HTTP-only ALLOW rule never matches, an
   HTTP-only DENY rule is decided on its L4 parts) and then relays bytes.
 
@@ -31,7 +32,7 @@ import h11
 from nodeagent.snapshot import LocalWorkload, Snapshot
 from nodemesh.security import MTLS_STRICT, SecurityPolicies
 
-from . import authz, detect
+from . import authz, authz_h2, detect
 from .relay import End, Session
 
 # How long a denied caller may keep its side open after the 403 before the stream is cut.
@@ -108,6 +109,7 @@ def normalize_path(target: str) -> tuple[str, str]:
 
 
 DETECT, PASS, HTTP, CLOSED = "detect", "pass", "http", "closed"
+H2 = "h2"  # h2c: each stream decided by an authz_h2.H2AuthzBridge
 
 
 class _WorkloadSide:
@@ -159,6 +161,8 @@ class InboundHttpGuard:
         self.logged = 0  # per-request decision lines written (_log_decision)
         self._linger: asyncio.TimerHandle | None = None
         self._caller_eof_sent = False
+        self._h2: authz_h2.H2AuthzBridge | None = None
+        self._early_up = bytearray()  # workload bytes held while the caller's protocol is unknown
 
     # -- wiring (HboneServerProtocol._serve / the plaintext and same-node paths) --
     def attach(self, caller: End) -> None:
@@ -170,6 +174,8 @@ class InboundHttpGuard:
         self.rx += len(data)
         if self.state == PASS:
             self.up.send(data)
+        elif self.state == H2 and self._h2 is not None:
+            self._h2.from_caller(data)
         elif self.state == HTTP:
             try:
                 self._srv.receive_data(data)
@@ -185,6 +191,9 @@ class InboundHttpGuard:
                 buf, self._buf = bytes(self._buf), bytearray()
                 self._srv.receive_data(buf)
                 self._pump_requests()
+                self._release_early()
+            elif kind == detect.HTTP2:
+                self._start_h2()
             elif kind != detect.UNKNOWN:
                 self._decide_l4(kind)
 
@@ -193,6 +202,8 @@ class InboundHttpGuard:
             self._decide_l4(detect.TCP)
         if self.state == PASS:
             self.up.send_eof()
+        elif self.state == H2 and self._h2 is not None:
+            self._h2.caller_eof()
         elif self.state == HTTP:
             with contextlib.suppress(RuntimeError):
                 self._srv.receive_data(b"")
@@ -210,11 +221,17 @@ class InboundHttpGuard:
 
     # -- the workload's side --
     def from_workload(self, data: bytes) -> None:
+        if self.state == DETECT and (self._early_up or authz_h2.looks_like_h2_server_start(data)):
+            # An HTTP/2 server may send its SETTINGS on accept, before the caller's preface: hold them.
+            self._early_up += data
+            return
         if self.state == DETECT:
             # The workload spoke first: a server-first protocol, not HTTP.
             self._decide_l4(detect.TCP)
         if self.state == PASS:
             self._to_caller(data)
+        elif self.state == H2 and self._h2 is not None:
+            self._h2.from_workload(data)
         elif self.state == HTTP:
             try:
                 self._cli.receive_data(data)
@@ -227,6 +244,8 @@ class InboundHttpGuard:
             self._decide_l4(detect.TCP)
         if self.state == PASS:
             self._caller_eof()
+        elif self.state == H2 and self._h2 is not None:
+            self._h2.workload_eof()
         elif self.state == HTTP:
             with contextlib.suppress(RuntimeError):
                 self._cli.receive_data(b"")
@@ -240,6 +259,22 @@ class InboundHttpGuard:
             self.caller.abort()
 
     # -- decisions --
+    def _start_h2(self) -> None:
+        """The HTTP/2 preface: terminate h2c and decide each stream (authz_h2.py)."""
+        self.state = H2
+        self.session.set(authz_layer="L7", protocol=detect.HTTP2)
+        self._h2 = authz_h2.H2AuthzBridge(self.check, self.session, authz_h2.Wire(
+            to_caller=self._to_caller, to_workload=self.up.send, end_caller=self._caller_eof,
+            end_workload=self.up.send_eof, abort_both=self._close_both, abort_workload=self.up.abort))
+        buf, self._buf = bytes(self._buf), bytearray()
+        self._h2.from_caller(buf)
+        self._release_early()
+
+    def _release_early(self) -> None:
+        if self._early_up:
+            early, self._early_up = bytes(self._early_up), bytearray()
+            self.from_workload(early)
+
     def _decide_l4(self, kind: str) -> None:
         """Not HTTP/1.x: one decision for the connection, with L4 semantics."""
         v = authz.evaluate(self.check.policies, self.check.facts)
@@ -253,6 +288,7 @@ class InboundHttpGuard:
         buf, self._buf = bytes(self._buf), bytearray()
         if buf:
             self.up.send(buf)
+        self._release_early()
 
     def _facts(self, req: h11.Request, path: str) -> authz.RequestFacts:
         headers = tuple((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in req.headers)

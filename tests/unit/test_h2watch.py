@@ -225,3 +225,52 @@ def test_fuzz_random_bytes_never_raise() -> None:
                 w.request(bytes(b1[i:i + 17]))
                 w.response(bytes(b2[i:i + 17]))
         w.close()
+
+
+def test_telemetry_reports_grpc_on_the_destination_and_sees_early_server_bytes() -> None:
+    """ProxyTelemetry picks the HTTP/2 watch for a grpc port, feeds it the server
+    SETTINGS the workload wrote before the tap was set, and reports each call as a
+    reporter=destination request, not a TCP connection."""
+    from nodeagent import metrics
+    from nodeagent.proxy.inbound import InboundTarget
+    from nodeagent.snapshot import Endpoint, LocalWorkload, MeshSettings, Service, ServicePort, Snapshot, Workload
+    from nodemesh.prom import parse, render, select
+    from tests.unit.test_metrics import _FakeProxy
+
+    ep = Endpoint("10.0.0.2", 50051, "default/echo-2", "spiffe://td/ns/default/sa/echo", "n2", "10.0.0.2")
+    svc = Service("echo", "default", "240.240.0.2", (ServicePort(50051, 50051, protocol="grpc", endpoints=(ep,)),))
+    wl = Workload("client", "default", "client", "n1", "10.0.0.1", (), "spiffe://td/ns/default/sa/client", "10.0.0.1")
+    snap = Snapshot("v1", "n2", MeshSettings(trust_domain="td", dns_domain="mesh"), services=(svc,), workloads=(wl,))
+    metrics.REGISTRY.reset()
+    proxy = _FakeProxy(snap)
+    conn = proxy.new_session("inbound", source_principal="spiffe://td/ns/default/sa/client",
+                             dst_addr="10.0.0.2:50051", via="hbone", tls=True, dst_workload="default/echo-2")
+    p = Pair()  # its own watch saw everything; replay the wire into the telemetry's
+    sid = p.grpc_request("/test.Echo/Unary", b"a", [("traceparent", TP)])
+    p.grpc_response(sid, [b"echo"], 0)
+    sid = p.grpc_request("/test.Echo/Unary", b"notfound")
+    p.grpc_response(sid, [], 5)
+    up, down = bytes(p.wire["up"]), bytes(p.wire["down"])
+
+    class End:
+        tap = None
+        _early = [down[:9 + int.from_bytes(down[:3], "big")]]  # the server's SETTINGS, read before the tap
+
+    end = End()
+    lw = LocalWorkload("echo-2", "default", "echo", "10.0.0.2", (50051,), uid=2005)
+    proxy.telemetry.workload_end(conn, end, InboundTarget(lw, "spiffe://td/ns/default/sa/echo", "10.0.0.2", 50051))
+    assert isinstance(end.tap, H2Watch)
+    conn.connected()
+    end.tap.request(up)
+    end.tap.response(down[len(End._early[0]):])
+    assert not end.tap.stopped and end.tap.exchanges == 2
+    conn.finish()
+    s = parse(render(metrics.REGISTRY.collect()))
+    reqs = select(s, "istio_requests_total", reporter="destination")
+    assert sorted((d["grpc_response_status"], d["response_code"], d["request_protocol"], v) for d, v in reqs) == [
+        ("0", "200", "grpc", 1.0), ("5", "200", "grpc", 1.0)]
+    assert select(s, "istio_tcp_connections_closed_total") == []
+    lines = [r for r in proxy.lines if "method" in r]
+    assert [(r["path"], r["authority"]) for r in lines] == [("/test.Echo/Unary", "echo.default.svc.mesh:50051")] * 2
+    assert lines[0]["trace_id"] == TP.split("-")[1]
+    metrics.REGISTRY.reset()
