@@ -101,7 +101,11 @@ def test_authorization_policy_allow_deny_audit_default_deny(mesh: Lab) -> None:
     # ...the caller's namespace is.
     mesh.apply(doc("AuthorizationPolicy", "allow", "  action: ALLOW\n  rules: [{from: [{source: {namespaces: [default]}}]}]"))
     wait_until(lambda: via_mesh(mesh, vip), 10, "the ALLOW policy for namespace default")
-    assert inbound(mesh, via="hbone", authz="allow")[-1]["authz_policy"] == "AuthorizationPolicy/default/allow"
+    # The stream's inbound line is written when it closes: HTTP requests ride pooled
+    # keep-alive streams (closed after at most a few seconds), so wait for it.
+    wait_until(lambda: any(e.get("authz_policy") == "AuthorizationPolicy/default/allow"
+                           for e in inbound(mesh, via="hbone", authz="allow")), 10,
+               "the allowed stream's log line naming the ALLOW policy")
 
     # Mesh-wide default deny: with no ALLOW policy left, nothing gets in.
     with mesh.config_client() as c:

@@ -5,6 +5,7 @@ what a real peer sends)."""
 from __future__ import annotations
 
 import random
+from typing import ClassVar
 
 import h2.config
 import h2.connection
@@ -233,7 +234,15 @@ def test_telemetry_reports_grpc_on_the_destination_and_sees_early_server_bytes()
     reporter=destination request, not a TCP connection."""
     from nodeagent import metrics
     from nodeagent.proxy.inbound import InboundTarget
-    from nodeagent.snapshot import Endpoint, LocalWorkload, MeshSettings, Service, ServicePort, Snapshot, Workload
+    from nodeagent.snapshot import (
+        Endpoint,
+        LocalWorkload,
+        MeshSettings,
+        Service,
+        ServicePort,
+        Snapshot,
+        Workload,
+    )
     from nodemesh.prom import parse, render, select
     from tests.unit.test_metrics import _FakeProxy
 
@@ -254,11 +263,12 @@ def test_telemetry_reports_grpc_on_the_destination_and_sees_early_server_bytes()
 
     class End:
         tap = None
-        _early = [down[:9 + int.from_bytes(down[:3], "big")]]  # the server's SETTINGS, read before the tap
+        _early: ClassVar[list[bytes]] = [down[:9 + int.from_bytes(down[:3], "big")]]  # server SETTINGS, pre-tap
 
     end = End()
     lw = LocalWorkload("echo-2", "default", "echo", "10.0.0.2", (50051,), uid=2005)
-    proxy.telemetry.workload_end(conn, end, InboundTarget(lw, "spiffe://td/ns/default/sa/echo", "10.0.0.2", 50051))
+    proxy.telemetry.workload_end(conn, end,  # type: ignore[arg-type]
+                                 InboundTarget(lw, "spiffe://td/ns/default/sa/echo", "10.0.0.2", 50051))
     assert isinstance(end.tap, H2Watch)
     conn.connected()
     end.tap.request(up)
