@@ -2,33 +2,58 @@
 
 The inbound proxy relays a tunnel's bytes to the workload at L4; on a port
 declared `http` it also feeds those bytes, unchanged and in order, to an
-`Http1Watch`, which parses both directions with h11 (no I/O) and reports one
+`Http1Watch`, which follows the framing of both directions and reports one
 `Exchange` per request/response pair: method, status, body sizes, the request's
 trace headers and how long the workload took. The proxy's telemetry turns each
 exchange into Istio's `reporter="destination"` request metrics, a span and an
 access log line, as Istio's inbound sidecar does for HTTP.
 
 Nothing here can change or delay the traffic: any parse problem (not HTTP after
-all, an upgrade, a protocol error) stops the watch (`stopped` says why) and the
-connection is then accounted as TCP.
+all, an upgrade, a malformed head or chunk, a head over 64 KiB) stops the watch
+(`stopped` says why) and the connection is then accounted as TCP.
 
-Two h11 connections mirror the exchange: `srv` (server role) parses requests
-and is told the responses, `cli` (client role) is told the requests and parses
-responses, so each side knows the other's framing (HEAD, 304, pipelining).
+The parser is our own and deliberately small (a profile showed two h11 state
+machines, which build and re-validate every message, at ~40% of the inbound
+proxy's time): per direction it finds the end of the head, reads only the
+start line and the headers the events or the framing need, then skips the body
+by Content-Length or chunked framing (chunk sizes parsed, chunk data never
+copied; trailers read for grpc-status). Responses are framed by their request
+(HEAD, 1xx then the final response, 204, 304; read-until-close without a
+length), and pipelined requests queue up for their responses in order.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import h11
 
 from nodeagent.tracing import TRACE_HEADERS
 
 log = logging.getLogger(__name__)
+
+MAX_HEAD = 64 * 1024  # a request/response head (or a trailer section) larger than this stops the watch
+MAX_CHUNK_LINE = 4096  # a chunk-size line, extensions included
+MAX_PIPELINED = 128  # requests waiting for their responses; more stops the watch (bounded memory)
+
+# Request line: token method, a target without controls or spaces, HTTP/1.0 or 1.1.
+_REQUEST_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) ([^\x00-\x20\x7f]+) HTTP/1\.([01])")
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: [^\x00-\x08\x0a-\x1f\x7f]*)?")
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
+_TOKEN_START = frozenset(b"!#$%&'*+.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz-")
+_OWS = b" \t"
+
+# The request headers worth decoding: framing, and what the events carry.
+_REQUEST_HEADERS = frozenset({b"content-length", b"transfer-encoding", b"connection", b"upgrade",
+                              b"content-type", b"baggage"} | {h.encode() for h in TRACE_HEADERS})
+_TRACE = frozenset({h.encode() for h in TRACE_HEADERS} | {b"baggage"})
+_RESPONSE_HEADERS = frozenset({b"content-length", b"transfer-encoding", b"connection", b"grpc-status"})
+
+# Parser states of one direction.
+_HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _UNTIL_EOF, _IGNORE = range(8)
 
 
 @dataclass
@@ -55,145 +80,324 @@ class Exchange:
         return max(0.0, (self.t_end or self.t0) - self.t0) * 1000.0
 
 
+class _Malformed(Exception):
+    """The bytes are not (or no longer) HTTP/1.1 we can follow."""
+
+
+class _Side:
+    """The framing state of one direction."""
+
+    __slots__ = ("buf", "close_after", "ex", "remaining", "scan", "state", "trailer_bytes")
+
+    def __init__(self) -> None:
+        self.buf = bytearray()  # an incomplete head / chunk-size line / trailer; never body bytes
+        self.state = _HEAD
+        self.remaining = 0  # body or chunk bytes still to skip
+        self.scan = 0  # how far into the pending head its end was looked for (no rescans byte by byte)
+        self.trailer_bytes = 0
+        self.ex: Exchange | None = None  # the message being read belongs to this exchange
+        self.close_after = False  # the message in flight is the connection's last
+
+
+def _headers(head: bytes, wanted: frozenset[bytes]) -> list[tuple[bytes, bytes]]:
+    """The wanted headers of a head (start line excluded), names lowercased, in order."""
+    out: list[tuple[bytes, bytes]] = []
+    for line in head.split(b"\r\n"):
+        i = line.find(b":")
+        if i <= 0 or line[0] in _OWS or line[i - 1] in _OWS:  # no name, obs-fold, space before ':'
+            raise _Malformed(f"bad header line {line[:40]!r}")
+        name = line[:i].lower()
+        if name in wanted:
+            out.append((name, line[i + 1:].strip(_OWS)))
+    return out
+
+
+def _content_length(values: list[bytes]) -> int:
+    parts = {p.strip(_OWS) for v in values for p in v.split(b",")}
+    if len(parts) != 1:
+        raise _Malformed(f"conflicting Content-Length {b','.join(values)[:40]!r}")
+    (v,) = parts
+    if not v.isdigit() or len(v) > 18:
+        raise _Malformed(f"bad Content-Length {v[:40]!r}")
+    return int(v)
+
+
+def _chunked(values: list[bytes]) -> bool:
+    """True when the last transfer coding is chunked (RFC 9112 6.3)."""
+    codings = [p.strip(_OWS).lower() for v in values for p in v.split(b",") if p.strip(_OWS)]
+    return bool(codings) and codings[-1] == b"chunked"
+
+
+def _close_after(version: bytes, connection: list[bytes]) -> bool:
+    tokens = {p.strip(_OWS).lower() for v in connection for p in v.split(b",")}
+    return b"close" in tokens or (version == b"0" and b"keep-alive" not in tokens)
+
+
 class Http1Watch:
     """Feed `request(bytes)` (towards the workload) and `response(bytes)` (from it)."""
 
     def __init__(self, on_start: Callable[[Exchange], None], on_done: Callable[[Exchange], None],
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self._srv = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
-        self._cli = h11.Connection(h11.CLIENT, max_incomplete_event_size=64 * 1024)
+        self._req = _Side()
+        self._resp = _Side()
+        self._open: deque[Exchange] = deque()  # started, not yet reported (oldest first)
+        self._awaiting: deque[Exchange] = deque()  # requests whose response has not ended
         self._on_start = on_start
         self._on_done = on_done
         self._clock = clock
-        self.current: Exchange | None = None
         self.stopped = ""  # why the watch gave up ("" while it follows the traffic)
         self.exchanges = 0  # completed request/response pairs
 
     def __repr__(self) -> str:
         return f"<Http1Watch exchanges={self.exchanges} stopped={self.stopped!r}>"
 
+    @property
+    def current(self) -> Exchange | None:
+        """The oldest exchange not reported yet."""
+        return self._open[0] if self._open else None
+
     # -- feeding --
     def request(self, data: bytes) -> None:
-        if self.stopped:
+        if self.stopped or not data:
             return
         try:
-            self._srv.receive_data(data)
-            self._pump_requests()
-        except h11.ProtocolError as e:
+            self._feed(self._req, data, self._request_head)
+        except _Malformed as e:
             self._stop(f"request: {e}")
         except Exception as e:  # observing must never break the relay it watches
             log.exception("HTTP watch failed; the connection is accounted as TCP from now on")
             self._stop(f"internal error: {e!r}")
 
     def response(self, data: bytes) -> None:
-        if self.stopped:
+        if self.stopped or not data:
             return
         try:
-            self._cli.receive_data(data)
-            self._pump_responses()
-        except h11.ProtocolError as e:
+            self._feed(self._resp, data, self._response_head)
+        except _Malformed as e:
             self._stop(f"response: {e}")
         except Exception as e:  # observing must never break the relay it watches
             log.exception("HTTP watch failed; the connection is accounted as TCP from now on")
             self._stop(f"internal error: {e!r}")
 
     def close(self) -> Exchange | None:
-        """The connection ended: a request still waiting for its response is
-        reported (status 0 when no head came) and returned."""
-        ex, self.current = self.current, None
-        if ex is not None:
-            ex.t_end = self._clock()
+        """The connection ended: requests still waiting for (the end of) their
+        response are reported (status 0 when no head came); the oldest is returned.
+        A response read until the connection closed is complete now."""
+        first = self._open[0] if self._open else None
+        if not self.stopped and self._resp.state == _UNTIL_EOF and self._resp.ex is not None:
+            self._resp.ex.complete = True
+        now = self._clock()
+        while self._open:
+            ex = self._open.popleft()
+            if not ex.complete or not ex.t_end:
+                ex.t_end = now
             try:
                 self._on_done(ex)
             except Exception:  # observing must never break the connection's teardown
                 log.exception("HTTP watch: reporting the last exchange failed")
+        self._awaiting.clear()
         if not self.stopped:
             self.stopped = "closed"
-        return ex
+        return first
 
     # -- internals --
     def _stop(self, why: str) -> None:
         self.stopped = why or "stopped"
 
-    def _pump_requests(self) -> None:
-        while not self.stopped:
-            ev = self._srv.next_event()
-            if ev is h11.NEED_DATA or ev is h11.PAUSED:
-                return
-            if isinstance(ev, h11.Request):
-                headers = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in ev.headers]
-                ex = Exchange(ev.method.decode("latin-1"), ev.target.decode("latin-1"), self._clock(), time.time(),
-                              tuple((k, v) for k, v in headers if k in TRACE_HEADERS or k == "baggage"),
-                              grpc=any(k == "content-type" and v.startswith("application/grpc")
-                                       for k, v in headers))
-                if ev.method == b"CONNECT" or any(k == "upgrade" for k, _ in headers):
-                    self._stop("upgrade")  # the bytes after it are another protocol
-                    return
-                self.current = ex
-                self._cli.send(ev)
-                self._on_start(ex)
-            elif isinstance(ev, h11.Data):
-                if self.current is not None:
-                    self.current.request_bytes += len(ev.data)
-                self._cli.send(ev)
-            elif isinstance(ev, h11.EndOfMessage):
-                self._cli.send(ev)
-                done = self.current
-                if done is not None:
-                    done.request_done = True
-                    if done.complete:  # the response finished before the request did
-                        self._report(done)
-                        self._next_cycle()
-            elif isinstance(ev, h11.ConnectionClosed):
-                return
+    def _feed(self, side: _Side, data: bytes, on_head: Callable[[_Side, bytes], None]) -> None:
+        buf = side.buf
+        if buf:  # an incomplete head or line from the last read: only then are bytes copied
+            buf += data
+            data = buf  # type: ignore[assignment]
+        pos, n = 0, len(data)
+        while pos < n and not self.stopped:
+            state = side.state
+            if state == _LENGTH or state == _CHUNK_DATA:
+                take = min(side.remaining, n - pos)
+                side.remaining -= take
+                pos += take
+                self._count(side, take)
+                if side.remaining == 0:
+                    if state == _LENGTH:
+                        self._message_end(side)
+                    else:
+                        side.state = _CHUNK_END
+            elif state == _HEAD:
+                if side is self._req:  # blank lines between requests are allowed (RFC 9112 2.2)
+                    while pos < n and data[pos] in b"\r\n":
+                        pos += 1
+                    if pos == n:
+                        break
+                end = data.find(b"\r\n\r\n", pos + side.scan)
+                if end < 0:
+                    if data[pos] not in _TOKEN_START:
+                        raise _Malformed(f"not an HTTP/1 head: {bytes(data[pos:pos + 16])!r}")
+                    if n - pos > MAX_HEAD:
+                        raise _Malformed(f"head larger than {MAX_HEAD} bytes")
+                    side.scan = max(0, n - pos - 3)  # relative to the head's start, kept at buf[0]
+                    break
+                head = bytes(data[pos:end])
+                pos = end + 4
+                side.scan = 0
+                on_head(side, head)
+            elif state == _CHUNK_SIZE:
+                end = data.find(b"\r\n", pos, pos + MAX_CHUNK_LINE)
+                if end < 0:
+                    if n - pos >= MAX_CHUNK_LINE:
+                        raise _Malformed("chunk-size line too long")
+                    break
+                size = data[pos:end].split(b";", 1)[0].strip(_OWS)
+                if not _HEX.fullmatch(size):
+                    raise _Malformed(f"bad chunk size {bytes(size[:20])!r}")
+                pos = end + 2
+                side.remaining = int(size, 16)
+                side.state = _CHUNK_DATA if side.remaining else _TRAILERS
+                side.trailer_bytes = 0
+            elif state == _CHUNK_END:
+                if n - pos < 2:
+                    if data[pos] != 13:
+                        raise _Malformed("chunk data not followed by CRLF")
+                    break
+                if data[pos] != 13 or data[pos + 1] != 10:
+                    raise _Malformed("chunk data not followed by CRLF")
+                pos += 2
+                side.state = _CHUNK_SIZE
+            elif state == _TRAILERS:
+                end = data.find(b"\r\n", pos + side.scan)
+                if end < 0:
+                    if side.trailer_bytes + n - pos > MAX_HEAD:
+                        raise _Malformed(f"trailers larger than {MAX_HEAD} bytes")
+                    side.scan = max(0, n - pos - 1)
+                    break
+                side.scan = 0
+                line = bytes(data[pos:end])
+                side.trailer_bytes += end + 2 - pos
+                if side.trailer_bytes > MAX_HEAD:
+                    raise _Malformed(f"trailers larger than {MAX_HEAD} bytes")
+                pos = end + 2
+                if not line:
+                    self._message_end(side)
+                elif side is self._resp:  # gRPC over HTTP/1.1 is rare, but honest
+                    for k, v in _headers(line, _RESPONSE_HEADERS):
+                        if k == b"grpc-status" and side.ex is not None:
+                            side.ex.grpc_status = v.decode("latin-1")
+                else:
+                    _headers(line, _RESPONSE_HEADERS)  # validated only
+            elif state == _UNTIL_EOF:
+                self._count(side, n - pos)
+                pos = n
+            else:  # _IGNORE: bytes after the connection's last message
+                pos = n
+        if data is buf:
+            del buf[:pos]
+        elif pos < n:
+            side.buf = bytearray(data[pos:])
 
-    def _pump_responses(self) -> None:
-        while not self.stopped:
-            ev = self._cli.next_event()
-            if ev is h11.NEED_DATA or ev is h11.PAUSED:
-                return
-            ex = self.current
-            if isinstance(ev, h11.InformationalResponse):
-                if ev.status_code == 101:
-                    self._stop("upgrade")
-                    return
-                self._srv.send(ev)
-            elif isinstance(ev, h11.Response):
-                if ex is not None:
-                    ex.status = ev.status_code
-                    for k, v in ev.headers:
-                        if k == b"grpc-status":
-                            ex.grpc_status = v.decode("latin-1")
-                self._srv.send(ev)
-            elif isinstance(ev, h11.Data):
-                if ex is not None:
-                    ex.response_bytes += len(ev.data)
-                self._srv.send(ev)
-            elif isinstance(ev, h11.EndOfMessage):
-                for k, v in ev.headers:  # trailers (gRPC over HTTP/1.1 is rare, but honest)
-                    if k == b"grpc-status" and ex is not None:
-                        ex.grpc_status = v.decode("latin-1")
-                self._srv.send(ev)
-                if ex is not None:
-                    ex.t_end = self._clock()
-                    ex.complete = True
-                    if not ex.request_done:
-                        continue  # reported once the request's last bytes are in
-                    self._report(ex)
-                self._next_cycle()
-            elif isinstance(ev, h11.ConnectionClosed):
-                return
+    def _count(self, side: _Side, n: int) -> None:
+        ex = side.ex
+        if ex is not None:
+            if side is self._req:
+                ex.request_bytes += n
+            else:
+                ex.response_bytes += n
 
-    def _report(self, ex: Exchange) -> None:
-        self.current = None
-        self.exchanges += 1
-        self._on_done(ex)
+    def _request_head(self, side: _Side, head: bytes) -> None:
+        line, _, rest = head.partition(b"\r\n")
+        m = _REQUEST_LINE.fullmatch(line)
+        if m is None:
+            raise _Malformed(f"bad request line {line[:60]!r}")
+        method, target, version = m.groups()
+        hdrs = _headers(rest, _REQUEST_HEADERS) if rest else []
+        if method == b"CONNECT" or any(k == b"upgrade" for k, _ in hdrs):
+            self._stop("upgrade")  # the bytes after it are another protocol
+            return
+        lengths, codings, connection = [], [], []
+        for k, v in hdrs:
+            if k == b"content-length":
+                lengths.append(v)
+            elif k == b"transfer-encoding":
+                codings.append(v)
+            elif k == b"connection":
+                connection.append(v)
+        if codings:
+            if not _chunked(codings):
+                raise _Malformed("request Transfer-Encoding does not end in chunked")
+            state, remaining = _CHUNK_SIZE, 0
+        elif lengths:
+            remaining = _content_length(lengths)
+            state = _LENGTH if remaining else _HEAD
+        else:
+            state, remaining = _HEAD, 0
+        if len(self._awaiting) >= MAX_PIPELINED:
+            raise _Malformed(f"more than {MAX_PIPELINED} pipelined requests unanswered")
+        ex = Exchange(method.decode("latin-1"), target.decode("latin-1"), self._clock(), time.time(),
+                      tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in hdrs if k in _TRACE),
+                      grpc=any(k == b"content-type" and v.startswith(b"application/grpc") for k, v in hdrs))
+        side.ex = ex
+        side.close_after = _close_after(version, connection)
+        side.state, side.remaining = state, remaining
+        self._open.append(ex)
+        self._awaiting.append(ex)
+        self._on_start(ex)
+        if state == _HEAD:  # no body: the request ended with its head
+            self._message_end(side)
 
-    def _next_cycle(self) -> None:
-        srv, cli = self._srv, self._cli
-        if srv.our_state is h11.DONE and srv.their_state is h11.DONE:
-            srv.start_next_cycle()
-        if cli.our_state is h11.DONE and cli.their_state is h11.DONE:
-            cli.start_next_cycle()
-        # A pipelined request may be waiting behind the one just answered.
-        self._pump_requests()
+    def _response_head(self, side: _Side, head: bytes) -> None:
+        line, _, rest = head.partition(b"\r\n")
+        m = _STATUS_LINE.fullmatch(line)
+        if m is None:
+            raise _Malformed(f"bad status line {line[:60]!r}")
+        if not self._awaiting:
+            raise _Malformed("a response with no request outstanding")
+        version, code = m.groups()
+        status = int(code)
+        hdrs = _headers(rest, _RESPONSE_HEADERS) if rest else []
+        if status < 200:
+            if status == 101:
+                self._stop("upgrade")
+                return
+            return  # interim (100 Continue, 103 Early Hints): the final response follows
+        ex = self._awaiting[0]
+        ex.status = status
+        lengths, codings, connection = [], [], []
+        for k, v in hdrs:
+            if k == b"content-length":
+                lengths.append(v)
+            elif k == b"transfer-encoding":
+                codings.append(v)
+            elif k == b"connection":
+                connection.append(v)
+            elif k == b"grpc-status":
+                ex.grpc_status = v.decode("latin-1")
+        side.ex = ex
+        side.close_after = _close_after(version, connection)
+        if ex.method == "HEAD" or status in (204, 304):
+            side.state = _HEAD  # no body, whatever the headers say
+        elif codings:
+            side.state = _CHUNK_SIZE if _chunked(codings) else _UNTIL_EOF
+        elif lengths:
+            side.remaining = _content_length(lengths)
+            side.state = _LENGTH if side.remaining else _HEAD
+        else:
+            side.state = _UNTIL_EOF  # delimited by the connection's end
+        if side.state == _HEAD:
+            self._message_end(side)
+
+    def _message_end(self, side: _Side) -> None:
+        ex, side.ex = side.ex, None
+        side.state = _IGNORE if side.close_after else _HEAD
+        if ex is None:
+            return
+        if side is self._req:
+            ex.request_done = True
+        else:
+            ex.t_end = self._clock()
+            ex.complete = True
+            if self._awaiting and self._awaiting[0] is ex:
+                self._awaiting.popleft()
+        # Report in order: an exchange is done when both its request and its response ended
+        # (the response may end first: a server may answer before reading the whole body).
+        while self._open and self._open[0].request_done and self._open[0].complete:
+            done = self._open.popleft()
+            self.exchanges += 1
+            self._on_done(done)
