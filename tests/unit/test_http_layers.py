@@ -138,3 +138,45 @@ def test_lb_policies() -> None:
     assert {e.node for e in locality_tier(eps, "n1", "z1")} == {"n1"}
     assert locality_tier(eps, "nX", "z2") == [e for e in eps if e.zone == "z2"]
     assert locality_tier(eps, "nX", "zX") == eps
+
+
+def test_admit_retry_gates_in_order_deadline_budget_breaker() -> None:
+    import random as _random
+
+    from nodeagent.proxy.http.retry import admit_retry
+    from nodemesh.routes import Retry as _Retry
+
+    class Dl:
+        def __init__(self, rem: float | None) -> None:
+            self.rem = rem
+
+        def remaining(self) -> float | None:
+            return self.rem
+
+    class Budget:
+        def __init__(self, ok: bool) -> None:
+            self.ok, self.calls = ok, 0
+
+        def try_withdraw(self) -> bool:
+            self.calls += 1
+            return self.ok
+
+    class Brk:
+        def __init__(self, full: bool) -> None:
+            self.full, self.held = full, 0
+
+        def try_acquire(self, kind: str) -> str | None:
+            if self.full:
+                return "max_retries"
+            self.held += 1
+            return None
+
+    policy = _Retry(attempts=3, backoff_s=0.1, max_backoff_s=0.1)
+    rng = _random.Random(1)
+    b = Budget(True)
+    assert admit_retry(policy, 1, Dl(0.0), b, Brk(False), rng) == (0.0, "deadline") and b.calls == 0
+    assert admit_retry(policy, 1, Dl(None), Budget(False), Brk(False), rng) == (0.0, "budget")
+    assert admit_retry(policy, 1, Dl(5.0), Budget(True), Brk(True), rng) == (0.0, "max_retries")
+    brk = Brk(False)
+    wait, why = admit_retry(policy, 1, Dl(5.0), Budget(True), brk, rng)
+    assert why == "" and 0.0 <= wait <= 0.1 and brk.held == 1

@@ -61,7 +61,7 @@ from .h2core import (
     is_grpc,
     strip_connection_headers,
 )
-from .retry import Outcome, backoff, retryable
+from .retry import Outcome, admit_retry, retryable
 from .stack import FAILURE_PENALTY_S, MAX_BUFFERED_BODY, L7Runtime, _hash_key, _QuietSession, runtime_of
 from .timeout import GRPC_TIMEOUT_HEADER, MESH_DEADLINE_HEADER, Deadline, format_grpc_timeout, incoming_budget
 
@@ -929,18 +929,12 @@ class H2Call:
             more = (policy is not None and self.attempts < max_attempts and not committed and replayable
                     and retryable(policy, outcome))
             if more and policy is not None:
-                wait = backoff(policy, self.attempts, rt.rng)
-                rem = deadline.remaining()
-                if rem is not None and rem <= wait:
+                wait, stopped = admit_retry(policy, self.attempts, deadline, dest.budget, dest.breaker, rt.rng)
+                if stopped:
                     more = False
-                    self.session.set(retry_stopped="deadline")
-                elif not dest.budget.try_withdraw():
-                    more = False
-                    self.session.set(retry_stopped="budget")
-                elif dest.breaker.try_acquire("retries"):
-                    more = False
-                    self.session.set(retry_stopped="max_retries")
-                    metrics.breaker_overflow(sp.cluster, "max_retries")
+                    self.session.set(retry_stopped=stopped)
+                    if stopped == "max_retries":
+                        metrics.breaker_overflow(sp.cluster, "max_retries")
                 else:
                     if t is not None:
                         t.abandon()

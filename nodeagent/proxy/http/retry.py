@@ -11,6 +11,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from nodemesh.routes import GRPC_CODES, Retry, RetryBudget
 
@@ -59,6 +60,35 @@ def backoff(policy: Retry, retry_number: int, rng: random.Random | None = None) 
     """Full jitter over an exponential ceiling: uniform in [0, min(max, base * 2^n)]."""
     ceiling = min(policy.max_backoff_s, policy.backoff_s * (2 ** max(0, retry_number - 1)))
     return (rng or random).uniform(0, ceiling) if ceiling > 0 else 0.0
+
+
+class _Remaining(Protocol):
+    def remaining(self) -> float | None: ...
+
+
+class _Budget(Protocol):
+    def try_withdraw(self) -> bool: ...
+
+
+class _Breaker(Protocol):
+    def try_acquire(self, kind: str) -> str | None: ...
+
+
+def admit_retry(policy: Retry, retry_number: int, deadline: _Remaining, budget: _Budget,
+                breaker: _Breaker, rng: random.Random | None = None) -> tuple[float, str]:
+    """Whether another try may start now, for both HTTP stacks: (backoff seconds, "")
+    or (0, why not): "deadline" (the backoff would outlive it), "budget" (the retry
+    budget is spent), "max_retries" (the breaker's active-retries limit). On success
+    the caller holds one "retries" slot of the breaker and must release it."""
+    wait = backoff(policy, retry_number, rng)
+    rem = deadline.remaining()
+    if rem is not None and rem <= wait:
+        return 0.0, "deadline"
+    if not budget.try_withdraw():
+        return 0.0, "budget"
+    if breaker.try_acquire("retries"):
+        return 0.0, "max_retries"
+    return wait, ""
 
 
 class RetryBudgetTracker:

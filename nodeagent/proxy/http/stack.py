@@ -40,7 +40,7 @@ from . import fault as faults
 from . import router
 from .balance import Destination
 from .h1pool import UpstreamPool
-from .retry import Outcome, backoff, retryable
+from .retry import Outcome, admit_retry, retryable
 from .timeout import GRPC_TIMEOUT_HEADER, MESH_DEADLINE_HEADER, Deadline, format_grpc_timeout, incoming_budget
 from .upstream import UpstreamConn, UpstreamExchange, UpstreamReset
 
@@ -518,18 +518,12 @@ class Call:
             last_err = err or last_err
             more = (policy is not None and self.attempts < max_attempts and retryable(policy, outcome))
             if more and policy is not None:
-                wait = backoff(policy, self.attempts, rt.rng)
-                rem = deadline.remaining()
-                if rem is not None and rem <= wait:
+                wait, stopped = admit_retry(policy, self.attempts, deadline, dest.budget, dest.breaker, rt.rng)
+                if stopped:
                     more = False
-                    self.session.set(retry_stopped="deadline")
-                elif not dest.budget.try_withdraw():
-                    more = False
-                    self.session.set(retry_stopped="budget")
-                elif dest.breaker.try_acquire("retries"):
-                    more = False
-                    self.session.set(retry_stopped="max_retries")
-                    metrics.breaker_overflow(sp.cluster, "max_retries")
+                    self.session.set(retry_stopped=stopped)
+                    if stopped == "max_retries":
+                        metrics.breaker_overflow(sp.cluster, "max_retries")
                 else:
                     if ex is not None:
                         ex.close()
