@@ -6,6 +6,7 @@ tables go straight into the snapshot (the xDS path is in test_http_xds.py)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import threading
@@ -219,7 +220,12 @@ def test_grpc_timeout_deadline_fails_fast_and_is_passed_on_reduced() -> None:
         assert code == grpc.StatusCode.DEADLINE_EXCEEDED and took < 1.0, took
         await asyncio.sleep(0.05)
         line = m.grpc_lines()[-1]
-        assert line["grpc_status"] == 4 and line["reason"] == "deadline_exceeded", line
+        # grpcio enforces the same 300 ms deadline locally, so the client's own reset
+        # and the proxy's DEADLINE_EXCEEDED race; either way the call failed fast.
+        # (The proxy-side answer is asserted deterministically in
+        # tests/netns/test_l7_resilience.py with a client that does not race it.)
+        assert (line.get("grpc_status") == 4 and line.get("reason") == "deadline_exceeded") or \
+            line.get("reason") == "downstream_reset", json.dumps(m.grpc_lines())
         seen = m.backends[0].seen_timeouts[-1]
         assert seen is not None and 0 < seen < 0.3  # the endpoint got the reduced grpc-timeout
     run(body, [Backend("slow", delay=1.0)])
