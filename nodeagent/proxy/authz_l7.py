@@ -163,10 +163,24 @@ class InboundHttpGuard:
         self._caller_eof_sent = False
         self._h2: authz_h2.H2AuthzBridge | None = None
         self._early_up = bytearray()  # workload bytes held while the caller's protocol is unknown
+        # Bytes (and an EOF or abort) for the caller produced before attach(): a caller that
+        # writes first (the same-node HTTP/2 stack sends its preface from conn.start(), before
+        # it is attached) gets the bridge's SETTINGS and window here, not lost. Without them
+        # its windows stay at 64 KiB and a big request stalls.
+        self._early_down = bytearray()
+        self._early_end: str | None = None  # "eof" or "abort", delivered on attach()
 
     # -- wiring (HboneServerProtocol._serve / the plaintext and same-node paths) --
     def attach(self, caller: End) -> None:
         self.caller = caller
+        if self._early_down:
+            early, self._early_down = bytes(self._early_down), bytearray()
+            caller.send(early)
+        if self._early_end == "abort":
+            caller.abort()
+        elif self._early_end == "eof":
+            self._caller_eof_sent = True
+            caller.send_eof()
         self.up.attach(self.workload_side)  # flushes anything the workload already sent
 
     # -- End, as the caller sees it: request bytes --
@@ -452,19 +466,26 @@ class InboundHttpGuard:
     def _cut_caller(self) -> None:
         if self.caller is not None:
             self.caller.abort()
+        else:
+            self._early_end = "abort"
 
     def _close_both(self) -> None:
         self.state = CLOSED
         self.up.abort()
-        if self.caller is not None:
-            self.caller.abort()
+        self._cut_caller()
 
     def _caller_eof(self) -> None:
-        if not self._caller_eof_sent and self.caller is not None:
-            self._caller_eof_sent = True
-            self.caller.send_eof()
+        if self._caller_eof_sent:
+            return
+        if self.caller is None:
+            self._early_end = self._early_end or "eof"
+            return
+        self._caller_eof_sent = True
+        self.caller.send_eof()
 
     def _to_caller(self, data: bytes) -> None:
         self.tx += len(data)
         if self.caller is not None:
             self.caller.send(data)
+        else:
+            self._early_down += data

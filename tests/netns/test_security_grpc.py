@@ -113,3 +113,25 @@ def test_grpc_method_policy_on_the_receiving_node(lab: Lab) -> None:
     allowed = [e for e in inbound if e.get("http_path") == "/echo.Echo/GetItem" and e.get("authz") == "allow"]
     assert allowed and allowed[-1]["authz_policy"] == "AuthorizationPolicy/default/echo-get", diag
     assert allowed[-1]["authz_rule"] == 0, diag
+
+
+def test_grpc_method_policy_for_a_same_node_caller(lab: Lab) -> None:
+    """The same policy, decided per call, for a caller on the workload's own node
+    (no HBONE hop: the outbound HTTP/2 stack hands its connection to the guard)."""
+    lab.start_controlplane()
+    lab.apply(BASE_CONFIG + CONFIG)
+    lab.add_workload(LabWorkload("echo-2", node=2, uid=2002, ports=(50051,), service_account="echo",
+                                 labels={"app": "echo"}))
+    lab.add_workload(LabWorkload("client-2", node=2, uid=CLIENT_UID, service_account="client"))
+    wl = lab.workloads["echo-2"]
+    lab.spawn("app-echo-2", lab.node_ns(2), [sys.executable, "-c", SERVER, "50051"], uid=wl.uid)
+    lab.wait_for(lambda: lab._listening(2, 50051), 15, "gRPC server to listen", lambda: lab.log("app-echo-2"))
+    lab.start_agent(2)
+    res = lab.ns_exec(lab.node_ns(2), [sys.executable, "-c", CLIENT, f"{lab.service_vip('echo')}:50051"],
+                      uid=CLIENT_UID, check=False, timeout=60)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["get"] == ["OK", "", "got 42"], out
+    assert out["big"] == "OK", out
+    assert out["delete"][0] == "PERMISSION_DENIED", out
+    assert "DELETE REACHED THE SERVER" not in lab.log("app-echo-2")

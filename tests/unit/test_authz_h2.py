@@ -349,3 +349,67 @@ def test_workload_settings_before_the_callers_preface_are_held() -> None:
     g.send(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
     assert g.state == authz_l7.H2 and not caller.aborted
     assert g._h2 is not None and not g._h2.closed
+
+
+def test_a_caller_that_writes_before_attach_gets_the_guards_settings() -> None:
+    """The same-node HTTP/2 stack starts its H2Upstream (preface sent into the
+    guard) before it attaches the guard to it: the bridge's SETTINGS and its
+    connection WINDOW_UPDATE are produced while the guard has no caller yet.
+    They must be held and delivered on attach(); dropped, the upstream's windows
+    stay at 65535 and a 3 MiB request stalls for good (DEADLINE_EXCEEDED)."""
+    from nodeagent.proxy.http.h2stack import H2Upstream, StreamHandler
+
+    docs = model.parse_documents(POLICY)
+    pols = SecurityPolicies(MeshSecurity(), (), tuple(d.obj for d in docs if d.kind == "AuthorizationPolicy"))
+    check = authz_l7.L7Check(pols, inbound_facts(ECHO, 50051, CLIENT, "10.0.0.12"))
+    workload_end = FakeEnd()
+    guard = authz_l7.InboundHttpGuard(check, workload_end, Session(Log(), "outbound"))  # type: ignore[arg-type]
+    conn = H2Upstream(("k",), "echo-2")
+    conn.start(guard)  # the order of h2stack.H2UpstreamPool._connect's same-node branch
+    guard.attach(conn)
+    assert guard._h2 is not None
+    assert conn.core.h2.remote_settings.initial_window_size == 1 << 20  # the guard's SETTINGS arrived
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
+    server.initiate_connection()
+    received = bytearray()
+
+    def pump_workload() -> None:
+        while True:
+            out = server.data_to_send()
+            if out:
+                guard.workload_side.send(out)
+            if not workload_end.data:
+                if not out:
+                    return
+                continue
+            data, workload_end.data = bytes(workload_end.data), bytearray()
+            for ev in server.receive_data(data):
+                if isinstance(ev, h2.events.DataReceived):
+                    received.extend(ev.data)
+                    server.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+
+    sid = conn.open_stream([(":method", "POST"), (":scheme", "http"), (":authority", "echo:50051"),
+                            (":path", "/echo.Echo/GetItem"), ("content-type", "application/grpc"),
+                            ("te", "trailers")], StreamHandler(), end_stream=False)
+    big = bytes(range(256)) * (12 * 1024)  # 3 MiB
+    for i in range(0, len(big), 16384):
+        conn.core.send_data(sid, big[i:i + 16384])
+        conn.flush()
+        pump_workload()
+    conn.core.end_stream(sid)
+    conn.flush()
+    pump_workload()
+    assert conn.core.queued(sid) == 0, "the upstream's window toward the guard never reopened"
+    assert bytes(received) == big
+
+
+def test_eof_for_the_caller_before_attach_is_delivered_on_attach() -> None:
+    check = authz_l7.L7Check(SecurityPolicies(MeshSecurity(), (), ()),
+                             inbound_facts(ECHO, 50051, CLIENT, "10.0.0.12"))
+    guard = authz_l7.InboundHttpGuard(check, FakeEnd(), Session(Log(), "outbound"))  # type: ignore[arg-type]
+    guard.send(b"\x16\x03\x01")  # not HTTP: decided at L4 (allowed), relayed
+    guard.workload_side.send(b"banner")
+    guard.workload_side.send_eof()
+    caller = FakeEnd()
+    guard.attach(caller)  # type: ignore[arg-type]
+    assert bytes(caller.data) == b"banner" and caller.eof

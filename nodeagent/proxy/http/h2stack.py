@@ -39,7 +39,7 @@ from nodeagent.routing import RouteEntry, RouteTable, WeightedCluster
 from nodeagent.snapshot import Endpoint, ServicePort, Snapshot
 from nodemesh.routes import RouteMatch
 
-from .. import authz
+from .. import authz_l7
 from ..errors import ConnectTimeout, ProxyError
 from ..inbound import connect_local, resolve_inbound
 from ..plan import OutboundPlan, is_same_node
@@ -438,12 +438,14 @@ class H2UpstreamPool:
         conn = H2Upstream(key, f"{ep.ip}:{ep.port}")
         if is_same_node(ep, settings.node_name):
             target = resolve_inbound(snapshot, ep.ip, ep.port, ep.identity)
-            # The receiving workload's policy applies to same-node callers too.
-            authz.enforce(snapshot, target.workload, ep.port, call.ds.source_id,
-                          str(call.session.fields.get("src", "")).rsplit(":", 1)[0], quiet)
+            # The receiving workload's policy applies to same-node callers too, per request when
+            # it has HTTP rules (the guard holds what it says before attach(): start() writes first).
+            l7 = authz_l7.admit(snapshot, target.workload, ep.port, call.ds.source_id,
+                                str(call.session.fields.get("src", "")).rsplit(":", 1)[0], quiet)
             up = await connect_local(target, quiet, settings.mark, settings.connect_timeout_s)
-            conn.start(up)
-            up.attach(conn)
+            wire = authz_l7.wrap(l7, up, quiet)
+            conn.start(wire)
+            wire.attach(conn)
         else:
             pkey = PoolKey(call.ds.source_id, (ep.node_address, ep.hbone_port), ep.identity)
             try:
