@@ -135,3 +135,11 @@ def test_grpc_method_policy_for_a_same_node_caller(lab: Lab) -> None:
     assert out["big"] == "OK", out
     assert out["delete"][0] == "PERMISSION_DENIED", out
     assert "DELETE REACHED THE SERVER" not in lab.log("app-echo-2")
+    # The receiving side of the same-node hop logs each decision with policy and rule.
+    lab.wait_for(lambda: any(e.get("http_path") == "/echo.Echo/Delete" and e.get("authz") == "deny"
+                             for e in lab.access_log(2) if e.get("direction") == "inbound"), 5,
+                 "the same-node deny decision in node-2's access log")
+    denied = [e for e in lab.access_log(2) if e.get("direction") == "inbound"
+              and e.get("http_path") == "/echo.Echo/Delete" and e.get("authz") == "deny"]
+    assert denied[-1]["authz_policy"] == "AuthorizationPolicy/default/echo-no-delete", denied[-1]
+    assert denied[-1]["authz_rule"] == 0 and denied[-1]["via"] == "same-node", denied[-1]

@@ -440,10 +440,21 @@ class H2UpstreamPool:
             target = resolve_inbound(snapshot, ep.ip, ep.port, ep.identity)
             # The receiving workload's policy applies to same-node callers too, per request when
             # it has HTTP rules (the guard holds what it says before attach(): start() writes first).
-            l7 = authz_l7.admit(snapshot, target.workload, ep.port, call.ds.source_id,
-                                str(call.session.fields.get("src", "")).rsplit(":", 1)[0], quiet)
-            up = await connect_local(target, quiet, settings.mark, settings.connect_timeout_s)
-            wire = authz_l7.wrap(l7, up, quiet)
+            # The destination side of this hop, as on another node: its own inbound
+            # session, so the guard's per-request decisions (policy and rule) are logged.
+            inner = proxy.new_session("inbound", src=call.session.fields.get("src", ""),
+                                      source_principal=call.ds.source_id, source_workload=call.ds.source_key,
+                                      dst_addr=f"{ep.ip}:{ep.port}", dst_workload=target.workload.key,
+                                      dst_identity=target.identity, via="same-node", tls=False)
+            try:
+                l7 = authz_l7.admit(snapshot, target.workload, ep.port, call.ds.source_id,
+                                    str(call.session.fields.get("src", "")).rsplit(":", 1)[0], inner)
+                up = await connect_local(target, inner, settings.mark, settings.connect_timeout_s)
+            except ProxyError as e:
+                inner.fail(e)
+                inner.finish()
+                raise
+            wire = authz_l7.wrap(l7, up, inner)
             conn.start(wire)
             wire.attach(conn)
         else:
