@@ -3,6 +3,7 @@ original destination) -> OutboundPlan. Socket code only carries a plan out."""
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -49,18 +50,27 @@ def is_same_node(endpoint: Endpoint, node_name: str) -> bool:
     return endpoint.node == node_name
 
 
+@functools.lru_cache(maxsize=64)
+def _networks(cidrs: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """Parsed once per distinct exclusion list, not on every connection."""
+    out = []
+    for c in cidrs:
+        try:
+            out.append(ipaddress.ip_network(c, strict=False))
+        except ValueError:
+            continue  # settings are validated elsewhere; a bad entry simply never matches
+    return tuple(out)
+
+
 def _excluded(dst_ip: str, cidrs: Iterable[str]) -> bool:
+    nets = _networks(tuple(cidrs))
+    if not nets:
+        return False
     try:
         addr = ipaddress.ip_address(dst_ip)
     except ValueError:
         return False
-    for c in cidrs:
-        try:
-            if addr in ipaddress.ip_network(c, strict=False):
-                return True
-        except ValueError:
-            continue  # settings are validated elsewhere; a bad entry simply never matches
-    return False
+    return any(addr in n for n in nets)
 
 
 def plan_outbound(

@@ -62,7 +62,15 @@ from .h2core import (
     strip_connection_headers,
 )
 from .retry import Outcome, admit_retry, retryable
-from .stack import FAILURE_PENALTY_S, MAX_BUFFERED_BODY, L7Runtime, _hash_key, _QuietSession, runtime_of
+from .stack import (
+    FAILURE_PENALTY_S,
+    MAX_BUFFERED_BODY,
+    L7Runtime,
+    LocalRefusal,
+    _hash_key,
+    _QuietSession,
+    runtime_of,
+)
 from .timeout import GRPC_TIMEOUT_HEADER, MESH_DEADLINE_HEADER, Deadline, format_grpc_timeout, incoming_budget
 
 if TYPE_CHECKING:
@@ -867,18 +875,12 @@ class H2Call:
             shadows = h2mirror.start_mirrors(self, snapshot, entry.mirrors, method, target, authority, headers)
             if shadows:
                 self.session.set(mirror=",".join(shadows))
-        cluster = router.choose_cluster(entry, rt.rng)
+        got = rt.admit_backend(snapshot, entry)
+        if isinstance(got, LocalRefusal):
+            self.session.set(cluster=got.cluster)
+            return self.reply_local(got.status, got.message, extra=list(got.extra) or None)
+        cluster, bsp, dest = got
         self.session.set(cluster=cluster)
-        bsp = rt.port_of_cluster(snapshot, cluster)
-        if bsp is None:
-            return self.reply_local(500, f"backend_not_found: cluster {cluster} is not known (does the backendRef "
-                                         "name an existing Service and port?)")
-        dest = rt.destination(bsp)
-        over = dest.breaker.try_acquire("requests")
-        if over:
-            metrics.breaker_overflow(cluster, over)
-            return self.reply_local(503, f"overflow: circuit breaker {over} reached for {cluster}",
-                                    extra=[("x-nodemesh-overloaded", "true")])
         try:
             await self._attempts(snapshot, entry, dest, bsp, method, target, authority, headers, deadline)
         finally:

@@ -89,6 +89,16 @@ class Counters:
     detected_tcp: int = 0
 
 
+@dataclass(frozen=True)
+class LocalRefusal:
+    """A request the proxy answers itself instead of sending it to a backend."""
+
+    cluster: str
+    status: int
+    message: str
+    extra: tuple[tuple[str, str], ...] = ()
+
+
 class L7Runtime:
     """Per proxy (per worker): destinations by cluster, counters, clock and RNG."""
 
@@ -109,6 +119,22 @@ class L7Runtime:
             self._by_cluster = {sp.cluster: sp for s in snapshot.services for sp in s.ports if sp.cluster}
             self._index_for = snapshot
         return self._by_cluster.get(cluster)
+
+    def admit_backend(self, snapshot: Snapshot, entry: Any) -> tuple[str, ServicePort, Destination] | LocalRefusal:
+        """The weighted backend for a request and one "requests" slot of its breaker
+        (the caller releases it), or why not; shared by the HTTP/1.1 and HTTP/2 stacks."""
+        cluster = router.choose_cluster(entry, self.rng)
+        bsp = self.port_of_cluster(snapshot, cluster)
+        if bsp is None:
+            return LocalRefusal(cluster, 500, f"backend_not_found: cluster {cluster} is not known (does the "
+                                              "backendRef name an existing Service and port?)")
+        dest = self.destination(bsp)
+        over = dest.breaker.try_acquire("requests")
+        if over:
+            metrics.breaker_overflow(cluster, over)
+            return LocalRefusal(cluster, 503, f"overflow: circuit breaker {over} reached for {cluster}",
+                                (("x-nodemesh-overloaded", "true"),))
+        return cluster, bsp, dest
 
     def destination(self, sp: ServicePort) -> Destination:
         d = self._dests.get(sp.cluster)
@@ -136,7 +162,7 @@ def start_l7(proxy: NodeProxy, end: OutboundConnection, snapshot: Snapshot, sour
 
         return start_h2(proxy, end, source_key, source_id, plan, tcp_fallback)
     h = Downstream(runtime_of(proxy), end, snapshot, source_key, source_id, plan, mode, tcp_fallback)
-    end.transport.set_protocol(h)  # type: ignore[arg-type]
+    end.transport.set_protocol(h)
     h.begin()
 
 
@@ -455,18 +481,12 @@ class Call:
         for m in entry.mirrors:
             if rt.rng.random() * 100 < m.percent:
                 rt.proxy.spawn(_mirror(self, snapshot, m.cluster, target, headers))
-        cluster = router.choose_cluster(entry, rt.rng)
+        got = rt.admit_backend(snapshot, entry)
+        if isinstance(got, LocalRefusal):
+            self.session.set(cluster=got.cluster)
+            return self.fail_local(got.status, got.message, extra=list(got.extra) or None)
+        cluster, bsp, dest = got
         self.session.set(cluster=cluster)
-        bsp = rt.port_of_cluster(snapshot, cluster)
-        if bsp is None:
-            return self.fail_local(500, f"backend_not_found: cluster {cluster} is not known (does the "
-                                        "backendRef name an existing Service and port?)")
-        dest = rt.destination(bsp)
-        over = dest.breaker.try_acquire("requests")
-        if over:
-            metrics.breaker_overflow(cluster, over)
-            return self.fail_local(503, f"overflow: circuit breaker {over} reached for {cluster}",
-                                   extra=[("x-nodemesh-overloaded", "true")])
         try:
             await self._attempts(snapshot, entry, dest, bsp, target, headers, deadline)
         finally:
