@@ -398,7 +398,7 @@ class ProxyTelemetry:
         span.start_unix_ns = int(getattr(session, "t0_unix", now) * 1e9)
         span.name = f"{f.get('direction', 'tcp')} {labels.destination_service}"
         span.attributes.update({
-            # The reporting proxy's node ("node" in an outbound log line is the peer's).
+            # The reporting proxy's node (an outbound line names the peer's as "upstream_node").
             "nodemesh.node": self._proxy.settings.node_name,
             "nodemesh.direction": f.get("direction", ""),
             "nodemesh.via": f.get("via", ""),

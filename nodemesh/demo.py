@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 import time
 import uuid
@@ -44,6 +45,18 @@ spec:
 """
 
 
+DEMO_LAB_ID = "demo"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived: unwinds like Ctrl-C (a KeyboardInterrupt subclass, so every
+    handler that cleans up after Ctrl-C cleans up after SIGTERM too)."""
+
+
+def _terminated(_sig: int, _frame: object) -> None:
+    raise Terminated()
+
+
 def _say(msg: str = "") -> None:
     print(msg, flush=True)
 
@@ -66,11 +79,15 @@ def run_demo(requests: int = 6, keep: bool = False) -> int:
         if shutil.which(tool) is None:
             _say(f"nodemesh demo: {tool} is missing; run `make setup` (scripts/setup.sh) first")
             return 1
-    lab = Lab(nodes=2, lab_id="demo")
-    # A demo interrupted earlier may have left its namespaces behind.
+    lab = Lab(nodes=2, lab_id=DEMO_LAB_ID)
+    # A demo interrupted earlier may have left its namespaces behind (only the
+    # demo's own: test labs may be running beside it).
     from nodemesh.lab import cleanup_all
 
-    cleanup_all()
+    cleanup_all(DEMO_LAB_ID)
+    # SIGTERM (kill, systemd, a terminal closing) ends the demo like Ctrl-C:
+    # through the `finally` below, which removes everything it made.
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         _step("creating two node namespaces joined by a bridge")
         lab.create()
@@ -178,12 +195,21 @@ def run_demo(requests: int = 6, keep: bool = False) -> int:
         lab.keep_workdir = True
         _say(f"logs kept in {lab.workdir}")
         return 1
+    except Terminated:
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         return 130
     finally:
-        _step("removing every namespace, rule and process the demo made")
-        lab.destroy()
-        _say("    done")
+        # A second Ctrl-C or SIGTERM must not cut the clean-up short.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            _step("removing every namespace, rule and process the demo made")
+            lab.destroy()
+            _say("    done")
+        finally:
+            signal.signal(signal.SIGINT, interrupt)
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -53,10 +53,13 @@ def list_lab_namespaces() -> list[str]:
     return [line.split()[0] for line in out.splitlines() if line.startswith(NETNS_PREFIX)]
 
 
-def cleanup_all() -> list[str]:
-    """Remove every lab namespace (and the processes in it) left by an interrupted run."""
+def cleanup_all(lab_id: str | None = None) -> list[str]:
+    """Remove every lab namespace (and the processes in it) left by an interrupted run;
+    with `lab_id`, only that lab's (other labs may be running beside it)."""
     removed = []
     for ns in list_lab_namespaces():
+        if lab_id is not None and not ns.startswith(f"{NETNS_PREFIX}{lab_id}-"):
+            continue
         pids = _run(["ip", "netns", "pids", ns], check=False).stdout.split()
         for pid in pids:
             with contextlib.suppress(ProcessLookupError, ValueError):

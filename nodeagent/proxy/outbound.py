@@ -189,7 +189,7 @@ async def _same_node(proxy: NodeProxy, end: OutboundConnection, snapshot: Snapsh
 
 
 async def _via_hbone(proxy: NodeProxy, end: OutboundConnection, source_id: str, ep: Endpoint) -> None:
-    end.session.set(via="hbone", node=ep.node, node_address=f"{ep.node_address}:{ep.hbone_port}")
+    end.session.set(via="hbone", upstream_node=ep.node, upstream_node_address=f"{ep.node_address}:{ep.hbone_port}")
     key = PoolKey(source_id, (ep.node_address, ep.hbone_port), ep.identity)
     timeout = proxy.settings.connect_timeout_s
     try:

@@ -179,6 +179,7 @@ def test_default_route_keepalive_and_access_log() -> None:
         lines = [r for r in m.rec_a if r.get("protocol") == "http" and r.get("method")]
         assert len(lines) == 3 and lines[0]["status"] == 200 and lines[0]["dst_identity"] == WEB
         assert lines[0]["via"] == "hbone" and lines[0]["path"] == "/hello"
+        assert lines[0]["node"] == "a" and lines[0]["upstream_node"] == "b"  # reporter's node vs the peer's
     run(body, [Server("r0")])
 
 

@@ -183,6 +183,8 @@ def test_bytes_flow_a_to_b_over_mtls_hbone() -> None:
         out = await wait_for_log(c.rec_a, lambda x: x["direction"] == "outbound")
         assert out["via"] == "hbone" and out["dst_service"] == "default/echo" and out["source_principal"] == CLIENT
         assert out["bytes_sent"] == 16 and out["bytes_received"] == 21 and "error" not in out
+        # "node" is always the reporting proxy's; the destination's node has its own name.
+        assert out["node"] == "a" and out["upstream_node"] == "b" and inbound["node"] == "b"
         assert "1/" in repr(c.a.pool) or "0/" in repr(c.a.pool)
 
     run(go)

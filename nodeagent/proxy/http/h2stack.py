@@ -816,7 +816,7 @@ class H2Call:
             if self.grpc_status is not None:
                 self.session.set(grpc_status=self.grpc_status)
             self.ds.conn_session.set(**{k: v for k, v in self.session.fields.items()
-                                        if k in ("endpoint", "dst_workload", "dst_identity", "via", "node")})
+                                        if k in ("endpoint", "dst_workload", "dst_identity", "via", "upstream_node")})
             self.session.finish()
             self.ds.call_done(self.sid)
             self.ds.flush()

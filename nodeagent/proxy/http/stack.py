@@ -421,7 +421,7 @@ class Call:
         self.session.set(status=self.status, attempts=self.attempts, request_bytes=self.request_bytes,
                          response_bytes=self.ds.resp_body)
         self.ds.conn_session.set(**{k: v for k, v in self.session.fields.items()
-                                    if k in ("endpoint", "dst_workload", "dst_identity", "via", "node")})
+                                    if k in ("endpoint", "dst_workload", "dst_identity", "via", "upstream_node")})
         self.session.finish()
 
     async def run(self) -> None:
@@ -641,7 +641,7 @@ class Call:
             self.session.set(via="same-node" if is_same_node(ep, self.rt.proxy.settings.node_name) else "hbone",
                              upstream_reused=True)
             if not is_same_node(ep, self.rt.proxy.settings.node_name):
-                self.session.set(node=ep.node)
+                self.session.set(upstream_node=ep.node)
         else:
             conn = await self._open_conn(snapshot, ep, key)
         ex.on_release = pool.release
@@ -681,7 +681,7 @@ class Call:
             conn.wire = wire
             wire.attach(conn)
         else:
-            self.session.set(via="hbone", node=ep.node)
+            self.session.set(via="hbone", upstream_node=ep.node)
             pkey = PoolKey(self.ds.source_id, (ep.node_address, ep.hbone_port), ep.identity)
             try:
                 stream, answered, _conn = await asyncio.wait_for(
