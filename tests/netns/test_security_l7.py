@@ -62,16 +62,17 @@ def inbound(lab: Lab, **match: Any) -> list[dict[str, Any]]:
             and all(e.get(k) == v for k, v in match.items())]
 
 
-def authz_check(lab: Lab, *args: str) -> dict[str, Any]:
-    """`nodemesh authz check` from node 1, over TLS to the control plane's token port."""
+def authz_check(lab: Lab, expect: str, *args: str) -> dict[str, Any]:
+    """`nodemesh authz check` from node 1, over TLS to the control plane's token port;
+    exits 0 for ALLOW and 1 for DENY, so the exit code alone must say `expect`."""
     host = lab.cp_addr.rsplit(":", 1)[0]
     r = lab.ns_exec(lab.node_ns(1), [
         sys.executable, "-m", "nodemesh", "authz", "check", "--json", "--to", "web", *args,
         "--server", f"{host}:15011", "--ca-file", str(lab.cp_ca_file), "--token-file", str(lab.admin_token_file)],
         check=False)
-    assert r.returncode in (0, 1), r.stderr
+    assert r.returncode == {"ALLOW": 0, "DENY": 1}[expect], (r.returncode, r.stdout, r.stderr)
     out = dict(json.loads(r.stdout))
-    assert (r.returncode == 0) == (out["decision"] == "ALLOW")
+    assert out["decision"] == expect, out
     return out
 
 
@@ -117,7 +118,7 @@ def test_http_rules_enforced_by_the_receiving_node(mesh: Lab) -> None:
              (("--from", "default/client", "--method", "GET", "--path", "/private"), "DENY", "web-public", None),
              (("--from", "plaintext", "--method", "POST", "--path", "/admin"), "ALLOW", "web-public", 1)]
     for args, decision, policy, rule in cases:
-        out = authz_check(mesh, *args)
+        out = authz_check(mesh, decision, *args)
         assert out["decision"] == decision and out["policy"] == f"AuthorizationPolicy/default/{policy}", out
         assert out["rule"] == rule and out["layer"] == "L7"
     # Without credentials the check is refused with what to pass.
