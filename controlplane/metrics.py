@@ -70,6 +70,15 @@ class ControlPlaneMetrics:
     def nacked(self, node: str, type_url: str) -> None:
         self.nacks.inc({"node": node, "type": self._short(type_url)})
 
+    def forget_node(self, node: str) -> None:
+        """The node left the mesh: drop its per-node state and series, so a fleet
+        whose nodes come and go does not grow this without bound."""
+        for key in [k for k in self._acked if k[0] == node]:
+            del self._acked[key]
+        for labels in self.nacks.collect().series:
+            if labels and labels[0] == node:
+                self.nacks.remove(dict(zip(self.nacks.labelnames, labels)))
+
     # -- scrape --
     def render(self, cp: Any) -> str:
         r = self.registry

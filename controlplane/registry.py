@@ -44,6 +44,9 @@ class NodeRegistry:
         self._clock = clock
         self._leases: dict[str, Lease] = {}
         self._listeners: list[Callable[[], None]] = []
+        # Told the name of every node that leaves (lease expired, or another replica's
+        # record is gone), so per-node state elsewhere (mesh view, metrics) is dropped.
+        self._departure_listeners: list[Callable[[str], None]] = []
         self.version = 0  # bumps on every change of the node or workload set
         # node -> {(workload key, port): detail} of endpoints its health checks fail (in memory only).
         self._unhealthy: dict[str, dict[tuple[str, int], str]] = {}
@@ -101,6 +104,17 @@ class NodeRegistry:
         """Call `listener()` after every change to the registered set."""
         self._listeners.append(listener)
 
+    def on_departure(self, listener: Callable[[str], None]) -> None:
+        """Call `listener(name)` when a node leaves the registered set."""
+        self._departure_listeners.append(listener)
+
+    def _departed(self, name: str) -> None:
+        for listener in list(self._departure_listeners):
+            try:
+                listener(name)
+            except Exception:
+                log.exception("registry departure listener failed")
+
     def _changed(self) -> None:
         self.version += 1
         for listener in list(self._listeners):
@@ -145,6 +159,8 @@ class NodeRegistry:
             log.info("node %s %s through another control plane replica", name,
                      "is registered" if node is not None else "is no longer registered")
             self._changed()
+        if node is None and old is not None and name not in self._leases:
+            self._departed(name)
 
     def register(self, reg: mesh_pb2.NodeRegistration) -> Lease:
         """Register or re-register a node (its workload set is replaced).
@@ -183,6 +199,8 @@ class NodeRegistry:
             log.info("node %s lease expired; its workloads are removed", n)
         if gone:
             self._changed()
+        for n in gone:
+            self._departed(n)
         return sorted(gone)
 
     async def run_expiry(self, interval: float = 1.0) -> None:

@@ -18,8 +18,8 @@ from envoy.service.discovery.v3 import ads_pb2_grpc
 
 from controlplane import auth as cp_auth
 from controlplane.api import ConfigServicer, current_mesh, current_services
-from controlplane.metrics import ControlPlaneMetrics
 from controlplane.ca import DEFAULT_CERT_TTL_S, MAX_CERT_TTL_S, CertificateAuthority, CertificateServicer
+from controlplane.metrics import ControlPlaneMetrics
 from controlplane.policies import current_policies
 from controlplane.registry import DEFAULT_LEASE_SECONDS, NodeRegistry, RegistryServicer
 from controlplane.store import Store
@@ -229,11 +229,13 @@ async def start(settings: ControlPlaneSettings) -> ControlPlane:
     cp = ControlPlane(settings, server, store, registry, cache, ads, publisher, ca, tasks, tuple(bound))
     cp.metrics = cp_metrics
     cp.security = security
+    registry.on_departure(cp_metrics.forget_node)
     if settings.web_listen:
         from controlplane.web import MeshView  # the mesh view and /metrics (docs/observability.md)
 
         cp.web = MeshView(cp)
         registry_servicer.on_telemetry = cp.web.telemetry.ingest
+        registry.on_departure(cp.web.telemetry.forget)
         await cp.web.start(settings.web_listen)
     return cp
 

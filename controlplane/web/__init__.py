@@ -5,7 +5,9 @@ metrics over time, and the current config, updated live by polling.
 Data comes from the agents: each registry heartbeat carries a compact JSON
 summary of the node's cumulative traffic per (source workload, destination
 service, destination workload) edge (nodeagent.admin.summarize). MeshTelemetry
-keeps a short history per node and turns consecutive summaries into rates.
+turns consecutive summaries into deltas as they arrive and keeps only bounded
+aggregates (per edge, and a ring of 2 s buckets per service); a node that
+leaves is forgotten. The API answers from those aggregates.
 
     /                 the page (static HTML + JS, no external assets)
     /api/graph        nodes (services, workloads) and edges with rates, success, p99, mTLS
@@ -17,48 +19,167 @@ keeps a short history per node and turns consecutive summaries into rates.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import logging
 import time
 import urllib.parse
+from array import array
 from collections import deque
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
 log = logging.getLogger(__name__)
 
-HISTORY = 600  # summaries kept per node (10 min at 1 s heartbeats)
+BUCKET_S = 2  # the series' resolution (seconds)
+HISTORY_S = 600  # how far back a service's series goes (10 min)
+HISTORY_BUCKETS = HISTORY_S // BUCKET_S
 MAX_SUMMARY_BYTES = 256 * 1024
+MAX_EDGES_PER_NODE = 2_000  # edges kept from one node's summary; the rest are dropped with a log line
+MAX_SERIES = 5_000  # services with a series; a new one past this is not tracked (bounded memory)
+MAX_SPREAD_S = 120.0  # a gap between two summaries longer than this is a restart, not traffic to spread
 STALE_AFTER_S = 60.0
 RATE_WINDOW_S = 10.0
+SWEEP_EVERY_S = 10.0
 READ_TIMEOUT_S = 5.0
 EDGE_NUMBERS = ("requests", "errors", "tcp_opened", "tcp_closed", "tcp_failed", "bytes_sent", "bytes_received")
+_REQ, _ERR, _OPENED, _CLOSED, _FAILED = 0, 1, 2, 3, 4
+
+EdgeKey = tuple[str, str, str, str]  # (reporter, source workload, destination service key, destination workload)
 
 
 class TelemetryError(ValueError):
     pass
 
 
-def _edge_key(e: dict[str, Any]) -> tuple[str, str, str, str]:
-    return (e.get("reporter", ""), e.get("source", ""), e.get("destination_service_key", ""),
-            e.get("destination_workload", ""))
+def _edge_key(e: dict[str, Any]) -> EdgeKey:
+    return (str(e.get("reporter", "")), str(e.get("source", "")), str(e.get("destination_service_key", "")),
+            str(e.get("destination_workload", "")))
 
 
-def _rate(now: dict[str, Any], prev: dict[str, Any] | None, dt: float, field: str) -> float:
-    if prev is None or dt <= 0:
-        return 0.0
-    return max(0.0, (float(now.get(field) or 0) - float(prev.get(field) or 0)) / dt)
+@dataclass(frozen=True, slots=True)
+class _Sample:
+    """One edge as a node last reported it: cumulative numbers and its current p99/mTLS."""
+
+    numbers: tuple[float, ...]  # EDGE_NUMBERS order
+    p99_ms: float | None
+    mtls: frozenset[str]
+    destination_service: str
+
+
+@dataclass(slots=True)
+class _NodeState:
+    last_unix: float
+    edges: dict[EdgeKey, _Sample]
+
+
+class _Series:
+    """A service's golden metrics over the last HISTORY_S, in BUCKET_S buckets on a
+    fixed ring: requests, connections opened and errors counted into the buckets
+    they happened in, and the highest p99 reported in each (-1: none)."""
+
+    __slots__ = ("last_bucket", "last_t", "slots", "values")
+
+    def __init__(self) -> None:
+        self.slots = array("q", [-1]) * HISTORY_BUCKETS  # which bucket each ring slot holds now
+        self.values = array("d", [0.0]) * (HISTORY_BUCKETS * 4)
+        self.last_bucket = -1
+        self.last_t = 0.0  # the newest time counted: the bucket holding it is only partly elapsed
+
+    def _slot(self, bucket: int) -> int:
+        i = bucket % HISTORY_BUCKETS
+        if self.slots[i] != bucket:
+            self.slots[i] = bucket
+            self.values[i * 4:i * 4 + 4] = array("d", (0.0, 0.0, 0.0, -1.0))
+        self.last_bucket = max(self.last_bucket, bucket)
+        return i
+
+    def add(self, t0: float, t1: float, requests: float, opened: float, errors: float, p99: float | None) -> None:
+        """Counts that happened between t0 and t1, spread evenly over the buckets in between."""
+        # A delta ending exactly on a bucket's start belongs to the bucket before.
+        b1 = int((t1 - 1e-6) // BUCKET_S) if t1 > t0 else int(t1 // BUCKET_S)
+        b0 = max(int(t0 // BUCKET_S), b1 - HISTORY_BUCKETS + 1)
+        self.last_t = max(self.last_t, t1)
+        span = max(t1 - t0, 1e-9)
+        for b in range(b0, b1 + 1):
+            lo, hi = max(t0, b * BUCKET_S), min(t1, (b + 1) * BUCKET_S)
+            share = (hi - lo) / span if t1 > t0 else 1.0
+            if share <= 0 and b != b1:
+                continue
+            i = self._slot(b) * 4
+            self.values[i] += requests * share
+            self.values[i + 1] += opened * share
+            self.values[i + 2] += errors * share
+        if p99 is not None:
+            i = self._slot(b1) * 4
+            self.values[i + 3] = max(self.values[i + 3], p99)
+
+    def points(self, now: float) -> list[dict[str, Any]]:
+        last = int(now // BUCKET_S)
+        out = []
+        for b in range(last - HISTORY_BUCKETS + 1, last + 1):
+            i = b % HISTORY_BUCKETS
+            if self.slots[i] != b:
+                continue
+            req, opened, err, p99 = self.values[i * 4:i * 4 + 4]
+            width = BUCKET_S
+            if b == self.last_bucket and self.last_t > b * BUCKET_S:
+                width = min(BUCKET_S, self.last_t - b * BUCKET_S)
+            rr, cr, er = req / width, opened / width, err / width
+            total = rr or cr
+            out.append({"t": b * BUCKET_S, "request_rate": rr, "connection_rate": cr, "error_rate": er,
+                        "p99_ms": None if p99 < 0 else p99,
+                        "success_rate": round(1 - min(1.0, er / total), 4) if total else None})
+        return out
+
+
+@dataclass(slots=True)
+class _EdgeAgg:
+    """One edge across the nodes reporting it, with its recent deltas for rates."""
+
+    nodes: set[str] = field(default_factory=set)
+    # (t0, t1, requests, opened, errors) per summary of the last RATE_WINDOW_S, merged per bucket.
+    recent: deque[list[float]] = field(default_factory=lambda: deque(maxlen=int(RATE_WINDOW_S // BUCKET_S) + 2))
+
+    def add(self, t0: float, t1: float, requests: float, opened: float, errors: float) -> None:
+        last = self.recent[-1] if self.recent else None
+        if last is not None and int(last[1] // BUCKET_S) == int(t1 // BUCKET_S):
+            last[0], last[1] = min(last[0], t0), max(last[1], t1)
+            last[2] += requests
+            last[3] += opened
+            last[4] += errors
+        else:
+            self.recent.append([t0, t1, requests, opened, errors])
+
+    def rates(self, now: float) -> tuple[float, float, float]:
+        kept = [r for r in self.recent if r[1] > now - RATE_WINDOW_S]
+        if not kept:
+            return 0.0, 0.0, 0.0
+        span = max(1.0, max(r[1] for r in kept) - min(r[0] for r in kept))
+        return (sum(r[2] for r in kept) / span, sum(r[3] for r in kept) / span, sum(r[4] for r in kept) / span)
 
 
 class MeshTelemetry:
-    """What the agents reported, per node, with a short history (pure, no I/O)."""
+    """What the agents reported, as bounded aggregates (pure, no I/O): per node only
+    the latest sample of each of its edges (to turn the next cumulative summary
+    into deltas), per edge its reporting nodes and the deltas of the last
+    RATE_WINDOW_S, per service a fixed ring of BUCKET_S buckets over HISTORY_S.
+    A node that leaves (forget(), or silent for STALE_AFTER_S) takes its samples
+    and edges with it. Reads answer from these aggregates without touching summaries."""
 
-    def __init__(self, clock: Callable[[], float] = time.time, history: int = HISTORY) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
-        self._history = history
-        self.nodes: dict[str, deque[tuple[float, dict[str, Any]]]] = {}
+        self.nodes: dict[str, _NodeState] = {}
+        self._edges: dict[EdgeKey, _EdgeAgg] = {}
+        self._by_service: dict[str, set[EdgeKey]] = {}
+        # service -> (series from callers' reports, series from the service's own proxies)
+        self._series: dict[str, tuple[_Series | None, _Series | None]] = {}
+        self._series_refused = 0
+        self._last_sweep = clock()
+        self._warned_edges: set[str] = set()
+
+    # ---------------------------------------------------------------- writes
 
     def ingest(self, node: str, text: str) -> None:
         """One heartbeat's summary; a malformed one is dropped with a log line naming the node."""
@@ -67,7 +188,100 @@ class MeshTelemetry:
         except TelemetryError as e:
             log.warning("node %s sent a telemetry summary the mesh view cannot use: %s", node, e)
             return
-        self.nodes.setdefault(node, deque(maxlen=self._history)).append((self._clock(), summary))
+        self.add(node, summary)
+
+    def add(self, node: str, summary: dict[str, Any]) -> None:
+        now = self._clock()
+        state = self.nodes.get(node)
+        prev_t = state.last_unix if state is not None else None
+        old = state.edges if state is not None else {}
+        edges: dict[EdgeKey, _Sample] = {}
+        raw = summary.get("edges", [])
+        if len(raw) > MAX_EDGES_PER_NODE and node not in self._warned_edges:
+            self._warned_edges.add(node)
+            log.warning("node %s reports %d edges; the mesh view keeps the first %d", node, len(raw),
+                        MAX_EDGES_PER_NODE)
+        for e in raw[:MAX_EDGES_PER_NODE]:
+            k = _edge_key(e)
+            p99 = e.get("p99_ms")
+            edges[k] = sample = _Sample(tuple(float(e.get(f) or 0) for f in EDGE_NUMBERS),
+                                        None if p99 is None else float(p99), frozenset(e.get("mtls") or ()),
+                                        str(e.get("destination_service", "")))
+            agg = self._edges.get(k)
+            if agg is None:
+                agg = self._edges[k] = _EdgeAgg()
+                self._by_service.setdefault(k[2], set()).add(k)
+            agg.nodes.add(node)
+            p = old.get(k)
+            if prev_t is None or now - prev_t > MAX_SPREAD_S or now <= prev_t:
+                continue  # the first summary of a node (or after a long silence) is a baseline
+            n0 = p.numbers if p is not None else (0.0,) * len(EDGE_NUMBERS)
+            d = [max(0.0, a - b) for a, b in zip(sample.numbers, n0)]  # a counter that went down: a restart
+            if p is not None and any(a < b for a, b in zip(sample.numbers, n0)):
+                d = list(sample.numbers)
+            errors = d[_ERR] + d[_FAILED]
+            agg.add(prev_t, now, d[_REQ], d[_OPENED], errors)
+            self._series_add(k, prev_t, now, d[_REQ], d[_OPENED], errors, sample.p99_ms)
+        for k in old.keys() - edges.keys():
+            self._drop_edge_node(k, node)
+        self.nodes[node] = _NodeState(now, edges)
+        if now - self._last_sweep >= SWEEP_EVERY_S:
+            self.sweep()
+
+    def _series_add(self, k: EdgeKey, t0: float, t1: float, req: float, opened: float, err: float,
+                    p99: float | None) -> None:
+        pair = self._series.get(k[2])
+        if pair is None:
+            if len(self._series) >= MAX_SERIES:
+                self._series_refused += 1
+                return
+            pair = (None, None)
+        which = 0 if k[0] == "source" else 1
+        s = pair[which]
+        if s is None:
+            s = _Series()
+            pair = (s, pair[1]) if which == 0 else (pair[0], s)
+        self._series[k[2]] = pair
+        s.add(t0, t1, req, opened, err, p99)
+
+    def _drop_edge_node(self, k: EdgeKey, node: str) -> None:
+        agg = self._edges.get(k)
+        if agg is None:
+            return
+        agg.nodes.discard(node)
+        if not agg.nodes:
+            del self._edges[k]
+            keys = self._by_service.get(k[2])
+            if keys is not None:
+                keys.discard(k)
+                if not keys:
+                    del self._by_service[k[2]]
+
+    def forget(self, node: str) -> None:
+        """The node left (its lease ran out, or it deregistered): drop what it reported.
+        Service series keep the history it contributed (aggregated, not per node)."""
+        state = self.nodes.pop(node, None)
+        self._warned_edges.discard(node)
+        if state is not None:
+            for k in state.edges:
+                self._drop_edge_node(k, node)
+
+    def sweep(self) -> None:
+        """Forget nodes silent for STALE_AFTER_S and series without data for HISTORY_S."""
+        now = self._clock()
+        self._last_sweep = now
+        for n in [n for n, s in self.nodes.items() if now - s.last_unix > STALE_AFTER_S]:
+            self.forget(n)
+        oldest = int(now // BUCKET_S) - HISTORY_BUCKETS
+        for svc in [svc for svc, pair in self._series.items()
+                    if all(s is None or s.last_bucket <= oldest for s in pair)]:
+            del self._series[svc]
+
+    def size(self) -> dict[str, int]:
+        """How much is kept (for tests and /metrics): nodes, node samples, edges, series."""
+        return {"nodes": len(self.nodes), "samples": sum(len(s.edges) for s in self.nodes.values()),
+                "edges": len(self._edges), "recent": sum(len(a.recent) for a in self._edges.values()),
+                "series": len(self._series)}
 
     @staticmethod
     def parse(text: str) -> dict[str, Any]:
@@ -83,55 +297,64 @@ class MeshTelemetry:
             if not isinstance(e, dict) or not isinstance(e.get("source"), str) \
                     or not isinstance(e.get("destination_service_key"), str):
                 raise TelemetryError(f"edges[{i}] lacks source or destination_service_key")
+            for f in EDGE_NUMBERS:
+                v = e.get(f)
+                if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)):
+                    raise TelemetryError(f"edges[{i}].{f} is not a number")
+            if e.get("p99_ms") is not None and not isinstance(e["p99_ms"], (int, float)):
+                raise TelemetryError(f"edges[{i}].p99_ms is not a number")
+            if not isinstance(e.get("mtls") or [], list):
+                raise TelemetryError(f"edges[{i}].mtls is not a list")
         return d
 
-    def _latest_pairs(self) -> Iterable[tuple[str, float, dict[str, Any], dict[str, Any] | None, float]]:
-        now = self._clock()
-        for node, hist in self.nodes.items():
-            if not hist or now - hist[-1][0] > STALE_AFTER_S:
-                continue
-            t1, s1 = hist[-1]
-            # Rates over the last RATE_WINDOW_S: compare with the oldest summary in that window.
-            prev = None
-            t0 = t1
-            for t, s in reversed(hist):
-                if t1 - t > RATE_WINDOW_S:
-                    break
-                if t1 - t >= 1.0:
-                    prev, t0 = s, t
-            yield node, t1, s1, prev, t1 - t0
+    # ---------------------------------------------------------------- reads
 
-    def edges(self) -> list[dict[str, Any]]:
-        """Every current edge, rates from the latest two summaries of its node."""
-        out: dict[tuple[str, str, str, str], dict[str, Any]] = {}
-        for node, _t, s1, s0, dt in self._latest_pairs():
-            prev = {_edge_key(e): e for e in (s0 or {}).get("edges", [])}
-            for e in s1.get("edges", []):
-                k = _edge_key(e)
-                p = prev.get(k)
-                cur = out.get(k)
-                if cur is None:
-                    cur = out[k] = {"reporter": k[0], "source": k[1], "service": k[2], "destination_workload": k[3],
-                                    "destination_service": e.get("destination_service", ""),
-                                    **{f: 0.0 for f in EDGE_NUMBERS}, "request_rate": 0.0, "connection_rate": 0.0,
-                                    "error_rate": 0.0, "p99_ms": None, "mtls": set(), "nodes": []}
-                for f in EDGE_NUMBERS:
-                    cur[f] += float(e.get(f) or 0)
-                cur["request_rate"] += _rate(e, p, dt, "requests")
-                cur["connection_rate"] += _rate(e, p, dt, "tcp_opened")
-                cur["error_rate"] += _rate(e, p, dt, "errors") + _rate(e, p, dt, "tcp_failed")
-                if e.get("p99_ms") is not None:
-                    cur["p99_ms"] = max(cur["p99_ms"] or 0.0, float(e["p99_ms"]))
-                cur["mtls"].update(e.get("mtls") or [])
-                cur["nodes"].append(node)
-        result = []
-        for e in out.values():
-            e["mtls"] = sorted(e["mtls"])
-            total = e["requests"] or e["tcp_closed"]
-            failed = e["errors"] if e["requests"] else e["tcp_failed"]
-            e["success_rate"] = round(1 - failed / total, 4) if total else None
-            result.append(e)
-        return result
+    def _edge_view(self, k: EdgeKey, agg: _EdgeAgg, now: float) -> dict[str, Any] | None:
+        totals = [0.0] * len(EDGE_NUMBERS)
+        p99: float | None = None
+        mtls: set[str] = set()
+        dest_service = ""
+        nodes = []
+        for n in sorted(agg.nodes):
+            st = self.nodes.get(n)
+            if st is None or now - st.last_unix > STALE_AFTER_S:
+                continue
+            s = st.edges.get(k)
+            if s is None:
+                continue
+            nodes.append(n)
+            for i, v in enumerate(s.numbers):
+                totals[i] += v
+            if s.p99_ms is not None:
+                p99 = max(p99 or 0.0, s.p99_ms)
+            mtls |= s.mtls
+            dest_service = dest_service or s.destination_service
+        if not nodes:
+            return None
+        rr, cr, er = agg.rates(now)
+        e: dict[str, Any] = {"reporter": k[0], "source": k[1], "service": k[2], "destination_workload": k[3],
+                             "destination_service": dest_service, **dict(zip(EDGE_NUMBERS, totals)),
+                             "request_rate": rr, "connection_rate": cr, "error_rate": er, "p99_ms": p99,
+                             "mtls": sorted(mtls), "nodes": nodes}
+        total = e["requests"] or e["tcp_closed"]
+        failed = e["errors"] if e["requests"] else e["tcp_failed"]
+        e["success_rate"] = round(1 - failed / total, 4) if total else None
+        return e
+
+    def edges(self, service: str | None = None) -> list[dict[str, Any]]:
+        """Every current edge (or one service's), from the aggregates."""
+        now = self._clock()
+        keys = self._edges.keys() if service is None else self._by_service.get(service, set())
+        out = []
+        for k in list(keys):
+            e = self._edge_view(k, self._edges[k], now)
+            if e is not None:
+                out.append(e)
+        return out
+
+    def reporting(self) -> list[str]:
+        now = self._clock()
+        return sorted(n for n, s in self.nodes.items() if now - s.last_unix <= STALE_AFTER_S)
 
     def graph(self, services: Iterable[str] = (), workloads: Iterable[str] = ()) -> dict[str, Any]:
         """Nodes: services ("svc:<ns>/<name>") and workloads ("wl:<ns>/<name>"). Edges:
@@ -166,35 +389,14 @@ class MeshTelemetry:
                 "edges": sorted(edges, key=lambda e: e["id"])}
 
     def service_series(self, service: str) -> list[dict[str, Any]]:
-        """Golden metrics over time for one service (its callers' view, else its own)."""
-        buckets: dict[int, dict[str, Any]] = {}
-        for hist in self.nodes.values():
-            for (t0, s0), (t1, s1) in itertools.pairwise(hist):
-                dt = t1 - t0
-                if dt <= 0:
-                    continue
-                prev = {_edge_key(e): e for e in s0.get("edges", [])}
-                chosen = [e for e in s1.get("edges", []) if e.get("destination_service_key") == service
-                          and e.get("reporter") == "source"]
-                if not chosen:
-                    chosen = [e for e in s1.get("edges", []) if e.get("destination_service_key") == service]
-                if not chosen:
-                    continue
-                b = buckets.setdefault(int(t1 // 2) * 2, {"t": int(t1 // 2) * 2, "request_rate": 0.0,
-                                                          "connection_rate": 0.0, "error_rate": 0.0, "p99_ms": None})
-                for e in chosen:
-                    p = prev.get(_edge_key(e))
-                    b["request_rate"] += _rate(e, p, dt, "requests")
-                    b["connection_rate"] += _rate(e, p, dt, "tcp_opened")
-                    b["error_rate"] += _rate(e, p, dt, "errors") + _rate(e, p, dt, "tcp_failed")
-                    if e.get("p99_ms") is not None:
-                        b["p99_ms"] = max(b["p99_ms"] or 0.0, float(e["p99_ms"]))
-        out = []
-        for b in sorted(buckets.values(), key=lambda b: b["t"]):
-            total = b["request_rate"] or b["connection_rate"]
-            b["success_rate"] = round(1 - min(1.0, b["error_rate"] / total), 4) if total else None
-            out.append(b)
-        return out
+        """Golden metrics over time for one service: its callers' view, else its own."""
+        now = self._clock()
+        for s in self._series.get(service, (None, None)):
+            if s is not None:
+                points = s.points(now)
+                if points:
+                    return points
+        return []
 
 
 Response = tuple[int, str, bytes]
@@ -238,16 +440,18 @@ class MeshView:
 
     def graph(self) -> dict[str, Any]:
         g = self.telemetry.graph([s["key"] for s in self.services()], [w["key"] for w in self.workloads()])
-        g["reporting_nodes"] = sorted(self.telemetry.nodes)
+        g["reporting_nodes"] = self.telemetry.reporting()
         g["config_revision"] = self.cp.store.revision()
         return g
 
     def service(self, key: str) -> dict[str, Any] | None:
-        svc = next((s for s in self.services() if s["key"] == key), None)
-        if svc is None:
+        """One service: its config (one store read), its edges and series (precomputed)."""
+        ns, _, name = key.partition("/")
+        r = self.cp.store.get("Service", ns, name) if ns and name else None
+        if r is None:
             return None
-        edges = [e for e in self.telemetry.edges() if e["service"] == key]
-        return {**svc, "edges": edges, "series": self.telemetry.service_series(key)}
+        return {"key": key, "spec": json.loads(r.spec_json), "status": json.loads(r.status_json or "{}"),
+                "edges": self.telemetry.edges(key), "series": self.telemetry.service_series(key)}
 
     def config(self) -> dict[str, Any]:
         res, rev = self.cp.store.list()
