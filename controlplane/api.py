@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -14,7 +14,7 @@ import grpc
 from controlplane.store import CompactedError, Delete, Put, Store, StoredResource, StoreError, Write
 from controlplane.vip import VipExhausted, allocate_vip, is_usable
 from controlplane.xds.build import ServiceEntry
-from nodemesh import model
+from nodemesh import model, rollouts
 from nodemesh.v1 import mesh_pb2, mesh_pb2_grpc
 
 log = logging.getLogger("nodemesh.controlplane.api")
@@ -66,10 +66,46 @@ class Plan:
     reported: int  # the first `reported` writes are the ones the caller asked for
 
 
+def _rollout_checks(store: Store, final: dict[tuple[str, str, str], model.Service],
+                    upserts: Sequence[model.Document], deletes: Sequence[tuple[str, str, str]],
+                    workloads: Sequence[tuple[str, dict[str, str]]] | None) -> tuple[list[model.Problem],
+                                                                                      dict[tuple[str, str, str], str]]:
+    """Rollouts against the resulting config: their service exists, one per service,
+    and a new run's versions each select a registered workload. Returns (problems,
+    status to keep per batch Rollout: an unchanged run keeps the controller's state)."""
+    stored = {r.ref: r for r in store.list(rollouts.KIND_ROLLOUT)[0]}
+    final_ro: dict[tuple[str, str, str], rollouts.Rollout] = {}
+    for ref, r in stored.items():
+        if ref in deletes:
+            continue
+        try:
+            obj = model.object_from_spec(r.kind, r.namespace, r.name, r.spec(), dict(r.labels))
+        except model.ValidationError:
+            continue
+        final_ro[ref] = obj
+    keep: dict[tuple[str, str, str], str] = {}
+    new_runs = []
+    for d in upserts:
+        if isinstance(d.obj, rollouts.Rollout):
+            final_ro[d.ref] = d.obj
+            old = stored.get(d.ref)
+            if old is not None:
+                keep[d.ref] = old.status_json
+            if old is None or old.status().get("run") != d.obj.run_id:
+                new_runs.append(d.obj)
+    services = list(final.values())
+    problems = rollouts.check_against(list(final_ro.values()), services, None)
+    if new_runs and workloads is not None:
+        problems += rollouts.check_against(new_runs, services, workloads)
+    return list(dict.fromkeys(problems)), keep
+
+
 def plan_changes(store: Store, upserts: Sequence[model.Document],
-                 deletes: Sequence[tuple[str, str, str]] = ()) -> Plan:
+                 deletes: Sequence[tuple[str, str, str]] = (),
+                 workloads: Sequence[tuple[str, dict[str, str]]] | None = None) -> Plan:
     """Turn requested changes into store writes: validate cross-object rules
-    against the resulting config and (re)allocate VIPs. Raises ValidationError."""
+    against the resulting config and (re)allocate VIPs. Raises ValidationError.
+    `workloads`: the registered workloads as (namespace, labels), for Rollout checks."""
     problems: list[model.Problem] = []
     mesh = current_mesh(store)
     for d in upserts:
@@ -89,6 +125,8 @@ def plan_changes(store: Store, upserts: Sequence[model.Document],
             final[d.ref] = d.obj
             batch_refs.add(d.ref)
     problems += model.check_services_against_mesh([final[r] for r in sorted(final)], mesh)
+    ro_problems, keep_status = _rollout_checks(store, final, upserts, deletes, workloads)
+    problems += ro_problems
 
     # VIPs: fixed ones first, then keep every allocation still valid, then allocate the rest.
     vips: dict[tuple[str, str, str], str] = {}
@@ -128,8 +166,9 @@ def plan_changes(store: Store, upserts: Sequence[model.Document],
     writes: list[Write] = []
     for d in upserts:
         status = {"vip": vips[d.ref]} if d.ref in vips else {}
+        status_json = keep_status.get(d.ref) or json.dumps(status)
         writes.append(Put(d.kind, d.namespace, d.name, json.dumps(d.obj.spec()),
-                          json.dumps(status), d.labels))
+                          status_json, d.labels))
     for ref in deletes:
         writes.append(Delete(*ref))
     reported = len(writes)
@@ -165,8 +204,10 @@ class ConfigServicer(mesh_pb2_grpc.ConfigServiceServicer):
     """nodemesh.v1.ConfigService. Every write goes through plan_changes, then
     one store transaction; snapshot rebuilds follow from the store's watch."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store,
+                 workloads: Callable[[], Sequence[tuple[str, dict[str, str]]]] | None = None) -> None:
         self._store = store
+        self._workloads = workloads  # registered (namespace, labels): Rollout versions must select some
 
     def apply(self, documents: str, dry_run: bool = False) -> list[mesh_pb2.ApplyResult]:
         docs = model.parse_documents(documents)
@@ -174,7 +215,8 @@ class ConfigServicer(mesh_pb2_grpc.ConfigServiceServicer):
 
         def make() -> list[Write]:
             # Re-run when another control plane replica changed config meanwhile (store_etcd.py).
-            planned[:] = [plan_changes(self._store, docs)]
+            planned[:] = [plan_changes(self._store, docs,
+                                       workloads=self._workloads() if self._workloads is not None else None)]
             return planned[0].writes
 
         results = self._store.apply_planned(make, dry_run=dry_run)

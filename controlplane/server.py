@@ -22,6 +22,8 @@ from controlplane.ca import DEFAULT_CERT_TTL_S, MAX_CERT_TTL_S, CertificateAutho
 from controlplane.metrics import ControlPlaneMetrics
 from controlplane.policies import current_policies
 from controlplane.registry import DEFAULT_LEASE_SECONDS, NodeRegistry, RegistryServicer
+from controlplane.rollout import controller as rollout_controller
+from controlplane.rollout.readings import Readings
 from controlplane.store import Store
 from controlplane.xds import routes as xds_routes
 from controlplane.xds.build import build_snapshot
@@ -106,7 +108,8 @@ class SnapshotPublisher:
     def publish_now(self) -> None:
         snap = build_snapshot(current_mesh(self._store), current_services(self._store),
                               self._registry.nodes(), self._trust_bundle(),
-                              current_policies(self._store), l7=xds_routes.load(self._store))
+                              current_policies(self._store), l7=xds_routes.load(self._store),
+                              splits=rollout_controller.splits(self._store))
         self._cache.set_default(snap)
         self.published += 1
         if self.observer is not None:
@@ -131,6 +134,14 @@ class SnapshotPublisher:
     async def _watch_store(self) -> None:
         async for _ in self._store.watch(since_revision=self._store.revision()):
             self.trigger()
+
+
+def _fanout(*sinks: Callable[[str, str], None]) -> Callable[[str, str], None]:
+    """One heartbeat's telemetry to several readers (rollout analysis, the mesh view)."""
+    def ingest(node: str, text: str) -> None:
+        for sink in sinks:
+            sink(node, text)
+    return ingest
 
 
 def _bind_address(addr: str) -> str:
@@ -184,7 +195,8 @@ async def start(settings: ControlPlaneSettings) -> ControlPlane:
     security.register(server, ca, lambda: current_mesh(store).trust_domain, publisher.publish_now)
     # The generated registration helpers carry no type hints.
     mesh_pb2_grpc.add_ConfigServiceServicer_to_server(  # type: ignore[no-untyped-call]
-        ConfigServicer(store), server)
+        ConfigServicer(store, workloads=lambda: [(w.namespace, dict(w.labels)) for n in registry.nodes()
+                                                 for w in n.workloads]), server)
     mesh_pb2_grpc.add_RegistryServicer_to_server(  # type: ignore[no-untyped-call]
         registry_servicer, server)
     mesh_pb2_grpc.add_CertificateServiceServicer_to_server(  # type: ignore[no-untyped-call]
@@ -219,7 +231,14 @@ async def start(settings: ControlPlaneSettings) -> ControlPlane:
     for addr in bound:
         if addr.startswith("unix:"):
             cp_auth.secure_unix_socket(addr[len("unix:"):])
+    # Rollouts (controlplane/rollout/): analysis reads the agents' heartbeat telemetry.
+    readings = Readings()
+    registry_servicer.on_telemetry = readings.ingest
+    rollouts = rollout_controller.RolloutController(
+        store, registry.nodes, lambda: {e.service.key: e.service for e in current_services(store)}, readings,
+        registry=cp_metrics.registry)
     tasks = [asyncio.create_task(publisher.run()),
+             asyncio.create_task(rollouts.run()),
              asyncio.create_task(registry.run_expiry(settings.expiry_interval_s)),
              asyncio.create_task(cp_auth.watch_trust_bundle(ca, publisher.trigger))]
     if isinstance(store, store_etcd.EtcdStore):
@@ -230,11 +249,13 @@ async def start(settings: ControlPlaneSettings) -> ControlPlane:
     cp.metrics = cp_metrics
     cp.security = security
     registry.on_departure(cp_metrics.forget_node)
+    cp.rollouts = rollouts
+    registry.on_departure(readings.forget)
     if settings.web_listen:
         from controlplane.web import MeshView  # the mesh view and /metrics (docs/observability.md)
 
         cp.web = MeshView(cp)
-        registry_servicer.on_telemetry = cp.web.telemetry.ingest
+        registry_servicer.on_telemetry = _fanout(readings.ingest, cp.web.telemetry.ingest)
         registry.on_departure(cp.web.telemetry.forget)
         await cp.web.start(settings.web_listen)
     return cp
@@ -255,6 +276,7 @@ class ControlPlane:
     metrics: Any = None  # controlplane.metrics.ControlPlaneMetrics
     web: Any = None  # controlplane.web.MeshView when settings.web_listen is set
     security: Any = None  # controlplane.auth.Security
+    rollouts: Any = None  # controlplane.rollout.controller.RolloutController
 
 
     async def stop(self, grace: float = 1.0) -> None:

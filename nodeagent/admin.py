@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import nodemesh
 from nodeagent import metrics
+from nodemesh.prom import histogram_quantile
 
 if TYPE_CHECKING:
     from nodeagent.snapshot import Snapshot
@@ -77,22 +78,7 @@ def cert_info(identity: str, chain_pem: str, not_after_unix: float, now: float) 
     return info
 
 
-def _quantile(buckets: tuple[float, ...], counts: list[float], q: float) -> float:
-    """Prometheus-style histogram_quantile over non-cumulative counts."""
-    total = sum(counts)
-    if total <= 0:
-        return 0.0
-    rank = q * total
-    cum = 0.0
-    lower = 0.0
-    for bound, c in zip((*buckets, float("inf")), counts):
-        if cum + c >= rank and c > 0:
-            if bound == float("inf"):
-                return lower
-            return lower + (bound - lower) * ((rank - cum) / c)
-        cum += c
-        lower = bound if bound != float("inf") else lower
-    return lower
+_quantile = histogram_quantile  # moved to nodemesh.prom (the control plane uses it too)
 
 
 def summarize(families: list[metrics.FamilyData]) -> dict[str, Any]:
@@ -113,7 +99,7 @@ def summarize(families: list[metrics.FamilyData]) -> dict[str, Any]:
                 "destination_service_key": f"{lab['destination_service_namespace']}/{lab['destination_service_name']}",
                 "destination_workload": f"{k[4]}/{k[5]}", "requests": 0.0, "errors": 0.0,
                 "tcp_opened": 0.0, "tcp_closed": 0.0, "tcp_failed": 0.0, "bytes_sent": 0.0, "bytes_received": 0.0,
-                "mtls": set(), "_hist": None, "_buckets": (),
+                "mtls": set(), "_hist": None, "_buckets": (), "grpc_status": {},
             }
         e["mtls"].add(lab["connection_security_policy"])
         return e
@@ -132,6 +118,10 @@ def summarize(families: list[metrics.FamilyData]) -> dict[str, Any]:
             lab = dict(zip(fd.labelnames, key))
             if name == "istio_requests_total" and (lab["response_code"].startswith("5") or lab["response_code"] == "0"):
                 e["errors"] += v
+            if name == "istio_requests_total" and lab.get("grpc_response_status", "") not in ("", "0"):
+                # Rollout analysis counts chosen gRPC status classes as failures (controlplane/rollout/).
+                gs = e["grpc_status"]
+                gs[lab["grpc_response_status"]] = gs.get(lab["grpc_response_status"], 0.0) + v
             if name == "istio_tcp_connections_closed_total" and lab["response_flags"] != "-":
                 e["tcp_failed"] += v
     fd = by.get("istio_request_duration_milliseconds")
@@ -147,6 +137,12 @@ def summarize(families: list[metrics.FamilyData]) -> dict[str, Any]:
         buckets = e.pop("_buckets")
         e["p99_ms"] = round(_quantile(buckets, hist, 0.99), 3) if hist else None
         e["p50_ms"] = round(_quantile(buckets, hist, 0.50), 3) if hist else None
+        # Cumulative latency bucket counts (bounds in "latency_buckets_ms"): the control
+        # plane diffs two summaries for an interval's p99 (rollout analysis).
+        if hist:
+            e["latency_hist"] = [round(x) for x in hist]
+        if not e["grpc_status"]:
+            del e["grpc_status"]
         e["mtls"] = sorted(e["mtls"])
         # A request-less (L4) edge's success is its connections that ended without a flag.
         if e["requests"]:
@@ -157,7 +153,9 @@ def summarize(families: list[metrics.FamilyData]) -> dict[str, Any]:
             e["success_rate"] = None
         out.append(e)
     out.sort(key=lambda e: (e["reporter"], e["source"], e["destination_service"]))
-    return {"time_unix": time.time(), "edges": out}
+    dur = by.get("istio_request_duration_milliseconds")
+    return {"time_unix": time.time(), "edges": out,
+            "latency_buckets_ms": list(dur.buckets) if dur is not None else []}
 
 
 class AdminServer:

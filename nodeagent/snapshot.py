@@ -73,6 +73,15 @@ class ServicePort:
     endpoints: tuple[Endpoint, ...] = ()
     routes: RouteTable | None = None  # L7 route table (HTTP-ish ports), from RouteConfiguration
     policy: ClusterPolicy | None = None  # L7 traffic policy, from the Cluster
+    # Version subsets of this port (routes and Rollouts name them as clusters): each
+    # a ServicePort of its own cluster holding only its version's endpoints.
+    subsets: tuple[ServicePort, ...] = ()
+
+    def cluster_port(self, cluster: str) -> ServicePort | None:
+        """This port or one of its subsets, by cluster name."""
+        if cluster == self.cluster:
+            return self
+        return next((s for s in self.subsets if s.cluster == cluster), None)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from nodemesh import rollouts as _rollouts
 from nodemesh import routes as _routes
 from nodemesh.identity import IdentityError, check_trust_domain
 
@@ -23,7 +24,8 @@ KIND_MESH_CONFIG = "MeshConfig"
 KIND_PEER_AUTHENTICATION = "PeerAuthentication"  # parsed in nodemesh.security
 KIND_AUTHORIZATION_POLICY = "AuthorizationPolicy"  # parsed in nodemesh.security
 KINDS = (KIND_SERVICE, KIND_MESH_CONFIG, KIND_PEER_AUTHENTICATION, KIND_AUTHORIZATION_POLICY,
-         *_routes.ROUTE_KINDS)  # L7 kinds: parsed in nodemesh.routes
+         *_routes.ROUTE_KINDS,  # L7 kinds: parsed in nodemesh.routes
+         _rollouts.KIND_ROLLOUT)  # parsed in nodemesh.rollouts
 CLUSTER_SCOPED = frozenset({KIND_MESH_CONFIG})
 
 PROTOCOLS = ("tcp", "http", "http2", "grpc", "auto")
@@ -49,6 +51,7 @@ _KIND_ALIASES = {
     "authorizationpolicies": KIND_AUTHORIZATION_POLICY,
     "authz": KIND_AUTHORIZATION_POLICY,
     **_routes.ALIASES,
+    **_rollouts.ALIASES,
 }
 
 Problem = tuple[str, str]  # (path, reason); the path names the object and the field
@@ -415,6 +418,9 @@ def parse_document(doc: Any, index: int = 0) -> Document:
         obj = parse(c, name_s, namespace, labels, doc.get("spec"))
     elif kind in _routes.ROUTE_KINDS and not c.problems:
         obj, more = _routes.parse(c.subject, kind, name_s, namespace, labels, doc.get("spec"))
+        c.problems.extend(more)
+    elif kind == _rollouts.KIND_ROLLOUT and not c.problems:
+        obj, more = _rollouts.parse(c.subject, name_s, namespace, labels, doc.get("spec"))
         c.problems.extend(more)
     if c.problems or obj is None:
         raise ValidationError(c.problems or [(c.subject, "invalid document")])

@@ -310,3 +310,22 @@ def select(samples: Iterable[Sample], name: str, **match: str) -> list[tuple[dic
         if all(d.get(k) == want for k, want in match.items()):
             res.append((d, v))
     return res
+
+
+def histogram_quantile(buckets: tuple[float, ...] | list[float], counts: list[float], q: float) -> float:
+    """Prometheus-style histogram_quantile over non-cumulative bucket counts (the
+    last count is the +Inf bucket): linear within the bucket holding the rank."""
+    total = sum(counts)
+    if total <= 0:
+        return 0.0
+    rank = q * total
+    cum = 0.0
+    lower = 0.0
+    for bound, c in zip((*buckets, float("inf")), counts):
+        if cum + c >= rank and c > 0:
+            if bound == float("inf"):
+                return lower
+            return lower + (bound - lower) * ((rank - cum) / c)
+        cum += c
+        lower = bound if bound != float("inf") else lower
+    return lower

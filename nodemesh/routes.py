@@ -71,6 +71,9 @@ class BackendRef:
     service: str  # in the route's namespace
     port: int = 0  # 0: the parent's port
     weight: int = 1
+    # nodemesh extension: only the service's workloads with these labels (a version
+    # subset, e.g. (("version", "v2"),)); sorted pairs, () = the whole service.
+    subset: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -317,7 +320,7 @@ def _string_matches(c: _C, raw: Any, path: str, header: bool) -> tuple[StringMat
 
 
 def _backend(c: _C, raw: Any, path: str, weighted: bool) -> BackendRef | None:
-    d = c.map(raw, path, ("kind", "group", "name", "namespace", "port", "weight") if weighted
+    d = c.map(raw, path, ("kind", "group", "name", "namespace", "port", "weight", "subset") if weighted
               else ("kind", "group", "name", "namespace", "port"), required=True)
     kind = d.get("kind", "Service")
     if kind != "Service":
@@ -329,7 +332,51 @@ def _backend(c: _C, raw: Any, path: str, weighted: bool) -> BackendRef | None:
         c.add(f"{path}.namespace", "cross-namespace backends are not supported; omit it")
     port = c.int(d.get("port"), f"{path}.port", 1, 65535, 0)
     weight = c.int(d.get("weight"), f"{path}.weight", 0, 1_000_000, 1) if weighted else 1
-    return BackendRef(name, port, weight) if name else None
+    subset = _subset(c, d.get("subset"), f"{path}.subset") if weighted else ()
+    return BackendRef(name, port, weight, subset) if name else None
+
+
+_SUBSET_KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+_SUBSET_VALUE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+MAX_SUBSET_LABELS = 4
+
+
+def _subset(c: _C, raw: Any, path: str) -> tuple[tuple[str, str], ...]:
+    """A version subset: labels the backend's workloads must carry (e.g. {version: v2})."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict) or not raw:
+        c.add(path, "must be a non-empty mapping of label to value, like {version: v2}")
+        return ()
+    if len(raw) > MAX_SUBSET_LABELS:
+        c.add(path, f"at most {MAX_SUBSET_LABELS} labels")
+    out = []
+    for k, v in raw.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            v = str(v)
+        if not isinstance(k, str) or not _SUBSET_KEY.match(k):
+            c.add(f"{path}.{k}", "invalid label key")
+        elif not isinstance(v, str) or not _SUBSET_VALUE.match(v):
+            c.add(f"{path}.{k}", "label value must be up to 63 of [A-Za-z0-9._-], starting and ending alphanumeric")
+        else:
+            out.append((k, v))
+    return tuple(sorted(out))
+
+
+def subset_name(subset: Sequence[tuple[str, str]]) -> str:
+    """The subset's part of a cluster name: 'version=v2' (several labels joined by ',')."""
+    return ",".join(f"{k}={v}" for k, v in sorted(subset))
+
+
+def parse_subset_name(text: str) -> tuple[tuple[str, str], ...]:
+    """The inverse of subset_name; raises ValueError on a malformed one."""
+    out = []
+    for part in text.split(","):
+        k, eq, v = part.partition("=")
+        if not eq or not _SUBSET_KEY.match(k) or not _SUBSET_VALUE.match(v):
+            raise ValueError(f"subset {text!r} is not label=value[,label=value]")
+        out.append((k, v))
+    return tuple(sorted(out))
 
 
 def _header_modifier(c: _C, raw: Any, path: str) -> HeaderModifier:

@@ -7,6 +7,9 @@ consume them; node-level facts travel as nodemesh.v1.Workload and
 nodemesh.v1.MeshConfig.
 
 Cluster:   name  outbound|<port>||<service>.<namespace>.svc.<dns_domain>
+           (a version subset: outbound|<port>|<label>=<value>[,...]|<host>, the same
+           cluster fields plus metadata "subset"; its ClusterLoadAssignment holds only
+           the service's endpoints whose workloads carry those labels)
            type EDS, eds_cluster_config.eds_config.ads, lb_policy ROUND_ROBIN
            metadata.filter_metadata["nodemesh"] = {
                "service": str, "namespace": str, "vip": str ("" if none),
@@ -52,8 +55,9 @@ def service_host(service: str, namespace: str, dns_domain: str) -> str:
     return f"{service}.{namespace}.svc.{dns_domain}"
 
 
-def cluster_name(service: str, namespace: str, port: int, dns_domain: str) -> str:
-    return f"outbound|{port}||{service_host(service, namespace, dns_domain)}"
+def cluster_name(service: str, namespace: str, port: int, dns_domain: str, subset: str = "") -> str:
+    """`subset`: '' for the whole service, else nodemesh.routes.subset_name() of its labels."""
+    return f"outbound|{port}|{subset}|{service_host(service, namespace, dns_domain)}"
 
 
 def workload_resource_name(node: str, namespace: str, name: str) -> str:

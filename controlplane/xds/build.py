@@ -18,8 +18,10 @@ from controlplane.nodes import RegisteredNode, RegisteredWorkload
 from controlplane.policies import policy_resources
 from controlplane.xds import listeners as xds_listeners
 from controlplane.xds import routes as xds_routes
-from controlplane.xds.health import apply_health_checks
+from controlplane.xds import subsets
 from controlplane.xds.cache import XdsSnapshot
+from controlplane.xds.health import apply_health_checks
+from controlplane.xds.subsets import VersionSplit
 from nodemesh import model, xdsnames
 from nodemesh.identity import Identity
 from nodemesh.v1 import mesh_pb2
@@ -117,10 +119,13 @@ def _workload(node: RegisteredNode, wl: RegisteredWorkload, trust_domain: str) -
 
 def build_snapshot(mesh: model.MeshConfig, services: Sequence[ServiceEntry],
                    nodes: Sequence[RegisteredNode], trust_bundle: Sequence[str],
-                   policies: Sequence[Any] = (), *, l7: Any = None) -> XdsSnapshot:
+                   policies: Sequence[Any] = (), *, l7: Any = None,
+                   splits: Sequence[VersionSplit] = ()) -> XdsSnapshot:
     """Every resource a node agent needs, each type versioned by its content.
-    `l7`: (routes, destination policies) from controlplane.xds.routes.load()."""
+    `l7`: (routes, destination policies) from controlplane.xds.routes.load();
+    `splits`: what Rollouts ask (controlplane/rollout/state.py splits())."""
     l7_routes, l7_policies = l7 if l7 is not None else ((), ())
+    wanted = subsets.needed_subsets([e.service for e in services], l7_routes, splits)
     clusters: dict[str, any_pb2.Any] = {}
     assignments: dict[str, any_pb2.Any] = {}
     workloads: dict[str, any_pb2.Any] = {}
@@ -130,7 +135,10 @@ def build_snapshot(mesh: model.MeshConfig, services: Sequence[ServiceEntry],
             _workload(node, wl, mesh.trust_domain))
     for entry in sorted(services, key=lambda e: e.service.key):
         svc = entry.service
-        selected = [(n, w) for n, w in all_workloads if svc.selects(w.namespace, w.label_map)]
+        split = subsets.split_for(splits, svc)
+        # A retired version's workloads are withdrawn from every cluster of the service.
+        selected = [(n, w) for n, w in all_workloads if svc.selects(w.namespace, w.label_map)
+                    and not (split is not None and split.excludes(w.label_map))]
         for port in svc.ports:
             c = _cluster(entry, port, mesh.dns_domain)
             l7_policy = xds_routes.policy_for(l7_policies, svc)
@@ -140,6 +148,11 @@ def build_snapshot(mesh: model.MeshConfig, services: Sequence[ServiceEntry],
             clusters[c.name] = _pack(c)
             backends = [(n, w) for n, w in selected if w.serves(port.target_port)]
             assignments[c.name] = _pack(_load_assignment(c.name, port, backends, mesh.trust_domain))
+            for subset in sorted(wanted.get(svc.key, ())):
+                sc = subsets.subset_cluster(c, svc, port, subset, mesh.dns_domain)
+                clusters[sc.name] = _pack(sc)
+                members = [(n, w) for n, w in backends if subsets.matches(subset, w.label_map)]
+                assignments[sc.name] = _pack(_load_assignment(sc.name, port, members, mesh.trust_domain))
     mesh_pb = mesh_pb2.MeshConfig(
         trust_domain=mesh.trust_domain, outbound_policy=mesh.outbound_policy, vip_cidr=mesh.vip_range,
         trust_bundle=list(trust_bundle), dns_domain=mesh.dns_domain)
@@ -149,7 +162,7 @@ def build_snapshot(mesh: model.MeshConfig, services: Sequence[ServiceEntry],
         xdsnames.WORKLOAD: workloads,
         xdsnames.MESH_CONFIG: {xdsnames.MESH_CONFIG_NAME: _pack(mesh_pb)},
         xdsnames.ROUTE: {n: _pack(r) for n, r in xds_routes.route_configurations(
-            mesh, [e.service for e in services], l7_routes).items()},
+            mesh, [e.service for e in services], l7_routes, splits).items()},
         # API listeners for proxyless gRPC clients (agents do not subscribe to LDS).
         xdsnames.LISTENER: {n: _pack(x) for n, x in xds_listeners.api_listeners(
             mesh, [e.service for e in services]).items()},

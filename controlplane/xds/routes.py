@@ -23,6 +23,8 @@ from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
+from controlplane.xds import subsets
+from controlplane.xds.subsets import VersionSplit
 from nodemesh import model, routes, xdsnames
 
 log = logging.getLogger(__name__)
@@ -148,8 +150,38 @@ def _precedence(sr: StoredRoute, rule_i: int, m: routes.RouteMatch) -> tuple[Any
             -len(m.headers), -len(m.query), sr.created_ms, sr.route.namespace, sr.route.name, rule_i)
 
 
+def _targets(backends: Sequence[routes.BackendRef], namespace: str, parent_port: int, dns: str,
+             splits: dict[str, tuple[model.Service, VersionSplit]]) -> list[tuple[str, int]]:
+    """(cluster, weight) per backend. A backend that is a whole service under a
+    Rollout becomes that Rollout's weighted version subsets (weights scaled by 100
+    so the other backends keep their share); an explicit subset is its subset cluster."""
+    out: list[tuple[str, int]] = []
+    split_here = any(f"{namespace}/{b.service}" in splits and not b.subset for b in backends)
+    scale = 100 if split_here else 1
+    for b in backends:
+        port = b.port or parent_port
+        hit = splits.get(f"{namespace}/{b.service}")
+        if hit is not None and not b.subset:
+            out += subsets.split_targets(hit[1], hit[0], port, dns, b.weight)
+            continue
+        name = xdsnames.cluster_name(b.service, namespace, port, dns, routes.subset_name(b.subset))
+        out.append((name, b.weight * scale))
+    merged: dict[str, int] = {}
+    for n, w in out:
+        merged[n] = merged.get(n, 0) + w
+    return [(n, w) for n, w in merged.items() if w > 0]
+
+
+def _set_targets(act: rc.RouteAction, targets: Sequence[tuple[str, int]]) -> None:
+    if len(targets) == 1:
+        act.cluster = targets[0][0]
+        return
+    for n, w in targets:
+        act.weighted_clusters.clusters.add(name=n, weight=wrappers_pb2.UInt32Value(value=w))
+
+
 def _route(sr: StoredRoute, rule_i: int, match_i: int, rule: routes.Rule, m: routes.RouteMatch,
-           parent_port: int, dns: str) -> rc.Route:
+           parent_port: int, dns: str, splits: dict[str, tuple[model.Service, VersionSplit]]) -> rc.Route:
     r = sr.route
     out = rc.Route(name=f"{r.kind}/{r.namespace}/{r.name}/rule{rule_i}/match{match_i}", match=_match(m))
     if rule.request_headers:
@@ -182,12 +214,7 @@ def _route(sr: StoredRoute, rule_i: int, match_i: int, rule: routes.Rule, m: rou
         out.direct_response.status = 500
         return out
     act = out.route
-    names = [xdsnames.cluster_name(b.service, r.namespace, b.port or parent_port, dns) for b in backends]
-    if len(backends) == 1:
-        act.cluster = names[0]
-    else:
-        for b, n in zip(backends, names):
-            act.weighted_clusters.clusters.add(name=n, weight=wrappers_pb2.UInt32Value(value=b.weight))
+    _set_targets(act, _targets(backends, r.namespace, parent_port, dns, splits))
     act.timeout.CopyFrom(_dur(rule.request_timeout_s))  # 0s: no timeout (Envoy and nodemesh alike)
     if rule.rewrite:
         rw = rule.rewrite
@@ -213,14 +240,29 @@ def _route(sr: StoredRoute, rule_i: int, match_i: int, rule: routes.Rule, m: rou
 
 
 def route_configurations(mesh: model.MeshConfig, services: Sequence[model.Service],
-                         stored: Sequence[StoredRoute]) -> dict[str, route_pb2.RouteConfiguration]:
+                         stored: Sequence[StoredRoute],
+                         splits: Sequence[VersionSplit] = ()) -> dict[str, route_pb2.RouteConfiguration]:
     """One RouteConfiguration per HTTP-ish port of every service. Without an
     attached route, a single catch-all route to the port's own cluster; with one,
-    only the routes' matches (GAMMA: unmatched requests get 404)."""
+    only the routes' matches (GAMMA: unmatched requests get 404). A service under
+    a Rollout (`splits`) is split between its version subsets wherever a route
+    names the whole service; its TCP ports get a catch-all route too, which the
+    node agent applies per connection."""
     out: dict[str, route_pb2.RouteConfiguration] = {}
+    by_key = {s.key: s for s in services}
+    split_map = {sp.service: (by_key[sp.service], sp) for sp in splits if sp.service in by_key}
     for svc in services:
         for port in svc.ports:
             if port.protocol not in L7_PROTOCOLS:
+                if svc.key in split_map:
+                    tname = xdsnames.cluster_name(svc.name, svc.namespace, port.port, mesh.dns_domain)
+                    tcfg = route_pb2.RouteConfiguration(name=tname)
+                    tvh = tcfg.virtual_hosts.add(name=tname, domains=["*"])
+                    troute = tvh.routes.add(name="default", match=rc.RouteMatch(prefix="/"))
+                    _set_targets(troute.route, subsets.split_targets(split_map[svc.key][1], svc, port.port,
+                                                                     mesh.dns_domain))
+                    troute.route.timeout.CopyFrom(_dur(0))
+                    out[tname] = tcfg
                 continue
             name = xdsnames.cluster_name(svc.name, svc.namespace, port.port, mesh.dns_domain)
             cands: list[tuple[tuple[Any, ...], rc.Route]] = []
@@ -232,14 +274,18 @@ def route_configurations(mesh: model.MeshConfig, services: Sequence[model.Servic
                 for ri, rule in enumerate(r.rules):
                     for mi, m in enumerate(rule.matches):
                         cands.append((_precedence(sr, ri, m),
-                                      _route(sr, ri, mi, rule, m, port.port, mesh.dns_domain)))
+                                      _route(sr, ri, mi, rule, m, port.port, mesh.dns_domain, split_map)))
             rcfg = route_pb2.RouteConfiguration(name=name)
             vh = rcfg.virtual_hosts.add(name=name, domains=["*"])
             if cands:
                 vh.routes.extend(r for _, r in sorted(cands, key=lambda c: c[0]))
             else:
                 default = vh.routes.add(name="default", match=rc.RouteMatch(prefix="/"))
-                default.route.cluster = name
+                if svc.key in split_map:
+                    _set_targets(default.route, subsets.split_targets(split_map[svc.key][1], svc, port.port,
+                                                                      mesh.dns_domain))
+                else:
+                    default.route.cluster = name
                 default.route.timeout.CopyFrom(_dur(0))
             out[name] = rcfg
     return out

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
+from nodeagent.proxy.http.router import choose_cluster
 from nodeagent.snapshot import (
     OUTBOUND_ALLOW_ANY,
     OUTBOUND_REGISTRY_ONLY,
@@ -80,6 +82,7 @@ def plan_outbound(
     dst_port: int,
     *,
     excluded_cidrs: Iterable[str] = (),
+    rng: random.Random | None = None,
 ) -> OutboundPlan:
     """Decide what to do with a connection `source` opened to dst_ip:dst_port."""
     if _excluded(dst_ip, excluded_cidrs):
@@ -90,17 +93,23 @@ def plan_outbound(
     hit = snapshot.by_vip.get((dst_ip, dst_port))
     if hit is not None:
         svc, sp = hit
+        split = ""
+        if sp.protocol == "tcp" and sp.routes is not None and sp.routes.routes and sp.subsets:
+            # A TCP port split between version subsets (a Rollout): weighted per connection.
+            sub = sp.cluster_port(choose_cluster(sp.routes.routes[0], rng))
+            if sub is not None and sub is not sp:
+                sp, split = sub, f" (version subset {sub.cluster.split('|')[2]})"
         healthy = tuple(e for e in sp.endpoints if e.healthy)
         if not healthy:
             return OutboundPlan(
                 "deny", dst_ip, dst_port, service=svc.key, service_port=sp.port,
                 reason="no_healthy_endpoint",
-                detail=f"service {svc.key} port {sp.port} has {len(sp.endpoints)} endpoints, none healthy",
+                detail=f"service {svc.key} port {sp.port}{split} has {len(sp.endpoints)} endpoints, none healthy",
             )
         return OutboundPlan(
             "service", dst_ip, dst_port, service=svc.key, service_port=sp.port, endpoints=healthy,
             reason="service_vip",
-            detail=f"{dst_ip}:{dst_port} is the VIP of service {svc.key}",
+            detail=f"{dst_ip}:{dst_port} is the VIP of service {svc.key}{split}",
         )
     wl = snapshot.by_workload_addr.get((dst_ip, dst_port))
     if wl is not None:

@@ -22,8 +22,6 @@ from envoy.config.route.v3 import route_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError, Message
 
-from nodeagent.xds import l7convert
-
 from nodeagent.snapshot import (
     OUTBOUND_ALLOW_ANY,
     OUTBOUND_REGISTRY_ONLY,
@@ -36,7 +34,8 @@ from nodeagent.snapshot import (
     SnapshotError,
     Workload,
 )
-from nodemesh import security, xdsnames
+from nodeagent.xds import l7convert
+from nodemesh import routes, security, xdsnames
 from nodemesh.identity import Identity, IdentityError, check_dns_label
 from nodemesh.v1 import mesh_pb2
 
@@ -60,6 +59,7 @@ class ClusterInfo:
     protocol: str
     port_name: str
     policy: Any = None  # nodeagent.routing.ClusterPolicy (L7 traffic policy)
+    subset: str = ""  # a version subset of the service port ("version=v2"), "" = the whole port
 
 
 @dataclass(frozen=True)
@@ -207,7 +207,13 @@ def convert_cluster(msg: cluster_pb2.Cluster) -> ClusterInfo:
     protocol = (_meta_str(meta, "protocol", "cluster", required=False) or "tcp").lower()
     if protocol not in PROTOCOLS:
         raise ResourceError(f"protocol {protocol!r} must be one of {', '.join(PROTOCOLS)}")
-    prefix = f"outbound|{port}||{service}.{namespace}.svc."
+    subset = _meta_str(meta, "subset", "cluster", required=False)
+    if subset:
+        try:
+            subset = routes.subset_name(routes.parse_subset_name(subset))
+        except ValueError as e:
+            raise ResourceError(str(e)) from None
+    prefix = f"outbound|{port}|{subset}|{service}.{namespace}.svc."
     if not msg.name.startswith(prefix):
         raise ResourceError(f"name does not match its metadata (expected {prefix}<dns domain>)")
     return ClusterInfo(
@@ -220,6 +226,7 @@ def convert_cluster(msg: cluster_pb2.Cluster) -> ClusterInfo:
         protocol=protocol,
         port_name=_meta_str(meta, "port_name", "cluster", required=False),
         policy=_l7_policy(msg),
+        subset=subset,
     )
 
 
@@ -393,12 +400,20 @@ def build_snapshot(version: str, node: str, local_workloads: Sequence[LocalWorkl
     assignments: Mapping[str, AssignmentInfo] = resources.get(xdsnames.ENDPOINT, {})
     clusters: Mapping[str, ClusterInfo] = resources.get(xdsnames.CLUSTER, {})
     grouped: dict[tuple[str, str], list[ClusterInfo]] = {}
+    subset_of: dict[str, list[ClusterInfo]] = {}  # parent cluster name -> its subset clusters
     for c in clusters.values():
-        expected = xdsnames.cluster_name(c.service, c.namespace, c.port, mesh.dns_domain)
+        expected = xdsnames.cluster_name(c.service, c.namespace, c.port, mesh.dns_domain, c.subset)
         if c.name != expected:
             raise SnapshotError(f"cluster {c.name} does not match dns domain {mesh.dns_domain!r} "
                                 f"(expected {expected})")
+        if c.subset:
+            subset_of.setdefault(xdsnames.cluster_name(c.service, c.namespace, c.port, mesh.dns_domain),
+                                 []).append(c)
+            continue
         grouped.setdefault((c.namespace, c.service), []).append(c)
+    for parent, subs in subset_of.items():
+        if parent not in clusters:
+            raise SnapshotError(f"subset cluster {subs[0].name} has no cluster {parent} for its service port")
     services = []
     for (namespace, name), cs in sorted(grouped.items()):
         vips = {c.vip for c in cs}
@@ -407,10 +422,17 @@ def build_snapshot(version: str, node: str, local_workloads: Sequence[LocalWorkl
         ports = []
         for c in sorted(cs, key=lambda c: c.port):
             la = assignments.get(c.name)
+            subs = []
+            for sc in sorted(subset_of.get(c.name, ()), key=lambda sc: sc.subset):
+                sla = assignments.get(sc.name)
+                subs.append(ServicePort(
+                    port=sc.port, target_port=sc.target_port, protocol=sc.protocol, name=sc.port_name,
+                    cluster=sc.name, endpoints=sla.endpoints if sla else (), policy=sc.policy))
             ports.append(ServicePort(
                 port=c.port, target_port=c.target_port, protocol=c.protocol, name=c.port_name,
                 cluster=c.name, endpoints=la.endpoints if la else (),
                 routes=resources.get(xdsnames.ROUTE, {}).get(c.name), policy=c.policy,
+                subsets=tuple(subs),
             ))
         services.append(Service(name=name, namespace=namespace, vip=vips.pop(), ports=tuple(ports)))
     workloads = tuple(sorted(resources.get(xdsnames.WORKLOAD, {}).values(),

@@ -116,7 +116,8 @@ class L7Runtime:
 
     def port_of_cluster(self, snapshot: Snapshot, cluster: str) -> ServicePort | None:
         if self._index_for is not snapshot:
-            self._by_cluster = {sp.cluster: sp for s in snapshot.services for sp in s.ports if sp.cluster}
+            self._by_cluster = {sub.cluster: sub for s in snapshot.services for sp in s.ports
+                                for sub in (sp, *sp.subsets) if sub.cluster}
             self._index_for = snapshot
         return self._by_cluster.get(cluster)
 

@@ -1,0 +1,1 @@
+"""Rollouts the control plane drives: the state machine, analysis readings and the controller."""
