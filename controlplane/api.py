@@ -8,12 +8,15 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
 from controlplane.store import CompactedError, Delete, Put, Store, StoredResource, StoreError, Write
 from controlplane.vip import VipExhausted, allocate_vip, is_usable
+from controlplane.xds import validate as xds_validate
 from controlplane.xds.build import ServiceEntry
+from controlplane.xds.sync import PROXY_STATUS_KIND, PROXY_STATUS_KINDS
 from nodemesh import model, rollouts
 from nodemesh.v1 import mesh_pb2, mesh_pb2_grpc
 
@@ -127,6 +130,8 @@ def plan_changes(store: Store, upserts: Sequence[model.Document],
     problems += model.check_services_against_mesh([final[r] for r in sorted(final)], mesh)
     ro_problems, keep_status = _rollout_checks(store, final, upserts, deletes, workloads)
     problems += ro_problems
+    # What Envoy would NACK is refused here, not discovered later as a silent stale client.
+    problems += xds_validate.check_l7(mesh, [final[r] for r in sorted(final)], upserts)
 
     # VIPs: fixed ones first, then keep every allocation still valid, then allocate the rest.
     vips: dict[tuple[str, str, str], str] = {}
@@ -205,9 +210,12 @@ class ConfigServicer(mesh_pb2_grpc.ConfigServiceServicer):
     one store transaction; snapshot rebuilds follow from the store's watch."""
 
     def __init__(self, store: Store,
-                 workloads: Callable[[], Sequence[tuple[str, dict[str, str]]]] | None = None) -> None:
+                 workloads: Callable[[], Sequence[tuple[str, dict[str, str]]]] | None = None,
+                 proxy_status: Callable[[], list[dict[str, Any]]] | None = None) -> None:
         self._store = store
         self._workloads = workloads  # registered (namespace, labels): Rollout versions must select some
+        # Per-client xDS sync rows (controlplane/xds/sync.py), listed as kind ProxyStatus.
+        self._proxy_status = proxy_status
 
     def apply(self, documents: str, dry_run: bool = False) -> list[mesh_pb2.ApplyResult]:
         docs = model.parse_documents(documents)
@@ -258,6 +266,8 @@ class ConfigServicer(mesh_pb2_grpc.ConfigServiceServicer):
     async def List(self, request: mesh_pb2.ListRequest,
                    context: grpc.aio.ServicerContext) -> mesh_pb2.ListResponse:
         kind = None
+        if request.kind.lower() in PROXY_STATUS_KINDS:
+            return self._list_proxy_status()
         if request.kind:
             try:
                 kind = model.canonical_kind(request.kind)
@@ -265,6 +275,15 @@ class ConfigServicer(mesh_pb2_grpc.ConfigServiceServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         resources, rev = self._store.list(kind, request.namespace or None)
         return mesh_pb2.ListResponse(resources=[resource_to_proto(r) for r in resources], revision=rev)
+
+    def _list_proxy_status(self) -> mesh_pb2.ListResponse:
+        """Not stored config: what each connected xDS client holds, as
+        `istioctl proxy-status` shows it (synced / stale / nacked with the reason)."""
+        rows = self._proxy_status() if self._proxy_status is not None else []
+        return mesh_pb2.ListResponse(resources=[
+            mesh_pb2.Resource(kind=PROXY_STATUS_KIND, name=r["node"] or f"stream-{r['stream']}",
+                              status_json=json.dumps(r, sort_keys=True)) for r in rows],
+            revision=self._store.revision())
 
     async def Delete(self, request: mesh_pb2.ResourceRef,
                      context: grpc.aio.ServicerContext) -> mesh_pb2.DeleteResponse:

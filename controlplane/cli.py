@@ -12,7 +12,8 @@ from typing import Any
 import yaml
 
 from controlplane.client import ClientError, ConfigClient, add_credential_flags, default_server
-from nodemesh import model
+from controlplane.xds.sync import PROXY_STATUS_KINDS
+from nodemesh import model, xdsnames
 from nodemesh.v1 import mesh_pb2
 
 
@@ -67,13 +68,33 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     apply.set_defaults(func=cmd_apply)
 
     get = subparsers.add_parser("get", help="show config resources")
-    get.add_argument("kind", help="Service (svc) or MeshConfig")
+    get.add_argument("kind", help="Service (svc), MeshConfig, HTTPRoute, …, or proxystatus (ps): what each "
+                     "connected xDS client holds, synced / stale / NACKed with the reason")
     get.add_argument("name", nargs="?", default="")
     get.add_argument("-n", "--namespace", default="", help="default: every namespace for a list, "
                      "'default' for one resource")
     get.add_argument("-o", "--output", choices=("table", "yaml", "json"), default="table")
     _add_server(get)
     get.set_defaults(func=cmd_get)
+
+    boot = subparsers.add_parser("bootstrap", help="print an Envoy bootstrap that takes its config from nodemesh")
+    boot.add_argument("client", choices=("envoy",), help="the xDS client to bootstrap")
+    boot.add_argument("--node", required=True, help="the Envoy's node id (as shown by `get proxystatus`)")
+    boot.add_argument("--cluster", default="nodemesh", help="the Envoy's node cluster")
+    boot.add_argument("--control-plane", default=None, metavar="ADDR",
+                      help="unix:/path or host:port of the control plane (default: $NODEMESH_SERVER or "
+                           f"{default_server()}); host:port needs --tls-ca/--tls-cert/--tls-key")
+    boot.add_argument("--listener", action="append", default=[], metavar="PORT=SERVICE.NAMESPACE:PORT",
+                      help="a local HTTP listener routed by the service port's route table; repeatable")
+    boot.add_argument("--listen-address", default="127.0.0.1")
+    boot.add_argument("--admin-port", type=int, default=9901)
+    boot.add_argument("--dns-domain", default="mesh", help="the mesh's DNS domain (MeshConfig spec.dnsDomain)")
+    boot.add_argument("--delta", action="store_true", help="incremental ADS (DELTA_GRPC)")
+    boot.add_argument("--tls-ca", default="", metavar="FILE", help="CA bundle verifying the control plane")
+    boot.add_argument("--tls-cert", default="", metavar="FILE", help="client certificate (node or operator)")
+    boot.add_argument("--tls-key", default="", metavar="FILE", help="its private key")
+    boot.add_argument("-o", "--output", choices=("json", "yaml"), default="json")
+    boot.set_defaults(func=cmd_bootstrap)
 
     delete = subparsers.add_parser("delete", help="delete a config resource")
     delete.add_argument("kind")
@@ -154,7 +175,72 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_proxy_status(resources: list[mesh_pb2.Resource], output: str) -> None:
+    rows = [json.loads(r.status_json) for r in resources]
+    if output == "json":
+        print(json.dumps(rows, indent=2))
+        return
+    if output == "yaml":
+        print(yaml.safe_dump(rows, sort_keys=False), end="")
+        return
+    table = [("NODE", "CLIENT", "XDS", "TYPE", "STATE", "ACKED", "SENT", "PENDING", "REASON")]
+    for r in rows:
+        table.append((r["node"] or f"stream-{r['stream']}", f"{r['client']} {r['client_version']}".strip(),
+                      r["protocol"], r["type"], r["state"].upper() if r["state"] != "synced" else "synced",
+                      r["acked_version"][:12] or "-", r["sent_version"][:12] or "-", str(r["pending"]),
+                      r["nack_reason"] or "-"))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
+    for row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
+
+
+def bootstrap_listener(spec: str, dns_domain: str) -> tuple[int, str]:
+    """'8080=web.default:80' -> (8080, 'outbound|80||web.default.svc.<domain>')."""
+    port_s, _, target = spec.partition("=")
+    host, _, svc_port = target.rpartition(":")
+    name, _, namespace = host.partition(".")
+    if not (port_s.isdigit() and svc_port.isdigit() and name and namespace):
+        raise ValueError(f"--listener {spec!r}: expected PORT=SERVICE.NAMESPACE:PORT, e.g. 8080=web.default:80")
+    return int(port_s), xdsnames.cluster_name(name, namespace, int(svc_port), dns_domain)
+
+
+def cmd_bootstrap(args: argparse.Namespace) -> int:
+    from controlplane.xds.listeners import envoy_bootstrap
+
+    target = args.control_plane or default_server()
+    tls = (args.tls_ca, args.tls_cert, args.tls_key)
+    try:
+        listeners = [bootstrap_listener(s, args.dns_domain) for s in args.listener]
+        if any(tls) and not all(tls):
+            raise ValueError("--tls-ca, --tls-cert and --tls-key go together")
+        if target.startswith("unix:"):
+            cp: tuple[str, int] | str = target[len("unix:"):]
+        else:
+            host, _, port = target.rpartition(":")
+            if not port.isdigit() or not host:
+                raise ValueError(f"--control-plane {target!r}: expected unix:/path or host:port")
+            if not all(tls):
+                raise ValueError("a TCP control plane listener requires mutual TLS: give --tls-ca, --tls-cert and "
+                                 "--tls-key (a node certificate from `nodemesh join`, or an operator certificate)")
+            cp = (host.strip("[]"), int(port))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    boot = envoy_bootstrap(args.node, args.cluster, cp, listeners, args.admin_port, args.listen_address,
+                           delta=args.delta, tls_files=tls if all(tls) else None)
+    print(json.dumps(boot, indent=2) if args.output == "json" else yaml.safe_dump(boot, sort_keys=False), end="\n")
+    return 0
+
+
 def cmd_get(args: argparse.Namespace) -> int:
+    if args.kind.lower() in PROXY_STATUS_KINDS:
+        try:
+            with ConfigClient(args.server) as c:
+                _print_proxy_status(c.list(args.kind), args.output)
+        except ClientError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        return 0
     try:
         with ConfigClient(args.server) as c:
             if args.name:

@@ -1,71 +1,84 @@
 """The control plane's own metrics: xDS streams, pushes, ACKs and NACKs, the
-config version, proxies connected, and push latency (the time from a change,
-such as an apply or a node joining, to each node's ACK of the snapshot built
-from it). Rendered in the Prometheus text format on the mesh view's /metrics.
+config version, proxies connected, and the cost of each push: push latency
+(from a response being handed to a stream to the client's ACK of it, per type;
+controlplane/xds/sync.py keeps the send times), fan-out duration (from a new
+snapshot to the last stream's response), bytes per response, and per-node
+queue depth (responses sent and not yet answered). Rendered in the Prometheus
+text format on the mesh view's /metrics.
 """
 
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 from nodemesh.prom import Registry, render
 
 PUSH_LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-MAX_TRACKED_VERSIONS = 256
+BYTES_BUCKETS = (256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216)
 
 
 class ControlPlaneMetrics:
-    """Observer of the snapshot publisher (changed / published) and of the ADS
-    servicer's ACKs; the rest is read from the control plane's state at scrape time."""
+    """Observer of the snapshot publisher (changed / published / fanned_out) and
+    of the ADS sync tracker (pushed / acked / nacked); the rest is read from the
+    control plane's state at scrape time."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self.registry = Registry()
         self.push_latency = self.registry.histogram(
             "nodemesh_controlplane_push_latency_seconds",
-            "From a config or registry change to a node's ACK of the snapshot built from it.",
+            "From an xDS response handed to a client's stream to the client's ACK of it, by type.",
             ("type",), buckets=PUSH_LATENCY_BUCKETS_S)
+        self.build_duration = self.registry.histogram(
+            "nodemesh_controlplane_snapshot_build_seconds",
+            "From the first change of a burst to its snapshot being built (the debounce included).",
+            (), buckets=PUSH_LATENCY_BUCKETS_S)
+        self.fanout_duration = self.registry.histogram(
+            "nodemesh_controlplane_fanout_seconds",
+            "From a snapshot being set to the last waiting stream being answered.", (),
+            buckets=PUSH_LATENCY_BUCKETS_S)
+        self.push_bytes = self.registry.histogram(
+            "nodemesh_controlplane_xds_response_bytes", "Size of each xDS response sent, by type.",
+            ("type",), buckets=BYTES_BUCKETS)
+        self.bytes_sent = self.registry.counter("nodemesh_controlplane_xds_bytes_sent_total",
+                                                "xDS response bytes sent, by type.", ("type",))
         self.pushes = self.registry.counter("nodemesh_controlplane_snapshots_published_total",
                                             "xDS snapshots built and handed to the cache.")
         self.acks = self.registry.counter("nodemesh_controlplane_xds_acks_total", "xDS ACKs by type.", ("type",))
         self.nacks = self.registry.counter("nodemesh_controlplane_xds_nacks_total", "xDS NACKs by node and type.",
                                            ("node", "type"))
         self._dirty_since: float | None = None
-        self._version_time: OrderedDict[tuple[str, str], float] = OrderedDict()
-        self._acked: dict[tuple[str, str], str] = {}
 
     @staticmethod
     def _short(type_url: str) -> str:
         return type_url.rsplit(".", 1)[-1]
 
-    # -- hooks --
+    # -- publisher hooks --
     def changed(self) -> None:
         if self._dirty_since is None:
             self._dirty_since = self._clock()
 
     def published(self, snapshot: Any) -> None:
-        """`snapshot` is an xds.cache.XdsSnapshot: remember when each new version's change began."""
         t0 = self._dirty_since if self._dirty_since is not None else self._clock()
         self._dirty_since = None
         self.pushes.inc()
-        for type_url, tr in getattr(snapshot, "types", {}).items():
-            key = (type_url, tr.version)
-            if key not in self._version_time:
-                self._version_time[key] = t0
-        while len(self._version_time) > MAX_TRACKED_VERSIONS:
-            self._version_time.popitem(last=False)
+        self.build_duration.observe(None, max(0.0, self._clock() - t0))
 
-    def acked(self, node: str, type_url: str, version: str) -> None:
-        self.acks.inc({"type": self._short(type_url)})
-        if self._acked.get((node, type_url)) == version:
-            return  # a re-ACK of what the node already had: no push happened
-        self._acked[(node, type_url)] = version
-        t0 = self._version_time.get((type_url, version))
-        if t0 is not None:
-            self.push_latency.observe({"type": self._short(type_url)}, max(0.0, self._clock() - t0))
+    def fanned_out(self, seconds: float) -> None:
+        self.fanout_duration.observe(None, seconds)
+
+    # -- sync tracker hooks (controlplane.xds.sync.SyncObserver) --
+    def pushed(self, type_url: str, nbytes: int) -> None:
+        t = {"type": self._short(type_url)}
+        self.push_bytes.observe(t, nbytes)
+        self.bytes_sent.inc(t, nbytes)
+
+    def acked(self, node: str, type_url: str, latency_s: float) -> None:
+        t = {"type": self._short(type_url)}
+        self.acks.inc(t)
+        self.push_latency.observe(t, latency_s)
 
     def nacked(self, node: str, type_url: str) -> None:
         self.nacks.inc({"node": node, "type": self._short(type_url)})
@@ -89,6 +102,14 @@ class ControlPlaneMetrics:
             None, stats.streams_opened)
         r.gauge("nodemesh_controlplane_xds_responses", "xDS responses sent since start (a counter).").set(
             None, stats.responses)
+        depth = r.gauge("nodemesh_controlplane_xds_queue_depth",
+                        "Responses sent to a node and not yet answered (ACK or NACK).", ("node",))
+        depth.clear()  # nodes that left must not linger
+        for c in cp.ads.sync.clients.values():
+            depth.set({"node": c.node or f"stream-{c.stream}"}, c.queue_depth)
+        clients = r.gauge("nodemesh_controlplane_xds_clients", "xDS clients by sync state.", ("state",))
+        for state, n in cp.ads.sync.summary().items():
+            clients.set({"state": state}, n)
         r.gauge("nodemesh_controlplane_nodes_registered", "Nodes holding a registry lease.").set(
             None, len(cp.registry.nodes()))
         r.gauge("nodemesh_controlplane_workloads_registered", "Workloads on registered nodes.").set(

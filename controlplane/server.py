@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from envoy.service.discovery.v3 import ads_pb2_grpc
 
 from controlplane import auth as cp_auth
 from controlplane.api import ConfigServicer, current_mesh, current_services
@@ -27,8 +26,8 @@ from controlplane.rollout.readings import Readings
 from controlplane.store import Store
 from controlplane.xds import routes as xds_routes
 from controlplane.xds.build import build_snapshot
-from controlplane.xds.cache import SnapshotCache
-from controlplane.xds.server import AdsServicer
+from controlplane.xds.cache import SnapshotCache, XdsSnapshot
+from controlplane.xds.server import SERVER_OPTIONS, AdsServicer, add_to_server
 from nodemesh.v1 import mesh_pb2_grpc
 
 log = logging.getLogger("nodemesh.controlplane")
@@ -105,16 +104,35 @@ class SnapshotPublisher:
             self.observer.changed()
         self._dirty.set()
 
-    def publish_now(self) -> None:
-        snap = build_snapshot(current_mesh(self._store), current_services(self._store),
+    def _build(self) -> XdsSnapshot:
+        return build_snapshot(current_mesh(self._store), current_services(self._store),
                               self._registry.nodes(), self._trust_bundle(),
                               current_policies(self._store), l7=xds_routes.load(self._store),
                               splits=rollout_controller.splits(self._store))
+
+    def publish_now(self) -> None:
+        """Build and publish at once, answering every watch before returning
+        (start-up, and callers that need the new snapshot in force right away)."""
+        snap = self._build()
         self._cache.set_default(snap)
         self.published += 1
         if self.observer is not None:
             self.observer.published(snap)
         log.debug("published xDS snapshot %d", self.published)
+
+    async def publish(self) -> None:
+        """Build, then fan out in batches with the event loop let through between
+        them (SnapshotCache.publish_default), so pushes never hold up heartbeats
+        or API calls."""
+        snap = self._build()
+        if self.observer is not None:
+            self.observer.published(snap)
+        result = await self._cache.publish_default(snap)
+        self.published += 1
+        if self.observer is not None:
+            self.observer.fanned_out(result.seconds)
+        log.debug("published xDS snapshot %d: %d of %d watches answered in %.3fs", self.published,
+                  result.answered, result.examined, result.seconds)
 
     async def run(self) -> None:
         watcher = asyncio.create_task(self._watch_store())
@@ -124,7 +142,7 @@ class SnapshotPublisher:
                 await asyncio.sleep(self._debounce_s)
                 self._dirty.clear()
                 try:
-                    self.publish_now()
+                    await self.publish()
                 except Exception:
                     # Keep serving the last good snapshot; the next change retries.
                     log.exception("building the xDS snapshot failed; the previous one stays in force")
@@ -185,24 +203,25 @@ async def start(settings: ControlPlaneSettings) -> ControlPlane:
     publisher.observer = cp_metrics
     publisher.publish_now()
     ads = AdsServicer(cache)
-    ads.on_ack, ads.on_nack = cp_metrics.acked, cp_metrics.nacked
+    ads.sync.observer = cp_metrics
     registry_servicer = RegistryServicer(registry)
     security = cp_auth.Security.open(settings.state_dir, os.path.join(settings.state_dir, DB_FILE),
                                      settings.node_cert_ttl_s, store=store)
     registry_servicer.admit = security.admit_registration(lambda: current_mesh(store))
 
-    server = grpc.aio.server(interceptors=[security.interceptor])
+    server = grpc.aio.server(interceptors=[security.interceptor], options=SERVER_OPTIONS)
     security.register(server, ca, lambda: current_mesh(store).trust_domain, publisher.publish_now)
     # The generated registration helpers carry no type hints.
     mesh_pb2_grpc.add_ConfigServiceServicer_to_server(  # type: ignore[no-untyped-call]
         ConfigServicer(store, workloads=lambda: [(w.namespace, dict(w.labels)) for n in registry.nodes()
-                                                 for w in n.workloads]), server)
+                                                 for w in n.workloads],
+                       proxy_status=ads.sync.rows), server)
     mesh_pb2_grpc.add_RegistryServicer_to_server(  # type: ignore[no-untyped-call]
         registry_servicer, server)
     mesh_pb2_grpc.add_CertificateServiceServicer_to_server(  # type: ignore[no-untyped-call]
         CertificateServicer(ca, registry, lambda: current_mesh(store).trust_domain,
                             settings.default_cert_ttl_s, settings.max_cert_ttl_s), server)
-    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(ads, server)
+    add_to_server(ads, server)
     bound = []
     token_bound: list[str] = []  # server-only TLS ports, after the listen addresses
     tls = None

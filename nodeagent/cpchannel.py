@@ -14,6 +14,15 @@ from dataclasses import dataclass, field
 
 import grpc
 
+# Set on purpose, matching the control plane (controlplane/xds/server.py): its
+# Delta responses are split near 1 MiB, a state-of-the-world type or a single
+# resource may be larger in a big mesh; gRPC's 4 MiB default made every agent
+# fail with RESOURCE_EXHAUSTED and reconnect in a loop once a mesh outgrew it.
+MAX_RECEIVE_BYTES = 64 * 1024 * 1024
+MAX_SEND_BYTES = 16 * 1024 * 1024
+CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
+                                                 ("grpc.max_send_message_length", MAX_SEND_BYTES))
+
 
 class CpChannelError(RuntimeError):
     """No channel can be opened yet; the message says what is missing."""
@@ -56,14 +65,14 @@ def credentials() -> NodeCredentials | None:
 
 def open_channel(target: str) -> grpc.aio.Channel:
     if target.startswith("unix:"):
-        return grpc.aio.insecure_channel(target)
+        return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
     creds = _current
     if creds is None and _plaintext_tcp:
-        return grpc.aio.insecure_channel(target)
+        return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
     if creds is None:
         raise CpChannelError(f"no node certificate yet for the control plane at {target}: the agent must join "
                              "first (controlPlane.joinTokenFile)")
-    options: list[tuple[str, str]] = []
+    options: list[tuple[str, str | int]] = list(CHANNEL_OPTIONS)
     if target.startswith("ipv4:") and "," in target:
         # Several replicas (controlPlane.addresses): gRPC's authority would be the whole
         # list, so verify every replica's server certificate for the first address's

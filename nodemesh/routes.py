@@ -477,6 +477,9 @@ def _retry(c: _C, raw: Any, path: str) -> Retry:
     d = c.map(raw, path, ("attempts", "backoff", "maxBackoff", "retryOn", "codes", "grpcRetryOn"))
     attempts = c.int(d.get("attempts"), f"{path}.attempts", 1, 10, 2)
     backoff = c.duration(d.get("backoff"), f"{path}.backoff", 0.025)
+    if backoff <= 0:
+        # Envoy refuses RetryBackOff.base_interval 0 and would NACK the whole route table.
+        c.add(f"{path}.backoff", "must be greater than 0 (Envoy rejects a zero retry back-off); e.g. '1ms'")
     max_backoff = c.duration(d.get("maxBackoff"), f"{path}.maxBackoff", max(0.25, backoff * 10))
     if max_backoff < backoff:
         c.add(f"{path}.maxBackoff", "must not be less than backoff")

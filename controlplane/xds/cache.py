@@ -10,13 +10,44 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
 
 from nodemesh import xdsnames
+
+# Responses are assembled from bytes encoded once per resource version and shared
+# by every stream (the ADS servicer sends bytes, not messages): protobuf allows a
+# message to be written as the concatenation of its fields, so a repeated field is
+# appended entry by entry. Field numbers come from the descriptors, not by hand.
+_SOTW_RESOURCES = discovery_pb2.DiscoveryResponse.DESCRIPTOR.fields_by_name["resources"].number
+_DELTA_RESOURCES = discovery_pb2.DeltaDiscoveryResponse.DESCRIPTOR.fields_by_name["resources"].number
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def length_delimited(field_number: int, payload: bytes) -> bytes:
+    """One length-delimited field (wire type 2) in protobuf encoding."""
+    return _varint(field_number << 3 | 2) + _varint(len(payload)) + payload
+
+
+# Watches answered between two yields to the event loop during a fan-out, so that
+# pushing to a thousand streams never holds heartbeats or API calls for long.
+FANOUT_BATCH = 128
 
 
 def content_version(resources: Mapping[str, any_pb2.Any]) -> str:
@@ -57,6 +88,44 @@ class TypeResources:
         # Computed once per snapshot (cached_property writes the instance dict,
         # which a frozen dataclass allows), however many Delta streams read it.
         return {n: resource_version(a) for n, a in self.resources.items()}
+
+    @cached_property
+    def _sotw_encoded(self) -> dict[str, bytes]:
+        return {}
+
+    @cached_property
+    def _delta_encoded(self) -> dict[str, bytes]:
+        return {}
+
+    def sotw_entry(self, name: str) -> bytes:
+        """DiscoveryResponse.resources entry for `name`, encoded once per snapshot."""
+        enc = self._sotw_encoded.get(name)
+        if enc is None:
+            enc = self._sotw_encoded[name] = length_delimited(
+                _SOTW_RESOURCES, self.resources[name].SerializeToString())
+        return enc
+
+    def delta_entry(self, name: str) -> bytes:
+        """DeltaDiscoveryResponse.resources entry (a Resource) for `name`, encoded once."""
+        enc = self._delta_encoded.get(name)
+        if enc is None:
+            r = discovery_pb2.Resource(name=name, version=self.resource_versions[name])
+            r.resource.CopyFrom(self.resources[name])
+            enc = self._delta_encoded[name] = length_delimited(_DELTA_RESOURCES, r.SerializeToString())
+        return enc
+
+    @cached_property
+    def wildcard_blob(self) -> bytes:
+        """Every resource as DiscoveryResponse.resources entries: what every
+        wildcard state-of-the-world stream is sent, encoded once."""
+        return b"".join(self.sotw_entry(n) for n in sorted(self.resources))
+
+    def changes_since(self, old: TypeResources) -> frozenset[str]:
+        """Names added, changed or removed from `old` to this set."""
+        new_v, old_v = self.resource_versions, old.resource_versions
+        changed = {n for n, v in new_v.items() if old_v.get(n) != v}
+        changed.update(n for n in old_v if n not in new_v)
+        return frozenset(changed)
 
 
 class SnapshotError(ValueError):
@@ -100,6 +169,7 @@ class WatchResponse:
     version: str
     resources: tuple[any_pb2.Any, ...]  # sorted by name
     names: tuple[str, ...]
+    encoded: bytes = b""  # the resources as DiscoveryResponse.resources entries (shared bytes)
 
 
 @dataclass(eq=False)
@@ -114,8 +184,14 @@ class _Watch:
 
 def _respond(snap: XdsSnapshot, w: _Watch) -> WatchResponse:
     tr = snap.get(w.type_url)
-    picked = sorted(tr.resources) if not w.names else sorted(n for n in w.names if n in tr.resources)
-    return WatchResponse(w.type_url, tr.version, tuple(tr.resources[n] for n in picked), tuple(picked))
+    if not w.names:
+        picked = sorted(tr.resources)
+        encoded = tr.wildcard_blob
+    else:
+        picked = sorted(n for n in w.names if n in tr.resources)
+        encoded = b"".join(tr.sotw_entry(n) for n in picked)
+    return WatchResponse(w.type_url, tr.version, tuple(tr.resources[n] for n in picked), tuple(picked),
+                         encoded)
 
 
 # In a Delta known-versions map: the client was told (by removed_resources) that
@@ -143,6 +219,7 @@ class DeltaResource:
     name: str
     version: str
     resource: any_pb2.Any
+    encoded: bytes = b""  # as a DeltaDiscoveryResponse.resources entry (shared bytes)
 
 
 @dataclass(frozen=True)
@@ -155,19 +232,27 @@ class DeltaWatchResponse:
 
 
 def delta_diff(type_url: str, tr: TypeResources, sub: DeltaSubscription,
-               known: Mapping[str, str]) -> DeltaWatchResponse | None:
+               known: Mapping[str, str], only: frozenset[str] | None = None) -> DeltaWatchResponse | None:
     """What a client holding `known` (name -> resource version) must be told about
     `tr` under `sub`; None when nothing. Pure, so the rules are tested alone:
     - a covered resource whose version the client does not hold is sent;
     - a held resource that no longer exists is removed;
     - a name subscribed explicitly that does not exist is reported in removed
       once (the spec's "resource does not exist" signal), then remembered as
-      NOT_FOUND so that later snapshots do not repeat it."""
+      NOT_FOUND so that later snapshots do not repeat it.
+    `only`: look at these names alone. Correct when the same client, subscription
+    and `known` had nothing to be told about an earlier set and `only` holds every
+    name changed since (TypeResources.changes_since): a change costs the size of
+    the change, not of the mesh, per stream."""
     versions = tr.resource_versions
-    wanted = (set(versions) if sub.wildcard else set()) | {n for n in sub.names if n in versions}
+    if only is None:
+        wanted = (set(versions) if sub.wildcard else set()) | {n for n in sub.names if n in versions}
+        gone = set(known) | sub.names
+    else:
+        wanted = {n for n in only if n in versions and (sub.wildcard or n in sub.names)}
+        gone = {n for n in only if n in known or n in sub.names}
     changed = sorted(n for n in wanted if known.get(n) != versions[n])
-    removed = sorted(n for n in set(known) | sub.names
-                     if n not in versions and known.get(n, UNCERTAIN) != NOT_FOUND)
+    removed = sorted(n for n in gone if n not in versions and known.get(n, UNCERTAIN) != NOT_FOUND)
     if not changed and not removed:
         return None
     after = dict(known)
@@ -179,7 +264,8 @@ def delta_diff(type_url: str, tr: TypeResources, sub: DeltaSubscription,
         else:
             after.pop(n, None)
     return DeltaWatchResponse(type_url, tr.version,
-                              tuple(DeltaResource(n, versions[n], tr.resources[n]) for n in changed),
+                              tuple(DeltaResource(n, versions[n], tr.resources[n], tr.delta_entry(n))
+                                    for n in changed),
                               tuple(removed), after)
 
 
@@ -191,10 +277,34 @@ class _DeltaWatch:
     sub: DeltaSubscription
     known: Mapping[str, str]
     queue: asyncio.Queue[DeltaWatchResponse]
+    # The set last found to hold nothing new for this watch: the next snapshot is
+    # compared by its changes since this one, not resource by resource.
+    base: TypeResources | None = None
 
 
-def _delta_respond(snap: XdsSnapshot, w: _DeltaWatch) -> DeltaWatchResponse | None:
-    return delta_diff(w.type_url, snap.get(w.type_url), w.sub, w.known)
+def _delta_respond(snap: XdsSnapshot, w: _DeltaWatch,
+                   changes: dict[tuple[int, int], frozenset[str]] | None = None) -> DeltaWatchResponse | None:
+    tr = snap.get(w.type_url)
+    base = w.base
+    if base is tr or (base is not None and base.version == tr.version):
+        return None  # this type did not change for the watch
+    only = None
+    if base is not None and changes is not None:
+        key = (id(base), id(tr))
+        only = changes.get(key)
+        if only is None:
+            only = changes[key] = tr.changes_since(base)
+    resp = delta_diff(w.type_url, tr, w.sub, w.known, only)
+    if resp is None:
+        w.base = tr
+    return resp
+
+
+@dataclass(frozen=True)
+class FanoutResult:
+    answered: int  # watches that got a response
+    examined: int  # watches looked at
+    seconds: float  # from the snapshot being set to the last watch answered
 
 
 class SnapshotCache:
@@ -221,6 +331,29 @@ class SnapshotCache:
         snap.consistent()
         self._default = snap
         self._answer(lambda w: w.node_id not in self._snapshots)
+
+    async def publish_default(self, snap: XdsSnapshot, batch: int = FANOUT_BATCH) -> FanoutResult:
+        """set_default, with the fan-out done in batches of `batch` watches and the
+        event loop let through between them: a push to many streams never delays a
+        heartbeat or an API call by more than one batch."""
+        snap.consistent()
+        t0 = time.monotonic()
+        self._default = snap
+        which: Callable[[_Watch | _DeltaWatch], bool] = lambda w: w.node_id not in self._snapshots
+        changes: dict[tuple[int, int], frozenset[str]] = {}
+        answered = examined = 0
+        for group in (self._watches, self._delta_watches):
+            ids = list(group)
+            for i in range(0, len(ids), batch):
+                if i:
+                    await asyncio.sleep(0)
+                    if self._default is not snap:
+                        # A newer snapshot took over; its own fan-out answers the rest.
+                        return FanoutResult(answered, examined, time.monotonic() - t0)
+                a, e = self._answer(which, ids[i:i + batch], changes)
+                answered += a
+                examined += e
+        return FanoutResult(answered, examined, time.monotonic() - t0)
 
     def clear_snapshot(self, node_id: str) -> None:
         self._snapshots.pop(node_id, None)
@@ -254,7 +387,8 @@ class SnapshotCache:
         at once when the node's snapshot differs from `known`, else when a new
         snapshot makes it differ. `cancel()` drops the watch."""
         queue: asyncio.Queue[DeltaWatchResponse] = asyncio.Queue(maxsize=1)
-        w = _DeltaWatch(next(self._ids), node_id, type_url, sub, dict(known), queue)
+        # `known` is not copied: the stream hands over a map it no longer changes.
+        w = _DeltaWatch(next(self._ids), node_id, type_url, sub, known, queue)
         snap = self.snapshot_for(node_id)
         resp = _delta_respond(snap, w) if snap is not None else None
         if resp is not None:
@@ -267,21 +401,33 @@ class SnapshotCache:
 
         return queue, cancel
 
-    def _answer(self, which: Callable[[_Watch | _DeltaWatch], bool]) -> None:
-        for wid, w in list(self._watches.items()):
-            if not which(w):
+    def _answer(self, which: Callable[[_Watch | _DeltaWatch], bool], ids: Iterable[int] | None = None,
+                changes: dict[tuple[int, int], frozenset[str]] | None = None) -> tuple[int, int]:
+        """Answer the watches `which` selects (among `ids`, default all) whose
+        snapshot now differs. Returns (answered, examined)."""
+        changes = {} if changes is None else changes
+        answered = examined = 0
+        for wid in list(self._watches) if ids is None else ids:
+            w = self._watches.get(wid)
+            if w is None or not which(w):
                 continue
+            examined += 1
             snap = self.snapshot_for(w.node_id)
             if snap is None or snap.version(w.type_url) == w.known_version:
                 continue
             del self._watches[wid]
             w.queue.put_nowait(_respond(snap, w))
-        for wid, dw in list(self._delta_watches.items()):
-            if not which(dw):
+            answered += 1
+        for wid in list(self._delta_watches) if ids is None else ids:
+            dw = self._delta_watches.get(wid)
+            if dw is None or not which(dw):
                 continue
+            examined += 1
             snap = self.snapshot_for(dw.node_id)
-            resp = _delta_respond(snap, dw) if snap is not None else None
+            resp = _delta_respond(snap, dw, changes) if snap is not None else None
             if resp is None:
                 continue
             del self._delta_watches[wid]
             dw.queue.put_nowait(resp)
+            answered += 1
+        return answered, examined

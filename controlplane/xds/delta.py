@@ -21,10 +21,17 @@ from typing import TYPE_CHECKING, Protocol, cast
 import grpc
 from envoy.service.discovery.v3 import discovery_pb2
 
-from controlplane.xds.cache import UNCERTAIN, DeltaSubscription, DeltaWatchResponse, SnapshotCache
+from controlplane.xds.cache import (
+    UNCERTAIN,
+    DeltaResource,
+    DeltaSubscription,
+    DeltaWatchResponse,
+    SnapshotCache,
+)
 
 if TYPE_CHECKING:
     from controlplane.xds.server import AdsStats
+    from controlplane.xds.sync import SyncTracker
 
 log = logging.getLogger("nodemesh.controlplane.xds.delta")
 
@@ -32,6 +39,10 @@ WILDCARD = "*"
 # Responses a client has not answered yet, per type. Envoy and gRPC answer every
 # response at once; the bound only keeps a client that never does from growing it.
 MAX_UNANSWERED = 64
+# One watch answer is split into responses of about this many resource bytes, so
+# that a join into a large mesh (50,000 endpoint memberships and more) never
+# builds one message near the gRPC size limits (controlplane/xds/server.py).
+DELTA_CHUNK_BYTES = 1024 * 1024
 
 
 class AdsObserver(Protocol):
@@ -39,8 +50,7 @@ class AdsObserver(Protocol):
     shared with state of the world so that stats and metrics cover both."""
 
     stats: AdsStats
-    on_ack: Callable[[str, str, str], None] | None
-    on_nack: Callable[[str, str], None] | None
+    sync: SyncTracker
 
 
 def apply_subscription(sub: DeltaSubscription, known: Mapping[str, str],
@@ -114,22 +124,37 @@ class _DeltaTypeState:
             self.forwarder = None
 
 
-def _response(type_url: str, nonce: str, w: DeltaWatchResponse,
-              control_plane: str) -> discovery_pb2.DeltaDiscoveryResponse:
-    resp = discovery_pb2.DeltaDiscoveryResponse(
-        system_version_info=w.system_version, type_url=type_url, nonce=nonce,
-        removed_resources=list(w.removed))
+def split_response(w: DeltaWatchResponse, limit: int = DELTA_CHUNK_BYTES
+                   ) -> list[tuple[tuple[DeltaResource, ...], tuple[str, ...]]]:
+    """The (resources, removed) of each response `w` is sent as: consecutive runs
+    of resources up to `limit` encoded bytes (at least one each), the removals
+    with the last. Incremental xDS lets a client apply each on its own."""
+    parts: list[tuple[tuple[DeltaResource, ...], tuple[str, ...]]] = []
+    run: list[DeltaResource] = []
+    size = 0
     for r in w.resources:
-        out = resp.resources.add(name=r.name, version=r.version)
-        out.resource.CopyFrom(r.resource)
-    resp.control_plane.identifier = control_plane
-    return resp
+        if run and size + len(r.encoded) > limit:
+            parts.append((tuple(run), ()))
+            run, size = [], 0
+        run.append(r)
+        size += len(r.encoded)
+    parts.append((tuple(run), w.removed))
+    return parts
+
+
+def response_bytes(type_url: str, nonce: str, system_version: str, resources: tuple[DeltaResource, ...],
+                   removed: tuple[str, ...], control_plane: str) -> bytes:
+    """An encoded DeltaDiscoveryResponse: a small header, then each resource's
+    entry as encoded once for every stream (TypeResources.delta_entry)."""
+    head = discovery_pb2.DeltaDiscoveryResponse(
+        system_version_info=system_version, type_url=type_url, nonce=nonce, removed_resources=list(removed))
+    head.control_plane.identifier = control_plane
+    return head.SerializeToString() + b"".join(r.encoded for r in resources)
 
 
 async def serve_delta(observer: AdsObserver, cache: SnapshotCache, control_plane: str,
                       request_iterator: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest],
-                      context: grpc.aio.ServicerContext
-                      ) -> AsyncIterator[discovery_pb2.DeltaDiscoveryResponse]:
+                      context: grpc.aio.ServicerContext, stream: int = 0) -> AsyncIterator[bytes]:
     """One DeltaAggregatedResources stream. Every request re-arms its type's watch
     (with the subscription it leaves); a response is sent when the watch fires,
     and the client's held versions advance when it is sent. So after a NACK
@@ -158,6 +183,8 @@ async def serve_delta(observer: AdsObserver, cache: SnapshotCache, control_plane
         await events.put(("resp", (type_url, watch_id, resp)))
 
     reader = asyncio.create_task(read())
+    sync = observer.sync
+    sync.opened(stream, "delta")
     stats.streams_opened += 1
     stats.delta_streams_opened += 1
     stats.streams_active += 1
@@ -170,6 +197,7 @@ async def serve_delta(observer: AdsObserver, cache: SnapshotCache, control_plane
                 req = cast(discovery_pb2.DeltaDiscoveryRequest, item)
                 if req.node.id:
                     node_id = req.node.id
+                    sync.identify(stream, req.node)
                 if not req.type_url:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                         "DeltaDiscoveryRequest without type_url; ADS needs it on every "
@@ -186,6 +214,8 @@ async def serve_delta(observer: AdsObserver, cache: SnapshotCache, control_plane
                         # still count, so go on.
                         stats.stale_requests += 1
                     elif req.HasField("error_detail"):
+                        sync.answered(stream, req.type_url, req.response_nonce,
+                                      req.error_detail.message or "(no reason given)")
                         nacks_on_stream += 1
                         stats.nacks += 1
                         stats.last_nack = f"{node_id} {req.type_url}: {req.error_detail.message}"
@@ -198,12 +228,9 @@ async def serve_delta(observer: AdsObserver, cache: SnapshotCache, control_plane
                             node_id or "?", req.type_url, req.response_nonce, sent.system_version,
                             len(sent.names), shown or "-", len(sent.removed), req.error_detail.message,
                             nacks_on_stream)
-                        if observer.on_nack is not None:
-                            observer.on_nack(node_id, req.type_url)
                     else:
+                        sync.answered(stream, req.type_url, req.response_nonce, None)
                         stats.acks += 1
-                        if observer.on_ack is not None:
-                            observer.on_ack(node_id, req.type_url, sent.system_version)
                 st.sub, st.known = apply_subscription(st.sub, st.known, req, first)
                 st.stop_watch()
                 q, cancel = cache.create_delta_watch(node_id, req.type_url, st.sub, st.known)
@@ -219,14 +246,17 @@ async def serve_delta(observer: AdsObserver, cache: SnapshotCache, control_plane
             st.cancel = None
             st.forwarder = None
             st.known = dict(wresp.known)
-            nonce = str(next(nonces))
-            st.unanswered[nonce] = _Sent(wresp.system_version, tuple(r.name for r in wresp.resources),
-                                         wresp.removed)
-            while len(st.unanswered) > MAX_UNANSWERED:
-                st.unanswered.popitem(last=False)
-            stats.responses += 1
-            yield _response(type_url, nonce, wresp, control_plane)
+            for resources, removed in split_response(wresp):
+                nonce = str(next(nonces))
+                st.unanswered[nonce] = _Sent(wresp.system_version, tuple(r.name for r in resources), removed)
+                while len(st.unanswered) > MAX_UNANSWERED:
+                    st.unanswered.popitem(last=False)
+                stats.responses += 1
+                data = response_bytes(type_url, nonce, wresp.system_version, resources, removed, control_plane)
+                sync.sent(stream, type_url, wresp.system_version, nonce, len(data))
+                yield data
     finally:
+        sync.closed(stream)
         stats.streams_active -= 1
         reader.cancel()
         for st in states.values():

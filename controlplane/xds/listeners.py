@@ -83,17 +83,46 @@ def api_listeners(mesh: model.MeshConfig, services: Sequence[model.Service]) -> 
 
 def envoy_bootstrap(node_id: str, node_cluster: str, control_plane: tuple[str, int] | str,
                     listeners: Sequence[tuple[int, str]], admin_port: int,
-                    listen_address: str = "127.0.0.1") -> dict[str, Any]:
+                    listen_address: str = "127.0.0.1", *, delta: bool = False,
+                    tls_files: tuple[str, str, str] | None = None) -> dict[str, Any]:
     """An Envoy bootstrap (as a dict, for JSON/YAML) that takes clusters,
     endpoints and routes from our ADS. `control_plane`: (host, port) or a unix
     socket path; `listeners`: (port, route_config_name) pairs, each a plain
     HTTP listener on `listen_address` routing by RDS. Envoy connects to the
-    endpoints directly (no HBONE): use it where endpoints are reachable."""
+    endpoints directly (no HBONE): use it where endpoints are reachable.
+    `delta`: incremental ADS (DELTA_GRPC). `tls_files`: (CA bundle, certificate,
+    key) paths for the control plane's mutual-TLS TCP listener: a node
+    certificate from `nodemesh join`, or an operator's (docs/security.md)."""
     if isinstance(control_plane, str):
         cp_addr: dict[str, Any] = {"pipe": {"path": control_plane}}
     else:
         cp_addr = {"socket_address": {"address": control_plane[0], "port_value": control_plane[1]}}
     ads = {"ads": {}, "resource_api_version": "V3"}
+    xds_cluster: dict[str, Any] = {
+        "name": "nodemesh_xds",
+        "type": "STATIC",
+        "connect_timeout": "2s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }},
+        "load_assignment": {"cluster_name": "nodemesh_xds", "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": cp_addr}}]}]},
+    }
+    if tls_files is not None:
+        ca, cert, key = tls_files
+        xds_cluster["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "common_tls_context": {
+                    "tls_certificates": [{"certificate_chain": {"filename": cert},
+                                          "private_key": {"filename": key}}],
+                    "validation_context": {"trusted_ca": {"filename": ca}},
+                },
+            },
+        }
     static_listeners = []
     for port, route in listeners:
         static_listeners.append({
@@ -120,23 +149,9 @@ def envoy_bootstrap(node_id: str, node_cluster: str, control_plane: tuple[str, i
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
         "dynamic_resources": {
             # CDS from ADS (wildcard); EDS and RDS follow from the clusters and listeners.
-            "ads_config": {"api_type": "GRPC", "transport_api_version": "V3",
+            "ads_config": {"api_type": "DELTA_GRPC" if delta else "GRPC", "transport_api_version": "V3",
                            "grpc_services": [{"envoy_grpc": {"cluster_name": "nodemesh_xds"}}]},
             "cds_config": ads,
         },
-        "static_resources": {
-            "listeners": static_listeners,
-            "clusters": [{
-                "name": "nodemesh_xds",
-                "type": "STATIC",
-                "connect_timeout": "2s",
-                "typed_extension_protocol_options": {
-                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                        "explicit_http_config": {"http2_protocol_options": {}},
-                    }},
-                "load_assignment": {"cluster_name": "nodemesh_xds", "endpoints": [{"lb_endpoints": [
-                    {"endpoint": {"address": cp_addr}}]}]},
-            }],
-        },
+        "static_resources": {"listeners": static_listeners, "clusters": [xds_cluster]},
     }

@@ -216,6 +216,10 @@ def _route(sr: StoredRoute, rule_i: int, match_i: int, rule: routes.Rule, m: rou
     act = out.route
     _set_targets(act, _targets(backends, r.namespace, parent_port, dns, splits))
     act.timeout.CopyFrom(_dur(rule.request_timeout_s))  # 0s: no timeout (Envoy and nodemesh alike)
+    if r.kind == "GRPCRoute" and rule.request_timeout_s:
+        # Proxyless gRPC reads no RouteAction.timeout, only max_stream_duration (gRFC A31);
+        # Envoy applies both, to the same value, so every client honours the timeout.
+        act.max_stream_duration.max_stream_duration.CopyFrom(_dur(rule.request_timeout_s))
     if rule.rewrite:
         rw = rule.rewrite
         if rw.hostname:

@@ -16,10 +16,54 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from controlplane.xds.cache import SnapshotCache, WatchResponse
 from controlplane.xds.delta import serve_delta
+from controlplane.xds.sync import SyncTracker
 
 log = logging.getLogger("nodemesh.controlplane.xds")
 
 CONTROL_PLANE_ID = "nodemesh"
+_ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+
+# gRPC message size limits, set on purpose rather than left at the library's
+# defaults (4 MiB received, unlimited sent). Delta responses are split well below
+# them (controlplane/xds/delta.py DELTA_CHUNK_BYTES), so only one resource larger
+# than the limit, or a state-of-the-world type larger than it, can reach them;
+# our agents accept the same size (nodeagent/cpchannel.py). Requests are small:
+# a subscription list, at most initial_resource_versions for what a client holds.
+MAX_SEND_BYTES = 64 * 1024 * 1024
+MAX_RECEIVE_BYTES = 16 * 1024 * 1024
+# gRPC clients other than ours keep the 4 MiB default: warn when a state-of-the-world
+# response is larger, naming the type, since such a client will drop the stream.
+FOREIGN_CLIENT_LIMIT_BYTES = 4 * 1024 * 1024
+SERVER_OPTIONS = (("grpc.max_send_message_length", MAX_SEND_BYTES),
+                  ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES))
+
+
+def _passthrough(msg: bytes | object) -> bytes:
+    # Responses are assembled from pre-encoded bytes (controlplane/xds/cache.py);
+    # anything else is a message to serialize.
+    return msg if isinstance(msg, bytes) else msg.SerializeToString()  # type: ignore[attr-defined]
+
+
+def add_to_server(servicer: AdsServicer, server: grpc.aio.Server) -> None:
+    """Register ADS with a response serializer that passes bytes through (the
+    generated helper would serialize each response again, per stream)."""
+    handlers = {
+        "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
+            servicer.StreamAggregatedResources,
+            request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+            response_serializer=_passthrough),
+        "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
+            servicer.DeltaAggregatedResources,
+            request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
+            response_serializer=_passthrough),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_ADS_SERVICE, handlers),))
+
+
+def sotw_response_bytes(version: str, type_url: str, nonce: str, encoded_resources: bytes) -> bytes:
+    head = discovery_pb2.DiscoveryResponse(version_info=version, type_url=type_url, nonce=nonce)
+    head.control_plane.identifier = CONTROL_PLANE_ID
+    return head.SerializeToString() + encoded_resources
 
 
 @dataclass
@@ -67,15 +111,15 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
     def __init__(self, cache: SnapshotCache) -> None:
         self._cache = cache
         self.stats = AdsStats()
-        # Observers for controlplane.metrics (push latency, NACKs): (node, type_url, version/None).
-        self.on_ack: Callable[[str, str, str], None] | None = None
-        self.on_nack: Callable[[str, str], None] | None = None
+        self.sync = SyncTracker()  # per-client state (proxy status) and push timing
+        self._streams = itertools.count(1)
         self._nonces = itertools.count(1)
         self._watch_ids = itertools.count(1)
 
     async def StreamAggregatedResources(
             self, request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest],
-            context: grpc.aio.ServicerContext) -> AsyncIterator[discovery_pb2.DiscoveryResponse]:
+            context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        """Yields encoded DiscoveryResponses (register with add_to_server)."""
         # Requests and watch answers meet in one queue, so all per-stream state is
         # touched by this one loop only.
         events: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
@@ -97,6 +141,8 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
         reader = asyncio.create_task(read())
         self.stats.streams_opened += 1
         self.stats.streams_active += 1
+        stream = next(self._streams)
+        self.sync.opened(stream, "sotw")
         try:
             while True:
                 kind, item = await events.get()
@@ -107,6 +153,7 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
                     req = item
                     if req.node.id:
                         node_id = req.node.id
+                        self.sync.identify(stream, req.node)
                     if not req.type_url:
                         await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                             "DiscoveryRequest without type_url; ADS needs it on every request")
@@ -123,6 +170,8 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
                             self.stats.stale_requests += 1
                             continue
                         if req.HasField("error_detail"):
+                            self.sync.answered(stream, req.type_url, req.response_nonce,
+                                               req.error_detail.message or "(no reason given)")
                             self.stats.nacks += 1
                             self.stats.last_nack = (f"{node_id} {req.type_url}: "
                                                     f"{req.error_detail.message}")
@@ -130,13 +179,10 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
                                         "version %r until a new snapshot", node_id or "?", req.type_url,
                                         st.sent_version, req.response_nonce, req.error_detail.message,
                                         req.version_info)
-                            if self.on_nack is not None:
-                                self.on_nack(node_id, req.type_url)
                         elif req.response_nonce:
+                            self.sync.answered(stream, req.type_url, req.response_nonce, None)
                             self.stats.acks += 1
                             st.acked_version = req.version_info
-                            if self.on_ack is not None:
-                                self.on_ack(node_id, req.type_url, req.version_info)
                         # Whether ACK or NACK, wait for a snapshot newer than what was sent:
                         # resending a rejected version would only be rejected again.
                         known = st.sent_version
@@ -159,12 +205,16 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
                 st.nonce = str(next(self._nonces))
                 st.sent_version = wresp.version
                 self.stats.responses += 1
-                resp = discovery_pb2.DiscoveryResponse(
-                    version_info=wresp.version, type_url=type_url, nonce=st.nonce,
-                    resources=list(wresp.resources))
-                resp.control_plane.identifier = CONTROL_PLANE_ID
-                yield resp
+                data = sotw_response_bytes(wresp.version, type_url, st.nonce, wresp.encoded)
+                if len(data) > FOREIGN_CLIENT_LIMIT_BYTES:
+                    log.warning("node %s: a %s response of %d bytes (%d resources) exceeds gRPC's default "
+                                "4 MiB receive limit; Envoy takes it, a proxyless gRPC client will reset the "
+                                "stream (use Delta, or subscribe by name)", node_id or "?", type_url,
+                                len(data), len(wresp.names))
+                self.sync.sent(stream, type_url, wresp.version, st.nonce, len(data))
+                yield data
         finally:
+            self.sync.closed(stream)
             self.stats.streams_active -= 1
             reader.cancel()
             for st in states.values():
@@ -172,7 +222,8 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
 
     async def DeltaAggregatedResources(
             self, request_iterator: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest],
-            context: grpc.aio.ServicerContext) -> AsyncIterator[discovery_pb2.DeltaDiscoveryResponse]:
+            context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         # Incremental ADS (controlplane/xds/delta.py), over the same cache and counters.
-        async for resp in serve_delta(self, self._cache, CONTROL_PLANE_ID, request_iterator, context):
+        async for resp in serve_delta(self, self._cache, CONTROL_PLANE_ID, request_iterator, context,
+                                      next(self._streams)):
             yield resp

@@ -183,17 +183,36 @@ def test_mesh_telemetry_graph_edges_and_rates() -> None:
     assert set(t.nodes) == {"n1"}
 
 
-def test_push_latency_from_change_to_ack() -> None:
+def test_push_latency_is_timed_from_the_send_to_the_ack() -> None:
+    from controlplane.xds.sync import NACKED, STALE, SYNCED, SyncTracker
+
     now = [10.0]
     m = ControlPlaneMetrics(clock=lambda: now[0])
+    tracker = SyncTracker(clock=lambda: now[0])
+    tracker.observer = m
     m.changed()
     now[0] = 10.2
-    m.published(types.SimpleNamespace(types={"t.Cluster": types.SimpleNamespace(version="v2")}))
-    now[0] = 10.5
-    m.acked("n1", "t.Cluster", "v2")
-    m.acked("n1", "t.Cluster", "v2")  # a re-ACK is not a push
+    m.published(types.SimpleNamespace(types={}))
+    # The node connects long after the version was built: its first ACK is timed
+    # from the response sent to it, not from the build (the old, wrong metric).
+    now[0] = 50.0
+    tracker.opened(1, "delta")
+    tracker.sent(1, "t.Cluster", "v2", "1", 1200)
+    assert tracker.rows()[0]["state"] == STALE and tracker.clients[1].queue_depth == 1
+    now[0] = 50.03
+    assert tracker.answered(1, "t.Cluster", "1", None)
+    assert not tracker.answered(1, "t.Cluster", "1", None)  # a repeat is not a second push
     _counts, total, n = m.push_latency.value({"type": "Cluster"})
-    assert n == 1 and total == pytest.approx(0.5)
+    assert n == 1 and total == pytest.approx(0.03)
+    assert tracker.rows()[0]["state"] == SYNCED and tracker.clients[1].queue_depth == 0
+    assert m.push_bytes.value({"type": "Cluster"})[2] == 1 and m.bytes_sent.value({"type": "Cluster"}) == 1200
+    tracker.sent(1, "t.Cluster", "v3", "2", 10)
+    tracker.answered(1, "t.Cluster", "2", "cluster x: bad lb_policy")
+    row = tracker.rows()[0]
+    assert row["state"] == NACKED and row["nack_reason"] == "cluster x: bad lb_policy"
+    assert tracker.summary() == {SYNCED: 0, STALE: 0, NACKED: 1}
+    tracker.closed(1)
+    assert tracker.rows() == []
 
 
 def test_tables_and_completion() -> None:

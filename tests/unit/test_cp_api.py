@@ -157,6 +157,12 @@ def test_apply_then_ads_ack_and_nack() -> None:
             await stream.write(request(xdsnames.CLUSTER, r1.version_info, r2.nonce, error="bad cluster"))
             assert await next_of(stream, xdsnames.CLUSTER, (name,), timeout=0.3) is None
             assert cp.ads.stats.nacks == 1 and "bad cluster" in cp.ads.stats.last_nack
+            # The NACK is visible per client through the API (`nodemesh get proxystatus`).
+            ps = await cfg.List(mesh_pb2.ListRequest(kind="proxystatus"))
+            rows = {json.loads(r.status_json)["type"]: json.loads(r.status_json) for r in ps.resources}
+            assert rows["Cluster"]["state"] == "nacked" and rows["Cluster"]["nack_reason"] == "bad cluster"
+            assert rows["Cluster"]["acked_version"] == r1.version_info
+            assert rows["ClusterLoadAssignment"]["state"] == "synced"
             # A request with a stale nonce is ignored.
             await stream.write(request(xdsnames.CLUSTER, r1.version_info, r1.nonce))
             await cfg.Apply(mesh_pb2.ApplyRequest(documents=SERVICE.replace("8080", "7070")))
@@ -166,6 +172,8 @@ def test_apply_then_ads_ack_and_nack() -> None:
             await stream.write(request(xdsnames.CLUSTER, r3.version_info, r3.nonce))
             await asyncio.sleep(0.05)
             assert cp.ads.stats.acks >= 2
+            ps = await cfg.List(mesh_pb2.ListRequest(kind="ps"))
+            assert {json.loads(r.status_json)["state"] for r in ps.resources} == {"synced"}
             stream.cancel()
 
     run(body)

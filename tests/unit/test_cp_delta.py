@@ -23,7 +23,7 @@ from controlplane.xds.cache import (
     resource_version,
 )
 from controlplane.xds.delta import apply_subscription
-from controlplane.xds.server import AdsServicer
+from controlplane.xds.server import AdsServicer, add_to_server
 from nodemesh import xdsnames
 from nodemesh.v1 import mesh_pb2
 
@@ -202,7 +202,7 @@ def serve(fn: Callable[[SnapshotCache, AdsServicer, grpc.aio.Channel], Awaitable
             cache = SnapshotCache()
             ads = AdsServicer(cache)
             server = grpc.aio.server()
-            ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(ads, server)
+            add_to_server(ads, server)
             target = f"unix:{os.path.join(d, 'ads.sock')}"
             server.add_insecure_port(target)
             await server.start()
