@@ -86,8 +86,6 @@ class ControlPlaneMetrics:
     def forget_node(self, node: str) -> None:
         """The node left the mesh: drop its per-node state and series, so a fleet
         whose nodes come and go does not grow this without bound."""
-        for key in [k for k in self._acked if k[0] == node]:
-            del self._acked[key]
         for labels in self.nacks.collect().series:
             if labels and labels[0] == node:
                 self.nacks.remove(dict(zip(self.nacks.labelnames, labels)))
