@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test unit netns interop bench proto lint clean-netns
+.PHONY: setup demo test unit netns interop cluster-test cluster cluster-down bench proto lint clean-netns
 
 setup:
 	@bash scripts/setup.sh
@@ -22,6 +22,18 @@ netns: setup
 
 interop: setup
 	$(PY) -m pytest -q tests/interop
+
+# The systemd cluster tier (tests/cluster, part of `make test`): a control plane and
+# two nodes as booted systemd-nspawn machines, provisioned by vagrant/provision.sh.
+cluster-test: setup
+	$(PY) -m pytest -q tests/cluster
+
+# The same cluster to try by hand; the base root is built once under /var/cache/nodemesh-cluster.
+cluster: setup
+	$(PY) -m nodemesh.cluster up
+
+cluster-down:
+	$(PY) -m nodemesh.cluster down
 
 bench: setup
 	$(PY) bench/run.py

@@ -320,15 +320,32 @@ class ControlPlane:
 
 async def serve(settings: ControlPlaneSettings) -> None:
     """Run until SIGTERM or SIGINT, then stop cleanly."""
+    from nodemesh.sdnotify import Notifier
+
     cp = await start(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # Type=notify (nodemesh install): ready once every listener serves; the
+    # watchdog is fed from this loop, so a wedged loop gets the unit restarted.
+    notifier = Notifier()
+    notifier.ready(f"serving on {', '.join(settings.listen)}")
+    watchdog = loop.create_task(_feed_watchdog(notifier, stop)) if notifier.watchdog_s else None
     try:
         await stop.wait()
         log.info("stopping the control plane")
+        notifier.stopping("stopping")
     finally:
+        if watchdog is not None:
+            watchdog.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         await cp.stop()
+
+
+async def _feed_watchdog(notifier: Any, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        notifier.watchdog()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), notifier.watchdog_s / 3)

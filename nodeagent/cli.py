@@ -145,11 +145,20 @@ def _cmd_capture_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_capture_remove(_args: argparse.Namespace) -> int:
-    from nodeagent.capture import ebpf, iptables, nftables
+    from nodeagent.capture import ebpf, iptables, nftables, routing
     from nodeagent.capture.base import CaptureError
 
     removed = False
     failed = False
+    # The VIP route goes first: without capture, a SYN routed to lo would be
+    # dropped and retried for seconds; without the route, connect() fails at once.
+    try:
+        for cidr in routing.remove_vip_routes():
+            print(f"removed the route of the service VIP range {cidr}")
+    except CaptureError as e:
+        if e.reason != "pyroute2_missing":
+            print(f"nodemesh capture remove (VIP route): {e}", file=sys.stderr)
+            failed = True
     for name, fn in (("iptables", iptables.remove_leftovers), ("nftables", nftables.remove_leftovers),
                      ("ebpf", ebpf.remove_leftovers)):
         try:
@@ -163,6 +172,33 @@ def _cmd_capture_remove(_args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _cmd_agent_stop_post(args: argparse.Namespace) -> int:
+    """ExecStopPost of the agent's unit (nodemesh install): after an agent that did
+    not stop cleanly (kill -9, a crash, the watchdog), remove the capture it left
+    when failurePolicy is open, so workloads' connections flow directly instead of
+    into a dead proxy until the restart; under `closed` the rules stay (refusing
+    is the point). A clean stop removed or kept capture itself."""
+    import os
+
+    from nodeagent.config import ConfigError, load_config
+
+    result = os.environ.get("SERVICE_RESULT", "")
+    how = f"{os.environ.get('EXIT_CODE', '?')} {os.environ.get('EXIT_STATUS', '?')}"
+    if result in ("", "success"):
+        return 0
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        print(f"nodemesh agent stop-post: {e}; removing capture as under failurePolicy open", file=sys.stderr)
+        return _cmd_capture_remove(args)
+    if cfg.capture.failure_policy == "closed":
+        print(f"agent ended uncleanly ({result}: {how}); failurePolicy closed: capture stays, workloads' "
+              "connections are refused until the agent is back")
+        return 0
+    print(f"agent ended uncleanly ({result}: {how}); failurePolicy open: removing its capture until it is back")
+    return _cmd_capture_remove(args)
+
+
 def register(subparsers: Any) -> None:
     agent = subparsers.add_parser("agent", help="the node agent")
     agent_sub = agent.add_subparsers(dest="agent_command", metavar="AGENT_COMMAND")
@@ -171,6 +207,10 @@ def register(subparsers: Any) -> None:
     run.add_argument("--config", required=True, help="agent config file, e.g. /etc/nodemesh/agent.yaml")
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     run.set_defaults(func=_cmd_agent_run)
+    sp = agent_sub.add_parser("stop-post", help="the unit's ExecStopPost: after an unclean end, remove capture "
+                              "under failurePolicy open ($SERVICE_RESULT from systemd)")
+    sp.add_argument("--config", required=True, help="agent config file, e.g. /etc/nodemesh/agent.yaml")
+    sp.set_defaults(func=_cmd_agent_stop_post)
 
     capture = subparsers.add_parser("capture", help="inspect or remove traffic capture in this network namespace")
     capture_sub = capture.add_subparsers(dest="capture_command", metavar="CAPTURE_COMMAND")

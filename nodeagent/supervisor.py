@@ -29,6 +29,7 @@ from nodeagent.registry import RegistrySession, registration_from_config
 from nodeagent.settings import Certs, ProxySettings
 from nodeagent.snapshot import Snapshot, SnapshotError
 from nodeagent.xds.client import AdsClient
+from nodemesh.sdnotify import Notifier
 
 log = logging.getLogger("nodeagent")
 
@@ -103,6 +104,11 @@ class Agent:
         self.dns: DnsServer | None = None  # mesh DNS (nodeagent/dns), started after the first snapshot
         self.dns_failed = False
         self.health: Any = None  # nodeagent.health.HealthMonitor, once the registry session exists
+        # systemd (Type=notify, nodemesh install): READY once capture serves, RELOADING
+        # around SIGHUP, STOPPING, and the watchdog fed only while every worker answers.
+        self.notifier = Notifier()
+        self.vip_route = ""  # the service VIP range this agent routed to lo while capturing
+        self._background: set[asyncio.Task[None]] = set()
 
     def _capture_for(self, config: AgentConfig) -> CaptureBackend:
         # Port 53 is captured only while the DNS proxy serves (docs/dns.md).
@@ -179,6 +185,10 @@ class Agent:
         if self.cert_manager is not None:
             self.cert_manager.set_identities(identities_for(snapshot), snapshot.mesh.trust_bundle)
         self._publish()
+        if self.capture_installed and snapshot.mesh.vip_cidr != self.vip_route:
+            t = asyncio.get_running_loop().create_task(self._route_vips())
+            self._background.add(t)
+            t.add_done_callback(self._background.discard)
 
     def _on_certs(self, certs: Certs) -> None:
         self.certs = certs
@@ -227,6 +237,22 @@ class Agent:
         self.capture_error = ""
         log.info("capture installed: traffic of %d workload(s) now goes through the proxy",
                  len(getattr(self.capture, "workloads", ())))
+        await self._route_vips()
+
+    async def _route_vips(self) -> None:
+        """Make the service VIP range routable while capture is installed (a node
+        without a default route would fail connect() before capture sees it)."""
+        cidr = self.snapshot.mesh.vip_cidr if self.snapshot is not None else ""
+        if not cidr or cidr == self.vip_route:
+            return
+        from nodeagent.capture import routing
+
+        try:
+            if await asyncio.to_thread(routing.install_vip_route, cidr):
+                log.info("routed the service VIP range %s to lo while capture is installed", cidr)
+            self.vip_route = cidr
+        except CaptureError as e:
+            log.error("%s; on a node without a default route, connections to service VIPs fail", e)
 
     async def _start_dns(self) -> None:
         """Mesh DNS, once a snapshot exists. If it cannot listen, port 53 is not
@@ -245,6 +271,16 @@ class Agent:
         self.dns = server
 
     async def _remove_capture(self) -> None:
+        from nodeagent.capture import routing
+
+        # The VIP route first: a SYN to a VIP that capture no longer redirects would
+        # be dropped on lo and retried for seconds; unrouted, connect() fails at once.
+        try:
+            for cidr in await asyncio.to_thread(routing.remove_vip_routes):
+                log.info("removed the route of the service VIP range %s", cidr)
+        except CaptureError as e:
+            log.error("%s", e)
+        self.vip_route = ""
         try:
             removed = await asyncio.to_thread(self.capture.remove)
             if removed:
@@ -261,6 +297,14 @@ class Agent:
         if not self.config_path:
             log.warning("SIGHUP ignored: the agent was not started from a config file")
             return
+        self.notifier.reloading()
+        try:
+            await self._reload()
+        finally:
+            self.notifier.ready(self._ready_status())
+
+    async def _reload(self) -> None:
+        assert self.config_path
         try:
             new = load_config(self.config_path)
         except ConfigError as e:
@@ -315,6 +359,8 @@ class Agent:
         loop.add_signal_handler(signal.SIGHUP, on_hup)
         tasks: list[asyncio.Task[None]] = []
         keep_capture = False
+        if self.notifier.watchdog_s:
+            tasks.append(loop.create_task(self._feed_watchdog(), name="systemd-watchdog"))
         try:
             await self._start(tasks)
             await self._serve()
@@ -324,6 +370,7 @@ class Agent:
             raise
         finally:
             self.phase = "stopping"
+            self.notifier.stopping("stopping: capture first, then the proxy workers")
             if (not keep_capture and self.capture_installed and self.config.capture.failure_policy == "closed"
                     and isinstance(self.capture, AgentFailover)):
                 # Stop or restart under failurePolicy closed: workloads must never
@@ -435,6 +482,33 @@ class Agent:
             lambda: self.capture, lambda: self.capture_installed, self.write_status, self._stop), name="failover"))
         self.phase = "running"
         self.write_status()
+        self.notifier.ready(self._ready_status())
+
+    def _ready_status(self) -> str:
+        capture = (f"capture {self.capture_mode} installed" if self.capture_installed
+                   else f"capture NOT installed ({self.capture_error or 'see the log'})")
+        return (f"serving: {capture}, snapshot {self.snapshot.version if self.snapshot else '-'}, "
+                f"{len(self.config.local_workloads())} local workload(s)")
+
+    async def _feed_watchdog(self) -> None:
+        """WatchdogSec: ping systemd only while this loop runs AND every running
+        proxy worker answers over its control channel, so a wedged worker (or a
+        wedged agent) gets the unit restarted. A worker the pool is restarting
+        is not counted against it."""
+        interval = self.notifier.watchdog_s / 3
+        while not self._stop.is_set():
+            late: list[int] = []
+            if self.pool is not None and hasattr(self.pool, "unresponsive"):
+                late = await self.pool.unresponsive(timeout=interval)
+            if late:
+                log.error("proxy worker(s) %s did not answer within %.1fs: not feeding the systemd watchdog",
+                          ", ".join(map(str, late)), interval)
+            else:
+                self.notifier.watchdog()
+            try:
+                await asyncio.wait_for(self._stop.wait(), interval)
+            except TimeoutError:
+                pass
 
     def _health_monitor(self, registry: RegistrySession) -> Any:
         """Active health checks of local endpoints, reported on the registry session."""

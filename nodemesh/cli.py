@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     from controlplane.admincli import register as register_admin
 
     register_admin(sub)  # token create, operator create|revoke, audit, ca rotate (docs/security.md)
+    from nodemesh.install import register as register_install
+
+    register_install(sub)  # install, uninstall (docs/systemd.md)
 
     p = sub.add_parser("demo", help="bring up a two-node mesh in network namespaces and show traffic crossing it")
     p.add_argument("--requests", type=int, default=6, help="requests the client sends by the service VIP")

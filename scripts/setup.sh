@@ -16,7 +16,8 @@ APT_PACKAGES=(iptables nftables iproute2 python3-venv python3-dev python3-bpfcc
   linux-headers-amd64 bpftool  # eBPF capture: headers for bcc, bpftool for status
   chromium chromium-driver  # the mesh view's browser test (Selenium drives headless Chromium)
   etcd-server  # the etcd store backend's tests (several control plane replicas)
-  vagrant)  # `vagrant validate` checks vagrant/Vagrantfile offline (no hypervisor here)
+  vagrant  # `vagrant validate` checks vagrant/Vagrantfile offline (no hypervisor here)
+  systemd-container mmdebstrap)  # the systemd cluster tier: booted nspawn machines (make cluster, tests/cluster)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

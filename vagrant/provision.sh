@@ -1,44 +1,107 @@
 #!/usr/bin/env bash
-# Provisions one VM of the Vagrant cluster: installs nodemesh under /opt/nodemesh and
-# starts the control plane (on "cp") or an agent with a demo workload (on nodeN).
+# Provisions one machine of a nodemesh cluster. The Vagrantfile (VMs) and the
+# systemd cluster tier (booted systemd-nspawn machines, nodemesh/cluster.py,
+# `make cluster`, tests/cluster) both run exactly this script, phase by phase:
+#
+#   provision.sh packages                 print the Debian packages a machine needs
+#   provision.sh base                     install them and a venv with nodemesh's
+#                                         Python dependencies (/opt/nodemesh/venv);
+#                                         the tier runs this once, into its base root
+#   provision.sh hosts NAME=IP...         name the cluster's machines in /etc/hosts
+#   provision.sh controlplane IP          `nodemesh install controlplane`, the sample config
+#   provision.sh token NODE               print a one-time join token for NODE (on the cp)
+#   provision.sh node NAME IP CP_IP TOKEN_FILE
+#                                         the sample workloads' users and services,
+#                                         `nodemesh install agent` joined with TOKEN_FILE
+#
+# The nodemesh source is at $NODEMESH_SRC (default /opt/nodemesh-src: Vagrant's
+# synced folder, the tier's read-only bind mount); the venv sees it through a
+# .pth file, so the running code is always that tree.
 set -euo pipefail
-name=$1 ip=$2 cp_ip=$3
-rsync -a --delete /opt/nodemesh-src/ /opt/nodemesh/
-cd /opt/nodemesh
-bash scripts/setup.sh
-install -m 0644 deploy/systemd/*.service /etc/systemd/system/
-systemctl daemon-reload
-if [ "$name" = cp ]; then
-  echo "NODEMESH_CP_ARGS=\"--san $ip\"" > /etc/default/nodemesh-controlplane
-  systemctl enable --now nodemesh-controlplane
-  for i in $(seq 30); do
-    .venv/bin/nodemesh get service --server unix:/run/nodemesh/controlplane.sock >/dev/null 2>&1 && break
-    sleep 1
+SRC=${NODEMESH_SRC:-/opt/nodemesh-src}
+VENV=/opt/nodemesh/venv
+PY=$VENV/bin/python
+CP_SOCK=unix:/run/nodemesh/controlplane.sock
+WEB_UID=2001
+CLIENT_UID=3001
+
+PACKAGES=(systemd systemd-sysv dbus iproute2 iptables nftables python3 python3-venv
+  curl iputils-ping procps ca-certificates util-linux)
+
+die() { echo "provision: $*" >&2; exit 1; }
+
+case "${1:-}" in
+packages)
+  echo "${PACKAGES[@]}"
+  ;;
+base)
+  export DEBIAN_FRONTEND=noninteractive
+  missing=()
+  for p in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
   done
-  .venv/bin/nodemesh apply -f vagrant/mesh.yaml --server unix:/run/nodemesh/controlplane.sock
-  exit 0
-fi
-id web >/dev/null 2>&1 || useradd --system --uid 2001 web
-id client >/dev/null 2>&1 || useradd --system --uid 3001 client
-mkdir -p /etc/nodemesh
-# The host made a one-time join token for this node on the cp VM (Vagrantfile trigger).
-install -m 0600 "/opt/nodemesh-src/vagrant/tokens/$name.token" /etc/nodemesh/join.token
-cat > /etc/nodemesh/agent.yaml <<YAML
-node: {name: $name, address: $ip, zone: vagrant}
+  if [ ${#missing[@]} -gt 0 ]; then
+    apt-get update -qq
+    apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+  [ -x $PY ] || /usr/bin/python3 -m venv $VENV
+  # The dependencies only (pyproject.toml is the one list); the code is $SRC.
+  mapfile -t deps < <(/usr/bin/python3 -c 'import sys, tomllib
+print("\n".join(tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]))' "$SRC/pyproject.toml")
+  $VENV/bin/pip install -q --disable-pip-version-check "${deps[@]}"
+  site=$($PY -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  echo "$SRC" > "$site/nodemesh-src.pth"
+  printf '#!/bin/sh\nexec %s -m nodemesh "$@"\n' "$PY" > /usr/local/bin/nodemesh
+  chmod 0755 /usr/local/bin/nodemesh
+  ;;
+hosts)
+  shift
+  for pair in "$@"; do
+    name=${pair%%=*} addr=${pair#*=}
+    sed -i "/ $name\$/d" /etc/hosts
+    echo "$addr $name" >> /etc/hosts
+  done
+  ;;
+controlplane)
+  ip=${2:?usage: provision.sh controlplane IP}
+  nodemesh install controlplane --san "$ip" --san cp
+  nodemesh apply -f "$SRC/vagrant/mesh.yaml" --server $CP_SOCK
+  ;;
+token)
+  node=${2:?usage: provision.sh token NODE}
+  nodemesh token create --node "$node" --ttl 2h --server $CP_SOCK
+  ;;
+node)
+  name=${2:?usage: provision.sh node NAME IP CP_IP TOKEN_FILE} ip=${3:?} cp_ip=${4:?} token=${5:?}
+  [ -s "$token" ] || die "no join token in $token (made on the control plane: provision.sh token $name)"
+  id web >/dev/null 2>&1 || useradd --system --uid $WEB_UID --no-create-home web
+  id client >/dev/null 2>&1 || useradd --system --uid $CLIENT_UID --no-create-home client
+  mkdir -p /etc/nodemesh
+  install -m 0600 "$token" /etc/nodemesh/join.token
+  cat > /etc/nodemesh/agent.yaml <<YAML
+node: {name: $name, address: $ip, zone: cluster}
 controlPlane: {address: "$cp_ip:15010", joinTokenFile: /etc/nodemesh/join.token}
-capture: {mode: iptables}
+capture: {mode: iptables, failurePolicy: open}
 workloads:
-  - {name: web-$name, namespace: default, serviceAccount: web, labels: {app: web}, uid: 2001, ports: [8080]}
-  - {name: client-$name, namespace: default, serviceAccount: client, labels: {app: client}, uid: 3001}
+  - {name: web-$name, namespace: default, serviceAccount: web, labels: {app: web}, uid: $WEB_UID, ports: [8080]}
+  - {name: client-$name, namespace: default, serviceAccount: client, labels: {app: client}, uid: $CLIENT_UID}
 YAML
-cat > /etc/systemd/system/nodemesh-demo-web.service <<UNIT
+  cat > /etc/systemd/system/nodemesh-sample-web.service <<UNIT
 [Unit]
-Description=nodemesh demo workload (web)
+Description=nodemesh sample workload: the web service's replica on $name
 [Service]
 User=web
-ExecStart=/opt/nodemesh/.venv/bin/python -m nodemesh.labapp --name web-$name --node $name --port 8080
+ExecStart=/usr/bin/python3 $SRC/nodemesh/labapp.py --name web-$name --node $name --port 8080
+Restart=on-failure
 [Install]
 WantedBy=multi-user.target
 UNIT
-systemctl daemon-reload
-systemctl enable --now nodemesh-demo-web nodemesh-agent
+  systemctl daemon-reload
+  systemctl enable --now nodemesh-sample-web
+  nodemesh install agent --config /etc/nodemesh/agent.yaml
+  ;;
+*)
+  sed -n '2,21p' "$0" >&2
+  exit 2
+  ;;
+esac

@@ -131,3 +131,57 @@ def diff(pr: PolicyRoute, wanted: bool) -> tuple[str, ...]:
     elif nrules or nroutes:
         problems.append(f"leftover TPROXY policy route (table {pr.table}): {nrules} rule(s), {nroutes} route(s)")
     return tuple(problems)
+
+
+# --- the service VIP range ------------------------------------------------------------------------
+# Service VIPs (a class-E range by default) are routed nowhere: on a node without
+# a default route, connect() fails with "Network is unreachable" before nat
+# OUTPUT sees the SYN. While capture is installed the agent routes the range to
+# `lo` (capture redirects the SYN before it leaves; a process capture does not
+# cover gets a silent drop, as with a default route whose gateway drops it).
+# Ours are recognised by their routing protocol number alone.
+RTPROT_NODEMESH = 151
+
+
+def _vip_routes(ipr) -> list:  # type: ignore[no-untyped-def,type-arg]
+    return [r for r in ipr.get_routes(family=2, table=254) if r["proto"] == RTPROT_NODEMESH]
+
+
+def install_vip_route(cidr: str) -> bool:
+    """Route `cidr` to lo (ours only, replacing ours for another range); True if added."""
+    try:
+        with _ipr() as ipr:
+            lo = ipr.link_lookup(ifname="lo")[0]
+            have = False
+            for r in _vip_routes(ipr):
+                if f"{r.get_attr('RTA_DST')}/{r['dst_len']}" == cidr:
+                    have = True
+                    continue
+                ipr.route("del", dst=f"{r.get_attr('RTA_DST')}/{r['dst_len']}", oif=lo, proto=RTPROT_NODEMESH,
+                          scope=253, table=254)
+            if not have:
+                ipr.route("add", dst=cidr, oif=lo, proto=RTPROT_NODEMESH, scope=253, table=254)  # RT_SCOPE_LINK
+            return not have
+    except Exception as e:  # noqa: BLE001 - pyroute2 raises NetlinkError and OSError
+        raise CaptureError("vip_route_failed", f"cannot route the service VIP range {cidr} to lo: {e}; "
+                           "does the agent have CAP_NET_ADMIN?") from None
+
+
+def remove_vip_routes() -> list[str]:
+    """Delete every VIP route of ours; the ranges removed."""
+    removed = []
+    try:
+        with _ipr() as ipr:
+            for r in _vip_routes(ipr):
+                dst = f"{r.get_attr('RTA_DST')}/{r['dst_len']}"
+                ipr.route("del", dst=dst, oif=r.get_attr("RTA_OIF"), proto=RTPROT_NODEMESH, scope=r["scope"],
+                          table=254)
+                removed.append(dst)
+    except Exception as e:  # noqa: BLE001 - pyroute2 raises NetlinkError and OSError
+        raise CaptureError("vip_route_failed", f"cannot remove the service VIP route: {e}") from None
+    return removed
+
+
+def vip_routes() -> list[str]:
+    with _ipr() as ipr:
+        return [f"{r.get_attr('RTA_DST')}/{r['dst_len']}" for r in _vip_routes(ipr)]

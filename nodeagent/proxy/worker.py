@@ -94,6 +94,7 @@ class _Worker:
     watcher: asyncio.Task[None] | None = None
     messages: list[tuple[str, Any]] = field(default_factory=list)
     stats_waiters: dict[int, asyncio.Future[Any]] = field(default_factory=dict)  # request id -> answer
+    ping_waiters: dict[int, asyncio.Future[None]] = field(default_factory=dict)  # ping id -> pong
 
     def on_message(self, kind: str, payload: Any) -> None:
         if kind == "ready":
@@ -104,6 +105,10 @@ class _Worker:
                 self.ready.set_exception(WorkerStartError(f"proxy worker {self.index}: {payload}"))
             else:
                 log.error("proxy worker %d: %s", self.index, payload)
+        elif kind == "pong":
+            fut = self.ping_waiters.pop(payload, None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
         elif kind == "stats":
             fut = self.stats_waiters.pop(payload.get("id", -1), None)
             if fut is not None and not fut.done():
@@ -229,6 +234,33 @@ class WorkerPool:
                 del w.stats_waiters[rid]
         return [f.result() for f in futs if f in done and not f.cancelled() and f.exception() is None]
 
+    async def unresponsive(self, timeout: float) -> list[int]:
+        """Indexes of running workers whose event loop did not answer a ping within
+        `timeout` (stopped, wedged or spinning); the agent's systemd watchdog is fed
+        only while this is empty. A worker being restarted is not running: skipped."""
+        loop = asyncio.get_running_loop()
+        asked: dict[int, asyncio.Future[None]] = {}
+        for w in self._workers:
+            if w.proc is None or w.proc.returncode is not None or w.channel is None:
+                continue
+            self._stats_id += 1
+            fut: asyncio.Future[None] = loop.create_future()
+            w.ping_waiters[self._stats_id] = fut
+            w.send(frame("ping", self._stats_id))
+            asked[w.index] = fut
+        if asked:
+            await asyncio.wait(asked.values(), timeout=timeout)
+        late = []
+        for w in self._workers:
+            fut = asked.get(w.index)
+            if fut is None:
+                continue
+            if not fut.done():
+                fut.cancel()
+                late.append(w.index)
+            w.ping_waiters = {k: f for k, f in w.ping_waiters.items() if not f.done()}
+        return late
+
     def alive(self) -> bool:
         """False once the pool has given up restarting a worker (the agent then exits);
         a worker being restarted still counts as alive."""
@@ -301,6 +333,8 @@ async def _worker_main(fd: int, index: int) -> None:
             for kind, payload in self.framer.feed(data):
                 if kind == "settings":
                     settings_box.append(payload)
+                elif kind == "ping":  # answered by this loop: a wedged worker stays silent
+                    self.t.write(frame("pong", payload))
                 elif kind == "stop":
                     stop.set()
                 elif proxy is None:

@@ -1,0 +1,178 @@
+"""nodemesh installed as systemd services on booted machines: install → join →
+traffic across nodes with mTLS, READY only once capture serves, the watchdog,
+kill -9 under failurePolicy open and closed, uninstall leaving nothing behind.
+The tests share one cluster and run in file order (uninstall last)."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+
+from tests.cluster.conftest import Tier
+
+
+def _agent_log(t: Tier, host: str, since: str = "") -> str:
+    return t.sh(host, f"journalctl -u nodemesh-agent --no-pager -q -o cat {since}")
+
+
+def _wait(pred, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+
+
+def test_install_join_and_traffic_across_nodes_with_mtls(tier: Tier) -> None:
+    for host in ("node1", "node2"):
+        assert tier.prop(host, "ActiveState") == "active"
+        assert tier.prop(host, "User") == "nodemesh"  # not root
+        st = json.loads(tier.sh(host, "cat /var/lib/nodemesh/status.json"))
+        assert st["phase"] == "running" and st["capture_installed"] and st["capture_backend"] == "iptables"
+    assert tier.prop("cp", "ActiveState", "nodemesh-controlplane") == "active"
+    replicas = set()
+    for _ in range(20):
+        rc, out = tier.curl("node1", f"http://{tier.vip}/across")
+        assert rc == 0, out
+        replicas.add(json.loads(out)["replica"])
+        if replicas == {"web-node1", "web-node2"}:
+            break
+    assert replicas == {"web-node1", "web-node2"}
+    # The hop to node2 was HBONE with mutual TLS, and only TLS crossed the bridge.
+    lines = [json.loads(x) for x in _agent_log(tier, "node1").splitlines() if x.startswith("{")]
+    crossed = [x for x in lines if x.get("dst_workload") == "default/web-node2" and x.get("direction") == "outbound"]
+    assert crossed and all(x["via"] == "hbone" and x["connection_security_policy"] == "mutual_tls" for x in crossed)
+    assert all(x["node"] == "node1" and x["upstream_node"] == "node2" for x in crossed)
+    # The node has no default route: the agent routed the VIP range while capturing.
+    routes = tier.sh("node1", "ip route")
+    assert "default" not in routes and re.search(r"240\.240\.0\.0/16 dev lo proto 151", routes), routes
+
+
+def test_ready_only_once_capture_serves(tier: Tier) -> None:
+    """With the control plane down, a restarted agent has no snapshot: it stays
+    `activating` with no capture; READY (active) comes with capture, and then
+    traffic flows at once."""
+    tier.sh("cp", "systemctl stop nodemesh-controlplane")
+    try:
+        tier.sh("node2", "systemctl restart --no-block nodemesh-agent")
+        time.sleep(4)
+        assert tier.prop("node2", "ActiveState") == "activating"
+        assert "NODEMESH" not in tier.sh("node2", "iptables-save -t nat")
+    finally:
+        tier.sh("cp", "systemctl start nodemesh-controlplane")
+    _wait(lambda: tier.prop("node2", "ActiveState") == "active", 60, "node2's agent to report READY")
+    assert "NODEMESH" in tier.sh("node2", "iptables-save -t nat")
+    assert tier.prop("node2", "StatusText").startswith("serving: capture iptables installed")
+    rc, out = tier.curl("node2", f"http://{tier.vip}/ready")
+    assert rc == 0 and json.loads(out)["replica"].startswith("web-"), out
+
+
+def test_watchdog_restarts_a_wedged_agent(tier: Tier) -> None:
+    """A proxy worker that stops answering (SIGSTOP) withholds the watchdog ping:
+    systemd kills and restarts the agent within WatchdogSec."""
+    before = int(tier.prop("node1", "NRestarts"))
+    main = tier.prop("node1", "MainPID")
+    worker = tier.sh("node1", "pgrep -f nodeagent.proxy.worker").split()[0]
+    tier.sh("node1", f"kill -STOP {worker}")
+    watchdog_s = int(tier.prop("node1", "WatchdogUSec").rstrip("s") or 0) if tier.prop(
+        "node1", "WatchdogUSec").endswith("s") else 10
+    _wait(lambda: int(tier.prop("node1", "NRestarts")) > before, watchdog_s + 20, "the watchdog restart")
+    _wait(lambda: tier.prop("node1", "ActiveState") == "active", 60, "the restarted agent to be READY")
+    assert tier.prop("node1", "MainPID") != main
+    log = tier.sh("node1", "journalctl -u nodemesh-agent --no-pager -q")
+    assert "Watchdog timeout" in log and "did not answer" in log
+    rc, out = tier.curl("node1", f"http://{tier.vip}/after-watchdog")
+    assert rc == 0, out
+
+
+PROBE = """
+import socket, sys, time
+host, port, seconds, path = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    t0 = time.monotonic()
+    try:
+        with socket.create_connection((host, port), timeout=8) as s:
+            s.sendall(f"GET {path} HTTP/1.1\\r\\nHost: web\\r\\nConnection: close\\r\\n\\r\\n".encode())
+            s.settimeout(8)
+            data = s.recv(65536)
+            outcome = "ok" if data.startswith(b"HTTP/1.1 200") else "bad:" + data[:12].decode(errors="replace")
+    except OSError as e:
+        outcome = type(e).__name__
+    print(f"{time.monotonic() - t0:.3f} {outcome}", flush=True)
+    time.sleep(0.1)
+"""
+
+
+def _probe_during(t: Tier, host: str, vip: str, path: str, seconds: float) -> list[tuple[float, str]]:
+    """(duration, outcome) of a connection attempt + request every 0.1 s, as the client workload."""
+    out = t.c.run(host, ["setpriv", "--reuid=3001", "python3", "-c", PROBE, vip, "80", str(seconds), path],
+                  check=False, timeout=seconds + 60).stdout
+    return [(float(d), o) for d, o in (line.split(" ", 1) for line in out.splitlines() if line.strip())]
+
+
+def _kill9_and_probe(t: Tier, host: str, path: str) -> list[tuple[float, str]]:
+    main = t.prop(host, "MainPID")
+    results: list[list[tuple[float, str]]] = []
+    th = threading.Thread(target=lambda: results.append(_probe_during(t, host, t.vip, path, 8)))
+    th.start()
+    time.sleep(1.5)
+    t.sh(host, f"kill -9 {main}")
+    th.join()
+    _wait(lambda: t.prop(host, "ActiveState") == "active" and t.prop(host, "MainPID") != main, 60,
+          "the agent to restart after kill -9")
+    return results[0]
+
+
+def test_kill9_failure_policy_open_nothing_hangs(tier: Tier) -> None:
+    """kill -9 under failurePolicy open: ExecStopPost removes the capture left
+    behind; no connection attempt hangs, and the mesh is back after the restart."""
+    results = _kill9_and_probe(tier, "node1", "/k9open")
+    assert len(results) > 10, results
+    slowest = max(d for d, _ in results)
+    assert slowest < 3.0, f"a connection attempt hung {slowest:.1f}s: {results}"
+    assert results[0][1] == "ok", results
+    # Meanwhile plain connections failed at once (refused, then unroutable VIP), never waited.
+    assert {o for _, o in results} <= {"ok", "ConnectionRefusedError", "ConnectionResetError", "OSError"}, results
+    assert "failurePolicy open: removing its capture" in tier.sh("node1", "journalctl -u nodemesh-agent -q -o cat")
+    rc, out = tier.curl("node1", f"http://{tier.vip}/k9open-after")
+    assert rc == 0, out  # meshed again after the restart
+
+
+def test_kill9_failure_policy_closed_refuses_fast(tier: Tier) -> None:
+    tier.sh("node1", "sed -i 's/failurePolicy: open/failurePolicy: closed/' /etc/nodemesh/agent.yaml && "
+                     "systemctl restart nodemesh-agent")
+    try:
+        results = _kill9_and_probe(tier, "node1", "/k9closed")
+        assert len(results) > 10, results
+        slowest = max(d for d, _ in results)
+        assert slowest < 3.0, f"a connection attempt hung {slowest:.1f}s: {results}"
+        assert results[0][1] == "ok", results
+        # Closed: during the gap a connection is refused at once, never sent around the mesh.
+        assert {o for _, o in results} <= {"ok", "ConnectionRefusedError", "ConnectionResetError"}, results
+        assert "failurePolicy closed: capture stays" in tier.sh("node1", "journalctl -u nodemesh-agent -q -o cat")
+        rc, out = tier.curl("node1", f"http://{tier.vip}/k9closed-after")
+        assert rc == 0, out
+    finally:
+        tier.sh("node1", "sed -i 's/failurePolicy: closed/failurePolicy: open/' /etc/nodemesh/agent.yaml && "
+                         "systemctl restart nodemesh-agent")
+
+
+def test_uninstall_leaves_nothing_behind(tier: Tier) -> None:
+    out = tier.sh("node2", "nodemesh uninstall agent --purge")
+    assert "unit" in out and "capture" in out
+    leftovers = tier.sh("node2", "ls /etc/systemd/system/nodemesh-agent.service /var/lib/nodemesh "
+                                 "/var/lib/nodemesh-install /etc/nodemesh/agent.yaml "
+                                 "/sys/fs/cgroup/system.slice/nodemesh-agent.service 2>/dev/null; "
+                                 "iptables-save | grep -i nodemesh; nft list ruleset | grep -i nodemesh; "
+                                 "ip route | grep 'proto 151'; ip rule | grep -v -E '^(0|32766|32767):'; "
+                                 "getent passwd nodemesh; pgrep -f '[n]odemesh agent|[n]odeagent.proxy'; true")
+    assert leftovers.strip() == "", leftovers
+    assert tier.prop("node2", "LoadState") == "not-found"
+    out = tier.sh("cp", "nodemesh uninstall controlplane --purge")
+    leftovers = tier.sh("cp", "ls /etc/systemd/system/nodemesh-controlplane.service /var/lib/nodemesh-cp "
+                              "/run/nodemesh 2>/dev/null; getent passwd nodemesh-cp; pgrep -f '[c]ontrolplane serve'; true")
+    assert leftovers.strip() == "", leftovers
