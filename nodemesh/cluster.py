@@ -43,6 +43,17 @@ class ClusterError(RuntimeError):
     pass
 
 
+def _cgroup_files(cg: Path, name: str) -> list[Path]:
+    """`name` in cg and every cgroup below it; os.walk tolerates cgroups that
+    vanish while it looks (a stopping machine removes its own)."""
+    return [Path(d) / name for d, _, files in os.walk(cg) if name in files]
+
+
+def _cgroup_dirs(cg: Path) -> list[Path]:
+    """cg and every cgroup below it, deepest first (the order rmdir needs)."""
+    return [Path(d) for d, _, _ in os.walk(cg, topdown=False)]
+
+
 def provision_argv(phase: str, *args: str) -> list[str]:
     """A phase of vagrant/provision.sh, as the machines (and the Vagrantfile) run it."""
     return ["bash", "/opt/nodemesh-src/vagrant/provision.sh", phase, *args]
@@ -218,7 +229,7 @@ class Cluster:
         """The machine's PID 1 as seen from the host (it changes when the machine reboots)."""
         pids: set[int] = set()
         for cg in m.cgroups()[:1]:
-            for procs in cg.rglob("cgroup.procs"):
+            for procs in _cgroup_files(cg, "cgroup.procs"):
                 with contextlib.suppress(OSError):
                     pids |= {int(p) for p in procs.read_text().split()}
         for pid in sorted(pids):
@@ -282,21 +293,17 @@ class Cluster:
         if os.path.ismount(m.root):
             _run(["umount", "-R", str(m.root)], check=False)
         for cg in m.cgroups():
-            if cg.exists():
-                for d in sorted((p for p in cg.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-                    with contextlib.suppress(OSError):
-                        d.rmdir()
+            for d in _cgroup_dirs(cg):
                 with contextlib.suppress(OSError):
-                    cg.rmdir()
+                    d.rmdir()
         m.launcher, m.leader = None, 0
 
     def _cgroup_pids(self, m: Machine) -> list[int]:
         pids: list[int] = []
         for cg in m.cgroups():
-            if cg.exists():
-                for procs in cg.rglob("cgroup.procs"):
-                    with contextlib.suppress(OSError):
-                        pids += [int(p) for p in procs.read_text().split()]
+            for procs in _cgroup_files(cg, "cgroup.procs"):
+                with contextlib.suppress(OSError):
+                    pids += [int(p) for p in procs.read_text().split()]
         return pids
 
     # ------------------------------------------------------------ inside a machine
