@@ -61,6 +61,8 @@ class ControlPlaneConfig:
     # Other control plane replicas (several on one etcd), tried in order when `address`
     # cannot be reached: gRPC pick_first over every address (nodeagent/cpchannel.py).
     addresses: tuple[str, ...] = ()
+    # "delta" (incremental ADS: a change sends only what changed) or "sotw" (state of the world).
+    xds_protocol: str = "delta"
 
     @property
     def is_unix(self) -> bool:
@@ -394,13 +396,20 @@ def parse_config(raw: Any) -> AgentConfig:
         f.done()
         return n
 
+    def _xds_protocol(v: Any, path: str) -> str:
+        s = _str(v, path)
+        if s not in ("delta", "sotw"):
+            raise ConfigError(path, f"{s!r} must be delta (incremental ADS, the default) or sotw (state of the world)")
+        return s
+
     def control_plane(v: Any, path: str) -> ControlPlaneConfig:
         f = _Fields(v, path)
         c = ControlPlaneConfig(address=f.get("address", _control_plane_address, required=True),
                                join_token_file=f.get("joinTokenFile", _str, ""),
                                ca_bundle_file=f.get("caBundleFile", _str, ""),
                                join_address=f.get("joinAddress", _control_plane_address, ""),
-                               addresses=f.get("addresses", _list(_replica_address), ()))
+                               addresses=f.get("addresses", _list(_replica_address), ()),
+                               xds_protocol=f.get("xdsProtocol", _xds_protocol, "delta"))
         if c.addresses:
             _replica_address(c.address, f.sub("address"))
         f.done()

@@ -380,17 +380,23 @@ class SnapshotCache:
         return queue, cancel
 
     def create_delta_watch(self, node_id: str, type_url: str, sub: DeltaSubscription,
-                           known: Mapping[str, str]
+                           known: Mapping[str, str], answer_now: bool = False
                            ) -> tuple[asyncio.Queue[DeltaWatchResponse], Callable[[], None]]:
         """Ask for what a client holding `known` (name -> resource version, see
         NOT_FOUND and UNCERTAIN) lacks under `sub`. The queue gets one response:
         at once when the node's snapshot differs from `known`, else when a new
-        snapshot makes it differ. `cancel()` drops the watch."""
+        snapshot makes it differ. `answer_now`: answer at once even with nothing
+        to send (a stream's first request of a type: an empty answer tells the
+        client it holds everything there is, e.g. no routes at all, instead of
+        leaving it waiting for a first response that would never come).
+        `cancel()` drops the watch."""
         queue: asyncio.Queue[DeltaWatchResponse] = asyncio.Queue(maxsize=1)
         # `known` is not copied: the stream hands over a map it no longer changes.
         w = _DeltaWatch(next(self._ids), node_id, type_url, sub, known, queue)
         snap = self.snapshot_for(node_id)
         resp = _delta_respond(snap, w) if snap is not None else None
+        if resp is None and answer_now and snap is not None and not known:
+            resp = DeltaWatchResponse(type_url, snap.version(type_url), (), (), w.known)
         if resp is not None:
             queue.put_nowait(resp)
         else:

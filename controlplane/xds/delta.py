@@ -233,7 +233,7 @@ async def serve_delta(observer: AdsObserver, cache: SnapshotCache, control_plane
                         stats.acks += 1
                 st.sub, st.known = apply_subscription(st.sub, st.known, req, first)
                 st.stop_watch()
-                q, cancel = cache.create_delta_watch(node_id, req.type_url, st.sub, st.known)
+                q, cancel = cache.create_delta_watch(node_id, req.type_url, st.sub, st.known, answer_now=first)
                 st.watch_id = next(watch_ids)
                 st.cancel = cancel
                 st.forwarder = asyncio.create_task(forward(req.type_url, st.watch_id, q))

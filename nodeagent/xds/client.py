@@ -1,5 +1,9 @@
-"""ADS state-of-the-world client: subscribes to nodemesh's types as wildcards,
-ACKs or NACKs each response, and hands every accepted, complete Snapshot on.
+"""The agent's ADS client: Delta (incremental) by default, state of the world
+on request (controlPlane.xdsProtocol). Subscribes to nodemesh's types as
+wildcards, ACKs or NACKs each response, and hands every accepted, complete
+Snapshot on. With Delta a change carries only the resources that changed, and
+a reconnect sends the versions held (initial_resource_versions), so the
+control plane sends only what the agent lacks.
 
 The last good snapshot survives stream failures; the client reconnects with
 capped exponential backoff and jitter.
@@ -20,13 +24,17 @@ from google.rpc import status_pb2
 import nodemesh
 from nodeagent import cpchannel
 from nodeagent.snapshot import LocalWorkload, Snapshot
-from nodeagent.xds.convert import NamedResource, XdsState
+from nodeagent.xds.convert import ApplyResult, NamedResource, XdsState
 from nodemesh import xdsnames
 
 log = logging.getLogger(__name__)
 
 BACKOFF_INITIAL_S = 0.2
 BACKOFF_CAP_S = 5.0
+DELTA = "delta"
+SOTW = "sotw"
+PROTOCOLS = (DELTA, SOTW)
+WILDCARD = "*"
 
 
 def backoff_delay(attempt: int, initial: float = BACKOFF_INITIAL_S, cap: float = BACKOFF_CAP_S,
@@ -59,6 +67,17 @@ def nack(type_url: str, previous_version: str, response: discovery_pb2.Discovery
                                           response_nonce=response.nonce, error_detail=detail)
 
 
+def delta_ack(response: discovery_pb2.DeltaDiscoveryResponse) -> discovery_pb2.DeltaDiscoveryRequest:
+    return discovery_pb2.DeltaDiscoveryRequest(type_url=response.type_url, response_nonce=response.nonce)
+
+
+def delta_nack(response: discovery_pb2.DeltaDiscoveryResponse,
+               errors: Sequence[str]) -> discovery_pb2.DeltaDiscoveryRequest:
+    detail = status_pb2.Status(code=3, message="; ".join(errors))
+    return discovery_pb2.DeltaDiscoveryRequest(type_url=response.type_url, response_nonce=response.nonce,
+                                               error_detail=detail)
+
+
 class AdsClient:
     def __init__(
         self,
@@ -72,7 +91,11 @@ class AdsClient:
         types: Sequence[str] = xdsnames.AGENT_TYPES,
         backoff_initial_s: float = BACKOFF_INITIAL_S,
         backoff_cap_s: float = BACKOFF_CAP_S,
+        protocol: str = DELTA,
     ) -> None:
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"xDS protocol {protocol!r} must be one of {', '.join(PROTOCOLS)}")
+        self.protocol = protocol
         self.target = target
         self.node_name = node_name
         self.zone = zone
@@ -142,28 +165,66 @@ class AdsClient:
             for t in self.types
         ]
 
+    def initial_delta_requests(self) -> list[discovery_pb2.DeltaDiscoveryRequest]:
+        """One explicit wildcard subscription per type, with the version of every
+        resource already held (after a reconnect), so that only what changed
+        meanwhile is sent again."""
+        node = node_proto(self.node_name, self.zone)
+        return [
+            discovery_pb2.DeltaDiscoveryRequest(
+                node=node, type_url=t, resource_names_subscribe=[WILDCARD],
+                initial_resource_versions=self.state.resource_versions.get(t, {}))
+            for t in self.types
+        ]
+
     async def _session(self) -> bool:
         """One stream; returns whether any response arrived (resets backoff)."""
-        queue: asyncio.Queue[discovery_pb2.DiscoveryRequest] = asyncio.Queue()
-        for r in self.initial_requests():
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        delta = self.protocol == DELTA
+        for r in self.initial_delta_requests() if delta else self.initial_requests():
             queue.put_nowait(r)
 
-        async def requests() -> AsyncIterator[discovery_pb2.DiscoveryRequest]:
+        async def requests() -> AsyncIterator[object]:
             while True:
                 yield await queue.get()
 
         got_response = False
         async with cpchannel.open_channel(self.target) as channel:
             stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
-            call = stub.StreamAggregatedResources(requests())
-            log.info("xDS: connecting to %s as node %s", self.target, self.node_name)
+            call = (stub.DeltaAggregatedResources(requests()) if delta
+                    else stub.StreamAggregatedResources(requests()))
+            log.info("xDS: connecting to %s as node %s (%s)", self.target, self.node_name,
+                     "Delta" if delta else "state of the world")
             async for response in call:
                 if not got_response:
                     got_response = True
                     self._set_connected(True)
                     log.info("xDS: connected to %s", self.target)
-                queue.put_nowait(self.handle_response(response))
+                queue.put_nowait(self.handle_delta_response(response) if delta
+                                 else self.handle_response(response))
         return got_response
+
+    def handle_delta_response(self, response: discovery_pb2.DeltaDiscoveryResponse
+                              ) -> discovery_pb2.DeltaDiscoveryRequest:
+        """Apply one Delta response and return the ACK or NACK to send."""
+        type_url = response.type_url
+        if type_url not in self.types:
+            self.nacks += 1
+            return delta_nack(response, [f"type {type_url} was not subscribed to"])
+        result = self.state.apply_delta(
+            type_url, response.system_version_info,
+            [NamedResource(r.name, r.resource) for r in response.resources],
+            list(response.removed_resources), {r.name: r.version for r in response.resources})
+        if not result.accepted:
+            self.nacks += 1
+            self.last_error = result.error_detail
+            log.error("xDS: rejected a Delta %s response (%d resources, %d removed): %s; the previous copies "
+                      "stay in force", type_url.rsplit(".", 1)[-1], len(response.resources),
+                      len(response.removed_resources), result.error_detail)
+            return delta_nack(response, result.errors)
+        self.acks += 1
+        self._after_accept(result)
+        return delta_ack(response)
 
     def handle_response(self, response: discovery_pb2.DiscoveryResponse) -> discovery_pb2.DiscoveryRequest:
         """Apply one response and return the ACK or NACK to send."""
@@ -183,6 +244,10 @@ class AdsClient:
         self.acks += 1
         log.debug("xDS: accepted %s version %s (%d resources)", type_url, response.version_info,
                   len(response.resources))
+        self._after_accept(result)
+        return ack(type_url, response)
+
+    def _after_accept(self, result: ApplyResult) -> None:
         if result.snapshot is not None:
             log.info("xDS: snapshot %s (%d services, %d workloads)", result.snapshot.version,
                      len(result.snapshot.services), len(result.snapshot.workloads))
@@ -190,4 +255,3 @@ class AdsClient:
         elif not self.state.complete:
             waiting = [t.rsplit(".", 1)[-1] for t in self.types if t not in self.state.versions]
             log.info("xDS: waiting for the first %s before publishing a snapshot", ", ".join(waiting))
-        return ack(type_url, response)

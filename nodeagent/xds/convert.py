@@ -347,8 +347,12 @@ class NamedResource:
     resource: any_pb2.Any
 
 
-def convert_batch(type_url: str, resources: Sequence[NamedResource]) -> tuple[dict[str, Any], tuple[str, ...]]:
-    """Convert every resource of one response. Returns (name -> converted, errors)."""
+def convert_batch(type_url: str, resources: Sequence[NamedResource],
+                  whole_set: bool = True) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """Convert every resource of one response. Returns (name -> converted, errors).
+    `whole_set`: the response is the type's whole set (state of the world), so the
+    resources every set must hold are checked here; a Delta response carries only
+    changes, and XdsState checks the merged set instead (required_errors)."""
     if type_url not in _MESSAGES:
         return {}, (f"type {type_url} is not one nodemesh subscribes to",)
     out: dict[str, Any] = {}
@@ -384,13 +388,20 @@ def convert_batch(type_url: str, resources: Sequence[NamedResource]) -> tuple[di
             out[name] = converted
         except ResourceError as e:
             errors.append(f"{label}: {e}")
-    if type_url == xdsnames.POLICY and not errors and xdsnames.MESH_SECURITY_RESOURCE not in out:
-        errors.append(f"{xdsnames.MESH_SECURITY_RESOURCE}: the response holds no mesh security settings; "
-                      "the agent needs them (mTLS mode, default deny)")
-    if type_url == xdsnames.MESH_CONFIG and not errors and xdsnames.MESH_CONFIG_NAME not in out:
-        errors.append(f"{xdsnames.MESH_CONFIG_NAME}: the response holds no MeshConfig named "
-                      f"{xdsnames.MESH_CONFIG_NAME!r}; the agent needs it (trust domain)")
+    if whole_set and not errors:
+        errors += required_errors(type_url, out)
     return out, tuple(errors)
+
+
+def required_errors(type_url: str, whole: Mapping[str, Any]) -> list[str]:
+    """What a type's whole set must hold for the agent to work."""
+    if type_url == xdsnames.POLICY and xdsnames.MESH_SECURITY_RESOURCE not in whole:
+        return [(f"{xdsnames.MESH_SECURITY_RESOURCE}: the response holds no mesh security settings; "
+                "the agent needs them (mTLS mode, default deny)")]
+    if type_url == xdsnames.MESH_CONFIG and xdsnames.MESH_CONFIG_NAME not in whole:
+        return [(f"{xdsnames.MESH_CONFIG_NAME}: the response holds no MeshConfig named "
+                f"{xdsnames.MESH_CONFIG_NAME!r}; the agent needs it (trust domain)")]
+    return []
 
 
 def build_snapshot(version: str, node: str, local_workloads: Sequence[LocalWorkload],
@@ -468,6 +479,9 @@ class XdsState:
     versions: dict[str, str] = field(default_factory=dict)
     snapshot: Snapshot | None = None
     local_generation: int = 0  # bumped when the agent's own workload list changes
+    # Delta: the version of each resource held (name -> version), sent back as
+    # initial_resource_versions after a reconnect so nothing held is sent again.
+    resource_versions: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -498,9 +512,38 @@ class XdsState:
         return self.snapshot
 
     def apply(self, type_url: str, version: str, resources: Sequence[NamedResource]) -> ApplyResult:
+        """A state-of-the-world response: `resources` is the type's whole set."""
         converted, errors = convert_batch(type_url, resources)
         if errors:
             return ApplyResult(False, errors)
+        return self._install(type_url, version, converted)
+
+    def apply_delta(self, type_url: str, system_version: str, resources: Sequence[NamedResource],
+                    removed: Sequence[str], resource_versions: Mapping[str, str]) -> ApplyResult:
+        """A Delta response: `resources` changed or are new (every one named),
+        `removed` are gone. Only the changed resources are converted; the merged
+        set must still hold what every set must. All or nothing, as apply()."""
+        if any(not r.name for r in resources):
+            return ApplyResult(False, ("a Delta resource without a name",))
+        converted, errors = convert_batch(type_url, resources, whole_set=False)
+        if errors:
+            return ApplyResult(False, errors)
+        merged = dict(self.resources.get(type_url, {}))
+        merged.update(converted)
+        for n in removed:
+            merged.pop(n, None)
+        missing = required_errors(type_url, merged)
+        if missing:
+            return ApplyResult(False, tuple(missing))
+        result = self._install(type_url, system_version, merged)
+        if result.accepted:
+            held = self.resource_versions.setdefault(type_url, {})
+            held.update(resource_versions)
+            for n in removed:
+                held.pop(n, None)
+        return result
+
+    def _install(self, type_url: str, version: str, converted: dict[str, Any]) -> ApplyResult:
         prev_resources = self.resources.get(type_url)
         prev_version = self.versions.get(type_url)
         self.resources[type_url] = converted

@@ -60,6 +60,7 @@ def test_unix_control_plane_is_not_excluded() -> None:
     (lambda d: d["node"].pop("name"), "node.name", "is required"),
     (lambda d: d["node"].update(address="nope"), "node.address", "not an IP address"),
     (lambda d: d["controlPlane"].update(address="nohost"), "controlPlane.address", "host:port"),
+    (lambda d: d["controlPlane"].update(xdsProtocol="grpc"), "controlPlane.xdsProtocol", "delta"),
     (lambda d: d["capture"].update(mode="carrier-pigeon"), "capture.mode", "must be one of"),
     (lambda d: d["capture"].update(excludeCidrs=["10.0.0.0/33"]), "capture.excludeCidrs[0]", "not a CIDR"),
     (lambda d: d["capture"].update(failurePolicy="maybe"), "capture.failurePolicy", "must be one of"),
@@ -82,6 +83,13 @@ def test_bad_fields_are_named(mutate: Any, path: str, reason: str) -> None:
     err = error_of(doc)
     assert err.path == path, str(err)
     assert reason in err.reason, str(err)
+
+
+def test_xds_protocol_is_delta_unless_set() -> None:
+    assert parse_config(raw()).control_plane.xds_protocol == "delta"
+    doc = raw()
+    doc["controlPlane"]["xdsProtocol"] = "sotw"
+    assert parse_config(doc).control_plane.xds_protocol == "sotw"
 
 
 def test_config_objects_are_frozen() -> None:

@@ -341,3 +341,17 @@ def test_request_without_type_url_is_refused() -> None:
             raise AssertionError("a request without type_url was accepted")
 
     serve(body)
+
+
+def test_an_empty_type_is_answered_once_so_a_new_client_is_not_left_waiting() -> None:
+    async def body(cache: SnapshotCache, ads: AdsServicer, ch: grpc.aio.Channel) -> None:
+        cache.set_default(XdsSnapshot.from_resources({T: {}}))
+        c = DeltaClient(ch)
+        await c.send(dreq(("*",)))
+        r = await c.recv()
+        assert names(r) == [] and list(r.removed_resources) == [] and r.nonce
+        await c.ack(r)
+        assert await c.nothing()
+        c.close()
+
+    serve(body)

@@ -58,10 +58,10 @@ def response(type_url: str, version: str, nonce: str, *msgs: Message) -> discove
                                            resources=[pack(m) for m in msgs])
 
 
-async def start_server(servicer: Any, add: Any) -> tuple[grpc.aio.Server, str]:
+async def start_server(servicer: Any, add: Any, port: int = 0) -> tuple[grpc.aio.Server, str]:
     server = grpc.aio.server()
     add(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     return server, f"127.0.0.1:{port}"
 
@@ -73,7 +73,7 @@ def test_ack_nack_and_reconnect() -> None:
         snaps: list[Snapshot] = []
         conn: list[bool] = []
         client = AdsClient(target, "node-1", LOCAL, snaps.append, on_connection=conn.append,
-                           backoff_initial_s=0.05, backoff_cap_s=0.1)
+                           backoff_initial_s=0.05, backoff_cap_s=0.1, protocol="sotw")
         task = asyncio.get_running_loop().create_task(client.run())
         try:
             # Wildcard subscription to every agent type, node id = node name.
@@ -129,6 +129,90 @@ def test_ack_nack_and_reconnect() -> None:
     asyncio.run(main())
 
 
+def _mesh_snapshot(web_ip: str = "10.0.0.3", *, extra: bool = False, bad: bool = False) -> Any:
+    from controlplane.xds.cache import XdsSnapshot
+
+    clusters = [cluster()] + ([cluster("api", port=0 if bad else 81)] if extra else [])
+    assignments = [assignment(ip=web_ip)] + ([assignment("api", port=0 if bad else 81)] if extra else [])
+    return XdsSnapshot.from_resources({
+        xdsnames.MESH_CONFIG: {"mesh": pack(mesh_config())},
+        xdsnames.WORKLOAD: {"node-2/default/web-2": pack(workload(ip=web_ip))},
+        xdsnames.CLUSTER: {c.name: pack(c) for c in clusters},
+        xdsnames.ENDPOINT: {a.cluster_name: pack(a) for a in assignments},
+        xdsnames.POLICY: {"MeshSecurity//mesh": pack(mesh_security())},
+        xdsnames.ROUTE: {},
+    })
+
+
+def test_delta_is_the_default_and_sends_only_changes_to_the_real_servicer() -> None:
+    """The agent's Delta client against the control plane's own ADS servicer and
+    cache over gRPC: the first snapshot, then a change that carries one resource,
+    a NACKed change that leaves the snapshot alone, and a reconnect that sends
+    nothing already held."""
+    from controlplane.xds.cache import SnapshotCache
+    from controlplane.xds.server import AdsServicer, add_to_server
+
+    async def main() -> None:
+        cache = SnapshotCache()
+        cache.set_default(_mesh_snapshot())
+        ads = AdsServicer(cache)
+        server, target = await start_server(ads, add_to_server)
+        snaps: list[Snapshot] = []
+        client = AdsClient(target, "node-1", LOCAL, snaps.append, backoff_initial_s=0.05, backoff_cap_s=0.1)
+        assert client.protocol == "delta"
+        task = asyncio.get_running_loop().create_task(client.run())
+
+        async def until(pred: Any) -> None:
+            for _ in range(500):
+                if pred():
+                    return
+                await asyncio.sleep(0.01)
+            raise AssertionError(f"condition not reached: {ads.stats} {client.last_error} {client.state.versions}")
+
+        try:
+            await until(lambda: snaps and ads.stats.acks >= len(xdsnames.AGENT_TYPES))
+            assert ads.stats.delta_streams_opened == 1 and ads.stats.nacks == 0
+            assert snaps[-1].services[0].ports[0].endpoints[0].ip == "10.0.0.3"
+            sent = sum(r["bytes_sent"] for r in ads.sync.rows())
+            responses = ads.stats.responses
+
+            # One endpoint moves: one Workload and one ClusterLoadAssignment travel, nothing else.
+            cache.set_default(_mesh_snapshot("10.0.0.4"))
+            await until(lambda: snaps[-1].services[0].ports[0].endpoints[0].ip == "10.0.0.4")
+            await until(lambda: all(r["state"] == "synced" for r in ads.sync.rows()))
+            assert ads.stats.responses - responses == 2
+            assert sum(r["bytes_sent"] for r in ads.sync.rows()) - sent < 1500
+
+            # A bad new cluster: NACKed with the reason, the snapshot in force stays.
+            n_snaps = len(snaps)
+            cache.set_default(_mesh_snapshot("10.0.0.4", extra=True, bad=True))
+            await until(lambda: ads.stats.nacks == 1)
+            assert "port 0" in ads.stats.last_nack
+            assert [s.key for s in snaps[-1].services] == ["default/web"] and len(snaps) >= n_snaps
+            assert {r["type"]: r["state"] for r in ads.sync.rows()}["Cluster"] == "nacked"
+
+            # Reconnect: the held versions go back, so nothing already held is sent again.
+            cache.set_default(_mesh_snapshot("10.0.0.4"))
+            await until(lambda: ads.stats.acks >= len(xdsnames.AGENT_TYPES) + 4
+                        and all(r["state"] == "synced" for r in ads.sync.rows()))
+            n_snaps, responses = len(snaps), ads.stats.responses
+            await server.stop(None)
+            server, _ = await start_server(ads, add_to_server, port=int(target.rsplit(":", 1)[1]))
+            await until(lambda: ads.stats.delta_streams_opened == 2 and ads.stats.streams_active == 1)
+            await asyncio.sleep(0.3)
+            # Only the empty Route type is answered again (held: nothing; exists: nothing).
+            rows = {r["type"]: r for r in ads.sync.rows()}
+            assert ads.stats.responses - responses == 1 and rows["RouteConfiguration"]["responses"] == 1
+            assert sum(r["responses"] for r in rows.values()) == 1 and ads.stats.nacks == 1
+            assert client.snapshot is snaps[-1]
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await server.stop(None)
+
+    asyncio.run(main())
+
+
 def test_reconnects_while_control_plane_is_down() -> None:
     async def main() -> None:
         # Nothing listens on this port at first; the client keeps trying.
@@ -137,7 +221,8 @@ def test_reconnects_while_control_plane_is_down() -> None:
         await probe.start()
         await probe.stop(None)
         target = f"127.0.0.1:{port}"
-        client = AdsClient(target, "node-1", (), lambda s: None, backoff_initial_s=0.05, backoff_cap_s=0.1)
+        client = AdsClient(target, "node-1", (), lambda s: None, backoff_initial_s=0.05, backoff_cap_s=0.1,
+                           protocol="sotw")
         task = asyncio.get_running_loop().create_task(client.run())
         await asyncio.sleep(0.3)
         assert not client.connected and client.last_error
