@@ -1,0 +1,509 @@
+"""Fleet simulator: N simulated node agents in one process against a real
+control plane in its own process, to measure what a fleet costs the control
+plane (issue 13).
+
+Each simulated agent does what a node agent does on the wire, nothing less:
+- joins with a one-time token (NodeAttestation.Join over the server-only TLS
+  port, a CSR for its own key) and gets a node certificate;
+- opens one mutual-TLS channel with that certificate;
+- holds a registry session (Registry.Session: registers its workloads,
+  heartbeats at a third of the lease);
+- holds an ADS stream (Delta by default, or state of the world) subscribed to
+  every agent type, decodes every response and ACKs it.
+It does not run a proxy or build the agent's Snapshot (that is per-node CPU
+the control plane never sees).
+
+Measured, with the control plane's CPU and RSS read from /proc:
+- join storm: all N join at once; time until every agent holds every
+  workload of the mesh; CPU; no lease expiry, no reconnect loop;
+- route change (an HTTPRoute applied) and one workload start (a node
+  re-registers with one more workload): per node, the time from the API call
+  (or the re-registration) until the node has ACKed the change; p50/p99/max,
+  total bytes received by all agents, control plane CPU per change;
+- control plane memory per connected node, and its RSS over a soak of
+  heartbeats.
+
+    .venv/bin/python bench/fleet.py --nodes 100 [--protocol delta|sotw] [--out FILE]
+
+Raw results go to --out as JSON (docs/bench-data/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from envoy.service.discovery.v3 import discovery_pb2
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from controlplane.admincli import AdminClient
+from controlplane.client import ConfigClient
+from nodeagent.attest import node_csr
+from nodemesh import xdsnames
+from nodemesh.v1 import mesh_pb2, mesh_pb2_grpc
+
+ADS = "/envoy.service.discovery.v3.AggregatedDiscoveryService/"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pctl(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {"n": len(values), "p50": pctl(values, 0.5), "p99": pctl(values, 0.99), "max": max(values or [0.0]),
+            "mean": statistics.fmean(values) if values else float("nan")}
+
+
+class Proc:
+    """The control plane process: CPU seconds and RSS from /proc."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def cpu_s(self) -> float:
+        with open(f"/proc/{self.pid}/stat") as f:
+            parts = f.read().rsplit(")", 1)[1].split()
+        return (int(parts[11]) + int(parts[12])) / CLK_TCK  # utime, stime
+
+    def rss_mb(self) -> float:
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return float("nan")
+
+
+def self_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+# ------------------------------------------------------------------ one simulated agent
+
+
+@dataclass
+class Agent:
+    name: str
+    index: int
+    workloads: list[mesh_pb2.WorkloadRegistration]
+    key: ec.EllipticCurvePrivateKey
+    csr: str
+    token: str = ""
+    held: dict[str, dict[str, str]] = field(default_factory=dict)  # type -> name -> version
+    sotw_versions: dict[str, str] = field(default_factory=dict)
+    ads_streams: int = 0
+    ads_errors: int = 0
+    registry_sessions: int = 0
+    registry_errors: int = 0
+    bytes_received: int = 0
+    responses: int = 0
+    nacks: int = 0
+    channel: grpc.aio.Channel | None = None
+    outbox: asyncio.Queue[mesh_pb2.NodeReport] | None = None
+    registration: mesh_pb2.NodeRegistration | None = None
+
+    def count(self, type_url: str) -> int:
+        return len(self.held.get(type_url, {}))
+
+
+class Fleet:
+    def __init__(self, args: argparse.Namespace, cp_target: str, ca_pem: bytes, admin: str) -> None:
+        self.args = args
+        self.cp_target = cp_target
+        self.join_target = f"127.0.0.1:{int(cp_target.rsplit(':', 1)[1]) + 1}"
+        self.ca_pem = ca_pem
+        self.admin = admin
+        self.agents: list[Agent] = []
+        self.watchers: list[tuple[Any, asyncio.Future[None], dict[str, float]]] = []
+        self.tasks: list[asyncio.Task[None]] = []
+        self.lease_s = 15.0
+
+    # -- checks run after every response --
+    def watch(self, pred: Any) -> tuple[asyncio.Future[None], dict[str, float]]:
+        """Resolve when pred(agent) holds for every agent; record per-agent times."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done: dict[str, float] = {}
+        for a in self.agents:
+            if pred(a):
+                done[a.name] = time.monotonic()
+        self.watchers.append((pred, fut, done))
+        self._check_done()
+        return fut, done
+
+    def _observe(self, a: Agent) -> None:
+        now = time.monotonic()
+        for pred, _fut, done in self.watchers:
+            if a.name not in done and pred(a):
+                done[a.name] = now
+        self._check_done()
+
+    def _check_done(self) -> None:
+        for entry in list(self.watchers):
+            _pred, fut, done = entry
+            if len(done) == len(self.agents) and not fut.done():
+                fut.set_result(None)
+                self.watchers.remove(entry)
+
+    # -- join --
+    async def join(self, a: Agent) -> None:
+        creds = grpc.ssl_channel_credentials(root_certificates=self.ca_pem)
+        async with grpc.aio.secure_channel(self.join_target, creds) as ch:
+            resp = await mesh_pb2_grpc.NodeAttestationStub(ch).Join(  # type: ignore[no-untyped-call]
+                mesh_pb2.JoinRequest(token=a.token, node_name=a.name, csr_pem=a.csr), timeout=60)
+        chain = "".join(resp.node_cert_chain).encode()
+        key_pem = a.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption())
+        a.channel = grpc.aio.secure_channel(
+            self.cp_target, grpc.ssl_channel_credentials(root_certificates=self.ca_pem, private_key=key_pem,
+                                                         certificate_chain=chain),
+            options=(("grpc.max_receive_message_length", 64 * 1024 * 1024),))
+
+    # -- registry session --
+    async def registry(self, a: Agent) -> None:
+        assert a.channel is not None
+        a.registration = mesh_pb2.NodeRegistration(
+            node_name=a.name, addresses=[f"10.{a.index // 65536}.{a.index // 256 % 256}.{a.index % 256}"],
+            agent_version="fleet-sim", zone=f"z{a.index % 3}", workloads=a.workloads)
+        while True:
+            outbox: asyncio.Queue[mesh_pb2.NodeReport] = asyncio.Queue()
+            outbox.put_nowait(mesh_pb2.NodeReport(register=a.registration))
+            a.outbox = outbox
+
+            async def reports(q: asyncio.Queue[mesh_pb2.NodeReport] = outbox) -> Any:
+                while True:
+                    yield await q.get()
+
+            async def beat(q: asyncio.Queue[mesh_pb2.NodeReport] = outbox) -> None:
+                await asyncio.sleep(random.uniform(0, self.lease_s / 3))
+                while True:
+                    q.put_nowait(mesh_pb2.NodeReport(heartbeat=mesh_pb2.Heartbeat(
+                        sent_unix_ms=int(time.time() * 1000))))
+                    await asyncio.sleep(self.lease_s / 3)
+
+            a.registry_sessions += 1
+            hb = asyncio.create_task(beat())
+            try:
+                call = mesh_pb2_grpc.RegistryStub(a.channel).Session(reports())  # type: ignore[no-untyped-call]
+                async for grant in call:
+                    self.lease_s = grant.lease_seconds or self.lease_s
+            except grpc.aio.AioRpcError:
+                a.registry_errors += 1
+            finally:
+                hb.cancel()
+                a.outbox = None
+            await asyncio.sleep(0.5)
+
+    def reregister(self, a: Agent, workloads: list[mesh_pb2.WorkloadRegistration]) -> None:
+        assert a.registration is not None and a.outbox is not None
+        a.workloads = workloads
+        del a.registration.workloads[:]
+        a.registration.workloads.extend(workloads)
+        a.outbox.put_nowait(mesh_pb2.NodeReport(register=a.registration))
+
+    # -- ADS --
+    async def ads(self, a: Agent) -> None:
+        assert a.channel is not None
+        delta = self.args.protocol == "delta"
+        from nodeagent.xds.client import node_proto
+
+        while True:
+            q: asyncio.Queue[Any] = asyncio.Queue()
+            for t in xdsnames.AGENT_TYPES:
+                if delta:
+                    q.put_nowait(discovery_pb2.DeltaDiscoveryRequest(
+                        node=node_proto(a.name), type_url=t, resource_names_subscribe=["*"],
+                        initial_resource_versions=a.held.get(t, {})))
+                else:
+                    q.put_nowait(discovery_pb2.DiscoveryRequest(node=node_proto(a.name), type_url=t,
+                                                                version_info=a.sotw_versions.get(t, "")))
+
+            async def requests(q: asyncio.Queue[Any] = q) -> Any:
+                while True:
+                    yield await q.get()
+
+            resp_cls = discovery_pb2.DeltaDiscoveryResponse if delta else discovery_pb2.DiscoveryResponse
+            method = a.channel.stream_stream(
+                ADS + ("DeltaAggregatedResources" if delta else "StreamAggregatedResources"),
+                request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=lambda b, c=resp_cls: (len(b), c.FromString(b)))
+            a.ads_streams += 1
+            try:
+                async for size, resp in method(requests()):
+                    a.bytes_received += size
+                    a.responses += 1
+                    t = resp.type_url
+                    if delta:
+                        held = a.held.setdefault(t, {})
+                        for r in resp.resources:
+                            held[r.name] = r.version
+                        for n in resp.removed_resources:
+                            held.pop(n, None)
+                        q.put_nowait(discovery_pb2.DeltaDiscoveryRequest(type_url=t, response_nonce=resp.nonce))
+                    else:
+                        a.held[t] = {self._sotw_name(t, r): resp.version_info for r in resp.resources}
+                        a.sotw_versions[t] = resp.version_info
+                        q.put_nowait(discovery_pb2.DiscoveryRequest(type_url=t, version_info=resp.version_info,
+                                                                    response_nonce=resp.nonce))
+                    self._observe(a)
+            except grpc.aio.AioRpcError as e:
+                a.ads_errors += 1
+                if a.ads_errors <= 3:
+                    print(f"  {a.name}: ADS stream ended: {e.code().name} {e.details()}", file=sys.stderr)
+            await asyncio.sleep(0.5 + random.random())
+
+    @staticmethod
+    def _sotw_name(type_url: str, r: Any) -> str:
+        # State of the world carries no names beside the resources: take them from the bytes.
+        from nodeagent.xds.convert import _MESSAGES, _name_of
+
+        return _name_of(type_url, _MESSAGES[type_url].FromString(r.value))
+
+    async def start_agent(self, a: Agent) -> None:
+        await self.join(a)
+        self.tasks.append(asyncio.create_task(self.registry(a)))
+        self.tasks.append(asyncio.create_task(self.ads(a)))
+
+
+# ------------------------------------------------------------------ the run
+
+
+def config_docs(services: int, port: int = 80) -> str:
+    docs = []
+    for i in range(services):
+        docs.append(f"""apiVersion: nodemesh.io/v1alpha1
+kind: Service
+metadata: {{name: svc-{i}}}
+spec: {{selector: {{app: svc-{i}}}, ports: [{{port: {port}, targetPort: 8080, protocol: http}}]}}
+""")
+    return "---\n".join(docs)
+
+
+def route_doc(n: int) -> str:
+    return f"""apiVersion: nodemesh.io/v1alpha1
+kind: HTTPRoute
+metadata: {{name: bench-route}}
+spec:
+  parentRefs: [{{name: svc-0}}]
+  rules:
+  - matches: [{{path: {{type: PathPrefix, value: /v{n}}}}}]
+    backendRefs: [{{name: svc-1}}]
+  - backendRefs: [{{name: svc-0}}]
+"""
+
+
+def workload(node: int, j: int, services: int) -> mesh_pb2.WorkloadRegistration:
+    svc = (node * 7 + j) % services
+    return mesh_pb2.WorkloadRegistration(
+        name=f"w{node}-{j}", namespace="default", service_account=f"svc-{svc}", labels={"app": f"svc-{svc}"},
+        ip=f"172.{16 + node // 16384 % 16}.{node // 64 % 256}.{(node % 64) * 4 + j % 4}", ports=[8080])
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="nodemesh-fleet-"))
+    port, web = free_port(), free_port()
+    while web in (port, port + 1):
+        web = free_port()
+    sock = f"unix:{work / 'cp.sock'}"
+    cmd = [sys.executable, "-m", "nodemesh", "controlplane", "serve", "--state-dir", str(work / "cp"),
+           "--listen", sock, "--listen", f"127.0.0.1:{port}", "--web-listen", f"127.0.0.1:{web}",
+           "--lease-seconds", "15", "--log-level", "WARNING"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with open(work / "cp.log", "w") as log:  # noqa: ASYNC230 - once, before anything runs
+        cp = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)  # noqa: ASYNC220
+    proc = Proc(cp.pid)
+    out: dict[str, Any] = {"nodes": args.nodes, "workloads_per_node": args.workloads, "services": args.services,
+                           "protocol": args.protocol, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    try:
+        for _ in range(300):
+            if (work / "cp.sock").exists() and (work / "cp" / "cp-ca.pem").exists():
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)
+        ca_pem = (work / "cp" / "cp-ca.pem").read_bytes()
+        with ConfigClient(sock) as c:
+            c.apply(config_docs(args.services))
+        fleet = Fleet(args, f"127.0.0.1:{port}", ca_pem, sock)
+        for i in range(args.nodes):
+            key = ec.generate_private_key(ec.SECP256R1())
+            name = f"fleet-{i:05d}"
+            fleet.agents.append(Agent(name, i, [workload(i, j, args.services) for j in range(args.workloads)],
+                                      key, node_csr(key, name)))
+        with AdminClient(sock) as admin:
+            for a in fleet.agents:
+                a.token = admin.create_join_token(a.name, 3600).token
+        await asyncio.sleep(1.0)
+        rss0 = proc.rss_mb()
+        out["cp_rss_mb_before_join"] = rss0
+
+        # ---- join storm ----
+        total_wl = args.nodes * args.workloads
+        cpu0, t0, me0 = proc.cpu_s(), time.monotonic(), self_cpu_s()
+        fut, done = fleet.watch(lambda a: a.count(xdsnames.WORKLOAD) >= total_wl)
+        joins = await asyncio.gather(*(fleet.start_agent(a) for a in fleet.agents), return_exceptions=True)
+        failed = [repr(e) for e in joins if isinstance(e, BaseException)]
+        try:
+            await asyncio.wait_for(fut, args.timeout)
+            converged = time.monotonic() - t0
+        except TimeoutError:
+            converged = float("nan")
+        storm_cpu = proc.cpu_s() - cpu0
+        out["join_storm"] = {
+            "converge_s": converged, "cp_cpu_s": storm_cpu, "sim_cpu_s": self_cpu_s() - me0,
+            "join_failures": failed[:5], "n_join_failures": len(failed),
+            "per_node_converge": summary([v - t0 for v in done.values()]),
+            "ads_reconnects": sum(a.ads_streams - 1 for a in fleet.agents),
+            "registry_reconnects": sum(a.registry_sessions - 1 for a in fleet.agents),
+            "bytes_received": sum(a.bytes_received for a in fleet.agents),
+        }
+        print(f"join storm: {args.nodes} nodes converged in {converged:.2f}s, cp cpu {storm_cpu:.1f}s, "
+              f"{out['join_storm']['bytes_received'] / 1e6:.1f} MB", flush=True)
+        await asyncio.sleep(args.settle)
+        rss1 = proc.rss_mb()
+        out["cp_rss_mb_after_join"] = rss1
+        out["cp_mb_per_node"] = (rss1 - rss0) / args.nodes
+
+        # ---- route changes ----
+        route_name = xdsnames.cluster_name("svc-0", "default", 80, "mesh")
+        out["route_changes"] = []
+        with ConfigClient(sock) as c:
+            for n in range(args.changes):
+                before = {a.name: a.held.get(xdsnames.ROUTE, {}).get(route_name) for a in fleet.agents}
+                b0 = sum(a.bytes_received for a in fleet.agents)
+                cpu0, t0 = proc.cpu_s(), time.monotonic()
+                c.apply(route_doc(n))
+                fut, done = fleet.watch(
+                    lambda a, before=before: a.held.get(xdsnames.ROUTE, {}).get(route_name) not in (None, before[a.name]))
+                try:
+                    await asyncio.wait_for(fut, args.timeout)
+                except TimeoutError:
+                    pass
+                await asyncio.sleep(0.3)  # late stragglers' bytes
+                lat = [v - t0 for v in done.values()]
+                res = {"latency": summary(lat), "affected": len(done), "bytes": sum(a.bytes_received for a in fleet.agents) - b0,
+                       "cp_cpu_s": proc.cpu_s() - cpu0}
+                out["route_changes"].append(res)
+                print(f"route change {n}: p50 {res['latency']['p50'] * 1000:.0f} ms p99 "
+                      f"{res['latency']['p99'] * 1000:.0f} ms max {res['latency']['max'] * 1000:.0f} ms, "
+                      f"{res['bytes'] / 1e3:.0f} kB, cp cpu {res['cp_cpu_s']:.2f}s", flush=True)
+                await asyncio.sleep(1.0)
+
+        # ---- workload starts ----
+        out["workload_starts"] = []
+        for n in range(args.changes):
+            a0 = fleet.agents[(n * 37) % len(fleet.agents)]
+            new = mesh_pb2.WorkloadRegistration(
+                name=f"extra-{n}", namespace="default", service_account="svc-1", labels={"app": "svc-1"},
+                ip=f"192.168.{n // 256}.{n % 256}", ports=[8080])
+            wl_name = xdsnames.workload_resource_name(a0.name, "default", new.name)
+            b0 = sum(a.bytes_received for a in fleet.agents)
+            cpu0, t0 = proc.cpu_s(), time.monotonic()
+            fleet.reregister(a0, list(a0.workloads) + [new])
+            fut, done = fleet.watch(lambda a, w=wl_name: w in a.held.get(xdsnames.WORKLOAD, {}))
+            try:
+                await asyncio.wait_for(fut, args.timeout)
+            except TimeoutError:
+                pass
+            await asyncio.sleep(0.3)
+            lat = [v - t0 for v in done.values()]
+            res = {"latency": summary(lat), "affected": len(done),
+                   "bytes": sum(a.bytes_received for a in fleet.agents) - b0, "cp_cpu_s": proc.cpu_s() - cpu0}
+            out["workload_starts"].append(res)
+            print(f"workload start {n}: p50 {res['latency']['p50'] * 1000:.0f} ms p99 "
+                  f"{res['latency']['p99'] * 1000:.0f} ms max {res['latency']['max'] * 1000:.0f} ms, "
+                  f"{res['bytes'] / 1e3:.0f} kB, cp cpu {res['cp_cpu_s']:.2f}s", flush=True)
+            await asyncio.sleep(1.0)
+
+        # ---- soak ----
+        samples = []
+        t_end = time.monotonic() + args.soak
+        cpu0, t0 = proc.cpu_s(), time.monotonic()
+        while time.monotonic() < t_end:
+            samples.append((round(time.monotonic() - t0, 1), proc.rss_mb()))
+            await asyncio.sleep(min(10.0, max(0.1, t_end - time.monotonic())))
+        samples.append((round(time.monotonic() - t0, 1), proc.rss_mb()))
+        out["soak"] = {"seconds": args.soak, "rss_mb": samples,
+                       "cp_cpu_percent": 100 * (proc.cpu_s() - cpu0) / max(0.1, time.monotonic() - t0)}
+        out["final"] = {
+            "ads_reconnects": sum(a.ads_streams - 1 for a in fleet.agents),
+            "registry_reconnects": sum(a.registry_sessions - 1 for a in fleet.agents),
+            "cp_rss_mb": proc.rss_mb(),
+        }
+        with ConfigClient(sock) as c:
+            ps = c.list("proxystatus")
+        states: dict[str, int] = {}
+        for r in ps:
+            st = json.loads(r.status_json)["state"]
+            states[st] = states.get(st, 0) + 1
+        out["final"]["proxystatus_rows_by_state"] = states
+        for t in fleet.tasks:
+            t.cancel()
+        await asyncio.gather(*fleet.tasks, return_exceptions=True)
+        for a in fleet.agents:
+            if a.channel is not None:
+                await a.channel.close()
+        return out
+    finally:
+        cp.send_signal(signal.SIGTERM)
+        try:
+            cp.wait(10)
+        except subprocess.TimeoutExpired:
+            cp.kill()
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nodes", type=int, default=100)
+    p.add_argument("--workloads", type=int, default=2, help="workloads per node")
+    p.add_argument("--services", type=int, default=20)
+    p.add_argument("--protocol", choices=("delta", "sotw"), default="delta")
+    p.add_argument("--changes", type=int, default=3, help="route changes and workload starts, each")
+    p.add_argument("--settle", type=float, default=3.0, help="seconds after the join storm before measuring RSS")
+    p.add_argument("--soak", type=float, default=30.0, help="seconds of heartbeats at the end (RSS sampled)")
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--out", default="", help="write the raw results here (JSON)")
+    p.add_argument("--keep", action="store_true", help="keep the control plane's state dir and log")
+    args = p.parse_args()
+    out = asyncio.run(run(args))
+    text = json.dumps(out, indent=2)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
