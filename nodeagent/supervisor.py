@@ -27,13 +27,15 @@ from nodeagent.config import AgentConfig, ConfigError, load_config
 from nodeagent.dns.server import DnsServer, dns_server_for
 from nodeagent.registry import RegistrySession, registration_from_config
 from nodeagent.settings import Certs, ProxySettings
-from nodeagent.snapshot import Snapshot, SnapshotError
+from nodeagent.snapshot import LocalWorkload, Snapshot, SnapshotError
 from nodeagent.xds.client import AdsClient
 from nodemesh.sdnotify import Notifier
 
 log = logging.getLogger("nodeagent")
 
 HEALTH_CHECK_S = 1.0
+# How often a workload whose cgroup does not exist yet is looked for again.
+CGROUP_RETRY_S = 1.0
 # How long capture waits for the control plane to list this node's own workloads.
 OWN_WORKLOADS_WAIT_S = 5.0
 
@@ -73,6 +75,30 @@ def resolve_control_plane(config: AgentConfig) -> tuple[str, ...]:
                          "on this node?") from None
     ips = {str(info[4][0]) for info in infos}
     return tuple(sorted(f"{ip}/{ipaddress.ip_address(ip).max_prefixlen}" for ip in ips))
+
+
+def cgroup2_root() -> str:
+    """The cgroup v2 mount workload cgroup paths are relative to ("" if none)."""
+    from nodeagent.capture import ebpf
+
+    try:
+        return ebpf.cgroup2_mount()
+    except CaptureError:
+        return ""
+
+
+def split_by_cgroup(workloads: tuple[LocalWorkload, ...]) -> tuple[tuple[LocalWorkload, ...],
+                                                                  tuple[LocalWorkload, ...]]:
+    """(workloads capture can select now, workloads whose declared cgroup does
+    not exist). iptables refuses a whole ruleset naming a missing cgroup and a
+    cgroup attach needs the directory, so the missing ones wait."""
+    if not any(w.cgroup for w in workloads):
+        return workloads, ()
+    root = cgroup2_root()
+    if not root:
+        return workloads, ()  # cannot tell: let capture report it
+    missing = tuple(w for w in workloads if w.cgroup and not os.path.isdir(os.path.join(root, w.cgroup.strip("/"))))
+    return tuple(w for w in workloads if w not in missing), missing
 
 
 def identities_for(snapshot: Snapshot) -> set[str]:
@@ -115,7 +141,9 @@ class Agent:
         dns_port = config.dns.port if config.dns.enabled and not getattr(self, "dns_failed", False) else None
         # `auto` probes once; later rebuilds (reload, DNS failure) keep that backend.
         mode = getattr(self, "capture_mode", "") or config.capture.mode
-        choice = capture_select.choose(mode, self.settings, config.local_workloads(),
+        present, missing = split_by_cgroup(config.local_workloads())
+        self._note_pending(missing)
+        choice = capture_select.choose(mode, self.settings, present,
                                        failure_policy=config.capture.failure_policy, dns_port=dns_port)
         if not getattr(self, "capture_mode", ""):
             self.capture_mode, self.capture_reason = choice.mode, choice.reason
@@ -132,6 +160,39 @@ class Agent:
         self.failover.failure_policy = config.capture.failure_policy
         return choice.backend
 
+    def _note_pending(self, missing: tuple[LocalWorkload, ...]) -> None:
+        """Workloads whose cgroup does not exist (yet): named once each, captured
+        when it appears (_watch_cgroups), never a reason to capture nobody."""
+        before = {w.key for w in getattr(self, "pending", ())}
+        self.pending = missing
+        for w in missing:
+            if w.key not in before:
+                log.error("workload %s: its cgroup %r does not exist (yet) under the cgroup v2 mount %s; capturing "
+                          "the other workloads, and this one as soon as the cgroup appears (cgroup paths are "
+                          "relative to the cgroup v2 mount, e.g. system.slice/web.service)",
+                          w.key, w.cgroup, cgroup2_root() or "?")
+        for key in before - {w.key for w in missing}:
+            log.info("workload %s: its cgroup appeared; capturing it", key)
+
+    async def _watch_cgroups(self) -> None:
+        """Every CGROUP_RETRY_S while a declared cgroup is missing: once it exists,
+        rebuild capture with it (the running capture stays meanwhile)."""
+        while not self._stop.is_set():
+            try:
+                await asyncio.wait_for(self._stop.wait(), CGROUP_RETRY_S)
+            except TimeoutError:
+                pass
+            if self._stop.is_set() or not self.pending or not self.capture_installed:
+                continue
+            _, missing = split_by_cgroup(self.config.local_workloads())
+            if {w.key for w in missing} != {w.key for w in self.pending}:
+                self.capture = self._capture_for(self.config)
+                await self._install_capture()
+                # The workers resolve cgroup ids once per snapshot: send it again so
+                # they recognise the new cgroup's connections as that workload's.
+                self._published = None
+                self._publish()
+
     # ------------------------------------------------------------ status file
 
     def status(self) -> dict[str, Any]:
@@ -143,6 +204,8 @@ class Agent:
             "phase": self.phase,
             "capture_installed": self.capture_installed,
             "capture_error": self.capture_error,
+            "capture_pending": [{"workload": w.key, "cgroup": w.cgroup, "reason": "cgroup does not exist"}
+                                for w in getattr(self, "pending", ())],
             "capture_backend": self.capture_mode,
             "capture_backend_reason": self.capture_reason,
             "capture_inbound": self.settings.inbound_mode,
@@ -481,6 +544,7 @@ class Agent:
         # listeners vanishing, and back once they return.
         tasks.append(asyncio.get_running_loop().create_task(self.failover.run(
             lambda: self.capture, lambda: self.capture_installed, self.write_status, self._stop), name="failover"))
+        tasks.append(asyncio.get_running_loop().create_task(self._watch_cgroups(), name="pending-cgroups"))
         self.phase = "running"
         self.write_status()
         self.notifier.ready(self._ready_status())
