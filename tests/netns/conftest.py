@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -47,10 +47,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
     setattr(item, "rep_" + rep.when, rep)
 
 
-@pytest.fixture
-def mesh(lab: Lab) -> Lab:
-    """Two nodes: web-1 on node 1 is NOT started (so cross-node is forced unless a test adds it),
-    web-2 on node 2, and a client on node 1."""
+def base_mesh(lab: Lab) -> None:
+    """The control plane with BASE_CONFIG, web-2 (started) on node 2 and a client on node 1; no agents yet."""
     lab.start_controlplane()
     lab.apply(BASE_CONFIG)
     lab.add_workload(LabWorkload("web-2", node=2, uid=WEB_UID, ports=(8080,), service_account="web",
@@ -58,6 +56,13 @@ def mesh(lab: Lab) -> Lab:
     lab.add_workload(LabWorkload("client", node=1, uid=CLIENT_UID, service_account="client",
                                  labels={"app": "client"}))
     lab.start_app("web-2")
+
+
+@pytest.fixture
+def mesh(lab: Lab) -> Lab:
+    """Two nodes: web-1 on node 1 is NOT started (so cross-node is forced unless a test adds it),
+    web-2 on node 2, and a client on node 1."""
+    base_mesh(lab)
     lab.start_agent(1)
     lab.start_agent(2)
     # Discovery is eventually consistent: node-1 learns of web-2 one registry update

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from nodemesh.lab import Lab, LabWorkload, cgroup2_root
-from tests.netns.conftest import BASE_CONFIG, CLIENT_UID, WEB_UID
+from tests.netns.conftest import CLIENT_UID, base_mesh
 
 LATE = "nodemesh-test-late"
 
@@ -19,14 +19,8 @@ def test_missing_cgroup_is_named_the_rest_captured_and_it_is_picked_up(lab: Lab)
     cg = f"{LATE}-{lab.lab_id}/app"
     path = cgroup2_root() / cg
     assert not path.exists()
-    lab.start_controlplane()
-    lab.apply(BASE_CONFIG)
-    lab.add_workload(LabWorkload("web-2", node=2, uid=WEB_UID, ports=(8080,), service_account="web",
-                                 labels={"app": "web"}))
-    lab.add_workload(LabWorkload("client", node=1, uid=CLIENT_UID, service_account="client",
-                                 labels={"app": "client"}))
+    base_mesh(lab)
     lab.add_workload(LabWorkload("late", node=1, uid=0, service_account="late", labels={"app": "late"}, cgroup=cg))
-    lab.start_app("web-2")
     lab.start_agent(2)
     lab.start_agent(1)
     st = lab.agent_status(1)
