@@ -56,7 +56,9 @@ from nodemesh.lab import Lab, LabError, LabWorkload, list_lab_namespaces
 CLIENT_UID, PLAIN_UID, WEB_UID = 3001, 4000, 2001
 # Lab ids of this benchmark only: leftovers of an interrupted run are removed by
 # these names, never other labs (other engineers' tests may be running).
-LAB_IDS = {1: "cmpw1", 2: "cmpw2"}
+# NODEMESH_BENCH_LAB names them apart when two runs share a machine.
+_LAB = os.environ.get("NODEMESH_BENCH_LAB", "cmp")[:4]
+LAB_IDS = {1: f"{_LAB}w1", 2: f"{_LAB}w2"}
 HBONE_PORT = 15008
 ALL_PATHS = ("direct", "haproxy", "envoy_l7", "envoy_l4", "mesh_l7", "mesh_l4", "mesh_l7_w2")
 BULK_PATHS = ("direct", "envoy_l4", "mesh_l4")

@@ -10,6 +10,7 @@ import ssl
 from collections.abc import Coroutine
 from typing import Any
 
+from nodeagent import metrics
 from nodeagent.settings import Certs, ProxySettings
 from nodeagent.snapshot import Snapshot
 from nodemesh.identity import Identity
@@ -41,9 +42,9 @@ class NodeProxy:
         inbound_original_dst: OriginalDst | None = None,
         source_lookup: SourceLookup | None = None,
         balancer: Balancer | None = None,
-        pool_idle_timeout_s: float = 60.0,
-        pool_max_streams: int = 100,
+        hbone_limits: hbone.HboneLimits = hbone.DEFAULT_LIMITS,
     ) -> None:
+        self.hbone_limits = hbone_limits
         self.settings = settings
         self.access_log = access_log if access_log is not None else AccessLog(settings.access_log)
         self.original_dst = original_dst
@@ -57,13 +58,14 @@ class NodeProxy:
         self.certs: Certs | None = None
         self.server_tls = tls.ServerTls()
         self.pool: HbonePool[HboneClientProtocol] = HbonePool(
-            self._connect_hbone, max_streams=pool_max_streams, idle_timeout_s=pool_idle_timeout_s
+            self._connect_hbone, max_streams=hbone_limits.client_max_streams,
+            idle_timeout_s=hbone_limits.client_idle_timeout_s,
         )
         self._client_ctx: dict[str, ssl.SSLContext] = {}
         self._servers: list[asyncio.AbstractServer] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._reaper: asyncio.Task[None] | None = None
-        self._idle = pool_idle_timeout_s
+        self._idle = hbone_limits.client_idle_timeout_s
         from nodeagent.telemetry import ProxyTelemetry  # metrics, traces, log sampling
         self.telemetry = ProxyTelemetry(self)
 
@@ -172,7 +174,7 @@ class NodeProxy:
         loop = asyncio.get_running_loop()
         try:
             transport, proto = await loop.create_connection(
-                HboneClientProtocol, sock=sock, ssl=ctx, server_hostname=Identity.parse(key.expected_identity).sni(),
+                lambda: HboneClientProtocol(self.hbone_limits), sock=sock, ssl=ctx, server_hostname=Identity.parse(key.expected_identity).sni(),
                 ssl_handshake_timeout=timeout,
             )
         except (TimeoutError, ssl.SSLError, ConnectionError) as e:
@@ -187,7 +189,11 @@ class NodeProxy:
 
     # -- inbound: HBONE --
     def _hbone_factory(self) -> HboneServerProtocol:
-        return HboneServerProtocol(self._on_connect, self._hbone_session, self._describe_tls)
+        return HboneServerProtocol(self._on_connect, self._hbone_session, self._describe_tls, self.hbone_limits,
+                                   self._hbone_idle_closed)
+
+    def _hbone_idle_closed(self) -> None:
+        metrics.PROXY_ERRORS.inc({"direction": "inbound", "reason": "hbone_connection_idle_timeout"})
 
     def _describe_tls(self, ssl_object: Any) -> tuple[str, str]:
         return tls.peer_spiffe_id(ssl_object), self.server_tls.presented_identity(ssl_object)
@@ -200,6 +206,8 @@ class NodeProxy:
             via="hbone", tls=True,
         )
         session.peer_headers = ev.headers  # trace context and baggage from the calling node
+        # A tunnel moving no byte either way for this long is closed (reason idle_timeout).
+        session.idle_timeout_s = self.hbone_limits.stream_idle_timeout_s
         return session
 
     async def _on_connect(self, conn: HboneServerProtocol, sid: int, host: str, port: int, session: Session) -> End:

@@ -379,9 +379,27 @@ async def _worker_main(fd: int, index: int) -> None:
     from nodeagent.capture import heartbeat
 
     beating = loop.create_task(heartbeat.run(stop), name="ebpf-heartbeat")
+    dump_dir = os.environ.get("NODEMESH_TRACEMALLOC_DIR")
+    # Leak hunting (bench/soak.py --tracemalloc): snapshots every 20 s.
+    dumps = loop.create_task(_tracemalloc_dumps(dump_dir)) if dump_dir else None
     await stop.wait()
+    if dumps is not None:
+        dumps.cancel()
     await beating
     await proxy.stop()
+
+
+async def _tracemalloc_dumps(directory: str, period_s: float = 20.0) -> None:
+    """Trace allocations (12 frames) and dump a snapshot every period into
+    directory/w<pid>-<n>.snap; slow (tracing costs several times the CPU)."""
+    import tracemalloc
+
+    tracemalloc.start(12)
+    n = 0
+    while True:
+        await asyncio.sleep(period_s)
+        n += 1
+        tracemalloc.take_snapshot().dump(os.path.join(directory, f"w{os.getpid()}-{n:04d}.snap"))
 
 
 def main(argv: list[str]) -> int:

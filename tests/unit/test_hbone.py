@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 
 from nodeagent.proxy import hbone
@@ -94,33 +97,42 @@ def test_connect_refused_with_status_and_reason() -> None:
     assert p.c.open_streams == 0 and p.s.open_streams == 0
 
 
+def _h2_client_against(server: HboneConnection) -> h2.connection.H2Connection:
+    """A real RFC 9113 client (the `h2` library) talking to our server core."""
+    c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8",
+                                                             validate_outbound_headers=False))
+    c.initiate_connection()
+    server.initiate()
+    c.receive_data(server.data_to_send())
+    server.receive_data(c.data_to_send())
+    c.receive_data(server.data_to_send())
+    return c
+
+
 @pytest.mark.parametrize(
     "authority,needle",
     [("10.0.0.1", "not ip:port"), ("web:80", "not an IP"), ("10.0.0.1:0", "port"), ("10.0.0.1:99999", "port")],
 )
 def test_malformed_authority_gets_400(authority: str, needle: str) -> None:
-    p = Pair()
-    # Bypass open_tunnel's formatting to send a bad authority.
-    sid = p.c._h2.get_next_available_stream_id()
-    p.c._h2.send_headers(sid, [(":method", "CONNECT"), (":authority", authority)])
-    p.c._streams[sid] = hbone._Stream()
-    p.pump()
-    rej = [e for e in p.take("s") if isinstance(e, ConnectRejected)]
+    s = HboneConnection(client=False)
+    c = _h2_client_against(s)
+    sid = c.get_next_available_stream_id()
+    c.send_headers(sid, [(":method", "CONNECT"), (":authority", authority)])
+    rej = [e for e in s.receive_data(c.data_to_send()) if isinstance(e, ConnectRejected)]
     assert rej and rej[0].status == 400 and needle in rej[0].reason
-    refused = [e for e in p.take("c") if isinstance(e, TunnelRefused)]
-    assert refused and refused[0].status == 400 and needle in refused[0].reason
+    answers = [e for e in c.receive_data(s.data_to_send()) if isinstance(e, h2.events.ResponseReceived)]
+    hdrs = dict(answers[0].headers)
+    assert hdrs[":status"] == "400" and needle in hdrs[hbone.REASON_HEADER]
+    assert s.open_streams == 0
 
 
 def test_non_connect_method_refused() -> None:
-    p = Pair()
-    sid = p.c._h2.get_next_available_stream_id()
-    p.c._h2.send_headers(
-        sid, [(":method", "GET"), (":authority", "1.2.3.4:80"), (":scheme", "https"), (":path", "/")],
-        end_stream=True,
-    )
-    p.c._streams[sid] = hbone._Stream()
-    p.pump()
-    assert any(isinstance(e, ConnectRejected) and e.status == 405 for e in p.take("s"))
+    s = HboneConnection(client=False)
+    c = _h2_client_against(s)
+    sid = c.get_next_available_stream_id()
+    c.send_headers(sid, [(":method", "GET"), (":authority", "1.2.3.4:80"), (":scheme", "https"), (":path", "/")],
+                   end_stream=True)
+    assert any(isinstance(e, ConnectRejected) and e.status == 405 for e in s.receive_data(c.data_to_send()))
 
 
 def test_half_close_each_way_then_closed() -> None:
@@ -185,7 +197,7 @@ def test_default_windows_are_large() -> None:
     p = Pair()
     sid = p.tunnel()
     assert p.c.send(sid, b"x" * (3 * 1024 * 1024)) is False  # fits in a 4 MiB stream window
-    assert p.c._h2.remote_flow_control_window(sid) == hbone.STREAM_WINDOW
+    assert p.c._streams[sid].send_window == hbone.STREAM_WINDOW - 3 * 1024 * 1024
 
 
 def test_malformed_preface_closes_only_that_connection() -> None:

@@ -69,6 +69,18 @@ def test_retry_budget_caps_retries_to_ratio() -> None:
     assert "refused=40" in repr(b2)
 
 
+def test_retry_budget_memory_is_bounded_without_retries() -> None:
+    """The soak's leak (bench/soak.py): with no retry ever asked, every request's
+    timestamp stayed in the budget's window deque (~42 bytes per request)."""
+    c = Clock()
+    b = RetryBudgetTracker(RetryBudget(ratio=0.2, min_per_second=0.0, window_s=10.0), c)
+    for _ in range(100_000):  # 1,000 req/s for 100 s
+        c.t += 0.001
+        b.record_request()
+    assert len(b._requests) <= 10_001  # one window's worth, not 100,000
+    assert sum(b.try_withdraw() for _ in range(3000)) == 2000  # the ratio still counts the window's requests
+
+
 def test_breaker_limits_and_reasons() -> None:
     br = Breaker(CircuitBreaker(max_connections=1, max_pending_requests=1, max_requests=2, max_retries=0))
     assert br.try_acquire("requests") is None and br.try_acquire("requests") is None

@@ -109,7 +109,14 @@ class RetryBudgetTracker:
                 q.popleft()
 
     def record_request(self) -> None:
-        self._requests.append(self._clock())
+        # Trimmed here too, not only when a retry asks: with no retries the deque
+        # grew by one float per request forever (the soak's ~42 bytes/request).
+        now = self._clock()
+        q = self._requests
+        q.append(now)
+        edge = now - self.budget.window_s
+        while q[0] <= edge:
+            q.popleft()
 
     def try_withdraw(self) -> bool:
         now = self._clock()
