@@ -12,7 +12,16 @@ from typing import Any
 
 import grpc
 
-from controlplane.store import CompactedError, Delete, Put, Store, StoredResource, StoreError, Write
+from controlplane.store import (
+    CompactedError,
+    Delete,
+    Put,
+    Store,
+    StoredResource,
+    StoreError,
+    Write,
+    WriteResult,
+)
 from controlplane.vip import VipExhausted, allocate_vip, is_usable
 from controlplane.xds import validate as xds_validate
 from controlplane.xds.build import ServiceEntry
@@ -217,7 +226,7 @@ class ConfigServicer(mesh_pb2_grpc.ConfigServiceServicer):
         # Per-client xDS sync rows (controlplane/xds/sync.py), listed as kind ProxyStatus.
         self._proxy_status = proxy_status
 
-    def apply(self, documents: str, dry_run: bool = False) -> list[mesh_pb2.ApplyResult]:
+    def _planner(self, documents: str) -> tuple[Callable[[], list[Write]], list[Plan]]:
         docs = model.parse_documents(documents)
         planned: list[Plan] = []
 
@@ -227,8 +236,19 @@ class ConfigServicer(mesh_pb2_grpc.ConfigServiceServicer):
                                        workloads=self._workloads() if self._workloads is not None else None)]
             return planned[0].writes
 
-        results = self._store.apply_planned(make, dry_run=dry_run)
-        plan = planned[0]
+        return make, planned
+
+    def apply(self, documents: str, dry_run: bool = False) -> list[mesh_pb2.ApplyResult]:
+        make, planned = self._planner(documents)
+        return self._applied(self._store.apply_planned(make, dry_run=dry_run), planned[0], dry_run)
+
+    async def apply_async(self, documents: str, dry_run: bool = False) -> list[mesh_pb2.ApplyResult]:
+        """apply() from the event loop: an etcd write does not hold the loop up."""
+        make, planned = self._planner(documents)
+        return self._applied(await self._store.apply_planned_async(make, dry_run=dry_run), planned[0], dry_run)
+
+    @staticmethod
+    def _applied(results: Sequence[WriteResult], plan: Plan, dry_run: bool) -> list[mesh_pb2.ApplyResult]:
         if not dry_run:
             for r in results:
                 if r.action != "unchanged":
@@ -241,7 +261,7 @@ class ConfigServicer(mesh_pb2_grpc.ConfigServiceServicer):
     async def Apply(self, request: mesh_pb2.ApplyRequest,
                     context: grpc.aio.ServicerContext) -> mesh_pb2.ApplyResponse:
         try:
-            results = self.apply(request.documents, request.dry_run)
+            results = await self.apply_async(request.documents, request.dry_run)
         except model.ValidationError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"nothing was applied; fix these and apply again:\n{e}")
@@ -295,7 +315,7 @@ class ConfigServicer(mesh_pb2_grpc.ConfigServiceServicer):
             if self._store.get(*ref) is None:
                 return mesh_pb2.DeleteResponse(deleted=False, resource_version=self._store.revision())
             # Planned in the store's apply: re-run if another replica changed config meanwhile.
-            results = self._store.apply_planned(lambda: plan_changes(self._store, [], [ref]).writes)
+            results = await self._store.apply_planned_async(lambda: plan_changes(self._store, [], [ref]).writes)
         except model.ValidationError as e:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"{request.kind} {request.name} was not deleted:\n{e}")

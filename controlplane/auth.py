@@ -46,6 +46,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from controlplane.store import off_loop
 from controlplane.tokens import DEFAULT_TOKEN_TTL_S, JoinTokens, NodeAttestationServicer
 from nodemesh.v1 import mesh_pb2, mesh_pb2_grpc
 
@@ -351,6 +352,8 @@ class OperatorError(ValueError):
 class Operators:
     """The operators and audit tables (the control plane's SQLite file)."""
 
+    blocking = False  # writes wait on the network (store_etcd.EtcdOperators): call them off the loop
+
     def __init__(self, db: sqlite3.Connection, clock: Callable[[], float] = time.time,
                  lock: threading.Lock | None = None) -> None:
         self._db = db
@@ -616,8 +619,8 @@ class AdminServicer(mesh_pb2_grpc.AdminServicer):
     async def CreateJoinToken(self, request: mesh_pb2.CreateJoinTokenRequest,
                               context: grpc.aio.ServicerContext) -> mesh_pb2.CreateJoinTokenResponse:
         try:
-            token, expires = self._sec.tokens.create(request.node_name, request.ttl_seconds or DEFAULT_TOKEN_TTL_S,
-                                                     self._sec.cp_ca.pin)
+            token, expires = await off_loop(self._sec.tokens.blocking, self._sec.tokens.create, request.node_name,
+                                            request.ttl_seconds or DEFAULT_TOKEN_TTL_S, self._sec.cp_ca.pin)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return mesh_pb2.CreateJoinTokenResponse(token=token, expires_unix=int(expires))
@@ -626,9 +629,9 @@ class AdminServicer(mesh_pb2_grpc.AdminServicer):
                              context: grpc.aio.ServicerContext) -> mesh_pb2.CreateOperatorResponse:
         try:
             if not request.csr_pem:
-                return mesh_pb2.CreateOperatorResponse(token=self._sec.operators.create_token(request.name,
-                                                                                              request.role),
-                                                       server_ca_bundle=[self._sec.cp_ca.pem])
+                token = await off_loop(self._sec.operators.blocking, self._sec.operators.create_token,
+                                       request.name, request.role)
+                return mesh_pb2.CreateOperatorResponse(token=token, server_ca_bundle=[self._sec.cp_ca.pem])
             Operators._check(request.name, request.role)
             uri = f"spiffe://{self._trust_domain()}/operator/{request.name}"
             from controlplane.tokens import load_csr
@@ -636,7 +639,8 @@ class AdminServicer(mesh_pb2_grpc.AdminServicer):
             csr = load_csr(request.csr_pem)
             ttl = datetime.timedelta(seconds=request.ttl_seconds or DEFAULT_OPERATOR_CERT_TTL_S)
             cert = self._sec.cp_ca.sign_client(csr.public_key(), uri, ttl)
-            self._sec.operators.register_cert(request.name, request.role)
+            await off_loop(self._sec.operators.blocking, self._sec.operators.register_cert, request.name,
+                           request.role)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return mesh_pb2.CreateOperatorResponse(cert_chain=[cert, self._sec.cp_ca.pem],
@@ -648,11 +652,14 @@ class AdminServicer(mesh_pb2_grpc.AdminServicer):
         if caller is not None and caller.kind == "operator" and caller.name == request.name:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 "an operator cannot revoke itself; use another rw credential")
-        return mesh_pb2.RevokeOperatorResponse(revoked=self._sec.operators.revoke(request.name))
+        revoked = await off_loop(self._sec.operators.blocking, self._sec.operators.revoke, request.name)
+        return mesh_pb2.RevokeOperatorResponse(revoked=revoked)
 
     async def Audit(self, request: mesh_pb2.AuditRequest,
                     context: grpc.aio.ServicerContext) -> mesh_pb2.AuditResponse:
-        return mesh_pb2.AuditResponse(entries=self._sec.operators.audit_entries(int(request.limit or 100)))
+        entries = await off_loop(self._sec.operators.blocking, self._sec.operators.audit_entries,
+                                 int(request.limit or 100))
+        return mesh_pb2.AuditResponse(entries=entries)
 
     async def RotateRoot(self, request: mesh_pb2.RotateRootRequest,
                          context: grpc.aio.ServicerContext) -> mesh_pb2.RotateRootResponse:

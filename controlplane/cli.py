@@ -56,9 +56,17 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                        help="sqlite: one control plane, state in --state-dir; etcd: several replicas sharing "
                             "config and registrations (needs --etcd-endpoints and --ca-cert/--ca-key/--ca-chain)")
     serve.add_argument("--etcd-endpoints", default="", metavar="URLS",
-                       help="comma-separated etcd client URLs, e.g. http://127.0.0.1:2379")
+                       help="comma-separated etcd client URLs, e.g. https://10.0.0.5:2379 (several: IP "
+                            "addresses); plain http:// only to loopback")
     serve.add_argument("--etcd-prefix", default="/nodemesh", metavar="PREFIX",
                        help="the key prefix of this mesh in etcd")
+    serve.add_argument("--etcd-ca", default="", metavar="PEM",
+                       help="the CA certificate(s) that signed etcd's server certificate (https endpoints)")
+    serve.add_argument("--etcd-cert", default="", metavar="PEM",
+                       help="this control plane's client certificate for etcd (etcd --client-cert-auth)")
+    serve.add_argument("--etcd-key", default="", metavar="PEM", help="the key of --etcd-cert")
+    serve.add_argument("--etcd-server-name", default="", metavar="NAME",
+                       help="the name etcd's server certificate must carry (default: the first endpoint's host)")
     serve.set_defaults(func=cmd_serve)
 
     apply = subparsers.add_parser("apply", help="create or update config from YAML documents")
@@ -118,7 +126,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             web_listen=args.web_listen, sans=tuple(args.san), node_cert_ttl_s=args.node_cert_ttl,
             ca_cert=args.ca_cert, ca_key=args.ca_key, ca_chain=args.ca_chain, store=args.store,
             etcd_endpoints=tuple(e.strip() for e in args.etcd_endpoints.split(",") if e.strip()),
-            etcd_prefix=args.etcd_prefix)
+            etcd_prefix=args.etcd_prefix, etcd_ca=args.etcd_ca, etcd_cert=args.etcd_cert, etcd_key=args.etcd_key,
+            etcd_server_name=args.etcd_server_name)
         asyncio.run(serve(settings))
     except (OSError, ValueError, CaError, StoreError) as e:
         print(f"error: {e}", file=sys.stderr)

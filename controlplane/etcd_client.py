@@ -1,29 +1,42 @@
-"""A small etcd v3 client over etcd's JSON gateway (/v3/kv/*, /v3/watch,
-/v3/lease/*), with only the standard library's http.client.
+"""etcd v3 through aetcd (an asyncio client speaking etcd's gRPC API), over TLS
+with client certificates or, on loopback only, plaintext.
 
-etcd's gateway speaks the v3 gRPC API as JSON: keys and values are base64,
-64-bit integers are strings, zero values are omitted. Calls are blocking and
-short (the control plane makes them from its event loop, like its SQLite
-calls); a watch is a long-lived chunked response read in a thread of its own.
+The client lives on an event loop of its own, in a thread ("etcd-io"): the
+control plane's loop never waits on etcd. Its coroutines run there; other loops
+await them with `run()`, and code off any event loop (startup, tests, worker
+threads) blocks on them with `sync()`.
 
-Several endpoints may be given: a call goes to the last one that answered and
-moves on to the next when a connection fails, so one etcd member going away
-does not stop the control plane while the cluster keeps quorum.
+aetcd opens plaintext channels only, so `_TLSClient` opens the channel itself
+(mutual TLS from the CA, certificate and key files) and keeps the rest of
+aetcd's client; calls aetcd's helpers do not cover (a range at a revision,
+counts, a txn whose answer keeps its header) go to its generated stubs.
+
+Several endpoints may be given (IP addresses): gRPC connects to the first that
+answers and moves on when it goes, so one etcd member going away does not stop
+the control plane while the cluster keeps quorum.
 """
 
 from __future__ import annotations
 
-import base64
-import http.client
-import json
-import socket
+import asyncio
+import ipaddress
+import logging
 import threading
 import urllib.parse
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Coroutine, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
+
+import aetcd
+import grpc
+from aetcd import rpc
+
+log = logging.getLogger("nodemesh.controlplane.etcd")
 
 DEFAULT_TIMEOUT_S = 5.0
+MAX_MESSAGE_BYTES = 32 * 1024 * 1024  # a whole prefix in one range; etcd's own request limit is 1.5 MiB
+T = TypeVar("T")
 
 
 class EtcdError(Exception):
@@ -40,14 +53,6 @@ class EtcdCompacted(EtcdError):
     def __init__(self, message: str, compact_revision: int) -> None:
         super().__init__(message)
         self.compact_revision = compact_revision
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def _unb64(text: str | None) -> bytes:
-    return base64.b64decode(text) if text else b""
 
 
 def prefix_end(prefix: bytes) -> bytes:
@@ -70,10 +75,9 @@ class KeyValue:
     lease: int
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> KeyValue:
-        return cls(key=_unb64(d.get("key")), value=_unb64(d.get("value")),
-                   create_revision=int(d.get("create_revision", 0)), mod_revision=int(d.get("mod_revision", 0)),
-                   version=int(d.get("version", 0)), lease=int(d.get("lease", 0)))
+    def from_pb(cls, kv: Any) -> KeyValue:
+        return cls(bytes(kv.key), bytes(kv.value), int(kv.create_revision), int(kv.mod_revision),
+                   int(kv.version), int(kv.lease))
 
 
 @dataclass(frozen=True)
@@ -83,316 +87,460 @@ class WatchEvent:
     prev_kv: KeyValue | None
 
 
+@dataclass(frozen=True)
+class WatchBatch:
+    """One watch response: the events of one or more whole revisions (none for a
+    progress notification), and the revision etcd had sent everything up to."""
+
+    events: tuple[WatchEvent, ...]
+    revision: int
+
+
+@dataclass(frozen=True)
+class EtcdTLS:
+    """Client TLS to etcd: the CA that signed etcd's server certificate, and this
+    control plane's client certificate and key (etcd --client-cert-auth)."""
+
+    ca_file: str
+    cert_file: str
+    key_file: str
+    server_name: str = ""  # the name etcd's certificate must carry; default the first endpoint's host
+
+
 # ------------------------------------------------------------------ txn building blocks
 
-def compare(key: bytes, target: str, result: str, value: int | bytes) -> dict[str, Any]:
+_TARGETS = {"MOD": rpc.Compare.MOD, "CREATE": rpc.Compare.CREATE, "VERSION": rpc.Compare.VERSION,
+            "VALUE": rpc.Compare.VALUE, "LEASE": rpc.Compare.LEASE}
+_RESULTS = {"EQUAL": rpc.Compare.EQUAL, "GREATER": rpc.Compare.GREATER, "LESS": rpc.Compare.LESS,
+            "NOT_EQUAL": rpc.Compare.NOT_EQUAL}
+
+
+def compare(key: bytes, target: str, result: str, value: int | bytes) -> Any:
     """A txn comparison: target MOD | CREATE | VERSION | VALUE | LEASE; result EQUAL | GREATER | LESS |
     NOT_EQUAL. A missing key compares as revision/version/lease 0."""
-    field = {"MOD": "mod_revision", "CREATE": "create_revision", "VERSION": "version",
-             "VALUE": "value", "LEASE": "lease"}[target]
-    v: Any = _b64(value) if isinstance(value, bytes) else str(int(value))
-    return {"key": _b64(key), "target": target, "result": result, field: v}
+    c = rpc.Compare(key=key, target=_TARGETS[target], result=_RESULTS[result])
+    if target == "VALUE":
+        assert isinstance(value, bytes)
+        c.value = value
+    else:
+        setattr(c, {"MOD": "mod_revision", "CREATE": "create_revision", "VERSION": "version",
+                    "LEASE": "lease"}[target], int(value))
+    return c
 
 
-def put_op(key: bytes, value: bytes, lease: int = 0) -> dict[str, Any]:
-    body: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
-    if lease:
-        body["lease"] = str(lease)
-    return {"request_put": body}
+def put_op(key: bytes, value: bytes, lease: int = 0) -> Any:
+    return rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=value, lease=lease))
 
 
-def delete_op(key: bytes, range_end: bytes | None = None) -> dict[str, Any]:
-    body: dict[str, Any] = {"key": _b64(key)}
-    if range_end is not None:
-        body["range_end"] = _b64(range_end)
-    return {"request_delete_range": body}
+def delete_op(key: bytes, range_end: bytes | None = None) -> Any:
+    return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key, range_end=range_end or b""))
 
 
-def range_op(key: bytes, range_end: bytes | None = None) -> dict[str, Any]:
-    body: dict[str, Any] = {"key": _b64(key)}
-    if range_end is not None:
-        body["range_end"] = _b64(range_end)
-    return {"request_range": body}
+def range_op(key: bytes, range_end: bytes | None = None) -> Any:
+    return rpc.RequestOp(request_range=rpc.RangeRequest(key=key, range_end=range_end or b""))
 
 
 @dataclass(frozen=True)
 class TxnResult:
     succeeded: bool
     revision: int  # the store revision after the txn (its writes' mod_revision when it wrote)
-    responses: list[dict[str, Any]]
+    responses: tuple[Any, ...]
 
     def ranges(self) -> list[list[KeyValue]]:
         """The key-values of each range op, in order."""
-        out = []
-        for r in self.responses:
-            if "response_range" in r:
-                out.append([KeyValue.from_json(kv) for kv in r["response_range"].get("kvs", [])])
-        return out
+        return [[KeyValue.from_pb(kv) for kv in r.response_range.kvs] for r in self.responses
+                if r.WhichOneof("response") == "response_range"]
+
+
+# ------------------------------------------------------------------ endpoints and TLS
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def grpc_target(endpoints: Sequence[str], tls: EtcdTLS | None) -> tuple[str, str]:
+    """The gRPC target for `endpoints` and the host name etcd's certificate must carry.
+    Raises ValueError saying what to change."""
+    if not endpoints:
+        raise ValueError("at least one etcd endpoint is needed (https://host:port)")
+    hosts: list[tuple[str, int]] = []
+    for ep in endpoints:
+        u = urllib.parse.urlsplit(ep if "://" in ep else f"http://{ep}")
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ValueError(f"etcd endpoint {ep!r} must read https://host:port (or http://127.0.0.1:port)")
+        if u.scheme == "https" and tls is None:
+            raise ValueError(f"etcd endpoint {ep!r} is https: give --etcd-ca, --etcd-cert and --etcd-key "
+                             "(the CA of etcd's server certificate, this control plane's client certificate "
+                             "and its key)")
+        if u.scheme == "http" and tls is not None:
+            raise ValueError(f"etcd endpoint {ep!r} is plain http but TLS files are given: write https://")
+        if u.scheme == "http" and not _is_loopback(u.hostname):
+            raise ValueError(f"etcd endpoint {ep!r}: plain HTTP to etcd is refused beyond loopback (anyone on "
+                             "the path could read and rewrite the mesh's config); use https:// with "
+                             "--etcd-ca, --etcd-cert and --etcd-key")
+        hosts.append((u.hostname, u.port or 2379))
+    if len(hosts) == 1:
+        h, p = hosts[0]
+        return (f"[{h}]:{p}" if ":" in h else f"{h}:{p}"), h
+    for h, _ in hosts:
+        try:
+            ipaddress.ip_address(h)
+        except ValueError:
+            raise ValueError(f"several etcd endpoints must be IP addresses ({h!r} is not); or give one name "
+                             "that resolves to every member") from None
+    v6 = [":" in h for h, _ in hosts]
+    if any(v6) and not all(v6):
+        raise ValueError("etcd endpoints mix IPv4 and IPv6 addresses: give one family")
+    if all(v6):
+        return "ipv6:" + ",".join(f"[{h}]:{p}" for h, p in hosts), hosts[0][0]
+    return "ipv4:" + ",".join(f"{h}:{p}" for h, p in hosts), hosts[0][0]
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ValueError(f"cannot read the etcd {what} {path}: {e.strerror}") from None
+
+
+class _TLSClient(aetcd.Client):  # type: ignore[misc]
+    """aetcd's client on a channel this module opens: mutual TLS when `creds` is
+    given, message sizes raised for whole-prefix ranges."""
+
+    def __init__(self, target: str, creds: grpc.ChannelCredentials | None, server_name: str,
+                 timeout_s: float) -> None:
+        super().__init__(timeout=timeout_s)
+        self._target = target
+        self._creds = creds
+        self._server_name = server_name
+
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return
+        options: list[tuple[str, str | int]] = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
+                   ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2_000)]
+        if self._creds is not None:
+            options.append(("grpc.ssl_target_name_override", self._server_name))
+            self.channel = rpc.secure_channel(self._target, self._creds, options=options)
+        else:
+            self.channel = rpc.insecure_channel(self._target, options=options)
+        self.kvstub = rpc.KVStub(self.channel)
+        self.clusterstub = rpc.ClusterStub(self.channel)
+        self.leasestub = rpc.LeaseStub(self.channel)
+        self.maintenancestub = rpc.MaintenanceStub(self.channel)
+        self.watchstub = rpc.WatchStub(self.channel)
+        self._watcher = None  # watches go to the stub directly (EtcdClient.watch): batches, progress
+        self._connected.set()
+
+
+def _error(e: grpc.aio.AioRpcError, what: str) -> EtcdError:
+    code = e.code()
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return EtcdUnavailable(f"cannot reach etcd for {what} ({code.name}: {e.details()}); check "
+                               "--etcd-endpoints, the TLS files, and that etcd is running and reachable")
+    return EtcdError(f"etcd refused {what} ({code.name}: {e.details()})")
 
 
 # ------------------------------------------------------------------ the client
 
+
 class EtcdClient:
-    """Blocking calls to one etcd cluster. Safe to share between threads (each
-    thread keeps its own HTTP connection)."""
+    """One etcd cluster, through aetcd on the client's own event loop thread."""
 
-    def __init__(self, endpoints: Sequence[str], timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-        if not endpoints:
-            raise ValueError("at least one etcd endpoint is needed (http://host:port)")
-        self._endpoints: list[tuple[str, int]] = []
-        for ep in endpoints:
-            u = urllib.parse.urlsplit(ep if "://" in ep else f"http://{ep}")
-            if u.scheme != "http" or not u.hostname:
-                raise ValueError(f"etcd endpoint {ep!r} must read http://host:port (TLS to etcd is not "
-                                 "supported yet: keep etcd on loopback or a private network)")
-            self._endpoints.append((u.hostname, u.port or 2379))
+    def __init__(self, endpoints: Sequence[str], timeout_s: float = DEFAULT_TIMEOUT_S,
+                 tls: EtcdTLS | None = None) -> None:
+        target, host = grpc_target(endpoints, tls)
+        creds = None
+        if tls is not None:
+            creds = grpc.ssl_channel_credentials(_read(tls.ca_file, "CA (--etcd-ca)"),
+                                                 _read(tls.key_file, "client key (--etcd-key)"),
+                                                 _read(tls.cert_file, "client certificate (--etcd-cert)"))
         self.endpoints = tuple(endpoints)
-        self._timeout = timeout_s
-        self._preferred = 0
-        self._local = threading.local()
+        self.timeout_s = timeout_s
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="etcd-io", daemon=True)
+        self._thread.start()
         self._closed = False
+        self._aio: _TLSClient = self.sync(self._make(target, creds, (tls.server_name if tls else "") or host))
 
-    # ---------------------------------------------------------- transport
-
-    def _conn(self, i: int) -> http.client.HTTPConnection:
-        conns: dict[int, http.client.HTTPConnection] = self._local.__dict__.setdefault("conns", {})
-        c = conns.get(i)
-        if c is None:
-            host, port = self._endpoints[i]
-            c = conns[i] = http.client.HTTPConnection(host, port, timeout=self._timeout)
+    async def _make(self, target: str, creds: grpc.ChannelCredentials | None, name: str) -> _TLSClient:
+        c = _TLSClient(target, creds, name, self.timeout_s)
+        await c.connect()
         return c
 
-    def _drop(self, i: int) -> None:
-        conns: dict[int, http.client.HTTPConnection] = self._local.__dict__.setdefault("conns", {})
-        c = conns.pop(i, None)
-        if c is not None:
-            c.close()
+    # ---------------------------------------------------------- running on the etcd loop
 
-    def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        """POST `body` to /v3/<path> and return the decoded answer."""
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def on_io_thread(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
         if self._closed:
+            coro.close()
             raise EtcdError("the etcd client is closed")
-        data = json.dumps(body).encode()
-        errors = []
-        n = len(self._endpoints)
-        for attempt in range(n + 1):  # a reused keep-alive connection may have gone stale: one more try
-            i = (self._preferred + attempt) % n if attempt < n else self._preferred
-            try:
-                c = self._conn(i)
-                c.request("POST", f"/v3/{path}", body=data, headers={"Content-Type": "application/json"})
-                resp = c.getresponse()
-                raw = resp.read()
-            except (OSError, http.client.HTTPException) as e:
-                self._drop(i)
-                host, port = self._endpoints[i]
-                errors.append(f"{host}:{port}: {e or type(e).__name__}")
-                continue
-            self._preferred = i
-            try:
-                answer = json.loads(raw or b"{}")
-            except ValueError:
-                raise EtcdError(f"etcd answered /v3/{path} with something that is not JSON "
-                                f"(HTTP {resp.status}): {raw[:200]!r}") from None
-            if resp.status != 200 or "error" in answer and "header" not in answer:
-                raise EtcdError(f"etcd refused /v3/{path} (HTTP {resp.status}): "
-                                f"{answer.get('message') or answer.get('error') or raw[:200]!r}")
-            assert isinstance(answer, dict)
-            return answer
-        raise EtcdUnavailable(f"cannot reach etcd ({'; '.join(errors)}); check --etcd-endpoints and that "
-                              "etcd is running and reachable from this host")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    def sync(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run `coro` on the etcd loop and wait for it: for code off any event loop."""
+        if self.on_io_thread():
+            coro.close()
+            raise RuntimeError("EtcdClient.sync() called on the etcd loop itself: await the coroutine")
+        return self.submit(coro).result()
+
+    async def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Await `coro` run on the etcd loop, from any other loop."""
+        if self.on_io_thread():
+            return await coro
+        return await asyncio.wrap_future(self.submit(coro))
 
     def close(self) -> None:
+        if self._closed:
+            return
+        with_timeout: Awaitable[None] = asyncio.wait_for(self._aio.close(), 2)
+        try:
+            self.submit(with_timeout).result(3)  # type: ignore[arg-type]
+        except Exception as e:  # noqa: BLE001 - closing anyway
+            log.debug("closing the etcd channel: %s", e)
         self._closed = True
-        for c in self._local.__dict__.get("conns", {}).values():
-            c.close()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(3)
 
-    # ---------------------------------------------------------- KV
+    # ---------------------------------------------------------- KV (coroutines for the etcd loop)
 
-    @staticmethod
-    def _revision(answer: dict[str, Any]) -> int:
-        return int(answer.get("header", {}).get("revision", 0))
-
-    def range(self, key: bytes, range_end: bytes | None = None, *, limit: int = 0, revision: int = 0,
-              descending: bool = False, keys_only: bool = False, count_only: bool = False,
-              sort_target: str = "KEY") -> tuple[list[KeyValue], int, int]:
+    async def range(self, key: bytes, range_end: bytes | None = None, *, limit: int = 0, revision: int = 0,
+                    descending: bool = False, keys_only: bool = False, count_only: bool = False,
+                    sort_target: str = "KEY") -> tuple[list[KeyValue], int, int]:
         """Key-values in [key, range_end) (just `key` without range_end), sorted by key
         (or by `sort_target` MOD/CREATE/VERSION when descending); returns (kvs, store revision, count)."""
-        body: dict[str, Any] = {"key": _b64(key)}
-        if range_end is not None:
-            body["range_end"] = _b64(range_end)
-        if limit:
-            body["limit"] = str(limit)
-        if revision:
-            body["revision"] = str(revision)
+        req = rpc.RangeRequest(key=key, range_end=range_end or b"", limit=limit, revision=revision,
+                               keys_only=keys_only, count_only=count_only)
         if descending:
-            body["sort_order"] = "DESCEND"
-            body["sort_target"] = sort_target
-        if keys_only:
-            body["keys_only"] = True
-        if count_only:
-            body["count_only"] = True
-        a = self.call("kv/range", body)
-        return ([KeyValue.from_json(kv) for kv in a.get("kvs", [])], self._revision(a), int(a.get("count", 0)))
+            req.sort_order = rpc.RangeRequest.DESCEND
+            req.sort_target = getattr(rpc.RangeRequest, sort_target)
+        try:
+            resp = await self._aio.kvstub.Range(req, timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise _error(e, "a read") from None
+        return [KeyValue.from_pb(kv) for kv in resp.kvs], int(resp.header.revision), int(resp.count)
 
-    def get(self, key: bytes) -> tuple[KeyValue | None, int]:
-        kvs, rev, _ = self.range(key)
+    async def get(self, key: bytes) -> tuple[KeyValue | None, int]:
+        kvs, rev, _ = await self.range(key)
         return (kvs[0] if kvs else None), rev
 
-    def put(self, key: bytes, value: bytes, lease: int = 0) -> int:
-        body: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
-        if lease:
-            body["lease"] = str(lease)
-        return self._revision(self.call("kv/put", body))
+    async def put(self, key: bytes, value: bytes, lease: int = 0) -> int:
+        try:
+            resp = await self._aio.kvstub.Put(rpc.PutRequest(key=key, value=value, lease=lease),
+                                              timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise _error(e, "a write") from None
+        return int(resp.header.revision)
 
-    def delete_range(self, key: bytes, range_end: bytes | None = None) -> tuple[int, int]:
-        body: dict[str, Any] = {"key": _b64(key)}
-        if range_end is not None:
-            body["range_end"] = _b64(range_end)
-        a = self.call("kv/deleterange", body)
-        return int(a.get("deleted", 0)), self._revision(a)
+    async def delete_range(self, key: bytes, range_end: bytes | None = None) -> tuple[int, int]:
+        try:
+            resp = await self._aio.kvstub.DeleteRange(rpc.DeleteRangeRequest(key=key, range_end=range_end or b""),
+                                                      timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise _error(e, "a delete") from None
+        return int(resp.deleted), int(resp.header.revision)
 
-    def txn(self, compares: Sequence[dict[str, Any]], success: Sequence[dict[str, Any]],
-            failure: Sequence[dict[str, Any]] = ()) -> TxnResult:
-        a = self.call("kv/txn", {"compare": list(compares), "success": list(success), "failure": list(failure)})
-        return TxnResult(bool(a.get("succeeded", False)), self._revision(a), list(a.get("responses", [])))
+    async def txn(self, compares: Sequence[Any], success: Sequence[Any], failure: Sequence[Any] = ()) -> TxnResult:
+        try:
+            resp = await self._aio.kvstub.Txn(rpc.TxnRequest(compare=list(compares), success=list(success),
+                                                             failure=list(failure)), timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise _error(e, "a transaction") from None
+        return TxnResult(bool(resp.succeeded), int(resp.header.revision), tuple(resp.responses))
 
-    def revision(self) -> int:
-        _, rev, _ = self.range(b"\x00", count_only=True)
+    async def revision(self) -> int:
+        _, rev, _ = await self.range(b"\x00", count_only=True)
         return rev
 
     # ---------------------------------------------------------- leases
 
-    def lease_grant(self, ttl_s: int) -> int:
-        a = self.call("lease/grant", {"TTL": str(max(1, int(ttl_s)))})
-        if a.get("error"):
-            raise EtcdError(f"etcd refused a lease of {ttl_s}s: {a['error']}")
-        return int(a["ID"])
-
-    def lease_keepalive(self, lease_id: int) -> int:
-        """Renew a lease once; returns its TTL, 0 when it no longer exists."""
-        a = self.call("lease/keepalive", {"ID": str(lease_id)})
-        return int(a.get("result", a).get("TTL", 0))
-
-    def lease_revoke(self, lease_id: int) -> None:
+    async def lease_grant(self, ttl_s: int) -> int:
         try:
-            self.call("lease/revoke", {"ID": str(lease_id)})
-        except EtcdError as e:
+            lease = await self._aio.lease(max(1, int(ttl_s)))
+        except (aetcd.ClientError, grpc.aio.AioRpcError) as e:
+            raise EtcdUnavailable(f"etcd refused a lease of {ttl_s}s: {e}") from None
+        return int(lease.id)
+
+    async def lease_keepalive(self, lease_id: int) -> int:
+        """Renew a lease once; returns its TTL, 0 when it no longer exists."""
+        try:
+            reply = await self._aio.refresh_lease(lease_id)
+        except (aetcd.ClientError, grpc.aio.AioRpcError) as e:
+            raise EtcdUnavailable(f"cannot renew etcd lease {lease_id:x}: {e}") from None
+        return int(reply.TTL) if reply is not None else 0
+
+    async def lease_revoke(self, lease_id: int) -> None:
+        try:
+            await self._aio.revoke_lease(lease_id)
+        except (aetcd.ClientError, grpc.aio.AioRpcError) as e:
             if "not found" not in str(e):
-                raise
+                raise EtcdError(f"cannot revoke etcd lease {lease_id:x}: {e}") from None
 
     # ---------------------------------------------------------- watch
 
-    def watch(self, key: bytes, range_end: bytes | None = None, start_revision: int = 0) -> Watch:
-        """Changes to [key, range_end) from `start_revision` (0: from now on)."""
-        return Watch(self, key, range_end, start_revision)
+    async def watch(self, key: bytes, range_end: bytes | None, start_revision: int,
+                    progress: asyncio.Queue[None] | None = None) -> AsyncIterator[WatchBatch]:
+        """Changes to [key, range_end) from `start_revision`, batch by batch (on the
+        etcd loop). A None put on `progress` asks etcd where the watch stands: the
+        answer is an empty batch whose revision everything up to has been sent."""
+        requests: asyncio.Queue[Any] = asyncio.Queue()
+        requests.put_nowait(rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
+            key=key, range_end=range_end or b"", start_revision=start_revision, prev_kv=True,
+            progress_notify=True)))
+
+        async def forward_progress() -> None:
+            assert progress is not None
+            while True:
+                await progress.get()
+                requests.put_nowait(rpc.WatchRequest(progress_request=rpc.WatchProgressRequest()))
+
+        async def outgoing() -> AsyncIterator[Any]:
+            while True:
+                yield await requests.get()
+
+        pump = asyncio.ensure_future(forward_progress()) if progress is not None else None
+        call = self._aio.watchstub.Watch(outgoing())
+        try:
+            async for resp in call:
+                if resp.compact_revision:
+                    raise EtcdCompacted(f"etcd has compacted revisions up to {resp.compact_revision}",
+                                        int(resp.compact_revision))
+                if resp.canceled:
+                    raise EtcdError(f"etcd canceled the watch: {resp.cancel_reason or 'no reason given'}")
+                if resp.created and not resp.events:
+                    continue
+                yield WatchBatch(tuple(WatchEvent("DELETE" if ev.type == rpc.Event.DELETE else "PUT",
+                                                  KeyValue.from_pb(ev.kv),
+                                                  KeyValue.from_pb(ev.prev_kv) if ev.HasField("prev_kv") else None)
+                                       for ev in resp.events), int(resp.header.revision))
+        except grpc.aio.AioRpcError as e:
+            raise _error(e, "a watch") from None
+        finally:
+            if pump is not None:
+                pump.cancel()
+            call.cancel()
+        raise EtcdUnavailable("etcd closed the watch stream")
 
 
-class Watch:
-    """One etcd watch: a chunked POST /v3/watch whose answer is a stream of JSON
-    objects, one per line. Iterate for batches of events (one batch holds
-    the events of one or more revisions, in order); close() from any thread."""
+# ------------------------------------------------------------------ a one-member etcd for the lab and tests
 
-    def __init__(self, client: EtcdClient, key: bytes, range_end: bytes | None, start_revision: int) -> None:
-        create: dict[str, Any] = {"key": _b64(key), "prev_kv": True}
-        if range_end is not None:
-            create["range_end"] = _b64(range_end)
-        if start_revision:
-            create["start_revision"] = str(start_revision)
-        self._body = json.dumps({"create_request": create}).encode()
-        self._client = client
-        self._conn: http.client.HTTPConnection | None = None
-        self._resp: http.client.HTTPResponse | None = None
-        self._closed = False
 
-    def _open(self) -> http.client.HTTPResponse:
-        errors = []
-        for host, port in self._client._endpoints:
-            # No read timeout: a quiet watch is normal. close() ends a blocked read.
-            c = http.client.HTTPConnection(host, port, timeout=self._client._timeout)
-            try:
-                c.request("POST", "/v3/watch", body=self._body, headers={"Content-Type": "application/json"})
-                resp = c.getresponse()
-                if c.sock is not None:
-                    c.sock.settimeout(None)
-            except (OSError, http.client.HTTPException) as e:
-                c.close()
-                errors.append(f"{host}:{port}: {e}")
-                continue
-            if resp.status != 200:
-                c.close()
-                raise EtcdError(f"etcd refused the watch (HTTP {resp.status})")
-            self._conn = c
-            return resp
-        raise EtcdUnavailable(f"cannot open an etcd watch ({'; '.join(errors)}); check --etcd-endpoints "
-                              "and that etcd is running")
+@dataclass(frozen=True)
+class EtcdCerts:
+    """Files of a small PKI for etcd: its CA, a server certificate for 127.0.0.1 /
+    localhost (and any extra IPs), and a client certificate for the control plane."""
 
-    def __iter__(self) -> Iterator[list[WatchEvent]]:
-        resp = self._resp = self._open()
-        if self._closed:
-            return
-        while not self._closed:
-            try:
-                line = resp.readline()
-            except (OSError, ValueError, http.client.HTTPException) as e:
-                if self._closed:
-                    return
-                raise EtcdUnavailable(f"the etcd watch broke: {e}") from None
-            if not line:
-                if self._closed:
-                    return
-                raise EtcdUnavailable("etcd closed the watch stream")
-            line = line.strip()
-            if not line:
-                continue
-            msg = json.loads(line)
-            if "error" in msg:
-                raise EtcdError(f"etcd ended the watch: {msg['error'].get('message', msg['error'])}")
-            result = msg.get("result", {})
-            compact = int(result.get("compact_revision", 0))
-            if compact:
-                raise EtcdCompacted(f"etcd has compacted revisions up to {compact}", compact)
-            if result.get("canceled"):
-                raise EtcdError(f"etcd canceled the watch: {result.get('cancel_reason', 'no reason given')}")
-            events = [WatchEvent(e.get("type", "PUT"), KeyValue.from_json(e["kv"]),
-                                 KeyValue.from_json(e["prev_kv"]) if "prev_kv" in e else None)
-                      for e in result.get("events", [])]
-            if events:
-                yield events
+    ca: str
+    server_cert: str
+    server_key: str
+    client_cert: str
+    client_key: str
 
-    def close(self) -> None:
-        self._closed = True
-        conn = self._conn
-        if conn is not None and conn.sock is not None:
-            try:
-                conn.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        if conn is not None:
-            conn.close()
+    def tls(self) -> EtcdTLS:
+        return EtcdTLS(self.ca, self.client_cert, self.client_key)
+
+
+def make_etcd_certs(directory: str, ips: Sequence[str] = ("127.0.0.1",)) -> EtcdCerts:
+    """Generate etcd's CA, server and client certificates in `directory` (keys 0600)."""
+    import datetime
+    import os
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    os.makedirs(directory, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def write(fname: str, data: bytes, private: bool = False) -> str:
+        path = os.path.join(directory, fname)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return path
+
+    def key_pem(k: ec.EllipticCurvePrivateKey) -> bytes:
+        return k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                               serialization.NoEncryption())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(name("nodemesh etcd CA")).issuer_name(name("nodemesh etcd CA"))
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=365))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+
+    def leaf(cn: str, usage: Any, sans: list[x509.GeneralName]) -> tuple[bytes, bytes]:
+        k = ec.generate_private_key(ec.SECP256R1())
+        b = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(ca.subject).public_key(k.public_key())
+             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+             .not_valid_after(now + datetime.timedelta(days=365))
+             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+             .add_extension(x509.ExtendedKeyUsage(usage), critical=False))
+        if sans:
+            b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        return b.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM), key_pem(k)
+
+    server_sans: list[x509.GeneralName] = [x509.DNSName("localhost")]
+    server_sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
+    s_cert, s_key = leaf("etcd", [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH], server_sans)
+    c_cert, c_key = leaf("nodemesh-controlplane", [ExtendedKeyUsageOID.CLIENT_AUTH], [])
+    return EtcdCerts(write("ca.pem", ca.public_bytes(serialization.Encoding.PEM)),
+                     write("server.pem", s_cert), write("server.key", s_key, private=True),
+                     write("client.pem", c_cert), write("client.key", c_key, private=True))
 
 
 def single_member_argv(data_dir: str, host: str = "127.0.0.1", client_port: int = 2379,
-                       peer_port: int = 2380, etcd: str = "etcd") -> list[str]:
+                       peer_port: int = 2380, etcd: str = "etcd", certs: EtcdCerts | None = None) -> list[str]:
     """The command line of a one-member etcd cluster (Debian's etcd-server) for a
-    development machine, the lab and the tests; production runs its own cluster."""
-    client, peer = f"http://{host}:{client_port}", f"http://{host}:{peer_port}"
-    return [etcd, "--name", "nodemesh", "--data-dir", data_dir, "--listen-client-urls", client,
+    development machine, the lab and the tests; production runs its own cluster.
+    With `certs`, clients must come over TLS with a certificate that CA signed."""
+    scheme = "https" if certs else "http"
+    client, peer = f"{scheme}://{host}:{client_port}", f"http://{host}:{peer_port}"
+    argv = [etcd, "--name", "nodemesh", "--data-dir", data_dir, "--listen-client-urls", client,
             "--advertise-client-urls", client, "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
             "--initial-cluster", f"nodemesh={peer}", "--initial-cluster-state", "new", "--log-level", "warn",
             "--logger", "zap"]
+    if certs:
+        argv += ["--cert-file", certs.server_cert, "--key-file", certs.server_key, "--trusted-ca-file", certs.ca,
+                 "--client-cert-auth"]
+    return argv
 
 
-def wait_ready(endpoint: str, timeout_s: float = 20.0) -> None:
+def wait_ready(endpoint: str, timeout_s: float = 20.0, tls: EtcdTLS | None = None) -> None:
     """Block until etcd at `endpoint` answers a read, or raise EtcdUnavailable."""
     import time
 
-    client = EtcdClient([endpoint], timeout_s=1.0)
     deadline = time.monotonic() + timeout_s
     last: Exception | None = None
+    client = EtcdClient([endpoint], timeout_s=1.0, tls=tls)
     try:
         while time.monotonic() < deadline:
             try:
-                client.revision()
+                client.sync(client.revision())
                 return
             except EtcdError as e:
                 last = e

@@ -114,4 +114,9 @@ class ControlPlaneMetrics:
             None, sum(len(n.workloads) for n in cp.registry.nodes()))
         r.gauge("nodemesh_controlplane_config_revision", "The config store's revision.").set(
             None, cp.store.revision())
+        leader = getattr(cp, "leader", None)
+        if leader is not None:
+            r.gauge("nodemesh_controlplane_leader",
+                    "Whether this replica is the elected one running the singleton duties (1) or not (0).").set(
+                None, 1.0 if leader.is_leader() else 0.0)
         return render(r.collect())

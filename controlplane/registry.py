@@ -54,6 +54,10 @@ class NodeRegistry:
         # sharing the store (controlplane/store_etcd.py): they count while the store
         # keeps their record, and this replica never expires them itself.
         self._remote: dict[str, RegisteredNode] = {}
+        # Told (name, unhealthy endpoints) when a node held here reports a new set, so
+        # replicas sharing the store see it (controlplane/store_etcd.py share_registry).
+        self.on_health: Callable[[str, dict[tuple[str, int], str]], None] | None = None
+        self._health_unshared: set[str] = set()  # nodes just taken over: share their next report
 
     # ------------------------------------------------------------ reads
 
@@ -84,6 +88,9 @@ class NodeRegistry:
             self._unhealthy[name] = bad
         else:
             self._unhealthy.pop(name, None)
+        if self.on_health is not None and (bad != old or name in self._health_unshared):
+            self._health_unshared.discard(name)
+            self.on_health(name, bad)
         if set(bad) == set(old):
             return False
         for key in sorted(set(bad) - set(old)):
@@ -92,6 +99,19 @@ class NodeRegistry:
             log.info("node %s reports endpoint %s:%d healthy again", name, key[0], key[1])
         self._changed()
         return True
+
+    def set_remote_health(self, name: str, bad: dict[tuple[str, int], str]) -> None:
+        """A health report another replica shared for a node whose session it holds."""
+        if name in self._leases:
+            return  # its agent is with this replica: its own reports count
+        old = self._unhealthy.get(name, {})
+        if bad:
+            self._unhealthy[name] = dict(bad)
+        else:
+            self._unhealthy.pop(name, None)
+        if set(bad) != set(old):
+            log.info("node %s has %d unhealthy endpoints (reported through another replica)", name, len(bad))
+            self._changed()
 
     def get(self, name: str) -> RegisteredNode | None:
         lease = self._leases.get(name)
@@ -160,6 +180,7 @@ class NodeRegistry:
                      "is registered" if node is not None else "is no longer registered")
             self._changed()
         if node is None and old is not None and name not in self._leases:
+            self._unhealthy.pop(name, None)
             self._departed(name)
 
     def register(self, reg: mesh_pb2.NodeRegistration) -> Lease:
@@ -168,7 +189,8 @@ class NodeRegistry:
         node = node_from_proto(reg)
         expires = self._clock() + self.lease_seconds
         old = self._leases.get(node.name)
-        self._remote.pop(node.name, None)  # its agent is with this replica now
+        if self._remote.pop(node.name, None) is not None or old is None:
+            self._health_unshared.add(node.name)  # its agent is with this replica now: re-share its health
         self._leases[node.name] = lease = Lease(node, expires)
         if self._store is not None and (old is None or old.node != node):
             self._store.save_node(NodeRecord(node.name, reg.SerializeToString(deterministic=True),
@@ -194,6 +216,7 @@ class NodeRegistry:
         for n in gone:
             del self._leases[n]
             self._unhealthy.pop(n, None)
+            self._health_unshared.discard(n)
             if self._store is not None:
                 self._store.delete_node(n)
             log.info("node %s lease expired; its workloads are removed", n)

@@ -18,6 +18,7 @@ import grpc
 from controlplane import auth as cp_auth
 from controlplane.api import ConfigServicer, current_mesh, current_services
 from controlplane.ca import DEFAULT_CERT_TTL_S, MAX_CERT_TTL_S, CertificateAuthority, CertificateServicer
+from controlplane.leader import Leadership
 from controlplane.metrics import ControlPlaneMetrics
 from controlplane.policies import current_policies
 from controlplane.registry import DEFAULT_LEASE_SECONDS, NodeRegistry, RegistryServicer
@@ -60,6 +61,11 @@ class ControlPlaneSettings:
     store: str = "sqlite"
     etcd_endpoints: tuple[str, ...] = ()
     etcd_prefix: str = "/nodemesh"
+    # Client TLS to etcd (https endpoints): etcd's CA, this control plane's certificate and key.
+    etcd_ca: str = ""
+    etcd_cert: str = ""
+    etcd_key: str = ""
+    etcd_server_name: str = ""
 
     def __post_init__(self) -> None:
         if self.store not in ("sqlite", "etcd"):
@@ -72,6 +78,14 @@ class ControlPlaneSettings:
             raise ValueError("--store etcd (several control plane replicas) needs the operator intermediate CA: "
                              "give every replica the same --ca-cert, --ca-key and --ca-chain "
                              "(docs/security.md \"Operator CA\", docs/reference.md \"Store backends and replicas\")")
+        if (self.etcd_ca or self.etcd_cert or self.etcd_key) and not (self.etcd_ca and self.etcd_cert
+                                                                        and self.etcd_key):
+            raise ValueError("--etcd-ca, --etcd-cert and --etcd-key go together: etcd's CA, this control plane's "
+                             "client certificate and its key")
+        if self.store == "etcd":
+            from controlplane.etcd_client import grpc_target
+
+            grpc_target(self.etcd_endpoints, self.etcd_tls())  # ValueError saying what to change
         if (self.ca_cert or self.ca_key or self.ca_chain) and not (self.ca_cert and self.ca_key and self.ca_chain):
             raise ValueError("--ca-cert, --ca-key and --ca-chain go together: the intermediate, its key, and "
                              "the certificates above it up to the operator's root")
@@ -81,6 +95,14 @@ class ControlPlaneSettings:
             raise ValueError("lease_seconds must be positive")
         if self.default_cert_ttl_s <= 0:
             raise ValueError("default_cert_ttl_s must be positive")
+
+    def etcd_tls(self) -> Any:
+        """controlplane.etcd_client.EtcdTLS when the etcd TLS files are given, else None."""
+        if not self.etcd_ca:
+            return None
+        from controlplane.etcd_client import EtcdTLS
+
+        return EtcdTLS(self.etcd_ca, self.etcd_cert, self.etcd_key, self.etcd_server_name)
 
 
 class SnapshotPublisher:
@@ -178,7 +200,7 @@ async def start(settings: ControlPlaneSettings) -> ControlPlane:
 
     store = store_etcd.open_store(settings.store, sqlite_path=os.path.join(settings.state_dir, DB_FILE),
                                   etcd_endpoints=settings.etcd_endpoints, etcd_prefix=settings.etcd_prefix,
-                                  node_lease_s=settings.lease_seconds)
+                                  node_lease_s=settings.lease_seconds, etcd_tls=settings.etcd_tls())
     try:
         mesh = current_mesh(store)
         if isinstance(store, store_etcd.EtcdStore):
@@ -189,11 +211,12 @@ async def start(settings: ControlPlaneSettings) -> ControlPlane:
         store.close()
         raise
     registry = NodeRegistry(store, settings.lease_seconds)
-    follow_from = -1
+    leader = Leadership.sole()
     if isinstance(store, store_etcd.EtcdStore):
-        # Registrations are shared: the other replicas' nodes count while etcd keeps them.
-        follow_from = store_etcd.prime_registry(store, registry)
-        restored = len(registry.nodes())
+        # Registrations and health are shared: the other replicas' nodes count while etcd keeps them.
+        restored = store_etcd.share_registry(store, registry)
+        leader = Leadership()
+        store.start_election(leader)
     else:
         restored = registry.restore()
     cache = SnapshotCache()
@@ -261,10 +284,12 @@ async def start(settings: ControlPlaneSettings) -> ControlPlane:
              asyncio.create_task(registry.run_expiry(settings.expiry_interval_s)),
              asyncio.create_task(cp_auth.watch_trust_bundle(ca, publisher.trigger))]
     if isinstance(store, store_etcd.EtcdStore):
-        tasks.append(asyncio.create_task(store_etcd.follow_registry(store, registry, follow_from)))
+        # Singleton duties: only the elected replica sweeps the shared records.
+        tasks.append(asyncio.create_task(leader.run_while_leader("shared-records sweep", store.collect_garbage)))
     log.info("control plane ready on %s (state %s, %d nodes restored, trust domain %s)",
              ", ".join(bound), settings.state_dir, restored, mesh.trust_domain)
     cp = ControlPlane(settings, server, store, registry, cache, ads, publisher, ca, tasks, tuple(bound))
+    cp.leader = leader
     cp.metrics = cp_metrics
     cp.security = security
     registry.on_departure(cp_metrics.forget_node)
@@ -277,6 +302,10 @@ async def start(settings: ControlPlaneSettings) -> ControlPlane:
         registry_servicer.on_telemetry = _fanout(readings.ingest, cp.web.telemetry.ingest)
         registry.on_departure(cp.web.telemetry.forget)
         await cp.web.start(settings.web_listen)
+    if isinstance(store, store_etcd.EtcdStore):
+        # Every replica's mesh view and rollout analysis see every node's telemetry.
+        registry_servicer.on_telemetry = store_etcd.TelemetryShare(store, registry,
+                                                                   registry_servicer.on_telemetry).offer
     return cp
 
 
@@ -296,6 +325,7 @@ class ControlPlane:
     web: Any = None  # controlplane.web.MeshView when settings.web_listen is set
     security: Any = None  # controlplane.auth.Security
     rollouts: Any = None  # controlplane.rollout.controller.RolloutController
+    leader: Any = None  # controlplane.leader.Leadership: this replica runs the singleton duties
 
 
     async def stop(self, grace: float = 1.0) -> None:
@@ -307,7 +337,10 @@ class ControlPlane:
         for t in self.tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
-        self.store.close()
+        resign = getattr(self.store, "resign", None)
+        if resign is not None:  # a clean stop hands leadership over at once, not after a lease
+            await asyncio.to_thread(resign)
+        await asyncio.to_thread(self.store.close)
         if self.security is not None:
             self.security.close()
         for addr in self.addresses:

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
 
 from nodemesh.model import API_VERSION
 
@@ -167,6 +168,24 @@ class Store(abc.ABC):
         `plan` when the state it read changed before the write; here nothing can
         come in between."""
         return self.apply(plan(), dry_run)
+
+    async def apply_planned_async(self, plan: Callable[[], Sequence[Write]],
+                                  dry_run: bool = False) -> builtins.list[WriteResult]:
+        """apply_planned for the event loop. A store whose writes wait on the network
+        overrides it so the loop never waits (store_etcd.py); a local one writes here,
+        plan and write in one step of the loop."""
+        return self.apply_planned(plan, dry_run)
+
+
+T = TypeVar("T")
+
+
+async def off_loop(blocking: bool, fn: Callable[..., T], *args: Any) -> T:
+    """Call a store-backed method from the event loop: in a worker thread when it
+    waits on the network (`blocking`, e.g. EtcdJoinTokens.blocking), else here."""
+    if blocking:
+        return await asyncio.to_thread(fn, *args)
+    return fn(*args)
 
 
 @dataclass(eq=False)

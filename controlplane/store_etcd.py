@@ -7,18 +7,33 @@ Layout under the prefix (default /nodemesh):
   <p>/nodes/<name>                   a node registration, under the etcd lease of the replica holding the
                                      agent's registry session: a replica that dies takes its nodes with it
                                      after the lease TTL, unless their agents re-register elsewhere
+  <p>/health/<name>                  the endpoints that node's agent reports unhealthy (same lease)
+  <p>/telemetry/<name>               that node's latest traffic summary for the mesh view, shared every
+                                     TELEMETRY_SHARE_S (same lease)
+  <p>/leader                         the replica elected for singleton duties (its lease: it goes with it)
   <p>/operators/<name>, <p>/tokens/<id>, <p>/audit/<ms>-<n>   access control (controlplane/auth.py, tokens.py)
   <p>/cp-ca-pin                      SHA-256 of the control-plane CA certificate every replica must hold
 
-The store-wide revision is etcd's revision. A batch is one etcd txn whose
-compares hold the mod_revision of every key it read, so concurrent writers on
-other replicas never lose an update: on a conflict the batch is read and
-computed again (a few times, then the caller is told the store is busy).
+Every replica keeps a mirror of the prefix (all but the audit log and the
+telemetry) in memory, loaded once and kept current by one etcd watch, as a
+Kubernetes informer does: reads (get, list, revision, operators, tokens,
+registrations) never wait on etcd. The store-wide revision is etcd's revision as
+far as the mirror has seen it. Writes go to etcd through aetcd on the client's
+own loop (controlplane/etcd_client.py); an apply returns once the mirror holds
+its result, so a replica reads its own writes. A batch is one etcd txn whose
+compares hold the mod_revision of every key it read and of the guard, so
+concurrent writers on other replicas never lose an update: on a conflict the
+batch waits for the mirror to catch up, then is read and computed again (a few
+times, then the caller is told the store is busy).
+
+Registrations, health and telemetry writes are queued in order and never make
+the caller wait when it runs on an event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import builtins
 import dataclasses
 import hmac
@@ -29,7 +44,9 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -38,9 +55,10 @@ from controlplane.etcd_client import (
     EtcdClient,
     EtcdCompacted,
     EtcdError,
+    EtcdTLS,
     EtcdUnavailable,
     KeyValue,
-    WatchEvent,
+    WatchBatch,
     compare,
     delete_op,
     prefix_end,
@@ -50,6 +68,7 @@ from controlplane.etcd_client import (
 from controlplane.store import (
     ADDED,
     DELETED,
+    EVENT_LOG_RETENTION,
     MODIFIED,
     CompactedError,
     Delete,
@@ -65,6 +84,7 @@ from controlplane.store import (
 from controlplane.tokens import JoinTokens
 
 if TYPE_CHECKING:
+    from controlplane.leader import Leadership
     from controlplane.registry import NodeRegistry
 
 log = logging.getLogger("nodemesh.controlplane.store_etcd")
@@ -73,14 +93,30 @@ DEFAULT_PREFIX = "/nodemesh"
 DEFAULT_NODE_LEASE_S = 15.0
 MAX_TXN_ATTEMPTS = 16  # concurrent writers: re-read and re-plan this many times before "busy"
 WATCH_RETRY_S = 1.0
+TELEMETRY_SHARE_S = 10.0  # how often a node's summary is written for the other replicas' mesh views
+GC_INTERVAL_S = 60.0  # the leader's sweep of the audit log and used-up join tokens
+# Sections of the prefix the mirror keeps; the others (audit, telemetry) are only passed on.
+MIRRORED = frozenset({"res", "guard", "nodes", "health", "leader", "operators", "tokens", "cp-ca-pin"})
 
 
 class _Stale(Exception):
-    """The state a planned apply read changed before its write."""
+    """The state a batch read changed before its write."""
+
+    def __init__(self, revision: int) -> None:
+        super().__init__(revision)
+        self.revision = revision
 
 
 def _canonical_json(text: str) -> str:
     return json.dumps(json.loads(text or "{}"), sort_keys=True, separators=(",", ":"))
+
+
+def _on_running_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -90,33 +126,68 @@ class NodeChange:
     mine: bool  # written under this replica's lease
 
 
+@dataclass(frozen=True)
+class SectionChange:
+    """A key of a section changed: `value` None when it was deleted (or its lease ran out)."""
+
+    name: str  # the key below the section
+    value: bytes | None
+    mine: bool  # written under this replica's lease
+
+
+@dataclass(eq=False)
+class _Subscriber:
+    kind: str | None
+    namespace: str | None
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[Event | BaseException]
+
+    def wants(self, ev: Event) -> bool:
+        r = ev.resource
+        return (self.kind is None or r.kind == self.kind) and (self.namespace is None or r.namespace == self.namespace)
+
+
 class EtcdStore(Store):
-    """A Store in etcd. Calls block briefly (one or two HTTP round trips); the
-    control plane makes them from its event loop, as it does with SQLite."""
+    """A Store in etcd with an in-memory mirror (module docstring)."""
 
     shares_state = True
 
     def __init__(self, endpoints: Sequence[str], prefix: str = DEFAULT_PREFIX, *,
                  clock: Callable[[], float] = time.time, node_lease_s: float = DEFAULT_NODE_LEASE_S,
-                 timeout_s: float = 5.0) -> None:
+                 timeout_s: float = 5.0, tls: EtcdTLS | None = None) -> None:
         if not prefix.startswith("/") or prefix.rstrip("/") == "":
             raise StoreError(f"etcd prefix {prefix!r} must start with '/' and name a directory, e.g. /nodemesh")
-        self._client = EtcdClient(endpoints, timeout_s)
+        self._client = EtcdClient(endpoints, timeout_s, tls)  # ValueError: bad endpoints or TLS files
         self._p = prefix.rstrip("/").encode()
         self._clock = clock
         self.node_lease_s = node_lease_s
         self.replica_id = uuid.uuid4().hex[:12]
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._kv: dict[bytes, KeyValue] = {}
+        self._rev = 0
+        self._log: deque[Event] = deque(maxlen=EVENT_LOG_RETENTION)
+        self._log_from = 0  # the mirror replays watches from after this revision
+        self._subs: list[_Subscriber] = []
+        self._listeners: dict[str, list[tuple[asyncio.AbstractEventLoop, Callable[[list[SectionChange]], None]]]] = {}
         self._lease = 0
         self._mine: dict[str, NodeRecord] = {}  # registrations this replica wrote and still holds
-        self._stop = threading.Event()
-        self._keepalive: threading.Thread | None = None
+        self._mine_health: dict[str, bytes] = {}
+        self._closed = False
+        self._resigned = False  # stopping: campaign no more
+        # Only touched on the etcd loop:
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._writes: asyncio.Queue[tuple[Callable[[], Coroutine[Any, Any, Any]], Future[Any]]] | None = None
+        self._leader_gone: asyncio.Event | None = None
+        self._lease_lost: asyncio.Event | None = None
+        self.leadership: Leadership | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         try:
-            self._client.revision()
-        except EtcdError as e:
+            self._sync(self._start())
+        except StoreError as e:
+            self._client.close()
             raise StoreError(f"cannot open the etcd store: {e}") from None
 
-    # ------------------------------------------------------------ keys
+    # ------------------------------------------------------------ plumbing
 
     def key(self, *parts: str) -> bytes:
         return self._p + b"/" + "/".join(parts).encode()
@@ -124,20 +195,183 @@ class EtcdStore(Store):
     def _res_key(self, kind: str, namespace: str, name: str) -> bytes:
         return self.key("res", kind, namespace, name)
 
-    def _res_prefix(self, kind: str | None = None) -> bytes:
-        return self.key("res", kind, "") if kind else self.key("res", "")
+    def _section(self, key: bytes) -> tuple[str, str]:
+        """(section, rest) of a key under the prefix."""
+        section, _, rest = key[len(self._p) + 1:].decode(errors="replace").partition("/")
+        return section, rest
 
     @property
     def client(self) -> EtcdClient:
         return self._client
 
-    def _call(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+    def _sync(self, coro: Coroutine[Any, Any, Any]) -> Any:
         try:
-            return fn(*args, **kw)
+            return self._client.sync(coro)
         except EtcdError as e:
             raise StoreError(str(e)) from None
 
-    # ------------------------------------------------------------ resources
+    async def _run(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        try:
+            return await self._client.run(coro)
+        except EtcdError as e:
+            raise StoreError(str(e)) from None
+
+    def _queue_write(self, make: Callable[[], Coroutine[Any, Any, Any]]) -> Future[Any]:
+        """Queue a write for the etcd loop's writer (in order); the caller waits only
+        when it is not on an event loop (tests, tools)."""
+        fut: Future[Any] = Future()
+        if self._closed or self._writes is None:
+            fut.set_exception(StoreError("the etcd store is closed"))
+            return fut
+        self._client.loop.call_soon_threadsafe(self._writes.put_nowait, (make, fut))
+        if not _on_running_loop():
+            try:
+                fut.result(self._client.timeout_s * 3)
+            except EtcdError as e:
+                raise StoreError(str(e)) from None
+        return fut
+
+    async def _writer(self) -> None:
+        assert self._writes is not None
+        while True:
+            make, fut = await self._writes.get()
+            try:
+                fut.set_result(await make())
+            except Exception as e:  # noqa: BLE001 - handed to whoever waits; logged for those who do not
+                log.warning("a queued etcd write failed: %s", e)
+                fut.set_exception(e)
+
+    # ------------------------------------------------------------ the mirror (on the etcd loop)
+
+    async def _start(self) -> None:
+        self._writes = asyncio.Queue()
+        self._leader_gone = asyncio.Event()
+        self._lease_lost = asyncio.Event()
+        rev = await self._reload()
+        self._log_from = rev
+        self._lease = await self._client.lease_grant(max(2, round(self.node_lease_s)))
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._follow(rev + 1)), loop.create_task(self._writer()),
+                       loop.create_task(self._keep_alive())]
+
+    async def _reload(self) -> int:
+        """Read every mirrored section at one revision and replace the mirror,
+        passing on what differs (as after a compaction the watch could not bridge)."""
+        sections = sorted(MIRRORED)
+        read = await self._client.txn([], [range_op(self.key(s) if s == "cp-ca-pin" else self.key(s, ""),
+                                                    None if s == "cp-ca-pin" else prefix_end(self.key(s, "")))
+                                           for s in sections])
+        fresh = {kv.key: kv for kvs in read.ranges() for kv in kvs}
+        events = []
+        with self._lock:
+            old = self._kv
+            for k, kv in fresh.items():
+                if old.get(k) != kv:
+                    events.append(_synth("PUT", kv, old.get(k)))
+            for k, kv in old.items():
+                if k not in fresh:
+                    events.append(_synth("DELETE", dataclasses.replace(kv, mod_revision=read.revision), kv))
+        if old:
+            self._apply_batch(WatchBatch(tuple(events), read.revision), reload=True)
+        else:
+            with self._lock:
+                self._kv = fresh
+                self._rev = read.revision
+        return read.revision
+
+    async def _follow(self, start_revision: int) -> None:
+        next_rev = start_revision
+        while not self._closed:
+            try:
+                async for batch in self._client.watch(self._p + b"/", prefix_end(self._p + b"/"), next_rev,
+                                                      self._progress_requests()):
+                    self._apply_batch(batch)
+                    next_rev = max(next_rev, batch.revision + 1)
+            except EtcdCompacted:
+                log.warning("the etcd watch fell behind compaction; reloading the mirror")
+                try:
+                    next_rev = await self._reload() + 1
+                except EtcdError as e:
+                    log.warning("cannot reload the mirror from etcd (%s); retrying", e)
+                    await asyncio.sleep(WATCH_RETRY_S)
+            except EtcdError as e:
+                if self._closed:
+                    return
+                log.warning("the etcd watch broke (%s); resuming from revision %d", e, next_rev)
+                await asyncio.sleep(WATCH_RETRY_S)
+
+    def _progress_requests(self) -> asyncio.Queue[None]:
+        self._progress: asyncio.Queue[None] = asyncio.Queue()
+        return self._progress
+
+    def _apply_batch(self, batch: WatchBatch, reload: bool = False) -> None:
+        res_events: builtins.list[Event] = []
+        changes: dict[str, builtins.list[SectionChange]] = {}
+        with self._lock:
+            for ev in batch.events:
+                section, rest = self._section(ev.kv.key)
+                old = self._kv.get(ev.kv.key)
+                if section in MIRRORED:
+                    if ev.type == "DELETE":
+                        self._kv.pop(ev.kv.key, None)
+                    else:
+                        self._kv[ev.kv.key] = ev.kv
+                if section == "res":
+                    res_events.append(self._to_event(ev.type, ev.kv, old or ev.prev_kv))
+                elif section in ("nodes", "health", "telemetry", "leader"):
+                    before = old or ev.prev_kv
+                    owner = before.lease if ev.type == "DELETE" and before is not None else ev.kv.lease
+                    changes.setdefault(section, []).append(SectionChange(
+                        rest, None if ev.type == "DELETE" else ev.kv.value, bool(self._lease) and owner == self._lease))
+            self._rev = max(self._rev, batch.revision)
+            if reload:
+                self._log.clear()
+                self._log_from = self._rev
+            self._log.extend(res_events)
+            if len(self._log) == self._log.maxlen and self._log:
+                self._log_from = self._log[0].revision - 1
+            for rev_ev in res_events:
+                for sub in builtins.list(self._subs):
+                    if sub.wants(rev_ev) and not _post(sub.loop, sub.queue.put_nowait, rev_ev):
+                        self._subs.remove(sub)  # its loop is gone
+            for section, items in changes.items():
+                listeners = self._listeners.get(section, [])
+                listeners[:] = [(loop, cb) for loop, cb in listeners if _post(loop, cb, items)]
+        if "leader" in changes and self._leader_gone is not None and any(c.value is None for c in changes["leader"]):
+            self._leader_gone.set()
+        rev = self._rev
+        still = []
+        for want, fut in self._waiters:
+            if want <= rev:
+                if not fut.done():
+                    fut.set_result(None)
+            else:
+                still.append((want, fut))
+        self._waiters = still
+
+    async def _wait_rev(self, rev: int) -> None:
+        """Until the mirror holds revision `rev` (on the etcd loop)."""
+        with self._lock:
+            if self._rev >= rev:
+                return
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append((rev, fut))
+        if hasattr(self, "_progress"):
+            self._progress.put_nowait(None)  # our prefix may be quiet: ask etcd where the watch stands
+        try:
+            await asyncio.wait_for(fut, self._client.timeout_s * 2)
+        except TimeoutError:
+            raise EtcdUnavailable(f"this replica's view of etcd did not reach revision {rev} within "
+                                  f"{self._client.timeout_s * 2:.0f} s (its watch is behind or broken); "
+                                  "check that etcd is reachable") from None
+
+    async def _catch_up(self) -> None:
+        await self._wait_rev(await self._client.revision())
+
+    def catch_up(self) -> None:
+        """Wait until the mirror holds everything etcd had when called (a read that
+        must see other replicas' latest writes, off the event loop)."""
+        self._sync(self._catch_up())
 
     def _decode(self, kv: KeyValue) -> StoredResource:
         parts = kv.key[len(self._p) + 1:].decode().split("/", 3)
@@ -153,58 +387,80 @@ class EtcdStore(Store):
                            "api_version": r.api_version, "created_unix_ms": r.created_unix_ms,
                            "updated_unix_ms": r.updated_unix_ms}, sort_keys=True).encode()
 
+    def _to_event(self, kind: str, kv: KeyValue, prev: KeyValue | None) -> Event:
+        if kind == "DELETE":
+            parts = kv.key[len(self._p) + 1:].decode().split("/", 3)
+            # The mirror had the value: a deletion carries what was deleted.
+            gone = self._decode(prev) if prev is not None else StoredResource(parts[1], parts[2], parts[3], "{}")
+            gone = dataclasses.replace(gone, resource_version=kv.mod_revision, updated_unix_ms=int(self._clock() * 1000))
+            return Event(DELETED, gone, kv.mod_revision)
+        return Event(ADDED if kv.create_revision == kv.mod_revision or prev is None else MODIFIED,
+                     self._decode(kv), kv.mod_revision)
+
+    # ------------------------------------------------------------ reads (the mirror; never wait on etcd)
+
     def revision(self) -> int:
-        return int(self._call(self._client.revision))
+        with self._lock:
+            return self._rev
 
     def get(self, kind: str, namespace: str, name: str) -> StoredResource | None:
-        kv, _ = self._call(self._client.get, self._res_key(kind, namespace, name))
+        with self._lock:
+            kv = self._kv.get(self._res_key(kind, namespace, name))
         return self._decode(kv) if kv else None
 
     def list(self, kind: str | None = None, namespace: str | None = None) -> tuple[builtins.list[StoredResource], int]:
-        start = self._res_prefix(kind or None)
-        kvs, rev, _ = self._call(self._client.range, start, prefix_end(start))
+        start = self.key("res", kind, "") if kind else self.key("res", "")
+        with self._lock:
+            kvs = [kv for k, kv in self._kv.items() if k.startswith(start)]
+            rev = self._rev
         out = [r for r in (self._decode(kv) for kv in kvs) if not namespace or r.namespace == namespace]
-        # etcd sorts by key bytes ('-' before '/'), the interface by (kind, namespace, name).
         out.sort(key=lambda r: r.ref)
         return out, rev
 
+    def section(self, name: str) -> dict[str, KeyValue]:
+        """The mirror's keys of one section (operators, tokens, nodes, ...), by the rest of their key."""
+        start = self.key(name, "")
+        with self._lock:
+            return {k[len(start):].decode(): kv for k, kv in self._kv.items() if k.startswith(start)}
+
+    def mirrored(self, key: bytes) -> KeyValue | None:
+        with self._lock:
+            return self._kv.get(key)
+
+    # ------------------------------------------------------------ config writes
+
     def apply(self, writes: Sequence[Write], dry_run: bool = False) -> builtins.list[WriteResult]:
-        for _ in range(MAX_TXN_ATTEMPTS):
-            try:
-                return self._apply_once(writes, dry_run, None)
-            except _Stale:
-                continue
-        raise self._busy()
+        return self.apply_planned(lambda: writes, dry_run)  # type: ignore[no-any-return]
 
     def apply_planned(self, plan: Callable[[], Sequence[Write]],
                       dry_run: bool = False) -> builtins.list[WriteResult]:
+        result: builtins.list[WriteResult] = self._sync(self._apply_loop(plan, dry_run))
+        return result
+
+    async def apply_planned_async(self, plan: Callable[[], Sequence[Write]],
+                                  dry_run: bool = False) -> builtins.list[WriteResult]:
+        result: builtins.list[WriteResult] = await self._run(self._apply_loop(plan, dry_run))
+        return result
+
+    async def _apply_loop(self, plan: Callable[[], Sequence[Write]], dry_run: bool) -> builtins.list[WriteResult]:
         for _ in range(MAX_TXN_ATTEMPTS):
-            guard, _rev = self._call(self._client.get, self.key("guard", "config"))
             try:
-                return self._apply_once(plan(), dry_run, guard.mod_revision if guard else 0)
-            except _Stale:
-                continue  # another replica changed config since we read it: plan again
-        raise self._busy()
+                return await self._apply_once(plan, dry_run)
+            except _Stale as e:
+                await self._wait_rev(e.revision)  # another replica wrote: read its write, plan again
+        raise StoreError(f"the config changed under this apply {MAX_TXN_ATTEMPTS} times in a row (other "
+                         "control plane replicas are writing); apply again")
 
-    @staticmethod
-    def _busy() -> StoreError:
-        return StoreError(f"the config changed under this apply {MAX_TXN_ATTEMPTS} times in a row (other "
-                          "control plane replicas are writing); apply again")
-
-    def _apply_once(self, writes: Sequence[Write], dry_run: bool, guard_rev: int | None) -> builtins.list[WriteResult]:
+    async def _apply_once(self, plan: Callable[[], Sequence[Write]], dry_run: bool) -> builtins.list[WriteResult]:
         now_ms = int(self._clock() * 1000)
         guard_key = self.key("guard", "config")
-        refs = list(dict.fromkeys(w.ref for w in writes))
-        # One read txn: every key the batch touches and the guard, at one revision.
-        read = self._call(self._client.txn, [], [range_op(self._res_key(*r)) for r in refs] + [range_op(guard_key)])
-        ranges = read.ranges()
-        seen: dict[tuple[str, str, str], KeyValue | None] = {r: (kvs[0] if kvs else None)
-                                                             for r, kvs in zip(refs, ranges)}
-        guard_kv = ranges[-1][0] if ranges[-1] else None
-        guard_mod = guard_kv.mod_revision if guard_kv else 0
-        if guard_rev is not None and guard_mod != guard_rev:
-            raise _Stale()
-        rev = read.revision
+        with self._lock:  # one consistent state for the plan and the compares
+            guard = self._kv.get(guard_key)
+            rev = self._rev
+            writes = builtins.list(plan())
+            refs = builtins.list(dict.fromkeys(w.ref for w in writes))
+            seen = {r: self._kv.get(self._res_key(*r)) for r in refs}
+        guard_mod = guard.mod_revision if guard else 0
         current: dict[tuple[str, str, str], StoredResource | None] = {
             r: (self._decode(kv) if kv else None) for r, kv in seen.items()}
         results: builtins.list[tuple[Write, str, int | None]] = []  # None: the new revision
@@ -238,196 +494,226 @@ class EtcdStore(Store):
             res = current[r]
             ops.append(delete_op(self._res_key(*r)) if res is None else put_op(self._res_key(*r), self._encode(res)))
         ops.append(put_op(guard_key, str(now_ms).encode()))
-        compares = [compare(self._res_key(*r), "MOD", "EQUAL", seen[r].mod_revision if seen[r] else 0)  # type: ignore[union-attr]
-                    for r in refs]
+        compares = [compare(self._res_key(*r), "MOD", "EQUAL", kv.mod_revision if kv else 0) for r, kv in seen.items()]
         compares.append(compare(guard_key, "MOD", "EQUAL", guard_mod))
-        done = self._call(self._client.txn, compares, ops)
+        done = await self._client.txn(compares, ops)
         if not done.succeeded:
-            raise _Stale()
+            raise _Stale(done.revision)
+        await self._wait_rev(done.revision)  # read-your-writes: the mirror holds this batch
         return [WriteResult(*w.ref, action, done.revision if v is None else v) for w, action, v in results]
 
     # ------------------------------------------------------------ watch
 
-    def _to_event(self, ev: WatchEvent) -> Event | None:
-        key = ev.kv.key
-        if ev.type == "DELETE":
-            parts = key[len(self._p) + 1:].decode().split("/", 3)
-            if ev.prev_kv is not None:
-                gone = self._decode(ev.prev_kv)
-            else:  # the previous value was compacted: the identity is all there is
-                gone = StoredResource(parts[1], parts[2], parts[3], "{}")
-            gone = dataclasses.replace(gone, resource_version=ev.kv.mod_revision,
-                                       updated_unix_ms=int(self._clock() * 1000))
-            return Event(DELETED, gone, ev.kv.mod_revision)
-        res = self._decode(ev.kv)
-        return Event(ADDED if ev.kv.create_revision == ev.kv.mod_revision else MODIFIED, res, ev.kv.mod_revision)
-
-    async def _follow(self, start: bytes, start_revision: int) -> AsyncIterator[builtins.list[WatchEvent]]:
-        """etcd watch batches from `start_revision` under the prefix `start`, resumed
-        after a broken stream from the revision after the last one seen."""
+    async def watch(self, kind: str | None = None, namespace: str | None = None,
+                    since_revision: int = 0) -> AsyncIterator[Event]:
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[builtins.list[WatchEvent] | BaseException] = asyncio.Queue()
-        stop = threading.Event()
-        current: dict[str, Any] = {}
-
-        def pump() -> None:
-            next_rev = start_revision
-            while not stop.is_set():
-                w = self._client.watch(start, prefix_end(start), next_rev)
-                current["w"] = w
-                if stop.is_set():
-                    w.close()
-                    return
-                try:
-                    for batch in w:
-                        next_rev = batch[-1].kv.mod_revision + 1
-                        loop.call_soon_threadsafe(queue.put_nowait, batch)
-                except EtcdCompacted as e:
-                    loop.call_soon_threadsafe(queue.put_nowait, e)
-                    return
-                except (EtcdUnavailable, OSError) as e:
-                    if stop.is_set():
-                        return
-                    log.warning("the etcd watch on %s broke (%s); resuming from revision %d", start.decode(),
-                                e, next_rev)
-                    stop.wait(WATCH_RETRY_S)
-                except BaseException as e:  # noqa: BLE001 - handed to the reader, which raises it
-                    loop.call_soon_threadsafe(queue.put_nowait, e)
-                    return
-                finally:
-                    w.close()
-
-        thread = threading.Thread(target=pump, name="etcd-watch", daemon=True)
-        thread.start()
+        sub = _Subscriber(kind or None, namespace or None, loop, asyncio.Queue())
+        with self._lock:  # the backlog and the subscription at one revision: nothing lost, nothing twice
+            if since_revision <= 0:
+                resources, at = self.list(kind, namespace)
+                backlog = [Event(ADDED, r, at) for r in resources]
+            else:
+                if since_revision > self._rev:
+                    raise StoreError(f"watch from revision {since_revision} but the store is at {self._rev}; "
+                                     "use a revision returned by List")
+                if since_revision < self._log_from:
+                    raise CompactedError(
+                        f"revision {since_revision} is older than this replica's event log (it starts after "
+                        f"{self._log_from}); re-list and watch from the listed revision")
+                backlog = [e for e in self._log if e.revision > since_revision and sub.wants(e)]
+            self._subs.append(sub)
         try:
+            for ev in backlog:
+                yield ev
             while True:
-                item = await queue.get()
+                item = await sub.queue.get()
                 if isinstance(item, BaseException):
                     raise item
                 yield item
         finally:
-            stop.set()
-            w = current.get("w")
-            if w is not None:
-                w.close()
+            with self._lock:
+                if sub in self._subs:
+                    self._subs.remove(sub)
 
-    async def watch(self, kind: str | None = None, namespace: str | None = None,
-                    since_revision: int = 0) -> AsyncIterator[Event]:
-        start = self._res_prefix(kind or None)
-        if since_revision <= 0:
-            resources, rev = self.list(kind, namespace)
-            for r in resources:
-                yield Event(ADDED, r, rev)
-            since_revision = rev
-        else:
-            rev = self.revision()
-            if since_revision > rev:
-                raise StoreError(f"watch from revision {since_revision} but the store is at {rev}; "
-                                 "use a revision returned by List")
-        try:
-            async for batch in self._follow(start, since_revision + 1):
-                for wev in batch:
-                    ev = self._to_event(wev)
-                    if ev is not None and (not namespace or ev.resource.namespace == namespace):
-                        yield ev
-        except EtcdCompacted as e:
-            raise CompactedError(f"revision {since_revision} was compacted in etcd (oldest kept is "
-                                 f"{e.compact_revision}); re-list and watch from the listed revision") from None
-        except EtcdError as e:
-            raise StoreError(f"the etcd watch failed: {e}") from None
-
-    # ------------------------------------------------------------ nodes
-
-    def _ensure_lease(self) -> int:
+    def listen(self, section: str, callback: Callable[[builtins.list[SectionChange]], None],
+               loop: asyncio.AbstractEventLoop | None = None) -> builtins.list[SectionChange]:
+        """Call `callback` (on `loop`, default the running one) with every later change of
+        `section` (nodes, health, telemetry, leader); returns its current keys (the
+        mirror's; telemetry is not mirrored and starts empty), at the same revision."""
+        loop = loop or asyncio.get_running_loop()
         with self._lock:
-            if self._lease:
-                return self._lease
-            self._lease = int(self._call(self._client.lease_grant, max(2, round(self.node_lease_s))))
-            if self._keepalive is None:
-                self._keepalive = threading.Thread(target=self._keep_alive, name="etcd-lease", daemon=True)
-                self._keepalive.start()
-            return self._lease
+            self._listeners.setdefault(section, []).append((loop, callback))
+            return [SectionChange(name, kv.value, bool(self._lease) and kv.lease == self._lease)
+                    for name, kv in self.section(section).items()]
 
-    def _keep_alive(self) -> None:
-        """Renew this replica's lease at a third of its TTL. A lease etcd has dropped
-        (etcd unreachable for a whole TTL) is replaced and the nodes still held
-        here are written again under the new one."""
+    # ------------------------------------------------------------ the replica's lease, nodes, health, telemetry
+
+    async def _keep_alive(self) -> None:
+        """Renew this replica's lease at a third of its TTL. A lease etcd dropped (etcd
+        unreachable for a whole TTL) is replaced: the nodes and health reports still
+        held here are written again under the new one, and leadership is given up."""
+        assert self._lease_lost is not None
         interval = max(0.5, self.node_lease_s / 3)
-        while not self._stop.wait(interval):
+        while not self._closed:
+            await asyncio.sleep(interval)
             lease = self._lease
             try:
-                ttl = self._client.lease_keepalive(lease)
+                ttl = await self._client.lease_keepalive(lease)
                 if ttl > 0:
                     continue
-                with self._lock:
-                    if self._lease == lease:
-                        self._lease = 0
                 log.warning("this replica's etcd lease %x expired; writing its %d node registrations again",
                             lease, len(self._mine))
-                for rec in list(self._mine.values()):
-                    self.save_node(rec)
-            except (EtcdError, StoreError) as e:
-                log.warning("cannot renew the etcd lease of this replica's nodes: %s", e)
+                self._lease = await self._client.lease_grant(max(2, round(self.node_lease_s)))
+                self._lease_lost.set()
+                for rec in builtins.list(self._mine.values()):
+                    await self._client.put(self.key("nodes", rec.name), self._node_value(rec), self._lease)
+                for name, value in builtins.list(self._mine_health.items()):
+                    await self._client.put(self.key("health", name), value, self._lease)
+            except EtcdError as e:
+                log.warning("cannot renew the etcd lease of this replica: %s", e)
 
     def _node_value(self, record: NodeRecord) -> bytes:
-        import base64
-
         return json.dumps({"registration": base64.b64encode(record.registration).decode(),
                            "lease_expiry_unix_ms": record.lease_expiry_unix_ms,
                            "replica": self.replica_id}).encode()
 
-    def _node_record(self, kv: KeyValue) -> NodeRecord:
-        import base64
-
-        d = json.loads(kv.value)
-        name = kv.key[len(self.key("nodes", "")):].decode()
+    def node_record(self, name: str, value: bytes) -> NodeRecord:
+        d = json.loads(value)
         return NodeRecord(name, base64.b64decode(d["registration"]), int(d["lease_expiry_unix_ms"]))
 
     def save_node(self, record: NodeRecord) -> None:
-        lease = self._ensure_lease()
+        """Write a registration under this replica's lease; a health report another
+        replica wrote for the node goes (its agent re-reports here)."""
         self._mine[record.name] = record
-        self._call(self._client.put, self.key("nodes", record.name), self._node_value(record), lease)
+        key, health = self.key("nodes", record.name), self.key("health", record.name)
+        value = self._node_value(record)
+
+        async def write() -> None:
+            await self._client.txn([], [put_op(key, value, self._lease), delete_op(health)])
+        self._mine_health.pop(record.name, None)
+        self._queue_write(write)
 
     def delete_node(self, name: str) -> None:
-        """Delete a registration only while it is this replica's: a node whose agent
-        moved to another replica is that replica's to keep."""
+        """Delete a registration (with its health and telemetry) only while it is this
+        replica's: a node whose agent moved to another replica is that replica's to keep."""
         self._mine.pop(name, None)
+        self._mine_health.pop(name, None)
         key = self.key("nodes", name)
-        if self._lease:
-            self._call(self._client.txn, [compare(key, "LEASE", "EQUAL", self._lease)], [delete_op(key)])
+
+        async def write() -> None:
+            await self._client.txn([compare(key, "LEASE", "EQUAL", self._lease)],
+                                   [delete_op(key), delete_op(self.key("health", name)),
+                                    delete_op(self.key("telemetry", name))])
+        self._queue_write(write)
+
+    def save_health(self, name: str, unhealthy: dict[tuple[str, int], str]) -> None:
+        """Share the endpoints a node's agent (held here) reports unhealthy."""
+        key = self.key("health", name)
+        value = json.dumps([[w, p, d] for (w, p), d in sorted(unhealthy.items())]).encode()
+        self._mine_health[name] = value
+
+        async def write() -> None:
+            await self._client.put(key, value, self._lease)
+        self._queue_write(write)
+
+    def save_telemetry(self, name: str, text: str) -> None:
+        key = self.key("telemetry", name)
+        value = text.encode()
+
+        async def write() -> None:
+            await self._client.put(key, value, self._lease)
+        self._queue_write(write)
 
     def load_nodes(self) -> builtins.list[NodeRecord]:
-        return [c.record for c in self.load_node_changes()[0] if c.record is not None]
-
-    def load_node_changes(self) -> tuple[builtins.list[NodeChange], int]:
-        start = self.key("nodes", "")
-        kvs, rev, _ = self._call(self._client.range, start, prefix_end(start))
+        if not _on_running_loop():
+            self.catch_up()
         out = []
-        for kv in kvs:
+        for name, kv in sorted(self.section("nodes").items()):
             try:
-                out.append(NodeChange(kv.key[len(start):].decode(), self._node_record(kv),
-                                      bool(self._lease) and kv.lease == self._lease))
+                out.append(self.node_record(name, kv.value))
             except (ValueError, KeyError) as e:
-                log.warning("skipping an unreadable node record %s in etcd: %s", kv.key.decode(errors="replace"), e)
-        return out, rev
+                log.warning("skipping an unreadable node record %s in etcd: %s", name, e)
+        return out
 
-    async def watch_nodes(self, since_revision: int) -> AsyncIterator[NodeChange]:
-        start = self.key("nodes", "")
-        async for batch in self._follow(start, since_revision + 1):
-            for ev in batch:
-                name = ev.kv.key[len(start):].decode()
-                if ev.type == "DELETE":
-                    yield NodeChange(name, None, False)
-                    continue
-                try:
-                    rec = self._node_record(ev.kv)
-                except (ValueError, KeyError) as e:
-                    log.warning("skipping an unreadable node record of %s in etcd: %s", name, e)
-                    continue
-                mine = bool(self._lease) and ev.kv.lease == self._lease
-                if not mine:
-                    self._mine.pop(name, None)  # another replica holds this node's session now
-                yield NodeChange(name, rec, mine)
+    # ------------------------------------------------------------ leader election
+
+    def start_election(self, leadership: Leadership) -> None:
+        """Campaign for the leader key (module docstring) and keep `leadership` told."""
+        self.leadership = leadership
+        self._client.loop.call_soon_threadsafe(lambda: self._tasks.append(
+            self._client.loop.create_task(self._campaign(leadership))))
+
+    async def _campaign(self, leadership: Leadership) -> None:
+        assert self._leader_gone is not None and self._lease_lost is not None
+        key = self.key("leader")
+        while not self._closed and not self._resigned:
+            self._leader_gone.clear()
+            self._lease_lost.clear()
+            lease = self._lease
+            value = json.dumps({"replica": self.replica_id, "since_unix": self._clock()}).encode()
+            try:
+                done = await self._client.txn([compare(key, "CREATE", "EQUAL", 0)], [put_op(key, value, lease)],
+                                              [range_op(key)])
+            except EtcdError as e:
+                log.warning("cannot campaign for leadership: %s", e)
+                await asyncio.sleep(WATCH_RETRY_S)
+                continue
+            holder = ""
+            if done.succeeded:
+                holder = self.replica_id
+            else:
+                kvs = done.ranges()[0] if done.ranges() else []
+                if kvs:
+                    holder = json.loads(kvs[0].value).get("replica", "")
+                    if kvs[0].lease == lease:
+                        holder = self.replica_id
+            leadership._set(holder == self.replica_id, holder)
+            if holder == self.replica_id:
+                log.info("this replica (%s) leads: it runs the singleton duties", self.replica_id)
+            await self._wait_leader_change(holder)
+
+    async def _wait_leader_change(self, holder: str) -> None:
+        assert self._leader_gone is not None and self._lease_lost is not None
+        with self._lock:
+            if holder and self._kv.get(self.key("leader")) is None and holder != self.replica_id:
+                return  # already gone again
+        gone = asyncio.ensure_future(self._leader_gone.wait())
+        lost = asyncio.ensure_future(self._lease_lost.wait())
+        try:
+            await asyncio.wait([gone, lost], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            lost.cancel()
+        if self._lease_lost.is_set() and self.leadership is not None:
+            self.leadership._set(False, "")
+
+    def resign(self) -> None:
+        """Give up leadership now and campaign no more (a clean stop): another replica
+        takes over at once rather than a lease later."""
+        self._resigned = True
+        if self.leadership is None or not self.leadership.is_leader():
+            return
+        self.leadership._set(False, "")
+        key = self.key("leader")
+        try:
+            self._sync(self._client.txn([compare(key, "LEASE", "EQUAL", self._lease)], [delete_op(key)]))
+        except StoreError as e:
+            log.warning("cannot resign leadership: %s", e)
+
+    # ------------------------------------------------------------ singleton duties
+
+    async def collect_garbage(self) -> None:
+        """The leader's sweep, every GC_INTERVAL_S: the audit log down to its limit,
+        join tokens expired more than a day ago."""
+        from controlplane.auth import AUDIT_KEEP
+
+        while True:
+            try:
+                await self._run(_prune_audit(self, AUDIT_KEEP))
+                await self._run(_purge_tokens(self, self._clock()))
+            except StoreError as e:
+                log.warning("the shared-records sweep failed: %s", e)
+            await asyncio.sleep(GC_INTERVAL_S)
 
     # ------------------------------------------------------------ access control records
 
@@ -443,7 +729,7 @@ class EtcdStore(Store):
         from controlplane.auth import CP_CA_CERT_FILE, CP_CA_KEY_FILE, ControlPlaneCA
 
         key = self.key("cp-ca-pin")
-        kv, _ = self._call(self._client.get, key)
+        kv = self.mirrored(key)
         have_files = all(os.path.exists(os.path.join(state_dir, f)) for f in (CP_CA_CERT_FILE, CP_CA_KEY_FILE))
         if kv is not None and not have_files:
             raise StoreError(
@@ -453,8 +739,8 @@ class EtcdStore(Store):
                 "(docs/reference.md, \"Store backends and replicas\")")
         pin = ControlPlaneCA.load_or_create(state_dir).pin
         if kv is None:
-            done = self._call(self._client.txn, [compare(key, "CREATE", "EQUAL", 0)], [put_op(key, pin.encode())],
-                              [range_op(key)])
+            done = self._sync(self._client.txn([compare(key, "CREATE", "EQUAL", 0)], [put_op(key, pin.encode())],
+                                               [range_op(key)]))
             if done.succeeded:
                 log.info("published the control-plane CA pin sha256:%s… for the other replicas", pin[:16])
                 return pin
@@ -466,55 +752,137 @@ class EtcdStore(Store):
                 f"{CP_CA_KEY_FILE} with theirs")
         return pin
 
+    def flush(self) -> None:
+        """Wait for the queued writes (registrations, health, telemetry) to reach etcd."""
+        async def nothing() -> None:
+            return None
+        fut = self._queue_write(nothing)
+        fut.result(self._client.timeout_s * 3)
+
     def close(self) -> None:
         # The lease is left to run out rather than revoked: agents of a stopping
         # replica keep their registrations while they reconnect to another one.
-        self._stop.set()
+        if self._closed:
+            return
+        self._closed = True
+
+        async def stop() -> None:
+            for t in self._tasks:
+                t.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:
+            self._client.submit(stop()).result(3)
+        except Exception as e:  # noqa: BLE001 - closing anyway
+            log.debug("stopping the etcd store's tasks: %s", e)
+        with self._lock:
+            for sub in self._subs:
+                sub.loop.call_soon_threadsafe(sub.queue.put_nowait, StoreError("the etcd store was closed"))
         self._client.close()
+
+
+def _post(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], arg: Any) -> bool:
+    """Hand `arg` to `fn` on `loop`; False when that loop is closed (its listener is dropped)."""
+    try:
+        loop.call_soon_threadsafe(fn, arg)
+    except RuntimeError:
+        return False
+    return True
+
+
+def _synth(kind: str, kv: KeyValue, prev: KeyValue | None) -> Any:
+    from controlplane.etcd_client import WatchEvent
+
+    return WatchEvent(kind, kv, prev)
 
 
 # ---------------------------------------------------------------- the shared registry
 
 
-def prime_registry(store: EtcdStore, registry: NodeRegistry) -> int:
-    """Load every node registration in etcd into `registry` as held by another
-    replica (alive while its record lasts); returns the revision they reflect."""
-    changes, rev = store.load_node_changes()
-    for change in changes:
-        _apply_node_change(registry, change)
-    return rev
+def share_registry(store: EtcdStore, registry: NodeRegistry) -> int:
+    """Load every registration and health report other replicas hold into `registry`
+    and keep it in step (callbacks on the running loop); report this replica's
+    health changes to the store. Returns how many nodes other replicas hold."""
+    registry.on_health = store.save_health
+    for change in store.listen("nodes", lambda items: _node_changes(store, registry, items)):
+        _node_change(store, registry, change)
+    for change in store.listen("health", lambda items: _health_changes(registry, items)):
+        _health_change(registry, change)
+    return len(registry.nodes())
 
 
-def _apply_node_change(registry: NodeRegistry, change: NodeChange) -> None:
+def _node_changes(store: EtcdStore, registry: NodeRegistry, items: builtins.list[SectionChange]) -> None:
+    for change in items:
+        _node_change(store, registry, change)
+
+
+def _node_change(store: EtcdStore, registry: NodeRegistry, change: SectionChange) -> None:
     from controlplane.nodes import node_from_proto
     from nodemesh.v1 import mesh_pb2
 
     if change.mine:
         return  # this replica's own write: the registry already has it
-    if change.record is None:
+    if change.value is None:
         registry.set_remote(change.name, None)
         return
     reg = mesh_pb2.NodeRegistration()
     try:
-        reg.ParseFromString(change.record.registration)
+        reg.ParseFromString(store.node_record(change.name, change.value).registration)
         node = node_from_proto(reg)
     except Exception as e:  # noqa: BLE001 - a bad record must not stop the control plane
         log.warning("ignoring the stored registration of node %s: %s", change.name, e)
         return
+    store._mine.pop(change.name, None)  # another replica holds this node's session now
     registry.set_remote(change.name, node)
 
 
-async def follow_registry(store: EtcdStore, registry: NodeRegistry, since_revision: int) -> None:
-    """Keep `registry` in step with the registrations other replicas write."""
-    while True:
+def _health_changes(registry: NodeRegistry, items: builtins.list[SectionChange]) -> None:
+    for change in items:
+        _health_change(registry, change)
+
+
+def _health_change(registry: NodeRegistry, change: SectionChange) -> None:
+    if change.mine:
+        return
+    bad: dict[tuple[str, int], str] = {}
+    if change.value is not None:
         try:
-            async for change in store.watch_nodes(since_revision):
-                _apply_node_change(registry, change)
+            bad = {(str(w), int(p)): str(d) for w, p, d in json.loads(change.value)}
+        except (ValueError, TypeError) as e:
+            log.warning("ignoring the stored health report of node %s: %s", change.name, e)
             return
-        except EtcdCompacted:
-            # Missed changes: take the whole set again.
-            log.warning("the node watch fell behind etcd's compaction; reloading every registration")
-            since_revision = prime_registry(store, registry)
+    registry.set_remote_health(change.name, bad)
+
+
+class TelemetryShare:
+    """Shares each node's traffic summary with the other replicas' mesh views (at
+    most every TELEMETRY_SHARE_S per node) and feeds theirs to this one's."""
+
+    def __init__(self, store: EtcdStore, registry: NodeRegistry, ingest: Callable[[str, str], None],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._store = store
+        self._registry = registry
+        self._ingest = ingest
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        registry.on_departure(self._forget)
+        store.listen("telemetry", self._changes)
+
+    def _forget(self, node: str) -> None:
+        self._last.pop(node, None)
+
+    def offer(self, node: str, text: str) -> None:
+        """A heartbeat's summary from a node held here: ingested locally, shared now and then."""
+        self._ingest(node, text)
+        now = self._clock()
+        if now - self._last.get(node, -TELEMETRY_SHARE_S) >= TELEMETRY_SHARE_S:
+            self._last[node] = now
+            self._store.save_telemetry(node, text)
+
+    def _changes(self, items: builtins.list[SectionChange]) -> None:
+        for c in items:
+            if c.mine or c.value is None or self._registry.lease(c.name) is not None:
+                continue  # ours, gone (the departure forgets it), or a node whose session is here now
+            self._ingest(c.name, c.value.decode(errors="replace"))
 
 
 # ---------------------------------------------------------------- operators, audit and join tokens
@@ -528,41 +896,61 @@ def _json(kv: KeyValue) -> dict[str, Any]:
 
 def _cas(store: EtcdStore, key: bytes, change: Callable[[dict[str, Any] | None], dict[str, Any] | None]) -> Any:
     """Read-modify-write of one JSON record, retried while another replica writes it.
-    `change` returns the new record, or None to leave it; returns what change returned."""
+    `change` returns the new record, or None to leave it; returns what change returned.
+    Blocks for two round trips: callers on an event loop run it in a thread."""
     client = store.client
     for _ in range(MAX_TXN_ATTEMPTS):
-        kv, _rev = store._call(client.get, key)
+        kv, _rev = store._sync(client.get(key))
         new = change(_json(kv) if kv else None)
         if new is None:
             return None
-        done = store._call(client.txn, [compare(key, "MOD", "EQUAL", kv.mod_revision if kv else 0)],
-                           [put_op(key, json.dumps(new, sort_keys=True).encode())])
+        done = store._sync(client.txn([compare(key, "MOD", "EQUAL", kv.mod_revision if kv else 0)],
+                                      [put_op(key, json.dumps(new, sort_keys=True).encode())]))
         if done.succeeded:
+            if not _on_running_loop():
+                store._sync(store._wait_rev(done.revision))  # the caller's next read sees it
             return new
     raise StoreError(f"{key.decode()} kept changing under this write (other replicas); try again")
 
 
-AUDIT_PRUNE_EVERY = 500
+async def _prune_audit(store: EtcdStore, keep: int) -> None:
+    client, start = store.client, store.key("audit", "")
+    _, _, n = await client.range(start, prefix_end(start), count_only=True)
+    if n <= keep:
+        return
+    # Oldest by write order (mod revision), not by key: two entries written in the
+    # same millisecond sort by their random tails, not by time.
+    newest_first, _, _ = await client.range(start, prefix_end(start), keys_only=True, descending=True,
+                                            sort_target="MOD")
+    for kv in newest_first[keep:]:
+        await client.delete_range(kv.key)
+
+
+async def _purge_tokens(store: EtcdStore, now: float) -> None:
+    for kv in store.section("tokens").values():
+        try:
+            expired = float(_json(kv)["expires_unix"]) < now - 86400
+        except (ValueError, KeyError):
+            continue
+        if expired:  # only if nobody touched it since
+            await store.client.txn([compare(kv.key, "MOD", "EQUAL", kv.mod_revision)], [delete_op(kv.key)])
 
 
 class EtcdOperators(Operators):
-    """controlplane.auth.Operators with its records in etcd (same rules, same messages)."""
+    """controlplane.auth.Operators with its records in etcd (same rules, same messages).
+    Lookups read the mirror; audit entries are queued; the leader prunes the log."""
+
+    blocking = True
 
     def __init__(self, store: EtcdStore, clock: Callable[[], float] = time.time) -> None:
         self._store = store
         self._clock = clock
-        self._appended = 0
-        self._lock = threading.Lock()
 
     def _ops(self) -> builtins.list[dict[str, Any]]:
-        start = self._store.key("operators", "")
-        kvs, _, _ = self._store._call(self._store.client.range, start, prefix_end(start))
-        return [_json(kv) for kv in kvs]
+        return [_json(kv) for kv in self._store.section("operators").values()]
 
     def count(self) -> int:
-        start = self._store.key("operators", "")
-        _, _, n = self._store._call(self._store.client.range, start, prefix_end(start), count_only=True)
-        return int(n)
+        return len(self._store.section("operators"))
 
     def _upsert(self, name: str, role: str, token_id: str | None, token_hash: str | None) -> None:
         def change(old: dict[str, Any] | None) -> dict[str, Any]:
@@ -597,46 +985,30 @@ class EtcdOperators(Operators):
     def by_name(self, name: str) -> Any:
         from controlplane.auth import Caller
 
-        kv, _ = self._store._call(self._store.client.get, self._store.key("operators", name))
+        kv = self._store.mirrored(self._store.key("operators", name))
         row = _json(kv) if kv else None
         if row is None or row.get("revoked_unix") is not None:
             return Caller("anonymous", why_anonymous=f"the certificate's operator {name!r} is unknown or revoked")
         return Caller("operator", name, str(row["role"]))
 
     def audit(self, principal: str, action: str, detail: str, outcome: str) -> None:
-        from controlplane.auth import AUDIT_KEEP
-
         ms = int(self._clock() * 1000)
         # Time first so keys sort by time; a random tail keeps two replicas' entries apart.
         key = self._store.key("audit", f"{ms:015d}-{secrets.token_hex(4)}")
-        entry = {"unix_ms": ms, "principal": principal, "action": action, "detail": detail[:2000],
-                 "outcome": outcome[:500]}
-        self._store._call(self._store.client.put, key, json.dumps(entry).encode())
-        with self._lock:
-            self._appended += 1
-            prune = self._appended % AUDIT_PRUNE_EVERY == 0
-        if prune:
-            self._prune(AUDIT_KEEP)
+        entry = json.dumps({"unix_ms": ms, "principal": principal, "action": action, "detail": detail[:2000],
+                            "outcome": outcome[:500]}).encode()
+        self._store._queue_write(lambda: self._store.client.put(key, entry))
 
     def _prune(self, keep: int) -> None:
-        client, start = self._store.client, self._store.key("audit", "")
-        _, _, n = self._store._call(client.range, start, prefix_end(start), count_only=True)
-        if n <= keep:
-            return
-        # Oldest by write order (mod revision), not by key: two entries written in the
-        # same millisecond sort by their random tails, not by time.
-        newest_first, _, _ = self._store._call(client.range, start, prefix_end(start), keys_only=True,
-                                               descending=True, sort_target="MOD")
-        for kv in newest_first[keep:]:
-            self._store._call(client.delete_range, kv.key, kv.key + b"\x00")
+        self._store._sync(_prune_audit(self._store, keep))
 
     def audit_entries(self, limit: int = 100) -> builtins.list[Any]:
         from nodemesh.v1 import mesh_pb2
 
         start = self._store.key("audit", "")
-        kvs, _, _ = self._store._call(self._store.client.range, start, prefix_end(start),
-                                      limit=max(1, min(limit, 10_000)), descending=True,
-                                      sort_target="MOD")  # etcd's write order, across replicas
+        kvs, _, _ = self._store._sync(self._store.client.range(
+            start, prefix_end(start), limit=max(1, min(limit, 10_000)), descending=True,
+            sort_target="MOD"))  # etcd's write order, across replicas
         out = []
         for kv in kvs:
             d = _json(kv)
@@ -647,7 +1019,10 @@ class EtcdOperators(Operators):
 
 class EtcdJoinTokens(JoinTokens):
     """controlplane.tokens.JoinTokens with its rows in etcd: a token used on one
-    replica is used for all (the compare-and-set that marks it used is one txn)."""
+    replica is used for all (the compare-and-set that marks it used is one txn).
+    The leader purges tokens expired more than a day ago."""
+
+    blocking = True
 
     def __init__(self, store: EtcdStore, clock: Callable[[], float] = time.time) -> None:
         self._store = store
@@ -655,17 +1030,16 @@ class EtcdJoinTokens(JoinTokens):
         self._lock = threading.Lock()
 
     def _insert(self, token_id: str, node_name: str, secret_hash: str, created: float, expires: float) -> None:
-        start = self._store.key("tokens", "")
-        kvs, _, _ = self._store._call(self._store.client.range, start, prefix_end(start))
-        for kv in kvs:  # tokens expired more than a day ago
-            if float(_json(kv)["expires_unix"]) < created - 86400:
-                self._store._call(self._store.client.delete_range, kv.key)
         row = {"node_name": node_name, "secret_sha256": secret_hash, "created_unix": created,
                "expires_unix": expires, "used_unix": None}
-        self._store._call(self._store.client.put, self._store.key("tokens", token_id), json.dumps(row).encode())
+        key = self._store.key("tokens", token_id)
+        rev = self._store._sync(self._store.client.put(key, json.dumps(row).encode()))
+        self._store._sync(self._store._wait_rev(rev))
 
     def _row(self, token_id: str) -> tuple[str, str, float, float | None] | None:
-        kv, _ = self._store._call(self._store.client.get, self._store.key("tokens", token_id))
+        kv = self._store.mirrored(self._store.key("tokens", token_id))
+        if kv is None:  # made on another replica a moment ago? Ask etcd itself.
+            kv, _ = self._store._sync(self._store.client.get(self._store.key("tokens", token_id)))
         if kv is None:
             return None
         d = _json(kv)
@@ -682,10 +1056,13 @@ class EtcdJoinTokens(JoinTokens):
 
 
 def open_store(kind: str, *, sqlite_path: str, etcd_endpoints: Sequence[str] = (), etcd_prefix: str = DEFAULT_PREFIX,
-               node_lease_s: float = DEFAULT_NODE_LEASE_S) -> Store:
+               node_lease_s: float = DEFAULT_NODE_LEASE_S, etcd_tls: EtcdTLS | None = None) -> Store:
     """The store the settings name: sqlite (one control plane) or etcd (several replicas)."""
     if kind == "etcd":
-        return EtcdStore(etcd_endpoints, etcd_prefix, node_lease_s=node_lease_s)
+        try:
+            return EtcdStore(etcd_endpoints, etcd_prefix, node_lease_s=node_lease_s, tls=etcd_tls)
+        except ValueError as e:
+            raise StoreError(str(e)) from None
     from controlplane.store import SQLiteStore
 
     return SQLiteStore(sqlite_path)
@@ -697,7 +1074,8 @@ __all__ = [
     "EtcdStore",
     "NodeChange",
     "Put",
-    "follow_registry",
+    "SectionChange",
+    "TelemetryShare",
     "open_store",
-    "prime_registry",
+    "share_registry",
 ]

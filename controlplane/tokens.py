@@ -28,6 +28,7 @@ import grpc
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
+from controlplane.store import off_loop
 from nodemesh.v1 import mesh_pb2, mesh_pb2_grpc
 
 if TYPE_CHECKING:
@@ -86,6 +87,8 @@ def check_node_name(name: str) -> str:
 class JoinTokens:
     """The join_tokens table (in the control plane's SQLite file). Time comes
     from `clock` so tests can expire tokens."""
+
+    blocking = False  # create/consume wait on the network (store_etcd.EtcdJoinTokens): call them off the loop
 
     def __init__(self, db: sqlite3.Connection, clock: Callable[[], float] = time.time,
                  lock: threading.Lock | None = None) -> None:
@@ -205,7 +208,7 @@ class NodeAttestationServicer(mesh_pb2_grpc.NodeAttestationServicer):
             if parsed.ca_pin != self._cp_ca.pin:
                 raise TokenRefused("the join token's CA pin is not this control plane's CA; was it made by "
                                    "another control plane?")
-            self._tokens.consume(request.token, request.node_name)
+            await off_loop(self._tokens.blocking, self._tokens.consume, request.token, request.node_name)
         except TokenRefused as e:
             log.warning("refused a join of node %s from %s: %s", request.node_name, context.peer(), e)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"join refused: {e}")

@@ -123,7 +123,7 @@ class _Series:
             if self.slots[i] != b:
                 continue
             req, opened, err, p99 = self.values[i * 4:i * 4 + 4]
-            width = BUCKET_S
+            width = float(BUCKET_S)
             if b == self.last_bucket and self.last_t > b * BUCKET_S:
                 width = min(BUCKET_S, self.last_t - b * BUCKET_S)
             rr, cr, er = req / width, opened / width, err / width

@@ -1,8 +1,10 @@
-"""Two control plane replicas on one etcd, end to end: etcd and replicas A and B
-in the lab's hub, node 1's agent on A and node 2's on B (each lists the other
-replica for failover). Config applied through A reaches agents on B; each
-replica sees the other's registrations; a replica killed hands its agent to
-the other, and the config stays."""
+"""Two control plane replicas on one etcd (over TLS with client certificates),
+end to end: etcd and replicas A and B in the lab's hub, node 1's agent on A and
+node 2's on B (each lists the other replica for failover). Config applied
+through A reaches agents on B; each replica sees the other's registrations and
+health reports; a replica killed hands its agent to the other, and the config
+stays; the leader killed in the middle of a push: every node converges and the
+other replica leads within a lease."""
 
 from __future__ import annotations
 
@@ -18,9 +20,10 @@ import pytest
 
 from controlplane.admincli import AdminClient
 from controlplane.client import Credentials
-from controlplane.etcd_client import single_member_argv
+from controlplane.etcd_client import make_etcd_certs, single_member_argv
 from nodemesh.lab import Lab, LabWorkload
 from tests.conftest import require_tool
+from tests.netns.test_health import HEALTH_POLICY, endpoint_health
 from tests.netns.test_security_ca import make_operator_ca
 
 pytestmark = pytest.mark.netns
@@ -57,44 +60,82 @@ def answers(lab: Lab, node: int, vip: str) -> str:
     return str(json.loads(r.stdout).get("replica", ""))
 
 
-def test_two_replicas_share_config_registrations_and_take_over(lab: Lab) -> None:
+def start_etcd(lab: Lab) -> list[str]:
+    """etcd in the hub, on the hub's own loopback, TLS only, clients need a certificate
+    of its CA; returns the control plane flags that reach it."""
     require_tool("etcd")
-    # etcd in the hub, on the hub's own loopback.
+    certs = make_etcd_certs(str(lab.workdir / "etcd-pki"))
     lab.spawn("etcd", lab.hub, single_member_argv(str(lab.workdir / "etcd"), "127.0.0.1", 2379, 2380,
-                                                  shutil.which("etcd") or "etcd"))
-    lab.wait_for(lambda: lab.ns_exec(lab.hub, ["curl", "-sf", "http://127.0.0.1:2379/health"],
-                                     check=False).returncode == 0, 20, "etcd", lambda: lab.log("etcd"))
+                                                  shutil.which("etcd") or "etcd", certs=certs))
+    curl = ["curl", "-sf", "--cacert", certs.ca, "--cert", certs.client_cert, "--key", certs.client_key,
+            "https://127.0.0.1:2379/health"]
+    lab.wait_for(lambda: lab.ns_exec(lab.hub, curl, check=False).returncode == 0, 20, "etcd",
+                 lambda: lab.log("etcd"))
+    # Plaintext, or TLS without a client certificate, gets nothing.
+    assert lab.ns_exec(lab.hub, ["curl", "-sf", "--max-time", "3", "http://127.0.0.1:2379/health"],
+                       check=False).returncode != 0
+    assert lab.ns_exec(lab.hub, ["curl", "-sf", "--max-time", "3", "--cacert", certs.ca,
+                                 "https://127.0.0.1:2379/v3/kv/range", "-d", '{"key": "Lw=="}'],
+                       check=False).returncode != 0
+    return ["--etcd-endpoints", "https://127.0.0.1:2379", "--etcd-ca", certs.ca, "--etcd-cert", certs.client_cert,
+            "--etcd-key", certs.client_key]
+
+
+def start_two_replicas(lab: Lab, check_refusal: bool = False) -> list[str]:
     cert_f, key_f, chain_f, _ = make_operator_ca(lab.workdir / "operator-ca")
-    common = ["--store", "etcd", "--etcd-endpoints", "http://127.0.0.1:2379",
+    common = ["--store", "etcd", *start_etcd(lab),
               "--ca-cert", str(cert_f), "--ca-key", str(key_f), "--ca-chain", str(chain_f)]
     lab.start_controlplane(common)
-
-    # A second replica without the shared control-plane CA is refused, saying what to copy.
     state_b = lab.workdir / "cp-state-b"
     state_b.mkdir()
-    r = lab.ns_exec(lab.hub, [sys.executable, "-m", "nodemesh", "controlplane", "serve", "--state-dir",
-                              str(state_b), "--listen", f"unix:{lab.workdir}/refused.sock", "--web-listen", "",
-                              *common], check=False)
-    assert r.returncode == 1 and "copy both from that replica's state dir" in r.stderr, r.stderr
+    if check_refusal:
+        # A second replica without the shared control-plane CA is refused, saying what to copy.
+        r = lab.ns_exec(lab.hub, [sys.executable, "-m", "nodemesh", "controlplane", "serve", "--state-dir",
+                                  str(state_b), "--listen", f"unix:{lab.workdir}/refused.sock", "--web-listen", "",
+                                  *common], check=False)
+        assert r.returncode == 1 and "copy both from that replica's state dir" in r.stderr, r.stderr
     for f in ("cp-ca.pem", "cp-ca.key"):
         shutil.copy2(lab.workdir / "cp-state" / f, state_b / f)
     os.chmod(state_b / "cp-ca.key", 0o600)
     lab.start_controlplane(common + ["--web-listen", "127.0.0.1:15024"], replica="b", port=PORT_B)
+    return common
+
+
+def add_clients_and_start_apps(lab: Lab) -> None:
+    lab.add_workload(LabWorkload("client-1", node=1, uid=CLIENT_UID, service_account="client"))
+    lab.add_workload(LabWorkload("client-2", node=2, uid=CLIENT_UID, service_account="client"))
+    lab.start_app("web-1")
+    lab.start_app("web-2")
+
+
+def start_agents(lab: Lab) -> None:
+    """Node 1's agent on A, node 2's on B, each listing the other replica."""
+    a_addr, b_addr = f"{lab.cp_ip}:{PORT_A}", f"{lab.cp_ip}:{PORT_B}"
+    lab.agent_control_plane[1] = {"address": a_addr, "addresses": [b_addr]}
+    lab.agent_control_plane[2] = {"address": b_addr, "addresses": [a_addr]}
+    lab.start_agent(1)  # joins and registers at A
+    lab.start_agent(2)  # its join token was made at A; it joins and registers at B
+
+
+def is_leader(lab: Lab, replica: str) -> bool | None:
+    """From the replica's /metrics; None when it does not answer."""
+    port = 15014 if replica == "a" else 15024
+    r = lab.ns_exec(lab.hub, ["curl", "-sf", "--max-time", "2", f"http://127.0.0.1:{port}/metrics"], check=False)
+    if r.returncode != 0:
+        return None
+    return "\nnodemesh_controlplane_leader 1\n" in r.stdout
+
+
+def test_two_replicas_share_config_registrations_and_take_over(lab: Lab) -> None:
+    start_two_replicas(lab, check_refusal=True)
 
     lab.apply(MESH + service("beta", "web-b"))  # through replica A
     lab.add_workload(LabWorkload("web-1", node=1, uid=WEB_UID, ports=(8080,), service_account="web",
                                  labels={"app": "web-a"}))
     lab.add_workload(LabWorkload("web-2", node=2, uid=WEB_UID, ports=(8080,), service_account="web",
                                  labels={"app": "web-b"}))
-    lab.add_workload(LabWorkload("client-1", node=1, uid=CLIENT_UID, service_account="client"))
-    lab.add_workload(LabWorkload("client-2", node=2, uid=CLIENT_UID, service_account="client"))
-    lab.start_app("web-1")
-    lab.start_app("web-2")
-    a_addr, b_addr = f"{lab.cp_ip}:{PORT_A}", f"{lab.cp_ip}:{PORT_B}"
-    lab.agent_control_plane[1] = {"address": a_addr, "addresses": [b_addr]}
-    lab.agent_control_plane[2] = {"address": b_addr, "addresses": [a_addr]}
-    lab.start_agent(1)  # joins and registers at A
-    lab.start_agent(2)  # its join token was made at A; it joins and registers at B
+    add_clients_and_start_apps(lab)
+    start_agents(lab)
 
     # Node 1 (snapshot from A) reaches web-2, which is registered at B.
     beta = vip_of(lab, "a", "beta")
@@ -122,3 +163,49 @@ def test_two_replicas_share_config_registrations_and_take_over(lab: Lab) -> None
     with client_of(lab, "b") as c:
         assert sorted(r.name for r in c.list("Service")) == ["alpha", "beta", "gamma"]
     assert vip_of(lab, "b", "alpha") == alpha and vip_of(lab, "b", "beta") == beta
+
+
+def test_health_is_shared_and_the_leader_killed_mid_push_hands_over(lab: Lab) -> None:
+    start_two_replicas(lab)
+    lab.apply(MESH + service("web", "web") + HEALTH_POLICY)  # through replica A
+    lab.add_workload(LabWorkload("web-1", node=1, uid=WEB_UID, ports=(8080,), service_account="web",
+                                 labels={"app": "web"}))
+    lab.add_workload(LabWorkload("web-2", node=2, uid=WEB_UID + 1, ports=(8080,), service_account="web",
+                                 labels={"app": "web"}))
+    add_clients_and_start_apps(lab)
+    start_agents(lab)
+    both = {"default/web-1": True, "default/web-2": True}
+    lab.wait_for(lambda: endpoint_health(lab, 1) == both and endpoint_health(lab, 2) == both, 20,
+                 "both nodes to see both replicas")
+
+    # web-2 dies: node 2's agent reports it to B; node 1, whose agent is on A, stops using it.
+    lab.stop("app-web-2")
+    lab.wait_for(lambda: endpoint_health(lab, 1).get("default/web-2") is False, 15,
+                 "node 1 (on replica A) to learn of web-2's health reported through B",
+                 lambda: lab.log("controlplane")[-3000:])
+    assert "reported through another replica" in lab.log("controlplane")
+    url = f"http://{vip_of(lab, 'a', 'web')}/h"
+    res = lab.curl(1, url, uid=CLIENT_UID, timeout=30, extra=[*[url] * 19])
+    assert [json.loads(line)["replica"] for line in res.stdout.splitlines() if line.strip()] == ["web-1"] * 20
+
+    # One replica leads. Kill it right after an apply through it, while its push is in flight.
+    lab.wait_for(lambda: [is_leader(lab, "a"), is_leader(lab, "b")] in ([True, False], [False, True]), 15,
+                 "exactly one leader", lambda: f"a: {is_leader(lab, 'a')}, b: {is_leader(lab, 'b')}\n"
+                 + lab.log("controlplane-b")[-3000:])
+    leader, other = ("a", "b") if is_leader(lab, "a") else ("b", "a")
+    docs = MESH + service("web", "web") + HEALTH_POLICY + "".join(service(f"svc-{i}", "web") for i in range(8))
+    with client_of(lab, leader) as c:
+        c.apply(docs)
+    t0 = time.monotonic()
+    lab.stop("controlplane" if leader == "a" else "controlplane-b", sig=signal.SIGKILL)
+    lab.wait_for(lambda: is_leader(lab, other) is True, lab.lease_seconds + 6, f"replica {other} to lead",
+                 lambda: lab.log("controlplane" if other == "a" else "controlplane-b")[-3000:])
+    took = time.monotonic() - t0
+    assert took <= lab.lease_seconds + 3, f"replica {other} led {took:.1f} s after the leader died"
+    # Every node converges on the config the dead leader wrote, through the survivor.
+    vips = [vip_of(lab, other, f"svc-{i}") for i in range(8)]
+    for node in (1, 2):
+        lab.wait_for(lambda node=node: all(answers(lab, node, v) == "web-1" for v in vips), 40,
+                     f"node {node} to reach every new service",
+                     lambda node=node: lab.log(f"agent-{node}")[-3000:])
+    print(f"leadership moved {took:.2f} s after the leader was killed (lease {lab.lease_seconds} s)")

@@ -1,7 +1,8 @@
 """The Store contract, run against SQLiteStore and EtcdStore alike (the etcd
-case starts a real one-member etcd on loopback in a temporary directory), and
-what only a shared store has: replicas that plan VIPs concurrently, share
-registrations under etcd leases, and share operators, audit and join tokens."""
+case starts a real one-member etcd on loopback in a temporary directory, over
+TLS with client certificates), and what only a shared store has: replicas that
+plan VIPs concurrently, share registrations and health under etcd leases, elect
+one leader, and share operators, audit and join tokens."""
 
 from __future__ import annotations
 
@@ -22,7 +23,16 @@ import pytest
 
 from controlplane.api import ConfigServicer, current_services
 from controlplane.auth import RO, RW, Caller, Operators
-from controlplane.etcd_client import EtcdClient, EtcdError, single_member_argv, wait_ready
+from controlplane.etcd_client import (
+    EtcdCerts,
+    EtcdClient,
+    EtcdError,
+    EtcdTLS,
+    make_etcd_certs,
+    single_member_argv,
+    wait_ready,
+)
+from controlplane.leader import Leadership
 from controlplane.registry import NodeRegistry
 from controlplane.store import (
     ADDED,
@@ -35,7 +45,7 @@ from controlplane.store import (
     Store,
     StoreError,
 )
-from controlplane.store_etcd import EtcdJoinTokens, EtcdOperators, EtcdStore, follow_registry, prime_registry
+from controlplane.store_etcd import EtcdJoinTokens, EtcdOperators, EtcdStore, TelemetryShare, share_registry
 from controlplane.tokens import JoinTokens, TokenRefused
 from nodemesh.v1 import mesh_pb2
 
@@ -47,7 +57,13 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def etcd_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def etcd_certs(tmp_path_factory: pytest.TempPathFactory) -> EtcdCerts:
+    return make_etcd_certs(str(tmp_path_factory.mktemp("etcd-pki")))
+
+
+@pytest.fixture(scope="module")
+def etcd_endpoint(tmp_path_factory: pytest.TempPathFactory, etcd_certs: EtcdCerts) -> Iterator[str]:
+    """A one-member etcd that only talks TLS to clients holding a certificate of its CA."""
     if shutil.which("etcd") is None:
         msg = "etcd is not installed: run scripts/setup.sh (Debian package etcd-server)"
         if os.environ.get("CI"):
@@ -56,12 +72,13 @@ def etcd_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     data = tmp_path_factory.mktemp("etcd")
     port, peer = _free_port(), _free_port()
     with open(data / "etcd.log", "wb") as log:
-        proc = subprocess.Popen(single_member_argv(str(data / "data"), "127.0.0.1", port, peer),
+        proc = subprocess.Popen(single_member_argv(str(data / "data"), "127.0.0.1", port, peer, certs=etcd_certs),
                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
+    endpoint = f"https://127.0.0.1:{port}"
     try:
         try:
-            wait_ready(endpoint)
+            wait_ready(endpoint, tls=etcd_certs.tls())
+            TLS[:] = [etcd_certs.tls()]
         except EtcdError:
             pytest.fail(f"etcd did not start: {(data / 'etcd.log').read_text()[-2000:]}")
         yield endpoint
@@ -70,9 +87,16 @@ def etcd_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         proc.wait(10)
 
 
+TLS: list[EtcdTLS] = []  # the client side of etcd_certs, once etcd_endpoint started
+
+
+def _store(endpoint: str, prefix: str, **kw: Any) -> EtcdStore:
+    return EtcdStore([endpoint], prefix, tls=TLS[0], **kw)
+
+
 def _etcd(endpoint: str, **kw: Any) -> EtcdStore:
     # A fresh prefix per test: one etcd serves the whole module.
-    return EtcdStore([endpoint], f"/t-{uuid.uuid4().hex[:8]}", **kw)
+    return _store(endpoint, f"/t-{uuid.uuid4().hex[:8]}", **kw)
 
 
 @pytest.fixture(params=["sqlite", "etcd"])
@@ -90,7 +114,7 @@ def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Calla
         prefix = f"/t-{uuid.uuid4().hex[:8]}"
 
         def make() -> Store:
-            opened.append(EtcdStore([endpoint], prefix, node_lease_s=2))
+            opened.append(_store(endpoint, prefix, node_lease_s=2))
             return opened[-1]
     yield make
     for s in opened:
@@ -241,7 +265,7 @@ def _svc_doc(name: str) -> str:
 
 def test_concurrent_applies_on_two_replicas_never_share_a_vip(etcd_endpoint: str) -> None:
     prefix = f"/t-{uuid.uuid4().hex[:8]}"
-    a, b = EtcdStore([etcd_endpoint], prefix), EtcdStore([etcd_endpoint], prefix)
+    a, b = _store(etcd_endpoint, prefix), _store(etcd_endpoint, prefix)
     ConfigServicer(a).apply(_mesh_doc("240.240.0.0/28"))  # 14 addresses for 12 services: collisions likely
     errors: list[BaseException] = []
     start = threading.Barrier(2)
@@ -262,6 +286,7 @@ def test_concurrent_applies_on_two_replicas_never_share_a_vip(etcd_endpoint: str
     for t in threads:
         t.join(60)
     assert not errors, errors
+    a.catch_up()  # b's last writes may still be on their way to a's mirror
     entries = current_services(a)
     assert len(entries) == 12
     assert len({e.vip for e in entries}) == 12, sorted((e.vip, e.service.key) for e in entries)
@@ -271,7 +296,7 @@ def test_concurrent_applies_on_two_replicas_never_share_a_vip(etcd_endpoint: str
 
 def test_a_stale_plan_is_planned_again(etcd_endpoint: str) -> None:
     prefix = f"/t-{uuid.uuid4().hex[:8]}"
-    a, b = EtcdStore([etcd_endpoint], prefix), EtcdStore([etcd_endpoint], prefix)
+    a, b = _store(etcd_endpoint, prefix), _store(etcd_endpoint, prefix)
     runs = []
 
     def plan() -> list[Put]:
@@ -293,63 +318,144 @@ def _reg(name: str, ip: str) -> mesh_pb2.NodeRegistration:
         name="w", namespace="default", service_account="sa", ip=ip, ports=[8080])])
 
 
-def _until(cond: Callable[[], bool], timeout: float = 8.0) -> None:
+async def _until(cond: Callable[[], bool], timeout: float = 8.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
+    while not cond():
+        assert time.monotonic() < deadline, f"{what} not met in {timeout} s"
+        await asyncio.sleep(0.05)
 
 
-def test_replicas_share_registrations_and_a_dead_replicas_nodes_expire(etcd_endpoint: str) -> None:
+def test_replicas_share_registrations_health_and_a_dead_replicas_nodes_expire(etcd_endpoint: str) -> None:
     prefix = f"/t-{uuid.uuid4().hex[:8]}"
-    sa, sb = EtcdStore([etcd_endpoint], prefix, node_lease_s=2), EtcdStore([etcd_endpoint], prefix, node_lease_s=2)
+    sa, sb = _store(etcd_endpoint, prefix, node_lease_s=2), _store(etcd_endpoint, prefix, node_lease_s=2)
     ra, rb = NodeRegistry(sa, 2), NodeRegistry(sb, 2)
+    sb_closed = False
 
     async def main() -> None:
-        fa = asyncio.create_task(follow_registry(sa, ra, prime_registry(sa, ra)))
-        fb = asyncio.create_task(follow_registry(sb, rb, prime_registry(sb, rb)))
+        nonlocal sb_closed
+        share_registry(sa, ra)
+        share_registry(sb, rb)
         ra.register(_reg("node-1", "10.0.0.1"))
         rb.register(_reg("node-2", "10.0.0.2"))
-
-        async def until(cond: Callable[[], bool], timeout: float = 8.0) -> None:
-            deadline = time.monotonic() + timeout
-            while not cond():
-                assert time.monotonic() < deadline, "condition not met in time"
-                await asyncio.sleep(0.05)
-
         both = ("node-1", "node-2")
-        await until(lambda: tuple(n.name for n in ra.nodes()) == both and tuple(n.name for n in rb.nodes()) == both)
+        await _until(lambda: tuple(n.name for n in ra.nodes()) == both and tuple(n.name for n in rb.nodes()) == both)
+        # Health reported through A is seen by B (and what B builds for its agents).
+        report = mesh_pb2.HealthReport(endpoints=[mesh_pb2.EndpointHealth(workload="default/w", port=8080,
+                                                                          healthy=False, detail="HTTP 503")])
+        assert ra.set_health("node-1", report)
+        await _until(lambda: rb.unhealthy("node-1") == {("default/w", 8080): "HTTP 503"}, what="health on B")
+        assert {n.name: n.unhealthy for n in rb.nodes()}["node-1"] == frozenset({("default/w", 8080)})
+        ra.set_health("node-1", mesh_pb2.HealthReport())
+        await _until(lambda: rb.unhealthy("node-1") == {}, what="healthy again on B")
         # node-2's agent moves to replica A: B gives it up, and B's expiry must not delete A's record.
         ra.register(_reg("node-2", "10.0.0.2"))
-        await until(lambda: rb.lease("node-2") is None)
-        assert rb.expire() == [] and [r.name for r in sa.load_nodes()] == ["node-1", "node-2"]
-        # Replica A dies (no more keepalives): its nodes go when its etcd lease runs out.
-        sa._stop.set()
-        fa.cancel()
-        await until(lambda: rb.nodes() == (), timeout=10)
-        assert sb.load_nodes() == []
-        fb.cancel()
+        await _until(lambda: rb.lease("node-2") is None)
+        assert rb.expire() == [] and [r.name for r in await asyncio.to_thread(sa.load_nodes)] == ["node-1", "node-2"]
+        # Replica B dies (closed without a word): nothing of A's goes.
+        await asyncio.to_thread(sb.close)
+        sb_closed = True
+        sc = await asyncio.to_thread(_store, etcd_endpoint, prefix, node_lease_s=2)
+        rc = NodeRegistry(sc, 2)
+        share_registry(sc, rc)
+        assert tuple(n.name for n in rc.nodes()) == both
+        # Replica A dies: its nodes go when its etcd lease runs out (2 s).
+        await asyncio.to_thread(sa.close)
+        await _until(lambda: rc.nodes() == (), timeout=10, what="A's nodes to expire")
+        assert await asyncio.to_thread(sc.load_nodes) == []
+        await asyncio.to_thread(sc.close)
+
+    try:
+        asyncio.run(main())
+    finally:
+        sa.close()
+        if not sb_closed:
+            sb.close()
+
+
+def test_one_leader_and_another_takes_over_within_a_lease(etcd_endpoint: str) -> None:
+    prefix = f"/t-{uuid.uuid4().hex[:8]}"
+
+    async def main() -> None:
+        stores = [await asyncio.to_thread(_store, etcd_endpoint, prefix, node_lease_s=2) for _ in range(3)]
+        leads = [Leadership() for _ in stores]
+        runs: list[int] = []
+
+        async def duty(i: int) -> None:
+            runs.append(i)
+            await asyncio.Event().wait()  # until cancelled
+
+        duties = [asyncio.create_task(lead.run_while_leader("test duty", lambda i=i: duty(i)))  # type: ignore[misc]
+                  for i, lead in enumerate(leads)]
+        for s, lead in zip(stores, leads):
+            s.start_election(lead)
+        await _until(lambda: sum(lead.is_leader() for lead in leads) == 1, what="one leader")
+        first = next(i for i, lead in enumerate(leads) if lead.is_leader())
+        await _until(lambda: runs == [first], what="the duty on the leader only")
+        await asyncio.sleep(1.0)
+        assert sum(lead.is_leader() for lead in leads) == 1 and runs == [first]
+        # The leader dies without resigning: another leads within a lease TTL (2 s) of its last renewal.
+        t0 = time.monotonic()
+        await asyncio.to_thread(stores[first].close)
+        leads[first]._apply(False, "")
+        rest = [i for i in range(3) if i != first]
+        await _until(lambda: sum(leads[i].is_leader() for i in rest) == 1, timeout=6, what="a new leader")
+        took = time.monotonic() - t0
+        # The TTL, plus etcd's lease-expiry check (every 0.5 s) and slack for a busy test machine.
+        assert took < 2.0 + 2.5, f"takeover took {took:.1f} s"
+        second = next(i for i in rest if leads[i].is_leader())
+        await _until(lambda: runs == [first, second], what="the duty on the new leader")
+        # A clean stop resigns: the last one leads at once, not a lease later.
+        t0 = time.monotonic()
+        await asyncio.to_thread(stores[second].resign)
+        third = next(i for i in rest if i != second)
+        await _until(lambda: leads[third].is_leader(), timeout=1.9, what="leadership after a resignation")
+        for t in duties:
+            t.cancel()
+        for i in rest:
+            await asyncio.to_thread(stores[i].close)
 
     asyncio.run(main())
-    sa.close()
-    sb.close()
+
+
+def test_telemetry_reaches_the_other_replicas_mesh_view(etcd_endpoint: str) -> None:
+    prefix = f"/t-{uuid.uuid4().hex[:8]}"
+    sa, sb = _store(etcd_endpoint, prefix, node_lease_s=2), _store(etcd_endpoint, prefix, node_lease_s=2)
+    ra, rb = NodeRegistry(sa, 2), NodeRegistry(sb, 2)
+    seen_a: list[tuple[str, str]] = []
+    seen_b: list[tuple[str, str]] = []
+
+    async def main() -> None:
+        share_a = TelemetryShare(sa, ra, lambda n, t: seen_a.append((n, t)))
+        TelemetryShare(sb, rb, lambda n, t: seen_b.append((n, t)))
+        ra.register(_reg("node-1", "10.0.0.1"))
+        share_a.offer("node-1", '{"edges": []}')
+        share_a.offer("node-1", '{"edges": [1]}')  # within TELEMETRY_SHARE_S: local only
+        await _until(lambda: seen_b == [("node-1", '{"edges": []}')], what="the summary on B")
+        assert seen_a == [("node-1", '{"edges": []}'), ("node-1", '{"edges": [1]}')]  # A's own: not twice
+
+    try:
+        asyncio.run(main())
+    finally:
+        sa.close()
+        sb.close()
 
 
 def test_operators_audit_and_join_tokens_are_shared(etcd_endpoint: str) -> None:
     prefix = f"/t-{uuid.uuid4().hex[:8]}"
-    a, b = EtcdStore([etcd_endpoint], prefix), EtcdStore([etcd_endpoint], prefix)
+    a, b = _store(etcd_endpoint, prefix), _store(etcd_endpoint, prefix)
     ops_a, toks_a = a.security_tables()
     ops_b, toks_b = b.security_tables()
     assert isinstance(ops_a, EtcdOperators) and isinstance(toks_b, EtcdJoinTokens)
     assert ops_a.count() == 0
     token = ops_a.create_token("viewer", RO)
+    b.catch_up()  # lookups read b's mirror: a's write may be a moment away
     assert ops_b.by_token(token) == Caller("operator", "viewer", RO)
     assert ops_b.by_token(token[:-2] + "xx").kind == "anonymous"
     new = ops_b.create_token("viewer", RW)
+    a.catch_up()
     assert ops_a.by_token(token).kind == "anonymous" and ops_a.by_token(new).role == RW
     assert ops_a.revoke("viewer") and not ops_b.revoke("viewer")
+    b.catch_up()
     assert ops_b.by_name("viewer").kind == "anonymous"
     ops_a.audit("operator/admin", "Apply", "apply Service/default/web", "ok")
     ops_b.audit("operator/admin", "Delete", "delete Service/default/web", "ok")
@@ -392,6 +498,8 @@ def test_join_tokens_behave_alike(backend: str, request: pytest.FixtureRequest) 
     assert ops.count() == 0
     ops.register_cert("alice", RW)
     assert ops.by_name("alice") == Caller("operator", "alice", RW) and ops.count() == 1
+    if backend == "etcd":
+        store.close()
 
 
 def test_etcd_store_refuses_clearly_when_etcd_is_away() -> None:
@@ -399,8 +507,36 @@ def test_etcd_store_refuses_clearly_when_etcd_is_away() -> None:
         EtcdStore([f"http://127.0.0.1:{_free_port()}"], "/x", timeout_s=0.5)
     with pytest.raises(StoreError, match="prefix"):
         EtcdStore(["http://127.0.0.1:1"], "nodemesh")
-    with pytest.raises(ValueError, match="http://host:port"):
+    with pytest.raises(ValueError, match="is https: give --etcd-ca, --etcd-cert and --etcd-key"):
         EtcdClient(["https://etcd:2379"])
+    with pytest.raises(ValueError, match="plain HTTP to etcd is refused beyond loopback"):
+        EtcdClient(["http://10.1.2.3:2379"])
+    with pytest.raises(ValueError, match="several etcd endpoints must be IP addresses"):
+        EtcdClient(["http://127.0.0.1:2379", "http://localhost:2380"])
+
+
+def test_etcd_over_tls_refuses_who_has_no_certificate_of_its_ca(etcd_endpoint: str, etcd_certs: EtcdCerts,
+                                                                tmp_path: Path) -> None:
+    """The attacker: plaintext to the TLS port, a client certificate from another CA,
+    and a server whose certificate is not from the CA we trust. Each is refused."""
+    port = etcd_endpoint.rsplit(":", 1)[1]
+    with pytest.raises(StoreError, match="cannot reach etcd"):
+        EtcdStore([f"http://127.0.0.1:{port}"], "/x", timeout_s=2)
+    other = make_etcd_certs(str(tmp_path / "other"))
+    with pytest.raises(StoreError, match="cannot reach etcd|refused"):
+        EtcdStore([etcd_endpoint], "/x", timeout_s=2,
+                  tls=EtcdTLS(etcd_certs.ca, other.client_cert, other.client_key))
+    with pytest.raises(StoreError, match="cannot reach etcd"):  # etcd's certificate is not from other.ca
+        EtcdStore([etcd_endpoint], "/x", timeout_s=2, tls=other.tls())
+    with pytest.raises(ValueError, match="cannot read the etcd client key"):
+        EtcdClient([etcd_endpoint], tls=EtcdTLS(etcd_certs.ca, etcd_certs.client_cert, str(tmp_path / "nope")))
+    # The right certificate works, and the name it is checked against can be given.
+    s = EtcdStore([etcd_endpoint], "/x", timeout_s=2,
+                  tls=EtcdTLS(etcd_certs.ca, etcd_certs.client_cert, etcd_certs.client_key, "localhost"))
+    s.close()
+    with pytest.raises(StoreError, match="cannot reach etcd"):  # a name the certificate does not carry
+        EtcdStore([etcd_endpoint], "/x", timeout_s=2,
+                  tls=EtcdTLS(etcd_certs.ca, etcd_certs.client_cert, etcd_certs.client_key, "etcd.evil"))
 
 
 def test_serve_settings_refuse_etcd_without_a_shared_ca(tmp_path: Path) -> None:
