@@ -38,6 +38,7 @@ __all__ = [  # re-exported from nodemesh.prom for the agent's code and tests
     "MetricError",
     "Registry",
     "breaker_overflow",
+    "http_edge_refused",
     "merge",
     "outlier_ejected",
     "parse",
@@ -120,6 +121,9 @@ OUTLIER_EJECTED = REGISTRY.gauge("nodemesh_outlier_ejected",
                                  ("destination_service", "endpoint"), merge="max")
 OUTLIER_EJECTIONS = REGISTRY.counter("nodemesh_outlier_ejections_total", "Endpoint ejections.",
                                      ("destination_service", "reason"))
+HTTP_EDGE_REFUSED = REGISTRY.counter("nodemesh_http_edge_refused_total",
+                                     "Requests or connections an HTTP edge refused (malformed, over a limit, "
+                                     "timed out), by side and reason.", ("side", "status", "reason"))
 
 # Families of the agent process itself (health checks, capture watchdog), merged
 # by the admin endpoint beside the workers' registries.
@@ -193,6 +197,12 @@ def retry_stopped(cluster: str, reason: str) -> None:
 
 def breaker_overflow(cluster: str, limit: str) -> None:
     BREAKER_OVERFLOWS.inc({"destination_service": service_of_cluster(cluster), "limit": limit})
+
+
+def http_edge_refused(side: str, status: int, reason: str) -> None:
+    """side: "outbound" (the sending node's L7 listener) or "inbound" (the receiving
+    node's guard); reason: a stable code from nodeagent/proxy/http/h1.py (bounded)."""
+    HTTP_EDGE_REFUSED.inc({"side": side, "status": str(status), "reason": reason})
 
 
 def outlier_ejected(cluster: str, reason: str) -> None:

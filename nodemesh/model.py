@@ -13,6 +13,7 @@ import yaml
 
 from nodemesh import rollouts as _rollouts
 from nodemesh import routes as _routes
+from nodemesh.httpedge import DEFAULT_LIMITS, SPEC_FIELDS, HttpLimits, parse_limits
 from nodemesh.identity import IdentityError, check_trust_domain
 
 API_VERSION = "nodemesh.io/v1alpha1"
@@ -133,6 +134,8 @@ class MeshConfig:
     root_namespace: str = "nodemesh-system"
     # node name (or "*") -> service accounts ("<ns>/<sa>", "<ns>/*") it may register; empty: any
     node_service_accounts: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # HTTP edge limits of every L7 listener (spec.http; nodemesh/httpedge.py).
+    http_limits: HttpLimits = DEFAULT_LIMITS
 
     kind = KIND_MESH_CONFIG
     name = MESH_CONFIG_NAME
@@ -156,6 +159,8 @@ class MeshConfig:
         from nodemesh import security
 
         spec.update(security.mesh_spec_extra(self))
+        if self.http_limits != DEFAULT_LIMITS:
+            spec["http"] = self.http_limits.to_spec()
         return spec
 
 
@@ -329,7 +334,7 @@ def _parse_mesh_config(c: _Checker, name: str, labels: tuple[tuple[str, str], ..
     if name != MESH_CONFIG_NAME:
         c.add("metadata.name", f"there is one MeshConfig and it must be named {MESH_CONFIG_NAME!r}")
     spec = c.mapping(spec_raw, "spec", ("trustDomain", "vipRange", "outboundPolicy", "dnsDomain", "mtls",
-                                        "defaultDeny", "rootNamespace", "nodeServiceAccounts"))
+                                        "defaultDeny", "rootNamespace", "nodeServiceAccounts", "http"))
     if spec is None:
         return None
     td = c.string(spec.get("trustDomain", "cluster.local"), "spec.trustDomain")
@@ -361,6 +366,12 @@ def _parse_mesh_config(c: _Checker, name: str, labels: tuple[tuple[str, str], ..
     from nodemesh import security
 
     extra = security.parse_mesh_extra(c, spec)
+    http = c.mapping(spec.get("http"), "spec.http", SPEC_FIELDS)
+    if http:
+        limits, problems = parse_limits({k: v for k, v in http.items() if k in SPEC_FIELDS})
+        for path, reason in problems:
+            c.add(path, reason)
+        extra["http_limits"] = limits
     if c.problems:
         return None
     return MeshConfig(trust_domain=td, vip_range=vip_range, outbound_policy=policy, dns_domain=dns,

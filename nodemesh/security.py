@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from nodemesh.httpedge import DEFAULT_LIMITS, HttpLimits, parse_limits
+
 if TYPE_CHECKING:
     from nodemesh.model import _Checker
 
@@ -200,10 +202,15 @@ class MeshSecurity:
     mtls_mode: str = DEFAULT_MESH_MTLS
     default_deny: bool = False
     root_namespace: str = DEFAULT_ROOT_NAMESPACE
+    # MeshConfig spec.http rides along to the agents here (only when not the default).
+    http: HttpLimits = DEFAULT_LIMITS
 
     def to_json(self) -> str:
-        return json.dumps({"mtlsMode": self.mtls_mode, "defaultDeny": self.default_deny,
-                           "rootNamespace": self.root_namespace}, sort_keys=True)
+        out: dict[str, Any] = {"mtlsMode": self.mtls_mode, "defaultDeny": self.default_deny,
+                               "rootNamespace": self.root_namespace}
+        if self.http != DEFAULT_LIMITS:
+            out["http"] = self.http.to_spec()
+        return json.dumps(out, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> MeshSecurity:
@@ -214,7 +221,7 @@ class MeshSecurity:
         if not isinstance(raw, dict):
             raise PolicyError([("spec_json", "must be a JSON object")])
         problems: list[tuple[str, str]] = []
-        unknown = set(raw) - {"mtlsMode", "defaultDeny", "rootNamespace"}
+        unknown = set(raw) - {"mtlsMode", "defaultDeny", "rootNamespace", "http"}
         if unknown:
             problems.append((f"spec_json.{min(unknown)}", "unknown field"))
         mode = raw.get("mtlsMode", DEFAULT_MESH_MTLS)
@@ -226,9 +233,16 @@ class MeshSecurity:
         root = raw.get("rootNamespace", DEFAULT_ROOT_NAMESPACE)
         if not isinstance(root, str) or not root:
             problems.append(("spec_json.rootNamespace", "must be a non-empty string"))
+        http = raw.get("http", {})
+        limits = DEFAULT_LIMITS
+        if not isinstance(http, dict):
+            problems.append(("spec_json.http", "must be a JSON object"))
+        elif http:
+            limits, bad = parse_limits(http, "spec_json.http")
+            problems.extend(bad)
         if problems:
             raise PolicyError(problems)
-        return cls(str(mode), bool(deny), str(root))
+        return cls(str(mode), bool(deny), str(root), limits)
 
 
 @dataclass(frozen=True)
@@ -567,4 +581,5 @@ def node_may_register(mesh: Any, node: str, namespace: str, service_account: str
 
 
 def mesh_security_of(mesh: Any) -> MeshSecurity:
-    return MeshSecurity(mesh.mtls_mode, mesh.default_deny, mesh.root_namespace)
+    return MeshSecurity(mesh.mtls_mode, mesh.default_deny, mesh.root_namespace,
+                        getattr(mesh, "http_limits", DEFAULT_LIMITS))

@@ -28,6 +28,8 @@ import h2.errors
 import h2.events
 import h2.exceptions
 
+from nodeagent import metrics
+
 from . import authz
 from .http.h2core import (
     GRPC_PERMISSION_DENIED,
@@ -39,6 +41,7 @@ from .http.h2core import (
     is_grpc,
     strip_connection_headers,
 )
+from .http.pathnorm import BadTarget, normalize_target
 from .relay import Session
 
 
@@ -192,11 +195,17 @@ class H2AuthzBridge:
         self._maybe_forget(st)
 
     def _on_request(self, sid: int, headers: Headers, ended: bool) -> None:
-        from .authz_l7 import normalize_path  # one path normalisation for HTTP/1.1 and HTTP/2
-
         self.stats.requests += 1
         method = (header_value(headers, ":method") or "").upper()
-        path, query = normalize_path(header_value(headers, ":path") or "")
+        limits = self.check.policies.mesh.http
+        try:  # one path normalization for HTTP/1.1 and HTTP/2 (http/pathnorm.py)
+            if len(headers) > limits.max_headers + 4:  # the pseudo-headers are not counted
+                raise BadTarget("too_many_headers", f"more than {limits.max_headers} request headers", 431)
+            t = normalize_target(header_value(headers, ":path") or "", method, limits.escaped_slash_action, h2=True)
+        except BadTarget as e:
+            self._refuse_stream(sid, e, ended)
+            return
+        path, query = t.path, t.query
         host = header_value(headers, ":authority") or header_value(headers, "host") or ""
         grpc = is_grpc(headers)
         plain = tuple((k, v) for k, v in headers if not k.startswith(":"))
@@ -240,6 +249,22 @@ class H2AuthzBridge:
             if grpc:
                 rec["grpc_status"] = GRPC_PERMISSION_DENIED
         self.session._log.write(rec)
+
+    def _refuse_stream(self, sid: int, e: BadTarget, ended: bool) -> None:
+        """A request the edge refuses before deciding it (bad :path, too many headers): counted and logged."""
+        metrics.http_edge_refused("inbound", e.status, e.reason)
+        self.session.set(http_status=e.status, http_path="")
+        if self.session.fields.get("direction") == "inbound":
+            rec = dict(self.session.fields)
+            rec.update(event="authz_request", authz_request=self.stats.requests, reason=e.reason, error=str(e))
+            self.session._log.write(rec)
+        body = f"{e.reason}: {e}\n".encode()
+        self.srv.send_headers(sid, [(":status", str(e.status)), ("content-type", "text/plain"),
+                                    ("content-length", str(len(body))), ("x-nodemesh-reason", e.reason)])
+        self.srv.send_data(sid, body)
+        self.srv.end_stream(sid)
+        if not ended:
+            self.srv.reset(sid, h2.errors.ErrorCodes.NO_ERROR)
 
     def _deny(self, sid: int, v: authz.Verdict, grpc: bool, ended: bool) -> None:
         msg = deny_message(v)

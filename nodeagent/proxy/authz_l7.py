@@ -5,10 +5,15 @@ but per request. An InboundHttpGuard sits between the caller's end (an HBONE
 CONNECT stream, a plaintext socket, or a same-node caller) and the workload's
 TCP end, looks at the caller's first bytes, and
 
-- for HTTP/1.x parses every request with h11, decides it with
-  authz.evaluate(..., http=HttpFacts), forwards allowed requests (re-framed by
-  h11, path normalised as checked) and answers a denied one itself with
-  403 and `Connection: close`;
+- for HTTP/1.x reads every request through the strict edge (http/h1.py:
+  httptools, the MeshConfig spec.http limits, the one path normalization of
+  http/pathnorm.py), decides it with authz.evaluate(..., http=HttpFacts),
+  forwards an allowed request re-framed (its normalized target, the framing
+  this edge used: Content-Length, or chunked and no Content-Length), and
+  answers a denied one itself with 403 and `Connection: close`; a refused one
+  (malformed, over a limit, too slow) gets the edge's status and close;
+  request bytes queued behind a request in flight are bounded
+  (perConnectionBufferLimitBytes): the caller's reading pauses beyond;
 - for the HTTP/2 preface (gRPC over h2c) terminates HTTP/2 and decides each
   stream (authz_h2.py: grpc-status 7 PERMISSION_DENIED, or 403);
 - for anything else (opaque TCP, a server-first protocol) decides once with the
@@ -23,21 +28,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
+from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any
 
 import h11
 
+from nodeagent import metrics
 from nodeagent.snapshot import LocalWorkload, Snapshot
 from nodemesh.security import MTLS_STRICT, SecurityPolicies
 
 from . import authz, authz_h2, detect
+from .http import h1
+from .http.edge import HEAD_TIMEOUT, ConnTimer, head_timeout
+from .http.h1 import EdgeError, EndOfRequest, Event, RequestHead, RequestReader, ResponseFramer
+from .http.pathnorm import normalize_target
 from .relay import End, Session
+
+log = logging.getLogger(__name__)
 
 # How long a denied caller may keep its side open after the 403 before the stream is cut.
 DENIED_LINGER_S = 5.0
-_UNRESERVED = re.compile(r"%(4[1-9A-F]|5[0-9A]|6[1-9A-F]|7[0-9A]|3[0-9]|2D|2E|5F|7E)", re.IGNORECASE)
 
 
 def needs_l7(policies: SecurityPolicies, workload: LocalWorkload, port: int) -> bool:
@@ -84,31 +97,24 @@ def wrap(check: L7Check | None, upstream: Any, session: Session) -> Any:
 
 
 def normalize_path(target: str) -> tuple[str, str]:
-    """(path as checked, query) of a request target: unreserved %-escapes decoded
-    and dot segments removed (RFC 3986 section 6.2.2), so that /public/../admin
-    is checked, and forwarded, as /admin."""
-    path, sep, query = target.partition("?")
-    if not path.startswith("/"):
-        return path, (sep + query)  # "*" (OPTIONS) or an absolute form, decided as written
-    path = _UNRESERVED.sub(lambda m: chr(int(m.group(1), 16)), path)
-    out: list[str] = []
-    segments = path.split("/")[1:]
-    for i, seg in enumerate(segments):
-        last = i == len(segments) - 1
-        if seg == "..":
-            if out:
-                out.pop()
-            if last:
-                out.append("")
-        elif seg == ".":
-            if last:
-                out.append("")
-        else:
-            out.append(seg)
-    return "/" + "/".join(out), (sep + query)
+    """(path as checked, query) of a request target, by the one normalization of
+    the data plane (http/pathnorm.py); raises pathnorm.BadTarget."""
+    t = normalize_target(target)
+    return t.path, t.query
 
 
 DETECT, PASS, HTTP, CLOSED = "detect", "pass", "http", "closed"
+_ANY_HTTP_VERSION = re.compile(rb"[A-Z]{3,10} \S+ HTTP/[0-9]+\.[0-9]+\r?\n")
+UPGRADING = "upgrading"  # an upgrade request was forwarded: the caller's later bytes wait for the answer
+_HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"content-length",
+                         b"upgrade"})
+
+
+def _head_bytes(status: int, reason: bytes, headers: Any) -> bytes:
+    """A response head as received (1xx, 101, or ours), for the caller."""
+    lines = [b"HTTP/1.1 %d %b\r\n" % (status, reason or h1.REASONS.get(status, "").encode())]
+    lines += [b"%b: %b\r\n" % (k, v) for k, v in headers]
+    return b"".join(lines) + b"\r\n"
 H2 = "h2"  # h2c: each stream decided by an authz_h2.H2AuthzBridge
 
 
@@ -131,18 +137,17 @@ class _WorkloadSide:
         self.g.workload_aborted()
 
     def pause_reading(self) -> None:  # the workload's socket is full: stop taking request bytes
-        if self.g.caller is not None:
-            self.g.caller.pause_reading()
+        self.g.caller_pause(True, True)
 
     def resume_reading(self) -> None:
-        if self.g.caller is not None:
-            self.g.caller.resume_reading()
+        self.g.caller_pause(True, False)
 
 
 class InboundHttpGuard:
     """A relay End between the caller and the workload that decides each HTTP
-    request (see the module docstring). Response bytes are passed back as
-    h11 re-frames them; a denied request gets 403 and the connection ends."""
+    request (see the module docstring). One request is in flight to the
+    workload at a time; the workload's responses are read with h11 and framed
+    again for the caller; a denied request gets 403 and the connection ends."""
 
     def __init__(self, check: L7Check, upstream: Any, session: Session) -> None:
         self.check = check
@@ -154,8 +159,19 @@ class InboundHttpGuard:
         self.tx = 0
         self.state = DETECT
         self._buf = bytearray()
-        self._srv = h11.Connection(h11.SERVER)  # the caller's requests
-        self._cli = h11.Connection(h11.CLIENT)  # the same requests, to the workload
+        self.limits = check.policies.mesh.http  # MeshConfig spec.http, as the connection arrived
+        self.reader = RequestReader(self.limits)  # the caller's requests (http/h1.py)
+        self._queue: deque[Event] = deque()  # parsed, waiting for the request in flight to be answered
+        self._queued = 0  # bytes in _queue (and held after an upgrade request)
+        self._buffer_paused = False  # the caller's reading is paused because _queued is over the limit
+        self._workload_paused = False  # ... because the workload's socket is full
+        self._cur: RequestHead | None = None  # the request in flight (allowed, forwarded)
+        self._caller_done = False  # the caller half-closed
+        self._req_done = False
+        self._resp_done = False
+        self._framer = ResponseFramer()
+        self._cli = h11.Connection(h11.CLIENT)  # the requests to the workload, its responses
+        self.timer = ConnTimer(self.limits, self._probe, self._expired)
         self.requests = 0
         self.denied = 0
         self.logged = 0  # per-request decision lines written (_log_decision)
@@ -173,6 +189,7 @@ class InboundHttpGuard:
     # -- wiring (HboneServerProtocol._serve / the plaintext and same-node paths) --
     def attach(self, caller: End) -> None:
         self.caller = caller
+        self.timer.start()
         if self._early_down:
             early, self._early_down = bytes(self._early_down), bytearray()
             caller.send(early)
@@ -190,21 +207,18 @@ class InboundHttpGuard:
             self.up.send(data)
         elif self.state == H2 and self._h2 is not None:
             self._h2.from_caller(data)
-        elif self.state == HTTP:
-            try:
-                self._srv.receive_data(data)
-            except RuntimeError:  # bytes after the caller's EOF: nothing to do with them
-                return
-            self._pump_requests()
+        elif self.state in (HTTP, UPGRADING):
+            self._feed(data)
         elif self.state == DETECT:
             self._buf += data
             kind = detect.sniff(bytes(self._buf))
+            if kind == detect.TCP and _ANY_HTTP_VERSION.match(self._buf):
+                kind = detect.HTTP1  # an HTTP request line of a version we do not serve: the edge answers 505
             if kind == detect.HTTP1:
                 self.state = HTTP
                 self.session.set(authz_layer="L7")
                 buf, self._buf = bytes(self._buf), bytearray()
-                self._srv.receive_data(buf)
-                self._pump_requests()
+                self._feed(buf)
                 self._release_early()
             elif kind == detect.HTTP2:
                 self._start_h2()
@@ -218,14 +232,31 @@ class InboundHttpGuard:
             self.up.send_eof()
         elif self.state == H2 and self._h2 is not None:
             self._h2.caller_eof()
-        elif self.state == HTTP:
-            with contextlib.suppress(RuntimeError):
-                self._srv.receive_data(b"")
-            self._pump_requests()
+        elif self.state in (HTTP, UPGRADING):
+            # The caller is done sending: a request it began and did not finish is dropped;
+            # the workload's end follows once the request in flight (if any) is answered.
+            self._caller_done = True
+            if self._cur is None or not self._req_done:
+                self._queue.clear()
+                self.up.send_eof()
 
     def abort(self) -> None:
         self.state = CLOSED
+        self.timer.cancel()
         self.up.abort()
+
+    def caller_pause(self, workload: bool, on: bool) -> None:
+        """Pause the caller's reading while the workload is full or the queue is over the limit."""
+        if workload:
+            self._workload_paused = on
+        else:
+            self._buffer_paused = on
+        if self.caller is None:
+            return
+        if on:
+            self.caller.pause_reading()
+        elif not self._workload_paused and not self._buffer_paused:
+            self.caller.resume_reading()
 
     def pause_reading(self) -> None:  # the caller cannot take more response bytes
         self.up.pause_reading()
@@ -252,6 +283,8 @@ class InboundHttpGuard:
             except RuntimeError:
                 return
             self._pump_responses()
+        elif self.state == UPGRADING:
+            self._upgrade_answer(data)
 
     def workload_eof(self) -> None:
         if self.state == DETECT:
@@ -260,11 +293,11 @@ class InboundHttpGuard:
             self._caller_eof()
         elif self.state == H2 and self._h2 is not None:
             self._h2.workload_eof()
-        elif self.state == HTTP:
+        elif self.state in (HTTP, UPGRADING):
             with contextlib.suppress(RuntimeError):
                 self._cli.receive_data(b"")
             self._pump_responses()
-            if self.state == HTTP:
+            if self.state in (HTTP, UPGRADING):
                 self._caller_eof()
 
     def workload_aborted(self) -> None:
@@ -304,47 +337,81 @@ class InboundHttpGuard:
             self.up.send(buf)
         self._release_early()
 
-    def _facts(self, req: h11.Request, path: str) -> authz.RequestFacts:
-        headers = tuple((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in req.headers)
-        host = next((v for k, v in headers if k == "host"), "")
-        http = authz.HttpFacts(req.method.decode("latin-1").upper(), path, host, headers)
+    def _facts(self, req: RequestHead) -> authz.RequestFacts:
+        host = req.target.authority if req.target.authority is not None else (req.header("host") or "")
+        http = authz.HttpFacts(req.method.upper(), req.target.path, host, tuple(req.headers))
         return replace(self.check.facts, http=http)
 
-    def _pump_requests(self) -> None:
-        while self.state == HTTP:
-            try:
-                ev = self._srv.next_event()
-            except h11.RemoteProtocolError as e:
-                self._bad_request(e)
-                return
-            if ev is h11.NEED_DATA or ev is h11.PAUSED:
-                return
-            if isinstance(ev, h11.Request):
+    # -- the caller's requests --
+    def _feed(self, data: bytes) -> None:
+        try:
+            events = self.reader.feed(data)
+        except EdgeError as e:
+            self._refuse(e)
+            return
+        if self.reader.upgraded:
+            self._queued += len(data)  # held, unparsed, until the workload answers the upgrade
+        for ev in events:
+            if isinstance(ev, bytes):
+                self._queued += len(ev)
+        self._queue.extend(events)
+        self._pump()
+        if self._queued > self.limits.max_buffered_bytes and not self._buffer_paused:
+            # A request is in flight and the caller keeps sending: stop reading it (the
+            # kernel's buffers and TCP flow control hold the rest), not buffer it here.
+            self.caller_pause(False, True)
+
+    def _pump(self) -> None:
+        q = self._queue
+        while q and self.state in (HTTP, UPGRADING):
+            ev = q[0]
+            if isinstance(ev, RequestHead):
+                if self._cur is not None or self.state == UPGRADING:
+                    return  # one request at a time: the next waits for this one's response
+                q.popleft()
                 if not self._on_request(ev):
                     return
-            elif isinstance(ev, (h11.Data, h11.EndOfMessage)):
-                self._to_workload(ev)
-            elif isinstance(ev, h11.ConnectionClosed):
-                self.up.send_eof()
+            elif isinstance(ev, bytes):
+                q.popleft()
+                self._queued -= len(ev)
+                self._to_workload(h11.Data(data=ev))
+            elif isinstance(ev, EndOfRequest):
+                q.popleft()
+                self._req_done = True
+                self._to_workload(h11.EndOfMessage())
+                if self._resp_done:
+                    self._end_of_exchange()
+            else:  # H2Preface: only before the first request (the detection hands it to HTTP/2)
+                q.popleft()
+                self._refuse(EdgeError(400, "h2_preface", "the HTTP/2 preface inside an HTTP/1.1 connection"))
                 return
+        if self._buffer_paused and self._queued <= self.limits.max_buffered_bytes // 2:
+            self.caller_pause(False, False)
 
-    def _on_request(self, req: h11.Request) -> bool:
+    def _on_request(self, req: RequestHead) -> bool:
         self.requests += 1
-        path, query = normalize_path(req.target.decode("latin-1"))
-        facts = self._facts(req, path)
+        facts = self._facts(req)
         v = authz.evaluate(self.check.policies, facts)
         authz.STATS.record(v)
-        self.session.set(**v.log_fields(), http_method=facts.http.method if facts.http else "",
-                         http_path=path, authz_requests=self.requests)
+        self.session.set(**v.log_fields(), http_method=req.method, http_path=req.target.path,
+                         authz_requests=self.requests)
         self._log_decision(v)
         if not v.allowed:
             self._deny(v)
             return False
-        headers = list(req.headers)
-        if facts.http is not None and not facts.http.host:
-            # HTTP/1.0 without Host: h11 speaks HTTP/1.1 to the workload, which needs one.
-            headers.append((b"host", b"localhost"))
-        self._to_workload(h11.Request(method=req.method, target=(path + query).encode("latin-1"), headers=headers))
+        self._cur, self._req_done, self._resp_done = req, False, False
+        # Re-framed: the workload sees the normalized target and exactly the boundary this
+        # edge read (Content-Length, or chunked with no Content-Length; RFC 9112 6.3).
+        headers = [(k, v_) for k, v_ in req.headers if k not in ("content-length", "transfer-encoding", "host")]
+        host = req.target.authority if req.target.authority is not None else req.header("host")
+        headers.insert(0, ("host", host or "localhost"))  # HTTP/1.0 without Host: h11 speaks 1.1, which needs one
+        if req.chunked:
+            headers.append(("transfer-encoding", "chunked"))
+        elif req.content_length is not None:
+            headers.append(("content-length", str(req.content_length)))
+        self._to_workload(h11.Request(method=req.method, target=req.target.target, headers=headers))
+        if req.upgrade and self.state == HTTP:
+            self.state = UPGRADING  # bytes after it are held until the workload answers (101 or not)
         return True
 
     def _log_decision(self, v: authz.Verdict) -> None:
@@ -366,13 +433,14 @@ class InboundHttpGuard:
         try:
             out = self._cli.send(ev)
         except h11.LocalProtocolError as e:
-            self._bad_request(e)
+            self._refuse(EdgeError(400, "bad_request", f"cannot forward the request: {e}"))
             return
         if out:
             self.up.send(out)
 
+    # -- the workload's responses --
     def _pump_responses(self) -> None:
-        while self.state == HTTP:
+        while self.state in (HTTP, UPGRADING):
             try:
                 ev = self._cli.next_event()
             except h11.RemoteProtocolError as e:
@@ -384,80 +452,137 @@ class InboundHttpGuard:
             if isinstance(ev, h11.ConnectionClosed):
                 self._caller_eof()
                 return
-            try:
-                out = self._srv.send(ev)
-            except h11.LocalProtocolError as e:
-                self.session.fail("upstream_protocol_error", f"cannot relay the workload's response: {e}")
-                self._close_both()
+            cur = self._cur
+            if isinstance(ev, h11.InformationalResponse):
+                self._to_caller(_head_bytes(ev.status_code, ev.reason, ev.headers))
+                if ev.status_code == 101:
+                    self._switched()
+                    return
+            elif isinstance(ev, h11.Response):
+                if self.state == UPGRADING:
+                    self._upgrade_refused()
+                hdrs = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in ev.headers if k not in _HOP_BY_HOP]
+                length = None
+                if not any(k == b"transfer-encoding" for k, _ in ev.headers):
+                    length = next((int(v) for k, v in ev.headers if k == b"content-length"), None)
+                self._to_caller(self._framer.head(
+                    ev.status_code, ev.reason.decode("latin-1"), hdrs,
+                    method=cur.method if cur else "GET", version=cur.version if cur else "1.1",
+                    keep_alive=bool(cur and cur.keep_alive), length=length))
+            elif isinstance(ev, h11.Data):
+                out = self._framer.body(ev.data)
+                if out:
+                    self._to_caller(out)
+            elif isinstance(ev, h11.EndOfMessage):
+                out = self._framer.end()
+                if out:
+                    self._to_caller(out)
+                self._resp_done = True
+                if self._req_done:
+                    self._end_of_exchange()
+                elif self._cur is not None:
+                    # Answered before the request ended (an early 413, say): nothing more of it is wanted.
+                    self._framer.close = True
+                    self._end_of_exchange()
                 return
-            if out:
-                self._to_caller(out)
-            if isinstance(ev, h11.InformationalResponse) and ev.status_code == 101:
-                self._switched()
-                return
-            if isinstance(ev, h11.EndOfMessage):
-                self._end_of_response()
 
-    def _end_of_response(self) -> None:
-        srv, cli = self._srv, self._cli
-        if srv.our_state is h11.MUST_CLOSE or cli.our_state is h11.MUST_CLOSE or cli.their_state is h11.MUST_CLOSE:
-            # One side asked for close: the response is complete, end the caller's stream.
+    def _end_of_exchange(self) -> None:
+        cli = self._cli
+        keep = (self._cur is not None and self._cur.keep_alive and not self._framer.close
+                and cli.our_state is h11.DONE and cli.their_state is h11.DONE
+                and not self._caller_done)
+        self._cur = None
+        if not keep:
+            # One side asked for close (or the caller is gone): the response is complete, end the caller's stream.
+            self.state = CLOSED
+            self.timer.cancel()
             self._caller_eof()
             self.up.send_eof()
             return
-        if srv.states == {h11.CLIENT: h11.DONE, h11.SERVER: h11.DONE} and cli.states == srv.states:
-            srv.start_next_cycle()
-            cli.start_next_cycle()
-            self._pump_requests()  # a pipelined request h11 held back
+        cli.start_next_cycle()
+        self._pump()  # a pipelined request waiting in the queue
+        self._pump_responses()
 
+    # -- upgrades (e.g. WebSocket): decided as a request, then bytes --
     def _switched(self) -> None:
-        """101 Switching Protocols (e.g. WebSocket): the request was allowed; relay bytes from now on."""
+        """101 Switching Protocols: the request was allowed; relay bytes from now on."""
         self.state = PASS
-        down, _ = self._srv.trailing_data
+        self.timer.cancel()
         up, _ = self._cli.trailing_data
         if up:
             self._to_caller(bytes(up))
-        if down:
-            self.up.send(bytes(down))
+        held, self.reader.held = bytes(self.reader.held), bytearray()
+        self._queued = 0
+        if held:
+            self.up.send(held)
+        if self._buffer_paused:
+            self.caller_pause(False, False)
 
+    def _upgrade_answer(self, data: bytes) -> None:
+        try:
+            self._cli.receive_data(data)
+        except RuntimeError:
+            return
+        self._pump_responses()
+
+    def _upgrade_refused(self) -> None:
+        """A final response to an upgrade request: it stays HTTP; parse what the caller sent meanwhile."""
+        self.state = HTTP
+        self._queued = 0
+        try:
+            self._queue.extend(self.reader.resume_after_upgrade())
+        except EdgeError as e:
+            self._refuse(e)
+
+    # -- refusals --
     def _deny(self, v: authz.Verdict) -> None:
         self.denied += 1
         body = f"RBAC: access denied: {v.message} (reason {v.reason})\n".encode()
         self.session.fail("denied_by_policy", v.message)
         self.session.set(http_status=403)
-        out = b""
-        try:
-            out += self._srv.send(h11.Response(status_code=403, reason=b"Forbidden", headers=[
-                ("content-type", "text/plain"), ("content-length", str(len(body))), ("connection", "close"),
-                ("x-nodemesh-authz", f"deny; policy={v.policy}{';rule=' + str(v.rule) if v.rule is not None else ''}"),
-            ])) or b""
-            out += self._srv.send(h11.Data(data=body)) or b""
-            out += self._srv.send(h11.EndOfMessage()) or b""
-        except h11.LocalProtocolError:
-            out = b""  # a response already started on this connection: just close
+        rule = f";rule={v.rule}" if v.rule is not None else ""
+        out = _head_bytes(403, b"Forbidden", [
+            (b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"), (b"x-nodemesh-authz", f"deny; policy={v.policy}{rule}".encode("latin-1"))])
+        self._end_refused(out + body)
+
+    def _refuse(self, e: EdgeError) -> None:
+        """A request the edge will not decide or forward: counted, logged, answered, closed."""
+        metrics.http_edge_refused("inbound", e.status, e.reason)
+        log.info("refused a request from %s: %s", self.session.fields.get("src", "?"), e)
+        self.session.fail(e.reason if e.reason != "bad_request" else "bad_request",
+                          f"malformed or refused HTTP request from the caller: {e.message}")
+        self.session.set(http_status=e.status)
+        started = self._cur is not None and self._framer_started()
+        self._end_refused(b"" if started else h1.error_response(e))
+
+    def _framer_started(self) -> bool:
+        return self._cli.their_state not in (h11.IDLE, h11.SEND_RESPONSE)
+
+    def _end_refused(self, out: bytes) -> None:
         self.state = CLOSED
+        self.timer.cancel()
+        self._queue.clear()
         if out:
             self._to_caller(out)
         self._caller_eof()
         self.up.abort()
         self._linger_then_abort()
 
-    def _bad_request(self, e: Exception) -> None:
-        self.session.fail("bad_request", f"malformed HTTP request from the caller: {e}")
-        self.session.set(http_status=400)
-        out = b""
-        with contextlib.suppress(h11.LocalProtocolError):
-            body = f"bad request: {e}\n".encode()
-            out += self._srv.send(h11.Response(status_code=400, reason=b"Bad Request", headers=[
-                ("content-type", "text/plain"), ("content-length", str(len(body))), ("connection", "close")])) or b""
-            out += self._srv.send(h11.Data(data=body)) or b""
-            out += self._srv.send(h11.EndOfMessage()) or b""
-        self.state = CLOSED
-        if out:
-            self._to_caller(out)
-        self._caller_eof()
-        self.up.abort()
-        self._linger_then_abort()
+    # -- time limits (http/edge.py) --
+    def _probe(self) -> tuple[bool, bool, int]:
+        in_head = (self.state == DETECT and bool(self._buf)) or (
+            self.state == HTTP and self._cur is None and self.reader.in_head)
+        return in_head, self._cur is not None, self.rx + self.tx
+
+    def _expired(self, what: str) -> None:
+        if self.state not in (DETECT, HTTP):
+            return
+        if what == HEAD_TIMEOUT:
+            self._refuse(head_timeout(self.limits))
+            return
+        self.session.set(reason="idle_timeout")
+        self._close_both()
 
     def _linger_then_abort(self) -> None:
         with contextlib.suppress(RuntimeError):  # no running loop (unit tests)
@@ -471,6 +596,7 @@ class InboundHttpGuard:
 
     def _close_both(self) -> None:
         self.state = CLOSED
+        self.timer.cancel()
         self.up.abort()
         self._cut_caller()
 

@@ -61,6 +61,7 @@ from .h2core import (
     is_grpc,
     strip_connection_headers,
 )
+from .pathnorm import BadTarget, normalize_target
 from .retry import Outcome, admit_retry, retryable
 from .stack import (
     FAILURE_PENALTY_S,
@@ -837,11 +838,20 @@ class H2Call:
         method = self.pseudo.get(":method", "")
         if method == "CONNECT":
             return self.reply_local(405, "bad_request: CONNECT is not proxied on HTTP/2 service ports")
+        limits = snapshot.security.mesh.http
+        try:  # the one path normalization (pathnorm.py): routed, logged and forwarded as decided
+            if len(self.headers) > limits.max_headers:
+                raise BadTarget("too_many_headers", f"more than {limits.max_headers} request headers", 431)
+            norm = normalize_target(self.pseudo.get(":path", "/"), method, limits.escaped_slash_action, h2=True)
+        except BadTarget as e:
+            metrics.http_edge_refused("outbound", e.status, e.reason)
+            return self.reply_local(e.status, f"{e.reason}: {e}")
+        self.session.set(path=norm.target)
         authority = self.pseudo.get(":authority", f"{ds.plan.dst_ip}:{ds.plan.dst_port}")
         table = sp.routes or RouteTable(sp.cluster, (RouteEntry("default", _DEFAULT_MATCH,
                                                                   (WeightedCluster(sp.cluster),)),))
         view_headers = [*self.headers, ("host", authority)]
-        view = router.RequestView(method, self.pseudo.get(":path", "/"), tuple(view_headers))
+        view = router.RequestView(method, norm.target, tuple(view_headers))
         entry = router.select_route(table, view)
         if entry is None:
             return self.reply_local(404, f"no_route: no route of {ds.plan.service} matches {method} {view.path} "
@@ -866,8 +876,7 @@ class H2Call:
             return self.reply_local(fd.abort_status or 200, "fault_injected: aborted by the route's Fault filter",
                                     grpc_code=code)
         headers = router.modify_headers(self.headers, entry.request_headers)
-        path, sep, query = self.pseudo.get(":path", "/").partition("?")
-        target = router.rewrite_path(entry, path) + (sep + query if sep else "")
+        target = router.rewrite_path(entry, norm.path) + norm.query
         if entry.host_rewrite:
             authority = entry.host_rewrite
         if entry.mirrors:

@@ -1,5 +1,6 @@
 """The outbound L7 stack: takes over a captured client connection on an HTTP
-service port, parses requests with h11 (no I/O in the core), and for each
+service port, reads requests through the strict edge (h1.py: httptools, no
+I/O in the core, limits and one path normalization), and for each
 request composes the layers in one place:
 
   route (router) -> redirect/direct/fault -> deadline (timeout) -> mirror
@@ -19,6 +20,7 @@ import logging
 import random
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -37,8 +39,10 @@ from ..plan import OutboundPlan, is_same_node
 from ..pool import PoolKey
 from ..relay import Session
 from . import fault as faults
-from . import router
+from . import h1, router
 from .balance import Destination
+from .edge import HEAD_TIMEOUT, ConnTimer, head_timeout
+from .h1 import EdgeError, Event, H2Preface, RequestHead, RequestReader, ResponseFramer
 from .h1pool import UpstreamPool
 from .retry import Outcome, admit_retry, retryable
 from .timeout import GRPC_TIMEOUT_HEADER, MESH_DEADLINE_HEADER, Deadline, format_grpc_timeout, incoming_budget
@@ -55,12 +59,8 @@ MAX_BUFFERED_BODY = 1 << 20  # a bigger request body is refused with 413 (bodies
 FAILURE_PENALTY_S = 1.0
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "transfer-encoding", "upgrade",
                         "trailer", "content-length"})
-_REASONS = {200: "OK", 301: "Moved Permanently", 302: "Found", 303: "See Other", 307: "Temporary Redirect",
-            308: "Permanent Redirect", 400: "Bad Request", 404: "Not Found", 413: "Content Too Large",
-            500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable",
-            504: "Gateway Timeout"}
 _DEFAULT_MATCH = RouteMatch()
-IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 
 def l7_protocol(snapshot: Snapshot, plan: OutboundPlan) -> str | None:
@@ -168,7 +168,10 @@ def start_l7(proxy: NodeProxy, end: OutboundConnection, snapshot: Snapshot, sour
 
 
 class Downstream(asyncio.Protocol):
-    """The client's HTTP/1.1 connection (server role), one request at a time."""
+    """The client's HTTP/1.1 connection (server role), one request at a time.
+    Requests are read by the strict edge (h1.py: httptools, limits, one path
+    normalization); reading pauses while a request is served, so pipelined bytes
+    wait in the kernel, not here."""
 
     def __init__(self, rt: L7Runtime, end: OutboundConnection, snapshot: Snapshot, source_key: str,
                  source_id: str, plan: OutboundPlan, mode: str, tcp_fallback: Callable[[], None]) -> None:
@@ -181,10 +184,12 @@ class Downstream(asyncio.Protocol):
         self.plan = plan
         self.mode = mode
         self.tcp_fallback = tcp_fallback
-        self.h = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
+        self.limits = snapshot.security.mesh.http  # read once per connection
+        self.reader = RequestReader(self.limits)
+        self._queue: deque[Event] = deque()  # parsed, not yet taken (pipelined requests)
         self._sniffed = b""
         self._detect_timer: asyncio.TimerHandle | None = None
-        self._req: h11.Request | None = None
+        self._req: RequestHead | None = None
         self._body = bytearray()
         self._body_size = 0  # the request body's size, even past MAX_BUFFERED_BODY (istio_request_bytes)
         self.resp_body = 0  # response body bytes written for the current request (istio_response_bytes)
@@ -194,7 +199,12 @@ class Downstream(asyncio.Protocol):
         self._upstream: UpstreamExchange | None = None
         self.requests = 0
         self._out: list[bytes] = []  # response bytes not yet written (see _write)
+        self._out_size = 0
         self._flush_soon = False
+        self.framer = ResponseFramer()
+        self._head_sent = False  # the current request's response head is written (no local reply now)
+        self._close_after = False  # the response in flight is the connection's last
+        self.timer = ConnTimer(self.limits, self._probe, self._expired)
 
     # -- start --
     def begin(self) -> None:
@@ -203,6 +213,7 @@ class Downstream(asyncio.Protocol):
         self.conn_session.set(protocol="http")
         if self.mode == "auto":
             self._detect_timer = asyncio.get_running_loop().call_later(self.rt.detect_timeout_s, self._detect_timeout)
+        self.timer.start()
         self.transport.resume_reading()
         for chunk in early:
             self.data_received(chunk)
@@ -216,6 +227,7 @@ class Downstream(asyncio.Protocol):
 
     def _to_tcp(self) -> None:
         self.mode = "tcp"
+        self.timer.cancel()
         if self._detect_timer is not None:
             self._detect_timer.cancel()
         self.transport.pause_reading()
@@ -238,6 +250,7 @@ class Downstream(asyncio.Protocol):
             if kind == detect.HTTP2:
                 from .h2stack import take_over_from_h1  # the HTTP/2 preface: h2c at L7
 
+                self.timer.cancel()
                 take_over_from_h1(self, self._sniffed)
                 return
             if kind != detect.HTTP1:
@@ -247,25 +260,32 @@ class Downstream(asyncio.Protocol):
                 return
             self.mode = "http"
             data, self._sniffed = self._sniffed, b""
+        if self._closed:
+            return
         self.end.rx += len(data)
         try:
-            self.h.receive_data(data)
-        except h11.RemoteProtocolError:
-            pass
-        self._process()
+            events = self.reader.feed(data)
+        except EdgeError as e:
+            self._refuse(e)
+            return
+        if events:
+            self._queue.extend(events)
+            self._process()
 
     def eof_received(self) -> bool:
-        try:
-            self.h.receive_data(b"")
-        except h11.RemoteProtocolError:
-            pass
-        self._process()
+        if not self._busy:
+            # The client is done sending: whatever it began and did not finish is dropped.
+            self._flush_out()
+            self.transport.close()
+        else:
+            self._close_after = True
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._closed:
             return
         self._closed = True
+        self.timer.cancel()
         if self._detect_timer is not None:
             self._detect_timer.cancel()
         if self._upstream is not None:
@@ -281,52 +301,102 @@ class Downstream(asyncio.Protocol):
         if self._upstream is not None:
             self._upstream.pause_wire(False)
 
+    # -- edge limits --
+    def _probe(self) -> tuple[bool, bool, int]:
+        return self.reader.in_head and not self._busy, self._busy, self.end.rx + self.end.tx
+
+    def _expired(self, what: str) -> None:
+        if self._closed:
+            return
+        if what == HEAD_TIMEOUT:
+            self._refuse(head_timeout(self.limits))
+            return
+        self.conn_session.set(reason="idle_timeout")
+        self._flush_out()
+        self.transport.close()
+
+    def _refuse(self, e: EdgeError) -> None:
+        """A request the edge will not forward: counted, logged, answered, and the connection closed."""
+        metrics.http_edge_refused("outbound", e.status, e.reason)
+        log.info("refused a request from %s to %s: %s", self.conn_session.fields.get("src", "?"),
+                 self.plan.service or self.plan.dst_ip, e)
+        self.conn_session.fail(e.reason, e.message)
+        self.conn_session.set(http_status=e.status)
+        self._queue.clear()
+        if not self._busy and not self._closed:
+            self._out.append(h1.error_response(e))
+            self._flush_out()
+        self.transport.close()
+
     # -- request parsing --
     def _process(self) -> None:
-        while not self._busy and not self._closed:
-            try:
-                ev = self.h.next_event()
-            except h11.RemoteProtocolError as e:
-                self._local_reply(e.error_status_hint or 400, f"bad request: {e}", close=True)
-                return
-            if ev is h11.NEED_DATA or ev is h11.PAUSED:
-                return
-            if isinstance(ev, h11.Request):
-                self._req, self._body, self._too_big, self._body_size = ev, bytearray(), False, 0
-            elif isinstance(ev, h11.Data):
-                self._body_size += len(ev.data)
-                if len(self._body) + len(ev.data) > MAX_BUFFERED_BODY:
+        q = self._queue
+        while q and not self._busy and not self._closed:
+            ev = q.popleft()
+            if isinstance(ev, bytes):
+                self._body_size += len(ev)
+                if len(self._body) + len(ev) > MAX_BUFFERED_BODY:
                     self._too_big = True
                 else:
-                    self._body += ev.data
-            elif isinstance(ev, h11.EndOfMessage):
+                    self._body += ev
+            elif isinstance(ev, RequestHead):
+                self._req, self._body, self._too_big, self._body_size = ev, bytearray(), False, 0
+                if ev.upgrade:
+                    # Upgrade is hop-by-hop and not carried on this path: served as a plain request.
+                    try:
+                        q.extend(self.reader.resume_after_upgrade())
+                    except EdgeError as e:
+                        self._refuse(e)
+                        return
+            elif isinstance(ev, h1.EndOfRequest):
                 req, body = self._req, bytes(self._body)
                 assert req is not None
                 self._busy = True
+                self._close_after = not req.keep_alive
                 self.transport.pause_reading()
                 self.rt.proxy.spawn(self._serve(req, body, self._too_big))
-            elif isinstance(ev, h11.ConnectionClosed):
-                self._flush_out()
+            elif isinstance(ev, H2Preface):
+                # An HTTP/1.1 port: HTTP/2 with prior knowledge is refused with the HTTP/2
+                # answer for it (GOAWAY HTTP_1_1_REQUIRED), never forwarded as a request.
+                metrics.http_edge_refused("outbound", 0, "h2_preface_on_http_port")
+                self.conn_session.fail("h2_preface_on_http_port", "the HTTP/2 preface on a port declared "
+                                       "http (HTTP/1.1): declare it http2, grpc or auto")
+                self.transport.write(H2_REFUSAL)
                 self.transport.close()
                 return
 
     # -- responding --
-    def _write(self, ev: Any) -> None:
-        try:
-            data = self.h.send(ev)
-        except h11.LocalProtocolError:
-            self.transport.abort()
-            return
+    def write_head(self, status: int, reason: str, headers: list[tuple[str, str]], length: int | None) -> None:
+        req = self._req
+        self._head_sent = True
+        data = self.framer.head(status, reason, headers, method=req.method if req else "GET",
+                                version=req.version if req else "1.1",
+                                keep_alive=not self._close_after, length=length)
+        if self.framer.close:
+            self._close_after = True
+        self._add_out(data)
+
+    def write_body(self, chunk: bytes) -> None:
+        data = self.framer.body(chunk)
         if data:
-            if isinstance(ev, h11.Data):
-                self.resp_body += len(ev.data)
-            self.end.tx += len(data)
-            # One send per response, not one per h11 event: a small response's head, body
-            # and end were three write syscalls, each running the peer's receive path.
-            self._out.append(data)
-        if type(ev) is h11.EndOfMessage or sum(map(len, self._out)) >= _OUT_FLUSH_BYTES:
+            self.resp_body += len(chunk)
+            self._add_out(data)
+
+    def write_end(self) -> None:
+        data = self.framer.end()
+        if data:
+            self._add_out(data)
+        self._flush_out()
+
+    def _add_out(self, data: bytes) -> None:
+        self.end.tx += len(data)
+        # One send per response, not one per piece: a small response's head, body and end
+        # were three write syscalls, each running the peer's receive path.
+        self._out.append(data)
+        self._out_size += len(data)
+        if self._out_size >= _OUT_FLUSH_BYTES:
             self._flush_out()
-        elif self._out and not self._flush_soon:
+        elif not self._flush_soon:
             self._flush_soon = True  # a streamed body goes out once this loop pass is done
             asyncio.get_running_loop().call_soon(self._flush_out)
 
@@ -334,23 +404,23 @@ class Downstream(asyncio.Protocol):
         self._flush_soon = False
         if not self._out:
             return
-        out, self._out = self._out, []
+        out, self._out, self._out_size = self._out, [], 0
         if not self._closed and not self.transport.is_closing():
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def _local_reply(self, status: int, text: str, close: bool = False,
                      extra: list[tuple[str, str]] | None = None) -> None:
         body = (text + "\n").encode()
-        headers = [("content-type", "text/plain"), ("content-length", str(len(body))),
-                   ("x-nodemesh-reason", text.split(":")[0][:100]), *(extra or [])]
+        headers = [("content-type", "text/plain"), ("x-nodemesh-reason", text.split(":")[0][:100]), *(extra or [])]
+        if self._head_sent:  # a response already started: it cannot be replaced, only cut
+            self.transport.abort()
+            return
         if close:
-            headers.append(("connection", "close"))
-        if self.h.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-            self._write(h11.Response(status_code=status, headers=headers, reason=_REASONS.get(status, "")))
-            self._write(h11.Data(data=body))
-            self._write(h11.EndOfMessage())
+            self._close_after = True
+        self.write_head(status, h1.REASONS.get(status, ""), headers, len(body))
+        self.write_body(body)
+        self.write_end()
         if close:
-            self._flush_out()
             self.transport.close()
 
     def _next_cycle(self) -> None:
@@ -358,46 +428,46 @@ class Downstream(asyncio.Protocol):
         self._upstream = None
         if self._closed:
             return
-        if self.h.our_state is h11.MUST_CLOSE or self.h.their_state is h11.MUST_CLOSE:
-            self._flush_out()
+        self._flush_out()
+        if self._close_after:
             self.transport.close()
             return
-        if self.h.our_state is h11.DONE and self.h.their_state is h11.DONE:
-            self.h.start_next_cycle()
-            self.transport.resume_reading()
-            self._process()
-            return
-        self._flush_out()
-        self.transport.close()
+        self.transport.resume_reading()
+        self._process()
 
-    async def _serve(self, req: h11.Request, body: bytes, too_big: bool) -> None:
+    async def _serve(self, req: RequestHead, body: bytes, too_big: bool) -> None:
         self.requests += 1
         self.rt.counters.requests += 1
         call = Call(self, req, body)
         call.request_bytes = self._body_size
         self.resp_body = 0
+        self._head_sent = False
         try:
             if too_big:
+                metrics.http_edge_refused("outbound", 413, "request_too_large")
                 call.fail_local(413, f"request_too_large: body over {MAX_BUFFERED_BODY} bytes (L7 ports buffer "
                                      "request bodies; declare the port protocol: tcp for big uploads)")
             else:
                 await call.run()
         except Exception as e:  # a bug must not leave the client hanging
             log.exception("L7 request failed unexpectedly")
-            call.fail_local(500, f"internal_error: {e!r}")
+            if not self._head_sent:
+                call.fail_local(500, f"internal_error: {e!r}")
+            else:
+                self.transport.abort()
         finally:
             call.finish_log()
             self._next_cycle()
 
 
-def _hdrs(req: h11.Request) -> list[tuple[str, str]]:
-    return [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in req.headers]
+# SETTINGS (empty) then GOAWAY(last stream 0, HTTP_1_1_REQUIRED): the HTTP/2 way to say "speak HTTP/1.1".
+H2_REFUSAL = bytes.fromhex("000000040000000000") + bytes.fromhex("0000080700000000000000000000000d")
 
 
 class Call:
     """One request through the stack."""
 
-    def __init__(self, ds: Downstream, req: h11.Request, body: bytes) -> None:
+    def __init__(self, ds: Downstream, req: RequestHead, body: bytes) -> None:
         self.ds = ds
         self.rt = ds.rt
         self.req = req
@@ -407,7 +477,7 @@ class Call:
         self.session: Session = ds.rt.proxy.new_session(
             "outbound", protocol="http", src=f.get("src", ""), source_workload=ds.source_key,
             source_principal=ds.source_id, dst_addr=f.get("dst_addr", ""), dst_service=ds.plan.service,
-            method=req.method.decode("latin-1"), path=req.target.decode("latin-1"))
+            method=req.method, path=req.target.target)
         self.status = 0
         self.attempts = 0
         self.request_bytes = len(body)
@@ -435,14 +505,17 @@ class Call:
         sp = hit[1]
         table = sp.routes or RouteTable(sp.cluster, (RouteEntry("default", _DEFAULT_MATCH,
                                                                   (WeightedCluster(sp.cluster),)),))
-        headers = _hdrs(self.req)
+        req = self.req
+        headers = req.headers
+        if req.target.authority is not None:
+            # absolute-form: its authority is the Host (RFC 9112 3.2.2), for routing and upstream alike.
+            headers = [(k, v) for k, v in headers if k != "host"] + [("host", req.target.authority)]
         tel = getattr(rt.proxy, "telemetry", None)
         if tel is not None:
             # Continue the caller's W3C / B3 trace: this hop's span is its child, and the
             # request goes on with this span as the parent (tracestate kept).
             headers = tracing.replace_trace_headers(headers, tel.request_headers(self.session, headers))
-        view = router.RequestView(self.req.method.decode("latin-1"), self.req.target.decode("latin-1"),
-                                  tuple(headers))
+        view = router.RequestView(req.method, req.target.target, tuple(headers))
         entry = router.select_route(table, view)
         if entry is None:
             return self.fail_local(404, f"no_route: no route of {ds.plan.service} matches "
@@ -473,7 +546,7 @@ class Call:
                 return None
             return self.fail_local(fd.abort_status, "fault_injected: aborted by the route's Fault filter")
         headers = router.modify_headers(headers, entry.request_headers)
-        target = self.req.target.decode("latin-1")
+        target = req.target.target
         path, sep, query = target.partition("?")
         new_path = router.rewrite_path(entry, path)
         target = new_path + (sep + query if sep else "")
@@ -590,7 +663,8 @@ class Call:
             return e
 
         ex = new_exchange()
-        req = h11.Request(method=self.req.method, target=target.encode("latin-1"), headers=headers)
+        req = h11.Request(method=self.req.method.encode("latin-1"), target=target.encode("latin-1"),
+                          headers=headers)
         idempotent = self.req.method.upper() in IDEMPOTENT_METHODS
 
         async def attempt() -> h11.Response:
@@ -702,13 +776,15 @@ class Call:
         head = ex.head.result()
         self.status = head.status_code
         hdrs = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in head.headers]
-        framing = [(k, v) for k, v in hdrs if k in ("content-length", "transfer-encoding")]
+        length = next((int(v) for k, v in hdrs if k == "content-length"), None)
+        if any(k == "transfer-encoding" for k, _ in hdrs):
+            length = None  # h11 decoded the chunks: framed again for our caller
         hdrs = [(k, v) for k, v in hdrs if k not in HOP_BY_HOP]
         hdrs = router.modify_headers(hdrs, entry.response_headers)
         ds = self.ds
         ds._upstream = ex
-        ds._write(h11.Response(status_code=head.status_code, headers=hdrs + framing, reason=head.reason))
-        ex.set_sink(lambda chunk: ds._write(h11.Data(data=chunk)))
+        ds.write_head(head.status_code, head.reason.decode("latin-1"), hdrs, length)
+        ex.set_sink(ds.write_body)
         try:
             await ex.done
         except UpstreamReset as e:
@@ -717,7 +793,7 @@ class Call:
             return
         finally:
             ex.close()
-        ds._write(h11.EndOfMessage())
+        ds.write_end()
 
 
 class _QuietSession(Session):
@@ -787,7 +863,7 @@ async def _mirror(call: Call, snapshot: Snapshot, cluster: str, target: str, hea
     fwd = [(k, v) for k, v in headers if k not in HOP_BY_HOP]
     host = next((v for k, v in fwd if k == "host"), "")
     fwd = [(k, v) for k, v in fwd if k != "host"] + [("host", (host + "-shadow") if host else "shadow")]
-    req = h11.Request(method=call.req.method, target=target.encode("latin-1"), headers=fwd)
+    req = h11.Request(method=call.req.method.encode("latin-1"), target=target.encode("latin-1"), headers=fwd)
     try:
         await asyncio.wait_for(call._connect_and_send(snapshot, ep, ex, req), 5.0)
         ex.set_sink(lambda _c: None)
