@@ -278,6 +278,12 @@ class InboundHttpGuard:
         elif self.state == H2 and self._h2 is not None:
             self._h2.from_workload(data)
         elif self.state == HTTP:
+            if self._cur is None:
+                # No request in flight: a workload speaking out of turn (a late 408, garbage). Its
+                # bytes cannot belong to any request this guard decided: end the connection.
+                self.session.fail("upstream_protocol_error", "the workload sent bytes with no request in flight")
+                self._close_both()
+                return
             try:
                 self._cli.receive_data(data)
             except RuntimeError:
@@ -409,7 +415,8 @@ class InboundHttpGuard:
             headers.append(("transfer-encoding", "chunked"))
         elif req.content_length is not None:
             headers.append(("content-length", str(req.content_length)))
-        self._to_workload(h11.Request(method=req.method, target=req.target.target, headers=headers))
+        self._to_workload(h11.Request(method=req.method.encode("latin-1"), target=req.target.target.encode("latin-1"),
+                                      headers=[(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]))
         if req.upgrade and self.state == HTTP:
             self.state = UPGRADING  # bytes after it are held until the workload answers (101 or not)
         return True
@@ -432,7 +439,7 @@ class InboundHttpGuard:
     def _to_workload(self, ev: Any) -> None:
         try:
             out = self._cli.send(ev)
-        except h11.LocalProtocolError as e:
+        except (h11.LocalProtocolError, h11.RemoteProtocolError) as e:
             self._refuse(EdgeError(400, "bad_request", f"cannot forward the request: {e}"))
             return
         if out:
@@ -563,6 +570,7 @@ class InboundHttpGuard:
         self.state = CLOSED
         self.timer.cancel()
         self._queue.clear()
+        self.caller_pause(False, True)  # nothing more it sends is read (it is cut after the linger)
         if out:
             self._to_caller(out)
         self._caller_eof()

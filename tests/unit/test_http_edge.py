@@ -435,3 +435,37 @@ def test_sending_side_slow_head_closed_at_the_deadline() -> None:
         assert out.startswith(b"HTTP/1.1 408 ") and 0.4 <= took < 2.0, (out[:60], took)
 
     run(body, [srv])
+
+
+# ---------------------------------------------------------------- found by tests/fuzz/fuzz_h1.py
+
+
+def test_obs_text_header_values_are_forwarded_not_crashed_on() -> None:
+    g, caller, workload, _ = guard()
+    g.send(b"GET /public HTTP/1.1\r\nHost: web\r\nX-Name: caf\xe9\r\n\r\n")
+    assert b"x-name: caf\xe9\r\n" in workload.data and not caller.data
+
+
+def test_the_h2_preface_is_recognised_whatever_the_pieces() -> None:
+    for data in (b"PRI * \x04", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"):
+        whole: list[object] = []
+        pieces: list[object] = []
+        for out, cuts in ((whole, [len(data)]), (pieces, list(range(1, len(data) + 1)))):
+            r, pos = RequestReader(), 0
+            try:
+                for c in cuts:
+                    out.extend(type(e).__name__ for e in r.feed(data[pos:c]))
+                    pos = c
+            except EdgeError as e:
+                out.append(e.status)
+        assert whole == pieces, (data, whole, pieces)
+
+
+def test_guard_ends_a_connection_whose_workload_speaks_out_of_turn() -> None:
+    g, _caller, workload, session = guard()
+    g.send(b"GET /public HTTP/1.1\r\nHost: web\r\n\r\n")
+    g.workload_side.send(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    g.workload_side.send(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n")  # nothing asked
+    assert session.fields["reason"] == "upstream_protocol_error" and workload.aborted
+    g.send(b"GET /public/2 HTTP/1.1\r\nHost: web\r\n\r\n")
+    assert b"/public/2" not in workload.data

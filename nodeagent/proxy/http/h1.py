@@ -132,7 +132,8 @@ class RequestReader:
         self.in_message = False  # between a head's first byte and the end of its body
         self.upgraded = False  # an Upgrade/CONNECT request ended: later bytes are in `held`, unparsed
         self.held = bytearray()
-        self._started = False  # any byte fed yet (to spot the HTTP/2 preface)
+        self._started = False  # the first line is known not to be the HTTP/2 preface's (or is it)
+        self._sniff = b""  # first bytes that may still be the preface
         self._url: list[bytes] = []
         self._url_len = 0
         self._headers: list[tuple[str, str]] = []
@@ -156,9 +157,15 @@ class RequestReader:
             self.held += data
             return []
         if not self._started and data:
-            self._started = True
-            if data[:len(_PRI)] == _PRI[:len(data)] and len(data) >= 3:
-                # "PRI" is no method an HTTP/1.1 server serves: the HTTP/2 preface, whole or begun.
+            # The first bytes decide, whatever the pieces: the HTTP/2 preface's first line
+            # whole, or not it (then llhttp reads them).
+            data = self._sniff + data
+            if len(data) < len(_PRI) and _PRI.startswith(data):
+                self._sniff = data
+                self.in_head = True  # a head has begun (the head timer runs)
+                return []
+            self._started, self._sniff, self.in_head = True, b"", False
+            if data.startswith(_PRI):
                 self.upgraded = True
                 return [H2Preface(data)]
         was_in_head = self.in_head

@@ -271,6 +271,8 @@ class Downstream(asyncio.Protocol):
         if events:
             self._queue.extend(events)
             self._process()
+            if self._busy and len(self._queue) > 1 and not self._closed:
+                self._reading(False)  # bytes beyond the request in flight: not read until it is answered
 
     def eof_received(self) -> bool:
         if not self._busy:
@@ -353,7 +355,7 @@ class Downstream(asyncio.Protocol):
                 assert req is not None
                 self._busy = True
                 self._close_after = not req.keep_alive
-                self.transport.pause_reading()
+                self._reading(False)
                 self.rt.proxy.spawn(self._serve(req, body, self._too_big))
             elif isinstance(ev, H2Preface):
                 # An HTTP/1.1 port: HTTP/2 with prior knowledge is refused with the HTTP/2
@@ -432,8 +434,17 @@ class Downstream(asyncio.Protocol):
         if self._close_after:
             self.transport.close()
             return
-        self.transport.resume_reading()
+        self._reading(True)
         self._process()
+
+    def _reading(self, on: bool) -> None:
+        """Pause while a request is served (pipelined bytes wait in the kernel), resume after.
+        The relay end's flag follows, or its deferred re-sync (relay.TcpEnd) would undo a pause."""
+        self.end._reading = on
+        if on:
+            self.transport.resume_reading()
+        else:
+            self.transport.pause_reading()
 
     async def _serve(self, req: RequestHead, body: bytes, too_big: bool) -> None:
         self.requests += 1
@@ -664,7 +675,7 @@ class Call:
 
         ex = new_exchange()
         req = h11.Request(method=self.req.method.encode("latin-1"), target=target.encode("latin-1"),
-                          headers=headers)
+                          headers=_latin1(headers))
         idempotent = self.req.method.upper() in IDEMPOTENT_METHODS
 
         async def attempt() -> h11.Response:
@@ -807,6 +818,11 @@ class _QuietSession(Session):
             cb()
 
 
+def _latin1(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    """Header values as received (obs-text bytes included), for h11, which would take a str as ASCII."""
+    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+
+
 def _grpc_status(head: h11.Response) -> int | None:
     for k, v in head.headers:
         if k == b"grpc-status":
@@ -863,7 +879,8 @@ async def _mirror(call: Call, snapshot: Snapshot, cluster: str, target: str, hea
     fwd = [(k, v) for k, v in headers if k not in HOP_BY_HOP]
     host = next((v for k, v in fwd if k == "host"), "")
     fwd = [(k, v) for k, v in fwd if k != "host"] + [("host", (host + "-shadow") if host else "shadow")]
-    req = h11.Request(method=call.req.method.encode("latin-1"), target=target.encode("latin-1"), headers=fwd)
+    req = h11.Request(method=call.req.method.encode("latin-1"), target=target.encode("latin-1"),
+                      headers=_latin1(fwd))
     try:
         await asyncio.wait_for(call._connect_and_send(snapshot, ep, ex, req), 5.0)
         ex.set_sink(lambda _c: None)
