@@ -89,8 +89,8 @@ class WatchEvent:
 
 @dataclass(frozen=True)
 class WatchBatch:
-    """One watch response: the events of one or more whole revisions (none for a
-    progress notification), and the revision etcd had sent everything up to."""
+    """One watch response: the events of one or more whole revisions, and the
+    revision etcd had sent everything up to."""
 
     events: tuple[WatchEvent, ...]
     revision: int
@@ -239,7 +239,7 @@ class _TLSClient(aetcd.Client):  # type: ignore[misc]
         self.leasestub = rpc.LeaseStub(self.channel)
         self.maintenancestub = rpc.MaintenanceStub(self.channel)
         self.watchstub = rpc.WatchStub(self.channel)
-        self._watcher = None  # watches go to the stub directly (EtcdClient.watch): batches, progress
+        self._watcher = None  # watches go to the stub directly (EtcdClient.watch): whole batches
         self._connected.set()
 
 
@@ -394,27 +394,18 @@ class EtcdClient:
 
     # ---------------------------------------------------------- watch
 
-    async def watch(self, key: bytes, range_end: bytes | None, start_revision: int,
-                    progress: asyncio.Queue[None] | None = None) -> AsyncIterator[WatchBatch]:
+    async def watch(self, key: bytes, range_end: bytes | None, start_revision: int) -> AsyncIterator[WatchBatch]:
         """Changes to [key, range_end) from `start_revision`, batch by batch (on the
-        etcd loop). A None put on `progress` asks etcd where the watch stands: the
-        answer is an empty batch whose revision everything up to has been sent."""
+        etcd loop). No progress notifications: etcd 3.4 (Debian's) may send one
+        ahead of events it has not sent yet, so only events say how far a watch is."""
         requests: asyncio.Queue[Any] = asyncio.Queue()
         requests.put_nowait(rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
-            key=key, range_end=range_end or b"", start_revision=start_revision, prev_kv=True,
-            progress_notify=True)))
-
-        async def forward_progress() -> None:
-            assert progress is not None
-            while True:
-                await progress.get()
-                requests.put_nowait(rpc.WatchRequest(progress_request=rpc.WatchProgressRequest()))
+            key=key, range_end=range_end or b"", start_revision=start_revision, prev_kv=True)))
 
         async def outgoing() -> AsyncIterator[Any]:
             while True:
                 yield await requests.get()
 
-        pump = asyncio.ensure_future(forward_progress()) if progress is not None else None
         call = self._aio.watchstub.Watch(outgoing())
         try:
             async for resp in call:
@@ -423,8 +414,8 @@ class EtcdClient:
                                         int(resp.compact_revision))
                 if resp.canceled:
                     raise EtcdError(f"etcd canceled the watch: {resp.cancel_reason or 'no reason given'}")
-                if resp.created and not resp.events:
-                    continue
+                if not resp.events:
+                    continue  # created, or a progress notification: nothing to go by
                 yield WatchBatch(tuple(WatchEvent("DELETE" if ev.type == rpc.Event.DELETE else "PUT",
                                                   KeyValue.from_pb(ev.kv),
                                                   KeyValue.from_pb(ev.prev_kv) if ev.HasField("prev_kv") else None)
@@ -432,8 +423,6 @@ class EtcdClient:
         except grpc.aio.AioRpcError as e:
             raise _error(e, "a watch") from None
         finally:
-            if pump is not None:
-                pump.cancel()
             call.cancel()
         raise EtcdUnavailable("etcd closed the watch stream")
 

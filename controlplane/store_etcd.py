@@ -283,8 +283,7 @@ class EtcdStore(Store):
         next_rev = start_revision
         while not self._closed:
             try:
-                async for batch in self._client.watch(self._p + b"/", prefix_end(self._p + b"/"), next_rev,
-                                                      self._progress_requests()):
+                async for batch in self._client.watch(self._p + b"/", prefix_end(self._p + b"/"), next_rev):
                     self._apply_batch(batch)
                     next_rev = max(next_rev, batch.revision + 1)
             except EtcdCompacted:
@@ -299,10 +298,6 @@ class EtcdStore(Store):
                     return
                 log.warning("the etcd watch broke (%s); resuming from revision %d", e, next_rev)
                 await asyncio.sleep(WATCH_RETRY_S)
-
-    def _progress_requests(self) -> asyncio.Queue[None]:
-        self._progress: asyncio.Queue[None] = asyncio.Queue()
-        return self._progress
 
     def _apply_batch(self, batch: WatchBatch, reload: bool = False) -> None:
         res_events: builtins.list[Event] = []
@@ -350,14 +345,13 @@ class EtcdStore(Store):
         self._waiters = still
 
     async def _wait_rev(self, rev: int) -> None:
-        """Until the mirror holds revision `rev` (on the etcd loop)."""
+        """Until the mirror holds revision `rev` (on the etcd loop): a revision that
+        wrote under this prefix (the mirror moves on events only)."""
         with self._lock:
             if self._rev >= rev:
                 return
         fut = asyncio.get_running_loop().create_future()
         self._waiters.append((rev, fut))
-        if hasattr(self, "_progress"):
-            self._progress.put_nowait(None)  # our prefix may be quiet: ask etcd where the watch stands
         try:
             await asyncio.wait_for(fut, self._client.timeout_s * 2)
         except TimeoutError:
@@ -366,7 +360,10 @@ class EtcdStore(Store):
                                   "check that etcd is reachable") from None
 
     async def _catch_up(self) -> None:
-        await self._wait_rev(await self._client.revision())
+        """A barrier: write a marker under the prefix and wait for its event. The watch
+        delivers in revision order, so the mirror then holds every earlier write."""
+        rev = await self._client.put(self.key("sync", self.replica_id), b"", self._lease)
+        await self._wait_rev(rev)
 
     def catch_up(self) -> None:
         """Wait until the mirror holds everything etcd had when called (a read that
@@ -446,8 +443,8 @@ class EtcdStore(Store):
         for _ in range(MAX_TXN_ATTEMPTS):
             try:
                 return await self._apply_once(plan, dry_run)
-            except _Stale as e:
-                await self._wait_rev(e.revision)  # another replica wrote: read its write, plan again
+            except _Stale:
+                await self._catch_up()  # another replica wrote: read its write, plan again
         raise StoreError(f"the config changed under this apply {MAX_TXN_ATTEMPTS} times in a row (other "
                          "control plane replicas are writing); apply again")
 
