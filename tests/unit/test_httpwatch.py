@@ -180,16 +180,3 @@ def test_fuzz_never_raises() -> None:
             (w.request if rng.random() < 0.5 else w.response)(blob)
         w.close()  # must not raise either
         assert not w.stopped.startswith("internal error"), w.stopped
-
-
-def test_benchmark_ten_thousand_pairs_quickly() -> None:
-    """A loose guard against going back to a heavy parser (the h11 pair took ~0.8 s here)."""
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "bench_httpwatch.py"
-    spec = importlib.util.spec_from_file_location("bench_httpwatch", path)
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    assert bench.run(10_000) < 2.0
