@@ -127,6 +127,8 @@ class Agent:
     bytes_received: int = 0
     responses: int = 0
     nacks: int = 0
+    depends: frozenset[str] | None = None  # service names whose endpoints it subscribes to; None: all
+    eds_globs: set[str] = field(default_factory=set)
     channel: grpc.aio.Channel | None = None
     outbox: asyncio.Queue[mesh_pb2.NodeReport] | None = None
     registration: mesh_pb2.NodeRegistration | None = None
@@ -237,8 +239,14 @@ class Fleet:
 
         while True:
             q: asyncio.Queue[Any] = asyncio.Queue()
+            a.eds_globs = set()
             for t in xdsnames.AGENT_TYPES:
-                if delta:
+                if delta and t == xdsnames.ENDPOINT:
+                    # As the agent: endpoint slices by glob per wanted cluster, once clusters are known.
+                    req = self._eds_request(a, first=True)
+                    if req is not None:
+                        q.put_nowait(req)
+                elif delta:
                     q.put_nowait(discovery_pb2.DeltaDiscoveryRequest(
                         node=node_proto(a.name), type_url=t, resource_names_subscribe=["*"],
                         initial_resource_versions=a.held.get(t, {})))
@@ -268,6 +276,10 @@ class Fleet:
                         for n in resp.removed_resources:
                             held.pop(n, None)
                         q.put_nowait(discovery_pb2.DeltaDiscoveryRequest(type_url=t, response_nonce=resp.nonce))
+                        if t == xdsnames.CLUSTER:
+                            req = self._eds_request(a, first=not a.eds_globs)
+                            if req is not None:
+                                q.put_nowait(req)
                     else:
                         a.held[t] = {self._sotw_name(t, r): resp.version_info for r in resp.resources}
                         a.sotw_versions[t] = resp.version_info
@@ -279,6 +291,20 @@ class Fleet:
                 if a.ads_errors <= 3:
                     print(f"  {a.name}: ADS stream ended: {e.code().name} {e.details()}", file=sys.stderr)
             await asyncio.sleep(0.5 + random.random())
+
+    @staticmethod
+    def _eds_request(a: Agent, first: bool) -> discovery_pb2.DeltaDiscoveryRequest | None:
+        wanted = {xdsnames.slice_glob(c) for c in a.held.get(xdsnames.CLUSTER, {})
+                  if a.depends is None or c.rsplit("|", 1)[1].split(".", 1)[0] in a.depends}
+        add, drop = wanted - a.eds_globs, a.eds_globs - wanted
+        if not add and not drop:
+            return None
+        a.eds_globs = wanted
+        req = discovery_pb2.DeltaDiscoveryRequest(type_url=xdsnames.ENDPOINT, resource_names_subscribe=sorted(add),
+                                                  resource_names_unsubscribe=sorted(drop))
+        if first:
+            req.initial_resource_versions.update(a.held.get(xdsnames.ENDPOINT, {}))
+        return req
 
     @staticmethod
     def _sotw_name(type_url: str, r: Any) -> str:
@@ -341,7 +367,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         cp = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)  # noqa: ASYNC220
     proc = Proc(cp.pid)
     out: dict[str, Any] = {"nodes": args.nodes, "workloads_per_node": args.workloads, "services": args.services,
-                           "protocol": args.protocol, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                           "protocol": args.protocol, "depends": args.depends, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     try:
         for _ in range(300):
             if (work / "cp.sock").exists() and (work / "cp" / "cp-ca.pem").exists():
@@ -355,8 +381,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         for i in range(args.nodes):
             key = ec.generate_private_key(ec.SECP256R1())
             name = f"fleet-{i:05d}"
-            fleet.agents.append(Agent(name, i, [workload(i, j, args.services) for j in range(args.workloads)],
-                                      key, node_csr(key, name)))
+            wls = [workload(i, j, args.services) for j in range(args.workloads)]
+            depends = None
+            if args.depends:
+                # Declared dependencies: a few services besides svc-0 and svc-1 (the ones changed below).
+                rng = random.Random(i)
+                depends = frozenset({"svc-0", "svc-1"} | {f"svc-{rng.randrange(args.services)}"
+                                                          for _ in range(args.depends)})
+            fleet.agents.append(Agent(name, i, wls, key, node_csr(key, name), depends=depends))
         with AdminClient(sock) as admin:
             for a in fleet.agents:
                 a.token = admin.create_join_token(a.name, 3600).token
@@ -424,10 +456,22 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 name=f"extra-{n}", namespace="default", service_account="svc-1", labels={"app": "svc-1"},
                 ip=f"192.168.{n // 256}.{n % 256}", ports=[8080])
             wl_name = xdsnames.workload_resource_name(a0.name, "default", new.name)
+            # The node's slice of svc-1 changes too: wait for it where svc-1's endpoints are subscribed.
+            sl = (xdsnames.slice_name(xdsnames.cluster_name("svc-1", "default", 80, "mesh"), a0.name)
+                  if args.protocol == "delta" else xdsnames.cluster_name("svc-1", "default", 80, "mesh"))
+            before = {a.name: a.held.get(xdsnames.ENDPOINT, {}).get(sl) for a in fleet.agents}
             b0 = sum(a.bytes_received for a in fleet.agents)
             cpu0, t0 = proc.cpu_s(), time.monotonic()
             fleet.reregister(a0, list(a0.workloads) + [new])
-            fut, done = fleet.watch(lambda a, w=wl_name: w in a.held.get(xdsnames.WORKLOAD, {}))
+
+            def arrived(a: Agent, w: str = wl_name, sl: str = sl, before: dict[str, Any] = before) -> bool:
+                if w not in a.held.get(xdsnames.WORKLOAD, {}):
+                    return False
+                if args.protocol == "delta" and a.depends is not None and "svc-1" not in a.depends:
+                    return True
+                return a.held.get(xdsnames.ENDPOINT, {}).get(sl) not in (None, before[a.name])
+
+            fut, done = fleet.watch(arrived)
             try:
                 await asyncio.wait_for(fut, args.timeout)
             except TimeoutError:
@@ -489,6 +533,9 @@ def main() -> int:
     p.add_argument("--workloads", type=int, default=2, help="workloads per node")
     p.add_argument("--services", type=int, default=20)
     p.add_argument("--protocol", choices=("delta", "sotw"), default="delta")
+    p.add_argument("--depends", type=int, default=0,
+                   help="scoped discovery: each node declares this many random services (plus svc-0 and svc-1) "
+                        "and receives only their endpoints; 0: every service's")
     p.add_argument("--changes", type=int, default=3, help="route changes and workload starts, each")
     p.add_argument("--settle", type=float, default=3.0, help="seconds after the join storm before measuring RSS")
     p.add_argument("--soak", type=float, default=30.0, help="seconds of heartbeats at the end (RSS sampled)")

@@ -63,6 +63,9 @@ class ControlPlaneConfig:
     addresses: tuple[str, ...] = ()
     # "delta" (incremental ADS: a change sends only what changed) or "sotw" (state of the world).
     xds_protocol: str = "delta"
+    # Scoped discovery (Delta): the services ("namespace/name") this node's workloads call;
+    # the node receives endpoints of these only. Empty: of every service (docs/architecture.md).
+    depends_on: tuple[str, ...] = ()
 
     @property
     def is_unix(self) -> bool:
@@ -396,6 +399,13 @@ def parse_config(raw: Any) -> AgentConfig:
         f.done()
         return n
 
+    def _service_key(v: Any, path: str) -> str:
+        s = _str(v, path)
+        ns, _, name = s.partition("/")
+        if not ns or not name or "/" in name:
+            raise ConfigError(path, f"{s!r} must be namespace/name of a service")
+        return s
+
     def _xds_protocol(v: Any, path: str) -> str:
         s = _str(v, path)
         if s not in ("delta", "sotw"):
@@ -409,7 +419,8 @@ def parse_config(raw: Any) -> AgentConfig:
                                ca_bundle_file=f.get("caBundleFile", _str, ""),
                                join_address=f.get("joinAddress", _control_plane_address, ""),
                                addresses=f.get("addresses", _list(_replica_address), ()),
-                               xds_protocol=f.get("xdsProtocol", _xds_protocol, "delta"))
+                               xds_protocol=f.get("xdsProtocol", _xds_protocol, "delta"),
+                               depends_on=f.get("dependsOn", _list(_service_key), ()))
         if c.addresses:
             _replica_address(c.address, f.sub("address"))
         f.done()

@@ -505,7 +505,8 @@ class Agent:
         self.cert_manager = CertManager(cfg.node.name, grpc_issuer(target), self._on_certs)
         self.ads = AdsClient(target, cfg.node.name, cfg.local_workloads(), self._on_snapshot,
                              zone=cfg.node.zone, on_connection=self._on_connection,
-                             protocol=cfg.control_plane.xds_protocol)
+                             protocol=cfg.control_plane.xds_protocol,
+                             depends_on=cfg.control_plane.depends_on or None)
         self.registry = RegistrySession(target, registration_from_config(cfg), on_connection=self._on_connection)
         if self.admin is not None:
             self.registry.telemetry = self.admin.telemetry_json  # heartbeats carry the mesh view's summary

@@ -60,6 +60,35 @@ def cluster_name(service: str, namespace: str, port: int, dns_domain: str, subse
     return f"outbound|{port}|{subset}|{service_host(service, namespace, dns_domain)}"
 
 
+# Endpoint slices: besides the whole ClusterLoadAssignment named after its cluster
+# (what Envoy and gRPC subscribe to by name), the control plane publishes one
+# ClusterLoadAssignment per cluster and node, named <cluster>/slice/<node>, with
+# cluster_name the cluster's. A node agent subscribes to a cluster's slices with
+# the glob <cluster>/slice/* (xDS glob collections); a workload starting then
+# sends one small slice, not the cluster's whole membership. A wildcard
+# subscription never covers slices.
+SLICE_MARK = "/slice/"
+SLICE_GLOB = SLICE_MARK + "*"
+
+
+def slice_name(cluster: str, node: str) -> str:
+    return f"{cluster}{SLICE_MARK}{node}"
+
+
+def slice_glob(cluster: str) -> str:
+    return cluster + SLICE_GLOB
+
+
+def is_slice(name: str) -> bool:
+    # Only cluster names start "outbound|"; workload and policy names are DNS labels.
+    return name.startswith("outbound|") and SLICE_MARK in name
+
+
+def slice_prefix(name: str) -> str:
+    """'<cluster>/slice/<node>' -> '<cluster>/slice/' (a glob minus its '*')."""
+    return name[:name.index(SLICE_MARK) + len(SLICE_MARK)]
+
+
 def workload_resource_name(node: str, namespace: str, name: str) -> str:
     return f"{node}/{namespace}/{name}"
 

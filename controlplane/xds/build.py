@@ -109,6 +109,18 @@ def _load_assignment(cluster: str, port: model.ServicePort, backends: Sequence[
     return cla
 
 
+def _add_slices(assignments: dict[str, any_pb2.Any], cluster: str, port: model.ServicePort,
+                backends: Sequence[tuple[RegisteredNode, RegisteredWorkload]], trust_domain: str) -> None:
+    """One slice per node with backends (nodemesh.xdsnames SLICE_MARK): what node
+    agents subscribe to, so a change on one node sends that node's slice only."""
+    by_node: dict[str, list[tuple[RegisteredNode, RegisteredWorkload]]] = {}
+    for n, w in backends:
+        by_node.setdefault(n.name, []).append((n, w))
+    for node_name, members in by_node.items():
+        assignments[xdsnames.slice_name(cluster, node_name)] = _pack(
+            _load_assignment(cluster, port, members, trust_domain))
+
+
 def _workload(node: RegisteredNode, wl: RegisteredWorkload, trust_domain: str) -> mesh_pb2.Workload:
     return mesh_pb2.Workload(
         name=wl.name, namespace=wl.namespace, service_account=wl.service_account, node=node.name,
@@ -148,11 +160,13 @@ def build_snapshot(mesh: model.MeshConfig, services: Sequence[ServiceEntry],
             clusters[c.name] = _pack(c)
             backends = [(n, w) for n, w in selected if w.serves(port.target_port)]
             assignments[c.name] = _pack(_load_assignment(c.name, port, backends, mesh.trust_domain))
+            _add_slices(assignments, c.name, port, backends, mesh.trust_domain)
             for subset in sorted(wanted.get(svc.key, ())):
                 sc = subsets.subset_cluster(c, svc, port, subset, mesh.dns_domain)
                 clusters[sc.name] = _pack(sc)
                 members = [(n, w) for n, w in backends if subsets.matches(subset, w.label_map)]
                 assignments[sc.name] = _pack(_load_assignment(sc.name, port, members, mesh.trust_domain))
+                _add_slices(assignments, sc.name, port, members, mesh.trust_domain)
     mesh_pb = mesh_pb2.MeshConfig(
         trust_domain=mesh.trust_domain, outbound_policy=mesh.outbound_policy, vip_cidr=mesh.vip_range,
         trust_bundle=list(trust_bundle), dns_domain=mesh.dns_domain)

@@ -115,10 +115,23 @@ class TypeResources:
         return enc
 
     @cached_property
+    def wildcard_names(self) -> tuple[str, ...]:
+        """What a wildcard subscription covers: everything but endpoint slices."""
+        return tuple(sorted(n for n in self.resources if not xdsnames.is_slice(n)))
+
+    @cached_property
+    def slices_by_prefix(self) -> Mapping[str, tuple[str, ...]]:
+        out: dict[str, list[str]] = {}
+        for n in self.resources:
+            if xdsnames.is_slice(n):
+                out.setdefault(xdsnames.slice_prefix(n), []).append(n)
+        return {p: tuple(v) for p, v in out.items()}
+
+    @cached_property
     def wildcard_blob(self) -> bytes:
-        """Every resource as DiscoveryResponse.resources entries: what every
-        wildcard state-of-the-world stream is sent, encoded once."""
-        return b"".join(self.sotw_entry(n) for n in sorted(self.resources))
+        """Every resource a wildcard covers as DiscoveryResponse.resources entries:
+        what every wildcard state-of-the-world stream is sent, encoded once."""
+        return b"".join(self.sotw_entry(n) for n in self.wildcard_names)
 
     def changes_since(self, old: TypeResources) -> frozenset[str]:
         """Names added, changed or removed from `old` to this set."""
@@ -152,7 +165,11 @@ class XdsSnapshot:
         """Every cluster has a load assignment and every load assignment a cluster,
         so a client never waits on EDS for a name that will not come."""
         clusters = set(self.get(xdsnames.CLUSTER).resources)
-        endpoints = set(self.get(xdsnames.ENDPOINT).resources)
+        endpoints = set(self.get(xdsnames.ENDPOINT).wildcard_names)
+        strays = {n for n in self.get(xdsnames.ENDPOINT).slices_by_prefix
+                  if n[:-len(xdsnames.SLICE_MARK)] not in clusters}
+        if strays:
+            raise SnapshotError(f"endpoint slices of no cluster: {sorted(strays)}")
         if clusters != endpoints:
             raise SnapshotError(
                 f"clusters without endpoints: {sorted(clusters - endpoints)}; "
@@ -185,7 +202,7 @@ class _Watch:
 def _respond(snap: XdsSnapshot, w: _Watch) -> WatchResponse:
     tr = snap.get(w.type_url)
     if not w.names:
-        picked = sorted(tr.resources)
+        picked = list(tr.wildcard_names)
         encoded = tr.wildcard_blob
     else:
         picked = sorted(n for n in w.names if n in tr.resources)
@@ -205,12 +222,26 @@ UNCERTAIN = "?"
 @dataclass(frozen=True)
 class DeltaSubscription:
     """What a Delta client asked for, for one type: the wildcard ("*", or the
-    legacy empty first request) and/or resource names."""
+    legacy empty first request), resource names, and endpoint-slice globs
+    ("<cluster>/slice/*", nodemesh.xdsnames): a glob covers every slice of
+    its cluster, the wildcard none."""
 
     wildcard: bool = False
     names: frozenset[str] = frozenset()
 
+    @cached_property
+    def globs(self) -> frozenset[str]:
+        """Slice prefixes subscribed ('<cluster>/slice/')."""
+        return frozenset(n[:-1] for n in self.names if n.endswith(xdsnames.SLICE_GLOB))
+
+    @cached_property
+    def plain(self) -> frozenset[str]:
+        """Names subscribed one by one (globs excluded)."""
+        return frozenset(n for n in self.names if not n.endswith(xdsnames.SLICE_GLOB))
+
     def covers(self, name: str) -> bool:
+        if xdsnames.is_slice(name):
+            return xdsnames.slice_prefix(name) in self.globs
         return self.wildcard or name in self.names
 
 
@@ -246,11 +277,13 @@ def delta_diff(type_url: str, tr: TypeResources, sub: DeltaSubscription,
     the change, not of the mesh, per stream."""
     versions = tr.resource_versions
     if only is None:
-        wanted = (set(versions) if sub.wildcard else set()) | {n for n in sub.names if n in versions}
-        gone = set(known) | sub.names
+        wanted = (set(tr.wildcard_names) if sub.wildcard else set()) | {n for n in sub.plain if n in versions}
+        for g in sub.globs:
+            wanted.update(tr.slices_by_prefix.get(g, ()))
+        gone = set(known) | sub.plain
     else:
-        wanted = {n for n in only if n in versions and (sub.wildcard or n in sub.names)}
-        gone = {n for n in only if n in known or n in sub.names}
+        wanted = {n for n in only if n in versions and sub.covers(n)}
+        gone = {n for n in only if n in known or n in sub.plain}
     changed = sorted(n for n in wanted if known.get(n) != versions[n])
     removed = sorted(n for n in gone if n not in versions and known.get(n, UNCERTAIN) != NOT_FOUND)
     if not changed and not removed:
@@ -259,7 +292,7 @@ def delta_diff(type_url: str, tr: TypeResources, sub: DeltaSubscription,
     for n in changed:
         after[n] = versions[n]
     for n in removed:
-        if n in sub.names:
+        if n in sub.plain:
             after[n] = NOT_FOUND
         else:
             after.pop(n, None)

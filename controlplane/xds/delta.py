@@ -93,10 +93,11 @@ def apply_subscription(sub: DeltaSubscription, known: Mapping[str, str],
             held.pop(n, None)
     if WILDCARD in unsubscribe:
         wildcard = False
-    if not wildcard:
-        # Only what is still subscribed by name is tracked; the rest the client drops.
-        held = {n: v for n, v in held.items() if n in names}
-    return DeltaSubscription(wildcard, frozenset(names)), held
+    sub = DeltaSubscription(wildcard, frozenset(names))
+    # Only what is still covered is tracked (by name, glob or wildcard); the rest
+    # the client drops. A resource marked UNCERTAIN stays until answered.
+    held = {n: v for n, v in held.items() if (v == UNCERTAIN and wildcard) or sub.covers(n)}
+    return sub, held
 
 
 @dataclass(frozen=True)

@@ -92,10 +92,16 @@ class AdsClient:
         backoff_initial_s: float = BACKOFF_INITIAL_S,
         backoff_cap_s: float = BACKOFF_CAP_S,
         protocol: str = DELTA,
+        depends_on: Sequence[str] | None = None,
     ) -> None:
         if protocol not in PROTOCOLS:
             raise ValueError(f"xDS protocol {protocol!r} must be one of {', '.join(PROTOCOLS)}")
         self.protocol = protocol
+        # Scoped discovery (Delta): endpoints only of these services ("namespace/name");
+        # None: of every service the node knows. See docs/architecture.md.
+        self.depends_on = frozenset(depends_on) if depends_on is not None else None
+        self._eds_globs: set[str] = set()  # endpoint-slice globs subscribed on this stream
+        self._eds_sent = False  # an ENDPOINT request went out on this stream
         self.target = target
         self.node_name = node_name
         self.zone = zone
@@ -170,12 +176,61 @@ class AdsClient:
         resource already held (after a reconnect), so that only what changed
         meanwhile is sent again."""
         node = node_proto(self.node_name, self.zone)
-        return [
-            discovery_pb2.DeltaDiscoveryRequest(
+        out = []
+        self._eds_globs, self._eds_sent = set(), False
+        for t in self.types:
+            if t == xdsnames.ENDPOINT:
+                # Endpoints by slice glob per wanted cluster, never by wildcard; with no
+                # cluster known yet the request waits for the first Cluster response.
+                globs = self.wanted_slice_globs()
+                if not globs:
+                    continue
+                self._eds_globs, self._eds_sent = set(globs), True
+                out.append(discovery_pb2.DeltaDiscoveryRequest(
+                    node=node, type_url=t, resource_names_subscribe=sorted(globs),
+                    initial_resource_versions=self.state.resource_versions.get(t, {})))
+                continue
+            out.append(discovery_pb2.DeltaDiscoveryRequest(
                 node=node, type_url=t, resource_names_subscribe=[WILDCARD],
-                initial_resource_versions=self.state.resource_versions.get(t, {}))
-            for t in self.types
-        ]
+                initial_resource_versions=self.state.resource_versions.get(t, {})))
+        return out
+
+    def wanted_slice_globs(self) -> set[str]:
+        """The endpoint-slice globs for the clusters this node needs: every
+        cluster it knows, or only those of its declared dependencies."""
+        clusters = self.state.resources.get(xdsnames.CLUSTER, {})
+        return {xdsnames.slice_glob(name) for name, c in clusters.items()
+                if self.depends_on is None or f"{c.namespace}/{c.service}" in self.depends_on}
+
+    def endpoint_subscription_update(self) -> discovery_pb2.DeltaDiscoveryRequest | None:
+        """After the clusters changed: the ENDPOINT (un)subscription to send, if any.
+        Slices of clusters no longer wanted are dropped here (the server does not
+        send removals for what a client unsubscribes)."""
+        if xdsnames.ENDPOINT not in self.types:
+            return None
+        wanted = self.wanted_slice_globs()
+        add, drop = wanted - self._eds_globs, self._eds_globs - wanted
+        if drop:
+            prefixes = tuple(g[:-1] for g in drop)
+            held = self.state.resources.get(xdsnames.ENDPOINT, {})
+            gone = [n for n in held if n.startswith(prefixes)]
+            if gone:
+                self._after_accept(self.state.apply_delta(
+                    xdsnames.ENDPOINT, self.state.versions.get(xdsnames.ENDPOINT, ""), [], gone, {}))
+        if not self._eds_sent and not wanted and xdsnames.ENDPOINT not in self.state.versions:
+            # No cluster needs endpoints: that is a complete (empty) endpoint set.
+            self._after_accept(self.state.apply_delta(xdsnames.ENDPOINT, "none", [], [], {}))
+            return None
+        if not add and not drop:
+            return None
+        self._eds_globs = set(wanted)
+        first = not self._eds_sent
+        self._eds_sent = True
+        req = discovery_pb2.DeltaDiscoveryRequest(type_url=xdsnames.ENDPOINT, resource_names_subscribe=sorted(add),
+                                                  resource_names_unsubscribe=sorted(drop))
+        if first:
+            req.initial_resource_versions.update(self.state.resource_versions.get(xdsnames.ENDPOINT, {}))
+        return req
 
     async def _session(self) -> bool:
         """One stream; returns whether any response arrived (resets backoff)."""
@@ -200,8 +255,14 @@ class AdsClient:
                     got_response = True
                     self._set_connected(True)
                     log.info("xDS: connected to %s", self.target)
-                queue.put_nowait(self.handle_delta_response(response) if delta
-                                 else self.handle_response(response))
+                if delta:
+                    queue.put_nowait(self.handle_delta_response(response))
+                    if response.type_url == xdsnames.CLUSTER:
+                        follow = self.endpoint_subscription_update()
+                        if follow is not None:
+                            queue.put_nowait(follow)
+                else:
+                    queue.put_nowait(self.handle_response(response))
         return got_response
 
     def handle_delta_response(self, response: discovery_pb2.DeltaDiscoveryResponse

@@ -383,6 +383,9 @@ def convert_batch(type_url: str, resources: Sequence[NamedResource],
                     raise ResourceError(str(e)) from None
             else:
                 converted = convert_assignment(msg)
+                if xdsnames.is_slice(name) and name[:name.index(xdsnames.SLICE_MARK)] != converted.cluster:
+                    raise ResourceError(f"an endpoint slice of cluster {converted.cluster!r} under another "
+                                        "cluster's name")
             if name in out:
                 raise ResourceError("appears twice in one response")
             out[name] = converted
@@ -408,7 +411,16 @@ def build_snapshot(version: str, node: str, local_workloads: Sequence[LocalWorkl
                    resources: Mapping[str, Mapping[str, Any]]) -> Snapshot:
     """Join accepted resources of all types into a Snapshot (raises SnapshotError)."""
     mesh: MeshSettings = resources[xdsnames.MESH_CONFIG][xdsnames.MESH_CONFIG_NAME]
-    assignments: Mapping[str, AssignmentInfo] = resources.get(xdsnames.ENDPOINT, {})
+    assignments: dict[str, AssignmentInfo] = {}
+    sliced: dict[str, list[Endpoint]] = {}
+    # A whole ClusterLoadAssignment (state of the world) or the cluster's slices (Delta).
+    for name, la in sorted(resources.get(xdsnames.ENDPOINT, {}).items()):
+        if xdsnames.is_slice(name):
+            sliced.setdefault(la.cluster, []).extend(la.endpoints)
+        else:
+            assignments[name] = la
+    for cluster_name, eps in sliced.items():
+        assignments.setdefault(cluster_name, AssignmentInfo(cluster_name, tuple(eps)))
     clusters: Mapping[str, ClusterInfo] = resources.get(xdsnames.CLUSTER, {})
     grouped: dict[tuple[str, str], list[ClusterInfo]] = {}
     subset_of: dict[str, list[ClusterInfo]] = {}  # parent cluster name -> its subset clusters

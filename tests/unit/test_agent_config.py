@@ -61,6 +61,7 @@ def test_unix_control_plane_is_not_excluded() -> None:
     (lambda d: d["node"].update(address="nope"), "node.address", "not an IP address"),
     (lambda d: d["controlPlane"].update(address="nohost"), "controlPlane.address", "host:port"),
     (lambda d: d["controlPlane"].update(xdsProtocol="grpc"), "controlPlane.xdsProtocol", "delta"),
+    (lambda d: d["controlPlane"].update(dependsOn=["web"]), "controlPlane.dependsOn[0]", "namespace/name"),
     (lambda d: d["capture"].update(mode="carrier-pigeon"), "capture.mode", "must be one of"),
     (lambda d: d["capture"].update(excludeCidrs=["10.0.0.0/33"]), "capture.excludeCidrs[0]", "not a CIDR"),
     (lambda d: d["capture"].update(failurePolicy="maybe"), "capture.failurePolicy", "must be one of"),
@@ -90,6 +91,8 @@ def test_xds_protocol_is_delta_unless_set() -> None:
     doc = raw()
     doc["controlPlane"]["xdsProtocol"] = "sotw"
     assert parse_config(doc).control_plane.xds_protocol == "sotw"
+    doc["controlPlane"]["dependsOn"] = ["shop/web"]
+    assert parse_config(doc).control_plane.depends_on == ("shop/web",)
 
 
 def test_config_objects_are_frozen() -> None:

@@ -138,7 +138,9 @@ def _mesh_snapshot(web_ip: str = "10.0.0.3", *, extra: bool = False, bad: bool =
         xdsnames.MESH_CONFIG: {"mesh": pack(mesh_config())},
         xdsnames.WORKLOAD: {"node-2/default/web-2": pack(workload(ip=web_ip))},
         xdsnames.CLUSTER: {c.name: pack(c) for c in clusters},
-        xdsnames.ENDPOINT: {a.cluster_name: pack(a) for a in assignments},
+        # Whole assignments (Envoy, gRPC, SotW agents) and per-node slices (Delta agents).
+        xdsnames.ENDPOINT: {**{a.cluster_name: pack(a) for a in assignments},
+                            **{xdsnames.slice_name(a.cluster_name, "node-2"): pack(a) for a in assignments}},
         xdsnames.POLICY: {"MeshSecurity//mesh": pack(mesh_security())},
         xdsnames.ROUTE: {},
     })
@@ -193,7 +195,7 @@ def test_delta_is_the_default_and_sends_only_changes_to_the_real_servicer() -> N
 
             # Reconnect: the held versions go back, so nothing already held is sent again.
             cache.set_default(_mesh_snapshot("10.0.0.4"))
-            await until(lambda: ads.stats.acks >= len(xdsnames.AGENT_TYPES) + 4
+            await until(lambda: ads.stats.acks >= len(xdsnames.AGENT_TYPES) + 3
                         and all(r["state"] == "synced" for r in ads.sync.rows()))
             n_snaps, responses = len(snaps), ads.stats.responses
             await server.stop(None)
@@ -205,6 +207,50 @@ def test_delta_is_the_default_and_sends_only_changes_to_the_real_servicer() -> N
             assert ads.stats.responses - responses == 1 and rows["RouteConfiguration"]["responses"] == 1
             assert sum(r["responses"] for r in rows.values()) == 1 and ads.stats.nacks == 1
             assert client.snapshot is snaps[-1]
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await server.stop(None)
+
+    asyncio.run(main())
+
+
+def test_scoped_discovery_receives_only_the_declared_services_endpoints() -> None:
+    from controlplane.xds.cache import SnapshotCache
+    from controlplane.xds.server import AdsServicer, add_to_server
+
+    async def main() -> None:
+        cache = SnapshotCache()
+        cache.set_default(_mesh_snapshot(extra=True))
+        ads = AdsServicer(cache)
+        server, target = await start_server(ads, add_to_server)
+        snaps: list[Snapshot] = []
+        client = AdsClient(target, "node-1", LOCAL, snaps.append, depends_on=["default/web"])
+        task = asyncio.get_running_loop().create_task(client.run())
+        try:
+            for _ in range(500):
+                if snaps:
+                    break
+                await asyncio.sleep(0.01)
+            by_svc = {s.key: s.ports[0].endpoints for s in snaps[-1].services}
+            # Both services are known (CDS); only the declared one has endpoints.
+            assert set(by_svc) == {"default/web", "default/api"}
+            assert by_svc["default/web"] and by_svc["default/api"] == ()
+            held = set(client.state.resources[xdsnames.ENDPOINT])
+            assert held == {xdsnames.slice_name(xdsnames.cluster_name("web", "default", 80, "mesh"), "node-2")}
+            # api's endpoints move: nothing reaches this node.
+            responses = ads.stats.responses
+            snap2 = _mesh_snapshot(extra=True)
+            api = xdsnames.cluster_name("api", "default", 81, "mesh")
+            eds = dict(snap2.get(xdsnames.ENDPOINT).resources)
+            eds[xdsnames.slice_name(api, "node-2")] = pack(assignment("api", port=81, ip="10.0.0.77"))
+            eds[api] = eds[xdsnames.slice_name(api, "node-2")]
+            from controlplane.xds.cache import XdsSnapshot
+
+            cache.set_default(XdsSnapshot.from_resources({
+                **{t: dict(snap2.get(t).resources) for t in snap2.types}, xdsnames.ENDPOINT: eds}))
+            await asyncio.sleep(0.3)
+            assert ads.stats.responses == responses
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)

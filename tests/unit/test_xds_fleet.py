@@ -151,8 +151,8 @@ spec:
     r.route.cluster = "c"
     r.route.retry_policy.retry_back_off.base_interval.FromNanoseconds(0)
     found = xds_validate.violations(rc)
-    assert found == ["virtual_hosts[0].routes[0].route.retry_policy.retry_back_off.base_interval: "
-                     "must be greater than 0s, is 0s"]
+    assert found == [("virtual_hosts[0].routes[0].route.retry_policy.retry_back_off.base_interval: "
+                     "must be greater than 0s, is 0s")]
     r.route.ClearField("cluster")
     assert any("route.cluster_specifier: one of" in v for v in xds_validate.violations(rc))
     # A sound route passes through plan_changes untouched (no false refusals).
@@ -183,7 +183,7 @@ spec:
   rules: [{backendRefs: [{name: web}], timeouts: {request: 1500ms}}]
 """)
     svc = [d.obj for d in docs if isinstance(d.obj, model.Service)]
-    route = [d.obj for d in docs if d.kind == "GRPCRoute"][0]
+    route = next(d.obj for d in docs if d.kind == "GRPCRoute")
     rcs = xds_routes.route_configurations(model.MeshConfig(), svc, [xds_routes.StoredRoute(route)])
     act = next(iter(rcs.values())).virtual_hosts[0].routes[0].route
     assert act.timeout.ToMilliseconds() == 1500
@@ -194,3 +194,33 @@ def test_bootstrap_listener_names_the_route_table() -> None:
     assert bootstrap_listener("8080=web.shop:80", "mesh") == (8080, "outbound|80||web.shop.svc.mesh")
     with pytest.raises(ValueError, match="PORT=SERVICE.NAMESPACE:PORT"):
         bootstrap_listener("8080=web", "mesh")
+
+
+def test_slices_are_reached_by_glob_only_and_a_change_sends_one_slice() -> None:
+    c = xdsnames.cluster_name("web", "default", 80, "mesh")
+
+    def eds(**nodes: str) -> TypeResources:
+        res = {c: wl_any("all", "10.0.0.1")}
+        res.update({xdsnames.slice_name(c, n): wl_any(n, ip) for n, ip in nodes.items()})
+        return TypeResources(content_version(res), res)
+
+    old = eds(a="10.0.0.1", b="10.0.0.2")
+    wild = delta_diff(T, old, DeltaSubscription(wildcard=True), {})
+    assert wild is not None and [r.name for r in wild.resources] == [c]  # no slices under "*"
+    glob = DeltaSubscription(False, frozenset({xdsnames.slice_glob(c)}))
+    first = delta_diff(T, old, glob, {})
+    assert first is not None and [r.name for r in first.resources] == [
+        xdsnames.slice_name(c, "a"), xdsnames.slice_name(c, "b")]
+    assert first.removed == ()  # a glob is not a name that could be missing
+    new = eds(a="10.0.0.1", b="10.0.0.9", z="10.0.0.5")
+    for only in (None, new.changes_since(old)):
+        d = delta_diff(T, new, glob, dict(first.known), only)
+        assert d is not None and [r.name for r in d.resources] == [
+            xdsnames.slice_name(c, "b"), xdsnames.slice_name(c, "z")]
+    gone = eds(a="10.0.0.1")
+    d = delta_diff(T, gone, glob, dict(first.known))
+    assert d is not None and d.removed == (xdsnames.slice_name(c, "b"),)
+    # A snapshot may not carry slices of a cluster it does not have.
+    with pytest.raises(Exception, match="slices of no cluster"):
+        XdsSnapshot.from_resources({xdsnames.CLUSTER: {}, xdsnames.ENDPOINT: {
+            xdsnames.slice_name(c, "a"): wl_any("a", "10.0.0.1")}}).consistent()
