@@ -692,7 +692,8 @@ class HboneConnection:
         try:
             return [(str(k), str(v)) for k, v in self._decoder.decode(block, raw=False)]
         except (hpack.exceptions.HPACKError, UnicodeDecodeError, ValueError, IndexError) as e:
-            raise _ConnError(ErrorCodes.COMPRESSION_ERROR, f"header block does not decode: {e}") from None
+            # The class, not hpack's message: that one embeds a memoryview's address.
+            raise _ConnError(ErrorCodes.COMPRESSION_ERROR, f"header block does not decode ({type(e).__name__})") from None
 
     def _on_header_block(self, sid: int, flags: int, block: bytes, out: list[Event]) -> None:
         # Decode every block, even for streams we refuse: HPACK state is per connection.
