@@ -12,6 +12,8 @@ node 2; the client on node 1. Paths:
                protocol http), iptables capture, HBONE between the agents' proxies
   mesh_l4      nodemesh, the port declared tcp (the L4 HBONE path)
   mesh_l7_w2   nodemesh L7 with 2 proxy workers per node (a second lab, same shape)
+  mesh_pt      nodemesh plaintext passthrough: the captured client workload calls node 2's
+               address directly (outside the mesh), relayed by node 1's proxy (splice)
 Every proxy has one worker (except mesh_l7_w2). Per path and round: max req/s
 (wrk -t1 -c50), latency at a fixed rate over 10 connections from scheduled send
 times (bench/openloop.py), proxy CPU from /proc for both proxies, and for the
@@ -60,8 +62,8 @@ CLIENT_UID, PLAIN_UID, WEB_UID = 3001, 4000, 2001
 _LAB = os.environ.get("NODEMESH_BENCH_LAB", "cmp")[:4]
 LAB_IDS = {1: f"{_LAB}w1", 2: f"{_LAB}w2"}
 HBONE_PORT = 15008
-ALL_PATHS = ("direct", "haproxy", "envoy_l7", "envoy_l4", "mesh_l7", "mesh_l4", "mesh_l7_w2")
-BULK_PATHS = ("direct", "envoy_l4", "mesh_l4")
+ALL_PATHS = ("direct", "haproxy", "envoy_l7", "envoy_l4", "mesh_l7", "mesh_l4", "mesh_l7_w2", "mesh_pt")
+BULK_PATHS = ("direct", "envoy_l4", "mesh_l4", "mesh_pt")
 LABELS = {
     "direct": "direct",
     "haproxy": "HAProxy 2.6 L7 pair, h2 between",
@@ -70,6 +72,7 @@ LABELS = {
     "mesh_l7": "nodemesh L7 (capture, HBONE), 1 worker",
     "mesh_l4": "nodemesh L4 (port tcp, HBONE), 1 worker",
     "mesh_l7_w2": "nodemesh L7, 2 workers",
+    "mesh_pt": "nodemesh plaintext passthrough (captured, not meshed)",
 }
 
 MESH_CONFIG = f"""\
@@ -321,6 +324,8 @@ def build_paths(made: dict[int, Lab], paths: list[str]) -> dict[str, Path_]:
                            mtls_port=HBONE_PORT)
     out["mesh_l4"] = Path_("mesh_l4", lab, CLIENT_UID, vips["web-tcp"], 80, agent_pids(lab),
                            bulk=(vips["web-tcp"], PORTS.iperf_mesh), log_names=mesh_logs, mtls_port=HBONE_PORT)
+    out["mesh_pt"] = Path_("mesh_pt", lab, CLIENT_UID, lab.node_ip(2), PORTS.upstream_plain, agent_pids(lab),
+                           bulk=(lab.node_ip(2), PORTS.iperf_plain), log_names=mesh_logs)
     if 2 in made:
         lab2 = made[2]
         vips2 = start_mesh_lab(lab2)
@@ -449,6 +454,9 @@ def target_checks(summary: dict[str, dict[str, Any]]) -> list[str]:
     bm, be = get("mesh_l4", "bulk_MBps"), get("envoy_l4", "bulk_MBps")
     check("L4 bulk ≥ 2× Envoy L4 and ≥ 1 GB/s", None if bm is None or be is None else bm >= 2 * be and bm >= 1000,
           f"{fmt(bm, ',.0f')} MB/s vs Envoy {fmt(be, ',.0f')} MB/s")
+    bp, bd = get("mesh_pt", "bulk_MBps"), get("direct", "bulk_MBps")
+    check("plaintext passthrough bulk ≥ 0.7× direct", None if bp is None or bd is None else bp >= 0.7 * bd,
+          f"{fmt(bp, ',.0f')} MB/s vs direct {fmt(bd, ',.0f')} MB/s" + (f" ({bp / bd:.2f}×)" if bp and bd else ""))
     w1, w2 = get("mesh_l7", "rps"), get("mesh_l7_w2", "rps")
     busy = get("mesh_l7_w2", "host_busy")
     check("2 workers ≥ 1.8× one worker", None if w1 is None or w2 is None else w2 >= 1.8 * w1,

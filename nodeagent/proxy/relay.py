@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable
 from typing import Any, Protocol, cast
 
+from . import splice
 from .accesslog import AccessLog, iso_now
 from .errors import ProxyError
 from .idle import watch as idle_watch
@@ -107,11 +109,17 @@ class Session:
 
 class TcpEnd(asyncio.Protocol):
     """A plain TCP connection (application socket or upstream workload). Reads
-    only while it has a partner and the partner has not pushed back."""
+    only while it has a partner and the partner has not pushed back.
+
+    Two TcpEnds joined to each other with nobody watching the bytes (no tap)
+    hand their sockets to a splice relay (splice.py) once both transports are
+    empty: the payload then moves in the kernel."""
 
     # A passive observer of the bytes (nodeagent.httpwatch.Http1Watch, or h2watch.H2Watch, on the inbound
     # end towards an HTTP workload): request(bytes sent to it), response(bytes read).
     tap: Any = None
+    # Off switch (tests of the Protocol relay itself; NODEMESH_NO_SPLICE=1 for comparisons).
+    splice_enabled: bool = splice.AVAILABLE and not os.environ.get("NODEMESH_NO_SPLICE")
 
     def __init__(self, session: Session, partner: End | None = None) -> None:
         self.session = session
@@ -127,6 +135,8 @@ class TcpEnd(asyncio.Protocol):
         self._want_paused = False  # the partner's wish (back-pressure)
         self._closed = False
         self._aborted_by_partner = False
+        self._splice: splice.SpliceRelay | None = None
+        self._splice_pending = False
         session.end_opened()
 
     # -- asyncio.Protocol --
@@ -171,8 +181,8 @@ class TcpEnd(asyncio.Protocol):
             self.partner.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._closed:
-            return
+        if self._closed or self._splice is not None:
+            return  # spliced: the relay owns the socket now and reports the end
         self._closed = True
         clean = self._read_eof and self._wrote_eof
         if not clean and not self._aborted_by_partner and self.partner is not None:
@@ -192,6 +202,53 @@ class TcpEnd(asyncio.Protocol):
             partner.send_eof()
         self.session.connected()
         self._apply_reading()  # flushing may already have made the partner push back
+        if self.splice_enabled and isinstance(partner, TcpEnd) and partner.partner is self and (
+                not self._splice_pending and not partner._splice_pending):
+            # Next loop turn: the partner's own attach() (same-node hop) runs first.
+            self._splice_pending = True
+            asyncio.get_running_loop().call_soon(self._start_splice)
+
+    def _start_splice(self) -> None:
+        """Hand both sockets to a splice relay, if nothing sits in Python on either side."""
+        a, b = self, self.partner
+        if not isinstance(b, TcpEnd) or b.partner is not a:
+            return
+        ta, tb = a.transport, b.transport
+        if ta is None or tb is None or ta.is_closing() or tb.is_closing():
+            return
+        if (a.tap is not None or b.tap is not None or a._early or b._early or a._read_eof or b._read_eof
+                or a._wrote_eof or b._wrote_eof or ta.get_write_buffer_size() or tb.get_write_buffer_size()):
+            return  # stay on the Protocol relay
+        try:
+            fds = [os.dup(t.get_extra_info("socket").fileno()) for t in (ta, tb)]
+        except (OSError, AttributeError):
+            return
+        ta.pause_reading()
+        tb.pause_reading()
+        socks = [socket.socket(fileno=fd) for fd in fds]
+
+        def a_to_b(n: int) -> None:
+            a.rx += n
+            b.tx += n
+
+        def b_to_a(n: int) -> None:
+            b.rx += n
+            a.tx += n
+
+        relay = splice.SpliceRelay(socks[0], socks[1], a_to_b, b_to_a, self._splice_done)
+        a._splice = b._splice = relay
+        ta.close()  # closes the transports' descriptors only; the duplicates carry on
+        tb.close()
+        relay.start()
+
+    def _splice_done(self, why: str) -> None:
+        b = self.partner
+        if why:
+            self.session.fields.setdefault("error", why)
+        for end in (self, b):
+            if isinstance(end, TcpEnd) and not end._closed:
+                end._closed = True
+                end.session.end_closed()
 
     def send(self, data: bytes) -> None:
         if self.transport is None or self._closed or self.transport.is_closing():
@@ -211,6 +268,9 @@ class TcpEnd(asyncio.Protocol):
 
     def abort(self) -> None:
         self._aborted_by_partner = True
+        if self._splice is not None:
+            self._splice.abort()
+            return
         if self.transport is not None:
             self.transport.abort()
         elif not self._closed:
@@ -220,6 +280,9 @@ class TcpEnd(asyncio.Protocol):
     def close(self) -> None:
         """Close without relaying anything (a refused or failed connection)."""
         self._aborted_by_partner = True
+        if self._splice is not None:
+            self._splice.abort()
+            return
         if self.transport is not None:
             self.transport.close()
 
@@ -232,7 +295,7 @@ class TcpEnd(asyncio.Protocol):
         self._apply_reading()
 
     def _apply_reading(self) -> None:
-        if self.transport is None or self.transport.is_closing():
+        if self.transport is None or self.transport.is_closing() or self._splice is not None:
             return
         should = not self._want_paused and self.partner is not None
         if should and not self._reading:
