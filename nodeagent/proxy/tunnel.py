@@ -177,10 +177,19 @@ class HboneProtocol(asyncio.BufferedProtocol):
         self._flush_handle: asyncio.Handle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
+    # The TLS transport's write buffer: uvloop's default (512 KiB high, 128 KiB low)
+    # holds two of our 256 KiB frames, so a bulk stream paused and resumed its
+    # source on nearly every frame. Bounded per connection, like the windows.
+    WRITE_HIGH_WATER = 4 * 1024 * 1024
+    WRITE_LOW_WATER = 1024 * 1024
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses; same interface.
         self.transport = cast(asyncio.Transport, transport)
         self._loop = asyncio.get_running_loop()
+        set_limits = getattr(transport, "set_write_buffer_limits", None)
+        if set_limits is not None:
+            set_limits(high=self.WRITE_HIGH_WATER, low=self.WRITE_LOW_WATER)
         self.core.initiate()
         self.flush_now()
 
