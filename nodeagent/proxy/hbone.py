@@ -227,8 +227,8 @@ class _ConnError(Exception):
 
 # --- core ---------------------------------------------------------------------------------------
 class _Stream:
-    __slots__ = ("blocked", "credit", "end_pending", "established", "local_ended", "pending", "recv_window",
-                 "remote_ended", "send_window")
+    __slots__ = ("blocked", "credit", "early", "end_pending", "established", "local_ended", "pending",
+                 "recv_window", "remote_ended", "send_window")
 
     def __init__(self, send_window: int, recv_window: int) -> None:
         self.pending: list[bytes] = []  # data beyond the peer's window, oldest first
@@ -240,6 +240,7 @@ class _Stream:
         self.send_window = send_window
         self.recv_window = recv_window  # what the peer may still send us
         self.credit = 0  # acknowledged bytes not yet returned in a WINDOW_UPDATE
+        self.early: list[Data] = []  # server: data the caller sent before our 200 (unacknowledged)
 
 
 def parse_authority(authority: str) -> tuple[str, int]:
@@ -368,12 +369,16 @@ class HboneConnection:
         return sid
 
     # -- server side --
-    def accept(self, stream_id: int) -> None:
+    def accept(self, stream_id: int) -> list[Data]:
+        """Answer 200; returns the data the caller sent ahead of it (to relay
+        first, and acknowledge like any other)."""
         st = self._streams.get(stream_id)
         if st is None:
             raise HboneProtocolError(f"stream {stream_id} is gone")
         self._send_headers(stream_id, [(":status", "200")], end_stream=False)
         st.established = True
+        early, st.early = st.early, []
+        return early
 
     def refuse(self, stream_id: int, status: int, reason: str) -> None:
         if self._streams.pop(stream_id, None) is None or self._closed:
@@ -607,9 +612,12 @@ class HboneConnection:
                 out.append(Data(sid, bytes(body), length))
             elif length:
                 self.acknowledge(sid, length)  # padding only
+        elif not self.client and len(body):
+            # A caller that sends before our 200 (optimistic data): held, without
+            # credit back, so the stream window bounds it; accept() hands it over.
+            st.early.append(Data(sid, bytes(body), length))
         else:
-            # Data before the tunnel is up is not relayed (RFC 9113 §8.5: after the 2xx).
-            self.acknowledge(sid, length)
+            self.acknowledge(sid, length)  # nothing to relay (client side: before the 2xx)
         if flags & F_END_STREAM:
             self._remote_end(sid, st, out)
 

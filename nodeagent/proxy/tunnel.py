@@ -439,7 +439,7 @@ class HboneServerProtocol(HboneProtocol):
         end = StreamEnd(self, ev.stream_id, session)
         session.downstream = end
         try:
-            self.core.accept(ev.stream_id)
+            early = self.core.accept(ev.stream_id)
         except hbone.HboneProtocolError as e:  # the caller reset the stream while we were connecting
             session.fail("downstream_gone", f"stream gone before accept: {e}")
             end.on_closed()
@@ -451,5 +451,9 @@ class HboneServerProtocol(HboneProtocol):
         attach = getattr(upstream, "attach", None)
         if attach is not None:
             attach(end)
+        for d in early:  # what the caller sent ahead of our 200
+            end.on_data(d.data, d.flow_controlled_length)
+        if early:
+            self.flush()
         if self.core.peer_ended(ev.stream_id):
             end.on_peer_eof()  # END_STREAM rode on the CONNECT (before the end existed)

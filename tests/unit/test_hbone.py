@@ -228,3 +228,18 @@ def test_parse_authority() -> None:
     assert hbone.parse_authority("10.1.2.3:80") == ("10.1.2.3", 80)
     assert hbone.parse_authority("[fd00::1]:443") == ("fd00::1", 443)
     assert hbone.format_authority("fd00::1", 443) == "[fd00::1]:443"
+
+
+def test_data_sent_ahead_of_the_200_is_held_then_handed_over() -> None:
+    """A CONNECT peer that sends optimistically (before our answer) loses nothing:
+    the server core holds the bytes, unacknowledged, and accept() returns them."""
+    s = HboneConnection(client=False)
+    c = _h2_client_against(s)
+    sid = c.get_next_available_stream_id()
+    c.send_headers(sid, [(":method", "CONNECT"), (":authority", "10.0.0.1:25")])
+    c.send_data(sid, b"EHLO early\r\n")
+    evs = s.receive_data(c.data_to_send())
+    assert [type(e) for e in evs] == [ConnectRequested]
+    early = s.accept(sid)
+    assert [(e.data, e.flow_controlled_length) for e in early] == [(b"EHLO early\r\n", 12)]
+    assert s.accept(sid) == []  # handed over once
