@@ -19,13 +19,14 @@ leaves is forgotten. The API answers from those aggregates.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import json
 import logging
 import time
 import urllib.parse
 from array import array
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -38,6 +39,7 @@ HISTORY_BUCKETS = HISTORY_S // BUCKET_S
 MAX_SUMMARY_BYTES = 256 * 1024
 MAX_EDGES_PER_NODE = 2_000  # edges kept from one node's summary; the rest are dropped with a log line
 MAX_SERIES = 5_000  # services with a series; a new one past this is not tracked (bounded memory)
+MAX_GRAPH_EDGES = 2_000  # /api/graph shows the busiest this many (a graph of more is unreadable anyway)
 MAX_SPREAD_S = 120.0  # a gap between two summaries longer than this is a restart, not traffic to spread
 STALE_AFTER_S = 60.0
 RATE_WINDOW_S = 10.0
@@ -153,11 +155,20 @@ class _EdgeAgg:
             self.recent.append([t0, t1, requests, opened, errors])
 
     def rates(self, now: float) -> tuple[float, float, float]:
-        kept = [r for r in self.recent if r[1] > now - RATE_WINDOW_S]
-        if not kept:
+        lo = now - RATE_WINDOW_S
+        req = opened = err = 0.0
+        t0, t1 = float("inf"), float("-inf")
+        for r in self.recent:
+            if r[1] > lo:
+                req += r[2]
+                opened += r[3]
+                err += r[4]
+                t0 = min(t0, r[0])
+                t1 = max(t1, r[1])
+        if t1 < t0:
             return 0.0, 0.0, 0.0
-        span = max(1.0, max(r[1] for r in kept) - min(r[0] for r in kept))
-        return (sum(r[2] for r in kept) / span, sum(r[3] for r in kept) / span, sum(r[4] for r in kept) / span)
+        span = max(1.0, t1 - t0)
+        return req / span, opened / span, err / span
 
 
 class MeshTelemetry:
@@ -310,12 +321,19 @@ class MeshTelemetry:
     # ---------------------------------------------------------------- reads
 
     def _edge_view(self, k: EdgeKey, agg: _EdgeAgg, now: float) -> dict[str, Any] | None:
-        totals = [0.0] * len(EDGE_NUMBERS)
+        totals: Sequence[float] = [0.0] * len(EDGE_NUMBERS)
         p99: float | None = None
-        mtls: set[str] = set()
+        mtls: set[str] | frozenset[str] = set()
         dest_service = ""
         nodes = []
-        for n in sorted(agg.nodes):
+        if len(agg.nodes) == 1:  # the usual edge: one reporting node, nothing to add up
+            (n,) = agg.nodes
+            st = self.nodes.get(n)
+            s = st.edges.get(k) if st is not None and now - st.last_unix <= STALE_AFTER_S else None
+            if s is None:
+                return None
+            totals, p99, mtls, dest_service, nodes = s.numbers, s.p99_ms, s.mtls, s.destination_service, [n]
+        for n in sorted(agg.nodes) if not nodes else ():
             st = self.nodes.get(n)
             if st is None or now - st.last_unix > STALE_AFTER_S:
                 continue
@@ -323,23 +341,22 @@ class MeshTelemetry:
             if s is None:
                 continue
             nodes.append(n)
-            for i, v in enumerate(s.numbers):
-                totals[i] += v
+            totals = [a + b for a, b in zip(totals, s.numbers)]
             if s.p99_ms is not None:
                 p99 = max(p99 or 0.0, s.p99_ms)
-            mtls |= s.mtls
+            mtls = mtls | s.mtls
             dest_service = dest_service or s.destination_service
         if not nodes:
             return None
         rr, cr, er = agg.rates(now)
-        e: dict[str, Any] = {"reporter": k[0], "source": k[1], "service": k[2], "destination_workload": k[3],
-                             "destination_service": dest_service, **dict(zip(EDGE_NUMBERS, totals)),
-                             "request_rate": rr, "connection_rate": cr, "error_rate": er, "p99_ms": p99,
-                             "mtls": sorted(mtls), "nodes": nodes}
-        total = e["requests"] or e["tcp_closed"]
-        failed = e["errors"] if e["requests"] else e["tcp_failed"]
-        e["success_rate"] = round(1 - failed / total, 4) if total else None
-        return e
+        req, errs, opened, closed, failed_tcp, sent, received = totals
+        total = req or closed
+        failed = errs if req else failed_tcp
+        return {"reporter": k[0], "source": k[1], "service": k[2], "destination_workload": k[3],
+                "destination_service": dest_service, "requests": req, "errors": errs, "tcp_opened": opened,
+                "tcp_closed": closed, "tcp_failed": failed_tcp, "bytes_sent": sent, "bytes_received": received,
+                "request_rate": rr, "connection_rate": cr, "error_rate": er, "p99_ms": p99,
+                "mtls": sorted(mtls), "nodes": nodes, "success_rate": round(1 - failed / total, 4) if total else None}
 
     def edges(self, service: str | None = None) -> list[dict[str, Any]]:
         """Every current edge (or one service's), from the aggregates."""
@@ -373,7 +390,11 @@ class MeshTelemetry:
         for w in workloads:
             node("workload", w)
         edges = []
-        for e in self.edges():
+        current = self.edges()
+        if len(current) > MAX_GRAPH_EDGES:
+            current = heapq.nlargest(MAX_GRAPH_EDGES, current,
+                                     key=lambda e: (e["request_rate"] + e["connection_rate"], e["requests"]))
+        for e in current:
             svc_known = not e["service"].endswith("/unknown") and e["service"] != "unknown/unknown"
             if e["reporter"] == "source":
                 src = node("workload", e["source"])
@@ -386,7 +407,8 @@ class MeshTelemetry:
                 dst = node("workload", e["destination_workload"])
             edges.append({**e, "caller": e["source"], "id": f"{src}->{dst}", "source": src, "target": dst})
         return {"time_unix": self._clock(), "nodes": sorted(nodes.values(), key=lambda n: n["id"]),
-                "edges": sorted(edges, key=lambda e: e["id"])}
+                "edges": sorted(edges, key=lambda e: e["id"]), "edges_total": len(self._edges),
+                "edges_shown_max": MAX_GRAPH_EDGES}
 
     def service_series(self, service: str) -> list[dict[str, Any]]:
         """Golden metrics over time for one service: its callers' view, else its own."""

@@ -11,7 +11,7 @@ from typing import Any
 
 from controlplane.metrics import ControlPlaneMetrics
 from controlplane.registry import NodeRegistry
-from controlplane.web import HISTORY_BUCKETS, MAX_EDGES_PER_NODE, MeshTelemetry
+from controlplane.web import HISTORY_BUCKETS, MAX_EDGES_PER_NODE, MAX_GRAPH_EDGES, MeshTelemetry
 from nodemesh.v1 import mesh_pb2
 
 
@@ -74,6 +74,23 @@ def test_a_summary_with_too_many_edges_is_capped() -> None:
     t = MeshTelemetry(clock=lambda: 1000.0)
     t.add("n1", summary(1, 1, edges=MAX_EDGES_PER_NODE + 500))
     assert t.size()["samples"] == MAX_EDGES_PER_NODE
+
+
+def test_the_graph_shows_the_busiest_edges_up_to_its_limit() -> None:
+    now = [1000.0]
+    t = MeshTelemetry(clock=lambda: now[0])
+    nodes = MAX_GRAPH_EDGES // 10 + 5  # 10 edges each: past the limit
+    for n in (1, 2):
+        now[0] += 2
+        for k in range(nodes):
+            s = summary(k, n, edges=10)
+            if k == nodes - 1:
+                for e in s["edges"]:
+                    e["requests"] *= 100  # the busiest node, listed last
+            t.add(f"node-{k}", s)
+    g = t.graph()
+    assert len(g["edges"]) == MAX_GRAPH_EDGES and g["edges_total"] == nodes * 10
+    assert sum(1 for e in g["edges"] if e["caller"] == f"default/client-{nodes - 1}") == 10
 
 
 def test_malformed_numbers_are_refused_with_the_field() -> None:
