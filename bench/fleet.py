@@ -359,7 +359,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     while web in (port, port + 1):
         web = free_port()
     sock = f"unix:{work / 'cp.sock'}"
-    cmd = [sys.executable, "-m", "nodemesh", "controlplane", "serve", "--state-dir", str(work / "cp"),
+    # --profile FILE: the control plane under cProfile (written when it stops).
+    prof = ["-m", "cProfile", "-o", args.profile] if args.profile else []
+    cmd = [sys.executable, *prof, "-m", "nodemesh", "controlplane", "serve", "--state-dir", str(work / "cp"),
            "--listen", sock, "--listen", f"127.0.0.1:{port}", "--web-listen", f"127.0.0.1:{web}",
            "--lease-seconds", "15", "--log-level", "WARNING"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -401,6 +403,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         cpu0, t0, me0 = proc.cpu_s(), time.monotonic(), self_cpu_s()
         fut, done = fleet.watch(lambda a: a.count(xdsnames.WORKLOAD) >= total_wl)
         joins = await asyncio.gather(*(fleet.start_agent(a) for a in fleet.agents), return_exceptions=True)
+        joined = time.monotonic() - t0
         failed = [repr(e) for e in joins if isinstance(e, BaseException)]
         try:
             await asyncio.wait_for(fut, args.timeout)
@@ -409,14 +412,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             converged = float("nan")
         storm_cpu = proc.cpu_s() - cpu0
         out["join_storm"] = {
-            "converge_s": converged, "cp_cpu_s": storm_cpu, "sim_cpu_s": self_cpu_s() - me0,
+            "converge_s": converged, "joined_s": joined, "cp_cpu_s": storm_cpu, "sim_cpu_s": self_cpu_s() - me0,
             "join_failures": failed[:5], "n_join_failures": len(failed),
             "per_node_converge": summary([v - t0 for v in done.values()]),
             "ads_reconnects": sum(a.ads_streams - 1 for a in fleet.agents),
             "registry_reconnects": sum(a.registry_sessions - 1 for a in fleet.agents),
             "bytes_received": sum(a.bytes_received for a in fleet.agents),
         }
-        print(f"join storm: {args.nodes} nodes converged in {converged:.2f}s, cp cpu {storm_cpu:.1f}s, "
+        print(f"join storm: {args.nodes} nodes joined in {joined:.2f}s, converged in {converged:.2f}s, "
+              f"cp cpu {storm_cpu:.1f}s, "
               f"{out['join_storm']['bytes_received'] / 1e6:.1f} MB", flush=True)
         await asyncio.sleep(args.settle)
         rss1 = proc.rss_mb()
@@ -541,6 +545,7 @@ def main() -> int:
     p.add_argument("--soak", type=float, default=30.0, help="seconds of heartbeats at the end (RSS sampled)")
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--out", default="", help="write the raw results here (JSON)")
+    p.add_argument("--profile", default="", metavar="FILE", help="run the control plane under cProfile")
     p.add_argument("--keep", action="store_true", help="keep the control plane's state dir and log")
     args = p.parse_args()
     out = asyncio.run(run(args))

@@ -55,7 +55,7 @@ class AdsObserver(Protocol):
 
 def apply_subscription(sub: DeltaSubscription, known: Mapping[str, str],
                        req: discovery_pb2.DeltaDiscoveryRequest,
-                       first: bool) -> tuple[DeltaSubscription, dict[str, str]]:
+                       first: bool) -> tuple[DeltaSubscription, Mapping[str, str]]:
     """The subscription and the client's held versions after `req`. Pure.
 
     - First request of a type on a stream: no names to (un)subscribe means the
@@ -69,6 +69,10 @@ def apply_subscription(sub: DeltaSubscription, known: Mapping[str, str],
     """
     subscribe = set(req.resource_names_subscribe)
     unsubscribe = set(req.resource_names_unsubscribe)
+    if not first and not subscribe and not unsubscribe:
+        # A plain ACK or NACK: nothing changes, and the held map is not copied
+        # (it is as large as the mesh; a fleet ACKs every push).
+        return sub, known
     wildcard = sub.wildcard
     names = set(sub.names)
     held = dict(known)
@@ -110,7 +114,7 @@ class _Sent:
 @dataclass
 class _DeltaTypeState:
     sub: DeltaSubscription = field(default_factory=DeltaSubscription)
-    known: dict[str, str] = field(default_factory=dict)  # what the client holds (name -> version)
+    known: Mapping[str, str] = field(default_factory=dict)  # what the client holds (name -> version)
     unanswered: OrderedDict[str, _Sent] = field(default_factory=OrderedDict)  # nonce -> response
     watch_id: int = 0
     cancel: Callable[[], None] | None = None
@@ -246,7 +250,7 @@ async def serve_delta(observer: AdsObserver, cache: SnapshotCache, control_plane
                 continue  # superseded by a later request of this type
             st.cancel = None
             st.forwarder = None
-            st.known = dict(wresp.known)
+            st.known = wresp.known  # a fresh map per answer (delta_diff), owned by this stream now
             for resources, removed in split_response(wresp):
                 nonce = str(next(nonces))
                 st.unanswered[nonce] = _Sent(wresp.system_version, tuple(r.name for r in resources), removed)

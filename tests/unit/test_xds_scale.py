@@ -52,7 +52,7 @@ def test_fifty_thousand_endpoint_memberships_reach_an_agent_delta_and_sotw() -> 
                 got: list[Snapshot] = []
                 client = AdsClient(f"127.0.0.1:{port}", f"agent-{protocol}", (), got.append, protocol=protocol)
                 task = asyncio.get_running_loop().create_task(client.run())
-                def members() -> int:
+                def members(got: list[Snapshot] = got) -> int:
                     return sum(len(sp.endpoints) for s in got[-1].services for sp in s.ports) if got else 0
 
                 try:
