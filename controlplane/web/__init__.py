@@ -13,6 +13,7 @@ leaves is forgotten. The API answers from those aggregates.
     /api/graph        nodes (services, workloads) and edges with rates, success, p99, mTLS
     /api/service?name=<ns>/<name>   one service: config, edges, a time series
     /api/config       every stored config resource
+    /api/proxystatus  every connected xDS client's sync state per type
     /metrics          the control plane's own Prometheus metrics
 """
 
@@ -523,10 +524,13 @@ class MeshView:
             return self._json(svc)
         if path == "/api/config":
             return self._json(self.config())
+        if path == "/api/proxystatus":
+            # Per xDS client and type: synced / stale / nacked with the reason (controlplane/xds/sync.py).
+            return self._json({"summary": self.cp.ads.sync.summary(), "clients": self.cp.ads.sync.rows()})
         if path == "/metrics":
             text = self.cp.metrics.render(self.cp) if self.cp.metrics is not None else ""
             return 200, "text/plain; version=0.0.4; charset=utf-8", text.encode()
-        return 404, "text/plain", f"no such page {path}; try /, /api/graph, /api/config, /metrics\n".encode()
+        return 404, "text/plain", f"no such page {path}; try /, /api/graph, /api/config, /api/proxystatus, /metrics\n".encode()
 
     @staticmethod
     def _json(obj: Any) -> Response:

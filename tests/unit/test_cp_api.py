@@ -174,6 +174,12 @@ def test_apply_then_ads_ack_and_nack() -> None:
             assert cp.ads.stats.acks >= 2
             ps = await cfg.List(mesh_pb2.ListRequest(kind="ps"))
             assert {json.loads(r.status_json)["state"] for r in ps.resources} == {"synced"}
+            # The mesh view's API shows the same rows.
+            from controlplane.web import MeshView
+
+            status, _ctype, body = MeshView(cp).dispatch(b"GET /api/proxystatus HTTP/1.1\r\n")
+            view = json.loads(body)
+            assert status == 200 and view["summary"]["synced"] == 1 and len(view["clients"]) == len(ps.resources)
             stream.cancel()
 
     run(body)
