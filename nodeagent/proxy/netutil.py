@@ -42,7 +42,12 @@ def set_transparent(sock: socket.socket) -> None:
             "(run the agent as root, or set capture.inbound: redirect)") from None
 
 
-def listen_socket(host: str, port: int, mark: int, backlog: int = 1024,
+# Connections the kernel queues per listener while the workers are busy; capped
+# by net.core.somaxconn.
+LISTEN_BACKLOG = 4096
+
+
+def listen_socket(host: str, port: int, mark: int, backlog: int = LISTEN_BACKLOG,
                   transparent: bool = False) -> socket.socket:
     sock = socket.socket(_family(host), socket.SOCK_STREAM)
     try:

@@ -108,11 +108,13 @@ class NodeProxy:
             for sk in socks:
                 sk.close()
             raise
+        # create_server(sock=...) calls listen() again, with 100 unless told: keep netutil's backlog.
+        backlog = netutil.LISTEN_BACKLOG
         self._servers = [
-            await loop.create_server(self._outbound_factory, sock=socks[0]),
-            await loop.create_server(self._inbound_plain_factory, sock=socks[1]),
+            await loop.create_server(self._outbound_factory, sock=socks[0], backlog=backlog),
+            await loop.create_server(self._inbound_plain_factory, sock=socks[1], backlog=backlog),
             await loop.create_server(self._hbone_factory, sock=socks[2], ssl=self.server_tls.context,
-                                     ssl_handshake_timeout=s.connect_timeout_s),
+                                     ssl_handshake_timeout=s.connect_timeout_s, backlog=backlog),
         ]
         self._reaper = loop.create_task(self._reap_loop())
 

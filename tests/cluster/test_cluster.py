@@ -58,7 +58,8 @@ def test_ready_only_once_capture_serves(tier: Tier) -> None:
     tier.sh("cp", "systemctl stop nodemesh-controlplane")
     try:
         tier.sh("node2", "systemctl restart --no-block nodemesh-agent")
-        time.sleep(4)
+        _wait(lambda: tier.prop("node2", "ActiveState") == "activating", 60, "the agent to be starting again")
+        time.sleep(4)  # and it stays there: no snapshot, no capture, no READY
         assert tier.prop("node2", "ActiveState") == "activating"
         assert "NODEMESH" not in tier.sh("node2", "iptables-save -t nat")
     finally:

@@ -419,3 +419,34 @@ def test_worker_pool_bind_failure_is_clear(tmp_path: Any) -> None:
         uvloop.run(go())
     finally:
         blocker.close()
+
+
+def test_listeners_keep_their_backlog(tmp_path: Any) -> None:
+    """create_server(sock=...) re-listens with 100 unless told: bursts of connects
+    (or a busy worker) must queue up to netutil.LISTEN_BACKLOG, not overflow at 100."""
+    import shutil
+    import subprocess
+
+    from nodeagent.proxy import netutil
+
+    if shutil.which("ss") is None:
+        pytest.skip("ss (iproute2) not installed")
+    settings = _worker_settings(tmp_path)
+
+    async def go() -> None:
+        p = NodeProxy(settings, access_log=AccessLog("off"))
+        await p.start()
+        try:
+            for host, port in p.addresses():
+                out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True,
+                                     check=True).stdout.split()
+                assert int(out[2]) == min(netutil.LISTEN_BACKLOG, _somaxconn()), out
+        finally:
+            await p.stop()
+
+    uvloop.run(go())
+
+
+def _somaxconn() -> int:
+    with open("/proc/sys/net/core/somaxconn") as f:
+        return int(f.read())

@@ -1,0 +1,22 @@
+"""`python -m nodeagent.stoppost --config FILE`: the agent unit's ExecStopPost,
+kept light (no gRPC, no CLI tree): on every restart it runs between the old
+agent and the new one, so its start-up time is part of the restart. The decision itself is `nodemesh agent stop-post`
+(nodeagent/cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m nodeagent.stoppost")
+    ap.add_argument("--config", required=True)
+    args = ap.parse_args(argv)
+    from nodeagent.cli import _cmd_agent_stop_post
+
+    return _cmd_agent_stop_post(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
