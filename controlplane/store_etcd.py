@@ -226,20 +226,36 @@ class EtcdStore(Store):
         self._client.loop.call_soon_threadsafe(self._writes.put_nowait, (make, fut))
         if not _on_running_loop():
             try:
-                fut.result(self._client.timeout_s * 3)
-            except EtcdError as e:
-                raise StoreError(str(e)) from None
+                fut.result(self._client.timeout_s * 3 + self.node_lease_s)
+            except (EtcdError, TimeoutError) as e:
+                raise StoreError(str(e) or "etcd did not take the write in time") from None
         return fut
 
     async def _writer(self) -> None:
+        """The queued writes, in order. One that cannot reach etcd is tried again (the
+        writes after it wait, so order holds) for up to a lease TTL, then dropped with
+        a warning: the node's next registration or report writes it again."""
         assert self._writes is not None
         while True:
             make, fut = await self._writes.get()
-            try:
-                fut.set_result(await make())
-            except Exception as e:  # noqa: BLE001 - handed to whoever waits; logged for those who do not
-                log.warning("a queued etcd write failed: %s", e)
-                fut.set_exception(e)
+            deadline = time.monotonic() + max(2.0, self.node_lease_s)
+            delay = 0.1
+            while True:
+                try:
+                    fut.set_result(await make())
+                    break
+                except EtcdUnavailable as e:
+                    if time.monotonic() + delay < deadline and not self._closed:
+                        await asyncio.sleep(delay)
+                        delay = min(delay * 2, 2.0)
+                        continue
+                    log.warning("a queued etcd write failed: %s", e)
+                    fut.set_exception(e)
+                    break
+                except Exception as e:  # noqa: BLE001 - handed to whoever waits; logged for those who do not
+                    log.warning("a queued etcd write failed: %s", e)
+                    fut.set_exception(e)
+                    break
 
     # ------------------------------------------------------------ the mirror (on the etcd loop)
 

@@ -440,6 +440,30 @@ def test_telemetry_reaches_the_other_replicas_mesh_view(etcd_endpoint: str) -> N
         sb.close()
 
 
+def test_a_queued_write_that_cannot_reach_etcd_is_tried_again_in_order(etcd_endpoint: str) -> None:
+    from controlplane.etcd_client import EtcdUnavailable
+
+    s = _etcd(etcd_endpoint, node_lease_s=3)
+    real_put = s.client.put
+    failures = [2]  # etcd away for the first two tries of the first write
+
+    async def flaky_put(key: bytes, value: bytes, lease: int = 0) -> int:
+        if failures[0] > 0:
+            failures[0] -= 1
+            raise EtcdUnavailable("injected: etcd away")
+        return await real_put(key, value, lease)
+
+    s.client.put = flaky_put  # type: ignore[method-assign]
+    try:
+        s.save_health("node-1", {("default/w", 80): "first"})  # off the loop: waits until it lands
+        s.save_health("node-1", {("default/w", 80): "second"})
+        assert failures == [0]
+        kv, _ = s.client.sync(s.client.get(s.key("health", "node-1")))
+        assert kv is not None and b"second" in kv.value  # the retried write did not land after the later one
+    finally:
+        s.close()
+
+
 def test_operators_audit_and_join_tokens_are_shared(etcd_endpoint: str) -> None:
     prefix = f"/t-{uuid.uuid4().hex[:8]}"
     a, b = _store(etcd_endpoint, prefix), _store(etcd_endpoint, prefix)
