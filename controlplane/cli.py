@@ -153,7 +153,12 @@ def _print(resources: list[mesh_pb2.Resource], output: str, single: bool) -> Non
         for r in resources:
             spec = json.loads(r.spec_json or "{}")
             status = json.loads(r.status_json or "{}")
-            if r.kind == model.KIND_SERVICE:
+            if r.kind == "Rollout":
+                ret = status.get("retirement") or {}
+                detail = (f"service={spec.get('service')} {spec.get('stable')}->{spec.get('candidate')} "
+                          f"phase={status.get('phase', 'Pending')} weight={status.get('weight', 0)}%"
+                          + (f" {ret.get('version')}={ret.get('state')}" if ret else ""))
+            elif r.kind == model.KIND_SERVICE:
                 ports = ",".join(f"{p['port']}/{p['protocol']}" for p in spec.get("ports", []))
                 detail = f"vip={status.get('vip', spec.get('vip', ''))} ports={ports}"
             else:

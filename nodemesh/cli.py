@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     from nodemesh.install import register as register_install
 
     register_install(sub)  # install, uninstall (docs/systemd.md)
+    from nodemesh.cli_rollout import register as register_rollout
+
+    register_rollout(sub)  # rollout status|pause|resume|promote|abort|history (docs/deployments.md)
 
     p = sub.add_parser("demo", help="bring up a two-node mesh in network namespaces and show traffic crossing it")
     p.add_argument("--requests", type=int, default=6, help="requests the client sends by the service VIP")

@@ -118,7 +118,7 @@ class _C:
     def add(self, path: str, reason: str) -> None:
         self.problems.append((f"{self.subject}: {path}", reason))
 
-    def map(self, v: Any, path: str, allowed: Sequence[str], required: bool = False) -> dict[str, Any]:
+    def mapping(self, v: Any, path: str, allowed: Sequence[str], required: bool = False) -> dict[str, Any]:
         if v is None:
             if required:
                 self.add(path, "required")
@@ -131,7 +131,7 @@ class _C:
                 self.add(f"{path}.{k}", f"unknown field; allowed: {', '.join(allowed)}")
         return v
 
-    def str(self, v: Any, path: str, required: bool = False) -> str:
+    def text(self, v: Any, path: str, required: bool = False) -> str:
         if v is None or v == "":
             if required:
                 self.add(path, "required")
@@ -141,7 +141,7 @@ class _C:
             return ""
         return v
 
-    def int(self, v: Any, path: str, lo: int, hi: int, default: int) -> int:
+    def integer(self, v: Any, path: str, lo: int, hi: int, default: int) -> int:
         if v is None:
             return default
         if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
@@ -149,7 +149,7 @@ class _C:
             return default
         return v
 
-    def num(self, v: Any, path: str, lo: float, hi: float, default: float) -> float:
+    def number(self, v: Any, path: str, lo: float, hi: float, default: float) -> float:
         if v is None:
             return default
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
@@ -157,7 +157,7 @@ class _C:
             return default
         return float(v)
 
-    def bool(self, v: Any, path: str) -> bool:
+    def flag(self, v: Any, path: str) -> bool:
         if v is None:
             return False
         if not isinstance(v, bool):
@@ -183,12 +183,12 @@ def parse(subject: str, name: str, namespace: str, labels: tuple[tuple[str, str]
           spec_raw: Any) -> tuple[Rollout | None, list[Problem]]:
     """Entry point used by nodemesh.model.parse_document."""
     c = _C(subject)
-    spec = c.map(spec_raw, "spec", ("service", "versionLabel", "stable", "candidate", "strategy", "analysis",
+    spec = c.mapping(spec_raw, "spec", ("service", "versionLabel", "stable", "candidate", "strategy", "analysis",
                                     "onFailure", "expireAfter", "expiryGrace", *CONTROL_FIELDS), required=True)
-    service = c.str(spec.get("service"), "spec.service", required=True)
+    service = c.text(spec.get("service"), "spec.service", required=True)
     if service and not _NAME.match(service):
         c.add("spec.service", "must be a DNS label (the name of a Service in the Rollout's namespace)")
-    label = c.str(spec.get("versionLabel", "version"), "spec.versionLabel")
+    label = c.text(spec.get("versionLabel", "version"), "spec.versionLabel")
     if label and not _LABEL_KEY.match(label):
         c.add("spec.versionLabel", f"{label!r} is not a valid label key")
     versions = {}
@@ -196,17 +196,17 @@ def parse(subject: str, name: str, namespace: str, labels: tuple[tuple[str, str]
         v = spec.get(f)
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             v = str(v)
-        s = c.str(v, f"spec.{f}", required=True)
+        s = c.text(v, f"spec.{f}", required=True)
         if s and (len(s) > 63 or not _LABEL_VALUE.match(s)):
             c.add(f"spec.{f}", f"{s!r} is not a valid label value")
         versions[f] = s
     if versions["stable"] and versions["stable"] == versions["candidate"]:
         c.add("spec.candidate", "must differ from spec.stable")
-    st = c.map(spec.get("strategy"), "spec.strategy", ("type", "steps", "linear", "pause"), required=True)
-    stype = c.str(st.get("type"), "spec.strategy.type", required=True)
+    st = c.mapping(spec.get("strategy"), "spec.strategy", ("type", "steps", "linear", "pause"), required=True)
+    stype = c.text(st.get("type"), "spec.strategy.type", required=True)
     if stype and stype not in STRATEGIES:
         c.add("spec.strategy.type", f"must be one of {', '.join(STRATEGIES)}, got {stype!r}")
-    an = c.map(spec.get("analysis"), "spec.analysis",
+    an = c.mapping(spec.get("analysis"), "spec.analysis",
                ("interval", "minRequests", "successRate", "p99Latency", "grpcFailureClasses"))
     interval = c.duration(an.get("interval"), "spec.analysis.interval", 10.0, 0.5, 3600.0)
     weights: tuple[int, ...] = ()
@@ -221,7 +221,7 @@ def parse(subject: str, name: str, namespace: str, labels: tuple[tuple[str, str]
             c.add("spec.strategy.steps", f"at most {MAX_STEPS} steps")
         ws: list[int] = []
         for i, w in enumerate(raw[:MAX_STEPS]):
-            got = c.int(w, f"spec.strategy.steps[{i}]", 1, 100, 0)
+            got = c.integer(w, f"spec.strategy.steps[{i}]", 1, 100, 0)
             if got and ws and got <= ws[-1]:
                 c.add(f"spec.strategy.steps[{i}]", f"must be greater than the step before ({ws[-1]}): "
                       "weights only grow until promotion")
@@ -235,8 +235,8 @@ def parse(subject: str, name: str, namespace: str, labels: tuple[tuple[str, str]
             if f in st:
                 c.add(f"spec.strategy.{f}", "only for type Linear")
     elif stype == "Linear":
-        lin = c.map(st.get("linear"), "spec.strategy.linear", ("steps", "duration"), required=True)
-        n = c.int(lin.get("steps"), "spec.strategy.linear.steps", 1, MAX_STEPS, 0)
+        lin = c.mapping(st.get("linear"), "spec.strategy.linear", ("steps", "duration"), required=True)
+        n = c.integer(lin.get("steps"), "spec.strategy.linear.steps", 1, MAX_STEPS, 0)
         if lin and "steps" not in lin:
             c.add("spec.strategy.linear.steps", "required")
         dur = c.duration(lin.get("duration"), "spec.strategy.linear.duration", 0.0, 0.0, 30 * 86400.0)
@@ -258,8 +258,8 @@ def parse(subject: str, name: str, namespace: str, labels: tuple[tuple[str, str]
     if weights and step_s < interval:
         c.add("spec.strategy", f"each step lasts {step_s:g}s, shorter than one analysis interval ({interval:g}s): "
               "no step could be judged")
-    min_req = c.int(an.get("minRequests"), "spec.analysis.minRequests", 0, 1_000_000_000, 20)
-    sr = c.num(an.get("successRate"), "spec.analysis.successRate", 0.0, 1.0, 0.99)
+    min_req = c.integer(an.get("minRequests"), "spec.analysis.minRequests", 0, 1_000_000_000, 20)
+    sr = c.number(an.get("successRate"), "spec.analysis.successRate", 0.0, 1.0, 0.99)
     p99 = c.duration(an.get("p99Latency"), "spec.analysis.p99Latency", 0.0, 0.0, 3600.0) * 1000.0
     codes = Analysis().grpc_failure_codes
     if "grpcFailureClasses" in an:
@@ -275,12 +275,12 @@ def parse(subject: str, name: str, namespace: str, labels: tuple[tuple[str, str]
             else:
                 got_codes.append(GRPC_CLASSES[cl])
         codes = tuple(sorted(set(got_codes)))
-    on_failure = c.str(spec.get("onFailure", "Rollback"), "spec.onFailure")
+    on_failure = c.text(spec.get("onFailure", "Rollback"), "spec.onFailure")
     if on_failure and on_failure not in ON_FAILURE:
         c.add("spec.onFailure", f"must be one of {', '.join(ON_FAILURE)}, got {on_failure!r}")
     expire = c.duration(spec.get("expireAfter"), "spec.expireAfter", 0.0)
     grace = c.duration(spec.get("expiryGrace"), "spec.expiryGrace", max(10.0, 2 * interval))
-    paused, promote, abort = (c.bool(spec.get(f), f"spec.{f}") for f in CONTROL_FIELDS)
+    paused, promote, abort = (c.flag(spec.get(f), f"spec.{f}") for f in CONTROL_FIELDS)
     if promote and abort:
         c.add("spec.abort", "a rollout cannot be promoted and aborted at once")
     if c.problems:

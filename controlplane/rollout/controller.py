@@ -139,7 +139,7 @@ class RolloutController:
 
     def _drive(self, ro: Rollout, res: StoredResource, now: float, nodes: Sequence[RegisteredNode],
                services: dict[str, Any]) -> None:
-        status = res.status()
+        status: dict[str, Any] = dict(res.status())
         if not self._holds(status, now):
             self._base.pop(ro.key, None)  # another replica drives it; our baselines go stale
             return
@@ -169,9 +169,11 @@ class RolloutController:
         new, decisions, set_paused = machine.advance(ro, status, now, cand, stable, loser_traffic)
         if new.get("run") != status.get("run"):
             self._base.pop(ro.key, None)
-        for d in decisions:
-            if d.decision in ("start", "step", "resume"):
-                self._base.pop(ro.key, None)  # the next analysis starts from this moment
+        if any(d.decision in ("start", "step", "resume") for d in decisions):
+            # The next analysis measures from this moment: the new weight's first interval.
+            self._base[ro.key] = _Baseline(str(new.get("run")), now, self.readings.version(
+                ro.service_key, version_workloads(nodes, services, ro, ro.candidate), codes), self.readings.version(
+                ro.service_key, version_workloads(nodes, services, ro, ro.stable), codes))
         driver = status.get("driver") or {}
         renew = driver.get("id") != self.id or float(driver.get("until", 0)) - now < LEASE_S / 2
         if new == status and not renew and set_paused is None:
@@ -189,7 +191,7 @@ class RolloutController:
 
     def _write(self, read: StoredResource, spec: dict[str, Any], status: dict[str, Any]) -> bool:
         """Compare-and-set: write only if the resource is still the version we read."""
-        wrote = []
+        wrote: list[bool] = []
 
         def plan() -> list[Put]:
             cur = self._store.get(*read.ref)

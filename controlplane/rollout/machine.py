@@ -97,21 +97,23 @@ class _Tx:
         self.decisions: list[Decision] = []
         self.set_paused: bool | None = None  # the controller writes spec.paused when set
 
-    def decide(self, decision: str, reason: str, detail: str) -> None:
+    def decide(self, decision: str, reason: str, detail: str, at_weight: int | None = None) -> None:
         d = Decision(decision, reason, detail)
         self.decisions.append(d)
         log = self.st.setdefault("decisions", [])
         log.append({"t": round(self.now, 3), "decision": decision, "reason": reason, "detail": detail,
-                    "step": self.st.get("step", 0), "weight": weight(self.ro, self.st)})
+                    "step": self.st.get("step", 0),
+                    "weight": weight(self.ro, self.st) if at_weight is None else at_weight})
         del log[:-MAX_DECISIONS]
         if decision not in ("pass", "inconclusive"):
             self.st["reason"] = detail
 
     def conclude(self, phase: str, decision: str, reason: str, detail: str) -> None:
+        was = weight(self.ro, self.st)  # the decision is logged with the weight it was taken at
         self.st["phase"] = phase
         self.st["endedAt"] = round(self.now, 3)
         self.st["weight"] = weight(self.ro, self.st)
-        self.decide(decision, reason, detail)
+        self.decide(decision, reason, detail, at_weight=was)
         loser = losing_version(self.ro, self.st)
         if self.ro.expire_after_s > 0:
             self.st["retirement"] = {"version": loser, "state": "Waiting", "expiresAt":
@@ -211,7 +213,9 @@ def advance(ro: Rollout, status: Status | None, now: float, cand: Stats | None =
 
 
 def analysis_due(ro: Rollout, status: Status | None, now: float) -> bool:
-    return bool(status) and status.get("run") == ro.run_id and status.get("phase") == PROGRESSING \
+    if not status:
+        return False
+    return status.get("run") == ro.run_id and status.get("phase") == PROGRESSING \
         and now >= float(status.get("nextAnalysisAt", 0))
 
 
@@ -226,8 +230,8 @@ def _retire(tx: _Tx, loser_traffic: float | None) -> None:
         return  # no interval measured yet: decide on the next reading
     if loser_traffic > 0:
         ret["idleSince"] = None
-        ret["reason"] = (f"expired, but {ret['version']} still receives traffic ({loser_traffic:g} requests or "
-                         "connections in the last interval): not retired")
+        ret["reason"] = (f"expired, but {ret['version']} still receives traffic (requests, connections or bytes "
+                         "in the last interval): not retired")
         return
     if ret.get("idleSince") is None:
         ret["idleSince"] = round(now, 3)

@@ -33,8 +33,9 @@ class Counters:
     failures: float = 0.0
     tcp_closed: float = 0.0
     tcp_failed: float = 0.0
-    traffic: float = 0.0  # requests + opened connections, any reporter (retirement)
+    traffic: float = 0.0  # requests + opened connections + bytes, any reporter (retirement)
     hist: tuple[float, ...] = ()
+    open_connections: float = 0.0  # opened minus closed now: bytes are only counted at close
 
     def minus(self, base: Counters | None) -> Counters:
         """This minus an earlier reading; a counter that went down is an agent restart:
@@ -47,7 +48,8 @@ class Counters:
                 any(a < b for a, b in zip(self.hist, base.hist)):
             return self
         hist = tuple(a - b for a, b in zip(self.hist, base.hist)) if base.hist else self.hist
-        return Counters(*(a - b for a, b in zip(fields, olds)), hist=hist)
+        d = [a - b for a, b in zip(fields, olds)]
+        return Counters(d[0], d[1], d[2], d[3], d[4], hist, self.open_connections)
 
     def plus(self, other: Counters) -> Counters:
         if self.hist and other.hist and len(self.hist) == len(other.hist):
@@ -56,23 +58,25 @@ class Counters:
             hist = self.hist or other.hist
         return Counters(self.requests + other.requests, self.failures + other.failures,
                         self.tcp_closed + other.tcp_closed, self.tcp_failed + other.tcp_failed,
-                        self.traffic + other.traffic, hist)
+                        self.traffic + other.traffic, hist, self.open_connections + other.open_connections)
 
 
 Snapshot = dict[str, Counters]  # node -> cumulative counters of one version
 
 
 def interval_stats(now: Snapshot, base: Snapshot | None, buckets: tuple[float, ...]) -> tuple[Stats, float]:
-    """(Stats over the interval, traffic) from two snapshots of one version."""
+    """(Stats over the interval, traffic) from two snapshots of one version; traffic
+    counts what moved in the interval plus the connections open now."""
     total = Counters()
     for node, c in now.items():
         total = total.plus(c.minus((base or {}).get(node)))
     p99 = None
     if total.hist and sum(total.hist) > 0 and buckets:
         p99 = histogram_quantile(buckets, list(total.hist), 0.99)
+    traffic = total.traffic + total.open_connections
     if total.requests > 0:
-        return Stats(total.requests, min(total.failures, total.requests), p99), total.traffic
-    return Stats(total.tcp_closed, total.tcp_failed, None), total.traffic
+        return Stats(total.requests, min(total.failures, total.requests), p99), traffic
+    return Stats(total.tcp_closed, total.tcp_failed, None), traffic
 
 
 class Readings:
@@ -104,7 +108,8 @@ class Readings:
         self.latest.pop(node, None)
 
     def version(self, service: str, workloads: Collection[str], grpc_failures: Collection[int]) -> Snapshot:
-        """Cumulative counters per node for the workloads (one version) behind `service`."""
+        """Cumulative counters per node for the workloads of one version: requests and
+        outcomes through `service` (source side), and all traffic they carried."""
         out: Snapshot = {}
         now = self._clock()
         codes = {str(c) for c in grpc_failures}
@@ -114,19 +119,24 @@ class Readings:
             c = Counters()
             edges = summary.get("edges")
             for e in edges if isinstance(edges, list) else ():
-                if not isinstance(e, dict) or e.get("destination_service_key") != service \
-                        or e.get("destination_workload") not in workloads:
+                if not isinstance(e, dict) or e.get("destination_workload") not in workloads:
                     continue
-                traffic = _num(e, "requests") + _num(e, "tcp_opened")
-                if e.get("reporter") != "source":
-                    c = c.plus(Counters(traffic=traffic))
+                # Bytes too: a long-lived connection carries traffic without new requests or connections.
+                traffic = _num(e, "requests") + _num(e, "tcp_opened") + _num(e, "bytes_sent") + \
+                    _num(e, "bytes_received")
+                # Any traffic to the version counts against retiring it (by its workload
+                # address too, not only through the service); analysis reads only the
+                # service's callers, as their proxies saw them.
+                open_now = max(0.0, _num(e, "tcp_opened") - _num(e, "tcp_closed"))
+                if e.get("reporter") != "source" or e.get("destination_service_key") != service:
+                    c = c.plus(Counters(traffic=traffic, open_connections=open_now))
                     continue
                 gs = e.get("grpc_status")
                 grpc_failed = sum(_num(gs, k) for k in gs if k in codes) if isinstance(gs, dict) else 0.0
                 hist = e.get("latency_hist")
                 c = c.plus(Counters(_num(e, "requests"), _num(e, "errors") + grpc_failed, _num(e, "tcp_closed"),
                                     _num(e, "tcp_failed"), traffic,
-                                    tuple(float(x) for x in hist) if isinstance(hist, list) else ()))
+                                    tuple(float(x) for x in hist) if isinstance(hist, list) else (), open_now))
             out[node] = c
         return out
 

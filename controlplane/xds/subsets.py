@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from envoy.config.cluster.v3 import cluster_pb2
 
@@ -46,7 +47,7 @@ def matches(subset: Subset, labels: Mapping[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in subset)
 
 
-def needed_subsets(services: Sequence[model.Service], stored_routes: Iterable[object],
+def needed_subsets(services: Sequence[model.Service], stored_routes: Iterable[Any],
                    splits: Sequence[VersionSplit]) -> dict[str, set[Subset]]:
     """Service key -> subsets some route's backendRef or some Rollout refers to."""
     out: dict[str, set[Subset]] = {}

@@ -144,7 +144,7 @@ def test_a_changed_run_starts_over_and_keeps_history() -> None:
     other = model.parse_documents(json.dumps({**json.loads(json.dumps(model.to_yaml_document(
         "Rollout", "default", "web", {**rollout().spec(), "candidate": "v3"})))}))[0].obj
     assert isinstance(other, Rollout)
-    st2, ds, _ = advance(other, st, 1004.0)
+    st2, _ds, _ = advance(other, st, 1004.0)
     assert st2["phase"] == "Progressing" and st2["candidate"] == "v3"
     assert st2["history"][-1]["outcome"] == "RolledBack" and "below the floor" in st2["history"][-1]["reason"]
 
@@ -156,14 +156,14 @@ def test_a_changed_run_starts_over_and_keeps_history() -> None:
      "spec.strategy.steps[1]", "must be greater than the step before"),
     ("{service: web, stable: v1, candidate: v1, strategy: {type: Atomic}}", "spec.candidate", "must differ"),
     ("{service: web, stable: v1, candidate: v2, strategy: {type: Linear}}", "spec.strategy.linear", "required"),
-    ("{service: web, stable: v1, candidate: v2, strategy: {type: Steps, steps: [100], pause: 1s},"
-     " analysis: {interval: 5s}}", "spec.strategy", "shorter than one analysis interval"),
+    (("{service: web, stable: v1, candidate: v2, strategy: {type: Steps, steps: [100], pause: 1s},"
+     " analysis: {interval: 5s}}"), "spec.strategy", "shorter than one analysis interval"),
     ("{service: web, stable: v1, candidate: v2, strategy: {type: Atomic}, analysis: {successRate: 2}}",
      "spec.analysis.successRate", "must be a number in 0..1"),
     ("{service: web, stable: v1, candidate: v2, strategy: {type: Atomic}, onFailure: Retry}",
      "spec.onFailure", "must be one of"),
-    ("{service: web, stable: v1, candidate: v2, strategy: {type: Atomic},"
-     " analysis: {grpcFailureClasses: [unavailable, bogus]}}", "spec.analysis.grpcFailureClasses[1]", "must be one of"),
+    (("{service: web, stable: v1, candidate: v2, strategy: {type: Atomic},"
+     " analysis: {grpcFailureClasses: [unavailable, bogus]}}"), "spec.analysis.grpcFailureClasses[1]", "must be one of"),
 ])
 def test_invalid_rollouts_name_the_field(spec: str, path: str, reason: str) -> None:
     with pytest.raises(model.ValidationError) as e:
@@ -255,3 +255,23 @@ def test_controller_persists_resumes_and_keeps_one_driver(tmp_path: Path) -> Non
     store.apply(plan_changes(store, model.parse_documents(json.dumps(model.to_yaml_document(
         "Rollout", "default", "web", spec)))).writes)
     assert store.get("Rollout", "default", "web").status()["run"] == st["run"]  # type: ignore[union-attr]
+
+
+def test_readings_count_direct_traffic_and_open_connections_against_retirement() -> None:
+    r = Readings(clock=lambda: 100.0)
+    summary = {"edges": [
+        # The caller's proxy saw the service (analysis input) ...
+        {"reporter": "source", "source": "default/c", "destination_service_key": "default/web",
+         "destination_workload": "default/web-1", "requests": 10, "errors": 1, "grpc_status": {"14": 2, "5": 3}},
+        # ... and a connection straight to the workload's address, still open (no bytes counted yet).
+        {"reporter": "source", "source": "default/c", "destination_service_key": "unknown/unknown",
+         "destination_workload": "default/web-1", "tcp_opened": 1, "tcp_closed": 0},
+        {"reporter": "source", "source": "default/c", "destination_service_key": "default/web",
+         "destination_workload": "default/other", "requests": 99}]}
+    r.ingest("n1", json.dumps(summary))
+    snap = r.version("default/web", {"default/web-1"}, grpc_failures={14})
+    assert snap["n1"].requests == 10 and snap["n1"].failures == 3  # 5xx + UNAVAILABLE, not NOT_FOUND
+    stats, traffic = interval_stats(snap, snap, ())
+    assert stats.total == 0 and traffic == 1  # nothing moved, but a connection is open: not idle
+    r.ingest("n2", "x" * (300 * 1024))  # oversized: dropped
+    assert "n2" not in r.latest
