@@ -69,6 +69,20 @@ def splits(store: Store) -> list[VersionSplit]:
     return [split_of(ro, r.status()) for ro, r in load(store)]
 
 
+def summaries(store: Store) -> list[dict[str, Any]]:
+    """What the mesh view shows per Rollout: versions, phase, weights, the last reading."""
+    out = []
+    for ro, r in load(store):
+        st = dict(r.status())
+        readings = st.get("readings")
+        out.append({"key": ro.key, "service": ro.service_key, "stable": ro.stable, "candidate": ro.candidate,
+                    "phase": st.get("phase", "Pending") if st.get("run") == ro.run_id else "Pending",
+                    "weight": split_of(ro, st).weights[1][1], "step": st.get("step", 0),
+                    "reason": st.get("reason", ""), "reading": readings[-1] if isinstance(readings, list) and
+                    readings else None, "retirement": st.get("retirement")})
+    return out
+
+
 def version_workloads(nodes: Sequence[RegisteredNode], services: dict[str, Any], ro: Rollout,
                       version: str) -> set[str]:
     svc = services.get(ro.service_key)

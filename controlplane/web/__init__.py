@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
+from controlplane.rollout.controller import summaries as rollout_summaries
+
 log = logging.getLogger(__name__)
 
 BUCKET_S = 2  # the series' resolution (seconds)
@@ -465,6 +467,7 @@ class MeshView:
         g = self.telemetry.graph([s["key"] for s in self.services()], [w["key"] for w in self.workloads()])
         g["reporting_nodes"] = self.telemetry.reporting()
         g["config_revision"] = self.cp.store.revision()
+        g["rollouts"] = rollout_summaries(self.cp.store)  # docs/deployments.md
         return g
 
     def service(self, key: str) -> dict[str, Any] | None:

@@ -437,6 +437,14 @@ def build_snapshot(version: str, node: str, local_workloads: Sequence[LocalWorkl
     for parent, subs in subset_of.items():
         if parent not in clusters:
             raise SnapshotError(f"subset cluster {subs[0].name} has no cluster {parent} for its service port")
+    labels_of = {w.key: dict(w.labels) for w in resources.get(xdsnames.WORKLOAD, {}).values()}
+    referenced: dict[str, set[str]] = {}  # port cluster -> subset clusters its routes name
+    for table in resources.get(xdsnames.ROUTE, {}).values():
+        for entry in table.routes:
+            for name in [wc.cluster for wc in entry.clusters] + [m.cluster for m in entry.mirrors]:
+                parts = name.split("|")
+                if len(parts) == 4 and parts[2]:
+                    referenced.setdefault("|".join((parts[0], parts[1], "", parts[3])), set()).add(name)
     services = []
     for (namespace, name), cs in sorted(grouped.items()):
         vips = {c.vip for c in cs}
@@ -445,17 +453,28 @@ def build_snapshot(version: str, node: str, local_workloads: Sequence[LocalWorkl
         ports = []
         for c in sorted(cs, key=lambda c: c.port):
             la = assignments.get(c.name)
-            subs = []
-            for sc in sorted(subset_of.get(c.name, ()), key=lambda sc: sc.subset):
+            subs: dict[str, ServicePort] = {}
+            parent_eps = la.endpoints if la else ()
+            for sc in subset_of.get(c.name, ()):
                 sla = assignments.get(sc.name)
-                subs.append(ServicePort(
+                subs[sc.name] = ServicePort(
                     port=sc.port, target_port=sc.target_port, protocol=sc.protocol, name=sc.port_name,
-                    cluster=sc.name, endpoints=sla.endpoints if sla else (), policy=sc.policy))
+                    cluster=sc.name, policy=sc.policy,
+                    endpoints=sla.endpoints if sla else _subset_endpoints(parent_eps, sc.subset, labels_of))
+            # Types arrive one at a time in any order: a route may name a subset cluster whose
+            # Cluster or ClusterLoadAssignment has not arrived yet. Serve it meanwhile from the
+            # port's own endpoints and the workloads' labels (the same selection the control
+            # plane makes) rather than failing requests until the rest arrives.
+            for ref in referenced.get(c.name, ()):
+                if ref not in subs:
+                    subs[ref] = ServicePort(port=c.port, target_port=c.target_port, protocol=c.protocol,
+                                            name=c.port_name, cluster=ref, policy=c.policy,
+                                            endpoints=_subset_endpoints(parent_eps, ref.split("|")[2], labels_of))
             ports.append(ServicePort(
                 port=c.port, target_port=c.target_port, protocol=c.protocol, name=c.port_name,
                 cluster=c.name, endpoints=la.endpoints if la else (),
                 routes=resources.get(xdsnames.ROUTE, {}).get(c.name), policy=c.policy,
-                subsets=tuple(subs),
+                subsets=tuple(subs[k] for k in sorted(subs)),
             ))
         services.append(Service(name=name, namespace=namespace, vip=vips.pop(), ports=tuple(ports)))
     workloads = tuple(sorted(resources.get(xdsnames.WORKLOAD, {}).values(),
@@ -463,6 +482,15 @@ def build_snapshot(version: str, node: str, local_workloads: Sequence[LocalWorkl
     return Snapshot(version=version, node=node, mesh=mesh, services=tuple(services),
                     workloads=workloads, local_workloads=tuple(local_workloads),
                     security=security_from(resources.get(xdsnames.POLICY, {})))
+
+
+def _subset_endpoints(endpoints: Sequence[Endpoint], subset: str,
+                      labels_of: Mapping[str, Mapping[str, str]]) -> tuple[Endpoint, ...]:
+    try:
+        want = routes.parse_subset_name(subset)
+    except ValueError:
+        return ()
+    return tuple(e for e in endpoints if all(labels_of.get(e.workload, {}).get(k) == v for k, v in want))
 
 
 # ------------------------------------------------------------------ state across responses

@@ -128,12 +128,12 @@ def wait_phase(lab: Lab, phases: tuple[str, ...], timeout: float, name: str = "w
     return status(lab, name)
 
 
-def wait_steady(lab: Lab, out: Path, replicas: set[str], timeout: float = 20.0) -> None:
-    """Until the client's recent answers come from exactly these replicas, all 200."""
+def wait_steady(lab: Lab, out: Path, replicas: set[str] | None, timeout: float = 20.0) -> None:
+    """Until the client's recent answers are all 200 and (when given) come from exactly these replicas."""
     def ok() -> bool:
         recent = records(out)[-20:]
         return len(recent) == 20 and all(r["status"] == 200 for r in recent) and \
-            {r.get("replica") for r in recent} == replicas
+            (replicas is None or {r.get("replica") for r in recent} == replicas)
     lab.wait_for(ok, timeout, f"the client to reach {replicas}", lambda: str(records(out)[-5:]))
 
 
@@ -158,9 +158,8 @@ def shares_per_step(recs: list[dict[str, Any]], decisions: list[dict[str, Any]],
 def test_healthy_v2_is_promoted_step_by_step_with_zero_failures(lab: Lab) -> None:
     two_versions(lab)
     out = start_client(lab)
-    wait_steady(lab, out, {"web-v1", "web-v2"})  # no Rollout yet: both versions serve
+    wait_steady(lab, out, None)  # no Rollout yet: the mesh serves the client
     lab.apply(rollout_doc(expireAfter="1h"))
-    wait_steady(lab, out, {"web-v1", "web-v2"})
     # The live view shows the progress bar and the readings against the thresholds.
     lab.wait_for(lambda: bool(status(lab).get("readings")), 15, "a first reading")
     view = cli(lab, "status", "web", "--once")
@@ -185,6 +184,10 @@ def test_healthy_v2_is_promoted_step_by_step_with_zero_failures(lab: Lab) -> Non
     assert 'nodemesh_rollout_decisions_total{decision="promote",reason="steps_complete"} 1' in metrics.stdout, \
         metrics.stdout[-2000:]
     assert 'nodemesh_rollout_step{rollout="default/web"} 0' in metrics.stdout
+    # The mesh view lists the rollout with its weights and last reading.
+    graph = json.loads(lab.ns_exec(lab.hub, ["curl", "-s", "http://127.0.0.1:15014/api/graph"], check=False).stdout)
+    (view_ro,) = graph["rollouts"]
+    assert (view_ro["phase"], view_ro["weight"], view_ro["reading"]["verdict"]) == ("Promoted", 100, "pass")
 
 
 def test_v2_failing_half_its_requests_is_rolled_back_within_two_intervals(lab: Lab) -> None:
@@ -323,3 +326,87 @@ def test_tcp_service_is_shifted_per_connection(lab: Lab) -> None:
     assert all(r["status"] == 200 for r in recs if r["t"] > st["startedAt"])
     steps = shares_per_step(recs, st["decisions"])
     assert steps and steps[0][0] == 50 and abs(steps[0][1] - 0.5) <= 0.2, steps
+
+
+GRPC_SERVER = r"""
+import random, sys, grpc
+from concurrent import futures
+name, port, fail = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+def unary(req, ctx):
+    if fail and random.random() < fail:
+        ctx.abort(grpc.StatusCode.UNAVAILABLE, f"{name} is failing")
+    return name.encode()
+h = {"Unary": grpc.unary_unary_rpc_method_handler(unary, lambda b: b, lambda b: b)}
+s = grpc.server(futures.ThreadPoolExecutor(8))
+s.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Echo", h),))
+s.add_insecure_port(f"0.0.0.0:{port}")
+s.start()
+s.wait_for_termination()
+"""
+
+GRPC_CLIENT = r"""
+import json, sys, time, grpc
+target, rate, out = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+f = open(out, "a", buffering=1)
+ch = grpc.insecure_channel(target)  # one HTTP/2 connection: the split is per request
+call = ch.unary_unary("/test.Echo/Unary", lambda b: b, lambda b: b)
+next_t = time.time()
+while True:
+    t = time.time()
+    rec = {"t": t}
+    try:
+        rec["replica"] = call(b"x", timeout=5).decode(); rec["status"] = 200
+    except grpc.RpcError as e:
+        rec["status"] = 0; rec["error"] = e.code().name
+    f.write(json.dumps(rec) + "\n")
+    next_t += 1.0 / rate
+    time.sleep(max(0.0, next_t - time.time()))
+"""
+
+SERVICE_ECHO = """\
+---
+apiVersion: nodemesh.io/v1alpha1
+kind: Service
+metadata: {name: echo, namespace: default}
+spec: {selector: {app: echo}, ports: [{port: 50051, targetPort: 50051, protocol: grpc}]}
+"""
+
+
+@pytest.mark.parametrize("v2_fail", [0.0, 0.5], ids=["healthy", "unavailable"])
+def test_grpc_service_is_shifted_per_request_and_judged_by_status(lab: Lab, v2_fail: float) -> None:
+    lab.start_controlplane()
+    lab.apply(BASE_CONFIG + SERVICE_ECHO)
+    for wl in (LabWorkload("echo-v1", node=1, uid=2001, ports=(50051,), service_account="echo",
+                           labels={"app": "echo", "version": "v1"}),
+               LabWorkload("echo-v2", node=2, uid=2002, ports=(50051,), service_account="echo",
+                           labels={"app": "echo", "version": "v2"}),
+               LabWorkload("client", node=1, uid=CLIENT_UID, service_account="client")):
+        lab.add_workload(wl)
+    for name, fail in (("echo-v1", 0.0), ("echo-v2", v2_fail)):
+        wl = lab.workloads[name]
+        lab.spawn(f"app-{name}", lab.node_ns(wl.node), [sys.executable, "-c", GRPC_SERVER, name, "50051", str(fail)],
+                  uid=wl.uid)
+        lab.wait_for(lambda wl=wl: lab._listening(wl.node, 50051), 15, f"{name} to listen")
+    lab.start_agent(1)
+    lab.start_agent(2)
+    out = lab.workdir / "grpc.jsonl"
+    out.touch()
+    out.chmod(0o666)
+    lab.spawn("steady", lab.node_ns(1), [sys.executable, "-c", GRPC_CLIENT, f"{lab.service_vip('echo')}:50051",
+                                         "30", str(out)], uid=CLIENT_UID)
+    lab.wait_for(lambda: any(r["status"] == 200 for r in records(out)[-5:]), 20, "the gRPC client to get answers")
+    lab.apply(rollout_doc(service="echo", steps=(40, 100), pause="5s", interval="1s",
+                          analysis={"interval": "1s", "minRequests": 3, "successRate": 0.95,
+                                    "grpcFailureClasses": ["unavailable"]}))
+    st = wait_phase(lab, ("Promoted", "RolledBack"), 40)
+    lab.stop("steady")
+    recs = [r for r in records(out) if r["t"] >= st["startedAt"]]
+    if v2_fail:
+        assert st["phase"] == "RolledBack" and st["decisions"][-1]["reason"] == "success_rate", json.dumps(st)
+        failed = [r for r in recs if r["status"] != 200]
+        assert failed and {r["error"] for r in failed} == {"UNAVAILABLE"}
+        return
+    assert st["phase"] == "Promoted", json.dumps(st, indent=1)
+    assert all(r["status"] == 200 for r in recs), [r for r in recs if r["status"] != 200][:3]
+    steps = shares_per_step(recs, st["decisions"])
+    assert steps and steps[0][0] == 40 and abs(steps[0][1] - 0.4) <= 0.15, steps

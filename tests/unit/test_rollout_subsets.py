@@ -165,3 +165,20 @@ def test_agent_refuses_subset_cluster_without_parent() -> None:
         errors += st.apply(t, s.version(t), res).errors
     assert st.snapshot is None
     assert any("has no cluster outbound|80||web.default.svc.mesh" in e for e in errors), errors
+
+
+def test_route_arriving_before_its_subset_clusters_is_served_from_the_port() -> None:
+    """xDS types arrive one at a time in any order: routes naming subset clusters whose
+    Cluster/ClusterLoadAssignment are not there yet must not fail requests meanwhile."""
+    before = _snap([])
+    after = _snap([VersionSplit("default/web", "version", (("v1", 50), ("v2", 50)))])
+    st = XdsState(node="n1", local_workloads=(LocalWorkload("client", "default", "client", "10.1.0.9", (), uid=1),))
+    for t in xdsnames.AGENT_TYPES:
+        assert st.apply(t, before.version(t), [NamedResource(n, a) for n, a in before.get(t).resources.items()]).accepted
+    # The new routes first, then the clusters (no assignments yet): every subset has endpoints.
+    for t in (xdsnames.ROUTE, xdsnames.CLUSTER):
+        res = st.apply(t, after.version(t), [NamedResource(n, a) for n, a in after.get(t).resources.items()])
+        assert res.accepted and res.snapshot is not None, res.errors
+        sp = next(s for s in res.snapshot.services if s.name == "web").ports[0]
+        assert {x.cluster.split("|")[2]: [e.workload for e in x.endpoints] for x in sp.subsets} == {
+            "version=v1": ["default/web-1"], "version=v2": ["default/web-2"]}
