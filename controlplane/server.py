@@ -280,7 +280,9 @@ async def start(settings: ControlPlaneSettings) -> ControlPlane:
         store, registry.nodes, lambda: {e.service.key: e.service for e in current_services(store)}, readings,
         registry=cp_metrics.registry)
     tasks = [asyncio.create_task(publisher.run()),
-             asyncio.create_task(rollouts.run()),
+             # Only the elected replica drives rollouts (controlplane/leader.py); the driver lease
+             # in each Rollout's status still fences a replica that has not yet learnt it lost.
+             asyncio.create_task(leader.run_while_leader("rollouts", rollouts.run)),
              asyncio.create_task(registry.run_expiry(settings.expiry_interval_s)),
              asyncio.create_task(cp_auth.watch_trust_bundle(ca, publisher.trigger))]
     if isinstance(store, store_etcd.EtcdStore):

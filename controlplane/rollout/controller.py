@@ -5,11 +5,13 @@ store, so a restarted control plane resumes where it was.
 
 Weights reach the data plane through the ordinary xDS path: the snapshot
 publisher rebuilds on every store change and reads `splits()` (the weights each
-Rollout's status implies). Several replicas on one store: each Rollout's status
-carries a driver lease (`status.driver`), taken and renewed only by a
-compare-and-set write (`Store.apply_planned` re-reads the resource and writes
-only if nobody wrote it since), so exactly one replica drives a rollout and
-another takes over once the lease lapses.
+Rollout's status implies). Several replicas on one store: only the elected
+replica runs the controller (controlplane/leader.py, `run_while_leader`), and
+each Rollout's status also carries a driver lease (`status.driver`), taken and
+renewed only by a compare-and-set write (`Store.apply_planned` re-reads the
+resource and writes only if nobody wrote it since). The lease fences the short
+window in which a deposed leader has not yet learnt it lost: exactly one replica
+writes a rollout's state, and another takes over once the lease lapses.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """The rollout state machine with a fake clock, the Rollout model's validation
 (field paths), interval readings from heartbeat summaries, and the controller
-over a real SQLite store: persistence, resume after a restart, one driver."""
+over a real SQLite store and a real etcd: persistence, resume after a restart, one driver."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,9 +16,10 @@ from controlplane.rollout import machine
 from controlplane.rollout.controller import RolloutController, splits
 from controlplane.rollout.machine import Stats, advance
 from controlplane.rollout.readings import Counters, Readings, interval_stats
-from controlplane.store import SQLiteStore
+from controlplane.store import SQLiteStore, Store
 from nodemesh import model
 from nodemesh.rollouts import Rollout
+from tests.unit.test_store_contract import etcd_certs, etcd_endpoint, make_store  # noqa: F401 - fixtures
 
 SERVICE = """\
 apiVersion: nodemesh.io/v1alpha1
@@ -210,9 +212,11 @@ def _summary(req: float, err: float, dst: str) -> str:
                        "latency_buckets_ms": [10, 100, 1000]})
 
 
-def test_controller_persists_resumes_and_keeps_one_driver(tmp_path: Path) -> None:
+def test_controller_persists_resumes_and_keeps_one_driver(make_store: Callable[[], Store]) -> None:  # noqa: F811
+    """On SQLite and on a real etcd: the state survives the driver, a second replica
+    never writes a rollout whose lease is held, and takes over once it lapses."""
     now = [1000.0]
-    store = SQLiteStore(str(tmp_path / "s.db"), clock=lambda: now[0])
+    store = make_store()
     spec = rollout().spec()
     plan = plan_changes(store, model.parse_documents(SERVICE + "---\n" + json.dumps(model.to_yaml_document(
         "Rollout", "default", "web", spec))))
@@ -228,11 +232,12 @@ def test_controller_persists_resumes_and_keeps_one_driver(tmp_path: Path) -> Non
         sent["v2"] += 20
         readings.ingest("n1", _summary(sent["v2"], 0, "default/web-2"))
 
-    def controller(rid: str) -> RolloutController:
-        return RolloutController(store, lambda: nodes, lambda: {svc.key: svc}, readings, clock=lambda: now[0],
+    def controller(rid: str, on: Store) -> RolloutController:
+        return RolloutController(on, lambda: nodes, lambda: {svc.key: svc}, readings, clock=lambda: now[0],
                                  replica_id=rid)
 
-    a, b = controller("a"), controller("b")
+    # "b" has its own handle on the same state: a second replica (or the restarted one).
+    a, b = controller("a", store), controller("b", make_store())
     assert splits(store)[0].weights == (("v1", 100), ("v2", 0))  # before the controller starts: all stable
     while now[0] < 1002.6:
         feed()

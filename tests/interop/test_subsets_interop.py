@@ -1,7 +1,8 @@
-"""A real Envoy follows version subsets: one Service, two versions told apart
+"""Real Envoy and proxyless gRPC follow version subsets: one Service, two versions told apart
 by a label; a Rollout's weights reach Envoy as weighted subset clusters
 (`outbound|80|version=v2|...`, each with only its version's endpoints), and a
-promotion moves all of Envoy's traffic to the candidate."""
+promotion moves all of Envoy's traffic to the candidate; a GRPCRoute naming subsets
+splits a proxyless gRPC client's calls between them."""
 
 from __future__ import annotations
 
@@ -9,14 +10,17 @@ import http.client
 import json
 import threading
 import time
+from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from controlplane.xds.listeners import envoy_bootstrap
 from nodemesh import xdsnames
 from nodemesh.v1 import mesh_pb2
-from tests.interop.conftest import ControlPlaneThread, free_port
+from tests.interop.conftest import ControlPlaneThread, free_port, run_grpc_client
 
 
 class Backend:
@@ -133,3 +137,61 @@ def test_envoy_follows_a_rollout_through_subset_clusters(controlplane: ControlPl
     finally:
         v1.stop()
         v2.stop()
+
+
+GRPC_CONFIG = """\
+apiVersion: nodemesh.io/v1alpha1
+kind: Service
+metadata: {{name: echo}}
+spec: {{selector: {{app: echo}}, ports: [{{port: 50051, targetPort: {port}, protocol: grpc}}]}}
+---
+apiVersion: nodemesh.io/v1alpha1
+kind: GRPCRoute
+metadata: {{name: echo}}
+spec:
+  parentRefs: [{{kind: Service, name: echo, port: 50051}}]
+  rules:
+  - backendRefs: [{{name: echo, subset: {{version: v1}}, weight: 70}}, {{name: echo, subset: {{version: v2}}, weight: 30}}]
+"""
+
+GRPC_CLIENT = r"""
+import json, sys, grpc
+ch = grpc.insecure_channel(sys.argv[1])
+call = ch.unary_unary("/test.Echo/Unary", request_serializer=lambda b: b, response_deserializer=lambda b: b)
+counts = {}
+for i in range(int(sys.argv[2])):
+    name = call(b"x", timeout=10, wait_for_ready=True).decode()
+    counts[name] = counts.get(name, 0) + 1
+print(json.dumps(counts))
+"""
+
+
+def test_proxyless_grpc_splits_between_version_subsets(controlplane: ControlPlaneThread, tmp_path: Path) -> None:
+    port = free_port()
+    servers = []
+    for name, host in (("echo-v1", "127.0.0.1"), ("echo-v2", "127.0.0.2")):
+        s = grpc.server(futures.ThreadPoolExecutor(4))
+        handler = grpc.unary_unary_rpc_method_handler(lambda req, ctx, n=name: n.encode(), lambda b: b, lambda b: b)
+        s.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Echo", {"Unary": handler}),))
+        s.add_insecure_port(f"{host}:{port}")
+        s.start()
+        servers.append(s)
+    try:
+        controlplane.apply(GRPC_CONFIG.format(port=port))
+        controlplane.register_node("interop-grpc", [
+            mesh_pb2.WorkloadRegistration(name=f"echo-{v}", namespace="default", service_account="echo",
+                                          labels={"app": "echo", "version": v}, ip=ip, ports=[port])
+            for v, ip in (("v1", "127.0.0.1"), ("v2", "127.0.0.2"))])
+        bootstrap = {
+            "xds_servers": [{"server_uri": f"unix:{controlplane.sock}", "channel_creds": [{"type": "insecure"}],
+                             "server_features": ["xds_v3"]}],
+            "node": {"id": "grpc-subsets", "cluster": "interop", "metadata": {"nodemesh.client": "grpc"}},
+        }
+        res = run_grpc_client(bootstrap, tmp_path, GRPC_CLIENT, "xds:///echo.default.svc.mesh:50051", "300")
+        assert res.returncode == 0, res.stderr[-3000:]
+        counts = json.loads(res.stdout.strip().splitlines()[-1])
+        assert sum(counts.values()) == 300 and 0.2 <= counts.get("echo-v2", 0) / 300 <= 0.4, counts
+        assert controlplane.ads_stats().nacks == 0
+    finally:
+        for s in servers:
+            s.stop(0)
