@@ -252,7 +252,7 @@ def test_invalid_rollouts_are_refused_with_field_paths(lab: Lab) -> None:
 def test_cli_pause_resume_abort_then_a_new_run_promoted(lab: Lab) -> None:
     two_versions(lab)
     out = start_client(lab, rate=20)
-    lab.apply(rollout_doc(steps=(10, 20, 30, 100), pause="2s"))
+    lab.apply(rollout_doc(steps=(10, 20, 30, 40, 100), pause="4s"))
     lab.wait_for(lambda: status(lab).get("weight") == 20, 30, "step 2")
     assert cli(lab, "pause", "web").returncode == 0
     st = wait_phase(lab, ("Paused",), 5)
