@@ -146,6 +146,9 @@ class RolloutController:
                 self._drive(ro, res, now, nodes, services)
             except StoreError as e:
                 log.warning("rollout %s: cannot write its state (%s); retrying", ro.key, e)
+            except Exception:
+                # One rollout's bug must not stall the others; this one is retried next tick.
+                log.exception("rollout %s: tick failed", ro.key)
         for key in [k for k in self._base if k not in seen]:
             del self._base[key]
 

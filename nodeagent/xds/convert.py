@@ -434,9 +434,9 @@ def build_snapshot(version: str, node: str, local_workloads: Sequence[LocalWorkl
                                  []).append(c)
             continue
         grouped.setdefault((c.namespace, c.service), []).append(c)
-    for parent, subs in subset_of.items():
+    for parent, orphans in subset_of.items():
         if parent not in clusters:
-            raise SnapshotError(f"subset cluster {subs[0].name} has no cluster {parent} for its service port")
+            raise SnapshotError(f"subset cluster {orphans[0].name} has no cluster {parent} for its service port")
     labels_of = {w.key: dict(w.labels) for w in resources.get(xdsnames.WORKLOAD, {}).values()}
     referenced: dict[str, set[str]] = {}  # port cluster -> subset clusters its routes name
     for table in resources.get(xdsnames.ROUTE, {}).values():

@@ -182,3 +182,19 @@ def test_route_arriving_before_its_subset_clusters_is_served_from_the_port() -> 
         sp = next(s for s in res.snapshot.services if s.name == "web").ports[0]
         assert {x.cluster.split("|")[2]: [e.workload for e in x.endpoints] for x in sp.subsets} == {
             "version=v1": ["default/web-1"], "version=v2": ["default/web-2"]}
+
+
+def test_subsets_from_endpoint_slices_only() -> None:
+    """Scoped discovery (Delta) carries endpoints as per-node slices: a subset cluster's
+    endpoints come from its own slices, like the port's."""
+    s = _snap([VersionSplit("default/web", "version", (("v1", 50), ("v2", 50)))])
+    st = XdsState(node="n1", local_workloads=(LocalWorkload("client", "default", "client", "10.1.0.9", (), uid=1),))
+    for t in xdsnames.AGENT_TYPES:
+        res = [NamedResource(n, a) for n, a in s.get(t).resources.items()
+               if t != xdsnames.ENDPOINT or xdsnames.is_slice(n)]
+        assert st.apply(t, s.version(t), res).accepted
+    assert st.snapshot is not None
+    sp = next(x for x in st.snapshot.services if x.name == "web").ports[0]
+    assert sorted(e.workload for e in sp.endpoints) == ["default/web-1", "default/web-2"]
+    assert {x.cluster.split("|")[2]: [e.workload for e in x.endpoints] for x in sp.subsets} == {
+        "version=v1": ["default/web-1"], "version=v2": ["default/web-2"]}
