@@ -10,7 +10,13 @@ import re
 import threading
 import time
 
+import pytest
+
 from tests.cluster.conftest import Tier
+
+# Booting and provisioning the machines is part of the first test's setup, and a
+# restart under load takes a while on a shared machine: more than the default 120 s.
+pytestmark = pytest.mark.timeout(600)
 
 
 def _agent_log(t: Tier, host: str, since: str = "") -> str:
@@ -87,6 +93,54 @@ def test_watchdog_restarts_a_wedged_agent(tier: Tier) -> None:
     assert "Watchdog timeout" in log and "did not answer" in log
     rc, out = tier.curl("node1", f"http://{tier.vip}/after-watchdog")
     assert rc == 0, out
+
+
+HOLD = """
+import os, socket, sys, time
+s = socket.create_connection((sys.argv[1], 80), timeout=20)
+def get(path):
+    s.sendall(f"GET {path} HTTP/1.1\\r\\nHost: web\\r\\n\\r\\n".encode())
+    head = b""
+    while b"\\r\\n\\r\\n" not in head:
+        head += s.recv(1)
+    n = int([h.split(b":")[1] for h in head.split(b"\\r\\n") if h.lower().startswith(b"content-length")][0])
+    body = b""
+    while len(body) < n:
+        body += s.recv(n - len(body))
+    return head.split(b" ")[1].decode()
+print("first", get("/held-1"), s.getsockname()[1], flush=True)
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.1)
+print("second", get("/held-2"), s.getsockname()[1], flush=True)
+"""
+
+
+def test_reload_applies_workloads_without_touching_connections(tier: Tier) -> None:
+    """`systemctl reload` (SIGHUP, RELOADING=1 ... READY=1): a new workload is
+    captured, the agent is not restarted, and a keep-alive connection held
+    through the mesh meanwhile carries its next request on the same socket."""
+    go = "/tmp/nodemesh-held-go"
+    tier.sh("node1", f"rm -f {go}; id extra >/dev/null 2>&1 || useradd --system --uid 3002 extra")
+    main, restarts = tier.prop("node1", "MainPID"), tier.prop("node1", "NRestarts")
+    out: list[str] = []
+    th = threading.Thread(target=lambda: out.append(tier.c.run(
+        "node1", ["setpriv", "--reuid=3001", "python3", "-c", HOLD, tier.vip, go], check=False, timeout=120).stdout))
+    th.start()
+    try:
+        time.sleep(2)
+        tier.sh("node1", "cp /etc/nodemesh/agent.yaml /root/agent.yaml.orig && echo '  - {name: extra-node1, "
+                         "namespace: default, serviceAccount: extra, uid: 3002}' >> /etc/nodemesh/agent.yaml && "
+                         "systemctl reload nodemesh-agent")
+        _wait(lambda: "--uid-owner 3002" in tier.sh("node1", "iptables-save -t nat"), 20, "the new workload's rule")
+        assert tier.prop("node1", "ActiveState") == "active"
+        assert (tier.prop("node1", "MainPID"), tier.prop("node1", "NRestarts")) == (main, restarts)
+    finally:
+        tier.sh("node1", f"touch {go}")
+        th.join()
+        tier.sh("node1", "cp /root/agent.yaml.orig /etc/nodemesh/agent.yaml && systemctl reload nodemesh-agent")
+    lines = out[0].split("\n") if out else []
+    assert len(lines) >= 2 and lines[0].startswith("first 200") and lines[1].startswith("second 200"), out
+    assert lines[0].split()[2] == lines[1].split()[2], out  # the same connection
 
 
 PROBE = """
