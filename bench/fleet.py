@@ -127,6 +127,7 @@ class Agent:
     bytes_received: int = 0
     responses: int = 0
     nacks: int = 0
+    join_errors: list[str] = field(default_factory=list)
     depends: frozenset[str] | None = None  # service names whose endpoints it subscribes to; None: all
     eds_globs: set[str] = field(default_factory=set)
     channel: grpc.aio.Channel | None = None
@@ -314,7 +315,16 @@ class Fleet:
         return _name_of(type_url, _MESSAGES[type_url].FromString(r.value))
 
     async def start_agent(self, a: Agent) -> None:
-        await self.join(a)
+        # As the agent (nodeagent/attest.py): a failed join is retried with backoff.
+        for attempt in range(8):
+            try:
+                await self.join(a)
+                break
+            except grpc.aio.AioRpcError as e:
+                a.join_errors.append(f"{e.code().name}: {e.details()}")
+                if attempt == 7:
+                    raise
+                await asyncio.sleep(min(5.0, 0.2 * 2 ** attempt) * random.uniform(0.5, 1.0))
         self.tasks.append(asyncio.create_task(self.registry(a)))
         self.tasks.append(asyncio.create_task(self.ads(a)))
 
@@ -410,6 +420,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             converged = time.monotonic() - t0
         except TimeoutError:
             converged = float("nan")
+            late = [a for a in fleet.agents if a.name not in done]
+            print(f"  {len(late)} nodes did not converge; e.g. " + "; ".join(
+                f"{a.name}: {a.count(xdsnames.WORKLOAD)}/{total_wl} workloads, {a.responses} responses, "
+                f"streams {a.ads_streams}" for a in late[:5]), file=sys.stderr)
+            for t in fleet.tasks:
+                if t.done() and not t.cancelled() and t.exception() is not None:
+                    print(f"  a simulated agent's task failed: {t.exception()!r}", file=sys.stderr)
+                    break
         storm_cpu = proc.cpu_s() - cpu0
         out["join_storm"] = {
             "converge_s": converged, "joined_s": joined, "cp_cpu_s": storm_cpu, "sim_cpu_s": self_cpu_s() - me0,
@@ -418,6 +436,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "ads_reconnects": sum(a.ads_streams - 1 for a in fleet.agents),
             "registry_reconnects": sum(a.registry_sessions - 1 for a in fleet.agents),
             "bytes_received": sum(a.bytes_received for a in fleet.agents),
+            "join_retries": sum(len(a.join_errors) for a in fleet.agents),
+            "join_errors": sorted({e for a in fleet.agents for e in a.join_errors})[:5],
         }
         print(f"join storm: {args.nodes} nodes joined in {joined:.2f}s, converged in {converged:.2f}s, "
               f"cp cpu {storm_cpu:.1f}s, "
