@@ -37,6 +37,15 @@ def _weights(spec: dict[str, Any]) -> list[int]:
     return [int(w) for w in st.get("steps", [])]
 
 
+def _step_seconds(spec: dict[str, Any]) -> float | None:
+    """How long a step lasts, from the spec as stored (defaults filled by nodemesh.rollouts)."""
+    try:
+        ro = model.parse_document(model.to_yaml_document(KIND_ROLLOUT, "default", "x", spec)).obj
+    except model.ValidationError:
+        return None
+    return float(ro.step_s)
+
+
 def progress_bar(weight: int, width: int = BAR_WIDTH) -> str:
     filled = round(width * max(0, min(100, weight)) / 100)
     return "[" + "#" * filled + "." * (width - filled) + f"] {weight:3d} %"
@@ -70,10 +79,12 @@ def render_status(doc: dict[str, Any], now: float) -> str:
         if isinstance(nxt, (int, float)):
             lines.append(f"  analysis  every {an.get('interval', '10s')}, next in {max(0.0, nxt - now):.1f}s")
         started = st.get("stepStartedAt")
-        pause = (spec.get("strategy") or {}).get("pause")
-        if isinstance(started, (int, float)) and phase == "Progressing":
-            lines.append(f"  step began {_ago(started, now)}" + (f"; a step lasts {pause} and needs one passed "
-                                                                 "analysis" if pause else ""))
+        step_s = _step_seconds(spec)
+        if isinstance(started, (int, float)) and phase == "Progressing" and step_s is not None:
+            left = started + step_s - now
+            nxt_step = "the end (promotion)" if step + 1 >= len(weights) else f"step {step + 2}"
+            passed = "" if st.get("stepPassed") else ", once an analysis has passed"
+            lines.append(f"  next      {nxt_step} in {max(0.0, left):.0f}s{passed} (a step lasts {step_s:g}s)")
     lines.append(f"  weights   {spec.get('stable')} {100 - w} %   {spec.get('candidate')} {w} %")
     an = spec.get("analysis") or {}
     lines.append(f"  thresholds  success rate >= {an.get('successRate', 0.99)}"
