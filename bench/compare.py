@@ -401,12 +401,13 @@ def table(summary: dict[str, dict[str, Any]], rate: float) -> str:
     d = summary.get("direct", {})
     drps, dp99, dbulk = d.get("rps"), d.get("fixed_p99_ms"), d.get("bulk_MBps")
     header = (f"| path | max req/s (× direct) | p99 at {rate:,.0f} req/s, ms (added over direct) | "
-              "vCPU per 1k req/s, both proxies (at max load) | bulk one stream, MB/s (× direct) | "
+              "vCPU per 1k req/s, both proxies (at max load) | CPU µs per request at max load, both proxies | "
+              "bulk one stream, MB/s (× direct) | "
               "wrk p99 ms | wrk vCPU | host CPU busy during wrk | connections between the proxies |")
-    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|"]
     for key, s in summary.items():
         if not s.get("rounds_ok"):
-            lines.append(f"| {LABELS[key]} | error: {str(s.get('errors', ['?'])[0])[:120]!r} | | | | | | | |")
+            lines.append(f"| {LABELS[key]} | error: {str(s.get('errors', ['?'])[0])[:120]!r} | | | | | | | | |")
             continue
         rps = s["rps"]
         ratio = f" ({rps / drps:.2f})" if drps and rps else ""
@@ -414,9 +415,11 @@ def table(summary: dict[str, dict[str, Any]], rate: float) -> str:
         added = f" ({p99 - dp99:+.2f})" if key != "direct" and p99 is not None and dp99 is not None else ""
         cpu = fmt(s["cpu_s_per_1k_fixed"], ".2f") + (f" ({s['cpu_s_per_1k_max']:.2f})"
                                                     if s["cpu_s_per_1k_max"] is not None else "")
+        # CPU-seconds per 1,000 requests = milliseconds per request: × 1,000 for µs.
+        us_per_req = fmt(None if s["cpu_s_per_1k_max"] is None else s["cpu_s_per_1k_max"] * 1000, ".0f")
         bulk = s.get("bulk_MBps")
         bulk_s = "–" if bulk is None else f"{bulk:,.0f}" + (f" ({bulk / dbulk:.2f})" if dbulk else "")
-        lines.append(f"| {LABELS[key]} | {rps:,.0f}{ratio} | {fmt(p99, '.2f')}{added} | {cpu} | {bulk_s} | "
+        lines.append(f"| {LABELS[key]} | {rps:,.0f}{ratio} | {fmt(p99, '.2f')}{added} | {cpu} | {us_per_req} | {bulk_s} | "
                      f"{fmt(s['wrk_p99_ms'], '.2f')} | {fmt(s['generator_vcpu'], '.2f')} | "
                      f"{fmt(s['host_busy'], '.0%')} | {fmt(s.get('mtls_conns'), '.0f')} |")
     return "\n".join(lines)

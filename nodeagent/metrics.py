@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields, replace
 from nodemesh.prom import (
     BYTES_BUCKETS,
     DURATION_BUCKETS_MS,
+    Child,
     FamilyData,
     LabelKey,
     MetricError,
@@ -163,18 +164,50 @@ def tcp_closed(labels: MeshLabels, sent_bytes: int, received_bytes: int) -> None
     TCP_RECEIVED.inc(d, float(received_bytes))
 
 
+class RequestSeries:
+    """The four request families' series per label set, resolved once: a request's
+    metrics are then four updates, not four label lookups (label sets are bounded
+    by the mesh config, so this is bounded too; it is emptied past MAX entries)."""
+
+    MAX = 4096
+
+    def __init__(self) -> None:
+        self._by: dict[tuple[MeshLabels, str, int, str], tuple[Child, Child, Child, Child] | None] = {}
+
+    def record(self, labels: MeshLabels, request_protocol: str, response_code: int, grpc_response_status: str,
+               duration_ms: float, request_bytes: int, response_bytes: int) -> None:
+        key = (labels, request_protocol, response_code, grpc_response_status)
+        got = self._by.get(key)
+        if got is None and key not in self._by:
+            if len(self._by) >= self.MAX:
+                self._by.clear()
+            d = replace(labels, request_protocol=request_protocol).as_dict()
+            d["response_code"] = str(int(response_code))
+            d["grpc_response_status"] = grpc_response_status
+            r, du, rq, rs = (REQUESTS.child(d), REQUEST_DURATION.child(d), REQUEST_BYTES.child(d),
+                             RESPONSE_BYTES.child(d))
+            got = self._by[key] = (r, du, rq, rs) if r and du and rq and rs else None
+        if got is None:  # over a family's series limit: dropped (and counted) like inc() would
+            REQUESTS.inc(replace(labels, request_protocol=request_protocol).as_dict()
+                         | {"response_code": str(int(response_code)), "grpc_response_status": grpc_response_status})
+            return
+        requests, duration, req_bytes, resp_bytes = got
+        requests.inc()
+        duration.observe(float(duration_ms))
+        req_bytes.observe(float(request_bytes))
+        resp_bytes.observe(float(response_bytes))
+
+
+_REQUEST_SERIES = RequestSeries()
+
+
 def record_request(labels: MeshLabels, *, response_code: int, duration_ms: float, request_bytes: int = 0,
                    response_bytes: int = 0, grpc_response_status: str = "", request_protocol: str = "http") -> None:
     """One finished HTTP/gRPC request, for the L7 proxy to call once per request
     (after the last retry; retries themselves count in nodemesh_retries_total).
     `labels` is the connection's MeshLabels; response_code 0 means no response."""
-    d = replace(labels, request_protocol=request_protocol).as_dict()
-    d["response_code"] = str(int(response_code))
-    d["grpc_response_status"] = grpc_response_status
-    REQUESTS.inc(d)
-    REQUEST_DURATION.observe(d, float(duration_ms))
-    REQUEST_BYTES.observe(d, float(request_bytes))
-    RESPONSE_BYTES.observe(d, float(response_bytes))
+    _REQUEST_SERIES.record(labels, request_protocol, int(response_code), grpc_response_status, duration_ms,
+                           request_bytes, response_bytes)
 
 
 def service_of_cluster(cluster: str) -> str:

@@ -14,6 +14,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from nodeagent import metrics, tracing
@@ -182,6 +183,9 @@ def mesh_labels(fields: Mapping[str, Any], snapshot: Snapshot | None,
     )
 
 
+LABEL_CACHE_MAX = 4096
+
+
 def _iso(t: float) -> str:
     return iso_time(t)  # the seconds part is cached (nodeagent/proxy/accesslog.py)
 
@@ -198,6 +202,11 @@ class ProxyTelemetry:
         self._rng = rng or random.Random()
         self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_MAX)
         self.seq = 0
+        # mesh_labels() per distinct input, for the snapshot it was computed with: a
+        # request's labels are a dict lookup, not a rebuild (the inputs are mesh names,
+        # bounded by the config; trace headers are not part of the key).
+        self._labels_for: Snapshot | None = None
+        self._labels: dict[tuple[Any, ...], metrics.MeshLabels] = {}
 
     # -- session hooks --
     @staticmethod
@@ -297,12 +306,30 @@ class ProxyTelemetry:
                      else "the connection ended before the workload answered")
         req.finish()
 
+    def labels_of(self, session: Session) -> metrics.MeshLabels:
+        """mesh_labels() of a session, memoized on the fields it reads."""
+        f = session.fields
+        snap = self._proxy.snapshot
+        if snap is not self._labels_for or len(self._labels) >= LABEL_CACHE_MAX:
+            self._labels.clear()
+            self._labels_for = snap
+        ph = session.peer_headers
+        error = f.get("error")
+        key = (f.get("direction"), f.get("via"), f.get("source_workload"), f.get("source_principal"),
+               f.get("dst_workload"), f.get("dst_service"), f.get("dst_identity"), f.get("dst_addr"), f.get("tls"),
+               f.get("reason"), bool(error and "reset" in error),
+               tuple(v for k, v in ph if k.lower() == BAGGAGE) if ph else ())
+        got = self._labels.get(key)
+        if got is None:
+            got = self._labels[key] = mesh_labels(f, snap, ph)
+        return got
+
     def opened(self, session: Session) -> None:
         if getattr(session, "http_watch", None) is not None:
             return  # decided at close: requests, or a TCP connection if none was seen
         if self.is_request(session):
             return
-        labels = mesh_labels(session.fields, self._proxy.snapshot, session.peer_headers)
+        labels = self.labels_of(session)
         session.labels = labels  # type: ignore[attr-defined]  # closed() uses the same series
         metrics.tcp_opened(labels)
 
@@ -310,7 +337,7 @@ class ProxyTelemetry:
         """Record metrics and the span, enrich the log record; False = sampled out of the log."""
         f = session.fields
         direction = f.get("direction", "")
-        final = mesh_labels(f, self._proxy.snapshot, session.peer_headers)
+        final = self.labels_of(session)
         if self.is_request(session):
             return self._request_closed(session, final, rec)
         metrics.PROXY_ACTIVE.inc({"direction": direction}, -1.0)
@@ -337,8 +364,8 @@ class ProxyTelemetry:
     def _request_closed(self, session: Session, labels: metrics.MeshLabels, rec: dict[str, Any]) -> bool:
         f = session.fields
         code = int(f.get("status") or f.get("response_code") or 0)
-        flags = labels.response_flags if labels.response_flags != "-" or code else "DC"
-        labels = metrics.MeshLabels(**{**labels.as_dict(), "response_flags": flags})
+        if labels.response_flags == "-" and not code:
+            labels = replace(labels, response_flags="DC")  # no response at all: the caller went away
         metrics.record_request(labels, response_code=code, duration_ms=float(rec.get("duration_ms", 0.0)),
                                request_bytes=int(f.get("request_bytes", 0) or 0),
                                response_bytes=int(f.get("response_bytes", 0) or 0),

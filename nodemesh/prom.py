@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import re
 import threading
+from bisect import bisect_left
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -91,6 +92,14 @@ class Family:
             return None  # bounded cardinality: refuse the new series rather than grow without end
         return key
 
+    def child(self, labels: Mapping[str, object]) -> Child | None:
+        """The series for these labels, resolved once: a hot path keeps the child
+        (per route and endpoint, say) and skips label handling per update. None
+        when the family is at its series limit (the update is dropped, as inc() does)."""
+        with self._lock:
+            key = self._key(labels)
+        return None if key is None else Child(self, key)
+
     def inc(self, labels: Mapping[str, object] | None = None, value: float = 1.0) -> None:
         if self.kind == "histogram":
             raise MetricError(f"metric {self.name} is a histogram: use observe()")
@@ -162,6 +171,32 @@ class Family:
             else:
                 series = dict(self._values)
         return FamilyData(self.name, self.help, self.kind, self.labelnames, self.buckets, self.merge_mode, series)
+
+
+class Child:
+    """One resolved series of a family (Family.child). Updates stay correct after the
+    family is cleared (the series comes back), as label-based updates would."""
+
+    __slots__ = ("_family", "_key")
+
+    def __init__(self, family: Family, key: LabelKey) -> None:
+        self._family = family
+        self._key = key
+
+    def inc(self, value: float = 1.0) -> None:
+        f = self._family
+        with f._lock:
+            f._values[self._key] = f._values.get(self._key, 0.0) + value
+
+    def observe(self, value: float) -> None:
+        f = self._family
+        with f._lock:
+            h = f._values.get(self._key)
+            if h is None:
+                h = f._values[self._key] = [[0] * (len(f.buckets) + 1), 0.0, 0]
+            h[0][bisect_left(f.buckets, value)] += 1
+            h[1] += value
+            h[2] += 1
 
 
 class Registry:

@@ -248,8 +248,9 @@ def test_table_and_targets_from_summary() -> None:
         "mesh_l4": {"rounds_ok": 0, "errors": ["wrk failed"]},
     }
     text = compare.table(summary, 1000)
-    assert "| direct | 60,000 (1.00) | 0.30 | – | 2,000 (1.00) |" in text
-    assert "| HAProxy 2.6 L7 pair, h2 between | 15,000 (0.25) | 0.80 (+0.50) | 0.40 (0.03) | – |" in text
+    assert "| direct | 60,000 (1.00) | 0.30 | – | – | 2,000 (1.00) |" in text
+    # CPU µs per request at max load: cpu_s_per_1k_max × 1,000.
+    assert "| HAProxy 2.6 L7 pair, h2 between | 15,000 (0.25) | 0.80 (+0.50) | 0.40 (0.03) | 30 | – |" in text
     assert "error: 'wrk failed'" in text
     checks = "\n".join(compare.target_checks(summary))
     assert "[met] L7 vs HAProxy pair: max req/s" in checks

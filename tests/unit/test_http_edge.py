@@ -73,6 +73,10 @@ def test_refused_targets(raw: str, reason: str) -> None:
 def test_escaped_slash_actions_and_h2_paths() -> None:
     assert normalize_target("/a%2Fb", escaped_slashes="KEEP_UNCHANGED").path == "/a%2Fb"
     assert normalize_target("/a%2f..%2fb", escaped_slashes="UNESCAPE_AND_FORWARD").path == "/b"
+    # Stable: a second hop normalizing again reads the same path (fuzz finding: %5c became a raw "\").
+    for action in ("KEEP_UNCHANGED", "UNESCAPE_AND_FORWARD"):
+        once = normalize_target("/%a50/%5c/", escaped_slashes=action)
+        assert normalize_target(once.target, escaped_slashes=action) == once
     assert normalize_target("*", "OPTIONS").path == "*"
     with pytest.raises(BadTarget):
         normalize_target("http://web/admin", h2=True)  # HTTP/2 :path is never absolute-form

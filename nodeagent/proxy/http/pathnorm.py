@@ -10,7 +10,9 @@ the HTTP/2 :path alike).
 - percent-escapes of unreserved characters are decoded, other escapes get
   upper-case hex, a malformed escape is refused (RFC 3986 6.2.2.1-2);
 - `%2F`, `%5C` and a raw `\\` follow MeshConfig spec.http.pathWithEscapedSlashesAction
-  (REJECT_REQUEST by default, KEEP_UNCHANGED, or UNESCAPE_AND_FORWARD);
+  (REJECT_REQUEST by default; KEEP_UNCHANGED: kept escaped, a raw `\\` as `%5C`;
+  UNESCAPE_AND_FORWARD: all three become `/`), so the result is stable:
+  normalizing it again gives it back;
 - runs of `/` are merged, then dot segments removed (RFC 3986 5.2.4), so
   `//admin`, `/a/../admin` and `/%2e%2e/admin` are all `/admin`;
 - `;` parameters stay in their segment and are matched as written
@@ -94,7 +96,9 @@ def _decode(path: str, escaped_slashes: str) -> str:
                 if escaped_slashes == "REJECT_REQUEST":
                     raise BadTarget("escaped_slash", "an escaped '/' or '\\' in the path is refused "
                                                      "(MeshConfig spec.http.pathWithEscapedSlashesAction)")
-                out.append(ch if escaped_slashes == "UNESCAPE_AND_FORWARD" else "%" + h.upper())
+                # Unescaped, both are "/" (as a raw "\\" is): left as "\\", a hop that normalizes
+                # again would read a "/" there and decide on another path (found by fuzzing).
+                out.append("/" if escaped_slashes == "UNESCAPE_AND_FORWARD" else "%" + h.upper())
             elif ch in _UNRESERVED:
                 out.append(ch)
             else:

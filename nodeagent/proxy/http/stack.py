@@ -25,8 +25,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-import h11
-
 from nodeagent import metrics, tracing
 from nodeagent.routing import RouteEntry, RouteTable, WeightedCluster
 from nodeagent.snapshot import Endpoint, ServicePort, Snapshot
@@ -46,7 +44,7 @@ from .h1 import EdgeError, Event, H2Preface, RequestHead, RequestReader, Respons
 from .h1pool import UpstreamPool
 from .retry import Outcome, admit_retry, retryable
 from .timeout import GRPC_TIMEOUT_HEADER, MESH_DEADLINE_HEADER, Deadline, format_grpc_timeout, incoming_budget
-from .upstream import UpstreamConn, UpstreamExchange, UpstreamReset
+from .upstream import ResponseHead, UpstreamConn, UpstreamExchange, UpstreamRequest, UpstreamReset
 
 if TYPE_CHECKING:
     from ..outbound import OutboundConnection
@@ -674,11 +672,10 @@ class Call:
             return e
 
         ex = new_exchange()
-        req = h11.Request(method=self.req.method.encode("latin-1"), target=target.encode("latin-1"),
-                          headers=_latin1(headers))
+        req = UpstreamRequest(self.req.method, target, headers)
         idempotent = self.req.method.upper() in IDEMPOTENT_METHODS
 
-        async def attempt() -> h11.Response:
+        async def attempt() -> ResponseHead:
             nonlocal ex
             try:
                 return await self._connect_and_send(snapshot, ep, ex, req)
@@ -711,13 +708,8 @@ class Call:
         return Outcome(status=head.status_code, grpc_status=grpc_status), ex, ""
 
     async def _connect_and_send(self, snapshot: Snapshot, ep: Endpoint, ex: UpstreamExchange,
-                                req: h11.Request, fresh: bool = False) -> h11.Response:
+                                req: UpstreamRequest, fresh: bool = False) -> ResponseHead:
         """Send on an idle keep-alive conn to the endpoint (h1pool.py), or a new one."""
-        if self.body and not any(k.lower() == b"content-length" for k, _ in req.headers):
-            # The body is buffered whole and its framing headers were dropped as hop-by-hop:
-            # frame it again, or h11 refuses to send it (a POST would fail with 500).
-            req = h11.Request(method=req.method, target=req.target,
-                              headers=[*req.headers, ("content-length", str(len(self.body)))])
         pool = self.rt.upstreams
         pool.check_security(snapshot.security)
         key = (self.ds.source_id, ep.ip, ep.port, ep.node_address, ep.hbone_port, ep.identity)
@@ -789,7 +781,7 @@ class Call:
         hdrs = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in head.headers]
         length = next((int(v) for k, v in hdrs if k == "content-length"), None)
         if any(k == "transfer-encoding" for k, _ in hdrs):
-            length = None  # h11 decoded the chunks: framed again for our caller
+            length = None  # llhttp decoded the chunks: framed again for our caller
         hdrs = [(k, v) for k, v in hdrs if k not in HOP_BY_HOP]
         hdrs = router.modify_headers(hdrs, entry.response_headers)
         ds = self.ds
@@ -818,12 +810,7 @@ class _QuietSession(Session):
             cb()
 
 
-def _latin1(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
-    """Header values as received (obs-text bytes included), for h11, which would take a str as ASCII."""
-    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
-
-
-def _grpc_status(head: h11.Response) -> int | None:
+def _grpc_status(head: ResponseHead) -> int | None:
     for k, v in head.headers:
         if k == b"grpc-status":
             try:
@@ -879,8 +866,7 @@ async def _mirror(call: Call, snapshot: Snapshot, cluster: str, target: str, hea
     fwd = [(k, v) for k, v in headers if k not in HOP_BY_HOP]
     host = next((v for k, v in fwd if k == "host"), "")
     fwd = [(k, v) for k, v in fwd if k != "host"] + [("host", (host + "-shadow") if host else "shadow")]
-    req = h11.Request(method=call.req.method.encode("latin-1"), target=target.encode("latin-1"),
-                      headers=_latin1(fwd))
+    req = UpstreamRequest(call.req.method, target, fwd)
     try:
         await asyncio.wait_for(call._connect_and_send(snapshot, ep, ex, req), 5.0)
         ex.set_sink(lambda _c: None)

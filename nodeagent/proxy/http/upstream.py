@@ -1,5 +1,6 @@
 """Upstream HTTP/1.1 over a relay end (an HBONE CONNECT stream or a same-node
-TCP connection). h11 is the protocol core. An `UpstreamConn` is the relay End
+TCP connection). Responses are read with httptools (llhttp); requests are
+written whole in one send. An `UpstreamConn` is the relay End
 the wire delivers response bytes to; it lives as long as the wire and carries
 one `UpstreamExchange` (request/response) at a time. After a complete
 response on a connection both sides keep alive, the conn goes back to the
@@ -13,7 +14,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-import h11
+import httptools
 
 from ..relay import End
 
@@ -22,14 +23,56 @@ class UpstreamReset(Exception):
     """The upstream closed or reset before the response was complete."""
 
 
+class UpstreamRequest:
+    """A request as the stack decided it: serialized by UpstreamConn.begin in one piece."""
+
+    __slots__ = ("headers", "method", "target")
+
+    def __init__(self, method: str, target: str, headers: list[tuple[str, str]]) -> None:
+        self.method = method
+        self.target = target
+        self.headers = headers  # lower-case names; framing headers are ignored (ours are added)
+
+
+class ResponseHead:
+    """A final response head (the attributes h11.Response had): names lower-cased."""
+
+    __slots__ = ("headers", "reason", "status_code")
+
+    def __init__(self, status_code: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        self.status_code = status_code
+        self.reason = reason
+        self.headers = headers
+
+
+_NO_BODY_STATUS = frozenset({204, 304})
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+def request_bytes(req: UpstreamRequest, body: bytes) -> bytes:
+    """The request head and body in one piece, framed by Content-Length (bodies are buffered)."""
+    lines = [f"{req.method} {req.target} HTTP/1.1\r\n"]
+    for k, v in req.headers:
+        if k != "content-length" and k != "transfer-encoding":
+            lines.append(f"{k}: {v}\r\n")
+    if body or req.method in _BODY_METHODS:
+        lines.append(f"content-length: {len(body)}\r\n")
+    lines.append("\r\n")
+    head = "".join(lines)
+    if head.count("\n") != len(lines) or "\r" in req.target or " " in req.target:
+        # A CR or LF inside a value or the target would start a line of its own (header injection).
+        raise UpstreamReset("refusing to send a request whose header or target contains CR/LF")
+    return head.encode("latin-1") + body if body else head.encode("latin-1")
+
+
 class UpstreamConn:
-    """One keep-alive upstream connection (see the module docstring)."""
+    """One keep-alive upstream connection (see the module docstring). Responses are
+    read with httptools (llhttp, strict); requests are written whole, in one send."""
 
     def __init__(self, key: Any, born: float, generation: int = 0) -> None:
         self.key = key
         self.born = born
         self.generation = generation  # the pool's security generation when it opened
-        self.h = h11.Connection(h11.CLIENT)
         self.wire: End | None = None
         self.ex: UpstreamExchange | None = None
         self.dead = False  # closed, reset, or in a state that cannot carry another request
@@ -38,6 +81,15 @@ class UpstreamConn:
         self.tx = 0
         self.on_reuse: Callable[[Any], None] | None = None  # a request's session (same-node guard's log)
         self.on_dead: Callable[[UpstreamConn], None] | None = None
+        self._p = httptools.HttpResponseParser(self)
+        self._idle = True  # no exchange in flight and the last response allowed another
+        self._head_method = False  # the request in flight is HEAD: its response has no body
+        self._reason = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._final = False  # the message being parsed is the final response (not a 1xx)
+        self._until_eof = False  # the body of the response in flight ends with the connection
+        self._keep = False
+        self._complete = False  # the response in flight ended
 
     def __repr__(self) -> str:
         state = "dead" if self.dead else ("busy" if self.ex is not None else "idle")
@@ -45,31 +97,31 @@ class UpstreamConn:
 
     @property
     def reusable(self) -> bool:
-        return not self.dead and self.ex is None and self.h.states == {h11.CLIENT: h11.IDLE, h11.SERVER: h11.IDLE}
+        return not self.dead and self.ex is None and self._idle
 
     # -- End: the wire calls these with the response --
     def send(self, data: bytes) -> None:
         self.rx += len(data)
-        if self.ex is None:
+        ex = self.ex
+        if ex is None or self._complete:
             # Bytes while idle: a server speaking out of turn (or a late 408). Not ours to parse.
             self.close(clean=False)
             return
-        self.ex.rx += len(data)
+        ex.rx += len(data)
         try:
-            self.h.receive_data(data)
-            self._pump()
-        except h11.RemoteProtocolError as e:
+            self._p.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(UpstreamReset("the upstream switched protocols (upgrade is not carried on this path)"))
+            self.close(clean=False)
+        except httptools.HttpParserError as e:
             self._fail(UpstreamReset(f"bad HTTP response from upstream: {e}"))
             self.close(clean=False)
 
     def send_eof(self) -> None:
         ex = self.ex
         if ex is not None:
-            try:
-                self.h.receive_data(b"")
-                self._pump()
-            except (h11.RemoteProtocolError, RuntimeError) as e:
-                self._fail(UpstreamReset(f"upstream closed mid-response: {e}"))
+            if self._until_eof and not self._complete:
+                self._message_done()  # read until close: the close is its end
             if not ex.done.done():
                 self._fail(UpstreamReset("upstream closed before the response ended"))
         self.close(clean=True)  # the upstream is done with this connection: finish our side too
@@ -85,21 +137,67 @@ class UpstreamConn:
     def resume_reading(self) -> None:
         pass
 
+    # -- httptools callbacks (the response) --
+    def on_message_begin(self) -> None:
+        self._reason, self._headers, self._final = b"", [], False
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        if self._complete:  # a second response to one request: the conn cannot be trusted again
+            self._keep = False
+            return
+        status = self._p.get_status_code()
+        if status < 200:
+            return  # 100 Continue and friends: the final response follows (101: HttpParserUpgrade)
+        self._final = True
+        self._keep = bool(self._p.should_keep_alive())
+        framed = any(k in (b"content-length", b"transfer-encoding") for k, _ in self._headers)
+        self._until_eof = not framed and status not in _NO_BODY_STATUS and not self._head_method
+        ex = self.ex
+        if ex is not None:
+            ex.got_head(ResponseHead(status, self._reason, self._headers))
+        if self._head_method:
+            # llhttp would wait for the body a HEAD response never has: this message is over,
+            # and the next response needs a parser of its own.
+            self._p = httptools.HttpResponseParser(self)
+            self._message_done()
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.ex
+        if ex is not None and self._final and not self._complete:
+            ex.data(body)
+
+    def on_message_complete(self) -> None:
+        if self._final and not self._head_method and not self._complete:
+            self._message_done()
+
+    def _message_done(self) -> None:
+        self._complete = True
+        self._until_eof = False
+        ex = self.ex
+        if ex is not None:
+            ex.end()
+
     # -- driving --
-    def begin(self, ex: UpstreamExchange, request: h11.Request, body: bytes, session: Any = None) -> None:
+    def begin(self, ex: UpstreamExchange, request: UpstreamRequest, body: bytes, session: Any = None) -> None:
         """Send one request; the response goes to `ex`. Raises UpstreamReset if
         the conn cannot take it (nothing was written then)."""
         if not self.reusable or self.wire is None:
             raise UpstreamReset("upstream connection is not reusable")
+        out = request_bytes(request, body)
         if self.requests and self.on_reuse is not None and session is not None:
             self.on_reuse(session)
         self.requests += 1
         self.ex = ex
         ex.conn = self
-        out = self.h.send(request) or b""
-        if body:
-            out += self.h.send(h11.Data(data=body)) or b""
-        out += self.h.send(h11.EndOfMessage()) or b""
+        self._idle = False
+        self._complete = False
+        self._head_method = request.method == "HEAD"
         self.tx += len(out)
         ex.tx += len(out)
         try:
@@ -117,8 +215,8 @@ class UpstreamConn:
             return False
         self.ex = None
         ok = ex.done.done() and not ex.done.cancelled() and ex.done.exception() is None
-        if ok and not self.dead and self.h.states == {h11.CLIENT: h11.DONE, h11.SERVER: h11.DONE}:
-            self.h.start_next_cycle()
+        if ok and not self.dead and self._complete and self._keep:
+            self._idle = True
             if self.wire is not None:
                 self.wire.resume_reading()  # the last client may have left it paused
             return True
@@ -150,15 +248,6 @@ class UpstreamConn:
             if self.on_dead is not None:
                 self.on_dead(self)
 
-    def _pump(self) -> None:
-        while self.ex is not None:
-            ev = self.h.next_event()
-            if ev is h11.NEED_DATA or ev is h11.PAUSED:
-                return
-            self.ex.event(ev)
-            if isinstance(ev, (h11.EndOfMessage, h11.ConnectionClosed)):
-                return
-
     def _fail(self, exc: Exception) -> None:
         if self.ex is not None:
             self.ex.fail(exc)
@@ -174,7 +263,7 @@ class UpstreamExchange:
         self.written = False
         self.reused = False  # sent on a conn that had carried a request before (stale-conn race)
         loop = asyncio.get_running_loop()
-        self.head: asyncio.Future[h11.Response] = loop.create_future()
+        self.head: asyncio.Future[ResponseHead] = loop.create_future()
         self.done: asyncio.Future[None] = loop.create_future()
         self._sink: Callable[[bytes], None] | None = None
         self._early: list[bytes] = []
@@ -184,19 +273,20 @@ class UpstreamExchange:
     def __repr__(self) -> str:
         return f"<UpstreamExchange rx={self.rx} tx={self.tx} finished={self.finished} reused={self.reused}>"
 
-    def event(self, ev: Any) -> None:
-        if isinstance(ev, h11.Response):
-            if not self.head.done():
-                self.head.set_result(ev)
-        elif isinstance(ev, h11.Data):
-            if self._sink is not None:
-                self._sink(bytes(ev.data))
-            else:
-                self._early.append(bytes(ev.data))
-        elif isinstance(ev, h11.EndOfMessage):
-            self.finished = True
-            if not self.done.done():
-                self.done.set_result(None)
+    def got_head(self, head: ResponseHead) -> None:
+        if not self.head.done():
+            self.head.set_result(head)
+
+    def data(self, chunk: bytes) -> None:
+        if self._sink is not None:
+            self._sink(chunk)
+        else:
+            self._early.append(chunk)
+
+    def end(self) -> None:
+        self.finished = True
+        if not self.done.done():
+            self.done.set_result(None)
 
     def set_sink(self, sink: Callable[[bytes], None]) -> None:
         self._sink = sink
