@@ -415,8 +415,13 @@ class InboundHttpGuard:
             headers.append(("transfer-encoding", "chunked"))
         elif req.content_length is not None:
             headers.append(("content-length", str(req.content_length)))
-        self._to_workload(h11.Request(method=req.method.encode("latin-1"), target=req.target.target.encode("latin-1"),
-                                      headers=[(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]))
+        try:
+            out = h11.Request(method=req.method.encode("latin-1"), target=req.target.target.encode("latin-1"),
+                              headers=[(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers])
+        except h11.LocalProtocolError as e:  # the reader let it through, h11 does not: refused, never forwarded
+            self._refuse(EdgeError(400, "bad_request", f"cannot forward the request: {e}"))
+            return False
+        self._to_workload(out)
         if req.upgrade and self.state == HTTP:
             self.state = UPGRADING  # bytes after it are held until the workload answers (101 or not)
         return True

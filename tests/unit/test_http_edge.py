@@ -473,3 +473,11 @@ def test_guard_ends_a_connection_whose_workload_speaks_out_of_turn() -> None:
     assert session.fields["reason"] == "upstream_protocol_error" and workload.aborted
     g.send(b"GET /public/2 HTTP/1.1\r\nHost: web\r\n\r\n")
     assert b"/public/2" not in workload.data
+
+
+def test_header_values_lose_surrounding_whitespace() -> None:
+    head = RequestReader().feed(b"GET / HTTP/1.1\r\nHost: web\t\r\nX: \t v \t\r\n\r\n")[0]
+    assert isinstance(head, RequestHead) and head.headers == [("host", "web"), ("x", "v")]
+    g, caller, workload, _ = guard()
+    g.send(b"GET /public HTTP/1.1\r\nHost: web\t\r\n\r\n")  # fuzz finding: h11 refused "web\t" and raised
+    assert workload.data.startswith(b"GET /public HTTP/1.1\r\nhost: web\r\n") and not caller.data

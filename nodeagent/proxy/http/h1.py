@@ -223,11 +223,12 @@ class RequestReader:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._in_trailers:
-            self._trailers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
+            self._trailers.append((name.decode("latin-1").lower(), value.strip(b" \t").decode("latin-1")))
             if len(self._trailers) > self.limits.max_headers:
                 self._fail(EdgeError(431, "too_many_headers", f"more than {self.limits.max_headers} trailers"))
             return
-        self._headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
+        # Without surrounding whitespace (RFC 9110 5.5; llhttp keeps a trailing tab).
+        self._headers.append((name.decode("latin-1").lower(), value.strip(b" \t").decode("latin-1")))
         self._head_bytes += len(name) + len(value) + 4
         if len(self._headers) > self.limits.max_headers:
             self._fail(EdgeError(431, "too_many_headers", f"more than {self.limits.max_headers} request headers"))
