@@ -304,6 +304,8 @@ class HboneConnection:
         self._last_peer_sid = 0  # highest stream id the peer opened
         self._local_open = 0  # streams we opened that are still in _streams (client side)
         self._blocked: dict[int, _Stream] = {}  # streams with pending data, for window updates
+        self._cut_sid = 0  # a DATA frame being passed on as it arrives (see _parse)
+        self._cut_left = 0
 
     # -- lifecycle --
     def initiate(self) -> None:
@@ -341,6 +343,28 @@ class HboneConnection:
             return b""
         self._out = []
         return out[0] if len(out) == 1 else b"".join(out)
+
+    def output_chunks(self) -> list[bytes]:
+        """What data_to_send() would return, as pieces for a gathered write:
+        runs of small frames joined, large DATA payloads left as they are (no
+        copy here; each becomes its own TLS records in the same write)."""
+        out = self._out
+        self._out = []
+        if len(out) <= 1:
+            return out
+        res: list[bytes] = []
+        small: list[bytes] = []
+        for c in out:
+            if len(c) >= 16384:
+                if small:
+                    res.append(small[0] if len(small) == 1 else b"".join(small))
+                    small = []
+                res.append(c)
+            else:
+                small.append(c)
+        if small:
+            res.append(small[0] if len(small) == 1 else b"".join(small))
+        return res
 
     def has_output(self) -> bool:
         return bool(self._out)
@@ -489,6 +513,13 @@ class HboneConnection:
             view.release()
         return out
 
+    def _cut_through(self, chunk: memoryview, out: list[Event]) -> None:
+        sid = self._cut_sid
+        if sid in self._streams:
+            out.append(Data(sid, bytes(chunk), len(chunk)))
+        else:  # reset meanwhile: give the connection window back
+            self.acknowledge(sid, len(chunk))
+
     def _fail(self, code: int, reason: str, out: list[Event]) -> None:
         """A connection error: GOAWAY with the code; every stream is dead."""
         self.close(reason, code)
@@ -512,22 +543,47 @@ class HboneConnection:
         unpack = _HDR.unpack_from
         max_frame = self._max_frame
         streams = self._streams
-        while end - pos >= 9 and not self._closed:
+        while not self._closed:
+            if self._cut_left:
+                # The rest of a DATA frame already accounted for: pass on what arrived.
+                take = min(self._cut_left, end - pos)
+                if not take:
+                    break
+                self._cut_through(view[pos:pos + take], out)
+                pos += take
+                self._cut_left -= take
+                continue
+            if end - pos < 9:
+                break
             hi, lo, ftype, flags, sid = unpack(view, pos)
             length = (hi << 16) | lo
             sid &= 0x7FFFFFFF
             if length > max_frame:
                 raise _ConnError(ErrorCodes.FRAME_SIZE_ERROR, f"frame of {length} bytes over our {max_frame}")
-            if end - pos - 9 < length:
-                break
-            start = pos + 9
-            pos = start + length
             if not self._settings_seen:
                 if ftype != SETTINGS or flags & F_ACK:
                     raise _ConnError(ErrorCodes.PROTOCOL_ERROR, "the first frame must be SETTINGS")
-                self._settings_seen = True
+                if end - pos - 9 >= length:
+                    self._settings_seen = True
             if self._continuation is not None and ftype != CONTINUATION:
                 raise _ConnError(ErrorCodes.PROTOCOL_ERROR, "expected CONTINUATION")
+            if end - pos - 9 < length:
+                # Incomplete. A large DATA frame of an established stream is passed on
+                # as it arrives (cut-through): its bytes are never buffered here, and a
+                # 256 KiB frame spanning reads costs no extra copies.
+                if ftype == DATA and not flags & (F_PADDED | F_END_STREAM):
+                    st = streams.get(sid)
+                    if st is not None and st.established and not st.remote_ended and (
+                            length <= st.recv_window and length <= self._recv_window):
+                        st.recv_window -= length
+                        self._recv_window -= length
+                        self._cut_sid = sid
+                        self._cut_left = length
+                        pos += 9
+                        continue
+                break
+            start = pos + 9
+            pos = start + length
             if ftype == DATA:
                 # Hot path: established streams, no padding.
                 st = streams.get(sid)

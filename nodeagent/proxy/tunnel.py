@@ -204,9 +204,16 @@ class HboneProtocol(asyncio.BufferedProtocol):
             self._flush_handle = None
         if not self.core.has_output():
             return
-        data = self.core.data_to_send()
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
+        chunks = self.core.output_chunks()
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        if len(chunks) == 1:
+            t.write(chunks[0])
+        else:
+            # One gathered write: uvloop's TLS layer encrypts each piece into the same
+            # outgoing buffer and sends it with one syscall; no join of big payloads.
+            t.writelines(chunks)
 
     # -- reading --
     def get_buffer(self, sizehint: int) -> memoryview:

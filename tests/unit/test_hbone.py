@@ -243,3 +243,15 @@ def test_data_sent_ahead_of_the_200_is_held_then_handed_over() -> None:
     early = s.accept(sid)
     assert [(e.data, e.flow_controlled_length) for e in early] == [(b"EHLO early\r\n", 12)]
     assert s.accept(sid) == []  # handed over once
+
+
+def test_output_chunks_gather_small_frames_and_keep_big_payloads() -> None:
+    p = Pair()
+    sid = p.tunnel()
+    big = b"b" * 100_000
+    p.c.send(sid, b"small")
+    p.c.send(sid, big)
+    p.c.send(sid, b"tail")
+    chunks = p.c.output_chunks()
+    assert len(chunks) == 3 and chunks[1] is big  # header+small+header | payload | header+tail
+    assert b"".join(chunks).endswith(b"tail") and not p.c.has_output()

@@ -384,6 +384,34 @@ def test_large_frames_and_batched_window_updates() -> None:
     assert 1 <= updates <= 2 * (got // (hbone.STREAM_WINDOW // 4) + 1)
 
 
+def test_large_frame_passed_on_as_it_arrives() -> None:
+    """Cut-through: a 256 KiB DATA frame arriving in 1 KiB reads comes out as it
+    arrives (nothing waits for the frame's end), and the windows count the frame once."""
+    c = hbone.HboneConnection(client=True)
+    s = hbone.HboneConnection(client=False)
+    c.initiate()
+    s.initiate()
+    for _ in range(3):
+        s.receive_data(c.data_to_send())
+        c.receive_data(s.data_to_send())
+    sid = c.open_tunnel("10.0.0.5", 80)
+    s.receive_data(c.data_to_send())
+    s.accept(sid)
+    c.receive_data(s.data_to_send())
+    blob = _blob(256 * 1024, 9)
+    c.send(sid, blob)
+    wire = c.data_to_send()
+    assert _frame_types(wire) == [hbone.DATA]
+    got = bytearray()
+    for i in range(0, len(wire), 1024):
+        evs = s.receive_data(wire[i:i + 1024])
+        got += b"".join(e.data for e in evs if isinstance(e, hbone.Data))
+        assert len(got) == min(len(blob), i + 1024 - 9)  # everything but the header, at once
+        assert not s._inbuf
+    assert bytes(got) == blob
+    assert s._streams[sid].recv_window == hbone.STREAM_WINDOW - len(blob)
+
+
 def test_shrunk_window_goes_negative() -> None:
     """RFC 9113 §6.9.2: a SETTINGS that lowers the initial window can make a
     stream's send window negative; nothing more is sent until WINDOW_UPDATEs

@@ -24,6 +24,10 @@ class _Transport:
     def write(self, data: bytes) -> None:
         self.out += data
 
+    def writelines(self, chunks: list[bytes]) -> None:
+        for c in chunks:
+            self.out += c
+
     def is_closing(self) -> bool:
         return False
 
