@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -132,9 +133,12 @@ def main() -> int:
     if os.geteuid() != 0:
         print("soak: run as root (network namespaces, capture)", file=sys.stderr)
         return 1
+    # SIGTERM (a timeout, Ctrl-C from a wrapper) must still tear the lab down.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     seconds = a.minutes * 60
     samples: list[dict[str, Any]] = []
     result: dict[str, Any] = {}
+    wall = 0.0
     lab = Lab(nodes=2, lab_id=LAB_ID, keep_workdir=a.keep_workdir)
     if a.tracemalloc:
         os.makedirs(a.tracemalloc, exist_ok=True)
@@ -165,6 +169,7 @@ def main() -> int:
                 next_at += a.sample
             time.sleep(min(1.0, max(0.05, next_at - time.monotonic())))
         samples.append({"t": round(time.monotonic() - t0, 1), "rss": rss(procs)})
+        wall = time.monotonic() - t0
         lines = lab.log("soak-client").strip().splitlines()
         try:
             result = json.loads(lines[-1])
@@ -176,25 +181,29 @@ def main() -> int:
     finally:
         lab.destroy()
 
-    # Growth after warm-up, per process, in bytes per request at the offered rate.
+    # Growth after warm-up, per process, in bytes per request at the rate achieved
+    # (a busy machine may serve less than the offered rate; the client then drains).
+    achieved = float(result.get("n", 0)) / wall if "error" not in result and wall > 0 else a.rate
     growth: dict[str, dict[str, float]] = {}
     cut = seconds * a.warmup
     for name in samples[0]["rss"] if samples else []:
         pts = [(s["t"], s["rss"][name]) for s in samples if s["t"] >= cut and s["rss"].get(name, -1) >= 0]
         per_s = slope([x for x, _ in pts], [float(y) for _, y in pts])
-        growth[name] = {"bytes_per_s": round(per_s, 1), "bytes_per_request": round(per_s / a.rate, 2),
+        growth[name] = {"bytes_per_s": round(per_s, 1), "bytes_per_request": round(per_s / max(achieved, 1.0), 2),
                         "first_MiB": round(samples[0]["rss"][name] / 2**20, 1),
                         "last_MiB": round(samples[-1]["rss"][name] / 2**20, 1),
                         "after_warmup_MiB": round(pts[0][1] / 2**20, 1) if pts else float("nan")}
     errors = int(result.get("errors", 0)) if "error" not in result else -1
     flat = all(g["bytes_per_request"] <= a.max_bytes_per_request for g in growth.values())
-    report = {"args": vars(a), "client": result, "samples": samples, "growth": growth, "flat": flat}
+    report = {"args": vars(a), "client": result, "achieved_rps": achieved, "samples": samples, "growth": growth,
+              "flat": flat}
     resdir = ROOT / "bench" / "results"
     resdir.mkdir(exist_ok=True)
     out = resdir / f"soak-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(report, indent=2, default=str))
 
-    print(f"\nSoak {a.minutes:g} min at {a.rate:g} req/s ({a.path}): {result.get('n', 0)} requests, "
+    print(f"\nSoak {a.minutes:g} min at {a.rate:g} req/s ({a.path}; {achieved:,.0f} req/s achieved over "
+          f"{wall:,.0f} s): {result.get('n', 0)} requests, "
           f"errors {errors if errors >= 0 else result.get('error')}, "
           f"p50 {result.get('p50_ms', float('nan')):.2f} ms, p99 {result.get('p99_ms', float('nan')):.2f} ms")
     print("| process | RSS first | after warm-up | last | growth after warm-up |")
