@@ -171,6 +171,7 @@ def _probe_during(t: Tier, host: str, vip: str, path: str, seconds: float) -> li
 
 def _kill9_and_probe(t: Tier, host: str, path: str) -> list[tuple[float, str]]:
     main = t.prop(host, "MainPID")
+    _wait(lambda: t.curl(host, f"http://{t.vip}/before")[0] == 0, 30, "the mesh to serve before the kill")
     results: list[list[tuple[float, str]]] = []
     th = threading.Thread(target=lambda: results.append(_probe_during(t, host, t.vip, path, 8)))
     th.start()
