@@ -79,7 +79,12 @@ MESH_CONFIG = f"""\
 apiVersion: nodemesh.io/v1alpha1
 kind: MeshConfig
 metadata: {{name: mesh}}
-spec: {{trustDomain: cluster.local}}
+spec:
+  trustDomain: cluster.local
+  # Which identities may run where (default deny; nodemesh/bindings.py).
+  identityBindings:
+    - {{name: web, nodes: ['node-*'], serviceAccounts: [default/web], workloadLabels: {{app: [web]}}}}
+    - {{name: client, nodes: ['node-*'], serviceAccounts: [default/client]}}
 ---
 apiVersion: nodemesh.io/v1alpha1
 kind: Service

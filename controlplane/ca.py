@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
+import hmac
 import ipaddress
 import json
 import logging
@@ -13,6 +15,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import unquote
 
 import grpc
@@ -40,6 +43,7 @@ MAX_CERT_TTL_S = 7 * 24 * 3600
 MIN_CERT_TTL_S = 60
 # Leaves start a little in the past so a peer whose clock lags still accepts them.
 BACKDATE = datetime.timedelta(minutes=5)
+SERVER_CERT_LIFETIME = datetime.timedelta(days=365)
 
 
 class CaError(Exception):
@@ -181,10 +185,16 @@ class CertificateAuthority:
 
     @classmethod
     def load_or_create(cls, state_dir: str, trust_domain: str = "cluster.local",
-                       clock: Callable[[], float] = time.time) -> CertificateAuthority:
-        cert_path = os.path.join(state_dir, ROOT_CERT_FILE)
-        key_path = os.path.join(state_dir, ROOT_KEY_FILE)
+                       clock: Callable[[], float] = time.time, *, cert_file: str = ROOT_CERT_FILE,
+                       key_file: str = ROOT_KEY_FILE, purpose: str = "mesh") -> CertificateAuthority:
+        """The CA whose certificate and key are `cert_file`/`key_file` in
+        `state_dir`, made there at the first start. purpose "mesh": the mesh
+        root that signs SVIDs (rotatable); "control-plane": the CA of the control
+        plane's own TLS, node and operator certificates (controlplane/cpca.py)."""
+        cert_path = os.path.join(state_dir, cert_file)
+        key_path = os.path.join(state_dir, key_file)
         have_cert, have_key = os.path.exists(cert_path), os.path.exists(key_path)
+        mesh = purpose == "mesh"
         if have_cert and have_key:
             try:
                 with open(cert_path, "rb") as f:
@@ -192,19 +202,23 @@ class CertificateAuthority:
                 with open(key_path, "rb") as f:
                     key = serialization.load_pem_private_key(f.read(), password=None)
             except (OSError, ValueError) as e:
-                raise CaError(f"cannot load the CA root from {cert_path} and {key_path}: {e}") from e
+                raise CaError(f"cannot load the {purpose} CA from {cert_path} and {key_path}: {e}; restore both "
+                              "from a backup") from e
             if not isinstance(key, ec.EllipticCurvePrivateKey):
                 raise CaError(f"{key_path} is not an ECDSA private key")
             if cert.public_key() != key.public_key():
                 raise CaError(f"{cert_path} and {key_path} do not belong together; restore both "
                               "from the same backup")
-            log.info("loaded CA root %s", cert.subject.rfc4514_string())
-            return cls(cert, key, clock, state_dir=state_dir, previous=_load_previous(state_dir))
+            log.info("loaded the %s CA %s", purpose, cert.subject.rfc4514_string())
+            if mesh:
+                return cls(cert, key, clock, state_dir=state_dir, previous=_load_previous(state_dir))
+            return cls(cert, key, clock)
         if have_cert or have_key:
             raise CaError(f"only one of {cert_path} and {key_path} exists; restore the missing one "
-                          "or remove both to create a new root (every node must then fetch new certificates)")
+                          "or remove both to create a new CA (every node must then fetch new certificates"
+                          f"{'' if mesh else ' and join again with a new token'})")
         os.makedirs(state_dir, exist_ok=True)
-        cert, key = _new_root(trust_domain, clock)
+        cert, key = _new_root(trust_domain, clock, purpose)
         key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption())
         # Create the key file with 0600 from the start: never world-readable, not even briefly.
@@ -213,8 +227,77 @@ class CertificateAuthority:
             f.write(key_pem)
         with open(cert_path, "wb") as f:
             f.write(cert.public_bytes(serialization.Encoding.PEM))
-        log.info("created a new CA root in %s", state_dir)
-        return cls(cert, key, clock, state_dir=state_dir)
+        log.info("created a new %s CA in %s", purpose, state_dir)
+        if mesh:
+            return cls(cert, key, clock, state_dir=state_dir)
+        return cls(cert, key, clock)
+
+    # ------------------------------------------------------------ the same CA type, both uses
+
+    @property
+    def cert(self) -> x509.Certificate:
+        return self.root_cert
+
+    @property
+    def pem(self) -> str:
+        return self.root_pem
+
+    @property
+    def pin(self) -> str:
+        """SHA-256 of the CA certificate (DER): what a join token carries."""
+        return hashlib.sha256(self.root_cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+    def derive_key(self, label: bytes) -> bytes:
+        """A secret derived from the CA's private key (e.g. the audit chain's
+        HMAC key); the key itself never leaves this object."""
+        der = self._root_key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption())
+        return hmac.new(hashlib.sha256(der).digest(), label, hashlib.sha256).digest()
+
+    def issue(self, public_key: Any, sans: list[x509.GeneralName], ttl: datetime.timedelta,
+              usages: list[x509.ObjectIdentifier]) -> x509.Certificate:
+        """A leaf for `public_key` with these names and extended key usages."""
+        now = datetime.datetime.fromtimestamp(self._clock(), datetime.UTC)
+        ski = self.root_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        return (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "nodemesh")]))
+            .issuer_name(self.root_cert.subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - BACKDATE).not_valid_after(min(now + ttl, self.root_cert.not_valid_after_utc))
+            # The subject is empty, so the SAN carries the identity and must be critical (RFC 5280).
+            .add_extension(x509.SubjectAlternativeName(sans), critical=True)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
+                                         key_encipherment=True, data_encipherment=False,
+                                         key_agreement=False, key_cert_sign=False, crl_sign=False,
+                                         encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
+            .sign(self._root_key, hashes.SHA256())
+        )
+
+    def sign_client(self, public_key: Any, uri: str, ttl: datetime.timedelta) -> str:
+        """A client certificate (node or operator) for the SPIFFE ID `uri` (PEM)."""
+        cert = self.issue(public_key, [x509.UniformResourceIdentifier(uri)], ttl, [ExtendedKeyUsageOID.CLIENT_AUTH])
+        return _pem(cert)
+
+    def server_credentials(self, sans: list[x509.GeneralName]) -> tuple[grpc.ServerCredentials,
+                                                                         grpc.ServerCredentials]:
+        """TLS for the TCP listeners, with a fresh server key (in memory only):
+        (mutual TLS: a client certificate chaining to this CA is required;
+        server-only TLS: for Join and bearer-token operators). gRPC Python can
+        either require a client certificate or not ask for one, never ask
+        optionally, hence two ports."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        leaf = self.issue(key.public_key(), sans, SERVER_CERT_LIFETIME, [ExtendedKeyUsageOID.SERVER_AUTH])
+        chain = leaf.public_bytes(serialization.Encoding.PEM) + self.pem.encode()
+        key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+        return (grpc.ssl_server_credentials([(key_pem, chain)], root_certificates=self.pem.encode(),
+                                            require_client_auth=True),
+                grpc.ssl_server_credentials([(key_pem, chain)]))
 
     def rotate(self, trust_domain: str, overlap_s: float = DEFAULT_ROTATION_OVERLAP_S) -> tuple[str, str]:
         """Replace the root: new leaves are signed by a new root at once, and the
@@ -246,37 +329,19 @@ class CertificateAuthority:
         return fingerprint(old), fingerprint(cert)
 
     def sign(self, csr: x509.CertificateSigningRequest, identity: Identity, ttl_s: int) -> x509.Certificate:
-        now = datetime.datetime.fromtimestamp(self._clock(), datetime.UTC)
-        not_after = min(now + datetime.timedelta(seconds=ttl_s), self.root_cert.not_valid_after_utc)
-        ski = self.root_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-        return (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "nodemesh")]))
-            .issuer_name(self.root_cert.subject)
-            .public_key(csr.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - BACKDATE).not_valid_after(not_after)
-            # The subject is empty, so the SAN carries the identity and must be critical (RFC 5280).
-            .add_extension(x509.SubjectAlternativeName(
-                [x509.UniformResourceIdentifier(identity.uri)]), critical=True)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
-                                         key_encipherment=True, data_encipherment=False,
-                                         key_agreement=False, key_cert_sign=False, crl_sign=False,
-                                         encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                                  ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski),
-                           critical=False)
-            .sign(self._root_key, hashes.SHA256())
-        )
+        """A workload SVID (server and client use) for `identity`."""
+        return self.issue(csr.public_key(), [x509.UniformResourceIdentifier(identity.uri)],
+                          datetime.timedelta(seconds=ttl_s),
+                          [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
 
 
-def _new_root(trust_domain: str, clock: Callable[[], float]) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def _new_root(trust_domain: str, clock: Callable[[], float],
+              purpose: str = "mesh") -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.fromtimestamp(clock(), datetime.UTC)
+    cn = f"nodemesh root CA {trust_domain}" if purpose == "mesh" else "nodemesh control plane CA"
     name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "nodemesh"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, f"nodemesh root CA {trust_domain}"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, cn),
                       # Two roots of one mesh (a rotation) must not share a subject name.
                       x509.NameAttribute(NameOID.SERIAL_NUMBER, f"{x509.random_serial_number():x}"[:16])])
     cert = (
@@ -284,7 +349,8 @@ def _new_root(trust_domain: str, clock: Callable[[], float]) -> tuple[x509.Certi
         .subject_name(name).issuer_name(name).public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - BACKDATE).not_valid_after(now + ROOT_LIFETIME)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        # The control plane's CA signs only leaves (path length 0).
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None if purpose == "mesh" else 0), critical=True)
         .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
                                      key_encipherment=False, data_encipherment=False,
                                      key_agreement=False, key_cert_sign=True, crl_sign=True,
@@ -499,8 +565,13 @@ class CertificateServicer(mesh_pb2_grpc.CertificateServiceServicer):
 
     def __init__(self, ca: CertificateAuthority, registry: NodeRegistry,
                  trust_domain: Callable[[], str], default_ttl_s: int = DEFAULT_CERT_TTL_S,
-                 max_ttl_s: int = MAX_CERT_TTL_S) -> None:
+                 max_ttl_s: int = MAX_CERT_TTL_S, *, bound: Callable[[str, str, str], str] | None = None,
+                 on_refusal: Callable[..., None] | None = None) -> None:
         self._ca = ca
+        # (node, namespace, service account) -> '' or which identity binding is missing
+        # (controlplane/auth.py Security.identity_check; nodemesh/bindings.py).
+        self._bound = bound
+        self._on_refusal = on_refusal
         self._registry = registry
         self._trust_domain = trust_domain
         self._default_ttl_s = min(default_ttl_s, max_ttl_s)
@@ -508,10 +579,14 @@ class CertificateServicer(mesh_pb2_grpc.CertificateServiceServicer):
 
     def create(self, req: mesh_pb2.CertificateRequest, peer: str) -> mesh_pb2.CertificateResponse:
         csr, uri = parse_csr(req.csr_pem)
-        from controlplane.auth import attested_node
+        from controlplane.interceptor import attested_node
 
         identity = authorize(uri, req.node_name, parse_peer(peer), self._registry, self._trust_domain(),
                              attested_node())
+        if self._bound is not None:
+            why = self._bound(req.node_name, identity.namespace, identity.service_account)
+            if why:
+                raise CertificateRefused(grpc.StatusCode.PERMISSION_DENIED, f"no certificate for {identity.uri}: {why}")
         ttl = clamp_ttl(req.ttl_seconds, self._default_ttl_s, self._max_ttl_s)
         leaf = self._ca.sign(csr, identity, ttl)
         log.info("issued a certificate for %s to node %s (ttl %ds)", identity.uri, req.node_name, ttl)
@@ -524,6 +599,10 @@ class CertificateServicer(mesh_pb2_grpc.CertificateServiceServicer):
         try:
             return self.create(request, context.peer())
         except CertificateRefused as e:
-            log.warning("refused a certificate to node %s: %s", request.node_name, e)
+            if self._on_refusal is not None:  # counted, and logged at a bounded rate
+                self._on_refusal(f"node/{request.node_name}", "CertificateService/CreateCertificate", e.code.name,
+                                 str(e), context.peer() or "")
+            else:
+                log.warning("refused a certificate to node %s: %s", request.node_name, e)
             await context.abort(e.code, str(e))
             raise  # not reached: abort raises

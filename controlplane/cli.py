@@ -38,10 +38,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     serve.add_argument("--san", action="append", default=[], metavar="IP|NAME",
                        help="another name or IP agents and operators use to reach a TCP listener "
                             "(the listen addresses and loopback are always in the server certificate)")
-    serve.add_argument("--node-cert-ttl", type=int, default=7 * 24 * 3600, metavar="S",
-                       help="node certificate lifetime in seconds (renewed at half life)")
+    serve.add_argument("--node-cert-ttl", type=int, default=12 * 3600, metavar="S",
+                       help="node certificate lifetime in seconds (default 12h, at most 24h; renewed at half life)")
     serve.add_argument("--web-listen", default="127.0.0.1:15014", metavar="HOST:PORT",
                        help="the mesh view web page and control plane /metrics ('' to turn off)")
+    serve.add_argument("--web-host", action="append", default=[], metavar="NAME",
+                       help="another name (or name:port) the mesh view answers to; Host is checked against "
+                            "the listen address, localhost and loopback plus these (DNS rebinding)")
     # An intermediate signed by the operator's own root (docs/security.md "Operator CA").
     serve.add_argument("--ca-cert", default="", metavar="FILE",
                        help="sign workload certificates with this intermediate CA certificate (PEM) instead "
@@ -123,7 +126,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings = ControlPlaneSettings(
             state_dir=args.state_dir, listen=tuple(args.listen or [DEFAULT_LISTEN]),
             lease_seconds=args.lease_seconds, default_cert_ttl_s=args.cert_ttl, log_level=args.log_level,
-            web_listen=args.web_listen, sans=tuple(args.san), node_cert_ttl_s=args.node_cert_ttl,
+            web_listen=args.web_listen, web_hosts=tuple(args.web_host), sans=tuple(args.san),
+            node_cert_ttl_s=args.node_cert_ttl,
             ca_cert=args.ca_cert, ca_key=args.ca_key, ca_chain=args.ca_chain, store=args.store,
             etcd_endpoints=tuple(e.strip() for e in args.etcd_endpoints.split(",") if e.strip()),
             etcd_prefix=args.etcd_prefix, etcd_ca=args.etcd_ca, etcd_cert=args.etcd_cert, etcd_key=args.etcd_key,

@@ -201,6 +201,19 @@ class NodeRegistry:
             self._changed()
         return lease
 
+    def withdraw(self, name: str, reason: str) -> bool:
+        """Remove a node now (it was revoked): its workloads leave every node's
+        endpoints with the next push. True when it was registered."""
+        had = self._leases.pop(name, None) is not None
+        had = self._remote.pop(name, None) is not None or had
+        self._unhealthy.pop(name, None)
+        if self._store is not None:
+            self._store.delete_node(name)
+        if had:
+            log.warning("node %s removed from the registry: %s", name, reason)
+            self._changed()
+        return had
+
     def renew(self, name: str) -> Lease | None:
         """Extend a node's lease; None when the node is not (or no longer) registered."""
         old = self._leases.get(name)

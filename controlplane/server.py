@@ -49,9 +49,10 @@ class ControlPlaneSettings:
     debounce_s: float = DEBOUNCE_S
     expiry_interval_s: float = 1.0
     web_listen: str = ""  # the mesh view's HTTP "host:port"; "" = not served (controlplane/web)
+    web_hosts: tuple[str, ...] = ()  # more names (or name:port) the mesh view answers to; Host is checked
     # TLS on TCP listeners, node and operator access (controlplane/auth.py, docs/security.md).
     sans: tuple[str, ...] = ()  # extra server-certificate names/IPs beyond the listen addresses
-    node_cert_ttl_s: int = 7 * 24 * 3600
+    node_cert_ttl_s: int = 12 * 3600  # hours, renewed at half life (controlplane/tokens.py)
     # The operator's intermediate CA (CertificateAuthority.from_files); "" = the self-signed root.
     ca_cert: str = ""
     ca_key: str = ""
@@ -233,7 +234,7 @@ async def start(settings: ControlPlaneSettings) -> ControlPlane:
     registry_servicer.admit = security.admit_registration(lambda: current_mesh(store))
 
     server = grpc.aio.server(interceptors=[security.interceptor], options=SERVER_OPTIONS)
-    security.register(server, ca, lambda: current_mesh(store).trust_domain, publisher.publish_now)
+    security.register(server, ca, lambda: current_mesh(store).trust_domain, publisher.publish_now, registry)
     # The generated registration helpers carry no type hints.
     mesh_pb2_grpc.add_ConfigServiceServicer_to_server(  # type: ignore[no-untyped-call]
         ConfigServicer(store, workloads=lambda: [(w.namespace, dict(w.labels)) for n in registry.nodes()
@@ -243,7 +244,9 @@ async def start(settings: ControlPlaneSettings) -> ControlPlane:
         registry_servicer, server)
     mesh_pb2_grpc.add_CertificateServiceServicer_to_server(  # type: ignore[no-untyped-call]
         CertificateServicer(ca, registry, lambda: current_mesh(store).trust_domain,
-                            settings.default_cert_ttl_s, settings.max_cert_ttl_s), server)
+                            settings.default_cert_ttl_s, settings.max_cert_ttl_s,
+                            bound=security.identity_check(lambda: current_mesh(store)),
+                            on_refusal=security.refusals.record), server)
     add_to_server(ads, server)
     bound = []
     token_bound: list[str] = []  # server-only TLS ports, after the listen addresses
@@ -252,7 +255,8 @@ async def start(settings: ControlPlaneSettings) -> ControlPlane:
         try:
             if addr.startswith("unix:"):
                 cp_auth.prepare_unix_socket(addr[len("unix:"):])  # plaintext: local admin only
-                port = server.add_insecure_port(_bind_address(addr))
+                with cp_auth.private_umask():  # the socket file is born 0600, never group-connectable
+                    port = server.add_insecure_port(_bind_address(addr))
             else:
                 # Mutual TLS here (agents, operator certificates); server-only TLS on the
                 # next port (Join, bearer-token operators): controlplane/auth.py.
@@ -269,7 +273,8 @@ async def start(settings: ControlPlaneSettings) -> ControlPlane:
         bound.append(addr if addr.startswith("unix:") or not addr.endswith(":0")
                      else f"{addr.rsplit(':', 1)[0]}:{port}")
     bound += token_bound
-    await server.start()
+    with cp_auth.private_umask():  # in case the transport binds the unix socket only at start
+        await server.start()
     for addr in bound:
         if addr.startswith("unix:"):
             cp_auth.secure_unix_socket(addr[len("unix:"):])
@@ -284,7 +289,8 @@ async def start(settings: ControlPlaneSettings) -> ControlPlane:
              # in each Rollout's status still fences a replica that has not yet learnt it lost.
              asyncio.create_task(leader.run_while_leader("rollouts", rollouts.run)),
              asyncio.create_task(registry.run_expiry(settings.expiry_interval_s)),
-             asyncio.create_task(cp_auth.watch_trust_bundle(ca, publisher.trigger))]
+             asyncio.create_task(cp_auth.watch_trust_bundle(ca, publisher.trigger)),
+             asyncio.create_task(security.interceptor.recheck_streams())]
     if isinstance(store, store_etcd.EtcdStore):
         # Singleton duties: only the elected replica sweeps the shared records.
         tasks.append(asyncio.create_task(leader.run_while_leader("shared-records sweep", store.collect_garbage)))

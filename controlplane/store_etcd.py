@@ -11,7 +11,9 @@ Layout under the prefix (default /nodemesh):
   <p>/telemetry/<name>               that node's latest traffic summary for the mesh view, shared every
                                      TELEMETRY_SHARE_S (same lease)
   <p>/leader                         the replica elected for singleton duties (its lease: it goes with it)
-  <p>/operators/<name>, <p>/tokens/<id>, <p>/audit/<ms>-<n>   access control (controlplane/auth.py, tokens.py)
+  <p>/sec/<table>/<key>              operators, credentials, node identities (controlplane/records.py)
+  <p>/seclog/audit/<seq>, <p>/seclog-head/audit   the hash-chained change log (controlplane/audit.py)
+  <p>/tokens/<id>                    join tokens (controlplane/tokens.py)
   <p>/cp-ca-pin                      SHA-256 of the control-plane CA certificate every replica must hold
 
 Every replica keeps a mirror of the prefix (all but the audit log and the
@@ -36,11 +38,9 @@ import asyncio
 import base64
 import builtins
 import dataclasses
-import hmac
 import json
 import logging
 import os
-import secrets
 import threading
 import time
 import uuid
@@ -50,7 +50,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from controlplane.auth import Operators
 from controlplane.etcd_client import (
     EtcdClient,
     EtcdCompacted,
@@ -65,6 +64,8 @@ from controlplane.etcd_client import (
     put_op,
     range_op,
 )
+from controlplane.operators import Operators
+from controlplane.records import Record, Records
 from controlplane.store import (
     ADDED,
     DELETED,
@@ -96,7 +97,8 @@ WATCH_RETRY_S = 1.0
 TELEMETRY_SHARE_S = 10.0  # how often a node's summary is written for the other replicas' mesh views
 GC_INTERVAL_S = 60.0  # the leader's sweep of the audit log and used-up join tokens
 # Sections of the prefix the mirror keeps; the others (audit, telemetry) are only passed on.
-MIRRORED = frozenset({"res", "guard", "nodes", "health", "leader", "operators", "tokens", "cp-ca-pin"})
+# "sec": operators, credentials and node identities (controlplane/records.py), read on every call.
+MIRRORED = frozenset({"res", "guard", "nodes", "health", "leader", "operators", "tokens", "cp-ca-pin", "sec"})
 
 
 class _Stale(Exception):
@@ -730,9 +732,16 @@ class EtcdStore(Store):
 
     # ------------------------------------------------------------ access control records
 
+    def security_records(self) -> Records:
+        """Operators, credentials, node identities and the audit chain, shared by every replica."""
+        return EtcdRecords(self)
+
+    def join_tokens(self, clock: Callable[[], float] = time.time) -> JoinTokens:
+        return EtcdJoinTokens(self, clock)
+
     def security_tables(self, clock: Callable[[], float] = time.time) -> tuple[Operators, JoinTokens]:
-        """Operators (with the audit log) and join tokens kept in etcd, shared by every replica."""
-        return EtcdOperators(self, clock), EtcdJoinTokens(self, clock)
+        """Operators and join tokens kept in etcd, shared by every replica."""
+        return Operators(self.security_records(), clock), self.join_tokens(clock)
 
     def claim_cp_ca(self, state_dir: str) -> str:
         """Make sure this replica holds the same control-plane CA as the others (its
@@ -949,85 +958,89 @@ async def _purge_tokens(store: EtcdStore, now: float) -> None:
             await store.client.txn([compare(kv.key, "MOD", "EQUAL", kv.mod_revision)], [delete_op(kv.key)])
 
 
-class EtcdOperators(Operators):
-    """controlplane.auth.Operators with its records in etcd (same rules, same messages).
-    Lookups read the mirror; audit entries are queued; the leader prunes the log."""
+class EtcdRecords(Records):
+    """controlplane.records.Records in etcd. Records live at <p>/sec/<table>/<key>
+    and are read from the mirror (a lookup on every call never waits on etcd);
+    updates are compare-and-set (_cas). Sequences live at <p>/seclog/<table>/<seq,
+    20 digits> with their last seq at <p>/seclog-head/<table>: an append is one txn
+    that moves that head, writes the record and (optionally) a head record in
+    <p>/sec, so two replicas never both link to one predecessor. Appends are
+    queued to the etcd loop's writer in order (a caller on an event loop does not
+    wait); scans read etcd itself (callers run them off the event loop)."""
 
     blocking = True
 
-    def __init__(self, store: EtcdStore, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: EtcdStore) -> None:
         self._store = store
-        self._clock = clock
 
-    def _ops(self) -> builtins.list[dict[str, Any]]:
-        return [_json(kv) for kv in self._store.section("operators").values()]
+    def _k(self, table: str, key: str) -> bytes:
+        return self._store.key("sec", table, key)
 
-    def count(self) -> int:
-        return len(self._store.section("operators"))
+    def get(self, table: str, key: str) -> Record | None:
+        kv = self._store.mirrored(self._k(table, key))
+        return _json(kv) if kv else None
 
-    def _upsert(self, name: str, role: str, token_id: str | None, token_hash: str | None) -> None:
-        def change(old: dict[str, Any] | None) -> dict[str, Any]:
-            return {"name": name, "role": role,
-                    "token_id": token_id if token_id is not None else (old or {}).get("token_id"),
-                    "token_sha256": token_hash if token_hash is not None else (old or {}).get("token_sha256"),
-                    "created_unix": (old or {}).get("created_unix", self._clock()), "revoked_unix": None}
-
-        _cas(self._store, self._store.key("operators", name), change)
-
-    def revoke(self, name: str) -> bool:
-        def change(old: dict[str, Any] | None) -> dict[str, Any] | None:
-            if old is None or old.get("revoked_unix") is not None:
-                return None
-            return {**old, "revoked_unix": self._clock(), "token_id": None, "token_sha256": None}
-
-        return _cas(self._store, self._store.key("operators", name), change) is not None
-
-    def by_token(self, token: str) -> Any:
-        from controlplane.auth import OPERATOR_TOKEN_PREFIX, Caller, _hash
-
-        parts = token.strip().split(".")
-        if len(parts) != 3 or parts[0] != OPERATOR_TOKEN_PREFIX:
-            return Caller("anonymous", why_anonymous="the bearer token is not an operator token "
-                                                     f"({OPERATOR_TOKEN_PREFIX}.<id>.<secret>)")
-        row = next((o for o in self._ops() if o.get("token_id") == parts[1] and o.get("revoked_unix") is None),
-                   None)
-        if row is None or not hmac.compare_digest(str(row.get("token_sha256")), _hash(parts[2])):
-            return Caller("anonymous", why_anonymous="the bearer token is unknown or revoked")
-        return Caller("operator", str(row["name"]), str(row["role"]))
-
-    def by_name(self, name: str) -> Any:
-        from controlplane.auth import Caller
-
-        kv = self._store.mirrored(self._store.key("operators", name))
-        row = _json(kv) if kv else None
-        if row is None or row.get("revoked_unix") is not None:
-            return Caller("anonymous", why_anonymous=f"the certificate's operator {name!r} is unknown or revoked")
-        return Caller("operator", name, str(row["role"]))
-
-    def audit(self, principal: str, action: str, detail: str, outcome: str) -> None:
-        ms = int(self._clock() * 1000)
-        # Time first so keys sort by time; a random tail keeps two replicas' entries apart.
-        key = self._store.key("audit", f"{ms:015d}-{secrets.token_hex(4)}")
-        entry = json.dumps({"unix_ms": ms, "principal": principal, "action": action, "detail": detail[:2000],
-                            "outcome": outcome[:500]}).encode()
-        self._store._queue_write(lambda: self._store.client.put(key, entry))
-
-    def _prune(self, keep: int) -> None:
-        self._store._sync(_prune_audit(self._store, keep))
-
-    def audit_entries(self, limit: int = 100) -> builtins.list[Any]:
-        from nodemesh.v1 import mesh_pb2
-
-        start = self._store.key("audit", "")
-        kvs, _, _ = self._store._sync(self._store.client.range(
-            start, prefix_end(start), limit=max(1, min(limit, 10_000)), descending=True,
-            sort_target="MOD"))  # etcd's write order, across replicas
-        out = []
-        for kv in kvs:
-            d = _json(kv)
-            out.append(mesh_pb2.AuditEntry(unix_ms=d["unix_ms"], principal=d["principal"], action=d["action"],
-                                           detail=d["detail"], outcome=d["outcome"]))
+    def update(self, table: str, key: str, change: Callable[[Record | None], Record | None]) -> Record | None:
+        out: Record | None = _cas(self._store, self._k(table, key), change)
         return out
+
+    def items(self, table: str) -> builtins.list[tuple[str, Record]]:
+        prefix = f"{table}/"
+        return sorted((k[len(prefix):], _json(kv)) for k, kv in self._store.section("sec").items()
+                      if k.startswith(prefix))
+
+    def _log_key(self, table: str, seq: int) -> bytes:
+        return self._store.key("seclog", table, f"{seq:020d}")
+
+    async def _append(self, table: str, make: Callable[[Record | None], Record],
+                      head: tuple[str, str, Callable[[Record], Record]] | None) -> Record:
+        client, head_key = self._store.client, self._store.key("seclog-head", table)
+        for _ in range(MAX_TXN_ATTEMPTS):
+            hkv, _rev = await client.get(head_key)
+            last = None
+            if hkv is not None:
+                lkv, _ = await client.get(self._log_key(table, int(_json(hkv)["seq"])))
+                last = _json(lkv) if lkv else None
+            rec = make(last)
+            ops = [put_op(head_key, json.dumps({"seq": rec["seq"]}).encode()),
+                   put_op(self._log_key(table, int(rec["seq"])), json.dumps(rec, sort_keys=True).encode())]
+            if head is not None:
+                ops.append(put_op(self._k(head[0], head[1]), json.dumps(head[2](rec), sort_keys=True).encode()))
+            done = await client.txn([compare(head_key, "MOD", "EQUAL", hkv.mod_revision if hkv else 0)], ops)
+            if done.succeeded:
+                return rec
+        raise StoreError(f"the {table} log kept moving under this append (other replicas); try again")
+
+    def append(self, table: str, make: Callable[[Record | None], Record],
+               head: tuple[str, str, Callable[[Record], Record]] | None = None) -> Record | None:
+        fut = self._store._queue_write(lambda: self._append(table, make, head))
+        if _on_running_loop():
+            return None  # appended in order by the etcd loop's writer
+        rec: Record = fut.result()
+        self._store.catch_up()  # the caller's next read sees it
+        return rec
+
+    def _range(self, start: bytes, end: bytes, **kw: Any) -> Any:
+        return self._store._sync(self._store.client.range(start, end, **kw))
+
+    def tail(self, table: str, limit: int) -> builtins.list[Record]:
+        start = self._store.key("seclog", table, "")
+        kvs, _, _ = self._range(start, prefix_end(start), limit=limit, descending=True)
+        return [_json(kv) for kv in kvs]
+
+    def scan(self, table: str, after_seq: int, limit: int) -> builtins.list[Record]:
+        start = self._store.key("seclog", table, "")
+        kvs, _, _ = self._range(self._log_key(table, max(0, after_seq + 1)), prefix_end(start), limit=limit)
+        return [_json(kv) for kv in kvs]
+
+    def count(self, table: str) -> int:
+        start = self._store.key("seclog", table, "")
+        _, _, n = self._range(start, prefix_end(start), count_only=True)
+        return int(n)
+
+    def drop_upto(self, table: str, seq: int) -> None:
+        self._store._sync(self._store.client.delete_range(self._store.key("seclog", table, ""),
+                                                          self._log_key(table, seq + 1)))
 
 
 class EtcdJoinTokens(JoinTokens):
@@ -1083,7 +1096,7 @@ def open_store(kind: str, *, sqlite_path: str, etcd_endpoints: Sequence[str] = (
 
 __all__ = [
     "EtcdJoinTokens",
-    "EtcdOperators",
+    "EtcdRecords",
     "EtcdStore",
     "NodeChange",
     "Put",

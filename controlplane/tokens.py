@@ -12,6 +12,7 @@ that it talks to the right control plane before it sends the token.
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import hmac
 import logging
@@ -32,14 +33,18 @@ from controlplane.store import off_loop
 from nodemesh.v1 import mesh_pb2, mesh_pb2_grpc
 
 if TYPE_CHECKING:
-    from controlplane.auth import ControlPlaneCA
+    from controlplane.cpca import ControlPlaneCA
+    from controlplane.nodeids import NodeIdentities
 
 log = logging.getLogger("nodemesh.controlplane.tokens")
 
 TOKEN_PREFIX = "nmjt1"
 DEFAULT_TOKEN_TTL_S = 3600
 MAX_TOKEN_TTL_S = 7 * 24 * 3600
-DEFAULT_NODE_CERT_TTL_S = 7 * 24 * 3600
+# Node certificates live hours, renewed at half life: a revocation missed by some
+# replica or cache ends with the certificate (controlplane/nodeids.py revokes at once).
+DEFAULT_NODE_CERT_TTL_S = 12 * 3600
+MAX_NODE_CERT_TTL_S = 24 * 3600
 _NODE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
 _SCHEMA = """
@@ -180,19 +185,29 @@ def load_csr(csr_pem: str) -> x509.CertificateSigningRequest:
 class NodeAttestationServicer(mesh_pb2_grpc.NodeAttestationServicer):
     """nodemesh.v1.NodeAttestation: Join (token) and RenewNodeCertificate (node certificate).
     The auth interceptor lets Join through without credentials and puts the caller
-    of RenewNodeCertificate in controlplane.auth.current_caller()."""
+    of RenewNodeCertificate in controlplane.interceptor.current_caller()."""
 
     def __init__(self, tokens: JoinTokens, cp_ca: ControlPlaneCA, trust_domain: Callable[[], str],
-                 trust_bundle: Callable[[], list[str]], node_cert_ttl_s: int = DEFAULT_NODE_CERT_TTL_S) -> None:
+                 trust_bundle: Callable[[], list[str]], node_cert_ttl_s: int = DEFAULT_NODE_CERT_TTL_S,
+                 nodes: NodeIdentities | None = None) -> None:
         self._tokens = tokens
         self._cp_ca = cp_ca
         self._trust_domain = trust_domain
         self._trust_bundle = trust_bundle
-        self._ttl = node_cert_ttl_s
+        self._ttl = min(node_cert_ttl_s, MAX_NODE_CERT_TTL_S)
+        self._nodes = nodes
 
-    def _issue(self, node_name: str, csr: x509.CertificateSigningRequest) -> mesh_pb2.JoinResponse:
+    async def _issue(self, node_name: str, csr: x509.CertificateSigningRequest,
+               join_address: str | None = None) -> mesh_pb2.JoinResponse:
         cert = self._cp_ca.sign_client(csr.public_key(), node_id(self._trust_domain(), node_name),
                                        datetime.timedelta(seconds=self._ttl))
+        if self._nodes is not None:
+            # The serial is what the control plane accepts from now on (an allow list), and the
+            # address the node joined from is one it owns (nodemesh/bindings.py).
+            leaf = x509.load_pem_x509_certificate(cert.encode())
+            await off_loop(bool(getattr(self._nodes._records, "blocking", False)), functools.partial(
+                self._nodes.issued, node_name, format(leaf.serial_number, "x"), leaf.not_valid_after_utc.timestamp(),
+                join_address=join_address))
         return mesh_pb2.JoinResponse(node_cert_chain=[cert, self._cp_ca.pem],
                                      trust_bundle=self._trust_bundle(), server_ca_bundle=[self._cp_ca.pem])
 
@@ -213,11 +228,14 @@ class NodeAttestationServicer(mesh_pb2_grpc.NodeAttestationServicer):
             log.warning("refused a join of node %s from %s: %s", request.node_name, context.peer(), e)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"join refused: {e}")
         log.info("node %s joined from %s", request.node_name, context.peer())
-        return self._issue(request.node_name, csr)
+        from controlplane.ca import parse_peer
+
+        peer = parse_peer(context.peer() or "")
+        return await self._issue(request.node_name, csr, peer.address if peer.kind in ("ipv4", "ipv6") else "")
 
     async def RenewNodeCertificate(self, request: mesh_pb2.JoinRequest,
                                    context: grpc.aio.ServicerContext) -> mesh_pb2.JoinResponse:
-        from controlplane.auth import current_caller
+        from controlplane.interceptor import current_caller
 
         caller = current_caller()
         if caller is None or caller.kind != "node" or caller.name != request.node_name:
@@ -228,4 +246,4 @@ class NodeAttestationServicer(mesh_pb2_grpc.NodeAttestationServicer):
             csr = load_csr(request.csr_pem)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        return self._issue(request.node_name, csr)
+        return await self._issue(request.node_name, csr)

@@ -20,11 +20,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hmac
 import json
 import logging
+import os
+import secrets
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import nodemesh
@@ -158,9 +162,30 @@ def summarize(families: list[metrics.FamilyData]) -> dict[str, Any]:
             "latency_buckets_ms": list(dur.buckets) if dur is not None else []}
 
 
+ADMIN_TOKEN_FILE = "admin.token"
+# What other workloads' requests looked like (targets, query strings) and the node's full
+# config: only for the node's administrator (the admin token, readable by root only).
+PROTECTED = frozenset({"/recent", "/config_dump"})
+
+
+def write_admin_token(state_dir: str | os.PathLike[str] | None) -> tuple[str, str]:
+    """A fresh admin token, written 0600 to <stateDir>/admin.token (new at every
+    start, so a copy taken earlier stops working). Returns (token, path)."""
+    token = secrets.token_urlsafe(32)
+    if state_dir is None:
+        return token, ""
+    from nodeagent.attest import _write_private
+
+    directory = Path(state_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_private(directory / ADMIN_TOKEN_FILE, (token + "\n").encode())
+    return token, str(directory / ADMIN_TOKEN_FILE)
+
+
 class AdminServer:
     def __init__(self, agent: Agent, host: str = "127.0.0.1", port: int = 15000) -> None:
         self.agent = agent
+        self.token, self.token_path = write_admin_token(getattr(agent, "state_dir", None))
         self.host = host
         self.port = port
         self._server: asyncio.AbstractServer | None = None
@@ -231,6 +256,14 @@ class AdminServer:
             pass
         writer.close()
 
+    def _authorized(self, head: bytes) -> bool:
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"authorization":
+                scheme, _, token = value.strip().decode("latin-1").partition(" ")
+                return scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), self.token)
+        return False
+
     async def _dispatch(self, head: bytes) -> Response:
         if len(head) > MAX_REQUEST_HEAD:
             return 400, "text/plain", b"request head too large\n"
@@ -243,7 +276,13 @@ class AdminServer:
             return 405, "text/plain", b"the admin endpoint is read-only: use GET\n"
         url = urllib.parse.urlsplit(target)
         query = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query).items()}
-        route = self._routes.get(url.path.rstrip("/") or "/")
+        path = url.path.rstrip("/") or "/"
+        route = self._routes.get(path)
+        if path in PROTECTED and not self._authorized(head):
+            # Any local process can reach this port; what other workloads requested is not for them.
+            return 403, "text/plain", (f"{path} needs the node's admin token (Authorization: Bearer, from "
+                                       f"{self.token_path or 'the agent stateDir/admin.token'}, readable by root "
+                                       "only): run the nodemesh CLI as root\n").encode()
         if route is None:
             return 404, "text/plain", f"no such admin path {url.path}; try one of {sorted(self._routes)}\n".encode()
         return await route(query)

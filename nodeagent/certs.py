@@ -160,6 +160,8 @@ class CertManager:
         self._version = 0
         self.certs = Certs()
         self.renewals = 0
+        # identity -> the control plane's last refusal of it (PERMISSION_DENIED), until one is issued
+        self.refusals: dict[str, str] = {}
         self._ready = asyncio.Event()
 
     @property
@@ -258,6 +260,9 @@ class CertManager:
                     # Never wait past the old certificate's expiry because of backoff.
                     delay = min(delay, max(0.5, old.svid.not_after_unix - self._clock()))
                 attempt += 1
+                if isinstance(e, grpc.aio.AioRpcError) and e.code() == grpc.StatusCode.PERMISSION_DENIED:
+                    # The control plane's reason (e.g. which identity binding is missing), for `nodemesh status`.
+                    self.refusals[identity] = str(e.details())
                 log.warning("certs: could not get a certificate for %s (%s): is the control plane's "
                             "CertificateService reachable and does it accept node %s? %s; retrying in %.1fs",
                             identity, reason, self.node_name,
@@ -265,6 +270,7 @@ class CertManager:
                 await self._sleep(delay)
                 continue
             attempt = 0
+            self.refusals.pop(identity, None)
             if identity not in self._tasks:
                 return
             self._issued[identity] = issued

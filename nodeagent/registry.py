@@ -60,6 +60,7 @@ class RegistrySession:
         self.telemetry: Callable[[], str] | None = None
         # The last health report (nodeagent/health.py); re-sent after every registration.
         self.health: mesh_pb2.HealthReport | None = None
+        self.last_refusal = ""  # the control plane's reason when it refused this node's registration
 
     def _set_connected(self, value: bool) -> None:
         if value != self.connected:
@@ -76,6 +77,9 @@ class RegistrySession:
                 reason = "the control plane closed the session"
             except grpc.aio.AioRpcError as e:
                 reason = f"{e.code().name}: {e.details()}"
+                if e.code() == grpc.StatusCode.PERMISSION_DENIED:
+                    # Shown by `nodemesh status` (e.g. which identity binding is missing).
+                    self.last_refusal = str(e.details())
             except asyncio.CancelledError:
                 raise
             except Exception as e:
@@ -141,6 +145,7 @@ class RegistrySession:
                         log.info("registry: node %s registered with %s (lease %ds)",
                                  self.registration.node_name, self.target, grant.lease_seconds)
                     granted = True
+                    self.last_refusal = ""
                     self.lease = grant
                     self._set_connected(True)
                     # Only a changed lease resets the timer, so grants answering each

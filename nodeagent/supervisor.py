@@ -219,12 +219,19 @@ class Agent:
             "certs_version": self.certs.version if self.certs else 0,
             "control_plane_connected": bool(self.ads and self.ads.connected),
             "registry_connected": bool(self.registry and self.registry.connected),
+            # What the control plane refused this node, and why (identity bindings, addresses, revocation).
+            "refusals": self._refusals(),
             "workers_alive": bool(self.pool and self.pool.alive()),
             "dns_listening": bool(self.dns and self.dns.listening),
             "workers_up": self.pool.up() if self.pool is not None and hasattr(self.pool, "up") else 0,
             "health": [dataclasses.asdict(v) for v in self.health.verdicts()] if self.health is not None else [],
             "updated_unix": time.time(),
         }
+
+    def _refusals(self) -> list[str]:
+        out = [f"registration: {self.registry.last_refusal}"] if self.registry and self.registry.last_refusal else []
+        refused = self.cert_manager.refusals if self.cert_manager is not None else {}
+        return out + [f"certificate {ident}: {why}" for ident, why in sorted(refused.items())]
 
     def write_status(self) -> None:
         """Atomically replace stateDir/status.json (the CLI and tests read it)."""

@@ -136,13 +136,15 @@ def mesh_labels(fields: Mapping[str, Any], snapshot: Snapshot | None,
     src_principal = fields.get("source_principal") or ""
     dst_key = fields.get("dst_workload") or ""
     svc_key = fields.get("dst_service") or ""
-    baggage = parse_baggage(peer_headers) if not outbound else {}
+    # Baggage is believed only from callers with a verified identity (mTLS): a plaintext
+    # caller has no principal and could name any workload or service in its headers.
+    verified_ns = _ns_of_principal(src_principal)
+    baggage = parse_baggage(peer_headers) if not outbound and verified_ns else {}
     if not outbound:
         # The caller's node names its workload and service in baggage; believe it only
         # as far as the verified identity allows (same namespace as the principal).
         claimed = baggage.get("k8s.namespace.name", "") + "/" + baggage.get("k8s.workload.name", "")
-        if not src_key and baggage.get("k8s.workload.name") and \
-                baggage.get("k8s.namespace.name") == _ns_of_principal(src_principal):
+        if not src_key and baggage.get("k8s.workload.name") and baggage.get("k8s.namespace.name") == verified_ns:
             src_key = claimed
         if not src_key and snapshot is not None and src_principal:
             src_key = _workload_of_principal(snapshot, src_principal)
@@ -287,7 +289,8 @@ class ProxyTelemetry:
             req.set(authority=ex.extra["authority"])
         # The request's own trace context first (the caller's proxy put its span
         # there), then the tunnel's baggage (caller workload and service).
-        req.peer_headers = tuple(ex.trace_headers) + tuple(conn.peer_headers)
+        # Baggage only from the tunnel (the calling node), never from the request itself.
+        req.peer_headers = tuple(h for h in ex.trace_headers if h[0].lower() != BAGGAGE) + tuple(conn.peer_headers)
         ex.extra["session"] = req
         conn.http_requests = getattr(conn, "http_requests", 0) + 1  # type: ignore[attr-defined]
 

@@ -23,11 +23,29 @@ class AdminUnreachable(RuntimeError):
     pass
 
 
+DEFAULT_ADMIN_TOKEN_FILE = "/var/lib/nodemesh/admin.token"
+
+
+def admin_token() -> str:
+    """The agent's admin token (stateDir/admin.token, readable by root only), if this
+    user can read it: $NODEMESH_ADMIN_TOKEN_FILE, else the default stateDir's."""
+    path = os.environ.get("NODEMESH_ADMIN_TOKEN_FILE", DEFAULT_ADMIN_TOKEN_FILE)
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 def admin_get(base: str, path: str, timeout: float = 5.0, **params: str) -> Any:
     """GET a JSON (or text) admin path; errors say what to check."""
     url = base.rstrip("/") + path + ("?" + urllib.parse.urlencode(params) if params else "")
+    req = urllib.request.Request(url)
+    token = admin_token()
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
             body = resp.read().decode()
             ctype = resp.headers.get("Content-Type", "")
     except urllib.error.HTTPError as e:
@@ -90,6 +108,7 @@ def human_status(s: dict[str, Any]) -> str:
             f"{i} until {c.get('not_after')}" for i, c in certs.items())),
         ("proxy workers", f"{s.get('workers_up')} up" + ("" if s.get("workers_alive") else " (pool gave up)")),
     ]
+    rows += [("REFUSED by control plane", r) for r in s.get("refusals") or []]
     return table(("FIELD", "VALUE"), rows)
 
 

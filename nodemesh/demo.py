@@ -28,6 +28,16 @@ metadata:
 spec:
   trustDomain: cluster.local
   outboundPolicy: ALLOW_ANY
+  # Which identities may run where (default deny): the operator binds them.
+  identityBindings:
+    - name: web
+      nodes: [node-1, node-2]
+      serviceAccounts: [default/web]
+      workloadLabels: {app: [web]}
+    - name: client
+      nodes: [node-1]
+      serviceAccounts: [default/client]
+      workloadLabels: {app: [client]}
 ---
 apiVersion: nodemesh.io/v1alpha1
 kind: Service

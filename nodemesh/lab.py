@@ -25,6 +25,11 @@ from typing import Any, Iterator, Sequence
 import yaml
 
 NETNS_PREFIX = "nmlab-"
+# MeshConfig spec.identityBindings (flow YAML) for labs whose tests add workloads of
+# any service account and labels on any node: the bindings the operator declares
+# (default deny; nodemesh/bindings.py). Attack tests replace it with narrow ones.
+LAB_BINDINGS = ("identityBindings: [{name: lab-nodes, nodes: ['node-*'], serviceAccounts: ['*/*'], "
+                "workloadLabels: {'*': ['*']}}]")
 
 
 class LabError(RuntimeError):

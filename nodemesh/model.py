@@ -136,6 +136,9 @@ class MeshConfig:
     node_service_accounts: tuple[tuple[str, tuple[str, ...]], ...] = ()
     # HTTP edge limits of every L7 listener (spec.http; nodemesh/httpedge.py).
     http_limits: HttpLimits = DEFAULT_LIMITS
+    # Which identities may run on which nodes (nodemesh.bindings; default deny). Holds the
+    # spec.identityBindings entries and, after them, those nodeServiceAccounts implies.
+    identity_bindings: tuple[Any, ...] = ()
 
     kind = KIND_MESH_CONFIG
     name = MESH_CONFIG_NAME
@@ -334,7 +337,8 @@ def _parse_mesh_config(c: _Checker, name: str, labels: tuple[tuple[str, str], ..
     if name != MESH_CONFIG_NAME:
         c.add("metadata.name", f"there is one MeshConfig and it must be named {MESH_CONFIG_NAME!r}")
     spec = c.mapping(spec_raw, "spec", ("trustDomain", "vipRange", "outboundPolicy", "dnsDomain", "mtls",
-                                        "defaultDeny", "rootNamespace", "nodeServiceAccounts", "http"))
+                                        "defaultDeny", "rootNamespace", "nodeServiceAccounts", "http",
+                                        "identityBindings"))
     if spec is None:
         return None
     td = c.string(spec.get("trustDomain", "cluster.local"), "spec.trustDomain")

@@ -520,6 +520,9 @@ def mesh_spec_extra(mesh: Any) -> dict[str, Any]:
         out["rootNamespace"] = mesh.root_namespace
     if mesh.node_service_accounts:
         out["nodeServiceAccounts"] = {n: list(sas) for n, sas in mesh.node_service_accounts}
+    explicit = [b.spec() for b in mesh.identity_bindings if not b.name.startswith("nodeServiceAccounts.")]
+    if explicit:
+        out["identityBindings"] = explicit
     return out
 
 
@@ -560,24 +563,20 @@ def parse_mesh_extra(c: _Checker, spec: Mapping[str, Any]) -> dict[str, Any]:
                                  "must be '<namespace>/<service account>', either part may be '*'")
                 allow.append((node, items))
     out["node_service_accounts"] = tuple(sorted(allow))
+    from nodemesh.bindings import parse_bindings
+
+    out["identity_bindings"] = parse_bindings(c, spec.get("identityBindings"), out["node_service_accounts"])
     return out
 
 
-def node_may_register(mesh: Any, node: str, namespace: str, service_account: str) -> bool:
-    """MeshConfig spec.nodeServiceAccounts: with no entry at all every node may
-    register any service account (the default); otherwise the node's own entry,
-    or else the '*' entry, must list it."""
-    table = dict(mesh.node_service_accounts)
-    if not table:
-        return True
-    patterns = table.get(node, table.get("*"))
-    if patterns is None:
-        return False
-    for p in patterns:
-        pns, _, psa = p.partition("/")
-        if pns in ("*", namespace) and psa in ("*", service_account):
-            return True
-    return False
+def node_may_register(mesh: Any, node: str, namespace: str, service_account: str,
+                      node_labels: Mapping[str, str] | None = None) -> bool:
+    """Whether an identity binding (nodemesh.bindings; spec.identityBindings or
+    its nodeServiceAccounts shorthand) allows the service account on `node`.
+    Nothing bound: refused (default deny)."""
+    from nodemesh.bindings import identity_refused
+
+    return not identity_refused(mesh, node, node_labels or {}, namespace, service_account)
 
 
 def mesh_security_of(mesh: Any) -> MeshSecurity:

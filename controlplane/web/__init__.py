@@ -33,6 +33,7 @@ from importlib import resources
 from typing import Any
 
 from controlplane.rollout.controller import summaries as rollout_summaries
+from controlplane.web.auth import MAX_LOGIN_BODY, NO_CONTENT, SECURITY_HEADERS, WebAuth, csp_for, header
 
 log = logging.getLogger(__name__)
 
@@ -435,6 +436,12 @@ class MeshView:
         self.telemetry = telemetry or MeshTelemetry()
         self._server: asyncio.AbstractServer | None = None
         self.address = ""
+        # The login, Host check and CSP (controlplane/web/auth.py); hosts are set once bound.
+        security = getattr(cp, "security", None)
+        self.auth = WebAuth(security.operators.by_token if security is not None else (lambda _t: None), ())
+        self.extra_hosts: tuple[str, ...] = tuple(getattr(getattr(cp, "settings", None), "web_hosts", ()) or ())
+        page = resources.files(__package__).joinpath("index.html").read_bytes()
+        self._csp_page, self._csp_login = csp_for(page), csp_for(WebAuth.login_page().replace(b"{error}", b""))
 
     async def start(self, listen: str) -> None:
         host, _, port = listen.rpartition(":")
@@ -445,6 +452,7 @@ class MeshView:
             return
         h, p = self._server.sockets[0].getsockname()[:2]
         self.address = f"{h}:{p}"
+        self.auth.hosts = WebAuth.hosts_for(h if ":" not in h else f"[{h}]", int(p), self.extra_hosts)
         log.info("mesh view on http://%s/ (control plane metrics on /metrics)", self.address)
 
     async def close(self) -> None:
@@ -487,23 +495,61 @@ class MeshView:
 
     # ---------------------------------------------------------------- HTTP
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        extra = ""
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT_S)
-            status, ctype, body = self.dispatch(head)
+            status, ctype, body, extra = await self.guarded(head, reader)
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ConnectionError):
             writer.close()
             return
         except Exception as e:  # one broken view must not stop the server
             log.exception("mesh view request failed")
             status, ctype, body = 500, "text/plain", f"internal error: {e!r}\n".encode()
+        if "Content-Security-Policy:" not in extra:  # the page's own; nothing else may run anywhere
+            extra += f"Content-Security-Policy: {self._csp_page if ctype.startswith('text/html') else NO_CONTENT}\r\n"
         writer.write(f"HTTP/1.1 {status} {'OK' if status == 200 else 'Error'}\r\nContent-Type: {ctype}\r\n"
-                     f"Content-Length: {len(body)}\r\nConnection: close\r\nCache-Control: no-store\r\n\r\n".encode()
-                     + body)
+                     f"Content-Length: {len(body)}\r\nConnection: close\r\nCache-Control: no-store\r\n"
+                     f"{SECURITY_HEADERS}{extra}\r\n".encode() + body)
         try:
             await writer.drain()
         except ConnectionError:
             pass
         writer.close()
+
+    async def guarded(self, head: bytes, reader: asyncio.StreamReader) -> tuple[int, str, bytes, str]:
+        """Host check, login and session in front of dispatch(); returns the
+        response and extra header lines."""
+        if not self.auth.host_ok(head):
+            # DNS rebinding: a page on another name must not read the mesh's config.
+            return 421, "text/plain", (b"this server answers only for its own names (Host must be one of: "
+                                       + ", ".join(sorted(self.auth.hosts)).encode()
+                                       + b"); add more with controlplane serve --web-host\n"), ""
+        parts = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
+        method, path = (parts[0], urllib.parse.urlsplit(parts[1]).path) if len(parts) == 3 else ("", "")
+        login_csp = f"Content-Security-Policy: {self._csp_login}\r\n"
+        if path == "/metrics":
+            return (*self.dispatch(head), "")
+        if path == "/login":
+            if method == "POST":
+                length = int(header(head, "content-length") or "0")
+                if not self.auth.origin_ok(head):
+                    return 403, "text/plain", b"cross-origin login refused\n", ""
+                if length > MAX_LOGIN_BODY:
+                    return 413, "text/plain", b"login body too large\n", ""
+                body = await asyncio.wait_for(reader.readexactly(length), READ_TIMEOUT_S) if length else b""
+                sid, why = self.auth.login(body)
+                if sid is None:
+                    log.warning("mesh view: a login was refused (%s)", why)
+                    return 401, "text/html; charset=utf-8", WebAuth.login_page(why), login_csp
+                log.info("mesh view: %s logged in", why)
+                return 303, "text/plain", b"logged in\n", WebAuth.cookie(sid) + "Location: /\r\n"
+            return 200, "text/html; charset=utf-8", WebAuth.login_page(), login_csp
+        if self.auth.session(head) is None:
+            if path in ("/", "/index.html"):
+                return 303, "text/plain", b"log in first\n", "Location: /login\r\n"
+            return 401, "application/json", json.dumps(
+                {"error": "the mesh view needs a login: POST an operator token to /login"}).encode(), ""
+        return (*self.dispatch(head), "")
 
     def dispatch(self, head: bytes) -> Response:
         parts = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")

@@ -241,12 +241,21 @@ class JoinResponse(_message.Message):
     def __init__(self, node_cert_chain: _Optional[_Iterable[str]] = ..., trust_bundle: _Optional[_Iterable[str]] = ..., server_ca_bundle: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CreateJoinTokenRequest(_message.Message):
-    __slots__ = ("node_name", "ttl_seconds")
+    __slots__ = ("node_name", "ttl_seconds", "node_labels")
+    class NodeLabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     NODE_NAME_FIELD_NUMBER: _ClassVar[int]
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    NODE_LABELS_FIELD_NUMBER: _ClassVar[int]
     node_name: str
     ttl_seconds: int
-    def __init__(self, node_name: _Optional[str] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
+    node_labels: _containers.ScalarMap[str, str]
+    def __init__(self, node_name: _Optional[str] = ..., ttl_seconds: _Optional[int] = ..., node_labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class CreateJoinTokenResponse(_message.Message):
     __slots__ = ("token", "expires_unix")
@@ -269,26 +278,137 @@ class CreateOperatorRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., csr_pem: _Optional[str] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
 
 class CreateOperatorResponse(_message.Message):
-    __slots__ = ("token", "cert_chain", "server_ca_bundle")
+    __slots__ = ("token", "cert_chain", "server_ca_bundle", "credential_id", "serial", "expires_unix")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     CERT_CHAIN_FIELD_NUMBER: _ClassVar[int]
     SERVER_CA_BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIAL_ID_FIELD_NUMBER: _ClassVar[int]
+    SERIAL_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_UNIX_FIELD_NUMBER: _ClassVar[int]
     token: str
     cert_chain: _containers.RepeatedScalarFieldContainer[str]
     server_ca_bundle: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, token: _Optional[str] = ..., cert_chain: _Optional[_Iterable[str]] = ..., server_ca_bundle: _Optional[_Iterable[str]] = ...) -> None: ...
+    credential_id: str
+    serial: str
+    expires_unix: int
+    def __init__(self, token: _Optional[str] = ..., cert_chain: _Optional[_Iterable[str]] = ..., server_ca_bundle: _Optional[_Iterable[str]] = ..., credential_id: _Optional[str] = ..., serial: _Optional[str] = ..., expires_unix: _Optional[int] = ...) -> None: ...
 
 class RevokeOperatorRequest(_message.Message):
+    __slots__ = ("name", "credential_id", "serial")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIAL_ID_FIELD_NUMBER: _ClassVar[int]
+    SERIAL_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    credential_id: str
+    serial: str
+    def __init__(self, name: _Optional[str] = ..., credential_id: _Optional[str] = ..., serial: _Optional[str] = ...) -> None: ...
+
+class RevokeOperatorResponse(_message.Message):
+    __slots__ = ("revoked", "credentials_revoked")
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIALS_REVOKED_FIELD_NUMBER: _ClassVar[int]
+    revoked: bool
+    credentials_revoked: int
+    def __init__(self, revoked: _Optional[bool] = ..., credentials_revoked: _Optional[int] = ...) -> None: ...
+
+class RevokeNodeRequest(_message.Message):
     __slots__ = ("name",)
     NAME_FIELD_NUMBER: _ClassVar[int]
     name: str
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
-class RevokeOperatorResponse(_message.Message):
-    __slots__ = ("revoked",)
+class RevokeNodeResponse(_message.Message):
+    __slots__ = ("revoked", "certificates_revoked", "streams_closed", "endpoints_withdrawn")
     REVOKED_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATES_REVOKED_FIELD_NUMBER: _ClassVar[int]
+    STREAMS_CLOSED_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINTS_WITHDRAWN_FIELD_NUMBER: _ClassVar[int]
     revoked: bool
-    def __init__(self, revoked: _Optional[bool] = ...) -> None: ...
+    certificates_revoked: int
+    streams_closed: int
+    endpoints_withdrawn: bool
+    def __init__(self, revoked: _Optional[bool] = ..., certificates_revoked: _Optional[int] = ..., streams_closed: _Optional[int] = ..., endpoints_withdrawn: _Optional[bool] = ...) -> None: ...
+
+class NodeIdentity(_message.Message):
+    __slots__ = ("name", "labels", "join_address", "joined_unix", "revoked_unix", "serials", "refusals")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    JOIN_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    JOINED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    SERIALS_FIELD_NUMBER: _ClassVar[int]
+    REFUSALS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    labels: _containers.ScalarMap[str, str]
+    join_address: str
+    joined_unix: int
+    revoked_unix: int
+    serials: _containers.RepeatedScalarFieldContainer[str]
+    refusals: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., join_address: _Optional[str] = ..., joined_unix: _Optional[int] = ..., revoked_unix: _Optional[int] = ..., serials: _Optional[_Iterable[str]] = ..., refusals: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ListNodeIdentitiesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListNodeIdentitiesResponse(_message.Message):
+    __slots__ = ("nodes",)
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeIdentity]
+    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeIdentity, _Mapping]]] = ...) -> None: ...
+
+class VerifyAuditRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class VerifyAuditResponse(_message.Message):
+    __slots__ = ("ok", "records", "first_seq", "last_seq", "problem")
+    OK_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    records: int
+    first_seq: int
+    last_seq: int
+    problem: str
+    def __init__(self, ok: _Optional[bool] = ..., records: _Optional[int] = ..., first_seq: _Optional[int] = ..., last_seq: _Optional[int] = ..., problem: _Optional[str] = ...) -> None: ...
+
+class RefusalsRequest(_message.Message):
+    __slots__ = ("limit",)
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    def __init__(self, limit: _Optional[int] = ...) -> None: ...
+
+class RefusalCount(_message.Message):
+    __slots__ = ("method", "code", "principal", "count")
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    method: str
+    code: str
+    principal: str
+    count: int
+    def __init__(self, method: _Optional[str] = ..., code: _Optional[str] = ..., principal: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...
+
+class RefusalsResponse(_message.Message):
+    __slots__ = ("total", "counts", "samples")
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    total: int
+    counts: _containers.RepeatedCompositeFieldContainer[RefusalCount]
+    samples: _containers.RepeatedCompositeFieldContainer[AuditEntry]
+    def __init__(self, total: _Optional[int] = ..., counts: _Optional[_Iterable[_Union[RefusalCount, _Mapping]]] = ..., samples: _Optional[_Iterable[_Union[AuditEntry, _Mapping]]] = ...) -> None: ...
 
 class AuditRequest(_message.Message):
     __slots__ = ("limit",)
@@ -297,18 +417,22 @@ class AuditRequest(_message.Message):
     def __init__(self, limit: _Optional[int] = ...) -> None: ...
 
 class AuditEntry(_message.Message):
-    __slots__ = ("unix_ms", "principal", "action", "detail", "outcome")
+    __slots__ = ("unix_ms", "principal", "action", "detail", "outcome", "seq", "hash")
     UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
     unix_ms: int
     principal: str
     action: str
     detail: str
     outcome: str
-    def __init__(self, unix_ms: _Optional[int] = ..., principal: _Optional[str] = ..., action: _Optional[str] = ..., detail: _Optional[str] = ..., outcome: _Optional[str] = ...) -> None: ...
+    seq: int
+    hash: str
+    def __init__(self, unix_ms: _Optional[int] = ..., principal: _Optional[str] = ..., action: _Optional[str] = ..., detail: _Optional[str] = ..., outcome: _Optional[str] = ..., seq: _Optional[int] = ..., hash: _Optional[str] = ...) -> None: ...
 
 class AuditResponse(_message.Message):
     __slots__ = ("entries",)

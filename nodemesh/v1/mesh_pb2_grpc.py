@@ -564,6 +564,26 @@ class AdminStub:
                 request_serializer=nodemesh_dot_v1_dot_mesh__pb2.RotateRootRequest.SerializeToString,
                 response_deserializer=nodemesh_dot_v1_dot_mesh__pb2.RotateRootResponse.FromString,
                 _registered_method=True)
+        self.RevokeNode = channel.unary_unary(
+                '/nodemesh.v1.Admin/RevokeNode',
+                request_serializer=nodemesh_dot_v1_dot_mesh__pb2.RevokeNodeRequest.SerializeToString,
+                response_deserializer=nodemesh_dot_v1_dot_mesh__pb2.RevokeNodeResponse.FromString,
+                _registered_method=True)
+        self.ListNodeIdentities = channel.unary_unary(
+                '/nodemesh.v1.Admin/ListNodeIdentities',
+                request_serializer=nodemesh_dot_v1_dot_mesh__pb2.ListNodeIdentitiesRequest.SerializeToString,
+                response_deserializer=nodemesh_dot_v1_dot_mesh__pb2.ListNodeIdentitiesResponse.FromString,
+                _registered_method=True)
+        self.VerifyAudit = channel.unary_unary(
+                '/nodemesh.v1.Admin/VerifyAudit',
+                request_serializer=nodemesh_dot_v1_dot_mesh__pb2.VerifyAuditRequest.SerializeToString,
+                response_deserializer=nodemesh_dot_v1_dot_mesh__pb2.VerifyAuditResponse.FromString,
+                _registered_method=True)
+        self.Refusals = channel.unary_unary(
+                '/nodemesh.v1.Admin/Refusals',
+                request_serializer=nodemesh_dot_v1_dot_mesh__pb2.RefusalsRequest.SerializeToString,
+                response_deserializer=nodemesh_dot_v1_dot_mesh__pb2.RefusalsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -599,6 +619,33 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RevokeNode(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListNodeIdentities(self, request, context):
+        """ro
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VerifyAudit(self, request, context):
+        """ro
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Refusals(self, request, context):
+        """ro
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -626,6 +673,26 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.RotateRoot,
                     request_deserializer=nodemesh_dot_v1_dot_mesh__pb2.RotateRootRequest.FromString,
                     response_serializer=nodemesh_dot_v1_dot_mesh__pb2.RotateRootResponse.SerializeToString,
+            ),
+            'RevokeNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeNode,
+                    request_deserializer=nodemesh_dot_v1_dot_mesh__pb2.RevokeNodeRequest.FromString,
+                    response_serializer=nodemesh_dot_v1_dot_mesh__pb2.RevokeNodeResponse.SerializeToString,
+            ),
+            'ListNodeIdentities': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListNodeIdentities,
+                    request_deserializer=nodemesh_dot_v1_dot_mesh__pb2.ListNodeIdentitiesRequest.FromString,
+                    response_serializer=nodemesh_dot_v1_dot_mesh__pb2.ListNodeIdentitiesResponse.SerializeToString,
+            ),
+            'VerifyAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyAudit,
+                    request_deserializer=nodemesh_dot_v1_dot_mesh__pb2.VerifyAuditRequest.FromString,
+                    response_serializer=nodemesh_dot_v1_dot_mesh__pb2.VerifyAuditResponse.SerializeToString,
+            ),
+            'Refusals': grpc.unary_unary_rpc_method_handler(
+                    servicer.Refusals,
+                    request_deserializer=nodemesh_dot_v1_dot_mesh__pb2.RefusalsRequest.FromString,
+                    response_serializer=nodemesh_dot_v1_dot_mesh__pb2.RefusalsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -763,6 +830,114 @@ class Admin:
             '/nodemesh.v1.Admin/RotateRoot',
             nodemesh_dot_v1_dot_mesh__pb2.RotateRootRequest.SerializeToString,
             nodemesh_dot_v1_dot_mesh__pb2.RotateRootResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nodemesh.v1.Admin/RevokeNode',
+            nodemesh_dot_v1_dot_mesh__pb2.RevokeNodeRequest.SerializeToString,
+            nodemesh_dot_v1_dot_mesh__pb2.RevokeNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListNodeIdentities(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nodemesh.v1.Admin/ListNodeIdentities',
+            nodemesh_dot_v1_dot_mesh__pb2.ListNodeIdentitiesRequest.SerializeToString,
+            nodemesh_dot_v1_dot_mesh__pb2.ListNodeIdentitiesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nodemesh.v1.Admin/VerifyAudit',
+            nodemesh_dot_v1_dot_mesh__pb2.VerifyAuditRequest.SerializeToString,
+            nodemesh_dot_v1_dot_mesh__pb2.VerifyAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Refusals(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nodemesh.v1.Admin/Refusals',
+            nodemesh_dot_v1_dot_mesh__pb2.RefusalsRequest.SerializeToString,
+            nodemesh_dot_v1_dot_mesh__pb2.RefusalsResponse.FromString,
             options,
             channel_credentials,
             insecure,

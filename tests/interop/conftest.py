@@ -97,6 +97,11 @@ class ControlPlaneThread:
         """A fake node: a real registry session that keeps its lease with heartbeats."""
         stop = threading.Event()
         self._sessions.append(stop)
+        # Identities are bound by the operator (default deny): bind what this fake node runs.
+        sas = sorted({f"{w.namespace}/{w.service_account}" for w in workloads})
+        self.apply("apiVersion: nodemesh.io/v1alpha1\nkind: MeshConfig\nmetadata: {name: mesh}\nspec:\n"
+                   f"  identityBindings: [{{name: interop, nodes: [{node}], serviceAccounts: {json.dumps(sas)}, "
+                   "workloadLabels: {'*': ['*']}}]\n")
         reg = mesh_pb2.NodeRegistration(node_name=node, addresses=["127.0.0.1"], hbone_port=15008,
                                         workloads=workloads, agent_version="interop-test")
 

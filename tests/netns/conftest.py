@@ -6,21 +6,21 @@ from collections.abc import Iterator
 
 import pytest
 
-from nodemesh.lab import Lab, LabWorkload
+from nodemesh.lab import LAB_BINDINGS, Lab, LabWorkload
 from tests.conftest import require_root, require_tool
 
-BASE_CONFIG = """\
+BASE_CONFIG = f"""\
 apiVersion: nodemesh.io/v1alpha1
 kind: MeshConfig
-metadata: {name: mesh}
-spec: {trustDomain: cluster.local, outboundPolicy: ALLOW_ANY}
+metadata: {{name: mesh}}
+spec: {{trustDomain: cluster.local, outboundPolicy: ALLOW_ANY, {LAB_BINDINGS}}}
 ---
 apiVersion: nodemesh.io/v1alpha1
 kind: Service
-metadata: {name: web, namespace: default}
+metadata: {{name: web, namespace: default}}
 spec:
-  selector: {app: web}
-  ports: [{name: http, port: 80, targetPort: 8080, protocol: http}]
+  selector: {{app: web}}
+  ports: [{{name: http, port: 80, targetPort: 8080, protocol: http}}]
 """
 
 CLIENT_UID = 3001

@@ -21,18 +21,18 @@ import pytest
 from controlplane.admincli import AdminClient
 from controlplane.client import Credentials
 from controlplane.etcd_client import make_etcd_certs, single_member_argv
-from nodemesh.lab import Lab, LabWorkload
+from nodemesh.lab import LAB_BINDINGS, Lab, LabWorkload
 from tests.conftest import require_tool
 from tests.netns.test_health import HEALTH_POLICY, endpoint_health
 from tests.netns.test_security_ca import make_operator_ca
 
 pytestmark = pytest.mark.netns
 
-MESH = """\
+MESH = f"""\
 apiVersion: nodemesh.io/v1alpha1
 kind: MeshConfig
-metadata: {name: mesh}
-spec: {trustDomain: cluster.local, outboundPolicy: ALLOW_ANY}
+metadata: {{name: mesh}}
+spec: {{trustDomain: cluster.local, outboundPolicy: ALLOW_ANY, {LAB_BINDINGS}}}
 """
 CLIENT_UID, WEB_UID = 3001, 2001
 PORT_A, PORT_B = 15010, 15020

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from nodemesh.lab import Lab
+from nodemesh.lab import LAB_BINDINGS, Lab
 from tests.netns.conftest import CLIENT_UID
 
 pytestmark = pytest.mark.netns
@@ -71,7 +71,7 @@ def test_mtls_modes_strict_refuses_plaintext_permissive_counts_it(mesh: Lab) -> 
         c.delete("PeerAuthentication", "strict", "default")
         c.delete("PeerAuthentication", "web-8080", "default")
     mesh.apply("apiVersion: nodemesh.io/v1alpha1\nkind: MeshConfig\nmetadata: {name: mesh}\n"
-               "spec: {trustDomain: cluster.local, mtls: {mode: STRICT}}\n")
+               f"spec: {{trustDomain: cluster.local, mtls: {{mode: STRICT}}, {LAB_BINDINGS}}}\n")
     wait_until(lambda: not plaintext(mesh), 10, "plaintext refused by the mesh-wide STRICT")
     assert via_mesh(mesh, vip)
 
@@ -111,13 +111,13 @@ def test_authorization_policy_allow_deny_audit_default_deny(mesh: Lab) -> None:
     with mesh.config_client() as c:
         c.delete("AuthorizationPolicy", "allow", "default")
     mesh.apply("apiVersion: nodemesh.io/v1alpha1\nkind: MeshConfig\nmetadata: {name: mesh}\n"
-               "spec: {trustDomain: cluster.local, defaultDeny: true}\n")
+               f"spec: {{trustDomain: cluster.local, defaultDeny: true, {LAB_BINDINGS}}}\n")
     wait_until(lambda: not via_mesh(mesh, vip), 10, "default deny")
     assert inbound(mesh, via="hbone")[-1]["authz_reason"] == "default_deny"
 
     # AUDIT: recorded, decides nothing.
     mesh.apply("apiVersion: nodemesh.io/v1alpha1\nkind: MeshConfig\nmetadata: {name: mesh}\n"
-               "spec: {trustDomain: cluster.local}\n"
+               f"spec: {{trustDomain: cluster.local, {LAB_BINDINGS}}}\n"
                + doc("AuthorizationPolicy", "audit", "  action: AUDIT\n  rules: [{}]"))
     wait_until(lambda: via_mesh(mesh, vip), 10, "default deny to be lifted")
     # MeshConfig and the policy reach the node as separate xDS types, and a stream's

@@ -102,9 +102,12 @@ def test_admin_endpoint_merges_workers_and_serves_views() -> None:
         await admin.start()
         base = f"http://127.0.0.1:{admin.port}"
 
-        def get(path: str) -> tuple[int, str]:
+        def get(path: str, token: str | None = None) -> tuple[int, str]:
+            req = urllib.request.Request(base + path)
+            if token is not None or path in ("/config_dump", "/recent?since=100.5"):
+                req.add_header("Authorization", f"Bearer {admin.token if token is None else token}")
             try:
-                with urllib.request.urlopen(base + path, timeout=5) as r:
+                with urllib.request.urlopen(req, timeout=5) as r:
                     return r.status, r.read().decode()
             except urllib.error.HTTPError as e:
                 return e.code, e.read().decode()
@@ -113,6 +116,9 @@ def test_admin_endpoint_merges_workers_and_serves_views() -> None:
         for path in ("/metrics", "/ready", "/clusters", "/config_dump", "/explain?from=client&to=web",
                      "/explain?from=x&to=web", "/recent?since=100.5", "/nope"):
             res[path] = await asyncio.to_thread(get, path)
+        # Other workloads' request targets and the node's config: the admin token only.
+        res["anon /recent"] = await asyncio.to_thread(get, "/recent?since=0", "")
+        res["wrong /config_dump"] = await asyncio.to_thread(get, "/config_dump", "x" * 43)
         await admin.close()
         return res
 
@@ -132,6 +138,8 @@ def test_admin_endpoint_merges_workers_and_serves_views() -> None:
     assert res["/explain?from=x&to=web"][0] == 400 and "not a workload" in res["/explain?from=x&to=web"][1]
     assert [r["end_unix"] for r in json.loads(res["/recent?since=100.5"][1])["records"]] == [101.0]
     assert res["/nope"][0] == 404
+    assert res["anon /recent"][0] == 403 and "admin token" in res["anon /recent"][1]
+    assert res["wrong /config_dump"][0] == 403
 
 
 def test_summarize_and_top_rates() -> None:

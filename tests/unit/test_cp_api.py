@@ -102,8 +102,19 @@ def request(type_url: str, version: str = "", nonce: str = "", names: tuple[str,
     return req
 
 
+BINDING = """
+apiVersion: nodemesh.io/v1alpha1
+kind: MeshConfig
+metadata: {name: mesh}
+spec:
+  identityBindings: [{name: shop, nodes: [node-a], serviceAccounts: [shop/web], workloadLabels: {app: [web]}}]
+"""
+
+
 async def register(target: str, workloads: list[mesh_pb2.WorkloadRegistration]) -> None:
     async with grpc.aio.insecure_channel(target) as ch:
+        # Identities are bound by the operator (default deny): bind shop/web to node-a.
+        await mesh_pb2_grpc.ConfigServiceStub(ch).Apply(mesh_pb2.ApplyRequest(documents=BINDING))
         call = mesh_pb2_grpc.RegistryStub(ch).Session()
         reg = mesh_pb2.NodeRegistration(node_name="node-a", addresses=["10.0.0.1"], zone="z1",
                                         workloads=workloads)

@@ -52,19 +52,42 @@ def test_refusals_say_what_to_check() -> None:
 def test_operator_tokens_are_hashed_and_revocable() -> None:
     db = sqlite3.connect(":memory:", isolation_level=None)
     ops = Operators(db)
-    token = ops.create_token("viewer", RO)
-    assert token.split(".")[2] not in str(db.execute("SELECT * FROM operators").fetchall())
-    assert ops.by_token(token) == Caller("operator", "viewer", RO)
+    token, cid, _expires = ops.create_token("viewer", RO)
+    assert token.split(".")[2] not in str(db.execute("SELECT * FROM security_records").fetchall())
+    assert ops.by_token(token) == Caller("operator", "viewer", RO, credential=cid)
     assert ops.by_token(token[:-2] + "xx").kind == "anonymous"
     assert "not an operator token" in ops.by_token("Bearer-ish").why_anonymous
-    new = ops.create_token("viewer", RW)  # a new token replaces the old one
+    new, _, _ = ops.create_token("viewer", RW)  # a new token replaces the old one
     assert ops.by_token(token).kind == "anonymous" and ops.by_token(new).role == RW
     assert ops.revoke("viewer") and not ops.revoke("viewer")
-    assert ops.by_token(new).kind == "anonymous" and ops.by_name("viewer").kind == "anonymous"
+    assert ops.by_token(new).kind == "anonymous"
     with pytest.raises(ValueError, match="role 'admin'"):
         ops.create_token("x", "admin")
-    ops.audit("operator/admin", "Apply", "apply Service/default/web", "ok")
-    assert [(e.principal, e.action, e.outcome) for e in ops.audit_entries()] == [("operator/admin", "Apply", "ok")]
+    with pytest.raises(ValueError, match="cap of 90 days"):
+        ops.create_token("x", RO, 365 * 86400)
+
+
+def test_operator_certificates_are_revoked_by_serial_and_stay_revoked() -> None:
+    """Revocation used to be by name and re-creating the operator cleared it: a
+    certificate is now a credential of its own, accepted only while its serial
+    is recorded and not revoked."""
+    now = [1000.0]
+    ops = Operators(sqlite3.connect(":memory:", isolation_level=None), clock=lambda: now[0])
+    cid = ops.register_cert("alice", RW, "abc123", expires_unix=5000.0)
+    assert ops.by_cert("alice", "abc123") == Caller("operator", "alice", RW, credential=cid)
+    assert ops.by_cert("bob", "abc123").kind == "anonymous"  # someone else's serial
+    assert "unknown" in ops.by_cert("alice", "ffff").why_anonymous  # never issued
+    assert ops.revoke("alice") == 1
+    ops.register_cert("alice", RW, "def456", expires_unix=5000.0)  # the operator is created again
+    assert ops.by_cert("alice", "def456").kind == "operator"
+    old = ops.by_cert("alice", "abc123")
+    assert old.kind == "anonymous" and "revoked" in old.why_anonymous
+    assert ops.revoke_serial("def456") and ops.by_cert("alice", "def456").kind == "anonymous"
+    tok, tid, _ = ops.create_token("alice", RO)
+    assert ops.revoke_credential(tid) and "revoked" in ops.by_token(tok).why_anonymous
+    now[0] = 6000.0  # expired
+    ops.register_cert("carol", RO, "0a", expires_unix=5500.0)
+    assert "expired" in ops.by_cert("carol", "0a").why_anonymous
 
 
 def _call(fn: Any) -> tuple[grpc.StatusCode | None, str]:
@@ -97,6 +120,7 @@ def test_control_plane_serves_tls_with_operator_roles() -> None:
                     with AdminClient(tls, credentials=admin, timeout_s=3) as c:
                         assert c.list("Service") == []
                         viewer = c.create_operator("viewer", RO).token
+                        assert c.verify_audit().ok
                     with AdminClient(tls, credentials=Credentials(token=viewer, ca_pem=ca), timeout_s=3) as c:
                         assert c.list("Service") == []
                         code, msg = _call(lambda: c.apply("apiVersion: nodemesh.io/v1alpha1\nkind: Service\n"
@@ -105,6 +129,7 @@ def test_control_plane_serves_tls_with_operator_roles() -> None:
                         code, msg = _call(lambda: c.rotate_root(60))
                         assert code == grpc.StatusCode.PERMISSION_DENIED
                         entries = c.audit()
+                        assert c.verify_audit().ok
                     # No client certificate: the mutual-TLS port refuses the handshake.
                     with AdminClient(mtls, credentials=admin, timeout_s=3) as c:
                         code, _ = _call(lambda: c.list("Service"))
@@ -113,10 +138,13 @@ def test_control_plane_serves_tls_with_operator_roles() -> None:
                     with AdminClient(f"unix:{sock}", credentials=Credentials(), timeout_s=3) as c:
                         token = c.create_join_token("node-1", 60)
                         assert token.token.startswith("nmjt1.") and token.expires_unix > 0
-                    seen = [(e.principal, e.action, e.outcome.split(":")[0]) for e in entries]
+                        refused = c.refusals()
+                    seen = [(e.principal.split(" ")[0], e.action, e.outcome.split(":")[0]) for e in entries]
                     assert ("operator/admin", "CreateOperator", "ok") in seen
-                    assert ("operator/viewer", "Apply", "denied") in seen
-                    assert ("operator/viewer", "RotateRoot", "denied") in seen
+                    # Refused calls are counted apart from the change log.
+                    assert not [e for e in entries if e.principal.startswith("operator/viewer")]
+                    counts = {(r.method, r.principal): r.count for r in refused.counts}
+                    assert counts[("Apply", "operator/viewer")] == 1 and counts[("RotateRoot", "operator/viewer")] == 1
 
                 await asyncio.to_thread(calls)
             finally:
@@ -136,3 +164,28 @@ def test_world_writable_socket_directory_is_refused() -> None:
                                                  listen=(f"unix:{open_dir}/cp.sock",)))
 
     asyncio.run(main())
+
+
+def test_unix_socket_is_private_from_bind_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """umask 002 used to leave the socket group-connectable (0775) between bind and
+    chmod: the bind itself now happens under umask 077."""
+    from controlplane import auth as cp_auth
+
+    monkeypatch.setattr(cp_auth, "secure_unix_socket", lambda _path: None)  # only what bind() made
+
+    async def main() -> int:
+        with tempfile.TemporaryDirectory() as d:
+            sock = os.path.join(d, "cp.sock")
+            old = os.umask(0o002)
+            try:
+                cp = await start(ControlPlaneSettings(state_dir=os.path.join(d, "state"), listen=(f"unix:{sock}",),
+                                                      debounce_s=0.01))
+            finally:
+                os.umask(old)
+            try:
+                return stat.S_IMODE(os.stat(sock).st_mode)
+            finally:
+                await cp.stop(0)
+
+    mode = asyncio.run(main())
+    assert mode & 0o077 == 0, oct(mode)

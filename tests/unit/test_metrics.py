@@ -115,6 +115,14 @@ def test_inbound_labels_trust_baggage_only_within_the_principal_namespace() -> N
     assert (lie.source_workload, lie.source_workload_namespace) == ("client", "default")
     # Without baggage the service comes from the workload's endpoint in the snapshot.
     assert mesh_labels(base, _snapshot()).destination_service == "web.default.svc.mesh"
+    # A plaintext caller has no verified identity: its baggage names nothing (it could
+    # otherwise pick any source_workload label, and fill the series cap with made-up ones).
+    plain = {**base, "via": "plaintext", "tls": False, "source_principal": ""}
+    for claim in ("k8s.namespace.name=,k8s.workload.name=evil", "k8s.namespace.name=default,k8s.workload.name=evil",
+                  "service.name=default/other"):
+        labels = mesh_labels(plain, _snapshot(), [("baggage", claim)])
+        assert (labels.source_workload, labels.source_workload_namespace) == ("unknown", "unknown"), claim
+        assert labels.destination_service == "web.default.svc.mesh", claim
 
 
 def test_response_flags_and_passthrough() -> None:

@@ -84,7 +84,8 @@ def test_canonical_spec_round_trips() -> None:
 def test_mesh_config_defaults_keep_the_old_spec() -> None:
     m = model.MeshConfig()
     assert set(m.spec()) == {"trustDomain", "vipRange", "outboundPolicy", "dnsDomain"}
-    assert security.node_may_register(m, "node-1", "default", "web")
+    # Nothing bound: refused (identities are bound by the operator, default deny).
+    assert not security.node_may_register(m, "node-1", "default", "web")
     strict = model.parse_document({"apiVersion": model.API_VERSION, "kind": "MeshConfig", "metadata": {"name": "mesh"},
                                    "spec": {"mtls": {"mode": "STRICT"}, "defaultDeny": True,
                                             "nodeServiceAccounts": {"node-1": ["default/web"], "*": ["ops/*"]}}}).obj

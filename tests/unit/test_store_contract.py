@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from controlplane.api import ConfigServicer, current_services
+from controlplane.audit import AuditLog
 from controlplane.auth import RO, RW, Caller, Operators
 from controlplane.etcd_client import (
     EtcdCerts,
@@ -45,7 +46,7 @@ from controlplane.store import (
     Store,
     StoreError,
 )
-from controlplane.store_etcd import EtcdJoinTokens, EtcdOperators, EtcdStore, TelemetryShare, share_registry
+from controlplane.store_etcd import EtcdJoinTokens, EtcdRecords, EtcdStore, TelemetryShare, share_registry
 from controlplane.tokens import JoinTokens, TokenRefused
 from nodemesh.v1 import mesh_pb2
 
@@ -469,23 +470,30 @@ def test_operators_audit_and_join_tokens_are_shared(etcd_endpoint: str) -> None:
     a, b = _store(etcd_endpoint, prefix), _store(etcd_endpoint, prefix)
     ops_a, toks_a = a.security_tables()
     ops_b, toks_b = b.security_tables()
-    assert isinstance(ops_a, EtcdOperators) and isinstance(toks_b, EtcdJoinTokens)
+    assert isinstance(a.security_records(), EtcdRecords) and isinstance(toks_b, EtcdJoinTokens)
     assert ops_a.count() == 0
-    token = ops_a.create_token("viewer", RO)
+    token, cid, _ = ops_a.create_token("viewer", RO)
     b.catch_up()  # lookups read b's mirror: a's write may be a moment away
-    assert ops_b.by_token(token) == Caller("operator", "viewer", RO)
+    assert ops_b.by_token(token) == Caller("operator", "viewer", RO, credential=cid)
     assert ops_b.by_token(token[:-2] + "xx").kind == "anonymous"
-    new = ops_b.create_token("viewer", RW)
+    new, _, _ = ops_b.create_token("viewer", RW)
     a.catch_up()
     assert ops_a.by_token(token).kind == "anonymous" and ops_a.by_token(new).role == RW
     assert ops_a.revoke("viewer") and not ops_b.revoke("viewer")
     b.catch_up()
-    assert ops_b.by_name("viewer").kind == "anonymous"
-    ops_a.audit("operator/admin", "Apply", "apply Service/default/web", "ok")
-    ops_b.audit("operator/admin", "Delete", "delete Service/default/web", "ok")
-    assert [e.action for e in ops_a.audit_entries()] == ["Delete", "Apply"]  # newest first
-    ops_a._prune(1)
-    assert [e.action for e in ops_b.audit_entries()] == ["Delete"]
+    assert ops_b.by_token(new).kind == "anonymous"
+    # One hash chain across replicas: appends from both link, and either verifies it.
+    key = b"k" * 32
+    audit_a, audit_b = AuditLog(a.security_records(), key, keep=2), AuditLog(b.security_records(), key, keep=2)
+    audit_a.append("operator/admin", "Apply", "apply Service/default/web", "ok")
+    audit_b.append("operator/admin", "Delete", "delete Service/default/web", "ok")
+    assert [e.action for e in audit_a.entries()] == ["Delete", "Apply"]  # newest first
+    assert audit_b.verify().ok and audit_b.verify().records == 2
+    for i in range(4):
+        audit_a.append("operator/admin", "Apply", f"n{i}", "ok")
+    audit_a._prune_to(2)
+    b.catch_up()
+    assert [e.detail for e in audit_b.entries()] == ["n3", "n2"] and audit_b.verify().ok
     # A join token made on one replica is used on the other, once.
     jt, _ = toks_a.create("node-1", 600, "pin")
     with pytest.raises(TokenRefused, match="made for node 'node-1'"):
@@ -504,7 +512,7 @@ def test_join_tokens_behave_alike(backend: str, request: pytest.FixtureRequest) 
         import sqlite3
 
         tokens: JoinTokens = JoinTokens(sqlite3.connect(":memory:", isolation_level=None), lambda: now[0])
-        ops: Operators = Operators(sqlite3.connect(":memory:", isolation_level=None))
+        ops: Operators = Operators(sqlite3.connect(":memory:", isolation_level=None), lambda: now[0])
     else:
         store = _etcd(request.getfixturevalue("etcd_endpoint"))
         ops, tokens = store.security_tables(lambda: now[0])
@@ -520,8 +528,8 @@ def test_join_tokens_behave_alike(backend: str, request: pytest.FixtureRequest) 
     with pytest.raises(ValueError, match="ttl must be"):
         tokens.create("node-1", 0, "pin")
     assert ops.count() == 0
-    ops.register_cert("alice", RW)
-    assert ops.by_name("alice") == Caller("operator", "alice", RW) and ops.count() == 1
+    cid = ops.register_cert("alice", RW, "abcd", 5000.0)
+    assert ops.by_cert("alice", "abcd") == Caller("operator", "alice", RW, credential=cid) and ops.count() == 1
     if backend == "etcd":
         store.close()
 
