@@ -333,7 +333,16 @@ class Fleet:
 
 
 def config_docs(services: int, port: int = 80) -> str:
-    docs = []
+    # The operator's identity bindings (default deny): every simulated node may run the
+    # bench's service accounts, at the simulated node and workload addresses.
+    docs = ["""apiVersion: nodemesh.io/v1alpha1
+kind: MeshConfig
+metadata: {name: mesh}
+spec:
+  identityBindings:
+    - {name: fleet, nodes: ['*'], serviceAccounts: [default/*], workloadLabels: {app: ['*']},
+       addresses: [10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16]}
+"""]
     for i in range(services):
         docs.append(f"""apiVersion: nodemesh.io/v1alpha1
 kind: Service

@@ -270,7 +270,8 @@ class RegistryServicer(mesh_pb2_grpc.RegistryServicer):
             if which == "register":
                 refused = self.admit(report.register) if self.admit is not None else ""
                 if refused:
-                    log.warning("refused the registration of node %s: %s", report.register.node_name, refused)
+                    # Logged (at a bounded rate) and counted by the admission check (controlplane/audit.py).
+                    log.debug("refused the registration of node %s: %s", report.register.node_name, refused)
                     await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"registration refused: {refused}")
                 try:
                     lease = self._registry.register(report.register)
