@@ -291,6 +291,15 @@ class Lab:
         self.admin_token_file = state / "admin.token"
         self.cp_ca_file = state / "cp-ca.pem"
 
+    def meshview_get(self, path: str, port: int = 15014) -> str:
+        """GET a mesh view path from the hub, logged in with the bootstrap operator's
+        token (the view is behind a login: controlplane/web/auth.py)."""
+        jar = self.workdir / f"meshview-{port}.cookies"
+        base = f"http://127.0.0.1:{port}"
+        self.ns_exec(self.hub, ["curl", "-sS", "--max-time", "5", "-c", str(jar), "--data-urlencode",
+                                f"token={self.admin_token_file.read_text().strip()}", f"{base}/login"])
+        return self.ns_exec(self.hub, ["curl", "-sS", "--max-time", "5", "-b", str(jar), f"{base}{path}"]).stdout
+
     def _cp_ready(self, unix: str = "") -> bool:
         from controlplane.client import ConfigClient
 

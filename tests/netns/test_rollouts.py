@@ -187,7 +187,7 @@ def test_healthy_v2_is_promoted_step_by_step_with_zero_failures(lab: Lab) -> Non
         metrics.stdout[-2000:]
     assert 'nodemesh_rollout_step{rollout="default/web"} 0' in metrics.stdout
     # The mesh view lists the rollout with its weights and last reading.
-    graph = json.loads(lab.ns_exec(lab.hub, ["curl", "-s", "http://127.0.0.1:15014/api/graph"], check=False).stdout)
+    graph = json.loads(lab.meshview_get("/api/graph"))  # behind the operator login
     (view_ro,) = graph["rollouts"]
     assert (view_ro["phase"], view_ro["weight"]) == ("Promoted", 100)
     assert view_ro["reading"]["verdict"] in ("pass", "inconclusive") and "total" in view_ro["reading"]["candidate"]
