@@ -316,7 +316,9 @@ def test_expiry_retires_the_old_version_only_once_it_gets_no_traffic(lab: Lab) -
     assert "can be shut down" in st["retirement"]["reason"]
 
     def web_endpoints() -> set[str]:
-        dump = lab.ns_exec(lab.node_ns(1), ["curl", "-s", "http://127.0.0.1:15000/config_dump"], check=False).stdout
+        token = (lab.workdir / "agent-1" / "admin.token").read_text().strip()  # /config_dump needs it
+        dump = lab.ns_exec(lab.node_ns(1), ["curl", "-s", "-H", f"Authorization: Bearer {token}",
+                                            "http://127.0.0.1:15000/config_dump"], check=False).stdout
         web = next(s for s in json.loads(dump)["services"] if s["name"] == "web")
         return {e["workload"] for sp in (web["ports"][0], *web["ports"][0]["subsets"]) for e in sp["endpoints"]}
 
