@@ -265,8 +265,11 @@ class Fleet:
                 request_serializer=lambda m: m.SerializeToString(),
                 response_deserializer=lambda b, c=resp_cls: (len(b), c.FromString(b)))
             a.ads_streams += 1
+            # Keep the call referenced: grpc.aio cancels a call (CANCELLED) whose object is
+            # garbage-collected while its request-consuming task still runs.
+            call = method(requests())
             try:
-                async for size, resp in method(requests()):
+                async for size, resp in call:
                     a.bytes_received += size
                     a.responses += 1
                     t = resp.type_url
