@@ -294,8 +294,13 @@ def test_explain_agrees_with_the_proxy(traced: Lab) -> None:
     # The human forms and the other CLI views work against the live agent too.
     for argv in (["status"], ["services"], ["endpoints", "web"], ["routes"], ["explain", "client", "web"],
                  ["top", "--count", "1"], ["logs", "--tail", "5"], ["endpoints", "web", "-o", "yaml"]):
-        r = lab.ns_exec(lab.node_ns(1), [sys.executable, "-m", "nodemesh", *argv], check=False)
+        # As root on the node: services, routes and logs read the agent's admin token.
+        r = lab.ns_exec(lab.node_ns(1), ["env", f"NODEMESH_ADMIN_TOKEN_FILE={lab.workdir / 'agent-1' / 'admin.token'}",
+                                         sys.executable, "-m", "nodemesh", *argv], check=False)
         assert r.returncode == 0, f"nodemesh {' '.join(argv)}: {r.stderr}"
+    # Without it (any local process), other workloads' requests stay hidden.
+    r = lab.ns_exec(lab.node_ns(1), [sys.executable, "-m", "nodemesh", "logs", "--tail", "5"], check=False)
+    assert r.returncode != 0 and "admin token" in r.stderr, r.stderr
     assert "default/web-2" in lab.ns_exec(lab.node_ns(1), [sys.executable, "-m", "nodemesh", "endpoints", "web"]).stdout
     # A refused connection is explained and counted with its response flag.
     bad = lab.ns_exec(lab.node_ns(1), [sys.executable, "-m", "nodemesh", "explain", "nosuch", "web"], check=False)
