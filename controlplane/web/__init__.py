@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import json
+import math
 import logging
 import time
 import urllib.parse
@@ -312,14 +313,15 @@ class MeshTelemetry:
             if not isinstance(e, dict) or not isinstance(e.get("source"), str) \
                     or not isinstance(e.get("destination_service_key"), str):
                 raise TelemetryError(f"edges[{i}] lacks source or destination_service_key")
-            for f in EDGE_NUMBERS:
+            # JSON admits NaN, Infinity and negatives: each would poison every sum it enters.
+            for f in (*EDGE_NUMBERS, "p99_ms"):
                 v = e.get(f)
-                if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)):
-                    raise TelemetryError(f"edges[{i}].{f} is not a number")
-            if e.get("p99_ms") is not None and not isinstance(e["p99_ms"], (int, float)):
-                raise TelemetryError(f"edges[{i}].p99_ms is not a number")
-            if not isinstance(e.get("mtls") or [], list):
-                raise TelemetryError(f"edges[{i}].mtls is not a list")
+                if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)
+                                      or not math.isfinite(v) or v < 0):
+                    raise TelemetryError(f"edges[{i}].{f} is not a finite, non-negative number")
+            mtls = e.get("mtls") or []
+            if not isinstance(mtls, list) or not all(isinstance(m, str) for m in mtls):
+                raise TelemetryError(f"edges[{i}].mtls is not a list of strings")
         return d
 
     # ---------------------------------------------------------------- reads

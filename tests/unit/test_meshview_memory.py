@@ -9,6 +9,8 @@ import tracemalloc
 import types
 from typing import Any
 
+import pytest
+
 from controlplane.metrics import ControlPlaneMetrics
 from controlplane.registry import NodeRegistry
 from controlplane.web import HISTORY_BUCKETS, MAX_EDGES_PER_NODE, MAX_GRAPH_EDGES, MeshTelemetry
@@ -93,12 +95,18 @@ def test_the_graph_shows_the_busiest_edges_up_to_its_limit() -> None:
     assert sum(1 for e in g["edges"] if e["caller"] == f"default/client-{nodes - 1}") == 10
 
 
-def test_malformed_numbers_are_refused_with_the_field() -> None:
+@pytest.mark.parametrize("field,value", [("requests", "lots"), ("requests", float("nan")),
+                                         ("errors", float("inf")), ("tcp_opened", -5), ("p99_ms", True),
+                                         ("mtls", [{"x": 1}]), ("mtls", "mutual_tls")])
+def test_malformed_summaries_are_refused_and_the_view_keeps_serving(field: str, value: Any) -> None:
+    """A hostile node's summary (JSON admits NaN and Infinity) is dropped, never poisons the view."""
     t = MeshTelemetry(clock=lambda: 1000.0)
+    t.add("good", summary(2, 1, edges=1))
     bad = summary(1, 1, edges=1)
-    bad["edges"][0]["requests"] = "lots"
+    bad["edges"][0][field] = value
     t.ingest("n1", json.dumps(bad))
-    assert t.size()["nodes"] == 0
+    assert t.size()["nodes"] == 1
+    json.dumps(t.graph(), allow_nan=False)  # what the page gets stays valid JSON
 
 
 def test_nodes_that_leave_are_forgotten_with_their_metrics() -> None:
