@@ -22,8 +22,8 @@ from __future__ import annotations
 import asyncio
 import heapq
 import json
-import math
 import logging
+import math
 import time
 import urllib.parse
 from array import array
