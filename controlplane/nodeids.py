@@ -34,6 +34,9 @@ class NodeIdentity:
     revoked_by: str = ""
     serials: Mapping[str, float] = field(default_factory=dict)  # hex serial -> not after (unix)
     revoked_serials: Mapping[str, float] = field(default_factory=dict)
+    # The latest revocation, kept when a join lifts it: join tokens made before
+    # it stay void for good (controlplane/tokens.py), whoever holds them.
+    last_revoked_unix: float = 0.0
 
     @classmethod
     def of(cls, name: str, d: Mapping[str, Any] | None) -> NodeIdentity:
@@ -41,12 +44,13 @@ class NodeIdentity:
         return cls(name=name, labels=dict(d.get("labels") or {}), join_address=str(d.get("join_address") or ""),
                    joined_unix=float(d.get("joined_unix") or 0), revoked_unix=float(d.get("revoked_unix") or 0),
                    revoked_by=str(d.get("revoked_by") or ""), serials=dict(d.get("serials") or {}),
-                   revoked_serials=dict(d.get("revoked_serials") or {}))
+                   revoked_serials=dict(d.get("revoked_serials") or {}),
+                   last_revoked_unix=float(d.get("last_revoked_unix") or d.get("revoked_unix") or 0))
 
     def to_dict(self) -> dict[str, Any]:
         return {"labels": dict(self.labels), "join_address": self.join_address, "joined_unix": self.joined_unix,
                 "revoked_unix": self.revoked_unix, "revoked_by": self.revoked_by, "serials": dict(self.serials),
-                "revoked_serials": dict(self.revoked_serials)}
+                "revoked_serials": dict(self.revoked_serials), "last_revoked_unix": self.last_revoked_unix}
 
 
 def _prune(serials: Mapping[str, float], now: float) -> dict[str, float]:
@@ -133,6 +137,7 @@ class NodeIdentities:
             result[1] = len(rec["serials"])
             rec["revoked_serials"] = _prune({**rec["revoked_serials"], **rec["serials"]}, now)
             rec["serials"] = {}
+            rec["last_revoked_unix"] = now
             if not rec["revoked_unix"]:
                 rec["revoked_unix"], rec["revoked_by"] = now, by
             return rec

@@ -1062,7 +1062,7 @@ class EtcdJoinTokens(JoinTokens):
         rev = self._store._sync(self._store.client.put(key, json.dumps(row).encode()))
         self._store._sync(self._store._wait_rev(rev))
 
-    def _row(self, token_id: str) -> tuple[str, str, float, float | None] | None:
+    def _row(self, token_id: str) -> tuple[str, str, float, float | None, float] | None:
         kv = self._store.mirrored(self._store.key("tokens", token_id))
         if kv is None:  # made on another replica a moment ago? Ask etcd itself.
             kv, _ = self._store._sync(self._store.client.get(self._store.key("tokens", token_id)))
@@ -1070,7 +1070,7 @@ class EtcdJoinTokens(JoinTokens):
             return None
         d = _json(kv)
         return (str(d["node_name"]), str(d["secret_sha256"]), float(d["expires_unix"]),
-                None if d.get("used_unix") is None else float(d["used_unix"]))
+                None if d.get("used_unix") is None else float(d["used_unix"]), float(d.get("created_unix") or 0))
 
     def _mark_used(self, token_id: str, now: float) -> bool:
         def change(old: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -122,13 +122,13 @@ class JoinTokens:
             self._db.execute("INSERT INTO join_tokens (id, node_name, secret_sha256, created_unix, expires_unix) "
                              "VALUES (?, ?, ?, ?, ?)", (token_id, node_name, secret_hash, created, expires))
 
-    def _row(self, token_id: str) -> tuple[str, str, float, float | None] | None:
-        """(node name, secret hash, expiry, used at or None) of a token."""
+    def _row(self, token_id: str) -> tuple[str, str, float, float | None, float] | None:
+        """(node name, secret hash, expiry, used at or None, created at) of a token."""
         with self._lock:
-            row = self._db.execute("SELECT node_name, secret_sha256, expires_unix, used_unix FROM join_tokens "
-                                   "WHERE id = ?", (token_id,)).fetchone()
+            row = self._db.execute("SELECT node_name, secret_sha256, expires_unix, used_unix, created_unix "
+                                   "FROM join_tokens WHERE id = ?", (token_id,)).fetchone()
         return None if row is None else (str(row[0]), str(row[1]), float(row[2]),
-                                         None if row[3] is None else float(row[3]))
+                                         None if row[3] is None else float(row[3]), float(row[4]))
 
     def _mark_used(self, token_id: str, now: float) -> bool:
         """Mark a token used unless it already is (one statement: two joins cannot both win)."""
@@ -137,16 +137,19 @@ class JoinTokens:
                                    (now, token_id))
             return cur.rowcount == 1
 
-    def consume(self, token: str, node_name: str) -> None:
+    def consume(self, token: str, node_name: str, revoked_at: float = 0.0) -> None:
         """Use up `token` for `node_name`, or raise TokenRefused. A token works once:
-        the row is marked used in the same statement that checks it is unused."""
+        the row is marked used in the same statement that checks it is unused.
+        `revoked_at`: when the node was last revoked (0: never); a token made
+        before then is refused, so whoever holds the revoked node's unused tokens
+        cannot join it back (only a token the operator makes afterwards can)."""
         parsed = parse_token(token)
         now = self._clock()
         row = self._row(parsed.token_id)
         if row is None or not hmac.compare_digest(row[1], _hash(parsed.secret)):
             raise TokenRefused("the join token is not known to this control plane; create one with "
                                f"`nodemesh token create --node {node_name}`")
-        bound, _, expires, used = row
+        bound, _, expires, used, created = row
         if bound != node_name:
             raise TokenRefused(f"the join token was made for node {bound!r}, not {node_name!r}; "
                                "check the agent's node.name or create a token for this node")
@@ -157,6 +160,10 @@ class JoinTokens:
         if expires <= now:
             raise TokenRefused(f"the join token expired at {_iso(expires)}; create a new one with "
                                f"`nodemesh token create --node {node_name}`")
+        if revoked_at and created <= revoked_at:
+            raise TokenRefused(f"node {node_name} was revoked at {_iso(revoked_at)}, after this token was made "
+                               f"({_iso(created)}); a token made before a revocation no longer works: create a "
+                               f"new one with `nodemesh token create --node {node_name}`")
         if not self._mark_used(parsed.token_id, now):
             raise TokenRefused("the join token was used concurrently by another join; create a new one")
 
@@ -223,7 +230,13 @@ class NodeAttestationServicer(mesh_pb2_grpc.NodeAttestationServicer):
             if parsed.ca_pin != self._cp_ca.pin:
                 raise TokenRefused("the join token's CA pin is not this control plane's CA; was it made by "
                                    "another control plane?")
-            await off_loop(self._tokens.blocking, self._tokens.consume, request.token, request.node_name)
+            revoked_at = 0.0
+            if self._nodes is not None:
+                rec = await off_loop(bool(getattr(self._nodes._records, "blocking", False)),
+                                     self._nodes.get, request.node_name)
+                revoked_at = rec.last_revoked_unix
+            await off_loop(self._tokens.blocking, self._tokens.consume, request.token, request.node_name,
+                           revoked_at)
         except TokenRefused as e:
             log.warning("refused a join of node %s from %s: %s", request.node_name, context.peer(), e)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"join refused: {e}")

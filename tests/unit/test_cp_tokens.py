@@ -78,3 +78,17 @@ def test_create_checks_its_input(tokens: tuple[JoinTokens, Clock, sqlite3.Connec
         t.create("node-1", 0, PIN)
     with pytest.raises(ValueError, match="ttl must be between"):
         t.create("node-1", 30 * 86400, PIN)
+
+
+def test_a_token_made_before_a_revocation_is_void(tokens: tuple[JoinTokens, Clock, sqlite3.Connection]) -> None:
+    """The attacker holding a revoked node's unused join token cannot join it back:
+    only a token the operator makes after the revocation works."""
+    t, clock, _ = tokens
+    stale, _ = t.create("node-1", 3600, PIN)
+    clock.t += 10
+    revoked_at = clock.t
+    clock.t += 10
+    with pytest.raises(TokenRefused, match="node node-1 was revoked at .* after this token was made"):
+        t.consume(stale, "node-1", revoked_at)
+    fresh, _ = t.create("node-1", 3600, PIN)
+    t.consume(fresh, "node-1", revoked_at)

@@ -105,6 +105,8 @@ def test_node_identities_allow_only_issued_serials_and_revocation_is_immediate(t
     # A new join (a new token from the operator) lifts it for the new certificate only.
     ids.issued("node-1", "dd", 7000.0, join_address="10.0.0.11")
     assert ids.certificate_refused("node-1", "dd") == "" and ids.certificate_refused("node-1", "aa")
+    # ...but the revocation's time is kept: join tokens made before it stay void.
+    assert ids.get("node-1").revoked_unix == 0 and ids.get("node-1").last_revoked_unix == 1000.0
     now[0] = 7001.0
     assert "expired" in ids.certificate_refused("node-1", "dd")
 
