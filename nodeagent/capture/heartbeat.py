@@ -102,7 +102,11 @@ def bpffs_mount(mounts: str = "/proc/self/mounts") -> str | None:
     return None
 
 
-def ensure_bpffs(target: str = "/sys/fs/bpf") -> str:
+DEFAULT_BPFFS = "/sys/fs/bpf"
+RESCAN_S = 30.0
+
+
+def ensure_bpffs(target: str = DEFAULT_BPFFS) -> str:
     """A BPF filesystem to pin into: the one mounted, or one mounted on an empty,
     unmounted /sys/fs/bpf (the state of a host without one, and of the fresh
     /sys that `ip netns exec` gives its command; there the mount is private to
@@ -136,11 +140,20 @@ class LivenessWriter:
         self._fd: int | None = None
         self._ino: int | None = None
         self._warned = ""
+        self._missed: tuple[bool, int] | None = None
 
     def _target(self) -> str | None:
         if self._path is None:
+            # Not in eBPF mode there is no BPF filesystem, and reading /proc/self/mounts
+            # twice a second forever was ~3% of a busy worker: look again only when
+            # /sys/fs/bpf (where the agent mounts one, ensure_bpffs) changes, or
+            # every RESCAN_S for one mounted elsewhere.
+            gate = (os.path.ismount(DEFAULT_BPFFS), int(time.monotonic() // RESCAN_S))
+            if gate == self._missed:
+                return None
             mount = bpffs_mount()
             if mount is None:
+                self._missed = gate
                 return None
             self._path = pin_path(mount, netns_cookie())
         return self._path
