@@ -11,6 +11,7 @@ import json
 import random
 import re
 import sys
+from typing import Any
 
 import grpc
 import pytest
@@ -214,6 +215,11 @@ def test_malformed_input_gets_clear_errors_and_everything_keeps_serving(mesh: La
     with mesh.config_client() as c:
         assert [x.name for x in c.list("AuthorizationPolicy")] == ["web-public"]
     # The guard answered the HTTP-looking garbage itself (400) and refused the opaque bytes at L4.
-    lines = [e for e in mesh.access_log(2) if e.get("direction") == "inbound" and e.get("via") == "plaintext"]
-    assert any(e.get("reason") == "bad_request" for e in lines)
+    # A refused caller's connection lingers (authz_l7.DENIED_LINGER_S) before its line is written.
+    def plaintext_lines() -> list[dict[str, Any]]:
+        return [e for e in mesh.access_log(2) if e.get("direction") == "inbound" and e.get("via") == "plaintext"]
+
+    mesh.wait_for(lambda: any(e.get("reason") == "bad_request" for e in plaintext_lines()), 10,
+                  "node 2's access log line for a request the guard refused (bad_request)")
+    lines = plaintext_lines()
     assert any(e.get("authz_layer") == "L4" and e.get("authz") == "deny" for e in lines)
