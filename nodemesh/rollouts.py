@@ -35,6 +35,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from nodemesh.routes import _C as _RouteChecker
+
 KIND_ROLLOUT = "Rollout"
 ALIASES = {"rollout": KIND_ROLLOUT, "rollouts": KIND_ROLLOUT, "ro": KIND_ROLLOUT}
 
@@ -110,52 +112,14 @@ class Rollout:
         return ((self.version_label, version),)
 
 
-class _C:
-    def __init__(self, subject: str) -> None:
-        self.subject = subject
-        self.problems: list[Problem] = []
+class _C(_RouteChecker):
+    """The routes' problem collector (nodemesh/routes.py), under this module's names,
+    plus flags and bounded durations."""
 
-    def add(self, path: str, reason: str) -> None:
-        self.problems.append((f"{self.subject}: {path}", reason))
-
-    def mapping(self, v: Any, path: str, allowed: Sequence[str], required: bool = False) -> dict[str, Any]:
-        if v is None:
-            if required:
-                self.add(path, "required")
-            return {}
-        if not isinstance(v, dict):
-            self.add(path, f"must be a mapping, got {type(v).__name__}")
-            return {}
-        for k in v:
-            if k not in allowed:
-                self.add(f"{path}.{k}", f"unknown field; allowed: {', '.join(allowed)}")
-        return v
-
-    def text(self, v: Any, path: str, required: bool = False) -> str:
-        if v is None or v == "":
-            if required:
-                self.add(path, "required")
-            return ""
-        if not isinstance(v, str):
-            self.add(path, f"must be a string, got {type(v).__name__}")
-            return ""
-        return v
-
-    def integer(self, v: Any, path: str, lo: int, hi: int, default: int) -> int:
-        if v is None:
-            return default
-        if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-            self.add(path, f"must be an integer in {lo}..{hi}")
-            return default
-        return v
-
-    def number(self, v: Any, path: str, lo: float, hi: float, default: float) -> float:
-        if v is None:
-            return default
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
-            self.add(path, f"must be a number in {lo:g}..{hi:g}")
-            return default
-        return float(v)
+    mapping = _RouteChecker.map
+    text = _RouteChecker.str
+    integer = _RouteChecker.int
+    number = _RouteChecker.num
 
     def flag(self, v: Any, path: str) -> bool:
         if v is None:
@@ -165,7 +129,7 @@ class _C:
             return False
         return v
 
-    def duration(self, v: Any, path: str, default: float, lo: float = 0.0, hi: float = 30 * 86400.0) -> float:
+    def duration(self, v: Any, path: str, default: float = 0.0, lo: float = 0.0, hi: float = 30 * 86400.0) -> float:
         if v is None:
             return default
         m = _DURATION.match(v) if isinstance(v, str) else None
