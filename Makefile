@@ -41,8 +41,11 @@ bench: setup
 proto: setup
 	$(PY) -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. nodemesh/v1/mesh.proto
 
+# ruff (rule set and reasons in pyproject.toml) and mypy --strict over all hand-written code;
+# both run even when the first fails, so one pass shows everything.
+LINT_PATHS := nodemesh nodeagent controlplane tests bench
 lint: setup
-	.venv/bin/ruff check nodemesh nodeagent controlplane tests
+	@rc=0; .venv/bin/ruff check $(LINT_PATHS) || rc=1; .venv/bin/mypy || rc=1; exit $$rc
 
 # Remove namespaces left by an interrupted demo or test run.
 clean-netns:
