@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-from nodeagent.proxy.http.router import choose_cluster
+from nodeagent.proxy.http.route_select import choose_cluster
 from nodeagent.snapshot import (
     OUTBOUND_ALLOW_ANY,
     OUTBOUND_REGISTRY_ONLY,

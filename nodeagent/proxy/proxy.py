@@ -17,9 +17,9 @@ from nodemesh.identity import Identity
 
 from . import authz_l7, hbone, netutil, tls
 from .accesslog import AccessLog
-from .balance import Balancer
 from .errors import NoCertificate, PeerIdentityMismatch, ProxyError, TlsHandshakeFailed
 from .inbound import InboundRefused, connect_local, resolve_inbound
+from .loadbalance import Balancer
 from .outbound import KernelSourceLookup, OriginalDst, OutboundConnection, SourceLookup, start_outbound
 from .pool import HbonePool, PoolKey
 from .relay import End, Session, TcpEnd

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from nodeagent.proxy.balance import Balancer
+from nodeagent.proxy.loadbalance import Balancer
 from nodeagent.proxy.errors import NoHealthyEndpoint
 
 

@@ -7,12 +7,12 @@ import random
 from dataclasses import dataclass
 
 from nodeagent.proxy import detect
-from nodeagent.proxy.http import router
+from nodeagent.proxy.http import route_select
 from nodeagent.proxy.http.breaker import Breaker
 from nodeagent.proxy.http.outlier import OutlierDetector
 from nodeagent.proxy.http.retry import Outcome, RetryBudgetTracker, backoff, retryable
 from nodeagent.proxy.http.timeout import Deadline, format_grpc_timeout, incoming_budget, parse_grpc_timeout
-from nodeagent.proxy.lb import Maglev, RingHash, RoundRobin, locality_tier
+from nodeagent.proxy.loadbalance import Maglev, RingHash, RoundRobin, locality_tier
 from nodeagent.routing import PathRewrite, RouteEntry
 from nodemesh.routes import CircuitBreaker, OutlierDetection, Redirect, Retry, RetryBudget, RouteMatch
 
@@ -122,15 +122,15 @@ def test_detect() -> None:
 
 def test_router_path_rewrite_and_redirect() -> None:
     m = RouteMatch("PathPrefix", "/api")
-    assert router.path_matches(m, "/api") and router.path_matches(m, "/api/v1")
-    assert not router.path_matches(m, "/apiv1")
+    assert route_select.path_matches(m, "/api") and route_select.path_matches(m, "/api/v1")
+    assert not route_select.path_matches(m, "/apiv1")
     e = RouteEntry("r", m, path_rewrite=PathRewrite(prefix="/v2"))
-    assert router.rewrite_path(e, "/api/users") == "/v2/users"
+    assert route_select.rewrite_path(e, "/api/users") == "/v2/users"
     e2 = RouteEntry("r", m, path_rewrite=PathRewrite(None, "^.*$", "/fixed"))
-    assert router.rewrite_path(e2, "/api/x") == "/fixed"
-    v = router.RequestView("GET", "/api/x?a=1&a=2", (("host", "web:8080"),))
+    assert route_select.rewrite_path(e2, "/api/x") == "/fixed"
+    v = route_select.RequestView("GET", "/api/x?a=1&a=2", (("host", "web:8080"),))
     assert v.query == (("a", "1"), ("a", "2"))
-    loc = router.redirect_location(Redirect(scheme="https", path_type="ReplacePrefixMatch", path="/b",
+    loc = route_select.redirect_location(Redirect(scheme="https", path_type="ReplacePrefixMatch", path="/b",
                                             status_code=301), m, v, "web:8080")
     assert loc == "https://web/b/x?a=1&a=2"
 

@@ -1,4 +1,4 @@
-"""The upstream HTTP/1.1 core (http/upstream.py, httptools) with a fake wire:
+"""The upstream HTTP/1.1 core (http/h1upstream.py, httptools) with a fake wire:
 framing of every response shape, keep-alive decisions, one send per request,
 and header injection refused; plus the per-label-set metric children."""
 
@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from nodeagent import metrics
-from nodeagent.proxy.http.upstream import (
+from nodeagent.proxy.http.h1upstream import (
     UpstreamConn,
     UpstreamExchange,
     UpstreamRequest,

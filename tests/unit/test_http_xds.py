@@ -10,7 +10,7 @@ from envoy.config.route.v3 import route_pb2
 
 from controlplane.xds import routes as xr
 from controlplane.xds.build import ServiceEntry, build_snapshot
-from nodeagent.proxy.http import router
+from nodeagent.proxy.http import route_select
 from nodeagent.xds import l7convert
 from nodemesh import model, xdsnames
 from tests.unit.test_routes_model import ROUTE
@@ -78,13 +78,13 @@ def test_agent_converts_and_routes() -> None:
     table = l7convert.convert_route_configuration(rcs[web])
     pol = l7convert.cluster_policy(cls[web])
     assert pol.circuit_breaker.max_requests == 7 and pol.outlier is not None
-    canary = router.RequestView("GET", "/api/x", (("x-canary", "yes"),))
-    e = router.select_route(table, canary)
+    canary = route_select.RequestView("GET", "/api/x", (("x-canary", "yes"),))
+    e = route_select.select_route(table, canary)
     assert e is not None and e.clusters[0].cluster.endswith("web-v2.default.svc.mesh")
-    other = router.select_route(table, router.RequestView("GET", "/apix"))
+    other = route_select.select_route(table, route_select.RequestView("GET", "/apix"))
     assert other is not None and other.retry is not None and other.retry.attempts == 3
     assert other.mirrors[0].percent == 5.0 and other.fault is not None and other.fault.abort_status == 503
     rng = random.Random(1)
-    picks = [router.choose_cluster(other, rng) for _ in range(2000)]
+    picks = [route_select.choose_cluster(other, rng) for _ in range(2000)]
     share = sum(1 for p in picks if "web-v2" in p) / len(picks)
     assert 0.07 < share < 0.13

@@ -128,7 +128,7 @@ def test_retired_version_is_withdrawn_everywhere() -> None:
 
 def test_agent_routes_http_per_request_by_subset() -> None:
     snap = _agent(_snap([VersionSplit("default/web", "version", (("v1", 70), ("v2", 30)))]))
-    from nodeagent.proxy.http import router
+    from nodeagent.proxy.http import route_select
     from nodeagent.proxy.http.stack import L7Runtime
 
     svc = next(s for s in snap.services if s.name == "web")
@@ -137,7 +137,7 @@ def test_agent_routes_http_per_request_by_subset() -> None:
     assert [e.workload for e in sp.subsets[1].endpoints] == ["default/web-2"]
     assert sp.routes is not None
     rng = random.Random(7)
-    counts: Counter[str] = Counter(router.choose_cluster(sp.routes.routes[0], rng).split("|")[2] for _ in range(4000))
+    counts: Counter[str] = Counter(route_select.choose_cluster(sp.routes.routes[0], rng).split("|")[2] for _ in range(4000))
     assert abs(counts["version=v2"] / 4000 - 0.30) < 0.03
     rt = L7Runtime(proxy=None)  # type: ignore[arg-type]
     assert rt.port_of_cluster(snap, sp.subsets[1].cluster) is sp.subsets[1]

@@ -19,7 +19,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
-from .upstream import UpstreamConn
+from .h1upstream import UpstreamConn
 
 
 class _Conn(Protocol):

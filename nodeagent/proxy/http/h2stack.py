@@ -46,8 +46,8 @@ from ..plan import OutboundPlan, is_same_node
 from ..pool import PoolKey
 from ..relay import End, Session
 from . import fault as faults
-from . import h2mirror, router
-from .balance import Destination
+from . import h2mirror, route_select
+from .destination import Destination
 from .h2core import (
     GRPC_DEADLINE_EXCEEDED,
     GRPC_UNAVAILABLE,
@@ -851,14 +851,14 @@ class H2Call:
         table = sp.routes or RouteTable(sp.cluster, (RouteEntry("default", _DEFAULT_MATCH,
                                                                   (WeightedCluster(sp.cluster),)),))
         view_headers = [*self.headers, ("host", authority)]
-        view = router.RequestView(method, norm.target, tuple(view_headers))
-        entry = router.select_route(table, view)
+        view = route_select.RequestView(method, norm.target, tuple(view_headers))
+        entry = route_select.select_route(table, view)
         if entry is None:
             return self.reply_local(404, f"no_route: no route of {ds.plan.service} matches {method} {view.path} "
                                          "(check the HTTPRoute / GRPCRoute matches)")
         self.session.set(route=entry.name)
         if entry.redirect is not None:
-            loc = router.redirect_location(entry.redirect, entry.match, view, authority)
+            loc = route_select.redirect_location(entry.redirect, entry.match, view, authority)
             return self.reply_local(entry.redirect.status_code, f"redirect: {loc}", extra=[("location", loc)])
         if entry.direct_status:
             return self.reply_local(entry.direct_status, f"no_backend: route {entry.name} has no usable backendRefs")
@@ -875,8 +875,8 @@ class H2Call:
             code = fd.abort_grpc_status if fd.abort_grpc_status >= 0 else None
             return self.reply_local(fd.abort_status or 200, "fault_injected: aborted by the route's Fault filter",
                                     grpc_code=code)
-        headers = router.modify_headers(self.headers, entry.request_headers)
-        target = router.rewrite_path(entry, norm.path) + norm.query
+        headers = route_select.modify_headers(self.headers, entry.request_headers)
+        target = route_select.rewrite_path(entry, norm.path) + norm.query
         if entry.host_rewrite:
             authority = entry.host_rewrite
         if entry.mirrors:
@@ -1041,7 +1041,7 @@ class H2Call:
         """Send the try's response to the client: head (filtered), then data and trailers."""
         head = [(k, v) for k, v in strip_connection_headers(t.head)]
         pseudo = [(k, v) for k, v in head if k.startswith(":")]
-        regular = router.modify_headers([(k, v) for k, v in head if not k.startswith(":")], entry.response_headers)
+        regular = route_select.modify_headers([(k, v) for k, v in head if not k.startswith(":")], entry.response_headers)
         self.status = int(header_value(t.head, ":status") or 0)
         self.committed = True
         what = t.decided.result()

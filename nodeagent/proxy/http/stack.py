@@ -37,14 +37,14 @@ from ..plan import OutboundPlan, is_same_node
 from ..pool import PoolKey
 from ..relay import Session
 from . import fault as faults
-from . import h1, router
-from .balance import Destination
+from . import h1, route_select
+from .destination import Destination
 from .edge import HEAD_TIMEOUT, ConnTimer, head_timeout
 from .h1 import EdgeError, Event, H2Preface, RequestHead, RequestReader, ResponseFramer
 from .h1pool import UpstreamPool
+from .h1upstream import ResponseHead, UpstreamConn, UpstreamExchange, UpstreamRequest, UpstreamReset
 from .retry import Outcome, admit_retry, retryable
 from .timeout import GRPC_TIMEOUT_HEADER, MESH_DEADLINE_HEADER, Deadline, format_grpc_timeout, incoming_budget
-from .upstream import ResponseHead, UpstreamConn, UpstreamExchange, UpstreamRequest, UpstreamReset
 
 if TYPE_CHECKING:
     from ..outbound import OutboundConnection
@@ -122,7 +122,7 @@ class L7Runtime:
     def admit_backend(self, snapshot: Snapshot, entry: Any) -> tuple[str, ServicePort, Destination] | LocalRefusal:
         """The weighted backend for a request and one "requests" slot of its breaker
         (the caller releases it), or why not; shared by the HTTP/1.1 and HTTP/2 stacks."""
-        cluster = router.choose_cluster(entry, self.rng)
+        cluster = route_select.choose_cluster(entry, self.rng)
         bsp = self.port_of_cluster(snapshot, cluster)
         if bsp is None:
             return LocalRefusal(cluster, 500, f"backend_not_found: cluster {cluster} is not known (does the "
@@ -524,14 +524,14 @@ class Call:
             # Continue the caller's W3C / B3 trace: this hop's span is its child, and the
             # request goes on with this span as the parent (tracestate kept).
             headers = tracing.replace_trace_headers(headers, tel.request_headers(self.session, headers))
-        view = router.RequestView(req.method, req.target.target, tuple(headers))
-        entry = router.select_route(table, view)
+        view = route_select.RequestView(req.method, req.target.target, tuple(headers))
+        entry = route_select.select_route(table, view)
         if entry is None:
             return self.fail_local(404, f"no_route: no route of {ds.plan.service} matches "
                                         f"{view.method} {view.path} (check the HTTPRoute matches)")
         self.session.set(route=entry.name)
         if entry.redirect is not None:
-            loc = router.redirect_location(entry.redirect, entry.match, view, router.host_of(headers))
+            loc = route_select.redirect_location(entry.redirect, entry.match, view, route_select.host_of(headers))
             self.status = entry.redirect.status_code
             self.ds._local_reply(self.status, f"redirect: {loc}", extra=[("location", loc)])
             return None
@@ -554,10 +554,10 @@ class Call:
                 self.ds._local_reply(200, "fault_injected", extra=[("grpc-status", str(fd.abort_grpc_status))])
                 return None
             return self.fail_local(fd.abort_status, "fault_injected: aborted by the route's Fault filter")
-        headers = router.modify_headers(headers, entry.request_headers)
+        headers = route_select.modify_headers(headers, entry.request_headers)
         target = req.target.target
         path, sep, query = target.partition("?")
-        new_path = router.rewrite_path(entry, path)
+        new_path = route_select.rewrite_path(entry, path)
         target = new_path + (sep + query if sep else "")
         if entry.host_rewrite:
             headers = [(k, v) for k, v in headers if k != "host"] + [("host", entry.host_rewrite)]
@@ -783,7 +783,7 @@ class Call:
         if any(k == "transfer-encoding" for k, _ in hdrs):
             length = None  # llhttp decoded the chunks: framed again for our caller
         hdrs = [(k, v) for k, v in hdrs if k not in HOP_BY_HOP]
-        hdrs = router.modify_headers(hdrs, entry.response_headers)
+        hdrs = route_select.modify_headers(hdrs, entry.response_headers)
         ds = self.ds
         ds._upstream = ex
         ds.write_head(head.status_code, head.reason.decode("latin-1"), hdrs, length)

@@ -11,9 +11,8 @@ from collections.abc import Callable, Sequence
 from nodeagent.routing import DEFAULT_POLICY, ClusterPolicy
 from nodeagent.snapshot import Endpoint
 
-from ..balance import Balancer
 from ..errors import NoHealthyEndpoint
-from ..lb import LeastRequest, Maglev, RingHash, RoundRobin, locality_tier
+from ..loadbalance import Balancer, LeastRequest, Maglev, RingHash, RoundRobin, locality_tier
 from .breaker import Breaker
 from .outlier import OutlierDetector
 from .retry import Outcome, RetryBudgetTracker
