@@ -79,8 +79,8 @@ def inner(connects: int, rounds: int) -> None:
     from nodeagent.capture.heartbeat import LivenessWriter
     from nodeagent.capture.iptables import IptablesCapture
     from nodeagent.capture.nftables import NftablesCapture
-    from nodeagent.settings import ProxySettings
-    from nodeagent.snapshot import LocalWorkload
+    from nodeagent.meshview.snapshot import LocalWorkload
+    from nodeagent.supervision.settings import ProxySettings
 
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     # No dummy driver on every kernel: a veth pair inside the namespace holds the address.

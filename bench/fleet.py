@@ -57,7 +57,7 @@ sys.path.insert(0, str(REPO))
 
 from controlplane.admincli import AdminClient
 from controlplane.client import ConfigClient
-from nodeagent.attest import node_csr
+from nodeagent.identity.attest import node_csr
 from nodemesh import xdsnames
 from nodemesh.v1 import mesh_pb2, mesh_pb2_grpc
 
@@ -318,7 +318,7 @@ class Fleet:
         return _name_of(type_url, _MESSAGES[type_url].FromString(r.value))
 
     async def start_agent(self, a: Agent) -> None:
-        # As the agent (nodeagent/attest.py): a failed join is retried with backoff.
+        # As the agent (nodeagent/identity/attest.py): a failed join is retried with backoff.
         for attempt in range(8):
             try:
                 await self.join(a)

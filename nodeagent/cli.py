@@ -21,7 +21,7 @@ def _setup_logging(verbose: bool = False) -> None:
 def _cmd_agent_run(args: argparse.Namespace) -> int:
     from nodeagent.capture.base import CaptureError
     from nodeagent.config import ConfigError, load_config
-    from nodeagent.supervisor import AgentError, run_agent
+    from nodeagent.supervision.supervisor import AgentError, run_agent
 
     _setup_logging(args.verbose)
     try:
@@ -51,7 +51,7 @@ def _capture_for_config(config_path: str) -> tuple[Any, dict[str, Any]]:
     from nodeagent.capture import select as capture_select
     from nodeagent.capture.base import ProxyState
     from nodeagent.config import load_config
-    from nodeagent.supervisor import resolve_control_plane
+    from nodeagent.supervision.supervisor import resolve_control_plane
 
     cfg = load_config(config_path)
     settings = cfg.proxy_settings(resolve_control_plane(cfg))
@@ -85,7 +85,7 @@ def _cmd_capture_status(args: argparse.Namespace) -> int:
     from nodeagent.capture.base import CaptureError
     from nodeagent.capture.select import survey
     from nodeagent.config import ConfigError
-    from nodeagent.settings import ProxySettings
+    from nodeagent.supervision.settings import ProxySettings
 
     try:
         settings = ProxySettings(node_name="", node_address="")
@@ -145,7 +145,7 @@ def _cmd_capture_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_capture_remove(_args: argparse.Namespace) -> int:
-    from nodeagent.capture import ebpf, iptables, nftables, routing
+    from nodeagent.capture import ebpf, iptables, nftables, policyroute
     from nodeagent.capture.base import CaptureError
 
     removed = False
@@ -153,7 +153,7 @@ def _cmd_capture_remove(_args: argparse.Namespace) -> int:
     # The VIP route goes first: without capture, a SYN routed to lo would be
     # dropped and retried for seconds; without the route, connect() fails at once.
     try:
-        for cidr in routing.remove_vip_routes():
+        for cidr in policyroute.remove_vip_routes():
             print(f"removed the route of the service VIP range {cidr}")
     except CaptureError as e:
         if e.reason != "pyroute2_missing":

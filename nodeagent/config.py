@@ -14,9 +14,9 @@ from typing import Any, TypeVar
 
 import yaml
 
-from nodeagent import settings as defaults
-from nodeagent.settings import ProxySettings
-from nodeagent.snapshot import LocalWorkload
+from nodeagent.meshview.snapshot import LocalWorkload
+from nodeagent.supervision import settings as defaults
+from nodeagent.supervision.settings import ProxySettings
 from nodemesh.identity import IdentityError, check_dns_label
 
 CAPTURE_MODES = ("iptables", "nftables", "ebpf", "auto")
@@ -52,7 +52,7 @@ class NodeConfig:
 @dataclass(frozen=True)
 class ControlPlaneConfig:
     address: str  # "host:port" or "unix:/path"
-    # Node attestation (nodeagent/attest.py): a one-time token used when stateDir holds
+    # Node attestation (nodeagent/identity/attest.py): a one-time token used when stateDir holds
     # no valid node certificate yet, and the CA that verifies the control plane's TLS
     # (else the one the join brought, pinned by the token).
     join_token_file: str = ""
@@ -472,7 +472,7 @@ def parse_config(raw: Any) -> AgentConfig:
         return p
 
     def dns(v: Any, path: str) -> DnsConfig:
-        from nodeagent.dns.upstream import parse_upstream
+        from nodeagent.dns.forwarder import parse_upstream
 
         def upstream(u: Any, upath: str) -> str:
             try:

@@ -2,7 +2,7 @@
 
 TCP: TLS, verifying the control plane's server certificate with its CA (from
 the join or controlPlane.caBundleFile) and presenting the node certificate
-(nodeagent/attest.py). A unix socket is the control plane's local-admin
+(nodeagent/identity/attest.py). A unix socket is the control plane's local-admin
 transport: plaintext, used by an agent on the control plane's own host.
 The registry session, the certificate manager and the xDS client all call
 `open_channel`; a renewed node certificate is used by channels opened after it.

@@ -56,9 +56,9 @@ class RegistrySession:
         self._backoff_cap = backoff_cap_s
         self._outbox: asyncio.Queue[mesh_pb2.NodeReport] | None = None
         # Returns a compact JSON summary of the node's traffic for the control plane's
-        # mesh view (nodeagent.admin.AdminServer.telemetry_json); None = send none.
+        # mesh view (nodeagent.supervision.admin.AdminServer.telemetry_json); None = send none.
         self.telemetry: Callable[[], str] | None = None
-        # The last health report (nodeagent/health.py); re-sent after every registration.
+        # The last health report (nodeagent/observe/healthprober.py); re-sent after every registration.
         self.health: mesh_pb2.HealthReport | None = None
         self.last_refusal = ""  # the control plane's reason when it refused this node's registration
 

@@ -1,5 +1,5 @@
 """The node CLI's observation commands, all read from the local agent's admin
-endpoint (nodeagent/admin.py): status, services, endpoints, routes, explain,
+endpoint (nodeagent/supervision/admin.py): status, services, endpoints, routes, explain,
 top, tap, logs, and shell completion. Human tables by default, `-o json|yaml`.
 """
 

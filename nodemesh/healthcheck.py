@@ -1,7 +1,7 @@
 """Active health check config: the `healthChecks` list of a DestinationPolicy,
 one entry per service port, parsed into frozen HealthCheck values. Shared by
 the control plane (validation, xDS translation) and the agent (which runs the
-checks on its own node's endpoints, nodeagent/health.py).
+checks on its own node's endpoints, nodeagent/observe/healthprober.py).
 
 ```yaml
 healthChecks:

@@ -140,7 +140,7 @@ ExecStart={q(python)} -m nodemesh agent run --config {q(config_path)}
 ExecReload=/bin/kill -HUP $MAINPID
 # After kill -9, a crash or the watchdog: under failurePolicy open, remove the
 # capture left behind so nothing points at a dead proxy until the restart.
-ExecStopPost={q(python)} -m nodeagent.stoppost --config {q(config_path)}
+ExecStopPost={q(python)} -m nodeagent.supervision.stoppost --config {q(config_path)}
 # SIGTERM to the agent only: it removes capture before it stops its workers.
 KillMode=mixed
 TimeoutStartSec=120

@@ -158,5 +158,5 @@ def cmd_certs(args: argparse.Namespace) -> int:
 def identity_cert_expiration_timestamps(certs: Any) -> dict[str, float]:
     """identity -> unix expiry of the SVID held, for the metrics endpoint
     (identity_cert_expiration_timestamp_seconds{identity=...}); `certs` is a
-    nodeagent.settings.Certs."""
+    nodeagent.supervision.settings.Certs."""
     return {ident: float(svid.not_after_unix) for ident, svid in certs.svids.items()}

@@ -1,4 +1,4 @@
-"""Micro-benchmark of the passive HTTP/1.1 observer (nodeagent/httpwatch.py):
+"""Micro-benchmark of the passive HTTP/1.1 observer (nodeagent/observe/httpwatch.py):
 the time to observe N request/response pairs on one keep-alive connection, fed
 as the relay feeds it (one read per message).
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import time
 
-from nodeagent.httpwatch import Http1Watch
+from nodeagent.observe.httpwatch import Http1Watch
 
 REQ = (b"GET /api/v1/items?page=3 HTTP/1.1\r\nHost: reviews.default.svc:9080\r\nUser-Agent: curl/8.5.0\r\n"
        b"Accept: */*\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n"

@@ -1,5 +1,5 @@
 """Rollout analysis input: the golden metrics the agents already send on every
-registry heartbeat (nodeagent.admin.summarize: cumulative counts per source
+registry heartbeat (nodeagent.supervision.admin.summarize: cumulative counts per source
 workload -> destination service -> destination workload edge, with latency
 bucket counts), kept as the latest summary per node. A version's reading is
 the sum over the source-side edges into the service whose destination workload

@@ -4,7 +4,7 @@ metrics over time, and the current config, updated live by polling.
 
 Data comes from the agents: each registry heartbeat carries a compact JSON
 summary of the node's cumulative traffic per (source workload, destination
-service, destination workload) edge (nodeagent.admin.summarize). MeshTelemetry
+service, destination workload) edge (nodeagent.supervision.admin.summarize). MeshTelemetry
 turns consecutive summaries into deltas as they arrive and keeps only bounded
 aggregates (per edge, and a ring of 2 s buckets per service); a node that
 leaves is forgotten. The API answers from those aggregates.

@@ -97,7 +97,7 @@ def _load_assignment(cluster: str, port: model.ServicePort, backends: Sequence[
             sa.address = wl.ip
             sa.port_value = port.target_port
             sa.protocol = address_pb2.SocketAddress.TCP
-            # Active health checks run by the endpoint's own node (nodeagent/health.py).
+            # Active health checks run by the endpoint's own node (nodeagent/observe/healthprober.py).
             lb.health_status = (health_check_pb2.UNHEALTHY if (wl.key, port.target_port) in node.unhealthy
                                 else health_check_pb2.HEALTHY)
             lb.load_balancing_weight.value = 1

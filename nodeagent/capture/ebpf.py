@@ -43,8 +43,8 @@ from typing import Any
 from nodeagent.capture import heartbeat
 from nodeagent.capture.base import CaptureDiff, CaptureError, CaptureStatus, ProxyState
 from nodeagent.capture.bpfheaders import HeadersError, ensure_bcc_headers
-from nodeagent.settings import ProxySettings
-from nodeagent.snapshot import LocalWorkload
+from nodeagent.meshview.snapshot import LocalWorkload
+from nodeagent.supervision.settings import ProxySettings
 
 log = logging.getLogger(__name__)
 

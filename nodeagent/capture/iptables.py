@@ -8,7 +8,7 @@ every other rule is left alone. Tables used:
   mangle  NODEMESH_TPROXY, NODEMESH_DIVERT, NODEMESH_MANGLE_OUT (tproxy mode)
   filter  NODEMESH_INPUT (tproxy mode: refuses inbound while the proxy is down
           under failurePolicy closed; TPROXY itself would drop, i.e. hang)
-plus, in tproxy mode, one `ip rule` and one route (nodeagent.capture.routing).
+plus, in tproxy mode, one `ip rule` and one route (nodeagent.capture.policyroute).
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import subprocess
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from nodeagent.settings import ProxySettings
-from nodeagent.snapshot import LocalWorkload
+from nodeagent.meshview.snapshot import LocalWorkload
+from nodeagent.supervision.settings import ProxySettings
 
-from . import routing
+from . import policyroute
 from .base import CaptureDiff, CaptureError, CaptureStatus, ProxyState
 
 __all__ = [
@@ -457,8 +457,8 @@ def run_command(argv: Sequence[str], stdin: str | None) -> str:
     return proc.stdout
 
 
-def _policy_route(settings: ProxySettings) -> routing.PolicyRoute:
-    return routing.PolicyRoute(settings.tproxy_mark, settings.tproxy_table, settings.tproxy_rule_pref)
+def _policy_route(settings: ProxySettings) -> policyroute.PolicyRoute:
+    return policyroute.PolicyRoute(settings.tproxy_mark, settings.tproxy_table, settings.tproxy_rule_pref)
 
 
 class IptablesCapture:
@@ -511,9 +511,9 @@ class IptablesCapture:
         if self._routes:
             pr = _policy_route(self.settings)
             if self.tproxy:
-                routing.install(pr)
+                policyroute.install(pr)
             else:
-                routing.remove(pr)
+                policyroute.remove(pr)
         text = render_tables(self.expected_tables(), layout(self.settings.inbound_mode), state)
         if text:
             self._restore(text, "installing capture")
@@ -538,7 +538,7 @@ class IptablesCapture:
             self._restore(text, "removing capture")
             removed = True
         if self._routes:
-            removed = routing.remove(_policy_route(self.settings)) or removed
+            removed = policyroute.remove(_policy_route(self.settings)) or removed
         return removed
 
     def save_state(self) -> SaveState:
@@ -554,7 +554,7 @@ class IptablesCapture:
             for chain, rules in st.chains.items():
                 sections[f"{table} {chain}"] = rules
         if self._routes:
-            nrules, nroutes = routing.present(_policy_route(self.settings))
+            nrules, nroutes = policyroute.present(_policy_route(self.settings))
             if nrules or nroutes:
                 sections["policy routing"] = _policy_route(self.settings).describe()
         return CaptureStatus("iptables", state.installed_for(layout(self.settings.inbound_mode)), sections,
@@ -563,7 +563,7 @@ class IptablesCapture:
     def verify(self) -> CaptureDiff:
         diff = diff_tables(self.expected_tables(), layout(self.settings.inbound_mode), self.save_state())
         if self._routes:
-            diff = diff + CaptureDiff(jump_problems=routing.diff(_policy_route(self.settings), self.tproxy))
+            diff = diff + CaptureDiff(jump_problems=policyroute.diff(_policy_route(self.settings), self.tproxy))
         return diff
 
 
@@ -577,5 +577,5 @@ def remove_leftovers(runner: Runner = run_command, settings: ProxySettings | Non
         removed = True
     if runner is run_command:
         s = settings or ProxySettings(node_name="", node_address="")
-        removed = routing.remove(_policy_route(s)) or removed
+        removed = policyroute.remove(_policy_route(s)) or removed
     return removed

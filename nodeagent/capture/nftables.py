@@ -9,7 +9,7 @@ executor sends the whole table in ONE netlink batch transaction:
 
 so a leftover of a killed agent is replaced atomically, and stop deletes the
 table whole. Nothing outside the table is touched (policy routes for TPROXY are
-added and removed exactly by nodeagent.capture.routing).
+added and removed exactly by nodeagent.capture.policyroute).
 
 Rule semantics mirror the iptables backend (see nodeagent.capture.iptables).
 Limits of pyroute2 0.9.7, and what we do instead:
@@ -33,10 +33,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from nodeagent.settings import ProxySettings
-from nodeagent.snapshot import LocalWorkload
+from nodeagent.meshview.snapshot import LocalWorkload
+from nodeagent.supervision.settings import ProxySettings
 
-from . import routing
+from . import policyroute
 from .base import CaptureDiff, CaptureError, CaptureStatus, ProxyState
 
 log = logging.getLogger(__name__)
@@ -376,7 +376,7 @@ class NftablesCapture:
     @staticmethod
     @contextmanager
     def _socket() -> Iterator[Any]:
-        """pyroute2's NFTables on a plain selector loop (see routing.netlink_loop)."""
+        """pyroute2's NFTables on a plain selector loop (see policyroute.netlink_loop)."""
         try:
             from pyroute2.nftables.main import AsyncNFTables, NFTables
         except ImportError:
@@ -389,7 +389,7 @@ class NftablesCapture:
                 self.asyncore.local.keep_event_loop = True
                 self.asyncore.event_loop.run_until_complete(self.asyncore.setup_endpoint())
 
-        with routing.netlink_loop() as loop:
+        with policyroute.netlink_loop() as loop:
             try:
                 nft = _Nft(loop)
             except OSError as e:
@@ -512,11 +512,11 @@ class NftablesCapture:
         before = self.read()
         if before.exists:
             log.info("capture: replacing leftover nftables table %s %s (%d rules)", FAMILY, TABLE, len(before.rules))
-        pr = routing.PolicyRoute(self.settings.tproxy_mark, self.settings.tproxy_table, self.settings.tproxy_rule_pref)
+        pr = policyroute.PolicyRoute(self.settings.tproxy_mark, self.settings.tproxy_table, self.settings.tproxy_rule_pref)
         if self.tproxy:
-            routing.install(pr)
+            policyroute.install(pr)
         else:
-            routing.remove(pr)
+            policyroute.remove(pr)
         self._transaction(self.expected())
         diff = self.verify()
         if not diff.ok:
@@ -531,8 +531,8 @@ class NftablesCapture:
         existed = self.read().exists
         if existed:
             self._transaction(None)
-        pr = routing.PolicyRoute(self.settings.tproxy_mark, self.settings.tproxy_table, self.settings.tproxy_rule_pref)
-        return routing.remove(pr) or existed
+        pr = policyroute.PolicyRoute(self.settings.tproxy_mark, self.settings.tproxy_table, self.settings.tproxy_rule_pref)
+        return policyroute.remove(pr) or existed
 
     def status(self) -> CaptureStatus:
         st = self.read()
@@ -544,8 +544,8 @@ class NftablesCapture:
                     count = f"  [packets {r.packets}]" if r.packets is not None else ""
                     lines.append(f"{r.comment or '(rule without nodemesh comment: ' + ','.join(r.names) + ')'}{count}")
             sections[f"table {FAMILY} {TABLE} chain {name}"] = tuple(lines)
-        pr = routing.PolicyRoute(self.settings.tproxy_mark, self.settings.tproxy_table, self.settings.tproxy_rule_pref)
-        nrules, nroutes = routing.present(pr)
+        pr = policyroute.PolicyRoute(self.settings.tproxy_mark, self.settings.tproxy_table, self.settings.tproxy_rule_pref)
+        nrules, nroutes = policyroute.present(pr)
         if nrules or nroutes:
             sections["policy routing"] = pr.describe()
         installed = st.exists and self.verify_state(st).ok
@@ -583,8 +583,8 @@ class NftablesCapture:
         return CaptureDiff(tuple(missing), tuple(unexpected), tuple(problems))
 
     def verify(self) -> CaptureDiff:
-        pr = routing.PolicyRoute(self.settings.tproxy_mark, self.settings.tproxy_table, self.settings.tproxy_rule_pref)
-        return self.verify_state(self.read()) + CaptureDiff(jump_problems=routing.diff(pr, self.tproxy))
+        pr = policyroute.PolicyRoute(self.settings.tproxy_mark, self.settings.tproxy_table, self.settings.tproxy_rule_pref)
+        return self.verify_state(self.read()) + CaptureDiff(jump_problems=policyroute.diff(pr, self.tproxy))
 
 
 def remove_leftovers(settings: ProxySettings | None = None) -> bool:

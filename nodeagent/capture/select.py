@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from nodeagent.settings import ProxySettings
-from nodeagent.snapshot import LocalWorkload
+from nodeagent.meshview.snapshot import LocalWorkload
+from nodeagent.supervision.settings import ProxySettings
 
 from .base import CaptureBackend, CaptureError
 
@@ -122,7 +122,7 @@ def survey(settings: ProxySettings) -> dict[str, dict[str, tuple[str, ...]]]:
     backend (without knowing the config): iptables chains in every table, the
     nftables table, the TPROXY policy route. A backend that cannot be read
     reports why instead."""
-    from . import routing
+    from . import policyroute
     from .iptables import IptablesCapture
     from .nftables import NftablesCapture
 
@@ -155,9 +155,9 @@ def survey(settings: ProxySettings) -> dict[str, dict[str, tuple[str, ...]]]:
             out["ebpf"] = {"error": (str(e),)}
     except ImportError:
         pass
-    pr = routing.PolicyRoute(settings.tproxy_mark, settings.tproxy_table, settings.tproxy_rule_pref)
+    pr = policyroute.PolicyRoute(settings.tproxy_mark, settings.tproxy_table, settings.tproxy_rule_pref)
     try:
-        nrules, nroutes = routing.present(pr)
+        nrules, nroutes = policyroute.present(pr)
         if nrules or nroutes:
             out["policy routing"] = {"tproxy": pr.describe() + (f"({nrules} rule(s), {nroutes} route(s))",)}
     except Exception as e:  # noqa: BLE001

@@ -32,7 +32,7 @@ from nodeagent.dns.message import (
     Question,
     name_key,
 )
-from nodeagent.snapshot import Snapshot
+from nodeagent.meshview.snapshot import Snapshot
 
 # The TTL of answers. VIPs are stable for a service's lifetime; a short TTL
 # still lets a deleted service disappear from caches soon.

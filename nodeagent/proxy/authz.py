@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from nodeagent.snapshot import LocalWorkload, Snapshot
+from nodeagent.meshview.snapshot import LocalWorkload, Snapshot
 from nodemesh.security import (
     ACTION_ALLOW,
     ACTION_AUDIT,

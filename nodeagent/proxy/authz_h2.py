@@ -28,7 +28,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 
-from nodeagent import metrics
+from nodeagent.observe import meshmetrics
 
 from . import authz
 from .http.h2core import (
@@ -252,7 +252,7 @@ class H2AuthzBridge:
 
     def _refuse_stream(self, sid: int, e: BadTarget, ended: bool) -> None:
         """A request the edge refuses before deciding it (bad :path, too many headers): counted and logged."""
-        metrics.http_edge_refused("inbound", e.status, e.reason)
+        meshmetrics.http_edge_refused("inbound", e.status, e.reason)
         self.session.set(http_status=e.status, http_path="")
         if self.session.fields.get("direction") == "inbound":
             rec = dict(self.session.fields)

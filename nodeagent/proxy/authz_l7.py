@@ -36,8 +36,8 @@ from typing import Any
 
 import h11
 
-from nodeagent import metrics
-from nodeagent.snapshot import LocalWorkload, Snapshot
+from nodeagent.meshview.snapshot import LocalWorkload, Snapshot
+from nodeagent.observe import meshmetrics
 from nodemesh.security import MTLS_STRICT, SecurityPolicies
 
 from . import authz, authz_h2, detect
@@ -560,7 +560,7 @@ class InboundHttpGuard:
 
     def _refuse(self, e: EdgeError) -> None:
         """A request the edge will not decide or forward: counted, logged, answered, closed."""
-        metrics.http_edge_refused("inbound", e.status, e.reason)
+        meshmetrics.http_edge_refused("inbound", e.status, e.reason)
         log.info("refused a request from %s: %s", self.session.fields.get("src", "?"), e)
         self.session.fail(e.reason if e.reason != "bad_request" else "bad_request",
                           f"malformed or refused HTTP request from the caller: {e.message}")

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from nodeagent.snapshot import Snapshot
+    from nodeagent.meshview.snapshot import Snapshot
 
     from .plan import OutboundPlan
     from .relay import Session

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from nodeagent.snapshot import LocalWorkload, Snapshot
+from nodeagent.meshview.snapshot import LocalWorkload, Snapshot
 
 from . import netutil
 from .errors import ProxyError, UnknownDestination, UpstreamConnectFailed
@@ -72,6 +72,6 @@ async def connect_local(target: InboundTarget, session: Session, mark: int, time
         ) from None
     loop = asyncio.get_running_loop()
     _, end = await loop.create_connection(lambda: TcpEnd(session), sock=sock)
-    if session.observer is not None:  # telemetry: HTTP ports are observed per request (nodeagent/httpwatch.py)
+    if session.observer is not None:  # telemetry: HTTP ports are observed per request (nodeagent/observe/httpwatch.py)
         session.observer.workload_end(session, end, target)
     return end

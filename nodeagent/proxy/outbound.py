@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-from nodeagent.snapshot import Endpoint, LocalWorkload, Snapshot
+from nodeagent.meshview.snapshot import Endpoint, LocalWorkload, Snapshot
 
 from . import authz_l7, netutil, sockdiag
 from .errors import (

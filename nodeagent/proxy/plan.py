@@ -10,8 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-from nodeagent.proxy.http.route_select import choose_cluster
-from nodeagent.snapshot import (
+from nodeagent.meshview.snapshot import (
     OUTBOUND_ALLOW_ANY,
     OUTBOUND_REGISTRY_ONLY,
     Endpoint,
@@ -19,6 +18,7 @@ from nodeagent.snapshot import (
     Snapshot,
     Workload,
 )
+from nodeagent.proxy.http.route_select import choose_cluster
 
 PlanKind = Literal["service", "workload", "passthrough", "deny"]
 

@@ -10,9 +10,9 @@ import ssl
 from collections.abc import Coroutine
 from typing import Any
 
-from nodeagent import metrics
-from nodeagent.settings import Certs, ProxySettings
-from nodeagent.snapshot import Snapshot
+from nodeagent.meshview.snapshot import Snapshot
+from nodeagent.observe import meshmetrics
+from nodeagent.supervision.settings import Certs, ProxySettings
 from nodemesh.identity import Identity
 
 from . import authz_l7, hbone, netutil, tls
@@ -66,7 +66,7 @@ class NodeProxy:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._reaper: asyncio.Task[None] | None = None
         self._idle = hbone_limits.client_idle_timeout_s
-        from nodeagent.telemetry import ProxyTelemetry  # metrics, traces, log sampling
+        from nodeagent.observe.telemetry import ProxyTelemetry  # metrics, traces, log sampling
         self.telemetry = ProxyTelemetry(self)
 
     # -- configuration --
@@ -195,7 +195,7 @@ class NodeProxy:
                                    self._hbone_idle_closed)
 
     def _hbone_idle_closed(self) -> None:
-        metrics.PROXY_ERRORS.inc({"direction": "inbound", "reason": "hbone_connection_idle_timeout"})
+        meshmetrics.PROXY_ERRORS.inc({"direction": "inbound", "reason": "hbone_connection_idle_timeout"})
 
     def _describe_tls(self, ssl_object: Any) -> tuple[str, str]:
         return tls.peer_spiffe_id(ssl_object), self.server_tls.presented_identity(ssl_object)

@@ -37,7 +37,7 @@ class End(Protocol):
 class Session:
     """One proxied connection: its access log fields and its ends."""
 
-    # Telemetry (nodeagent.telemetry.ProxyTelemetry: metrics, traces, log sampling);
+    # Telemetry (nodeagent.observe.telemetry.ProxyTelemetry: metrics, traces, log sampling);
     # set by NodeProxy.new_session, None in bare unit tests.
     observer: Any = None
     # No bytes either way for this long closes both ends (nodeagent/proxy/idle.py);
@@ -115,7 +115,7 @@ class TcpEnd(asyncio.Protocol):
     hand their sockets to a splice relay (splice.py) once both transports are
     empty: the payload then moves in the kernel."""
 
-    # A passive observer of the bytes (nodeagent.httpwatch.Http1Watch, or h2watch.H2Watch, on the inbound
+    # A passive observer of the bytes (nodeagent.observe.httpwatch.Http1Watch, or h2watch.H2Watch, on the inbound
     # end towards an HTTP workload): request(bytes sent to it), response(bytes read).
     tap: Any = None
     # Off switch (tests of the Protocol relay itself; NODEMESH_NO_SPLICE=1 for comparisons).

@@ -13,7 +13,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from nodeagent.snapshot import LocalWorkload, Snapshot
+from nodeagent.meshview.snapshot import LocalWorkload, Snapshot
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from nodeagent.settings import Certs, Svid
+from nodeagent.supervision.settings import Certs, Svid
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> str:

@@ -9,7 +9,7 @@ import ssl
 from collections.abc import Mapping
 from typing import Any
 
-from nodeagent.settings import Certs, Svid
+from nodeagent.supervision.settings import Certs, Svid
 from nodemesh.identity import Identity, IdentityError
 
 from .errors import NoCertificate, PeerIdentityMismatch, TlsHandshakeFailed

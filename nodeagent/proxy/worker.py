@@ -17,8 +17,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from nodeagent.settings import Certs, ProxySettings
-from nodeagent.snapshot import Snapshot
+from nodeagent.meshview.snapshot import Snapshot
+from nodeagent.supervision.settings import Certs, ProxySettings
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ class WorkerPool:
                 w.send(msg)
 
     async def stats(self, request: Any, timeout: float = 2.0) -> list[Any]:
-        """Ask every running worker for its telemetry (nodeagent.telemetry.worker_stats);
+        """Ask every running worker for its telemetry (nodeagent.observe.telemetry.worker_stats);
         a worker that does not answer in time is left out."""
         loop = asyncio.get_running_loop()
         futs = []
@@ -353,7 +353,7 @@ async def _worker_main(fd: int, index: int) -> None:
             for err in proxy.update(certs=payload):
                 ctl.t.write(frame("error", err))
         elif kind == "stats":
-            from nodeagent.telemetry import worker_stats
+            from nodeagent.observe.telemetry import worker_stats
 
             ctl.t.write(frame("stats", worker_stats(proxy, index, payload)))
 

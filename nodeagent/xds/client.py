@@ -23,7 +23,7 @@ from google.rpc import status_pb2
 
 import nodemesh
 from nodeagent import cpchannel
-from nodeagent.snapshot import LocalWorkload, Snapshot
+from nodeagent.meshview.snapshot import LocalWorkload, Snapshot
 from nodeagent.xds.convert import ApplyResult, NamedResource, XdsState
 from nodemesh import xdsnames
 

@@ -22,7 +22,7 @@ from envoy.config.route.v3 import route_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError, Message
 
-from nodeagent.snapshot import (
+from nodeagent.meshview.snapshot import (
     OUTBOUND_ALLOW_ANY,
     OUTBOUND_REGISTRY_ONLY,
     Endpoint,
@@ -58,7 +58,7 @@ class ClusterInfo:
     target_port: int
     protocol: str
     port_name: str
-    policy: Any = None  # nodeagent.routing.ClusterPolicy (L7 traffic policy)
+    policy: Any = None  # nodeagent.meshview.l7snapshot.ClusterPolicy (L7 traffic policy)
     subset: str = ""  # a version subset of the service port ("version=v2"), "" = the whole port
 
 

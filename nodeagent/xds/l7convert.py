@@ -1,4 +1,4 @@
-"""RouteConfiguration and Cluster traffic-policy fields -> nodeagent.routing
+"""RouteConfiguration and Cluster traffic-policy fields -> nodeagent.meshview.l7snapshot
 types. Reads the standard Envoy fields the control plane writes
 (controlplane/xds/routes.py); anything nodemesh does not implement is
 rejected with a reason (the NACK names it) rather than silently ignored."""
@@ -17,7 +17,7 @@ from envoy.type.matcher.v3 import string_pb2
 from envoy.type.v3 import percent_pb2
 from google.protobuf import duration_pb2
 
-from nodeagent.routing import ClusterPolicy, MirrorTo, PathRewrite, RouteEntry, RouteTable, WeightedCluster
+from nodeagent.meshview.l7snapshot import ClusterPolicy, MirrorTo, PathRewrite, RouteEntry, RouteTable, WeightedCluster
 from nodeagent.xds.healthconvert import HealthCheckError, cluster_health_check
 from nodemesh import routes as m
 

@@ -24,11 +24,11 @@ import atheris
 import httptools
 
 with atheris.instrument_imports():
+    from nodeagent.meshview.snapshot import LocalWorkload
     from nodeagent.proxy import authz_l7
     from nodeagent.proxy.authz import inbound_facts
     from nodeagent.proxy.http.h1 import EdgeError, EndOfRequest, H2Preface, RequestHead, RequestReader
     from nodeagent.proxy.relay import Session
-    from nodeagent.snapshot import LocalWorkload
     from nodemesh import model
     from nodemesh.security import MeshSecurity, SecurityPolicies
 

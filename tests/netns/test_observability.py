@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from nodeagent.metrics import parse, select
+from nodeagent.observe.meshmetrics import parse, select
 from nodemesh.lab import Lab, LabWorkload
 from tests.netns.conftest import BASE_CONFIG, CLIENT_UID, WEB_UID
 
@@ -332,7 +332,7 @@ print(json.dumps(out))
 
 
 def test_grpc_requests_exact_on_the_destination(lab: Lab) -> None:
-    """The receiving node follows HTTP/2 passively (nodeagent/h2watch.py): each gRPC
+    """The receiving node follows HTTP/2 passively (nodeagent/observe/h2watch.py): each gRPC
     call is a reporter="destination" request with its grpc-status, a server span
     and an access log line; the tunnel is not also a TCP connection."""
     from tests.netns.test_grpc_l7 import SERVER

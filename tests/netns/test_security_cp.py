@@ -131,7 +131,7 @@ asyncio.run(main())
 JOIN = r"""
 import asyncio, json, sys
 import grpc
-from nodeagent.attest import node_csr
+from nodeagent.identity.attest import node_csr
 from cryptography.hazmat.primitives.asymmetric import ec
 from nodemesh.v1 import mesh_pb2, mesh_pb2_grpc
 target, ca, token, node = sys.argv[1:5]

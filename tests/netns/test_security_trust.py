@@ -48,7 +48,7 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from nodeagent.attest import node_csr
+from nodeagent.identity.attest import node_csr
 from nodemesh.v1 import mesh_pb2, mesh_pb2_grpc
 target, state, node, spec = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 creds = grpc.ssl_channel_credentials(open(f"{state}/cp-ca.pem", "rb").read(), open(f"{state}/node.key", "rb").read(),

@@ -14,10 +14,10 @@ import h2.connection
 import h2.errors
 import h2.events
 
+from nodeagent.meshview.snapshot import LocalWorkload
 from nodeagent.proxy import authz_l7
 from nodeagent.proxy.authz import inbound_facts
 from nodeagent.proxy.relay import Session
-from nodeagent.snapshot import LocalWorkload
 from nodemesh import model
 from nodemesh.security import MeshSecurity, SecurityPolicies
 

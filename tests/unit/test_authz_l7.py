@@ -10,10 +10,10 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nodeagent.meshview.snapshot import LocalWorkload
 from nodeagent.proxy import authz_l7
 from nodeagent.proxy.authz import inbound_facts
 from nodeagent.proxy.relay import Session
-from nodeagent.snapshot import LocalWorkload
 from nodemesh import model
 from nodemesh.security import MeshSecurity, SecurityPolicies
 

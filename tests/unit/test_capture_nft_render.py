@@ -11,8 +11,8 @@ from nodeagent.capture import nftables
 from nodeagent.capture.base import CaptureError, ProxyState
 from nodeagent.capture.iptables import render_install, render_remove
 from nodeagent.capture.nftables import encode_expr, expr_names, render
-from nodeagent.settings import ProxySettings
-from nodeagent.snapshot import LocalWorkload
+from nodeagent.meshview.snapshot import LocalWorkload
+from nodeagent.supervision.settings import ProxySettings
 
 REDIRECT = ProxySettings(node_name="node-1", node_address="10.0.0.2")
 TPROXY = ProxySettings(node_name="node-1", node_address="10.0.0.2", inbound_mode="tproxy")

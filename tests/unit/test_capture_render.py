@@ -14,8 +14,8 @@ from nodeagent.capture.iptables import (
     render_install,
     render_remove,
 )
-from nodeagent.settings import ProxySettings
-from nodeagent.snapshot import LocalWorkload
+from nodeagent.meshview.snapshot import LocalWorkload
+from nodeagent.supervision.settings import ProxySettings
 
 SETTINGS = ProxySettings(node_name="node-1", node_address="10.0.0.2")
 WORKLOADS = (

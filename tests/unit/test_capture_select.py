@@ -16,8 +16,8 @@ from nodeagent.capture.failover import Failover, state_for
 from nodeagent.capture.iptables import IptablesCapture
 from nodeagent.capture.liveness import listening_ports
 from nodeagent.capture.nftables import NftablesCapture
-from nodeagent.settings import ProxySettings
-from nodeagent.snapshot import LocalWorkload
+from nodeagent.meshview.snapshot import LocalWorkload
+from nodeagent.supervision.settings import ProxySettings
 
 SETTINGS = ProxySettings(node_name="node-1", node_address="10.0.0.2")
 UID_WL = (LocalWorkload("web", "default", "web", "10.0.0.2", (8080,), uid=2001),)

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from nodeagent.certs import (
+from nodeagent.identity.certs import (
     CertError,
     CertManager,
     build_csr,
@@ -21,7 +21,7 @@ from nodeagent.certs import (
     svid_from_response,
     uri_sans,
 )
-from nodeagent.settings import Certs
+from nodeagent.supervision.settings import Certs
 from nodemesh.v1 import mesh_pb2
 
 ID = "spiffe://cluster.local/ns/default/sa/web"

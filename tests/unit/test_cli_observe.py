@@ -14,11 +14,11 @@ import pytest
 
 from controlplane.metrics import ControlPlaneMetrics
 from controlplane.web import MeshTelemetry
-from nodeagent import metrics
-from nodeagent.admin import AdminServer, summarize
-from nodeagent.explain import ExplainError, explain
-from nodeagent.settings import ProxySettings
-from nodeagent.snapshot import Endpoint, LocalWorkload, MeshSettings, Service, ServicePort, Snapshot, Workload
+from nodeagent.meshview.explain import ExplainError, explain
+from nodeagent.meshview.snapshot import Endpoint, LocalWorkload, MeshSettings, Service, ServicePort, Snapshot, Workload
+from nodeagent.observe import meshmetrics
+from nodeagent.supervision.admin import AdminServer, summarize
+from nodeagent.supervision.settings import ProxySettings
 from nodemesh import cli_observe
 from nodemesh.prom import Registry, parse, select
 
@@ -71,8 +71,8 @@ class FakePool:
         out = []
         for i in range(2):  # two workers, each with one connection of its own
             r = Registry()
-            lab = metrics.MeshLabels(source_workload="client", destination_service="web.default.svc.mesh")
-            r.counter("istio_tcp_connections_closed_total", "", metrics.TCP_LABELS).inc(lab.as_dict())
+            lab = meshmetrics.MeshLabels(source_workload="client", destination_service="web.default.svc.mesh")
+            r.counter("istio_tcp_connections_closed_total", "", meshmetrics.TCP_LABELS).inc(lab.as_dict())
             out.append({"metrics": r.collect(), "balancer": [{"address": "10.0.0.2:8080", "ewma_ms": 1.0 + i,
                                                               "outstanding": 1, "measured": True}],
                         "recent": [{"seq": 1, "end_unix": 100.0 + i, "direction": "outbound"}],
@@ -144,14 +144,14 @@ def test_admin_endpoint_merges_workers_and_serves_views() -> None:
 
 def test_summarize_and_top_rates() -> None:
     r = Registry()
-    lab = metrics.MeshLabels(source_workload="client", source_workload_namespace="default",
+    lab = meshmetrics.MeshLabels(source_workload="client", source_workload_namespace="default",
                              destination_service="web.default.svc.mesh", destination_service_name="web",
                              destination_service_namespace="default", connection_security_policy="mutual_tls")
     req = {**lab.as_dict(), "response_code": "200", "grpc_response_status": ""}
-    r.counter("istio_requests_total", "", metrics.REQUEST_LABELS).inc(req, 9)
-    r.counter("istio_requests_total", "", metrics.REQUEST_LABELS).inc({**req, "response_code": "503"}, 1)
-    h = r.histogram("istio_request_duration_milliseconds", "", metrics.REQUEST_LABELS,
-                    buckets=metrics.DURATION_BUCKETS_MS)
+    r.counter("istio_requests_total", "", meshmetrics.REQUEST_LABELS).inc(req, 9)
+    r.counter("istio_requests_total", "", meshmetrics.REQUEST_LABELS).inc({**req, "response_code": "503"}, 1)
+    h = r.histogram("istio_request_duration_milliseconds", "", meshmetrics.REQUEST_LABELS,
+                    buckets=meshmetrics.DURATION_BUCKETS_MS)
     for _ in range(100):
         h.observe(req, 7)
     s1 = summarize(r.collect())

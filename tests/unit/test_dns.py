@@ -13,6 +13,15 @@ import pytest
 
 from nodeagent.capture.iptables import output_rules
 from nodeagent.config import ConfigError, parse_config
+from nodeagent.dns.dnsserver import DnsResponder, DnsServer, DnsSettings
+from nodeagent.dns.forwarder import (
+    Forwarder,
+    Upstream,
+    UpstreamError,
+    answers_query,
+    parse_resolv_conf,
+    parse_upstream,
+)
 from nodeagent.dns.message import (
     CLASS_IN,
     FLAG_AA,
@@ -42,18 +51,9 @@ from nodeagent.dns.message import (
     parse_message,
     read_name,
 )
-from nodeagent.dns.server import DnsResponder, DnsServer, DnsSettings
-from nodeagent.dns.upstream import (
-    Forwarder,
-    Upstream,
-    UpstreamError,
-    answers_query,
-    parse_resolv_conf,
-    parse_upstream,
-)
 from nodeagent.dns.zone import MeshZone, decide
-from nodeagent.settings import ProxySettings
-from nodeagent.snapshot import LocalWorkload, MeshSettings, Service, ServicePort, Snapshot
+from nodeagent.meshview.snapshot import LocalWorkload, MeshSettings, Service, ServicePort, Snapshot
+from nodeagent.supervision.settings import ProxySettings
 
 N = name_from_text
 

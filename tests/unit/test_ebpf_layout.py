@@ -13,8 +13,8 @@ import pytest
 
 from nodeagent.capture import bpfheaders, ebpf
 from nodeagent.capture.base import CaptureError
-from nodeagent.settings import ProxySettings
-from nodeagent.snapshot import LocalWorkload
+from nodeagent.meshview.snapshot import LocalWorkload
+from nodeagent.supervision.settings import ProxySettings
 from tests.conftest import require_root
 
 

@@ -18,15 +18,15 @@ from typing import Any
 import grpc
 import uvloop
 
+from nodeagent.meshview.l7snapshot import ClusterPolicy, MirrorTo, RouteEntry, RouteTable, WeightedCluster
+from nodeagent.meshview.snapshot import Endpoint, LocalWorkload, MeshSettings, Service, ServicePort, Snapshot, Workload
 from nodeagent.proxy.accesslog import AccessLog
 from nodeagent.proxy.http.h2mirror import shadow_authority, stats_of
 from nodeagent.proxy.http.h2stack import pool_of
 from nodeagent.proxy.http.stack import runtime_of
 from nodeagent.proxy.proxy import NodeProxy
 from nodeagent.proxy.testca import TestCA
-from nodeagent.routing import ClusterPolicy, MirrorTo, RouteEntry, RouteTable, WeightedCluster
-from nodeagent.settings import ProxySettings
-from nodeagent.snapshot import Endpoint, LocalWorkload, MeshSettings, Service, ServicePort, Snapshot, Workload
+from nodeagent.supervision.settings import ProxySettings
 from nodemesh.routes import LoadBalancer, Retry, RouteMatch
 
 RR = ClusterPolicy(load_balancer=LoadBalancer(policy="RoundRobin"))  # every replica gets its turn

@@ -1,4 +1,4 @@
-"""nodeagent.h2watch: the passive HTTP/2 observer, fed byte streams that h2's
+"""nodeagent.observe.h2watch: the passive HTTP/2 observer, fed byte streams that h2's
 own client and server connections produce (so the frames and HPACK state are
 what a real peer sends)."""
 
@@ -13,8 +13,8 @@ import h2.errors
 import h2.settings
 import pytest
 
-from nodeagent.h2watch import H2Watch
-from nodeagent.httpwatch import Exchange
+from nodeagent.observe.h2watch import H2Watch
+from nodeagent.observe.httpwatch import Exchange
 
 TP = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
@@ -232,9 +232,7 @@ def test_telemetry_reports_grpc_on_the_destination_and_sees_early_server_bytes()
     """ProxyTelemetry picks the HTTP/2 watch for a grpc port, feeds it the server
     SETTINGS the workload wrote before the tap was set, and reports each call as a
     reporter=destination request, not a TCP connection."""
-    from nodeagent import metrics
-    from nodeagent.proxy.inbound import InboundTarget
-    from nodeagent.snapshot import (
+    from nodeagent.meshview.snapshot import (
         Endpoint,
         LocalWorkload,
         MeshSettings,
@@ -243,6 +241,8 @@ def test_telemetry_reports_grpc_on_the_destination_and_sees_early_server_bytes()
         Snapshot,
         Workload,
     )
+    from nodeagent.observe import meshmetrics
+    from nodeagent.proxy.inbound import InboundTarget
     from nodemesh.prom import parse, render, select
     from tests.unit.test_metrics import _FakeProxy
 
@@ -250,7 +250,7 @@ def test_telemetry_reports_grpc_on_the_destination_and_sees_early_server_bytes()
     svc = Service("echo", "default", "240.240.0.2", (ServicePort(50051, 50051, protocol="grpc", endpoints=(ep,)),))
     wl = Workload("client", "default", "client", "n1", "10.0.0.1", (), "spiffe://td/ns/default/sa/client", "10.0.0.1")
     snap = Snapshot("v1", "n2", MeshSettings(trust_domain="td", dns_domain="mesh"), services=(svc,), workloads=(wl,))
-    metrics.REGISTRY.reset()
+    meshmetrics.REGISTRY.reset()
     proxy = _FakeProxy(snap)
     conn = proxy.new_session("inbound", source_principal="spiffe://td/ns/default/sa/client",
                              dst_addr="10.0.0.2:50051", via="hbone", tls=True, dst_workload="default/echo-2")
@@ -275,7 +275,7 @@ def test_telemetry_reports_grpc_on_the_destination_and_sees_early_server_bytes()
     end.tap.response(down[len(End._early[0]):])
     assert not end.tap.stopped and end.tap.exchanges == 2
     conn.finish()
-    s = parse(render(metrics.REGISTRY.collect()))
+    s = parse(render(meshmetrics.REGISTRY.collect()))
     reqs = select(s, "istio_requests_total", reporter="destination")
     assert sorted((d["grpc_response_status"], d["response_code"], d["request_protocol"], v) for d, v in reqs) == [
         ("0", "200", "grpc", 1.0), ("5", "200", "grpc", 1.0)]
@@ -283,4 +283,4 @@ def test_telemetry_reports_grpc_on_the_destination_and_sees_early_server_bytes()
     lines = [r for r in proxy.lines if "method" in r]
     assert [(r["path"], r["authority"]) for r in lines] == [("/test.Echo/Unary", "echo.default.svc.mesh:50051")] * 2
     assert lines[0]["trace_id"] == TP.split("-")[1]
-    metrics.REGISTRY.reset()
+    meshmetrics.REGISTRY.reset()

@@ -99,7 +99,7 @@ def test_idle_accepted_connection_gets_goaway_and_is_closed() -> None:
 
 def test_inbound_tunnels_get_the_stream_idle_timeout() -> None:
     from nodeagent.proxy.proxy import NodeProxy
-    from nodeagent.settings import ProxySettings
+    from nodeagent.supervision.settings import ProxySettings
 
     limits = dataclasses.replace(hbone.DEFAULT_LIMITS, stream_idle_timeout_s=42.0)
     proxy = NodeProxy(ProxySettings(node_name="n", node_address="127.0.0.1", access_log="off"),

@@ -19,11 +19,11 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 
 from controlplane.registry import NodeRegistry, RegistryServicer
 from controlplane.xds.build import ServiceEntry, build_snapshot
-from nodeagent import health
+from nodeagent.meshview.l7snapshot import ClusterPolicy
+from nodeagent.meshview.snapshot import Endpoint, LocalWorkload, MeshSettings, Service, ServicePort, Snapshot
+from nodeagent.observe import healthprober
 from nodeagent.proxy.plan import plan_outbound
 from nodeagent.registry import RegistrySession
-from nodeagent.routing import ClusterPolicy
-from nodeagent.snapshot import Endpoint, LocalWorkload, MeshSettings, Service, ServicePort, Snapshot
 from nodeagent.xds import convert, l7convert
 from nodemesh import labapp, model, xdsnames
 from nodemesh.healthcheck import HealthCheck
@@ -172,14 +172,14 @@ def test_reported_health_reaches_eds_and_the_plan() -> None:
 
 
 def test_thresholds() -> None:
-    st = health.HealthState(healthy_threshold=2, unhealthy_threshold=3)
+    st = healthprober.HealthState(healthy_threshold=2, unhealthy_threshold=3)
     assert st.record(True, "ok") and st.healthy is True  # the first result decides at once
     assert not st.record(False, "x") and not st.record(False, "x") and st.healthy
     assert st.record(False, "x") and st.healthy is False  # third failure in a row
     assert not st.record(True, "ok") and not st.healthy
     assert not st.record(False, "x")  # a failure resets the pass count
     assert not st.record(True, "ok") and st.record(True, "ok") and st.healthy
-    fresh = health.HealthState(1, 5)
+    fresh = healthprober.HealthState(1, 5)
     assert fresh.record(False, "refused") and fresh.healthy is False
 
 
@@ -192,8 +192,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _target(kind: str, port: int, **kw: Any) -> health.Target:
-    return health.Target("default/w", "127.0.0.1", port, HealthCheck(kind, timeout_s=kw.pop("timeout_s", 1.0), **kw))
+def _target(kind: str, port: int, **kw: Any) -> healthprober.Target:
+    return healthprober.Target("default/w", "127.0.0.1", port, HealthCheck(kind, timeout_s=kw.pop("timeout_s", 1.0), **kw))
 
 
 def test_http_and_tcp_probes_against_the_lab_app() -> None:
@@ -207,15 +207,15 @@ def test_http_and_tcp_probes_against_the_lab_app() -> None:
                 break
             except OSError:
                 await asyncio.sleep(0.02)
-        out = [await health.run_probe(_target("http", port, http_path="/healthz"), 0),
-               await health.run_probe(_target("http", port, http_path="/x?status=503"), 0),
-               await health.run_probe(_target("http", port, http_path="/x?status=503",
+        out = [await healthprober.run_probe(_target("http", port, http_path="/healthz"), 0),
+               await healthprober.run_probe(_target("http", port, http_path="/x?status=503"), 0),
+               await healthprober.run_probe(_target("http", port, http_path="/x?status=503",
                                               expected_statuses=((500, 503),)), 0),
-               await health.run_probe(_target("http", port, http_path="/x?delay_ms=500", timeout_s=0.1), 0),
-               await health.run_probe(_target("tcp", port), 0)]
+               await healthprober.run_probe(_target("http", port, http_path="/x?delay_ms=500", timeout_s=0.1), 0),
+               await healthprober.run_probe(_target("tcp", port), 0)]
         app.cancel()
-        out.append(await health.run_probe(_target("tcp", _free_port()), 0))
-        out.append(await health.run_probe(_target("http", _free_port()), 0))
+        out.append(await healthprober.run_probe(_target("tcp", _free_port()), 0))
+        out.append(await healthprober.run_probe(_target("http", _free_port()), 0))
         return out
 
     res = asyncio.run(main())
@@ -253,14 +253,14 @@ def grpc_server() -> Iterator[int]:
 
 def test_grpc_probe_speaks_the_health_protocol(grpc_server: int) -> None:
     async def main() -> list[tuple[bool, str]]:
-        return [await health.run_probe(_target("grpc", grpc_server, grpc_service=s), 0)
+        return [await healthprober.run_probe(_target("grpc", grpc_server, grpc_service=s), 0)
                 for s in ("", "ok.Svc", "down.Svc", "nope.Svc")]
 
     res = asyncio.run(main())
     assert res[0] == (True, "grpc serving status 1") and res[1][0] is True
     assert res[2] == (False, "grpc serving status 2")
     assert res[3] == (False, "grpc: status 5 unknown service nope.Svc")
-    assert health.grpc_health_request("ok.Svc") == b"\x00\x00\x00\x00\x08\x0a\x06ok.Svc"
+    assert healthprober.grpc_health_request("ok.Svc") == b"\x00\x00\x00\x00\x08\x0a\x06ok.Svc"
 
 
 # ---------------------------------------------------------------- monitor
@@ -278,15 +278,15 @@ def test_monitor_checks_only_local_endpoints_and_reports_flips() -> None:
     hc = HealthCheck("http", interval_s=0.01, timeout_s=0.01, unhealthy_threshold=2)
     script = iter([True, False, False, False, True] + [True] * 1000)
     probed: list[tuple[str, int]] = []
-    reports: list[list[health.Verdict]] = []
+    reports: list[list[healthprober.Verdict]] = []
 
-    async def probe(t: health.Target, mark: int) -> tuple[bool, str]:
+    async def probe(t: healthprober.Target, mark: int) -> tuple[bool, str]:
         probed.append((t.ip, t.port))
         ok = next(script)
         return ok, "ok" if ok else "http 503"
 
     async def main() -> None:
-        mon = health.HealthMonitor(reports.append, probe=probe)
+        mon = healthprober.HealthMonitor(reports.append, probe=probe)
         mon.set_snapshot(_snap("node-1", hc))
         for _ in range(200):
             if len(reports) >= 3:
@@ -306,11 +306,11 @@ def test_monitor_checks_only_local_endpoints_and_reports_flips() -> None:
 def test_snapshot_without_change_keeps_the_loop() -> None:
     hc = HealthCheck("tcp", interval_s=10, timeout_s=1)
 
-    async def probe(t: health.Target, mark: int) -> tuple[bool, str]:
+    async def probe(t: healthprober.Target, mark: int) -> tuple[bool, str]:
         return True, "ok"
 
     async def main() -> tuple[int, int]:
-        mon = health.HealthMonitor(lambda _v: None, probe=probe)
+        mon = healthprober.HealthMonitor(lambda _v: None, probe=probe)
         mon.set_snapshot(_snap("node-1", hc))
         await asyncio.sleep(0.25)
         first = mon.checks_run

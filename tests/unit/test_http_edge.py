@@ -12,7 +12,7 @@ import socket
 
 import pytest
 
-from nodeagent import metrics
+from nodeagent.observe import meshmetrics
 from nodeagent.proxy import authz_l7
 from nodeagent.proxy.authz import inbound_facts
 from nodeagent.proxy.http import h1
@@ -369,7 +369,7 @@ def with_limits(m: Mesh, limits: HttpLimits) -> None:
 
 
 def refusals(status: int, reason: str) -> float:
-    return float(metrics.HTTP_EDGE_REFUSED.value({"side": "outbound", "status": str(status), "reason": reason})
+    return float(meshmetrics.HTTP_EDGE_REFUSED.value({"side": "outbound", "status": str(status), "reason": reason})
                  or 0.0)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from nodeagent.meshview.l7snapshot import PathRewrite, RouteEntry
 from nodeagent.proxy import detect
 from nodeagent.proxy.http import route_select
 from nodeagent.proxy.http.breaker import Breaker
@@ -13,7 +14,6 @@ from nodeagent.proxy.http.outlier import OutlierDetector
 from nodeagent.proxy.http.retry import Outcome, RetryBudgetTracker, backoff, retryable
 from nodeagent.proxy.http.timeout import Deadline, format_grpc_timeout, incoming_budget, parse_grpc_timeout
 from nodeagent.proxy.loadbalance import Maglev, RingHash, RoundRobin, locality_tier
-from nodeagent.routing import PathRewrite, RouteEntry
 from nodemesh.routes import CircuitBreaker, OutlierDetection, Redirect, Retry, RetryBudget, RouteMatch
 
 

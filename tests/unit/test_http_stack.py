@@ -11,12 +11,12 @@ from typing import Any
 
 import uvloop
 
+from nodeagent.meshview.l7snapshot import ClusterPolicy, RouteEntry, RouteTable, WeightedCluster
+from nodeagent.meshview.snapshot import Endpoint, LocalWorkload, MeshSettings, Service, ServicePort, Snapshot, Workload
 from nodeagent.proxy.accesslog import AccessLog
 from nodeagent.proxy.proxy import NodeProxy
 from nodeagent.proxy.testca import TestCA
-from nodeagent.routing import ClusterPolicy, RouteEntry, RouteTable, WeightedCluster
-from nodeagent.settings import ProxySettings
-from nodeagent.snapshot import Endpoint, LocalWorkload, MeshSettings, Service, ServicePort, Snapshot, Workload
+from nodeagent.supervision.settings import ProxySettings
 from nodemesh.routes import (
     CircuitBreaker,
     Fault,

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from nodeagent import metrics
+from nodeagent.observe import meshmetrics
 from nodeagent.proxy.http.h1upstream import (
     UpstreamConn,
     UpstreamExchange,
@@ -92,14 +92,14 @@ def test_request_bytes_frame_and_refuse_injection() -> None:
 
 
 def test_metric_children_match_label_updates() -> None:
-    labels = metrics.MeshLabels(reporter="source", destination_service="childtest.default.svc.mesh")
+    labels = meshmetrics.MeshLabels(reporter="source", destination_service="childtest.default.svc.mesh")
     for _ in range(3):
-        metrics.record_request(labels, response_code=200, duration_ms=3.0, request_bytes=10, response_bytes=20)
+        meshmetrics.record_request(labels, response_code=200, duration_ms=3.0, request_bytes=10, response_bytes=20)
     d: dict[str, Any] = {**labels.as_dict(), "request_protocol": "http", "response_code": "200",
                          "grpc_response_status": ""}
-    assert metrics.REQUESTS.value(d) == 3.0
-    buckets, total, count = metrics.REQUEST_DURATION.value(d)
+    assert meshmetrics.REQUESTS.value(d) == 3.0
+    buckets, total, count = meshmetrics.REQUEST_DURATION.value(d)
     assert count == 3 and total == 9.0 and sum(buckets) == 3
-    metrics.REQUESTS.clear()  # a cleared family comes back on the next update
-    metrics.record_request(labels, response_code=200, duration_ms=1.0)
-    assert metrics.REQUESTS.value(d) == 1.0
+    meshmetrics.REQUESTS.clear()  # a cleared family comes back on the next update
+    meshmetrics.record_request(labels, response_code=200, duration_ms=1.0)
+    assert meshmetrics.REQUESTS.value(d) == 1.0

@@ -1,10 +1,10 @@
-"""The passive HTTP/1.1 observer of the destination side (nodeagent/httpwatch.py):
+"""The passive HTTP/1.1 observer of the destination side (nodeagent/observe/httpwatch.py):
 both directions parsed without I/O, one Exchange per request/response, and a
 clean stop (never an exception into the relay) when the bytes are not HTTP."""
 
 from __future__ import annotations
 
-from nodeagent.httpwatch import Exchange, Http1Watch
+from nodeagent.observe.httpwatch import Exchange, Http1Watch
 
 
 def _watch() -> tuple[Http1Watch, list[Exchange], list[Exchange]]:

@@ -45,7 +45,7 @@ def test_agent_unit_iptables_runs_as_its_user_with_net_admin_only(tmp_path: Path
     assert plan.user == AGENT_USER and d["User"] == [AGENT_USER]
     assert d["CapabilityBoundingSet"] == ["CAP_NET_ADMIN"] and d["AmbientCapabilities"] == ["CAP_NET_ADMIN"]
     assert d["Type"] == ["notify"] and d["NotifyAccess"] == ["main"] and int(d["WatchdogSec"][0]) > 0
-    assert d["ExecStopPost"] == ["/usr/bin/python3 -m nodeagent.stoppost --config /etc/nodemesh/agent.yaml"]
+    assert d["ExecStopPost"] == ["/usr/bin/python3 -m nodeagent.supervision.stoppost --config /etc/nodemesh/agent.yaml"]
     for k in ("NoNewPrivileges", "ProtectHome", "PrivateTmp", "ProtectKernelTunables", "MemoryDenyWriteExecute",
               "RestrictSUIDSGID", "ProtectControlGroups"):
         assert d[k] == ["yes"], k

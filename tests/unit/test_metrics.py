@@ -8,9 +8,9 @@ import pickle
 
 import pytest
 
-from nodeagent import metrics
-from nodeagent.snapshot import Endpoint, MeshSettings, Service, ServicePort, Snapshot, Workload
-from nodeagent.telemetry import mesh_labels, parse_baggage, response_flags
+from nodeagent.meshview.snapshot import Endpoint, MeshSettings, Service, ServicePort, Snapshot, Workload
+from nodeagent.observe import meshmetrics
+from nodeagent.observe.telemetry import mesh_labels, parse_baggage, response_flags
 from nodemesh.prom import MetricError, Registry, merge, parse, render, select
 
 
@@ -55,7 +55,7 @@ def test_series_limit_bounds_cardinality() -> None:
 
 
 def test_merge_across_workers_adds_counters_and_histograms() -> None:
-    def worker(n: int) -> list[metrics.FamilyData]:
+    def worker(n: int) -> list[meshmetrics.FamilyData]:
         r = Registry()
         r.counter("c_total", "", ("k",)).inc({"k": "v"}, n)
         r.gauge("g_max", "", merge="max").set(None, n)
@@ -69,17 +69,17 @@ def test_merge_across_workers_adds_counters_and_histograms() -> None:
 
 
 def test_record_request_uses_istio_names_and_labels() -> None:
-    metrics.REGISTRY.reset()
-    labels = metrics.MeshLabels(source_workload="client", destination_service_name="web")
-    metrics.record_request(labels, response_code=503, duration_ms=12.0, request_bytes=10, response_bytes=20,
+    meshmetrics.REGISTRY.reset()
+    labels = meshmetrics.MeshLabels(source_workload="client", destination_service_name="web")
+    meshmetrics.record_request(labels, response_code=503, duration_ms=12.0, request_bytes=10, response_bytes=20,
                            grpc_response_status="14")
-    s = parse(render(metrics.REGISTRY.collect()))
+    s = parse(render(meshmetrics.REGISTRY.collect()))
     (d, v), = select(s, "istio_requests_total")
     assert v == 1 and d["response_code"] == "503" and d["grpc_response_status"] == "14"
     assert d["request_protocol"] == "http" and d["source_workload"] == "client"
-    assert set(d) == set(metrics.REQUEST_LABELS)
+    assert set(d) == set(meshmetrics.REQUEST_LABELS)
     assert select(s, "istio_request_duration_milliseconds_count")[0][1] == 1
-    metrics.REGISTRY.reset()
+    meshmetrics.REGISTRY.reset()
 
 
 def _snapshot() -> Snapshot:
@@ -94,7 +94,7 @@ def test_outbound_labels_from_session_fields() -> None:
          "source_principal": "spiffe://td/ns/default/sa/client", "dst_service": "default/web",
          "dst_workload": "default/web-2", "dst_identity": "spiffe://td/ns/default/sa/web"}
     lab = mesh_labels(f, _snapshot())
-    assert lab == metrics.MeshLabels(
+    assert lab == meshmetrics.MeshLabels(
         reporter="source", source_workload="client", source_workload_namespace="default",
         source_principal="spiffe://td/ns/default/sa/client", destination_workload="web-2",
         destination_workload_namespace="default", destination_principal="spiffe://td/ns/default/sa/web",
@@ -145,8 +145,8 @@ def test_grafana_dashboard_uses_only_metrics_we_export() -> None:
     dash = json.loads((root / "docs" / "grafana-dashboard.json").read_text())
     exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
     used = {re.sub(r"_(bucket|sum|count)$", "", m) for e in exprs for m in re.findall(r"\b(?:istio|nodemesh)_\w+", e)}
-    defined = {f.name for f in [*metrics.REGISTRY.collect(), *metrics.AGENT_REGISTRY.collect()]}
-    sources = (root / "nodeagent" / "admin.py").read_text() + (root / "controlplane" / "metrics.py").read_text()
+    defined = {f.name for f in [*meshmetrics.REGISTRY.collect(), *meshmetrics.AGENT_REGISTRY.collect()]}
+    sources = (root / "nodeagent" / "supervision" / "admin.py").read_text() + (root / "controlplane" / "metrics.py").read_text()
     missing = {n for n in used if n not in defined and f'"{n}"' not in sources}
     assert not missing, f"the dashboard queries metrics nobody exports: {sorted(missing)}"
 
@@ -164,26 +164,26 @@ def test_set_total_mirrors_a_cumulative_count() -> None:
 
 
 def test_resilience_feeds_use_bounded_service_labels() -> None:
-    metrics.REGISTRY.reset()
+    meshmetrics.REGISTRY.reset()
     cl = "outbound|80||web.default.svc.mesh"
-    assert metrics.service_of_cluster(cl) == "web.default.svc.mesh"
-    assert metrics.outcome_reason(503, None) == "503"
-    assert metrics.outcome_reason(404, None) == "4xx"
-    assert metrics.outcome_reason(200, 14) == "grpc_14"
-    assert metrics.outcome_reason(0, None, connect_failure=True) == "connect_failure"
-    metrics.retry(cl, "503")
-    metrics.retry_stopped(cl, "budget")
-    metrics.retry_stopped(cl, "deadline")
-    metrics.breaker_overflow(cl, "max_requests")
-    metrics.outlier_ejected(cl, "503")
-    s = parse(render(metrics.REGISTRY.collect()))
+    assert meshmetrics.service_of_cluster(cl) == "web.default.svc.mesh"
+    assert meshmetrics.outcome_reason(503, None) == "503"
+    assert meshmetrics.outcome_reason(404, None) == "4xx"
+    assert meshmetrics.outcome_reason(200, 14) == "grpc_14"
+    assert meshmetrics.outcome_reason(0, None, connect_failure=True) == "connect_failure"
+    meshmetrics.retry(cl, "503")
+    meshmetrics.retry_stopped(cl, "budget")
+    meshmetrics.retry_stopped(cl, "deadline")
+    meshmetrics.breaker_overflow(cl, "max_requests")
+    meshmetrics.outlier_ejected(cl, "503")
+    s = parse(render(meshmetrics.REGISTRY.collect()))
     svc = {"destination_service": "web.default.svc.mesh"}
     assert select(s, "nodemesh_retries_total") == [({**svc, "reason": "503"}, 1.0)]
     assert select(s, "nodemesh_retry_budget_exhausted_total") == [(svc, 1.0)]
     assert sorted(d["reason"] for d, _ in select(s, "nodemesh_retries_stopped_total")) == ["budget", "deadline"]
     assert select(s, "nodemesh_circuit_breaker_overflows_total") == [({**svc, "limit": "max_requests"}, 1.0)]
     assert select(s, "nodemesh_outlier_ejections_total") == [({**svc, "reason": "503"}, 1.0)]
-    metrics.REGISTRY.reset()
+    meshmetrics.REGISTRY.reset()
 
 
 class _Settings:
@@ -197,8 +197,8 @@ class _FakeProxy:
     """What ProxyTelemetry and the sessions need of a NodeProxy."""
 
     def __init__(self, snapshot: Snapshot) -> None:
+        from nodeagent.observe.telemetry import ProxyTelemetry
         from nodeagent.proxy.accesslog import AccessLog
-        from nodeagent.telemetry import ProxyTelemetry
 
         self.settings = _Settings()
         self.snapshot = snapshot
@@ -230,10 +230,10 @@ def test_destination_side_reports_http_requests_not_tcp() -> None:
     """An inbound tunnel to an HTTP port: each request observed on the workload end
     becomes a reporter=destination request (with its body sizes, a span child of the
     request's traceparent and a log line), and the tunnel is not also a TCP connection."""
+    from nodeagent.meshview.snapshot import LocalWorkload
     from nodeagent.proxy.inbound import InboundTarget
-    from nodeagent.snapshot import LocalWorkload
 
-    metrics.REGISTRY.reset()
+    meshmetrics.REGISTRY.reset()
     proxy = _FakeProxy(_http_snapshot())
     conn = proxy.new_session("inbound", src="10.0.0.1:5000", source_principal="spiffe://td/ns/default/sa/client",
                              dst_addr="10.0.0.2:8080", dst_identity="spiffe://td/ns/default/sa/web", via="hbone",
@@ -252,7 +252,7 @@ def test_destination_side_reports_http_requests_not_tcp() -> None:
     watch.request(b"GET /b HTTP/1.1\r\nhost: x\r\n\r\n")
     watch.response(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
     conn.finish()
-    s = parse(render(metrics.REGISTRY.collect()))
+    s = parse(render(meshmetrics.REGISTRY.collect()))
     reqs = select(s, "istio_requests_total", reporter="destination")
     assert sorted((d["response_code"], v) for d, v in reqs) == [("200", 1.0), ("503", 1.0)]
     d = reqs[0][0]
@@ -267,14 +267,14 @@ def test_destination_side_reports_http_requests_not_tcp() -> None:
     assert [(r["method"], r["response_code"], r["bytes_sent"], r["bytes_received"]) for r in lines] == \
         [("POST", 503, 4, 6), ("GET", 200, 0, 2)]
     assert lines[0]["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
-    metrics.REGISTRY.reset()
+    meshmetrics.REGISTRY.reset()
 
 
 def test_destination_side_falls_back_to_tcp_when_not_http() -> None:
+    from nodeagent.meshview.snapshot import LocalWorkload
     from nodeagent.proxy.inbound import InboundTarget
-    from nodeagent.snapshot import LocalWorkload
 
-    metrics.REGISTRY.reset()
+    meshmetrics.REGISTRY.reset()
     proxy = _FakeProxy(_http_snapshot())
     conn = proxy.new_session("inbound", source_principal="spiffe://td/ns/default/sa/client",
                              dst_addr="10.0.0.2:8080", via="hbone", tls=True, dst_workload="default/web-2")
@@ -285,14 +285,14 @@ def test_destination_side_falls_back_to_tcp_when_not_http() -> None:
     end.tap.request(b"\x16\x03\x01 not http at all\r\n\r\n")
     assert end.tap.stopped
     conn.finish()
-    s = parse(render(metrics.REGISTRY.collect()))
+    s = parse(render(meshmetrics.REGISTRY.collect()))
     assert select(s, "istio_requests_total") == []
     assert [v for _, v in select(s, "istio_tcp_connections_closed_total", reporter="destination")] == [1.0]
-    metrics.REGISTRY.reset()
+    meshmetrics.REGISTRY.reset()
 
 
 def test_outbound_l7_connection_is_not_also_a_tcp_connection() -> None:
-    metrics.REGISTRY.reset()
+    meshmetrics.REGISTRY.reset()
     proxy = _FakeProxy(_http_snapshot())
     conn = proxy.new_session("outbound", source_workload="default/client", dst_service="default/web")
     conn.set(protocol="http")  # the L7 stack took it over
@@ -300,19 +300,19 @@ def test_outbound_l7_connection_is_not_also_a_tcp_connection() -> None:
     tcp = proxy.new_session("outbound", source_workload="default/client", dst_service="default/web")
     tcp.set(protocol="tcp", detect="timeout")  # auto-detection fell back to TCP
     tcp.finish()
-    s = parse(render(metrics.REGISTRY.collect()))
+    s = parse(render(meshmetrics.REGISTRY.collect()))
     assert [v for _, v in select(s, "istio_tcp_connections_closed_total")] == [1.0]
-    metrics.REGISTRY.reset()
+    meshmetrics.REGISTRY.reset()
 
 
 def test_l7_state_sets_scrape_time_gauges_and_admin_sees_ejections() -> None:
+    from nodeagent.meshview.l7snapshot import DEFAULT_POLICY
+    from nodeagent.observe.telemetry import l7_state
     from nodeagent.proxy.http.retry import Outcome
     from nodeagent.proxy.http.stack import runtime_of
-    from nodeagent.routing import DEFAULT_POLICY
-    from nodeagent.telemetry import l7_state
     from nodemesh.routes import OutlierDetection
 
-    metrics.REGISTRY.reset()
+    meshmetrics.REGISTRY.reset()
     proxy = _FakeProxy(_http_snapshot())
     t = [100.0]
     rt = runtime_of(proxy)  # type: ignore[arg-type]
@@ -326,14 +326,14 @@ def test_l7_state_sets_scrape_time_gauges_and_admin_sees_ejections() -> None:
     assert dest.record(ep, Outcome(status=503), 0.01, 2)
     state = l7_state(proxy)  # type: ignore[arg-type]
     assert state[0]["ejected"] == ["10.0.0.2:8080"] and state[0]["ejections"] == 1
-    s = parse(render(metrics.REGISTRY.collect()))
+    s = parse(render(meshmetrics.REGISTRY.collect()))
     assert select(s, "nodemesh_outlier_ejected") == [
         ({"destination_service": "web.default.svc.mesh", "endpoint": "10.0.0.2:8080"}, 1.0)]
     assert select(s, "nodemesh_circuit_breaker_open") == [({"destination_service": "web.default.svc.mesh"}, 0.0)]
     t[0] += 31  # the ejection ends by the clock: the next scrape says so
     assert l7_state(proxy)[0]["ejected"] == []  # type: ignore[arg-type]
-    assert select(parse(render(metrics.REGISTRY.collect())), "nodemesh_outlier_ejected") == []
-    metrics.REGISTRY.reset()
+    assert select(parse(render(meshmetrics.REGISTRY.collect())), "nodemesh_outlier_ejected") == []
+    meshmetrics.REGISTRY.reset()
 
 
 def test_request_headers_continue_w3c_and_b3_traces() -> None:

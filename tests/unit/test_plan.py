@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from nodeagent.proxy.plan import is_same_node, plan_outbound
-from nodeagent.snapshot import (
+from nodeagent.meshview.snapshot import (
     OUTBOUND_REGISTRY_ONLY,
     Endpoint,
     LocalWorkload,
@@ -13,6 +12,7 @@ from nodeagent.snapshot import (
     Snapshot,
     Workload,
 )
+from nodeagent.proxy.plan import is_same_node, plan_outbound
 
 TD = "cluster.local"
 SRC = LocalWorkload("client", "default", "client", "10.0.1.1", (), uid=1000)

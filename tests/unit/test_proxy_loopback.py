@@ -15,11 +15,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from nodeagent.proxy.accesslog import AccessLog
-from nodeagent.proxy.proxy import NodeProxy
-from nodeagent.proxy.testca import TestCA
-from nodeagent.settings import ProxySettings
-from nodeagent.snapshot import (
+from nodeagent.meshview.snapshot import (
     Endpoint,
     LocalWorkload,
     MeshSettings,
@@ -28,6 +24,10 @@ from nodeagent.snapshot import (
     Snapshot,
     Workload,
 )
+from nodeagent.proxy.accesslog import AccessLog
+from nodeagent.proxy.proxy import NodeProxy
+from nodeagent.proxy.testca import TestCA
+from nodeagent.supervision.settings import ProxySettings
 
 A, B = "127.0.0.2", "127.0.0.3"
 TD = "cluster.local"

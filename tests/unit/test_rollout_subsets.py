@@ -18,8 +18,8 @@ from controlplane.xds import routes as xr
 from controlplane.xds.build import ServiceEntry, build_snapshot
 from controlplane.xds.cache import XdsSnapshot
 from controlplane.xds.subsets import VersionSplit
+from nodeagent.meshview.snapshot import LocalWorkload
 from nodeagent.proxy.plan import plan_outbound
-from nodeagent.snapshot import LocalWorkload
 from nodeagent.xds.convert import NamedResource, XdsState
 from nodemesh import model, xdsnames
 

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from nodeagent.meshview.snapshot import LocalWorkload, MeshSettings, Snapshot
 from nodeagent.proxy import sockdiag
-from nodeagent.snapshot import LocalWorkload, MeshSettings, Snapshot
 
 
 @pytest.fixture

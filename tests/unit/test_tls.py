@@ -13,7 +13,7 @@ import uvloop
 from nodeagent.proxy import tls
 from nodeagent.proxy.errors import NoCertificate, PeerIdentityMismatch
 from nodeagent.proxy.testca import TestCA
-from nodeagent.settings import Certs
+from nodeagent.supervision.settings import Certs
 from nodemesh.identity import Identity
 
 WEB = "spiffe://cluster.local/ns/default/sa/web"

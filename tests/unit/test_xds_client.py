@@ -11,14 +11,14 @@ from typing import Any
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf.message import Message
-from tests.unit.test_xds_convert import LOCAL, assignment, cluster, mesh_config, mesh_security, pack, workload
 
 from nodeagent import cpchannel
+from nodeagent.meshview.snapshot import Snapshot
 from nodeagent.registry import RegistrySession
-from nodeagent.snapshot import Snapshot
 from nodeagent.xds.client import AdsClient, backoff_delay
 from nodemesh import xdsnames
 from nodemesh.v1 import mesh_pb2, mesh_pb2_grpc
+from tests.unit.test_xds_convert import LOCAL, assignment, cluster, mesh_config, mesh_security, pack, workload
 
 
 class FakeAds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):

@@ -11,7 +11,7 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
-from nodeagent.snapshot import LocalWorkload
+from nodeagent.meshview.snapshot import LocalWorkload
 from nodeagent.xds.convert import NamedResource, XdsState, convert_batch
 from nodemesh import xdsnames
 from nodemesh.v1 import mesh_pb2

@@ -15,7 +15,7 @@ from controlplane.xds.build import ServiceEntry, build_snapshot
 from controlplane.xds.cache import SnapshotCache
 from controlplane.xds.server import SERVER_OPTIONS, AdsServicer, add_to_server
 from nodeagent import cpchannel
-from nodeagent.snapshot import Snapshot
+from nodeagent.meshview.snapshot import Snapshot
 from nodeagent.xds.client import AdsClient
 from nodemesh import model, xdsnames
 

@@ -8,8 +8,8 @@ import random
 import time
 from collections.abc import Callable, Sequence
 
-from nodeagent.routing import DEFAULT_POLICY, ClusterPolicy
-from nodeagent.snapshot import Endpoint
+from nodeagent.meshview.l7snapshot import DEFAULT_POLICY, ClusterPolicy
+from nodeagent.meshview.snapshot import Endpoint
 
 from ..errors import NoHealthyEndpoint
 from ..loadbalance import Balancer, LeastRequest, Maglev, RingHash, RoundRobin, locality_tier

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 
 import h2.exceptions
 
-from nodeagent.routing import MirrorTo
-from nodeagent.snapshot import Snapshot
+from nodeagent.meshview.l7snapshot import MirrorTo
+from nodeagent.meshview.snapshot import Snapshot
 
 from ..errors import ProxyError
 from . import h2stack

@@ -34,9 +34,9 @@ import h2.errors
 import h2.events
 import h2.exceptions
 
-from nodeagent import metrics, tracing
-from nodeagent.routing import RouteEntry, RouteTable, WeightedCluster
-from nodeagent.snapshot import Endpoint, ServicePort, Snapshot
+from nodeagent.meshview.l7snapshot import RouteEntry, RouteTable, WeightedCluster
+from nodeagent.meshview.snapshot import Endpoint, ServicePort, Snapshot
+from nodeagent.observe import meshmetrics, tracing
 from nodemesh.routes import RouteMatch
 
 from .. import authz_l7
@@ -844,7 +844,7 @@ class H2Call:
                 raise BadTarget("too_many_headers", f"more than {limits.max_headers} request headers", 431)
             norm = normalize_target(self.pseudo.get(":path", "/"), method, limits.escaped_slash_action, h2=True)
         except BadTarget as e:
-            metrics.http_edge_refused("outbound", e.status, e.reason)
+            meshmetrics.http_edge_refused("outbound", e.status, e.reason)
             return self.reply_local(e.status, f"{e.reason}: {e}")
         self.session.set(path=norm.target)
         authority = self.pseudo.get(":authority", f"{ds.plan.dst_ip}:{ds.plan.dst_port}")
@@ -938,11 +938,11 @@ class H2Call:
             outcome, t, err = await self._try(snapshot, ep, fwd, per_try, dest)
             dest.ewma.finish(ep)
             elapsed = rt.clock() - t0
-            why = metrics.outcome_reason(outcome.status, outcome.grpc_status, connect_failure=outcome.connect_failure,
+            why = meshmetrics.outcome_reason(outcome.status, outcome.grpc_status, connect_failure=outcome.connect_failure,
                                          reset=outcome.reset, timeout=outcome.timeout)
             if dest.record(ep, outcome, elapsed if not outcome.gateway_error or outcome.status else
                            max(elapsed, FAILURE_PENALTY_S), len(sp.endpoints)):
-                metrics.outlier_ejected(sp.cluster, why)
+                meshmetrics.outlier_ejected(sp.cluster, why)
             last_err = err or last_err
             if self.finished:  # the client went away meanwhile
                 if t is not None:
@@ -958,21 +958,21 @@ class H2Call:
                     more = False
                     self.session.set(retry_stopped=stopped)
                     if stopped == "max_retries":
-                        metrics.breaker_overflow(sp.cluster, "max_retries")
+                        meshmetrics.breaker_overflow(sp.cluster, "max_retries")
                 else:
                     if t is not None:
                         t.abandon()
                     self.cur = None
                     self._live = False
                     rt.counters.retries += 1
-                    metrics.retry(sp.cluster, why)
+                    meshmetrics.retry(sp.cluster, why)
                     try:
                         await asyncio.sleep(wait)
                     finally:
                         dest.breaker.release("retries")
                     continue
             if "retry_stopped" in self.session.fields:
-                metrics.retry_stopped(sp.cluster, self.session.fields["retry_stopped"])
+                meshmetrics.retry_stopped(sp.cluster, self.session.fields["retry_stopped"])
             if t is not None:
                 return await self._relay(t, entry, deadline)
             if outcome.timeout:
@@ -989,7 +989,7 @@ class H2Call:
         """One try; returns the outcome, the try when a response head arrived, and an error text."""
         over = dest.breaker.try_acquire("connections")
         if over:
-            metrics.breaker_overflow(dest.cluster, over)
+            meshmetrics.breaker_overflow(dest.cluster, over)
             return Outcome(connect_failure=True), None, f"circuit breaker {over}"
         try:
             return await (asyncio.wait_for(self._try_inner(snapshot, ep, fwd), timeout_s) if timeout_s

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from urllib.parse import parse_qsl
 
-from nodeagent.routing import RouteEntry, RouteTable
+from nodeagent.meshview.l7snapshot import RouteEntry, RouteTable
 from nodemesh.routes import HeaderModifier, Redirect, RouteMatch, StringMatch
 
 Headers = list[tuple[str, str]]  # lower-case names, in order, repeats allowed

@@ -25,9 +25,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-from nodeagent import metrics, tracing
-from nodeagent.routing import RouteEntry, RouteTable, WeightedCluster
-from nodeagent.snapshot import Endpoint, ServicePort, Snapshot
+from nodeagent.meshview.l7snapshot import RouteEntry, RouteTable, WeightedCluster
+from nodeagent.meshview.snapshot import Endpoint, ServicePort, Snapshot
+from nodeagent.observe import meshmetrics, tracing
 from nodemesh.routes import RouteMatch
 
 from .. import authz_l7, detect
@@ -130,7 +130,7 @@ class L7Runtime:
         dest = self.destination(bsp)
         over = dest.breaker.try_acquire("requests")
         if over:
-            metrics.breaker_overflow(cluster, over)
+            meshmetrics.breaker_overflow(cluster, over)
             return LocalRefusal(cluster, 503, f"overflow: circuit breaker {over} reached for {cluster}",
                                 (("x-nodemesh-overloaded", "true"),))
         return cluster, bsp, dest
@@ -317,7 +317,7 @@ class Downstream(asyncio.Protocol):
 
     def _refuse(self, e: EdgeError) -> None:
         """A request the edge will not forward: counted, logged, answered, and the connection closed."""
-        metrics.http_edge_refused("outbound", e.status, e.reason)
+        meshmetrics.http_edge_refused("outbound", e.status, e.reason)
         log.info("refused a request from %s to %s: %s", self.conn_session.fields.get("src", "?"),
                  self.plan.service or self.plan.dst_ip, e)
         self.conn_session.fail(e.reason, e.message)
@@ -358,7 +358,7 @@ class Downstream(asyncio.Protocol):
             elif isinstance(ev, H2Preface):
                 # An HTTP/1.1 port: HTTP/2 with prior knowledge is refused with the HTTP/2
                 # answer for it (GOAWAY HTTP_1_1_REQUIRED), never forwarded as a request.
-                metrics.http_edge_refused("outbound", 0, "h2_preface_on_http_port")
+                meshmetrics.http_edge_refused("outbound", 0, "h2_preface_on_http_port")
                 self.conn_session.fail("h2_preface_on_http_port", "the HTTP/2 preface on a port declared "
                                        "http (HTTP/1.1): declare it http2, grpc or auto")
                 self.transport.write(H2_REFUSAL)
@@ -453,7 +453,7 @@ class Downstream(asyncio.Protocol):
         self._head_sent = False
         try:
             if too_big:
-                metrics.http_edge_refused("outbound", 413, "request_too_large")
+                meshmetrics.http_edge_refused("outbound", 413, "request_too_large")
                 call.fail_local(413, f"request_too_large: body over {MAX_BUFFERED_BODY} bytes (L7 ports buffer "
                                      "request bodies; declare the port protocol: tcp for big uploads)")
             else:
@@ -613,11 +613,11 @@ class Call:
             outcome, ex, err = await self._try(snapshot, ep, target, fwd, per_try, dest)
             dest.ewma.finish(ep)
             elapsed = rt.clock() - t0
-            why = metrics.outcome_reason(outcome.status, outcome.grpc_status, connect_failure=outcome.connect_failure,
+            why = meshmetrics.outcome_reason(outcome.status, outcome.grpc_status, connect_failure=outcome.connect_failure,
                                          reset=outcome.reset, timeout=outcome.timeout)
             if dest.record(ep, outcome, elapsed if not outcome.gateway_error or outcome.status else
                            max(elapsed, FAILURE_PENALTY_S), len(sp.endpoints)):
-                metrics.outlier_ejected(sp.cluster, why)
+                meshmetrics.outlier_ejected(sp.cluster, why)
             last_err = err or last_err
             more = (policy is not None and self.attempts < max_attempts and retryable(policy, outcome))
             if more and policy is not None:
@@ -626,19 +626,19 @@ class Call:
                     more = False
                     self.session.set(retry_stopped=stopped)
                     if stopped == "max_retries":
-                        metrics.breaker_overflow(sp.cluster, "max_retries")
+                        meshmetrics.breaker_overflow(sp.cluster, "max_retries")
                 else:
                     if ex is not None:
                         ex.close()
                     rt.counters.retries += 1
-                    metrics.retry(sp.cluster, why)
+                    meshmetrics.retry(sp.cluster, why)
                     try:
                         await asyncio.sleep(wait)
                     finally:
                         dest.breaker.release("retries")
                     continue
             if "retry_stopped" in self.session.fields:
-                metrics.retry_stopped(sp.cluster, self.session.fields["retry_stopped"])
+                meshmetrics.retry_stopped(sp.cluster, self.session.fields["retry_stopped"])
             if ex is not None:
                 return await self._relay_response(ex, entry)
             if outcome.timeout:
@@ -656,7 +656,7 @@ class Call:
         """One try; returns the outcome, the exchange when a response head arrived, and an error text."""
         over = dest.breaker.try_acquire("connections")
         if over:
-            metrics.breaker_overflow(dest.cluster, over)
+            meshmetrics.breaker_overflow(dest.cluster, over)
             return Outcome(connect_failure=True), None, f"circuit breaker {over}"
         released = False
 
@@ -740,7 +740,7 @@ class Call:
             l7 = authz_l7.admit(snapshot, target.workload, ep.port, self.ds.source_id,
                                 str(self.session.fields.get("src", "")).rsplit(":", 1)[0], quiet)
             # The destination side of this hop, as on another node: reporter=destination
-            # requests and log lines (nodeagent/telemetry.py watches the workload end).
+            # requests and log lines (nodeagent/observe/telemetry.py watches the workload end).
             inner = proxy.new_session("inbound", src=self.session.fields.get("src", ""),
                                       source_principal=self.ds.source_id, source_workload=self.ds.source_key,
                                       dst_addr=f"{ep.ip}:{ep.port}", dst_workload=target.workload.key,

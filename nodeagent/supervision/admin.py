@@ -13,7 +13,7 @@ server on the agent's event loop, GET only, one request per connection.
     /summary      golden metrics per service edge, computed from the merged metrics
 
 Workers are asked over their control channel ("stats" messages, see
-nodeagent.proxy.worker.WorkerPool.stats and nodeagent.telemetry.worker_stats).
+nodeagent.proxy.worker.WorkerPool.stats and nodeagent.observe.telemetry.worker_stats).
 """
 
 from __future__ import annotations
@@ -32,12 +32,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import nodemesh
-from nodeagent import metrics
+from nodeagent.observe import meshmetrics
 from nodemesh.prom import histogram_quantile
 
 if TYPE_CHECKING:
-    from nodeagent.snapshot import Snapshot
-    from nodeagent.supervisor import Agent
+    from nodeagent.meshview.snapshot import Snapshot
+    from nodeagent.supervision.supervisor import Agent
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +85,14 @@ def cert_info(identity: str, chain_pem: str, not_after_unix: float, now: float) 
 _quantile = histogram_quantile  # moved to nodemesh.prom (the control plane uses it too)
 
 
-def summarize(families: list[metrics.FamilyData]) -> dict[str, Any]:
+def summarize(families: list[meshmetrics.FamilyData]) -> dict[str, Any]:
     """Per (source workload, destination service) edge, per reporter: requests,
     errors, p99, TCP connections and bytes, mTLS state. Cumulative counts: rates
     are the reader's job (two summaries apart)."""
     by = {fd.name: fd for fd in families}
     edges: dict[tuple[str, ...], dict[str, Any]] = {}
 
-    def edge(fd: metrics.FamilyData, key: tuple[str, ...]) -> dict[str, Any]:
+    def edge(fd: meshmetrics.FamilyData, key: tuple[str, ...]) -> dict[str, Any]:
         lab = dict(zip(fd.labelnames, key))
         k = (lab["reporter"], lab["source_workload_namespace"], lab["source_workload"],
              lab["destination_service"], lab["destination_workload_namespace"], lab["destination_workload"])
@@ -174,7 +174,7 @@ def write_admin_token(state_dir: str | os.PathLike[str] | None) -> tuple[str, st
     token = secrets.token_urlsafe(32)
     if state_dir is None:
         return token, ""
-    from nodeagent.attest import _write_private
+    from nodeagent.identity.attest import _write_private
 
     directory = Path(state_dir)
     directory.mkdir(parents=True, exist_ok=True)
@@ -189,7 +189,7 @@ class AdminServer:
         self.host = host
         self.port = port
         self._server: asyncio.AbstractServer | None = None
-        self.agent_registry = metrics.Registry()
+        self.agent_registry = meshmetrics.Registry()
         self._summary_json = ""
         self._refresher: asyncio.Task[None] | None = None
         self._routes: dict[str, Callable[[dict[str, str]], Awaitable[Response]]] = {
@@ -299,7 +299,7 @@ class AdminServer:
             return []
         return list(await stats({"since": 0}))
 
-    def agent_families(self) -> list[metrics.FamilyData]:
+    def agent_families(self) -> list[meshmetrics.FamilyData]:
         a = self.agent
         r = self.agent_registry
         for fam_name in ("nodemesh_config_version_info", "nodemesh_cert_expiry_timestamp_seconds",
@@ -336,23 +336,23 @@ class AdminServer:
             None, a.pool.up() if a.pool is not None and hasattr(a.pool, "up") else 0)
         return r.collect()
 
-    async def merged_families(self, agent_process: bool = True) -> list[metrics.FamilyData]:
+    async def merged_families(self, agent_process: bool = True) -> list[meshmetrics.FamilyData]:
         """agent_process=False: without the agent process's own families (the per-second summary)."""
         parts = [s["metrics"] for s in await self.worker_stats()]
         extra = [self.agent_process_families()] if agent_process else []
-        return metrics.merge([*parts, self.agent_families(), *extra])
+        return meshmetrics.merge([*parts, self.agent_families(), *extra])
 
-    def agent_process_families(self) -> list[metrics.FamilyData]:
-        """Families kept in this (agent) process: health checks (nodeagent/health.py,
+    def agent_process_families(self) -> list[meshmetrics.FamilyData]:
+        """Families kept in this (agent) process: health checks (nodeagent/observe/healthprober.py,
         fed as results arrive) and the capture watchdog and backend counters."""
         a = self.agent
         fo = getattr(a, "failover", None)
         if fo is not None:
             st = fo.status()
-            metrics.CAPTURE_PROXY_STATE.clear()
-            metrics.CAPTURE_PROXY_STATE.set({"state": st.get("proxy_state", "serving")}, 1)
-            metrics.CAPTURE_DOWN_WINDOWS.set_total(None, float(st.get("proxy_down_windows", 0)))
-            metrics.CAPTURE_DOWN_SECONDS.set_total(None, float(st.get("proxy_down_seconds", 0.0)))
+            meshmetrics.CAPTURE_PROXY_STATE.clear()
+            meshmetrics.CAPTURE_PROXY_STATE.set({"state": st.get("proxy_state", "serving")}, 1)
+            meshmetrics.CAPTURE_DOWN_WINDOWS.set_total(None, float(st.get("proxy_down_windows", 0)))
+            meshmetrics.CAPTURE_DOWN_SECONDS.set_total(None, float(st.get("proxy_down_seconds", 0.0)))
         read = getattr(a.capture, "counters", None)
         if callable(read):  # eBPF: the kernel counts what bypassed the proxy (map reads, no bpftool)
             try:
@@ -361,8 +361,8 @@ class AdminServer:
                 counters = {}
             for name, reason in (("bypass_stale", "fail_open"), ("skip_excluded", "excluded_cidr")):
                 if name in counters:
-                    metrics.CAPTURE_BYPASSED.set_total({"reason": reason}, float(counters[name]))
-        return metrics.AGENT_REGISTRY.collect()
+                    meshmetrics.CAPTURE_BYPASSED.set_total({"reason": reason}, float(counters[name]))
+        return meshmetrics.AGENT_REGISTRY.collect()
 
     # ------------------------------------------------------------------ views
     async def _index(self, _q: dict[str, str]) -> Response:
@@ -370,7 +370,7 @@ class AdminServer:
         return 200, "text/plain", f"nodemesh agent {nodemesh.__version__} admin endpoint\n{paths}".encode()
 
     async def _metrics(self, _q: dict[str, str]) -> Response:
-        text = metrics.render(await self.merged_families())
+        text = meshmetrics.render(await self.merged_families())
         return 200, "text/plain; version=0.0.4; charset=utf-8", text.encode()
 
     async def _summary(self, _q: dict[str, str]) -> Response:
@@ -479,7 +479,7 @@ class AdminServer:
         return bal
 
     async def _explain(self, q: dict[str, str]) -> Response:
-        from nodeagent.explain import ExplainError, explain
+        from nodeagent.meshview.explain import ExplainError, explain
 
         snap = self.agent.snapshot
         if snap is None:

@@ -30,9 +30,9 @@ import h2.connection
 import h2.events
 import h11
 
-from nodeagent import metrics
+from nodeagent.meshview.snapshot import Snapshot
+from nodeagent.observe import meshmetrics
 from nodeagent.proxy.netutil import set_mark
-from nodeagent.snapshot import Snapshot
 from nodemesh.healthcheck import HealthCheck
 
 log = logging.getLogger(__name__)
@@ -350,15 +350,15 @@ class HealthMonitor:
             st = self._states.get(t.key)
             if st is None:  # dropped while the probe ran
                 return
-            svc = metrics.service_of_cluster(t.cluster)
-            metrics.HEALTH_CHECKS.inc({"destination_service": svc, "result": "pass" if ok else "fail"})
+            svc = meshmetrics.service_of_cluster(t.cluster)
+            meshmetrics.HEALTH_CHECKS.inc({"destination_service": svc, "result": "pass" if ok else "fail"})
             if st.record(ok, detail):
                 (log.info if ok else log.warning)(
                     "endpoint %s:%d (%s:%d) is now %s: %s", t.workload, t.port, t.ip, t.port,
                     "healthy" if ok else "UNHEALTHY", detail)
                 self._report()
             if st.healthy is not None:
-                metrics.ENDPOINT_HEALTHY.set({"destination_service": svc, "workload": t.workload},
+                meshmetrics.ENDPOINT_HEALTHY.set({"destination_service": svc, "workload": t.workload},
                                              1 if st.healthy else 0)
             await asyncio.sleep(hc.interval_s + (self._rng.uniform(0, hc.jitter_s) if hc.jitter_s else 0.0))
 

@@ -31,7 +31,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from nodeagent.tracing import TRACE_HEADERS
+from nodeagent.observe.tracing import TRACE_HEADERS
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 The inbound proxy relays a tunnel's bytes to the workload at L4; on a port
 declared `http2` or `grpc` it also feeds those bytes, unchanged and in order, to
-an `H2Watch` (through `TcpEnd.tap`, as `nodeagent.httpwatch.Http1Watch` is on
+an `H2Watch` (through `TcpEnd.tap`, as `nodeagent.observe.httpwatch.Http1Watch` is on
 HTTP/1.1 ports). The watch parses the connection preface and the frames of both
 directions, decodes header blocks with `hpack` (one decoder per direction, so
 each one's dynamic table follows the encoder on the other end) and reports one
@@ -28,8 +28,8 @@ from typing import Any
 import hpack
 from hpack import HPACKError
 
-from nodeagent.httpwatch import Exchange
-from nodeagent.tracing import TRACE_HEADERS
+from nodeagent.observe.httpwatch import Exchange
+from nodeagent.observe.tracing import TRACE_HEADERS
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from nodeagent import cpchannel
-from nodeagent.settings import Certs, Svid
+from nodeagent.supervision.settings import Certs, Svid
 from nodemesh.v1 import mesh_pb2, mesh_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ def grpc_issuer(target: str) -> Issuer:
 
     async def issue(request: mesh_pb2.CertificateRequest) -> mesh_pb2.CertificateResponse:
         nonlocal channel, generation
-        # A renewed node certificate (nodeagent/attest.py) is used by a new channel.
+        # A renewed node certificate (nodeagent/identity/attest.py) is used by a new channel.
         if channel is None or generation != cpchannel.generation():
             old, channel, generation = channel, cpchannel.open_channel(target), cpchannel.generation()
             if old is not None:

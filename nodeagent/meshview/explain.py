@@ -11,9 +11,9 @@ from collections.abc import Mapping
 from dataclasses import asdict, is_dataclass
 from typing import Any
 
+from nodeagent.meshview.snapshot import LocalWorkload, Service, Snapshot
 from nodeagent.proxy.plan import is_same_node, plan_outbound
-from nodeagent.settings import ProxySettings
-from nodeagent.snapshot import LocalWorkload, Service, Snapshot
+from nodeagent.supervision.settings import ProxySettings
 
 
 class ExplainError(ValueError):

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, cast
 
 import asyncio_dgram
 
+from nodeagent.dns.forwarder import Forwarder, Upstream, default_upstreams, parse_upstream
 from nodeagent.dns.message import (
     FLAG_QR,
     OPCODE_QUERY,
@@ -40,9 +41,8 @@ from nodeagent.dns.message import (
     soa_record,
     truncated,
 )
-from nodeagent.dns.upstream import Forwarder, Upstream, default_upstreams, parse_upstream
 from nodeagent.dns.zone import ANSWER_TTL, NEGATIVE_TTL, Decision, MeshZone, decide
-from nodeagent.snapshot import Snapshot
+from nodeagent.meshview.snapshot import Snapshot
 
 if TYPE_CHECKING:
     from nodeagent.config import DnsConfig

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from nodeagent.routing import ClusterPolicy, RouteTable
+from nodeagent.meshview.l7snapshot import ClusterPolicy, RouteTable
 from nodemesh.security import SecurityPolicies
 
 OUTBOUND_ALLOW_ANY = "ALLOW_ANY"

@@ -17,13 +17,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from nodeagent import metrics, tracing
+from nodeagent.meshview.snapshot import Snapshot
+from nodeagent.observe import meshmetrics, tracing
 from nodeagent.proxy.accesslog import iso_time
-from nodeagent.snapshot import Snapshot
 from nodemesh.xdsnames import service_host
 
 if TYPE_CHECKING:
-    from nodeagent.httpwatch import Exchange
+    from nodeagent.observe.httpwatch import Exchange
     from nodeagent.proxy.inbound import InboundTarget
     from nodeagent.proxy.proxy import NodeProxy
     from nodeagent.proxy.relay import Session, TcpEnd
@@ -41,7 +41,7 @@ _INHERITED = ("src", "source_principal", "source_workload", "dst_addr", "dst_wor
 
 def l7_port_protocol(snapshot: Snapshot | None, port: int) -> str:
     """How a local workload port is observed on the destination side: "http"
-    (nodeagent.httpwatch), "http2" for http2/grpc ports (nodeagent.h2watch), or ""."""
+    (nodeagent.observe.httpwatch), "http2" for http2/grpc ports (nodeagent.observe.h2watch), or ""."""
     if snapshot is None:
         return ""
     protos = {sp.protocol for svc in snapshot.services for sp in svc.ports if sp.target_port == port}
@@ -128,7 +128,7 @@ def _workload_of_principal(snapshot: Snapshot, principal: str) -> str:
 
 
 def mesh_labels(fields: Mapping[str, Any], snapshot: Snapshot | None,
-                peer_headers: Sequence[tuple[str, str]] = ()) -> metrics.MeshLabels:
+                peer_headers: Sequence[tuple[str, str]] = ()) -> meshmetrics.MeshLabels:
     """Istio labels for one connection from its access-log fields (pure)."""
     outbound = fields.get("direction") == "outbound"
     via = fields.get("via", "")
@@ -172,7 +172,7 @@ def mesh_labels(fields: Mapping[str, Any], snapshot: Snapshot | None,
         security = "none"
     else:
         security = "unknown"  # refused before a path was chosen
-    return metrics.MeshLabels(
+    return meshmetrics.MeshLabels(
         reporter="source" if outbound else "destination",
         source_workload=src_name, source_workload_namespace=src_ns,
         source_principal=src_principal or "unknown",
@@ -208,7 +208,7 @@ class ProxyTelemetry:
         # request's labels are a dict lookup, not a rebuild (the inputs are mesh names,
         # bounded by the config; trace headers are not part of the key).
         self._labels_for: Snapshot | None = None
-        self._labels: dict[tuple[Any, ...], metrics.MeshLabels] = {}
+        self._labels: dict[tuple[Any, ...], meshmetrics.MeshLabels] = {}
 
     # -- session hooks --
     @staticmethod
@@ -219,7 +219,7 @@ class ProxyTelemetry:
     def begin(self, session: Session) -> None:
         direction = session.fields.get("direction", "")
         if not self.is_request(session):
-            metrics.PROXY_ACTIVE.inc({"direction": direction})
+            meshmetrics.PROXY_ACTIVE.inc({"direction": direction})
         session.t0_unix = time.time()  # type: ignore[attr-defined]
         if direction == "outbound":
             # Every outbound connection roots a trace (L4 has no headers to read);
@@ -261,14 +261,14 @@ class ProxyTelemetry:
     # -- destination side: per-request observation of HTTP ports --
     def workload_end(self, session: Session, end: TcpEnd, target: InboundTarget) -> None:
         """Called by connect_local for the end towards a local workload: on an HTTP
-        port of an inbound connection, watch the exchange (nodeagent.httpwatch)."""
+        port of an inbound connection, watch the exchange (nodeagent.observe.httpwatch)."""
         if session.fields.get("direction") != "inbound":
             return
         kind = l7_port_protocol(self._proxy.snapshot, target.port)
         if not kind:
             return
-        from nodeagent.h2watch import H2Watch
-        from nodeagent.httpwatch import Http1Watch
+        from nodeagent.observe.h2watch import H2Watch
+        from nodeagent.observe.httpwatch import Http1Watch
 
         watch: Http1Watch | H2Watch = (Http1Watch if kind == "http" else H2Watch)(
             lambda ex: self._dest_request_start(session, ex), lambda ex: self._dest_request_done(ex))
@@ -285,7 +285,7 @@ class ProxyTelemetry:
         req = self._proxy.new_session("inbound", method=ex.method, path=ex.target,
                                       protocol="grpc" if ex.grpc else str(ex.extra.get("protocol", "http")),
                                       **{k: f[k] for k in _INHERITED if k in f})
-        if ex.extra.get("authority"):  # HTTP/2 (nodeagent/h2watch.py): for the access log only, never a label
+        if ex.extra.get("authority"):  # HTTP/2 (nodeagent/observe/h2watch.py): for the access log only, never a label
             req.set(authority=ex.extra["authority"])
         # The request's own trace context first (the caller's proxy put its span
         # there), then the tunnel's baggage (caller workload and service).
@@ -301,7 +301,7 @@ class ProxyTelemetry:
         req.set(status=ex.status, request_bytes=ex.request_bytes, response_bytes=ex.response_bytes, attempts=1)
         if ex.grpc_status:
             req.set(grpc_status=ex.grpc_status)
-        if "reset" in ex.extra:  # an HTTP/2 stream reset (nodeagent/h2watch.py): response flag UC
+        if "reset" in ex.extra:  # an HTTP/2 stream reset (nodeagent/observe/h2watch.py): response flag UC
             req.set(error=f"stream reset by the {ex.extra.get('reset_by')} (HTTP/2 error code {ex.extra['reset']})")
         elif not ex.complete and ex.status == 0:
             why = ex.extra.get("abandoned")  # the HTTP/2 watch stopped following the connection
@@ -309,7 +309,7 @@ class ProxyTelemetry:
                      else "the connection ended before the workload answered")
         req.finish()
 
-    def labels_of(self, session: Session) -> metrics.MeshLabels:
+    def labels_of(self, session: Session) -> meshmetrics.MeshLabels:
         """mesh_labels() of a session, memoized on the fields it reads."""
         f = session.fields
         snap = self._proxy.snapshot
@@ -334,7 +334,7 @@ class ProxyTelemetry:
             return
         labels = self.labels_of(session)
         session.labels = labels  # type: ignore[attr-defined]  # closed() uses the same series
-        metrics.tcp_opened(labels)
+        meshmetrics.tcp_opened(labels)
 
     def closed(self, session: Session, rec: dict[str, Any]) -> bool:
         """Record metrics and the span, enrich the log record; False = sampled out of the log."""
@@ -343,33 +343,33 @@ class ProxyTelemetry:
         final = self.labels_of(session)
         if self.is_request(session):
             return self._request_closed(session, final, rec)
-        metrics.PROXY_ACTIVE.inc({"direction": direction}, -1.0)
+        meshmetrics.PROXY_ACTIVE.inc({"direction": direction}, -1.0)
         watch = getattr(session, "http_watch", None)
         if watch is not None:
             watch.close()
         reason = f.get("reason")
         if reason:
-            metrics.PROXY_ERRORS.inc({"direction": direction, "reason": reason})
+            meshmetrics.PROXY_ERRORS.inc({"direction": direction, "reason": reason})
         if ((f.get("protocol") in L7_PROTOCOLS and not reason) or int(getattr(session, "http_requests", 0))
                 or getattr(watch, "is_l7", False)):  # HTTP/2 seen (h2watch), even if it carried no request
             # Its requests were counted one by one: no TCP series for the same traffic.
             return self._finish_record(session, final, rec, export_span=False)
-        labels: metrics.MeshLabels | None = getattr(session, "labels", None)
+        labels: meshmetrics.MeshLabels | None = getattr(session, "labels", None)
         if labels is None:
-            metrics.tcp_opened(final)  # refused or failed before it was joined: still a connection
+            meshmetrics.tcp_opened(final)  # refused or failed before it was joined: still a connection
             labels = final
         elif labels.response_flags != final.response_flags:
             labels = final  # an error at the end (a reset): the closing series says so
         sent, received = int(rec.get("bytes_sent", 0)), int(rec.get("bytes_received", 0))
-        metrics.tcp_closed(labels, sent, received)
+        meshmetrics.tcp_closed(labels, sent, received)
         return self._finish_record(session, labels, rec)
 
-    def _request_closed(self, session: Session, labels: metrics.MeshLabels, rec: dict[str, Any]) -> bool:
+    def _request_closed(self, session: Session, labels: meshmetrics.MeshLabels, rec: dict[str, Any]) -> bool:
         f = session.fields
         code = int(f.get("status") or f.get("response_code") or 0)
         if labels.response_flags == "-" and not code:
             labels = replace(labels, response_flags="DC")  # no response at all: the caller went away
-        metrics.record_request(labels, response_code=code, duration_ms=float(rec.get("duration_ms", 0.0)),
+        meshmetrics.record_request(labels, response_code=code, duration_ms=float(rec.get("duration_ms", 0.0)),
                                request_bytes=int(f.get("request_bytes", 0) or 0),
                                response_bytes=int(f.get("response_bytes", 0) or 0),
                                grpc_response_status=str(f.get("grpc_status", "") or ""),
@@ -379,7 +379,7 @@ class ProxyTelemetry:
         rec["bytes_received"] = int(f.get("response_bytes", 0) or 0)
         return self._finish_record(session, labels, rec)
 
-    def _finish_record(self, session: Session, labels: metrics.MeshLabels, rec: dict[str, Any],
+    def _finish_record(self, session: Session, labels: meshmetrics.MeshLabels, rec: dict[str, Any],
                        export_span: bool = True) -> bool:
         f = session.fields
         direction = f.get("direction", "")
@@ -411,7 +411,7 @@ class ProxyTelemetry:
             return True  # errors are always logged, whatever the sampling
         return self.log_sampling >= 1.0 or self._rng.random() < self.log_sampling
 
-    def _span(self, session: Session, labels: metrics.MeshLabels, rec: Mapping[str, Any],
+    def _span(self, session: Session, labels: meshmetrics.MeshLabels, rec: Mapping[str, Any],
               now: float, export: bool = True) -> tracing.Span | None:
         f = session.fields
         span: tracing.Span | None = getattr(session, "span", None)
@@ -479,7 +479,7 @@ def worker_stats(proxy: NodeProxy, index: int, request: Any) -> dict[str, Any]:
         "index": index,
         "pid": os.getpid(),
         "snapshot_version": proxy.snapshot.version if proxy.snapshot is not None else "",
-        "metrics": metrics.REGISTRY.collect(),
+        "metrics": meshmetrics.REGISTRY.collect(),
         "balancer": [{"address": f"{ip}:{port}", "ewma_ms": round(st.ewma_s * 1000, 3),
                       "outstanding": st.outstanding, "measured": st.measured}
                      for (ip, port), st in list(bal.items())],
@@ -496,23 +496,23 @@ def l7_state(proxy: NodeProxy) -> list[dict[str, Any]]:
     from nodeagent.proxy.http.breaker import KINDS
     from nodeagent.proxy.http.stack import _RUNTIMES
 
-    for fam in (metrics.BREAKER_OPEN, metrics.BREAKER_ACTIVE, metrics.OUTLIER_EJECTED):
+    for fam in (meshmetrics.BREAKER_OPEN, meshmetrics.BREAKER_ACTIVE, meshmetrics.OUTLIER_EJECTED):
         fam.clear()
     rt = _RUNTIMES.get(proxy)
     out: list[dict[str, Any]] = []
     for cluster, dest in list(getattr(rt, "_dests", {}).items()):
-        svc = metrics.service_of_cluster(cluster)
+        svc = meshmetrics.service_of_cluster(cluster)
         br = dest.breaker
-        metrics.BREAKER_OPEN.set({"destination_service": svc}, 1 if br.open else 0)
+        meshmetrics.BREAKER_OPEN.set({"destination_service": svc}, 1 if br.open else 0)
         for kind in KINDS:
-            metrics.BREAKER_ACTIVE.set({"destination_service": svc, "kind": kind}, getattr(br, kind))
+            meshmetrics.BREAKER_ACTIVE.set({"destination_service": svc, "kind": kind}, getattr(br, kind))
         ejected: list[str] = []
         det = dest.outlier
         if det is not None:
             for key in list(det._st):
                 if det.is_ejected(key):
                     ejected.append(f"{key[0]}:{key[1]}")
-                    metrics.OUTLIER_EJECTED.set({"destination_service": svc, "endpoint": ejected[-1]}, 1)
+                    meshmetrics.OUTLIER_EJECTED.set({"destination_service": svc, "endpoint": ejected[-1]}, 1)
         out.append({"cluster": cluster, "breaker_open": br.open, "breaker_overflows": br.overflows,
                     "breaker": {k: getattr(br, k) for k in KINDS}, "ejected": ejected,
                     "ejections": det.ejections if det is not None else 0,

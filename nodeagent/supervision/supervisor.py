@@ -22,12 +22,12 @@ import nodemesh
 from nodeagent.capture import select as capture_select
 from nodeagent.capture.base import AgentFailover, CaptureBackend, CaptureError, ProxyState
 from nodeagent.capture.failover import Failover
-from nodeagent.certs import CertManager, grpc_issuer
 from nodeagent.config import AgentConfig, ConfigError, load_config
-from nodeagent.dns.server import DnsServer, dns_server_for
+from nodeagent.dns.dnsserver import DnsServer, dns_server_for
+from nodeagent.identity.certs import CertManager, grpc_issuer
+from nodeagent.meshview.snapshot import LocalWorkload, Snapshot, SnapshotError
 from nodeagent.registry import RegistrySession, registration_from_config
-from nodeagent.settings import Certs, ProxySettings
-from nodeagent.snapshot import LocalWorkload, Snapshot, SnapshotError
+from nodeagent.supervision.settings import Certs, ProxySettings
 from nodeagent.xds.client import AdsClient
 from nodemesh.sdnotify import Notifier
 
@@ -126,10 +126,10 @@ class Agent:
         self.ads: AdsClient | None = None
         self.registry: RegistrySession | None = None
         self.cert_manager: CertManager | None = None
-        self.admin: Any = None  # nodeagent.admin.AdminServer, once started
+        self.admin: Any = None  # nodeagent.supervision.admin.AdminServer, once started
         self.dns: DnsServer | None = None  # mesh DNS (nodeagent/dns), started after the first snapshot
         self.dns_failed = False
-        self.health: Any = None  # nodeagent.health.HealthMonitor, once the registry session exists
+        self.health: Any = None  # nodeagent.observe.healthprober.HealthMonitor, once the registry session exists
         # systemd (Type=notify, nodemesh install): READY once capture serves, RELOADING
         # around SIGHUP, STOPPING, and the watchdog fed only while every worker answers.
         self.notifier = Notifier()
@@ -315,10 +315,10 @@ class Agent:
         cidr = self.snapshot.mesh.vip_cidr if self.snapshot is not None else ""
         if not cidr or cidr == self.vip_route:
             return
-        from nodeagent.capture import routing
+        from nodeagent.capture import policyroute
 
         try:
-            if await asyncio.to_thread(routing.install_vip_route, cidr):
+            if await asyncio.to_thread(policyroute.install_vip_route, cidr):
                 log.info("routed the service VIP range %s to lo while capture is installed", cidr)
             self.vip_route = cidr
         except CaptureError as e:
@@ -341,12 +341,12 @@ class Agent:
         self.dns = server
 
     async def _remove_capture(self) -> None:
-        from nodeagent.capture import routing
+        from nodeagent.capture import policyroute
 
         # The VIP route first: a SYN to a VIP that capture no longer redirects would
         # be dropped on lo and retried for seconds; unrouted, connect() fails at once.
         try:
-            for cidr in await asyncio.to_thread(routing.remove_vip_routes):
+            for cidr in await asyncio.to_thread(policyroute.remove_vip_routes):
                 log.info("removed the route of the service VIP range %s", cidr)
         except CaptureError as e:
             log.error("%s", e)
@@ -498,8 +498,8 @@ class Agent:
         await self.pool.start()
         await self._start_admin()
         # (2) control plane sessions, over a channel the node certificate authenticates
-        # (nodeagent/attest.py: joins with the one-time token, or reuses stateDir/node.pem).
-        from nodeagent.attest import AttestError, NodeAttestation
+        # (nodeagent/identity/attest.py: joins with the one-time token, or reuses stateDir/node.pem).
+        from nodeagent.identity.attest import AttestError, NodeAttestation
 
         self.attestation = NodeAttestation(cfg, self.state_dir)
         try:
@@ -585,7 +585,7 @@ class Agent:
 
     def _health_monitor(self, registry: RegistrySession) -> Any:
         """Active health checks of local endpoints, reported on the registry session."""
-        from nodeagent.health import HealthMonitor, Verdict
+        from nodeagent.observe.healthprober import HealthMonitor, Verdict
         from nodemesh.v1 import mesh_pb2
 
         def report(verdicts: list[Verdict]) -> None:
@@ -597,9 +597,9 @@ class Agent:
         return HealthMonitor(report, mark=self.settings.mark)
 
     async def _start_admin(self) -> None:
-        """The admin endpoint (nodeagent/admin.py); the mesh serves without it, so a
+        """The admin endpoint (nodeagent/supervision/admin.py); the mesh serves without it, so a
         port clash is reported, not fatal."""
-        from nodeagent.admin import AdminServer
+        from nodeagent.supervision.admin import AdminServer
 
         admin = AdminServer(self, port=self.config.proxy.admin_port)
         try:

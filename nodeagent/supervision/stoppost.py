@@ -1,4 +1,4 @@
-"""`python -m nodeagent.stoppost --config FILE`: the agent unit's ExecStopPost,
+"""`python -m nodeagent.supervision.stoppost --config FILE`: the agent unit's ExecStopPost,
 kept light (no gRPC, no CLI tree): on every restart it runs between the old
 agent and the new one, so its start-up time is part of the restart. The decision itself is `nodemesh agent stop-post`
 (nodeagent/cli.py)."""
@@ -10,7 +10,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m nodeagent.stoppost")
+    ap = argparse.ArgumentParser(prog="python -m nodeagent.supervision.stoppost")
     ap.add_argument("--config", required=True)
     args = ap.parse_args(argv)
     from nodeagent.cli import _cmd_agent_stop_post

@@ -77,7 +77,7 @@ class ClusterPolicy:
     circuit_breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
     outlier: OutlierDetection | None = None
     retry_budget: RetryBudget = field(default_factory=RetryBudget)
-    health_check: HealthCheck | None = None  # run by the endpoint's own node (nodeagent/health.py)
+    health_check: HealthCheck | None = None  # run by the endpoint's own node (nodeagent/observe/healthprober.py)
     idle_timeout_s: float = 3600.0  # L4 relay: no bytes either way this long closes it (0 = never)
 
 
