@@ -165,7 +165,7 @@ def main() -> int:
         res = json.loads(out.stdout.strip().splitlines()[-1])
     finally:
         subprocess.run(["ip", "netns", "delete", ns], check=False)
-        from nodemesh.lab import cgroup2_root
+        from nodemesh.lab.harness import cgroup2_root
 
         for p in (cgroup2_root() / CGROUP.strip("/"), cgroup2_root() / "nodemesh-bench"):
             try:

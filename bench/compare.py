@@ -53,7 +53,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import peers
 from peers import PORTS
 
-from nodemesh.lab import Lab, LabError, LabWorkload, list_lab_namespaces
+from nodemesh.lab.harness import Lab, LabError, LabWorkload, list_lab_namespaces
 
 CLIENT_UID, PLAIN_UID, WEB_UID = 3001, 4000, 2001
 # Lab ids of this benchmark only: leftovers of an interrupted run are removed by

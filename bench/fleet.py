@@ -55,7 +55,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from controlplane.admincli import AdminClient
+from controlplane.adminclient import AdminClient
 from controlplane.client import ConfigClient
 from nodeagent.identity.attest import node_csr
 from nodemesh import xdsnames

@@ -122,7 +122,7 @@ async def client(host: str, rate: float, duration: float, deadline_ms: int) -> d
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from nodemesh.lab import Lab, LabWorkload
+    from nodemesh.lab.harness import Lab, LabWorkload
 
     policies = args.policies.split(",")
     rounds: list[dict[str, Any]] = []

@@ -33,7 +33,7 @@ import compare
 import peers
 from peers import PORTS
 
-from nodemesh.lab import Lab, LabError
+from nodemesh.lab.harness import Lab, LabError
 
 LAB_ID = "prof" + os.environ.get("NODEMESH_BENCH_LAB", "")[:3]
 

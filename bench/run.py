@@ -31,7 +31,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from nodemesh.lab import Lab, LabWorkload  # noqa: E402
+from nodemesh.lab.harness import Lab, LabWorkload  # noqa: E402
 
 CLIENT_UID, DIRECT_UID, WEB_UID = 3001, 4000, 2001
 BODY_1K = "x" * 1024

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import compare
 
-from nodemesh.lab import Lab, LabError
+from nodemesh.lab.harness import Lab, LabError
 
 # Its own lab id (netns names): a soak may run beside bench/compare.py or tests.
 LAB_ID = "soak" + os.environ.get("NODEMESH_BENCH_LAB", "")[:3]

@@ -45,8 +45,8 @@ def current_mesh(store: Store) -> model.MeshConfig:
     return obj
 
 
-def _stored_services(store: Store) -> dict[tuple[str, str, str], tuple[model.Service, StoredResource]]:
-    out: dict[tuple[str, str, str], tuple[model.Service, StoredResource]] = {}
+def _stored_services(store: Store) -> dict[tuple[str, str, str], tuple[model.ServiceSpec, StoredResource]]:
+    out: dict[tuple[str, str, str], tuple[model.ServiceSpec, StoredResource]] = {}
     resources, _ = store.list(model.KIND_SERVICE)
     for r in resources:
         try:
@@ -55,7 +55,7 @@ def _stored_services(store: Store) -> dict[tuple[str, str, str], tuple[model.Ser
             log.warning("stored %s %s/%s no longer validates, ignoring it: %s", r.kind, r.namespace,
                         r.name, e)
             continue
-        assert isinstance(obj, model.Service)
+        assert isinstance(obj, model.ServiceSpec)
         out[r.ref] = (obj, r)
     return out
 
@@ -78,7 +78,7 @@ class Plan:
     reported: int  # the first `reported` writes are the ones the caller asked for
 
 
-def _rollout_checks(store: Store, final: dict[tuple[str, str, str], model.Service],
+def _rollout_checks(store: Store, final: dict[tuple[str, str, str], model.ServiceSpec],
                     upserts: Sequence[model.Document], deletes: Sequence[tuple[str, str, str]],
                     workloads: Sequence[tuple[str, dict[str, str]]] | None) -> tuple[list[model.Problem],
                                                                                       dict[tuple[str, str, str], str]]:
@@ -128,12 +128,12 @@ def plan_changes(store: Store, upserts: Sequence[model.Document],
     net = mesh.vip_network
 
     stored = _stored_services(store)
-    final: dict[tuple[str, str, str], model.Service] = {ref: s for ref, (s, _) in stored.items()}
+    final: dict[tuple[str, str, str], model.ServiceSpec] = {ref: s for ref, (s, _) in stored.items()}
     for ref in deletes:
         final.pop(ref, None)
     batch_refs = set()
     for d in upserts:
-        if isinstance(d.obj, model.Service):
+        if isinstance(d.obj, model.ServiceSpec):
             final[d.ref] = d.obj
             batch_refs.add(d.ref)
     problems += model.check_services_against_mesh([final[r] for r in sorted(final)], mesh)

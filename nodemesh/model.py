@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from nodemesh import rollouts as _rollouts
-from nodemesh import routes as _routes
+from nodemesh import routespec as _routes
 from nodemesh.httpedge import DEFAULT_LIMITS, SPEC_FIELDS, HttpLimits, parse_limits
 from nodemesh.identity import IdentityError, check_trust_domain
 
@@ -25,7 +25,7 @@ KIND_MESH_CONFIG = "MeshConfig"
 KIND_PEER_AUTHENTICATION = "PeerAuthentication"  # parsed in nodemesh.security
 KIND_AUTHORIZATION_POLICY = "AuthorizationPolicy"  # parsed in nodemesh.security
 KINDS = (KIND_SERVICE, KIND_MESH_CONFIG, KIND_PEER_AUTHENTICATION, KIND_AUTHORIZATION_POLICY,
-         *_routes.ROUTE_KINDS,  # L7 kinds: parsed in nodemesh.routes
+         *_routes.ROUTE_KINDS,  # L7 kinds: parsed in nodemesh.routespec
          _rollouts.KIND_ROLLOUT)  # parsed in nodemesh.rollouts
 CLUSTER_SCOPED = frozenset({KIND_MESH_CONFIG})
 
@@ -80,7 +80,7 @@ def canonical_kind(kind: str) -> str:
 
 
 @dataclass(frozen=True)
-class ServicePort:
+class ServicePortSpec:
     port: int
     target_port: int
     protocol: str = "tcp"
@@ -88,10 +88,10 @@ class ServicePort:
 
 
 @dataclass(frozen=True)
-class Service:
+class ServiceSpec:
     name: str
     namespace: str
-    ports: tuple[ServicePort, ...]
+    ports: tuple[ServicePortSpec, ...]
     selector: tuple[tuple[str, str], ...]  # sorted (key, value) pairs
     vip: str = ""  # a fixed VIP asked for by the user; "" = allocate one
     labels: tuple[tuple[str, str], ...] = ()
@@ -167,7 +167,7 @@ class MeshConfig:
         return spec
 
 
-Object = Any  # Service | MeshConfig | nodemesh.security kinds
+Object = Any  # ServiceSpec | MeshConfig | nodemesh.security kinds
 
 
 @dataclass(frozen=True)
@@ -277,14 +277,14 @@ def _type_name(value: Any) -> str:
 
 
 def _parse_service(c: _Checker, name: str, namespace: str, labels: tuple[tuple[str, str], ...],
-                   spec_raw: Any) -> Service | None:
+                   spec_raw: Any) -> ServiceSpec | None:
     spec = c.mapping(spec_raw, "spec", ("ports", "selector", "vip"))
     if spec is None:
         return None
     if spec_raw is None:
         c.add("spec", "required")
         return None
-    ports: list[ServicePort] = []
+    ports: list[ServicePortSpec] = []
     raw_ports = spec.get("ports")
     if not isinstance(raw_ports, list) or not raw_ports:
         c.add("spec.ports", "required; must be a non-empty list of ports")
@@ -316,7 +316,7 @@ def _parse_service(c: _Checker, name: str, namespace: str, labels: tuple[tuple[s
             if pname in seen_names:
                 c.add(f"{path}.name", f"duplicate port name {pname!r} (also spec.ports[{seen_names[pname]}])")
             seen_names.setdefault(pname, i)
-        ports.append(ServicePort(port=port, target_port=target, protocol=proto or "tcp", name=pname))
+        ports.append(ServicePortSpec(port=port, target_port=target, protocol=proto or "tcp", name=pname))
     selector = c.labels(spec.get("selector"), "spec.selector", allow_empty=False)
     vip = c.string(spec.get("vip"), "spec.vip")
     if vip:
@@ -328,7 +328,7 @@ def _parse_service(c: _Checker, name: str, namespace: str, labels: tuple[tuple[s
             c.add("spec.vip", f"{vip!r} is not an IP address")
     if c.problems:
         return None
-    return Service(name=name, namespace=namespace, ports=tuple(ports), selector=selector, vip=vip,
+    return ServiceSpec(name=name, namespace=namespace, ports=tuple(ports), selector=selector, vip=vip,
                    labels=labels)
 
 
@@ -482,7 +482,7 @@ def object_from_spec(kind: str, namespace: str, name: str, spec: Mapping[str, An
     return parse_document(doc).obj
 
 
-def check_services_against_mesh(services: Sequence[Service], mesh: MeshConfig) -> list[Problem]:
+def check_services_against_mesh(services: Sequence[ServiceSpec], mesh: MeshConfig) -> list[Problem]:
     """Cross-object checks that need the MeshConfig: a fixed VIP must lie inside
     the VIP range and must not be the network or broadcast address."""
     net = mesh.vip_network

@@ -35,14 +35,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from nodemesh.routes import _C as _RouteChecker
+from nodemesh.routespec import _C as _RouteChecker
 
 KIND_ROLLOUT = "Rollout"
 ALIASES = {"rollout": KIND_ROLLOUT, "rollouts": KIND_ROLLOUT, "ro": KIND_ROLLOUT}
 
 STRATEGIES = ("Atomic", "Linear", "Steps")
 ON_FAILURE = ("Rollback", "Pause")
-# gRPC status codes by the names Gateway API and nodemesh use (nodemesh.routes.GRPC_CODES and more).
+# gRPC status codes by the names Gateway API and nodemesh use (nodemesh.routespec.GRPC_CODES and more).
 GRPC_CLASSES = {"cancelled": 1, "unknown": 2, "invalid-argument": 3, "deadline-exceeded": 4, "not-found": 5,
                 "already-exists": 6, "permission-denied": 7, "resource-exhausted": 8,
                 "failed-precondition": 9, "aborted": 10, "out-of-range": 11, "unimplemented": 12,
@@ -113,7 +113,7 @@ class Rollout:
 
 
 class _C(_RouteChecker):
-    """The routes' problem collector (nodemesh/routes.py), under this module's names,
+    """The routes' problem collector (nodemesh/routespec.py), under this module's names,
     plus flags and bounded durations."""
 
     mapping = _RouteChecker.map

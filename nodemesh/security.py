@@ -138,7 +138,7 @@ class Condition:
 
 
 @dataclass(frozen=True)
-class Rule:
+class AuthzRule:
     sources: tuple[Source, ...] = ()  # `from`: any of them; none = any source
     operations: tuple[Operation, ...] = ()  # `to`: any of them; none = any operation
     conditions: tuple[Condition, ...] = ()  # `when`: all of them
@@ -155,7 +155,7 @@ class AuthorizationPolicy:
     namespace: str
     selector: Labels = ()
     action: str = ACTION_ALLOW
-    rules: tuple[Rule, ...] = ()
+    rules: tuple[AuthzRule, ...] = ()
     labels: Labels = ()
 
     kind = KIND_AUTHORIZATION_POLICY
@@ -177,7 +177,7 @@ def _nonempty(d: dict[str, Any]) -> dict[str, Any]:
     return {k: list(v) for k, v in d.items() if v}
 
 
-def _rule_spec(r: Rule) -> dict[str, Any]:
+def _rule_spec(r: AuthzRule) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if r.sources:
         out["from"] = [{"source": _nonempty({
@@ -419,14 +419,14 @@ def _condition(c: _Checker, raw: Any, path: str) -> Condition | None:
     return Condition(key, values, not_values)
 
 
-def _rule(c: _Checker, raw: Any, path: str) -> Rule | None:
+def _rule(c: _Checker, raw: Any, path: str) -> AuthzRule | None:
     m = c.mapping(raw, path, ("from", "to", "when"))
     if m is None:
         return None
     sources = [s for p, v in _list_of_maps(c, m.get("from"), f"{path}.from") if (s := _source(c, v, p))]
     ops = [o for p, v in _list_of_maps(c, m.get("to"), f"{path}.to") if (o := _operation(c, v, p))]
     conds = [x for p, v in _list_of_maps(c, m.get("when"), f"{path}.when") if (x := _condition(c, v, p))]
-    return Rule(tuple(sources), tuple(ops), tuple(conds))
+    return AuthzRule(tuple(sources), tuple(ops), tuple(conds))
 
 
 def parse_peer_authentication(c: _Checker, name: str, namespace: str, labels: Labels,

@@ -56,7 +56,7 @@ def service_host(service: str, namespace: str, dns_domain: str) -> str:
 
 
 def cluster_name(service: str, namespace: str, port: int, dns_domain: str, subset: str = "") -> str:
-    """`subset`: '' for the whole service, else nodemesh.routes.subset_name() of its labels."""
+    """`subset`: '' for the whole service, else nodemesh.routespec.subset_name() of its labels."""
     return f"outbound|{port}|{subset}|{service_host(service, namespace, dns_domain)}"
 
 

@@ -91,7 +91,7 @@ YAML
 Description=nodemesh sample workload: the web service's replica on $name
 [Service]
 User=web
-ExecStart=/usr/bin/python3 $SRC/nodemesh/labapp.py --name web-$name --node $name --port 8080
+ExecStart=/usr/bin/python3 $SRC/nodemesh/lab/labapp.py --name web-$name --node $name --port 8080
 Restart=on-failure
 [Install]
 WantedBy=multi-user.target

@@ -36,7 +36,7 @@ _HTTP_OPTIONS_KEY = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 class ServiceEntry:
     """A service with the VIP it has (fixed by the user or allocated)."""
 
-    service: model.Service
+    service: model.ServiceSpec
     vip: str
 
 
@@ -55,7 +55,7 @@ def _struct(values: dict[str, Any]) -> struct_pb2.Struct:
     return s
 
 
-def _cluster(entry: ServiceEntry, port: model.ServicePort, dns_domain: str) -> cluster_pb2.Cluster:
+def _cluster(entry: ServiceEntry, port: model.ServicePortSpec, dns_domain: str) -> cluster_pb2.Cluster:
     svc = entry.service
     c = cluster_pb2.Cluster(
         name=xdsnames.cluster_name(svc.name, svc.namespace, port.port, dns_domain),
@@ -77,7 +77,7 @@ def _cluster(entry: ServiceEntry, port: model.ServicePort, dns_domain: str) -> c
     return c
 
 
-def _load_assignment(cluster: str, port: model.ServicePort, backends: Sequence[
+def _load_assignment(cluster: str, port: model.ServicePortSpec, backends: Sequence[
         tuple[RegisteredNode, RegisteredWorkload]], trust_domain: str) -> endpoint_pb2.ClusterLoadAssignment:
     cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=cluster)
     by_node: dict[str, list[tuple[RegisteredNode, RegisteredWorkload]]] = {}
@@ -140,7 +140,7 @@ def _member_key(node: RegisteredNode, wl: RegisteredWorkload, port: int) -> tupl
             (wl.key, port) in node.unhealthy)
 
 
-def _add_slices(assignments: dict[str, any_pb2.Any], cluster: str, port: model.ServicePort,
+def _add_slices(assignments: dict[str, any_pb2.Any], cluster: str, port: model.ServicePortSpec,
                 backends: Sequence[tuple[RegisteredNode, RegisteredWorkload]], trust_domain: str) -> None:
     """One slice per node with backends (nodemesh.xdsnames SLICE_MARK): what node
     agents subscribe to, so a change on one node sends that node's slice only."""

@@ -10,7 +10,7 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import health_check_pb2
 from google.protobuf import duration_pb2
 
-from nodemesh import healthcheck, routes
+from nodemesh import healthcheckspec, routespec
 
 
 def _dur(seconds: float) -> duration_pb2.Duration:
@@ -19,7 +19,7 @@ def _dur(seconds: float) -> duration_pb2.Duration:
     return d
 
 
-def to_proto(hc: healthcheck.HealthCheck) -> health_check_pb2.HealthCheck:
+def to_proto(hc: healthcheckspec.HealthCheck) -> health_check_pb2.HealthCheck:
     out = health_check_pb2.HealthCheck(timeout=_dur(hc.timeout_s), interval=_dur(hc.interval_s))
     if hc.jitter_s:
         out.interval_jitter.CopyFrom(_dur(hc.jitter_s))
@@ -37,11 +37,11 @@ def to_proto(hc: healthcheck.HealthCheck) -> health_check_pb2.HealthCheck:
     return out
 
 
-def apply_health_checks(cluster: cluster_pb2.Cluster, policy: routes.DestinationPolicy | None,
+def apply_health_checks(cluster: cluster_pb2.Cluster, policy: routespec.DestinationPolicy | None,
                         service_port: int) -> None:
     """Add the policy's check for this service port (if any) to the port's Cluster."""
     if policy is None:
         return
-    hc = healthcheck.for_port(policy.health_checks, service_port)
+    hc = healthcheckspec.for_port(policy.health_checks, service_port)
     if hc is not None:
         cluster.health_checks.append(to_proto(hc))

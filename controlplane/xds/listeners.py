@@ -66,7 +66,7 @@ def http_connection_manager(route_config_name: str, stat_prefix: str) -> hcm_pb2
     return hcm
 
 
-def api_listeners(mesh: model.MeshConfig, services: Sequence[model.Service]) -> dict[str, listener_pb2.Listener]:
+def api_listeners(mesh: model.MeshConfig, services: Sequence[model.ServiceSpec]) -> dict[str, listener_pb2.Listener]:
     """One API listener per HTTP-ish service port, named `<svc>.<ns>.svc.<domain>:<port>`."""
     out: dict[str, listener_pb2.Listener] = {}
     for svc in services:

@@ -25,7 +25,7 @@ from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
 from controlplane.xds import subsets
 from controlplane.xds.subsets import VersionSplit
-from nodemesh import model, routes, xdsnames
+from nodemesh import model, routespec, xdsnames
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +43,15 @@ _LB = {"PeakEwma": cluster_pb2.Cluster.ROUND_ROBIN,  # no Envoy equivalent; node
 
 @dataclass(frozen=True)
 class StoredRoute:
-    route: routes.HTTPRoute
+    route: routespec.HTTPRoute
     created_ms: int = 0  # Gateway API tie-break: the oldest route wins
 
 
-def load(store: Any) -> tuple[list[StoredRoute], list[routes.DestinationPolicy]]:
+def load(store: Any) -> tuple[list[StoredRoute], list[routespec.DestinationPolicy]]:
     """Routes and policies from the store; a stored object that no longer validates is skipped."""
     found_routes: list[StoredRoute] = []
-    policies: list[routes.DestinationPolicy] = []
-    for kind in routes.ROUTE_KINDS:
+    policies: list[routespec.DestinationPolicy] = []
+    for kind in routespec.ROUTE_KINDS:
         items, _ = store.list(kind)
         for r in items:
             try:
@@ -59,9 +59,9 @@ def load(store: Any) -> tuple[list[StoredRoute], list[routes.DestinationPolicy]]
             except model.ValidationError as e:
                 log.warning("stored %s %s/%s no longer validates, ignoring it: %s", r.kind, r.namespace, r.name, e)
                 continue
-            if isinstance(obj, routes.DestinationPolicy):
+            if isinstance(obj, routespec.DestinationPolicy):
                 policies.append(obj)
-            elif isinstance(obj, routes.HTTPRoute):
+            elif isinstance(obj, routespec.HTTPRoute):
                 found_routes.append(StoredRoute(obj, int(getattr(r, "created_unix_ms", 0) or 0)))
     return found_routes, policies
 
@@ -72,13 +72,13 @@ def _dur(seconds: float) -> duration_pb2.Duration:
     return d
 
 
-def _string_match(m: routes.StringMatch) -> string_pb2.StringMatcher:
+def _string_match(m: routespec.StringMatch) -> string_pb2.StringMatcher:
     if m.type == "RegularExpression":
         return string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=m.value))
     return string_pb2.StringMatcher(exact=m.value)
 
 
-def _match(m: routes.RouteMatch) -> rc.RouteMatch:
+def _match(m: routespec.RouteMatch) -> rc.RouteMatch:
     out = rc.RouteMatch()
     if m.path_type == "Exact":
         out.path = m.path
@@ -97,7 +97,7 @@ def _match(m: routes.RouteMatch) -> rc.RouteMatch:
     return out
 
 
-def _headers(mod: routes.HeaderModifier) -> tuple[list[base_pb2.HeaderValueOption], list[str]]:
+def _headers(mod: routespec.HeaderModifier) -> tuple[list[base_pb2.HeaderValueOption], list[str]]:
     opts = []
     for name, value in mod.set:
         opts.append(base_pb2.HeaderValueOption(
@@ -115,7 +115,7 @@ def _percent(p: float) -> percent_pb2.FractionalPercent:
                                          denominator=percent_pb2.FractionalPercent.MILLION)
 
 
-def _fault(f: routes.Fault) -> any_pb2.Any:
+def _fault(f: routespec.Fault) -> any_pb2.Any:
     msg = fault_pb2.HTTPFault()
     if f.delay_s:
         msg.delay.fixed_delay.CopyFrom(_dur(f.delay_s))
@@ -131,7 +131,7 @@ def _fault(f: routes.Fault) -> any_pb2.Any:
     return a
 
 
-def _retry(r: routes.Retry, per_try_s: float) -> rc.RetryPolicy:
+def _retry(r: routespec.Retry, per_try_s: float) -> rc.RetryPolicy:
     pol = rc.RetryPolicy(retry_on=",".join((*r.retry_on, *r.grpc_retry_on)),
                          retriable_status_codes=list(r.codes))
     pol.num_retries.value = max(0, r.attempts - 1)
@@ -142,7 +142,7 @@ def _retry(r: routes.Retry, per_try_s: float) -> rc.RetryPolicy:
     return pol
 
 
-def _precedence(sr: StoredRoute, rule_i: int, m: routes.RouteMatch) -> tuple[Any, ...]:
+def _precedence(sr: StoredRoute, rule_i: int, m: routespec.RouteMatch) -> tuple[Any, ...]:
     """Gateway API: exact path, then longest prefix, then method, then most header
     matches, then most query matches; ties go to the oldest route, then by name."""
     kind_rank = {"Exact": 0, "PathPrefix": 1, "RegularExpression": 2}[m.path_type]
@@ -150,8 +150,8 @@ def _precedence(sr: StoredRoute, rule_i: int, m: routes.RouteMatch) -> tuple[Any
             -len(m.headers), -len(m.query), sr.created_ms, sr.route.namespace, sr.route.name, rule_i)
 
 
-def _targets(backends: Sequence[routes.BackendRef], namespace: str, parent_port: int, dns: str,
-             splits: dict[str, tuple[model.Service, VersionSplit]]) -> list[tuple[str, int]]:
+def _targets(backends: Sequence[routespec.BackendRef], namespace: str, parent_port: int, dns: str,
+             splits: dict[str, tuple[model.ServiceSpec, VersionSplit]]) -> list[tuple[str, int]]:
     """(cluster, weight) per backend. A backend that is a whole service under a
     Rollout becomes that Rollout's weighted version subsets (weights scaled by 100
     so the other backends keep their share); an explicit subset is its subset cluster."""
@@ -164,7 +164,7 @@ def _targets(backends: Sequence[routes.BackendRef], namespace: str, parent_port:
         if hit is not None and not b.subset:
             out += subsets.split_targets(hit[1], hit[0], port, dns, b.weight)
             continue
-        name = xdsnames.cluster_name(b.service, namespace, port, dns, routes.subset_name(b.subset))
+        name = xdsnames.cluster_name(b.service, namespace, port, dns, routespec.subset_name(b.subset))
         out.append((name, b.weight * scale))
     merged: dict[str, int] = {}
     for n, w in out:
@@ -180,8 +180,8 @@ def _set_targets(act: rc.RouteAction, targets: Sequence[tuple[str, int]]) -> Non
         act.weighted_clusters.clusters.add(name=n, weight=wrappers_pb2.UInt32Value(value=w))
 
 
-def _route(sr: StoredRoute, rule_i: int, match_i: int, rule: routes.Rule, m: routes.RouteMatch,
-           parent_port: int, dns: str, splits: dict[str, tuple[model.Service, VersionSplit]]) -> rc.Route:
+def _route(sr: StoredRoute, rule_i: int, match_i: int, rule: routespec.RouteRule, m: routespec.RouteMatch,
+           parent_port: int, dns: str, splits: dict[str, tuple[model.ServiceSpec, VersionSplit]]) -> rc.Route:
     r = sr.route
     out = rc.Route(name=f"{r.kind}/{r.namespace}/{r.name}/rule{rule_i}/match{match_i}", match=_match(m))
     if rule.request_headers:
@@ -243,7 +243,7 @@ def _route(sr: StoredRoute, rule_i: int, match_i: int, rule: routes.Rule, m: rou
     return out
 
 
-def route_configurations(mesh: model.MeshConfig, services: Sequence[model.Service],
+def route_configurations(mesh: model.MeshConfig, services: Sequence[model.ServiceSpec],
                          stored: Sequence[StoredRoute],
                          splits: Sequence[VersionSplit] = ()) -> dict[str, route_pb2.RouteConfiguration]:
     """One RouteConfiguration per HTTP-ish port of every service. Without an
@@ -295,10 +295,10 @@ def route_configurations(mesh: model.MeshConfig, services: Sequence[model.Servic
     return out
 
 
-def apply_policy(cluster: cluster_pb2.Cluster, policy: routes.DestinationPolicy | None) -> None:
+def apply_policy(cluster: cluster_pb2.Cluster, policy: routespec.DestinationPolicy | None) -> None:
     """Write a DestinationPolicy onto a service port's Cluster (standard fields,
     plus nodemesh metadata for what Envoy has no field for)."""
-    p = policy or routes.DestinationPolicy("", "", "")
+    p = policy or routespec.DestinationPolicy("", "", "")
     lb = p.load_balancer
     cluster.lb_policy = _LB[lb.policy]
     cb = p.circuit_breaker
@@ -330,7 +330,7 @@ def apply_policy(cluster: cluster_pb2.Cluster, policy: routes.DestinationPolicy 
     })
 
 
-def policy_for(policies: Sequence[routes.DestinationPolicy], svc: model.Service) -> routes.DestinationPolicy | None:
+def policy_for(policies: Sequence[routespec.DestinationPolicy], svc: model.ServiceSpec) -> routespec.DestinationPolicy | None:
     """The policy targeting the service; with several, the first by name (documented)."""
     matching = sorted((p for p in policies if p.namespace == svc.namespace and p.service == svc.name),
                       key=lambda p: p.name)

@@ -16,7 +16,7 @@ from typing import Any
 
 from envoy.config.cluster.v3 import cluster_pb2
 
-from nodemesh import model, routes, xdsnames
+from nodemesh import model, routespec, xdsnames
 
 Subset = tuple[tuple[str, str], ...]  # sorted (label, value) pairs
 
@@ -39,7 +39,7 @@ class VersionSplit:
         return labels.get(self.label) in self.retired
 
 
-def split_for(splits: Sequence[VersionSplit], svc: model.Service) -> VersionSplit | None:
+def split_for(splits: Sequence[VersionSplit], svc: model.ServiceSpec) -> VersionSplit | None:
     return next((s for s in splits if s.service == svc.key), None)
 
 
@@ -47,7 +47,7 @@ def matches(subset: Subset, labels: Mapping[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in subset)
 
 
-def needed_subsets(services: Sequence[model.Service], stored_routes: Iterable[Any],
+def needed_subsets(services: Sequence[model.ServiceSpec], stored_routes: Iterable[Any],
                    splits: Sequence[VersionSplit]) -> dict[str, set[Subset]]:
     """Service key -> subsets some route's backendRef or some Rollout refers to."""
     out: dict[str, set[Subset]] = {}
@@ -65,19 +65,19 @@ def needed_subsets(services: Sequence[model.Service], stored_routes: Iterable[An
     return out
 
 
-def subset_cluster(base: cluster_pb2.Cluster, svc: model.Service, port: model.ServicePort, subset: Subset,
+def subset_cluster(base: cluster_pb2.Cluster, svc: model.ServiceSpec, port: model.ServicePortSpec, subset: Subset,
                    dns_domain: str) -> cluster_pb2.Cluster:
     """The port's cluster (policy and all) renamed for one subset."""
     c = cluster_pb2.Cluster()
     c.CopyFrom(base)
-    name = routes.subset_name(subset)
+    name = routespec.subset_name(subset)
     c.name = xdsnames.cluster_name(svc.name, svc.namespace, port.port, dns_domain, name)
     c.metadata.filter_metadata[xdsnames.METADATA_KEY].update({"subset": name})
     return c
 
 
-def split_targets(split: VersionSplit, svc: model.Service, port: int, dns_domain: str,
+def split_targets(split: VersionSplit, svc: model.ServiceSpec, port: int, dns_domain: str,
                   scale: int = 1) -> list[tuple[str, int]]:
     """The weighted subset clusters that replace the whole service in a route."""
-    return [(xdsnames.cluster_name(svc.name, svc.namespace, port, dns_domain, routes.subset_name(((split.label, v),))),
+    return [(xdsnames.cluster_name(svc.name, svc.namespace, port, dns_domain, routespec.subset_name(((split.label, v),))),
              w * scale) for v, w in split.weights if w > 0]

@@ -24,7 +24,7 @@ from validate import validate_pb2
 
 from controlplane.xds import routes as xds_routes
 from controlplane.xds.build import ServiceEntry, _cluster
-from nodemesh import model, routes
+from nodemesh import model, routespec
 
 _WRAPPERS = {"google.protobuf.UInt32Value", "google.protobuf.Int32Value", "google.protobuf.UInt64Value",
              "google.protobuf.Int64Value", "google.protobuf.DoubleValue", "google.protobuf.FloatValue",
@@ -147,7 +147,7 @@ def violations(msg: Message, path: str = "", out: list[str] | None = None) -> li
     return out
 
 
-def check_l7(mesh: model.MeshConfig, services: Sequence[model.Service],
+def check_l7(mesh: model.MeshConfig, services: Sequence[model.ServiceSpec],
              docs: Sequence[model.Document]) -> list[model.Problem]:
     """The routes and destination policies among `docs`, translated against
     `services` as the control plane will, each checked for what Envoy (and so
@@ -156,7 +156,7 @@ def check_l7(mesh: model.MeshConfig, services: Sequence[model.Service],
     for d in docs:
         obj = d.obj
         found: list[str] = []
-        if isinstance(obj, routes.DestinationPolicy):
+        if isinstance(obj, routespec.DestinationPolicy):
             for svc in services:
                 if svc.namespace != obj.namespace or svc.name != obj.service:
                     continue
@@ -164,7 +164,7 @@ def check_l7(mesh: model.MeshConfig, services: Sequence[model.Service],
                     c = _cluster(ServiceEntry(svc, ""), port, mesh.dns_domain)
                     xds_routes.apply_policy(c, obj)
                     found += [f"Cluster {c.name}: {v}" for v in violations(c)]
-        elif isinstance(obj, routes.HTTPRoute):
+        elif isinstance(obj, routespec.HTTPRoute):
             for name, rcfg in xds_routes.route_configurations(
                     mesh, services, [xds_routes.StoredRoute(obj)]).items():
                 found += [f"RouteConfiguration {name}: {v}" for v in violations(rcfg)]

@@ -3,15 +3,15 @@ from RouteConfiguration) and per-cluster traffic policy (from Cluster). Frozen,
 built once by nodeagent.xds.l7convert; the proxy never sees protobufs.
 
 Match, filter and policy leaves reuse the config model's frozen types
-(nodemesh.routes), since they mean the same thing on both sides.
+(nodemesh.routespec), since they mean the same thing on both sides.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from nodemesh.healthcheck import HealthCheck
-from nodemesh.routes import (
+from nodemesh.healthcheckspec import HealthCheck
+from nodemesh.routespec import (
     CircuitBreaker,
     Fault,
     HeaderModifier,

@@ -33,7 +33,7 @@ import h11
 from nodeagent.meshview.snapshot import Snapshot
 from nodeagent.observe import meshmetrics
 from nodeagent.proxy.netutil import set_mark
-from nodemesh.healthcheck import HealthCheck
+from nodemesh.healthcheckspec import HealthCheck
 
 log = logging.getLogger(__name__)
 

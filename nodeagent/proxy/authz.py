@@ -31,10 +31,10 @@ from nodemesh.security import (
     MTLS_STRICT,
     MTLS_UNSET,
     AuthorizationPolicy,
+    AuthzRule,
     Condition,
     Operation,
     PeerAuthentication,
-    Rule,
     SecurityPolicies,
     Source,
     selects,
@@ -242,14 +242,14 @@ def _condition_match(c: Condition, f: RequestFacts) -> bool:
     return (not c.values or _any_wild(c.values, value)) and not (c.not_values and _any_wild(c.not_values, value))
 
 
-def rule_matches(rule: Rule, f: RequestFacts, action: str) -> bool:
+def rule_matches(rule: AuthzRule, f: RequestFacts, action: str) -> bool:
     """Whether `rule` matches; an HTTP-only rule at L4 matches only for DENY and
     AUDIT (fail closed), never for ALLOW."""
     if f.http is None and rule.http_only:
         if action == ACTION_ALLOW:
             return False
         # Decide on the L4 parts alone: drop the HTTP-only fields.
-        rule = Rule(rule.sources,
+        rule = AuthzRule(rule.sources,
                     tuple(Operation(ports=o.ports, not_ports=o.not_ports) for o in rule.operations),
                     tuple(c for c in rule.conditions if not c.header))
     if rule.sources and not any(_source_match(s, f) for s in rule.sources):

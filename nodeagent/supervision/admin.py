@@ -50,7 +50,7 @@ Response = tuple[int, str, bytes]  # status, content type, body
 
 
 def snapshot_dump(snapshot: Snapshot | None) -> dict[str, Any]:
-    """The snapshot as plain JSON-able data (nodemesh.cli_observe rebuilds it for explain)."""
+    """The snapshot as plain JSON-able data (nodemesh.cli.observecmds rebuilds it for explain)."""
     if snapshot is None:
         return {"version": "", "node": "", "services": [], "workloads": [], "local_workloads": [], "mesh": {}}
     d = {f.name: getattr(snapshot, f.name) for f in dataclasses.fields(snapshot) if f.compare}

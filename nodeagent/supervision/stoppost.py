@@ -1,7 +1,7 @@
 """`python -m nodeagent.supervision.stoppost --config FILE`: the agent unit's ExecStopPost,
 kept light (no gRPC, no CLI tree): on every restart it runs between the old
 agent and the new one, so its start-up time is part of the restart. The decision itself is `nodemesh agent stop-post`
-(nodeagent/cli.py)."""
+(nodeagent/capture/removal.py)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m nodeagent.supervision.stoppost")
     ap.add_argument("--config", required=True)
     args = ap.parse_args(argv)
-    from nodeagent.cli import _cmd_agent_stop_post
+    from nodeagent.capture.removal import after_agent_stop
 
-    return _cmd_agent_stop_post(args)
+    return after_agent_stop(args.config)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from nodeagent.meshview.snapshot import (
     Workload,
 )
 from nodeagent.xds import l7convert
-from nodemesh import routes, security, xdsnames
+from nodemesh import routespec, security, xdsnames
 from nodemesh.identity import Identity, IdentityError, check_dns_label
 from nodemesh.v1 import mesh_pb2
 
@@ -210,7 +210,7 @@ def convert_cluster(msg: cluster_pb2.Cluster) -> ClusterInfo:
     subset = _meta_str(meta, "subset", "cluster", required=False)
     if subset:
         try:
-            subset = routes.subset_name(routes.parse_subset_name(subset))
+            subset = routespec.subset_name(routespec.parse_subset_name(subset))
         except ValueError as e:
             raise ResourceError(str(e)) from None
     prefix = f"outbound|{port}|{subset}|{service}.{namespace}.svc."
@@ -487,7 +487,7 @@ def build_snapshot(version: str, node: str, local_workloads: Sequence[LocalWorkl
 def _subset_endpoints(endpoints: Sequence[Endpoint], subset: str,
                       labels_of: Mapping[str, Mapping[str, str]]) -> tuple[Endpoint, ...]:
     try:
-        want = routes.parse_subset_name(subset)
+        want = routespec.parse_subset_name(subset)
     except ValueError:
         return ()
     return tuple(e for e in endpoints if all(labels_of.get(e.workload, {}).get(k) == v for k, v in want))

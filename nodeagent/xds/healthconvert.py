@@ -1,5 +1,5 @@
 """Cluster.health_checks (standard Envoy HealthCheck) into the frozen
-nodemesh.healthcheck.HealthCheck the agent's health monitor runs. A field
+nodemesh.healthcheckspec.HealthCheck the agent's health monitor runs. A field
 nodemesh does not implement is refused by name (that becomes the NACK)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import health_check_pb2
 from google.protobuf import duration_pb2
 
-from nodemesh.healthcheck import HealthCheck
+from nodemesh.healthcheckspec import HealthCheck
 
 
 class HealthCheckError(ValueError):

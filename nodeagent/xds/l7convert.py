@@ -19,7 +19,7 @@ from google.protobuf import duration_pb2
 
 from nodeagent.meshview.l7snapshot import ClusterPolicy, MirrorTo, PathRewrite, RouteEntry, RouteTable, WeightedCluster
 from nodeagent.xds.healthconvert import HealthCheckError, cluster_health_check
-from nodemesh import routes as m
+from nodemesh import routespec as m
 
 FAULT_FILTER = "envoy.filters.http.fault"
 L7_METADATA_KEY = "nodemesh.l7"

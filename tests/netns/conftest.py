@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from nodemesh.lab import LAB_BINDINGS, Lab, LabWorkload
+from nodemesh.lab.harness import LAB_BINDINGS, Lab, LabWorkload
 from tests.conftest import require_root, require_tool
 
 BASE_CONFIG = f"""\

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from nodemesh.lab import Lab, LabWorkload
+from nodemesh.lab.harness import Lab, LabWorkload
 from tests.netns.conftest import BASE_CONFIG, CLIENT_UID, WEB_UID
 
 pytestmark = pytest.mark.netns
@@ -114,7 +114,7 @@ def leftovers(lab: Lab, k: int) -> list[str]:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_capture_open(lab: Lab, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # Node 2 serves a plain listener that node 1 excludes from capture.
-    lab.spawn("plain-2", lab.node_ns(2), [sys.executable, "-m", "nodemesh.labapp", "--name", "plain",
+    lab.spawn("plain-2", lab.node_ns(2), [sys.executable, "-m", "nodemesh.lab.labapp", "--name", "plain",
                                           "--node", "node-2", "--port", "9090"])
     start(lab, backend, "open", monkeypatch, exclude=[f"{lab.node_ip(2)}/32"])
     st = lab.agent_status(1)

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from nodemesh.lab import Lab, LabWorkload
+from nodemesh.lab.harness import Lab, LabWorkload
 from tests.netns.conftest import BASE_CONFIG, CLIENT_UID, WEB_UID
 
 pytestmark = pytest.mark.netns
@@ -146,7 +146,7 @@ def map_ids(lab: Lab, k: int) -> list[int]:
 
 
 def lab_cgroup_path(cgroup: str) -> str:
-    from nodemesh.lab import cgroup2_root
+    from nodemesh.lab.harness import cgroup2_root
 
     return str(cgroup2_root() / cgroup.strip("/"))
 

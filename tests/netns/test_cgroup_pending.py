@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from nodemesh.lab import Lab, LabWorkload, cgroup2_root
+from nodemesh.lab.harness import Lab, LabWorkload, cgroup2_root
 from tests.netns.conftest import CLIENT_UID, base_mesh
 
 LATE = "nodemesh-test-late"

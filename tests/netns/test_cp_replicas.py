@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 
-from controlplane.admincli import AdminClient
+from controlplane.adminclient import AdminClient
 from controlplane.client import Credentials
 from controlplane.etcd_client import make_etcd_certs, single_member_argv
-from nodemesh.lab import LAB_BINDINGS, Lab, LabWorkload
+from nodemesh.lab.harness import LAB_BINDINGS, Lab, LabWorkload
 from tests.conftest import require_tool
 from tests.netns.test_health import HEALTH_POLICY, endpoint_health
 from tests.netns.test_security_ca import make_operator_ca

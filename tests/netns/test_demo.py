@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from nodemesh.demo import DEMO_LAB_ID
-from nodemesh.lab import NETNS_PREFIX, list_lab_namespaces
+from nodemesh.lab.demo import DEMO_LAB_ID
+from nodemesh.lab.harness import NETNS_PREFIX, list_lab_namespaces
 from tests.conftest import require_root, require_tool
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -146,7 +146,7 @@ if __name__ == "__main__":
 
 # ------------------------------------------------------------------ the test
 
-from nodemesh.lab import Lab, LabWorkload
+from nodemesh.lab.harness import Lab, LabWorkload
 from tests.conftest import require_root, require_tool
 from tests.netns.conftest import BASE_CONFIG, CLIENT_UID, WEB_UID
 

@@ -12,7 +12,7 @@ import time
 import psutil
 import pytest
 
-from nodemesh.lab import Lab
+from nodemesh.lab.harness import Lab
 from tests.netns.conftest import CLIENT_UID
 
 pytestmark = pytest.mark.netns

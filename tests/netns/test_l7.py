@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from nodemesh.lab import Lab, LabWorkload
+from nodemesh.lab.harness import Lab, LabWorkload
 from tests.netns.conftest import BASE_CONFIG, CLIENT_UID
 
 pytestmark = pytest.mark.netns

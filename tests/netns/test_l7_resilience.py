@@ -2,7 +2,7 @@
 them): a retry budget stopping a retry storm, a deadline failing fast, a
 breaker opening and closing, an outlier ejected and readmitted, mirroring that
 never slows the original, and fault injection measured over many requests.
-The backends are the lab app with its failure knobs (nodemesh/labapp.py)."""
+The backends are the lab app with its failure knobs (nodemesh/lab/labapp.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from nodemesh.lab import Lab, LabWorkload
+from nodemesh.lab.harness import Lab, LabWorkload
 from tests.netns.conftest import BASE_CONFIG, CLIENT_UID
 
 pytestmark = pytest.mark.netns

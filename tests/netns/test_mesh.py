@@ -9,8 +9,8 @@ import uuid
 
 import pytest
 
-from nodemesh.demo import pcap_summary
-from nodemesh.lab import Lab, LabWorkload
+from nodemesh.lab.demo import pcap_summary
+from nodemesh.lab.harness import Lab, LabWorkload
 from tests.netns.conftest import BASE_CONFIG, CLIENT_UID, WEB_UID
 
 pytestmark = pytest.mark.netns

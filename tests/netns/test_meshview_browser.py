@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from nodemesh.lab import Lab
+from nodemesh.lab.harness import Lab
 from tests.conftest import require_tool
 from tests.netns.conftest import CLIENT_UID
 from tests.netns.test_observability import traced  # noqa: F401 - the fixture (conftest layout, REDIRECT inbound)

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from nodeagent.observe.meshmetrics import parse, select
-from nodemesh.lab import Lab, LabWorkload
+from nodemesh.lab.harness import Lab, LabWorkload
 from tests.netns.conftest import BASE_CONFIG, CLIENT_UID, WEB_UID
 
 pytestmark = pytest.mark.netns

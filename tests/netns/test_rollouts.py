@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from nodemesh.lab import Lab, LabWorkload
+from nodemesh.lab.harness import Lab, LabWorkload
 from tests.netns.conftest import BASE_CONFIG, CLIENT_UID
 
 pytestmark = pytest.mark.netns

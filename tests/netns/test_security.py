@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from nodemesh.lab import LAB_BINDINGS, Lab
+from nodemesh.lab.harness import LAB_BINDINGS, Lab
 from tests.netns.conftest import CLIENT_UID
 
 pytestmark = pytest.mark.netns

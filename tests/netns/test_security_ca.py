@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from nodemesh.lab import Lab, LabWorkload
+from nodemesh.lab.harness import Lab, LabWorkload
 from tests.netns.conftest import BASE_CONFIG, CLIENT_UID, WEB_UID
 
 pytestmark = pytest.mark.netns

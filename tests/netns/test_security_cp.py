@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from nodemesh.lab import Lab
+from nodemesh.lab.harness import Lab
 from tests.netns.conftest import BASE_CONFIG, CLIENT_UID
 from tests.netns.test_cert_renewal import KEEPALIVE_CLIENT
 

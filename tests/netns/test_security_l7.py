@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from nodemesh.lab import Lab
+from nodemesh.lab.harness import Lab
 from tests.netns.conftest import CLIENT_UID
 
 pytestmark = pytest.mark.netns

@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from nodemesh.lab import Lab, LabWorkload
+from nodemesh.lab.harness import Lab, LabWorkload
 from tests.netns.conftest import BASE_CONFIG, CLIENT_UID, WEB_UID
 from tests.netns.test_security_cp import cli, py
 

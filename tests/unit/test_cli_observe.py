@@ -19,7 +19,7 @@ from nodeagent.meshview.snapshot import Endpoint, LocalWorkload, MeshSettings, S
 from nodeagent.observe import meshmetrics
 from nodeagent.supervision.admin import AdminServer, summarize
 from nodeagent.supervision.settings import ProxySettings
-from nodemesh import cli_observe
+from nodemesh.cli import observecmds
 from nodemesh.prom import Registry, parse, select
 
 WEB = "spiffe://td/ns/default/sa/web"
@@ -50,7 +50,7 @@ def test_explain_service_by_name_lists_candidates_and_paths() -> None:
     assert by["10.0.0.2:8080"]["cost"] == 4.0 and "HBONE" in by["10.0.0.2:8080"]["path"]
     assert by["10.0.0.1:8080"]["path"].startswith("same node")
     assert "lowest cost now: 10.0.0.2:8080" in x["choice"]
-    assert "client" in cli_observe.human_explain(x)
+    assert "client" in observecmds.human_explain(x)
 
 
 def test_explain_errors_name_the_argument() -> None:
@@ -162,9 +162,9 @@ def test_summarize_and_top_rates() -> None:
     s0 = json.loads(json.dumps(s1))
     s0["time_unix"] -= 2
     s0["edges"][0]["requests"] = 4
-    rows = cli_observe.top_rows(s0, s1)
+    rows = observecmds.top_rows(s0, s1)
     assert rows[0]["request_rate"] == 3.0
-    assert "3.00/s" in cli_observe.human_top(rows)
+    assert "3.00/s" in observecmds.human_top(rows)
 
 
 def test_mesh_telemetry_graph_edges_and_rates() -> None:
@@ -224,9 +224,9 @@ def test_push_latency_is_timed_from_the_send_to_the_ack() -> None:
 
 
 def test_tables_and_completion() -> None:
-    out = cli_observe.table(("A", "LONGER"), [("x", None), ("yy", 3)])
+    out = observecmds.table(("A", "LONGER"), [("x", None), ("yy", 3)])
     assert out.splitlines() == ["A   LONGER", "x   -", "yy  3"]
     from nodemesh.cli import build_parser
 
-    script = cli_observe.bash_completion(build_parser())
+    script = observecmds.bash_completion(build_parser())
     assert "complete -F _nodemesh nodemesh" in script and '"") words="' in script and "explain" in script

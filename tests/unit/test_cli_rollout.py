@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nodemesh.cli_rollout import progress_bar, render_status
+from nodemesh.cli.rolloutcmds import progress_bar, render_status
 
 SPEC: dict[str, Any] = {"service": "web", "stable": "v1", "candidate": "v2",
                         "strategy": {"type": "Steps", "steps": [5, 25, 100], "pause": "30s"},

@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 import pytest
 
-from controlplane.admincli import AdminClient
+from controlplane.adminclient import AdminClient
 from controlplane.auth import NODE, OPEN, RO, RW, Caller, Operators, allows, refusal
 from controlplane.client import ClientError, Credentials
 from controlplane.server import ControlPlaneSettings, start

@@ -94,8 +94,8 @@ def test_inconsistent_snapshot_is_refused() -> None:
 # ---------------------------------------------------------------- build
 
 
-def service(name: str = "web", ns: str = "shop", target: int = 8080, protocol: str = "http") -> model.Service:
-    return model.Service(name=name, namespace=ns, ports=(model.ServicePort(80, target, protocol, "http"),),
+def service(name: str = "web", ns: str = "shop", target: int = 8080, protocol: str = "http") -> model.ServiceSpec:
+    return model.ServiceSpec(name=name, namespace=ns, ports=(model.ServicePortSpec(80, target, protocol, "http"),),
                          selector=(("app", name),))
 
 

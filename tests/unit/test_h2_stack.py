@@ -27,7 +27,7 @@ from nodeagent.proxy.http.stack import runtime_of
 from nodeagent.proxy.proxy import NodeProxy
 from nodeagent.proxy.testca import TestCA
 from nodeagent.supervision.settings import ProxySettings
-from nodemesh.routes import LoadBalancer, Retry, RouteMatch
+from nodemesh.routespec import LoadBalancer, Retry, RouteMatch
 
 RR = ClusterPolicy(load_balancer=LoadBalancer(policy="RoundRobin"))  # every replica gets its turn
 

@@ -25,8 +25,9 @@ from nodeagent.observe import healthprober
 from nodeagent.proxy.plan import plan_outbound
 from nodeagent.registry import RegistrySession
 from nodeagent.xds import convert, l7convert
-from nodemesh import labapp, model, xdsnames
-from nodemesh.healthcheck import HealthCheck
+from nodemesh import model, xdsnames
+from nodemesh.healthcheckspec import HealthCheck
+from nodemesh.lab import labapp
 from nodemesh.v1 import mesh_pb2, mesh_pb2_grpc
 
 POLICY = """\
@@ -95,7 +96,7 @@ def test_bad_health_checks_name_the_field(checks: str, expect: str) -> None:
 def _snapshot_resources(nodes: Any = ()) -> tuple[dict[str, cluster_pb2.Cluster],
                                                  dict[str, endpoint_pb2.ClusterLoadAssignment]]:
     docs = model.parse_documents(POLICY)
-    svcs = [d.obj for d in docs if isinstance(d.obj, model.Service)]
+    svcs = [d.obj for d in docs if isinstance(d.obj, model.ServiceSpec)]
     pols = [d.obj for d in docs if d.kind == "DestinationPolicy"]
     snap = build_snapshot(model.MeshConfig(), [ServiceEntry(s, "240.240.0.9") for s in svcs], list(nodes), [],
                           l7=([], pols))

@@ -14,7 +14,7 @@ from nodeagent.proxy.http.outlier import OutlierDetector
 from nodeagent.proxy.http.retry import Outcome, RetryBudgetTracker, backoff, retryable
 from nodeagent.proxy.http.timeout import Deadline, format_grpc_timeout, incoming_budget, parse_grpc_timeout
 from nodeagent.proxy.loadbalance import Maglev, RingHash, RoundRobin, locality_tier
-from nodemesh.routes import CircuitBreaker, OutlierDetection, Redirect, Retry, RetryBudget, RouteMatch
+from nodemesh.routespec import CircuitBreaker, OutlierDetection, Redirect, Retry, RetryBudget, RouteMatch
 
 
 class Clock:
@@ -156,7 +156,7 @@ def test_admit_retry_gates_in_order_deadline_budget_breaker() -> None:
     import random as _random
 
     from nodeagent.proxy.http.retry import admit_retry
-    from nodemesh.routes import Retry as _Retry
+    from nodemesh.routespec import Retry as _Retry
 
     class Dl:
         def __init__(self, rem: float | None) -> None:

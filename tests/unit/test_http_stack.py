@@ -17,7 +17,7 @@ from nodeagent.proxy.accesslog import AccessLog
 from nodeagent.proxy.proxy import NodeProxy
 from nodeagent.proxy.testca import TestCA
 from nodeagent.supervision.settings import ProxySettings
-from nodemesh.routes import (
+from nodemesh.routespec import (
     CircuitBreaker,
     Fault,
     OutlierDetection,
@@ -262,7 +262,7 @@ def test_outlier_ejects_failing_replica() -> None:
 
 
 def test_redirect_fault_and_header_filters() -> None:
-    from nodemesh.routes import HeaderModifier
+    from nodemesh.routespec import HeaderModifier
     table = RouteTable(CL_WEB, (
         entry(name="old", match=RouteMatch("Exact", "/old"),
               redirect=Redirect(path_type="ReplaceFullPath", path="/new", status_code=301), clusters=()),

@@ -38,7 +38,7 @@ spec:
 
 def _build() -> tuple[dict[str, route_pb2.RouteConfiguration], dict[str, cluster_pb2.Cluster]]:
     docs = model.parse_documents(SERVICES + "---\n" + ROUTE)
-    svcs = [d.obj for d in docs if isinstance(d.obj, model.Service)]
+    svcs = [d.obj for d in docs if isinstance(d.obj, model.ServiceSpec)]
     rts = [xr.StoredRoute(d.obj) for d in docs if d.kind == "HTTPRoute"]
     pols = [d.obj for d in docs if d.kind == "DestinationPolicy"]
     snap = build_snapshot(model.MeshConfig(), [ServiceEntry(s, "") for s in svcs], [], [], l7=(rts, pols))

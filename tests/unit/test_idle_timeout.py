@@ -16,7 +16,7 @@ from controlplane.xds.routes import apply_policy
 from nodeagent.proxy.accesslog import AccessLog
 from nodeagent.proxy.relay import Session, TcpEnd
 from nodeagent.xds import l7convert
-from nodemesh import model, routes
+from nodemesh import model, routespec
 
 
 class _Relay:
@@ -109,7 +109,7 @@ spec:
 
 def test_policy_field_travels_through_the_cluster() -> None:
     p = model.parse_documents(POLICY)[0].obj
-    assert isinstance(p, routes.DestinationPolicy) and p.idle_timeout_s == 90.0
+    assert isinstance(p, routespec.DestinationPolicy) and p.idle_timeout_s == 90.0
     c = cluster_pb2.Cluster(name="outbound|5432||db.default.svc.mesh")
     apply_policy(c, p)
     assert c.common_http_protocol_options.idle_timeout.seconds == 90

@@ -310,7 +310,7 @@ def test_l7_state_sets_scrape_time_gauges_and_admin_sees_ejections() -> None:
     from nodeagent.observe.telemetry import l7_state
     from nodeagent.proxy.http.retry import Outcome
     from nodeagent.proxy.http.stack import runtime_of
-    from nodemesh.routes import OutlierDetection
+    from nodemesh.routespec import OutlierDetection
 
     meshmetrics.REGISTRY.reset()
     proxy = _FakeProxy(_http_snapshot())

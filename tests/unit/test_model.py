@@ -31,9 +31,9 @@ def problems(text: str) -> list[tuple[str, str]]:
 def test_service_parses_with_defaults() -> None:
     [doc] = model.parse_documents(GOOD)
     s = doc.obj
-    assert isinstance(s, model.Service)
+    assert isinstance(s, model.ServiceSpec)
     assert (doc.kind, doc.namespace, doc.name) == ("Service", "default", "web")
-    assert s.ports == (model.ServicePort(80, 8080, "http", "http"), model.ServicePort(9000, 9000, "tcp", ""))
+    assert s.ports == (model.ServicePortSpec(80, 8080, "http", "http"), model.ServicePortSpec(9000, 9000, "tcp", ""))
     assert s.selector == (("app", "web"), ("tier", "front"))
     assert s.vip == ""
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -167,15 +167,15 @@ def test_duplicate_object_in_one_batch_is_refused() -> None:
 
 def test_fixed_vip_checked_against_mesh_range() -> None:
     [doc] = model.parse_documents(svc("ports: [{port: 80}]\nselector: {app: web}\nvip: 10.0.0.5"))
-    assert isinstance(doc.obj, model.Service)
+    assert isinstance(doc.obj, model.ServiceSpec)
     found = model.check_services_against_mesh([doc.obj], model.MeshConfig())
     assert found[0][0] == "Service default/web: spec.vip"
     assert "outside the mesh VIP range 240.240.0.0/16" in found[0][1]
     [doc] = model.parse_documents(svc("ports: [{port: 80}]\nselector: {app: web}\nvip: 240.240.0.0"))
-    assert isinstance(doc.obj, model.Service)
+    assert isinstance(doc.obj, model.ServiceSpec)
     assert "network or broadcast" in model.check_services_against_mesh([doc.obj], model.MeshConfig())[0][1]
     [doc] = model.parse_documents(svc("ports: [{port: 80}]\nselector: {app: web}\nvip: 240.240.1.1"))
-    assert isinstance(doc.obj, model.Service)
+    assert isinstance(doc.obj, model.ServiceSpec)
     assert model.check_services_against_mesh([doc.obj], model.MeshConfig()) == []
 
 

@@ -65,7 +65,7 @@ DB = xdsnames.cluster_name("db", "default", 5432, "mesh")
 
 def _snap(splits: list[VersionSplit], with_route: bool = False, nodes: list[RegisteredNode] = NODES) -> XdsSnapshot:
     docs = model.parse_documents(CONFIG + (ROUTE if with_route else ""))
-    svcs = [ServiceEntry(d.obj, f"240.240.0.{i + 1}") for i, d in enumerate(docs) if isinstance(d.obj, model.Service)]
+    svcs = [ServiceEntry(d.obj, f"240.240.0.{i + 1}") for i, d in enumerate(docs) if isinstance(d.obj, model.ServiceSpec)]
     rts = [xr.StoredRoute(d.obj) for d in docs if d.kind == "HTTPRoute"]
     return build_snapshot(model.MeshConfig(), svcs, nodes, [], l7=(rts, []), splits=splits)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from nodemesh import model, routes
+from nodemesh import model, routespec
 
 ROUTE = """\
 apiVersion: nodemesh.io/v1alpha1
@@ -30,12 +30,12 @@ spec:
 def test_good_route_parses() -> None:
     (doc,) = model.parse_documents(ROUTE)
     r = doc.obj
-    assert isinstance(r, routes.HTTPRoute) and r.parents == (routes.ParentRef("web", 80),)
+    assert isinstance(r, routespec.HTTPRoute) and r.parents == (routespec.ParentRef("web", 80),)
     first, second = r.rules
-    assert first.matches[0].headers == (routes.StringMatch("x-canary", "yes"),)
+    assert first.matches[0].headers == (routespec.StringMatch("x-canary", "yes"),)
     assert [b.weight for b in second.backends] == [90, 10]
     assert second.request_timeout_s == 2.0 and second.backend_timeout_s == 0.5
-    assert second.retry == routes.Retry(3, 0.01, 0.25, ("5xx", "retriable-status-codes"), (429,), ())
+    assert second.retry == routespec.Retry(3, 0.01, 0.25, ("5xx", "retriable-status-codes"), (429,), ())
     assert second.mirrors[0].percent == 5 and second.fault.abort_status == 503
     assert model.parse_documents(model.yaml.safe_dump(model.to_yaml_document(
         doc.kind, doc.namespace, doc.name, r.spec())))[0].obj == r
@@ -75,7 +75,7 @@ spec:
   rules: [{matches: [{method: {service: helloworld.Greeter, method: SayHello}}], backendRefs: [{name: api-v2}]}]
 """
     r = model.parse_documents(text)[0].obj
-    assert r.rules[0].matches[0] == routes.RouteMatch("Exact", "/helloworld.Greeter/SayHello")
+    assert r.rules[0].matches[0] == routespec.RouteMatch("Exact", "/helloworld.Greeter/SayHello")
 
 
 def test_destination_policy() -> None:
@@ -91,7 +91,7 @@ spec:
   retryBudget: {ratio: 0.1, minRetriesPerSecond: 1}
 """
     p = model.parse_documents(text)[0].obj
-    assert isinstance(p, routes.DestinationPolicy)
+    assert isinstance(p, routespec.DestinationPolicy)
     assert p.load_balancer.hash_header == "x-user" and p.circuit_breaker.max_requests == 10
     assert p.outlier is not None and p.outlier.base_ejection_s == 5.0 and p.retry_budget.ratio == 0.1
     bad = text.replace("hashOn: {header: x-user}", "hashOn: {}")

@@ -13,7 +13,6 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
 
 from controlplane.api import plan_changes
-from controlplane.cli import bootstrap_listener
 from controlplane.store import SQLiteStore
 from controlplane.xds import validate as xds_validate
 from controlplane.xds.cache import (
@@ -28,6 +27,7 @@ from controlplane.xds.cache import (
 from controlplane.xds.delta import response_bytes, split_response
 from controlplane.xds.server import sotw_response_bytes
 from nodemesh import model, xdsnames
+from nodemesh.cli.configcmds import bootstrap_listener
 from nodemesh.v1 import mesh_pb2
 
 T = xdsnames.WORKLOAD
@@ -182,7 +182,7 @@ spec:
   parentRefs: [{name: web}]
   rules: [{backendRefs: [{name: web}], timeouts: {request: 1500ms}}]
 """)
-    svc = [d.obj for d in docs if isinstance(d.obj, model.Service)]
+    svc = [d.obj for d in docs if isinstance(d.obj, model.ServiceSpec)]
     route = next(d.obj for d in docs if d.kind == "GRPCRoute")
     rcs = xds_routes.route_configurations(model.MeshConfig(), svc, [xds_routes.StoredRoute(route)])
     act = next(iter(rcs.values())).virtual_hosts[0].routes[0].route

@@ -27,8 +27,8 @@ def mesh() -> Any:
     nodes = [RegisteredNode(f"n{i}", (f"10.1.0.{i + 1}",), workloads=tuple(
         RegisteredWorkload(f"w{i}-{j}", "default", "app", f"10.{10 + i}.{j // 250}.{j % 250 + 1}", (8080,),
                            (("app", "big"),)) for j in range(PER_NODE))) for i in range(NODES)]
-    services = [ServiceEntry(model.Service(f"s{k}", "default", selector=(("app", "big"),),
-                                           ports=(model.ServicePort(80, 8080, "tcp"),)), f"240.240.0.{k + 1}")
+    services = [ServiceEntry(model.ServiceSpec(f"s{k}", "default", selector=(("app", "big"),),
+                                           ports=(model.ServicePortSpec(80, 8080, "tcp"),)), f"240.240.0.{k + 1}")
                 for k in range(SERVICES)]
     return build_snapshot(model.MeshConfig(), services, nodes, [])
 

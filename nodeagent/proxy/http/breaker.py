@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nodemesh.routes import CircuitBreaker
+from nodemesh.routespec import CircuitBreaker
 
 KINDS = ("connections", "pending", "requests", "retries")
 

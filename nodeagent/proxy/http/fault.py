@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from nodemesh.routes import Fault
+from nodemesh.routespec import Fault
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ import h2.exceptions
 from nodeagent.meshview.l7snapshot import RouteEntry, RouteTable, WeightedCluster
 from nodeagent.meshview.snapshot import Endpoint, ServicePort, Snapshot
 from nodeagent.observe import meshmetrics, tracing
-from nodemesh.routes import RouteMatch
+from nodemesh.routespec import RouteMatch
 
 from .. import authz_l7
 from ..errors import ConnectTimeout, ProxyError

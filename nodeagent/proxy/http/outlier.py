@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from nodemesh.routes import OutlierDetection
+from nodemesh.routespec import OutlierDetection
 
 from .retry import Outcome
 

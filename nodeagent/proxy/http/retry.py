@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from nodemesh.routes import GRPC_CODES, Retry, RetryBudget
+from nodemesh.routespec import GRPC_CODES, Retry, RetryBudget
 
 GATEWAY_STATUSES = (502, 503, 504)
 

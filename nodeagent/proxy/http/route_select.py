@@ -12,7 +12,7 @@ from functools import lru_cache
 from urllib.parse import parse_qsl
 
 from nodeagent.meshview.l7snapshot import RouteEntry, RouteTable
-from nodemesh.routes import HeaderModifier, Redirect, RouteMatch, StringMatch
+from nodemesh.routespec import HeaderModifier, Redirect, RouteMatch, StringMatch
 
 Headers = list[tuple[str, str]]  # lower-case names, in order, repeats allowed
 

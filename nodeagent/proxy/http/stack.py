@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, cast
 from nodeagent.meshview.l7snapshot import RouteEntry, RouteTable, WeightedCluster
 from nodeagent.meshview.snapshot import Endpoint, ServicePort, Snapshot
 from nodeagent.observe import meshmetrics, tracing
-from nodemesh.routes import RouteMatch
+from nodemesh.routespec import RouteMatch
 
 from .. import authz_l7, detect
 from ..errors import ConnectTimeout, ProxyError

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from nodemesh.healthcheck import HealthCheck, parse_health_checks
+from nodemesh.healthcheckspec import HealthCheck, parse_health_checks
 
 KIND_HTTP_ROUTE = "HTTPRoute"
 KIND_GRPC_ROUTE = "GRPCRoute"
@@ -126,7 +126,7 @@ class Retry:
 
 
 @dataclass(frozen=True)
-class Rule:
+class RouteRule:
     matches: tuple[RouteMatch, ...] = (RouteMatch(),)
     backends: tuple[BackendRef, ...] = ()
     request_headers: HeaderModifier | None = None
@@ -151,7 +151,7 @@ class HTTPRoute:
     name: str
     namespace: str
     parents: tuple[ParentRef, ...]
-    rules: tuple[Rule, ...]
+    rules: tuple[RouteRule, ...]
     kind: str = KIND_HTTP_ROUTE
     labels: tuple[tuple[str, str], ...] = ()
     raw_spec: tuple[tuple[str, Any], ...] = ()  # canonical spec as applied, for spec()
@@ -209,7 +209,7 @@ class DestinationPolicy:
     kind: str = KIND_DESTINATION_POLICY
     labels: tuple[tuple[str, str], ...] = ()
     raw_spec: tuple[tuple[str, Any], ...] = ()
-    health_checks: tuple[HealthCheck, ...] = ()  # active checks (nodemesh/healthcheck.py)
+    health_checks: tuple[HealthCheck, ...] = ()  # active checks (nodemesh/healthcheckspec.py)
     idle_timeout_s: float = 3600.0  # connectionPool.idleTimeout: per TCP connection, "0s" = never
 
     @property
@@ -593,7 +593,7 @@ def _parse_route(c: _C, kind: str, name: str, namespace: str, labels: tuple[tupl
         if req_t and be_t and be_t > req_t:
             c.add(f"{p}.timeouts.backendRequest", "must not exceed timeouts.request (Gateway API rule)")
         retry = _retry(c, d["retry"], f"{p}.retry") if "retry" in d else None
-        rules.append(Rule(matches, tuple(backends), extra.get("requestHeaderModifier"),
+        rules.append(RouteRule(matches, tuple(backends), extra.get("requestHeaderModifier"),
                           extra.get("responseHeaderModifier"), extra.get("requestRedirect"),
                           extra.get("urlRewrite"), tuple(extra.get("mirrors", ())), extra.get("fault"),
                           req_t, be_t, retry))

@@ -1,4 +1,5 @@
-"""The agent's subcommands of `nodemesh`: `agent run`, `capture status`, `capture remove`."""
+"""`nodemesh agent run|stop-post` and `nodemesh capture status|verify|remove`: the node
+agent's verbs."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def _setup_logging(verbose: bool = False) -> None:
 def _cmd_agent_run(args: argparse.Namespace) -> int:
     from nodeagent.capture.base import CaptureError
     from nodeagent.config import ConfigError, load_config
-    from nodeagent.supervision.supervisor import AgentError, run_agent
+    from nodeagent.supervisor import AgentError, run_agent
 
     _setup_logging(args.verbose)
     try:
@@ -51,7 +52,7 @@ def _capture_for_config(config_path: str) -> tuple[Any, dict[str, Any]]:
     from nodeagent.capture import select as capture_select
     from nodeagent.capture.base import ProxyState
     from nodeagent.config import load_config
-    from nodeagent.supervision.supervisor import resolve_control_plane
+    from nodeagent.supervisor import resolve_control_plane
 
     cfg = load_config(config_path)
     settings = cfg.proxy_settings(resolve_control_plane(cfg))
@@ -85,7 +86,7 @@ def _cmd_capture_status(args: argparse.Namespace) -> int:
     from nodeagent.capture.base import CaptureError
     from nodeagent.capture.select import survey
     from nodeagent.config import ConfigError
-    from nodeagent.supervision.settings import ProxySettings
+    from nodeagent.settings import ProxySettings
 
     try:
         settings = ProxySettings(node_name="", node_address="")
@@ -145,58 +146,15 @@ def _cmd_capture_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_capture_remove(_args: argparse.Namespace) -> int:
-    from nodeagent.capture import ebpf, iptables, nftables, policyroute
-    from nodeagent.capture.base import CaptureError
+    from nodeagent.capture.removal import remove_capture
 
-    removed = False
-    failed = False
-    # The VIP route goes first: without capture, a SYN routed to lo would be
-    # dropped and retried for seconds; without the route, connect() fails at once.
-    try:
-        for cidr in policyroute.remove_vip_routes():
-            print(f"removed the route of the service VIP range {cidr}")
-    except CaptureError as e:
-        if e.reason != "pyroute2_missing":
-            print(f"nodemesh capture remove (VIP route): {e}", file=sys.stderr)
-            failed = True
-    for name, fn in (("iptables", iptables.remove_leftovers), ("nftables", nftables.remove_leftovers),
-                     ("ebpf", ebpf.remove_leftovers)):
-        try:
-            removed = bool(fn()) or removed
-        except CaptureError as e:
-            if e.reason not in ("iptables_missing", "pyroute2_missing", "nft_unavailable", "bpftool_missing",
-                                "no_cgroup2", "no_netns_cookie"):
-                print(f"nodemesh capture remove ({name}): {e}", file=sys.stderr)
-                failed = True
-    print("removed nodemesh capture rules" if removed else "no nodemesh capture rules to remove")
-    return 1 if failed else 0
+    return remove_capture()
 
 
 def _cmd_agent_stop_post(args: argparse.Namespace) -> int:
-    """ExecStopPost of the agent's unit (nodemesh install): after an agent that did
-    not stop cleanly (kill -9, a crash, the watchdog), remove the capture it left
-    when failurePolicy is open, so workloads' connections flow directly instead of
-    into a dead proxy until the restart; under `closed` the rules stay (refusing
-    is the point). A clean stop removed or kept capture itself."""
-    import os
+    from nodeagent.capture.removal import after_agent_stop
 
-    from nodeagent.config import ConfigError, load_config
-
-    result = os.environ.get("SERVICE_RESULT", "")
-    how = f"{os.environ.get('EXIT_CODE', '?')} {os.environ.get('EXIT_STATUS', '?')}"
-    if result in ("", "success"):
-        return 0
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as e:
-        print(f"nodemesh agent stop-post: {e}; removing capture as under failurePolicy open", file=sys.stderr)
-        return _cmd_capture_remove(args)
-    if cfg.capture.failure_policy == "closed":
-        print(f"agent ended uncleanly ({result}: {how}); failurePolicy closed: capture stays, workloads' "
-              "connections are refused until the agent is back")
-        return 0
-    print(f"agent ended uncleanly ({result}: {how}); failurePolicy open: removing its capture until it is back")
-    return _cmd_capture_remove(args)
+    return after_agent_stop(args.config)
 
 
 def register(subparsers: Any) -> None:

@@ -48,7 +48,7 @@ _Str = str  # the protocol below has a method named `str`
 
 
 class Collector(Protocol):
-    """What nodemesh.routes._C offers (kept as a protocol to avoid an import cycle)."""
+    """What nodemesh.routespec._C offers (kept as a protocol to avoid an import cycle)."""
 
     def add(self, path: str, reason: str) -> None: ...
     def map(self, v: Any, path: str, allowed: Any, required: bool = False) -> dict[str, Any]: ...

@@ -18,7 +18,7 @@ import time
 import uuid
 from pathlib import Path
 
-from nodemesh.lab import Lab, LabError, LabWorkload
+from nodemesh.lab.harness import Lab, LabError, LabWorkload
 
 SAMPLE_CONFIG = """\
 apiVersion: nodemesh.io/v1alpha1
@@ -92,7 +92,7 @@ def run_demo(requests: int = 6, keep: bool = False) -> int:
     lab = Lab(nodes=2, lab_id=DEMO_LAB_ID)
     # A demo interrupted earlier may have left its namespaces behind (only the
     # demo's own: test labs may be running beside it).
-    from nodemesh.lab import cleanup_all
+    from nodemesh.lab.harness import cleanup_all
 
     cleanup_all(DEMO_LAB_ID)
     # SIGTERM (kill, systemd, a terminal closing) ends the demo like Ctrl-C:

@@ -1,5 +1,8 @@
 """The `nodemesh` command: one entry point for the control plane, the node
-agent, the config API client, the demo and the lab helpers."""
+agent, the config API client, the demo and the lab helpers. One module per
+verb group (*cmds.py), one output layer (output.py). This package and
+nodemesh.lab are the only parts of `nodemesh` that import the two sides
+(nodeagent, controlplane); the shared model modules import neither."""
 
 from __future__ import annotations
 
@@ -15,13 +18,13 @@ def _cmd_version(_args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from nodemesh.demo import run_demo
+    from nodemesh.lab.demo import run_demo
 
     return run_demo(requests=args.requests, keep=args.keep)
 
 
 def _cmd_lab_cleanup(_args: argparse.Namespace) -> int:
-    from nodemesh.lab import cleanup_all
+    from nodemesh.lab.harness import cleanup_all
 
     removed = cleanup_all()
     print(f"removed {len(removed)} lab namespace(s)" + (f": {', '.join(removed)}" if removed else ""))
@@ -33,27 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    from controlplane.cli import register as register_controlplane
-    from nodeagent.cli import register as register_agent
-
-    register_controlplane(sub)
-    register_agent(sub)
-
-    from nodemesh.cli_observe import register as register_observe
-
-    register_observe(sub)  # status, services, endpoints, routes, explain, top, tap, logs, completion
-    from nodemesh.seccli import register as register_security
-
-    register_security(sub)
-    from controlplane.admincli import register as register_admin
-
-    register_admin(sub)  # token create, operator create|revoke, audit, ca rotate (docs/security.md)
+    from nodemesh.cli import admincmds, agentcmds, configcmds, observecmds, rolloutcmds, securitycmds
     from nodemesh.install import register as register_install
 
+    configcmds.register(sub)  # controlplane serve, apply, get, delete, bootstrap
+    agentcmds.register(sub)  # agent run|stop-post, capture status|verify|remove
+    observecmds.register(sub)  # status, services, endpoints, routes, explain, top, tap, logs, completion
+    securitycmds.register(sub)  # authz check, certs
+    admincmds.register(sub)  # token create, operator create|revoke, node, audit, ca rotate (docs/security.md)
     register_install(sub)  # install, uninstall (docs/systemd.md)
-    from nodemesh.cli_rollout import register as register_rollout
-
-    register_rollout(sub)  # rollout status|pause|resume|promote|abort|history (docs/deployments.md)
+    rolloutcmds.register(sub)  # rollout status|pause|resume|promote|abort|history (docs/deployments.md)
 
     p = sub.add_parser("demo", help="bring up a two-node mesh in network namespaces and show traffic crossing it")
     p.add_argument("--requests", type=int, default=6, help="requests the client sends by the service VIP")

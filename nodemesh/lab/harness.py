@@ -313,7 +313,7 @@ class Lab:
     def config_client(self) -> Any:
         """Over the unix socket, which is local admin (config and admin APIs). From
         inside a node namespace, TCP needs admin_token_file and cp_ca_file instead."""
-        from controlplane.admincli import AdminClient
+        from controlplane.adminclient import AdminClient
         from controlplane.client import Credentials
 
         return AdminClient(self.cp_unix, timeout_s=10.0, credentials=Credentials())
@@ -386,7 +386,7 @@ class Lab:
         wl = self.workloads[name]
         port = wl.ports[0]
         self.spawn(f"app-{name}", self.node_ns(wl.node),
-                   [sys.executable, "-m", "nodemesh.labapp", "--name", name, "--node",
+                   [sys.executable, "-m", "nodemesh.lab.labapp", "--name", name, "--node",
                     self.node_name(wl.node), "--port", str(port), *extra], uid=wl.uid,
                    cgroup=self.ensure_cgroup(wl.cgroup) if wl.cgroup else None)
         self.wait_for(lambda: self._listening(wl.node, port), 10, f"app {name} to listen on {port}",
