@@ -22,7 +22,7 @@ def _setup_logging(verbose: bool = False) -> None:
 def _cmd_agent_run(args: argparse.Namespace) -> int:
     from nodeagent.capture.base import CaptureError
     from nodeagent.config import ConfigError, load_config
-    from nodeagent.supervisor import AgentError, run_agent
+    from nodeagent.supervision.supervisor import AgentError, run_agent
 
     _setup_logging(args.verbose)
     try:
@@ -52,7 +52,7 @@ def _capture_for_config(config_path: str) -> tuple[Any, dict[str, Any]]:
     from nodeagent.capture import select as capture_select
     from nodeagent.capture.base import ProxyState
     from nodeagent.config import load_config
-    from nodeagent.supervisor import resolve_control_plane
+    from nodeagent.supervision.supervisor import resolve_control_plane
 
     cfg = load_config(config_path)
     settings = cfg.proxy_settings(resolve_control_plane(cfg))
@@ -86,7 +86,7 @@ def _cmd_capture_status(args: argparse.Namespace) -> int:
     from nodeagent.capture.base import CaptureError
     from nodeagent.capture.select import survey
     from nodeagent.config import ConfigError
-    from nodeagent.settings import ProxySettings
+    from nodeagent.supervision.settings import ProxySettings
 
     try:
         settings = ProxySettings(node_name="", node_address="")
