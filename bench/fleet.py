@@ -50,6 +50,7 @@ from typing import Any
 import grpc
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,6 +131,13 @@ class Agent:
     join_errors: list[str] = field(default_factory=list)
     depends: frozenset[str] | None = None  # service names whose endpoints it subscribes to; None: all
     eds_globs: set[str] = field(default_factory=set)
+    # As the agent (nodeagent/xds/client.py): Workloads by name, its own and those behind
+    # the endpoint slices it holds (slice name -> workload resource names).
+    wl_names: set[str] = field(default_factory=set)
+    wl_sent: bool = False
+    slice_members: dict[str, frozenset[str]] = field(default_factory=dict)
+    expected_workloads: int = 0  # how many Workloads it should hold once converged
+    ads_outbox: asyncio.Queue[Any] | None = None  # the open ADS stream's requests
     channel: grpc.aio.Channel | None = None
     outbox: asyncio.Queue[mesh_pb2.NodeReport] | None = None
     registration: mesh_pb2.NodeRegistration | None = None
@@ -231,6 +239,10 @@ class Fleet:
         del a.registration.workloads[:]
         a.registration.workloads.extend(workloads)
         a.outbox.put_nowait(mesh_pb2.NodeReport(register=a.registration))
+        if self.args.protocol == "delta" and a.ads_outbox is not None:
+            req = self._workload_request(a)  # its own new workload, by name
+            if req is not None:
+                a.ads_outbox.put_nowait(req)
 
     # -- ADS --
     async def ads(self, a: Agent) -> None:
@@ -241,8 +253,14 @@ class Fleet:
         while True:
             q: asyncio.Queue[Any] = asyncio.Queue()
             a.eds_globs = set()
+            a.wl_names, a.wl_sent = set(), False
+            a.ads_outbox = q
             for t in xdsnames.AGENT_TYPES:
-                if delta and t == xdsnames.ENDPOINT:
+                if delta and t == xdsnames.WORKLOAD:
+                    req = self._workload_request(a)
+                    if req is not None:
+                        q.put_nowait(req)
+                elif delta and t == xdsnames.ENDPOINT:
                     # As the agent: endpoint slices by glob per wanted cluster, once clusters are known.
                     req = self._eds_request(a, first=True)
                     if req is not None:
@@ -277,11 +295,18 @@ class Fleet:
                         held = a.held.setdefault(t, {})
                         for r in resp.resources:
                             held[r.name] = r.version
+                            if t == xdsnames.ENDPOINT:
+                                a.slice_members[r.name] = self._members(r.resource.value)
                         for n in resp.removed_resources:
                             held.pop(n, None)
+                            a.slice_members.pop(n, None)
                         q.put_nowait(discovery_pb2.DeltaDiscoveryRequest(type_url=t, response_nonce=resp.nonce))
                         if t == xdsnames.CLUSTER:
                             req = self._eds_request(a, first=not a.eds_globs)
+                            if req is not None:
+                                q.put_nowait(req)
+                        if t in (xdsnames.CLUSTER, xdsnames.ENDPOINT):
+                            req = self._workload_request(a)
                             if req is not None:
                                 q.put_nowait(req)
                     else:
@@ -309,6 +334,46 @@ class Fleet:
         if first:
             req.initial_resource_versions.update(a.held.get(xdsnames.ENDPOINT, {}))
         return req
+
+    @staticmethod
+    def _members(cla_bytes: bytes) -> frozenset[str]:
+        """The Workload resource names behind one endpoint slice (decoded, as the agent does)."""
+        cla = endpoint_pb2.ClusterLoadAssignment.FromString(cla_bytes)
+        out = set()
+        for loc in cla.endpoints:
+            for lb in loc.lb_endpoints:
+                meta = lb.metadata.filter_metadata[xdsnames.METADATA_KEY]
+                ns, _, name = meta.fields["workload"].string_value.partition("/")
+                out.add(xdsnames.workload_resource_name(meta.fields["node"].string_value, ns, name))
+        return frozenset(out)
+
+    @staticmethod
+    def _workload_request(a: Agent) -> discovery_pb2.DeltaDiscoveryRequest | None:
+        held_eds = a.held.get(xdsnames.ENDPOINT, {})
+        wanted = {xdsnames.workload_resource_name(a.name, w.namespace, w.name) for w in a.workloads}
+        for n, members in a.slice_members.items():
+            if n in held_eds:
+                wanted |= members
+        add, drop = wanted - a.wl_names, a.wl_names - wanted
+        if not add and not drop:
+            return None
+        held = a.held.setdefault(xdsnames.WORKLOAD, {})
+        for n in drop:
+            held.pop(n, None)
+        a.wl_names = wanted
+        req = discovery_pb2.DeltaDiscoveryRequest(type_url=xdsnames.WORKLOAD, resource_names_subscribe=sorted(add),
+                                                  resource_names_unsubscribe=sorted(drop))
+        if not a.wl_sent:
+            a.wl_sent = True
+            req.node.CopyFrom(Fleet._node(a))
+            req.initial_resource_versions.update(held)
+        return req
+
+    @staticmethod
+    def _node(a: Agent) -> Any:
+        from nodeagent.xds.client import node_proto
+
+        return node_proto(a.name)
 
     @staticmethod
     def _sotw_name(type_url: str, r: Any) -> str:
@@ -413,6 +478,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 depends = frozenset({"svc-0", "svc-1"} | {f"svc-{rng.randrange(args.services)}"
                                                           for _ in range(args.depends)})
             fleet.agents.append(Agent(name, i, wls, key, node_csr(key, name), depends=depends))
+        per_service: dict[str, int] = {}
+        for a in fleet.agents:
+            for w in a.workloads:
+                per_service[w.labels["app"]] = per_service.get(w.labels["app"], 0) + 1
+        for a in fleet.agents:
+            # Delta: its own workloads and those behind the endpoints it subscribes to; SotW: all.
+            if args.protocol == "sotw" or a.depends is None:
+                a.expected_workloads = sum(per_service.values())
+            else:
+                a.expected_workloads = sum(per_service.get(d, 0) for d in a.depends) + sum(
+                    1 for w in a.workloads if w.labels["app"] not in a.depends)
         with AdminClient(sock) as admin:
             for a in fleet.agents:
                 a.token = admin.create_join_token(a.name, 3600).token
@@ -421,9 +497,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         out["cp_rss_mb_before_join"] = rss0
 
         # ---- join storm ----
-        total_wl = args.nodes * args.workloads
         cpu0, t0, me0 = proc.cpu_s(), time.monotonic(), self_cpu_s()
-        fut, done = fleet.watch(lambda a: a.count(xdsnames.WORKLOAD) >= total_wl)
+        fut, done = fleet.watch(lambda a: a.count(xdsnames.WORKLOAD) >= a.expected_workloads)
         joins = await asyncio.gather(*(fleet.start_agent(a) for a in fleet.agents), return_exceptions=True)
         joined = time.monotonic() - t0
         failed = [repr(e) for e in joins if isinstance(e, BaseException)]
@@ -434,7 +509,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             converged = float("nan")
             late = [a for a in fleet.agents if a.name not in done]
             print(f"  {len(late)} nodes did not converge; e.g. " + "; ".join(
-                f"{a.name}: {a.count(xdsnames.WORKLOAD)}/{total_wl} workloads, {a.responses} responses, "
+                f"{a.name}: {a.count(xdsnames.WORKLOAD)}/{a.expected_workloads} workloads, {a.responses} responses, "
                 f"streams {a.ads_streams}" for a in late[:5]), file=sys.stderr)
             for t in fleet.tasks:
                 if t.done() and not t.cancelled() and t.exception() is not None:
@@ -500,11 +575,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             cpu0, t0 = proc.cpu_s(), time.monotonic()
             fleet.reregister(a0, list(a0.workloads) + [new])
 
-            def arrived(a: Agent, w: str = wl_name, sl: str = sl, before: dict[str, Any] = before) -> bool:
+            def arrived(a: Agent, w: str = wl_name, sl: str = sl, before: dict[str, Any] = before,
+                        owner: Agent = a0) -> bool:
+                # Affected: the owner (its own workload) and every node that reaches svc-1
+                # (Delta with declared dependencies; otherwise every node).
+                scoped = args.protocol == "delta" and a.depends is not None and "svc-1" not in a.depends
+                if scoped:
+                    return a is not owner or w in a.held.get(xdsnames.WORKLOAD, {})
                 if w not in a.held.get(xdsnames.WORKLOAD, {}):
                     return False
-                if args.protocol == "delta" and a.depends is not None and "svc-1" not in a.depends:
-                    return True
                 return a.held.get(xdsnames.ENDPOINT, {}).get(sl) not in (None, before[a.name])
 
             fut, done = fleet.watch(arrived)
@@ -513,13 +592,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             except TimeoutError:
                 pass
             await asyncio.sleep(0.3)
-            lat = [v - t0 for v in done.values()]
-            res = {"latency": summary(lat), "affected": len(done),
+            affected = [a.name for a in fleet.agents if a is a0 or args.protocol == "sotw"
+                        or a.depends is None or "svc-1" in a.depends]
+            lat = [done[n] - t0 for n in affected if n in done]
+            res = {"latency": summary(lat), "affected": len(affected), "acked": len(lat),
                    "bytes": sum(a.bytes_received for a in fleet.agents) - b0, "cp_cpu_s": proc.cpu_s() - cpu0}
             out["workload_starts"].append(res)
             print(f"workload start {n}: p50 {res['latency']['p50'] * 1000:.0f} ms p99 "
                   f"{res['latency']['p99'] * 1000:.0f} ms max {res['latency']['max'] * 1000:.0f} ms, "
-                  f"{res['bytes'] / 1e3:.0f} kB, cp cpu {res['cp_cpu_s']:.2f}s", flush=True)
+                  f"{res['bytes'] / 1e3:.0f} kB, cp cpu {res['cp_cpu_s']:.2f}s, {len(lat)} of {len(affected)} "
+                  "affected nodes", flush=True)
             await asyncio.sleep(1.0)
 
         # ---- soak ----

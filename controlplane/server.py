@@ -131,7 +131,8 @@ class SnapshotPublisher:
         return build_snapshot(current_mesh(self._store), current_services(self._store),
                               self._registry.nodes(), self._trust_bundle(),
                               current_policies(self._store), l7=xds_routes.load(self._store),
-                              splits=rollout_controller.splits(self._store))
+                              splits=rollout_controller.splits(self._store),
+                              previous=self._cache.default_snapshot)
 
     def publish_now(self) -> None:
         """Build and publish at once, answering every watch before returning

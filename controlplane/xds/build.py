@@ -165,10 +165,12 @@ def _workload(node: RegisteredNode, wl: RegisteredWorkload, trust_domain: str) -
 def build_snapshot(mesh: model.MeshConfig, services: Sequence[ServiceEntry],
                    nodes: Sequence[RegisteredNode], trust_bundle: Sequence[str],
                    policies: Sequence[Any] = (), *, l7: Any = None,
-                   splits: Sequence[VersionSplit] = ()) -> XdsSnapshot:
+                   splits: Sequence[VersionSplit] = (), previous: XdsSnapshot | None = None) -> XdsSnapshot:
     """Every resource a node agent needs, each type versioned by its content.
     `l7`: (routes, destination policies) from controlplane.xds.routes.load();
-    `splits`: what Rollouts ask (controlplane/rollout/state.py splits())."""
+    `splits`: what Rollouts ask (controlplane/rollout/state.py splits());
+    `previous`: the snapshot in force, whose unchanged resources are carried over
+    with their versions and encodings (only what changed is hashed again)."""
     l7_routes, l7_policies = l7 if l7 is not None else ((), ())
     wanted = subsets.needed_subsets([e.service for e in services], l7_routes, splits)
     clusters: dict[str, any_pb2.Any] = {}
@@ -221,7 +223,7 @@ def build_snapshot(mesh: model.MeshConfig, services: Sequence[ServiceEntry],
             mesh, [e.service for e in services]).items()},
         # Security policies (issue 5): always at least MeshSecurity//mesh.
         xdsnames.POLICY: {n: _pack(p) for n, p in policy_resources(mesh, policies).items()},
-    })
+    }, previous)
     snap.consistent()
     return snap
 

@@ -50,24 +50,6 @@ def length_delimited(field_number: int, payload: bytes) -> bytes:
 FANOUT_BATCH = 128
 
 
-def content_version(resources: Mapping[str, any_pb2.Any]) -> str:
-    """A stable version for a resource set: equal content gives an equal version,
-    across processes and restarts (clients keep their version over reconnects)."""
-    h = hashlib.sha256()
-    for name in sorted(resources):
-        a = resources[name]
-        h.update(name.encode())
-        h.update(b"\0")
-        h.update(a.type_url.encode())
-        h.update(b"\0")
-        h.update(a.value)
-        h.update(b"\1")
-    return h.hexdigest()[:16]
-
-
-EMPTY_VERSION = content_version({})
-
-
 def resource_version(a: any_pb2.Any) -> str:
     """A stable version for one resource: equal bytes give an equal version, across
     processes and restarts, so a Delta client's initial_resource_versions after a
@@ -76,6 +58,27 @@ def resource_version(a: any_pb2.Any) -> str:
     h.update(b"\0")
     h.update(a.value)
     return h.hexdigest()[:16]
+
+
+def versions_digest(versions: Mapping[str, str]) -> str:
+    """A type's version from its resources' names and versions (not their bytes:
+    a rebuild that carries most resources over hashes only the changed ones)."""
+    h = hashlib.sha256()
+    for name in sorted(versions):
+        h.update(name.encode())
+        h.update(b"\0")
+        h.update(versions[name].encode())
+        h.update(b"\1")
+    return h.hexdigest()[:16]
+
+
+def content_version(resources: Mapping[str, any_pb2.Any]) -> str:
+    """A stable version for a resource set: equal content gives an equal version,
+    across processes and restarts (clients keep their version over reconnects)."""
+    return versions_digest({n: resource_version(a) for n, a in resources.items()})
+
+
+EMPTY_VERSION = content_version({})
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,40 @@ class TypeResources:
         what every wildcard state-of-the-world stream is sent, encoded once."""
         return b"".join(self.sotw_entry(n) for n in self.wildcard_names)
 
+    @classmethod
+    def carried_over(cls, resources: Mapping[str, any_pb2.Any], previous: TypeResources | None) -> TypeResources:
+        """The set `resources`, reusing from `previous` the version and encodings of
+        every resource whose bytes did not change: a rebuild after one node changed
+        hashes and encodes that node's resources, not the mesh's (issue 13: at
+        1,000 nodes every rebuild re-hashed and re-encoded everything)."""
+        if previous is None:
+            return cls(content_version(resources), dict(resources))
+        old = previous.resources
+        old_versions = previous.resource_versions
+        old_sotw, old_delta = previous._sotw_encoded, previous._delta_encoded
+        kept: dict[str, any_pb2.Any] = {}
+        versions: dict[str, str] = {}
+        sotw: dict[str, bytes] = {}
+        delta: dict[str, bytes] = {}
+        for name, a in resources.items():
+            p = old.get(name)
+            if p is not None and (p is a or (p.type_url == a.type_url and p.value == a.value)):
+                kept[name] = p
+                versions[name] = old_versions[name]
+                if name in old_sotw:
+                    sotw[name] = old_sotw[name]
+                if name in old_delta:
+                    delta[name] = old_delta[name]
+            else:
+                kept[name] = a
+                versions[name] = resource_version(a)
+        tr = cls(versions_digest(versions), kept)
+        # Seed the cached properties (a frozen dataclass's instance dict is writable).
+        tr.__dict__["resource_versions"] = versions
+        tr.__dict__["_sotw_encoded"] = sotw
+        tr.__dict__["_delta_encoded"] = delta
+        return tr
+
     def changes_since(self, old: TypeResources) -> frozenset[str]:
         """Names added, changed or removed from `old` to this set."""
         new_v, old_v = self.resource_versions, old.resource_versions
@@ -152,8 +189,12 @@ class XdsSnapshot:
     types: Mapping[str, TypeResources] = field(default_factory=dict)
 
     @classmethod
-    def from_resources(cls, by_type: Mapping[str, Mapping[str, any_pb2.Any]]) -> XdsSnapshot:
-        return cls({t: TypeResources(content_version(r), dict(r)) for t, r in by_type.items()})
+    def from_resources(cls, by_type: Mapping[str, Mapping[str, any_pb2.Any]],
+                       previous: XdsSnapshot | None = None) -> XdsSnapshot:
+        """`previous`: the snapshot this one replaces; resources it already holds
+        keep their versions and encodings (TypeResources.carried_over)."""
+        return cls({t: TypeResources.carried_over(r, previous.types.get(t) if previous is not None else None)
+                    for t, r in by_type.items()})
 
     def get(self, type_url: str) -> TypeResources:
         return self.types.get(type_url) or TypeResources(EMPTY_VERSION, {})
@@ -349,6 +390,10 @@ class SnapshotCache:
         self._watches: dict[int, _Watch] = {}
         self._delta_watches: dict[int, _DeltaWatch] = {}
         self._ids = itertools.count(1)
+
+    @property
+    def default_snapshot(self) -> XdsSnapshot | None:
+        return self._default
 
     def snapshot_for(self, node_id: str) -> XdsSnapshot | None:
         return self._snapshots.get(node_id, self._default)

@@ -102,6 +102,9 @@ class AdsClient:
         self.depends_on = frozenset(depends_on) if depends_on is not None else None
         self._eds_globs: set[str] = set()  # endpoint-slice globs subscribed on this stream
         self._eds_sent = False  # an ENDPOINT request went out on this stream
+        self._wl_names: set[str] = set()  # Workload names subscribed on this stream (Delta)
+        self._wl_sent = False  # a WORKLOAD request went out on this stream
+        self._outbox: asyncio.Queue[object] | None = None  # the open stream's requests
         self.target = target
         self.node_name = node_name
         self.zone = zone
@@ -126,6 +129,10 @@ class AdsClient:
         snap = self.state.set_local_workloads(local_workloads)
         if snap is not None:
             self._on_snapshot(snap)
+        if self._outbox is not None and self.protocol == DELTA:
+            follow = self.workload_subscription_update()
+            if follow is not None:
+                self._outbox.put_nowait(follow)
 
     def _set_connected(self, value: bool) -> None:
         if value != self.connected:
@@ -178,7 +185,19 @@ class AdsClient:
         node = node_proto(self.node_name, self.zone)
         out = []
         self._eds_globs, self._eds_sent = set(), False
+        self._wl_names, self._wl_sent = set(), False
         for t in self.types:
+            if t == xdsnames.WORKLOAD:
+                # Workloads by name: this node's own and those behind the endpoints it
+                # holds, never the mesh's (issue 13: every node got every Workload).
+                names = self.wanted_workload_names()
+                if not names:
+                    continue
+                self._wl_names, self._wl_sent = set(names), True
+                out.append(discovery_pb2.DeltaDiscoveryRequest(
+                    node=node, type_url=t, resource_names_subscribe=sorted(names),
+                    initial_resource_versions=self.state.resource_versions.get(t, {})))
+                continue
             if t == xdsnames.ENDPOINT:
                 # Endpoints by slice glob per wanted cluster, never by wildcard; with no
                 # cluster known yet the request waits for the first Cluster response.
@@ -201,6 +220,49 @@ class AdsClient:
         clusters = self.state.resources.get(xdsnames.CLUSTER, {})
         return {xdsnames.slice_glob(name) for name, c in clusters.items()
                 if self.depends_on is None or f"{c.namespace}/{c.service}" in self.depends_on}
+
+    def wanted_workload_names(self) -> set[str]:
+        """The Workload resources this node needs: its own workloads, and the
+        workload of every endpoint it holds (so endpoints, subsets, telemetry and
+        `nodemesh explain` know their peers) and no other."""
+        names = {xdsnames.workload_resource_name(self.node_name, lw.namespace, lw.name)
+                 for lw in self.state.local_workloads}
+        for la in self.state.resources.get(xdsnames.ENDPOINT, {}).values():
+            for ep in la.endpoints:
+                namespace, _, name = ep.workload.partition("/")
+                if name:
+                    names.add(xdsnames.workload_resource_name(ep.node, namespace, name))
+        return names
+
+    def workload_subscription_update(self) -> discovery_pb2.DeltaDiscoveryRequest | None:
+        """After the endpoints or the local workloads changed: the WORKLOAD
+        (un)subscription to send, if any. Workloads no longer wanted are dropped
+        here (the server sends no removals for what a client unsubscribes)."""
+        if xdsnames.WORKLOAD not in self.types:
+            return None
+        wanted = self.wanted_workload_names()
+        add, drop = wanted - self._wl_names, self._wl_names - wanted
+        if drop:
+            held = self.state.resources.get(xdsnames.WORKLOAD, {})
+            gone = [n for n in drop if n in held]
+            if gone:
+                self._after_accept(self.state.apply_delta(
+                    xdsnames.WORKLOAD, self.state.versions.get(xdsnames.WORKLOAD, ""), [], gone, {}))
+        if (not self._wl_sent and not wanted and xdsnames.WORKLOAD not in self.state.versions
+                and xdsnames.ENDPOINT in self.state.versions):
+            # No own workloads and no endpoints: that is a complete (empty) workload set.
+            self._after_accept(self.state.apply_delta(xdsnames.WORKLOAD, "none", [], [], {}))
+            return None
+        if not add and not drop:
+            return None
+        self._wl_names = set(wanted)
+        first = not self._wl_sent
+        self._wl_sent = True
+        req = discovery_pb2.DeltaDiscoveryRequest(type_url=xdsnames.WORKLOAD, resource_names_subscribe=sorted(add),
+                                                  resource_names_unsubscribe=sorted(drop))
+        if first:
+            req.initial_resource_versions.update(self.state.resource_versions.get(xdsnames.WORKLOAD, {}))
+        return req
 
     def endpoint_subscription_update(self) -> discovery_pb2.DeltaDiscoveryRequest | None:
         """After the clusters changed: the ENDPOINT (un)subscription to send, if any.
@@ -243,11 +305,18 @@ class AdsClient:
             while True:
                 yield await queue.get()
 
+        self._outbox = queue
+        try:
+            return await self._stream(queue, requests(), delta)
+        finally:
+            self._outbox = None
+
+    async def _stream(self, queue: asyncio.Queue[object], requests: AsyncIterator[object], delta: bool) -> bool:
         got_response = False
         async with cpchannel.open_channel(self.target) as channel:
             stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
-            call = (stub.DeltaAggregatedResources(requests()) if delta
-                    else stub.StreamAggregatedResources(requests()))
+            call = (stub.DeltaAggregatedResources(requests) if delta
+                    else stub.StreamAggregatedResources(requests))
             log.info("xDS: connecting to %s as node %s (%s)", self.target, self.node_name,
                      "Delta" if delta else "state of the world")
             async for response in call:
@@ -261,6 +330,10 @@ class AdsClient:
                         follow = self.endpoint_subscription_update()
                         if follow is not None:
                             queue.put_nowait(follow)
+                    if response.type_url in (xdsnames.CLUSTER, xdsnames.ENDPOINT):
+                        wl_follow = self.workload_subscription_update()
+                        if wl_follow is not None:
+                            queue.put_nowait(wl_follow)
                 else:
                     queue.put_nowait(self.handle_response(response))
         return got_response

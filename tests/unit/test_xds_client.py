@@ -136,7 +136,9 @@ def _mesh_snapshot(web_ip: str = "10.0.0.3", *, extra: bool = False, bad: bool =
     assignments = [assignment(ip=web_ip)] + ([assignment("api", port=0 if bad else 81)] if extra else [])
     return XdsSnapshot.from_resources({
         xdsnames.MESH_CONFIG: {"mesh": pack(mesh_config())},
-        xdsnames.WORKLOAD: {"node-2/default/web-2": pack(workload(ip=web_ip))},
+        # node-3's workload backs no service: a Delta agent never subscribes to it.
+        xdsnames.WORKLOAD: {"node-2/default/web-2": pack(workload(ip=web_ip)),
+                            "node-3/default/batch": pack(workload("batch", node="node-3", ip="10.0.0.9"))},
         xdsnames.CLUSTER: {c.name: pack(c) for c in clusters},
         # Whole assignments (Envoy, gRPC, SotW agents) and per-node slices (Delta agents).
         xdsnames.ENDPOINT: {**{a.cluster_name: pack(a) for a in assignments},
@@ -175,6 +177,8 @@ def test_delta_is_the_default_and_sends_only_changes_to_the_real_servicer() -> N
             await until(lambda: snaps and ads.stats.acks >= len(xdsnames.AGENT_TYPES))
             assert ads.stats.delta_streams_opened == 1 and ads.stats.nacks == 0
             assert snaps[-1].services[0].ports[0].endpoints[0].ip == "10.0.0.3"
+            # Workloads scoped to the node: those behind its endpoints (and its own), not the mesh's.
+            assert set(client.state.resources[xdsnames.WORKLOAD]) == {"node-2/default/web-2"}
             sent = sum(r["bytes_sent"] for r in ads.sync.rows())
             responses = ads.stats.responses
 
@@ -202,10 +206,12 @@ def test_delta_is_the_default_and_sends_only_changes_to_the_real_servicer() -> N
             server, _ = await start_server(ads, add_to_server, port=int(target.rsplit(":", 1)[1]))
             await until(lambda: ads.stats.delta_streams_opened == 2 and ads.stats.streams_active == 1)
             await asyncio.sleep(0.3)
-            # Only the empty Route type is answered again (held: nothing; exists: nothing).
+            # Only the empty Route type is answered again (held: nothing; exists: nothing), and
+            # Workload, once, to say that this node's own workload (subscribed by name) does not exist.
             rows = {r["type"]: r for r in ads.sync.rows()}
-            assert ads.stats.responses - responses == 1 and rows["RouteConfiguration"]["responses"] == 1
-            assert sum(r["responses"] for r in rows.values()) == 1 and ads.stats.nacks == 1
+            assert ads.stats.responses - responses == 2 and rows["RouteConfiguration"]["responses"] == 1
+            assert rows["Workload"]["responses"] == 1
+            assert sum(r["responses"] for r in rows.values()) == 2 and ads.stats.nacks == 1
             assert client.snapshot is snaps[-1]
         finally:
             task.cancel()

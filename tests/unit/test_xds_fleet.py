@@ -224,3 +224,32 @@ def test_slices_are_reached_by_glob_only_and_a_change_sends_one_slice() -> None:
     with pytest.raises(Exception, match="slices of no cluster"):
         XdsSnapshot.from_resources({xdsnames.CLUSTER: {}, xdsnames.ENDPOINT: {
             xdsnames.slice_name(c, "a"): wl_any("a", "10.0.0.1")}}).consistent()
+
+
+def test_a_rebuild_hashes_and_encodes_only_what_changed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Carried over from the snapshot in force: unchanged resources keep their
+    version and encoded entries; only the changed one is hashed again, and the
+    type's version equals the one a fresh build gives."""
+    from controlplane.xds import cache as xds_cache
+
+    res = {f"n{i}": wl_any(f"n{i}", f"10.0.0.{i}") for i in range(50)}
+    s1 = XdsSnapshot.from_resources({T: res})
+    t1 = s1.get(T)
+    entry = t1.delta_entry("n1")
+    blob = t1.wildcard_blob
+    hashed: list[str] = []
+    real = xds_cache.resource_version
+    monkeypatch.setattr(xds_cache, "resource_version", lambda a: hashed.append(a.value.hex()) or real(a))
+    changed = dict(res)
+    changed["n7"] = wl_any("n7", "10.9.9.9")  # a new object with new bytes
+    changed["n8"] = wl_any("n8", "10.0.0.8")  # a new object, the same bytes
+    s2 = XdsSnapshot.from_resources({T: changed}, s1)
+    t2 = s2.get(T)
+    assert len(hashed) == 1
+    monkeypatch.setattr(xds_cache, "resource_version", real)
+    assert t2.version == content_version(changed) != t1.version
+    assert t2.resources["n8"] is t1.resources["n8"] and t2.delta_entry("n1") is entry
+    assert t2.changes_since(t1) == {"n7"}
+    assert t2.wildcard_blob != blob and discovery_pb2.DiscoveryResponse.FromString(
+        sotw_response_bytes(t2.version, T, "1", t2.wildcard_blob)).resources[
+            t2.wildcard_names.index("n7")] == changed["n7"]
