@@ -1,3 +1,4 @@
+# ruff: noqa: E402 - the project's imports follow the sys.path line, so the script runs from a checkout
 """Fleet simulator: N simulated node agents in one process against a real
 control plane in its own process, to measure what a fleet costs the control
 plane (issue 13).
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -456,7 +458,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         cp = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)  # noqa: ASYNC220
     proc = Proc(cp.pid)
     out: dict[str, Any] = {"nodes": args.nodes, "workloads_per_node": args.workloads, "services": args.services,
-                           "protocol": args.protocol, "depends": args.depends, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                           "protocol": args.protocol, "depends": args.depends,
+                           "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     try:
         for _ in range(300):
             if (work / "cp.sock").exists() and (work / "cp" / "cp-ca.pem").exists():
@@ -543,16 +546,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 b0 = sum(a.bytes_received for a in fleet.agents)
                 cpu0, t0 = proc.cpu_s(), time.monotonic()
                 c.apply(route_doc(n))
-                fut, done = fleet.watch(
-                    lambda a, before=before: a.held.get(xdsnames.ROUTE, {}).get(route_name) not in (None, before[a.name]))
-                try:
+                fut, done = fleet.watch(lambda a, before=before: a.held.get(xdsnames.ROUTE, {}).get(
+                    route_name) not in (None, before[a.name]))
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(fut, args.timeout)
-                except TimeoutError:
-                    pass
                 await asyncio.sleep(0.3)  # late stragglers' bytes
                 lat = [v - t0 for v in done.values()]
-                res = {"latency": summary(lat), "affected": len(done), "bytes": sum(a.bytes_received for a in fleet.agents) - b0,
-                       "cp_cpu_s": proc.cpu_s() - cpu0}
+                res: dict[str, Any] = {"latency": summary(lat), "affected": len(done),
+                                       "bytes": sum(a.bytes_received for a in fleet.agents) - b0,
+                                       "cp_cpu_s": proc.cpu_s() - cpu0}
                 out["route_changes"].append(res)
                 print(f"route change {n}: p50 {res['latency']['p50'] * 1000:.0f} ms p99 "
                       f"{res['latency']['p99'] * 1000:.0f} ms max {res['latency']['max'] * 1000:.0f} ms, "
@@ -587,10 +589,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 return a.held.get(xdsnames.ENDPOINT, {}).get(sl) not in (None, before[a.name])
 
             fut, done = fleet.watch(arrived)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(fut, args.timeout)
-            except TimeoutError:
-                pass
             await asyncio.sleep(0.3)
             affected = [a.name for a in fleet.agents if a is a0 or args.protocol == "sotw"
                         or a.depends is None or "svc-1" in a.depends]

@@ -354,10 +354,8 @@ class ControlPlane:
             self.security.close()
         for addr in self.addresses:
             if addr.startswith("unix:"):
-                try:
+                with contextlib.suppress(OSError):
                     os.unlink(addr[len("unix:"):])
-                except OSError:
-                    pass
 
 
 async def serve(settings: ControlPlaneSettings) -> None:

@@ -417,7 +417,10 @@ class SnapshotCache:
         snap.consistent()
         t0 = time.monotonic()
         self._default = snap
-        which: Callable[[_Watch | _DeltaWatch], bool] = lambda w: w.node_id not in self._snapshots
+
+        def which(w: _Watch | _DeltaWatch) -> bool:
+            return w.node_id not in self._snapshots
+
         changes: dict[tuple[int, int], frozenset[str]] = {}
         answered = examined = 0
         for group in (self._watches, self._delta_watches):

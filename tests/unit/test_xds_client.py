@@ -21,7 +21,7 @@ from nodemesh.v1 import mesh_pb2, mesh_pb2_grpc
 from tests.unit.test_xds_convert import LOCAL, assignment, cluster, mesh_config, mesh_security, pack, workload
 
 
-class FakeAds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
+class FakeAds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
     def __init__(self) -> None:
         self.requests: asyncio.Queue[discovery_pb2.DiscoveryRequest] = asyncio.Queue()
         self.streams = 0

@@ -239,7 +239,12 @@ def test_a_rebuild_hashes_and_encodes_only_what_changed(monkeypatch: pytest.Monk
     blob = t1.wildcard_blob
     hashed: list[str] = []
     real = xds_cache.resource_version
-    monkeypatch.setattr(xds_cache, "resource_version", lambda a: hashed.append(a.value.hex()) or real(a))
+
+    def counting(a: any_pb2.Any) -> str:
+        hashed.append(a.value.hex())
+        return real(a)
+
+    monkeypatch.setattr(xds_cache, "resource_version", counting)
     changed = dict(res)
     changed["n7"] = wl_any("n7", "10.9.9.9")  # a new object with new bytes
     changed["n8"] = wl_any("n8", "10.0.0.8")  # a new object, the same bytes
