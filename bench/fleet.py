@@ -217,9 +217,11 @@ class Fleet:
 
             async def beat(q: asyncio.Queue[mesh_pb2.NodeReport] = outbox) -> None:
                 await asyncio.sleep(random.uniform(0, self.lease_s / 3))
+                beats = 0
                 while True:
+                    beats += 1
                     q.put_nowait(mesh_pb2.NodeReport(heartbeat=mesh_pb2.Heartbeat(
-                        sent_unix_ms=int(time.time() * 1000))))
+                        sent_unix_ms=int(time.time() * 1000), telemetry_json=self.telemetry(a, beats))))
                     await asyncio.sleep(self.lease_s / 3)
 
             a.registry_sessions += 1
@@ -234,6 +236,26 @@ class Fleet:
                 hb.cancel()
                 a.outbox = None
             await asyncio.sleep(0.5)
+
+    def telemetry(self, a: Agent, beats: int) -> str:
+        """A traffic summary as the agent's heartbeat carries it (nodeagent/admin.py
+        telemetry_json): --edges edges, cumulative counters growing every beat, so
+        the mesh view holds and aggregates what a real fleet reports."""
+        if not self.args.edges or not a.workloads:
+            return ""
+        n, services = self.args.nodes, self.args.services
+        edges = []
+        for k in range(self.args.edges):
+            src = a.workloads[k % len(a.workloads)]
+            peer = (a.index + 1 + k * 13) % n
+            edges.append({
+                "reporter": "source", "source": f"default/{src.name}",
+                "destination_service_key": f"default/svc-{(a.index + k) % services}",
+                "destination_workload": f"default/w{peer}-0", "destination_service": f"svc-{(a.index + k) % services}",
+                "requests": beats * 10, "errors": beats // 10, "tcp_opened": beats, "tcp_closed": beats,
+                "tcp_failed": 0, "bytes_sent": beats * 5000, "bytes_received": beats * 20000,
+                "p99_ms": 3.0 + (k % 7), "mtls": ["mutual"]})
+        return json.dumps({"edges": edges})
 
     def reregister(self, a: Agent, workloads: list[mesh_pb2.WorkloadRegistration]) -> None:
         assert a.registration is not None and a.outbox is not None
@@ -457,6 +479,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     with open(work / "cp.log", "w") as log:  # noqa: ASYNC230 - once, before anything runs
         cp = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)  # noqa: ASYNC220
     proc = Proc(cp.pid)
+    spy: list[subprocess.Popen[bytes]] = []
+
+    def stop_spy() -> None:
+        for p in spy:
+            p.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        spy.clear()
+
     out: dict[str, Any] = {"nodes": args.nodes, "workloads_per_node": args.workloads, "services": args.services,
                            "protocol": args.protocol, "depends": args.depends,
                            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -498,6 +531,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.sleep(1.0)
         rss0 = proc.rss_mb()
         out["cp_rss_mb_before_join"] = rss0
+
+        if args.py_spy:
+            # Where the control plane's time goes during the join storm and the changes
+            # (raw collapsed stacks: one line per stack with its sample count).
+            spy.append(subprocess.Popen(  # noqa: ASYNC220 - once
+                [shutil.which("py-spy", path=os.path.dirname(sys.executable)) or "py-spy", "record",
+                 "--pid", str(cp.pid), "--rate", "50", "--format", "raw", "--nonblocking", "--output", args.py_spy],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            await asyncio.sleep(1.0)
 
         # ---- join storm ----
         cpu0, t0, me0 = proc.cpu_s(), time.monotonic(), self_cpu_s()
@@ -604,6 +646,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                   "affected nodes", flush=True)
             await asyncio.sleep(1.0)
 
+        stop_spy()
+
         # ---- soak ----
         samples = []
         t_end = time.monotonic() + args.soak
@@ -634,6 +678,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await a.channel.close()
         return out
     finally:
+        stop_spy()
         cp.send_signal(signal.SIGTERM)
         try:
             cp.wait(10)
@@ -660,6 +705,10 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--out", default="", help="write the raw results here (JSON)")
     p.add_argument("--profile", default="", metavar="FILE", help="run the control plane under cProfile")
+    p.add_argument("--py-spy", default="", metavar="FILE",
+                   help="sample the control plane with py-spy (raw collapsed stacks) for the whole run")
+    p.add_argument("--edges", type=int, default=20,
+                   help="service edges in each heartbeat's traffic summary (the mesh view's input); 0: none")
     p.add_argument("--keep", action="store_true", help="keep the control plane's state dir and log")
     args = p.parse_args()
     out = asyncio.run(run(args))
