@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import time
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from controlplane.adminclient import AdminClient
-from controlplane.client import ClientError, add_credential_flags, default_server
+from nodemesh.cli.output import CommandError, add_output_flag, add_server_flags, emit, table
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
 
@@ -28,12 +28,6 @@ def parse_duration(text: str) -> int:
     return int(float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)])
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--server", default=None, help=f"control plane address (default: $NODEMESH_SERVER or "
-                                                  f"{default_server()})")
-    add_credential_flags(p)
-
-
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     tok = sub.add_parser("token", help="join tokens for node agents")
     tsub = tok.add_subparsers(dest="token_command", required=True)
@@ -42,7 +36,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     tc.add_argument("--ttl", type=parse_duration, default=3600, help="how long it can be used (default 1h)")
     tc.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
                     help="a label of the node, set by you (identity bindings' nodeSelector matches it); repeatable")
-    _common(tc)
+    add_server_flags(tc)
     tc.set_defaults(func=cmd_token_create)
 
     op = sub.add_parser("operator", help="operator credentials for the config and admin APIs")
@@ -53,14 +47,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     oc.add_argument("--cert-out", metavar="PREFIX", default="",
                     help="write PREFIX.key (0600, made here) and PREFIX.pem instead of making a token")
     oc.add_argument("--ttl", type=parse_duration, default=0, help="certificate lifetime (default 30d)")
-    _common(oc)
+    add_server_flags(oc)
     oc.set_defaults(func=cmd_operator_create)
     orv = osub.add_parser("revoke", help="revoke an operator (every credential it holds), or one credential by "
                                          "--credential ID or --serial HEX; revoked ones never come back")
     orv.add_argument("name", nargs="?", default="")
     orv.add_argument("--credential", default="", metavar="ID", help="a credential id (token id, or cert-<serial>)")
     orv.add_argument("--serial", default="", metavar="HEX", help="an operator certificate's serial number (hex)")
-    _common(orv)
+    add_server_flags(orv)
     orv.set_defaults(func=cmd_operator_revoke)
 
     nd = sub.add_parser("node", help="node identities: list them, revoke one")
@@ -68,20 +62,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     nrv = nsub.add_parser("revoke", help="revoke a node now: its certificates are refused, its open streams "
                                          "closed, its endpoints withdrawn; it must join again with a new token")
     nrv.add_argument("name")
-    _common(nrv)
+    add_server_flags(nrv)
     nrv.set_defaults(func=cmd_node_revoke)
     nls = nsub.add_parser("list", help="node identities: labels, join address, certificates, revocation, "
                                        "recent refusals")
-    nls.add_argument("-o", "--output", choices=("table", "json"), default="table")
-    _common(nls)
+    add_output_flag(nls)
+    add_server_flags(nls)
     nls.set_defaults(func=cmd_node_list)
 
     au = sub.add_parser("audit", help="the audit log: who changed what, when (newest first); `audit verify` "
                                       "checks its hash chain, `audit refusals` shows refused calls")
     au.add_argument("what", nargs="?", choices=("list", "verify", "refusals"), default="list")
     au.add_argument("--limit", type=int, default=50)
-    au.add_argument("-o", "--output", choices=("table", "json"), default="table")
-    _common(au)
+    add_output_flag(au)
+    add_server_flags(au)
     au.set_defaults(func=cmd_audit)
 
     ca = sub.add_parser("ca", help="the mesh certificate authority")
@@ -89,13 +83,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     rot = csub.add_parser("rotate", help="new root now; the old one stays trusted for --overlap")
     rot.add_argument("--overlap", type=parse_duration, default=0,
                      help="how long the old root stays trusted (default: the CA's, 48h)")
-    _common(rot)
+    add_server_flags(rot)
     rot.set_defaults(func=cmd_ca_rotate)
-
-
-def _fail(e: ClientError) -> int:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:
@@ -103,14 +92,10 @@ def cmd_token_create(args: argparse.Namespace) -> int:
     for item in args.label:
         k, sep, v = item.partition("=")
         if not sep or not k:
-            print(f"error: --label {item!r} must read KEY=VALUE", file=sys.stderr)
-            return 2
+            raise CommandError(f"--label {item!r} must read KEY=VALUE", code=2)
         labels[k] = v
-    try:
-        with AdminClient(args.server) as c:
-            resp = c.create_join_token_labels(args.node, args.ttl, labels)
-    except ClientError as e:
-        return _fail(e)
+    with AdminClient(args.server) as c:
+        resp = c.create_join_token_labels(args.node, args.ttl, labels)
     print(resp.token)
     print(f"join token for node {args.node}, valid once until "
           f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(resp.expires_unix))}; put it in the agent's "
@@ -128,11 +113,8 @@ def cmd_operator_create(args: argparse.Namespace) -> int:
         csr_pem = (x509.CertificateSigningRequestBuilder()
                    .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, args.name)]))
                    .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode())
-    try:
-        with AdminClient(args.server) as c:
-            resp = c.create_operator(args.name, args.role, csr_pem, args.ttl)
-    except ClientError as e:
-        return _fail(e)
+    with AdminClient(args.server) as c:
+        resp = c.create_operator(args.name, args.role, csr_pem, args.ttl)
     expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(resp.expires_unix))
     if key is None:
         print(resp.token)
@@ -159,28 +141,21 @@ def cmd_operator_create(args: argparse.Namespace) -> int:
 def cmd_operator_revoke(args: argparse.Namespace) -> int:
     given = [x for x in (args.name, args.credential, args.serial) if x]
     if len(given) != 1:
-        print("error: give exactly one of NAME, --credential ID and --serial HEX", file=sys.stderr)
-        return 2
+        raise CommandError("give exactly one of NAME, --credential ID and --serial HEX", code=2)
     what = (f"operator {args.name}" if args.name else f"credential {args.credential}" if args.credential
             else f"certificate serial {args.serial}")
-    try:
-        with AdminClient(args.server) as c:
-            revoked = c.revoke_operator(args.name, args.credential, args.serial)
-    except ClientError as e:
-        return _fail(e)
+    with AdminClient(args.server) as c:
+        revoked = c.revoke_operator(args.name, args.credential, args.serial)
     if not revoked:
-        print(f"error: {what} not found (or already revoked)", file=sys.stderr)
-        return 1
+        raise CommandError(f"{what} not found (or already revoked)",
+                           "`nodemesh audit` lists operators' changes; a revoked credential stays revoked")
     print(f"{what} revoked")
     return 0
 
 
 def cmd_node_revoke(args: argparse.Namespace) -> int:
-    try:
-        with AdminClient(args.server) as c:
-            resp = c.revoke_node(args.name)
-    except ClientError as e:
-        return _fail(e)
+    with AdminClient(args.server) as c:
+        resp = c.revoke_node(args.name)
     print(f"node {args.name} {'revoked' if resp.revoked else 'was already revoked'}: "
           f"{resp.certificates_revoked} certificate(s) refused from now on, {resp.streams_closed} open stream(s) "
           f"closed, endpoints {'withdrawn' if resp.endpoints_withdrawn else 'not registered'}; it must join again "
@@ -189,28 +164,19 @@ def cmd_node_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_node_list(args: argparse.Namespace) -> int:
-    try:
-        with AdminClient(args.server) as c:
-            nodes = c.node_identities()
-    except ClientError as e:
-        return _fail(e)
+    with AdminClient(args.server) as c:
+        nodes = c.node_identities()
 
     def iso(t: int) -> str:
         return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t)) if t else ""
 
-    if args.output == "json":
-        print(json.dumps([{"name": n.name, "labels": dict(n.labels), "join_address": n.join_address,
-                           "joined": iso(n.joined_unix), "revoked": iso(n.revoked_unix),
-                           "certificates": list(n.serials), "refusals": list(n.refusals)} for n in nodes], indent=2))
-        return 0
-    rows = [("NODE", "LABELS", "JOINED FROM", "REVOKED", "CERTS", "LAST REFUSAL")]
-    for n in nodes:
-        rows.append((n.name, ",".join(f"{k}={v}" for k, v in sorted(n.labels.items())) or "-",
-                     n.join_address or "-", iso(n.revoked_unix) or "-", str(len(n.serials)),
-                     n.refusals[0] if n.refusals else "-"))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[5])
+    docs = [{"name": n.name, "labels": dict(n.labels), "join_address": n.join_address, "joined": iso(n.joined_unix),
+             "revoked": iso(n.revoked_unix), "certificates": list(n.serials), "refusals": list(n.refusals)}
+            for n in nodes]
+    emit(docs, args.output, lambda docs: table(
+        ("NODE", "LABELS", "JOINED FROM", "REVOKED", "CERTS", "LAST REFUSAL"),
+        [(d["name"], ",".join(f"{k}={v}" for k, v in sorted(d["labels"].items())), d["join_address"], d["revoked"],
+          len(d["certificates"]), d["refusals"][0] if d["refusals"] else "") for d in docs]))
     return 0
 
 
@@ -219,69 +185,54 @@ def cmd_audit(args: argparse.Namespace) -> int:
         return cmd_audit_verify(args)
     if args.what == "refusals":
         return cmd_audit_refusals(args)
-    try:
-        with AdminClient(args.server) as c:
-            entries = c.audit(args.limit)
-    except ClientError as e:
-        return _fail(e)
-    if args.output == "json":
-        print(json.dumps([{"seq": a.seq, "time_unix_ms": a.unix_ms, "principal": a.principal, "action": a.action,
-                           "detail": a.detail, "outcome": a.outcome, "hash": a.hash} for a in entries], indent=2))
-        return 0
-    rows = [("TIME", "PRINCIPAL", "ACTION", "OUTCOME", "DETAIL")]
-    for a in entries:
-        rows.append((time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(a.unix_ms / 1000)), a.principal, a.action,
-                     a.outcome, a.detail))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4])
+    with AdminClient(args.server) as c:
+        entries = c.audit(args.limit)
+    docs = [{"seq": a.seq, "time_unix_ms": a.unix_ms, "principal": a.principal, "action": a.action,
+             "detail": a.detail, "outcome": a.outcome, "hash": a.hash} for a in entries]
+    emit(docs, args.output, lambda docs: table(
+        ("TIME", "PRINCIPAL", "ACTION", "OUTCOME", "DETAIL"),
+        [(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(d["time_unix_ms"] / 1000)), d["principal"], d["action"],
+          d["outcome"], d["detail"]) for d in docs]))
     return 0
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    try:
-        with AdminClient(args.server) as c:
-            v = c.verify_audit()
-    except ClientError as e:
-        return _fail(e)
-    if args.output == "json":
-        print(json.dumps({"ok": v.ok, "records": v.records, "first_seq": v.first_seq, "last_seq": v.last_seq,
-                          "problem": v.problem}, indent=2))
-    elif v.ok:
-        print(f"audit chain intact: {v.records} change record(s), seq {v.first_seq}..{v.last_seq}")
-    else:
-        print(f"AUDIT CHAIN BROKEN after {v.records} good record(s) (seq {v.first_seq}..{v.last_seq}): {v.problem}")
+    with AdminClient(args.server) as c:
+        v = c.verify_audit()
+    def human(d: dict[str, Any]) -> str:
+        if d["ok"]:
+            return f"audit chain intact: {d['records']} change record(s), seq {d['first_seq']}..{d['last_seq']}"
+        return (f"AUDIT CHAIN BROKEN after {d['records']} good record(s) (seq {d['first_seq']}..{d['last_seq']}): "
+                f"{d['problem']}")
+
+    emit({"ok": v.ok, "records": v.records, "first_seq": v.first_seq, "last_seq": v.last_seq, "problem": v.problem},
+         args.output, human)
     return 0 if v.ok else 3
 
 
 def cmd_audit_refusals(args: argparse.Namespace) -> int:
-    try:
-        with AdminClient(args.server) as c:
-            r = c.refusals(args.limit)
-    except ClientError as e:
-        return _fail(e)
-    if args.output == "json":
-        print(json.dumps({"total": r.total,
-                          "counts": [{"method": x.method, "code": x.code, "principal": x.principal, "count": x.count}
-                                     for x in r.counts],
-                          "samples": [{"time_unix_ms": x.unix_ms, "principal": x.principal, "method": x.action,
-                                       "peer": x.detail, "outcome": x.outcome} for x in r.samples]}, indent=2))
-        return 0
-    print(f"{r.total} refused call(s) since the control plane started (kept apart from the change log)")
-    for x in r.counts:
-        print(f"  {x.count:>8}  {x.method}  {x.code}  {x.principal}")
-    for x in r.samples:
-        print(f"  {time.strftime('%H:%M:%SZ', time.gmtime(x.unix_ms / 1000))} {x.principal} {x.action} "
-              f"{x.detail}: {x.outcome}")
+    with AdminClient(args.server) as c:
+        r = c.refusals(args.limit)
+    doc = {"total": r.total,
+           "counts": [{"method": x.method, "code": x.code, "principal": x.principal, "count": x.count}
+                      for x in r.counts],
+           "samples": [{"time_unix_ms": x.unix_ms, "principal": x.principal, "method": x.action, "peer": x.detail,
+                        "outcome": x.outcome} for x in r.samples]}
+
+    def human(d: dict[str, Any]) -> str:
+        lines = [f"{d['total']} refused call(s) since the control plane started (kept apart from the change log)"]
+        lines += [f"  {x['count']:>8}  {x['method']}  {x['code']}  {x['principal']}" for x in d["counts"]]
+        lines += [f"  {time.strftime('%H:%M:%SZ', time.gmtime(x['time_unix_ms'] / 1000))} {x['principal']} "
+                  f"{x['method']} {x['peer']}: {x['outcome']}" for x in d["samples"]]
+        return "\n".join(lines)
+
+    emit(doc, args.output, human)
     return 0
 
 
 def cmd_ca_rotate(args: argparse.Namespace) -> int:
-    try:
-        with AdminClient(args.server) as c:
-            resp = c.rotate_root(args.overlap)
-    except ClientError as e:
-        return _fail(e)
+    with AdminClient(args.server) as c:
+        resp = c.rotate_root(args.overlap)
     print(f"rotated the mesh root {resp.old_fingerprint} -> {resp.new_fingerprint}; the old root stays trusted "
           f"until {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(resp.old_trusted_until_unix))}; agents "
           "re-issue their workload certificates from the new root now")

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from nodemesh.cli.output import CommandError, add_output_flags_with_json, emit
+
 log = logging.getLogger("nodeagent")
 
 
@@ -28,8 +30,7 @@ def _cmd_agent_run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
     except ConfigError as e:
-        print(f"nodemesh agent: invalid config {args.config}: {e}", file=sys.stderr)
-        return 2
+        raise CommandError(f"invalid agent config {args.config}: {e}", code=2) from e
     try:
         import uvloop
 
@@ -73,14 +74,6 @@ def _capture_for_config(config_path: str) -> tuple[Any, dict[str, Any]]:
     return backend, agent_status
 
 
-def _print_sections(title: str, sections: dict[str, Any]) -> None:
-    print(f"{title}:")
-    for name, lines in sections.items():
-        print(f"  {name}:")
-        for line in lines:
-            print(f"    {line}")
-
-
 def _cmd_capture_status(args: argparse.Namespace) -> int:
     """Exactly what of nodemesh's capture is installed in this network namespace."""
     from nodeagent.capture.base import CaptureError
@@ -98,22 +91,24 @@ def _cmd_capture_status(args: argparse.Namespace) -> int:
         found = survey(settings)
         diff = backend.verify() if backend is not None else None
     except (CaptureError, ConfigError) as e:
-        print(f"nodemesh capture status: {e}", file=sys.stderr)
-        return 2
+        raise CommandError(f"capture status: {e}", code=2) from e
     out: dict[str, Any] = {"installed": {k: {n: list(v) for n, v in sec.items()} for k, sec in found.items()}}
     if backend is not None:
         out.update(backend=backend.name, proxy_state=agent_status.get("proxy_state", ""),
                    matches_config=diff.ok if diff else None, differences=diff.describe() if diff else "")
-    if args.json:
-        print(json.dumps(out, indent=2))
-    else:
-        if not found:
-            print("no nodemesh capture installed in this network namespace")
-        for name, sections in found.items():
-            _print_sections(name, sections)
-        if backend is not None and diff is not None:
-            print(f"agent backend: {backend.name} (proxy {agent_status.get('proxy_state') or 'state unknown'})")
-            print(f"matches config: {'yes' if diff.ok else 'no'} ({diff.describe()})")
+    def human(out: dict[str, Any]) -> str:
+        lines = [] if out["installed"] else ["no nodemesh capture installed in this network namespace"]
+        for name, sections in out["installed"].items():
+            lines.append(f"{name}:")
+            for section, rules in sections.items():
+                lines.append(f"  {section}:")
+                lines += [f"    {rule}" for rule in rules]
+        if "backend" in out:
+            lines.append(f"agent backend: {out['backend']} (proxy {out['proxy_state'] or 'state unknown'})")
+            lines.append(f"matches config: {'yes' if out['matches_config'] else 'no'} ({out['differences']})")
+        return "\n".join(lines)
+
+    emit(out, args.output, human)
     return 0 if diff is None or diff.ok else 1
 
 
@@ -130,18 +125,17 @@ def _cmd_capture_verify(args: argparse.Namespace) -> int:
         owned = tuple(getattr(backend, "components", (backend.name,)))
         others = [k for k in survey(backend.settings) if k not in (*owned, "policy routing")]
     except (CaptureError, ConfigError) as e:
-        print(f"nodemesh capture verify: {e}", file=sys.stderr)
-        return 2
+        raise CommandError(f"capture verify: {e}", f"the agent config {args.config}", code=2) from e
     problems = [diff.describe()] if not diff.ok else []
     problems += [f"leftover {o} capture while the agent uses {backend.name}: run `nodemesh capture remove` "
                  "or restart the agent" for o in others]
-    if args.json:
-        print(json.dumps({"backend": backend.name, "ok": not problems, "problems": problems,
-                          "proxy_state": agent_status.get("proxy_state", "")}, indent=2))
-    elif problems:
-        print(f"capture ({backend.name}) does NOT match the config: " + "; ".join(problems))
-    else:
-        print(f"capture ({backend.name}) matches the config")
+    def human(out: dict[str, Any]) -> str:
+        if out["problems"]:
+            return f"capture ({out['backend']}) does NOT match the config: " + "; ".join(out["problems"])
+        return f"capture ({out['backend']}) matches the config"
+
+    emit({"backend": backend.name, "ok": not problems, "problems": problems,
+          "proxy_state": agent_status.get("proxy_state", "")}, args.output, human)
     return 0 if not problems else 1
 
 
@@ -175,11 +169,11 @@ def register(subparsers: Any) -> None:
     capture_sub.required = True
     st = capture_sub.add_parser("status", help="show the capture rules installed in this network namespace")
     st.add_argument("--config", help="also compare with what this agent config should install")
-    st.add_argument("--json", action="store_true", help="print JSON")
+    add_output_flags_with_json(st)
     st.set_defaults(func=_cmd_capture_status)
     vf = capture_sub.add_parser("verify", help="check installed capture against an agent config (exit 0/1)")
     vf.add_argument("--config", required=True, help="the agent config file, e.g. /etc/nodemesh/agent.yaml")
-    vf.add_argument("--json", action="store_true", help="print JSON")
+    add_output_flags_with_json(vf)
     vf.set_defaults(func=_cmd_capture_verify)
     rm = capture_sub.add_parser("remove", help="remove nodemesh capture rules (e.g. left by a killed agent)")
     rm.set_defaults(func=_cmd_capture_remove)

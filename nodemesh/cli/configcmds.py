@@ -1,4 +1,5 @@
-"""The control plane's CLI subcommands: serve, apply, get, delete."""
+"""`nodemesh controlplane serve` and the config verbs: `apply`, `get` (config kinds
+and proxystatus), `delete`, `bootstrap envoy`."""
 
 from __future__ import annotations
 
@@ -9,19 +10,11 @@ import logging
 import sys
 from typing import Any
 
-import yaml
-
-from controlplane.client import ClientError, ConfigClient, add_credential_flags, default_server
+from controlplane.client import ConfigClient, default_server
 from controlplane.xds.sync import PROXY_STATUS_KINDS
 from nodemesh import model, xdsnames
+from nodemesh.cli.output import CommandError, add_output_flag, add_server_flags, emit, emit_all, table
 from nodemesh.v1 import mesh_pb2
-
-
-def _add_server(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--server", default=None,
-                   help="control plane address, unix:/path or host:port "
-                        f"(default: $NODEMESH_SERVER or {default_server()})")
-    add_credential_flags(p)  # --token-file --ca-file --cert --key (docs/security.md)
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -75,7 +68,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     apply = subparsers.add_parser("apply", help="create or update config from YAML documents")
     apply.add_argument("-f", "--filename", required=True, help="a YAML file, or - for stdin")
     apply.add_argument("--dry-run", action="store_true", help="validate and report, store nothing")
-    _add_server(apply)
+    add_server_flags(apply)
     apply.set_defaults(func=cmd_apply)
 
     get = subparsers.add_parser("get", help="show config resources")
@@ -84,8 +77,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     get.add_argument("name", nargs="?", default="")
     get.add_argument("-n", "--namespace", default="", help="default: every namespace for a list, "
                      "'default' for one resource")
-    get.add_argument("-o", "--output", choices=("table", "yaml", "json"), default="table")
-    _add_server(get)
+    add_output_flag(get)
+    add_server_flags(get)
     get.set_defaults(func=cmd_get)
 
     boot = subparsers.add_parser("bootstrap", help="print an Envoy bootstrap that takes its config from nodemesh")
@@ -104,14 +97,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     boot.add_argument("--tls-ca", default="", metavar="FILE", help="CA bundle verifying the control plane")
     boot.add_argument("--tls-cert", default="", metavar="FILE", help="client certificate (node or operator)")
     boot.add_argument("--tls-key", default="", metavar="FILE", help="its private key")
-    boot.add_argument("-o", "--output", choices=("json", "yaml"), default="json")
+    add_output_flag(boot, ("json", "yaml"), default="json")
     boot.set_defaults(func=cmd_bootstrap)
 
     delete = subparsers.add_parser("delete", help="delete a config resource")
     delete.add_argument("kind")
     delete.add_argument("name")
     delete.add_argument("-n", "--namespace", default="")
-    _add_server(delete)
+    add_server_flags(delete)
     delete.set_defaults(func=cmd_delete)
 
 
@@ -134,8 +127,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             etcd_server_name=args.etcd_server_name)
         asyncio.run(serve(settings))
     except (OSError, ValueError, CaError, StoreError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        raise CommandError(str(e), f"the flags of `nodemesh controlplane serve`, and --state-dir {args.state_dir}"
+                           ) from e
     return 0
 
 
@@ -146,31 +139,28 @@ def _resource_doc(r: mesh_pb2.Resource) -> dict[str, Any]:
     return doc
 
 
+def _detail(r: mesh_pb2.Resource) -> str:
+    spec = json.loads(r.spec_json or "{}")
+    status = json.loads(r.status_json or "{}")
+    if r.kind == "Rollout":
+        ret = status.get("retirement") or {}
+        return (f"service={spec.get('service')} {spec.get('stable')}->{spec.get('candidate')} "
+                f"phase={status.get('phase', 'Pending')} weight={status.get('weight', 0)}%"
+                + (f" {ret.get('version')}={ret.get('state')}" if ret else ""))
+    if r.kind == model.KIND_SERVICE:
+        ports = ",".join(f"{p['port']}/{p['protocol']}" for p in spec.get("ports", []))
+        return f"vip={status.get('vip', spec.get('vip', ''))} ports={ports}"
+    return " ".join(f"{k}={v}" for k, v in spec.items())
+
+
 def _print(resources: list[mesh_pb2.Resource], output: str, single: bool) -> None:
-    docs = [_resource_doc(r) for r in resources]
-    if output == "json":
-        print(json.dumps(docs[0] if single else docs, indent=2, sort_keys=False))
-    elif output == "yaml":
-        print(yaml.safe_dump_all(docs, sort_keys=False), end="")
+    if output == "table":
+        print(table(("KIND", "NAMESPACE", "NAME", "DETAIL", "VERSION"),
+                    [(r.kind, r.namespace, r.name, _detail(r), r.resource_version) for r in resources]))
+    elif single:
+        emit(_resource_doc(resources[0]), output)
     else:
-        rows = [("KIND", "NAMESPACE", "NAME", "DETAIL", "VERSION")]
-        for r in resources:
-            spec = json.loads(r.spec_json or "{}")
-            status = json.loads(r.status_json or "{}")
-            if r.kind == "Rollout":
-                ret = status.get("retirement") or {}
-                detail = (f"service={spec.get('service')} {spec.get('stable')}->{spec.get('candidate')} "
-                          f"phase={status.get('phase', 'Pending')} weight={status.get('weight', 0)}%"
-                          + (f" {ret.get('version')}={ret.get('state')}" if ret else ""))
-            elif r.kind == model.KIND_SERVICE:
-                ports = ",".join(f"{p['port']}/{p['protocol']}" for p in spec.get("ports", []))
-                detail = f"vip={status.get('vip', spec.get('vip', ''))} ports={ports}"
-            else:
-                detail = " ".join(f"{k}={v}" for k, v in spec.items())
-            rows.append((r.kind, r.namespace or "-", r.name, detail, str(r.resource_version)))
-        widths = [max(len(row[i]) for row in rows) for i in range(4)]
-        for row in rows:
-            print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[4])
+        emit_all([_resource_doc(r) for r in resources], output)
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
@@ -181,35 +171,20 @@ def cmd_apply(args: argparse.Namespace) -> int:
             with open(args.filename) as f:
                 text = f.read()
     except OSError as e:
-        print(f"error: cannot read {args.filename}: {e}", file=sys.stderr)
-        return 1
-    try:
-        with ConfigClient(args.server) as c:
-            for outcome in c.apply(text, args.dry_run):
-                print(f"{outcome}{' (dry run)' if args.dry_run else ''}")
-    except ClientError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        raise CommandError(f"cannot read {args.filename}: {e}", "the path given to -f") from e
+    with ConfigClient(args.server) as c:
+        for outcome in c.apply(text, args.dry_run):
+            print(f"{outcome}{' (dry run)' if args.dry_run else ''}")
     return 0
 
 
 def _print_proxy_status(resources: list[mesh_pb2.Resource], output: str) -> None:
     rows = [json.loads(r.status_json) for r in resources]
-    if output == "json":
-        print(json.dumps(rows, indent=2))
-        return
-    if output == "yaml":
-        print(yaml.safe_dump(rows, sort_keys=False), end="")
-        return
-    table = [("NODE", "CLIENT", "XDS", "TYPE", "STATE", "ACKED", "SENT", "PENDING", "REASON")]
-    for r in rows:
-        table.append((r["node"] or f"stream-{r['stream']}", f"{r['client']} {r['client_version']}".strip(),
-                      r["protocol"], r["type"], r["state"].upper() if r["state"] != "synced" else "synced",
-                      r["acked_version"][:12] or "-", r["sent_version"][:12] or "-", str(r["pending"]),
-                      r["nack_reason"] or "-"))
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
-    for row in table:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
+    emit(rows, output, lambda rows: table(
+        ("NODE", "CLIENT", "XDS", "TYPE", "STATE", "ACKED", "SENT", "PENDING", "REASON"),
+        [(r["node"] or f"stream-{r['stream']}", f"{r['client']} {r['client_version']}".strip(), r["protocol"],
+          r["type"], r["state"].upper() if r["state"] != "synced" else "synced", r["acked_version"][:12],
+          r["sent_version"][:12], r["pending"], r["nack_reason"]) for r in rows]))
 
 
 def bootstrap_listener(spec: str, dns_domain: str) -> tuple[int, str]:
@@ -242,51 +217,35 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
                                  "--tls-key (a node certificate from `nodemesh join`, or an operator certificate)")
             cp = (host.strip("[]"), int(port))
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise CommandError(str(e), code=2) from e
     boot = envoy_bootstrap(args.node, args.cluster, cp, listeners, args.admin_port, args.listen_address,
                            delta=args.delta, tls_files=tls if all(tls) else None)
-    print(json.dumps(boot, indent=2) if args.output == "json" else yaml.safe_dump(boot, sort_keys=False), end="\n")
+    emit(boot, args.output)
     return 0
 
 
 def cmd_get(args: argparse.Namespace) -> int:
-    if args.kind.lower() in PROXY_STATUS_KINDS:
-        try:
-            with ConfigClient(args.server) as c:
-                _print_proxy_status(c.list(args.kind), args.output)
-        except ClientError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        return 0
-    try:
-        with ConfigClient(args.server) as c:
-            if args.name:
-                _print([c.get(args.kind, args.name, args.namespace)], args.output, True)
-            else:
-                items = c.list(args.kind, args.namespace)
-                if not items and args.output == "table":
-                    print("no resources found", file=sys.stderr)
-                    return 0
-                _print(items, args.output, False)
-    except ClientError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    with ConfigClient(args.server) as c:
+        if args.kind.lower() in PROXY_STATUS_KINDS:
+            _print_proxy_status(c.list(args.kind), args.output)
+        elif args.name:
+            _print([c.get(args.kind, args.name, args.namespace)], args.output, True)
+        else:
+            items = c.list(args.kind, args.namespace)
+            if not items and args.output == "table":
+                print("no resources found", file=sys.stderr)
+                return 0
+            _print(items, args.output, False)
     return 0
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    try:
-        with ConfigClient(args.server) as c:
-            deleted = c.delete(args.kind, args.name, args.namespace)
-    except ClientError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    with ConfigClient(args.server) as c:
+        deleted = c.delete(args.kind, args.name, args.namespace)
     kind = model.canonical_kind(args.kind)  # the server accepted it, so it is known
     ns = "" if kind in model.CLUSTER_SCOPED else (args.namespace or model.DEFAULT_NAMESPACE)
     ref = f"{kind.lower()}/{ns}/{args.name}" if ns else f"{kind.lower()}/{args.name}"
     if not deleted:
-        print(f"error: {ref} not found", file=sys.stderr)
-        return 1
+        raise CommandError(f"{ref} not found", f"`nodemesh get {kind}` lists what exists")
     print(f"{ref} deleted")
     return 0

@@ -6,6 +6,7 @@ top, tap, logs, and shell completion. Human tables by default, `-o json|yaml`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -13,17 +14,19 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Sequence
-from typing import Any, TextIO
+from collections.abc import Callable
+from typing import Any
+
+from nodemesh.cli.output import CommandError, add_output_flag, emit, table
 
 DEFAULT_ADMIN = "http://127.0.0.1:15000"
 
 
-class AdminUnreachable(RuntimeError):
-    pass
+class AdminUnreachable(CommandError):
+    """The agent's admin endpoint did not answer, or refused."""
 
 
-DEFAULT_ADMIN_TOKEN_FILE = "/var/lib/nodemesh/admin.token"
+DEFAULT_ADMIN_TOKEN_FILE = "/var/lib/nodemesh/admin.token"  # noqa: S105 (a path, not a secret)
 
 
 def admin_token() -> str:
@@ -39,51 +42,32 @@ def admin_token() -> str:
 
 def admin_get(base: str, path: str, timeout: float = 5.0, **params: str) -> Any:
     """GET a JSON (or text) admin path; errors say what to check."""
+    if urllib.parse.urlsplit(base).scheme not in ("http", "https"):
+        raise CommandError(f"--admin {base!r} is not an http:// or https:// address",
+                           f"the agent's admin endpoint, e.g. {DEFAULT_ADMIN}", code=2)
     url = base.rstrip("/") + path + ("?" + urllib.parse.urlencode(params) if params else "")
-    req = urllib.request.Request(url)
+    req = urllib.request.Request(url)  # noqa: S310 (scheme checked above: http or https only)
     token = admin_token()
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 (http/https only, above)
             body = resp.read().decode()
             ctype = resp.headers.get("Content-Type", "")
     except urllib.error.HTTPError as e:
         detail = e.read().decode(errors="replace").strip()
-        try:
+        with contextlib.suppress(ValueError, AttributeError):
             detail = json.loads(detail).get("error", detail)
-        except (ValueError, AttributeError):
-            pass
         raise AdminUnreachable(f"{path}: {detail or e.reason}") from None
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
-        raise AdminUnreachable(
-            f"cannot reach the agent's admin endpoint at {base} ({reason}): is the node agent running on this "
-            "node, and does --admin (or NODEMESH_ADMIN) match its proxy.adminPort?") from None
+        raise AdminUnreachable(f"cannot reach the agent's admin endpoint at {base} ({reason})",
+                               "is the node agent running on this node, and does --admin (or $NODEMESH_ADMIN) "
+                               "match its proxy.adminPort?") from None
     return json.loads(body) if "json" in ctype else body
 
 
 # ----------------------------------------------------------------------------- output
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[("-" if c is None or c == "" else str(c)) for c in r] for r in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
-    return "\n".join(lines)
-
-
-def emit(obj: Any, output: str, human: Callable[[Any], str], out: TextIO = sys.stdout) -> None:
-    if output == "json":
-        out.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    elif output == "yaml":
-        import yaml
-
-        out.write(yaml.safe_dump(obj, sort_keys=False, default_flow_style=False))
-    else:
-        out.write(human(obj).rstrip("\n") + "\n")
-    out.flush()
-
 
 def _fmt_ms(v: Any) -> str:
     return "-" if v is None else f"{float(v):.1f}ms"
@@ -117,7 +101,8 @@ def service_rows(dump: dict[str, Any]) -> list[dict[str, Any]]:
     for s in dump.get("services", []):
         eps = [e for p in s.get("ports", []) for e in p.get("endpoints", [])]
         out.append({"service": f"{s['namespace']}/{s['name']}", "vip": s.get("vip", ""),
-                    "ports": [f"{p['port']}->{p['target_port']}/{p.get('protocol', 'tcp')}" for p in s.get("ports", [])],
+                    "ports": [f"{p['port']}->{p['target_port']}/{p.get('protocol', 'tcp')}"
+                              for p in s.get("ports", [])],
                     "endpoints": len(eps), "healthy": sum(1 for e in eps if e.get("healthy", True))})
     return out
 
@@ -180,7 +165,8 @@ def human_explain(x: dict[str, Any]) -> str:
     if x["plan"].get("cluster"):
         lines.append(f"  cluster:  {x['plan']['cluster']} protocol {x['plan'].get('protocol', 'tcp')}")
     for r in x.get("routes", []):
-        lines.append(f"  route:    {r['name']} match {json.dumps(r['match'], default=str)} -> {', '.join(r['backends'])}")
+        lines.append(f"  route:    {r['name']} match {json.dumps(r['match'], default=str)} -> "
+                     f"{', '.join(r['backends'])}")
     if x.get("policies"):
         lines.append(f"  policies: {json.dumps(x['policies'], default=str)}")
     for c in x.get("candidates", []):
@@ -219,7 +205,8 @@ def human_top(rows: list[dict[str, Any]]) -> str:
     def r(v: float | None) -> str:
         return "-" if v is None else f"{v:.2f}/s"
 
-    return table(("REPORTER", "SOURCE", "SERVICE", "DESTINATION", "RPS", "CONN/S", "TOTAL", "SUCCESS", "P99", "SECURITY"),
+    return table(("REPORTER", "SOURCE", "SERVICE", "DESTINATION", "RPS", "CONN/S", "TOTAL", "SUCCESS", "P99",
+                  "SECURITY"),
                  [(x["reporter"], x["source"], x["service"], x["destination"], r(x["request_rate"]),
                    r(x["connection_rate"]), int(x["requests"] or x["connections"]), _fmt_pct(x["success_rate"]),
                    _fmt_ms(x["p99_ms"]), ",".join(x["mtls"])) for x in rows])
@@ -262,9 +249,8 @@ def _cmd_services(a: argparse.Namespace) -> int:
 def _cmd_endpoints(a: argparse.Namespace) -> int:
     rows = endpoint_rows(admin_get(a.admin, "/clusters"), a.service)
     if not rows and a.output == "table":
-        print(f"no endpoints for service {a.service!r} in this node's snapshot (see `nodemesh services`)",
-              file=sys.stderr)
-        return 1
+        raise CommandError(f"no endpoints for service {a.service!r} in this node's snapshot",
+                           "`nodemesh services` lists the services this node knows")
     emit(rows, a.output, human_endpoints)
     return 0
 
@@ -374,13 +360,11 @@ def _cmd_completion(a: argparse.Namespace) -> int:
     return 0
 
 
-def _wrap(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+def _until_interrupted(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Live views (top, tap, logs -f) run until Ctrl-C, which is their normal end."""
     def run(a: argparse.Namespace) -> int:
         try:
             return fn(a)
-        except AdminUnreachable as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
         except KeyboardInterrupt:
             return 0
     return run
@@ -391,38 +375,38 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         p.add_argument("--admin", default=os.environ.get("NODEMESH_ADMIN", DEFAULT_ADMIN),
                        help=f"the local agent's admin endpoint (env NODEMESH_ADMIN, default {DEFAULT_ADMIN})")
         if outputs:
-            p.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
+            add_output_flag(p)
 
     p = sub.add_parser("status", help="this node's agent: capture, control plane link, versions, certificates")
     common(p)
-    p.set_defaults(func=_wrap(_cmd_status))
+    p.set_defaults(func=_until_interrupted(_cmd_status))
     p = sub.add_parser("services", help="services in this node's snapshot")
     common(p)
-    p.set_defaults(func=_wrap(_cmd_services))
+    p.set_defaults(func=_until_interrupted(_cmd_services))
     p = sub.add_parser("endpoints", help="a service's endpoints with health, EWMA and outstanding connections")
     p.add_argument("service", help="<name> or <namespace>/<name>")
     common(p)
-    p.set_defaults(func=_wrap(_cmd_endpoints))
+    p.set_defaults(func=_until_interrupted(_cmd_endpoints))
     p = sub.add_parser("routes", help="route tables per service port")
     common(p)
-    p.set_defaults(func=_wrap(_cmd_routes))
+    p.set_defaults(func=_until_interrupted(_cmd_routes))
     p = sub.add_parser("explain", help="what the proxy would do with a connection, step by step")
     p.add_argument("source", metavar="FROM_WORKLOAD", help="a local workload: <name> or <namespace>/<name>")
     p.add_argument("to", metavar="TO", help="ip:port, or a service name (web, web.default, default/web[:port])")
     common(p)
-    p.set_defaults(func=_wrap(_cmd_explain))
+    p.set_defaults(func=_until_interrupted(_cmd_explain))
     p = sub.add_parser("top", help="live golden metrics per service edge")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
     p.add_argument("--count", type=int, default=0, help="stop after this many refreshes (0: run until Ctrl-C)")
     common(p)
-    p.set_defaults(func=_wrap(_cmd_top))
+    p.set_defaults(func=_until_interrupted(_cmd_top))
     p = sub.add_parser("tap", help="stream live connection summaries for a service")
     p.add_argument("service", help="<name>, <namespace>/<name> or the service's host name")
     p.add_argument("--interval", type=float, default=0.5)
     p.add_argument("--count", type=int, default=0, help="stop after this many records")
     p.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds")
     common(p)
-    p.set_defaults(func=_wrap(_cmd_tap))
+    p.set_defaults(func=_until_interrupted(_cmd_tap))
     p = sub.add_parser("logs", help="recent access log records from this node's proxy")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new records")
     p.add_argument("--tail", type=int, default=50, help="how many recent records to show first")
@@ -430,7 +414,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--count", type=int, default=0)
     p.add_argument("--duration", type=float, default=0.0)
     common(p)
-    p.set_defaults(func=_wrap(_cmd_logs))
+    p.set_defaults(func=_until_interrupted(_cmd_logs))
     p = sub.add_parser("completion", help="print a shell completion script: source <(nodemesh completion bash)")
     p.add_argument("shell", choices=("bash", "zsh"))
     p.set_defaults(func=_cmd_completion)

@@ -14,8 +14,9 @@ from typing import Any
 
 import yaml
 
-from controlplane.client import ClientError, ConfigClient, add_credential_flags, default_server
+from controlplane.client import ConfigClient
 from nodemesh import model
+from nodemesh.cli.output import CommandError, add_output_flag, add_server_flags, emit, table
 from nodemesh.rollouts import KIND_ROLLOUT
 
 BAR_WIDTH = 40
@@ -112,19 +113,12 @@ def _history_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _emit(obj: Any, output: str) -> None:
-    if output == "json":
-        print(json.dumps(obj, indent=2))
-    else:
-        print(yaml.safe_dump(obj, sort_keys=False), end="")
-
-
 def _cmd_status(args: argparse.Namespace, c: ConfigClient) -> int:
     live = args.output == "table" and (args.watch or (sys.stdout.isatty() and not args.once))
     while True:
         doc = _doc(c.get(KIND_ROLLOUT, args.name, args.namespace))
         if args.output != "table":
-            _emit(doc, args.output)
+            emit(doc, args.output)
             return 0
         text = render_status(doc, time.time())
         if live:
@@ -140,13 +134,10 @@ def _cmd_status(args: argparse.Namespace, c: ConfigClient) -> int:
 def _cmd_history(args: argparse.Namespace, c: ConfigClient) -> int:
     rows = _history_rows(_doc(c.get(KIND_ROLLOUT, args.name, args.namespace)))
     if args.output != "table":
-        _emit(rows, args.output)
+        emit(rows, args.output)
         return 0
-    fmt = "{:<18} {:<10} {:<10} {:<12} {}"
-    print(fmt.format("RUN", "STABLE", "CANDIDATE", "OUTCOME", "REASON"))
-    for r in rows:
-        print(fmt.format(str(r.get("run")), str(r.get("stable")), str(r.get("candidate")), str(r.get("outcome")),
-                         str(r.get("reason", ""))))
+    print(table(("RUN", "STABLE", "CANDIDATE", "OUTCOME", "REASON"),
+                [(r.get("run"), r.get("stable"), r.get("candidate"), r.get("outcome"), r.get("reason")) for r in rows]))
     return 0
 
 
@@ -156,9 +147,8 @@ def _control(field: str, value: bool, verb: str) -> Any:
         doc = _doc(r)
         phase = (doc.get("status") or {}).get("phase")
         if phase in CONCLUDED:
-            print(f"error: rollout {r.namespace}/{r.name} already ended ({phase}); nothing to {verb}",
-                  file=sys.stderr)
-            return 1
+            raise CommandError(f"rollout {r.namespace}/{r.name} already ended ({phase}); nothing to {verb}",
+                               f"`nodemesh rollout history {r.name}` shows how it ended")
         spec = doc["spec"]
         if field == "paused" and not value and not spec.get("paused"):
             print(f"rollout {r.namespace}/{r.name} is not paused")
@@ -171,16 +161,10 @@ def _control(field: str, value: bool, verb: str) -> Any:
     return cmd
 
 
-def _wrap(fn: Any) -> Any:
+def _with_client(fn: Any) -> Any:
     def run(args: argparse.Namespace) -> int:
-        try:
-            with ConfigClient(args.server) as c:
-                return int(fn(args, c))
-        except ClientError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            return 130
+        with ConfigClient(args.server) as c:
+            return int(fn(args, c))
     return run
 
 
@@ -192,24 +176,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         p.add_argument("name", help="the Rollout's name")
         p.add_argument("-n", "--namespace", default="", help="default: 'default'")
         if outputs:
-            p.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
-        p.add_argument("--server", default=None, help=f"control plane address (default: $NODEMESH_SERVER or "
-                       f"{default_server()})")
-        add_credential_flags(p)
+            add_output_flag(p)
+        add_server_flags(p)
 
     p = rs.add_parser("status", help="step, weights, readings against thresholds, time to the next step")
     common(p)
     p.add_argument("-w", "--watch", action="store_true", help="keep refreshing (the default on a terminal)")
     p.add_argument("--once", action="store_true", help="print once, even on a terminal")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
-    p.set_defaults(func=_wrap(_cmd_status))
+    p.set_defaults(func=_with_client(_cmd_status))
     for verb, field, value, text in (("pause", "paused", True, "hold at the current step"),
                                      ("resume", "paused", False, "continue after a pause"),
                                      ("promote", "promote", True, "skip to 100 % and make the candidate stable"),
                                      ("abort", "abort", True, "roll back to the stable version now")):
         p = rs.add_parser(verb, help=text)
         common(p, outputs=False)
-        p.set_defaults(func=_wrap(_control(field, value, verb)))
+        p.set_defaults(func=_with_client(_control(field, value, verb)))
     p = rs.add_parser("history", help="every run of this Rollout with its outcome and reason")
     common(p)
-    p.set_defaults(func=_wrap(_cmd_history))
+    p.set_defaults(func=_with_client(_cmd_history))

@@ -1,4 +1,4 @@
-"""Security subcommands of `nodemesh`: `authz check` (what the receiving node
+"""`nodemesh authz check` and `nodemesh certs`: `authz check` (what the receiving node
 would decide, and why, from the current config, without sending traffic) and
 `certs` (what each workload on this node holds, from the agent's status.json)."""
 
@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from nodemesh.cli.output import CommandError, add_output_flags_with_json, add_server_flags, client_hint, emit, table
 
 DEFAULT_AGENT_STATE = "/var/lib/nodemesh"
 
@@ -28,16 +29,13 @@ def register(sub: Any) -> None:
     chk.add_argument("--host", default="", help="HTTP host (default: the service's host name)")
     chk.add_argument("--header", action="append", default=[], metavar="NAME=VALUE", help="HTTP header; repeatable")
     chk.add_argument("--source-ip", default="", help="the caller's address, for ipBlocks rules")
-    chk.add_argument("--server", default=None, help="control plane address (default: $NODEMESH_SERVER)")
-    from controlplane.client import add_credential_flags
-
-    add_credential_flags(chk)  # --token-file --ca-file --cert --key, as on every config command
-    chk.add_argument("--json", action="store_true", help="print JSON")
+    add_server_flags(chk)
+    add_output_flags_with_json(chk)
     chk.set_defaults(func=cmd_authz_check)
 
     certs = sub.add_parser("certs", help="show the workload certificates the agent on this node holds")
     certs.add_argument("--state-dir", default=DEFAULT_AGENT_STATE, help="the agent's stateDir (holds status.json)")
-    certs.add_argument("--json", action="store_true", help="print JSON")
+    add_output_flags_with_json(certs)
     certs.set_defaults(func=cmd_certs)
 
 
@@ -82,25 +80,21 @@ def cmd_authz_check(args: argparse.Namespace) -> int:
             res = c.get("Service", name, ns)
         svc = model.object_from_spec(res.kind, res.namespace, res.name, json.loads(res.spec_json), dict(res.labels))
         principal = _source_principal(args.source, mesh.trust_domain)
-    except ClientError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except ClientError as e:  # exit 2: no decision could be made (1 is DENY)
+        raise CommandError(str(e), client_hint(e), code=2) from e
     except (ValueError, IdentityError, model.ValidationError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise CommandError(str(e), code=2) from e
     port = next((p for p in svc.ports if p.port == args.port), None) if args.port else svc.ports[0]
     if port is None:
-        print(f"error: service {ns}/{name} has no port {args.port} (ports: "
-              f"{', '.join(str(p.port) for p in svc.ports)})", file=sys.stderr)
-        return 2
+        raise CommandError(f"service {ns}/{name} has no port {args.port}",
+                           f"its ports: {', '.join(str(p.port) for p in svc.ports)}", code=2)
     http = None
     if args.method or args.path or args.header or args.host:
         headers = []
         for h in args.header:
             k, sep, v = h.partition("=")
             if not sep:
-                print(f"error: --header {h!r} must be NAME=VALUE", file=sys.stderr)
-                return 2
+                raise CommandError(f"--header {h!r} must be NAME=VALUE", code=2)
             headers.append((k.strip().lower(), v))
         http = HttpFacts(args.method.upper() or "GET", args.path or "/",
                          args.host or f"{name}.{ns}.svc.{mesh.dns_domain}", tuple(headers))
@@ -112,17 +106,18 @@ def cmd_authz_check(args: argparse.Namespace) -> int:
     out = {"decision": "ALLOW" if v.allowed else "DENY", "reason": v.reason, "policy": v.policy,
            "rule": v.rule, "mtls_mode": v.mtls_mode, "mtls_policy": v.mtls_policy, "audit": list(v.audited),
            "layer": "L7" if http else "L4", "message": v.message}
-    if args.json:
-        print(json.dumps(out, indent=2))
-    else:
-        print(f"{out['decision']}: {v.message}")
-        print(f"  reason {v.reason}; mTLS mode {v.mtls_mode}"
-              f"{' (' + v.mtls_policy + ')' if v.mtls_policy else ' (mesh default)'}; checked at {out['layer']}")
-        if v.policy:
-            print(f"  decided by {v.policy}" + (f" rule {v.rule}" if v.rule is not None else ""))
-        for a in v.audited:
-            print(f"  audited by {a}")
+    emit(out, args.output, _human_decision)
     return 0 if v.allowed else 1
+
+
+def _human_decision(d: dict[str, Any]) -> str:
+    lines = [f"{d['decision']}: {d['message']}",
+             f"  reason {d['reason']}; mTLS mode {d['mtls_mode']}"
+             f"{' (' + d['mtls_policy'] + ')' if d['mtls_policy'] else ' (mesh default)'}; checked at {d['layer']}"]
+    if d["policy"]:
+        lines.append(f"  decided by {d['policy']}" + (f" rule {d['rule']}" if d["rule"] is not None else ""))
+    lines += [f"  audited by {a}" for a in d["audit"]]
+    return "\n".join(lines)
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
@@ -130,9 +125,8 @@ def cmd_certs(args: argparse.Namespace) -> int:
     try:
         status = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        print(f"error: cannot read {path}: {e}; is the agent running with stateDir {args.state_dir}?",
-              file=sys.stderr)
-        return 2
+        raise CommandError(f"cannot read {path}: {e}",
+                           f"is the agent running with stateDir {args.state_dir} (--state-dir)?", code=2) from e
     certs: dict[str, Any] = status.get("certs", {})
     now = time.time()
     rows = []
@@ -140,23 +134,19 @@ def cmd_certs(args: argparse.Namespace) -> int:
         left = float(info.get("not_after_unix", 0)) - now
         rows.append({"identity": ident, "not_after": info.get("not_after", ""),
                      "expires_in_s": round(left), "expired": left <= 0})
-    if args.json:
-        print(json.dumps({"node": status.get("node", ""), "certs": rows}, indent=2))
-        return 0
-    if not rows:
-        print(f"node {status.get('node', '?')}: no workload certificates held")
-        return 0
-    print(f"node {status.get('node', '?')} (certs version {status.get('certs_version', 0)})")
-    width = max(len(r["identity"]) for r in rows)
-    for r in rows:
-        left = r["expires_in_s"]
-        when = "EXPIRED" if r["expired"] else f"in {left // 3600}h{(left % 3600) // 60:02d}m"
-        print(f"  {r['identity'].ljust(width)}  valid until {r['not_after']}  ({when})")
+    def human(d: dict[str, Any]) -> str:
+        if not d["certs"]:
+            return f"node {d['node'] or '?'}: no workload certificates held"
+
+        def when(r: dict[str, Any]) -> str:
+            left = r["expires_in_s"]
+            return "EXPIRED" if r["expired"] else f"in {left // 3600}h{(left % 3600) // 60:02d}m"
+
+        return (f"node {d['node'] or '?'} (certs version {d['certs_version']})\n"
+                + table(("IDENTITY", "VALID UNTIL", "EXPIRES"), [(r["identity"], r["not_after"], when(r))
+                                                                 for r in d["certs"]]))
+
+    emit({"node": status.get("node", ""), "certs_version": status.get("certs_version", 0), "certs": rows},
+         args.output, human)
     return 0
 
-
-def identity_cert_expiration_timestamps(certs: Any) -> dict[str, float]:
-    """identity -> unix expiry of the SVID held, for the metrics endpoint
-    (identity_cert_expiration_timestamp_seconds{identity=...}); `certs` is a
-    nodeagent.supervision.settings.Certs."""
-    return {ident: float(svid.not_after_unix) for ident, svid in certs.svids.items()}
