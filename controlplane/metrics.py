@@ -3,7 +3,8 @@ config version, proxies connected, and the cost of each push: push latency
 (from a response being handed to a stream to the client's ACK of it, per type;
 controlplane/xds/sync.py keeps the send times), fan-out duration (from a new
 snapshot to the last stream's response), bytes per response, and per-node
-queue depth (responses sent and not yet answered). Rendered in the Prometheus
+queue depth (snapshot versions a node's stream has yet to catch up on, and
+responses sent and not yet answered). Rendered in the Prometheus
 text format on the mesh view's /metrics.
 """
 
@@ -88,7 +89,7 @@ class ControlPlaneMetrics:
         whose nodes come and go does not grow this without bound."""
         for labels in self.nacks.collect().series:
             if labels and labels[0] == node:
-                self.nacks.remove(dict(zip(self.nacks.labelnames, labels)))
+                self.nacks.remove(dict(zip(self.nacks.labelnames, labels, strict=True)))
 
     # -- scrape --
     def render(self, cp: Any) -> str:
@@ -100,11 +101,17 @@ class ControlPlaneMetrics:
             None, stats.streams_opened)
         r.gauge("nodemesh_controlplane_xds_responses", "xDS responses sent since start (a counter).").set(
             None, stats.responses)
-        depth = r.gauge("nodemesh_controlplane_xds_queue_depth",
-                        "Responses sent to a node and not yet answered (ACK or NACK).", ("node",))
-        depth.clear()  # nodes that left must not linger
+        unanswered = r.gauge("nodemesh_controlplane_xds_unanswered_responses",
+                             "Responses sent to a node and not yet answered (ACK or NACK).", ("node",))
+        unanswered.clear()  # nodes that left must not linger
         for c in cp.ads.sync.clients.values():
-            depth.set({"node": c.node or f"stream-{c.stream}"}, c.queue_depth)
+            unanswered.set({"node": c.node or f"stream-{c.stream}"}, c.queue_depth)
+        depth = r.gauge("nodemesh_controlplane_xds_queue_depth",
+                        "Snapshot versions a node's stream has yet to catch up on: 0 in sync, N when a type "
+                        "was last delivered and answered N snapshots ago.", ("node",))
+        depth.clear()
+        for node, behind in cp.ads.sync.versions_behind().items():
+            depth.set({"node": node}, behind)
         clients = r.gauge("nodemesh_controlplane_xds_clients", "xDS clients by sync state.", ("state",))
         for state, n in cp.ads.sync.summary().items():
             clients.set({"state": state}, n)

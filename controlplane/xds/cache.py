@@ -11,8 +11,9 @@ import asyncio
 import hashlib
 import itertools
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 from envoy.service.discovery.v3 import discovery_pb2
@@ -44,6 +45,9 @@ def length_delimited(field_number: int, payload: bytes) -> bytes:
     """One length-delimited field (wire type 2) in protobuf encoding."""
     return _varint(field_number << 3 | 2) + _varint(len(payload)) + payload
 
+
+# Earlier sets whose differences to a set are remembered on it (TypeResources.changes_since).
+SINCE_KEPT = 8
 
 # Watches answered between two yields to the event loop during a fan-out, so that
 # pushing to a thousand streams never holds heartbeats or API calls for long.
@@ -168,14 +172,32 @@ class TypeResources:
         tr.__dict__["resource_versions"] = versions
         tr.__dict__["_sotw_encoded"] = sotw
         tr.__dict__["_delta_encoded"] = delta
+        changed = {n for n in kept if n not in old or old_versions[n] != versions[n]}
+        changed.update(n for n in old if n not in kept)
+        tr._remember_since(previous, frozenset(changed))
         return tr
 
+    @cached_property
+    def _since(self) -> OrderedDict[int, tuple[TypeResources, frozenset[str]]]:
+        return OrderedDict()
+
     def changes_since(self, old: TypeResources) -> frozenset[str]:
-        """Names added, changed or removed from `old` to this set."""
+        """Names added, changed or removed from `old` to this set. Remembered per
+        set for the last few `old` ones, so the streams of a fleet that each diff
+        against the set they last saw share one comparison."""
+        hit = self._since.get(id(old))
+        if hit is not None and hit[0] is old:
+            return hit[1]
         new_v, old_v = self.resource_versions, old.resource_versions
         changed = {n for n, v in new_v.items() if old_v.get(n) != v}
         changed.update(n for n in old_v if n not in new_v)
-        return frozenset(changed)
+        return self._remember_since(old, frozenset(changed))
+
+    def _remember_since(self, old: TypeResources, changed: frozenset[str]) -> frozenset[str]:
+        self._since[id(old)] = (old, changed)  # the reference keeps id(old) from being reused
+        while len(self._since) > SINCE_KEPT:
+            self._since.popitem(last=False)
+        return changed
 
 
 class SnapshotError(ValueError):
@@ -228,6 +250,7 @@ class WatchResponse:
     resources: tuple[any_pb2.Any, ...]  # sorted by name
     names: tuple[str, ...]
     encoded: bytes = b""  # the resources as DiscoveryResponse.resources entries (shared bytes)
+    generation: int = 0  # SnapshotCache.generation it was answered at
 
 
 @dataclass(eq=False)
@@ -238,6 +261,7 @@ class _Watch:
     names: frozenset[str]  # empty: wildcard
     known_version: str
     queue: asyncio.Queue[WatchResponse]
+    on_current: Callable[[int], None] | None = None  # told each generation found to hold nothing new
 
 
 def _respond(snap: XdsSnapshot, w: _Watch) -> WatchResponse:
@@ -301,10 +325,19 @@ class DeltaWatchResponse:
     resources: tuple[DeltaResource, ...]  # new or changed, sorted by name
     removed: tuple[str, ...]  # gone, or subscribed by name and never existed; sorted
     known: Mapping[str, str]  # what the client holds once it has this response
+    generation: int = 0  # SnapshotCache.generation it was answered at
+    # The set this answer was computed from: once sent, the client lacks nothing of
+    # it, so the stream's next watch need only look at what changed since.
+    source: TypeResources | None = field(default=None, repr=False)
+
+
+# In a Delta rejected map: the client NACKed the removal of this name.
+REMOVAL = "-"
 
 
 def delta_diff(type_url: str, tr: TypeResources, sub: DeltaSubscription,
-               known: Mapping[str, str], only: frozenset[str] | None = None) -> DeltaWatchResponse | None:
+               known: Mapping[str, str], only: frozenset[str] | None = None,
+               rejected: Mapping[str, str] | None = None) -> DeltaWatchResponse | None:
     """What a client holding `known` (name -> resource version) must be told about
     `tr` under `sub`; None when nothing. Pure, so the rules are tested alone:
     - a covered resource whose version the client does not hold is sent;
@@ -315,7 +348,10 @@ def delta_diff(type_url: str, tr: TypeResources, sub: DeltaSubscription,
     `only`: look at these names alone. Correct when the same client, subscription
     and `known` had nothing to be told about an earlier set and `only` holds every
     name changed since (TypeResources.changes_since): a change costs the size of
-    the change, not of the mesh, per stream."""
+    the change, not of the mesh, per stream.
+    `rejected`: name -> the version (or REMOVAL) the client NACKed; that same
+    version (or removal) is not offered again, a newer one is."""
+    rejected = rejected or {}
     versions = tr.resource_versions
     if only is None:
         wanted = (set(tr.wildcard_names) if sub.wildcard else set()) | {n for n in sub.plain if n in versions}
@@ -325,8 +361,9 @@ def delta_diff(type_url: str, tr: TypeResources, sub: DeltaSubscription,
     else:
         wanted = {n for n in only if n in versions and sub.covers(n)}
         gone = {n for n in only if n in known or n in sub.plain}
-    changed = sorted(n for n in wanted if known.get(n) != versions[n])
-    removed = sorted(n for n in gone if n not in versions and known.get(n, UNCERTAIN) != NOT_FOUND)
+    changed = sorted(n for n in wanted if known.get(n) != versions[n] and rejected.get(n) != versions[n])
+    removed = sorted(n for n in gone if n not in versions and known.get(n, UNCERTAIN) != NOT_FOUND
+                     and rejected.get(n) != REMOVAL)
     if not changed and not removed:
         return None
     after = dict(known)
@@ -340,7 +377,7 @@ def delta_diff(type_url: str, tr: TypeResources, sub: DeltaSubscription,
     return DeltaWatchResponse(type_url, tr.version,
                               tuple(DeltaResource(n, versions[n], tr.resources[n], tr.delta_entry(n))
                                     for n in changed),
-                              tuple(removed), after)
+                              tuple(removed), after, source=tr)
 
 
 @dataclass(eq=False)
@@ -354,21 +391,30 @@ class _DeltaWatch:
     # The set last found to hold nothing new for this watch: the next snapshot is
     # compared by its changes since this one, not resource by resource.
     base: TypeResources | None = None
+    rejected: Mapping[str, str] | None = None  # what the client NACKed (delta_diff)
+    on_current: Callable[[int], None] | None = None  # told each generation found to hold nothing new
 
 
 def _delta_respond(snap: XdsSnapshot, w: _DeltaWatch,
-                   changes: dict[tuple[int, int], frozenset[str]] | None = None) -> DeltaWatchResponse | None:
+                   also: frozenset[str] | None = None) -> DeltaWatchResponse | None:
+    """`also`: names to look at besides those changed since the watch's base (a
+    subscription change's new names); None with a base means none."""
     tr = snap.get(w.type_url)
     base = w.base
-    if base is tr or (base is not None and base.version == tr.version):
+    if also is None and (base is tr or (base is not None and base.version == tr.version)):
         return None  # this type did not change for the watch
     only = None
-    if base is not None and changes is not None:
-        key = (id(base), id(tr))
-        only = changes.get(key)
-        if only is None:
-            only = changes[key] = tr.changes_since(base)
-    resp = delta_diff(w.type_url, tr, w.sub, w.known, only)
+    if base is not None:
+        only = tr.changes_since(base)
+        if also:
+            extra = set(only)
+            for n in also:
+                if n.endswith(xdsnames.SLICE_GLOB):
+                    extra.update(tr.slices_by_prefix.get(n[:-1], ()))
+                else:
+                    extra.add(n)
+            only = frozenset(extra)
+    resp = delta_diff(w.type_url, tr, w.sub, w.known, only, w.rejected)
     if resp is None:
         w.base = tr
     return resp
@@ -390,6 +436,9 @@ class SnapshotCache:
         self._watches: dict[int, _Watch] = {}
         self._delta_watches: dict[int, _DeltaWatch] = {}
         self._ids = itertools.count(1)
+        # Bumped by every snapshot set: how far a stream is behind is counted in these
+        # (controlplane/xds/sync.py versions_behind).
+        self.generation = 0
 
     @property
     def default_snapshot(self) -> XdsSnapshot | None:
@@ -400,6 +449,7 @@ class SnapshotCache:
 
     def set_snapshot(self, node_id: str, snap: XdsSnapshot) -> None:
         snap.consistent()
+        self.generation += 1
         self._snapshots[node_id] = snap
         self._answer(lambda w: w.node_id == node_id)
 
@@ -407,6 +457,7 @@ class SnapshotCache:
         """The snapshot for every node that has none of its own (the usual case:
         node agents all see the same mesh)."""
         snap.consistent()
+        self.generation += 1
         self._default = snap
         self._answer(lambda w: w.node_id not in self._snapshots)
 
@@ -416,12 +467,12 @@ class SnapshotCache:
         heartbeat or an API call by more than one batch."""
         snap.consistent()
         t0 = time.monotonic()
+        self.generation += 1
         self._default = snap
 
         def which(w: _Watch | _DeltaWatch) -> bool:
             return w.node_id not in self._snapshots
 
-        changes: dict[tuple[int, int], frozenset[str]] = {}
         answered = examined = 0
         for group in (self._watches, self._delta_watches):
             ids = list(group)
@@ -431,7 +482,7 @@ class SnapshotCache:
                     if self._default is not snap:
                         # A newer snapshot took over; its own fan-out answers the rest.
                         return FanoutResult(answered, examined, time.monotonic() - t0)
-                a, e = self._answer(which, ids[i:i + batch], changes)
+                a, e = self._answer(which, ids[i:i + batch])
                 answered += a
                 examined += e
         return FanoutResult(answered, examined, time.monotonic() - t0)
@@ -443,17 +494,21 @@ class SnapshotCache:
         return len(self._watches) + len(self._delta_watches)
 
     def create_watch(self, node_id: str, type_url: str, resource_names: Iterable[str],
-                     known_version: str) -> tuple[asyncio.Queue[WatchResponse], Callable[[], None]]:
+                     known_version: str, on_current: Callable[[int], None] | None = None
+                     ) -> tuple[asyncio.Queue[WatchResponse], Callable[[], None]]:
         """Ask for `type_url` resources newer than `known_version`. The queue gets
         one response: at once when the node's snapshot has another version of the
         type, else when a new snapshot changes it. `cancel()` drops the watch."""
         queue: asyncio.Queue[WatchResponse] = asyncio.Queue(maxsize=1)
-        w = _Watch(next(self._ids), node_id, type_url, frozenset(resource_names), known_version, queue)
+        w = _Watch(next(self._ids), node_id, type_url, frozenset(resource_names), known_version, queue,
+                   on_current)
         snap = self.snapshot_for(node_id)
         if snap is not None and snap.version(type_url) != known_version:
-            queue.put_nowait(_respond(snap, w))
+            queue.put_nowait(replace(_respond(snap, w), generation=self.generation))
         else:
             self._watches[w.id] = w
+            if on_current is not None:
+                on_current(self.generation)
 
         def cancel() -> None:
             self._watches.pop(w.id, None)
@@ -461,8 +516,11 @@ class SnapshotCache:
         return queue, cancel
 
     def create_delta_watch(self, node_id: str, type_url: str, sub: DeltaSubscription,
-                           known: Mapping[str, str], answer_now: bool = False
-                           ) -> tuple[asyncio.Queue[DeltaWatchResponse], Callable[[], None]]:
+                           known: Mapping[str, str], answer_now: bool = False,
+                           rejected: Mapping[str, str] | None = None,
+                           on_current: Callable[[int], None] | None = None,
+                           base: TypeResources | None = None, also: frozenset[str] | None = None
+                           ) -> tuple[asyncio.Queue[DeltaWatchResponse], Callable[[], TypeResources | None]]:
         """Ask for what a client holding `known` (name -> resource version, see
         NOT_FOUND and UNCERTAIN) lacks under `sub`. The queue gets one response:
         at once when the node's snapshot differs from `known`, else when a new
@@ -470,29 +528,39 @@ class SnapshotCache:
         to send (a stream's first request of a type: an empty answer tells the
         client it holds everything there is, e.g. no routes at all, instead of
         leaving it waiting for a first response that would never come).
+        `rejected`: versions the client NACKed, not offered again (delta_diff).
+        `base`: a set the client lacks nothing of under `sub` and `known` (what
+        its last answer was computed from, or what its last watch found nothing
+        new in): only names changed since, and `also` (a subscription change's
+        new names), are looked at, so an ACK costs the size of the change, not
+        of the subscription. `cancel()` drops the watch and returns the latest
+        such set it found, for the stream's next watch.
         `cancel()` drops the watch."""
         queue: asyncio.Queue[DeltaWatchResponse] = asyncio.Queue(maxsize=1)
         # `known` is not copied: the stream hands over a map it no longer changes.
-        w = _DeltaWatch(next(self._ids), node_id, type_url, sub, known, queue)
+        w = _DeltaWatch(next(self._ids), node_id, type_url, sub, known, queue, base=base, rejected=rejected,
+                        on_current=on_current)
         snap = self.snapshot_for(node_id)
-        resp = _delta_respond(snap, w) if snap is not None else None
+        resp = _delta_respond(snap, w, also if base is not None else None) if snap is not None else None
         if resp is None and answer_now and snap is not None and not known:
             resp = DeltaWatchResponse(type_url, snap.version(type_url), (), (), w.known)
         if resp is not None:
-            queue.put_nowait(resp)
+            queue.put_nowait(replace(resp, generation=self.generation))
         else:
             self._delta_watches[w.id] = w
+            if on_current is not None:
+                on_current(self.generation)
 
-        def cancel() -> None:
+        def cancel() -> TypeResources | None:
             self._delta_watches.pop(w.id, None)
+            return w.base
 
         return queue, cancel
 
-    def _answer(self, which: Callable[[_Watch | _DeltaWatch], bool], ids: Iterable[int] | None = None,
-                changes: dict[tuple[int, int], frozenset[str]] | None = None) -> tuple[int, int]:
+    def _answer(self, which: Callable[[_Watch | _DeltaWatch], bool],
+                ids: Iterable[int] | None = None) -> tuple[int, int]:
         """Answer the watches `which` selects (among `ids`, default all) whose
         snapshot now differs. Returns (answered, examined)."""
-        changes = {} if changes is None else changes
         answered = examined = 0
         for wid in list(self._watches) if ids is None else ids:
             w = self._watches.get(wid)
@@ -501,9 +569,11 @@ class SnapshotCache:
             examined += 1
             snap = self.snapshot_for(w.node_id)
             if snap is None or snap.version(w.type_url) == w.known_version:
+                if w.on_current is not None:
+                    w.on_current(self.generation)
                 continue
             del self._watches[wid]
-            w.queue.put_nowait(_respond(snap, w))
+            w.queue.put_nowait(replace(_respond(snap, w), generation=self.generation))
             answered += 1
         for wid in list(self._delta_watches) if ids is None else ids:
             dw = self._delta_watches.get(wid)
@@ -511,10 +581,12 @@ class SnapshotCache:
                 continue
             examined += 1
             snap = self.snapshot_for(dw.node_id)
-            resp = _delta_respond(snap, dw, changes) if snap is not None else None
+            resp = _delta_respond(snap, dw) if snap is not None else None
             if resp is None:
+                if dw.on_current is not None:
+                    dw.on_current(self.generation)
                 continue
             del self._delta_watches[wid]
-            dw.queue.put_nowait(resp)
+            dw.queue.put_nowait(replace(resp, generation=self.generation))
             answered += 1
         return answered, examined

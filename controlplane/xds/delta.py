@@ -11,6 +11,7 @@ request), initial_resource_versions after a reconnect, nonces, ACK and NACK.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 from collections import OrderedDict
@@ -22,11 +23,13 @@ import grpc
 from envoy.service.discovery.v3 import discovery_pb2
 
 from controlplane.xds.cache import (
+    REMOVAL,
     UNCERTAIN,
     DeltaResource,
     DeltaSubscription,
     DeltaWatchResponse,
     SnapshotCache,
+    TypeResources,
 )
 
 if TYPE_CHECKING:
@@ -109,20 +112,51 @@ class _Sent:
     system_version: str
     names: tuple[str, ...]
     removed: tuple[str, ...]
+    # name -> (what the client held before this response, what it holds once it
+    # applies it); None: nothing held. A NACK puts back the first.
+    held: Mapping[str, tuple[str | None, str | None]] = field(default_factory=dict)
+
+
+def after_nack(known: Mapping[str, str], rejected: Mapping[str, str],
+               sent: _Sent) -> tuple[dict[str, str], dict[str, str]]:
+    """The client's held versions and the versions it rejected, after it NACKed
+    `sent`. Pure. It keeps what it held before that response (its last ACK),
+    for each name no later response has changed since; what it rejected is
+    remembered, so that the same version is not offered again (a newer one is)."""
+    held = dict(known)
+    refused = dict(rejected)
+    for name, (before, after) in sent.held.items():
+        if held.get(name) != after:
+            continue  # a later response changed it again: that one decides
+        if before is None:
+            held.pop(name, None)
+        else:
+            held[name] = before
+    for name in sent.names:
+        refused[name] = sent.held[name][1] or ""
+    for name in sent.removed:
+        refused[name] = REMOVAL
+    return held, refused
 
 
 @dataclass
 class _DeltaTypeState:
     sub: DeltaSubscription = field(default_factory=DeltaSubscription)
     known: Mapping[str, str] = field(default_factory=dict)  # what the client holds (name -> version)
+    rejected: dict[str, str] = field(default_factory=dict)  # what it NACKed (name -> version or REMOVAL)
     unanswered: OrderedDict[str, _Sent] = field(default_factory=OrderedDict)  # nonce -> response
     watch_id: int = 0
-    cancel: Callable[[], None] | None = None
+    cancel: Callable[[], TypeResources | None] | None = None
     forwarder: asyncio.Task[None] | None = field(default=None, repr=False)
+    # A set the client lacks nothing of (under sub and known): the next watch
+    # looks only at what changed since (SnapshotCache.create_delta_watch).
+    base: TypeResources | None = field(default=None, repr=False)
 
     def stop_watch(self) -> None:
         if self.cancel is not None:
-            self.cancel()
+            found = self.cancel()
+            if found is not None:
+                self.base = found
             self.cancel = None
         if self.forwarder is not None:
             self.forwarder.cancel()
@@ -154,7 +188,8 @@ def response_bytes(type_url: str, nonce: str, system_version: str, resources: tu
     head = discovery_pb2.DeltaDiscoveryResponse(
         system_version_info=system_version, type_url=type_url, nonce=nonce, removed_resources=list(removed))
     head.control_plane.identifier = control_plane
-    return head.SerializeToString() + b"".join(r.encoded for r in resources)
+    header: bytes = head.SerializeToString()
+    return header + b"".join(r.encoded for r in resources)
 
 
 async def serve_delta(observer: AdsObserver, cache: SnapshotCache, control_plane: str,
@@ -219,6 +254,7 @@ async def serve_delta(observer: AdsObserver, cache: SnapshotCache, control_plane
                         # still count, so go on.
                         stats.stale_requests += 1
                     elif req.HasField("error_detail"):
+                        st.known, st.rejected = after_nack(st.known, st.rejected, sent)
                         sync.answered(stream, req.type_url, req.response_nonce,
                                       req.error_detail.message or "(no reason given)")
                         nacks_on_stream += 1
@@ -234,11 +270,23 @@ async def serve_delta(observer: AdsObserver, cache: SnapshotCache, control_plane
                             len(sent.names), shown or "-", len(sent.removed), req.error_detail.message,
                             nacks_on_stream)
                     else:
+                        for n in (*sent.names, *sent.removed):
+                            st.rejected.pop(n, None)
                         sync.answered(stream, req.type_url, req.response_nonce, None)
                         stats.acks += 1
-                st.sub, st.known = apply_subscription(st.sub, st.known, req, first)
                 st.stop_watch()
-                q, cancel = cache.create_delta_watch(node_id, req.type_url, st.sub, st.known, answer_now=first)
+                old_sub = st.sub
+                st.sub, st.known = apply_subscription(st.sub, st.known, req, first)
+                also: frozenset[str] | None = None
+                if first or st.sub.wildcard != old_sub.wildcard:
+                    st.base = None  # look at everything the subscription covers
+                elif st.sub is not old_sub or req.resource_names_subscribe or req.resource_names_unsubscribe:
+                    # Only the names (and slice globs) this request (un)subscribed, besides what changed.
+                    also = frozenset(req.resource_names_subscribe) | frozenset(req.resource_names_unsubscribe)
+                q, cancel = cache.create_delta_watch(node_id, req.type_url, st.sub, st.known, answer_now=first,
+                                                     rejected=st.rejected,
+                                                     on_current=functools.partial(sync.current, stream, req.type_url),
+                                                     base=st.base, also=also)
                 st.watch_id = next(watch_ids)
                 st.cancel = cancel
                 st.forwarder = asyncio.create_task(forward(req.type_url, st.watch_id, q))
@@ -250,15 +298,19 @@ async def serve_delta(observer: AdsObserver, cache: SnapshotCache, control_plane
                 continue  # superseded by a later request of this type
             st.cancel = None
             st.forwarder = None
+            before = st.known
             st.known = wresp.known  # a fresh map per answer (delta_diff), owned by this stream now
+            st.base = wresp.source
             for resources, removed in split_response(wresp):
                 nonce = str(next(nonces))
-                st.unanswered[nonce] = _Sent(wresp.system_version, tuple(r.name for r in resources), removed)
+                st.unanswered[nonce] = _Sent(
+                    wresp.system_version, tuple(r.name for r in resources), removed,
+                    {n: (before.get(n), st.known.get(n)) for n in (*(r.name for r in resources), *removed)})
                 while len(st.unanswered) > MAX_UNANSWERED:
                     st.unanswered.popitem(last=False)
                 stats.responses += 1
                 data = response_bytes(type_url, nonce, wresp.system_version, resources, removed, control_plane)
-                sync.sent(stream, type_url, wresp.system_version, nonce, len(data))
+                sync.sent(stream, type_url, wresp.system_version, nonce, len(data), wresp.generation)
                 yield data
     finally:
         sync.closed(stream)

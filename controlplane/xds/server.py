@@ -5,6 +5,7 @@ and tracks nonces, ACKs and NACKs per stream. State of the world here; Delta
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -63,7 +64,8 @@ def add_to_server(servicer: AdsServicer, server: grpc.aio.Server) -> None:
 def sotw_response_bytes(version: str, type_url: str, nonce: str, encoded_resources: bytes) -> bytes:
     head = discovery_pb2.DiscoveryResponse(version_info=version, type_url=type_url, nonce=nonce)
     head.control_plane.identifier = CONTROL_PLANE_ID
-    return head.SerializeToString() + encoded_resources
+    header: bytes = head.SerializeToString()
+    return header + encoded_resources
 
 
 @dataclass
@@ -111,7 +113,8 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
     def __init__(self, cache: SnapshotCache) -> None:
         self._cache = cache
         self.stats = AdsStats()
-        self.sync = SyncTracker()  # per-client state (proxy status) and push timing
+        # Per-client state (proxy status), push timing and how far each stream is behind.
+        self.sync = SyncTracker(generation=lambda: cache.generation)
         self._streams = itertools.count(1)
         self._nonces = itertools.count(1)
         self._watch_ids = itertools.count(1)
@@ -190,7 +193,9 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
                             st.names = names
                             known = ""  # a changed subscription is answered at once
                     st.stop_watch()
-                    q, cancel = self._cache.create_watch(node_id, req.type_url, st.names, known)
+                    q, cancel = self._cache.create_watch(
+                        node_id, req.type_url, st.names, known,
+                        on_current=functools.partial(self.sync.current, stream, req.type_url))
                     st.watch_id = next(self._watch_ids)
                     st.cancel = cancel
                     st.forwarder = asyncio.create_task(forward(req.type_url, st.watch_id, q))
@@ -211,7 +216,7 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
                                 "4 MiB receive limit; Envoy takes it, a proxyless gRPC client will reset the "
                                 "stream (use Delta, or subscribe by name)", node_id or "?", type_url,
                                 len(data), len(wresp.names))
-                self.sync.sent(stream, type_url, wresp.version, st.nonce, len(data))
+                self.sync.sent(stream, type_url, wresp.version, st.nonce, len(data), wresp.generation)
                 yield data
         finally:
             self.sync.closed(stream)

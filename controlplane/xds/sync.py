@@ -42,7 +42,12 @@ class TypeSync:
     last_answer_nack: bool = False
     responses: int = 0
     bytes_sent: int = 0
-    pending: OrderedDict[str, tuple[str, float]] = field(default_factory=OrderedDict)  # nonce -> (version, t)
+    # nonce -> (version, t sent, SnapshotCache.generation it was built at)
+    pending: OrderedDict[str, tuple[str, float, int]] = field(default_factory=OrderedDict)
+    # The latest cache generation this type was fully delivered at: nothing pending,
+    # and nothing newer to send (the watch found it holds nothing new, or the
+    # client answered the last response).
+    caught_up: int = 0
 
     @property
     def state(self) -> str:
@@ -74,14 +79,43 @@ class ClientSync:
         """Responses sent and not yet answered, over every type."""
         return sum(len(t.pending) for t in self.types.values())
 
+    def versions_behind(self, generation: int) -> int:
+        """How many snapshot versions (cache generations) this stream has yet to
+        catch up on, over its types: 0 when every type is delivered and answered
+        at the current generation; N when a type last caught up N snapshots ago
+        (its response waits for an answer, or the fan-out has not reached it)."""
+        if not self.types:
+            return 0
+        return max(0, max(generation - t.caught_up for t in self.types.values()))
+
 
 class SyncTracker:
     """Owned by the ADS servicer; every stream reports here."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic,
+                 generation: Callable[[], int] = lambda: 0) -> None:
         self._clock = clock
         self.clients: dict[int, ClientSync] = {}
         self.observer: SyncObserver | None = None
+        self.generation = generation  # the cache's current generation (SnapshotCache.generation)
+
+    def current(self, stream: int, type_url: str, generation: int) -> None:
+        """The cache found nothing new for this stream's type at `generation`."""
+        c = self.clients.get(stream)
+        if c is None:
+            return
+        ts = c.type(type_url)
+        if not ts.pending:
+            ts.caught_up = max(ts.caught_up, generation)
+
+    def versions_behind(self) -> dict[str, int]:
+        """Per node (or stream, while unidentified): snapshot versions not yet caught up on."""
+        gen = self.generation()
+        out: dict[str, int] = {}
+        for c in self.clients.values():
+            key = c.node or f"stream-{c.stream}"
+            out[key] = max(out.get(key, 0), c.versions_behind(gen))
+        return out
 
     def opened(self, stream: int, protocol: str) -> ClientSync:
         c = self.clients[stream] = ClientSync(stream, protocol=protocol, connected_at=time.time())
@@ -99,7 +133,7 @@ class SyncTracker:
     def closed(self, stream: int) -> None:
         self.clients.pop(stream, None)
 
-    def sent(self, stream: int, type_url: str, version: str, nonce: str, nbytes: int) -> None:
+    def sent(self, stream: int, type_url: str, version: str, nonce: str, nbytes: int, generation: int = 0) -> None:
         c = self.clients.get(stream)
         if c is None:
             return
@@ -107,7 +141,7 @@ class SyncTracker:
         ts.sent_version = version
         ts.responses += 1
         ts.bytes_sent += nbytes
-        ts.pending[nonce] = (version, self._clock())
+        ts.pending[nonce] = (version, self._clock(), generation)
         while len(ts.pending) > MAX_PENDING:
             ts.pending.popitem(last=False)
         if self.observer is not None:
@@ -126,7 +160,9 @@ class SyncTracker:
         # Anything older than this nonce was superseded: the client answers in order.
         for old in [n for n in ts.pending if int(n) < int(nonce)] if nonce.isdigit() else []:
             del ts.pending[old]
-        version, t0 = got
+        version, t0, generation = got
+        if not ts.pending:
+            ts.caught_up = max(ts.caught_up, generation)  # answered (ACK or NACK): nothing more in flight
         if nack_reason is None:
             ts.acked_version = version
             ts.last_answer_nack = False
@@ -153,6 +189,7 @@ class SyncTracker:
                     "nack_reason": ts.nack_reason if ts.last_answer_nack else "",
                     "nacked_version": ts.nacked_version if ts.last_answer_nack else "",
                     "pending": len(ts.pending), "responses": ts.responses, "bytes_sent": ts.bytes_sent,
+                    "versions_behind": max(0, self.generation() - ts.caught_up),
                 })
         return out
 

@@ -355,3 +355,73 @@ def test_an_empty_type_is_answered_once_so_a_new_client_is_not_left_waiting() ->
         c.close()
 
     serve(body)
+
+
+def test_after_a_nack_the_client_is_taken_to_hold_its_last_acked_versions() -> None:
+    """The NACKed response's versions are not booked as held: a snapshot going back
+    to what the client kept sends nothing, the rejected version is not offered
+    again, and a newer version of the same resource is."""
+    async def body(cache: SnapshotCache, ads: AdsServicer, ch: grpc.aio.Channel) -> None:
+        cache.set_default(snap(a="10.0.0.1", b="10.0.0.2"))
+        c = DeltaClient(ch)
+        await c.send(dreq(("a", "b")))
+        await c.ack(await c.recv())
+        cache.set_default(snap(a="10.0.0.99", b="10.0.0.2"))
+        bad = await c.recv()
+        await c.send(dreq(nonce=bad.nonce, error="a: refused"))
+        await until(lambda: ads.stats.nacks == 1)
+        # b changes: only b travels; a's rejected version is not offered again.
+        cache.set_default(snap(a="10.0.0.99", b="10.0.0.3"))
+        r = await c.recv()
+        assert names(r) == ["b"]
+        await c.ack(r)
+        # Back to the a the client kept: nothing to say (it was booked as holding .1, not .99).
+        cache.set_default(snap(a="10.0.0.1", b="10.0.0.3"))
+        assert await c.nothing()
+        # A newer a than the rejected one is sent.
+        cache.set_default(snap(a="10.0.0.7", b="10.0.0.3"))
+        r = await c.recv()
+        assert names(r) == ["a"]
+        await c.ack(r)
+        c.close()
+
+    serve(body)
+
+
+def test_after_nack_restores_only_what_no_later_response_changed() -> None:
+    from controlplane.xds.cache import REMOVAL
+    from controlplane.xds.delta import _Sent, after_nack
+
+    sent = _Sent("v2", ("a", "b"), ("c",), {"a": ("a1", "a2"), "b": (None, "b2"), "c": ("c1", None)})
+    # A later response changed a again (a3): that one decides a.
+    known, rejected = after_nack({"a": "a3", "b": "b2", "d": "d1"}, {}, sent)
+    assert known == {"a": "a3", "c": "c1", "d": "d1"}
+    assert rejected == {"a": "a2", "b": "b2", "c": REMOVAL}
+
+
+def test_queue_depth_counts_the_snapshot_versions_a_stream_has_not_caught_up_on() -> None:
+    """versions_behind: 0 once answered; each snapshot published while a response
+    waits for its answer counts one more; an ACK at the latest brings it back to 0,
+    and a snapshot that holds nothing new for the stream leaves it at 0."""
+    async def body(cache: SnapshotCache, ads: AdsServicer, ch: grpc.aio.Channel) -> None:
+        cache.set_default(snap(a="10.0.0.1"))
+        c = DeltaClient(ch)
+        await c.send(dreq(("a",)))
+        r = await c.recv()
+        await until(lambda: ads.sync.versions_behind() == {"delta-node": 1})  # sent, not answered
+        await c.ack(r)
+        await until(lambda: ads.sync.versions_behind() == {"delta-node": 0})
+        cache.set_default(snap(a="10.0.0.1", b="10.0.0.2"))  # b is not subscribed: nothing to send
+        await until(lambda: ads.sync.versions_behind() == {"delta-node": 0})
+        cache.set_default(snap(a="10.0.0.3", b="10.0.0.2"))
+        r = await c.recv()
+        cache.set_default(snap(a="10.0.0.4", b="10.0.0.2"))  # the client has not answered yet
+        cache.set_default(snap(a="10.0.0.4", b="10.0.0.5"))
+        await until(lambda: ads.sync.versions_behind() == {"delta-node": 3})
+        await c.ack(r)
+        r = await c.recv()  # a's newest version
+        await c.ack(r)
+        await until(lambda: ads.sync.versions_behind() == {"delta-node": 0})
+        c.close()
+
+    serve(body)
