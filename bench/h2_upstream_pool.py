@@ -9,13 +9,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from nodeagent.proxy.http import h2stack
-from nodeagent.proxy.http.stack import runtime_of
+
 from tests.unit import test_h2_stack as t
 
 N = 400
 async def body(m, per_request):
-    pool = h2stack.pool_of(runtime_of(m.a)); pool.per_request = per_request
+    pool = m.a.l7.h2_upstreams; pool.per_request = per_request
     call = m.channel.unary_unary("/test.Echo/Unary", *t._ident)
 
     def go():

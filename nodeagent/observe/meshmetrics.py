@@ -97,8 +97,8 @@ REQUEST_BYTES = REGISTRY.histogram("istio_request_bytes", "Request body size in 
 RESPONSE_BYTES = REGISTRY.histogram("istio_response_bytes", "Response body size in bytes.", REQUEST_LABELS,
                                     buckets=BYTES_BUCKETS)
 
-# nodemesh's own data-plane families, fed by the L7 stack (nodeagent/proxy/http/stack.py,
-# h2stack.py) through the functions below. `destination_service` is the service host
+# nodemesh's own data-plane families, fed by the L7 pipeline (nodeagent/proxy/http/pipeline.py,
+# h1stack.py, h2stack.py) through the functions below. `destination_service` is the service host
 # (from the cluster name), never an address: bounded by the mesh config.
 RETRIES = REGISTRY.counter("nodemesh_retries_total", "Request retries attempted, by what the previous try got.",
                            ("destination_service", "reason"))

@@ -494,13 +494,13 @@ def l7_state(proxy: NodeProxy) -> list[dict[str, Any]]:
     budget), and the scrape-time gauges made from them: an ejection ends by the
     clock, not by an event, so the gauges are set here rather than on change."""
     from nodeagent.proxy.http.breaker import KINDS
-    from nodeagent.proxy.http.stack import _RUNTIMES
+    from nodeagent.proxy.http.pipeline import L7Runtime
 
     for fam in (meshmetrics.BREAKER_OPEN, meshmetrics.BREAKER_ACTIVE, meshmetrics.OUTLIER_EJECTED):
         fam.clear()
-    rt = _RUNTIMES.get(proxy)
+    rt: L7Runtime | None = getattr(proxy, "l7", None)
     out: list[dict[str, Any]] = []
-    for cluster, dest in list(getattr(rt, "_dests", {}).items()):
+    for cluster, dest in list(rt.dests.items() if rt is not None else ()):
         svc = meshmetrics.service_of_cluster(cluster)
         br = dest.breaker
         meshmetrics.BREAKER_OPEN.set({"destination_service": svc}, 1 if br.open else 0)

@@ -10,22 +10,20 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-from nodeagent.meshview.snapshot import Endpoint, LocalWorkload, Snapshot
+from nodeagent.meshview.snapshot import LocalWorkload, Snapshot
 
-from . import authz_l7, netutil, sockdiag
+from . import sockdiag
+from .connector import Upstream
 from .errors import (
-    ConnectTimeout,
     NoHealthyEndpoint,
     NotReady,
     PolicyDenied,
     ProxyError,
     UnknownSource,
 )
-from .http.stack import l7_protocol, start_l7
+from .http.h1stack import l7_protocol, start_l7
 from .idle import idle_timeout_of
-from .inbound import connect_local, resolve_inbound
-from .plan import OutboundPlan, is_same_node, plan_outbound
-from .pool import PoolKey
+from .plan import OutboundPlan, plan_outbound
 from .relay import Session, TcpEnd
 
 if TYPE_CHECKING:
@@ -127,11 +125,7 @@ async def carry_out(proxy: NodeProxy, end: OutboundConnection, snapshot: Snapsho
     session.idle_timeout_s = idle_timeout_of(snapshot, plan)  # armed when the ends join
     try:
         if plan.kind == "passthrough":
-            session.set(via="passthrough")
-            sock = await netutil.connect(plan.dst_ip, plan.dst_port, proxy.settings.mark,
-                                         proxy.settings.connect_timeout_s)
-            _, up = await asyncio.get_running_loop().create_connection(lambda: TcpEnd(session, end), sock=sock)
-            end.attach(up)
+            end.attach(await proxy.connector.open_direct(plan.dst_ip, plan.dst_port, session, end))
             return
         ep = proxy.balancer.pick(plan.endpoints)
         session.set(endpoint=f"{ep.ip}:{ep.port}", dst_workload=ep.workload, dst_identity=ep.identity)
@@ -139,10 +133,8 @@ async def carry_out(proxy: NodeProxy, end: OutboundConnection, snapshot: Snapsho
         session.on_finish.append(lambda: proxy.balancer.finish(ep))
         t0 = time.monotonic()
         try:
-            if is_same_node(ep, proxy.settings.node_name):
-                await _same_node(proxy, end, snapshot, source_id, ep)
-            else:
-                await _via_hbone(proxy, end, source_id, ep)
+            _join(end, await proxy.connector.open(snapshot, ep, source_id, end.session,
+                                                  workload_session=end.session))
         except ProxyError:
             proxy.balancer.observe(ep, FAILURE_PENALTY_S)
             raise
@@ -154,58 +146,18 @@ async def carry_out(proxy: NodeProxy, end: OutboundConnection, snapshot: Snapsho
         refuse(end, ProxyError(f"internal error: {e!r}"))
 
 
-async def _same_node(proxy: NodeProxy, end: OutboundConnection, snapshot: Snapshot, source_id: str,
-                     ep: Endpoint) -> None:
-    """The inbound path, in process: same checks, no TLS."""
-    end.session.set(via="same-node")
-    target = resolve_inbound(snapshot, ep.ip, ep.port, ep.identity)
-    in_session = proxy.new_session("inbound", src=end.session.fields.get("src", ""),
-                                   source_principal=source_id, source_workload=end.session.fields.get("source_workload"),
-                                   dst_addr=f"{ep.ip}:{ep.port}", dst_workload=target.workload.key,
-                                   dst_identity=target.identity, via="same-node", tls=False)
-    try:
-        # The receiving side's policy applies to same-node callers too; the
-        # source identity comes from the kernel (sock_diag), as good as mTLS here.
-        # With HTTP rules, each request is decided by a guard in front of the workload (authz_l7.py).
-        l7 = authz_l7.admit(snapshot, target.workload, ep.port, source_id,
-                            str(end.session.fields.get("src", "")).rsplit(":", 1)[0], in_session)
-        up = await connect_local(target, end.session, proxy.settings.mark, proxy.settings.connect_timeout_s)
-    except ProxyError as e:
-        in_session.fail(e)
-        in_session.finish()
-        raise
-    end.session.on_finish.append(in_session.finish)
-    in_session.downstream = end
-    if l7 is not None:
-        guard = authz_l7.wrap(l7, up, in_session)
-        guard.attach(end)
-        end.attach(guard)
+def _join(end: OutboundConnection, up: Upstream) -> None:
+    """Relay between the client's end and the opened upstream."""
+    wire = up.wire
+    if up.inbound is not None:  # same node: the receiving side's session ends with ours
+        end.session.on_finish.append(up.inbound.finish)
+        up.inbound.downstream = end
+    if isinstance(wire, TcpEnd):  # the workload itself (no guard): splice-capable on both sides
+        wire.partner = end
+        end.attach(wire)
+        wire.attach(end)
     else:
-        up.partner = end
-        end.attach(up)
-        up.attach(end)
-    in_session.peer_headers = end.session.connect_headers()  # same trace and baggage as a remote hop
-    in_session.connected()
-
-
-async def _via_hbone(proxy: NodeProxy, end: OutboundConnection, source_id: str, ep: Endpoint) -> None:
-    end.session.set(via="hbone", upstream_node=ep.node, upstream_node_address=f"{ep.node_address}:{ep.hbone_port}")
-    key = PoolKey(source_id, (ep.node_address, ep.hbone_port), ep.identity)
-    timeout = proxy.settings.connect_timeout_s
-    try:
-        stream, answered, conn = await asyncio.wait_for(proxy.pool.open_stream(key, ep.ip, ep.port, end.session),
-                                                        timeout)
-    except TimeoutError:
-        raise ConnectTimeout(f"HBONE connect to {ep.node_address}:{ep.hbone_port} timed out after {timeout:g}s",
-                             hint=f"is port {ep.hbone_port} open between nodes?") from None
-    try:
-        await asyncio.wait_for(asyncio.shield(answered), timeout)
-    except TimeoutError:
-        conn.cancel_tunnel(stream)
-        raise ConnectTimeout(f"no answer to CONNECT {ep.ip}:{ep.port} from {ep.node_address} within {timeout:g}s",
-                             hint="is the destination node's proxy overloaded or the workload slow to accept?")
-    except ProxyError:
-        stream.on_closed()
-        raise
-    stream.attach(end)  # with what a server-speaks-first workload sent right behind the 200
-    end.attach(stream)
+        wire.attach(end)  # HBONE: with what a server-speaks-first workload sent right behind the 200
+        end.attach(wire)
+    if up.inbound is not None:
+        up.inbound.connected()

@@ -17,7 +17,9 @@ from nodemesh.identity import Identity
 
 from . import authz_l7, hbone, netutil, tls
 from .accesslog import AccessLog
+from .connector import UpstreamConnector
 from .errors import NoCertificate, PeerIdentityMismatch, ProxyError, TlsHandshakeFailed
+from .http.pipeline import L7Runtime
 from .inbound import InboundRefused, connect_local, resolve_inbound
 from .loadbalance import Balancer
 from .outbound import KernelSourceLookup, OriginalDst, OutboundConnection, SourceLookup, start_outbound
@@ -66,6 +68,8 @@ class NodeProxy:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._reaper: asyncio.Task[None] | None = None
         self._idle = hbone_limits.client_idle_timeout_s
+        self.connector = UpstreamConnector(self)  # same node or HBONE, for L4 and L7 alike
+        self.l7 = L7Runtime(self)  # the L7 pipeline's per-proxy state (http/pipeline.py)
         from nodeagent.observe.telemetry import ProxyTelemetry  # metrics, traces, log sampling
         self.telemetry = ProxyTelemetry(self)
 
@@ -127,6 +131,7 @@ class NodeProxy:
         if self._reaper is not None:
             self._reaper.cancel()
         self.pool.close()
+        self.l7.close()
         self.telemetry.close()
         for t in list(self._tasks):
             t.cancel()

@@ -357,7 +357,7 @@ def test_a_caller_that_writes_before_attach_gets_the_guards_settings() -> None:
     connection WINDOW_UPDATE are produced while the guard has no caller yet.
     They must be held and delivered on attach(); dropped, the upstream's windows
     stay at 65535 and a 3 MiB request stalls for good (DEADLINE_EXCEEDED)."""
-    from nodeagent.proxy.http.h2stack import H2Upstream, StreamHandler
+    from nodeagent.proxy.http.h2upstream import H2Upstream, StreamHandler
 
     docs = model.parse_documents(POLICY)
     pols = SecurityPolicies(MeshSecurity(), (), tuple(d.obj for d in docs if d.kind == "AuthorizationPolicy"))
@@ -365,7 +365,7 @@ def test_a_caller_that_writes_before_attach_gets_the_guards_settings() -> None:
     workload_end = FakeEnd()
     guard = authz_l7.InboundHttpGuard(check, workload_end, Session(Log(), "outbound"))  # type: ignore[arg-type]
     conn = H2Upstream(("k",), "echo-2")
-    conn.start(guard)  # the order of h2stack.H2UpstreamPool._connect's same-node branch
+    conn.start(guard)  # the order of h2upstream.H2UpstreamPool._connect's same-node branch
     guard.attach(conn)
     assert guard._h2 is not None
     assert conn.core.h2.remote_settings.initial_window_size == 1 << 20  # the guard's SETTINGS arrived

@@ -21,9 +21,7 @@ import uvloop
 from nodeagent.meshview.l7snapshot import ClusterPolicy, MirrorTo, RouteEntry, RouteTable, WeightedCluster
 from nodeagent.meshview.snapshot import Endpoint, LocalWorkload, MeshSettings, Service, ServicePort, Snapshot, Workload
 from nodeagent.proxy.accesslog import AccessLog
-from nodeagent.proxy.http.h2mirror import shadow_authority, stats_of
-from nodeagent.proxy.http.h2stack import pool_of
-from nodeagent.proxy.http.stack import runtime_of
+from nodeagent.proxy.http.pipeline import shadow_authority
 from nodeagent.proxy.proxy import NodeProxy
 from nodeagent.proxy.testca import TestCA
 from nodeagent.supervision.settings import ProxySettings
@@ -188,7 +186,7 @@ def test_unary_status_codes_preserved_and_one_pooled_connection() -> None:
         assert lines[0]["path"] == "/test.Echo/Unary"
         assert lines[1]["grpc_status"] == 5
         # Every request rode one h2c connection (one CONNECT stream) to the endpoint.
-        assert pool_of(runtime_of(m.a)).opened == 1
+        assert m.a.l7.h2_upstreams.opened == 1
     run(body, [Backend("r0")])
 
 
@@ -293,7 +291,7 @@ def test_mirror_reaches_shadow_without_slowing_the_original() -> None:
             took = time.monotonic() - t0
             assert code == grpc.StatusCode.OK and resp == b"orig:m%d#2" % i
             assert took < 0.2, took  # the shadow sleeps 500 ms: nobody waits for it
-        st = stats_of(runtime_of(m.a))
+        st = m.a.l7.mirror_stats
         for _ in range(100):
             if st.completed >= 5:
                 break
@@ -317,7 +315,7 @@ def test_mirror_failure_never_reaches_the_original() -> None:
         m.backends[1].server.stop(0)  # the shadow's endpoint refuses connections
         code, _, resp = await m.unary(b"q")
         assert code == grpc.StatusCode.OK and resp == b"orig:q#1"
-        st = stats_of(runtime_of(m.a))
+        st = m.a.l7.mirror_stats
         for _ in range(100):
             if st.failed and st.skipped_no_endpoint:
                 break

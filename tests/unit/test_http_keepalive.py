@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from nodeagent.proxy.http.h1pool import IdleBook
-from nodeagent.proxy.http.stack import runtime_of
 
 from .test_http_stack import Mesh, Server, run
 
@@ -92,7 +91,7 @@ def test_sequential_requests_reuse_one_upstream_conn() -> None:
         assert [s for s, _, _ in res] == [200] * n and res[-1][2] == b"r0 /n1"
         assert all("connection: close" not in h.lower() for h in srv.seen)
         assert srv.conns == 1, srv.conns  # one workload connection on the receiving node
-        book = runtime_of(m.a).upstreams.book
+        book = m.a.l7.upstreams.book
         assert book.opened == 1 and book.reused == n - 1, book
         await asyncio.sleep(0.05)
         lines = [r for r in m.rec_a if r.get("method")]

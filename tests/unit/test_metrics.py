@@ -308,14 +308,14 @@ def test_outbound_l7_connection_is_not_also_a_tcp_connection() -> None:
 def test_l7_state_sets_scrape_time_gauges_and_admin_sees_ejections() -> None:
     from nodeagent.meshview.l7snapshot import DEFAULT_POLICY
     from nodeagent.observe.telemetry import l7_state
+    from nodeagent.proxy.http.pipeline import L7Runtime
     from nodeagent.proxy.http.retry import Outcome
-    from nodeagent.proxy.http.stack import runtime_of
     from nodemesh.routespec import OutlierDetection
 
     meshmetrics.REGISTRY.reset()
     proxy = _FakeProxy(_http_snapshot())
     t = [100.0]
-    rt = runtime_of(proxy)  # type: ignore[arg-type]
+    rt = proxy.l7 = L7Runtime(proxy)  # type: ignore[arg-type]
     rt.clock = lambda: t[0]
     policy = dataclasses.replace(DEFAULT_POLICY, outlier=OutlierDetection(consecutive_5xx=2, base_ejection_s=30))
     sp = ServicePort(80, 8080, protocol="http", cluster="outbound|80||web.default.svc.mesh", policy=policy)

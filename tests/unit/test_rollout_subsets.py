@@ -129,7 +129,7 @@ def test_retired_version_is_withdrawn_everywhere() -> None:
 def test_agent_routes_http_per_request_by_subset() -> None:
     snap = _agent(_snap([VersionSplit("default/web", "version", (("v1", 70), ("v2", 30)))]))
     from nodeagent.proxy.http import route_select
-    from nodeagent.proxy.http.stack import L7Runtime
+    from nodeagent.proxy.http.pipeline import L7Runtime
 
     svc = next(s for s in snap.services if s.name == "web")
     sp = svc.ports[0]

@@ -1,5 +1,5 @@
 """Time limits of one downstream HTTP/1.x connection, shared by the sending
-node's L7 listener (stack.py) and the receiving node's guard (authz_l7.py):
+node's L7 listener (h1stack.py) and the receiving node's guard (authz_l7.py):
 the request-head timeout (408) and the idle timeout between requests.
 
 One timer per connection, never re-armed per request: it ticks every quarter

@@ -1,7 +1,7 @@
 """The strict HTTP/1.1 request edge, on httptools (llhttp, in C) with no I/O:
 feed the caller's bytes, get request heads, body chunks and ends back, or an
 EdgeError that says which status to answer and why (then close). Used by the
-sending node's L7 stack (stack.py) and the receiving node's guard
+sending node's L7 stack (h1stack.py) and the receiving node's guard
 (authz_l7.py), so both edges refuse the same requests for the same reasons.
 
 RFC 9112 as enforced (llhttp in its strict mode does the byte-level work):

@@ -4,7 +4,7 @@ Fire and forget: for each mirror the route selects (by its percentage), a task
 waits for the original request to be complete, then sends a copy (headers and
 the buffered body, `:authority` with a `-shadow` suffix as Envoy does) to an
 endpoint of the mirror's cluster on a stream of the same pooled h2c upstream
-connections the original uses (h2stack.H2UpstreamPool). The original never
+connections the original uses (h2upstream.H2UpstreamPool). The original never
 waits for it: the copy is made from the body the call keeps anyway for retries
 (bounded by MAX_BUFFERED_BODY); a body over that bound is not mirrored and is
 counted (`skipped_body`). The mirror's response is read and discarded (window
@@ -16,71 +16,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import h2.exceptions
 
-from nodeagent.meshview.l7snapshot import MirrorTo
 from nodeagent.meshview.snapshot import Snapshot
 
 from ..errors import ProxyError
-from . import h2stack
 from .h2core import Headers, strip_connection_headers
+from .pipeline import MAX_BUFFERED_BODY, Request, shadow_authority
 from .timeout import GRPC_TIMEOUT_HEADER, MESH_DEADLINE_HEADER
 
 if TYPE_CHECKING:
-    from .h2stack import H2Call, H2Upstream
-    from .stack import L7Runtime
+    from .h2stack import H2Call
+    from .h2upstream import H2Upstream
 
 log = logging.getLogger(__name__)
 
 MIRROR_TIMEOUT_S = 5.0  # a mirror still unanswered after this is reset (it holds a stream slot)
-SHADOW_SUFFIX = "-shadow"
-
-
-@dataclass
-class MirrorStats:
-    """Per runtime (per proxy worker) mirror counters; visible for tests and debugging."""
-
-    started: int = 0  # copies decided on (the percentage said yes)
-    sent: int = 0  # copies that reached a mirror endpoint's stream
-    completed: int = 0  # the mirror endpoint answered (whatever the status)
-    failed: int = 0  # connect failure, reset or timeout
-    skipped_body: int = 0  # request body over the buffer bound
-    skipped_incomplete: int = 0  # the original ended before its request body did
-    skipped_no_endpoint: int = 0  # unknown mirror cluster or no healthy endpoint
-
-
-
-def stats_of(rt: L7Runtime) -> MirrorStats:
-    s = getattr(rt, "_h2_mirror_stats", None)
-    if s is None:
-        s = MirrorStats()
-        rt._h2_mirror_stats = s  # type: ignore[attr-defined]
-    return s
-
-
-def shadow_authority(authority: str) -> str:
-    """Envoy's rule: `host[:port]` becomes `host-shadow[:port]`."""
-    host, sep, port = authority.rpartition(":")
-    if sep and port.isdigit() and "]" not in port:
-        return f"{host}{SHADOW_SUFFIX}:{port}"
-    return authority + SHADOW_SUFFIX
-
-
-def start_mirrors(call: H2Call, snapshot: Snapshot, mirrors: tuple[MirrorTo, ...], method: str, target: str,
-                  authority: str, headers: Headers) -> list[str]:
-    """Spawn one fire-and-forget task per selected mirror; returns their clusters."""
-    rt = call.rt
-    chosen: list[str] = []
-    for m in mirrors:
-        if m.percent < 100.0 and rt.rng.random() * 100 >= m.percent:
-            continue
-        stats_of(rt).started += 1
-        chosen.append(m.cluster)
-        rt.proxy.spawn(_mirror(call, snapshot, m.cluster, method, target, authority, headers))
-    return chosen
 
 
 class _Sink:
@@ -128,17 +81,16 @@ class _Sink:
             self.conn.release(self.sid, reset=True)
 
 
-async def _mirror(call: H2Call, snapshot: Snapshot, cluster: str, method: str, target: str, authority: str,
-                  headers: Headers) -> None:
+async def mirror(call: H2Call, snapshot: Snapshot, cluster: str, req: Request) -> None:
+    """One copy of the call's request to an endpoint of `cluster` (its own task)."""
     rt = call.rt
-    st = stats_of(rt)
+    st = rt.mirror_stats
     # The copy needs the whole request: wait (without holding the original) until it is in.
     complete = await asyncio.shield(call.request_complete)
     if not complete:
         if call.overflow:
             st.skipped_body += 1
-            log.debug("mirror to %s skipped: request body over the %d-byte buffer", cluster,
-                      h2stack.MAX_BUFFERED_BODY)
+            log.debug("mirror to %s skipped: request body over the %d-byte buffer", cluster, MAX_BUFFERED_BODY)
         else:
             st.skipped_incomplete += 1
         return
@@ -154,16 +106,16 @@ async def _mirror(call: H2Call, snapshot: Snapshot, cluster: str, method: str, t
         st.skipped_no_endpoint += 1
         return
     ep = dest.pick(cands, None)
-    fwd: Headers = [(":method", method), (":scheme", call.pseudo.get(":scheme", "http")), (":path", target),
-                    (":authority", shadow_authority(authority))]
+    fwd: Headers = [(":method", req.method), (":scheme", call.pseudo.get(":scheme", "http")),
+                    (":path", req.target), (":authority", shadow_authority(req.authority))]
     # The shadow has its own timeout; the original's deadline headers do not apply to it.
-    fwd += [(k, v) for k, v in strip_connection_headers(headers) if k not in (MESH_DEADLINE_HEADER,
-                                                                             GRPC_TIMEOUT_HEADER)]
+    fwd += [(k, v) for k, v in strip_connection_headers(list(req.headers))
+            if k not in ("host", MESH_DEADLINE_HEADER, GRPC_TIMEOUT_HEADER)]
     body = bytes(call.body)
     sink: _Sink | None = None
     try:
         async with asyncio.timeout(MIRROR_TIMEOUT_S):
-            conn = await h2stack.pool_of(rt).get(call, snapshot, ep)
+            conn = await rt.h2_upstreams.get(snapshot, ep, call.source_id, call.session)
             sink = _Sink(conn)
             nothing_more = not body and call.request_trailers is None
             sink.sid = conn.open_stream(fwd, sink, end_stream=nothing_more)  # type: ignore[arg-type]
