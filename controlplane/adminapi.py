@@ -44,7 +44,7 @@ class AdminServicer(mesh_pb2_grpc.AdminServicer):
         self._ca = ca
         self._trust_domain = trust_domain
         self._republish = republish
-        self._registry = registry  # controlplane.registry.NodeRegistry: endpoints of revoked nodes go at once
+        self._registry = registry  # controlplane.noderegistry.NodeRegistry: endpoints of revoked nodes go at once
 
     async def CreateJoinToken(self, request: mesh_pb2.CreateJoinTokenRequest,
                               context: grpc.aio.ServicerContext) -> mesh_pb2.CreateJoinTokenResponse:

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from controlplane.registry import NodeRegistry
+from controlplane.noderegistry import NodeRegistry
 from nodemesh.identity import Identity, IdentityError
 from nodemesh.v1 import mesh_pb2, mesh_pb2_grpc
 

@@ -20,12 +20,12 @@ from controlplane.api import ConfigServicer, current_mesh, current_services
 from controlplane.ca import DEFAULT_CERT_TTL_S, MAX_CERT_TTL_S, CertificateAuthority, CertificateServicer
 from controlplane.leader import Leadership
 from controlplane.metrics import ControlPlaneMetrics
+from controlplane.noderegistry import DEFAULT_LEASE_SECONDS, NodeRegistry, RegistryServicer
 from controlplane.policies import current_policies
-from controlplane.registry import DEFAULT_LEASE_SECONDS, NodeRegistry, RegistryServicer
 from controlplane.rollout import controller as rollout_controller
 from controlplane.rollout.readings import Readings
 from controlplane.store import Store
-from controlplane.xds import routes as xds_routes
+from controlplane.xds import build_routes as xds_routes
 from controlplane.xds.build import build_snapshot
 from controlplane.xds.cache import SnapshotCache, XdsSnapshot
 from controlplane.xds.server import SERVER_OPTIONS, AdsServicer, add_to_server

@@ -86,7 +86,7 @@ from controlplane.tokens import JoinTokens
 
 if TYPE_CHECKING:
     from controlplane.leader import Leadership
-    from controlplane.registry import NodeRegistry
+    from controlplane.noderegistry import NodeRegistry
 
 log = logging.getLogger("nodemesh.controlplane.store_etcd")
 

@@ -16,11 +16,11 @@ from google.protobuf.message import Message
 
 from controlplane.nodes import RegisteredNode, RegisteredWorkload
 from controlplane.policies import policy_resources
+from controlplane.xds import build_routes as xds_routes
 from controlplane.xds import listeners as xds_listeners
-from controlplane.xds import routes as xds_routes
 from controlplane.xds import subsets
+from controlplane.xds.build_healthchecks import apply_health_checks
 from controlplane.xds.cache import XdsSnapshot
-from controlplane.xds.health import apply_health_checks
 from controlplane.xds.subsets import VersionSplit
 from nodemesh import model, xdsnames
 from nodemesh.identity import Identity
@@ -167,7 +167,7 @@ def build_snapshot(mesh: model.MeshConfig, services: Sequence[ServiceEntry],
                    policies: Sequence[Any] = (), *, l7: Any = None,
                    splits: Sequence[VersionSplit] = (), previous: XdsSnapshot | None = None) -> XdsSnapshot:
     """Every resource a node agent needs, each type versioned by its content.
-    `l7`: (routes, destination policies) from controlplane.xds.routes.load();
+    `l7`: (routes, destination policies) from controlplane.xds.build_routes.load();
     `splits`: what Rollouts ask (controlplane/rollout/state.py splits());
     `previous`: the snapshot in force, whose unchanged resources are carried over
     with their versions and encodings (only what changed is hashed again)."""

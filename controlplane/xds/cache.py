@@ -200,7 +200,7 @@ class TypeResources:
         return changed
 
 
-class SnapshotError(ValueError):
+class InconsistentSnapshotError(ValueError):
     """A snapshot that is not consistent; it is never published."""
 
 
@@ -232,15 +232,15 @@ class XdsSnapshot:
         strays = {n for n in self.get(xdsnames.ENDPOINT).slices_by_prefix
                   if n[:-len(xdsnames.SLICE_MARK)] not in clusters}
         if strays:
-            raise SnapshotError(f"endpoint slices of no cluster: {sorted(strays)}")
+            raise InconsistentSnapshotError(f"endpoint slices of no cluster: {sorted(strays)}")
         if clusters != endpoints:
-            raise SnapshotError(
+            raise InconsistentSnapshotError(
                 f"clusters without endpoints: {sorted(clusters - endpoints)}; "
                 f"endpoints without clusters: {sorted(endpoints - clusters)}")
         for t, tr in self.types.items():
             for name, a in tr.resources.items():
                 if a.type_url != t:
-                    raise SnapshotError(f"resource {name} of type {a.type_url} filed under {t}")
+                    raise InconsistentSnapshotError(f"resource {name} of type {a.type_url} filed under {t}")
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ bootstrap for Envoy.
   `xds:///<svc>.<ns>.svc.<domain>:<port>`) asks LDS for exactly that name. It
   gets an *API listener*: an HttpConnectionManager that takes its routes by
   RDS over ADS (route_config_name = the port's cluster name, the
-  RouteConfiguration controlplane/xds/routes.py already builds), with the
+  RouteConfiguration controlplane/xds/build_routes.py already builds), with the
   fault filter and the router filter last (gRPC refuses a chain without the
   router at the end).
 - Envoy subscribes LDS as a wildcard and would receive these API listeners
@@ -32,7 +32,7 @@ from google.protobuf import any_pb2
 
 from nodemesh import model, xdsnames
 
-from .routes import FAULT_FILTER, L7_PROTOCOLS
+from .build_routes import FAULT_FILTER, L7_PROTOCOLS
 
 ROUTER_FILTER = "envoy.filters.http.router"
 HCM_FILTER = "envoy.filters.network.http_connection_manager"

@@ -22,7 +22,7 @@ from google.protobuf import descriptor as _d
 from google.protobuf.message import Message
 from validate import validate_pb2
 
-from controlplane.xds import routes as xds_routes
+from controlplane.xds import build_routes as xds_routes
 from controlplane.xds.build import ServiceEntry, _cluster
 from nodemesh import model, routespec
 

@@ -23,10 +23,10 @@ from nodeagent.capture import select as capture_select
 from nodeagent.capture.base import AgentFailover, CaptureBackend, CaptureError, ProxyState
 from nodeagent.capture.failover import Failover
 from nodeagent.config import AgentConfig, ConfigError, load_config
+from nodeagent.cpregistration import RegistrySession, registration_from_config
 from nodeagent.dns.dnsserver import DnsServer, dns_server_for
 from nodeagent.identity.certs import CertManager, grpc_issuer
 from nodeagent.meshview.snapshot import LocalWorkload, Snapshot, SnapshotError
-from nodeagent.registry import RegistrySession, registration_from_config
 from nodeagent.supervision.settings import Certs, ProxySettings
 from nodeagent.xds.client import AdsClient
 from nodemesh.sdnotify import Notifier

@@ -1,6 +1,6 @@
 """RouteConfiguration and Cluster traffic-policy fields -> nodeagent.meshview.l7snapshot
 types. Reads the standard Envoy fields the control plane writes
-(controlplane/xds/routes.py); anything nodemesh does not implement is
+(controlplane/xds/build_routes.py); anything nodemesh does not implement is
 rejected with a reason (the NACK names it) rather than silently ignored."""
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from controlplane.ca import (
     CertificateServicer,
     parse_peer,
 )
-from controlplane.registry import NodeRegistry
+from controlplane.noderegistry import NodeRegistry
 from nodemesh.v1 import mesh_pb2
 
 TD = "cluster.local"

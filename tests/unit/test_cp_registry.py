@@ -11,8 +11,8 @@ from typing import Any
 import grpc
 import pytest
 
+from controlplane.noderegistry import NodeRegistry, RegistryServicer
 from controlplane.nodes import RegistrationError, node_from_proto
-from controlplane.registry import NodeRegistry, RegistryServicer
 from controlplane.store import SQLiteStore
 from nodemesh.v1 import mesh_pb2
 

@@ -11,7 +11,7 @@ from google.protobuf import any_pb2
 
 from controlplane.nodes import RegisteredNode, RegisteredWorkload
 from controlplane.xds.build import ServiceEntry, build_snapshot
-from controlplane.xds.cache import EMPTY_VERSION, SnapshotCache, SnapshotError, XdsSnapshot
+from controlplane.xds.cache import EMPTY_VERSION, InconsistentSnapshotError, SnapshotCache, XdsSnapshot
 from nodemesh import model, xdsnames
 from nodemesh.v1 import mesh_pb2
 
@@ -86,7 +86,7 @@ def test_inconsistent_snapshot_is_refused() -> None:
     c = SnapshotCache()
     cl = any_pb2.Any()
     cl.Pack(cluster_pb2.Cluster(name="x"))
-    with pytest.raises(SnapshotError):
+    with pytest.raises(InconsistentSnapshotError):
         c.set_default(XdsSnapshot.from_resources({xdsnames.CLUSTER: {"x": cl}}))
     assert c.snapshot_for("n1") is None
 

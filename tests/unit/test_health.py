@@ -17,13 +17,13 @@ import pytest
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 
-from controlplane.registry import NodeRegistry, RegistryServicer
+from controlplane.noderegistry import NodeRegistry, RegistryServicer
 from controlplane.xds.build import ServiceEntry, build_snapshot
+from nodeagent.cpregistration import RegistrySession
 from nodeagent.meshview.l7snapshot import ClusterPolicy
 from nodeagent.meshview.snapshot import Endpoint, LocalWorkload, MeshSettings, Service, ServicePort, Snapshot
 from nodeagent.observe import healthprober
 from nodeagent.proxy.plan import plan_outbound
-from nodeagent.registry import RegistrySession
 from nodeagent.xds import convert, l7convert
 from nodemesh import model, xdsnames
 from nodemesh.healthcheckspec import HealthCheck

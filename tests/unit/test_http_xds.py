@@ -8,7 +8,7 @@ import random
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.route.v3 import route_pb2
 
-from controlplane.xds import routes as xr
+from controlplane.xds import build_routes as xr
 from controlplane.xds.build import ServiceEntry, build_snapshot
 from nodeagent.proxy.http import route_select
 from nodeagent.xds import l7convert

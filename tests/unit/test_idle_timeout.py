@@ -12,7 +12,7 @@ import pytest
 import uvloop
 from envoy.config.cluster.v3 import cluster_pb2
 
-from controlplane.xds.routes import apply_policy
+from controlplane.xds.build_routes import apply_policy
 from nodeagent.proxy.accesslog import AccessLog
 from nodeagent.proxy.relay import Session, TcpEnd
 from nodeagent.xds import l7convert

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from controlplane.metrics import ControlPlaneMetrics
-from controlplane.registry import NodeRegistry
+from controlplane.noderegistry import NodeRegistry
 from controlplane.web import HISTORY_BUCKETS, MAX_EDGES_PER_NODE, MAX_GRAPH_EDGES, MeshTelemetry
 from nodemesh.v1 import mesh_pb2
 

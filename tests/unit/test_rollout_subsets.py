@@ -14,7 +14,7 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.route.v3 import route_pb2
 
 from controlplane.nodes import RegisteredNode, RegisteredWorkload
-from controlplane.xds import routes as xr
+from controlplane.xds import build_routes as xr
 from controlplane.xds.build import ServiceEntry, build_snapshot
 from controlplane.xds.cache import XdsSnapshot
 from controlplane.xds.subsets import VersionSplit

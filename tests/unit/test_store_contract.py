@@ -34,7 +34,7 @@ from controlplane.etcd_client import (
     wait_ready,
 )
 from controlplane.leader import Leadership
-from controlplane.registry import NodeRegistry
+from controlplane.noderegistry import NodeRegistry
 from controlplane.store import (
     ADDED,
     DELETED,

@@ -13,8 +13,8 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf.message import Message
 
 from nodeagent import cpchannel
+from nodeagent.cpregistration import RegistrySession
 from nodeagent.meshview.snapshot import Snapshot
-from nodeagent.registry import RegistrySession
 from nodeagent.xds.client import AdsClient, backoff_delay
 from nodemesh import xdsnames
 from nodemesh.v1 import mesh_pb2, mesh_pb2_grpc

@@ -172,7 +172,7 @@ spec:
 
 
 def test_grpcroute_timeout_is_also_max_stream_duration() -> None:
-    from controlplane.xds import routes as xds_routes
+    from controlplane.xds import build_routes as xds_routes
 
     docs = model.parse_documents(SERVICE + """---
 apiVersion: nodemesh.io/v1alpha1

@@ -20,7 +20,7 @@ from controlplane.nodes import RegisteredNode, RegistrationError, node_from_prot
 from controlplane.store import NodeRecord, Store
 from nodemesh.v1 import mesh_pb2, mesh_pb2_grpc
 
-log = logging.getLogger("nodemesh.controlplane.registry")
+log = logging.getLogger("nodemesh.controlplane.noderegistry")
 
 DEFAULT_LEASE_SECONDS = 15.0
 
