@@ -6,13 +6,24 @@ the join or controlPlane.caBundleFile) and presenting the node certificate
 transport: plaintext, used by an agent on the control plane's own host.
 The registry session, the certificate manager and the xDS client all call
 `open_channel`; a renewed node certificate is used by channels opened after it.
+The registry session and the xDS client keep their stream up with the one
+reconnect loop here (`keep_connected`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
+
+log = logging.getLogger(__name__)
+
+BACKOFF_INITIAL_S = 0.2
+BACKOFF_CAP_S = 5.0
 
 # Set on purpose, matching the control plane (controlplane/xds/server.py): its
 # Delta responses are split near 1 MiB, a state-of-the-world type or a single
@@ -86,3 +97,46 @@ def open_channel(target: str) -> grpc.aio.Channel:
 def open_join_channel(target: str, server_ca_pem: bytes) -> grpc.aio.Channel:
     """TLS without a client certificate: only NodeAttestation.Join accepts it."""
     return grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=server_ca_pem))
+
+
+def backoff_delay(attempt: int, initial: float = BACKOFF_INITIAL_S, cap: float = BACKOFF_CAP_S,
+                  rand: Callable[[], float] = random.random) -> float:
+    """Delay before reconnect number `attempt` (0-based): doubling up to `cap`,
+    then scaled into [50%, 100%] so that many agents do not reconnect in step."""
+    base = min(cap, initial * float(2 ** min(attempt, 30)))
+    return base * (0.5 + 0.5 * rand())
+
+
+async def keep_connected(session: Callable[[], Awaitable[bool]], ended: Callable[[str, float], None], *,
+                         what: str, closed_reason: str = "the control plane closed the stream",
+                         on_rpc_error: Callable[[grpc.aio.AioRpcError], None] | None = None,
+                         backoff_initial_s: float = BACKOFF_INITIAL_S, backoff_cap_s: float = BACKOFF_CAP_S,
+                         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+    """Run `session()` (one stream to the control plane; returns whether it got
+    anywhere, e.g. a response or a lease) again and again until cancelled. After
+    each end, `ended(reason, delay)` is told why and how long until the next try
+    (the caller logs and updates its state); the delay backs off exponentially
+    with jitter, and starts over once a session got anywhere."""
+    attempt = 0
+    while True:
+        progressed = False
+        try:
+            progressed = await session()
+            reason = closed_reason
+        except grpc.aio.AioRpcError as e:
+            reason = f"{e.code().name}: {e.details()}"
+            if on_rpc_error is not None:
+                on_rpc_error(e)
+        except (OSError, ConnectionError, CpChannelError) as e:
+            reason = str(e)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a bug must not end the agent's link to the control plane for good
+            log.exception("%s: unexpected error in the session with the control plane", what)
+            reason = f"internal error: {e!r}"
+        if progressed:
+            attempt = 0
+        delay = backoff_delay(attempt, backoff_initial_s, backoff_cap_s)
+        attempt += 1
+        ended(reason, delay)
+        await sleep(delay)

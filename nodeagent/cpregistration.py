@@ -1,5 +1,6 @@
 """The node's registry session: registers the node and its workloads with the
-control plane, then heartbeats at a third of the granted lease; reconnects with backoff."""
+control plane, then heartbeats at a third of the granted lease; reconnects with
+backoff through the agent's one reconnect loop (nodeagent/cpchannel.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import grpc
 import nodemesh
 from nodeagent import cpchannel
 from nodeagent.config import AgentConfig
-from nodeagent.xds.client import backoff_delay
 from nodemesh.v1 import mesh_pb2, mesh_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,8 @@ def heartbeat_interval(lease_seconds: int) -> float:
 class RegistrySession:
     def __init__(self, target: str, registration: mesh_pb2.NodeRegistration, *,
                  on_connection: Callable[[bool], None] | None = None,
-                 backoff_initial_s: float = 0.2, backoff_cap_s: float = 5.0) -> None:
+                 backoff_initial_s: float = cpchannel.BACKOFF_INITIAL_S,
+                 backoff_cap_s: float = cpchannel.BACKOFF_CAP_S) -> None:
         self.target = target
         self.registration = registration
         self.lease: mesh_pb2.LeaseGrant | None = None
@@ -69,31 +70,22 @@ class RegistrySession:
                 self._on_connection(value)
 
     async def run(self) -> None:
-        attempt = 0
-        while True:
-            granted = False
-            try:
-                granted = await self._session()
-                reason = "the control plane closed the session"
-            except grpc.aio.AioRpcError as e:
-                reason = f"{e.code().name}: {e.details()}"
-                if e.code() == grpc.StatusCode.PERMISSION_DENIED:
-                    # Shown by `nodemesh status` (e.g. which identity binding is missing).
-                    self.last_refusal = str(e.details())
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                log.exception("registry: unexpected error")
-                reason = repr(e)
-            self._set_connected(False)
-            if granted:
-                attempt = 0
-            delay = backoff_delay(attempt, self._backoff_initial, self._backoff_cap)
-            attempt += 1
-            log.warning("registry session with %s ended (%s): is the control plane at %s reachable? "
-                        "node %s may expire from the registry if this lasts past its lease; retrying in %.1fs",
-                        self.target, reason, self.target, self.registration.node_name, delay)
-            await asyncio.sleep(delay)
+        """Keep the session open until cancelled (cpchannel.keep_connected)."""
+        await cpchannel.keep_connected(self._session, self._ended, what="registry",
+                                       closed_reason="the control plane closed the session",
+                                       on_rpc_error=self._refused, backoff_initial_s=self._backoff_initial,
+                                       backoff_cap_s=self._backoff_cap)
+
+    def _refused(self, e: grpc.aio.AioRpcError) -> None:
+        if e.code() == grpc.StatusCode.PERMISSION_DENIED:
+            # Shown by `nodemesh status` (e.g. which identity binding is missing).
+            self.last_refusal = str(e.details())
+
+    def _ended(self, reason: str, delay: float) -> None:
+        self._set_connected(False)
+        log.warning("registry session with %s ended (%s): is the control plane at %s reachable? "
+                    "node %s may expire from the registry if this lasts past its lease; retrying in %.1fs",
+                    self.target, reason, self.target, self.registration.node_name, delay)
 
     def update(self, registration: mesh_pb2.NodeRegistration) -> None:
         """Re-register with a changed workload set: sent on the open session at

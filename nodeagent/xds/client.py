@@ -6,17 +6,16 @@ a reconnect sends the versions held (initial_resource_versions), so the
 control plane sends only what the agent lacks.
 
 The last good snapshot survives stream failures; the client reconnects with
-capped exponential backoff and jitter.
+capped exponential backoff and jitter (the agent's one reconnect loop,
+nodeagent/cpchannel.py keep_connected).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import AsyncIterator, Callable, Sequence
 
-import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.rpc import status_pb2
@@ -29,20 +28,10 @@ from nodemesh import xdsnames
 
 log = logging.getLogger(__name__)
 
-BACKOFF_INITIAL_S = 0.2
-BACKOFF_CAP_S = 5.0
 DELTA = "delta"
 SOTW = "sotw"
 PROTOCOLS = (DELTA, SOTW)
 WILDCARD = "*"
-
-
-def backoff_delay(attempt: int, initial: float = BACKOFF_INITIAL_S, cap: float = BACKOFF_CAP_S,
-                  rand: Callable[[], float] = random.random) -> float:
-    """Delay before reconnect number `attempt` (0-based): doubling up to `cap`,
-    then scaled into [50%, 100%] so that many agents do not reconnect in step."""
-    base = min(cap, initial * float(2 ** min(attempt, 30)))
-    return base * (0.5 + 0.5 * rand())
 
 
 def node_proto(node_name: str, zone: str = "") -> base_pb2.Node:
@@ -89,8 +78,8 @@ class AdsClient:
         zone: str = "",
         on_connection: Callable[[bool], None] | None = None,
         types: Sequence[str] = xdsnames.AGENT_TYPES,
-        backoff_initial_s: float = BACKOFF_INITIAL_S,
-        backoff_cap_s: float = BACKOFF_CAP_S,
+        backoff_initial_s: float = cpchannel.BACKOFF_INITIAL_S,
+        backoff_cap_s: float = cpchannel.BACKOFF_CAP_S,
         protocol: str = DELTA,
         depends_on: Sequence[str] | None = None,
     ) -> None:
@@ -141,33 +130,16 @@ class AdsClient:
                 self._on_connection(value)
 
     async def run(self) -> None:
-        """Keep a stream open until cancelled."""
-        attempt = 0
-        while True:
-            got_response = False
-            try:
-                got_response = await self._session()
-                reason = "the control plane closed the stream"
-            except grpc.aio.AioRpcError as e:
-                reason = f"{e.code().name}: {e.details()}"
-            except (OSError, ConnectionError) as e:
-                reason = str(e)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # a bug must not end the subscription for good
-                log.exception("xDS: unexpected error in the stream to %s", self.target)
-                reason = f"internal error: {e!r}"
-            self._set_connected(False)
-            self.last_error = reason
-            if got_response:
-                attempt = 0
-            delay = backoff_delay(attempt, self._backoff_initial, self._backoff_cap)
-            attempt += 1
-            log.warning("xDS stream to %s ended (%s): is the control plane at %s reachable and serving ADS? "
-                        "keeping the last good snapshot (%s); reconnecting in %.1fs",
-                        self.target, reason, self.target,
-                        self.snapshot.version if self.snapshot else "none yet", delay)
-            await asyncio.sleep(delay)
+        """Keep a stream open until cancelled (cpchannel.keep_connected)."""
+        await cpchannel.keep_connected(self._session, self._ended, what="xDS",
+                                       backoff_initial_s=self._backoff_initial, backoff_cap_s=self._backoff_cap)
+
+    def _ended(self, reason: str, delay: float) -> None:
+        self._set_connected(False)
+        self.last_error = reason
+        log.warning("xDS stream to %s ended (%s): is the control plane at %s reachable and serving ADS? "
+                    "keeping the last good snapshot (%s); reconnecting in %.1fs",
+                    self.target, reason, self.target, self.snapshot.version if self.snapshot else "none yet", delay)
 
     def initial_requests(self) -> list[discovery_pb2.DiscoveryRequest]:
         """One wildcard subscription per type. On a reconnect the versions we

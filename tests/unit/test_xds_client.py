@@ -5,6 +5,7 @@ Also the registry session against a fake Registry."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,9 +14,10 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf.message import Message
 
 from nodeagent import cpchannel
+from nodeagent.cpchannel import backoff_delay
 from nodeagent.cpregistration import RegistrySession
 from nodeagent.meshview.snapshot import Snapshot
-from nodeagent.xds.client import AdsClient, backoff_delay
+from nodeagent.xds.client import AdsClient
 from nodemesh import xdsnames
 from nodemesh.v1 import mesh_pb2, mesh_pb2_grpc
 from tests.unit.test_xds_convert import LOCAL, assignment, cluster, mesh_config, mesh_security, pack, workload
@@ -340,3 +342,38 @@ def test_registry_registers_heartbeats_and_reregisters() -> None:
             await server.stop(None)
 
     asyncio.run(main())
+
+
+def test_one_reconnect_loop_backs_off_and_starts_over_after_progress() -> None:
+    """cpchannel.keep_connected (the registry session's and the xDS client's loop):
+    each end is reported with its reason, the delay doubles while sessions get
+    nowhere and starts over after one that did; a refused RPC reaches on_rpc_error."""
+    outcomes: list[object] = [OSError("refused"), OSError("refused"), True,
+                              grpc.aio.AioRpcError(grpc.StatusCode.PERMISSION_DENIED, grpc.aio.Metadata(),
+                                                   grpc.aio.Metadata(), "node not allowed")]
+    ended: list[tuple[str, float]] = []
+    refused: list[str] = []
+
+    async def session() -> bool:
+        if not outcomes:
+            raise asyncio.CancelledError
+        o = outcomes.pop(0)
+        if isinstance(o, BaseException):
+            raise o
+        return bool(o)
+
+    async def sleep(_: float) -> None:
+        return None
+
+    async def main() -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await cpchannel.keep_connected(session, lambda r, d: ended.append((r, d)), what="test",
+                                           on_rpc_error=lambda e: refused.append(str(e.details())),
+                                           backoff_initial_s=1.0, backoff_cap_s=100.0, sleep=sleep)
+
+    asyncio.run(main())
+    assert [r for r, _ in ended] == ["refused", "refused", "the control plane closed the stream",
+                                     "PERMISSION_DENIED: node not allowed"]
+    # Attempts 0, 1, then 0 again after the session that progressed (jitter: 50-100 %).
+    assert 0.5 <= ended[0][1] <= 1.0 and 1.0 <= ended[1][1] <= 2.0 and 0.5 <= ended[2][1] <= 1.0
+    assert 1.0 <= ended[3][1] <= 2.0 and refused == ["node not allowed"]
