@@ -8,7 +8,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from nodeagent.meshview.snapshot import LocalWorkload, Snapshot
 
@@ -86,23 +86,24 @@ def refuse(end: TcpEnd, err: ProxyError) -> None:
 
 def start_outbound(proxy: NodeProxy, end: OutboundConnection) -> None:
     """Runs in connection_made: decide synchronously, connect in a task."""
-    assert end.transport is not None
+    transport = cast(asyncio.Transport, end.transport)  # set: connection_made ran
     snapshot = proxy.snapshot
     session = end.session
-    peer = end.transport.get_extra_info("peername")
+    peer = transport.get_extra_info("peername")
     client = (str(peer[0]), int(peer[1]))
     session.set(src=f"{client[0]}:{client[1]}")
     if snapshot is None:
         return refuse(end, NotReady("no snapshot yet: refusing outbound connection"))
     try:
-        dst = proxy.original_dst(end.transport.get_extra_info("socket"))
+        dst = proxy.original_dst(transport.get_extra_info("socket"))
     except OSError as e:
         return refuse(end, ProxyError(f"cannot read the original destination: {e}",
                                       hint="was this connection redirected by the capture rules?"))
     session.set(dst_addr=f"{dst[0]}:{dst[1]}")
     source = proxy.source_lookup(snapshot, client, dst)
     if source is None:
-        return refuse(end, UnknownSource(f"no local workload owns the socket {client[0]}:{client[1]} -> {dst[0]}:{dst[1]}"))
+        return refuse(end, UnknownSource(f"no local workload owns the socket {client[0]}:{client[1]} -> "
+                                         f"{dst[0]}:{dst[1]}"))
     source_id = snapshot.identity_of(source)
     session.set(source_workload=source.key, source_principal=source_id)
     plan = plan_outbound(snapshot, source, dst[0], dst[1], excluded_cidrs=proxy.settings.excluded_cidrs)

@@ -78,7 +78,7 @@ class Backend:
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Echo", handlers),))
         port = self.server.add_insecure_port(f"{B}:0")
         self.server.start()
-        return port
+        return int(port)
 
 
 class Mesh:

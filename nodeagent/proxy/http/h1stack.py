@@ -81,13 +81,13 @@ def l7_protocol(snapshot: Snapshot, plan: OutboundPlan) -> str | None:
 def start_l7(proxy: NodeProxy, end: OutboundConnection, snapshot: Snapshot, source_key: str, source_id: str,
              plan: OutboundPlan, mode: str, tcp_fallback: Callable[[], None]) -> None:
     """Take the client connection over from the L4 relay end."""
-    assert end.transport is not None
+    transport = cast(asyncio.Transport, end.transport)  # set: the relay end is connected
     if mode == "http2":
         from .h2stack import start_h2  # h2c and gRPC (docs/interop.md)
 
         return start_h2(proxy, end, snapshot, source_key, source_id, plan, tcp_fallback)
     h = Downstream(proxy.l7, end, snapshot, source_key, source_id, plan, mode, tcp_fallback)
-    end.transport.set_protocol(h)
+    transport.set_protocol(h)
     h.begin()
 
 
@@ -271,7 +271,8 @@ class Downstream(asyncio.Protocol):
                         return
             elif isinstance(ev, h1.EndOfRequest):
                 req, body = self._req, bytes(self._body)
-                assert req is not None
+                if req is None:  # the reader ends only a request it began
+                    raise RuntimeError("end of a request that never began")
                 self._busy = True
                 self._close_after = not req.keep_alive
                 self._reading(False)

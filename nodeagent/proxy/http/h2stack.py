@@ -78,9 +78,8 @@ def start_h2(proxy: NodeProxy, end: OutboundConnection, snapshot: Snapshot, sour
     """Take the client connection over for h2c. `early`: bytes already read
     (the sniffed preface); `sniff`: fall back to L4 if the client does not open
     with the HTTP/2 preface (a port declared http2/grpc used by an HTTP/1 client)."""
-    assert end.transport is not None
     ds = H2Downstream(proxy.l7, end, snapshot, source_key, source_id, plan, tcp_fallback, sniff)
-    end.transport.set_protocol(ds)
+    cast(asyncio.Transport, end.transport).set_protocol(ds)  # set: the relay end is connected
     ds.begin(early)
 
 
@@ -609,7 +608,8 @@ class H2Call(Call):
         t: Try = response
         head = [(k, v) for k, v in strip_connection_headers(t.head)]
         pseudo = [(k, v) for k, v in head if k.startswith(":")]
-        regular = route_select.modify_headers([(k, v) for k, v in head if not k.startswith(":")], entry.response_headers)
+        regular = route_select.modify_headers([(k, v) for k, v in head if not k.startswith(":")],
+                                              entry.response_headers)
         self.status = int(header_value(t.head, ":status") or 0)
         self.committed = True
         what = t.decided.result()

@@ -432,8 +432,9 @@ class Call(ABC):
             dest.ewma.finish(ep)
             elapsed = rt.clock() - t0
             outcome = got.outcome
-            why = meshmetrics.outcome_reason(outcome.status, outcome.grpc_status, connect_failure=outcome.connect_failure,
-                                         reset=outcome.reset, timeout=outcome.timeout)
+            why = meshmetrics.outcome_reason(outcome.status, outcome.grpc_status,
+                                             connect_failure=outcome.connect_failure, reset=outcome.reset,
+                                             timeout=outcome.timeout)
             if dest.record(ep, outcome, elapsed if not outcome.gateway_error or outcome.status else
                            max(elapsed, FAILURE_PENALTY_S), len(sp.endpoints)):
                 meshmetrics.outlier_ejected(sp.cluster, why)
