@@ -16,6 +16,7 @@ Run as root: .venv/bin/python bench/capture_latency.py [--connects 2000 --rounds
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -56,10 +57,8 @@ def acceptor(port: int, host: str, read_orig: bool) -> None:
         while True:
             c, _ = ls.accept()
             if read_orig:
-                try:
+                with contextlib.suppress(OSError):
                     original_dst(c)
-                except OSError:
-                    pass
             c.close()
 
     threading.Thread(target=loop, daemon=True).start()
@@ -75,7 +74,8 @@ def run_client(n: int, cgroup_root: str, dst: tuple[str, int] = DST) -> list[int
 
 def inner(connects: int, rounds: int) -> None:
     sys.path.insert(0, str(ROOT))
-    from nodeagent.capture.ebpf import EbpfCapture, cgroup2_mount
+    from nodeagent.capture.bpfnode import cgroup2_mount
+    from nodeagent.capture.ebpf import EbpfCapture
     from nodeagent.capture.heartbeat import LivenessWriter
     from nodeagent.capture.iptables import IptablesCapture
     from nodeagent.capture.nftables import NftablesCapture
@@ -168,10 +168,8 @@ def main() -> int:
         from nodemesh.lab.harness import cgroup2_root
 
         for p in (cgroup2_root() / CGROUP.strip("/"), cgroup2_root() / "nodemesh-bench"):
-            try:
+            with contextlib.suppress(OSError):
                 p.rmdir()
-            except OSError:
-                pass
     base = res["none"]["p50_us"]
     print(f"TCP connect latency through capture ({res['none']['n']} connects per mode, {args.rounds} rotated rounds)")
     print(f"{'mode':<10}{'p50 µs':>10}{'p99 µs':>10}{'mean µs':>10}{'p50 added':>12}")

@@ -3,8 +3,8 @@
  * Compiled by bcc (python3-bpfcc) together with connect4.c, connect6.c,
  * sockops.c, getsockopt.c, getpeername4.c, getpeername6.c, sendmsg4.c and
  * recvmsg4.c into one module
- * (nodeagent/capture/ebpf.py SOURCES), so all programs share
- * these maps. nodeagent/capture/ebpf.py mirrors each struct with ctypes;
+ * (nodeagent/capture/bpflayout.py SOURCES), so all programs share
+ * these maps. nodeagent/capture/bpflayout.py mirrors each struct with ctypes;
  * tests/unit/test_ebpf_layout.py checks that mirror against the types bcc
  * derived from this file when it compiled the programs.
  */
@@ -29,7 +29,7 @@
 #define NM_POLICY_CLOSED 1
 
 /* Indexes of nm_counters (per-CPU u64 each). Keep in step with
- * ebpf.py COUNTERS; the layout test checks the count. */
+ * bpflayout.py COUNTERS; the layout test checks the count. */
 #define NM_CTR_REDIRECTED 0       /* connects sent to the proxy */
 #define NM_CTR_BYPASS_STALE 1     /* proxy not live, policy open: sent directly */
 #define NM_CTR_REFUSED_STALE 2    /* proxy not live, policy closed: EPERM */

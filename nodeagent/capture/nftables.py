@@ -66,7 +66,7 @@ Expr = tuple[Any, ...]
 
 
 @dataclass(frozen=True)
-class Rule:
+class NftRule:
     chain: str
     text: str  # nft syntax, also stored as the rule's comment
     exprs: tuple[Expr, ...]
@@ -86,9 +86,9 @@ class Chain:
 @dataclass(frozen=True)
 class Ruleset:
     chains: tuple[Chain, ...]
-    rules: tuple[Rule, ...]
+    rules: tuple[NftRule, ...]
 
-    def chain_rules(self, name: str) -> tuple[Rule, ...]:
+    def chain_rules(self, name: str) -> tuple[NftRule, ...]:
         return tuple(r for r in self.rules if r.chain == name)
 
     def text(self) -> str:
@@ -157,9 +157,9 @@ class _R:
                         ("bitwise", struct.pack("=I", ~mark & 0xFFFFFFFF), struct.pack("=I", mark)),
                         ("meta_set", META_MARK))
 
-    def done(self, chain: str, verdict_text: str, *exprs: Expr) -> Rule:
+    def done(self, chain: str, verdict_text: str, *exprs: Expr) -> NftRule:
         words = self.words + ([verdict_text] if verdict_text else [])
-        return Rule(chain, " ".join(words), tuple(self.exprs) + exprs)
+        return NftRule(chain, " ".join(words), tuple(self.exprs) + exprs)
 
 
 def _ret() -> tuple[str, Expr]:
@@ -177,7 +177,7 @@ def render(settings: ProxySettings, workloads: Sequence[LocalWorkload], exclusio
                 f"workload {wl.key} is matched by cgroup {wl.cgroup}, which the nftables backend cannot express "
                 "through pyroute2 (no `socket cgroupv2`): use capture.mode iptables or ebpf, or give it a uid")
     chains: list[Chain] = [Chain("output", "nat", "output", PRIO_DSTNAT)]
-    rules: list[Rule] = []
+    rules: list[NftRule] = []
 
     # -- outbound: same order as the iptables backend (RETURNs before redirects)
     rules.append(_R().mark(settings.mark).done("output", *_ret()))

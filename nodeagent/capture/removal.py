@@ -1,6 +1,6 @@
 """Removing nodemesh's capture from this network namespace without a running
 agent: `nodemesh capture remove` (e.g. after a killed agent) and the agent
-unit's ExecStopPost (nodeagent/stoppost.py), which does it after an unclean end
+unit's ExecStopPost (nodeagent/supervision/stoppost.py), which does it after an unclean end
 when failurePolicy is open."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import sys
 
-from nodeagent.capture import ebpf, iptables, nftables, policyroute
+from nodeagent.capture import bpfinspect, iptables, nftables, policyroute
 from nodeagent.capture.base import CaptureError
 
 # A backend whose tool or kernel feature is missing cannot have left anything.
@@ -30,7 +30,7 @@ def remove_capture() -> int:
             print(f"nodemesh capture remove (VIP route): {e}", file=sys.stderr)
             failed = True
     for name, fn in (("iptables", iptables.remove_leftovers), ("nftables", nftables.remove_leftovers),
-                     ("ebpf", ebpf.remove_leftovers)):
+                     ("ebpf", bpfinspect.remove_leftovers)):
         try:
             removed = bool(fn()) or removed
         except CaptureError as e:

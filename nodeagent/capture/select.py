@@ -145,9 +145,9 @@ def survey(settings: ProxySettings) -> dict[str, dict[str, tuple[str, ...]]]:
     except CaptureError as e:
         out["nftables"] = {"error": (str(e),)}
     try:
-        from . import ebpf
+        from . import bpfinspect
 
-        ebpf_sections = ebpf.survey()
+        ebpf_sections = bpfinspect.survey()
         if ebpf_sections:
             out["ebpf"] = ebpf_sections
     except CaptureError as e:

@@ -79,10 +79,10 @@ def resolve_control_plane(config: AgentConfig) -> tuple[str, ...]:
 
 def cgroup2_root() -> str:
     """The cgroup v2 mount workload cgroup paths are relative to ("" if none)."""
-    from nodeagent.capture import ebpf
+    from nodeagent.capture import bpfnode
 
     try:
-        return ebpf.cgroup2_mount()
+        return bpfnode.cgroup2_mount()
     except CaptureError:
         return ""
 
@@ -153,10 +153,10 @@ class Agent:
             # eBPF: live = listener AND the workers' kernel heartbeat is fresh (a hung proxy too).
             self.failover = Failover(config.capture.failure_policy, self.settings.outbound_port)
             if choice.mode == "ebpf":
-                from nodeagent.capture import ebpf
+                from nodeagent.capture import bpfprobe
 
                 self.failover = Failover(config.capture.failure_policy, self.settings.outbound_port,
-                                         probe=ebpf.proxy_probe())
+                                         probe=bpfprobe.proxy_probe())
         self.failover.failure_policy = config.capture.failure_policy
         return choice.backend
 

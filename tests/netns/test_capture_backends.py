@@ -91,14 +91,14 @@ def _detach_ebpf(lab: Lab) -> Any:
     whatever a failed test left before its namespaces go (see test_capture_ebpf)."""
     yield
     for k in range(1, lab.nodes + 1):
-        lab.ns_exec(lab.node_ns(k), [sys.executable, "-m", "nodeagent.capture.ebpf", "remove-leftovers"],
+        lab.ns_exec(lab.node_ns(k), [sys.executable, "-m", "nodeagent.capture.bpfcli", "remove-leftovers"],
                     check=False)
 
 
 def leftovers(lab: Lab, k: int) -> list[str]:
     ns = lab.node_ns(k)
     found = []
-    if lab.ns_exec(ns, [sys.executable, "-m", "nodeagent.capture.ebpf", "status"]).stdout.strip():
+    if lab.ns_exec(ns, [sys.executable, "-m", "nodeagent.capture.bpfcli", "status"]).stdout.strip():
         found.append("ebpf programs")
     if "NODEMESH" in lab.ns_exec(ns, ["iptables-save"]).stdout:
         found.append("iptables chains")

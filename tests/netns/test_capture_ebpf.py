@@ -23,7 +23,7 @@ pytestmark = pytest.mark.netns
 
 def ebpf_status(lab: Lab, k: int) -> list[str]:
     """nm_* programs serving node k's netns (inside it, as the agent sees them)."""
-    res = lab.ns_exec(lab.node_ns(k), [sys.executable, "-m", "nodeagent.capture.ebpf", "status"], check=False)
+    res = lab.ns_exec(lab.node_ns(k), [sys.executable, "-m", "nodeagent.capture.bpfcli", "status"], check=False)
     assert res.returncode == 0, res.stderr
     return [line for line in res.stdout.splitlines() if line.strip()]
 
@@ -32,7 +32,7 @@ def remove_leftovers(lab: Lab) -> None:
     """Whatever a failed test left attached (programs on the cgroup root would
     outlive the lab's namespaces)."""
     for k in range(1, lab.nodes + 1):
-        lab.ns_exec(lab.node_ns(k), [sys.executable, "-m", "nodeagent.capture.ebpf", "remove-leftovers"],
+        lab.ns_exec(lab.node_ns(k), [sys.executable, "-m", "nodeagent.capture.bpfcli", "remove-leftovers"],
                     check=False)
 
 

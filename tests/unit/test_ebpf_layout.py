@@ -1,4 +1,4 @@
-"""eBPF capture: the Python mirrors of bpf/maps.h against what bcc compiled
+"""eBPF capture: the Python mirrors of bpf/maps.h (bpflayout) against the BTF types bcc compiled
 (root: compiling creates maps), and the pure rendering (no root)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from nodeagent.capture import bpfheaders, ebpf
+from nodeagent.capture import bpfheaders, bpflayout, bpfnode, bpfprobe, bpfrender
 from nodeagent.capture.base import CaptureError
 from nodeagent.meshview.snapshot import LocalWorkload
 from nodeagent.supervision.settings import ProxySettings
@@ -28,14 +28,14 @@ def _layout(t: Any) -> list[tuple[str, int, int]] | int:
 @pytest.fixture(scope="module")
 def compiled() -> Any:
     require_root("compiling bpf/ with bcc (map creation needs CAP_BPF)")
-    bpf = ebpf._load_bpf()  # fails (not skips) with the reason if bcc or headers are missing
+    bpf = bpfprobe.load_programs()  # fails (not skips) with the reason if bcc or headers are missing
     yield bpf
     bpf.cleanup()
 
 
-@pytest.mark.parametrize("name", sorted(ebpf.MAP_LAYOUTS))
+@pytest.mark.parametrize("name", sorted(bpflayout.MAP_LAYOUTS))
 def test_map_layout_matches_compiled_program(compiled: Any, name: str) -> None:
-    key, leaf, max_entries = ebpf.MAP_LAYOUTS[name]
+    key, leaf, max_entries = bpflayout.MAP_LAYOUTS[name]
     table = compiled[name.encode()]
     assert _layout(table.Key) == _layout(key), f"{name} key layout differs from bpf/maps.h"
     assert ct.sizeof(table.Key) == ct.sizeof(key)
@@ -48,18 +48,18 @@ def test_map_layout_matches_compiled_program(compiled: Any, name: str) -> None:
 
 def test_every_map_in_the_program_is_mirrored(compiled: Any) -> None:
     ours = {n.decode() if isinstance(n, bytes) else n for n in compiled.tables}
-    assert ours == set(ebpf.MAP_LAYOUTS), "a map in bpf/maps.h has no Python mirror (or the reverse)"
+    assert ours == set(bpflayout.MAP_LAYOUTS), "a map in bpf/maps.h has no Python mirror (or the reverse)"
 
 
 def test_counter_names_match_counter_slots(compiled: Any) -> None:
-    assert compiled[b"nm_counters"].max_entries == len(ebpf.COUNTERS)
-    source = (ebpf.BPF_DIR / "maps.h").read_text()
-    for i, name in enumerate(ebpf.COUNTERS):
+    assert compiled[b"nm_counters"].max_entries == len(bpflayout.COUNTERS)
+    source = (bpflayout.BPF_DIR / "maps.h").read_text()
+    for i, name in enumerate(bpflayout.COUNTERS):
         assert f"NM_CTR_{name.upper()} {i}" in source, f"counter {name} is not slot {i} in maps.h"
 
 
 def test_every_program_loads_with_its_attach_type(compiled: Any) -> None:
-    for spec in ebpf.PROGRAMS.values():
+    for spec in bpflayout.PROGRAMS.values():
         assert spec.function.encode() in compiled.funcs
 
 
@@ -68,10 +68,10 @@ def test_dual_stack_programs_use_the_inet6_hooks() -> None:
     (BPF_CGROUP_INET6_CONNECT 11, BPF_CGROUP_INET6_GETPEERNAME 30): the kernel
     runs only those for AF_INET6 sockets, IPv4-mapped destinations included."""
     for fn, attach in (("nm_connect6", 11), ("nm_connect6_uid", 11), ("nm_getpeername6", 30)):
-        spec = ebpf.PROGRAMS[fn]
+        spec = bpflayout.PROGRAMS[fn]
         assert (spec.prog_type, spec.attach_type) == (18, attach)
-        assert ebpf.ATTACH_NAMES[spec.attach_name] == attach
-    assert "v6_native_bypass" in ebpf.COUNTERS
+        assert bpflayout.ATTACH_NAMES[spec.attach_name] == attach
+    assert "v6_native_bypass" in bpflayout.COUNTERS
 
 
 # ------------------------------------------------------------------ pure
@@ -82,7 +82,7 @@ def wl(name: str, uid: int | None = None, cgroup: str | None = None) -> LocalWor
 
 
 def test_plan_cgroup_workloads_attach_to_their_cgroup_and_getsockopt_to_agent() -> None:
-    plan = ebpf.plan_attachments([wl("a", cgroup="/mesh/a")], "/system/agent")
+    plan = bpfrender.plan_attachments([wl("a", cgroup="/mesh/a")], "/system/agent")
     assert [p.describe() for p in plan] == [
         "/mesh/a cgroup_inet4_connect nm_connect4",
         "/mesh/a cgroup_inet4_getpeername nm_getpeername4",
@@ -94,7 +94,7 @@ def test_plan_cgroup_workloads_attach_to_their_cgroup_and_getsockopt_to_agent() 
 
 
 def test_plan_uid_workloads_attach_at_root_once() -> None:
-    plan = ebpf.plan_attachments([wl("a", uid=3001), wl("b", uid=3002)], "/")
+    plan = bpfrender.plan_attachments([wl("a", uid=3001), wl("b", uid=3002)], "/")
     assert {p.describe() for p in plan} == {
         "/ cgroup_inet4_connect nm_connect4_uid",
         "/ cgroup_inet4_getpeername nm_getpeername4",
@@ -103,32 +103,32 @@ def test_plan_uid_workloads_attach_at_root_once() -> None:
         "/ cgroup_sock_ops nm_sockops",
         "/ cgroup_getsockopt nm_getsockopt",
     }
-    assert ebpf.render_uids([wl("a", uid=3001), wl("b", uid=3002), wl("c", cgroup="/x")]) == (3001, 3002)
+    assert bpfrender.render_uids([wl("a", uid=3001), wl("b", uid=3002), wl("c", cgroup="/x")]) == (3001, 3002)
 
 
 def test_plan_without_workloads_attaches_nothing() -> None:
-    assert ebpf.plan_attachments([], "/") == ()
+    assert bpfrender.plan_attachments([], "/") == ()
 
 
 def test_config_is_in_network_order_where_the_kernel_is() -> None:
-    cfg = ebpf.render_config(ProxySettings("n", "10.0.0.1"), 77, "closed", 2.0)
+    cfg = bpfrender.render_config(ProxySettings("n", "10.0.0.1"), 77, "closed", 2.0)
     assert struct.pack("=I", cfg.proxy_ip4) == ipaddress.ip_address("127.0.0.1").packed
     assert (cfg.proxy_port, cfg.failure_policy, cfg.enabled, cfg.netns_cookie) == (15001, 1, 1, 77)
     assert cfg.liveness_timeout_ns == 2_000_000_000
     with pytest.raises(CaptureError, match="failurePolicy"):
-        ebpf.render_config(ProxySettings("n", "10.0.0.1"), 1, "maybe")
+        bpfrender.render_config(ProxySettings("n", "10.0.0.1"), 1, "maybe")
 
 
 def test_exclusions_are_ipv4_lpm_keys_deduplicated() -> None:
-    keys = ebpf.render_exclusions(["10.1.2.3/32", "10.0.0.0/8", "10.0.0.5/8", "fd00::/8"])
+    keys = bpfrender.render_exclusions(["10.1.2.3/32", "10.0.0.0/8", "10.0.0.5/8", "fd00::/8"])
     got = {(k.prefixlen, str(ipaddress.ip_address(struct.pack("=I", k.ip4)))) for k in keys}
     assert got == {(32, "10.1.2.3"), (8, "10.0.0.0")}
 
 
 def test_source_concatenates_every_file_once() -> None:
-    src = ebpf.load_source()
+    src = bpfrender.load_source()
     assert src.count("struct nm_config {") == 1
-    for name in ebpf.SOURCES:
+    for name in bpflayout.SOURCES:
         assert f'#line 1 "bpf/{name}"' in src
     assert '#include "maps.h"' not in src
 
@@ -139,9 +139,9 @@ def test_proxy_listening_reads_proc_net_tcp(tmp_path: Path) -> None:
         "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
         "   0: 0100007F:3A99 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1\n"
         "   1: 0100007F:1F90 0100007F:D2F0 01 00000000:00000000 00:00000000 00000000     0        0 2 1\n")
-    assert ebpf.proxy_listening("127.0.0.1", 15001, str(f))
-    assert not ebpf.proxy_listening("127.0.0.1", 8080, str(f))  # established, not listening
-    assert not ebpf.proxy_listening("127.0.0.1", 15002, str(tmp_path / "missing"))
+    assert bpfnode.proxy_listening("127.0.0.1", 15001, str(f))
+    assert not bpfnode.proxy_listening("127.0.0.1", 8080, str(f))  # established, not listening
+    assert not bpfnode.proxy_listening("127.0.0.1", 15002, str(tmp_path / "missing"))
 
 
 def test_headers_merged_from_debian_trees(tmp_path: Path) -> None:
@@ -169,21 +169,21 @@ def test_missing_headers_name_the_package(tmp_path: Path) -> None:
 
 
 def test_plan_with_dns_adds_sendmsg_and_recvmsg_where_connect4_is() -> None:
-    plan = ebpf.plan_attachments([wl("a", cgroup="/mesh/a"), wl("b", uid=3001)], "/", dns=True)
+    plan = bpfrender.plan_attachments([wl("a", cgroup="/mesh/a"), wl("b", uid=3001)], "/", dns=True)
     described = {p.describe() for p in plan}
     assert {"/mesh/a cgroup_udp4_sendmsg nm_sendmsg4", "/mesh/a cgroup_udp4_recvmsg nm_recvmsg4",
             "/ cgroup_udp4_sendmsg nm_sendmsg4_uid", "/ cgroup_udp4_recvmsg nm_recvmsg4"} <= described
-    assert not any("udp4" in p.describe() for p in ebpf.plan_attachments([wl("a", uid=1)], "/"))
+    assert not any("udp4" in p.describe() for p in bpfrender.plan_attachments([wl("a", uid=1)], "/"))
 
 
 def test_config_carries_the_dns_proxy_only_when_captured() -> None:
     s = ProxySettings("n", "10.0.0.1")
-    cfg = ebpf.render_config(s, 1, "open", dns_port=15053)
+    cfg = bpfrender.render_config(s, 1, "open", dns_port=15053)
     assert (cfg.dns_port, struct.pack("=I", cfg.dns_ip4)) == (15053, bytes([127, 0, 0, 1]))
-    off = ebpf.render_config(s, 1, "open")
+    off = bpfrender.render_config(s, 1, "open")
     assert (off.dns_port, off.dns_ip4) == (0, 0)
     with pytest.raises(CaptureError, match="dns.address"):
-        ebpf.render_config(s, 1, "open", dns_port=15053, dns_ip="::1")
+        bpfrender.render_config(s, 1, "open", dns_port=15053, dns_ip="::1")
 
 
 def test_udp_bound_reads_proc_net_udp(tmp_path: Path) -> None:
@@ -191,8 +191,8 @@ def test_udp_bound_reads_proc_net_udp(tmp_path: Path) -> None:
     f.write_text(
         "   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref\n"
         "  1: 0100007F:3ACD 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 1 2\n")
-    assert ebpf.udp_bound("127.0.0.1", 15053, str(f))
-    assert not ebpf.udp_bound("127.0.0.1", 53, str(f))
+    assert bpfnode.udp_bound("127.0.0.1", 15053, str(f))
+    assert not bpfnode.udp_bound("127.0.0.1", 53, str(f))
 
 
 def test_liveness_pin_path_is_per_netns(tmp_path: Path) -> None:
@@ -209,7 +209,7 @@ def test_liveness_map_round_trip_through_a_pin(tmp_path: Path) -> None:
     require_root("creating a BPF map")
     from nodeagent.capture import heartbeat
 
-    bpf = ebpf._load_bpf()
+    bpf = bpfprobe.load_programs()
     try:
         mount = heartbeat.ensure_bpffs()
         path = f"{mount}/nodemesh-test-{abs(hash(str(tmp_path))) % 10**8}"
