@@ -176,7 +176,9 @@ def test_delta_is_the_default_and_sends_only_changes_to_the_real_servicer() -> N
             raise AssertionError(f"condition not reached: {ads.stats} {client.last_error} {client.state.versions}")
 
         try:
-            await until(lambda: snaps and ads.stats.acks >= len(xdsnames.AGENT_TYPES))
+            await until(lambda: snaps and ads.stats.acks >= len(xdsnames.AGENT_TYPES)
+                        and "node-2/default/web-2" in client.state.resources.get(xdsnames.WORKLOAD, {})
+                        and all(r["state"] == "synced" for r in ads.sync.rows()))
             assert ads.stats.delta_streams_opened == 1 and ads.stats.nacks == 0
             assert snaps[-1].services[0].ports[0].endpoints[0].ip == "10.0.0.3"
             # Workloads scoped to the node: those behind its endpoints (and its own), not the mesh's.
@@ -239,8 +241,10 @@ def test_scoped_discovery_receives_only_the_declared_services_endpoints() -> Non
         client = AdsClient(target, "node-1", LOCAL, snaps.append, depends_on=["default/web"])
         task = asyncio.get_running_loop().create_task(client.run())
         try:
-            for _ in range(1000):  # the first snapshot, with the declared service's endpoints
-                if snaps and any(s.ports[0].endpoints for s in snaps[-1].services):
+            for _ in range(1000):  # settled: the declared service's endpoints and the workload behind them
+                if (snaps and any(s.ports[0].endpoints for s in snaps[-1].services)
+                        and "node-2/default/web-2" in client.state.resources.get(xdsnames.WORKLOAD, {})
+                        and all(r["state"] == "synced" for r in ads.sync.rows())):
                     break
                 await asyncio.sleep(0.01)
             by_svc = {s.key: s.ports[0].endpoints for s in snaps[-1].services}
