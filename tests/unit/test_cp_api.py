@@ -333,10 +333,11 @@ def test_restart_keeps_config_registry_and_ca_and_serves_certificates() -> None:
 def test_cli_apply_get_delete(capsys: pytest.CaptureFixture[str], tmp_path: Any) -> None:
     import argparse
 
-    from controlplane import cli
+    from nodemesh.cli import configcmds
+    from nodemesh.cli.output import run as run_command
 
     parser = argparse.ArgumentParser()
-    cli.register(parser.add_subparsers(dest="command"))
+    configcmds.register(parser.add_subparsers(dest="command"))
     f = tmp_path / "svc.yaml"
     f.write_text(SERVICE)
 
@@ -349,7 +350,7 @@ def test_cli_apply_get_delete(capsys: pytest.CaptureFixture[str], tmp_path: Any)
                          ["delete", "svc", "web", "-n", "shop", "--server", target],
                          ["delete", "svc", "web", "-n", "shop", "--server", target]):
                 args = parser.parse_args(argv)
-                codes.append(args.func(args))
+                codes.append(run_command(args.func, args))
             return codes
         return await asyncio.to_thread(calls)
 
@@ -361,4 +362,4 @@ def test_cli_apply_get_delete(capsys: pytest.CaptureFixture[str], tmp_path: Any)
     args = parser.parse_args(["controlplane", "serve", "--state-dir", "/x", "--listen", "unix:/x.sock",
                               "--lease-seconds", "5", "--cert-ttl", "600"])
     assert (args.listen, args.lease_seconds, args.cert_ttl, args.func) == (
-        ["unix:/x.sock"], 5.0, 600, cli.cmd_serve)
+        ["unix:/x.sock"], 5.0, 600, configcmds.cmd_serve)
