@@ -1,5 +1,6 @@
-"""The Delta (incremental) ADS servicer logic: turns one DeltaAggregatedResources
-stream into SnapshotCache delta watches, one per type URL, and keeps per type
+"""The Delta (incremental) ADS protocol as a strategy of the one stream loop
+(controlplane/xds/stream.py): turns one DeltaAggregatedResources stream's
+requests into SnapshotCache delta watches, one per type URL, and keeps per type
 what the client subscribes to and which resource versions it holds.
 
 The cache decides what to send (controlplane.xds.cache.delta_diff); this module
@@ -15,11 +16,10 @@ import functools
 import itertools
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import Any
 
-import grpc
 from envoy.service.discovery.v3 import discovery_pb2
 
 from controlplane.xds.cache import (
@@ -31,10 +31,7 @@ from controlplane.xds.cache import (
     SnapshotCache,
     TypeResources,
 )
-
-if TYPE_CHECKING:
-    from controlplane.xds.server import AdsStats
-    from controlplane.xds.sync import SyncTracker
+from controlplane.xds.stream import AdsObserver, StreamInfo, WatchSlot
 
 log = logging.getLogger("nodemesh.controlplane.xds.delta")
 
@@ -46,14 +43,6 @@ MAX_UNANSWERED = 64
 # that a join into a large mesh (50,000 endpoint memberships and more) never
 # builds one message near the gRPC size limits (controlplane/xds/server.py).
 DELTA_CHUNK_BYTES = 1024 * 1024
-
-
-class AdsObserver(Protocol):
-    """What the Delta stream reports to: the ADS servicer's counters and hooks,
-    shared with state of the world so that stats and metrics cover both."""
-
-    stats: AdsStats
-    sync: SyncTracker
 
 
 def apply_subscription(sub: DeltaSubscription, known: Mapping[str, str],
@@ -140,27 +129,14 @@ def after_nack(known: Mapping[str, str], rejected: Mapping[str, str],
 
 
 @dataclass
-class _DeltaTypeState:
+class _DeltaTypeState(WatchSlot):
     sub: DeltaSubscription = field(default_factory=DeltaSubscription)
     known: Mapping[str, str] = field(default_factory=dict)  # what the client holds (name -> version)
     rejected: dict[str, str] = field(default_factory=dict)  # what it NACKed (name -> version or REMOVAL)
     unanswered: OrderedDict[str, _Sent] = field(default_factory=OrderedDict)  # nonce -> response
-    watch_id: int = 0
-    cancel: Callable[[], TypeResources | None] | None = None
-    forwarder: asyncio.Task[None] | None = field(default=None, repr=False)
     # A set the client lacks nothing of (under sub and known): the next watch
     # looks only at what changed since (SnapshotCache.create_delta_watch).
     base: TypeResources | None = field(default=None, repr=False)
-
-    def stop_watch(self) -> None:
-        if self.cancel is not None:
-            found = self.cancel()
-            if found is not None:
-                self.base = found
-            self.cancel = None
-        if self.forwarder is not None:
-            self.forwarder.cancel()
-            self.forwarder = None
 
 
 def split_response(w: DeltaWatchResponse, limit: int = DELTA_CHUNK_BYTES
@@ -192,129 +168,85 @@ def response_bytes(type_url: str, nonce: str, system_version: str, resources: tu
     return header + b"".join(r.encoded for r in resources)
 
 
-async def serve_delta(observer: AdsObserver, cache: SnapshotCache, control_plane: str,
-                      request_iterator: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest],
-                      context: grpc.aio.ServicerContext, stream: int = 0) -> AsyncIterator[bytes]:
-    """One DeltaAggregatedResources stream. Every request re-arms its type's watch
-    (with the subscription it leaves); a response is sent when the watch fires,
-    and the client's held versions advance when it is sent. So after a NACK
-    nothing is resent until a new snapshot changes a covered resource: sending the
-    rejected resources again would only be rejected again."""
-    stats = observer.stats
-    # Requests and watch answers meet in one queue, so all per-stream state is
-    # touched by this one loop only.
-    events: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
-    states: dict[str, _DeltaTypeState] = {}
-    nonces = itertools.count(1)
-    watch_ids = itertools.count(1)
-    node_id = ""
-    nacks_on_stream = 0
+class DeltaStrategy:
+    """One DeltaAggregatedResources stream's protocol (controlplane/xds/stream.py
+    runs the loop). Every request re-arms its type's watch (with the subscription
+    it leaves); a response is sent when the watch fires, and the client's held
+    versions advance when it is sent; a NACK puts back what the client held
+    before (its last ACK) and remembers what it rejected, which is not offered
+    again until a new snapshot changes it."""
 
-    async def read() -> None:
-        try:
-            async for req in request_iterator:
-                await events.put(("req", req))
-            await events.put(("eof", None))
-        except Exception as e:  # noqa: BLE001 - the client went away; any error ends the stream
-            await events.put(("eof", e))
+    protocol = "delta"
+    method = "DeltaDiscoveryRequest"
 
-    async def forward(type_url: str, watch_id: int, q: asyncio.Queue[DeltaWatchResponse]) -> None:
-        resp = await q.get()
-        await events.put(("resp", (type_url, watch_id, resp)))
+    def __init__(self, observer: AdsObserver, cache: SnapshotCache, control_plane: str) -> None:
+        self._observer = observer
+        self._cache = cache
+        self._control_plane = control_plane
+        self._nonces = itertools.count(1)
+        self._nacks = 0
 
-    reader = asyncio.create_task(read())
-    sync = observer.sync
-    sync.opened(stream, "delta")
-    stats.streams_opened += 1
-    stats.delta_streams_opened += 1
-    stats.streams_active += 1
-    try:
-        while True:
-            kind, item = await events.get()
-            if kind == "eof":
-                return
-            if kind == "req":
-                req = cast(discovery_pb2.DeltaDiscoveryRequest, item)
-                if req.node.id:
-                    node_id = req.node.id
-                    sync.identify(stream, req.node)
-                if not req.type_url:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                        "DeltaDiscoveryRequest without type_url; ADS needs it on every "
-                                        "request (check the client's xDS configuration)")
-                st = states.get(req.type_url)
-                first = st is None
-                if st is None:
-                    st = states[req.type_url] = _DeltaTypeState()
-                if req.response_nonce:
-                    sent = st.unanswered.pop(req.response_nonce, None)
-                    if sent is None:
-                        # Not a nonce of this stream's pending responses (already answered,
-                        # or from a previous stream). The spec says subscription changes
-                        # still count, so go on.
-                        stats.stale_requests += 1
-                    elif req.HasField("error_detail"):
-                        st.known, st.rejected = after_nack(st.known, st.rejected, sent)
-                        sync.answered(stream, req.type_url, req.response_nonce,
-                                      req.error_detail.message or "(no reason given)")
-                        nacks_on_stream += 1
-                        stats.nacks += 1
-                        stats.last_nack = f"{node_id} {req.type_url}: {req.error_detail.message}"
-                        shown = ", ".join(sent.names[:5]) + (" …" if len(sent.names) > 5 else "")
-                        log.warning(
-                            "node %s rejected a Delta %s response (nonce %s, system version %s, %d "
-                            "resource(s): %s; %d removal(s)): %s. NACK %d on this stream; the node keeps "
-                            "its previous copies, and nothing is resent until a new snapshot changes "
-                            "these resources: check the mesh config that produced them",
-                            node_id or "?", req.type_url, req.response_nonce, sent.system_version,
-                            len(sent.names), shown or "-", len(sent.removed), req.error_detail.message,
-                            nacks_on_stream)
-                    else:
-                        for n in (*sent.names, *sent.removed):
-                            st.rejected.pop(n, None)
-                        sync.answered(stream, req.type_url, req.response_nonce, None)
-                        stats.acks += 1
-                st.stop_watch()
-                old_sub = st.sub
-                st.sub, st.known = apply_subscription(st.sub, st.known, req, first)
-                also: frozenset[str] | None = None
-                if first or st.sub.wildcard != old_sub.wildcard:
-                    st.base = None  # look at everything the subscription covers
-                elif st.sub is not old_sub or req.resource_names_subscribe or req.resource_names_unsubscribe:
-                    # Only the names (and slice globs) this request (un)subscribed, besides what changed.
-                    also = frozenset(req.resource_names_subscribe) | frozenset(req.resource_names_unsubscribe)
-                q, cancel = cache.create_delta_watch(node_id, req.type_url, st.sub, st.known, answer_now=first,
-                                                     rejected=st.rejected,
-                                                     on_current=functools.partial(sync.current, stream, req.type_url),
-                                                     base=st.base, also=also)
-                st.watch_id = next(watch_ids)
-                st.cancel = cancel
-                st.forwarder = asyncio.create_task(forward(req.type_url, st.watch_id, q))
-                continue
-            # kind == "resp"
-            type_url, watch_id, wresp = cast(tuple[str, int, DeltaWatchResponse], item)
-            st = states.get(type_url)
-            if st is None or st.watch_id != watch_id:
-                continue  # superseded by a later request of this type
-            st.cancel = None
-            st.forwarder = None
-            before = st.known
-            st.known = wresp.known  # a fresh map per answer (delta_diff), owned by this stream now
-            st.base = wresp.source
-            for resources, removed in split_response(wresp):
-                nonce = str(next(nonces))
-                st.unanswered[nonce] = _Sent(
-                    wresp.system_version, tuple(r.name for r in resources), removed,
-                    {n: (before.get(n), st.known.get(n)) for n in (*(r.name for r in resources), *removed)})
-                while len(st.unanswered) > MAX_UNANSWERED:
-                    st.unanswered.popitem(last=False)
-                stats.responses += 1
-                data = response_bytes(type_url, nonce, wresp.system_version, resources, removed, control_plane)
-                sync.sent(stream, type_url, wresp.system_version, nonce, len(data), wresp.generation)
-                yield data
-    finally:
-        sync.closed(stream)
-        stats.streams_active -= 1
-        reader.cancel()
-        for st in states.values():
-            st.stop_watch()
+    def new_state(self) -> _DeltaTypeState:
+        return _DeltaTypeState()
+
+    def request(self, info: StreamInfo, st: _DeltaTypeState, req: discovery_pb2.DeltaDiscoveryRequest,
+                first: bool) -> tuple[asyncio.Queue[DeltaWatchResponse], Callable[[], Any]]:
+        stats, sync = self._observer.stats, self._observer.sync
+        if req.response_nonce:
+            sent = st.unanswered.pop(req.response_nonce, None)
+            if sent is None:
+                # Not a nonce of this stream's pending responses (already answered,
+                # or from a previous stream). The spec says subscription changes
+                # still count, so go on.
+                stats.stale_requests += 1
+            elif req.HasField("error_detail"):
+                st.known, st.rejected = after_nack(st.known, st.rejected, sent)
+                sync.answered(info.stream, req.type_url, req.response_nonce,
+                              req.error_detail.message or "(no reason given)")
+                self._nacks += 1
+                stats.nacks += 1
+                stats.last_nack = f"{info.node_id} {req.type_url}: {req.error_detail.message}"
+                shown = ", ".join(sent.names[:5]) + (" …" if len(sent.names) > 5 else "")
+                log.warning(
+                    "node %s rejected a Delta %s response (nonce %s, system version %s, %d "
+                    "resource(s): %s; %d removal(s)): %s. NACK %d on this stream; the node keeps "
+                    "its previous copies, and nothing is resent until a new snapshot changes "
+                    "these resources: check the mesh config that produced them",
+                    info.node_id or "?", req.type_url, req.response_nonce, sent.system_version,
+                    len(sent.names), shown or "-", len(sent.removed), req.error_detail.message, self._nacks)
+            else:
+                for n in (*sent.names, *sent.removed):
+                    st.rejected.pop(n, None)
+                sync.answered(info.stream, req.type_url, req.response_nonce, None)
+                stats.acks += 1
+        found = st.stop_watch()
+        if found is not None:
+            st.base = found
+        old_sub = st.sub
+        st.sub, st.known = apply_subscription(st.sub, st.known, req, first)
+        also: frozenset[str] | None = None
+        if first or st.sub.wildcard != old_sub.wildcard:
+            st.base = None  # look at everything the subscription covers
+        elif st.sub is not old_sub or req.resource_names_subscribe or req.resource_names_unsubscribe:
+            # Only the names (and slice globs) this request (un)subscribed, besides what changed.
+            also = frozenset(req.resource_names_subscribe) | frozenset(req.resource_names_unsubscribe)
+        return self._cache.create_delta_watch(
+            info.node_id, req.type_url, st.sub, st.known, answer_now=first, rejected=st.rejected,
+            on_current=functools.partial(sync.current, info.stream, req.type_url), base=st.base, also=also)
+
+    def answer(self, info: StreamInfo, type_url: str, st: _DeltaTypeState,
+               wresp: DeltaWatchResponse) -> Iterator[bytes]:
+        before = st.known
+        st.known = wresp.known  # a fresh map per answer (delta_diff), owned by this stream now
+        st.base = wresp.source
+        for resources, removed in split_response(wresp):
+            nonce = str(next(self._nonces))
+            st.unanswered[nonce] = _Sent(
+                wresp.system_version, tuple(r.name for r in resources), removed,
+                {n: (before.get(n), st.known.get(n)) for n in (*(r.name for r in resources), *removed)})
+            while len(st.unanswered) > MAX_UNANSWERED:
+                st.unanswered.popitem(last=False)
+            data = response_bytes(type_url, nonce, wresp.system_version, resources, removed, self._control_plane)
+            self._observer.sync.sent(info.stream, type_url, wresp.system_version, nonce, len(data),
+                                     wresp.generation)
+            yield data

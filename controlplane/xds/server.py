@@ -1,6 +1,7 @@
-"""The ADS servicer: turns a gRPC stream into cache watches, one per type URL,
-and tracks nonces, ACKs and NACKs per stream. State of the world here; Delta
-(incremental) in controlplane/xds/delta.py."""
+"""The ADS servicer: both RPCs run the one stream loop (controlplane/xds/stream.py)
+that turns a gRPC stream into cache watches, one per type URL; state of the
+world's protocol (nonces, one version per type, ACK and NACK) is the strategy
+here, Delta's (incremental) in controlplane/xds/delta.py."""
 
 from __future__ import annotations
 
@@ -8,15 +9,16 @@ import asyncio
 import functools
 import itertools
 import logging
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
-from typing import cast
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from controlplane.xds.cache import SnapshotCache, WatchResponse
-from controlplane.xds.delta import serve_delta
+from controlplane.xds.delta import DeltaStrategy
+from controlplane.xds.stream import AdsObserver, StreamInfo, WatchSlot, serve_stream
 from controlplane.xds.sync import SyncTracker
 
 log = logging.getLogger("nodemesh.controlplane.xds")
@@ -83,22 +85,11 @@ class AdsStats:
 
 
 @dataclass
-class _TypeState:
+class _TypeState(WatchSlot):
     names: frozenset[str] = frozenset()  # empty: wildcard
     nonce: str = ""  # of the latest response sent
     sent_version: str = ""
     acked_version: str = ""
-    watch_id: int = 0
-    cancel: Callable[[], None] | None = None
-    forwarder: asyncio.Task[None] | None = field(default=None, repr=False)
-
-    def stop_watch(self) -> None:
-        if self.cancel is not None:
-            self.cancel()
-            self.cancel = None
-        if self.forwarder is not None:
-            self.forwarder.cancel()
-            self.forwarder = None
 
 
 def _names(req: discovery_pb2.DiscoveryRequest) -> frozenset[str]:
@@ -107,8 +98,73 @@ def _names(req: discovery_pb2.DiscoveryRequest) -> frozenset[str]:
     return frozenset() if "*" in names else names
 
 
+class SotwStrategy:
+    """One StreamAggregatedResources stream's protocol (controlplane/xds/stream.py
+    runs the loop): a version per type, answered only for the latest nonce; after
+    an ACK or a NACK the type waits for a snapshot newer than what was sent
+    (resending a rejected version would only be rejected again)."""
+
+    protocol = "sotw"
+    method = "DiscoveryRequest"
+
+    def __init__(self, observer: AdsObserver, cache: SnapshotCache, nonces: Iterator[int]) -> None:
+        self._observer = observer
+        self._cache = cache
+        self._nonces = nonces
+
+    def new_state(self) -> _TypeState:
+        return _TypeState()
+
+    def request(self, info: StreamInfo, st: _TypeState, req: discovery_pb2.DiscoveryRequest,
+                first: bool) -> tuple[asyncio.Queue[WatchResponse], Callable[[], Any]] | None:
+        stats, sync = self._observer.stats, self._observer.sync
+        names = _names(req)
+        if first:
+            # First request of this type on this stream: always answer, even when
+            # the client says it has the current version (it may have restarted).
+            st.names = names
+            known = ""
+        else:
+            if req.response_nonce != st.nonce:
+                stats.stale_requests += 1  # an answer to a response since superseded
+                return None
+            if req.HasField("error_detail"):
+                sync.answered(info.stream, req.type_url, req.response_nonce,
+                              req.error_detail.message or "(no reason given)")
+                stats.nacks += 1
+                stats.last_nack = f"{info.node_id} {req.type_url}: {req.error_detail.message}"
+                log.warning("node %s rejected %s version %s (nonce %s): %s; it keeps version %r until a new "
+                            "snapshot", info.node_id or "?", req.type_url, st.sent_version, req.response_nonce,
+                            req.error_detail.message, req.version_info)
+            elif req.response_nonce:
+                sync.answered(info.stream, req.type_url, req.response_nonce, None)
+                stats.acks += 1
+                st.acked_version = req.version_info
+            # Whether ACK or NACK, wait for a snapshot newer than what was sent.
+            known = st.sent_version
+            if names != st.names:
+                st.names = names
+                known = ""  # a changed subscription is answered at once
+        st.stop_watch()
+        return self._cache.create_watch(info.node_id, req.type_url, st.names, known,
+                                        on_current=functools.partial(sync.current, info.stream, req.type_url))
+
+    def answer(self, info: StreamInfo, type_url: str, st: _TypeState, wresp: WatchResponse) -> Iterator[bytes]:
+        st.nonce = str(next(self._nonces))
+        st.sent_version = wresp.version
+        data = sotw_response_bytes(wresp.version, type_url, st.nonce, wresp.encoded)
+        if len(data) > FOREIGN_CLIENT_LIMIT_BYTES:
+            log.warning("node %s: a %s response of %d bytes (%d resources) exceeds gRPC's default 4 MiB receive "
+                        "limit; Envoy takes it, a proxyless gRPC client will reset the stream (use Delta, or "
+                        "subscribe by name)", info.node_id or "?", type_url, len(data), len(wresp.names))
+        self._observer.sync.sent(info.stream, type_url, wresp.version, st.nonce, len(data), wresp.generation)
+        yield data
+
+
 class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
-    """envoy.service.discovery.v3.AggregatedDiscoveryService over a SnapshotCache."""
+    """envoy.service.discovery.v3.AggregatedDiscoveryService over a SnapshotCache:
+    both RPCs run the one stream loop (controlplane/xds/stream.py), each with its
+    protocol's strategy."""
 
     def __init__(self, cache: SnapshotCache) -> None:
         self._cache = cache
@@ -117,118 +173,19 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
         self.sync = SyncTracker(generation=lambda: cache.generation)
         self._streams = itertools.count(1)
         self._nonces = itertools.count(1)
-        self._watch_ids = itertools.count(1)
 
     async def StreamAggregatedResources(
             self, request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest],
             context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         """Yields encoded DiscoveryResponses (register with add_to_server)."""
-        # Requests and watch answers meet in one queue, so all per-stream state is
-        # touched by this one loop only.
-        events: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
-        states: dict[str, _TypeState] = {}
-        node_id = ""
-
-        async def read() -> None:
-            try:
-                async for req in request_iterator:
-                    await events.put(("req", req))
-                await events.put(("eof", None))
-            except Exception as e:  # noqa: BLE001 - the client went away; any error ends the stream
-                await events.put(("eof", e))
-
-        async def forward(type_url: str, watch_id: int, q: asyncio.Queue[WatchResponse]) -> None:
-            resp = await q.get()
-            await events.put(("resp", (type_url, watch_id, resp)))
-
-        reader = asyncio.create_task(read())
-        self.stats.streams_opened += 1
-        self.stats.streams_active += 1
-        stream = next(self._streams)
-        self.sync.opened(stream, "sotw")
-        try:
-            while True:
-                kind, item = await events.get()
-                if kind == "eof":
-                    return
-                if kind == "req":
-                    assert isinstance(item, discovery_pb2.DiscoveryRequest)
-                    req = item
-                    if req.node.id:
-                        node_id = req.node.id
-                        self.sync.identify(stream, req.node)
-                    if not req.type_url:
-                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                            "DiscoveryRequest without type_url; ADS needs it on every request")
-                    st = states.get(req.type_url)
-                    names = _names(req)
-                    if st is None:
-                        # First request of this type on this stream: always answer, even when
-                        # the client says it has the current version (it may have restarted).
-                        st = states[req.type_url] = _TypeState(names=names)
-                        known = ""
-                    else:
-                        if req.response_nonce != st.nonce:
-                            # An answer to a response that has since been superseded.
-                            self.stats.stale_requests += 1
-                            continue
-                        if req.HasField("error_detail"):
-                            self.sync.answered(stream, req.type_url, req.response_nonce,
-                                               req.error_detail.message or "(no reason given)")
-                            self.stats.nacks += 1
-                            self.stats.last_nack = (f"{node_id} {req.type_url}: "
-                                                    f"{req.error_detail.message}")
-                            log.warning("node %s rejected %s version %s (nonce %s): %s; it keeps "
-                                        "version %r until a new snapshot", node_id or "?", req.type_url,
-                                        st.sent_version, req.response_nonce, req.error_detail.message,
-                                        req.version_info)
-                        elif req.response_nonce:
-                            self.sync.answered(stream, req.type_url, req.response_nonce, None)
-                            self.stats.acks += 1
-                            st.acked_version = req.version_info
-                        # Whether ACK or NACK, wait for a snapshot newer than what was sent:
-                        # resending a rejected version would only be rejected again.
-                        known = st.sent_version
-                        if names != st.names:
-                            st.names = names
-                            known = ""  # a changed subscription is answered at once
-                    st.stop_watch()
-                    q, cancel = self._cache.create_watch(
-                        node_id, req.type_url, st.names, known,
-                        on_current=functools.partial(self.sync.current, stream, req.type_url))
-                    st.watch_id = next(self._watch_ids)
-                    st.cancel = cancel
-                    st.forwarder = asyncio.create_task(forward(req.type_url, st.watch_id, q))
-                    continue
-                # kind == "resp"
-                type_url, watch_id, wresp = cast(tuple[str, int, WatchResponse], item)
-                st = states.get(type_url)
-                if st is None or st.watch_id != watch_id:
-                    continue
-                st.cancel = None
-                st.forwarder = None
-                st.nonce = str(next(self._nonces))
-                st.sent_version = wresp.version
-                self.stats.responses += 1
-                data = sotw_response_bytes(wresp.version, type_url, st.nonce, wresp.encoded)
-                if len(data) > FOREIGN_CLIENT_LIMIT_BYTES:
-                    log.warning("node %s: a %s response of %d bytes (%d resources) exceeds gRPC's default "
-                                "4 MiB receive limit; Envoy takes it, a proxyless gRPC client will reset the "
-                                "stream (use Delta, or subscribe by name)", node_id or "?", type_url,
-                                len(data), len(wresp.names))
-                self.sync.sent(stream, type_url, wresp.version, st.nonce, len(data), wresp.generation)
-                yield data
-        finally:
-            self.sync.closed(stream)
-            self.stats.streams_active -= 1
-            reader.cancel()
-            for st in states.values():
-                st.stop_watch()
+        async for data in serve_stream(self, SotwStrategy(self, self._cache, self._nonces), request_iterator,
+                                       context, next(self._streams)):
+            yield data
 
     async def DeltaAggregatedResources(
             self, request_iterator: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest],
             context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-        # Incremental ADS (controlplane/xds/delta.py), over the same cache and counters.
-        async for resp in serve_delta(self, self._cache, CONTROL_PLANE_ID, request_iterator, context,
-                                      next(self._streams)):
-            yield resp
+        """Yields encoded DeltaDiscoveryResponses (controlplane/xds/delta.py)."""
+        async for data in serve_stream(self, DeltaStrategy(self, self._cache, CONTROL_PLANE_ID),
+                                       request_iterator, context, next(self._streams)):
+            yield data
