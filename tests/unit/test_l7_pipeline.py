@@ -40,7 +40,8 @@ class _Proxy:
 
 class ScriptedCall(Call):
     """An adapter whose tries answer from a script: a status, "reset", "refused"
-    (connect failure) or "hang" (never answers)."""
+    (connect failure), "refused-stream" (GOAWAY / REFUSED_STREAM) or "hang"
+    (never answers)."""
 
     def __init__(self, rt: L7Runtime, script: list[Any]) -> None:
         super().__init__(rt, Session(AccessLog("off"), "outbound", src="10.0.0.9:4000"), PLAN, "spiffe://td/c")
@@ -67,6 +68,8 @@ class ScriptedCall(Call):
             await asyncio.sleep(60)
         if step == "reset":
             return TryResult(Outcome(reset=True), None, "reset by peer")
+        if step == "refused-stream":  # above a GOAWAY's last stream ID: never processed
+            return TryResult(Outcome(reset=True, refused=True), None, "endpoint sent GOAWAY")
         if step == "refused":
             from nodeagent.proxy.errors import ConnectRefused
             raise ConnectRefused("refused")
@@ -175,3 +178,11 @@ def test_breaker_overflow_is_a_503_with_the_overloaded_header() -> None:
     [r] = call.replies
     assert isinstance(r, pipeline.Overflow) and r.status == 503 and dict(r.extra) == {"x-nodemesh-overloaded": "true"}
     assert call.session.fields["cluster"] == CL and call.tries == []
+
+
+def test_a_refused_stream_is_sent_again_once_without_a_retry_policy() -> None:
+    call = run(_snapshot(), ["refused-stream", 200])
+    assert call.relayed == [200] and call.attempts == 2 and call.session.fields["refused_stream_resent"] is True
+    call = run(_snapshot(), ["refused-stream", "refused-stream"])
+    [r] = call.replies
+    assert isinstance(r, pipeline.UpstreamResetBeforeResponse) and len(call.tries) == 2

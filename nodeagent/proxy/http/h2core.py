@@ -11,6 +11,7 @@ HTTP-to-gRPC status mapping Envoy uses).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import h2.config
@@ -104,6 +105,22 @@ class Received:
     error: str = ""  # the connection is unusable (protocol error from the peer)
 
 
+class _GoawayDrains(h2.connection.H2ConnectionStateMachine):
+    """h2 closes a connection the moment a GOAWAY arrives, so the streams at or
+    below its last stream ID, which the peer still answers (RFC 9113 6.8), would
+    fail on their next frame. Here a GOAWAY leaves the connection open; H2Core
+    marks it draining (its users open no new stream) or, for a GOAWAY carrying an
+    error, closed."""
+
+    _transitions = {  # noqa: RUF012 - h2's table, two entries changed
+        **h2.connection.H2ConnectionStateMachine._transitions,
+        (h2.connection.ConnectionState.CLIENT_OPEN, h2.connection.ConnectionInputs.RECV_GOAWAY):
+            (None, h2.connection.ConnectionState.CLIENT_OPEN),
+        (h2.connection.ConnectionState.SERVER_OPEN, h2.connection.ConnectionInputs.RECV_GOAWAY):
+            (None, h2.connection.ConnectionState.SERVER_OPEN),
+    }
+
+
 class H2Core:
     """One HTTP/2 connection, client or server side, with queued sends."""
 
@@ -114,11 +131,13 @@ class H2Core:
         cfg = h2.config.H2Configuration(client_side=client, header_encoding="utf-8",
                                         validate_inbound_headers=True, normalize_inbound_headers=True)
         self.h2 = h2.connection.H2Connection(config=cfg)
+        self.h2.state_machine = _GoawayDrains()
         self._out: dict[int, _Out] = {}
         self._stream_window = stream_window
         self._connection_window = connection_window
         self._max_streams = max_concurrent_streams
         self.closed = False
+        self.draining = False  # the peer sent a graceful GOAWAY: open no new stream here
 
     def initiate(self) -> None:
         self.h2.initiate_connection()
@@ -178,19 +197,15 @@ class H2Core:
 
     def reset(self, sid: int, code: int = h2.errors.ErrorCodes.CANCEL) -> None:
         self._out.pop(sid, None)
-        try:
+        with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError):
             self.h2.reset_stream(sid, code)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError):
-            pass
 
     def acknowledge(self, sid: int, n: int) -> None:
         """The peer's data was passed on: give it its window back."""
         if n <= 0 or self.closed:
             return
-        try:
+        with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError):
             self.h2.acknowledge_received_data(n, sid)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError):
-            pass
 
     def queued(self, sid: int) -> int:
         o = self._out.get(sid)
@@ -202,10 +217,8 @@ class H2Core:
     def close(self, code: int = 0) -> None:
         if not self.closed:
             self.closed = True
-            try:
+            with contextlib.suppress(h2.exceptions.ProtocolError):
                 self.h2.close_connection(error_code=code)
-            except h2.exceptions.ProtocolError:
-                pass
 
     # -- receiving --
     def receive_data(self, data: bytes) -> Received:
@@ -224,7 +237,11 @@ class H2Core:
             elif isinstance(ev, h2.events.StreamReset):
                 self._out.pop(ev.stream_id, None)
             elif isinstance(ev, h2.events.ConnectionTerminated):
-                self.closed = True
+                if ev.error_code:  # an error: nothing more moves on this connection
+                    self.closed = True
+                    self.h2.state_machine.state = h2.connection.ConnectionState.CLOSED
+                else:
+                    self.draining = True
         return Received(list(events), drained)
 
     def _flush_many(self, sids: list[int], drained: list[int]) -> None:

@@ -24,6 +24,7 @@ from nodeagent.meshview.snapshot import Snapshot
 
 from ..errors import ProxyError
 from .h2core import Headers, strip_connection_headers
+from .h2upstream import StreamHandler
 from .pipeline import MAX_BUFFERED_BODY, Request, shadow_authority
 from .timeout import GRPC_TIMEOUT_HEADER, MESH_DEADLINE_HEADER
 
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 MIRROR_TIMEOUT_S = 5.0  # a mirror still unanswered after this is reset (it holds a stream slot)
 
 
-class _Sink:
+class _Sink(StreamHandler):
     """The mirror stream's handler: discards the response, returns its window."""
 
     def __init__(self, conn: H2Upstream) -> None:
@@ -118,7 +119,7 @@ async def mirror(call: H2Call, snapshot: Snapshot, cluster: str, req: Request) -
             conn = await rt.h2_upstreams.get(snapshot, ep, call.source_id, call.session)
             sink = _Sink(conn)
             nothing_more = not body and call.request_trailers is None
-            sink.sid = conn.open_stream(fwd, sink, end_stream=nothing_more)  # type: ignore[arg-type]
+            sink.sid = conn.open_stream(fwd, sink, end_stream=nothing_more)
             st.sent += 1
             if not nothing_more:
                 if body:

@@ -247,6 +247,7 @@ class Try(StreamHandler):
         self.trailers: Headers | None = None
         self.early: list[tuple[bytes, int]] = []
         self.error = ""
+        self.refused = False  # the endpoint never processed it (StreamHandler.on_refused)
         self.closed = False  # the upstream stream is finished or released
         self.forwarding = False  # the call relays this try's response to the client
 
@@ -298,6 +299,10 @@ class Try(StreamHandler):
         if self.forwarding:
             self.call.forward_reset(self, why)
         self._decide("reset")
+
+    def on_refused(self, why: str) -> None:
+        self.refused = not self.forwarding
+        self.on_reset(why)
 
     def on_drained(self) -> None:
         if self.call.cur is self:
@@ -580,7 +585,8 @@ class H2Call(Call):
         try:
             t.sid = conn.open_stream(fwd, t, end_stream=nothing_more)
         except h2.exceptions.H2Error as e:  # h2 refused the stream (connection closing, stream limit)
-            return TryResult(Outcome(reset=True), None, f"cannot open a stream to {ep.ip}:{ep.port}: {e}")
+            return TryResult(Outcome(reset=True, refused=True), None,
+                             f"cannot open a stream to {ep.ip}:{ep.port}: {e}")
         self.cur = t
         self._live = True
         for chunk in data:
@@ -595,7 +601,7 @@ class H2Call(Call):
         if what == "reset":
             self.cur = None
             self._live = False
-            return TryResult(Outcome(reset=True), None, t.error)
+            return TryResult(Outcome(reset=True, refused=t.refused), None, t.error)
         status = int(header_value(t.head, ":status") or 0)
         gs = grpc_status_of(t.trailers) if t.trailers is not None else grpc_status_of(t.head)
         return TryResult(Outcome(status=status, grpc_status=gs), t)

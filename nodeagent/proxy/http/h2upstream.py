@@ -39,6 +39,11 @@ class StreamHandler:
     def on_reset(self, why: str) -> None: ...
     def on_drained(self) -> None: ...
 
+    def on_refused(self, why: str) -> None:
+        """The endpoint never processed the stream (above a GOAWAY's last stream ID,
+        or REFUSED_STREAM): safe to send again on another connection (RFC 9113 8.7)."""
+        self.on_reset(why)
+
 
 class H2Upstream:
     """An h2c connection to one endpoint, over a relay End (an HBONE CONNECT
@@ -66,7 +71,7 @@ class H2Upstream:
 
     @property
     def usable(self) -> bool:
-        return not self.dead and not self.draining and not self.core.closed and (
+        return not self.dead and not self.draining and not self.core.closed and not self.core.draining and (
             len(self.streams) < min(MAX_STREAMS_PER_UPSTREAM, self.core.peer_max_concurrent_streams()))
 
     def flush(self) -> None:
@@ -148,13 +153,22 @@ class H2Upstream:
         elif isinstance(ev, h2.events.StreamReset):
             if hd is not None:
                 self.streams.pop(sid, None)
-                hd.on_reset(f"endpoint reset the stream (code {ev.error_code})")
+                why = f"endpoint reset the stream (code {ev.error_code})"
+                if ev.error_code == h2.errors.ErrorCodes.REFUSED_STREAM:
+                    hd.on_refused(why)
+                else:
+                    hd.on_reset(why)
         elif isinstance(ev, h2.events.ConnectionTerminated):
-            # Graceful GOAWAY: streams up to last_stream_id still complete.
+            # GOAWAY: no new streams here. Streams up to last_stream_id still complete (unless
+            # it carries an error); those above it were never processed: refused, so the call
+            # sends them again on a new connection.
             self.draining = True
             last = ev.last_stream_id or 0
             for s, h in list(self.streams.items()):
-                if s > last or ev.error_code:
+                if s > last:
+                    self.streams.pop(s, None)
+                    h.on_refused(f"endpoint sent GOAWAY (code {ev.error_code}, last stream {last})")
+                elif ev.error_code:
                     self.streams.pop(s, None)
                     h.on_reset(f"endpoint sent GOAWAY (code {ev.error_code})")
             if self.on_dead is not None:

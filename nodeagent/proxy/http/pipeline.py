@@ -412,6 +412,7 @@ class Call(ABC):
         tried: set[tuple[str, int]] = set()
         hash_key = _hash_key(dest, req.headers, str(self.session.fields.get("src", "")))
         last_err = ""
+        resent_refused = False
         while True:
             if self.gone():
                 return
@@ -432,6 +433,13 @@ class Call(ABC):
             dest.ewma.finish(ep)
             elapsed = rt.clock() - t0
             outcome = got.outcome
+            if outcome.refused and not resent_refused and not self.gone() and self.can_retry(None):
+                # The endpoint never processed it (a GOAWAY above it, REFUSED_STREAM): sent again
+                # once, on a new connection, whatever the retry policy (RFC 9113 8.7).
+                resent_refused = True
+                tried.discard((ep.ip, ep.port))
+                self.session.set(refused_stream_resent=True)
+                continue
             why = meshmetrics.outcome_reason(outcome.status, outcome.grpc_status,
                                              connect_failure=outcome.connect_failure, reset=outcome.reset,
                                              timeout=outcome.timeout)

@@ -27,6 +27,7 @@ class Outcome:
     connect_failure: bool = False
     reset: bool = False
     timeout: bool = False
+    refused: bool = False  # reset before the endpoint processed it (HTTP/2 GOAWAY, REFUSED_STREAM)
 
     @property
     def gateway_error(self) -> bool:
