@@ -87,22 +87,28 @@ def summary(values: list[float]) -> dict[str, float]:
 
 
 class Proc:
-    """The control plane process: CPU seconds and RSS from /proc."""
+    """The control plane processes (one per replica): CPU seconds and RSS from
+    /proc, summed over them."""
 
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
+    def __init__(self, *pids: int) -> None:
+        self.pids = pids
 
     def cpu_s(self) -> float:
-        with open(f"/proc/{self.pid}/stat") as f:
-            parts = f.read().rsplit(")", 1)[1].split()
-        return (int(parts[11]) + int(parts[12])) / CLK_TCK  # utime, stime
+        total = 0.0
+        for pid in self.pids:
+            with open(f"/proc/{pid}/stat") as f:
+                parts = f.read().rsplit(")", 1)[1].split()
+            total += (int(parts[11]) + int(parts[12])) / CLK_TCK  # utime, stime
+        return total
 
     def rss_mb(self) -> float:
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-        return float("nan")
+        total = 0.0
+        for pid in self.pids:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) / 1024
+        return total
 
 
 def self_cpu_s() -> float:
@@ -149,10 +155,9 @@ class Agent:
 
 
 class Fleet:
-    def __init__(self, args: argparse.Namespace, cp_target: str, ca_pem: bytes, admin: str) -> None:
+    def __init__(self, args: argparse.Namespace, cp_targets: list[str], ca_pem: bytes, admin: str) -> None:
         self.args = args
-        self.cp_target = cp_target
-        self.join_target = f"127.0.0.1:{int(cp_target.rsplit(':', 1)[1]) + 1}"
+        self.cp_targets = cp_targets  # one per replica: agent i joins and connects to replica i % len
         self.ca_pem = ca_pem
         self.admin = admin
         self.agents: list[Agent] = []
@@ -189,14 +194,16 @@ class Fleet:
     # -- join --
     async def join(self, a: Agent) -> None:
         creds = grpc.ssl_channel_credentials(root_certificates=self.ca_pem)
-        async with grpc.aio.secure_channel(self.join_target, creds) as ch:
+        target = self.cp_targets[a.index % len(self.cp_targets)]
+        join_target = f"127.0.0.1:{int(target.rsplit(':', 1)[1]) + 1}"  # the server-only TLS port
+        async with grpc.aio.secure_channel(join_target, creds) as ch:
             resp = await mesh_pb2_grpc.NodeAttestationStub(ch).Join(  # type: ignore[no-untyped-call]
                 mesh_pb2.JoinRequest(token=a.token, node_name=a.name, csr_pem=a.csr), timeout=60)
         chain = "".join(resp.node_cert_chain).encode()
         key_pem = a.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                       serialization.NoEncryption())
         a.channel = grpc.aio.secure_channel(
-            self.cp_target, grpc.ssl_channel_credentials(root_certificates=self.ca_pem, private_key=key_pem,
+            target, grpc.ssl_channel_credentials(root_certificates=self.ca_pem, private_key=key_pem,
                                                          certificate_chain=chain),
             options=(("grpc.max_receive_message_length", 64 * 1024 * 1024),))
 
@@ -466,19 +473,60 @@ def workload(node: int, j: int, services: int) -> mesh_pb2.WorkloadRegistration:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="nodemesh-fleet-"))
-    port, web = free_port(), free_port()
-    while web in (port, port + 1):
-        web = free_port()
-    sock = f"unix:{work / 'cp.sock'}"
-    # --profile FILE: the control plane under cProfile (written when it stops).
-    prof = ["-m", "cProfile", "-o", args.profile] if args.profile else []
-    cmd = [sys.executable, *prof, "-m", "nodemesh", "controlplane", "serve", "--state-dir", str(work / "cp"),
-           "--listen", sock, "--listen", f"127.0.0.1:{port}", "--web-listen", f"127.0.0.1:{web}",
-           "--lease-seconds", "15", "--log-level", "WARNING"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    with open(work / "cp.log", "w") as log:  # noqa: ASYNC230 - once, before anything runs
-        cp = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)  # noqa: ASYNC220
-    proc = Proc(cp.pid)
+    children: list[subprocess.Popen[bytes]] = []  # stopped in reverse order at the end
+    common = ["--lease-seconds", "15", "--log-level", "WARNING"]
+    if args.replicas > 1:
+        # Replicas share one etcd (TLS with client certificates, as in production) and the
+        # operator's intermediate CA; the second takes the first's control-plane CA files.
+        from controlplane.etcd_client import EtcdTLS, make_etcd_certs, single_member_argv, wait_ready
+        from tests.netns.test_security_ca import make_operator_ca
+
+        certs = make_etcd_certs(str(work / "etcd-pki"))
+        etcd_port, etcd_peer = free_port(), free_port()
+        with open(work / "etcd.log", "w") as elog:  # noqa: ASYNC230 - once, before anything runs
+            children.append(subprocess.Popen(  # noqa: ASYNC220
+                single_member_argv(str(work / "etcd"), "127.0.0.1", etcd_port, etcd_peer,
+                                   shutil.which("etcd") or "etcd", certs=certs), stdout=elog, stderr=elog))
+        endpoint = f"https://127.0.0.1:{etcd_port}"
+        await asyncio.to_thread(wait_ready, endpoint, 30.0,
+                                EtcdTLS(certs.ca, certs.client_cert, certs.client_key, ""))
+        cert_f, key_f, chain_f, _ = make_operator_ca(work / "operator-ca")
+        common += ["--store", "etcd", "--etcd-endpoints", endpoint, "--etcd-ca", certs.ca, "--etcd-cert",
+                   certs.client_cert, "--etcd-key", certs.client_key, "--ca-cert", str(cert_f), "--ca-key",
+                   str(key_f), "--ca-chain", str(chain_f)]
+    # --profile FILE: the (first) control plane under cProfile (written when it stops).
+    prof = ["-m", "cProfile", "-o", args.profile] if args.profile else []
+    socks, targets, cps = [], [], []
+    for r in range(args.replicas):
+        port, web = free_port(), free_port()
+        while web in (port, port + 1):
+            web = free_port()
+        state = work / ("cp" if r == 0 else f"cp{r}")
+        if r:
+            state.mkdir()
+            for f in ("cp-ca.pem", "cp-ca.key"):
+                shutil.copy2(work / "cp" / f, state / f)
+            os.chmod(state / "cp-ca.key", 0o600)
+        sock_path = work / f"cp{r}.sock"
+        cmd = [sys.executable, *(prof if r == 0 else []), "-m", "nodemesh", "controlplane", "serve",
+               "--state-dir", str(state), "--listen", f"unix:{sock_path}", "--listen", f"127.0.0.1:{port}",
+               "--web-listen", f"127.0.0.1:{web}", *common]
+        with open(work / f"cp{r}.log", "w") as log:  # noqa: ASYNC230 - once per replica, before anything runs
+            cp = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)  # noqa: ASYNC220
+        children.append(cp)
+        cps.append(cp)
+        for _ in range(600):
+            if sock_path.exists() and (state / "cp-ca.pem").exists():
+                break
+            if cp.poll() is not None:
+                raise RuntimeError(f"control plane replica {r} exited: see {work / f'cp{r}.log'}")
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)
+        socks.append(f"unix:{sock_path}")
+        targets.append(f"127.0.0.1:{port}")
+    sock = socks[0]
+    proc = Proc(*(c.pid for c in cps))
     spy: list[subprocess.Popen[bytes]] = []
 
     def stop_spy() -> None:
@@ -493,16 +541,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"nodes": args.nodes, "workloads_per_node": args.workloads, "services": args.services,
                            "protocol": args.protocol, "depends": args.depends,
                            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    out["replicas"] = args.replicas
     try:
-        for _ in range(300):
-            if (work / "cp.sock").exists() and (work / "cp" / "cp-ca.pem").exists():
-                break
-            await asyncio.sleep(0.1)
-        await asyncio.sleep(0.5)
         ca_pem = (work / "cp" / "cp-ca.pem").read_bytes()
         with ConfigClient(sock) as c:
             c.apply(config_docs(args.services))
-        fleet = Fleet(args, f"127.0.0.1:{port}", ca_pem, sock)
+        fleet = Fleet(args, targets, ca_pem, sock)
         for i in range(args.nodes):
             key = ec.generate_private_key(ec.SECP256R1())
             name = f"fleet-{i:05d}"
@@ -530,14 +574,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 a.token = admin.create_join_token(a.name, 3600).token
         await asyncio.sleep(1.0)
         rss0 = proc.rss_mb()
-        out["cp_rss_mb_before_join"] = rss0
+        out["cp_rss_mb_before_join"] = rss0  # every replica's, summed
 
         if args.py_spy:
             # Where the control plane's time goes during the join storm and the changes
             # (raw collapsed stacks: one line per stack with its sample count).
             spy.append(subprocess.Popen(  # noqa: ASYNC220 - once
                 [shutil.which("py-spy", path=os.path.dirname(sys.executable)) or "py-spy", "record",
-                 "--pid", str(cp.pid), "--rate", "50", "--format", "raw", "--nonblocking", "--output", args.py_spy],
+                 "--pid", str(cps[0].pid), "--rate", "50", "--format", "raw", "--nonblocking", "--output", args.py_spy],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             await asyncio.sleep(1.0)
 
@@ -663,8 +707,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "registry_reconnects": sum(a.registry_sessions - 1 for a in fleet.agents),
             "cp_rss_mb": proc.rss_mb(),
         }
-        with ConfigClient(sock) as c:
-            ps = c.list("proxystatus")
+        ps = []
+        for replica_sock in socks:  # each replica knows the streams it holds
+            with ConfigClient(replica_sock) as c:
+                ps += c.list("proxystatus")
         states: dict[str, int] = {}
         for r in ps:
             st = json.loads(r.status_json)["state"]
@@ -679,11 +725,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         return out
     finally:
         stop_spy()
-        cp.send_signal(signal.SIGTERM)
-        try:
-            cp.wait(10)
-        except subprocess.TimeoutExpired:
-            cp.kill()
+        for child in reversed(children):
+            child.send_signal(signal.SIGTERM)
+            try:
+                child.wait(10)
+            except subprocess.TimeoutExpired:
+                child.kill()
         if args.keep:
             print(f"kept {work}")
         else:
@@ -696,6 +743,9 @@ def main() -> int:
     p.add_argument("--workloads", type=int, default=2, help="workloads per node")
     p.add_argument("--services", type=int, default=20)
     p.add_argument("--protocol", choices=("delta", "sotw"), default="delta")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="control plane replicas; 2 or more share one etcd (TLS, client certificates) and the "
+                        "agents are spread over them (needs etcd on PATH: Debian's etcd-server)")
     p.add_argument("--depends", type=int, default=0,
                    help="scoped discovery: each node declares this many random services (plus svc-0 and svc-1) "
                         "and receives only their endpoints; 0: every service's")
