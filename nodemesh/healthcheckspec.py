@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
+
+from nodemesh.fieldcheck import FieldChecker
 
 KINDS = ("http", "grpc", "tcp")
 DEFAULT_STATUSES = ((200, 399),)  # inclusive ranges; Kubernetes probes accept 200..399 too
@@ -44,25 +46,11 @@ class HealthCheck:
         return any(lo <= status <= hi for lo, hi in self.expected_statuses)
 
 
-_Str = str  # the protocol below has a method named `str`
-
-
-class Collector(Protocol):
-    """What nodemesh.routespec._C offers (kept as a protocol to avoid an import cycle)."""
-
-    def add(self, path: str, reason: str) -> None: ...
-    def map(self, v: Any, path: str, allowed: Any, required: bool = False) -> dict[str, Any]: ...
-    def list(self, v: Any, path: str) -> list[Any]: ...
-    def str(self, v: Any, path: _Str, required: bool = False) -> _Str: ...
-    def int(self, v: Any, path: _Str, lo: int, hi: int, default: int) -> int: ...
-    def duration(self, v: Any, path: _Str, default: float = 0.0) -> float: ...
-
-
-def _statuses(c: Collector, raw: Any, path: str) -> tuple[tuple[int, int], ...]:
+def _statuses(c: FieldChecker, raw: Any, path: str) -> tuple[tuple[int, int], ...]:
     if raw is None:
         return DEFAULT_STATUSES
     out: list[tuple[int, int]] = []
-    items = c.list(raw, path)
+    items = c.entries(raw, path)
     if isinstance(raw, list) and not raw:
         c.add(path, "must not be empty; omit it for the default 200-399")
     for i, v in enumerate(items):
@@ -82,15 +70,15 @@ def _statuses(c: Collector, raw: Any, path: str) -> tuple[tuple[int, int], ...]:
     return tuple(out) or DEFAULT_STATUSES
 
 
-def parse_health_checks(c: Collector, raw: Any, path: str = "spec.healthChecks") -> tuple[HealthCheck, ...]:
+def parse_health_checks(c: FieldChecker, raw: Any, path: str = "spec.healthChecks") -> tuple[HealthCheck, ...]:
     """Validate a DestinationPolicy's healthChecks list; every problem names its field path."""
     out: list[HealthCheck] = []
     seen: dict[int, int] = {}
-    for i, item in enumerate(c.list(raw, path)):
+    for i, item in enumerate(c.entries(raw, path)):
         p = f"{path}[{i}]"
-        d = c.map(item, p, ("port", "interval", "timeout", "jitter", "healthyThreshold", "unhealthyThreshold",
-                            *KINDS), required=True)
-        port = c.int(d.get("port"), f"{p}.port", 1, 65535, 0)
+        d = c.mapping(item, p, ("port", "interval", "timeout", "jitter", "healthyThreshold", "unhealthyThreshold",
+                            *KINDS), required=True) or {}
+        port = c.integer(d.get("port"), f"{p}.port", 1, 65535, 0)
         if port in seen:
             what = f"port {port}" if port else "every port (no port)"
             c.add(f"{p}.port", f"{what} already has a health check at {path}[{seen[port]}]; give one per port")
@@ -106,8 +94,8 @@ def parse_health_checks(c: Collector, raw: Any, path: str = "spec.healthChecks")
             c.add(f"{p}.timeout", "must not exceed interval (checks of one endpoint never overlap)")
         if jitter > interval:
             c.add(f"{p}.jitter", "must not exceed interval")
-        healthy = c.int(d.get("healthyThreshold"), f"{p}.healthyThreshold", 1, 100, 1)
-        unhealthy = c.int(d.get("unhealthyThreshold"), f"{p}.unhealthyThreshold", 1, 100, 2)
+        healthy = c.integer(d.get("healthyThreshold"), f"{p}.healthyThreshold", 1, 100, 1)
+        unhealthy = c.integer(d.get("unhealthyThreshold"), f"{p}.unhealthyThreshold", 1, 100, 2)
         kinds = [k for k in KINDS if k in d]
         if len(kinds) != 1:
             c.add(p, f"give exactly one of http, grpc, tcp (got {', '.join(kinds) or 'none'})")
@@ -115,20 +103,20 @@ def parse_health_checks(c: Collector, raw: Any, path: str = "spec.healthChecks")
         kind = kinds[0]
         hc = HealthCheck(kind, port, interval, timeout, jitter, healthy, unhealthy)
         if kind == "http":
-            hd = c.map(d["http"], f"{p}.http", ("path", "expectedStatuses"), required=True)
-            hpath = c.str(hd.get("path", "/"), f"{p}.http.path") or "/"
+            hd = c.mapping(d["http"], f"{p}.http", ("path", "expectedStatuses"), required=True) or {}
+            hpath = c.text(hd.get("path", "/"), f"{p}.http.path") or "/"
             if not hpath.startswith("/") or any(ch in hpath for ch in " \r\n"):
                 c.add(f"{p}.http.path", "must start with '/' and contain no spaces or line breaks")
             hc = HealthCheck(kind, port, interval, timeout, jitter, healthy, unhealthy, hpath,
                              _statuses(c, hd.get("expectedStatuses"), f"{p}.http.expectedStatuses"))
         elif kind == "grpc":
-            gd = c.map(d["grpc"] if d["grpc"] is not None else {}, f"{p}.grpc", ("service",))
-            svc = c.str(gd.get("service"), f"{p}.grpc.service")
+            gd = c.mapping(d["grpc"] if d["grpc"] is not None else {}, f"{p}.grpc", ("service",)) or {}
+            svc = c.text(gd.get("service"), f"{p}.grpc.service")
             if not _GRPC_SERVICE.match(svc):
                 c.add(f"{p}.grpc.service", f"{svc!r} is not a gRPC service name")
             hc = HealthCheck(kind, port, interval, timeout, jitter, healthy, unhealthy, grpc_service=svc)
         else:
-            c.map(d["tcp"] if d["tcp"] is not None else {}, f"{p}.tcp", ())
+            c.mapping(d["tcp"] if d["tcp"] is not None else {}, f"{p}.tcp", ())
         out.append(hc)
     return tuple(out)
 

@@ -13,6 +13,7 @@ import yaml
 
 from nodemesh import rollouts as _rollouts
 from nodemesh import routespec as _routes
+from nodemesh.fieldcheck import FieldChecker, Problem, type_name
 from nodemesh.httpedge import DEFAULT_LIMITS, SPEC_FIELDS, HttpLimits, parse_limits
 from nodemesh.identity import IdentityError, check_trust_domain
 
@@ -35,8 +36,6 @@ DEFAULT_VIP_RANGE = "240.240.0.0/16"  # class E: never routed, so a VIP never co
 
 _LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 # Label keys and values as in Kubernetes: optional DNS prefix, then a name of [A-Za-z0-9._-].
-_LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
-_LABEL_PREFIX = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
 _KIND_ALIASES = {
     "service": KIND_SERVICE,
@@ -55,7 +54,6 @@ _KIND_ALIASES = {
     **_rollouts.ALIASES,
 }
 
-Problem = tuple[str, str]  # (path, reason); the path names the object and the field
 
 
 class ValidationError(ValueError):
@@ -188,95 +186,10 @@ class Document:
 # ---------------------------------------------------------------- validation helpers
 
 
-class _Checker:
-    """Collects problems for one document under a subject like 'Service default/web'."""
-
-    def __init__(self, subject: str) -> None:
-        self.subject = subject
-        self.problems: list[Problem] = []
-
-    def add(self, path: str, reason: str) -> None:
-        self.problems.append((f"{self.subject}: {path}" if path else self.subject, reason))
-
-    def mapping(self, value: Any, path: str, allowed: Sequence[str]) -> dict[str, Any] | None:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            self.add(path, f"must be a mapping, got {_type_name(value)}")
-            return None
-        for k in value:
-            if not isinstance(k, str) or k not in allowed:
-                self.add(_join(path, str(k)), f"unknown field; allowed: {', '.join(allowed)}")
-        return value
-
-    def string(self, value: Any, path: str, required: bool = False) -> str:
-        if value is None:
-            if required:
-                self.add(path, "required")
-            return ""
-        if not isinstance(value, str):
-            self.add(path, f"must be a string, got {_type_name(value)}")
-            return ""
-        if required and not value:
-            self.add(path, "required; must not be empty")
-        return str(value)
-
-    def port(self, value: Any, path: str) -> int:
-        # bool is an int in Python; a port of `true` is a mistake, not 1.
-        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 65535:
-            self.add(path, "must be an integer in 1..65535")
-            return 0
-        return value
-
-    def labels(self, value: Any, path: str, allow_empty: bool = True) -> tuple[tuple[str, str], ...]:
-        if value is None:
-            if not allow_empty:
-                self.add(path, "required; must map at least one label to a value")
-            return ()
-        if not isinstance(value, dict):
-            self.add(path, f"must be a mapping of label to value, got {_type_name(value)}")
-            return ()
-        if not value and not allow_empty:
-            self.add(path, "must map at least one label to a value")
-        out: list[tuple[str, str]] = []
-        for k, v in value.items():
-            kpath = _join(path, str(k))
-            if not isinstance(k, str) or not _valid_label_key(k):
-                self.add(kpath, "invalid label key (optional DNS prefix and '/', then up to 63 of "
-                         "[A-Za-z0-9._-] starting and ending alphanumeric)")
-                continue
-            if isinstance(v, bool) or not isinstance(v, (str, int, float)):
-                self.add(kpath, f"label value must be a string, got {_type_name(v)}")
-                continue
-            sv = str(v)
-            if len(sv) > 63 or not _LABEL_NAME.match(sv):
-                self.add(kpath, "invalid label value (up to 63 of [A-Za-z0-9._-], "
-                         "starting and ending alphanumeric)")
-                continue
-            out.append((k, sv))
-        return tuple(sorted(out))
-
-
-def _valid_label_key(key: str) -> bool:
-    prefix, _, name = key.rpartition("/")
-    if prefix and not _LABEL_PREFIX.match(prefix):
-        return False
-    return bool(name) and len(name) <= 63 and bool(_LABEL_NAME.match(name))
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-def _type_name(value: Any) -> str:
-    return {dict: "mapping", list: "list", str: "string", bool: "boolean", int: "integer",
-            float: "number", type(None): "null"}.get(type(value), type(value).__name__)
-
-
 # ---------------------------------------------------------------- per-kind parsers
 
 
-def _parse_service(c: _Checker, name: str, namespace: str, labels: tuple[tuple[str, str], ...],
+def _parse_service(c: FieldChecker, name: str, namespace: str, labels: tuple[tuple[str, str], ...],
                    spec_raw: Any) -> ServiceSpec | None:
     spec = c.mapping(spec_raw, "spec", ("ports", "selector", "vip"))
     if spec is None:
@@ -302,10 +215,10 @@ def _parse_service(c: _Checker, name: str, namespace: str, labels: tuple[tuple[s
         else:
             port = c.port(m.get("port"), f"{path}.port")
         target = c.port(m["targetPort"], f"{path}.targetPort") if "targetPort" in m else port
-        proto = c.string(m.get("protocol", "tcp"), f"{path}.protocol")
+        proto = c.text(m.get("protocol", "tcp"), f"{path}.protocol")
         if proto and proto not in PROTOCOLS:
             c.add(f"{path}.protocol", f"must be one of {', '.join(PROTOCOLS)}, got {proto!r}")
-        pname = c.string(m.get("name"), f"{path}.name")
+        pname = c.text(m.get("name"), f"{path}.name")
         if pname and not _LABEL.match(pname):
             c.add(f"{path}.name", "must be a DNS label (lower case letters, digits and '-', at most 63)")
         if port:
@@ -318,7 +231,7 @@ def _parse_service(c: _Checker, name: str, namespace: str, labels: tuple[tuple[s
             seen_names.setdefault(pname, i)
         ports.append(ServicePortSpec(port=port, target_port=target, protocol=proto or "tcp", name=pname))
     selector = c.labels(spec.get("selector"), "spec.selector", allow_empty=False)
-    vip = c.string(spec.get("vip"), "spec.vip")
+    vip = c.text(spec.get("vip"), "spec.vip")
     if vip:
         try:
             addr = ipaddress.ip_address(vip)
@@ -332,7 +245,7 @@ def _parse_service(c: _Checker, name: str, namespace: str, labels: tuple[tuple[s
                    labels=labels)
 
 
-def _parse_mesh_config(c: _Checker, name: str, labels: tuple[tuple[str, str], ...],
+def _parse_mesh_config(c: FieldChecker, name: str, labels: tuple[tuple[str, str], ...],
                        spec_raw: Any) -> MeshConfig | None:
     if name != MESH_CONFIG_NAME:
         c.add("metadata.name", f"there is one MeshConfig and it must be named {MESH_CONFIG_NAME!r}")
@@ -341,13 +254,13 @@ def _parse_mesh_config(c: _Checker, name: str, labels: tuple[tuple[str, str], ..
                                         "identityBindings"))
     if spec is None:
         return None
-    td = c.string(spec.get("trustDomain", "cluster.local"), "spec.trustDomain")
+    td = c.text(spec.get("trustDomain", "cluster.local"), "spec.trustDomain")
     if td:
         try:
             check_trust_domain(td)
         except IdentityError as e:
             c.add("spec.trustDomain", str(e))
-    vip_range = c.string(spec.get("vipRange", DEFAULT_VIP_RANGE), "spec.vipRange")
+    vip_range = c.text(spec.get("vipRange", DEFAULT_VIP_RANGE), "spec.vipRange")
     if vip_range:
         try:
             net = ipaddress.IPv4Network(vip_range)
@@ -357,10 +270,10 @@ def _parse_mesh_config(c: _Checker, name: str, labels: tuple[tuple[str, str], ..
         except ValueError as e:
             c.add("spec.vipRange", f"must be an IPv4 CIDR with no host bits set, like "
                   f"{DEFAULT_VIP_RANGE} ({e})")
-    policy = c.string(spec.get("outboundPolicy", "ALLOW_ANY"), "spec.outboundPolicy")
+    policy = c.text(spec.get("outboundPolicy", "ALLOW_ANY"), "spec.outboundPolicy")
     if policy and policy not in OUTBOUND_POLICIES:
         c.add("spec.outboundPolicy", f"must be one of {', '.join(OUTBOUND_POLICIES)}, got {policy!r}")
-    dns = c.string(spec.get("dnsDomain", "mesh"), "spec.dnsDomain")
+    dns = c.text(spec.get("dnsDomain", "mesh"), "spec.dnsDomain")
     if dns and not all(_LABEL.match(part) for part in dns.split(".")):
         c.add("spec.dnsDomain", "must be a DNS name made of DNS labels, like 'mesh' or 'mesh.local'")
     if not dns:
@@ -387,9 +300,9 @@ def _parse_mesh_config(c: _Checker, name: str, labels: tuple[tuple[str, str], ..
 
 def parse_document(doc: Any, index: int = 0) -> Document:
     """Validate one decoded YAML document. Raises ValidationError with every problem found."""
-    c = _Checker(f"document {index}")
+    c = FieldChecker(f"document {index}")
     if not isinstance(doc, dict):
-        c.add("", f"must be a mapping with apiVersion, kind, metadata and spec, got {_type_name(doc)}")
+        c.add("", f"must be a mapping with apiVersion, kind, metadata and spec, got {type_name(doc)}")
         raise ValidationError(c.problems)
     api_version = doc.get("apiVersion")
     kind_raw = doc.get("kind")
@@ -412,13 +325,13 @@ def parse_document(doc: Any, index: int = 0) -> Document:
     m = c.mapping(meta, "metadata", ("name", "namespace", "labels", "annotations"))
     if meta is None:
         c.add("metadata", "required")
-    name_s = c.string(name, "metadata.name", required=True) if m is not None else ""
+    name_s = c.text(name, "metadata.name", required=True) if m is not None else ""
     if name_s and not _LABEL.match(name_s):
         c.add("metadata.name", "must be a DNS label (lower case letters, digits and '-', at most 63)")
     if isinstance(ns_raw, str) and ns_raw and not cluster_scoped and not _LABEL.match(ns_raw):
         c.add("metadata.namespace", "must be a DNS label (lower case letters, digits and '-', at most 63)")
     elif ns_raw is not None and not isinstance(ns_raw, str):
-        c.add("metadata.namespace", f"must be a string, got {_type_name(ns_raw)}")
+        c.add("metadata.namespace", f"must be a string, got {type_name(ns_raw)}")
     labels = c.labels(m.get("labels") if m else None, "metadata.labels")
     obj: Object | None = None
     if kind == KIND_SERVICE:

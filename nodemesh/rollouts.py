@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from nodemesh.routespec import _C as _RouteChecker
+from nodemesh.fieldcheck import FieldChecker, Problem, valid_label_key
 
 KIND_ROLLOUT = "Rollout"
 ALIASES = {"rollout": KIND_ROLLOUT, "rollouts": KIND_ROLLOUT, "ro": KIND_ROLLOUT}
@@ -51,12 +51,7 @@ DEFAULT_GRPC_CLASSES = ("unknown", "deadline-exceeded", "unimplemented", "intern
 # Fields an operator flips without restarting the run (everything else defines the run).
 CONTROL_FIELDS = ("paused", "promote", "abort")
 MAX_STEPS = 100
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
-_LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
-
-Problem = tuple[str, str]
 
 
 @dataclass(frozen=True)
@@ -112,66 +107,32 @@ class Rollout:
         return ((self.version_label, version),)
 
 
-class _C(_RouteChecker):
-    """The routes' problem collector (nodemesh/routespec.py), under this module's names,
-    plus flags and bounded durations."""
-
-    mapping = _RouteChecker.map
-    text = _RouteChecker.str
-    integer = _RouteChecker.int
-    number = _RouteChecker.num
-
-    def flag(self, v: Any, path: str) -> bool:
-        if v is None:
-            return False
-        if not isinstance(v, bool):
-            self.add(path, "must be true or false")
-            return False
-        return v
-
-    def duration(self, v: Any, path: str, default: float = 0.0, lo: float = 0.0, hi: float = 30 * 86400.0) -> float:
-        if v is None:
-            return default
-        m = _DURATION.match(v) if isinstance(v, str) else None
-        if m is None:
-            self.add(path, "must be a duration like '500ms', '2s', '5m' or '1h'")
-            return default
-        secs = float(m.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[m.group(2)]
-        if not lo <= secs <= hi:
-            self.add(path, f"must be between {lo:g}s and {hi:g}s")
-            return default
-        return secs
-
-
 def parse(subject: str, name: str, namespace: str, labels: tuple[tuple[str, str], ...],
           spec_raw: Any) -> tuple[Rollout | None, list[Problem]]:
     """Entry point used by nodemesh.model.parse_document."""
-    c = _C(subject)
+    c = FieldChecker(subject)
     spec = c.mapping(spec_raw, "spec", ("service", "versionLabel", "stable", "candidate", "strategy", "analysis",
-                                    "onFailure", "expireAfter", "expiryGrace", *CONTROL_FIELDS), required=True)
+                                    "onFailure", "expireAfter", "expiryGrace", *CONTROL_FIELDS), required=True) or {}
     service = c.text(spec.get("service"), "spec.service", required=True)
     if service and not _NAME.match(service):
         c.add("spec.service", "must be a DNS label (the name of a Service in the Rollout's namespace)")
     label = c.text(spec.get("versionLabel", "version"), "spec.versionLabel")
-    if label and not _LABEL_KEY.match(label):
+    if label and not valid_label_key(label):
         c.add("spec.versionLabel", f"{label!r} is not a valid label key")
     versions = {}
     for f in ("stable", "candidate"):
         v = spec.get(f)
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             v = str(v)
-        s = c.text(v, f"spec.{f}", required=True)
-        if s and (len(s) > 63 or not _LABEL_VALUE.match(s)):
-            c.add(f"spec.{f}", f"{s!r} is not a valid label value")
-        versions[f] = s
+        versions[f] = c.label_value(c.text(v, f"spec.{f}", required=True), f"spec.{f}")
     if versions["stable"] and versions["stable"] == versions["candidate"]:
         c.add("spec.candidate", "must differ from spec.stable")
-    st = c.mapping(spec.get("strategy"), "spec.strategy", ("type", "steps", "linear", "pause"), required=True)
+    st = c.mapping(spec.get("strategy"), "spec.strategy", ("type", "steps", "linear", "pause"), required=True) or {}
     stype = c.text(st.get("type"), "spec.strategy.type", required=True)
     if stype and stype not in STRATEGIES:
         c.add("spec.strategy.type", f"must be one of {', '.join(STRATEGIES)}, got {stype!r}")
     an = c.mapping(spec.get("analysis"), "spec.analysis",
-               ("interval", "minRequests", "successRate", "p99Latency", "grpcFailureClasses"))
+               ("interval", "minRequests", "successRate", "p99Latency", "grpcFailureClasses")) or {}
     interval = c.duration(an.get("interval"), "spec.analysis.interval", 10.0, 0.5, 3600.0)
     weights: tuple[int, ...] = ()
     step_s = c.duration(st.get("pause"), "spec.strategy.pause", interval, 0.0, 7 * 86400.0)
@@ -199,7 +160,7 @@ def parse(subject: str, name: str, namespace: str, labels: tuple[tuple[str, str]
             if f in st:
                 c.add(f"spec.strategy.{f}", "only for type Linear")
     elif stype == "Linear":
-        lin = c.mapping(st.get("linear"), "spec.strategy.linear", ("steps", "duration"), required=True)
+        lin = c.mapping(st.get("linear"), "spec.strategy.linear", ("steps", "duration"), required=True) or {}
         n = c.integer(lin.get("steps"), "spec.strategy.linear.steps", 1, MAX_STEPS, 0)
         if lin and "steps" not in lin:
             c.add("spec.strategy.linear.steps", "required")
@@ -242,8 +203,8 @@ def parse(subject: str, name: str, namespace: str, labels: tuple[tuple[str, str]
     on_failure = c.text(spec.get("onFailure", "Rollback"), "spec.onFailure")
     if on_failure and on_failure not in ON_FAILURE:
         c.add("spec.onFailure", f"must be one of {', '.join(ON_FAILURE)}, got {on_failure!r}")
-    expire = c.duration(spec.get("expireAfter"), "spec.expireAfter", 0.0)
-    grace = c.duration(spec.get("expiryGrace"), "spec.expiryGrace", max(10.0, 2 * interval))
+    expire = c.duration(spec.get("expireAfter"), "spec.expireAfter", 0.0, 0.0, 30 * 86400.0)
+    grace = c.duration(spec.get("expiryGrace"), "spec.expiryGrace", max(10.0, 2 * interval), 0.0, 30 * 86400.0)
     paused, promote, abort = (c.flag(spec.get(f), f"spec.{f}") for f in CONTROL_FIELDS)
     if promote and abort:
         c.add("spec.abort", "a rollout cannot be promoted and aborted at once")

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from nodemesh.fieldcheck import FieldChecker, Problem
 from nodemesh.healthcheckspec import HealthCheck, parse_health_checks
 
 KIND_HTTP_ROUTE = "HTTPRoute"
@@ -39,12 +40,9 @@ LB_POLICIES = ("PeakEwma", "RoundRobin", "LeastRequest", "RingHash", "Maglev", "
 REDIRECT_CODES = (301, 302, 303, 307, 308)
 FILTER_TYPES = ("RequestHeaderModifier", "ResponseHeaderModifier", "RequestRedirect", "URLRewrite",
                 "RequestMirror", "Fault")
-_HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _GRPC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 
-Problem = tuple[str, str]
 
 
 # ---------------------------------------------------------------- objects
@@ -223,115 +221,35 @@ class DestinationPolicy:
 # ---------------------------------------------------------------- helpers
 
 
-class _C:
-    """Problem collector for one document; paths are relative to the object."""
-
-    def __init__(self, subject: str) -> None:
-        self.subject = subject
-        self.problems: list[Problem] = []
-
-    def add(self, path: str, reason: str) -> None:
-        self.problems.append((f"{self.subject}: {path}", reason))
-
-    def map(self, v: Any, path: str, allowed: Sequence[str], required: bool = False) -> dict[str, Any]:
-        if v is None:
-            if required:
-                self.add(path, "required")
-            return {}
-        if not isinstance(v, dict):
-            self.add(path, f"must be a mapping, got {type(v).__name__}")
-            return {}
-        for k in v:
-            if k not in allowed:
-                self.add(f"{path}.{k}", f"unknown field; allowed: {', '.join(allowed)}")
-        return v
-
-    def list(self, v: Any, path: str) -> list[Any]:
-        if v is None:
-            return []
-        if not isinstance(v, list):
-            self.add(path, f"must be a list, got {type(v).__name__}")
-            return []
-        return v
-
-    def str(self, v: Any, path: str, required: bool = False) -> str:
-        if v is None or v == "":
-            if required:
-                self.add(path, "required")
-            return ""
-        if not isinstance(v, str):
-            self.add(path, f"must be a string, got {type(v).__name__}")
-            return ""
-        return v
-
-    def int(self, v: Any, path: str, lo: int, hi: int, default: int) -> int:
-        if v is None:
-            return default
-        if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-            self.add(path, f"must be an integer in {lo}..{hi}")
-            return default
-        return v
-
-    def num(self, v: Any, path: str, lo: float, hi: float, default: float) -> float:
-        if v is None:
-            return default
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
-            self.add(path, f"must be a number in {lo:g}..{hi:g}")
-            return default
-        return float(v)
-
-    def duration(self, v: Any, path: str, default: float = 0.0) -> float:
-        if v is None:
-            return default
-        m = _DURATION.match(v) if isinstance(v, str) else None
-        if m is None:
-            self.add(path, "must be a duration like '250ms', '5s', '1m' or '1h'")
-            return default
-        n = float(m.group(1))
-        return n * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[m.group(2)]
-
-    def regex(self, v: str, path: str) -> None:
-        try:
-            re.compile(v)
-        except re.error as e:
-            self.add(path, f"not a valid regular expression: {e}")
-
-    def header_name(self, v: Any, path: str) -> str:
-        s = self.str(v, path, required=True)
-        if s and not _HEADER_NAME.match(s):
-            self.add(path, f"{s!r} is not a valid HTTP header name")
-        return s.lower()
-
-
-def _string_matches(c: _C, raw: Any, path: str, header: bool) -> tuple[StringMatch, ...]:
+def _string_matches(c: FieldChecker, raw: Any, path: str, header: bool) -> tuple[StringMatch, ...]:
     out = []
-    for i, m in enumerate(c.list(raw, path)):
+    for i, m in enumerate(c.entries(raw, path)):
         p = f"{path}[{i}]"
-        d = c.map(m, p, ("type", "name", "value"))
-        t = c.str(d.get("type", "Exact"), f"{p}.type")
+        d = c.mapping(m, p, ("type", "name", "value")) or {}
+        t = c.text(d.get("type", "Exact"), f"{p}.type")
         if t not in VALUE_TYPES:
             c.add(f"{p}.type", f"must be one of {', '.join(VALUE_TYPES)}, got {t!r}")
-        name = c.header_name(d.get("name"), f"{p}.name") if header else c.str(d.get("name"), f"{p}.name", True)
-        value = c.str(d.get("value"), f"{p}.value", required=True)
+        name = c.header_name(d.get("name"), f"{p}.name") if header else c.text(d.get("name"), f"{p}.name", True)
+        value = c.text(d.get("value"), f"{p}.value", required=True)
         if t == "RegularExpression" and value:
             c.regex(value, f"{p}.value")
         out.append(StringMatch(name, value, t))
     return tuple(out)
 
 
-def _backend(c: _C, raw: Any, path: str, weighted: bool) -> BackendRef | None:
-    d = c.map(raw, path, ("kind", "group", "name", "namespace", "port", "weight", "subset") if weighted
-              else ("kind", "group", "name", "namespace", "port"), required=True)
+def _backend(c: FieldChecker, raw: Any, path: str, weighted: bool) -> BackendRef | None:
+    d = c.mapping(raw, path, ("kind", "group", "name", "namespace", "port", "weight", "subset") if weighted
+              else ("kind", "group", "name", "namespace", "port"), required=True) or {}
     kind = d.get("kind", "Service")
     if kind != "Service":
         c.add(f"{path}.kind", f"only Service backends are supported, got {kind!r}")
-    name = c.str(d.get("name"), f"{path}.name", required=True)
+    name = c.text(d.get("name"), f"{path}.name", required=True)
     if name and not _NAME.match(name):
         c.add(f"{path}.name", "must be a DNS label")
     if d.get("namespace") not in (None, ""):
         c.add(f"{path}.namespace", "cross-namespace backends are not supported; omit it")
-    port = c.int(d.get("port"), f"{path}.port", 1, 65535, 0)
-    weight = c.int(d.get("weight"), f"{path}.weight", 0, 1_000_000, 1) if weighted else 1
+    port = c.integer(d.get("port"), f"{path}.port", 1, 65535, 0)
+    weight = c.integer(d.get("weight"), f"{path}.weight", 0, 1_000_000, 1) if weighted else 1
     subset = _subset(c, d.get("subset"), f"{path}.subset") if weighted else ()
     return BackendRef(name, port, weight, subset) if name else None
 
@@ -341,7 +259,7 @@ _SUBSET_VALUE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 MAX_SUBSET_LABELS = 4
 
 
-def _subset(c: _C, raw: Any, path: str) -> tuple[tuple[str, str], ...]:
+def _subset(c: FieldChecker, raw: Any, path: str) -> tuple[tuple[str, str], ...]:
     """A version subset: labels the backend's workloads must carry (e.g. {version: v2})."""
     if raw is None:
         return ()
@@ -379,29 +297,29 @@ def parse_subset_name(text: str) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(out))
 
 
-def _header_modifier(c: _C, raw: Any, path: str) -> HeaderModifier:
-    d = c.map(raw, path, ("set", "add", "remove"), required=True)
+def _header_modifier(c: FieldChecker, raw: Any, path: str) -> HeaderModifier:
+    d = c.mapping(raw, path, ("set", "add", "remove"), required=True) or {}
 
     def pairs(key: str) -> tuple[tuple[str, str], ...]:
         out = []
-        for i, h in enumerate(c.list(d.get(key), f"{path}.{key}")):
+        for i, h in enumerate(c.entries(d.get(key), f"{path}.{key}")):
             p = f"{path}.{key}[{i}]"
-            hd = c.map(h, p, ("name", "value"))
-            out.append((c.header_name(hd.get("name"), f"{p}.name"), c.str(hd.get("value"), f"{p}.value")))
+            hd = c.mapping(h, p, ("name", "value")) or {}
+            out.append((c.header_name(hd.get("name"), f"{p}.name"), c.text(hd.get("value"), f"{p}.value")))
         return tuple(out)
 
-    remove = tuple(c.header_name(h, f"{path}.remove[{i}]") for i, h in enumerate(c.list(d.get("remove"),
+    remove = tuple(c.header_name(h, f"{path}.remove[{i}]") for i, h in enumerate(c.entries(d.get("remove"),
                                                                                        f"{path}.remove")))
     return HeaderModifier(pairs("set"), pairs("add"), remove)
 
 
-def _path_modifier(c: _C, raw: Any, path: str, has_prefix: bool) -> tuple[str, str]:
-    d = c.map(raw, path, ("type", "replaceFullPath", "replacePrefixMatch"), required=True)
-    t = c.str(d.get("type"), f"{path}.type", required=True)
+def _path_modifier(c: FieldChecker, raw: Any, path: str, has_prefix: bool) -> tuple[str, str]:
+    d = c.mapping(raw, path, ("type", "replaceFullPath", "replacePrefixMatch"), required=True) or {}
+    t = c.text(d.get("type"), f"{path}.type", required=True)
     if t == "ReplaceFullPath":
-        v = c.str(d.get("replaceFullPath"), f"{path}.replaceFullPath", required=True)
+        v = c.text(d.get("replaceFullPath"), f"{path}.replaceFullPath", required=True)
     elif t == "ReplacePrefixMatch":
-        v = c.str(d.get("replacePrefixMatch"), f"{path}.replacePrefixMatch", required=True)
+        v = c.text(d.get("replacePrefixMatch"), f"{path}.replacePrefixMatch", required=True)
         if not has_prefix:
             c.add(f"{path}.type", "ReplacePrefixMatch needs every match of the rule to be a PathPrefix match")
     else:
@@ -412,12 +330,12 @@ def _path_modifier(c: _C, raw: Any, path: str, has_prefix: bool) -> tuple[str, s
     return t, v
 
 
-def _filters(c: _C, raw: Any, path: str, rule: dict[str, Any], has_prefix: bool) -> None:
-    for i, f in enumerate(c.list(raw, path)):
+def _filters(c: FieldChecker, raw: Any, path: str, rule: dict[str, Any], has_prefix: bool) -> None:
+    for i, f in enumerate(c.entries(raw, path)):
         p = f"{path}[{i}]"
-        d = c.map(f, p, ("type", "requestHeaderModifier", "responseHeaderModifier", "requestRedirect",
-                         "urlRewrite", "requestMirror", "fault"))
-        t = c.str(d.get("type"), f"{p}.type", required=True)
+        d = c.mapping(f, p, ("type", "requestHeaderModifier", "responseHeaderModifier", "requestRedirect",
+                         "urlRewrite", "requestMirror", "fault")) or {}
+        t = c.text(d.get("type"), f"{p}.type", required=True)
         if t and t not in FILTER_TYPES:
             c.add(f"{p}.type", f"must be one of {', '.join(FILTER_TYPES)}, got {t!r}")
             continue
@@ -434,48 +352,48 @@ def _filters(c: _C, raw: Any, path: str, rule: dict[str, Any], has_prefix: bool)
         if t == "RequestHeaderModifier" or t == "ResponseHeaderModifier":
             rule[field_name] = _header_modifier(c, body, fp)
         elif t == "RequestRedirect":
-            rd = c.map(body, fp, ("scheme", "hostname", "port", "path", "statusCode"))
-            scheme = c.str(rd.get("scheme"), f"{fp}.scheme")
+            rd = c.mapping(body, fp, ("scheme", "hostname", "port", "path", "statusCode")) or {}
+            scheme = c.text(rd.get("scheme"), f"{fp}.scheme")
             if scheme and scheme not in ("http", "https"):
                 c.add(f"{fp}.scheme", "must be http or https")
             pt, pv = _path_modifier(c, rd["path"], f"{fp}.path", has_prefix) if "path" in rd else ("", "")
-            code = c.int(rd.get("statusCode"), f"{fp}.statusCode", 300, 308, 302)
+            code = c.integer(rd.get("statusCode"), f"{fp}.statusCode", 300, 308, 302)
             if code not in REDIRECT_CODES:
                 c.add(f"{fp}.statusCode", f"must be one of {REDIRECT_CODES}")
-            rule[field_name] = Redirect(scheme, c.str(rd.get("hostname"), f"{fp}.hostname"),
-                                        c.int(rd.get("port"), f"{fp}.port", 1, 65535, 0), pt, pv, code)
+            rule[field_name] = Redirect(scheme, c.text(rd.get("hostname"), f"{fp}.hostname"),
+                                        c.integer(rd.get("port"), f"{fp}.port", 1, 65535, 0), pt, pv, code)
         elif t == "URLRewrite":
-            rd = c.map(body, fp, ("hostname", "path"))
+            rd = c.mapping(body, fp, ("hostname", "path")) or {}
             pt, pv = _path_modifier(c, rd["path"], f"{fp}.path", has_prefix) if "path" in rd else ("", "")
-            rule[field_name] = Rewrite(c.str(rd.get("hostname"), f"{fp}.hostname"), pt, pv)
+            rule[field_name] = Rewrite(c.text(rd.get("hostname"), f"{fp}.hostname"), pt, pv)
         elif t == "RequestMirror":
-            rd = c.map(body, fp, ("backendRef", "percent"))
+            rd = c.mapping(body, fp, ("backendRef", "percent")) or {}
             b = _backend(c, rd.get("backendRef"), f"{fp}.backendRef", weighted=False)
-            pct = c.num(rd.get("percent"), f"{fp}.percent", 0, 100, 100.0)
+            pct = c.number(rd.get("percent"), f"{fp}.percent", 0, 100, 100.0)
             if b is not None:
                 rule.setdefault("mirrors", []).append(Mirror(b, pct))
         elif t == "Fault":
-            rd = c.map(body, fp, ("delay", "abort"))
-            dl = c.map(rd.get("delay"), f"{fp}.delay", ("fixedDelay", "percent"))
-            ab = c.map(rd.get("abort"), f"{fp}.abort", ("httpStatus", "grpcStatus", "percent"))
+            rd = c.mapping(body, fp, ("delay", "abort")) or {}
+            dl = c.mapping(rd.get("delay"), f"{fp}.delay", ("fixedDelay", "percent")) or {}
+            ab = c.mapping(rd.get("abort"), f"{fp}.abort", ("httpStatus", "grpcStatus", "percent")) or {}
             if not dl and not ab:
                 c.add(fp, "needs a delay or an abort")
             delay = c.duration(dl.get("fixedDelay"), f"{fp}.delay.fixedDelay") if dl else 0.0
             if dl and "fixedDelay" not in dl:
                 c.add(f"{fp}.delay.fixedDelay", "required")
-            status = c.int(ab.get("httpStatus"), f"{fp}.abort.httpStatus", 200, 599, 0) if ab else 0
-            gstatus = c.int(ab.get("grpcStatus"), f"{fp}.abort.grpcStatus", 0, 16, -1) if ab else -1
+            status = c.integer(ab.get("httpStatus"), f"{fp}.abort.httpStatus", 200, 599, 0) if ab else 0
+            gstatus = c.integer(ab.get("grpcStatus"), f"{fp}.abort.grpcStatus", 0, 16, -1) if ab else -1
             if ab and not status and gstatus < 0:
                 c.add(f"{fp}.abort", "needs httpStatus or grpcStatus")
-            rule[field_name] = Fault(delay, c.num(dl.get("percent"), f"{fp}.delay.percent", 0, 100, 100.0)
+            rule[field_name] = Fault(delay, c.number(dl.get("percent"), f"{fp}.delay.percent", 0, 100, 100.0)
                                      if dl else 0.0, status, gstatus,
-                                     c.num(ab.get("percent"), f"{fp}.abort.percent", 0, 100, 100.0)
+                                     c.number(ab.get("percent"), f"{fp}.abort.percent", 0, 100, 100.0)
                                      if ab else 0.0)
 
 
-def _retry(c: _C, raw: Any, path: str) -> Retry:
-    d = c.map(raw, path, ("attempts", "backoff", "maxBackoff", "retryOn", "codes", "grpcRetryOn"))
-    attempts = c.int(d.get("attempts"), f"{path}.attempts", 1, 10, 2)
+def _retry(c: FieldChecker, raw: Any, path: str) -> Retry:
+    d = c.mapping(raw, path, ("attempts", "backoff", "maxBackoff", "retryOn", "codes", "grpcRetryOn")) or {}
+    attempts = c.integer(d.get("attempts"), f"{path}.attempts", 1, 10, 2)
     backoff = c.duration(d.get("backoff"), f"{path}.backoff", 0.025)
     if backoff <= 0:
         # Envoy refuses RetryBackOff.base_interval 0 and would NACK the whole route table.
@@ -484,19 +402,19 @@ def _retry(c: _C, raw: Any, path: str) -> Retry:
     if max_backoff < backoff:
         c.add(f"{path}.maxBackoff", "must not be less than backoff")
     on = []
-    for i, v in enumerate(c.list(d.get("retryOn", ["connect-failure", "reset", "gateway-error"]),
+    for i, v in enumerate(c.entries(d.get("retryOn", ["connect-failure", "reset", "gateway-error"]),
                                  f"{path}.retryOn")):
         if v not in RETRY_ON:
             c.add(f"{path}.retryOn[{i}]", f"must be one of {', '.join(RETRY_ON)}, got {v!r}")
         else:
             on.append(v)
     codes = []
-    for i, v in enumerate(c.list(d.get("codes"), f"{path}.codes")):
-        codes.append(c.int(v, f"{path}.codes[{i}]", 400, 599, 503))
+    for i, v in enumerate(c.entries(d.get("codes"), f"{path}.codes")):
+        codes.append(c.integer(v, f"{path}.codes[{i}]", 400, 599, 503))
     if codes and "retriable-status-codes" not in on:
         on.append("retriable-status-codes")
     grpc_on = []
-    for i, v in enumerate(c.list(d.get("grpcRetryOn"), f"{path}.grpcRetryOn")):
+    for i, v in enumerate(c.entries(d.get("grpcRetryOn"), f"{path}.grpcRetryOn")):
         if v not in GRPC_RETRY_ON:
             c.add(f"{path}.grpcRetryOn[{i}]", f"must be one of {', '.join(GRPC_RETRY_ON)}, got {v!r}")
         else:
@@ -504,33 +422,33 @@ def _retry(c: _C, raw: Any, path: str) -> Retry:
     return Retry(attempts, backoff, max_backoff, tuple(on), tuple(codes), tuple(grpc_on))
 
 
-def _http_match(c: _C, raw: Any, p: str) -> RouteMatch:
-    d = c.map(raw, p, ("path", "method", "headers", "queryParams"))
-    pd = c.map(d.get("path"), f"{p}.path", ("type", "value"))
-    pt = c.str(pd.get("type", "PathPrefix"), f"{p}.path.type")
+def _http_match(c: FieldChecker, raw: Any, p: str) -> RouteMatch:
+    d = c.mapping(raw, p, ("path", "method", "headers", "queryParams")) or {}
+    pd = c.mapping(d.get("path"), f"{p}.path", ("type", "value")) or {}
+    pt = c.text(pd.get("type", "PathPrefix"), f"{p}.path.type")
     if pt not in PATH_TYPES:
         c.add(f"{p}.path.type", f"must be one of {', '.join(PATH_TYPES)}, got {pt!r}")
-    pv = c.str(pd.get("value", "/"), f"{p}.path.value")
+    pv = c.text(pd.get("value", "/"), f"{p}.path.value")
     if pt == "RegularExpression":
         c.regex(pv, f"{p}.path.value")
     elif pv and not pv.startswith("/"):
         c.add(f"{p}.path.value", "must start with '/'")
-    method = c.str(d.get("method"), f"{p}.method")
+    method = c.text(d.get("method"), f"{p}.method")
     if method and method not in METHODS:
         c.add(f"{p}.method", f"must be one of {', '.join(METHODS)}, got {method!r}")
     return RouteMatch(pt, pv or "/", method, _string_matches(c, d.get("headers"), f"{p}.headers", True),
                       _string_matches(c, d.get("queryParams"), f"{p}.queryParams", False))
 
 
-def _grpc_match(c: _C, raw: Any, p: str) -> RouteMatch:
+def _grpc_match(c: FieldChecker, raw: Any, p: str) -> RouteMatch:
     """A GRPCRoute match becomes an HTTP match on POST /<service>/<method>."""
-    d = c.map(raw, p, ("method", "headers"))
-    md = c.map(d.get("method"), f"{p}.method", ("type", "service", "method"))
-    t = c.str(md.get("type", "Exact"), f"{p}.method.type")
+    d = c.mapping(raw, p, ("method", "headers")) or {}
+    md = c.mapping(d.get("method"), f"{p}.method", ("type", "service", "method")) or {}
+    t = c.text(md.get("type", "Exact"), f"{p}.method.type")
     if t not in VALUE_TYPES:
         c.add(f"{p}.method.type", f"must be one of {', '.join(VALUE_TYPES)}, got {t!r}")
-    svc = c.str(md.get("service"), f"{p}.method.service")
-    meth = c.str(md.get("method"), f"{p}.method.method")
+    svc = c.text(md.get("service"), f"{p}.method.service")
+    meth = c.text(md.get("method"), f"{p}.method.method")
     headers = _string_matches(c, d.get("headers"), f"{p}.headers", True)
     if t == "Exact":
         for v, what in ((svc, "service"), (meth, "method")):
@@ -549,35 +467,35 @@ def _grpc_match(c: _C, raw: Any, p: str) -> RouteMatch:
     return RouteMatch("RegularExpression", f"/{s}/{m}", "", headers)
 
 
-def _parse_route(c: _C, kind: str, name: str, namespace: str, labels: tuple[tuple[str, str], ...],
+def _parse_route(c: FieldChecker, kind: str, name: str, namespace: str, labels: tuple[tuple[str, str], ...],
                  spec_raw: Any) -> HTTPRoute | None:
-    spec = c.map(spec_raw, "spec", ("parentRefs", "hostnames", "rules"), required=True)
+    spec = c.mapping(spec_raw, "spec", ("parentRefs", "hostnames", "rules"), required=True) or {}
     parents = []
-    raw_parents = c.list(spec.get("parentRefs"), "spec.parentRefs")
+    raw_parents = c.entries(spec.get("parentRefs"), "spec.parentRefs")
     if not raw_parents:
         c.add("spec.parentRefs", "required; name the Service this route attaches to (kind: Service)")
     for i, pr in enumerate(raw_parents):
         p = f"spec.parentRefs[{i}]"
-        d = c.map(pr, p, ("group", "kind", "name", "namespace", "port"))
+        d = c.mapping(pr, p, ("group", "kind", "name", "namespace", "port")) or {}
         if d.get("kind", "Service") != "Service":
             c.add(f"{p}.kind", f"only Service parents are supported (GAMMA), got {d.get('kind')!r}")
         if d.get("namespace") not in (None, "", namespace):
             c.add(f"{p}.namespace", "a route attaches to Services of its own namespace only")
-        svc = c.str(d.get("name"), f"{p}.name", required=True)
-        parents.append(ParentRef(svc, c.int(d.get("port"), f"{p}.port", 1, 65535, 0)))
+        svc = c.text(d.get("name"), f"{p}.name", required=True)
+        parents.append(ParentRef(svc, c.integer(d.get("port"), f"{p}.port", 1, 65535, 0)))
     rules = []
-    raw_rules = c.list(spec.get("rules"), "spec.rules")
+    raw_rules = c.entries(spec.get("rules"), "spec.rules")
     for i, rr in enumerate(raw_rules):
         p = f"spec.rules[{i}]"
-        d = c.map(rr, p, ("matches", "backendRefs", "filters", "timeouts", "retry"))
+        d = c.mapping(rr, p, ("matches", "backendRefs", "filters", "timeouts", "retry")) or {}
         matcher = _http_match if kind == KIND_HTTP_ROUTE else _grpc_match
-        matches = tuple(matcher(c, m, f"{p}.matches[{j}]") for j, m in enumerate(c.list(d.get("matches"),
+        matches = tuple(matcher(c, m, f"{p}.matches[{j}]") for j, m in enumerate(c.entries(d.get("matches"),
                                                                                      f"{p}.matches")))
         if not matches:
             matches = (RouteMatch(),)
         has_prefix = all(m.path_type == "PathPrefix" for m in matches)
         backends = []
-        for j, b in enumerate(c.list(d.get("backendRefs"), f"{p}.backendRefs")):
+        for j, b in enumerate(c.entries(d.get("backendRefs"), f"{p}.backendRefs")):
             ref = _backend(c, b, f"{p}.backendRefs[{j}]", weighted=True)
             if ref is not None:
                 backends.append(ref)
@@ -587,7 +505,7 @@ def _parse_route(c: _C, kind: str, name: str, namespace: str, labels: tuple[tupl
             c.add(f"{p}.filters", "a RequestRedirect rule must not have backendRefs")
         if backends and all(b.weight == 0 for b in backends):
             c.add(f"{p}.backendRefs", "every weight is 0: the rule could route nowhere")
-        td = c.map(d.get("timeouts"), f"{p}.timeouts", ("request", "backendRequest"))
+        td = c.mapping(d.get("timeouts"), f"{p}.timeouts", ("request", "backendRequest")) or {}
         req_t = c.duration(td.get("request"), f"{p}.timeouts.request")
         be_t = c.duration(td.get("backendRequest"), f"{p}.timeouts.backendRequest")
         if req_t and be_t and be_t > req_t:
@@ -605,19 +523,19 @@ def _parse_route(c: _C, kind: str, name: str, namespace: str, labels: tuple[tupl
                      tuple(sorted(spec.items())))
 
 
-def _parse_policy(c: _C, name: str, namespace: str, labels: tuple[tuple[str, str], ...],
+def _parse_policy(c: FieldChecker, name: str, namespace: str, labels: tuple[tuple[str, str], ...],
                   spec_raw: Any) -> DestinationPolicy | None:
-    spec = c.map(spec_raw, "spec", ("targetRef", "loadBalancer", "circuitBreaker", "outlierDetection",
-                                    "retryBudget", "healthChecks", "connectionPool"), required=True)
-    tr = c.map(spec.get("targetRef"), "spec.targetRef", ("group", "kind", "name"), required=True)
+    spec = c.mapping(spec_raw, "spec", ("targetRef", "loadBalancer", "circuitBreaker", "outlierDetection",
+                                    "retryBudget", "healthChecks", "connectionPool"), required=True) or {}
+    tr = c.mapping(spec.get("targetRef"), "spec.targetRef", ("group", "kind", "name"), required=True) or {}
     if tr.get("kind", "Service") != "Service":
         c.add("spec.targetRef.kind", "must be Service")
-    svc = c.str(tr.get("name"), "spec.targetRef.name", required=True)
-    lbd = c.map(spec.get("loadBalancer"), "spec.loadBalancer", ("policy", "hashOn", "locality"))
-    pol = c.str(lbd.get("policy", "PeakEwma"), "spec.loadBalancer.policy")
+    svc = c.text(tr.get("name"), "spec.targetRef.name", required=True)
+    lbd = c.mapping(spec.get("loadBalancer"), "spec.loadBalancer", ("policy", "hashOn", "locality")) or {}
+    pol = c.text(lbd.get("policy", "PeakEwma"), "spec.loadBalancer.policy")
     if pol not in LB_POLICIES:
         c.add("spec.loadBalancer.policy", f"must be one of {', '.join(LB_POLICIES)}, got {pol!r}")
-    ho = c.map(lbd.get("hashOn"), "spec.loadBalancer.hashOn", ("header", "cookie", "sourceIP"))
+    ho = c.mapping(lbd.get("hashOn"), "spec.loadBalancer.hashOn", ("header", "cookie", "sourceIP")) or {}
     if pol in ("RingHash", "Maglev") and not ho:
         c.add("spec.loadBalancer.hashOn", f"required for {pol}: header, cookie or sourceIP")
     if ho and pol not in ("RingHash", "Maglev"):
@@ -629,39 +547,39 @@ def _parse_policy(c: _C, name: str, namespace: str, labels: tuple[tuple[str, str
         c.add("spec.loadBalancer.locality", "must be true or false")
         loc = False
     lb = LoadBalancer(pol, c.header_name(ho["header"], "spec.loadBalancer.hashOn.header") if "header" in ho
-                      else "", c.str(ho.get("cookie"), "spec.loadBalancer.hashOn.cookie"),
+                      else "", c.text(ho.get("cookie"), "spec.loadBalancer.hashOn.cookie"),
                       ho.get("sourceIP") is True, loc)
-    cbd = c.map(spec.get("circuitBreaker"), "spec.circuitBreaker",
-                ("maxConnections", "maxPendingRequests", "maxRequests", "maxRetries"))
+    cbd = c.mapping(spec.get("circuitBreaker"), "spec.circuitBreaker",
+                ("maxConnections", "maxPendingRequests", "maxRequests", "maxRetries")) or {}
     d = CircuitBreaker()
     cb = CircuitBreaker(
-        c.int(cbd.get("maxConnections"), "spec.circuitBreaker.maxConnections", 1, 1 << 30, d.max_connections),
-        c.int(cbd.get("maxPendingRequests"), "spec.circuitBreaker.maxPendingRequests", 0, 1 << 30,
+        c.integer(cbd.get("maxConnections"), "spec.circuitBreaker.maxConnections", 1, 1 << 30, d.max_connections),
+        c.integer(cbd.get("maxPendingRequests"), "spec.circuitBreaker.maxPendingRequests", 0, 1 << 30,
               d.max_pending_requests),
-        c.int(cbd.get("maxRequests"), "spec.circuitBreaker.maxRequests", 1, 1 << 30, d.max_requests),
-        c.int(cbd.get("maxRetries"), "spec.circuitBreaker.maxRetries", 0, 1 << 30, d.max_retries))
+        c.integer(cbd.get("maxRequests"), "spec.circuitBreaker.maxRequests", 1, 1 << 30, d.max_requests),
+        c.integer(cbd.get("maxRetries"), "spec.circuitBreaker.maxRetries", 0, 1 << 30, d.max_retries))
     outlier = None
     if "outlierDetection" in spec:
-        od = c.map(spec["outlierDetection"], "spec.outlierDetection",
+        od = c.mapping(spec["outlierDetection"], "spec.outlierDetection",
                    ("consecutive5xx", "consecutiveGatewayErrors", "baseEjectionTime", "maxEjectionTime",
-                    "maxEjectionPercent"))
+                    "maxEjectionPercent")) or {}
         o = OutlierDetection()
         outlier = OutlierDetection(
-            c.int(od.get("consecutive5xx"), "spec.outlierDetection.consecutive5xx", 0, 1000, o.consecutive_5xx),
-            c.int(od.get("consecutiveGatewayErrors"), "spec.outlierDetection.consecutiveGatewayErrors", 0, 1000,
+            c.integer(od.get("consecutive5xx"), "spec.outlierDetection.consecutive5xx", 0, 1000, o.consecutive_5xx),
+            c.integer(od.get("consecutiveGatewayErrors"), "spec.outlierDetection.consecutiveGatewayErrors", 0, 1000,
                   o.consecutive_gateway_errors),
             c.duration(od.get("baseEjectionTime"), "spec.outlierDetection.baseEjectionTime", o.base_ejection_s),
             c.duration(od.get("maxEjectionTime"), "spec.outlierDetection.maxEjectionTime", o.max_ejection_s),
-            c.int(od.get("maxEjectionPercent"), "spec.outlierDetection.maxEjectionPercent", 0, 100,
+            c.integer(od.get("maxEjectionPercent"), "spec.outlierDetection.maxEjectionPercent", 0, 100,
                   o.max_ejection_percent))
-    rb = c.map(spec.get("retryBudget"), "spec.retryBudget", ("ratio", "minRetriesPerSecond", "window"))
+    rb = c.mapping(spec.get("retryBudget"), "spec.retryBudget", ("ratio", "minRetriesPerSecond", "window")) or {}
     b = RetryBudget()
-    budget = RetryBudget(c.num(rb.get("ratio"), "spec.retryBudget.ratio", 0, 10, b.ratio),
-                         c.num(rb.get("minRetriesPerSecond"), "spec.retryBudget.minRetriesPerSecond", 0, 1e6,
+    budget = RetryBudget(c.number(rb.get("ratio"), "spec.retryBudget.ratio", 0, 10, b.ratio),
+                         c.number(rb.get("minRetriesPerSecond"), "spec.retryBudget.minRetriesPerSecond", 0, 1e6,
                                b.min_per_second),
                          c.duration(rb.get("window"), "spec.retryBudget.window", b.window_s))
     health_checks = parse_health_checks(c, spec.get("healthChecks"))
-    cp = c.map(spec.get("connectionPool"), "spec.connectionPool", ("idleTimeout",))
+    cp = c.mapping(spec.get("connectionPool"), "spec.connectionPool", ("idleTimeout",)) or {}
     idle = c.duration(cp.get("idleTimeout"), "spec.connectionPool.idleTimeout", 3600.0)
     if c.problems:
         return None
@@ -672,7 +590,7 @@ def _parse_policy(c: _C, name: str, namespace: str, labels: tuple[tuple[str, str
 def parse(subject: str, kind: str, name: str, namespace: str, labels: tuple[tuple[str, str], ...],
           spec_raw: Any) -> tuple[HTTPRoute | DestinationPolicy | None, list[Problem]]:
     """Entry point used by nodemesh.model.parse_document for the kinds of this module."""
-    c = _C(subject)
+    c = FieldChecker(subject)
     obj: HTTPRoute | DestinationPolicy | None
     if kind == KIND_DESTINATION_POLICY:
         obj = _parse_policy(c, name, namespace, labels, spec_raw)

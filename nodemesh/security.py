@@ -16,12 +16,10 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from nodemesh.fieldcheck import FieldChecker
 from nodemesh.httpedge import DEFAULT_LIMITS, HttpLimits, parse_limits
-
-if TYPE_CHECKING:
-    from nodemesh.model import _Checker
 
 KIND_PEER_AUTHENTICATION = "PeerAuthentication"
 KIND_AUTHORIZATION_POLICY = "AuthorizationPolicy"
@@ -269,7 +267,7 @@ def _principal_ok(value: str) -> str:
     return ""
 
 
-def _strings(c: _Checker, raw: Any, path: str, check: Any = None) -> tuple[str, ...]:
+def _strings(c: FieldChecker, raw: Any, path: str, check: Any = None) -> tuple[str, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, list):
@@ -316,7 +314,7 @@ def _host_ok(value: str) -> str:
     return ""
 
 
-def _ports(c: _Checker, raw: Any, path: str) -> tuple[int, ...]:
+def _ports(c: FieldChecker, raw: Any, path: str) -> tuple[int, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, list):
@@ -333,7 +331,7 @@ def _ports(c: _Checker, raw: Any, path: str) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _selector(c: _Checker, raw: Any, path: str) -> Labels:
+def _selector(c: FieldChecker, raw: Any, path: str) -> Labels:
     m = c.mapping(raw, path, ("matchLabels",))
     if not m:
         return ()
@@ -341,7 +339,7 @@ def _selector(c: _Checker, raw: Any, path: str) -> Labels:
     return sel
 
 
-def _list_of_maps(c: _Checker, raw: Any, path: str) -> list[tuple[str, Any]]:
+def _list_of_maps(c: FieldChecker, raw: Any, path: str) -> list[tuple[str, Any]]:
     if raw is None:
         return []
     if not isinstance(raw, list):
@@ -350,7 +348,7 @@ def _list_of_maps(c: _Checker, raw: Any, path: str) -> list[tuple[str, Any]]:
     return [(f"{path}[{i}]", v) for i, v in enumerate(raw)]
 
 
-def _source(c: _Checker, raw: Any, path: str) -> Source | None:
+def _source(c: FieldChecker, raw: Any, path: str) -> Source | None:
     m = c.mapping(raw, path, ("source",))
     if m is None:
         return None
@@ -372,7 +370,7 @@ def _source(c: _Checker, raw: Any, path: str) -> Source | None:
     )
 
 
-def _operation(c: _Checker, raw: Any, path: str) -> Operation | None:
+def _operation(c: FieldChecker, raw: Any, path: str) -> Operation | None:
     m = c.mapping(raw, path, ("operation",))
     if m is None:
         return None
@@ -396,11 +394,11 @@ def _operation(c: _Checker, raw: Any, path: str) -> Operation | None:
     )
 
 
-def _condition(c: _Checker, raw: Any, path: str) -> Condition | None:
+def _condition(c: FieldChecker, raw: Any, path: str) -> Condition | None:
     m = c.mapping(raw, path, ("key", "values", "notValues"))
     if m is None:
         return None
-    key = c.string(m.get("key"), f"{path}.key", required=True)
+    key = c.text(m.get("key"), f"{path}.key", required=True)
     if key and key not in CONDITION_KEYS and not _HEADER_KEY.match(key):
         c.add(f"{path}.key", f"must be one of {', '.join(CONDITION_KEYS)} or request.headers[<name>], "
               f"got {key!r}")
@@ -419,7 +417,7 @@ def _condition(c: _Checker, raw: Any, path: str) -> Condition | None:
     return Condition(key, values, not_values)
 
 
-def _rule(c: _Checker, raw: Any, path: str) -> AuthzRule | None:
+def _rule(c: FieldChecker, raw: Any, path: str) -> AuthzRule | None:
     m = c.mapping(raw, path, ("from", "to", "when"))
     if m is None:
         return None
@@ -429,7 +427,7 @@ def _rule(c: _Checker, raw: Any, path: str) -> AuthzRule | None:
     return AuthzRule(tuple(sources), tuple(ops), tuple(conds))
 
 
-def parse_peer_authentication(c: _Checker, name: str, namespace: str, labels: Labels,
+def parse_peer_authentication(c: FieldChecker, name: str, namespace: str, labels: Labels,
                               spec_raw: Any) -> PeerAuthentication | None:
     spec = c.mapping(spec_raw, "spec", ("selector", "mtls", "portLevelMtls"))
     if spec is None:
@@ -438,7 +436,7 @@ def parse_peer_authentication(c: _Checker, name: str, namespace: str, labels: La
     mode = MTLS_UNSET
     mtls = c.mapping(spec.get("mtls"), "spec.mtls", ("mode",))
     if mtls:
-        mode = c.string(mtls.get("mode", MTLS_UNSET), "spec.mtls.mode")
+        mode = c.text(mtls.get("mode", MTLS_UNSET), "spec.mtls.mode")
         if mode not in MTLS_MODES:
             c.add("spec.mtls.mode", f"must be one of {', '.join(MTLS_MODES)}, got {mode!r}")
     port_modes: list[tuple[int, str]] = []
@@ -457,7 +455,7 @@ def parse_peer_authentication(c: _Checker, name: str, namespace: str, labels: La
                 if not pm:
                     c.add(ppath, "must be {mode: STRICT | PERMISSIVE | DISABLE}")
                     continue
-                pmode = c.string(pm.get("mode"), f"{ppath}.mode", required=True)
+                pmode = c.text(pm.get("mode"), f"{ppath}.mode", required=True)
                 if pmode and pmode not in MESH_MTLS_MODES:
                     c.add(f"{ppath}.mode", f"must be one of {', '.join(MESH_MTLS_MODES)}, got {pmode!r}")
                     continue
@@ -470,13 +468,13 @@ def parse_peer_authentication(c: _Checker, name: str, namespace: str, labels: La
     return PeerAuthentication(name, namespace, selector, mode, tuple(sorted(port_modes)), labels)
 
 
-def parse_authorization_policy(c: _Checker, name: str, namespace: str, labels: Labels,
+def parse_authorization_policy(c: FieldChecker, name: str, namespace: str, labels: Labels,
                                spec_raw: Any) -> AuthorizationPolicy | None:
     spec = c.mapping(spec_raw, "spec", ("selector", "action", "rules"))
     if spec is None:
         return None
     selector = _selector(c, spec.get("selector"), "spec.selector")
-    action = c.string(spec.get("action", ACTION_ALLOW), "spec.action")
+    action = c.text(spec.get("action", ACTION_ALLOW), "spec.action")
     if action not in ACTIONS:
         c.add("spec.action", f"must be one of {', '.join(ACTIONS)}, got {action!r}")
     rules = [r for p, v in _list_of_maps(c, spec.get("rules"), "spec.rules") if (r := _rule(c, v, p))]
@@ -530,12 +528,12 @@ _NODE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _SA_PATTERN = re.compile(r"^(\*|[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)/(\*|[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)$")
 
 
-def parse_mesh_extra(c: _Checker, spec: Mapping[str, Any]) -> dict[str, Any]:
+def parse_mesh_extra(c: FieldChecker, spec: Mapping[str, Any]) -> dict[str, Any]:
     """Validate MeshConfig's security fields; returns MeshConfig keyword arguments."""
     out: dict[str, Any] = {}
     mtls = c.mapping(spec.get("mtls"), "spec.mtls", ("mode",))
     if mtls:
-        mode = c.string(mtls.get("mode", DEFAULT_MESH_MTLS), "spec.mtls.mode")
+        mode = c.text(mtls.get("mode", DEFAULT_MESH_MTLS), "spec.mtls.mode")
         if mode not in MESH_MTLS_MODES:
             c.add("spec.mtls.mode", f"must be one of {', '.join(MESH_MTLS_MODES)}, got {mode!r}")
         out["mtls_mode"] = mode
@@ -543,7 +541,7 @@ def parse_mesh_extra(c: _Checker, spec: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(deny, bool):
         c.add("spec.defaultDeny", "must be true or false")
     out["default_deny"] = bool(deny) if isinstance(deny, bool) else False
-    root = c.string(spec.get("rootNamespace", DEFAULT_ROOT_NAMESPACE), "spec.rootNamespace")
+    root = c.text(spec.get("rootNamespace", DEFAULT_ROOT_NAMESPACE), "spec.rootNamespace")
     if root and not _NODE_NAME.match(root):
         c.add("spec.rootNamespace", "must be a DNS label (lower case letters, digits and '-')")
     out["root_namespace"] = root or DEFAULT_ROOT_NAMESPACE
