@@ -7,16 +7,17 @@ so an operator can fix the file without reading the code.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import yaml
 
 from nodeagent.meshview.snapshot import LocalWorkload
 from nodeagent.supervision import settings as defaults
 from nodeagent.supervision.settings import ProxySettings
+from nodemesh.fieldcheck import FieldChecker, Fields
 from nodemesh.identity import IdentityError, check_dns_label
 
 CAPTURE_MODES = ("iptables", "nftables", "ebpf", "auto")
@@ -206,76 +207,47 @@ def _dedupe(items: tuple[str, ...]) -> tuple[str, ...]:
 T = TypeVar("T")
 
 
-class _Fields:
-    """Reads one YAML mapping, remembering which keys were consumed so that
-    unknown ones can be reported with their path."""
+def _raise(path: str, reason: str) -> NoReturn:
+    raise ConfigError(path, reason)
 
-    def __init__(self, raw: Any, path: str) -> None:
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, Mapping):
-            raise ConfigError(path, f"must be a mapping, got {type(raw).__name__}")
-        self.raw = raw
-        self.path = path
-        self.seen: set[str] = set()
 
-    def sub(self, key: str) -> str:
-        return f"{self.path}.{key}" if self.path else key
+# The shared field validator (nodemesh/fieldcheck.py), stopping at the first problem.
+_check = FieldChecker(fail=_raise)
 
-    def get(self, key: str, check: Callable[[Any, str], T], default: T | None = None,
-            required: bool = False) -> T:
-        self.seen.add(key)
-        if key not in self.raw or self.raw[key] is None:
-            if required:
-                raise ConfigError(self.sub(key), "is required")
-            return default  # type: ignore[return-value]
-        return check(self.raw[key], self.sub(key))
 
-    def done(self) -> None:
-        for key in self.raw:
-            if key not in self.seen:
-                known = ", ".join(sorted(self.seen))
-                raise ConfigError(self.sub(str(key)), f"unknown field (known here: {known})")
+def _fields(raw: Any, path: str) -> Fields:
+    return Fields(_check, raw, path)
 
 
 def _str(v: Any, path: str) -> str:
-    if not isinstance(v, str):
-        raise ConfigError(path, f"must be a string, got {type(v).__name__}")
-    return v
+    return _check.text(v, path)
 
 
 def _nonempty(v: Any, path: str) -> str:
-    s = _str(v, path)
-    if not s:
-        raise ConfigError(path, "must not be empty")
-    return s
+    return _check.text(v, path, required=True)
 
 
 def _label(v: Any, path: str) -> str:
-    s = _str(v, path)
     try:
-        return check_dns_label(s, "value")
+        return check_dns_label(_str(v, path), "value")
     except IdentityError as e:
-        raise ConfigError(path, str(e)) from None
+        _raise(path, str(e))
 
 
 def _int(lo: int, hi: int) -> Callable[[Any, str], int]:
-    def check(v: Any, path: str) -> int:
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise ConfigError(path, f"must be an integer, got {type(v).__name__}")
-        if not lo <= v <= hi:
-            raise ConfigError(path, f"must be between {lo} and {hi}, got {v}")
-        return v
-    return check
+    return lambda v, path: _check.integer(v, path, lo, hi, lo)
 
 
 _port = _int(1, 65535)
 
 
 def _fraction(v: Any, path: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
-        raise ConfigError(path, f"must be a number from 0 to 1 (a sampling fraction), got {v!r}")
-    return float(v)
+    """A sampling fraction."""
+    return _check.number(v, path, 0.0, 1.0, 0.0)
+
+
+def _flag(v: Any, path: str) -> bool:
+    return _check.flag(v, path)
 
 
 def _ip(v: Any, path: str) -> str:
@@ -296,32 +268,16 @@ def _cidr(v: Any, path: str) -> str:
 
 def _list(item: Callable[[Any, str], T]) -> Callable[[Any, str], tuple[T, ...]]:
     def check(v: Any, path: str) -> tuple[T, ...]:
-        if not isinstance(v, list):
-            raise ConfigError(path, f"must be a list, got {type(v).__name__}")
-        return tuple(item(x, f"{path}[{i}]") for i, x in enumerate(v))
+        return tuple(item(x, f"{path}[{i}]") for i, x in enumerate(_check.entries(v, path)))
     return check
 
 
 def _one_of(choices: tuple[str, ...]) -> Callable[[Any, str], str]:
-    def check(v: Any, path: str) -> str:
-        s = _str(v, path)
-        if s not in choices:
-            raise ConfigError(path, f"must be one of {', '.join(choices)}, got {s!r}")
-        return s
-    return check
+    return lambda v, path: _check.one_of(v, path, choices, "")
 
 
 def _labels(v: Any, path: str) -> tuple[tuple[str, str], ...]:
-    if not isinstance(v, Mapping):
-        raise ConfigError(path, f"must be a mapping of strings, got {type(v).__name__}")
-    out = []
-    for k, val in v.items():
-        if not isinstance(k, str) or not k:
-            raise ConfigError(path, f"label key {k!r} must be a non-empty string")
-        if not isinstance(val, str):
-            raise ConfigError(f"{path}.{k}", f"must be a string, got {type(val).__name__}")
-        out.append((k, val))
-    return tuple(sorted(out))
+    return _check.labels(v, path)
 
 
 def _replica_address(v: Any, path: str) -> str:
@@ -334,7 +290,8 @@ def _replica_address(v: Any, path: str) -> str:
         ipaddress.IPv4Address(host)
     except ValueError:
         raise ConfigError(path, f"{s!r}: with controlPlane.addresses, every control plane address must be "
-                                "IPv4:port (or use one host name that resolves to every replica, and no list)") from None
+                                "IPv4:port (or use one host name that resolves to every replica, and no list)"
+                          ) from None
     return s
 
 
@@ -362,9 +319,9 @@ def _cgroup(v: Any, path: str) -> str:
 
 
 def _workload(v: Any, path: str) -> WorkloadConfig:
-    f = _Fields(v, path)
+    f = _fields(v, path)
     w = WorkloadConfig(
-        name=f.get("name", _label, required=True),
+        name=f.need("name", _label),
         namespace=f.get("namespace", _label, "default"),
         service_account=f.get("serviceAccount", _label, None) or "",
         ports=f.get("ports", _list(_port), ()),
@@ -386,13 +343,13 @@ def _workload(v: Any, path: str) -> WorkloadConfig:
 
 def parse_config(raw: Any) -> AgentConfig:
     """Validate a loaded YAML document; raises ConfigError naming the field."""
-    top = _Fields(raw, "")
+    top = _fields(raw, "")
 
     def node(v: Any, path: str) -> NodeConfig:
-        f = _Fields(v, path)
+        f = _fields(v, path)
         n = NodeConfig(
-            name=f.get("name", _label, required=True),
-            address=f.get("address", _ip, required=True),
+            name=f.need("name", _label),
+            address=f.need("address", _ip),
             addresses=f.get("addresses", _list(_ip), ()),
             zone=f.get("zone", _str, ""),
         )
@@ -413,8 +370,8 @@ def parse_config(raw: Any) -> AgentConfig:
         return s
 
     def control_plane(v: Any, path: str) -> ControlPlaneConfig:
-        f = _Fields(v, path)
-        c = ControlPlaneConfig(address=f.get("address", _control_plane_address, required=True),
+        f = _fields(v, path)
+        c = ControlPlaneConfig(address=f.need("address", _control_plane_address),
                                join_token_file=f.get("joinTokenFile", _str, ""),
                                ca_bundle_file=f.get("caBundleFile", _str, ""),
                                join_address=f.get("joinAddress", _control_plane_address, ""),
@@ -427,7 +384,7 @@ def parse_config(raw: Any) -> AgentConfig:
         return c
 
     def capture(v: Any, path: str) -> CaptureConfig:
-        f = _Fields(v, path)
+        f = _fields(v, path)
         mode = f.get("mode", _str, "iptables")
         if mode in CAPTURE_MODES_LATER:
             raise ConfigError(f.sub("mode"), f"capture mode {mode!r} is not implemented yet; use iptables")
@@ -443,13 +400,14 @@ def parse_config(raw: Any) -> AgentConfig:
         f.done()
         if c.tproxy_mark & defaults.PROXY_MARK:
             raise ConfigError(f.sub("tproxyMark"), f"{c.tproxy_mark:#x} shares bits with the proxy's own socket "
-                                                   f"mark {defaults.PROXY_MARK:#x}; pick a mark without them (e.g. 0x10000)")
+                                                   f"mark {defaults.PROXY_MARK:#x}; pick a mark without them "
+                                                   "(e.g. 0x10000)")
         if c.tproxy_table in (253, 254, 255):
             raise ConfigError(f.sub("tproxyTable"), f"{c.tproxy_table} is a kernel routing table (default/main/local)")
         return c
 
     def proxy(v: Any, path: str) -> ProxyConfig:
-        f = _Fields(v, path)
+        f = _fields(v, path)
         p = ProxyConfig(
             workers=f.get("workers", _int(1, 256), 1),
             access_log=f.get("accessLog", _str, ""),
@@ -481,18 +439,11 @@ def parse_config(raw: Any) -> AgentConfig:
                 raise ConfigError(upath, str(e)) from None
 
         def timeout(t: Any, tpath: str) -> float:
-            if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.05 <= float(t) <= 30:
-                raise ConfigError(tpath, f"must be a number of seconds from 0.05 to 30, got {t!r}")
-            return float(t)
+            return _check.number(t, tpath, 0.05, 30.0, 2.0)  # seconds
 
-        def flag(b: Any, bpath: str) -> bool:
-            if not isinstance(b, bool):
-                raise ConfigError(bpath, f"must be true or false, got {b!r}")
-            return b
-
-        f = _Fields(v, path)
+        f = _fields(v, path)
         d = DnsConfig(
-            enabled=f.get("enabled", flag, True),
+            enabled=f.get("enabled", _flag, True),
             address=f.get("address", _ip, "127.0.0.1"),
             port=f.get("port", _port, 15053),
             upstreams=f.get("upstreams", _list(upstream), ()),
@@ -502,8 +453,8 @@ def parse_config(raw: Any) -> AgentConfig:
         return d
 
     cfg = AgentConfig(
-        node=top.get("node", node, required=True),
-        control_plane=top.get("controlPlane", control_plane, required=True),
+        node=top.need("node", node),
+        control_plane=top.need("controlPlane", control_plane),
         capture=top.get("capture", capture, CaptureConfig()),
         proxy=top.get("proxy", proxy, ProxyConfig()),
         workloads=top.get("workloads", _list(_workload), ()),

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NoReturn, TypeVar, overload
 
 Problem = tuple[str, str]  # (path, reason); the path names the object and the field
 
@@ -104,11 +104,11 @@ class FieldChecker:
         return value
 
     def one_of(self, value: Any, path: str, choices: Sequence[str], default: str) -> str:
-        s = self.text(value, path)
-        if not s:
+        if value is None:
             return default
+        s = self.text(value, path)
         if s not in choices:
-            self.add(path, f"must be one of {', '.join(choices)}, got {s!r}")
+            self.add(path, f"must be one of {', '.join(choices)}, got {value!r}")
             return default
         return s
 
@@ -204,3 +204,51 @@ class FieldChecker:
                 continue
             out.append((k, sv))
         return tuple(sorted(out))
+
+
+T = TypeVar("T")
+
+
+class Fields:
+    """Reads one mapping field by field, each through a check `(value, path) -> T`;
+    `done()` then reports every key nobody asked for as an unknown field. For
+    readers that learn the allowed keys as they go (the agent config)."""
+
+    def __init__(self, checker: FieldChecker, raw: Any, path: str) -> None:
+        self.checker = checker
+        self.path = path
+        self.seen: set[str] = set()
+        self.raw: Mapping[str, Any] = {}
+        if raw is not None and not isinstance(raw, Mapping):
+            checker.add(path, f"must be a mapping, got {type_name(raw)}")
+        elif raw is not None:
+            self.raw = raw
+
+    def sub(self, key: str) -> str:
+        return join(self.path, key)
+
+    @overload
+    def get(self, key: str, check: Callable[[Any, str], T], default: T) -> T: ...
+    @overload
+    def get(self, key: str, check: Callable[[Any, str], T], default: None = None) -> T | None: ...
+
+    def get(self, key: str, check: Callable[[Any, str], T], default: T | None = None) -> T | None:
+        """An optional field: `default` when absent or null."""
+        self.seen.add(key)
+        if self.raw.get(key) is None:
+            return default
+        return check(self.raw[key], self.sub(key))
+
+    def need(self, key: str, check: Callable[[Any, str], T]) -> T:
+        """A required field. Only a fail-fast checker reads required fields this
+        way: a collecting one would have no value to go on with."""
+        self.seen.add(key)
+        if self.raw.get(key) is None:
+            self.checker.add(self.sub(key), "required")
+            raise TypeError(f"Fields.need({key!r}) with a collecting FieldChecker")
+        return check(self.raw[key], self.sub(key))
+
+    def done(self) -> None:
+        for key in self.raw:
+            if key not in self.seen:
+                self.checker.add(self.sub(str(key)), f"unknown field; allowed: {', '.join(sorted(self.seen))}")

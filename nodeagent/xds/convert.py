@@ -10,9 +10,10 @@ received, the accepted sets are joined into a Snapshot, which checks itself.
 from __future__ import annotations
 
 import ipaddress
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from cryptography import x509
 from envoy.config.cluster.v3 import cluster_pb2
@@ -36,6 +37,7 @@ from nodeagent.meshview.snapshot import (
 )
 from nodeagent.xds import l7convert
 from nodemesh import routespec, security, xdsnames
+from nodemesh.fieldcheck import FieldChecker
 from nodemesh.identity import Identity, IdentityError, check_dns_label
 from nodemesh.v1 import mesh_pb2
 
@@ -102,35 +104,34 @@ def _identity(value: str, what: str) -> str:
         raise ResourceError(f"{what}: {e}") from None
 
 
-def _meta(struct_map: Any, what: str) -> Mapping[str, Any]:
-    if xdsnames.METADATA_KEY not in struct_map:
-        raise ResourceError(f"{what} has no metadata.filter_metadata[{xdsnames.METADATA_KEY!r}]")
-    fields = struct_map[xdsnames.METADATA_KEY].fields
-    out: dict[str, Any] = {}
-    for k, v in fields.items():
-        kind = v.WhichOneof("kind")
-        out[k] = getattr(v, kind) if kind else None
-    return out
+def _nack(path: str, reason: str) -> NoReturn:
+    raise ResourceError(f"{path}: {reason}")
 
 
-def _meta_str(meta: Mapping[str, Any], key: str, what: str, required: bool = True) -> str:
-    v = meta.get(key)
-    if v is None:
-        if required:
-            raise ResourceError(f"{what} metadata lacks {key!r}")
-        return ""
-    if not isinstance(v, str):
-        raise ResourceError(f"{what} metadata {key!r} must be a string, got {type(v).__name__}")
-    return v
+class _Meta:
+    """A resource's nodemesh metadata (filter_metadata[METADATA_KEY]), read through
+    the shared field validator (nodemesh/fieldcheck.py): the first bad field NACKs."""
 
+    def __init__(self, struct_map: Any, what: str) -> None:
+        if xdsnames.METADATA_KEY not in struct_map:
+            raise ResourceError(f"{what} has no metadata.filter_metadata[{xdsnames.METADATA_KEY!r}]")
+        self.values: dict[str, Any] = {}
+        for k, v in struct_map[xdsnames.METADATA_KEY].fields.items():
+            kind = v.WhichOneof("kind")
+            self.values[k] = getattr(v, kind) if kind else None
+        self.check = FieldChecker(f"{what} metadata", fail=_nack)
 
-def _meta_num(meta: Mapping[str, Any], key: str, what: str) -> float:
-    v = meta.get(key)
-    if v is None:
-        raise ResourceError(f"{what} metadata lacks {key!r}")
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ResourceError(f"{what} metadata {key!r} must be a number, got {type(v).__name__}")
-    return float(v)
+    def has(self, key: str) -> bool:
+        return self.values.get(key) is not None
+
+    def text(self, key: str, required: bool = True) -> str:
+        return self.check.text(self.values.get(key), key, required=required)
+
+    def number(self, key: str) -> float:
+        v = self.values.get(key)
+        if v is None:
+            self.check.add(key, "required")
+        return self.check.number(v, key, -math.inf, math.inf, 0.0)
 
 
 # ------------------------------------------------------------------ per-resource conversion
@@ -196,18 +197,18 @@ def convert_cluster(msg: cluster_pb2.Cluster) -> ClusterInfo:
         raise ResourceError(
             f"type is {cluster_pb2.Cluster.DiscoveryType.Name(msg.type)}, nodemesh clusters are EDS"
         )
-    meta = _meta(msg.metadata.filter_metadata, "cluster")
-    service = _label(_meta_str(meta, "service", "cluster"), "service")
-    namespace = _label(_meta_str(meta, "namespace", "cluster"), "namespace")
-    vip = _meta_str(meta, "vip", "cluster", required=False)
+    meta = _Meta(msg.metadata.filter_metadata, "cluster")
+    service = _label(meta.text("service"), "service")
+    namespace = _label(meta.text("namespace"), "namespace")
+    vip = meta.text("vip", required=False)
     if vip:
         vip = _ip(vip, "vip")
-    port = _port(_meta_num(meta, "port", "cluster"), "port")
-    target = _port(_meta_num(meta, "target_port", "cluster"), "target_port")
-    protocol = (_meta_str(meta, "protocol", "cluster", required=False) or "tcp").lower()
+    port = _port(meta.number("port"), "port")
+    target = _port(meta.number("target_port"), "target_port")
+    protocol = (meta.text("protocol", required=False) or "tcp").lower()
     if protocol not in PROTOCOLS:
         raise ResourceError(f"protocol {protocol!r} must be one of {', '.join(PROTOCOLS)}")
-    subset = _meta_str(meta, "subset", "cluster", required=False)
+    subset = meta.text("subset", required=False)
     if subset:
         try:
             subset = routespec.subset_name(routespec.parse_subset_name(subset))
@@ -224,7 +225,7 @@ def convert_cluster(msg: cluster_pb2.Cluster) -> ClusterInfo:
         port=port,
         target_port=target,
         protocol=protocol,
-        port_name=_meta_str(meta, "port_name", "cluster", required=False),
+        port_name=meta.text("port_name", required=False),
         policy=_l7_policy(msg),
         subset=subset,
     )
@@ -248,20 +249,19 @@ def convert_assignment(msg: endpoint_pb2.ClusterLoadAssignment) -> AssignmentInf
             sa = lb.endpoint.address.socket_address
             if not lb.endpoint.address.HasField("socket_address"):
                 raise ResourceError(f"{what} has no socket_address")
-            meta = _meta(lb.metadata.filter_metadata, what)
-            workload = _meta_str(meta, "workload", what)
+            meta = _Meta(lb.metadata.filter_metadata, what)
+            workload = meta.text("workload")
             if workload.count("/") != 1:
                 raise ResourceError(f"{what} workload {workload!r} is not <namespace>/<name>")
-            hbone = meta.get("hbone_port")
             endpoints.append(Endpoint(
                 ip=_ip(sa.address, f"{what} address"),
                 port=_port(sa.port_value, f"{what} port"),
                 workload=workload,
-                identity=_identity(_meta_str(meta, "identity", what), f"{what} identity"),
-                node=_meta_str(meta, "node", what),
-                node_address=_ip(_meta_str(meta, "node_address", what), f"{what} node_address"),
-                hbone_port=(_port(_meta_num(meta, "hbone_port", what), f"{what} hbone_port")
-                            if hbone is not None else xdsnames.HBONE_PORT),
+                identity=_identity(meta.text("identity"), f"{what} identity"),
+                node=meta.text("node"),
+                node_address=_ip(meta.text("node_address"), f"{what} node_address"),
+                hbone_port=(_port(meta.number("hbone_port"), f"{what} hbone_port")
+                            if meta.has("hbone_port") else xdsnames.HBONE_PORT),
                 zone=locality.locality.zone,
                 healthy=lb.health_status in _HEALTHY,
             ))

@@ -14,7 +14,8 @@ GOOD = """
 node: {name: node-1, address: 10.0.0.2, zone: z1, addresses: [10.1.0.2]}
 controlPlane: {address: "10.0.0.1:15010"}
 capture: {mode: iptables, excludeCidrs: [192.168.0.0/16], failurePolicy: open}
-proxy: {workers: 2, accessLog: "/tmp/a.log", outboundPort: 15001, inboundPort: 15006, hbonePort: 15008, adminPort: 15000}
+proxy: {workers: 2, accessLog: "/tmp/a.log", outboundPort: 15001, inboundPort: 15006, hbonePort: 15008,
+        adminPort: 15000}
 workloads:
   - {name: web, namespace: default, serviceAccount: web, labels: {app: web}, uid: 2001, ports: [8080]}
   - {name: db, namespace: data, cgroup: /nodemesh/db, ip: 10.0.0.3, ports: [5432]}
@@ -57,7 +58,7 @@ def test_unix_control_plane_is_not_excluded() -> None:
     (lambda d: d["node"].update(color="red"), "node.color", "unknown field"),
     (lambda d: d.update(extra=1), "extra", "unknown field"),
     (lambda d: d["workloads"][0].update(gid=3), "workloads[0].gid", "unknown field"),
-    (lambda d: d["node"].pop("name"), "node.name", "is required"),
+    (lambda d: d["node"].pop("name"), "node.name", "required"),
     (lambda d: d["node"].update(address="nope"), "node.address", "not an IP address"),
     (lambda d: d["controlPlane"].update(address="nohost"), "controlPlane.address", "host:port"),
     (lambda d: d["controlPlane"].update(xdsProtocol="grpc"), "controlPlane.xdsProtocol", "delta"),
@@ -65,9 +66,9 @@ def test_unix_control_plane_is_not_excluded() -> None:
     (lambda d: d["capture"].update(mode="carrier-pigeon"), "capture.mode", "must be one of"),
     (lambda d: d["capture"].update(excludeCidrs=["10.0.0.0/33"]), "capture.excludeCidrs[0]", "not a CIDR"),
     (lambda d: d["capture"].update(failurePolicy="maybe"), "capture.failurePolicy", "must be one of"),
-    (lambda d: d["proxy"].update(workers=0), "proxy.workers", "between 1 and 256"),
+    (lambda d: d["proxy"].update(workers=0), "proxy.workers", "must be an integer in 1..256"),
     (lambda d: d["proxy"].update(hbonePort=15001), "proxy.hbonePort", "also proxy.outboundPort"),
-    (lambda d: d["workloads"][0].update(ports=[70000]), "workloads[0].ports[0]", "between 1 and 65535"),
+    (lambda d: d["workloads"][0].update(ports=[70000]), "workloads[0].ports[0]", "must be an integer in 1..65535"),
     (lambda d: d["workloads"][0].update(cgroup="/x"), "workloads[0]", "exactly one of uid or cgroup"),
     (lambda d: d["workloads"][1].pop("cgroup"), "workloads[1]", "exactly one of uid or cgroup"),
     (lambda d: d["workloads"][1].update(name="web", namespace="default"), "workloads[1].name", "also workloads[0]"),
@@ -75,7 +76,7 @@ def test_unix_control_plane_is_not_excluded() -> None:
     (lambda d: d["workloads"][1].update(ports=[8080]), "workloads[1].ports", "port 8080"),
     (lambda d: d["workloads"][0].update(ports=[15008]), "workloads[0].ports", "proxy's own ports"),
     (lambda d: d["workloads"][0].update(name="Web_1"), "workloads[0].name", "DNS label"),
-    (lambda d: d["workloads"][0].update(labels={"app": 3}), "workloads[0].labels.app", "must be a string"),
+    (lambda d: d["workloads"][0].update(labels={"app": [3]}), "workloads[0].labels.app", "must be a string"),
     (lambda d: d.update(workloads={"web": 1}), "workloads", "must be a list"),
 ])
 def test_bad_fields_are_named(mutate: Any, path: str, reason: str) -> None:
