@@ -42,7 +42,7 @@ from nodemesh.security import MTLS_STRICT, SecurityPolicies
 
 from . import authz, authz_h2, detect
 from .http import h1
-from .http.edge import HEAD_TIMEOUT, ConnTimer, head_timeout
+from .http.edge import HEAD_TIMEOUT, STREAM_IDLE_TIMEOUT, ConnTimer, head_timeout
 from .http.h1 import EdgeError, EndOfRequest, Event, RequestHead, RequestReader, ResponseFramer
 from .http.pathnorm import normalize_target
 from .relay import End, Session
@@ -594,7 +594,11 @@ class InboundHttpGuard:
         if what == HEAD_TIMEOUT:
             self._refuse(head_timeout(self.limits))
             return
-        self.session.set(reason="idle_timeout")
+        if what == STREAM_IDLE_TIMEOUT:  # a request in flight and nothing moving: cut it
+            meshmetrics.http_edge_refused("inbound", 0, STREAM_IDLE_TIMEOUT)
+            log.info("request from %s in flight with no byte moving for %gs: closed (streamIdleTimeoutSeconds)",
+                     self.session.fields.get("src", "?"), self.limits.stream_idle_timeout_s)
+        self.session.set(reason=what)
         self._close_both()
 
     def _linger_then_abort(self) -> None:

@@ -6,6 +6,7 @@ tables go straight into the snapshot (the xDS path is in test_http_xds.py)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import socket
@@ -25,7 +26,9 @@ from nodeagent.proxy.http.pipeline import shadow_authority
 from nodeagent.proxy.proxy import NodeProxy
 from nodeagent.proxy.testca import TestCA
 from nodeagent.supervision.settings import ProxySettings
+from nodemesh.httpedge import HttpLimits
 from nodemesh.routespec import LoadBalancer, Retry, RouteMatch
+from nodemesh.security import MeshSecurity, SecurityPolicies
 
 RR = ClusterPolicy(load_balancer=LoadBalancer(policy="RoundRobin"))  # every replica gets its turn
 
@@ -334,3 +337,45 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _with_limits(m: Mesh, limits: HttpLimits) -> None:
+    snap = m.a.snapshot
+    assert snap is not None
+    m.a.update(dataclasses.replace(snap, security=SecurityPolicies(MeshSecurity(http=limits))), m.ca.certs(CLIENT))
+
+
+def test_stream_with_nothing_moving_is_ended_at_the_stream_idle_timeout() -> None:
+    async def body(m: Mesh) -> None:
+        _with_limits(m, HttpLimits(stream_idle_timeout_s=0.4))
+        t0 = time.monotonic()
+        code, _, _ = await m.unary(b"slow", timeout=5.0)
+        took = time.monotonic() - t0
+        assert code != grpc.StatusCode.OK and 0.4 <= took < 1.8, (code, took)
+        await asyncio.sleep(0.05)
+        line = m.grpc_lines()[-1]
+        assert line["reason"] == "stream_idle_timeout", json.dumps(line)
+    run(body, [Backend("slow", delay=2.0)])
+
+
+def test_h2c_connection_with_a_stalled_request_head_gets_goaway_at_the_deadline() -> None:
+    async def body(m: Mesh) -> None:
+        _with_limits(m, HttpLimits(request_head_timeout_s=0.4))
+        r, w = await asyncio.open_connection(*m.a_out)
+        # The preface, empty SETTINGS, then a HEADERS frame announcing 100 bytes and sending 10.
+        w.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000")
+                + bytes.fromhex("000064010400000001") + b"\x00" * 10)
+        t0 = time.monotonic()
+        out = b""
+        while chunk := await asyncio.wait_for(r.read(65536), 5.0):
+            out += chunk
+        took = time.monotonic() - t0
+        w.close()
+        assert 0.4 <= took < 2.0, took
+        frames = []
+        while len(out) >= 9:
+            n = int.from_bytes(out[:3], "big")
+            frames.append(out[3])
+            out = out[9 + n:]
+        assert frames[-1] == 0x7, frames  # GOAWAY, then the connection closes
+    run(body, [Backend("r0")])

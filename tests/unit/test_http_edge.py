@@ -16,7 +16,7 @@ from nodeagent.observe import meshmetrics
 from nodeagent.proxy import authz_l7
 from nodeagent.proxy.authz import inbound_facts
 from nodeagent.proxy.http import h1
-from nodeagent.proxy.http.edge import HEAD_TIMEOUT, IDLE_TIMEOUT, ConnTimer
+from nodeagent.proxy.http.edge import HEAD_TIMEOUT, IDLE_TIMEOUT, STREAM_IDLE_TIMEOUT, ConnTimer
 from nodeagent.proxy.http.h1 import EdgeError, EndOfRequest, H2Preface, RequestHead, RequestReader
 from nodeagent.proxy.http.pathnorm import BadTarget, normalize_target
 from nodeagent.proxy.relay import Session
@@ -166,6 +166,7 @@ def test_response_framer() -> None:
     head = f.head(200, "OK", [("x", "1")], method="GET", version="1.1", keep_alive=True, length=None)
     assert head.endswith(b"transfer-encoding: chunked\r\n\r\n") and f.body(b"ab") == b"2\r\nab\r\n"
     assert f.end() == b"0\r\n\r\n" and not f.close
+    f = h1.ResponseFramer()
     head = f.head(200, "OK", [], method="GET", version="1.0", keep_alive=False, length=None)
     assert b"connection: close" in head and f.close and f.body(b"ab") == b"ab" and f.end() == b""
     head = f.head(204, "", [], method="GET", version="1.1", keep_alive=True, length=None)
@@ -191,28 +192,49 @@ def test_limits_config_parse() -> None:
 # ---------------------------------------------------------------- the time limits
 
 
+class Probe:
+    """What a connection reports to its ConnTimer, set by hand."""
+
+    def __init__(self, in_head: bool = False, busy: bool = False) -> None:
+        self.in_head, self.busy, self.moved = in_head, busy, 0
+
+    def __call__(self) -> tuple[bool, bool, int]:
+        return self.in_head, self.busy, self.moved
+
+
 def test_conn_timer_head_and_idle() -> None:
-    state = {"in_head": False, "busy": False, "moved": 0}
+    p = Probe()
     fired: list[str] = []
-    t = ConnTimer(HttpLimits(request_head_timeout_s=1.0, idle_timeout_s=3.0),
-                  lambda: (state["in_head"], state["busy"], state["moved"]), fired.append)
-    state["in_head"] = True
+    t = ConnTimer(HttpLimits(request_head_timeout_s=1.0, idle_timeout_s=3.0), p, fired.append)
+    p.in_head = True
     assert t.tick(0.25) and t.tick(0.25) and t.tick(0.25) and t.tick(0.25)  # counted from first sight
     assert not t.tick(0.25) and fired == [HEAD_TIMEOUT]
     fired.clear()
-    state["in_head"] = False
-    t = ConnTimer(HttpLimits(request_head_timeout_s=1.0, idle_timeout_s=1.0),
-                  lambda: (state["in_head"], state["busy"], state["moved"]), fired.append)
+    p.in_head = False
+    t = ConnTimer(HttpLimits(request_head_timeout_s=1.0, idle_timeout_s=1.0), p, fired.append)
     for _ in range(4):
-        state["moved"] += 1  # bytes moving: never idle
+        p.moved += 1  # bytes moving: never idle
         assert t.tick(0.25)
-    state["busy"] = True  # a request in flight: not idle either
+    p.busy = True  # a request in flight: not idle either
     for _ in range(8):
         assert t.tick(0.25)
-    state["busy"] = False
+    p.busy = False
     while t.tick(0.25):
         pass
     assert fired == [IDLE_TIMEOUT]
+
+
+def test_conn_timer_stream_idle() -> None:
+    p = Probe(busy=True)
+    fired: list[str] = []
+    t = ConnTimer(HttpLimits(stream_idle_timeout_s=1.0), p, fired.append)
+    assert t.period == 0.25  # a quarter of the shortest limit
+    for _ in range(12):
+        p.moved += 1  # a request in flight whose bytes move: never idle
+        assert t.tick(0.25)
+    for _ in range(3):  # 0.75 s of nothing moving
+        assert t.tick(0.25)
+    assert not t.tick(0.25) and fired == [STREAM_IDLE_TIMEOUT]
 
 
 # ---------------------------------------------------------------- the receiving node's guard
@@ -245,7 +267,7 @@ def guard(limits: HttpLimits = DEFAULT_LIMITS) -> tuple[authz_l7.InboundHttpGuar
     caller, workload = FakeEnd(), FakeEnd()
     g = authz_l7.InboundHttpGuard(authz_l7.L7Check(pol, inbound_facts(WEB, 8080, CLIENT, "10.0.0.11")),
                                   workload, session)
-    g.attach(caller)  # type: ignore[arg-type]
+    g.attach(caller)
     return g, caller, workload, session
 
 
@@ -311,7 +333,7 @@ def test_guard_pauses_the_caller_on_a_pipelined_flood() -> None:
 
     g, _caller, workload, _ = guard(HttpLimits(max_buffered_bytes=64 * 1024))
     caller = Pausing()
-    g.attach(caller)  # type: ignore[arg-type]
+    g.attach(caller)
     g.send(b"GET /public/slow HTTP/1.1\r\nHost: web\r\n\r\n")  # in flight: its response has not come
     body = b"x" * 8192
     flood = b"POST /public/p HTTP/1.1\r\nHost: web\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body)
@@ -320,7 +342,11 @@ def test_guard_pauses_the_caller_on_a_pipelined_flood() -> None:
     assert caller.paused and g._queued > 64 * 1024
     assert workload.data.count(b"POST") == 0  # nothing of the queued requests went ahead of the response
     answered = 0
-    while caller.paused:
+
+    def still_paused() -> bool:  # (a call: mypy would keep the attribute narrowed by the assert above)
+        return caller.paused
+
+    while still_paused():
         g.workload_side.send(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
         answered += 1
         assert workload.data.count(b"POST") == answered  # one at a time, in order
@@ -329,6 +355,16 @@ def test_guard_pauses_the_caller_on_a_pipelined_flood() -> None:
         g.workload_side.send(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
         answered += 1
     assert workload.data.count(b"POST") == 10 and g._queued == 0
+
+
+def test_guard_ends_a_request_whose_bytes_stop_moving() -> None:
+    g, caller, workload, session = guard(HttpLimits(stream_idle_timeout_s=1.0))
+    g.send(b"GET /public HTTP/1.1\r\nHost: web\r\n\r\n")
+    assert workload.data.startswith(b"GET /public ")  # in flight; the workload never answers
+    ticks = 0
+    while g.timer.tick(0.25):
+        ticks += 1
+    assert ticks >= 3 and session.fields["reason"] == STREAM_IDLE_TIMEOUT and caller.aborted and workload.aborted
 
 
 def test_guard_slow_head_gets_408() -> None:
@@ -437,6 +473,25 @@ def test_sending_side_slow_head_closed_at_the_deadline() -> None:
         out = await raw_exchange(m, b"GET / HTTP/1.1\r\nHost: w", wait=5.0)
         took = asyncio.get_running_loop().time() - t0
         assert out.startswith(b"HTTP/1.1 408 ") and 0.4 <= took < 2.0, (out[:60], took)
+
+    run(body, [srv])
+
+
+def test_sending_side_request_with_nothing_moving_gets_408() -> None:
+    srv = Server("slow", delay=3.0)
+
+    async def body(m: Mesh) -> None:
+        with_limits(m, HttpLimits(stream_idle_timeout_s=0.4))
+        before = refusals(408, STREAM_IDLE_TIMEOUT)
+        t0 = asyncio.get_running_loop().time()
+        out = await raw_exchange(m, b"GET /x HTTP/1.1\r\nHost: web\r\n\r\n", wait=5.0)
+        took = asyncio.get_running_loop().time() - t0
+        assert out.startswith(b"HTTP/1.1 408 ") and b"x-nodemesh-reason: stream_idle_timeout" in out, out[:200]
+        assert 0.4 <= took < 2.0, took
+        await asyncio.sleep(0.05)
+        line = [r for r in m.rec_a if r.get("method") == "GET"][-1]
+        assert line["reason"] == STREAM_IDLE_TIMEOUT and line["status"] == 408
+        assert refusals(408, STREAM_IDLE_TIMEOUT) == before + 1
 
     run(body, [srv])
 

@@ -27,7 +27,7 @@ from nodeagent.observe import meshmetrics
 from .. import detect
 from ..plan import OutboundPlan, is_same_node
 from . import h1, route_select
-from .edge import HEAD_TIMEOUT, ConnTimer, head_timeout
+from .edge import HEAD_TIMEOUT, STREAM_IDLE_TIMEOUT, ConnTimer, head_timeout
 from .h1 import EdgeError, Event, H2Preface, RequestHead, RequestReader, ResponseFramer
 from .h1upstream import ResponseHead, UpstreamConn, UpstreamExchange, UpstreamRequest, UpstreamReset
 from .pipeline import (
@@ -40,6 +40,7 @@ from .pipeline import (
     QuietSession,
     Request,
     RequestTooLarge,
+    StreamIdleTimeout,
     TryResult,
     hand_back_to_relay,
     shadow_authority,
@@ -128,6 +129,8 @@ class Downstream(asyncio.Protocol):
         self._flush_soon = False
         self.framer = ResponseFramer()
         self._head_sent = False  # the current request's response head is written (no local reply now)
+        self._call: H1Call | None = None  # the request in flight, and its task
+        self._task: asyncio.Task[Any] | None = None
         self._close_after = False  # the response in flight is the connection's last
         self.timer = ConnTimer(self.limits, self._probe, self._expired)
 
@@ -232,7 +235,16 @@ class Downstream(asyncio.Protocol):
         if what == HEAD_TIMEOUT:
             self._refuse(head_timeout(self.limits))
             return
-        self.conn_session.set(reason="idle_timeout")
+        if what == STREAM_IDLE_TIMEOUT and self._call is not None and self._task is not None:
+            # The request in flight moved no byte either way for streamIdleTimeoutSeconds:
+            # 408 if its response has not started (else cut), and the connection ends.
+            meshmetrics.http_edge_refused("outbound", 408, STREAM_IDLE_TIMEOUT)
+            self._close_after = True
+            self._call.answer(StreamIdleTimeout(f"no byte moved for {self.limits.stream_idle_timeout_s:g}s "
+                                                "(MeshConfig spec.http.streamIdleTimeoutSeconds)"))
+            self._task.cancel()
+            return
+        self.conn_session.set(reason=what)
         self._flush_out()
         self.transport.close()
 
@@ -370,6 +382,7 @@ class Downstream(asyncio.Protocol):
         call.request_bytes = self._body_size
         self.resp_body = 0
         self._head_sent = False
+        self._call, self._task = call, asyncio.current_task()
         try:
             if too_big:
                 meshmetrics.http_edge_refused("outbound", 413, "request_too_large")
@@ -383,6 +396,7 @@ class Downstream(asyncio.Protocol):
             log.exception("L7 request failed unexpectedly")
             call.answer(InternalError(repr(e)))
         finally:
+            self._call = self._task = None
             call.finish_log()
             self._next_cycle()
 

@@ -207,6 +207,14 @@ class H2Core:
         with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError):
             self.h2.acknowledge_received_data(n, sid)
 
+    def head_in_progress(self) -> bool:
+        """A request or response head (HEADERS, CONTINUATION) begun and not complete:
+        a header block awaiting its CONTINUATION, or such a frame only partly read.
+        (h2 keeps both in its frame buffer; a DATA frame in flight is not a head.)"""
+        fb = self.h2.incoming_buffer
+        data = fb._data
+        return bool(fb._headers_buffer) or (len(data) > 3 and data[3] in (0x1, 0x9))
+
     def queued(self, sid: int) -> int:
         o = self._out.get(sid)
         return len(o.pending) if o else 0

@@ -21,7 +21,9 @@ is not pushing back).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
@@ -35,6 +37,7 @@ from nodeagent.observe import meshmetrics
 
 from ..plan import OutboundPlan
 from . import h2mirror, route_select
+from .edge import HEAD_TIMEOUT, STREAM_IDLE_TIMEOUT, TICKS_PER_LIMIT, ConnTimer, head_timeout
 from .h2core import (
     GRPC_DEADLINE_EXCEEDED,
     GRPC_UNAVAILABLE,
@@ -58,6 +61,7 @@ from .pipeline import (
     L7Runtime,
     LocalReply,
     Request,
+    StreamIdleTimeout,
     TryResult,
     hand_back_to_relay,
 )
@@ -114,11 +118,18 @@ class H2Downstream(asyncio.Protocol):
         self._sniffing = sniff
         self._sniffed = b""
         self._started = False
+        # The connection's limits (MeshConfig spec.http), read once: the request-head and
+        # idle timeouts by one ticking timer, each stream's idle time at its ticks (_probe).
+        self.limits = snapshot.security.mesh.http
+        self.timer = ConnTimer(dataclasses.replace(self.limits, stream_idle_timeout_s=math.inf), self._probe,
+                               self._expired)
+        self.timer.period = max(0.02, min(self.timer.period, self.limits.stream_idle_timeout_s / TICKS_PER_LIMIT))
 
     def begin(self, early: bytes) -> None:
         pending, self.end._early = self.end._early, []
         self.end._reading = True  # so the relay end's deferred read re-sync keeps us reading
         self.conn_session.set(protocol="http2")
+        self.timer.start()
         self.transport.resume_reading()
         for chunk in [early, *pending]:
             if chunk:
@@ -128,6 +139,7 @@ class H2Downstream(asyncio.Protocol):
         """Not HTTP/2 after all: hand the connection back to the L4 relay."""
         self._sniffing = False
         self.closed = True
+        self.timer.cancel()
         self.conn_session.set(protocol="tcp", detect="not_http2")
         hand_back_to_relay(self.end, self._sniffed, self.tcp_fallback)
 
@@ -201,6 +213,7 @@ class H2Downstream(asyncio.Protocol):
         if self.closed and not self._started:
             return  # handed over to the L4 relay
         self.closed = True
+        self.timer.cancel()
         for call in list(self.calls.values()):
             call.on_client_reset("client connection closed")
         self.conn_session.set(requests=self.requests)
@@ -208,6 +221,27 @@ class H2Downstream(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+
+    # -- time limits --
+    def _probe(self) -> tuple[bool, bool, int]:
+        for call in list(self.calls.values()):
+            call.tick_idle(self.timer.period, self.limits.stream_idle_timeout_s)
+        in_head = (self._sniffing and bool(self._sniffed)) or self.core.head_in_progress()
+        return in_head, bool(self.calls), self.end.rx + self.end.tx
+
+    def _expired(self, what: str) -> None:
+        if self.closed:
+            return
+        if what == HEAD_TIMEOUT:
+            e = head_timeout(self.limits)
+            meshmetrics.http_edge_refused("outbound", e.status, e.reason)
+            log.info("h2c connection from %s: %s", self.conn_session.fields.get("src", "?"), e.message)
+            self.conn_session.fail(e.reason, e.message)
+        else:
+            self.conn_session.set(reason=what)
+        self.core.close()  # GOAWAY
+        self.flush()
+        self.transport.close()
 
     def resume_writing(self) -> None:
         self.write_paused = False
@@ -355,6 +389,9 @@ class H2Call(Call):
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._live = False
+        self.task: asyncio.Task[Any] | None = None
+        self._moved = -1  # what moved at the last tick of the connection's timer, and for how long nothing did
+        self._idle_for = 0.0
         # True once the whole request is buffered in self.body (mirrors wait on it),
         # False if it never will be (over the buffer bound, or the call ended first).
         self.request_complete: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
@@ -514,7 +551,30 @@ class H2Call(Call):
         headers = [(k, v) for k, v in self.headers if k != "host"] + [("host", authority)]
         return Request(method, norm.path, norm.query, tuple(headers))
 
+    def tick_idle(self, elapsed: float, limit: float) -> None:
+        """One tick of the connection's timer: a stream that moved nothing either way
+        for streamIdleTimeoutSeconds is ended (408 if no response started, else reset)."""
+        moved = self.request_bytes + self.response_bytes + self.req_ended + self.committed
+        if moved != self._moved:
+            self._moved, self._idle_for = moved, 0.0
+            return
+        self._idle_for += elapsed
+        if self._idle_for < limit or self.finished:
+            return
+        meshmetrics.http_edge_refused("outbound", 408, STREAM_IDLE_TIMEOUT)
+        why = f"no byte moved for {limit:g}s (MeshConfig spec.http.streamIdleTimeoutSeconds)"
+        if not self.committed:
+            self.answer(StreamIdleTimeout(why))
+        else:
+            self.session.fail(STREAM_IDLE_TIMEOUT, why)
+            self.ds.core.reset(self.sid, h2.errors.ErrorCodes.CANCEL)
+            self.ds.flush()
+            self._finish()
+        if self.task is not None:
+            self.task.cancel()
+
     async def serve_stream(self) -> None:
+        self.task = asyncio.current_task()
         try:
             try:
                 req = self.request()

@@ -151,6 +151,11 @@ class RequestTooLarge(LocalReply):
     status = 413
 
 
+class StreamIdleTimeout(LocalReply):
+    reason = "stream_idle_timeout"
+    status = 408
+
+
 class InternalError(LocalReply):
     reason = "internal_error"
 
@@ -509,6 +514,10 @@ class Call(ABC):
             release()
             self.session.set(try_error=e.reason)
             return TryResult(Outcome(connect_failure=True), None, str(e))
+        except asyncio.CancelledError:  # the request was ended (stream idle timeout, client gone)
+            self.drop_try(None)
+            release()
+            raise
 
 
 def hand_back_to_relay(end: OutboundConnection, sniffed: bytes, tcp_fallback: Callable[[], None]) -> None:
