@@ -9,8 +9,11 @@ exactly what it added.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+R = TypeVar("R")  # a rule's signature, as a backend compares it
 
 
 class CaptureError(RuntimeError):
@@ -59,6 +62,33 @@ class CaptureDiff:
     def __add__(self, other: CaptureDiff) -> CaptureDiff:
         return CaptureDiff(self.missing + other.missing, self.unexpected + other.unexpected,
                            self.jump_problems + other.jump_problems)
+
+
+def diff_chains(expected: Mapping[str, Sequence[R]], present: Mapping[str, Sequence[R]],
+                show: Callable[[R], str], prefix: str = "") -> CaptureDiff:
+    """The one rule diff of the netfilter backends (iptables, nftables): chain
+    by chain, order included (RETURNs must precede REDIRECTs). Rules are any
+    comparable signature; `show` names one for a reader. A chain expected but
+    absent, rules missing or unexpected, the same rules in the wrong order, and
+    a chain present but not expected (a leftover) are each reported."""
+    missing: list[str] = []
+    unexpected: list[str] = []
+    problems: list[str] = []
+    for chain, want in expected.items():
+        if chain not in present:
+            problems.append(f"chain {prefix}{chain} does not exist")
+            continue
+        have = present[chain]
+        if list(want) == list(have):
+            continue
+        chain_missing = [f"{prefix}{chain}: {show(r)}" for r in want if r not in have]
+        chain_unexpected = [f"{prefix}{chain}: {show(r)}" for r in have if r not in want]
+        missing += chain_missing
+        unexpected += chain_unexpected
+        if not chain_missing and not chain_unexpected:
+            problems.append(f"chain {prefix}{chain} has the expected rules in the wrong order")
+    problems += [f"leftover chain {prefix}{chain}" for chain in present if chain not in expected]
+    return CaptureDiff(tuple(missing), tuple(unexpected), tuple(problems))
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ can see when and for how long traffic bypassed the mesh (or was refused).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -31,7 +32,8 @@ def state_for(serving: bool, failure_policy: str) -> ProxyState:
 
 class Failover:
     def __init__(self, failure_policy: str, port: int,
-                 probe: Callable[[int], bool] = liveness.listening, clock: Callable[[], float] = time.monotonic) -> None:
+                 probe: Callable[[int], bool] = liveness.listening,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.failure_policy = failure_policy
         self.port = port
         self._probe = probe
@@ -86,10 +88,8 @@ class Failover:
     async def run(self, get_capture: Callable[[], Any], active: Callable[[], bool],
                   on_change: Callable[[], None], stop: asyncio.Event) -> None:
         while not stop.is_set():
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=POLL_S)
-            except TimeoutError:
-                pass
             if stop.is_set():
                 return
             if active() and await self.tick(get_capture()):

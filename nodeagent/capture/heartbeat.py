@@ -15,6 +15,7 @@ namespaces on one machine never share an entry.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes as ct
 import logging
 import os
@@ -194,10 +195,8 @@ async def run(stop: asyncio.Event, slot: int = SLOT_PROXY, interval: float = REF
     try:
         while not stop.is_set():
             writer.beat()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=interval)
-            except TimeoutError:
-                pass
     finally:
         writer.close()
 

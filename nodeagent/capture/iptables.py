@@ -13,6 +13,7 @@ plus, in tproxy mode, one `ip rule` and one route (nodeagent.capture.policyroute
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import shlex
@@ -24,7 +25,7 @@ from nodeagent.meshview.snapshot import LocalWorkload
 from nodeagent.supervision.settings import ProxySettings
 
 from . import policyroute
-from .base import CaptureDiff, CaptureError, CaptureStatus, ProxyState
+from .base import CaptureDiff, CaptureError, CaptureStatus, ProxyState, diff_chains
 
 __all__ = [
     "CaptureDiff",
@@ -134,10 +135,8 @@ def normalize_rule(rule: str) -> str:
     out: list[str] = []
     for i, tok in enumerate(tokens):
         if i > 0 and tokens[i - 1] in ("-d", "-s", "--destination", "--source"):
-            try:
+            with contextlib.suppress(ValueError):
                 tok = str(ipaddress.ip_network(tok, strict=False))
-            except ValueError:
-                pass
         out.append(tok)
     return " ".join(out)
 
@@ -290,7 +289,8 @@ def tproxy_rules(settings: ProxySettings, workloads: Sequence[LocalWorkload],
         TPROXY_CHAIN: tuple(tp),
         DIVERT_CHAIN: (f"-j MARK --set-xmark {_xmark(m)}", "-j ACCEPT"),
         MANGLE_OUT_CHAIN: (
-            f"-p tcp -m mark --mark {settings.mark:#x} -m addrtype ! --src-type LOCAL -j CONNMARK --set-xmark {_xmark(m)}",
+            f"-p tcp -m mark --mark {settings.mark:#x} -m addrtype ! --src-type LOCAL "
+            f"-j CONNMARK --set-xmark {_xmark(m)}",
             f"-p tcp -m connmark --mark {_xmark(m)} -j MARK --set-xmark {_xmark(m)}",
         ),
         INPUT_CHAIN: tuple(refuse),
@@ -382,35 +382,18 @@ def render_remove(current_save: str) -> str:
 
 def _diff_table(table: str, expected: dict[str, tuple[str, ...]], state: NatState,
                 jumps: tuple[tuple[str, str], ...]) -> CaptureDiff:
-    """Compare rule by rule, order included (RETURNs must precede REDIRECTs)."""
-    missing: list[str] = []
-    unexpected: list[str] = []
-    problems: list[str] = []
+    """Our chains rule by rule (base.diff_chains), then the jumps into them."""
     prefix = "" if table == "nat" else f"{table} "
-    for chain, rules in expected.items():
-        if chain not in state.chains:
-            problems.append(f"chain {prefix}{chain} does not exist")
-            continue
-        want = [normalize_rule(r) for r in rules]
-        have = list(state.chains[chain])
-        if want == have:
-            continue
-        chain_missing = [f"{prefix}{chain}: {r}" for r in want if r not in have]
-        chain_unexpected = [f"{prefix}{chain}: {r}" for r in have if r not in want]
-        missing += chain_missing
-        unexpected += chain_unexpected
-        if not chain_missing and not chain_unexpected:
-            problems.append(f"chain {prefix}{chain} has the expected rules in the wrong order")
+    want = {chain: tuple(normalize_rule(r) for r in rules) for chain, rules in expected.items()}
+    diff = diff_chains(want, state.chains, str, prefix)
+    problems: list[str] = []
     for builtin, ours in jumps:
         n = state.jumps.get(builtin, 0)
         if n == 0:
             problems.append(f"no jump from {prefix}{builtin} to {ours}")
         elif n > 1:
             problems.append(f"{n} jumps from {prefix}{builtin} to {ours} (expected 1)")
-    for chain in state.chains:
-        if chain not in expected:
-            problems.append(f"leftover chain {prefix}{chain}")
-    return CaptureDiff(tuple(missing), tuple(unexpected), tuple(problems))
+    return diff + CaptureDiff(jump_problems=tuple(problems))
 
 
 def diff_state(expected: dict[str, tuple[str, ...]], state: NatState) -> CaptureDiff:
@@ -455,10 +438,6 @@ def run_command(argv: Sequence[str], stdin: str | None) -> str:
             "is the agent running as root (CAP_NET_ADMIN) and are the nat/mangle tables available?",
         )
     return proc.stdout
-
-
-def _policy_route(settings: ProxySettings) -> policyroute.PolicyRoute:
-    return policyroute.PolicyRoute(settings.tproxy_mark, settings.tproxy_table, settings.tproxy_rule_pref)
 
 
 class IptablesCapture:
@@ -509,7 +488,7 @@ class IptablesCapture:
             log.info("capture: replacing leftover iptables rules (%s)",
                      ", ".join(f"{t}/{c}" for t, st in sorted(state.tables.items()) for c in st.chains) or "jumps only")
         if self._routes:
-            pr = _policy_route(self.settings)
+            pr = policyroute.for_settings(self.settings)
             if self.tproxy:
                 policyroute.install(pr)
             else:
@@ -538,7 +517,7 @@ class IptablesCapture:
             self._restore(text, "removing capture")
             removed = True
         if self._routes:
-            removed = policyroute.remove(_policy_route(self.settings)) or removed
+            removed = policyroute.remove(policyroute.for_settings(self.settings)) or removed
         return removed
 
     def save_state(self) -> SaveState:
@@ -554,16 +533,17 @@ class IptablesCapture:
             for chain, rules in st.chains.items():
                 sections[f"{table} {chain}"] = rules
         if self._routes:
-            nrules, nroutes = policyroute.present(_policy_route(self.settings))
+            nrules, nroutes = policyroute.present(policyroute.for_settings(self.settings))
             if nrules or nroutes:
-                sections["policy routing"] = _policy_route(self.settings).describe()
+                sections["policy routing"] = policyroute.for_settings(self.settings).describe()
         return CaptureStatus("iptables", state.installed_for(layout(self.settings.inbound_mode)), sections,
                              {"inbound": self.settings.inbound_mode, "state": self.state.value})
 
     def verify(self) -> CaptureDiff:
         diff = diff_tables(self.expected_tables(), layout(self.settings.inbound_mode), self.save_state())
         if self._routes:
-            diff = diff + CaptureDiff(jump_problems=policyroute.diff(_policy_route(self.settings), self.tproxy))
+            pr = policyroute.for_settings(self.settings)
+            diff = diff + CaptureDiff(jump_problems=policyroute.diff(pr, self.tproxy))
         return diff
 
 
@@ -577,5 +557,5 @@ def remove_leftovers(runner: Runner = run_command, settings: ProxySettings | Non
         removed = True
     if runner is run_command:
         s = settings or ProxySettings(node_name="", node_address="")
-        removed = policyroute.remove(_policy_route(s)) or removed
+        removed = policyroute.remove(policyroute.for_settings(s)) or removed
     return removed

@@ -37,7 +37,7 @@ from nodeagent.meshview.snapshot import LocalWorkload
 from nodeagent.supervision.settings import ProxySettings
 
 from . import policyroute
-from .base import CaptureDiff, CaptureError, CaptureStatus, ProxyState
+from .base import CaptureDiff, CaptureError, CaptureStatus, ProxyState, diff_chains
 
 log = logging.getLogger(__name__)
 
@@ -480,8 +480,8 @@ class NftablesCapture:
                 hook = c.get_attr("NFTA_CHAIN_HOOK")
                 hooknum = hook.get_attr("NFTA_HOOK_HOOKNUM") if hook else None
                 prio = hook.get_attr("NFTA_HOOK_PRIORITY") if hook else 0
-                chains[c.get_attr("NFTA_CHAIN_NAME")] = (c.get_attr("NFTA_CHAIN_TYPE") or "",
-                                                         _HOOK_NAMES.get(int(hooknum or 0), str(hooknum)), int(prio or 0))
+                hook_name = _HOOK_NAMES.get(int(hooknum or 0), str(hooknum))
+                chains[c.get_attr("NFTA_CHAIN_NAME")] = (c.get_attr("NFTA_CHAIN_TYPE") or "", hook_name, int(prio or 0))
             rules = []
             for r in nft.get_rules():
                 if r["nfgen_family"] != NFPROTO_IPV4 or r.get_attr("NFTA_RULE_TABLE") != TABLE:
@@ -512,7 +512,7 @@ class NftablesCapture:
         before = self.read()
         if before.exists:
             log.info("capture: replacing leftover nftables table %s %s (%d rules)", FAMILY, TABLE, len(before.rules))
-        pr = policyroute.PolicyRoute(self.settings.tproxy_mark, self.settings.tproxy_table, self.settings.tproxy_rule_pref)
+        pr = policyroute.for_settings(self.settings)
         if self.tproxy:
             policyroute.install(pr)
         else:
@@ -531,7 +531,7 @@ class NftablesCapture:
         existed = self.read().exists
         if existed:
             self._transaction(None)
-        pr = policyroute.PolicyRoute(self.settings.tproxy_mark, self.settings.tproxy_table, self.settings.tproxy_rule_pref)
+        pr = policyroute.for_settings(self.settings)
         return policyroute.remove(pr) or existed
 
     def status(self) -> CaptureStatus:
@@ -544,7 +544,7 @@ class NftablesCapture:
                     count = f"  [packets {r.packets}]" if r.packets is not None else ""
                     lines.append(f"{r.comment or '(rule without nodemesh comment: ' + ','.join(r.names) + ')'}{count}")
             sections[f"table {FAMILY} {TABLE} chain {name}"] = tuple(lines)
-        pr = policyroute.PolicyRoute(self.settings.tproxy_mark, self.settings.tproxy_table, self.settings.tproxy_rule_pref)
+        pr = policyroute.for_settings(self.settings)
         nrules, nroutes = policyroute.present(pr)
         if nrules or nroutes:
             sections["policy routing"] = pr.describe()
@@ -554,36 +554,22 @@ class NftablesCapture:
                               "table_exists": st.exists})
 
     def verify_state(self, st: NftState) -> CaptureDiff:
+        """Our table's chains (type, hook, priority), then their rules by
+        signature (comment, expression names, values) with base.diff_chains."""
         want = self.expected()
         if not st.exists:
             return CaptureDiff(jump_problems=(f"table {FAMILY} {TABLE} does not exist",))
-        missing: list[str] = []
-        unexpected: list[str] = []
-        problems: list[str] = []
-        for c in want.chains:
-            have = st.chains.get(c.name)
-            if have is None:
-                problems.append(f"chain {c.name} does not exist")
-                continue
-            if have != (c.type, c.hook, c.priority):
-                problems.append(f"chain {c.name} is {have}, expected {(c.type, c.hook, c.priority)}")
-            want_sig = [(r.text, expr_names(r.exprs), expr_values(r.exprs)) for r in want.chain_rules(c.name)]
-            have_sig = [(r.comment, r.names, r.values) for r in st.rules if r.chain == c.name]
-            if want_sig == have_sig:
-                continue
-            cm = [f"{c.name}: {s[0]}" for s in want_sig if s not in have_sig]
-            cu = [f"{c.name}: {s[0] or ','.join(s[1])}" for s in have_sig if s not in want_sig]
-            missing += cm
-            unexpected += cu
-            if not cm and not cu:
-                problems.append(f"chain {c.name} has the expected rules in the wrong order")
-        for name in st.chains:
-            if name not in {c.name for c in want.chains}:
-                problems.append(f"unexpected chain {name}")
-        return CaptureDiff(tuple(missing), tuple(unexpected), tuple(problems))
+        problems = tuple(f"chain {c.name} is {st.chains[c.name]}, expected {(c.type, c.hook, c.priority)}"
+                         for c in want.chains
+                         if c.name in st.chains and st.chains[c.name] != (c.type, c.hook, c.priority))
+        expected = {c.name: [(r.text, expr_names(r.exprs), expr_values(r.exprs)) for r in want.chain_rules(c.name)]
+                    for c in want.chains}
+        present = {name: [(r.comment, r.names, r.values) for r in st.rules if r.chain == name] for name in st.chains}
+        return diff_chains(expected, present, lambda sig: sig[0] or ",".join(sig[1])) + CaptureDiff(
+            jump_problems=problems)
 
     def verify(self) -> CaptureDiff:
-        pr = policyroute.PolicyRoute(self.settings.tproxy_mark, self.settings.tproxy_table, self.settings.tproxy_rule_pref)
+        pr = policyroute.for_settings(self.settings)
         return self.verify_state(self.read()) + CaptureDiff(jump_problems=policyroute.diff(pr, self.tproxy))
 
 

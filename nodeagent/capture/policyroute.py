@@ -15,9 +15,12 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .base import CaptureError
+
+if TYPE_CHECKING:
+    from nodeagent.supervision.settings import ProxySettings
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +35,11 @@ class PolicyRoute:
         return (f"ip rule: pref {self.pref} fwmark {self.mark:#x}/{self.mark:#x} lookup {self.table}",
                 f"ip route: local 0.0.0.0/0 dev lo table {self.table}")
 
+
+
+def for_settings(settings: ProxySettings) -> PolicyRoute:
+    """The TPROXY policy route of the agent's settings (mark, table, pref)."""
+    return PolicyRoute(settings.tproxy_mark, settings.tproxy_table, settings.tproxy_rule_pref)
 
 @contextmanager
 def netlink_loop() -> Iterator[asyncio.AbstractEventLoop]:

@@ -155,7 +155,7 @@ def survey(settings: ProxySettings) -> dict[str, dict[str, tuple[str, ...]]]:
             out["ebpf"] = {"error": (str(e),)}
     except ImportError:
         pass
-    pr = policyroute.PolicyRoute(settings.tproxy_mark, settings.tproxy_table, settings.tproxy_rule_pref)
+    pr = policyroute.for_settings(settings)
     try:
         nrules, nroutes = policyroute.present(pr)
         if nrules or nroutes:
