@@ -14,19 +14,21 @@ import random
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from nodeagent.meshview.snapshot import Snapshot
 from nodeagent.observe import meshmetrics, tracing
 from nodeagent.proxy.accesslog import iso_time
+from nodeagent.proxy.relay import Session
 from nodemesh.xdsnames import service_host
 
 if TYPE_CHECKING:
-    from nodeagent.observe.httpwatch import Exchange
+    from nodeagent.observe.h2watch import H2Watch
+    from nodeagent.observe.httpwatch import Exchange, Http1Watch
     from nodeagent.proxy.inbound import InboundTarget
     from nodeagent.proxy.proxy import NodeProxy
-    from nodeagent.proxy.relay import Session, TcpEnd
+    from nodeagent.proxy.relay import TcpEnd
 
 RECENT_MAX = 2000
 BAGGAGE = "baggage"
@@ -37,6 +39,24 @@ L7_PROTOCOLS = frozenset({"http", "http2", "grpc"})
 # Fields a destination-side request inherits from its tunnel's session.
 _INHERITED = ("src", "source_principal", "source_workload", "dst_addr", "dst_workload", "dst_identity", "via",
               "tls")
+
+
+@dataclass(slots=True)
+class SessionTelemetry:
+    """What telemetry keeps on one Session (`Session.telemetry`), set by begin()."""
+
+    t0_unix: float  # wall-clock start, the span's start
+    span: tracing.Span | None = None  # this hop's span (outbound: always; inbound: from the caller's context)
+    http_watch: Http1Watch | H2Watch | None = None  # inbound on an HTTP port: the watch of its exchanges
+    http_requests: int = 0  # requests the watch saw on this connection
+    labels: meshmetrics.MeshLabels | None = None  # the series opened() counted; closed() closes the same
+
+
+def _state(session: Session) -> SessionTelemetry:
+    st = session.telemetry
+    if st is None:  # a session made without begin() (bare tests)
+        st = session.telemetry = SessionTelemetry(time.time())
+    return st
 
 
 def l7_port_protocol(snapshot: Snapshot | None, port: int) -> str:
@@ -220,15 +240,15 @@ class ProxyTelemetry:
         direction = session.fields.get("direction", "")
         if not self.is_request(session):
             meshmetrics.PROXY_ACTIVE.inc({"direction": direction})
-        session.t0_unix = time.time()  # type: ignore[attr-defined]
+        st = session.telemetry = SessionTelemetry(time.time())
         if direction == "outbound":
             # Every outbound connection roots a trace (L4 has no headers to read);
             # the ID also ties both nodes' access log lines together.
             sampled = self._rng.random() < self.trace_sampling
-            session.span = tracing.start_span(None, "outbound", "client", sampled=sampled)  # type: ignore[attr-defined]
+            st.span = tracing.start_span(None, "outbound", "client", sampled=sampled)
 
     def connect_headers(self, session: Session) -> tuple[tuple[str, str], ...]:
-        span: tracing.Span | None = getattr(session, "span", None)
+        span = _state(session).span
         out: list[tuple[str, str]] = []
         if span is not None:
             out += tracing.inject(span.context)
@@ -248,12 +268,11 @@ class ProxyTelemetry:
         (W3C or B3 in `headers`) and return the headers to forward upstream instead
         of the incoming trace headers (see tracing.replace_trace_headers)."""
         parent = tracing.extract(headers)
+        st = _state(session)
         if parent is not None:
-            span = tracing.start_span(parent, "outbound", "client")
-            session.span = span  # type: ignore[attr-defined]
+            span = st.span = tracing.start_span(parent, "outbound", "client")
         else:
-            span = getattr(session, "span", None) or tracing.start_span(None, "outbound", "client")
-            session.span = span  # type: ignore[attr-defined]
+            span = st.span = st.span or tracing.start_span(None, "outbound", "client")
         ctx = tracing.TraceContext(span.trace_id, span.span_id, span.sampled,
                                    parent.tracestate if parent else "", parent.b3 if parent else False)
         return tracing.inject(ctx)
@@ -277,8 +296,9 @@ class ProxyTelemetry:
         # bytes read before the tap was set wait in the end's early buffer, unseen.
         for chunk in getattr(end, "_early", ()):
             watch.response(chunk)
-        session.http_watch = watch  # type: ignore[attr-defined]
-        session.http_requests = 0  # type: ignore[attr-defined]
+        st = _state(session)
+        st.http_watch = watch
+        st.http_requests = 0
 
     def _dest_request_start(self, conn: Session, ex: Exchange) -> None:
         f = conn.fields
@@ -292,11 +312,11 @@ class ProxyTelemetry:
         # Baggage only from the tunnel (the calling node), never from the request itself.
         req.peer_headers = tuple(h for h in ex.trace_headers if h[0].lower() != BAGGAGE) + tuple(conn.peer_headers)
         ex.extra["session"] = req
-        conn.http_requests = getattr(conn, "http_requests", 0) + 1  # type: ignore[attr-defined]
+        _state(conn).http_requests += 1
 
     def _dest_request_done(self, ex: Exchange) -> None:
-        req: Session | None = ex.extra.get("session")  # type: ignore[assignment]
-        if req is None:
+        req = ex.extra.get("session")
+        if not isinstance(req, Session):
             return
         req.set(status=ex.status, request_bytes=ex.request_bytes, response_bytes=ex.response_bytes, attempts=1)
         if ex.grpc_status:
@@ -328,12 +348,13 @@ class ProxyTelemetry:
         return got
 
     def opened(self, session: Session) -> None:
-        if getattr(session, "http_watch", None) is not None:
+        st = _state(session)
+        if st.http_watch is not None:
             return  # decided at close: requests, or a TCP connection if none was seen
         if self.is_request(session):
             return
         labels = self.labels_of(session)
-        session.labels = labels  # type: ignore[attr-defined]  # closed() uses the same series
+        st.labels = labels  # closed() uses the same series
         meshmetrics.tcp_opened(labels)
 
     def closed(self, session: Session, rec: dict[str, Any]) -> bool:
@@ -344,17 +365,18 @@ class ProxyTelemetry:
         if self.is_request(session):
             return self._request_closed(session, final, rec)
         meshmetrics.PROXY_ACTIVE.inc({"direction": direction}, -1.0)
-        watch = getattr(session, "http_watch", None)
+        st = _state(session)
+        watch = st.http_watch
         if watch is not None:
             watch.close()
         reason = f.get("reason")
         if reason:
             meshmetrics.PROXY_ERRORS.inc({"direction": direction, "reason": reason})
-        if ((f.get("protocol") in L7_PROTOCOLS and not reason) or int(getattr(session, "http_requests", 0))
+        if ((f.get("protocol") in L7_PROTOCOLS and not reason) or st.http_requests
                 or getattr(watch, "is_l7", False)):  # HTTP/2 seen (h2watch), even if it carried no request
             # Its requests were counted one by one: no TCP series for the same traffic.
             return self._finish_record(session, final, rec, export_span=False)
-        labels: meshmetrics.MeshLabels | None = getattr(session, "labels", None)
+        labels = st.labels
         if labels is None:
             meshmetrics.tcp_opened(final)  # refused or failed before it was joined: still a connection
             labels = final
@@ -414,7 +436,8 @@ class ProxyTelemetry:
     def _span(self, session: Session, labels: meshmetrics.MeshLabels, rec: Mapping[str, Any],
               now: float, export: bool = True) -> tracing.Span | None:
         f = session.fields
-        span: tracing.Span | None = getattr(session, "span", None)
+        st = _state(session)
+        span = st.span
         if span is None:
             parent = tracing.extract(session.peer_headers) if session.peer_headers else None
             if parent is None and f.get("direction") != "outbound":
@@ -425,7 +448,7 @@ class ProxyTelemetry:
             # Sampled out (traceSampling, default 1%): only its IDs are used (the access
             # log line); building attributes nobody exports is per-request waste.
             return span
-        span.start_unix_ns = int(getattr(session, "t0_unix", now) * 1e9)
+        span.start_unix_ns = int(st.t0_unix * 1e9)
         span.name = f"{f.get('direction', 'tcp')} {labels.destination_service}"
         span.attributes.update({
             # The reporting proxy's node (an outbound line names the peer's as "upstream_node").

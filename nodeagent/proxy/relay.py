@@ -6,17 +6,21 @@ that writes the access log line when every end is closed."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 import time
 from collections.abc import Callable
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from . import splice
 from .accesslog import AccessLog, iso_now
 from .errors import ProxyError
 from .idle import watch as idle_watch
+
+if TYPE_CHECKING:
+    from nodeagent.observe.telemetry import SessionTelemetry
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +44,8 @@ class Session:
     # Telemetry (nodeagent.observe.telemetry.ProxyTelemetry: metrics, traces, log sampling);
     # set by NodeProxy.new_session, None in bare unit tests.
     observer: Any = None
+    # What the observer keeps per session (spans, the HTTP watch, the opened series).
+    telemetry: SessionTelemetry | None = None
     # No bytes either way for this long closes both ends (nodeagent/proxy/idle.py);
     # 0 = none. Set before the ends are joined (outbound.carry_out).
     idle_timeout_s: float = 0.0
@@ -145,10 +151,8 @@ class TcpEnd(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:
-            try:
+            with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
         self._apply_reading()  # paused while there is nothing to relay to yet
         # uvloop starts reading right after connection_made returns, ignoring a
         # pause made inside it: apply our state again on the next loop turn.

@@ -9,8 +9,9 @@ import pickle
 import pytest
 
 from nodeagent.meshview.snapshot import Endpoint, MeshSettings, Service, ServicePort, Snapshot, Workload
-from nodeagent.observe import meshmetrics
+from nodeagent.observe import meshmetrics, tracing
 from nodeagent.observe.telemetry import mesh_labels, parse_baggage, response_flags
+from nodeagent.proxy.relay import Session
 from nodemesh.prom import MetricError, Registry, merge, parse, render, select
 
 
@@ -60,7 +61,7 @@ def test_merge_across_workers_adds_counters_and_histograms() -> None:
         r.counter("c_total", "", ("k",)).inc({"k": "v"}, n)
         r.gauge("g_max", "", merge="max").set(None, n)
         r.histogram("h", "", buckets=(1,)).observe(None, n)
-        return pickle.loads(pickle.dumps(r.collect()))  # as it crosses the control channel
+        return pickle.loads(pickle.dumps(r.collect()))  # noqa: S301 - our own bytes, as they cross the control channel
 
     merged = {f.name: f for f in merge([worker(1), worker(2)])}
     assert merged["c_total"].series[("v",)] == 3
@@ -146,7 +147,8 @@ def test_grafana_dashboard_uses_only_metrics_we_export() -> None:
     exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
     used = {re.sub(r"_(bucket|sum|count)$", "", m) for e in exprs for m in re.findall(r"\b(?:istio|nodemesh)_\w+", e)}
     defined = {f.name for f in [*meshmetrics.REGISTRY.collect(), *meshmetrics.AGENT_REGISTRY.collect()]}
-    sources = (root / "nodeagent" / "supervision" / "admin.py").read_text() + (root / "controlplane" / "metrics.py").read_text()
+    sources = ((root / "nodeagent" / "supervision" / "admin.py").read_text()
+               + (root / "controlplane" / "metrics.py").read_text())
     missing = {n for n in used if n not in defined and f'"{n}"' not in sources}
     assert not missing, f"the dashboard queries metrics nobody exports: {sorted(missing)}"
 
@@ -206,9 +208,7 @@ class _FakeProxy:
         self.lines = self.access_log.capture()
         self.telemetry = ProxyTelemetry(self)  # type: ignore[arg-type]
 
-    def new_session(self, direction: str, **fields: object) -> object:
-        from nodeagent.proxy.relay import Session
-
+    def new_session(self, direction: str, **fields: object) -> Session:
         session = Session(self.access_log, direction, node=self.settings.node_name, **fields)
         session.observer = self.telemetry
         self.telemetry.begin(session)
@@ -336,21 +336,28 @@ def test_l7_state_sets_scrape_time_gauges_and_admin_sees_ejections() -> None:
     meshmetrics.REGISTRY.reset()
 
 
+def _span_of(session: Session) -> tracing.Span:
+    assert session.telemetry is not None and session.telemetry.span is not None
+    return session.telemetry.span
+
+
 def test_request_headers_continue_w3c_and_b3_traces() -> None:
     proxy = _FakeProxy(_http_snapshot())
     tel = proxy.telemetry
     s = proxy.new_session("outbound", method="GET")
     out = dict(tel.request_headers(s, [("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
                                        ("tracestate", "app=1")]))
-    assert (s.span.trace_id, s.span.parent_span_id) == ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7")
-    assert out["traceparent"] == f"00-4bf92f3577b34da6a3ce929d0e0e4736-{s.span.span_id}-01"
+    span = _span_of(s)
+    assert (span.trace_id, span.parent_span_id) == ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7")
+    assert out["traceparent"] == f"00-4bf92f3577b34da6a3ce929d0e0e4736-{span.span_id}-01"
     assert out["tracestate"] == "app=1"
     b = proxy.new_session("outbound", method="GET")
     out = dict(tel.request_headers(b, [("x-b3-traceid", "a3ce929d0e0e4736"), ("x-b3-spanid", "00f067aa0ba902b7"),
                                        ("x-b3-sampled", "1")]))
-    assert b.span.trace_id == "0000000000000000a3ce929d0e0e4736" and b.span.parent_span_id == "00f067aa0ba902b7"
-    assert out["x-b3-spanid"] == b.span.span_id and out["traceparent"].startswith("00-0000000000000000a3ce")
+    span = _span_of(b)
+    assert span.trace_id == "0000000000000000a3ce929d0e0e4736" and span.parent_span_id == "00f067aa0ba902b7"
+    assert out["x-b3-spanid"] == span.span_id and out["traceparent"].startswith("00-0000000000000000a3ce")
     fresh = proxy.new_session("outbound", method="GET")
-    root = fresh.span
+    root = _span_of(fresh)
     out = dict(tel.request_headers(fresh, [("host", "web")]))
-    assert fresh.span is root and out["traceparent"] == f"00-{root.trace_id}-{root.span_id}-01"
+    assert _span_of(fresh) is root and out["traceparent"] == f"00-{root.trace_id}-{root.span_id}-01"
