@@ -5,6 +5,12 @@ back exactly (case included). Parsing is strict and bounded: every length is
 checked against the message, compression pointers must point strictly backwards
 (so a pointer loop cannot exist), names are at most 255 octets. A bad message
 raises `DnsFormatError` with the reason; the server turns that into FORMERR.
+
+Why not dnspython: measured (bench/dns_wire.py), dnspython parses a query 6-9x
+and answers one 14-16x slower than this module (121 us against 8 us per mesh
+answer), on the path of every workload lookup. dnspython is the oracle of the
+tests instead (tests/unit/test_dns_oracle.py: it reads what we build, we read
+what it builds).
 """
 
 from __future__ import annotations
