@@ -111,6 +111,28 @@ class Proc:
         return total
 
 
+def profile_summary(raw_path: str, top: int = 25) -> list[tuple[float, str]]:
+    """py-spy's raw collapsed stacks as (percent of samples, function file) by
+    inclusive time, skipping the event loop's own frames."""
+    inclusive: dict[str, int] = {}
+    total = 0
+    with open(raw_path) as f:
+        for line in f:
+            stack, _, count = line.rstrip().rpartition(" ")
+            if not count.isdigit():
+                continue
+            n = int(count)
+            total += n
+            frames = {fr.split(" (")[0] + " " + fr.split("(")[-1].split(":")[0].rsplit("/", 1)[-1]
+                      for fr in stack.split(";")}
+            for fr in frames:
+                inclusive[fr] = inclusive.get(fr, 0) + n
+    skip = ("runners.py", "base_events.py", "events.py", "runpy", "__main__.py", "threading.py", "cli")
+    ranked = sorted(((100 * n / max(1, total), fr) for fr, n in inclusive.items()
+                     if not any(k in fr for k in skip)), reverse=True)
+    return [(round(p, 1), fr) for p, fr in ranked[:top]]
+
+
 def self_cpu_s() -> float:
     t = os.times()
     return t.user + t.system
@@ -691,6 +713,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await asyncio.sleep(1.0)
 
         stop_spy()
+        if args.py_spy and os.path.exists(args.py_spy):
+            out["cp_profile"] = {"samples_file": args.py_spy, "top_inclusive": profile_summary(args.py_spy)}
 
         # ---- soak ----
         samples = []
