@@ -23,7 +23,9 @@ ClusterLoadAssignment: cluster_name as above; one LocalityLbEndpoints per node
            metadata.filter_metadata["nodemesh"] = {
                "workload": "<namespace>/<name>", "identity": spiffe URI,
                "node": str, "node_address": str, "hbone_port": number }
-Workload:  name  <node>/<namespace>/<name>
+Workload:  name  <node>/<namespace>/<name>; a Delta node agent subscribes by name to
+           its own workloads and to those behind the endpoints it holds, never
+           to the wildcard (a fleet's Workloads would otherwise reach every node)
 MeshConfig: name "mesh"
 Policy:    name  <kind>/<namespace>/<name> (PeerAuthentication, AuthorizationPolicy),
            plus MeshSecurity//mesh (mesh-wide mTLS mode, default deny, root namespace)
