@@ -6,6 +6,10 @@ Collected data (FamilyData) is plain tuples and dicts, so it pickles cheaply
 across the proxy workers' control channel and merges without the family objects.
 Each family refuses new series past `max_series` (bounded cardinality), counting
 what it dropped in `nodemesh_metrics_series_dropped_total`.
+
+Kept instead of prometheus-client for a measured reason (bench/prom_registry.py,
+docs/observability.md): its multiprocess mode scrapes 9-10x slower over the
+workers' mmap files, has no series bound, and needs dead workers' files cleaned.
 """
 
 from __future__ import annotations

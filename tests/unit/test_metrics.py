@@ -361,3 +361,26 @@ def test_request_headers_continue_w3c_and_b3_traces() -> None:
     root = _span_of(fresh)
     out = dict(tel.request_headers(fresh, [("host", "web")]))
     assert _span_of(fresh) is root and out["traceparent"] == f"00-{root.trace_id}-{root.span_id}-01"
+
+
+def test_exposition_reads_the_same_in_prometheus_client() -> None:
+    """Our text format against prometheus-client's own parser (the oracle):
+    every sample, label escaping and histogram bucket as we meant it."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = Registry()
+    c = r.counter("t_requests_total", "Requests.", ("path", "code"))
+    c.inc({"path": 'a"b\\c\nd', "code": "200"}, 3)
+    c.inc({"path": "/", "code": "503"})
+    r.gauge("t_open", "Open now.").set(None, 7)
+    h = r.histogram("t_latency_ms", "Latency.", ("svc",), buckets=(1, 10, 100))
+    for v in (0.5, 5, 50, 500):
+        h.observe({"svc": "web"}, v)
+    got = {(s.name, tuple(sorted(s.labels.items()))): s.value
+           for fam in text_string_to_metric_families(render(r.collect())) for s in fam.samples}
+    assert got[("t_requests_total", (("code", "200"), ("path", 'a"b\\c\nd')))] == 3
+    assert got[("t_requests_total", (("code", "503"), ("path", "/")))] == 1
+    assert got[("t_open", ())] == 7
+    cumulative = [got[("t_latency_ms_bucket", (("le", le), ("svc", "web")))] for le in ("1", "10", "100", "+Inf")]
+    assert cumulative == [1, 2, 3, 4]
+    assert got[("t_latency_ms_sum", (("svc", "web"),))] == 555.5 and got[("t_latency_ms_count", (("svc", "web"),))] == 4
