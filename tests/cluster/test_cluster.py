@@ -13,6 +13,7 @@ import time
 import pytest
 
 from tests.cluster.conftest import Tier
+from tests.conftest import wait_until
 
 # Booting and provisioning the machines is part of the first test's setup, and a
 # restart under load takes a while on a shared machine: more than the default 120 s.
@@ -21,15 +22,6 @@ pytestmark = pytest.mark.timeout(600)
 
 def _agent_log(t: Tier, host: str, since: str = "") -> str:
     return t.sh(host, f"journalctl -u nodemesh-agent --no-pager -q -o cat {since}")
-
-
-def _wait(pred, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
 
 
 def test_install_join_and_traffic_across_nodes_with_mtls(tier: Tier) -> None:
@@ -64,13 +56,13 @@ def test_ready_only_once_capture_serves(tier: Tier) -> None:
     tier.sh("cp", "systemctl stop nodemesh-controlplane")
     try:
         tier.sh("node2", "systemctl restart --no-block nodemesh-agent")
-        _wait(lambda: tier.prop("node2", "ActiveState") == "activating", 60, "the agent to be starting again")
+        wait_until(lambda: tier.prop("node2", "ActiveState") == "activating", 60, "the agent to be starting again")
         time.sleep(4)  # and it stays there: no snapshot, no capture, no READY
         assert tier.prop("node2", "ActiveState") == "activating"
         assert "NODEMESH" not in tier.sh("node2", "iptables-save -t nat")
     finally:
         tier.sh("cp", "systemctl start nodemesh-controlplane")
-    _wait(lambda: tier.prop("node2", "ActiveState") == "active", 60, "node2's agent to report READY")
+    wait_until(lambda: tier.prop("node2", "ActiveState") == "active", 60, "node2's agent to report READY")
     assert "NODEMESH" in tier.sh("node2", "iptables-save -t nat")
     assert tier.prop("node2", "StatusText").startswith("serving: capture iptables installed")
     rc, out = tier.curl("node2", f"http://{tier.vip}/ready")
@@ -86,8 +78,8 @@ def test_watchdog_restarts_a_wedged_agent(tier: Tier) -> None:
     tier.sh("node1", f"kill -STOP {worker}")
     watchdog_s = int(tier.prop("node1", "WatchdogUSec").rstrip("s") or 0) if tier.prop(
         "node1", "WatchdogUSec").endswith("s") else 10
-    _wait(lambda: int(tier.prop("node1", "NRestarts")) > before, watchdog_s + 20, "the watchdog restart")
-    _wait(lambda: tier.prop("node1", "ActiveState") == "active", 60, "the restarted agent to be READY")
+    wait_until(lambda: int(tier.prop("node1", "NRestarts")) > before, watchdog_s + 20, "the watchdog restart")
+    wait_until(lambda: tier.prop("node1", "ActiveState") == "active", 60, "the restarted agent to be READY")
     assert tier.prop("node1", "MainPID") != main
     log = tier.sh("node1", "journalctl -u nodemesh-agent --no-pager -q")
     assert "Watchdog timeout" in log and "did not answer" in log
@@ -131,7 +123,8 @@ def test_reload_applies_workloads_without_touching_connections(tier: Tier) -> No
         tier.sh("node1", "cp /etc/nodemesh/agent.yaml /root/agent.yaml.orig && echo '  - {name: extra-node1, "
                          "namespace: default, serviceAccount: extra, uid: 3002}' >> /etc/nodemesh/agent.yaml && "
                          "systemctl reload nodemesh-agent")
-        _wait(lambda: "--uid-owner 3002" in tier.sh("node1", "iptables-save -t nat"), 20, "the new workload's rule")
+        wait_until(lambda: "--uid-owner 3002" in tier.sh("node1", "iptables-save -t nat"), 20,
+                   "the new workload's rule")
         assert tier.prop("node1", "ActiveState") == "active"
         assert (tier.prop("node1", "MainPID"), tier.prop("node1", "NRestarts")) == (main, restarts)
     finally:
@@ -171,14 +164,14 @@ def _probe_during(t: Tier, host: str, vip: str, path: str, seconds: float) -> li
 
 def _kill9_and_probe(t: Tier, host: str, path: str) -> list[tuple[float, str]]:
     main = t.prop(host, "MainPID")
-    _wait(lambda: t.curl(host, f"http://{t.vip}/before")[0] == 0, 30, "the mesh to serve before the kill")
+    wait_until(lambda: t.curl(host, f"http://{t.vip}/before")[0] == 0, 30, "the mesh to serve before the kill")
     results: list[list[tuple[float, str]]] = []
     th = threading.Thread(target=lambda: results.append(_probe_during(t, host, t.vip, path, 8)))
     th.start()
     time.sleep(1.5)
     t.sh(host, f"kill -9 {main}")
     th.join()
-    _wait(lambda: t.prop(host, "ActiveState") == "active" and t.prop(host, "MainPID") != main, 60,
+    wait_until(lambda: t.prop(host, "ActiveState") == "active" and t.prop(host, "MainPID") != main, 60,
           "the agent to restart after kill -9")
     return results[0]
 
@@ -230,5 +223,6 @@ def test_uninstall_leaves_nothing_behind(tier: Tier) -> None:
     assert tier.prop("node2", "LoadState") == "not-found"
     out = tier.sh("cp", "nodemesh uninstall controlplane --purge")
     leftovers = tier.sh("cp", "ls /etc/systemd/system/nodemesh-controlplane.service /var/lib/nodemesh-cp "
-                              "/run/nodemesh 2>/dev/null; getent passwd nodemesh-cp; pgrep -f '[c]ontrolplane serve'; true")
+                              "/run/nodemesh 2>/dev/null; getent passwd nodemesh-cp; "
+                              "pgrep -f '[c]ontrolplane serve'; true")
     assert leftovers.strip() == "", leftovers

@@ -8,7 +8,6 @@ from __future__ import annotations
 import http.client
 import json
 import threading
-import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 from controlplane.xds.listeners import envoy_bootstrap
 from nodemesh import xdsnames
 from nodemesh.v1 import mesh_pb2, mesh_pb2_grpc
+from tests.conftest import wait_until
 from tests.interop.conftest import ControlPlaneThread, free_port
 
 
@@ -93,17 +93,12 @@ def _replica(port: int, path: str) -> str:
 
 
 def _eventually(what: str, pred: Callable[[], bool], envoy: Any, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if pred():
-                return
-        except (OSError, AssertionError):
-            pass
+    def ready() -> bool:
         if envoy.proc.poll() is not None:
-            raise AssertionError(f"Envoy exited with {envoy.proc.returncode}:\n{envoy.logs()}")
-        time.sleep(0.1)
-    raise AssertionError(f"{what} never happened; Envoy log:\n{envoy.logs()}")
+            raise RuntimeError(f"Envoy exited with {envoy.proc.returncode}:\n{envoy.logs()}")
+        return pred()
+
+    wait_until(ready, timeout, what, tolerate=(OSError, AssertionError), diag=lambda: f"Envoy log:\n{envoy.logs()}")
 
 
 def test_envoy_on_delta_ads_follows_split_edit_and_cluster_removal(

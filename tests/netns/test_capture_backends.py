@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from nodemesh.lab.harness import Lab, LabWorkload
+from tests.conftest import wait_until
 from tests.netns.conftest import BASE_CONFIG, CLIENT_UID, WEB_UID
 
 pytestmark = pytest.mark.netns
@@ -27,7 +28,7 @@ RESTART_DELAY_S = 4.0  # the pool's restart delay during these tests: an observa
 def start(lab: Lab, backend: str, policy: str, monkeypatch: pytest.MonkeyPatch, exclude: list[str]) -> None:
     orig = lab.agent_config
 
-    def agent_config(k: int, capture_mode: str = "iptables") -> dict[str, Any]:
+    def agent_config(k: int, capture_mode: str | None = None) -> dict[str, Any]:
         cfg = orig(k)
         cfg["capture"] = {"mode": backend, "failurePolicy": policy, "inbound": "tproxy", "excludeCidrs": exclude}
         return cfg
@@ -47,15 +48,6 @@ def curl_json(lab: Lab, node: int, url: str, uid: int, timeout: float = 5.0) -> 
     res = lab.curl(node, url, uid=uid, timeout=timeout)
     assert res.returncode == 0, f"curl {url} from node {node} failed: {res.stderr}\n{lab.log('agent-1')[-3000:]}"
     return dict(json.loads(res.stdout))
-
-
-def wait_until(cond: Any, timeout: float, what: str, diag: Any = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f"\n{diag()}" if diag else ""))
 
 
 def worker_pids(lab: Lab, k: int) -> list[int]:
@@ -150,7 +142,7 @@ def test_capture_open(lab: Lab, backend: str, monkeypatch: pytest.MonkeyPatch) -
     # workload, unlogged) and the window is counted; then capture comes back.
     t0 = kill_workers(lab, 1)
     wait_until(lambda: lab.agent_status(1).get("proxy_state") == "bypass", 2, "bypass state",
-               lambda: lab.log("agent-1")[-2000:])
+               diag=lambda: lab.log("agent-1")[-2000:])
     assert time.monotonic() - t0 < 1.5
     n = len(lab.access_log(1))
     direct = curl_json(lab, 1, f"http://{lab.node_ip(1)}:8080/bypass", CLIENT_UID, timeout=2)
@@ -177,7 +169,7 @@ def test_capture_closed(lab: Lab, backend: str, monkeypatch: pytest.MonkeyPatch)
     # Fail closed: with the workers dead, connections are refused at once, not hung.
     kill_workers(lab, 1)
     wait_until(lambda: lab.agent_status(1).get("proxy_state") == "refuse", 2, "refuse state",
-               lambda: lab.log("agent-1")[-2000:])
+               diag=lambda: lab.log("agent-1")[-2000:])
     for node, uid in ((1, CLIENT_UID), (2, 0)):
         t = time.monotonic()
         res = lab.curl(node, url, uid=uid, timeout=3)

@@ -4,13 +4,12 @@ in its access log."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from nodemesh.lab.harness import LAB_BINDINGS, Lab
+from tests.conftest import wait_until
 from tests.netns.conftest import CLIENT_UID
 
 pytestmark = pytest.mark.netns
@@ -18,17 +17,9 @@ pytestmark = pytest.mark.netns
 CLIENT = "cluster.local/ns/default/sa/client"
 
 
-def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 def doc(kind: str, name: str, spec: str, ns: str = "default") -> str:
-    return f"---\napiVersion: nodemesh.io/v1alpha1\nkind: {kind}\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{spec}\n"
+    return (f"---\napiVersion: nodemesh.io/v1alpha1\nkind: {kind}\nmetadata: {{name: {name}, namespace: {ns}}}\n"
+            f"spec:\n{spec}\n")
 
 
 def via_mesh(lab: Lab, vip: str) -> bool:
@@ -93,13 +84,15 @@ def test_authorization_policy_allow_deny_audit_default_deny(mesh: Lab) -> None:
     # ALLOW by namespace: a policy for another namespace only is not enough...
     with mesh.config_client() as c:
         c.delete("AuthorizationPolicy", "deny-client", "default")
-    mesh.apply(doc("AuthorizationPolicy", "allow", "  action: ALLOW\n  rules: [{from: [{source: {namespaces: [shop]}}]}]"))
+    mesh.apply(doc("AuthorizationPolicy", "allow",
+                   "  action: ALLOW\n  rules: [{from: [{source: {namespaces: [shop]}}]}]"))
     def refused_by_allow() -> bool:
         return not via_mesh(mesh, vip) and inbound(mesh, via="hbone")[-1].get("authz_reason") == "no_allow_match"
 
     wait_until(refused_by_allow, 10, "the ALLOW policy to refuse the default namespace")
     # ...the caller's namespace is.
-    mesh.apply(doc("AuthorizationPolicy", "allow", "  action: ALLOW\n  rules: [{from: [{source: {namespaces: [default]}}]}]"))
+    mesh.apply(doc("AuthorizationPolicy", "allow",
+                   "  action: ALLOW\n  rules: [{from: [{source: {namespaces: [default]}}]}]"))
     wait_until(lambda: via_mesh(mesh, vip), 10, "the ALLOW policy for namespace default")
     # The stream's inbound line is written when it closes: HTTP requests ride pooled
     # keep-alive streams (closed after at most a few seconds), so wait for it.

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import sys
-import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from nodemesh.lab.harness import Lab
+from tests.conftest import wait_until
 from tests.netns.conftest import CLIENT_UID
 
 pytestmark = pytest.mark.netns
@@ -40,15 +39,6 @@ spec:
   - from: [{source: {principals: ["cluster.local/ns/default/sa/client"]}}]
     to: [{operation: {methods: [POST], paths: ["/admin*"]}}]
 """
-
-
-def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def status(lab: Lab, url: str, method: str = "GET", uid: int = CLIENT_UID) -> tuple[int, str]:

@@ -11,43 +11,31 @@ from __future__ import annotations
 
 import http.server
 import json
-import os
-import shutil
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import compare  # bench/, on pytest's pythonpath (pyproject.toml)
+import openloop
+import peers
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "bench"))
-
-import compare
-import openloop
-import peers
+from tests.conftest import require_tool, unavailable
 
 
 def need(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{tool} is not installed: scripts/setup.sh installs it (APT_PACKAGES)")
-        pytest.skip(f"{tool} not installed (scripts/setup.sh installs it)")
-    return path
+    return require_tool(tool)
 
 
 def envoy() -> str:
     try:
-        return peers.envoy_binary()
+        return str(peers.envoy_binary())
     except FileNotFoundError as e:
-        if os.environ.get("CI") == "true":
-            pytest.fail(str(e))
-        pytest.skip(str(e))
+        unavailable(str(e))
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +248,7 @@ def test_table_and_targets_from_summary() -> None:
 
 
 def test_summarize_medians_and_errors() -> None:
-    rounds: list[dict[str, dict[str, Any]]] = [{"direct": {"rps": 3.0}}, {"direct": {"rps": 1.0}}, {"direct": {"error": "boom"}},
-              {"direct": {"rps": 2.0}}]
+    rounds: list[dict[str, dict[str, Any]]] = [{"direct": {"rps": 3.0}}, {"direct": {"rps": 1.0}},
+                                               {"direct": {"error": "boom"}}, {"direct": {"rps": 2.0}}]
     s = compare.summarize(rounds, ["direct"])["direct"]
     assert s["rps"] == 2.0 and s["rounds_ok"] == 3 and s["errors"] == ["boom"]

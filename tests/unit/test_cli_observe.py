@@ -183,7 +183,8 @@ def test_mesh_telemetry_graph_edges_and_rates() -> None:
     t.ingest("n2", "{not json")  # dropped, with a log line
     g = t.graph(["default/web"], ["default/client"])
     (edge,) = g["edges"]
-    assert (edge["source"], edge["target"], edge["caller"]) == ("wl:default/client", "svc:default/web", "default/client")
+    assert (edge["source"], edge["target"], edge["caller"]) == ("wl:default/client", "svc:default/web",
+                                                                "default/client")
     assert edge["connection_rate"] == 2.0 and edge["success_rate"] == 1.0
     assert {n["id"] for n in g["nodes"]} == {"wl:default/client", "svc:default/web"}
     series = t.service_series("default/web")
@@ -224,9 +225,30 @@ def test_push_latency_is_timed_from_the_send_to_the_ack() -> None:
 
 
 def test_tables_and_completion() -> None:
-    out = observecmds.table(("A", "LONGER"), [("x", None), ("yy", 3)])
+    from nodemesh.cli import build_parser, output
+
+    out = output.table(("A", "LONGER"), [("x", None), ("yy", 3)])
     assert out.splitlines() == ["A   LONGER", "x   -", "yy  3"]
-    from nodemesh.cli import build_parser
 
     script = observecmds.bash_completion(build_parser())
     assert "complete -F _nodemesh nodemesh" in script and '"") words="' in script and "explain" in script
+
+
+def test_one_output_layer_renders_every_format_and_errors_say_what_to_check(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    import yaml
+
+    from nodemesh.cli import output
+
+    doc = {"b": 1, "a": [1, 2]}
+    assert json.loads(output.render(doc, "json")) == doc
+    assert yaml.safe_load(output.render(doc, "yaml")) == doc
+    assert output.render(doc, "table", lambda d: f"{len(d)} keys") == "2 keys\n"
+
+    def fails(_args: argparse.Namespace) -> int:
+        raise output.CommandError("no such thing", "`nodemesh get` lists what exists", code=2)
+
+    assert output.run(fails, argparse.Namespace()) == 2
+    assert capsys.readouterr().err == "error: no such thing\n  check: `nodemesh get` lists what exists\n"

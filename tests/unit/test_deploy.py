@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from nodemesh.install import DEPLOY_PYTHON, deploy_units
+from tests.conftest import require_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = sorted((ROOT / "deploy" / "systemd").glob("*.service"))
@@ -23,10 +24,7 @@ MAX_EXPOSURE = {"nodemesh-agent.service": 2.5, "nodemesh-controlplane.service": 
 
 
 def _need(tool: str, package: str) -> None:
-    if shutil.which(tool) is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{tool} is missing (Debian package {package}; scripts/setup.sh installs it)")
-        pytest.skip(f"{tool} not installed")
+    require_tool(tool, package)
 
 
 def _local_copy(unit: Path, tmp_path: Path) -> Path:
@@ -77,7 +75,8 @@ def test_vagrantfile_validates(tmp_path: Path) -> None:
     assert res.returncode == 0 and "validated successfully" in res.stdout, res.stdout + res.stderr
 
 
-def test_vagrant_and_the_cluster_tier_run_the_same_provisioning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_vagrant_and_the_cluster_tier_run_the_same_provisioning(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Both run vagrant/provision.sh's phases and nothing else: the Vagrantfile's
     provisioners and trigger, and what the tier runs in its machines."""
     from nodemesh import cluster

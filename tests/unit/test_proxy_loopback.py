@@ -255,12 +255,12 @@ def test_reader_that_stops_reading_stalls_the_writer() -> None:
 def test_many_connections_share_one_hbone_connection() -> None:
     async def go(c: Cluster) -> None:
         conns = [await c.open(ECHO_VIP) for _ in range(5)]
-        for i, (r, w) in enumerate(conns):
+        for i, (_, w) in enumerate(conns):
             w.write(b"%d" % i)
-        for i, (r, w) in enumerate(conns):
+        for i, (r, _) in enumerate(conns):
             assert await r.readexactly(1) == b"%d" % i
         assert len(c.a.pool.book) == 1
-        for r, w in conns:
+        for _, w in conns:
             w.close()
 
     run(go)
@@ -414,7 +414,8 @@ def test_worker_pool_bind_failure_is_clear(tmp_path: Any) -> None:
 
     async def go() -> None:
         pool = WorkerPool(settings)
-        with pytest.raises(WorkerStartError, match=f"cannot bind the HBONE listener on 127.0.0.4:{settings.hbone_port}"):
+        with pytest.raises(WorkerStartError,
+                           match=f"cannot bind the HBONE listener on 127.0.0.4:{settings.hbone_port}"):
             await pool.start()
         assert not pool.alive()
 
@@ -427,20 +428,19 @@ def test_worker_pool_bind_failure_is_clear(tmp_path: Any) -> None:
 def test_listeners_keep_their_backlog(tmp_path: Any) -> None:
     """create_server(sock=...) re-listens with 100 unless told: bursts of connects
     (or a busy worker) must queue up to netutil.LISTEN_BACKLOG, not overflow at 100."""
-    import shutil
     import subprocess
 
     from nodeagent.proxy import netutil
+    from tests.conftest import require_tool
 
-    if shutil.which("ss") is None:
-        pytest.skip("ss (iproute2) not installed")
+    require_tool("ss", "iproute2")
     settings = _worker_settings(tmp_path)
 
     async def go() -> None:
         p = NodeProxy(settings, access_log=AccessLog("off"))
         await p.start()
         try:
-            for host, port in p.addresses():
+            for _host, port in p.addresses():
                 out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True,
                                      check=True).stdout.split()
                 assert int(out[2]) == min(netutil.LISTEN_BACKLOG, _somaxconn()), out

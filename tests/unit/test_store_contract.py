@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shutil
 import socket
 import subprocess
 import threading
@@ -49,6 +47,7 @@ from controlplane.store import (
 from controlplane.store_etcd import EtcdJoinTokens, EtcdRecords, EtcdStore, TelemetryShare, share_registry
 from controlplane.tokens import JoinTokens, TokenRefused
 from nodemesh.v1 import mesh_pb2
+from tests.conftest import require_tool
 
 
 def _free_port() -> int:
@@ -65,11 +64,7 @@ def etcd_certs(tmp_path_factory: pytest.TempPathFactory) -> EtcdCerts:
 @pytest.fixture(scope="module")
 def etcd_endpoint(tmp_path_factory: pytest.TempPathFactory, etcd_certs: EtcdCerts) -> Iterator[str]:
     """A one-member etcd that only talks TLS to clients holding a certificate of its CA."""
-    if shutil.which("etcd") is None:
-        msg = "etcd is not installed: run scripts/setup.sh (Debian package etcd-server)"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
+    require_tool("etcd", "etcd-server")
     data = tmp_path_factory.mktemp("etcd")
     port, peer = _free_port(), _free_port()
     with open(data / "etcd.log", "wb") as log:
@@ -387,7 +382,7 @@ def test_one_leader_and_another_takes_over_within_a_lease(etcd_endpoint: str) ->
 
         duties = [asyncio.create_task(lead.run_while_leader("test duty", lambda i=i: duty(i)))  # type: ignore[misc]
                   for i, lead in enumerate(leads)]
-        for s, lead in zip(stores, leads):
+        for s, lead in zip(stores, leads, strict=True):
             s.start_election(lead)
         await _until(lambda: sum(lead.is_leader() for lead in leads) == 1, what="one leader")
         first = next(i for i, lead in enumerate(leads) if lead.is_leader())
