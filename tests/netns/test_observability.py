@@ -174,7 +174,8 @@ def test_http_requests_exact_on_both_reporters_and_app_trace_continued(traced: L
     res = lab.curl(1, f"http://{vip}/traced", uid=CLIENT_UID,
                    extra=["-H", f"traceparent: 00-{tid}-{app_span}-01", "-H", "tracestate: app=1"])
     assert res.returncode == 0, res.stderr
-    lab.wait_for(lambda: any(s["traceId"] == tid for s in spans(lab, 2)) and any(s["traceId"] == tid for s in spans(lab, 1)),
+    lab.wait_for(lambda: any(s["traceId"] == tid for s in spans(lab, 2))
+                 and any(s["traceId"] == tid for s in spans(lab, 1)),
                  5, "spans of the app's trace on both nodes")
     src = [s for s in spans(lab, 1) if s["traceId"] == tid]
     dst = [s for s in spans(lab, 2) if s["traceId"] == tid]
@@ -223,7 +224,8 @@ def test_tcp_metrics_access_log_and_trace(traced: Lab) -> None:
     # A TCP port has no requests.
     assert series(lab, 1, "istio_requests_total", destination_workload="raw-2") == []
     # Bytes: the metric equals the access log's sum, on each side.
-    out_log = [e for e in lab.access_log(1) if e.get("direction") == "outbound" and e.get("dst_workload") == "default/raw-2"]
+    out_log = [e for e in lab.access_log(1)
+               if e.get("direction") == "outbound" and e.get("dst_workload") == "default/raw-2"]
     in_log = [e for e in lab.access_log(2) if e.get("direction") == "inbound" and e.get("via") == "hbone"
               and e.get("dst_workload") == "default/raw-2"]
     assert len(out_log) == 3 and len(in_log) == 3
@@ -276,21 +278,38 @@ def test_tcp_metrics_access_log_and_trace(traced: Lab) -> None:
 
 def test_explain_agrees_with_the_proxy(traced: Lab) -> None:
     lab = traced
+    # Two replicas, one per path (same node, HBONE), so agreeing is not a foregone conclusion:
+    # whichever endpoint the proxy picks must be one explain listed, reached the way explain said.
+    lab.add_workload(LabWorkload("web-1", node=1, uid=WEB_UID, ports=(8080,), service_account="web",
+                                 labels={"app": "web"}))
+    lab.start_app("web-1")
+    lab.reload_agent(1)
+    lab.wait_for(lambda: "default/web-1" in admin(lab, 1, "/clusters"), 10, "node-1 to learn web-1's endpoint",
+                 lambda: lab.log("agent-1"))
     res = lab.ns_exec(lab.node_ns(1), [sys.executable, "-m", "nodemesh", "explain", "client", "web", "-o", "json"])
     x = json.loads(res.stdout)
     vip = lab.service_vip("web")
     assert x["destination"]["ip"] == vip and x["destination"]["port"] == 80
     assert x["capture"]["captured"] is True and f"uid {CLIENT_UID}" in x["capture"]["rule"]
     assert x["plan"]["kind"] == "service" and x["plan"]["service"] == "default/web"
-    assert [c["address"] for c in x["candidates"]] == [f"{lab.node_ip(2)}:8080"] or \
-        [c["workload"] for c in x["candidates"]] == ["default/web-2"]
-    cand = x["candidates"][0]
-    assert cand["identity"] == WEB and "HBONE" in cand["path"]
-    # Now the proxy does it: the same endpoint, the same path.
-    assert lab.curl(1, f"http://{vip}/explained", uid=CLIENT_UID).returncode == 0
-    lab.wait_for(lambda: any(e.get("direction") == "outbound" for e in lab.access_log(1)), 5, "an access log line")
-    e = [e for e in lab.access_log(1) if e.get("direction") == "outbound"][-1]
-    assert e["endpoint"] == cand["address"] and e["via"] == "hbone" and e["dst_workload"] == cand["workload"]
+    by_workload = {c["workload"]: c for c in x["candidates"]}
+    assert set(by_workload) == {"default/web-1", "default/web-2"}, x["candidates"]
+    assert by_workload["default/web-2"]["address"] == f"{lab.node_ip(2)}:8080"
+    assert "HBONE" in by_workload["default/web-2"]["path"]
+    assert by_workload["default/web-1"]["path"].startswith("same node")
+    assert {c["identity"] for c in x["candidates"]} == {WEB}
+    by_address = {c["address"]: c for c in x["candidates"]}
+    # Now the proxy does it, several times: each connection goes to a listed endpoint, the listed way.
+    before = len([e for e in lab.access_log(1) if e.get("direction") == "outbound"])
+    for i in range(6):
+        assert lab.curl(1, f"http://{vip}/explained/{i}", uid=CLIENT_UID).returncode == 0
+    lab.wait_for(lambda: len([e for e in lab.access_log(1) if e.get("direction") == "outbound"]) >= before + 6, 5,
+                 "six more outbound access log lines")
+    for e in [e for e in lab.access_log(1) if e.get("direction") == "outbound"][before:]:
+        cand = by_address.get(e["endpoint"])
+        assert cand is not None, (e, x["candidates"])
+        assert e["dst_workload"] == cand["workload"]
+        assert e["via"] == ("same-node" if cand["path"].startswith("same node") else "hbone"), (e, cand)
     # The human forms and the other CLI views work against the live agent too.
     for argv in (["status"], ["services"], ["endpoints", "web"], ["routes"], ["explain", "client", "web"],
                  ["top", "--count", "1"], ["logs", "--tail", "5"], ["endpoints", "web", "-o", "yaml"]):
