@@ -431,7 +431,7 @@ def table(summary: dict[str, dict[str, Any]], rate: float) -> str:
 
 
 def target_checks(summary: dict[str, dict[str, Any]]) -> list[str]:
-    """TARGETS.md's goals, judged on this run's numbers (ratios, same run)."""
+    """The goals (docs/benchmarks-method.md, "Targets"), judged on this run's numbers (ratios, same run)."""
     def get(path: str, k: str) -> float | None:
         v = summary.get(path, {}).get(k)
         return v if isinstance(v, (int, float)) else None
@@ -566,7 +566,7 @@ def main() -> int:
           f"{load0[0]:.2f}, after {load1[0]:.2f}. vCPU column: CPU-seconds of both proxies per 1,000 requests "
           "at the fixed rate (in parentheses: at max load).\n")
     print(table(summary, a.rate))
-    print("\nTargets (docs: /work/shared/TARGETS.md):")
+    print("\nTargets (docs/benchmarks-method.md, \"Targets\"):")
     print("\n".join(target_checks(summary)))
     print(f"\nJSON: {out}")
     return 0 if all(s.get("rounds_ok") for s in summary.values()) else 2

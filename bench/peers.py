@@ -7,7 +7,7 @@ real tools (`haproxy -c`, `nginx -t`, `envoy --mode validate`) without a lab.
 Process management runs the proxies inside the lab's node namespaces and reads
 their CPU time from /proc (psutil).
 
-Every pair is configured alike, as /work/shared/TARGETS.md measured them: one
+Every pair is configured alike, as the targets' anchors are measured (docs/benchmarks-method.md): one
 worker per proxy; the node-1 proxy listens on a local port and forwards to the
 node-2 proxy over mutual TLS 1.3 (ECDSA P-256 keys and curve, SPIFFE URI SANs,
 client certificates required); the node-2 proxy forwards plaintext HTTP/1.1 or
