@@ -48,7 +48,7 @@ class Identity:
         return self.uri
 
     @classmethod
-    def parse(cls, uri: str) -> "Identity":
+    def parse(cls, uri: str) -> Identity:
         if not uri.startswith("spiffe://"):
             raise IdentityError(f"{uri!r} is not a SPIFFE ID: it must start with spiffe://")
         rest = uri[len("spiffe://"):]

@@ -18,9 +18,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import yaml
 
@@ -115,7 +116,7 @@ class Lab:
         self.subnet = subnet if subnet is not None else 77
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix=f"nmlab-{self.lab_id}-"))
         # Workload processes run under their own uids and read files kept here.
-        os.chmod(self.workdir, 0o755)
+        os.chmod(self.workdir, 0o755)  # noqa: S103 (readable, not writable, by the workloads' uids)
         self.proxy_workers = proxy_workers
         self.lease_seconds = lease_seconds
         self.keep_workdir = keep_workdir
@@ -158,7 +159,7 @@ class Lab:
     def cp_unix(self) -> str:
         return f"unix:{self.workdir}/controlplane.sock"
 
-    def create(self) -> "Lab":
+    def create(self) -> Lab:
         self._created = True
         _run(["ip", "netns", "add", self.hub])
         self.ns_exec(self.hub, ["ip", "link", "set", "lo", "up"])
@@ -209,7 +210,7 @@ class Lab:
         if not self.keep_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def __enter__(self) -> "Lab":
+    def __enter__(self) -> Lab:
         try:
             return self.create()
         except BaseException:
@@ -239,13 +240,12 @@ class Lab:
               env: dict[str, str] | None = None, cgroup: str | None = None) -> subprocess.Popen[bytes]:
         if name in self.procs and self.procs[name].poll() is None:
             raise LabError(f"process {name} is already running")
-        log = open(self.workdir / f"{name}.log", "ab")
         full_env = dict(os.environ)
         full_env.update(env or {})
         full_env.setdefault("PYTHONUNBUFFERED", "1")
-        p = subprocess.Popen(self._wrap(ns, argv, uid, cgroup), stdout=log, stderr=subprocess.STDOUT,
-                             stdin=subprocess.DEVNULL, env=full_env, start_new_session=True)
-        log.close()
+        with open(self.workdir / f"{name}.log", "ab") as log:  # the child keeps its own copy of the fd
+            p = subprocess.Popen(self._wrap(ns, argv, uid, cgroup), stdout=log, stderr=subprocess.STDOUT,
+                                 stdin=subprocess.DEVNULL, env=full_env, start_new_session=True)
         self.procs[name] = p
         return p
 
@@ -301,13 +301,13 @@ class Lab:
         return self.ns_exec(self.hub, ["curl", "-sS", "--max-time", "5", "-b", str(jar), f"{base}{path}"]).stdout
 
     def _cp_ready(self, unix: str = "") -> bool:
-        from controlplane.client import ConfigClient
+        from controlplane.client import ClientError, ConfigClient
 
         try:
             with ConfigClient(unix or self.cp_unix, timeout_s=1.0) as c:
                 c.list("Service")
             return True
-        except Exception:
+        except ClientError:  # not listening yet, or not answering yet
             return False
 
     def config_client(self) -> Any:
@@ -443,18 +443,20 @@ class Lab:
         """tcpdump on every port of the hub bridge while the block runs; yields the pcap path.
         --immediate-mode: without it packets still in the kernel's ring when tcpdump
         is stopped (up to a second's worth) never reach the file."""
-        p = subprocess.Popen(self._wrap(self.hub, ["tcpdump", "-Z", "root", "-i", "any", "--immediate-mode", "-U", "-s", "0",
-                                                    "-w", str(path), bpf_filter], None),
+        p = subprocess.Popen(self._wrap(self.hub, ["tcpdump", "-Z", "root", "-i", "any", "--immediate-mode", "-U",
+                                                    "-s", "0", "-w", str(path), bpf_filter], None),
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        stderr = p.stderr
+        if stderr is None:  # cannot happen with stderr=PIPE; says so to the type checker
+            raise LabError("tcpdump started without a stderr pipe")
         try:
             # tcpdump prints "listening on" once the capture is open.
-            assert p.stderr is not None
-            os.set_blocking(p.stderr.fileno(), False)
+            os.set_blocking(stderr.fileno(), False)
             deadline = time.monotonic() + 5
             buf = b""
             while time.monotonic() < deadline and b"listening on" not in buf:
                 time.sleep(0.05)
-                chunk = p.stderr.read()
+                chunk = stderr.read()
                 if chunk:
                     buf += chunk
             yield path
