@@ -99,6 +99,11 @@ GC_INTERVAL_S = 60.0  # the leader's sweep of the audit log and used-up join tok
 # Sections of the prefix the mirror keeps; the others (audit, telemetry) are only passed on.
 # "sec": operators, credentials and node identities (controlplane/records.py), read on every call.
 MIRRORED = frozenset({"res", "guard", "nodes", "health", "leader", "operators", "tokens", "cp-ca-pin", "sec"})
+# Sections that are one key (<prefix>/<section>), not a directory of keys. The
+# leader key was read as a directory once: a replica started after the election
+# never mirrored it, took the leader as "already gone" and campaigned in a loop
+# (about a thousand etcd transactions a second, most of a core).
+SINGLE_KEYS = frozenset({"cp-ca-pin", "leader"})
 
 
 class _Stale(Exception):
@@ -276,8 +281,8 @@ class EtcdStore(Store):
         """Read every mirrored section at one revision and replace the mirror,
         passing on what differs (as after a compaction the watch could not bridge)."""
         sections = sorted(MIRRORED)
-        read = await self._client.txn([], [range_op(self.key(s) if s == "cp-ca-pin" else self.key(s, ""),
-                                                    None if s == "cp-ca-pin" else prefix_end(self.key(s, "")))
+        read = await self._client.txn([], [range_op(self.key(s) if s in SINGLE_KEYS else self.key(s, ""),
+                                                    None if s in SINGLE_KEYS else prefix_end(self.key(s, "")))
                                            for s in sections])
         fresh = {kv.key: kv for kvs in read.ranges() for kv in kvs}
         events = []

@@ -413,6 +413,39 @@ def test_one_leader_and_another_takes_over_within_a_lease(etcd_endpoint: str) ->
     asyncio.run(main())
 
 
+def test_a_replica_started_after_the_election_waits_instead_of_campaigning_in_a_loop(etcd_endpoint: str) -> None:
+    """The leader key is one key, not a directory: a replica that starts after the
+    election mirrors it and waits for it to go, rather than taking it for gone and
+    asking etcd again and again (it did, about a thousand times a second)."""
+    prefix = f"/t-{uuid.uuid4().hex[:8]}"
+
+    async def main() -> None:
+        first = await asyncio.to_thread(_store, etcd_endpoint, prefix, node_lease_s=2)
+        lead_first = Leadership()
+        first.start_election(lead_first)
+        await _until(lead_first.is_leader, what="the first replica leads")
+        late = await asyncio.to_thread(_store, etcd_endpoint, prefix, node_lease_s=2)
+        assert late.mirrored(late.key("leader")) is not None
+        txns = 0
+        real = late.client.txn
+
+        async def counted(*args: Any, **kw: Any) -> Any:
+            nonlocal txns
+            txns += 1
+            return await real(*args, **kw)
+
+        late.client.txn = counted  # type: ignore[method-assign]
+        lead_late = Leadership()
+        late.start_election(lead_late)
+        await asyncio.sleep(1.0)
+        assert not lead_late.is_leader() and lead_late.holder == first.replica_id
+        assert txns <= 2, f"{txns} campaign transactions in 1 s"
+        for s in (first, late):
+            await asyncio.to_thread(s.close)
+
+    asyncio.run(main())
+
+
 def test_telemetry_reaches_the_other_replicas_mesh_view(etcd_endpoint: str) -> None:
     prefix = f"/t-{uuid.uuid4().hex[:8]}"
     sa, sb = _store(etcd_endpoint, prefix, node_lease_s=2), _store(etcd_endpoint, prefix, node_lease_s=2)
