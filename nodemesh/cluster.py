@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -82,14 +83,15 @@ def debian_mirror() -> str:
 
 def base_key() -> str:
     """What the base root depends on: provision.sh's package list and `base` phase,
-    and the dependency list (its other phases run in each machine, not here)."""
+    and pyproject.toml's dependency list (its other phases run in each machine, not here)."""
     h = hashlib.sha256()
     text = PROVISION.read_text()
     packages = text[text.index("PACKAGES=("):]
     h.update(packages[:packages.index(")")].encode())
     base = text[text.index("\nbase)"):]
     h.update(base[:base.index("\n  ;;")].encode())
-    h.update((ROOT / "pyproject.toml").read_bytes())
+    # Only the dependency list: lint or tool settings in pyproject.toml do not go into the root.
+    h.update("\n".join(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]).encode())
     h.update(SUITE.encode())
     return h.hexdigest()[:12]
 

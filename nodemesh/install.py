@@ -12,12 +12,15 @@ holding keys and the store, the config it ran with and the user it made.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,8 +144,12 @@ ExecReload=/bin/kill -HUP $MAINPID
 # After kill -9, a crash or the watchdog: under failurePolicy open, remove the
 # capture left behind so nothing points at a dead proxy until the restart.
 ExecStopPost={q(python)} -m nodeagent.supervision.stoppost --config {q(config_path)}
-# SIGTERM to the agent only: it removes capture before it stops its workers.
-KillMode=mixed
+# SIGTERM to the agent only. On a stop it removes capture, then stops its workers;
+# on a restart (or an upgrade: the same restart) capture and the listening sockets
+# stay (kept here, in the fd store) and its workers drain their connections while
+# the next agent serves: they must outlive it, hence KillMode=process.
+KillMode=process
+FileDescriptorStoreMax=16
 TimeoutStartSec=120
 TimeoutStopSec=30
 WatchdogSec={watchdog_s}
@@ -312,6 +319,30 @@ def _confirm(question: str, assume: bool | None) -> bool:
     return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
 
 
+def _end_leftover_processes(cgroup: str, timeout_s: float = 5.0) -> None:
+    """After the stop: the agent's workers still draining the connections of a
+    recent restart (KillMode=process lets them outlive the agent) are cut short."""
+    if not cgroup:
+        return
+    root = Path("/sys/fs/cgroup") / cgroup.lstrip("/")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        pids = [int(p) for f in root.rglob("cgroup.procs") for p in _read(f).split()]
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
 def uninstall(kind: str, purge: bool | None, python: str) -> list[str]:
     """Remove what install made; the state (keys, store) only if purge (or the
     operator says yes). Returns what was removed, for the report."""
@@ -325,7 +356,9 @@ def uninstall(kind: str, purge: bool | None, python: str) -> list[str]:
     unit = Path(manifest["unit"]).name
     done = []
     if Path(manifest["unit"]).exists():
+        cgroup = _run(["systemctl", "show", "-p", "ControlGroup", "--value", unit], check=False).stdout.strip()
         _run(["systemctl", "disable", "--now", unit], check=False)
+        _end_leftover_processes(cgroup)
         Path(manifest["unit"]).unlink()
         _run(["systemctl", "daemon-reload"], check=False)
         _run(["systemctl", "reset-failed", unit], check=False)

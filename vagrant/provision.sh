@@ -13,6 +13,9 @@
 #   provision.sh node NAME IP CP_IP TOKEN_FILE
 #                                         the sample workloads' users and services,
 #                                         `nodemesh install agent` joined with TOKEN_FILE
+#   provision.sh upgrade NEW_SRC          run the nodemesh code at NEW_SRC from now on and
+#                                         apply it as documented: `systemctl restart` of
+#                                         the installed units (a restart drops nothing)
 #
 # The nodemesh source is at $NODEMESH_SRC (default /opt/nodemesh-src: Vagrant's
 # synced folder, the tier's read-only bind mount); the venv sees it through a
@@ -100,8 +103,18 @@ UNIT
   systemctl enable --now nodemesh-sample-web
   nodemesh install agent --config /etc/nodemesh/agent.yaml
   ;;
+upgrade)
+  new=${2:?usage: provision.sh upgrade NEW_SRC}
+  [ -f "$new/nodemesh/__init__.py" ] || die "$new holds no nodemesh source tree"
+  site=$($PY -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  echo "$new" > "$site/nodemesh-src.pth"
+  for unit in nodemesh-agent nodemesh-controlplane; do
+    if systemctl is-enabled -q $unit 2>/dev/null; then systemctl restart $unit; fi
+  done
+  $PY -c 'import nodemesh; print("nodemesh", nodemesh.__version__, "from", nodemesh.__file__)'
+  ;;
 *)
-  sed -n '2,21p' "$0" >&2
+  sed -n '2,24p' "$0" >&2
   exit 2
   ;;
 esac

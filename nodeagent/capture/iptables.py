@@ -456,6 +456,7 @@ class IptablesCapture:
         self.exclusions = tuple(exclusions)
         self.control_plane = tuple(control_plane)
         self.state = ProxyState.SERVING
+        self.replaced = ""  # our rules install() found in place (and replaced atomically)
         self._run = runner
         # Policy routes go through netlink; scripted runners in unit tests skip them.
         self._routes = (runner is run_command) if manage_routes is None else manage_routes
@@ -484,9 +485,11 @@ class IptablesCapture:
         """Install (or repair) capture atomically; leftovers are replaced."""
         current = self._save()
         state = parse_save(current)
-        if state.anything:
-            log.info("capture: replacing leftover iptables rules (%s)",
-                     ", ".join(f"{t}/{c}" for t, st in sorted(state.tables.items()) for c in st.chains) or "jumps only")
+        # What was there (the agent says whose: its own, a restart's, a killed agent's).
+        self.replaced = (", ".join(f"{t}/{c}" for t, st in sorted(state.tables.items()) for c in st.chains)
+                         or "jumps only") if state.anything else ""
+        if self.replaced:
+            log.debug("capture: replacing iptables rules in place (%s)", self.replaced)
         if self._routes:
             pr = policyroute.for_settings(self.settings)
             if self.tproxy:

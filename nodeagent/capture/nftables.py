@@ -363,6 +363,7 @@ class NftablesCapture:
         self.exclusions = tuple(exclusions)
         self.control_plane = tuple(control_plane)
         self.state = ProxyState.SERVING
+        self.replaced = ""  # our table install() found in place (and replaced atomically)
 
     @property
     def tproxy(self) -> bool:
@@ -510,8 +511,10 @@ class NftablesCapture:
     # -- the CaptureBackend interface
     def install(self) -> None:
         before = self.read()
-        if before.exists:
-            log.info("capture: replacing leftover nftables table %s %s (%d rules)", FAMILY, TABLE, len(before.rules))
+        # What was there (the agent says whose: its own, a restart's, a killed agent's).
+        self.replaced = f"table {FAMILY} {TABLE}, {len(before.rules)} rules" if before.exists else ""
+        if self.replaced:
+            log.debug("capture: replacing nftables %s in place", self.replaced)
         pr = policyroute.for_settings(self.settings)
         if self.tproxy:
             policyroute.install(pr)

@@ -60,7 +60,8 @@ def after_agent_stop(config_path: str) -> int:
         return remove_capture()
     if cfg.capture.failure_policy == "closed":
         print(f"agent ended uncleanly ({result}: {how}); failurePolicy closed: capture stays, workloads' "
-              "connections are refused until the agent is back")
+              "connections wait in the proxy's listeners (kept by systemd) for the restarted agent, or are "
+              "refused if none are kept")
         return 0
     print(f"agent ended uncleanly ({result}: {how}); failurePolicy open: removing its capture until it is back")
     return remove_capture()

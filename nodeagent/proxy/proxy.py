@@ -7,6 +7,7 @@ import asyncio
 import logging
 import socket
 import ssl
+import weakref
 from collections.abc import Coroutine
 from typing import Any, cast
 
@@ -32,6 +33,40 @@ log = logging.getLogger(__name__)
 
 class ListenerError(OSError):
     pass
+
+
+LISTENER_NAMES = ("outbound", "inbound", "hbone")
+_LABELS = {"outbound": "outbound", "inbound": "inbound plaintext", "hbone": "HBONE"}
+
+
+def listener_specs(s: ProxySettings) -> list[tuple[str, str, int, bool]]:
+    """(name, host, port, transparent) of the proxy's listeners, in LISTENER_NAMES order."""
+    return [
+        ("outbound", s.outbound_bind, s.outbound_port, False),
+        ("inbound", s.inbound_bind, s.inbound_plain_port, s.inbound_mode == "tproxy"),
+        # (a comparison: a wildcard inbound bind serves HBONE on the node address)
+        ("hbone", s.node_address if s.inbound_bind in ("0.0.0.0", "::") else s.inbound_bind,  # noqa: S104
+         s.hbone_port, False),
+    ]
+
+
+def open_listeners(s: ProxySettings) -> list[socket.socket]:
+    """The proxy's listening sockets, bound and listening (non-blocking)."""
+    socks: list[socket.socket] = []
+    try:
+        for name, host, port, transparent in listener_specs(s):
+            try:
+                socks.append(netutil.listen_socket(host, port, s.mark, transparent=transparent))
+            except OSError as e:
+                raise ListenerError(
+                    e.errno, f"cannot bind the {_LABELS[name]} listener on {host}:{port}: {e.strerror or e}"
+                    " (is another process using the port, or the address not on this host?)"
+                ) from None
+    except BaseException:
+        for sk in socks:
+            sk.close()
+        raise
+    return socks
 
 
 class NodeProxy:
@@ -67,6 +102,10 @@ class NodeProxy:
         self._servers: list[asyncio.AbstractServer] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._reaper: asyncio.Task[None] | None = None
+        # Open connections, for drain(): the sessions the listeners started, and HBONE connections.
+        self.draining = False
+        self._conns: set[Session] = set()
+        self._hbone_conns: weakref.WeakSet[HboneServerProtocol] = weakref.WeakSet()
         self._idle = hbone_limits.client_idle_timeout_s
         self.connector = UpstreamConnector(self)  # same node or HBONE, for L4 and L7 alike
         self.l7 = L7Runtime(self)  # the L7 pipeline's per-proxy state (http/pipeline.py)
@@ -89,30 +128,13 @@ class NodeProxy:
         return errors
 
     # -- lifecycle --
-    async def start(self) -> None:
+    async def start(self, listeners: list[socket.socket] | None = None) -> None:
+        """Serve on `listeners` (outbound, inbound plaintext, HBONE: open_listeners'
+        order; the agent opens them once and keeps them across restarts), or on
+        listeners of its own."""
         loop = asyncio.get_running_loop()
         s = self.settings
-        specs = [
-            ("outbound", s.outbound_bind, s.outbound_port),
-            ("inbound plaintext", s.inbound_bind, s.inbound_plain_port),
-            ("HBONE", s.node_address if s.inbound_bind in ("0.0.0.0", "::") else s.inbound_bind,  # noqa: S104
-             s.hbone_port),  # (a comparison: a wildcard inbound bind serves HBONE on the node address)
-        ]
-        socks: list[socket.socket] = []
-        try:
-            for name, host, port in specs:
-                try:
-                    socks.append(netutil.listen_socket(
-                        host, port, s.mark, transparent=(port == s.inbound_plain_port and s.inbound_mode == "tproxy")))
-                except OSError as e:
-                    raise ListenerError(
-                        e.errno, f"cannot bind the {name} listener on {host}:{port}: {e.strerror or e}"
-                        " (is another process using the port, or the address not on this host?)"
-                    ) from None
-        except BaseException:
-            for sk in socks:
-                sk.close()
-            raise
+        socks = listeners if listeners is not None else open_listeners(s)
         # create_server(sock=...) calls listen() again, with 100 unless told: keep netutil's backlog.
         backlog = netutil.LISTEN_BACKLOG
         self._servers = [
@@ -122,6 +144,27 @@ class NodeProxy:
                                      ssl_handshake_timeout=s.connect_timeout_s, backlog=backlog),
         ]
         self._reaper = loop.create_task(self._reap_loop())
+
+    async def drain(self, timeout_s: float) -> int:
+        """Stop accepting and let the connections end, up to timeout_s: the
+        listening sockets stay open wherever else they are held (the next agent's
+        workers, systemd's fd store), so no connection is refused meanwhile;
+        HTTP/1.1 responses now carry `Connection: close` (http/stack.py). Returns
+        how many connections were still open at the deadline."""
+        self.draining = True
+        for srv in self._servers:
+            srv.close()  # our descriptors only: the socket and its queue live on
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self.open_connections() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(self._hbone_conns):
+            if not conn.lost:
+                conn.close("draining")  # GOAWAY: a caller opens its next tunnel to the new workers
+        return self.open_connections()
+
+    def open_connections(self) -> int:
+        return len(self._conns) + sum(1 for c in self._hbone_conns if not c.lost and c.core.open_streams)
 
     def addresses(self) -> list[tuple[str, int]]:
         return [srv.sockets[0].getsockname()[:2] for srv in self._servers]  # type: ignore[attr-defined]
@@ -160,8 +203,13 @@ class NodeProxy:
         return session
 
     # -- outbound --
+    def _tracked(self, session: Session) -> Session:
+        self._conns.add(session)
+        session.on_finish.append(lambda: self._conns.discard(session))
+        return session
+
     def _outbound_factory(self) -> OutboundConnection:
-        return OutboundConnection(self, self.new_session("outbound"))
+        return OutboundConnection(self, self._tracked(self.new_session("outbound")))
 
     def outbound_accepted(self, end: OutboundConnection) -> None:
         start_outbound(self, end)
@@ -199,8 +247,10 @@ class NodeProxy:
 
     # -- inbound: HBONE --
     def _hbone_factory(self) -> HboneServerProtocol:
-        return HboneServerProtocol(self._on_connect, self._hbone_session, self._describe_tls, self.hbone_limits,
+        conn = HboneServerProtocol(self._on_connect, self._hbone_session, self._describe_tls, self.hbone_limits,
                                    self._hbone_idle_closed)
+        self._hbone_conns.add(conn)
+        return conn
 
     def _hbone_idle_closed(self) -> None:
         meshmetrics.PROXY_ERRORS.inc({"direction": "inbound", "reason": "hbone_connection_idle_timeout"})
@@ -237,7 +287,7 @@ class NodeProxy:
 
     # -- inbound: plaintext --
     def _inbound_plain_factory(self) -> TcpEnd:
-        return _PlainInbound(self, self.new_session("inbound", via="plaintext", tls=False))
+        return _PlainInbound(self, self._tracked(self.new_session("inbound", via="plaintext", tls=False)))
 
     def plain_accepted(self, end: _PlainInbound) -> None:
         transport = cast(asyncio.Transport, end.transport)  # set: connection_made ran

@@ -1,7 +1,10 @@
-"""The proxy's process boundary: WorkerPool (in the agent) spawns N worker
-processes (`python -m nodeagent.proxy.worker`), each running a NodeProxy on
-uvloop with SO_REUSEPORT listeners, and feeds them snapshots and certificates
-as length-prefixed pickles over a socketpair."""
+"""The proxy's process boundary: WorkerPool (in the agent) opens the listening
+sockets once (or adopts those a previous agent left in systemd's fd store),
+spawns N worker processes (`python -m nodeagent.proxy.worker`) that all accept
+from them, each running a NodeProxy on uvloop, and feeds them snapshots and
+certificates as length-prefixed pickles over a socketpair. On a restart the
+workers drain instead of stopping (drain()): they outlive the agent, stop
+accepting and end with their last connection."""
 
 from __future__ import annotations
 
@@ -139,9 +142,15 @@ class WorkerPool:
         self._stopping = False
         self._gave_up = False
         self._stats_id = 0
+        # Outbound, inbound, HBONE (nodeagent.proxy.proxy.LISTENER_NAMES), shared by
+        # every worker: set by the agent under systemd (opened once, kept in the fd
+        # store across restarts). Empty: each worker binds its own (SO_REUSEPORT), and
+        # when every worker is down nothing listens, so capture refuses at once.
+        self.listeners: list[socket.socket] = []
 
     async def start(self) -> None:
-        """Spawn every worker and wait until each has bound its listeners."""
+        """Spawn every worker; returns once each has its listeners (shared or bound
+        by itself)."""
         try:
             await asyncio.gather(*(self._spawn(w) for w in self._workers))
         except BaseException:
@@ -153,10 +162,11 @@ class WorkerPool:
     async def _spawn(self, w: _Worker) -> None:
         loop = asyncio.get_running_loop()
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        fds = [sk.fileno() for sk in self.listeners]
         try:
             w.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "nodeagent.proxy.worker", str(child.fileno()), str(w.index),
-                pass_fds=(child.fileno(),),
+                ",".join(map(str, fds)), pass_fds=(child.fileno(), *fds),
             )
         finally:
             child.close()
@@ -273,6 +283,24 @@ class WorkerPool:
     def pids(self) -> list[int]:
         return [w.proc.pid for w in self._workers if w.proc is not None and w.proc.returncode is None]
 
+    def drain(self, handover_wait_s: float, timeout_s: float) -> list[int]:
+        """A restart: every worker outlives the agent (systemd's KillMode=process
+        leaves it be), keeps accepting until the next agent's workers serve (it
+        sends SIGUSR2; at most handover_wait_s), then stops accepting and exits
+        once its last connection ended, at most timeout_s later. Returns the
+        draining workers' pids."""
+        self._stopping = True
+        pids = []
+        for w in self._workers:
+            if w.watcher is not None:
+                w.watcher.cancel()
+            if w.proc is not None and w.proc.returncode is None:
+                w.send(frame("drain", (handover_wait_s, timeout_s)))
+                pids.append(w.proc.pid)
+        for sk in self.listeners:
+            sk.close()
+        return pids
+
     async def stop(self, timeout: float = 5.0) -> None:
         self._stopping = True
         for w in self._workers:
@@ -291,6 +319,8 @@ class WorkerPool:
         for w in self._workers:
             if w.channel is not None and w.channel.transport is not None:
                 w.channel.transport.close()
+        for sk in self.listeners:
+            sk.close()
 
     def __repr__(self) -> str:
         states = ", ".join(
@@ -305,13 +335,14 @@ class WorkerPool:
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Die with the agent (sig 0: outlive it, while draining)."""
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+    if libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
 
 
-async def _worker_main(fd: int, index: int) -> None:
+async def _worker_main(fd: int, index: int, listener_fds: list[int]) -> None:
     from .proxy import NodeProxy  # imported in the worker only
 
     loop = asyncio.get_running_loop()
@@ -320,6 +351,11 @@ async def _worker_main(fd: int, index: int) -> None:
     proxy: NodeProxy | None = None
     pending: list[tuple[str, Any]] = []
     settings_box: list[ProxySettings] = []
+    drain_box: list[tuple[float, float]] = []
+    configured = asyncio.Event()  # a snapshot arrived: connections can be served
+    # SIGUSR2 from the next agent: its workers accept now (only acted on while draining).
+    handed_over = asyncio.Event()
+    loop.add_signal_handler(signal.SIGUSR2, handed_over.set)
 
     class Ctl(asyncio.Protocol):
         def __init__(self) -> None:
@@ -337,6 +373,9 @@ async def _worker_main(fd: int, index: int) -> None:
                     self.t.write(frame("pong", payload))
                 elif kind == "stop":
                     stop.set()
+                elif kind == "drain":
+                    drain_box.append((float(payload[0]), float(payload[1])))
+                    stop.set()
                 elif proxy is None:
                     pending.append((kind, payload))
                 else:
@@ -349,6 +388,7 @@ async def _worker_main(fd: int, index: int) -> None:
         assert proxy is not None
         if kind == "snapshot":
             proxy.update(snapshot=payload)
+            configured.set()
         elif kind == "certs":
             for err in proxy.update(certs=payload):
                 ctl.t.write(frame("error", err))
@@ -365,15 +405,30 @@ async def _worker_main(fd: int, index: int) -> None:
     settings = settings_box[0]
     logging.basicConfig(level=logging.INFO, format=f"proxy[{index}] %(levelname)s %(name)s: %(message)s")
     proxy = NodeProxy(settings)
+    # The snapshot and certs first: kept listeners may hold queued connections that
+    # are accepted as soon as start() returns.
+    for kind, payload in pending:
+        apply(kind, payload)
+    kept = [socket.socket(fileno=lfd) for lfd in listener_fds] if listener_fds else None
+    if kept is not None:
+        # The agent bound the listeners (nothing left to fail here). Accept only once
+        # a snapshot is here: until then connections wait in the listen queue (capture
+        # kept across a kill -9 sends them here) rather than being accepted and closed.
+        ctl.t.write(frame("ready", os.getpid()))
+        waits = [loop.create_task(configured.wait()), loop.create_task(stop.wait())]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for t in waits:
+            t.cancel()
+        if not configured.is_set():
+            return
     try:
-        await proxy.start()
+        await proxy.start(kept)
     except OSError as e:
         ctl.t.write(frame("error", str(e)))
         await asyncio.sleep(0.1)
         return
-    for kind, payload in pending:
-        apply(kind, payload)
-    ctl.t.write(frame("ready", os.getpid()))
+    if kept is None:
+        ctl.t.write(frame("ready", os.getpid()))
     # eBPF capture decides fail-open/closed in the kernel from a heartbeat this
     # loop writes (nodeagent/capture/heartbeat.py; idle unless the map is pinned).
     from nodeagent.capture import heartbeat
@@ -386,6 +441,17 @@ async def _worker_main(fd: int, index: int) -> None:
     if dumps is not None:
         dumps.cancel()
     await beating
+    if drain_box:
+        _die_with_parent(0)  # the agent exits now; this worker ends with its last connection
+        wait_s, drain_s = drain_box[0]
+        try:
+            await asyncio.wait_for(handed_over.wait(), wait_s)
+        except TimeoutError:
+            log.warning("the next agent's workers did not take over within %.0fs: draining anyway", wait_s)
+        log.info("draining: no new connections; %d open, up to %.0fs", proxy.open_connections(), drain_s)
+        left = await proxy.drain(drain_s)
+        log.log(logging.WARNING if left else logging.INFO, "drained%s",
+                f": closing {left} connection(s) still open at the drain deadline" if left else "")
     await proxy.stop()
 
 
@@ -403,8 +469,8 @@ async def _tracemalloc_dumps(directory: str, period_s: float = 20.0) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2:
-        print("usage: python -m nodeagent.proxy.worker <control fd> <index>", file=sys.stderr)
+    if len(argv) not in (2, 3):
+        print("usage: python -m nodeagent.proxy.worker <control fd> <index> [<listener fd>,...]", file=sys.stderr)
         return 2
     _die_with_parent()
     # The agent owns shutdown order (capture is removed before workers stop), so
@@ -416,7 +482,8 @@ def main(argv: list[str]) -> int:
         return 1  # the agent died before prctl took effect
     import uvloop
 
-    uvloop.run(_worker_main(int(argv[0]), int(argv[1])))
+    listeners = [int(x) for x in argv[2].split(",") if x] if len(argv) == 3 else []
+    uvloop.run(_worker_main(int(argv[0]), int(argv[1]), listeners))
     return 0
 
 

@@ -1,11 +1,15 @@
 """The agent's supervisor: starts the proxy workers, the registry session, the
 xDS client and the certificate manager, installs capture only once the proxy can
-serve, and on shutdown removes capture before anything else stops.
+serve, and on shutdown removes capture before anything else stops. Under systemd
+a restart hands over instead (nodeagent/handover.py): capture and the listening
+sockets stay, the old workers drain, and the next agent serves from the kept
+listeners, snapshot and certificates before the control plane answers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import ipaddress
 import json
@@ -27,9 +31,11 @@ from nodeagent.cpregistration import RegistrySession, registration_from_config
 from nodeagent.dns.dnsserver import DnsServer, dns_server_for
 from nodeagent.identity.certs import CertManager, grpc_issuer
 from nodeagent.meshview.snapshot import LocalWorkload, Snapshot, SnapshotError
+from nodeagent.proxy.proxy import LISTENER_NAMES, open_listeners
+from nodeagent.supervision import handover
 from nodeagent.supervision.settings import Certs, ProxySettings
 from nodeagent.xds.client import AdsClient
-from nodemesh.sdnotify import Notifier
+from nodemesh.sdnotify import Notifier, listen_fds
 
 log = logging.getLogger("nodeagent")
 
@@ -38,6 +44,8 @@ HEALTH_CHECK_S = 1.0
 CGROUP_RETRY_S = 1.0
 # How long capture waits for the control plane to list this node's own workloads.
 OWN_WORKLOADS_WAIT_S = 5.0
+# How long a reload waits for new workloads' snapshot and SVIDs before capturing them.
+RELOAD_WAIT_S = 10.0
 
 
 class AgentError(RuntimeError):
@@ -134,6 +142,11 @@ class Agent:
         # around SIGHUP, STOPPING, and the watchdog fed only while every worker answers.
         self.notifier = Notifier()
         self.vip_route = ""  # the service VIP range this agent routed to lo while capturing
+        # Restarts (nodeagent/handover.py): what the previous agent kept for this one, and
+        # the memfd the next one reads the last snapshot and certificates from.
+        self.resumed = False
+        self.state_store = handover.StateStore(self.notifier)
+        self.draining_pids: list[int] = []
         self._background: set[asyncio.Task[None]] = set()
 
     def _capture_for(self, config: AgentConfig) -> CaptureBackend:
@@ -151,7 +164,8 @@ class Agent:
                      self.settings.inbound_mode, config.capture.failure_policy)
         if not hasattr(self, "failover"):
             # eBPF: live = listener AND the workers' kernel heartbeat is fresh (a hung proxy too).
-            self.failover = Failover(config.capture.failure_policy, self.settings.outbound_port)
+            self.failover = Failover(config.capture.failure_policy, self.settings.outbound_port,
+                                     probe=self._proxy_serving)
             if choice.mode == "ebpf":
                 from nodeagent.capture import bpfprobe
 
@@ -159,6 +173,15 @@ class Agent:
                                          probe=bpfprobe.proxy_probe())
         self.failover.failure_policy = config.capture.failure_policy
         return choice.backend
+
+    def _proxy_serving(self, port: int) -> bool:
+        """iptables/nftables failover: the outbound port listens AND a worker runs to
+        accept from it (the agent and systemd's fd store keep the listening socket open
+        when every worker has died, so the socket alone no longer tells)."""
+        from nodeagent.capture import liveness
+
+        up = getattr(getattr(self, "pool", None), "up", None)
+        return liveness.listening(port) and (up is None or up() > 0)
 
     def _note_pending(self, missing: tuple[LocalWorkload, ...]) -> None:
         """Workloads whose cgroup does not exist (yet): named once each, captured
@@ -261,6 +284,15 @@ class Agent:
             t.add_done_callback(self._background.discard)
 
     def _on_certs(self, certs: Certs) -> None:
+        if self.resumed and self.certs is not None and self.snapshot is not None:
+            # The certificate manager issues one identity at a time: until it holds them
+            # all, the carried SVIDs fill in (a partial set would fail mTLS for the rest).
+            missing = identities_for(self.snapshot) - set(certs.svids)
+            if missing:
+                kept = {i: svid for i, svid in self.certs.svids.items() if i in missing}
+                certs = dataclasses.replace(certs, svids={**kept, **certs.svids})
+            else:
+                self.resumed = False  # a complete fresh set: the carried one is done with
         self.certs = certs
         self._publish()
 
@@ -286,6 +318,7 @@ class Agent:
             if key != self._published:
                 self.pool.publish(snapshot=self.snapshot, certs=self.certs)
                 self._published = key
+                self.state_store.save(self.snapshot, self.certs)
                 log.info("published snapshot %s and certs v%d to the proxy workers",
                          self.snapshot.version, self.certs.version)
         self._ready_changed.set()
@@ -294,6 +327,7 @@ class Agent:
     # ------------------------------------------------------------ capture
 
     async def _install_capture(self) -> None:
+        again = self.capture_installed  # a reload or a cgroup that appeared: our own rules, re-rendered
         try:
             await asyncio.to_thread(self.capture.install)
         except CaptureError as e:
@@ -305,6 +339,15 @@ class Agent:
             return
         self.capture_installed = True
         self.capture_error = ""
+        found = getattr(self.capture, "replaced", "")
+        if found and not again:
+            if self.resumed:
+                log.info("capture: took over the rules the previous agent kept across the restart (%s)", found)
+            elif self.config.capture.failure_policy == "closed":
+                log.info("capture: replacing the rules a previous agent left refusing (failurePolicy closed: %s)",
+                         found)
+            else:
+                log.warning("capture: replacing leftover rules of an agent that did not remove them (%s)", found)
         log.info("capture installed: traffic of %d workload(s) now goes through the proxy",
                  len(getattr(self.capture, "workloads", ())))
         await self._route_vips()
@@ -373,6 +416,26 @@ class Agent:
         finally:
             self.notifier.ready(self._ready_status())
 
+    async def _await_serving(self, workloads: tuple[LocalWorkload, ...], timeout_s: float) -> None:
+        """Wait (bounded) until the published snapshot lists `workloads` as local and
+        the certificates cover every local identity."""
+        want = {w.key for w in workloads}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+
+        def serving() -> bool:
+            have = {w.key for w in self.snapshot.local_workloads} if self.snapshot is not None else set()
+            return want <= have and self._certs_complete() and self._published == (
+                self.snapshot.version if self.snapshot else "", self.certs.version if self.certs else -1)
+
+        while not serving() and not self._stop.is_set() and loop.time() < deadline:
+            self._ready_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ready_changed.wait(), max(0.0, deadline - loop.time()))
+        if not serving():
+            log.warning("reload: capturing the new workload list although the proxy does not serve all of it yet "
+                        "(waited %.0fs for its snapshot and certificates)", timeout_s)
+
     async def _reload(self) -> None:
         assert self.config_path
         try:
@@ -409,6 +472,9 @@ class Agent:
         if self.registry is not None:
             self.registry.update(registration_from_config(self.config))
         if self.capture_installed:
+            # A new workload's connections are captured only once the proxy knows it and
+            # holds its SVID: captured earlier, its first connections hung or got a 503.
+            await self._await_serving(workloads, RELOAD_WAIT_S)
             await self._install_capture()
         log.info("reload: now serving %d local workload(s)", len(workloads))
         self.write_status()
@@ -429,6 +495,7 @@ class Agent:
         loop.add_signal_handler(signal.SIGHUP, on_hup)
         tasks: list[asyncio.Task[None]] = []
         keep_capture = False
+        restarting = False
         if self.notifier.watchdog_s:
             tasks.append(loop.create_task(self._feed_watchdog(), name="systemd-watchdog"))
         try:
@@ -439,8 +506,15 @@ class Agent:
             keep_capture = e.reason == "workers_died" and self.config.capture.failure_policy == "closed"
             raise
         finally:
+            if self._stop.is_set() and self.phase == "running" and self.notifier.enabled:
+                restarting, why = await asyncio.to_thread(handover.restart_pending, handover.own_unit())
+                log.info("SIGTERM: %s", f"a restart ({why})" if restarting else f"a stop ({why})")
             self.phase = "stopping"
-            self.notifier.stopping("stopping: capture first, then the proxy workers")
+            if restarting:
+                self.notifier.stopping("restarting: capture and the listeners stay, the workers drain")
+                keep_capture = True
+            else:
+                self.notifier.stopping("stopping: capture first, then the proxy workers")
             if (not keep_capture and self.capture_installed and self.config.capture.failure_policy == "closed"
                     and isinstance(self.capture, AgentFailover)):
                 # Stop or restart under failurePolicy closed: workloads must never
@@ -451,7 +525,9 @@ class Agent:
                     keep_capture = True
                 except CaptureError as err:
                     log.error("cannot switch capture to refuse on stop: %s", err)
-            if keep_capture:
+            if restarting:
+                log.info("restarting: capture stays in place; the next agent serves from the kept listeners")
+            elif keep_capture:
                 log.error("leaving capture installed (failurePolicy closed): workloads' connections "
                           "are refused until the agent is back")
             else:
@@ -459,7 +535,12 @@ class Agent:
                 await self._remove_capture()
             if self.dns is not None:
                 await self.dns.stop()
-            if self.pool is not None:
+            if self.pool is not None and restarting and hasattr(self.pool, "drain"):
+                self.draining_pids = self.pool.drain(handover.HANDOVER_WAIT_S, handover.DRAIN_TIMEOUT_S)
+                handover.note_draining(self.state_dir, self.draining_pids)
+                log.info("proxy worker(s) %s accept until the next agent's workers serve, then drain their "
+                         "connections (up to %gs)", ", ".join(map(str, self.draining_pids)), handover.DRAIN_TIMEOUT_S)
+            elif self.pool is not None:
                 log.info("stopping proxy workers")
                 await self.pool.stop()
             for t in tasks:
@@ -488,14 +569,49 @@ class Agent:
                  nodemesh.__version__, cfg.node.name, cfg.node.address, cfg.control_plane.address,
                  len(cfg.workloads))
         self.write_status()
-        if cfg.capture.failure_policy == "open":
+        t0 = asyncio.get_running_loop().time()
+        # What a previous agent of this unit kept in systemd's fd store (a restart, an
+        # upgrade, or a crash): its listening sockets, snapshot and certificates.
+        carried = handover.adopt(listen_fds(), self.settings, self.notifier) if self.notifier.enabled else None
+        # Resumed: serving at once from the kept listeners, snapshot and certificates. Kept
+        # listeners alone (no usable state) are still adopted: a second socket on the
+        # same port would queue connections that nobody accepts.
+        self.resumed = carried is not None and bool(carried.listeners) and carried.serving_state
+        if cfg.capture.failure_policy == "open" and not self.resumed:
             # Leftovers of a killed agent would send workloads to a proxy that is
             # not serving yet; until ready, let their traffic flow directly.
             await self._remove_capture()
         # (1) proxy workers first, so capture never points at nothing.
         self.pool = self._pool_factory(self.settings)
-        log.info("starting %d proxy worker(s)", self.settings.workers)
+        if self.resumed and carried is not None:
+            # Before the workers start: they accept the queued connections at once.
+            self.snapshot, self.certs = carried.snapshot, carried.certs
+            self._publish()
+        if self.notifier.enabled and hasattr(self.pool, "listeners"):
+            # Under systemd the listeners outlive this process (the fd store): adopted
+            # from the previous agent, or opened here once and shared by the workers.
+            if carried is not None and carried.listeners:
+                self.pool.listeners = [carried.listeners[name] for name in LISTENER_NAMES]
+            else:
+                try:
+                    self.pool.listeners = open_listeners(self.settings)
+                except OSError as e:
+                    raise AgentError("listen_failed", str(e)) from None
+        log.info("starting %d proxy worker(s)%s", self.settings.workers,
+                 " on the listeners the previous agent kept" if carried is not None and carried.listeners else "")
         await self.pool.start()
+        shared: list[socket.socket] = getattr(self.pool, "listeners", [])
+        if self.notifier.enabled and shared:
+            handover.store_listeners(self.notifier, shared)
+        if self.resumed and carried is not None and carried.snapshot is not None and carried.certs is not None:
+            # Serve now with what the previous agent served; the control plane's
+            # answers replace it when they come.
+            await self._start_dns()
+            await self._install_capture()
+            self._begin_serving(tasks)
+            log.info("serving %.2fs after start with the previous agent's listeners, snapshot %s and "
+                     "certificates v%d", asyncio.get_running_loop().time() - t0, carried.snapshot.version,
+                     carried.certs.version)
         await self._start_admin()
         # (2) control plane sessions, over a channel the node certificate authenticates
         # (nodeagent/identity/attest.py: joins with the one-time token, or reuses stateDir/node.pem).
@@ -521,6 +637,8 @@ class Agent:
         loop = asyncio.get_running_loop()
         tasks.append(loop.create_task(self.registry.run(), name="registry"))
         tasks.append(loop.create_task(self.ads.run(), name="xds"))
+        if self.phase == "running":
+            return  # resumed: serving already; the control plane's answers replace the carried state
         self.phase = "waiting for snapshot and certificates"
         self.write_status()
         log.info("waiting for the first complete snapshot and certificates from %s", target)
@@ -548,6 +666,12 @@ class Agent:
         self._publish()
         await self._start_dns()
         await self._install_capture()
+        self._begin_serving(tasks)
+
+    def _begin_serving(self, tasks: list[asyncio.Task[None]]) -> None:
+        released = handover.release_draining(self.state_dir)
+        if released:
+            log.info("the previous agent's worker(s) %s stop accepting and drain", ", ".join(map(str, released)))
         # Watchdog: switch capture to bypass/refuse within ~POLL_S of the proxy's
         # listeners vanishing, and back once they return.
         tasks.append(asyncio.get_running_loop().create_task(self.failover.run(

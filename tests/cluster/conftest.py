@@ -39,7 +39,8 @@ def tier() -> Iterator[Tier]:
     require_root("the systemd cluster tier")
     for tool in ("systemd-nspawn", "mmdebstrap", "nsenter", "ip"):
         require_tool(tool)
-    c = Cluster(os.environ.get("NODEMESH_CLUSTER_TEST_ID", "tier"), net=int(os.environ.get("NODEMESH_CLUSTER_TEST_NET", "57")))
+    c = Cluster(os.environ.get("NODEMESH_CLUSTER_TEST_ID", "tier"),
+                net=int(os.environ.get("NODEMESH_CLUSTER_TEST_NET", "57")))
     try:
         c.up()
         c.provision()

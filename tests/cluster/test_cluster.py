@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.cluster.conftest import Tier
+from tests.cluster.conftest import CLIENT_UID, Tier
 from tests.conftest import wait_until
 
 # Booting and provisioning the machines is part of the first test's setup, and a
@@ -111,7 +111,7 @@ def test_reload_applies_workloads_without_touching_connections(tier: Tier) -> No
     """`systemctl reload` (SIGHUP, RELOADING=1 ... READY=1): a new workload is
     captured, the agent is not restarted, and a keep-alive connection held
     through the mesh meanwhile carries its next request on the same socket."""
-    go = "/tmp/nodemesh-held-go"
+    go = "/tmp/nodemesh-held-go"  # noqa: S108 (inside the test machine)
     tier.sh("node1", f"rm -f {go}; id extra >/dev/null 2>&1 || useradd --system --uid 3002 extra")
     main, restarts = tier.prop("node1", "MainPID"), tier.prop("node1", "NRestarts")
     out: list[str] = []
@@ -125,6 +125,11 @@ def test_reload_applies_workloads_without_touching_connections(tier: Tier) -> No
                          "systemctl reload nodemesh-agent")
         wait_until(lambda: "--uid-owner 3002" in tier.sh("node1", "iptables-save -t nat"), 20,
                    "the new workload's rule")
+        # Captured only once the proxy serves it: its first connection right after the
+        # reload is answered through the mesh (it hung, then got a 503, before).
+        res = tier.c.run("node1", f"setpriv --reuid=3002 curl -s -m 5 -o /dev/null -w '%{{http_code}}' "
+                                  f"http://{tier.vip}/after-reload", check=False)
+        assert res.stdout == "200", (res.stdout, res.stderr)
         assert tier.prop("node1", "ActiveState") == "active"
         assert (tier.prop("node1", "MainPID"), tier.prop("node1", "NRestarts")) == (main, restarts)
     finally:
@@ -162,7 +167,8 @@ def _probe_during(t: Tier, host: str, vip: str, path: str, seconds: float) -> li
     return [(float(d), o) for d, o in (line.split(" ", 1) for line in out.splitlines() if line.strip())]
 
 
-def _kill9_and_probe(t: Tier, host: str, path: str) -> list[tuple[float, str]]:
+def _kill9_and_probe(t: Tier, host: str, path: str) -> tuple[list[tuple[float, str]], float]:
+    """(probe results, seconds from the kill until the restarted agent was READY)."""
     main = t.prop(host, "MainPID")
     wait_until(lambda: t.curl(host, f"http://{t.vip}/before")[0] == 0, 30, "the mesh to serve before the kill")
     results: list[list[tuple[float, str]]] = []
@@ -170,19 +176,28 @@ def _kill9_and_probe(t: Tier, host: str, path: str) -> list[tuple[float, str]]:
     th.start()
     time.sleep(1.5)
     t.sh(host, f"kill -9 {main}")
+    killed = time.monotonic()
+    def restarted() -> bool:
+        # One `systemctl show` for both: two calls could pair one agent's state with another's pid.
+        props = dict(line.split("=", 1) for line in t.sh(
+            host, "systemctl show -p ActiveState -p MainPID nodemesh-agent").split())
+        return props["ActiveState"] == "active" and props["MainPID"] not in (main, "0")
+
+    wait_until(restarted, 60, "the agent to restart after kill -9")
+    restart_s = time.monotonic() - killed
     th.join()
-    wait_until(lambda: t.prop(host, "ActiveState") == "active" and t.prop(host, "MainPID") != main, 60,
-          "the agent to restart after kill -9")
-    return results[0]
+    return results[0], restart_s
 
 
 def test_kill9_failure_policy_open_nothing_hangs(tier: Tier) -> None:
     """kill -9 under failurePolicy open: ExecStopPost removes the capture left
-    behind; no connection attempt hangs, and the mesh is back after the restart."""
-    results = _kill9_and_probe(tier, "node1", "/k9open")
+    behind; no connection attempt waits longer than the restart (one queued in
+    the kept listener at the kill is served by the restarted agent), and the
+    mesh is back after the restart."""
+    results, restart_s = _kill9_and_probe(tier, "node1", "/k9open")
     assert len(results) > 10, results
     slowest = max(d for d, _ in results)
-    assert slowest < 3.0, f"a connection attempt hung {slowest:.1f}s: {results}"
+    assert slowest < restart_s + 1.0, f"a connection attempt hung {slowest:.1f}s (restart {restart_s:.1f}s): {results}"
     assert results[0][1] == "ok", results
     # Meanwhile plain connections failed at once (refused, then unroutable VIP), never waited.
     assert {o for _, o in results} <= {"ok", "ConnectionRefusedError", "ConnectionResetError", "OSError"}, results
@@ -195,12 +210,15 @@ def test_kill9_failure_policy_closed_refuses_fast(tier: Tier) -> None:
     tier.sh("node1", "sed -i 's/failurePolicy: open/failurePolicy: closed/' /etc/nodemesh/agent.yaml && "
                      "systemctl restart nodemesh-agent")
     try:
-        results = _kill9_and_probe(tier, "node1", "/k9closed")
+        results, restart_s = _kill9_and_probe(tier, "node1", "/k9closed")
         assert len(results) > 10, results
         slowest = max(d for d, _ in results)
-        assert slowest < 3.0, f"a connection attempt hung {slowest:.1f}s: {results}"
+        assert slowest < restart_s + 1.0, f"a connection attempt hung {slowest:.1f}s (restart {restart_s:.1f}s): " \
+            f"{results}"
         assert results[0][1] == "ok", results
-        # Closed: during the gap a connection is refused at once, never sent around the mesh.
+        # Closed: during the gap a connection waits in the kept listener for the restarted
+        # agent (or is refused at once), never sent around the mesh; it is not accepted by
+        # workers that have no snapshot yet (that was an EOF, "bad:").
         assert {o for _, o in results} <= {"ok", "ConnectionRefusedError", "ConnectionResetError"}, results
         assert "failurePolicy closed: capture stays" in tier.sh("node1", "journalctl -u nodemesh-agent -q -o cat")
         rc, out = tier.curl("node1", f"http://{tier.vip}/k9closed-after")
@@ -208,6 +226,58 @@ def test_kill9_failure_policy_closed_refuses_fast(tier: Tier) -> None:
     finally:
         tier.sh("node1", "sed -i 's/failurePolicy: closed/failurePolicy: open/' /etc/nodemesh/agent.yaml && "
                          "systemctl restart nodemesh-agent")
+
+
+LOAD_RATE, LOAD_HELD = 200, 50  # the issue's numbers: new connections per second, long-lived connections
+UPGRADED = "0.1.0+tier-upgrade"
+
+
+def test_restarts_and_upgrade_drop_nothing(tier: Tier) -> None:
+    """Five `systemctl restart`s and one upgrade of node1's agent (a second copy of
+    the code with a bumped version, applied with provision.sh's documented
+    `systemctl restart`) while a client on node1 keeps 50 keep-alive connections
+    busy and opens 200 new ones per second through the mesh (to both nodes'
+    replicas): no failed connect, no reset, no unanswered or failed request. The
+    held connections end only gracefully (`Connection: close` at a response)."""
+    stop = "/tmp/nodemesh-load-stop"  # noqa: S108 (inside the test machine)
+    tier.sh("node1", f"rm -f {stop}")
+    versions: list[str] = []
+    out: list[str] = []
+    load = threading.Thread(target=lambda: out.append(tier.c.run(
+        "node1", ["setpriv", f"--reuid={CLIENT_UID}", "/usr/bin/python3",
+                  "/opt/nodemesh-src/tests/cluster/restart_load.py", tier.vip, "80", str(LOAD_RATE), str(LOAD_HELD),
+                  "0.5", stop], check=False, timeout=400).stdout))
+    since = tier.sh("node1", "date +'%Y-%m-%d %H:%M:%S'").strip()
+    load.start()
+    try:
+        time.sleep(3)
+        for _ in range(5):
+            main = tier.prop("node1", "MainPID")
+            tier.sh("node1", "systemctl restart nodemesh-agent")  # returns at READY (Type=notify)
+            assert tier.prop("node1", "MainPID") != main and tier.prop("node1", "ActiveState") == "active"
+            time.sleep(2)
+        tier.sh("node1", "rm -rf /opt/nodemesh-next && mkdir -p /opt/nodemesh-next && cd /opt/nodemesh-src && "
+                         "cp -a nodemesh nodeagent controlplane bpf pyproject.toml /opt/nodemesh-next/ && "
+                         f"sed -i 's/^__version__ = .*/__version__ = \"{UPGRADED}\"/' "
+                         "/opt/nodemesh-next/nodemesh/__init__.py && "
+                         "bash /opt/nodemesh-src/vagrant/provision.sh upgrade /opt/nodemesh-next")
+        time.sleep(3)
+        versions.append(json.loads(tier.sh("node1", "cat /var/lib/nodemesh/status.json"))["agent_version"])
+    finally:
+        tier.sh("node1", f"touch {stop}")
+        load.join()
+    assert versions == [UPGRADED]
+    assert out and out[0].strip(), "the load generator printed nothing"
+    counts = json.loads(out[0].strip().splitlines()[-1])
+    failures = {k: v for k, v in counts.items() if k.endswith(("failed_connects", "reset", "timeout", "error",
+                                                               "bad_status")) and v}
+    assert not failures, counts
+    # The load really ran at rate across the restarts, and every restart drained the held connections.
+    assert counts["new_ok"] >= 0.9 * LOAD_RATE * counts["seconds"], counts
+    assert counts["held_graceful_closes"] >= LOAD_HELD * 5, counts
+    log = tier.sh("node1", f"journalctl -u nodemesh-agent --no-pager -q -o cat --since '{since}'")
+    assert len(re.findall(r"serving [0-9.]+s after start with the previous agent's listeners", log)) == 6, log[-3000:]
+    assert "replacing leftover" not in log
 
 
 def test_uninstall_leaves_nothing_behind(tier: Tier) -> None:

@@ -303,6 +303,8 @@ class Downstream(asyncio.Protocol):
     def write_head(self, status: int, reason: str, headers: list[tuple[str, str]], length: int | None) -> None:
         req = self._req
         self._head_sent = True
+        if self.rt.proxy.draining:  # a restart: end at this request boundary, never mid-request
+            self._close_after = True
         data = self.framer.head(status, reason, headers, method=req.method if req else "GET",
                                 version=req.version if req else "1.1",
                                 keep_alive=not self._close_after, length=length)
