@@ -242,7 +242,8 @@ class EtcdStore(Store):
         """The queued writes, in order. One that cannot reach etcd is tried again (the
         writes after it wait, so order holds) for up to a lease TTL, then dropped with
         a warning: the node's next registration or report writes it again."""
-        assert self._writes is not None
+        if self._writes is None:
+            raise RuntimeError("the etcd store's writer is not started (EtcdStore._start)")
         while True:
             make, fut = await self._writes.get()
             deadline = time.monotonic() + max(2.0, self.node_lease_s)
@@ -302,6 +303,10 @@ class EtcdStore(Store):
                 self._rev = read.revision
         return read.revision
 
+    def _stopping(self) -> bool:
+        # A call, not the attribute: close() sets it from another thread while a loop runs.
+        return self._closed
+
     async def _follow(self, start_revision: int) -> None:
         next_rev = start_revision
         while not self._closed:
@@ -317,7 +322,7 @@ class EtcdStore(Store):
                     log.warning("cannot reload the mirror from etcd (%s); retrying", e)
                     await asyncio.sleep(WATCH_RETRY_S)
             except EtcdError as e:
-                if self._closed:
+                if self._stopping():
                     return
                 log.warning("the etcd watch broke (%s); resuming from revision %d", e, next_rev)
                 await asyncio.sleep(WATCH_RETRY_S)
@@ -412,7 +417,8 @@ class EtcdStore(Store):
             parts = kv.key[len(self._p) + 1:].decode().split("/", 3)
             # The mirror had the value: a deletion carries what was deleted.
             gone = self._decode(prev) if prev is not None else StoredResource(parts[1], parts[2], parts[3], "{}")
-            gone = dataclasses.replace(gone, resource_version=kv.mod_revision, updated_unix_ms=int(self._clock() * 1000))
+            gone = dataclasses.replace(gone, resource_version=kv.mod_revision,
+                                       updated_unix_ms=int(self._clock() * 1000))
             return Event(DELETED, gone, kv.mod_revision)
         return Event(ADDED if kv.create_revision == kv.mod_revision or prev is None else MODIFIED,
                      self._decode(kv), kv.mod_revision)
@@ -450,7 +456,7 @@ class EtcdStore(Store):
     # ------------------------------------------------------------ config writes
 
     def apply(self, writes: Sequence[Write], dry_run: bool = False) -> builtins.list[WriteResult]:
-        return self.apply_planned(lambda: writes, dry_run)  # type: ignore[no-any-return]
+        return self.apply_planned(lambda: writes, dry_run)
 
     def apply_planned(self, plan: Callable[[], Sequence[Write]],
                       dry_run: bool = False) -> builtins.list[WriteResult]:
@@ -572,7 +578,8 @@ class EtcdStore(Store):
         """Renew this replica's lease at a third of its TTL. A lease etcd dropped (etcd
         unreachable for a whole TTL) is replaced: the nodes and health reports still
         held here are written again under the new one, and leadership is given up."""
-        assert self._lease_lost is not None
+        if self._lease_lost is None:
+            raise RuntimeError("the etcd store is not started (EtcdStore._start)")
         interval = max(0.5, self.node_lease_s / 3)
         while not self._closed:
             await asyncio.sleep(interval)
@@ -664,7 +671,8 @@ class EtcdStore(Store):
             self._client.loop.create_task(self._campaign(leadership))))
 
     async def _campaign(self, leadership: Leadership) -> None:
-        assert self._leader_gone is not None and self._lease_lost is not None
+        if self._leader_gone is None or self._lease_lost is None:
+            raise RuntimeError("the etcd store is not started (EtcdStore._start)")
         key = self.key("leader")
         while not self._closed and not self._resigned:
             self._leader_gone.clear()
@@ -693,7 +701,8 @@ class EtcdStore(Store):
             await self._wait_leader_change(holder)
 
     async def _wait_leader_change(self, holder: str) -> None:
-        assert self._leader_gone is not None and self._lease_lost is not None
+        if self._leader_gone is None or self._lease_lost is None:
+            raise RuntimeError("the etcd store is not started (EtcdStore._start)")
         with self._lock:
             if holder and self._kv.get(self.key("leader")) is None and holder != self.replica_id:
                 return  # already gone again
@@ -917,7 +926,8 @@ class TelemetryShare:
 
 def _json(kv: KeyValue) -> dict[str, Any]:
     d = json.loads(kv.value)
-    assert isinstance(d, dict)
+    if not isinstance(d, dict):
+        raise StoreError(f"the etcd record {kv.key!r} is not a JSON object")
     return d
 
 
