@@ -1,6 +1,13 @@
 """Tracing: W3C trace context (`traceparent`/`tracestate`) and B3 parsing and
 generation as pure functions, a span per proxy hop, and exporters (OTLP/HTTP
-JSON when an endpoint is configured, else one JSON line per span in a local file).
+with protobuf bodies built from opentelemetry-proto's messages when an endpoint
+is configured, else one OTLP/JSON line per span in a local file).
+
+The Span here stays a small dataclass: the proxy makes one per connection and
+request, and most are sampled out (1% kept by default). Only the exporter's
+thread turns kept spans into OTLP protobuf, in batches: about the cost of the
+hand-built JSON it replaced (bench/otlp_encode.py: 10-24 us a span against
+10-16 us, noisy machine) for a body 2.8x smaller.
 
 For the HTTP proxy: `span, out_headers = child_span(request_headers, name, kind)`
 then forward `out_headers` (they replace any incoming trace headers), and call
@@ -11,6 +18,7 @@ context to the peer node in the HBONE CONNECT request's headers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -29,6 +37,7 @@ log = logging.getLogger(__name__)
 Headers = Sequence[tuple[str, str]] | Mapping[str, str]
 SpanKind = Literal["server", "client", "internal"]
 _OTLP_KIND = {"internal": 1, "server": 2, "client": 3}
+_OTLP_STATUS = {"unset": 0, "ok": 1, "error": 2}
 
 _TRACEPARENT_RE = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?$")
 _HEX_RE = re.compile(r"^[0-9a-f]+$")
@@ -224,7 +233,7 @@ def span_to_otlp(span: Span) -> dict[str, Any]:
         "startTimeUnixNano": str(span.start_unix_ns),
         "endTimeUnixNano": str(span.end_unix_ns or span.start_unix_ns),
         "attributes": [{"key": k, "value": _attr_value(v)} for k, v in sorted(span.attributes.items())],
-        "status": {"code": {"unset": 0, "ok": 1, "error": 2}[span.status]},
+        "status": {"code": _OTLP_STATUS[span.status]},
     }
     if span.parent_span_id:
         d["parentSpanId"] = span.parent_span_id
@@ -233,12 +242,44 @@ def span_to_otlp(span: Span) -> dict[str, Any]:
     return d
 
 
-def otlp_request(spans: Sequence[Span], service_name: str, resource: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    attrs = {"service.name": service_name, **(resource or {})}
-    return {"resourceSpans": [{
-        "resource": {"attributes": [{"key": k, "value": _attr_value(v)} for k, v in attrs.items()]},
-        "scopeSpans": [{"scope": {"name": "nodemesh"}, "spans": [span_to_otlp(s) for s in spans]}],
-    }]}
+def _set_value(value: Any, v: Any) -> None:
+    """Fill an OTLP AnyValue in place (adding to a repeated field and filling it
+    costs a third of building a message and copying it in)."""
+    if isinstance(v, bool):
+        value.bool_value = v
+    elif isinstance(v, int):
+        value.int_value = v
+    elif isinstance(v, float):
+        value.double_value = v
+    else:
+        value.string_value = str(v)
+
+
+def otlp_request(spans: Sequence[Span], service_name: str, resource: Mapping[str, Any] | None = None) -> Any:
+    """An OTLP ExportTraceServiceRequest (opentelemetry-proto) holding these spans
+    under one resource (service.name and `resource`) and the "nodemesh" scope."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    req = ExportTraceServiceRequest()
+    rs = req.resource_spans.add()
+    for k, v in {"service.name": service_name, **(resource or {})}.items():
+        kv = rs.resource.attributes.add(key=k)
+        _set_value(kv.value, v)
+    scope = rs.scope_spans.add()
+    scope.scope.name = "nodemesh"
+    for s in spans:
+        out = scope.spans.add(trace_id=bytes.fromhex(s.trace_id), span_id=bytes.fromhex(s.span_id), name=s.name,
+                              kind=_OTLP_KIND[s.kind], start_time_unix_nano=s.start_unix_ns,
+                              end_time_unix_nano=s.end_unix_ns or s.start_unix_ns)
+        if s.parent_span_id:
+            out.parent_span_id = bytes.fromhex(s.parent_span_id)
+        attributes = out.attributes
+        for k, v in sorted(s.attributes.items()):
+            _set_value(attributes.add(key=k).value, v)
+        out.status.code = _OTLP_STATUS[s.status]
+        if s.status_message:
+            out.status.message = s.status_message
+    return req
 
 
 class Exporter:
@@ -267,10 +308,8 @@ class FileExporter(Exporter):
         if not span.sampled or self._fd < 0:
             return
         rec = {"service": self.service_name, **span_to_otlp(span)}
-        try:
+        with contextlib.suppress(OSError):  # tracing must never take a connection down
             os.write(self._fd, (json.dumps(rec, separators=(",", ":")) + "\n").encode())
-        except OSError:
-            pass  # tracing must never take a connection down
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -279,8 +318,9 @@ class FileExporter(Exporter):
 
 
 class OtlpHttpExporter(Exporter):
-    """OTLP/HTTP with JSON bodies, POSTed to <endpoint>/v1/traces from a background
-    thread in batches; a full queue drops spans (counted) rather than block the proxy."""
+    """OTLP/HTTP with protobuf bodies (the protocol's default encoding), POSTed to
+    <endpoint>/v1/traces from a background thread in batches; a full queue drops
+    spans (counted) rather than block the proxy."""
 
     def __init__(self, endpoint: str, service_name: str = "nodemesh-proxy", *, batch: int = 256,
                  interval_s: float = 1.0, max_queue: int = 10000, timeout_s: float = 2.0) -> None:
@@ -324,11 +364,11 @@ class OtlpHttpExporter(Exporter):
                 self._post(spans)
 
     def _post(self, spans: list[Span]) -> None:
-        body = json.dumps(otlp_request(spans, self.service_name)).encode()
-        req = urllib.request.Request(self.url, data=body, method="POST",
-                                     headers={"Content-Type": "application/json"})
+        body = otlp_request(spans, self.service_name).SerializeToString()
+        req = urllib.request.Request(self.url, data=body, method="POST",  # noqa: S310 - http(s) checked in __init__
+                                     headers={"Content-Type": "application/x-protobuf"})
         try:
-            with urllib.request.urlopen(req, timeout=self._timeout) as resp:
+            with urllib.request.urlopen(req, timeout=self._timeout) as resp:  # noqa: S310 - http(s) checked in __init__
                 resp.read()
             self.sent += len(spans)
         except Exception as e:  # noqa: BLE001 - a collector being down must not disturb traffic
@@ -337,15 +377,13 @@ class OtlpHttpExporter(Exporter):
                         len(spans), self.url, e)
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(queue.Full):
             self._q.put_nowait(None)
-        except queue.Full:
-            pass
         self._thread.join(timeout=self._timeout + self._interval)
 
 
 def exporter_for(setting: str, service_name: str = "nodemesh-proxy") -> Exporter:
-    """"" = tracing off; "otlp+http://host:4318" or "http(s)://..." = OTLP/HTTP JSON;
+    """"" = tracing off; "otlp+http://host:4318" or "http(s)://..." = OTLP/HTTP (protobuf);
     anything else is a file path for JSON lines."""
     if not setting or setting == "off":
         return NoExporter()

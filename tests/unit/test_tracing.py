@@ -73,13 +73,17 @@ def test_file_exporter_writes_otlp_json_lines(tmp_path: Path) -> None:
     assert {"key": "n", "value": {"intValue": "3"}} in rec["attributes"]
 
 
-def test_otlp_http_exporter_posts_json() -> None:
+def test_otlp_http_exporter_posts_protobuf() -> None:
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
     got: list[dict[str, Any]] = []
     done = threading.Event()
 
     class H(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
-            got.append({"path": self.path, "body": json.loads(self.rfile.read(int(self.headers["Content-Length"])))})
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            got.append({"path": self.path, "type": self.headers["Content-Type"],
+                        "body": ExportTraceServiceRequest.FromString(body)})
             self.send_response(200)
             self.end_headers()
             done.set()
@@ -91,15 +95,27 @@ def test_otlp_http_exporter_posts_json() -> None:
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
         exp = tracing.exporter_for(f"http://127.0.0.1:{srv.server_port}", "nodemesh-proxy.n1")
-        exp.export(tracing.finish_span(tracing.start_span(None, "op")))
+        parent = tracing.start_span(None, "parent")
+        span = tracing.start_span(parent.context, "op", "client", attributes={"n": 3, "ok": True, "s": "x", "f": 0.5},
+                                  now_ns=10)
+        exp.export(tracing.finish_span(span, status="error", message="upstream reset", now_ns=25))
         assert done.wait(5)
         exp.close()
     finally:
         srv.shutdown()
-    assert got[0]["path"] == "/v1/traces"
-    rs = got[0]["body"]["resourceSpans"][0]
-    assert rs["resource"]["attributes"][0] == {"key": "service.name", "value": {"stringValue": "nodemesh-proxy.n1"}}
-    assert rs["scopeSpans"][0]["spans"][0]["name"] == "op"
+    assert got[0]["path"] == "/v1/traces" and got[0]["type"] == "application/x-protobuf"
+    rs = got[0]["body"].resource_spans[0]
+    assert rs.resource.attributes[0].key == "service.name"
+    assert rs.resource.attributes[0].value.string_value == "nodemesh-proxy.n1"
+    (sent,) = rs.scope_spans[0].spans
+    assert rs.scope_spans[0].scope.name == "nodemesh" and sent.name == "op" and sent.kind == 3  # client
+    assert sent.trace_id.hex() == parent.trace_id and sent.parent_span_id.hex() == parent.span_id
+    assert sent.span_id.hex() == span.span_id
+    assert (sent.start_time_unix_nano, sent.end_time_unix_nano) == (10, 25)
+    assert (sent.status.code, sent.status.message) == (2, "upstream reset")
+    attrs = {kv.key: kv.value for kv in sent.attributes}
+    assert (attrs["n"].int_value, attrs["ok"].bool_value, attrs["s"].string_value, attrs["f"].double_value) == (
+        3, True, "x", 0.5)
     with pytest.raises(ValueError, match="must start with http"):
         tracing.OtlpHttpExporter("collector:4318")
 
