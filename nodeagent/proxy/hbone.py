@@ -31,6 +31,7 @@ import ipaddress
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
 
 import hpack
 import hpack.exceptions
@@ -444,8 +445,8 @@ class HboneConnection:
         if st is None or st.local_ended or self._closed:
             return False
         st.end_pending = True
-        self._flush(stream_id, st)
-        if st.local_ended and st.remote_ended:
+        self._flush(stream_id, st)  # sends END_STREAM if nothing is queued ahead of it
+        if _both_ended(st):
             self._forget(stream_id)
             return True
         return False
@@ -754,10 +755,14 @@ class HboneConnection:
         if len(block) > MAX_HEADER_BLOCK:
             raise _ConnError(ErrorCodes.ENHANCE_YOUR_CALM, f"header block over {MAX_HEADER_BLOCK} bytes")
         try:
-            return [(str(k), str(v)) for k, v in self._decoder.decode(block, raw=False)]
+            # hpack types decode() as bytes pairs; with raw=False they are str (mypyc checks
+            # annotations at run time, so the declared type must not be trusted here).
+            pairs: Any = self._decoder.decode(block, raw=False)
+            return [(str(k), str(v)) for k, v in pairs]
         except (hpack.exceptions.HPACKError, UnicodeDecodeError, ValueError, IndexError) as e:
             # The class, not hpack's message: that one embeds a memoryview's address.
-            raise _ConnError(ErrorCodes.COMPRESSION_ERROR, f"header block does not decode ({type(e).__name__})") from None
+            raise _ConnError(ErrorCodes.COMPRESSION_ERROR,
+                             f"header block does not decode ({type(e).__name__})") from None
 
     def _on_header_block(self, sid: int, flags: int, block: bytes, out: list[Event]) -> None:
         # Decode every block, even for streams we refuse: HPACK state is per connection.
@@ -983,3 +988,9 @@ def _malformed(headers: list[tuple[str, str]]) -> str:
 
 def _header_safe(reason: str) -> str:
     return "".join(c if 32 <= ord(c) < 127 else "?" for c in reason)[:512]
+
+
+def _both_ended(st: _Stream) -> bool:
+    """(A call, not an inline test: the type checker would keep `local_ended` narrowed
+    to what it was before `_flush` changed it.)"""
+    return bool(st.local_ended and st.remote_ended)
