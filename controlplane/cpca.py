@@ -33,7 +33,8 @@ class ControlPlaneCA(CertificateAuthority):
                                         key_file=CP_CA_KEY_FILE, purpose="control-plane")
         except CaError as e:
             raise OSError(str(e)) from None
-        assert isinstance(ca, ControlPlaneCA)
+        if not isinstance(ca, ControlPlaneCA):  # load_or_create builds cls; a subclass mix-up is a bug here
+            raise TypeError(f"expected a ControlPlaneCA, got {type(ca).__name__}")
         return ca
 
 

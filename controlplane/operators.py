@@ -28,9 +28,9 @@ from controlplane.records import Record, Records
 
 log = logging.getLogger("nodemesh.controlplane.operators")
 
-ADMIN_TOKEN_FILE = "admin.token"
+ADMIN_TOKEN_FILE = "admin.token"  # noqa: S105 (a file name, not a secret)
 BOOTSTRAP_OPERATOR = "admin"
-OPERATOR_TOKEN_PREFIX = "nmop1"
+OPERATOR_TOKEN_PREFIX = "nmop1"  # noqa: S105 (the public prefix that marks a token's kind)
 DEFAULT_OPERATOR_TTL_S = 30 * 24 * 3600
 MAX_OPERATOR_TTL_S = 90 * 24 * 3600
 DEFAULT_OPERATOR_CERT_TTL_S = DEFAULT_OPERATOR_TTL_S

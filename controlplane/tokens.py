@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("nodemesh.controlplane.tokens")
 
-TOKEN_PREFIX = "nmjt1"
+TOKEN_PREFIX = "nmjt1"  # noqa: S105 (the public prefix that marks a token's kind)
 DEFAULT_TOKEN_TTL_S = 3600
 MAX_TOKEN_TTL_S = 7 * 24 * 3600
 # Node certificates live hours, renewed at half life: a revocation missed by some

@@ -20,6 +20,7 @@ leaves is forgotten. The API answers from those aggregates.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import json
 import logging
@@ -232,8 +233,8 @@ class MeshTelemetry:
             if prev_t is None or now - prev_t > MAX_SPREAD_S or now <= prev_t:
                 continue  # the first summary of a node (or after a long silence) is a baseline
             n0 = p.numbers if p is not None else (0.0,) * len(EDGE_NUMBERS)
-            d = [max(0.0, a - b) for a, b in zip(sample.numbers, n0)]  # a counter that went down: a restart
-            if p is not None and any(a < b for a, b in zip(sample.numbers, n0)):
+            d = [max(0.0, a - b) for a, b in zip(sample.numbers, n0, strict=True)]  # went down: a restart
+            if p is not None and any(a < b for a, b in zip(sample.numbers, n0, strict=True)):
                 d = list(sample.numbers)
             errors = d[_ERR] + d[_FAILED]
             agg.add(prev_t, now, d[_REQ], d[_OPENED], errors)
@@ -347,7 +348,7 @@ class MeshTelemetry:
             if s is None:
                 continue
             nodes.append(n)
-            totals = [a + b for a, b in zip(totals, s.numbers)]
+            totals = [a + b for a, b in zip(totals, s.numbers, strict=True)]
             if s.p99_ms is not None:
                 p99 = max(p99 or 0.0, s.p99_ms)
             mtls = mtls | s.mtls
@@ -406,10 +407,7 @@ class MeshTelemetry:
                 src = node("workload", e["source"])
                 dst = node("service", e["service"]) if svc_known else node("workload", e["destination_workload"])
             else:
-                if svc_known:
-                    src = node("service", e["service"])
-                else:
-                    src = node("workload", e["source"])
+                src = node("service", e["service"]) if svc_known else node("workload", e["source"])
                 dst = node("workload", e["destination_workload"])
             edges.append({**e, "caller": e["source"], "id": f"{src}->{dst}", "source": src, "target": dst})
         return {"time_unix": self._clock(), "nodes": sorted(nodes.values(), key=lambda n: n["id"]),
@@ -512,10 +510,8 @@ class MeshView:
         writer.write(f"HTTP/1.1 {status} {'OK' if status == 200 else 'Error'}\r\nContent-Type: {ctype}\r\n"
                      f"Content-Length: {len(body)}\r\nConnection: close\r\nCache-Control: no-store\r\n"
                      f"{SECURITY_HEADERS}{extra}\r\n".encode() + body)
-        try:
+        with contextlib.suppress(ConnectionError):
             await writer.drain()
-        except ConnectionError:
-            pass
         writer.close()
 
     async def guarded(self, head: bytes, reader: asyncio.StreamReader) -> tuple[int, str, bytes, str]:
@@ -581,7 +577,8 @@ class MeshView:
         if path == "/metrics":
             text = self.cp.metrics.render(self.cp) if self.cp.metrics is not None else ""
             return 200, "text/plain; version=0.0.4; charset=utf-8", text.encode()
-        return 404, "text/plain", f"no such page {path}; try /, /api/graph, /api/config, /api/proxystatus, /metrics\n".encode()
+        return 404, "text/plain", (f"no such page {path}; try /, /api/graph, /api/config, /api/proxystatus, "
+                                   "/metrics\n").encode()
 
     @staticmethod
     def _json(obj: Any) -> Response:

@@ -151,7 +151,9 @@ metadata: {{name: echo}}
 spec:
   parentRefs: [{{kind: Service, name: echo, port: 50051}}]
   rules:
-  - backendRefs: [{{name: echo, subset: {{version: v1}}, weight: 70}}, {{name: echo, subset: {{version: v2}}, weight: 30}}]
+  - backendRefs:
+    - {{name: echo, subset: {{version: v1}}, weight: 70}}
+    - {{name: echo, subset: {{version: v2}}, weight: 30}}
 """
 
 GRPC_CLIENT = r"""

@@ -40,7 +40,8 @@ PORT_A, PORT_B = 15010, 15020
 
 def service(name: str, app: str) -> str:
     return (f"---\napiVersion: nodemesh.io/v1alpha1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\n"
-            f"spec:\n  selector: {{app: {app}}}\n  ports: [{{name: http, port: 80, targetPort: 8080, protocol: http}}]\n")
+            f"spec:\n  selector: {{app: {app}}}\n"
+            "  ports: [{name: http, port: 80, targetPort: 8080, protocol: http}]\n")
 
 
 def client_of(lab: Lab, replica: str) -> Any:

@@ -172,24 +172,25 @@ def test_malformed_input_gets_clear_errors_and_everything_keeps_serving(mesh: La
             blob = rng.randbytes(rng.randint(0, 400))
             pem = blob.decode("latin-1") if i % 2 else (
                 "-----BEGIN CERTIFICATE REQUEST-----\n" + blob.hex() + "\n-----END CERTIFICATE REQUEST-----\n")
-            with pytest.raises(grpc.RpcError) as ei:
+            with pytest.raises(grpc.RpcError) as rpc_err:
                 certs.CreateCertificate(mesh_pb2.CertificateRequest(node_name="node-1", csr_pem=pem), timeout=5)
-            assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "csr" in ei.value.details().lower()
+            assert rpc_err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "csr" in rpc_err.value.details().lower()
             checked += 1
         # 4. Garbage join tokens (with a valid CSR), and garbage node names.
         csr = node_csr("node-9")
-        for i in range(40):
+        for _ in range(40):
             token = rng.choice(["", "nmjt1.", "nmjt1.a.b.c", "x" * rng.randint(1, 300)]) + rng.randbytes(
                 rng.randint(0, 40)).hex()
-            with pytest.raises(grpc.RpcError) as ei:
+            with pytest.raises(grpc.RpcError) as rpc_err:
                 join.Join(mesh_pb2.JoinRequest(token=token, node_name="node-9", csr_pem=csr), timeout=5)
-            assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED, ei.value.details()
-            assert "join token" in ei.value.details(), ei.value.details()
+            assert rpc_err.value.code() == grpc.StatusCode.UNAUTHENTICATED, rpc_err.value.details()
+            assert "join token" in rpc_err.value.details(), rpc_err.value.details()
             checked += 1
         for name in ("", "Node_1", "a" * 300, "../etc", "node 1"):
-            with pytest.raises(grpc.RpcError) as ei:
-                join.Join(mesh_pb2.JoinRequest(token="nmjt1.x.y.z", node_name=name, csr_pem=csr), timeout=5)
-            assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "node name" in ei.value.details()
+            with pytest.raises(grpc.RpcError) as rpc_err:
+                join.Join(mesh_pb2.JoinRequest(token="nmjt1.x.y.z",  # noqa: S106 (a forged token)
+                                               node_name=name, csr_pem=csr), timeout=5)
+            assert rpc_err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "node name" in rpc_err.value.details()
             checked += 1
     finally:
         channel.close()

@@ -211,7 +211,8 @@ XSS_DRIVER = textwrap.dedent('''
         deadline = time.time() + 20
         found = []
         while time.time() < deadline and not found:
-            found = [n for n in drv.find_elements(By.CSS_SELECTOR, "g.node") if "<img" in (n.get_attribute("data-key") or "")]
+            found = [n for n in drv.find_elements(By.CSS_SELECTOR, "g.node")
+                     if "<img" in (n.get_attribute("data-key") or "")]
             time.sleep(0.5)
         out["xss_node_key"] = found[0].get_attribute("data-key") if found else ""
         out["title"] = drv.title
@@ -280,7 +281,8 @@ def test_mesh_view_needs_a_login_checks_host_and_renders_node_data_inert(mesh: L
     assert out["xss_node_key"].startswith("default/<img src=x onerror="), out  # shown as text
     assert out["title"] == "nodemesh · mesh view", out  # no handler ran
     assert out["injected_elements"] == 0, out
-    assert "<script>document.title='pwned2'</script>" in out["table_text"] or "<b id=injected>" in out["table_text"], out
+    assert ("<script>document.title='pwned2'</script>" in out["table_text"]
+            or "<b id=injected>" in out["table_text"]), out
     assert out["cookie_js"] == "", out  # HttpOnly: page scripts cannot read the session
     assert out["cookies"] and out["cookies"][0]["httpOnly"] and out["cookies"][0]["sameSite"] == "Strict", out
     assert out["inline_ran"] is False, out

@@ -139,7 +139,8 @@ async def main():
     async with grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(open(ca, "rb").read())) as ch:
         try:
             r = await mesh_pb2_grpc.NodeAttestationStub(ch).Join(mesh_pb2.JoinRequest(
-                token=token, node_name=node, csr_pem=node_csr(ec.generate_private_key(ec.SECP256R1()), node)), timeout=5)
+                token=token, node_name=node, csr_pem=node_csr(ec.generate_private_key(ec.SECP256R1()), node)),
+                timeout=5)
             print(json.dumps({"result": "joined", "chain": len(r.node_cert_chain)}))
         except grpc.aio.AioRpcError as e:
             print(json.dumps({"result": f"{e.code().name}: {e.details()}"}))

@@ -155,8 +155,8 @@ def test_a_node_asking_for_an_unbound_identity_is_refused(lab: Lab) -> None:
                              "nodes: [node-9], serviceAccounts: [default/web]"))
     time.sleep(0.5)
     r = as_node(lab, 2, "node-2", {"cert": web})
-    assert r["cert"].startswith("PERMISSION_DENIED") and "no MeshConfig spec.identityBindings entry matches node node-2" in \
-        r["cert"], r
+    assert r["cert"].startswith("PERMISSION_DENIED"), r
+    assert "no MeshConfig spec.identityBindings entry matches node node-2" in r["cert"], r
     # A real agent whose config lists an unbound workload: refused, and `nodemesh status` says why.
     lab.add_workload(LabWorkload("payments", node=1, uid=3002, service_account="payments",
                                  labels={"app": "payments"}))

@@ -28,7 +28,8 @@ def facts(principal: str = CLIENT, port: int = 8080, ip: str = "10.0.0.11", ns: 
 
 
 def doc(kind: str, name: str, spec: str, ns: str = "default") -> str:
-    return f"---\napiVersion: nodemesh.io/v1alpha1\nkind: {kind}\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{spec}\n"
+    return (f"---\napiVersion: nodemesh.io/v1alpha1\nkind: {kind}\nmetadata: {{name: {name}, namespace: {ns}}}\n"
+            f"spec:\n{spec}\n")
 
 
 # ---------------------------------------------------------------- mTLS modes
@@ -108,7 +109,8 @@ def test_full_spiffe_ids_and_star_match_any_authenticated_caller() -> None:
 
 def test_deny_wins_over_allow() -> None:
     text = (doc("AuthorizationPolicy", "allow-all", "  action: ALLOW\n  rules: [{}]")
-            + doc("AuthorizationPolicy", "deny-shop", "  action: DENY\n  rules: [{from: [{source: {namespaces: [shop]}}]}]"))
+            + doc("AuthorizationPolicy", "deny-shop",
+                  "  action: DENY\n  rules: [{from: [{source: {namespaces: [shop]}}]}]"))
     p = policies(text)
     v = evaluate(p, facts(principal=OTHER))
     assert not v.allowed and v.reason == "denied_by_policy" and v.policy == "AuthorizationPolicy/default/deny-shop"
@@ -123,7 +125,8 @@ def test_allow_with_no_rules_allows_nothing() -> None:
 
 
 def test_root_namespace_policies_apply_everywhere() -> None:
-    p = policies(doc("AuthorizationPolicy", "deny-plain", "  action: DENY\n  rules: [{from: [{source: {notPrincipals: ['*']}}]}]",
+    p = policies(doc("AuthorizationPolicy", "deny-plain",
+                     "  action: DENY\n  rules: [{from: [{source: {notPrincipals: ['*']}}]}]",
                      ns="nodemesh-system"))
     assert not evaluate(p, facts(principal="", ns="shop")).allowed
     assert evaluate(p, facts(ns="shop")).allowed
@@ -143,7 +146,8 @@ def test_ip_blocks_ports_and_conditions() -> None:
 
 
 def test_audit_is_noted_and_changes_nothing() -> None:
-    p = policies(doc("AuthorizationPolicy", "audit", "  action: AUDIT\n  rules: [{from: [{source: {namespaces: [default]}}]}]"))
+    p = policies(doc("AuthorizationPolicy", "audit",
+                     "  action: AUDIT\n  rules: [{from: [{source: {namespaces: [default]}}]}]"))
     v = evaluate(p, facts())
     assert v.allowed and v.reason == "no_policy" and v.audited == ("AuthorizationPolicy/default/audit#0",)
     assert evaluate(p, facts(principal=OTHER)).audited == ()

@@ -146,7 +146,7 @@ class Mesh:
         return sid
 
     def of(self, kind: type, events: list[Any], sid: int | None = None) -> list[Any]:
-        return [e for e in events if isinstance(e, kind) and (sid is None or e.stream_id == sid)]
+        return [e for e in events if isinstance(e, kind) and (sid is None or getattr(e, "stream_id", None) == sid)]
 
     def answer(self, ws: int, body: bytes = b"\x00\x00\x00\x00\x02ok", status: str = "0") -> None:
         self.server.send_headers(ws, [(":status", "200"), ("content-type", "application/grpc")])
@@ -168,7 +168,8 @@ def test_allowed_unary_call_passes_with_trailers_intact() -> None:
     assert b"".join(e.data for e in m.of(h2.events.DataReceived, m.client_events, sid)) == b"\x00\x00\x00\x00\x02ok"
     trailers = dict(m.of(h2.events.TrailersReceived, m.client_events, sid)[0].headers)
     assert trailers == {"grpc-status": "0", "grpc-message": "fine", "x-trailer": "kept"}
-    assert m.session.fields["authz"] == "allow" and m.session.fields["authz_policy"] == "AuthorizationPolicy/default/echo-get"
+    assert m.session.fields["authz"] == "allow"
+    assert m.session.fields["authz_policy"] == "AuthorizationPolicy/default/echo-get"
     assert m.session.fields["authz_layer"] == "L7" and m.session.fields["protocol"] == "grpc"
     assert [(r["http_path"], r["authz"]) for r in m.log.lines] == [("/echo.Echo/GetUser", "allow")]
     assert not m.guard._h2.by_caller  # type: ignore[union-attr]  # the finished stream is forgotten
@@ -248,7 +249,7 @@ def test_several_megabytes_flow_under_flow_control() -> None:
     # Stalled: the caller may not send more than the guard's windows, and the guard
     # holds back no more than the workload's window lets through.
     assert 0 < sent < len(big)
-    h2b = m.guard._h2  # type: ignore[union-attr]
+    h2b = m.guard._h2
     assert h2b is not None and h2b.cli.queued(h2b.by_caller[sid].ws) <= 2 << 20
     # The workload reads: windows open end to end, everything arrives in order.
     received = bytearray(b"".join(e.data for e in m.of(h2.events.DataReceived, m.server_events)))
@@ -309,7 +310,7 @@ def test_workload_goaway_refuses_unseen_streams_and_ends_the_connection() -> Non
     rst = m.of(h2.events.StreamReset, m.client_events, b)
     assert rst and rst[0].error_code == h2.errors.ErrorCodes.REFUSED_STREAM  # safe for the caller to retry
     assert m.of(h2.events.ConnectionTerminated, m.client_events)
-    assert m.caller_end.eof and m.workload_end.eof
+    assert all(end.eof for end in (m.caller_end, m.workload_end))
 
 
 def test_malformed_frames_fail_only_their_connection() -> None:

@@ -88,7 +88,7 @@ def guard(principal: str = CLIENT, text: str = POLICY) -> tuple[authz_l7.Inbound
     check = authz_l7.L7Check(policies(text), inbound_facts(WEB, 8080, principal, "10.0.0.11"))
     caller, workload = FakeEnd(), FakeEnd()
     g = authz_l7.InboundHttpGuard(check, workload, session)
-    g.attach(caller)  # type: ignore[arg-type]
+    g.attach(caller)
     assert workload.partner is g.workload_side
     return g, caller, workload, session
 
@@ -104,7 +104,8 @@ def test_allowed_get_goes_through_and_response_comes_back() -> None:
     g, caller, workload, session = guard()
     g.send(b"GET /public/x?y=1 HTTP/1.1\r\nHost: web\r\n\r\n")
     assert workload.data.startswith(b"GET /public/x?y=1 HTTP/1.1\r\n")
-    assert session.fields["authz"] == "allow" and session.fields["authz_policy"] == "AuthorizationPolicy/default/web-http"
+    assert session.fields["authz"] == "allow"
+    assert session.fields["authz_policy"] == "AuthorizationPolicy/default/web-http"
     g.workload_side.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
     assert bytes(caller.data).startswith(b"HTTP/1.1 200 OK") and caller.data.endswith(b"ok")
     # Keep-alive: a second request on the same connection is decided again.

@@ -114,8 +114,8 @@ spec:
 async def register(target: str, workloads: list[mesh_pb2.WorkloadRegistration]) -> None:
     async with grpc.aio.insecure_channel(target) as ch:
         # Identities are bound by the operator (default deny): bind shop/web to node-a.
-        await mesh_pb2_grpc.ConfigServiceStub(ch).Apply(mesh_pb2.ApplyRequest(documents=BINDING))
-        call = mesh_pb2_grpc.RegistryStub(ch).Session()
+        await mesh_pb2_grpc.ConfigServiceStub(ch).Apply(mesh_pb2.ApplyRequest(documents=BINDING))  # type: ignore[no-untyped-call]
+        call = mesh_pb2_grpc.RegistryStub(ch).Session()  # type: ignore[no-untyped-call]
         reg = mesh_pb2.NodeRegistration(node_name="node-a", addresses=["10.0.0.1"], zone="z1",
                                         workloads=workloads)
         await call.write(mesh_pb2.NodeReport(register=reg))
@@ -127,7 +127,7 @@ async def register(target: str, workloads: list[mesh_pb2.WorkloadRegistration]) 
 def test_apply_then_ads_ack_and_nack() -> None:
     async def body(cp: ControlPlane, target: str) -> None:
         async with grpc.aio.insecure_channel(target) as ch:
-            cfg = mesh_pb2_grpc.ConfigServiceStub(ch)
+            cfg = mesh_pb2_grpc.ConfigServiceStub(ch)  # type: ignore[no-untyped-call]
             resp = await cfg.Apply(mesh_pb2.ApplyRequest(documents=SERVICE))
             assert [(r.kind, r.namespace, r.name, r.action) for r in resp.results] == [
                 ("Service", "shop", "web", "created")]
@@ -200,7 +200,7 @@ def test_invalid_apply_is_rejected_whole_with_every_problem() -> None:
     async def body(cp: ControlPlane, target: str) -> None:
         bad = SERVICE + "---\n" + SERVICE.replace("name: web,", "name: api,").replace("port: 80,", "port: 0,")
         async with grpc.aio.insecure_channel(target) as ch:
-            cfg = mesh_pb2_grpc.ConfigServiceStub(ch)
+            cfg = mesh_pb2_grpc.ConfigServiceStub(ch)  # type: ignore[no-untyped-call]
             with pytest.raises(grpc.aio.AioRpcError) as e:
                 await cfg.Apply(mesh_pb2.ApplyRequest(documents=bad))
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -260,7 +260,7 @@ def test_delta_ads_serves_the_control_planes_snapshot() -> None:
     """Delta ADS through the real server (the protocol itself: test_cp_delta.py)."""
     async def body(cp: ControlPlane, target: str) -> None:
         async with grpc.aio.insecure_channel(target) as ch:
-            await mesh_pb2_grpc.ConfigServiceStub(ch).Apply(mesh_pb2.ApplyRequest(documents=SERVICE))
+            await mesh_pb2_grpc.ConfigServiceStub(ch).Apply(mesh_pb2.ApplyRequest(documents=SERVICE))  # type: ignore[no-untyped-call]
             await settled(cp, xdsnames.CLUSTER, lambda r: len(r) == 1)
             call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(ch).DeltaAggregatedResources()
             req = discovery_pb2.DeltaDiscoveryRequest(type_url=xdsnames.CLUSTER)  # legacy wildcard
@@ -301,7 +301,7 @@ def test_restart_keeps_config_registry_and_ca_and_serves_certificates() -> None:
             try:
                 target = f"unix:{sock}"
                 async with grpc.aio.insecure_channel(target) as ch:
-                    await mesh_pb2_grpc.ConfigServiceStub(ch).Apply(mesh_pb2.ApplyRequest(documents=SERVICE))
+                    await mesh_pb2_grpc.ConfigServiceStub(ch).Apply(mesh_pb2.ApplyRequest(documents=SERVICE))  # type: ignore[no-untyped-call]
                 await register(target, [mesh_pb2.WorkloadRegistration(
                     name="web-1", namespace="shop", service_account="web", ip="10.1.0.5")])
                 root1 = cp.ca.root_pem
@@ -312,10 +312,10 @@ def test_restart_keeps_config_registry_and_ca_and_serves_certificates() -> None:
                 assert cp.ca.root_pem == root1
                 assert cp.registry.get("node-a") is not None
                 async with grpc.aio.insecure_channel(target) as ch:
-                    got = await mesh_pb2_grpc.ConfigServiceStub(ch).Get(
+                    got = await mesh_pb2_grpc.ConfigServiceStub(ch).Get(  # type: ignore[no-untyped-call]
                         mesh_pb2.ResourceRef(kind="Service", namespace="shop", name="web"))
                     assert got.resource_version == 1
-                    certs = mesh_pb2_grpc.CertificateServiceStub(ch)
+                    certs = mesh_pb2_grpc.CertificateServiceStub(ch)  # type: ignore[no-untyped-call]
                     resp = await certs.CreateCertificate(mesh_pb2.CertificateRequest(
                         node_name="node-a", csr_pem=csr("spiffe://cluster.local/ns/shop/sa/web")))
                     assert resp.trust_bundle == [root1]

@@ -99,7 +99,8 @@ def test_operator_files_errors_name_the_file(tmp_path: Path) -> None:
     cert, key, chain = _operator_ca(tmp_path)
     with pytest.raises(CaError, match="--ca-cert"):
         CertificateAuthority.from_files(str(tmp_path / "missing.pem"), key, chain)
-    other = _operator_ca(tmp_path / "x" if (tmp_path / "x").mkdir() is None else tmp_path)
+    (tmp_path / "x").mkdir()
+    other = _operator_ca(tmp_path / "x")
     with pytest.raises(CaError, match="do not belong together"):
         CertificateAuthority.from_files(cert, other[1], chain)
     with pytest.raises(CaError, match="--ca-chain"):

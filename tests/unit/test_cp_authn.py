@@ -158,7 +158,7 @@ def test_world_writable_socket_directory_is_refused() -> None:
         with tempfile.TemporaryDirectory() as d:
             open_dir = os.path.join(d, "open")
             os.mkdir(open_dir)
-            os.chmod(open_dir, 0o777)
+            os.chmod(open_dir, 0o777)  # noqa: S103 (the unsafe directory this test must see refused)
             with pytest.raises(OSError, match="writable by group or others"):
                 await start(ControlPlaneSettings(state_dir=os.path.join(d, "state"),
                                                  listen=(f"unix:{open_dir}/cp.sock",)))

@@ -29,7 +29,8 @@ def snap(policy: str = "ALLOW_ANY") -> Snapshot:
                                          ep("10.0.2.6", 8080, "n2", healthy=False))),
         ServicePort(443, 8443, endpoints=(ep("10.0.2.5", 8443, "n2"),)),
     ))
-    dead = Service("dead", "default", "10.96.0.11", (ServicePort(80, 80, endpoints=(ep("10.0.2.9", 80, "n2", False),)),))
+    dead = Service("dead", "default", "10.96.0.11",
+                   (ServicePort(80, 80, endpoints=(ep("10.0.2.9", 80, "n2", False),)),))
     empty = Service("empty", "default", "10.96.0.12", (ServicePort(80, 80),))
     headless = Service("headless", "default", "", (ServicePort(80, 80, endpoints=(ep("10.0.2.5", 80, "n2"),)),))
     db = Workload("db", "data", "db", "n2", "10.0.2.7", (5432,), f"spiffe://{TD}/ns/data/sa/db", "192.168.0.2")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -64,6 +65,12 @@ def run(ro: Rollout, t_end: float, cand: Stats = GOOD, t0: float = 1000.0,
     assert st is not None
     return st, decisions, t
 
+
+
+def _status(store: Any) -> dict[str, Any]:
+    """The stored status of Rollout default/web."""
+    status: dict[str, Any] = store.get("Rollout", "default", "web").status()
+    return status
 
 def test_healthy_rollout_steps_through_and_promotes() -> None:
     ro = rollout()
@@ -165,11 +172,13 @@ def test_a_changed_run_starts_over_and_keeps_history() -> None:
     ("{service: web, stable: v1, candidate: v2, strategy: {type: Atomic}, onFailure: Retry}",
      "spec.onFailure", "must be one of"),
     (("{service: web, stable: v1, candidate: v2, strategy: {type: Atomic},"
-     " analysis: {grpcFailureClasses: [unavailable, bogus]}}"), "spec.analysis.grpcFailureClasses[1]", "must be one of"),
+     " analysis: {grpcFailureClasses: [unavailable, bogus]}}"),
+     "spec.analysis.grpcFailureClasses[1]", "must be one of"),
 ])
 def test_invalid_rollouts_name_the_field(spec: str, path: str, reason: str) -> None:
     with pytest.raises(model.ValidationError) as e:
-        model.parse_documents(f"apiVersion: nodemesh.io/v1alpha1\nkind: Rollout\nmetadata: {{name: web}}\nspec: {spec}\n")
+        model.parse_documents(f"apiVersion: nodemesh.io/v1alpha1\nkind: Rollout\nmetadata: {{name: web}}\n"
+                              f"spec: {spec}\n")
     assert any(p == f"Rollout default/web: {path}" and reason in r for p, r in e.value.problems), e.value.problems
 
 
@@ -186,7 +195,8 @@ def test_apply_checks_service_and_versions_against_the_registry(tmp_path: Path) 
         "Rollout", "default", "web", {**rollout().spec(), "service": "nope"})))
     with pytest.raises(model.ValidationError) as e:
         plan_changes(store, docs, workloads=[])
-    assert ("Rollout default/web: spec.service", ) == e.value.problems[0][:1] and "no Service default/nope" in str(e.value)
+    assert e.value.problems[0][0] == "Rollout default/web: spec.service"
+    assert "no Service default/nope" in str(e.value)
     docs = model.parse_documents(SERVICE + "---\n" + json.dumps(model.to_yaml_document(
         "Rollout", "default", "web", rollout().spec())))
     with pytest.raises(model.ValidationError) as e:
@@ -244,7 +254,7 @@ def test_controller_persists_resumes_and_keeps_one_driver(make_store: Callable[[
         a.tick()
         b.tick()  # the second replica never takes over a held lease
         now[0] += 0.25
-    st = store.get("Rollout", "default", "web").status()  # type: ignore[union-attr]
+    st = _status(store)
     assert st["driver"]["id"] == "a" and st["step"] == 1 and st["weight"] == 50
     assert splits(store)[0].weights == (("v1", 50), ("v2", 50))
     assert [d["decision"] for d in st["decisions"]][:1] == ["start"]
@@ -253,7 +263,7 @@ def test_controller_persists_resumes_and_keeps_one_driver(make_store: Callable[[
         feed()
         b.tick()
         now[0] += 0.25
-    st = store.get("Rollout", "default", "web").status()  # type: ignore[union-attr]
+    st = _status(store)
     assert st["driver"]["id"] == "b" and st["phase"] in ("Progressing", "Promoted")
     assert st["decisions"][0]["decision"] == "start" and st["startedAt"] == 1000.0  # the same run, resumed
     # Re-applying the same spec keeps the state.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from typing import Any
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
@@ -65,12 +66,13 @@ DB = xdsnames.cluster_name("db", "default", 5432, "mesh")
 
 def _snap(splits: list[VersionSplit], with_route: bool = False, nodes: list[RegisteredNode] = NODES) -> XdsSnapshot:
     docs = model.parse_documents(CONFIG + (ROUTE if with_route else ""))
-    svcs = [ServiceEntry(d.obj, f"240.240.0.{i + 1}") for i, d in enumerate(docs) if isinstance(d.obj, model.ServiceSpec)]
+    svcs = [ServiceEntry(d.obj, f"240.240.0.{i + 1}") for i, d in enumerate(docs)
+            if isinstance(d.obj, model.ServiceSpec)]
     rts = [xr.StoredRoute(d.obj) for d in docs if d.kind == "HTTPRoute"]
     return build_snapshot(model.MeshConfig(), svcs, nodes, [], l7=(rts, []), splits=splits)
 
 
-def _unpack(s: XdsSnapshot, t: str, cls: type) -> dict[str, object]:
+def _unpack(s: XdsSnapshot, t: str, cls: Any) -> dict[str, Any]:
     return {n: cls.FromString(a.value) for n, a in s.get(t).resources.items()}
 
 
@@ -137,7 +139,8 @@ def test_agent_routes_http_per_request_by_subset() -> None:
     assert [e.workload for e in sp.subsets[1].endpoints] == ["default/web-2"]
     assert sp.routes is not None
     rng = random.Random(7)
-    counts: Counter[str] = Counter(route_select.choose_cluster(sp.routes.routes[0], rng).split("|")[2] for _ in range(4000))
+    counts: Counter[str] = Counter(route_select.choose_cluster(sp.routes.routes[0], rng).split("|")[2]
+                                   for _ in range(4000))
     assert abs(counts["version=v2"] / 4000 - 0.30) < 0.03
     rt = L7Runtime(proxy=None)  # type: ignore[arg-type]
     assert rt.port_of_cluster(snap, sp.subsets[1].cluster) is sp.subsets[1]
@@ -174,7 +177,8 @@ def test_route_arriving_before_its_subset_clusters_is_served_from_the_port() -> 
     after = _snap([VersionSplit("default/web", "version", (("v1", 50), ("v2", 50)))])
     st = XdsState(node="n1", local_workloads=(LocalWorkload("client", "default", "client", "10.1.0.9", (), uid=1),))
     for t in xdsnames.AGENT_TYPES:
-        assert st.apply(t, before.version(t), [NamedResource(n, a) for n, a in before.get(t).resources.items()]).accepted
+        named = [NamedResource(n, a) for n, a in before.get(t).resources.items()]
+        assert st.apply(t, before.version(t), named).accepted
     # The new routes first, then the clusters (no assignments yet): every subset has endpoints.
     for t in (xdsnames.ROUTE, xdsnames.CLUSTER):
         res = st.apply(t, after.version(t), [NamedResource(n, a) for n, a in after.get(t).resources.items()])

@@ -4,6 +4,7 @@ bad ones name the field path and the reason."""
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from nodemesh import model, routespec
 
@@ -36,8 +37,8 @@ def test_good_route_parses() -> None:
     assert [b.weight for b in second.backends] == [90, 10]
     assert second.request_timeout_s == 2.0 and second.backend_timeout_s == 0.5
     assert second.retry == routespec.Retry(3, 0.01, 0.25, ("5xx", "retriable-status-codes"), (429,), ())
-    assert second.mirrors[0].percent == 5 and second.fault.abort_status == 503
-    assert model.parse_documents(model.yaml.safe_dump(model.to_yaml_document(
+    assert second.mirrors[0].percent == 5 and second.fault is not None and second.fault.abort_status == 503
+    assert model.parse_documents(yaml.safe_dump(model.to_yaml_document(
         doc.kind, doc.namespace, doc.name, r.spec())))[0].obj == r
 
 

@@ -11,13 +11,13 @@ from typing import Any
 import grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tests.unit.test_xds_convert import full_state, pack
 
 from controlplane.ca import CertificateRefused, parse_csr
 from controlplane.policies import policy_resources
 from nodeagent.xds.convert import NamedResource, XdsState, convert_batch
 from nodemesh import model, security, xdsnames
 from nodemesh.v1 import mesh_pb2
+from tests.unit.test_xds_convert import full_state, pack
 
 
 def doc(kind: str, spec: Any, name: str = "p", ns: str = "default") -> dict[str, Any]:
@@ -154,14 +154,16 @@ def test_fuzz_policy_parsing_gives_a_result_or_field_errors(kind: str, spec: Any
 def test_fuzz_policy_resources_never_break_the_agent_state(kind: str, spec_json: str) -> None:
     st_ = XdsState(node="n")
     name = "MeshSecurity//mesh" if kind == "MeshSecurity" else f"{kind}/default/p"
-    msg = mesh_pb2.Policy(kind=kind, namespace="" if kind == "MeshSecurity" else "default", name="mesh" if kind == "MeshSecurity" else "p",
+    mesh = kind == "MeshSecurity"
+    msg = mesh_pb2.Policy(kind=kind, namespace="" if mesh else "default", name="mesh" if mesh else "p",
                           spec_json=spec_json)
     r = st_.apply(xdsnames.POLICY, "1", [NamedResource(name, pack(msg))])
     assert r.accepted or (r.errors and all(isinstance(e, str) and e for e in r.errors))
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.binary(max_size=300) | st.text(max_size=300).map(lambda t: f"-----BEGIN CERTIFICATE REQUEST-----\n{t}\n-----END CERTIFICATE REQUEST-----\n".encode()))
+@given(st.binary(max_size=300) | st.text(max_size=300).map(
+    lambda t: f"-----BEGIN CERTIFICATE REQUEST-----\n{t}\n-----END CERTIFICATE REQUEST-----\n".encode()))
 def test_fuzz_csr_parsing_is_refused_with_a_reason(data: bytes) -> None:
     try:
         parse_csr(data.decode("utf-8", "replace"))

@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,7 +20,7 @@ from nodemesh import bindings, model
 KEY = b"k" * 32
 
 
-def mesh(spec: dict[str, object]) -> model.MeshConfig:
+def mesh(spec: Mapping[str, Any]) -> model.MeshConfig:
     obj = model.parse_document({"apiVersion": model.API_VERSION, "kind": "MeshConfig", "metadata": {"name": "mesh"},
                                 "spec": spec}).obj
     assert isinstance(obj, model.MeshConfig)
@@ -135,7 +137,8 @@ def test_audit_chain_verifies_and_catches_edits_deletions_and_truncation(tmp_pat
     assert log.verify().ok
     db.execute("DELETE FROM security_log WHERE tbl='audit' AND seq=2")
     assert "record(s) 2..2 are missing" in log.verify().problem
-    log2, db2 = _audit(tmp_path / "x" if (tmp_path / "x").mkdir() is None else tmp_path)
+    (tmp_path / "x").mkdir()
+    log2, db2 = _audit(tmp_path / "x")
     for i in range(3):
         log2.append("operator/admin", "Delete", f"d{i}", "ok")
     db2.execute("DELETE FROM security_log WHERE tbl='audit' AND seq=3")  # the newest one
