@@ -10,10 +10,11 @@ from typing import Any
 
 import pytest
 
-from nodemesh.lab.demo import pcap_summary
+from nodeagent.supervision.settings import HBONE_PORT
 from nodemesh.lab.harness import Lab, LabWorkload
 from tests.conftest import wait_until
 from tests.netns.conftest import BASE_CONFIG, CLIENT_UID, WEB_UID
+from tests.netns.wirecheck import tcp_flows, walk_tls
 
 pytestmark = pytest.mark.netns
 
@@ -36,17 +37,21 @@ def test_bytes_between_nodes_are_tls(mesh: Lab) -> None:
     vip = mesh.service_vip("web")
     marker = f"secret-{uuid.uuid4().hex}"
     pcap = mesh.workdir / "bridge.pcap"
-    with mesh.capture_bridge(pcap, "tcp port 15008"):
+    with mesh.capture_bridge(pcap, "tcp"):
         body = get_json(mesh, f"http://{vip}/{marker}")
     assert body["path"] == f"/{marker}"
-    clear, records = pcap_summary(pcap, marker.encode())
-    assert not clear, "the request crossed the bridge in clear text"
-    assert records > 0, "no TLS application data seen on port 15008"
-    # And nothing went to the workload's port directly across the bridge.
-    pcap2 = mesh.workdir / "bridge2.pcap"
-    with mesh.capture_bridge(pcap2, "tcp port 8080"):
-        get_json(mesh, f"http://{vip}/{marker}")
-    assert marker.encode() not in pcap2.read_bytes()
+    flows = tcp_flows(pcap)
+    # Only the HBONE port carried the request across the bridge (nothing went to
+    # the workload's port directly), both ways, and nowhere in clear text.
+    hbone = {f: d for f, d in flows.items() if HBONE_PORT in (f[1], f[3])}
+    assert not [f for f in flows if 8080 in (f[1], f[3])], sorted(flows)
+    assert any(f[3] == HBONE_PORT for f in hbone) and any(f[1] == HBONE_PORT for f in hbone), sorted(flows)
+    assert not any(marker.encode() in d for d in flows.values()), "the request crossed the bridge in clear text"
+    # Every byte of every HBONE stream is a TLS record, and data went as application data.
+    for flow, data in hbone.items():
+        walk = walk_tls(data)
+        assert not walk.problem, f"{flow}: {walk.problem}"
+        assert walk.records.get("application_data", 0) > 0, f"{flow}: no TLS application data ({walk.records})"
 
 
 def test_receiving_proxy_records_caller_identity(mesh: Lab) -> None:
