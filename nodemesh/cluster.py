@@ -60,7 +60,8 @@ def provision_argv(phase: str, *args: str) -> list[str]:
     return ["bash", "/opt/nodemesh-src/vagrant/provision.sh", phase, *args]
 
 
-def _run(argv: list[str], check: bool = True, timeout: float | None = None, **kw: Any) -> subprocess.CompletedProcess[str]:
+def _run(argv: list[str], check: bool = True, timeout: float | None = None,
+         **kw: Any) -> subprocess.CompletedProcess[str]:
     res = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=timeout, **kw)
     if check and res.returncode != 0:
         raise ClusterError(f"{' '.join(argv)} failed ({res.returncode}): {(res.stderr or res.stdout).strip()[-2000:]}")

@@ -56,7 +56,7 @@ class _Framer:
                 break
             body = bytes(self._buf[_LEN.size: _LEN.size + n])
             del self._buf[: _LEN.size + n]
-            out.append(pickle.loads(body))  # both ends are our own processes
+            out.append(pickle.loads(body))  # noqa: S301 - both ends are our own processes
         return out
 
 
@@ -77,7 +77,7 @@ class _Channel(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             msgs = self.framer.feed(data)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - a bad control message is reported, never fatal to the agent
             log.error("proxy worker %d sent a bad control message: %s", self.worker.index, e)
             return
         for kind, payload in msgs:
@@ -185,11 +185,12 @@ class WorkerPool:
     async def _watch(self, w: _Worker) -> None:
         loop = asyncio.get_running_loop()
         failures = 0
-        while not self._stopping:
-            assert w.proc is not None
+        while not self._stopped():
+            if w.proc is None:
+                return
             started = loop.time()
             rc = await w.proc.wait()
-            if self._stopping:
+            if self._stopped():
                 return
             if loop.time() - started > HEALTHY_AFTER_S:
                 w.restarts = 0  # it ran long enough: back off from scratch
@@ -199,12 +200,12 @@ class WorkerPool:
             log.error("proxy worker %d (pid %d) exited with %s; restarting in %.1fs", w.index, w.proc.pid, rc, delay)
             w.restarts += 1
             await asyncio.sleep(delay)
-            if self._stopping:
+            if self._stopped():
                 return
             try:
                 await self._spawn(w)  # gets the last snapshot and certs
                 failures = 0
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - any failure to respawn is counted and logged
                 failures += 1
                 log.error("restarting proxy worker %d failed (%d in a row): %s", w.index, failures, e)
                 if failures >= MAX_RESTART_FAILURES:
@@ -262,14 +263,18 @@ class WorkerPool:
             await asyncio.wait(asked.values(), timeout=timeout)
         late = []
         for w in self._workers:
-            fut = asked.get(w.index)
-            if fut is None:
+            answer = asked.get(w.index)
+            if answer is None:
                 continue
-            if not fut.done():
-                fut.cancel()
+            if not answer.done():
+                answer.cancel()
                 late.append(w.index)
             w.ping_waiters = {k: f for k, f in w.ping_waiters.items() if not f.done()}
         return late
+
+    def _stopped(self) -> bool:
+        # A call, not the attribute: stop() flips it while _watch awaits.
+        return self._stopping
 
     def alive(self) -> bool:
         """False once the pool has given up restarting a worker (the agent then exits);
@@ -385,7 +390,8 @@ async def _worker_main(fd: int, index: int, listener_fds: list[int]) -> None:
             stop.set()  # the agent went away
 
     def apply(kind: str, payload: Any) -> None:
-        assert proxy is not None
+        if proxy is None:
+            return
         if kind == "snapshot":
             proxy.update(snapshot=payload)
             configured.set()

@@ -201,10 +201,8 @@ class Agent:
         """Every CGROUP_RETRY_S while a declared cgroup is missing: once it exists,
         rebuild capture with it (the running capture stays meanwhile)."""
         while not self._stop.is_set():
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), CGROUP_RETRY_S)
-            except TimeoutError:
-                pass
             if self._stop.is_set() or not self.pending or not self.capture_installed:
                 continue
             _, missing = split_by_cgroup(self.config.local_workloads())
@@ -437,7 +435,8 @@ class Agent:
                         "(waited %.0fs for its snapshot and certificates)", timeout_s)
 
     async def _reload(self) -> None:
-        assert self.config_path
+        if not self.config_path:
+            return
         try:
             new = load_config(self.config_path)
         except ConfigError as e:
@@ -702,10 +701,8 @@ class Agent:
                           ", ".join(map(str, late)), interval)
             else:
                 self.notifier.watchdog()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), interval)
-            except TimeoutError:
-                pass
 
     def _health_monitor(self, registry: RegistrySession) -> Any:
         """Active health checks of local endpoints, reported on the registry session."""
@@ -736,10 +733,8 @@ class Agent:
 
     async def _serve(self) -> None:
         while not self._stop.is_set():
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), timeout=HEALTH_CHECK_S)
-            except TimeoutError:
-                pass
             if self._stop.is_set():
                 return
             if self.pool is not None and not self.pool.alive():
