@@ -207,6 +207,16 @@ class SendUnblocked(Event):
 
 
 @dataclass(slots=True)
+class GoingAway(Event):
+    """The peer sent a graceful GOAWAY (NO_ERROR) while streams it will still
+    serve are open: no new stream on this connection, the open ones finish
+    (RFC 9113 §6.8). Streams above `last_stream_id` came as StreamReset."""
+
+    last_stream_id: int
+    reason: str
+
+
+@dataclass(slots=True)
 class ConnectionClosed(Event):
     """The connection is over (GOAWAY received, or malformed input from the peer).
     Every open stream is dead; the caller should flush data_to_send() and close."""
@@ -284,6 +294,9 @@ class HboneConnection:
         self._max_frame = max_frame_size
         self._streams: dict[int, _Stream] = {}
         self._closed = False
+        # A graceful GOAWAY sent or received: no new stream; the open ones finish.
+        self._draining = False
+        self._serve_up_to = 2**31 - 1  # the last peer stream we still serve (our GOAWAY's)
         self._out: list[bytes] = []
         self._inbuf = bytearray()
         self._preface_pending = not client  # the server waits for the client's magic
@@ -325,7 +338,12 @@ class HboneConnection:
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        """No new stream may be opened here: closed, or draining after a graceful GOAWAY."""
+        return self._closed or self._draining
+
+    @property
+    def last_peer_stream(self) -> int:
+        return self._last_peer_sid
 
     @property
     def open_streams(self) -> int:
@@ -336,7 +354,8 @@ class HboneConnection:
 
     def can_open(self) -> bool:
         """A new tunnel fits under the peer's MAX_CONCURRENT_STREAMS and the id space."""
-        return not self._closed and self._local_open < self._peer_max_streams and self._next_sid < MAX_WINDOW
+        return (not self._closed and not self._draining and self._local_open < self._peer_max_streams
+                and self._next_sid < MAX_WINDOW)
 
     def data_to_send(self) -> bytes:
         out = self._out
@@ -369,6 +388,18 @@ class HboneConnection:
 
     def has_output(self) -> bool:
         return bool(self._out)
+
+    def goaway(self, last_stream_id: int | None = None, reason: str = "") -> None:
+        """Graceful shutdown (RFC 9113 §6.8): GOAWAY with NO_ERROR; the streams up to
+        last_stream_id still finish, later ones are refused. First without an id
+        (any stream the peer opened before it saw this one is still served), then,
+        a round trip later, with last_peer_stream: a shutdown that refuses nothing."""
+        if self._closed:
+            return
+        self._draining = True
+        last = 2**31 - 1 if last_stream_id is None else last_stream_id
+        self._serve_up_to = min(self._serve_up_to, last)
+        self._out.append(_frame(GOAWAY, 0, 0, _GOAWAY.pack(last, ErrorCodes.NO_ERROR) + reason.encode()[:256]))
 
     def close(self, reason: str = "", error_code: int = ErrorCodes.NO_ERROR) -> None:
         """Send GOAWAY; no new streams, no more data."""
@@ -780,6 +811,9 @@ class HboneConnection:
                 self._out.append(_frame(RST_STREAM, 0, sid, _U32.pack(ErrorCodes.STREAM_CLOSED)))
                 return
             self._last_peer_sid = sid
+            if sid > self._serve_up_to:  # opened after our final GOAWAY: never processed, safe to retry
+                self._out.append(_frame(RST_STREAM, 0, sid, _U32.pack(ErrorCodes.REFUSED_STREAM)))
+                return
             self._on_request(sid, headers, end_stream, out)
             return
         if self.client and not st.established:
@@ -894,7 +928,17 @@ class HboneConnection:
         if len(payload) < 8:
             raise _ConnError(ErrorCodes.FRAME_SIZE_ERROR, "GOAWAY shorter than 8 bytes")
         _last, code = _GOAWAY.unpack_from(payload)
+        _last &= 0x7FFFFFFF
         extra = bytes(payload[8:]).decode("utf-8", "replace")
+        ours = 1 if self.client else 0
+        if code == ErrorCodes.NO_ERROR and any((s & 1) == ours and s <= _last for s in self._streams):
+            # Graceful: the streams it will still serve finish; the others were never processed.
+            self._draining = True
+            for s in [s for s in self._streams if (s & 1) == ours and s > _last]:
+                self._forget(s)
+                out.append(StreamReset(s, ErrorCodes.REFUSED_STREAM, remote=True))
+            out.append(GoingAway(_last, f"GOAWAY from peer {extra}".strip()))
+            return
         self._closed = True
         out.extend(StreamReset(s, code, remote=True) for s in self._streams)
         self._streams.clear()

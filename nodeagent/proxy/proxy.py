@@ -36,6 +36,9 @@ class ListenerError(OSError):
 
 
 LISTENER_NAMES = ("outbound", "inbound", "hbone")
+# Between the two GOAWAYs of a drain, and after the last one before idle HBONE
+# connections close: far more than a round trip between nodes.
+GOAWAY_GRACE_S = 1.0
 _LABELS = {"outbound": "outbound", "inbound": "inbound plaintext", "hbone": "HBONE"}
 
 
@@ -149,19 +152,39 @@ class NodeProxy:
         """Stop accepting and let the connections end, up to timeout_s: the
         listening sockets stay open wherever else they are held (the next agent's
         workers, systemd's fd store), so no connection is refused meanwhile;
-        HTTP/1.1 responses now carry `Connection: close` (http/stack.py). Returns
-        how many connections were still open at the deadline."""
+        HTTP/1.1 responses now carry `Connection: close` (http/h1stack.py); HBONE
+        callers get a graceful GOAWAY in two steps (any stream, then the last one
+        seen, GOAWAY_GRACE_S later), so they open their next tunnels to the new
+        workers and no stream is refused. Returns how many connections were still
+        open at the deadline."""
         self.draining = True
         for srv in self._servers:
             srv.close()  # our descriptors only: the socket and its queue live on
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while self.open_connections() and loop.time() < deadline:
+        start = loop.time()
+        deadline = start + timeout_s
+        self._goaway(final=False)
+        final_at = 0.0
+        while loop.time() < deadline:
+            now = loop.time()
+            if not final_at and now >= start + GOAWAY_GRACE_S:
+                self._goaway(final=True)
+                final_at = now
+            callers = any(not c.lost for c in self._hbone_conns)
+            if not self.open_connections() and (not callers or (final_at and now >= final_at + GOAWAY_GRACE_S)):
+                break
             await asyncio.sleep(0.05)
+        left = self.open_connections()
         for conn in list(self._hbone_conns):
             if not conn.lost:
-                conn.close("draining")  # GOAWAY: a caller opens its next tunnel to the new workers
-        return self.open_connections()
+                conn.close("drained")
+        return left
+
+    def _goaway(self, final: bool) -> None:
+        for conn in list(self._hbone_conns):
+            if not conn.lost:
+                conn.core.goaway(conn.core.last_peer_stream if final else None, "proxy restarting")
+                conn.flush_now()
 
     def open_connections(self) -> int:
         return len(self._conns) + sum(1 for c in self._hbone_conns if not c.lost and c.core.open_streams)

@@ -258,6 +258,9 @@ class HboneProtocol(asyncio.BufferedProtocol):
         elif isinstance(ev, hbone.ConnectionClosed):
             self.close_reason = ev.reason
             log.info("HBONE connection closed: %s", ev.reason)
+        elif isinstance(ev, hbone.GoingAway):
+            # Graceful: the pool opens no stream here any more (core.closed); the open ones finish.
+            log.info("HBONE connection draining (%s): %d stream(s) finish on it", ev.reason, len(self.streams))
 
     def stream_finished(self, stream_id: int) -> None:
         self.streams.pop(stream_id, None)
@@ -390,7 +393,8 @@ class HboneServerProtocol(HboneProtocol):
 
     def _idle_check(self) -> None:
         self._idle_timer = None
-        assert self._loop is not None
+        if self._loop is None:
+            return
         if self.lost or self.core.open_streams or self._tasks:
             return  # busy again; the next stream to finish re-arms the timer
         due = self._idle_since + self.limits.server_idle_timeout_s

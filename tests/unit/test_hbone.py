@@ -121,7 +121,7 @@ def test_malformed_authority_gets_400(authority: str, needle: str) -> None:
     rej = [e for e in s.receive_data(c.data_to_send()) if isinstance(e, ConnectRejected)]
     assert rej and rej[0].status == 400 and needle in rej[0].reason
     answers = [e for e in c.receive_data(s.data_to_send()) if isinstance(e, h2.events.ResponseReceived)]
-    hdrs = dict(answers[0].headers)
+    hdrs: dict[str, str] = dict(answers[0].headers)  # type: ignore[arg-type] # str: the client decodes headers
     assert hdrs[":status"] == "400" and needle in hdrs[hbone.REASON_HEADER]
     assert s.open_streams == 0
 
@@ -208,20 +208,51 @@ def test_malformed_preface_closes_only_that_connection() -> None:
     evs = bad.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert any(isinstance(e, ConnectionClosed) for e in evs)
     assert bad.closed
-    assert b"" != bad.data_to_send()  # GOAWAY queued
+    assert bad.data_to_send() != b""  # GOAWAY queued
     good.c.send(sid, b"still fine")
     good.pump()
     assert data_of(good.take("s")) == b"still fine"
 
 
-def test_goaway_kills_open_streams() -> None:
+def test_goaway_with_an_error_kills_open_streams() -> None:
     p = Pair()
     sid = p.tunnel()
-    p.s.close("shutting down")
+    p.s.close("broken", error_code=hbone.ErrorCodes.INTERNAL_ERROR)
     p.pump()
     evs = p.take("c")
     assert any(isinstance(e, StreamReset) and e.stream_id == sid for e in evs)
     assert any(isinstance(e, ConnectionClosed) for e in evs)
+
+
+def test_graceful_goaway_lets_open_streams_finish() -> None:
+    """RFC 9113 §6.8: streams up to the GOAWAY's last stream id still finish; the
+    connection takes no new ones (the pool then opens another), and a stream the
+    peer opened after the final GOAWAY is refused (REFUSED_STREAM: safe to retry)."""
+    p = Pair()
+    sid = p.tunnel()
+    p.s.goaway(reason="proxy restarting")  # step one: any stream the client opened so far is served
+    p.pump()
+    evs = p.take("c")
+    assert [type(e) for e in evs] == [hbone.GoingAway] and p.c.closed and not p.c.can_open()
+    with pytest.raises(hbone.HboneProtocolError):
+        p.c.open_tunnel("10.0.0.5", 8080)
+    p.c.send(sid, b"still flowing")
+    p.s.send(sid, b"both ways")
+    p.pump()
+    assert data_of(p.take("s")) == b"still flowing" and data_of(p.take("c")) == b"both ways"
+    # Step two names the last stream served; one the client opened meanwhile is refused.
+    late = Pair()
+    first = late.tunnel()
+    second = late.c.open_tunnel("10.0.0.5", 8080)  # in flight when the server says goodbye
+    late.s.goaway(first, "proxy restarting")
+    late.pump()
+    evs = late.take("c")
+    assert any(isinstance(e, StreamReset) and e.stream_id == second and e.error_code == hbone.ErrorCodes.REFUSED_STREAM
+               for e in evs)
+    assert not any(isinstance(e, ConnectRequested) and e.stream_id == second for e in late.take("s"))
+    late.c.send(first, b"first goes on")
+    late.pump()
+    assert data_of(late.take("s")) == b"first goes on"
 
 
 def test_parse_authority() -> None:
