@@ -200,6 +200,10 @@ class Operators:
         return [c for _, c in self._records.items(CREDENTIALS)]
 
 
+def _replace_with(record: Record) -> Callable[[Record | None], Record]:
+    return lambda _old: record
+
+
 def migrate_legacy(db: sqlite3.Connection, operators: Operators, records: Records) -> int:
     """Bring the tokens of the older `operators` table (one token per operator,
     revocation by name) into credentials, so an existing bootstrap token keeps
@@ -214,12 +218,12 @@ def migrate_legacy(db: sqlite3.Connection, operators: Operators, records: Record
     for name, role, token_id, token_hash, created, revoked in rows:
         if records.get(OPERATORS, str(name)) is not None:
             continue
-        records.update(OPERATORS, str(name), lambda _o, n_=name, r=role, c=created, v=revoked: {
-            "name": n_, "role": r, "created_unix": c, "revoked_unix": v})
+        operator = {"name": name, "role": role, "created_unix": created, "revoked_unix": revoked}
+        records.update(OPERATORS, str(name), _replace_with(operator))
         if token_id and token_hash and not revoked:
-            records.update(CREDENTIALS, str(token_id), lambda _o, t=token_id, n_=name, h=token_hash, c=created: {
-                "id": t, "operator": n_, "kind": "token", "token_sha256": h, "created_unix": c,
-                "expires_unix": now + MAX_OPERATOR_TTL_S, "revoked_unix": None})
+            credential = {"id": token_id, "operator": name, "kind": "token", "token_sha256": token_hash,
+                          "created_unix": created, "expires_unix": now + MAX_OPERATOR_TTL_S, "revoked_unix": None}
+            records.update(CREDENTIALS, str(token_id), _replace_with(credential))
         n += 1
     if n:
         log.info("moved %d operators of the older operators table to per-credential records; operator "

@@ -135,7 +135,7 @@ def guard_check(data: bytes, cuts: list[int], out_of_turn: bool) -> None:
     caller, workload = _End(), _End()
     g = authz_l7.InboundHttpGuard(authz_l7.L7Check(POLICIES, inbound_facts(WEB, 8080, "", "10.0.0.11")), workload,
                                   Session(_Log(), "inbound"))  # type: ignore[arg-type]
-    g.attach(caller)  # type: ignore[arg-type]
+    g.attach(caller)
     pos = 0
     for cut in [*cuts, len(data)]:
         if cut > pos:
