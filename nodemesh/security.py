@@ -53,7 +53,7 @@ _WILDCARD_TEXT = re.compile(r"^\*?[^*]*\*?$")
 Labels = tuple[tuple[str, str], ...]
 
 
-class PolicyError(ValueError):
+class PolicySpecError(ValueError):
     """A policy that does not parse; `problems` lists every (path, reason)."""
 
     def __init__(self, problems: list[tuple[str, str]]) -> None:
@@ -215,9 +215,9 @@ class MeshSecurity:
         try:
             raw = json.loads(text)
         except ValueError as e:
-            raise PolicyError([("spec_json", f"not JSON: {e}")]) from None
+            raise PolicySpecError([("spec_json", f"not JSON: {e}")]) from None
         if not isinstance(raw, dict):
-            raise PolicyError([("spec_json", "must be a JSON object")])
+            raise PolicySpecError([("spec_json", "must be a JSON object")])
         problems: list[tuple[str, str]] = []
         unknown = set(raw) - {"mtlsMode", "defaultDeny", "rootNamespace", "http"}
         if unknown:
@@ -239,7 +239,7 @@ class MeshSecurity:
             limits, bad = parse_limits(http, "spec_json.http")
             problems.extend(bad)
         if problems:
-            raise PolicyError(problems)
+            raise PolicySpecError(problems)
         return cls(str(mode), bool(deny), str(root), limits)
 
 
@@ -485,21 +485,21 @@ def parse_authorization_policy(c: FieldChecker, name: str, namespace: str, label
 
 def policy_from_json(kind: str, namespace: str, name: str, spec_json: str) -> PeerAuthentication | AuthorizationPolicy:
     """Rebuild a policy from its canonical JSON spec (the agent's side of the
-    xDS Policy resource). Raises PolicyError naming the field."""
+    xDS Policy resource). Raises PolicySpecError naming the field."""
     from nodemesh import model
 
     try:
         spec = json.loads(spec_json)
     except ValueError as e:
-        raise PolicyError([("spec_json", f"not JSON: {e}")]) from None
+        raise PolicySpecError([("spec_json", f"not JSON: {e}")]) from None
     doc = {"apiVersion": model.API_VERSION, "kind": kind,
            "metadata": {"name": name, "namespace": namespace}, "spec": spec}
     try:
         obj = model.parse_document(doc)
     except model.ValidationError as e:
-        raise PolicyError(list(e.problems)) from None
+        raise PolicySpecError(list(e.problems)) from None
     if not isinstance(obj.obj, (PeerAuthentication, AuthorizationPolicy)):
-        raise PolicyError([("kind", f"{kind} is not a security policy kind")])
+        raise PolicySpecError([("kind", f"{kind} is not a security policy kind")])
     return obj.obj
 
 

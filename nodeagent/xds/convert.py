@@ -276,7 +276,7 @@ def convert_policy(name: str, msg: mesh_pb2.Policy) -> Any:
             raise ResourceError(f"MeshSecurity must be named {xdsnames.MESH_SECURITY_RESOURCE!r}")
         try:
             return security.MeshSecurity.from_json(msg.spec_json)
-        except security.PolicyError as e:
+        except security.PolicySpecError as e:
             raise ResourceError(str(e)) from None
     if msg.kind not in (security.KIND_PEER_AUTHENTICATION, security.KIND_AUTHORIZATION_POLICY):
         raise ResourceError(f"kind {msg.kind!r} must be PeerAuthentication, AuthorizationPolicy or MeshSecurity")
@@ -285,7 +285,7 @@ def convert_policy(name: str, msg: mesh_pb2.Policy) -> Any:
         raise ResourceError(f"resource name should be {expected!r} for this policy")
     try:
         return security.policy_from_json(msg.kind, msg.namespace, msg.name, msg.spec_json)
-    except security.PolicyError as e:
+    except security.PolicySpecError as e:
         raise ResourceError(str(e)) from None
 
 
