@@ -35,7 +35,7 @@ from importlib import resources
 from typing import Any
 
 from controlplane.rollout.controller import summaries as rollout_summaries
-from controlplane.web.auth import MAX_LOGIN_BODY, NO_CONTENT, SECURITY_HEADERS, WebAuth, csp_for, header
+from controlplane.web.login import MAX_LOGIN_BODY, NO_CONTENT, SECURITY_HEADERS, WebAuth, csp_for, header
 
 log = logging.getLogger(__name__)
 
@@ -436,7 +436,7 @@ class MeshView:
         self.telemetry = telemetry or MeshTelemetry()
         self._server: asyncio.AbstractServer | None = None
         self.address = ""
-        # The login, Host check and CSP (controlplane/web/auth.py); hosts are set once bound.
+        # The login, Host check and CSP (controlplane/web/login.py); hosts are set once bound.
         security = getattr(cp, "security", None)
         self.auth = WebAuth(security.operators.by_token if security is not None else (lambda _t: None), ())
         self.extra_hosts: tuple[str, ...] = tuple(getattr(getattr(cp, "settings", None), "web_hosts", ()) or ())

@@ -293,7 +293,7 @@ class Lab:
 
     def meshview_get(self, path: str, port: int = 15014) -> str:
         """GET a mesh view path from the hub, logged in with the bootstrap operator's
-        token (the view is behind a login: controlplane/web/auth.py)."""
+        token (the view is behind a login: controlplane/web/login.py)."""
         jar = self.workdir / f"meshview-{port}.cookies"
         base = f"http://127.0.0.1:{port}"
         self.ns_exec(self.hub, ["curl", "-sS", "--max-time", "5", "-c", str(jar), "--data-urlencode",

@@ -66,7 +66,7 @@ SECURITY_HEADERS = ("X-Content-Type-Options: nosniff\r\nX-Frame-Options: DENY\r\
 
 
 @dataclass
-class Session:
+class LoginSession:
     principal: str
     token: str  # re-checked at each request: a revoked credential ends the session
     expires: float
@@ -87,7 +87,7 @@ class WebAuth:
         self._check = check_token  # token -> controlplane.operators.Caller
         self.hosts = {h.lower() for h in hosts}
         self._clock = clock
-        self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self._sessions: OrderedDict[str, LoginSession] = OrderedDict()
 
     @staticmethod
     def hosts_for(listen_host: str, port: int, extra: Iterable[str] = ()) -> set[str]:
@@ -115,12 +115,12 @@ class WebAuth:
         if getattr(caller, "kind", "") != "operator":
             return None, "that token is not a live operator token (unknown, revoked or expired)"
         sid = secrets.token_urlsafe(32)
-        self._sessions[sid] = Session(caller.principal, token, self._clock() + SESSION_TTL_S)
+        self._sessions[sid] = LoginSession(caller.principal, token, self._clock() + SESSION_TTL_S)
         while len(self._sessions) > MAX_SESSIONS:
             self._sessions.popitem(last=False)  # the oldest goes first
         return sid, caller.principal
 
-    def session(self, head: bytes) -> Session | None:
+    def session(self, head: bytes) -> LoginSession | None:
         cookies = header(head, "cookie") or ""
         for part in cookies.split(";"):
             k, _, v = part.strip().partition("=")
