@@ -59,7 +59,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from controlplane.adminclient import AdminClient
-from controlplane.client import ConfigClient
+from controlplane.apiclient import ConfigClient
 from nodeagent.identity.attest import node_csr
 from nodemesh import xdsnames
 from nodemesh.v1 import mesh_pb2, mesh_pb2_grpc

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-from controlplane.client import ClientError, ConfigClient
+from controlplane.apiclient import ClientError, ConfigClient
 from nodemesh.v1 import mesh_pb2, mesh_pb2_grpc
 
 _Response = TypeVar("_Response")

@@ -10,7 +10,7 @@ import logging
 import sys
 from typing import Any
 
-from controlplane.client import ConfigClient, default_server
+from controlplane.apiclient import ConfigClient, default_server
 from controlplane.xds.sync import PROXY_STATUS_KINDS
 from nodemesh import model, xdsnames
 from nodemesh.cli.output import CommandError, add_output_flag, add_server_flags, emit, emit_all, table

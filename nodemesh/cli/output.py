@@ -14,7 +14,7 @@ from typing import Any, TextIO
 import grpc
 import yaml
 
-from controlplane.client import ClientError, add_credential_flags, default_server
+from controlplane.apiclient import ClientError, add_credential_flags, default_server
 
 OUTPUTS = ("table", "json", "yaml")
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from controlplane.client import ConfigClient
+from controlplane.apiclient import ConfigClient
 from nodemesh import model
 from nodemesh.cli.output import CommandError, add_output_flag, add_server_flags, emit, table
 from nodemesh.rollouts import KIND_ROLLOUT

@@ -67,7 +67,7 @@ def _source_principal(source: str, trust_domain: str) -> str:
 
 
 def cmd_authz_check(args: argparse.Namespace) -> int:
-    from controlplane.client import ClientError, ConfigClient
+    from controlplane.apiclient import ClientError, ConfigClient
     from nodeagent.proxy.authz import HttpFacts, RequestFacts, evaluate
     from nodemesh import model
     from nodemesh.identity import IdentityError

@@ -301,7 +301,7 @@ class Lab:
         return self.ns_exec(self.hub, ["curl", "-sS", "--max-time", "5", "-b", str(jar), f"{base}{path}"]).stdout
 
     def _cp_ready(self, unix: str = "") -> bool:
-        from controlplane.client import ClientError, ConfigClient
+        from controlplane.apiclient import ClientError, ConfigClient
 
         try:
             with ConfigClient(unix or self.cp_unix, timeout_s=1.0) as c:
@@ -314,7 +314,7 @@ class Lab:
         """Over the unix socket, which is local admin (config and admin APIs). From
         inside a node namespace, TCP needs admin_token_file and cp_ca_file instead."""
         from controlplane.adminclient import AdminClient
-        from controlplane.client import Credentials
+        from controlplane.apiclient import Credentials
 
         return AdminClient(self.cp_unix, timeout_s=10.0, credentials=Credentials())
 

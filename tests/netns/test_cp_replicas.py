@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from controlplane.adminclient import AdminClient
-from controlplane.client import Credentials
+from controlplane.apiclient import Credentials
 from controlplane.etcd_client import make_etcd_certs, single_member_argv
 from nodemesh.lab.harness import LAB_BINDINGS, Lab, LabWorkload
 from tests.conftest import require_tool

@@ -19,7 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from controlplane.client import ClientError
+from controlplane.apiclient import ClientError
 from nodemesh.lab.harness import Lab
 from nodemesh.v1 import mesh_pb2, mesh_pb2_grpc
 from tests.netns.conftest import CLIENT_UID

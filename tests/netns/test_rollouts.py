@@ -240,7 +240,7 @@ def test_slow_v2_is_rolled_back_on_p99(lab: Lab) -> None:
 
 def test_invalid_rollouts_are_refused_with_field_paths(lab: Lab) -> None:
     two_versions(lab)
-    from controlplane.client import ClientError
+    from controlplane.apiclient import ClientError
 
     cases = [
         (rollout_doc(service="nope"), "Rollout default/web: spec.service", "no Service default/nope"),

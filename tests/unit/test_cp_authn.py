@@ -16,8 +16,8 @@ import grpc
 import pytest
 
 from controlplane.adminclient import AdminClient
+from controlplane.apiclient import ClientError, Credentials
 from controlplane.auth import NODE, OPEN, RO, RW, Caller, Operators, allows, refusal
-from controlplane.client import ClientError, Credentials
 from controlplane.server import ControlPlaneSettings, start
 
 LOCAL = Caller("local", "unix", RW)
