@@ -263,7 +263,8 @@ def merge(parts: Iterable[Iterable[FamilyData]]) -> list[FamilyData]:
                 if old is None:
                     series[key] = v
                 elif fd.kind == "histogram":
-                    series[key] = (tuple(a + b for a, b in zip(old[0], v[0])), old[1] + v[1], old[2] + v[2])
+                    counts = tuple(a + b for a, b in zip(old[0], v[0], strict=True))
+                    series[key] = (counts, old[1] + v[1], old[2] + v[2])
                 elif fd.kind == "gauge" and fd.merge == "max":
                     series[key] = max(old, v)
                 else:
@@ -286,7 +287,7 @@ def _fmt(v: float) -> str:
 
 
 def _labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str:
-    parts = [f'{n}="{_escape(v)}"' for n, v in zip(names, values)]
+    parts = [f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True)]
     if extra:
         parts.append(extra)
     return "{" + ",".join(parts) + "}" if parts else ""
@@ -304,7 +305,7 @@ def render(families: Iterable[FamilyData]) -> str:
             if fd.kind == "histogram":
                 counts, total, n = v
                 cum = 0
-                for bound, c in zip((*fd.buckets, math.inf), counts):
+                for bound, c in zip((*fd.buckets, math.inf), counts, strict=True):
                     cum += c
                     le = 'le="' + _fmt(bound) + '"'
                     lines.append(f"{fd.name}_bucket{_labels(fd.labelnames, key, le)} {cum}")
@@ -360,11 +361,11 @@ def histogram_quantile(buckets: tuple[float, ...] | list[float], counts: list[fl
     rank = q * total
     cum = 0.0
     lower = 0.0
-    for bound, c in zip((*buckets, float("inf")), counts):
+    for bound, c in zip((*buckets, float("inf")), counts, strict=True):
         if cum + c >= rank and c > 0:
             if bound == float("inf"):
                 return lower
-            return lower + (bound - lower) * ((rank - cum) / c)
+            return float(lower + (bound - lower) * ((rank - cum) / c))
         cum += c
         lower = bound if bound != float("inf") else lower
     return lower

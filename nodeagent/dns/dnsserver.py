@@ -236,13 +236,15 @@ class DnsServer:
 
     @property
     def udp_address(self) -> tuple[str, int]:
-        assert self._udp is not None
+        if self._udp is None:
+            raise RuntimeError("the DNS proxy's UDP socket is not open: start() it first")
         host, port = self._udp.sockname[:2]
         return host, port
 
     @property
     def tcp_address(self) -> tuple[str, int]:
-        assert self._tcp is not None
+        if self._tcp is None:
+            raise RuntimeError("the DNS proxy's TCP listener is not open: start() it first")
         host, port = self._tcp.sockets[0].getsockname()[:2]
         return host, port
 
@@ -271,8 +273,9 @@ class DnsServer:
                  ", ".join(str(u) for u in self.settings.upstreams) or "none (non-mesh names get SERVFAIL)")
 
     async def _udp_loop(self) -> None:
-        assert self._udp is not None
         udp = self._udp
+        if udp is None:
+            raise RuntimeError("the DNS proxy's UDP socket is not open: start() it first")
         loop = asyncio.get_running_loop()
         while True:
             try:

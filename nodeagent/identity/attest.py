@@ -258,7 +258,8 @@ class NodeAttestation:
                 timeout=CALL_TIMEOUT_S)
         chain = self._save(resp)
         creds = cpchannel.credentials()
-        assert creds is not None
+        if creds is None:  # set when the channel was opened for this very call
+            raise RuntimeError("no control-plane credentials after a renewal over them")
         self._install(key, chain, creds.server_ca_pem)
         self.renewals += 1
         log.info("attest: renewed the node certificate (valid until %s)",

@@ -90,8 +90,8 @@ def svid_from_response(identity: str, key: ec.EllipticCurvePrivateKey,
     sans = uri_sans(leaf)
     if sans != [identity]:
         raise CertError("wrong_identity", f"the CA issued a certificate for {sans} instead of {identity}")
-    if leaf.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo) \
-            != key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo):
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if leaf.public_key().public_bytes(*spki) != key.public_key().public_bytes(*spki):
         raise CertError("wrong_key", f"the CA's certificate for {identity} does not match the key sent")
     key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption()).decode()

@@ -8,8 +8,8 @@ these types, never protobufs.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from nodeagent.meshview.l7snapshot import ClusterPolicy, RouteTable
 from nodemesh.security import SecurityPolicies

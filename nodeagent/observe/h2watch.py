@@ -234,7 +234,7 @@ class H2Watch:
             self._end_stream(d, stream_id)
 
     def _frame(self, d: _Direction, ftype: int, flags: int, stream_id: int, payload: bytes) -> None:
-        if ftype == HEADERS or ftype == PUSH_PROMISE:
+        if ftype in (HEADERS, PUSH_PROMISE):
             if stream_id == 0:
                 raise Malformed("HEADERS on stream 0")
             pos, end = 0, len(payload)

@@ -204,15 +204,15 @@ class Http1Watch:
     def _stop(self, why: str) -> None:
         self.stopped = why or "stopped"
 
-    def _feed(self, side: _Side, data: bytes, on_head: Callable[[_Side, bytes], None]) -> None:
+    def _feed(self, side: _Side, data: bytes | bytearray, on_head: Callable[[_Side, bytes], None]) -> None:
         buf = side.buf
         if buf:  # an incomplete head or line from the last read: only then are bytes copied
             buf += data
-            data = buf  # type: ignore[assignment]
+            data = buf
         pos, n = 0, len(data)
         while pos < n and not self.stopped:
             state = side.state
-            if state == _LENGTH or state == _CHUNK_DATA:
+            if state in (_LENGTH, _CHUNK_DATA):
                 take = min(side.remaining, n - pos)
                 side.remaining -= take
                 pos += take

@@ -65,6 +65,15 @@ def worker_pids(lab: Lab, k: int) -> list[int]:
     return out
 
 
+def capture_back_diag(lab: Lab) -> str:
+    """What to look at when capture does not come back after the workers were killed:
+    the agent's status (proxy state, windows, workers up) and its log tail (the
+    restart, the failover's switches, any worker start error)."""
+    st = lab.agent_status(1)
+    keys = ("proxy_state", "proxy_down_windows", "proxy_down_seconds", "failover_error", "workers_alive", "workers_up")
+    return f"status: { {k: st.get(k) for k in keys} }\nagent-1 log:\n{lab.log('agent-1')[-3000:]}"
+
+
 def kill_workers(lab: Lab, k: int) -> float:
     pids = worker_pids(lab, k)
     assert pids, "no proxy worker process found"
@@ -149,7 +158,8 @@ def test_capture_open(lab: Lab, backend: str, monkeypatch: pytest.MonkeyPatch) -
     assert direct["replica"] == "web-1"
     assert curl_json(lab, 2, f"http://{lab.node_ip(1)}:8080/bypass-in", uid=0, timeout=2)["replica"] == "web-1"
     assert len(lab.access_log(1)) == n, "traffic went through a proxy that was supposed to be down"
-    wait_until(lambda: lab.agent_status(1).get("proxy_state") == "serving", RESTART_DELAY_S + 5, "capture back")
+    wait_until(lambda: lab.agent_status(1).get("proxy_state") == "serving", RESTART_DELAY_S + 5, "capture back",
+               diag=lambda: capture_back_diag(lab))
     st = lab.agent_status(1)
     assert st["proxy_down_windows"] == 1 and st["proxy_down_seconds"] > 1, st
     assert "BYPASSES the mesh" in lab.log("agent-1")
@@ -175,7 +185,8 @@ def test_capture_closed(lab: Lab, backend: str, monkeypatch: pytest.MonkeyPatch)
         res = lab.curl(node, url, uid=uid, timeout=3)
         assert res.returncode == 7, f"node {node}: expected connection refused, got {res.returncode} {res.stderr}"
         assert time.monotonic() - t < 1.0, "refusal took too long (hung?)"
-    wait_until(lambda: lab.agent_status(1).get("proxy_state") == "serving", RESTART_DELAY_S + 5, "capture back")
+    wait_until(lambda: lab.agent_status(1).get("proxy_state") == "serving", RESTART_DELAY_S + 5, "capture back",
+               diag=lambda: capture_back_diag(lab))
     assert curl_json(lab, 2, url, uid=0)["replica"] == "web-1"
 
     # Stop under closed: capture stays, refusing, so nothing goes unmeshed while the
