@@ -142,6 +142,14 @@ class StreamEnd:
             return
         self._closed = True
         self.conn.stream_finished(self.stream_id)
+        if self._unacked:
+            # Bytes received and never passed on (held while the partner pushed back, or
+            # before it came): the stream is gone but they still count against the
+            # connection's window, which would leak shut without this credit.
+            n, self._unacked = self._unacked, 0
+            self._early.clear()
+            self.conn.core.acknowledge(self.stream_id, n)
+            self.conn.flush()
         if propagate and self.partner is not None:
             self.partner.abort()
         self.session.end_closed()

@@ -13,6 +13,7 @@ stream that was not reset delivered exactly what was sent, in order, both ways.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +56,11 @@ class Tun:
     theirs_unacked: int = 0
     theirs_pending: bytearray = field(default_factory=bytearray)  # h2 side: beyond its window
     theirs_end_pending: bool = False
+
+
+def _headers(headers: Any) -> dict[str, str]:
+    """h2 types event headers as bytes; with header_encoding set they are str."""
+    return {str(k): str(v) for k, v in headers}
 
 
 def _blob(n: int, seed: int) -> bytes:
@@ -132,12 +138,12 @@ class Harness:
     def on_theirs(self, ev: h2.events.Event) -> None:
         assert not isinstance(ev, h2.events.ConnectionTerminated), f"h2 got GOAWAY from us: {ev}"
         if isinstance(ev, h2.events.RequestReceived):
-            hdrs = dict(ev.headers)
+            hdrs = _headers(ev.headers)
             assert hdrs[":method"] == "CONNECT" and hdrs[":authority"] == "10.0.0.5:8080"
             self.tuns.setdefault(ev.stream_id, Tun(ev.stream_id))
             self.order.append(ev.stream_id)
         elif isinstance(ev, h2.events.ResponseReceived):
-            status = int(dict(ev.headers)[":status"])
+            status = int(_headers(ev.headers)[":status"])
             t = self.tuns[ev.stream_id]
             if status == 200:
                 t.up = True
@@ -178,6 +184,7 @@ class Harness:
         return live[k % len(live)] if live else None
 
     def op(self, name: str, k: int, n: int, flag: bool) -> None:
+        t: Tun | None
         if name == "open":
             if len([t for t in self.tuns.values() if not (t.reset or t.refused)]) >= 5:
                 return
@@ -243,10 +250,8 @@ class Harness:
             t = self.pick(k)
             if t is not None and t.theirs_unacked:
                 part = t.theirs_unacked if flag else max(1, t.theirs_unacked * (n % 100) // 100)
-                try:
+                with contextlib.suppress(h2.exceptions.StreamClosedError):
                     self.theirs.acknowledge_received_data(part, t.sid)
-                except h2.exceptions.StreamClosedError:
-                    pass
                 t.theirs_unacked -= part
         elif name == "end_ours":
             t = self.pick(k)
@@ -268,10 +273,8 @@ class Harness:
             t = self.pick(k, want_up=False)
             if t is not None and flag and n % 3 == 0 and t.sid in self.theirs.streams:
                 t.reset = True
-                try:
+                with contextlib.suppress(h2.exceptions.StreamClosedError):
                     self.theirs.reset_stream(t.sid, h2.errors.ErrorCodes.CANCEL)
-                except h2.exceptions.StreamClosedError:
-                    pass
         elif name == "deliver_to_ours":
             self.deliver_to_ours(None if flag else n % 5000)
         elif name == "deliver_to_theirs":
@@ -293,17 +296,18 @@ class Harness:
             self.pump()
             moved = False
             for t in self.tuns.values():
-                if t.reset or t.refused:
+                if t.refused:
                     continue
+                # A reset stream's received bytes still count against the connection's
+                # window: each side gives that credit back (as tunnel.StreamEnd does),
+                # or the other tunnels stall.
                 if t.ours_unacked:
                     self.ours.acknowledge(t.sid, t.ours_unacked)
                     t.ours_unacked = 0
                     moved = True
                 if t.theirs_unacked:
-                    try:
+                    with contextlib.suppress(h2.exceptions.StreamClosedError):
                         self.theirs.acknowledge_received_data(t.theirs_unacked, t.sid)
-                    except h2.exceptions.StreamClosedError:
-                        pass
                     t.theirs_unacked = 0
                     moved = True
             self.flush_theirs()

@@ -109,3 +109,24 @@ def test_data_after_attach_goes_straight_through() -> None:
         proto.data_received(srv.data_to_send())
         assert bytes(rec.data) == b"hello" and not rec.eof
     asyncio.run(body())
+
+
+def test_a_reset_stream_gives_back_the_connection_credit_of_bytes_it_held() -> None:
+    """Bytes held while the partner pushed back still count against the connection's
+    receive window: when the peer resets the stream they are credited back (found by
+    tests/unit/test_hbone_oracle.py: without it, the other tunnels of the connection stalled)."""
+    async def body() -> None:
+        proto, _tr, srv, sid, end, _answered = _opened_tunnel()
+        srv.accept(sid)
+        proto.data_received(srv.data_to_send())
+        rec = _Recorder()
+        end.attach(rec)
+        end.pause_reading()  # the partner pushes back: acknowledgements wait
+        srv.send(sid, b"x" * 10_000)
+        proto.data_received(srv.data_to_send())
+        core = proto.core
+        credit0 = core._conn_credit + core._recv_window
+        srv.reset(sid)
+        proto.data_received(srv.data_to_send())
+        assert core._conn_credit + core._recv_window == credit0 + 10_000
+    asyncio.run(body())
