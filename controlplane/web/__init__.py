@@ -429,7 +429,7 @@ Response = tuple[int, str, bytes]
 
 
 class MeshView:
-    """The HTTP server; `cp` is controlplane.server.ControlPlane."""
+    """The HTTP server; `cp` is controlplane.process.ControlPlane."""
 
     def __init__(self, cp: Any, telemetry: MeshTelemetry | None = None) -> None:
         self.cp = cp

@@ -110,7 +110,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from controlplane.ca import CaError
-    from controlplane.server import DEFAULT_LISTEN, ControlPlaneSettings, serve
+    from controlplane.process import DEFAULT_LISTEN, ControlPlaneSettings, serve
     from controlplane.store import StoreError
 
     logging.basicConfig(level=args.log_level.upper(),

@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 import pytest
 
-from controlplane.server import ControlPlane, ControlPlaneSettings, start
+from controlplane.process import ControlPlane, ControlPlaneSettings, start
 from nodemesh.v1 import mesh_pb2, mesh_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[2]

@@ -17,7 +17,7 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from controlplane.apiclient import ClientError, ConfigClient
-from controlplane.server import ControlPlane, ControlPlaneSettings, start
+from controlplane.process import ControlPlane, ControlPlaneSettings, start
 from nodemesh import xdsnames
 from nodemesh.v1 import mesh_pb2, mesh_pb2_grpc
 

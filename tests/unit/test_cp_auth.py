@@ -158,7 +158,7 @@ def test_operator_files_refusals_say_what_to_fix(tmp_path: Path) -> None:
 
 
 def test_controlplane_settings_need_all_three_ca_files(tmp_path: Path) -> None:
-    from controlplane.server import ControlPlaneSettings
+    from controlplane.process import ControlPlaneSettings
 
     with pytest.raises(ValueError, match="go together"):
         ControlPlaneSettings(state_dir=str(tmp_path), ca_cert="x.pem")

@@ -18,7 +18,7 @@ import pytest
 from controlplane.adminclient import AdminClient
 from controlplane.apiclient import ClientError, Credentials
 from controlplane.auth import NODE, OPEN, RO, RW, Caller, Operators, allows, refusal
-from controlplane.server import ControlPlaneSettings, start
+from controlplane.process import ControlPlaneSettings, start
 
 LOCAL = Caller("local", "unix", RW)
 ADMIN = Caller("operator", "admin", RW)

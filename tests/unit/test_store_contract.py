@@ -600,7 +600,7 @@ def test_etcd_over_tls_refuses_who_has_no_certificate_of_its_ca(etcd_endpoint: s
 
 
 def test_serve_settings_refuse_etcd_without_a_shared_ca(tmp_path: Path) -> None:
-    from controlplane.server import ControlPlaneSettings
+    from controlplane.process import ControlPlaneSettings
 
     with pytest.raises(ValueError, match="needs the operator intermediate CA"):
         ControlPlaneSettings(state_dir=str(tmp_path), store="etcd", etcd_endpoints=("http://127.0.0.1:2379",))
