@@ -1,7 +1,8 @@
 """The package layering (docs/architecture.md): the shared model in `nodemesh`
 imports neither side; the node agent and the control plane do not import each
 other; only the front door (nodemesh.cli, nodemesh.lab, the install verb)
-imports both. Checked on the source's import statements, lazy imports included."""
+imports both. Checked on the source's import statements, lazy imports included;
+and no two modules share a name."""
 
 from __future__ import annotations
 
@@ -60,3 +61,14 @@ def test_sides_do_not_import_each_other_or_the_front_door() -> None:
                     if _top(name) == other or _in(name, FRONT_DOOR)]
     assert bad == []
 
+
+
+def test_module_basenames_are_unique() -> None:
+    """One name per idea: no two hand-written modules share a basename (package
+    markers aside), so a name says which module is meant."""
+    seen: dict[str, list[str]] = {}
+    for package in ("nodemesh", "nodeagent", "controlplane"):
+        for path in _sources(package):
+            if path.name not in ("__init__.py", "__main__.py"):
+                seen.setdefault(path.name, []).append(str(path.relative_to(ROOT)))
+    assert {k: v for k, v in seen.items() if len(v) > 1} == {}
