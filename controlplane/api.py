@@ -26,7 +26,7 @@ from controlplane.vip import VipExhausted, allocate_vip, is_usable
 from controlplane.xds import validate as xds_validate
 from controlplane.xds.build import ServiceEntry
 from controlplane.xds.sync import PROXY_STATUS_KIND, PROXY_STATUS_KINDS
-from nodemesh import model, rollouts
+from nodemesh import model, rolloutspec
 from nodemesh.v1 import mesh_pb2, mesh_pb2_grpc
 
 log = logging.getLogger("nodemesh.controlplane.api")
@@ -85,8 +85,8 @@ def _rollout_checks(store: Store, final: dict[tuple[str, str, str], model.Servic
     """Rollouts against the resulting config: their service exists, one per service,
     and a new run's versions each select a registered workload. Returns (problems,
     status to keep per batch Rollout: an unchanged run keeps the controller's state)."""
-    stored = {r.ref: r for r in store.list(rollouts.KIND_ROLLOUT)[0]}
-    final_ro: dict[tuple[str, str, str], rollouts.Rollout] = {}
+    stored = {r.ref: r for r in store.list(rolloutspec.KIND_ROLLOUT)[0]}
+    final_ro: dict[tuple[str, str, str], rolloutspec.Rollout] = {}
     for ref, r in stored.items():
         if ref in deletes:
             continue
@@ -98,7 +98,7 @@ def _rollout_checks(store: Store, final: dict[tuple[str, str, str], model.Servic
     keep: dict[tuple[str, str, str], str] = {}
     new_runs = []
     for d in upserts:
-        if isinstance(d.obj, rollouts.Rollout):
+        if isinstance(d.obj, rolloutspec.Rollout):
             final_ro[d.ref] = d.obj
             old = stored.get(d.ref)
             if old is not None:
@@ -106,9 +106,9 @@ def _rollout_checks(store: Store, final: dict[tuple[str, str, str], model.Servic
             if old is None or old.status().get("run") != d.obj.run_id:
                 new_runs.append(d.obj)
     services = list(final.values())
-    problems = rollouts.check_against(list(final_ro.values()), services, None)
+    problems = rolloutspec.check_against(list(final_ro.values()), services, None)
     if new_runs and workloads is not None:
-        problems += rollouts.check_against(new_runs, services, workloads)
+        problems += rolloutspec.check_against(new_runs, services, workloads)
     return list(dict.fromkeys(problems)), keep
 
 

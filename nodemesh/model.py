@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from nodemesh import rollouts as _rollouts
+from nodemesh import rolloutspec as _rollouts
 from nodemesh import routespec as _routes
 from nodemesh.fieldcheck import FieldChecker, Problem, type_name
 from nodemesh.httpedge import DEFAULT_LIMITS, SPEC_FIELDS, HttpLimits, parse_limits
@@ -27,7 +27,7 @@ KIND_PEER_AUTHENTICATION = "PeerAuthentication"  # parsed in nodemesh.security
 KIND_AUTHORIZATION_POLICY = "AuthorizationPolicy"  # parsed in nodemesh.security
 KINDS = (KIND_SERVICE, KIND_MESH_CONFIG, KIND_PEER_AUTHENTICATION, KIND_AUTHORIZATION_POLICY,
          *_routes.ROUTE_KINDS,  # L7 kinds: parsed in nodemesh.routespec
-         _rollouts.KIND_ROLLOUT)  # parsed in nodemesh.rollouts
+         _rollouts.KIND_ROLLOUT)  # parsed in nodemesh.rolloutspec
 CLUSTER_SCOPED = frozenset({KIND_MESH_CONFIG})
 
 PROTOCOLS = ("tcp", "http", "http2", "grpc", "auto")

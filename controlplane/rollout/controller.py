@@ -33,7 +33,7 @@ from controlplane.rollout.readings import Readings, Snapshot, interval_stats
 from controlplane.store import Put, Store, StoredResource, StoreError
 from controlplane.xds.subsets import VersionSplit
 from nodemesh import model
-from nodemesh.rollouts import KIND_ROLLOUT, Rollout
+from nodemesh.rolloutspec import KIND_ROLLOUT, Rollout
 
 log = logging.getLogger("nodemesh.controlplane.rollout")
 

@@ -17,7 +17,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
-from nodemesh.rollouts import Rollout
+from nodemesh.rolloutspec import Rollout
 
 PROGRESSING = "Progressing"
 PAUSED = "Paused"

@@ -17,7 +17,7 @@ import yaml
 from controlplane.apiclient import ConfigClient
 from nodemesh import model
 from nodemesh.cli.output import CommandError, add_output_flag, add_server_flags, emit, table
-from nodemesh.rollouts import KIND_ROLLOUT
+from nodemesh.rolloutspec import KIND_ROLLOUT
 
 BAR_WIDTH = 40
 CONCLUDED = ("Promoted", "RolledBack")
@@ -39,7 +39,7 @@ def _weights(spec: dict[str, Any]) -> list[int]:
 
 
 def _step_seconds(spec: dict[str, Any]) -> float | None:
-    """How long a step lasts, from the spec as stored (defaults filled by nodemesh.rollouts)."""
+    """How long a step lasts, from the spec as stored (defaults filled by nodemesh.rolloutspec)."""
     try:
         ro = model.parse_document(model.to_yaml_document(KIND_ROLLOUT, "default", "x", spec)).obj
     except model.ValidationError:

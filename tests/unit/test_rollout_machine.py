@@ -19,7 +19,7 @@ from controlplane.rollout.machine import Stats, advance
 from controlplane.rollout.readings import Counters, Readings, interval_stats
 from controlplane.store import SQLiteStore, Store
 from nodemesh import model
-from nodemesh.rollouts import Rollout
+from nodemesh.rolloutspec import Rollout
 from tests.unit.test_store_contract import etcd_certs, etcd_endpoint, make_store  # noqa: F401 - fixtures
 
 SERVICE = """\
