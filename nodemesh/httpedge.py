@@ -33,9 +33,7 @@ class HttpLimits:
 
     def to_spec(self) -> dict[str, Any]:
         """The non-default fields, as MeshConfig spec.http keys."""
-        d = HttpLimits()
-        return {_SPEC_NAMES[f.name]: getattr(self, f.name) for f in fields(self)
-                if getattr(self, f.name) != getattr(d, f.name)}
+        return non_default_spec(self, _SPEC_NAMES)
 
 
 DEFAULT_LIMITS = HttpLimits()
@@ -62,30 +60,50 @@ _BOUNDS: dict[str, tuple[float, float]] = {
 }
 
 
-def parse_limits(raw: Mapping[str, Any], path: str = "spec.http") -> tuple[HttpLimits, list[tuple[str, str]]]:
-    """spec.http -> HttpLimits and a (field path, reason) per problem; unknown fields are problems."""
+def check_bounded(name: str, value: Any, bounds: Mapping[str, tuple[float, float]]) -> str:
+    """Why `value` is not a valid `name` (an integer, or a number for a `_s` field,
+    within its bounds), or "" when it is."""
+    lo, hi = bounds[name]
+    integral = not name.endswith("_s")
+    ok_type = isinstance(value, int) if integral else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type or not lo <= value <= hi:
+        return f"must be {'an integer' if integral else 'a number'} in {lo:g}..{hi:g}"
+    return ""
+
+
+def parse_fields(raw: Mapping[str, Any], path: str, names: Mapping[str, str],
+                 bounds: Mapping[str, tuple[float, float]], choices: Mapping[str, tuple[str, ...]] | None = None
+                 ) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """A limits mapping (spec key -> value) -> dataclass keyword arguments and a
+    (field path, reason) per problem: unknown keys, numbers out of `bounds`,
+    values not among `choices`."""
     problems: list[tuple[str, str]] = []
-    by_spec = {v: k for k, v in _SPEC_NAMES.items()}
+    by_spec = {v: k for k, v in names.items()}
     kw: dict[str, Any] = {}
     for key, value in raw.items():
         name = by_spec.get(key)
         if name is None:
-            problems.append((f"{path}.{key}", f"unknown field; allowed: {', '.join(SPEC_FIELDS)}"))
+            problems.append((f"{path}.{key}", f"unknown field; allowed: {', '.join(names.values())}"))
             continue
-        if name == "escaped_slash_action":
-            if value not in ESCAPED_SLASH_ACTIONS:
-                problems.append((f"{path}.{key}", f"must be one of {', '.join(ESCAPED_SLASH_ACTIONS)}"))
-            else:
-                kw[name] = value
-            continue
-        lo, hi = _BOUNDS[name]
-        integral = not name.endswith("_s")
-        ok_type = isinstance(value, int) if integral else isinstance(value, (int, float))
-        if isinstance(value, bool) or not ok_type or not lo <= value <= hi:
-            kind = "an integer" if integral else "a number"
-            problems.append((f"{path}.{key}", f"must be {kind} in {lo:g}..{hi:g}"))
-            continue
-        kw[name] = float(value) if not integral else int(value)
+        allowed = (choices or {}).get(name)
+        err = (f"must be one of {', '.join(allowed)}" if value not in allowed else "") if allowed is not None \
+            else check_bounded(name, value, bounds)
+        if err:
+            problems.append((f"{path}.{key}", err))
+        else:
+            kw[name] = value if allowed is not None else float(value) if name.endswith("_s") else int(value)
+    return kw, problems
+
+
+def non_default_spec(obj: Any, names: Mapping[str, str]) -> dict[str, Any]:
+    """The fields of a limits dataclass that differ from its defaults, by spec key."""
+    d = type(obj)()
+    return {names[f.name]: getattr(obj, f.name) for f in fields(obj) if getattr(obj, f.name) != getattr(d, f.name)}
+
+
+def parse_limits(raw: Mapping[str, Any], path: str = "spec.http") -> tuple[HttpLimits, list[tuple[str, str]]]:
+    """spec.http -> HttpLimits and a (field path, reason) per problem; unknown fields are problems."""
+    kw, problems = parse_fields(raw, path, _SPEC_NAMES, _BOUNDS, {"escaped_slash_action": ESCAPED_SLASH_ACTIONS})
     if "max_header_bytes" in kw and "max_request_line" not in kw:
         kw["max_request_line"] = min(DEFAULT_LIMITS.max_request_line, kw["max_header_bytes"])
     limits = HttpLimits(**kw)

@@ -14,6 +14,7 @@ import yaml
 from nodemesh import rolloutspec as _rollouts
 from nodemesh import routespec as _routes
 from nodemesh.fieldcheck import FieldChecker, Problem, type_name
+from nodemesh.hbonespec import DEFAULT_HBONE, HBONE_SPEC_FIELDS, HboneSettings, parse_hbone
 from nodemesh.httpedge import DEFAULT_LIMITS, SPEC_FIELDS, HttpLimits, parse_limits
 from nodemesh.identity import IdentityError, check_trust_domain
 
@@ -134,6 +135,8 @@ class MeshConfig:
     node_service_accounts: tuple[tuple[str, tuple[str, ...]], ...] = ()
     # HTTP edge limits of every L7 listener (spec.http; nodemesh/httpedge.py).
     http_limits: HttpLimits = DEFAULT_LIMITS
+    # Limits of the HBONE connections between node proxies (spec.hbone; nodemesh/hbonespec.py).
+    hbone_limits: HboneSettings = DEFAULT_HBONE
     # Which identities may run on which nodes (nodemesh.bindings; default deny). Holds the
     # spec.identityBindings entries and, after them, those nodeServiceAccounts implies.
     identity_bindings: tuple[Any, ...] = ()
@@ -162,6 +165,8 @@ class MeshConfig:
         spec.update(security.mesh_spec_extra(self))
         if self.http_limits != DEFAULT_LIMITS:
             spec["http"] = self.http_limits.to_spec()
+        if self.hbone_limits != DEFAULT_HBONE:
+            spec["hbone"] = self.hbone_limits.to_spec()
         return spec
 
 
@@ -250,7 +255,7 @@ def _parse_mesh_config(c: FieldChecker, name: str, labels: tuple[tuple[str, str]
     if name != MESH_CONFIG_NAME:
         c.add("metadata.name", f"there is one MeshConfig and it must be named {MESH_CONFIG_NAME!r}")
     spec = c.mapping(spec_raw, "spec", ("trustDomain", "vipRange", "outboundPolicy", "dnsDomain", "mtls",
-                                        "defaultDeny", "rootNamespace", "nodeServiceAccounts", "http",
+                                        "defaultDeny", "rootNamespace", "nodeServiceAccounts", "http", "hbone",
                                         "identityBindings"))
     if spec is None:
         return None
@@ -289,6 +294,12 @@ def _parse_mesh_config(c: FieldChecker, name: str, labels: tuple[tuple[str, str]
         for path, reason in problems:
             c.add(path, reason)
         extra["http_limits"] = limits
+    hb = c.mapping(spec.get("hbone"), "spec.hbone", HBONE_SPEC_FIELDS)
+    if hb:
+        hbone, problems = parse_hbone({k: v for k, v in hb.items() if k in HBONE_SPEC_FIELDS})
+        for path, reason in problems:
+            c.add(path, reason)
+        extra["hbone_limits"] = hbone
     if c.problems:
         return None
     return MeshConfig(trust_domain=td, vip_range=vip_range, outbound_policy=policy, dns_domain=dns,

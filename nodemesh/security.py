@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nodemesh.fieldcheck import FieldChecker
+from nodemesh.hbonespec import DEFAULT_HBONE, HboneSettings, parse_hbone
 from nodemesh.httpedge import DEFAULT_LIMITS, HttpLimits, parse_limits
 
 KIND_PEER_AUTHENTICATION = "PeerAuthentication"
@@ -200,14 +201,17 @@ class MeshSecurity:
     mtls_mode: str = DEFAULT_MESH_MTLS
     default_deny: bool = False
     root_namespace: str = DEFAULT_ROOT_NAMESPACE
-    # MeshConfig spec.http rides along to the agents here (only when not the default).
+    # MeshConfig spec.http and spec.hbone ride along to the agents here (only when not the default).
     http: HttpLimits = DEFAULT_LIMITS
+    hbone: HboneSettings = DEFAULT_HBONE
 
     def to_json(self) -> str:
         out: dict[str, Any] = {"mtlsMode": self.mtls_mode, "defaultDeny": self.default_deny,
                                "rootNamespace": self.root_namespace}
         if self.http != DEFAULT_LIMITS:
             out["http"] = self.http.to_spec()
+        if self.hbone != DEFAULT_HBONE:
+            out["hbone"] = self.hbone.to_spec()
         return json.dumps(out, sort_keys=True)
 
     @classmethod
@@ -219,7 +223,7 @@ class MeshSecurity:
         if not isinstance(raw, dict):
             raise PolicySpecError([("spec_json", "must be a JSON object")])
         problems: list[tuple[str, str]] = []
-        unknown = set(raw) - {"mtlsMode", "defaultDeny", "rootNamespace", "http"}
+        unknown = set(raw) - {"mtlsMode", "defaultDeny", "rootNamespace", "http", "hbone"}
         if unknown:
             problems.append((f"spec_json.{min(unknown)}", "unknown field"))
         mode = raw.get("mtlsMode", DEFAULT_MESH_MTLS)
@@ -238,9 +242,16 @@ class MeshSecurity:
         elif http:
             limits, bad = parse_limits(http, "spec_json.http")
             problems.extend(bad)
+        hb = raw.get("hbone", {})
+        hbone = DEFAULT_HBONE
+        if not isinstance(hb, dict):
+            problems.append(("spec_json.hbone", "must be a JSON object"))
+        elif hb:
+            hbone, bad = parse_hbone(hb, "spec_json.hbone")
+            problems.extend(bad)
         if problems:
             raise PolicySpecError(problems)
-        return cls(str(mode), bool(deny), str(root), limits)
+        return cls(str(mode), bool(deny), str(root), limits, hbone)
 
 
 @dataclass(frozen=True)
@@ -579,4 +590,4 @@ def node_may_register(mesh: Any, node: str, namespace: str, service_account: str
 
 def mesh_security_of(mesh: Any) -> MeshSecurity:
     return MeshSecurity(mesh.mtls_mode, mesh.default_deny, mesh.root_namespace,
-                        getattr(mesh, "http_limits", DEFAULT_LIMITS))
+                        getattr(mesh, "http_limits", DEFAULT_LIMITS), getattr(mesh, "hbone_limits", DEFAULT_HBONE))

@@ -36,6 +36,8 @@ from typing import Any
 import hpack
 import hpack.exceptions
 
+from nodemesh.hbonespec import HboneSettings
+
 STREAM_WINDOW = 4 * 1024 * 1024
 CONNECTION_WINDOW = 16 * 1024 * 1024
 MAX_FRAME_SIZE = 256 * 1024
@@ -71,6 +73,15 @@ class HboneLimits:
     # An inbound tunnel moving no byte either way (the outbound side has its
     # destination's idle timeout, nodeagent/proxy/idle.py).
     stream_idle_timeout_s: float = 3600.0
+    max_frame_size: int = MAX_FRAME_SIZE  # SETTINGS_MAX_FRAME_SIZE we accept
+
+    @classmethod
+    def from_settings(cls, s: HboneSettings) -> HboneLimits:
+        """The limits MeshConfig spec.hbone asks for (nodemesh/hbonespec.py)."""
+        return cls(stream_window=s.stream_window_bytes, connection_window=s.connection_window_bytes,
+                   max_streams_per_connection=s.max_concurrent_streams, client_max_streams=s.streams_per_connection,
+                   client_idle_timeout_s=s.idle_timeout_s, server_idle_timeout_s=s.server_idle_timeout_s,
+                   stream_idle_timeout_s=s.stream_idle_timeout_s, max_frame_size=s.max_frame_bytes)
 
 
 DEFAULT_LIMITS = HboneLimits()

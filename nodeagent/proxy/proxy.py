@@ -14,6 +14,7 @@ from typing import Any, cast
 from nodeagent.meshview.snapshot import Snapshot
 from nodeagent.observe import meshmetrics
 from nodeagent.supervision.settings import Certs, ProxySettings
+from nodemesh.hbonespec import DEFAULT_HBONE, HboneSettings
 from nodemesh.identity import Identity
 
 from . import authz_l7, hbone, netutil, tls
@@ -85,6 +86,7 @@ class NodeProxy:
         hbone_limits: hbone.HboneLimits = hbone.DEFAULT_LIMITS,
     ) -> None:
         self.hbone_limits = hbone_limits
+        self._hbone_base = hbone_limits  # what the agent was started with; MeshConfig spec.hbone overrides
         self.settings = settings
         self.access_log = access_log if access_log is not None else AccessLog(settings.access_log)
         self.original_dst = original_dst
@@ -121,6 +123,7 @@ class NodeProxy:
         errors: list[str] = []
         if snapshot is not None:
             self.snapshot = snapshot
+            self._apply_hbone(snapshot.security.mesh.hbone)
         if certs is not None:
             errors += self.server_tls.update(certs)
             self.certs = certs
@@ -129,6 +132,17 @@ class NodeProxy:
         for e in errors:
             log.warning("certificate not usable: %s", e)
         return errors
+
+    def _apply_hbone(self, spec: HboneSettings) -> None:
+        """MeshConfig spec.hbone, for connections opened from now on (open ones keep theirs)."""
+        limits = self._hbone_base if spec == DEFAULT_HBONE else hbone.HboneLimits.from_settings(spec)
+        if limits == self.hbone_limits:
+            return
+        self.hbone_limits = limits
+        self.pool.book.max_streams = limits.client_max_streams
+        self.pool.book.idle_timeout_s = limits.client_idle_timeout_s
+        self._idle = limits.client_idle_timeout_s
+        log.info("HBONE limits from MeshConfig spec.hbone: %s", limits)
 
     # -- lifecycle --
     async def start(self, listeners: list[socket.socket] | None = None) -> None:

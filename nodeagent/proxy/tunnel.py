@@ -172,7 +172,8 @@ class HboneProtocol(asyncio.BufferedProtocol):
         self.limits = limits
         self.core = hbone.HboneConnection(client=client, stream_window=limits.stream_window,
                                           connection_window=limits.connection_window,
-                                          max_concurrent_streams=limits.max_streams_per_connection)
+                                          max_concurrent_streams=limits.max_streams_per_connection,
+                                          max_frame_size=limits.max_frame_size)
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, StreamEnd] = {}
         self.write_paused = False
