@@ -252,3 +252,40 @@ def test_one_output_layer_renders_every_format_and_errors_say_what_to_check(
 
     assert output.run(fails, argparse.Namespace()) == 2
     assert capsys.readouterr().err == "error: no such thing\n  check: `nodemesh get` lists what exists\n"
+
+
+def test_every_command_line_in_the_reference_parses() -> None:
+    """docs/reference.md's CLI table: each `nodemesh VERB [SUBVERB] ... --flag` names a verb,
+    sub-verb and flags the parser has (a renamed or dropped one fails here, not in a user's shell)."""
+    import argparse
+    import re
+    from pathlib import Path
+
+    from nodemesh.cli import build_parser
+
+    def subcommands(p: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                return dict(a.choices)
+        return {}
+
+    root = subcommands(build_parser())
+    rows = [line for line in (Path(__file__).resolve().parents[2] / "docs" / "reference.md").read_text().splitlines()
+            if line.startswith("| `nodemesh ")]
+    assert len(rows) > 15
+    checked = 0
+    for row in rows:
+        cell = row.split("` |")[0]
+        for command in re.findall(r"`(nodemesh [^`]+)`", cell + "`"):
+            words = command.replace("\\|", "|").split()[1:]
+            parser = root.get(words[0])
+            assert parser is not None, f"{command}: no verb {words[0]!r}"
+            subs = subcommands(parser)
+            if subs and len(words) > 1 and not words[1].startswith(("-", "[")) and words[1].lower() == words[1]:
+                for name in words[1].split("|"):
+                    assert name in subs, f"{command}: no {words[0]} {name!r}"
+                parser = subs[words[1].split("|")[0]]
+            for flag in re.findall(r"(?<![\w-])(--?[a-z][a-z-]*)", " ".join(words[1:])):
+                assert flag in parser._option_string_actions, f"{command}: no flag {flag}"
+            checked += 1
+    assert checked >= len(rows)
