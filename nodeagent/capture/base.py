@@ -9,9 +9,13 @@ exactly what it added.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
+
+if TYPE_CHECKING:
+    from nodeagent.meshview.snapshot import LocalWorkload
+    from nodeagent.supervision.settings import ProxySettings
 
 R = TypeVar("R")  # a rule's signature, as a backend compares it
 
@@ -62,6 +66,24 @@ class CaptureDiff:
     def __add__(self, other: CaptureDiff) -> CaptureDiff:
         return CaptureDiff(self.missing + other.missing, self.unexpected + other.unexpected,
                            self.jump_problems + other.jump_problems)
+
+
+class NetfilterTargets:
+    """What the netfilter backends (iptables, nftables) capture: the settings,
+    the node's workloads, the exclusions and control-plane addresses never
+    captured, the DNS proxy's port (None = port 53 not captured), and the proxy
+    state the watchdog last set."""
+
+    def __init__(self, settings: ProxySettings, workloads: Sequence[LocalWorkload],
+                 exclusions: Iterable[str] = (), control_plane: Sequence[str] = (),
+                 dns_port: int | None = None) -> None:
+        self.settings = settings
+        self.dns_port = dns_port
+        self.workloads = tuple(workloads)
+        self.exclusions = tuple(exclusions)
+        self.control_plane = tuple(control_plane)
+        self.state = ProxyState.SERVING
+        self.replaced = ""  # our rules install() found in place (and replaced atomically)
 
 
 def diff_chains(expected: Mapping[str, Sequence[R]], present: Mapping[str, Sequence[R]],

@@ -25,7 +25,7 @@ from nodeagent.meshview.snapshot import LocalWorkload
 from nodeagent.supervision.settings import ProxySettings
 
 from . import policyroute
-from .base import CaptureDiff, CaptureError, CaptureStatus, ProxyState, diff_chains
+from .base import CaptureDiff, CaptureError, CaptureStatus, NetfilterTargets, ProxyState, diff_chains
 
 __all__ = [
     "CaptureDiff",
@@ -440,7 +440,7 @@ def run_command(argv: Sequence[str], stdin: str | None) -> str:
     return proc.stdout
 
 
-class IptablesCapture:
+class IptablesCapture(NetfilterTargets):
     """Applies rendered rules with one iptables-restore call each time, so a
     reader never sees half a rule set."""
 
@@ -450,13 +450,7 @@ class IptablesCapture:
                  exclusions: Iterable[str] = (), control_plane: Sequence[str] = (),
                  runner: Runner = run_command, manage_routes: bool | None = None,
                  dns_port: int | None = None) -> None:
-        self.settings = settings
-        self.dns_port = dns_port  # the DNS proxy's port; None = port 53 not captured
-        self.workloads = tuple(workloads)
-        self.exclusions = tuple(exclusions)
-        self.control_plane = tuple(control_plane)
-        self.state = ProxyState.SERVING
-        self.replaced = ""  # our rules install() found in place (and replaced atomically)
+        super().__init__(settings, workloads, exclusions, control_plane, dns_port)
         self._run = runner
         # Policy routes go through netlink; scripted runners in unit tests skip them.
         self._routes = (runner is run_command) if manage_routes is None else manage_routes

@@ -37,7 +37,7 @@ from nodeagent.meshview.snapshot import LocalWorkload
 from nodeagent.supervision.settings import ProxySettings
 
 from . import policyroute
-from .base import CaptureDiff, CaptureError, CaptureStatus, ProxyState, diff_chains
+from .base import CaptureDiff, CaptureError, CaptureStatus, NetfilterTargets, ProxyState, diff_chains
 
 log = logging.getLogger(__name__)
 
@@ -349,7 +349,7 @@ def _value_bytes(v: Any) -> bytes:
     return bytes(v) if v is not None else b""
 
 
-class NftablesCapture:
+class NftablesCapture(NetfilterTargets):
     """Applies a rendered Ruleset in one netlink transaction; deletes the table whole."""
 
     name = "nftables"
@@ -357,13 +357,7 @@ class NftablesCapture:
     def __init__(self, settings: ProxySettings, workloads: Sequence[LocalWorkload],
                  exclusions: Iterable[str] = (), control_plane: Sequence[str] = (),
                  dns_port: int | None = None) -> None:
-        self.settings = settings
-        self.dns_port = dns_port  # the DNS proxy's port; None = port 53 not captured
-        self.workloads = tuple(workloads)
-        self.exclusions = tuple(exclusions)
-        self.control_plane = tuple(control_plane)
-        self.state = ProxyState.SERVING
-        self.replaced = ""  # our table install() found in place (and replaced atomically)
+        super().__init__(settings, workloads, exclusions, control_plane, dns_port)
 
     @property
     def tproxy(self) -> bool:

@@ -158,23 +158,18 @@ class Http1Watch:
 
     # -- feeding --
     def request(self, data: bytes) -> None:
-        if self.stopped or not data:
-            return
-        try:
-            self._feed(self._req, data, self._request_head)
-        except _Malformed as e:
-            self._stop(f"request: {e}")
-        except Exception as e:  # observing must never break the relay it watches
-            log.exception("HTTP watch failed; the connection is accounted as TCP from now on")
-            self._stop(f"internal error: {e!r}")
+        self._watch("request", self._req, data, self._request_head)
 
     def response(self, data: bytes) -> None:
+        self._watch("response", self._resp, data, self._response_head)
+
+    def _watch(self, what: str, side: _Side, data: bytes, on_head: Callable[[_Side, bytes], None]) -> None:
         if self.stopped or not data:
             return
         try:
-            self._feed(self._resp, data, self._response_head)
+            self._feed(side, data, on_head)
         except _Malformed as e:
-            self._stop(f"response: {e}")
+            self._stop(f"{what}: {e}")
         except Exception as e:  # observing must never break the relay it watches
             log.exception("HTTP watch failed; the connection is accounted as TCP from now on")
             self._stop(f"internal error: {e!r}")
