@@ -36,15 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    from nodemesh.cli import admincmds, agentcmds, configcmds, observecmds, rolloutcmds, securitycmds
-    from nodemesh.install import register as register_install
+    from nodemesh.cli import admincmds, agentcmds, configcmds, installcmds, observecmds, rolloutcmds, securitycmds
 
     configcmds.register(sub)  # controlplane serve, apply, get, delete, bootstrap
     agentcmds.register(sub)  # agent run|stop-post, capture status|verify|remove
     observecmds.register(sub)  # status, services, endpoints, routes, explain, top, tap, logs, completion
     securitycmds.register(sub)  # authz check, certs
     admincmds.register(sub)  # token create, operator create|revoke, node, audit, ca rotate (docs/security.md)
-    register_install(sub)  # install, uninstall (docs/systemd.md)
+    installcmds.register(sub)  # install, uninstall (docs/systemd.md)
     rolloutcmds.register(sub)  # rollout status|pause|resume|promote|abort|history (docs/deployments.md)
 
     p = sub.add_parser("demo", help="bring up a two-node mesh in network namespaces and show traffic crossing it")
