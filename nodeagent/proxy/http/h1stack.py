@@ -585,8 +585,7 @@ class H1Call(Call):
     def finish_log(self) -> None:
         self.session.set(status=self.status, attempts=self.attempts, request_bytes=self.request_bytes,
                          response_bytes=self.ds.resp_body)
-        self.ds.conn_session.set(**{k: v for k, v in self.session.fields.items()
-                                    if k in ("endpoint", "dst_workload", "dst_identity", "via", "upstream_node")})
+        self.ds.conn_session.set(**self.upstream_fields())
         self.session.finish()
 
 

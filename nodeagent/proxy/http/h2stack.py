@@ -593,8 +593,7 @@ class H2Call(Call):
                              response_bytes=self.response_bytes)
             if self.grpc_status is not None:
                 self.session.set(grpc_status=self.grpc_status)
-            self.ds.conn_session.set(**{k: v for k, v in self.session.fields.items()
-                                        if k in ("endpoint", "dst_workload", "dst_identity", "via", "upstream_node")})
+            self.ds.conn_session.set(**self.upstream_fields())
             self.session.finish()
             self.ds.call_done(self.sid)
             self.ds.flush()

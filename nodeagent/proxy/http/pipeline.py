@@ -23,7 +23,7 @@ import random
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from nodeagent.meshview.l7snapshot import RouteEntry, RouteTable, WeightedCluster
@@ -54,6 +54,7 @@ Headers = list[tuple[str, str]]  # lower-case names, in order, repeats allowed
 MAX_BUFFERED_BODY = 1 << 20  # request bodies are kept this far for retries (HTTP/1.1: bigger is a 413)
 FAILURE_PENALTY_S = 1.0  # what a failed try counts as in the endpoint's latency average
 _DEFAULT_MATCH = RouteMatch()
+_UPSTREAM_FIELDS = ("endpoint", "dst_workload", "dst_identity", "via", "upstream_node")
 
 
 # ---------------------------------------------------------------- local replies
@@ -261,7 +262,7 @@ class Request:
         return route_select.host_of(self.headers)
 
     def with_headers(self, headers: Headers) -> Request:
-        return replace(self, headers=tuple(headers))
+        return Request(self.method, self.path, self.query, tuple(headers))  # (dataclasses.replace costs 4x)
 
 
 @dataclass
@@ -315,6 +316,11 @@ class Call(ABC):
     @abstractmethod
     def mirror(self, snapshot: Snapshot, cluster: str, req: Request) -> None:
         """Send a fire-and-forget copy of the request to one endpoint of `cluster`."""
+
+    def upstream_fields(self) -> dict[str, Any]:
+        """Where the request went, for the client connection's own log line."""
+        f = self.session.fields
+        return {k: f[k] for k in _UPSTREAM_FIELDS if k in f}
 
     def gone(self) -> bool:
         """The client went away: stop."""
