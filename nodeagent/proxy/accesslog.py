@@ -1,17 +1,21 @@
-"""Access log: one JSON line per proxied connection, written when it closes."""
+"""Access log: one JSON line per proxied connection (or request), written when
+it closes. Off the request's path: a record is queued as it is (the caller
+hands over a dict it no longer changes) and serialized and written with the
+others of the same event-loop pass, once that pass's callbacks have run."""
 
 from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import json
 import os
 import sys
 import time
 from typing import Any
 
-# Held lines past this size are written at once (keeps a batch small and whole).
-FLUSH_BYTES = 16 * 1024
+# Held records past this many are written at once (keeps a batch small and whole).
+FLUSH_RECORDS = 32
 
 
 class AccessLog:
@@ -22,8 +26,7 @@ class AccessLog:
         self.path = path
         self._fd: int | None = None
         self.records: list[dict[str, Any]] | None = None
-        self._pending: list[bytes] = []  # encoded lines not yet written (see write)
-        self._pending_bytes = 0
+        self._pending: list[dict[str, Any]] = []  # records not yet serialized and written (see write)
         self._flush_soon = False
         self._atexit = False
         if path == "off":
@@ -45,19 +48,18 @@ class AccessLog:
             del recs[:-1000]
         if self._fd is None:
             return
-        line = (json.dumps(record, separators=(",", ":"), default=str) + "\n").encode()
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
         if loop is None:
-            self._write_out([line])
+            self._write_out([record])
             return
-        # Lines finished in the same event-loop pass go out in one write, at the end of
-        # that pass (no timer: a line is on disk before the loop next waits for I/O).
-        self._pending.append(line)
-        self._pending_bytes += len(line)
-        if self._pending_bytes >= FLUSH_BYTES:
+        # Records finished in the same event-loop pass are serialized and go out in one
+        # write, at the end of that pass (no timer: a line is on disk before the loop
+        # next waits for I/O).
+        self._pending.append(record)
+        if len(self._pending) >= FLUSH_RECORDS:
             self.flush()
         elif not self._flush_soon:
             self._flush_soon = True
@@ -70,17 +72,17 @@ class AccessLog:
         """Write the lines held since the last flush (write() schedules this)."""
         self._flush_soon = False
         if self._pending:
-            lines, self._pending, self._pending_bytes = self._pending, [], 0
-            self._write_out(lines)
+            records, self._pending = self._pending, []
+            self._write_out(records)
 
-    def _write_out(self, lines: list[bytes]) -> None:
+    def _write_out(self, records: list[dict[str, Any]]) -> None:
         if self._fd is None:
             return
-        try:
-            # O_APPEND and under PIPE_BUF-ish batches: lines of several workers stay whole.
-            os.write(self._fd, lines[0] if len(lines) == 1 else b"".join(lines))
-        except OSError:
-            pass  # logging must never take a connection down
+        data = "".join(json.dumps(r, separators=(",", ":"), default=str) + "\n" for r in records).encode()
+        # O_APPEND and small batches: lines of several workers stay whole. Logging must
+        # never take a connection down: a failed write is dropped.
+        with contextlib.suppress(OSError):
+            os.write(self._fd, data)
 
     def close(self) -> None:
         self.flush()
