@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass
-from typing import Self
+from typing import Self, TypeVar
 
 import grpc
 
@@ -22,8 +22,10 @@ DEFAULT_SERVER = "unix:/run/nodemesh/controlplane.sock"
 SERVER_ENV = "NODEMESH_SERVER"
 
 
-TOKEN_ENV = "NODEMESH_TOKEN"
-TOKEN_FILE_ENV = "NODEMESH_TOKEN_FILE"
+_Response = TypeVar("_Response")
+
+TOKEN_ENV = "NODEMESH_TOKEN"  # noqa: S105 (the name of an environment variable)
+TOKEN_FILE_ENV = "NODEMESH_TOKEN_FILE"  # noqa: S105 (the name of an environment variable)
 CA_FILE_ENV = "NODEMESH_CA_FILE"
 CERT_ENV = "NODEMESH_CERT"
 KEY_ENV = "NODEMESH_KEY"
@@ -131,9 +133,9 @@ class ConfigClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, method: str, request: object, stub: object = None) -> object:
+    def _call(self, method: str, request: object, want: type[_Response], stub: object = None) -> _Response:
         try:
-            return getattr(stub or self._stub, method)(request, timeout=self._timeout,
+            resp = getattr(stub or self._stub, method)(request, timeout=self._timeout,
                                                        metadata=self.credentials.metadata())
         except grpc.RpcError as e:
             code = e.code() if hasattr(e, "code") else None
@@ -142,24 +144,24 @@ class ConfigClient:
                 details = (f"cannot reach the control plane at {self.target}: {details}; check that it "
                            f"runs and that --server or ${SERVER_ENV} points at it")
             raise ClientError(code, details) from None
+        if not isinstance(resp, want):
+            raise ClientError(None, f"{method}: the control plane answered {type(resp).__name__}, not "
+                                    f"{want.__name__} (a control plane of another version?)")
+        return resp
 
     def apply(self, documents: str, dry_run: bool = False) -> list[ApplyOutcome]:
-        resp = self._call("Apply", mesh_pb2.ApplyRequest(documents=documents, dry_run=dry_run))
-        assert isinstance(resp, mesh_pb2.ApplyResponse)
+        resp = self._call("Apply", mesh_pb2.ApplyRequest(documents=documents, dry_run=dry_run),
+                          mesh_pb2.ApplyResponse)
         return [ApplyOutcome(r.kind, r.namespace, r.name, r.action, r.resource_version)
                 for r in resp.results]
 
     def get(self, kind: str, name: str, namespace: str = "") -> mesh_pb2.Resource:
-        resp = self._call("Get", mesh_pb2.ResourceRef(kind=kind, namespace=namespace, name=name))
-        assert isinstance(resp, mesh_pb2.Resource)
-        return resp
+        return self._call("Get", mesh_pb2.ResourceRef(kind=kind, namespace=namespace, name=name), mesh_pb2.Resource)
 
     def list(self, kind: str = "", namespace: str = "") -> list[mesh_pb2.Resource]:
-        resp = self._call("List", mesh_pb2.ListRequest(kind=kind, namespace=namespace))
-        assert isinstance(resp, mesh_pb2.ListResponse)
-        return list(resp.resources)
+        return list(self._call("List", mesh_pb2.ListRequest(kind=kind, namespace=namespace),
+                               mesh_pb2.ListResponse).resources)
 
     def delete(self, kind: str, name: str, namespace: str = "") -> bool:
-        resp = self._call("Delete", mesh_pb2.ResourceRef(kind=kind, namespace=namespace, name=name))
-        assert isinstance(resp, mesh_pb2.DeleteResponse)
-        return resp.deleted
+        ref = mesh_pb2.ResourceRef(kind=kind, namespace=namespace, name=name)
+        return self._call("Delete", ref, mesh_pb2.DeleteResponse).deleted
