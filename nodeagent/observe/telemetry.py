@@ -241,11 +241,15 @@ class ProxyTelemetry:
         if not self.is_request(session):
             meshmetrics.PROXY_ACTIVE.inc({"direction": direction})
         st = session.telemetry = SessionTelemetry(time.time())
-        if direction == "outbound":
+        if direction == "outbound" and not self.is_request(session):
             # Every outbound connection roots a trace (L4 has no headers to read);
-            # the ID also ties both nodes' access log lines together.
-            sampled = self._rng.random() < self.trace_sampling
-            st.span = tracing.start_span(None, "outbound", "client", sampled=sampled)
+            # the ID also ties both nodes' access log lines together. A request's span
+            # waits for its headers (request_headers): a caller's trace decides then.
+            st.span = tracing.start_span(None, "outbound", "client", sampled=self._sampled())
+
+    def _sampled(self) -> bool:
+        """A new trace's sampling decision (traceSampling), made before its span exists."""
+        return self.trace_sampling >= 1.0 or self._rng.random() < self.trace_sampling
 
     def connect_headers(self, session: Session) -> tuple[tuple[str, str], ...]:
         span = _state(session).span
@@ -272,7 +276,7 @@ class ProxyTelemetry:
         if parent is not None:
             span = st.span = tracing.start_span(parent, "outbound", "client")
         else:
-            span = st.span = st.span or tracing.start_span(None, "outbound", "client")
+            span = st.span = st.span or tracing.start_span(None, "outbound", "client", sampled=self._sampled())
         ctx = tracing.TraceContext(span.trace_id, span.span_id, span.sampled,
                                    parent.tracestate if parent else "", parent.b3 if parent else False)
         return tracing.inject(ctx)
@@ -443,7 +447,8 @@ class ProxyTelemetry:
             if parent is None and f.get("direction") != "outbound":
                 # Same-node inbound: the outbound session in this process is the parent.
                 return None
-            span = tracing.start_span(parent, "inbound", "server")
+            # (An outbound request answered before its headers were read roots its own trace.)
+            span = tracing.start_span(parent, "inbound", "server", sampled=None if parent else self._sampled())
         if not span.sampled:
             # Sampled out (traceSampling, default 1%): only its IDs are used (the access
             # log line); building attributes nobody exports is per-request waste.

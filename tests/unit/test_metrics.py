@@ -358,9 +358,11 @@ def test_request_headers_continue_w3c_and_b3_traces() -> None:
     assert span.trace_id == "0000000000000000a3ce929d0e0e4736" and span.parent_span_id == "00f067aa0ba902b7"
     assert out["x-b3-spanid"] == span.span_id and out["traceparent"].startswith("00-0000000000000000a3ce")
     fresh = proxy.new_session("outbound", method="GET")
-    root = _span_of(fresh)
+    # A request's span waits for its headers (no allocation before the caller's trace is known).
+    assert fresh.telemetry is not None and fresh.telemetry.span is None
     out = dict(tel.request_headers(fresh, [("host", "web")]))
-    assert _span_of(fresh) is root and out["traceparent"] == f"00-{root.trace_id}-{root.span_id}-01"
+    root = _span_of(fresh)  # no caller trace: this hop roots one (sampled: traceSampling is 1.0 here)
+    assert root.parent_span_id == "" and out["traceparent"] == f"00-{root.trace_id}-{root.span_id}-01"
 
 
 def test_exposition_reads_the_same_in_prometheus_client() -> None:
