@@ -19,6 +19,7 @@ nodeagent.proxy.worker.WorkerPool.stats and nodeagent.observe.telemetry.worker_s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hmac
 import json
@@ -93,7 +94,7 @@ def summarize(families: list[meshmetrics.FamilyData]) -> dict[str, Any]:
     edges: dict[tuple[str, ...], dict[str, Any]] = {}
 
     def edge(fd: meshmetrics.FamilyData, key: tuple[str, ...]) -> dict[str, Any]:
-        lab = dict(zip(fd.labelnames, key))
+        lab = dict(zip(fd.labelnames, key, strict=True))
         k = (lab["reporter"], lab["source_workload_namespace"], lab["source_workload"],
              lab["destination_service"], lab["destination_workload_namespace"], lab["destination_workload"])
         e = edges.get(k)
@@ -119,8 +120,9 @@ def summarize(families: list[meshmetrics.FamilyData]) -> dict[str, Any]:
         for key, v in fd.series.items():
             e = edge(fd, key)
             e[field_name] += v
-            lab = dict(zip(fd.labelnames, key))
-            if name == "istio_requests_total" and (lab["response_code"].startswith("5") or lab["response_code"] == "0"):
+            lab = dict(zip(fd.labelnames, key, strict=True))
+            code = lab["response_code"]
+            if name == "istio_requests_total" and (code.startswith("5") or code == "0"):
                 e["errors"] += v
             if name == "istio_requests_total" and lab.get("grpc_response_status", "") not in ("", "0"):
                 # Rollout analysis counts chosen gRPC status classes as failures (controlplane/rollout/).
@@ -133,7 +135,7 @@ def summarize(families: list[meshmetrics.FamilyData]) -> dict[str, Any]:
         for key, (counts, _s, _n) in fd.series.items():
             e = edge(fd, key)
             h = e["_hist"] or [0.0] * len(counts)
-            e["_hist"] = [a + b for a, b in zip(h, counts)]
+            e["_hist"] = [a + b for a, b in zip(h, counts, strict=True)]
             e["_buckets"] = fd.buckets
     out = []
     for e in edges.values():
@@ -162,7 +164,7 @@ def summarize(families: list[meshmetrics.FamilyData]) -> dict[str, Any]:
             "latency_buckets_ms": list(dur.buckets) if dur is not None else []}
 
 
-ADMIN_TOKEN_FILE = "admin.token"
+ADMIN_TOKEN_FILE = "admin.token"  # noqa: S105 - a file name, not a secret
 # What other workloads' requests looked like (targets, query strings) and the node's full
 # config: only for the node's administrator (the admin token, readable by root only).
 PROTECTED = frozenset({"/recent", "/config_dump"})
@@ -195,7 +197,8 @@ class AdminServer:
         self._routes: dict[str, Callable[[dict[str, str]], Awaitable[Response]]] = {
             "/metrics": self._metrics, "/healthz": self._healthz, "/ready": self._ready,
             "/status": self._status, "/config_dump": self._config_dump, "/clusters": self._clusters,
-            "/certs": self._certs, "/capture": self._capture, "/recent": self._recent, "/summary": self._summary, "/explain": self._explain,
+            "/certs": self._certs, "/capture": self._capture, "/recent": self._recent, "/summary": self._summary,
+            "/explain": self._explain,
             "/": self._index,
         }
 
@@ -250,10 +253,8 @@ class AdminServer:
                   500: "Internal Server Error", 503: "Service Unavailable"}.get(status, "OK")
         writer.write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
                      "Connection: close\r\nCache-Control: no-store\r\n\r\n".encode() + body)
-        try:
+        with contextlib.suppress(ConnectionError):
             await writer.drain()
-        except ConnectionError:
-            pass
         writer.close()
 
     def _authorized(self, head: bytes) -> bool:
@@ -483,7 +484,8 @@ class AdminServer:
 
         snap = self.agent.snapshot
         if snap is None:
-            return 503, "application/json", b'{"error": "no snapshot yet: is the agent connected to the control plane?"}'
+            return 503, "application/json", (b'{"error": "no snapshot yet: '
+                                             b'is the agent connected to the control plane?"}')
         if not q.get("from") or not q.get("to"):
             return 400, "application/json", b'{"error": "explain needs ?from=<local workload>&to=<ip:port or service>"}'
         try:

@@ -3,8 +3,8 @@ certificate material the supervisor hands to workers. Every default lives here."
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 OUTBOUND_PORT = 15001
 INBOUND_PLAIN_PORT = 15006
@@ -31,7 +31,7 @@ class ProxySettings:
     inbound_plain_port: int = INBOUND_PLAIN_PORT
     hbone_port: int = HBONE_PORT
     outbound_bind: str = "127.0.0.1"  # captured outbound arrives here (REDIRECT)
-    inbound_bind: str = "0.0.0.0"  # 15006 and 15008
+    inbound_bind: str = "0.0.0.0"  # noqa: S104 - 15006 and 15008 take callers from other nodes
     mark: int = PROXY_MARK
     workers: int = 1
     connect_timeout_s: float = 5.0

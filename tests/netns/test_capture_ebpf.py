@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Any
 
 import pytest
 
@@ -57,7 +58,7 @@ def curl(lab: Lab, cgroup: str, url: str, timeout: float = 5.0) -> subprocess.Co
     return lab.curl(1, url, uid=CLIENT_UID, timeout=timeout, cgroup=cgroup)
 
 
-def outbound_lines(lab: Lab) -> list[dict]:
+def outbound_lines(lab: Lab) -> list[dict[str, Any]]:
     return [e for e in lab.access_log(1) if e.get("direction") == "outbound"]
 
 
@@ -124,7 +125,8 @@ def test_ebpf_outbound_exclusions_and_clean_removal(lab: Lab) -> None:
 
 SENDTO_DNS = """
 import json, socket
-from nodeagent.dns.message import CLASS_IN, FLAG_RD, TYPE_A, Message, Question, build_message, name_from_text, parse_message
+from nodeagent.dns.message import (CLASS_IN, FLAG_RD, TYPE_A, Message, Question, build_message, name_from_text,
+                                   parse_message)
 q = build_message(Message(7, FLAG_RD, (Question(name_from_text("web.default.svc.mesh"), TYPE_A, CLASS_IN),)))
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.settimeout(3)
@@ -202,7 +204,8 @@ def test_ebpf_failure_policy_with_proxy_killed(lab: Lab, policy: str) -> None:
 
 
 def proxy_workers(lab: Lab, k: int) -> list[int]:
-    pids = subprocess.run(["ip", "netns", "pids", lab.node_ns(k)], capture_output=True, text=True, check=False).stdout.split()
+    pids = subprocess.run(["ip", "netns", "pids", lab.node_ns(k)], capture_output=True, text=True,
+                          check=False).stdout.split()
     out = []
     for pid in pids:
         try:

@@ -25,7 +25,8 @@ def test_missing_cgroup_is_named_the_rest_captured_and_it_is_picked_up(lab: Lab)
     lab.start_agent(1)
     st = lab.agent_status(1)
     assert st["capture_installed"] is True, st
-    assert st["capture_pending"] == [{"workload": "default/late", "cgroup": "/" + cg, "reason": "cgroup does not exist"}]
+    pending = {"workload": "default/late", "cgroup": "/" + cg, "reason": "cgroup does not exist"}
+    assert st["capture_pending"] == [pending]
     assert "--uid-owner 3001" in _nat(lab) and "--path" not in _nat(lab)
     log = lab.log("agent-1")
     assert f"workload default/late: its cgroup '/{cg}' does not exist (yet)" in log, log[-3000:]

@@ -146,9 +146,9 @@ if __name__ == "__main__":
 
 # ------------------------------------------------------------------ the test
 
-from nodemesh.lab.harness import Lab, LabWorkload
-from tests.conftest import require_root, require_tool
-from tests.netns.conftest import BASE_CONFIG, CLIENT_UID, WEB_UID
+from nodemesh.lab.harness import Lab, LabWorkload  # noqa: E402 - the part above also runs as a script in the lab
+from tests.conftest import require_root, require_tool  # noqa: E402 - the part above also runs as a script in the lab
+from tests.netns.conftest import BASE_CONFIG, CLIENT_UID, WEB_UID  # noqa: E402 - the part above also runs as a script in the lab
 
 pytestmark = pytest.mark.netns
 
@@ -164,7 +164,8 @@ def dns_mesh(request: pytest.FixtureRequest) -> Iterator[Lab]:
     lab.node_resolv_conf = f"nameserver {lab.cp_ip}\n"  # the hub, where the fake upstream listens
     lab.capture_mode = request.param
     with lab:
-        lab.spawn("fakedns", lab.hub, [sys.executable, HERE, "--fake-upstream", str(lab.workdir / "fakedns-queries.jsonl")])
+        lab.spawn("fakedns", lab.hub,
+                  [sys.executable, HERE, "--fake-upstream", str(lab.workdir / "fakedns-queries.jsonl")])
         lab.wait_for(lambda: "listening" in lab.log("fakedns"), 10, "the fake upstream resolver",
                      lambda: lab.log("fakedns"))
         lab.start_controlplane()

@@ -112,7 +112,7 @@ class FakeCapture:
 
 def run_ticks(fo: Failover, cap: Any, ups: list[bool], clock: list[float]) -> list[bool]:
     it = iter(ups)
-    fo._probe = lambda port: next(it)  # type: ignore[method-assign]
+    fo._probe = lambda port: next(it)
     out = []
     for _ in ups:
         out.append(asyncio.run(fo.tick(cap)))

@@ -444,7 +444,7 @@ class FakeUpstream(asyncio.DatagramProtocol):
     starting with "drop" (never answered)."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = transport
         self.queries: list[bytes] = []
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:

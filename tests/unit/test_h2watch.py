@@ -262,7 +262,7 @@ def test_telemetry_reports_grpc_on_the_destination_and_sees_early_server_bytes()
     up, down = bytes(p.wire["up"]), bytes(p.wire["down"])
 
     class End:
-        tap = None
+        tap: object = None
         _early: ClassVar[list[bytes]] = [down[:9 + int.from_bytes(down[:3], "big")]]  # server SETTINGS, pre-tap
 
     end = End()

@@ -53,7 +53,8 @@ def test_grpc_status_from_trailers_and_early_response() -> None:
     w, _, done = _watch()
     w.request(b"POST /svc/M HTTP/1.1\r\nHost: x\r\ncontent-type: application/grpc\r\nContent-Length: 4\r\n\r\nab")
     # The server answers before the request body ended (allowed), with a trailer.
-    w.response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: grpc-status\r\n\r\n0\r\ngrpc-status: 14\r\n\r\n")
+    w.response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: grpc-status\r\n\r\n"
+               b"0\r\ngrpc-status: 14\r\n\r\n")
     assert not done  # reported once the request has ended too
     w.request(b"cd")  # the rest of the body, then the next request on the same connection
     assert done and done[0].grpc and done[0].grpc_status == "14"
@@ -74,7 +75,8 @@ def test_a_failing_callback_stops_the_watch_not_the_relay() -> None:
 # -- the framing parser: chunked, bodiless responses, pipelining, byte-by-byte, fuzz --
 
 _CONVERSATION_REQ = (
-    b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nb3: 80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1\r\n\r\n"
+    b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+    b"b3: 80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1\r\n\r\n"
     b"5;name=val;q=\"a b\"\r\nhello\r\n1A\r\n" + b"z" * 26 + b"\r\n0;last\r\nx-checksum: 9\r\nx-more: y\r\n\r\n"
     b"HEAD /h HTTP/1.1\r\nHost: x\r\n\r\n"
     b"PUT /c HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\nabc"

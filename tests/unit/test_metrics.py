@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 
@@ -13,6 +14,10 @@ from nodeagent.observe import meshmetrics, tracing
 from nodeagent.observe.telemetry import mesh_labels, parse_baggage, response_flags
 from nodeagent.proxy.relay import Session
 from nodemesh.prom import MetricError, Registry, merge, parse, render, select
+
+if TYPE_CHECKING:
+    from nodeagent.proxy.proxy import NodeProxy
+    from nodeagent.proxy.relay import TcpEnd
 
 
 def test_counter_gauge_histogram_render_and_parse_round_trip() -> None:
@@ -61,7 +66,8 @@ def test_merge_across_workers_adds_counters_and_histograms() -> None:
         r.counter("c_total", "", ("k",)).inc({"k": "v"}, n)
         r.gauge("g_max", "", merge="max").set(None, n)
         r.histogram("h", "", buckets=(1,)).observe(None, n)
-        return pickle.loads(pickle.dumps(r.collect()))  # noqa: S301 - our own bytes, as they cross the control channel
+        crossed: list[meshmetrics.FamilyData] = pickle.loads(pickle.dumps(r.collect()))  # noqa: S301 - our own bytes
+        return crossed  # as they cross the control channel
 
     merged = {f.name: f for f in merge([worker(1), worker(2)])}
     assert merged["c_total"].series[("v",)] == 3
@@ -207,6 +213,7 @@ class _FakeProxy:
         self.access_log = AccessLog("off")
         self.lines = self.access_log.capture()
         self.telemetry = ProxyTelemetry(self)  # type: ignore[arg-type]
+        self.l7: Any = None  # an L7Runtime when a test needs one
 
     def new_session(self, direction: str, **fields: object) -> Session:
         session = Session(self.access_log, direction, node=self.settings.node_name, **fields)
@@ -223,7 +230,9 @@ def _http_snapshot() -> Snapshot:
 
 
 class _End:
-    tap = None
+    """A stand-in for the workload's TcpEnd: telemetry only sets its tap."""
+
+    tap: Any = None
 
 
 def test_destination_side_reports_http_requests_not_tcp() -> None:
@@ -242,7 +251,8 @@ def test_destination_side_reports_http_requests_not_tcp() -> None:
     conn.set(dst_workload="default/web-2")
     end = _End()
     lw = LocalWorkload("web-2", "default", "web", "10.0.0.2", (8080,), uid=2001)
-    proxy.telemetry.workload_end(conn, end, InboundTarget(lw, "spiffe://td/ns/default/sa/web", "10.0.0.2", 8080))
+    target = InboundTarget(lw, "spiffe://td/ns/default/sa/web", "10.0.0.2", 8080)
+    proxy.telemetry.workload_end(conn, cast("TcpEnd", end), target)
     watch = end.tap
     assert watch is not None
     conn.connected()
@@ -280,7 +290,8 @@ def test_destination_side_falls_back_to_tcp_when_not_http() -> None:
                              dst_addr="10.0.0.2:8080", via="hbone", tls=True, dst_workload="default/web-2")
     end = _End()
     lw = LocalWorkload("web-2", "default", "web", "10.0.0.2", (8080,), uid=2001)
-    proxy.telemetry.workload_end(conn, end, InboundTarget(lw, "spiffe://td/ns/default/sa/web", "10.0.0.2", 8080))
+    target = InboundTarget(lw, "spiffe://td/ns/default/sa/web", "10.0.0.2", 8080)
+    proxy.telemetry.workload_end(conn, cast("TcpEnd", end), target)
     conn.connected()
     end.tap.request(b"\x16\x03\x01 not http at all\r\n\r\n")
     assert end.tap.stopped
@@ -315,12 +326,14 @@ def test_l7_state_sets_scrape_time_gauges_and_admin_sees_ejections() -> None:
     meshmetrics.REGISTRY.reset()
     proxy = _FakeProxy(_http_snapshot())
     t = [100.0]
-    rt = proxy.l7 = L7Runtime(proxy)  # type: ignore[arg-type]
+    rt = L7Runtime(cast("NodeProxy", proxy))
+    proxy.l7 = rt
     rt.clock = lambda: t[0]
     policy = dataclasses.replace(DEFAULT_POLICY, outlier=OutlierDetection(consecutive_5xx=2, base_ejection_s=30))
     sp = ServicePort(80, 8080, protocol="http", cluster="outbound|80||web.default.svc.mesh", policy=policy)
     dest = rt.destination(sp)
     ep = _http_snapshot().services[0].ports[0].endpoints[0]
+    assert dest.outlier is not None
     dest.outlier._clock = lambda: t[0]
     assert not dest.record(ep, Outcome(status=503), 0.01, 2)
     assert dest.record(ep, Outcome(status=503), 0.01, 2)
