@@ -122,6 +122,26 @@ def _content_length(values: list[bytes]) -> int:
     return int(v)
 
 
+def _framing(hdrs: list[tuple[bytes, bytes]]) -> tuple[list[bytes], list[bytes], list[bytes], bytes | None]:
+    """The headers that frame a message, from a head's (lowercase name, value)
+    pairs: Content-Length values, Transfer-Encoding values, Connection values,
+    and the last grpc-status (a response's, when gRPC answers in the head)."""
+    lengths: list[bytes] = []
+    codings: list[bytes] = []
+    connection: list[bytes] = []
+    grpc_status: bytes | None = None
+    for k, v in hdrs:
+        if k == b"content-length":
+            lengths.append(v)
+        elif k == b"transfer-encoding":
+            codings.append(v)
+        elif k == b"connection":
+            connection.append(v)
+        elif k == b"grpc-status":
+            grpc_status = v
+    return lengths, codings, connection, grpc_status
+
+
 def _chunked(values: list[bytes]) -> bool:
     """True when the last transfer coding is chunked (RFC 9112 6.3)."""
     codings = [p.strip(_OWS).lower() for v in values for p in v.split(b",") if p.strip(_OWS)]
@@ -306,14 +326,7 @@ class Http1Watch:
         if method == b"CONNECT" or any(k == b"upgrade" for k, _ in hdrs):
             self._stop("upgrade")  # the bytes after it are another protocol
             return
-        lengths, codings, connection = [], [], []
-        for k, v in hdrs:
-            if k == b"content-length":
-                lengths.append(v)
-            elif k == b"transfer-encoding":
-                codings.append(v)
-            elif k == b"connection":
-                connection.append(v)
+        lengths, codings, connection, _ = _framing(hdrs)
         if codings:
             if not _chunked(codings):
                 raise _Malformed("request Transfer-Encoding does not end in chunked")
@@ -354,16 +367,9 @@ class Http1Watch:
             return  # interim (100 Continue, 103 Early Hints): the final response follows
         ex = self._awaiting[0]
         ex.status = status
-        lengths, codings, connection = [], [], []
-        for k, v in hdrs:
-            if k == b"content-length":
-                lengths.append(v)
-            elif k == b"transfer-encoding":
-                codings.append(v)
-            elif k == b"connection":
-                connection.append(v)
-            elif k == b"grpc-status":
-                ex.grpc_status = v.decode("latin-1")
+        lengths, codings, connection, grpc_status = _framing(hdrs)
+        if grpc_status is not None:
+            ex.grpc_status = grpc_status.decode("latin-1")
         side.ex = ex
         side.close_after = _close_after(version, connection)
         if ex.method == "HEAD" or status in (204, 304):
