@@ -1,7 +1,7 @@
 """The agent's supervisor: starts the proxy workers, the registry session, the
 xDS client and the certificate manager, installs capture only once the proxy can
 serve, and on shutdown removes capture before anything else stops. Under systemd
-a restart hands over instead (nodeagent/handover.py): capture and the listening
+a restart hands over instead (nodeagent/supervision/handover.py): capture and the listening
 sockets stay, the old workers drain, and the next agent serves from the kept
 listeners, snapshot and certificates before the control plane answers.
 """
@@ -145,6 +145,7 @@ class Agent:
         # Restarts (nodeagent/handover.py): what the previous agent kept for this one, and
         # the memfd the next one reads the last snapshot and certificates from.
         self.resumed = False
+        self.kept_listeners = False
         self.state_store = handover.StateStore(self.notifier)
         self.draining_pids: list[int] = []
         self._background: set[asyncio.Task[None]] = set()
@@ -276,7 +277,9 @@ class Agent:
         if self.cert_manager is not None:
             self.cert_manager.set_identities(identities_for(snapshot), snapshot.mesh.trust_bundle)
         self._publish()
-        if self.capture_installed and snapshot.mesh.vip_cidr != self.vip_route:
+        # With kept listeners, connections queued while no agent ran are answered as soon as
+        # the workers have this snapshot: their VIP must be routed again by then.
+        if (self.capture_installed or self.kept_listeners) and snapshot.mesh.vip_cidr != self.vip_route:
             t = asyncio.get_running_loop().create_task(self._route_vips())
             self._background.add(t)
             t.add_done_callback(self._background.discard)
@@ -576,6 +579,7 @@ class Agent:
         # listeners alone (no usable state) are still adopted: a second socket on the
         # same port would queue connections that nobody accepts.
         self.resumed = carried is not None and bool(carried.listeners) and carried.serving_state
+        self.kept_listeners = carried is not None and bool(carried.listeners)
         if cfg.capture.failure_policy == "open" and not self.resumed:
             # Leftovers of a killed agent would send workloads to a proxy that is
             # not serving yet; until ready, let their traffic flow directly.
@@ -596,6 +600,12 @@ class Agent:
                     self.pool.listeners = open_listeners(self.settings)
                 except OSError as e:
                     raise AgentError("listen_failed", str(e)) from None
+        if self.resumed:
+            # Capture and the VIP route before the workers accept: connections queued in the
+            # kept listeners while no agent ran (after a kill -9 under failurePolicy open,
+            # ExecStopPost removed the route) are answered to a VIP the node routes again;
+            # without the route those answers were lost and the callers hung.
+            await self._install_capture()
         log.info("starting %d proxy worker(s)%s", self.settings.workers,
                  " on the listeners the previous agent kept" if carried is not None and carried.listeners else "")
         await self.pool.start()
@@ -606,7 +616,8 @@ class Agent:
             # Serve now with what the previous agent served; the control plane's
             # answers replace it when they come.
             await self._start_dns()
-            await self._install_capture()
+            if self.dns_failed:
+                await self._install_capture()  # again, without port 53
             self._begin_serving(tasks)
             log.info("serving %.2fs after start with the previous agent's listeners, snapshot %s and "
                      "certificates v%d", asyncio.get_running_loop().time() - t0, carried.snapshot.version,
