@@ -111,7 +111,7 @@ upgrade)
   for unit in nodemesh-agent nodemesh-controlplane; do
     if systemctl is-enabled -q $unit 2>/dev/null; then systemctl restart $unit; fi
   done
-  $PY -c 'import nodemesh; print("nodemesh", nodemesh.__version__, "from", nodemesh.__file__)'
+  (cd / && $PY -c 'import nodemesh; print("nodemesh", nodemesh.__version__, "from", nodemesh.__file__)')
   ;;
 *)
   sed -n '2,24p' "$0" >&2
