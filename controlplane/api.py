@@ -27,6 +27,7 @@ from controlplane.xds import validate as xds_validate
 from controlplane.xds.build import ServiceEntry
 from controlplane.xds.sync import PROXY_STATUS_KIND, PROXY_STATUS_KINDS
 from nodemesh import model, rolloutspec
+from nodemesh.fieldcheck import Problem
 from nodemesh.v1 import mesh_pb2, mesh_pb2_grpc
 
 log = logging.getLogger("nodemesh.controlplane.api")
@@ -41,7 +42,8 @@ def current_mesh(store: Store) -> model.MeshConfig:
     if r is None:
         return model.MeshConfig()
     obj = model.object_from_spec(r.kind, r.namespace, r.name, r.spec(), dict(r.labels))
-    assert isinstance(obj, model.MeshConfig)
+    if not isinstance(obj, model.MeshConfig):
+        raise TypeError(f"stored MeshConfig parsed as {type(obj).__name__}")
     return obj
 
 
@@ -55,7 +57,8 @@ def _stored_services(store: Store) -> dict[tuple[str, str, str], tuple[model.Ser
             log.warning("stored %s %s/%s no longer validates, ignoring it: %s", r.kind, r.namespace,
                         r.name, e)
             continue
-        assert isinstance(obj, model.ServiceSpec)
+        if not isinstance(obj, model.ServiceSpec):
+            raise TypeError(f"stored Service {r.namespace}/{r.name} parsed as {type(obj).__name__}")
         out[r.ref] = (obj, r)
     return out
 
@@ -80,7 +83,7 @@ class Plan:
 
 def _rollout_checks(store: Store, final: dict[tuple[str, str, str], model.ServiceSpec],
                     upserts: Sequence[model.Document], deletes: Sequence[tuple[str, str, str]],
-                    workloads: Sequence[tuple[str, dict[str, str]]] | None) -> tuple[list[model.Problem],
+                    workloads: Sequence[tuple[str, dict[str, str]]] | None) -> tuple[list[Problem],
                                                                                       dict[tuple[str, str, str], str]]:
     """Rollouts against the resulting config: their service exists, one per service,
     and a new run's versions each select a registered workload. Returns (problems,
@@ -118,7 +121,7 @@ def plan_changes(store: Store, upserts: Sequence[model.Document],
     """Turn requested changes into store writes: validate cross-object rules
     against the resulting config and (re)allocate VIPs. Raises ValidationError.
     `workloads`: the registered workloads as (namespace, labels), for Rollout checks."""
-    problems: list[model.Problem] = []
+    problems: list[Problem] = []
     mesh = current_mesh(store)
     for d in upserts:
         if isinstance(d.obj, model.MeshConfig):

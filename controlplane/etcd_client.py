@@ -120,7 +120,8 @@ def compare(key: bytes, target: str, result: str, value: int | bytes) -> Any:
     NOT_EQUAL. A missing key compares as revision/version/lease 0."""
     c = rpc.Compare(key=key, target=_TARGETS[target], result=_RESULTS[result])
     if target == "VALUE":
-        assert isinstance(value, bytes)
+        if not isinstance(value, bytes):
+            raise TypeError(f"a VALUE comparison takes bytes, got {type(value).__name__}")
         c.value = value
     else:
         setattr(c, {"MOD": "mod_revision", "CREATE": "create_revision", "VERSION": "version",

@@ -50,7 +50,8 @@ def load(store: Store) -> list[tuple[Rollout, StoredResource]]:
         except model.ValidationError as e:
             log.warning("stored Rollout %s/%s no longer validates, ignoring it: %s", r.namespace, r.name, e)
             continue
-        assert isinstance(obj, Rollout)
+        if not isinstance(obj, Rollout):
+            raise TypeError(f"stored Rollout {r.namespace}/{r.name} parsed as {type(obj).__name__}")
         out.append((obj, r))
     return out
 

@@ -149,7 +149,8 @@ def new_run(ro: Rollout, old: Status | None, now: float) -> tuple[Status, list[D
 
 
 def advance(ro: Rollout, status: Status | None, now: float, cand: Stats | None = None,
-            stable: Stats | None = None, loser_traffic: float | None = None) -> tuple[Status, list[Decision], bool | None]:
+            stable: Stats | None = None,
+            loser_traffic: float | None = None) -> tuple[Status, list[Decision], bool | None]:
     """One tick. `cand`/`stable`: the interval's readings when an analysis is due
     (see analysis_due), else None. `loser_traffic`: what the losing version carried
     in the last interval (requests + connections), None when not known.

@@ -44,16 +44,16 @@ class Counters:
             return self
         fields = (self.requests, self.failures, self.tcp_closed, self.tcp_failed, self.traffic)
         olds = (base.requests, base.failures, base.tcp_closed, base.tcp_failed, base.traffic)
-        if any(a < b for a, b in zip(fields, olds)) or (base.hist and len(base.hist) != len(self.hist)) or \
-                any(a < b for a, b in zip(self.hist, base.hist)):
+        if any(a < b for a, b in zip(fields, olds, strict=True)) or (base.hist and len(base.hist) != len(self.hist)) \
+                or any(a < b for a, b in zip(self.hist, base.hist, strict=False)):  # an empty base.hist: nothing
             return self
-        hist = tuple(a - b for a, b in zip(self.hist, base.hist)) if base.hist else self.hist
-        d = [a - b for a, b in zip(fields, olds)]
+        hist = tuple(a - b for a, b in zip(self.hist, base.hist, strict=True)) if base.hist else self.hist
+        d = [a - b for a, b in zip(fields, olds, strict=True)]
         return Counters(d[0], d[1], d[2], d[3], d[4], hist, self.open_connections)
 
     def plus(self, other: Counters) -> Counters:
         if self.hist and other.hist and len(self.hist) == len(other.hist):
-            hist = tuple(a + b for a, b in zip(self.hist, other.hist))
+            hist = tuple(a + b for a, b in zip(self.hist, other.hist, strict=True))
         else:
             hist = self.hist or other.hist
         return Counters(self.requests + other.requests, self.failures + other.failures,

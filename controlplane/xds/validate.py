@@ -25,6 +25,7 @@ from validate import validate_pb2
 from controlplane.xds import build_routes as xds_routes
 from controlplane.xds.build import ServiceEntry, _cluster
 from nodemesh import model, routespec
+from nodemesh.fieldcheck import Problem
 
 _WRAPPERS = {"google.protobuf.UInt32Value", "google.protobuf.Int32Value", "google.protobuf.UInt64Value",
              "google.protobuf.Int64Value", "google.protobuf.DoubleValue", "google.protobuf.FloatValue",
@@ -37,7 +38,7 @@ _CMP = {"gt": operator.gt, "gte": operator.ge, "lt": operator.lt, "lte": operato
 
 
 def _dur_s(d: Any) -> float:
-    return float(d.seconds) + d.nanos / 1e9
+    return float(d.seconds) + float(d.nanos) / 1e9
 
 
 def _rules(fd: _d.FieldDescriptor) -> Any:
@@ -148,11 +149,11 @@ def violations(msg: Message, path: str = "", out: list[str] | None = None) -> li
 
 
 def check_l7(mesh: model.MeshConfig, services: Sequence[model.ServiceSpec],
-             docs: Sequence[model.Document]) -> list[model.Problem]:
+             docs: Sequence[model.Document]) -> list[Problem]:
     """The routes and destination policies among `docs`, translated against
     `services` as the control plane will, each checked for what Envoy (and so
     every PGV-checking client) would reject. One problem per document."""
-    problems: list[model.Problem] = []
+    problems: list[Problem] = []
     for d in docs:
         obj = d.obj
         found: list[str] = []
