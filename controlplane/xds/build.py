@@ -182,11 +182,22 @@ def build_snapshot(mesh: model.MeshConfig, services: Sequence[ServiceEntry],
         workloads[xdsnames.workload_resource_name(node.name, wl.namespace, wl.name)] = _memo.get(
             ("wl", node.name, node.address, node.hbone_port, node.zone, wl, mesh.trust_domain),
             lambda node=node, wl=wl: _workload(node, wl, mesh.trust_domain))
+    # Workloads by (namespace, label, value): a service is matched against the
+    # workloads carrying its selector's first label, not against the whole mesh
+    # (at 1,000 nodes that was 40,000 matches per rebuild). Order stays the nodes'.
+    by_label: dict[tuple[str, str, str], list[tuple[RegisteredNode, RegisteredWorkload]]] = {}
+    by_namespace: dict[str, list[tuple[RegisteredNode, RegisteredWorkload]]] = {}
+    for node, wl in all_workloads:
+        by_namespace.setdefault(wl.namespace, []).append((node, wl))
+        for k, v in wl.labels:
+            by_label.setdefault((wl.namespace, k, v), []).append((node, wl))
     for entry in sorted(services, key=lambda e: e.service.key):
         svc = entry.service
         split = subsets.split_for(splits, svc)
+        candidates = (by_label.get((svc.namespace, *svc.selector[0]), []) if svc.selector
+                      else by_namespace.get(svc.namespace, []))
         # A retired version's workloads are withdrawn from every cluster of the service.
-        selected = [(n, w) for n, w in all_workloads if svc.selects(w.namespace, w.label_map)
+        selected = [(n, w) for n, w in candidates if svc.selects(w.namespace, w.label_map)
                     and not (split is not None and split.excludes(w.label_map))]
         for port in svc.ports:
             c = _cluster(entry, port, mesh.dns_domain)
