@@ -121,8 +121,8 @@ def summarize(families: list[meshmetrics.FamilyData]) -> dict[str, Any]:
             e = edge(fd, key)
             e[field_name] += v
             lab = dict(zip(fd.labelnames, key, strict=True))
-            code = lab["response_code"]
-            if name == "istio_requests_total" and (code.startswith("5") or code == "0"):
+            if name == "istio_requests_total" and (lab["response_code"].startswith("5")
+                                                   or lab["response_code"] == "0"):
                 e["errors"] += v
             if name == "istio_requests_total" and lab.get("grpc_response_status", "") not in ("", "0"):
                 # Rollout analysis counts chosen gRPC status classes as failures (controlplane/rollout/).

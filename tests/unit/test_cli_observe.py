@@ -154,10 +154,13 @@ def test_summarize_and_top_rates() -> None:
                     buckets=meshmetrics.DURATION_BUCKETS_MS)
     for _ in range(100):
         h.observe(req, 7)
+    # A TCP series on the same edge (TCP families have no response_code label).
+    r.counter("istio_tcp_connections_closed_total", "", meshmetrics.TCP_LABELS).inc(lab.as_dict(), 2)
     s1 = summarize(r.collect())
     (e,) = s1["edges"]
     assert (e["source"], e["destination_service_key"], e["requests"], e["success_rate"]) == \
         ("default/client", "default/web", 10, 0.9)
+    assert e["tcp_closed"] == 2 and e["tcp_failed"] == 0
     assert 5 < e["p99_ms"] <= 10 and e["mtls"] == ["mutual_tls"]
     s0 = json.loads(json.dumps(s1))
     s0["time_unix"] -= 2
