@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from nodemesh.fieldcheck import FieldChecker, Problem
+
 # Envoy's path_with_escaped_slashes_action values (the ones that make sense for a mesh).
 ESCAPED_SLASH_ACTIONS = ("REJECT_REQUEST", "KEEP_UNCHANGED", "UNESCAPE_AND_FORWARD")
 
@@ -60,39 +62,33 @@ _BOUNDS: dict[str, tuple[float, float]] = {
 }
 
 
-def check_bounded(name: str, value: Any, bounds: Mapping[str, tuple[float, float]]) -> str:
-    """Why `value` is not a valid `name` (an integer, or a number for a `_s` field,
-    within its bounds), or "" when it is."""
-    lo, hi = bounds[name]
-    integral = not name.endswith("_s")
-    ok_type = isinstance(value, int) if integral else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok_type or not lo <= value <= hi:
-        return f"must be {'an integer' if integral else 'a number'} in {lo:g}..{hi:g}"
-    return ""
-
-
 def parse_fields(raw: Mapping[str, Any], path: str, names: Mapping[str, str],
                  bounds: Mapping[str, tuple[float, float]], choices: Mapping[str, tuple[str, ...]] | None = None
-                 ) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+                 ) -> tuple[dict[str, Any], list[Problem]]:
     """A limits mapping (spec key -> value) -> dataclass keyword arguments and a
-    (field path, reason) per problem: unknown keys, numbers out of `bounds`,
+    (field path, reason) per problem, through the shared field validator: unknown
+    keys, numbers out of `bounds` (an integer unless the field ends in `_s`),
     values not among `choices`."""
-    problems: list[tuple[str, str]] = []
+    c = FieldChecker()
     by_spec = {v: k for k, v in names.items()}
     kw: dict[str, Any] = {}
     for key, value in raw.items():
-        name = by_spec.get(key)
+        name, kpath = by_spec.get(key), f"{path}.{key}"
         if name is None:
-            problems.append((f"{path}.{key}", f"unknown field; allowed: {', '.join(names.values())}"))
+            c.add(kpath, f"unknown field; allowed: {', '.join(names.values())}")
             continue
+        found = len(c.problems)
         allowed = (choices or {}).get(name)
-        err = (f"must be one of {', '.join(allowed)}" if value not in allowed else "") if allowed is not None \
-            else check_bounded(name, value, bounds)
-        if err:
-            problems.append((f"{path}.{key}", err))
+        if allowed is not None:
+            v: Any = c.one_of(value, kpath, allowed, "")
+        elif name.endswith("_s"):
+            v = c.number(value, kpath, *bounds[name], 0.0)
         else:
-            kw[name] = value if allowed is not None else float(value) if name.endswith("_s") else int(value)
-    return kw, problems
+            lo, hi = bounds[name]
+            v = c.integer(value, kpath, int(lo), int(hi), 0)
+        if len(c.problems) == found:
+            kw[name] = v
+    return kw, c.problems
 
 
 def non_default_spec(obj: Any, names: Mapping[str, str]) -> dict[str, Any]:
