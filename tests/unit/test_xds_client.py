@@ -381,3 +381,34 @@ def test_one_reconnect_loop_backs_off_and_starts_over_after_progress() -> None:
     # Attempts 0, 1, then 0 again after the session that progressed (jitter: 50-100 %).
     assert 0.5 <= ended[0][1] <= 1.0 and 1.0 <= ended[1][1] <= 2.0 and 0.5 <= ended[2][1] <= 1.0
     assert 1.0 <= ended[3][1] <= 2.0 and refused == ["node not allowed"]
+
+
+def test_workload_subscription_follows_the_endpoints_held() -> None:
+    """Pure: the Workload names a Delta agent subscribes to are its own and those
+    behind the endpoint slices it holds; a slice that goes takes its workload's
+    subscription (and the held copy) with it."""
+    from nodeagent.xds.convert import NamedResource
+
+    client = AdsClient("127.0.0.1:1", "node-1", LOCAL, lambda s: None)
+    own = xdsnames.workload_resource_name("node-1", "default", "client")
+    first = client.initial_delta_requests()
+    wl_req = next(r for r in first if r.type_url == xdsnames.WORKLOAD)
+    assert list(wl_req.resource_names_subscribe) == [own]  # by name, never "*"
+    web = xdsnames.slice_name(xdsnames.cluster_name("web", "default", 80, "mesh"), "node-2")
+    api = xdsnames.slice_name(xdsnames.cluster_name("api", "default", 81, "mesh"), "node-3")
+    client.state.apply_delta(xdsnames.ENDPOINT, "v1", [
+        NamedResource(web, pack(assignment())),
+        NamedResource(api, pack(assignment("api", 81, "10.0.0.9", workload="default/api-1", node="node-3")))],
+        [], {web: "1", api: "1"})
+    req = client.workload_subscription_update()
+    assert req is not None and not req.resource_names_unsubscribe
+    assert sorted(req.resource_names_subscribe) == ["node-2/default/web-2", "node-3/default/api-1"]
+    client.state.apply_delta(xdsnames.WORKLOAD, "w1", [
+        NamedResource("node-3/default/api-1", pack(workload("api-1", node="node-3", ip="10.0.0.9")))],
+        [], {"node-3/default/api-1": "1"})
+    assert client.workload_subscription_update() is None  # nothing new
+    # api's slice goes: its workload is unsubscribed and dropped locally (the server sends no removal).
+    client.state.apply_delta(xdsnames.ENDPOINT, "v2", [], [api], {})
+    req = client.workload_subscription_update()
+    assert req is not None and list(req.resource_names_unsubscribe) == ["node-3/default/api-1"]
+    assert "node-3/default/api-1" not in client.state.resources.get(xdsnames.WORKLOAD, {})
