@@ -511,8 +511,7 @@ class H1Call(Call):
     async def _open_conn(self, snapshot: Snapshot, ep: Endpoint, key: Any) -> UpstreamConn:
         proxy = self.rt.proxy
         conn = self.rt.upstreams.new_conn(key)
-        quiet = QuietSession(proxy.access_log, "outbound")
-        quiet.connect_headers = self.session.connect_headers  # type: ignore[method-assign]  # trace context over HBONE
+        quiet = QuietSession(proxy.access_log, self.session)
         # On this node the guard's per-request decisions go into the request's own line.
         up = await proxy.connector.open(snapshot, ep, self.source_id, self.session, stream_session=quiet,
                                         decisions=self.session)

@@ -238,7 +238,7 @@ class H2UpstreamPool:
                        session: Session) -> H2Upstream:
         proxy = self.rt.proxy
         # The wire's own log line is not wanted: every request has one.
-        quiet = QuietSession(proxy.access_log, "outbound")
+        quiet = QuietSession(proxy.access_log, session)
         conn = H2Upstream(key, f"{ep.ip}:{ep.port}")
         # On this node the guard holds what it says before attach(): start() writes first; its
         # per-request decisions (policy and rule) go into the receiving side's own session.

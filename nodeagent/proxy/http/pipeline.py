@@ -43,6 +43,7 @@ from .retry import Outcome, admit_retry, retryable
 from .timeout import Deadline, incoming_budget
 
 if TYPE_CHECKING:
+    from ..accesslog import AccessLog
     from ..outbound import OutboundConnection
     from ..proxy import NodeProxy
     from .h2upstream import H2UpstreamPool
@@ -566,7 +567,17 @@ def _hash_key(dest: Destination, headers: Sequence[tuple[str, str]], src: str) -
 
 
 class QuietSession(Session):
-    """Bookkeeping for a per-try upstream stream: the request's own line is the log."""
+    """Bookkeeping for an upstream stream the L7 pipeline opens: the request's own
+    line is the log. Its HBONE CONNECT carries the trace context and baggage (the
+    caller's workload and service) of the request that opened it, as an L4 tunnel
+    does: the destination node names the source by them."""
+
+    def __init__(self, access_log: AccessLog, caller: Session) -> None:
+        super().__init__(access_log, "outbound")
+        self._caller = caller
+
+    def connect_headers(self) -> tuple[tuple[str, str], ...]:
+        return self._caller.connect_headers()
 
     def finish(self) -> None:
         if self._done:
