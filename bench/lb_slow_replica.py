@@ -109,7 +109,7 @@ async def client(host: str, rate: float, duration: float, deadline_ms: int) -> d
     lat = sorted(r[1] * 1000 for r in results)
     ok = sum(1 for s, t, _ in results if s == 200 and t * 1000 <= deadline_ms)
     replicas: dict[str, int] = {}
-    for s, _, rep in results:
+    for _, _, rep in results:
         if rep:
             replicas[rep] = replicas.get(rep, 0) + 1
     return {"requests": len(results), "ok": ok, "statuses": {str(s): sum(1 for r in results if r[0] == s)

@@ -24,6 +24,7 @@ Usage (prints one JSON object):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import resource
@@ -73,10 +74,8 @@ def run(host: str, port: int, rate: float, seconds: float, connections: int, pat
         drain_seconds: float | None = None) -> dict[str, Any]:
     """Send `rate` req/s for `seconds`, then wait up to `drain_seconds` (default
     max(10, seconds)) for the last responses."""
-    try:  # default timer slack (50 us) would make every sleep overshoot
+    with contextlib.suppress(OSError, AttributeError):  # default timer slack (50 us): every sleep would overshoot
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_TIMERSLACK, 1, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
     req = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: nodemesh-openloop\r\n\r\n".encode()
     conns: list[Conn] = []
     for _ in range(connections):

@@ -195,21 +195,24 @@ def render_haproxy_client(peer_ip: str, pki: PeerPki, ports: Ports = PORTS) -> s
     (`http-reuse always` multiplexes requests of all clients on the h2 connection).
     HAProxy 2.6 has no `curves` on server lines: node 2's bind restricts the
     handshake to P-256, and connections are long-lived, so the choice is moot."""
+    tls = (f"ssl crt {pki.client_bundle} ca-file {pki.ca} verify required verifyhost server-proxy.bench alpn h2 "
+           "sni str(server-proxy.bench)")
     return _HAPROXY_COMMON + textwrap.dedent(f"""\
         frontend front
           bind 127.0.0.1:{ports.haproxy_front}
           default_backend peer
         backend peer
           http-reuse always
-          server n2 {peer_ip}:{ports.haproxy_mtls} ssl crt {pki.client_bundle} ca-file {pki.ca} verify required verifyhost server-proxy.bench alpn h2 sni str(server-proxy.bench)
+          server n2 {peer_ip}:{ports.haproxy_mtls} {tls}
         """)
 
 
 def render_haproxy_server(listen_ip: str, pki: PeerPki, ports: Ports = PORTS) -> str:
     """Node 2: mTLS (client certificate required, h2 by ALPN), HTTP/1.1 to nginx."""
+    tls = f"ssl crt {pki.server_bundle} ca-file {pki.ca} verify required alpn h2 curves P-256"
     return _HAPROXY_COMMON + textwrap.dedent(f"""\
         frontend mtls
-          bind {listen_ip}:{ports.haproxy_mtls} ssl crt {pki.server_bundle} ca-file {pki.ca} verify required alpn h2 curves P-256
+          bind {listen_ip}:{ports.haproxy_mtls} {tls}
           default_backend upstream
         backend upstream
           http-reuse always
@@ -269,9 +272,12 @@ def _cluster(name: str, ip: str, port: int, h2: bool = False, tls: dict[str, Any
     return c
 
 
+HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+
+
 def _hcm(stat: str, cluster: str, codec: str) -> dict[str, Any]:
     return {"name": "envoy.filters.network.http_connection_manager", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "@type": HCM_TYPE,
         "stat_prefix": stat, "codec_type": codec,
         "route_config": {"name": "all", "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
             {"match": {"prefix": "/"}, "route": {"cluster": cluster}}]}]},
