@@ -203,8 +203,13 @@ class WorkerPool:
             if self._stopped():
                 return
             try:
+                spawned = loop.time()
                 await self._spawn(w)  # gets the last snapshot and certs
                 failures = 0
+                # How long a start takes is what a proxy-down window is made of (cold disks,
+                # a loaded machine): said here so a slow one can be told from a slow restart policy.
+                log.info("proxy worker %d restarted (pid %d): ready %.2fs after spawn",
+                         w.index, w.proc.pid if w.proc else -1, loop.time() - spawned)
             except Exception as e:  # noqa: BLE001 - any failure to respawn is counted and logged
                 failures += 1
                 log.error("restarting proxy worker %d failed (%d in a row): %s", w.index, failures, e)
