@@ -1,7 +1,6 @@
 """eBPF capture's facts about this node, from the kernel and /proc: the
 network namespace's cookie, the cgroup v2 mount (mounted when `ip netns exec`
-left none), this process's cgroup, and whether a TCP listener or UDP socket
-is bound (/proc/net/tcp, /proc/net/udp)."""
+left none), this process's cgroup, and whether a UDP socket is bound (/proc/net/udp)."""
 
 from __future__ import annotations
 
@@ -81,30 +80,16 @@ def own_cgroup(proc_cgroup: str = "/proc/self/cgroup") -> str:
     raise CaptureError("no_cgroup2", f"{proc_cgroup} has no cgroup v2 entry: is cgroup v2 enabled?")
 
 
-ANY4 = "0.0.0.0"  # noqa: S104 - matched in /proc/net/*, nothing binds to it here
-
-
-def _bound(ip: str, port: int, proc_net: str, tcp_state: str | None) -> bool:
-    """Whether a socket in /proc/net/{tcp,udp} is bound to ip:port (or
-    0.0.0.0:port) in this netns, in tcp_state ("0A" = LISTEN) when given."""
-    wanted = {f"{struct.unpack('<I', ipaddress.ip_address(a).packed)[0]:08X}:{port:04X}" for a in (ip, ANY4)}
-    try:
-        with open(proc_net) as f:
-            next(f, None)
-            for line in f:
-                fields = line.split()
-                if len(fields) > 3 and fields[1] in wanted and tcp_state in (None, fields[3]):
-                    return True
-    except OSError:
-        return False
-    return False
-
-
-def proxy_listening(ip: str, port: int, proc_net_tcp: str = "/proc/net/tcp") -> bool:
-    """Whether a LISTEN socket is bound to ip:port (or 0.0.0.0:port) in this netns."""
-    return _bound(ip, port, proc_net_tcp, "0A")
+ANY4 = "0.0.0.0"  # noqa: S104 - matched in /proc/net/udp, nothing binds to it here
 
 
 def udp_bound(ip: str, port: int, proc_net_udp: str = "/proc/net/udp") -> bool:
-    """Whether a UDP socket is bound to ip:port (or 0.0.0.0:port) in this netns."""
-    return _bound(ip, port, proc_net_udp, None)
+    """Whether a UDP socket is bound to ip:port (or 0.0.0.0:port) in this netns
+    (the DNS proxy's liveness; a TCP listener is liveness.listening's job)."""
+    wanted = {f"{struct.unpack('<I', ipaddress.ip_address(a).packed)[0]:08X}:{port:04X}" for a in (ip, ANY4)}
+    try:
+        with open(proc_net_udp) as f:
+            next(f, None)
+            return any(len(fields) > 1 and fields[1] in wanted for fields in (line.split() for line in f))
+    except OSError:
+        return False

@@ -133,17 +133,6 @@ def test_source_concatenates_every_file_once() -> None:
     assert '#include "maps.h"' not in src
 
 
-def test_proxy_listening_reads_proc_net_tcp(tmp_path: Path) -> None:
-    f = tmp_path / "tcp"
-    f.write_text(
-        "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
-        "   0: 0100007F:3A99 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1\n"
-        "   1: 0100007F:1F90 0100007F:D2F0 01 00000000:00000000 00:00000000 00000000     0        0 2 1\n")
-    assert bpfnode.proxy_listening("127.0.0.1", 15001, str(f))
-    assert not bpfnode.proxy_listening("127.0.0.1", 8080, str(f))  # established, not listening
-    assert not bpfnode.proxy_listening("127.0.0.1", 15002, str(tmp_path / "missing"))
-
-
 def test_headers_merged_from_debian_trees(tmp_path: Path) -> None:
     src = tmp_path / "src"
     common = src / "linux-headers-6.1.0-9-common"
