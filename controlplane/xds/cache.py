@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import itertools
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -178,7 +179,9 @@ class TypeResources:
         return tr
 
     @cached_property
-    def _since(self) -> OrderedDict[int, tuple[TypeResources, frozenset[str]]]:
+    def _since(self) -> OrderedDict[int, tuple[weakref.ref[TypeResources], frozenset[str]]]:
+        # Weak: a strong reference here would chain every set to the one before it,
+        # keeping the whole history of snapshots alive.
         return OrderedDict()
 
     def changes_since(self, old: TypeResources) -> frozenset[str]:
@@ -186,7 +189,7 @@ class TypeResources:
         set for the last few `old` ones, so the streams of a fleet that each diff
         against the set they last saw share one comparison."""
         hit = self._since.get(id(old))
-        if hit is not None and hit[0] is old:
+        if hit is not None and hit[0]() is old:
             return hit[1]
         new_v, old_v = self.resource_versions, old.resource_versions
         changed = {n for n, v in new_v.items() if old_v.get(n) != v}
@@ -194,7 +197,7 @@ class TypeResources:
         return self._remember_since(old, frozenset(changed))
 
     def _remember_since(self, old: TypeResources, changed: frozenset[str]) -> frozenset[str]:
-        self._since[id(old)] = (old, changed)  # the reference keeps id(old) from being reused
+        self._since[id(old)] = (weakref.ref(old), changed)  # checked on use: an id may be reused
         while len(self._since) > SINCE_KEPT:
             self._since.popitem(last=False)
         return changed

@@ -258,3 +258,20 @@ def test_a_rebuild_hashes_and_encodes_only_what_changed(monkeypatch: pytest.Monk
     assert t2.wildcard_blob != blob and discovery_pb2.DiscoveryResponse.FromString(
         sotw_response_bytes(t2.version, T, "1", t2.wildcard_blob)).resources[
             t2.wildcard_names.index("n7")] == changed["n7"]
+
+
+def test_snapshots_replaced_are_not_kept_alive_by_the_remembered_changes() -> None:
+    """Each set remembers what changed since the one it replaced, but must not hold
+    it: a chain of strong references kept every snapshot ever built alive."""
+    import gc
+    import weakref
+
+    first = XdsSnapshot.from_resources({T: {"a": wl_any("a", "10.0.0.1")}})
+    gone = weakref.ref(first.get(T))
+    snap = first
+    for i in range(2, 12):
+        snap = XdsSnapshot.from_resources({T: {"a": wl_any("a", f"10.0.0.{i}")}}, snap)
+    del first
+    gc.collect()
+    assert gone() is None
+    assert snap.get(T).changes_since(snap.get(T)) == frozenset()
