@@ -330,7 +330,8 @@ def apply_policy(cluster: cluster_pb2.Cluster, policy: routespec.DestinationPoli
     })
 
 
-def policy_for(policies: Sequence[routespec.DestinationPolicy], svc: model.ServiceSpec) -> routespec.DestinationPolicy | None:
+def policy_for(policies: Sequence[routespec.DestinationPolicy],
+               svc: model.ServiceSpec) -> routespec.DestinationPolicy | None:
     """The policy targeting the service; with several, the first by name (documented)."""
     matching = sorted((p for p in policies if p.namespace == svc.namespace and p.service == svc.name),
                       key=lambda p: p.name)

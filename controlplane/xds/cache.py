@@ -546,7 +546,8 @@ class SnapshotCache:
         snap = self.snapshot_for(node_id)
         resp = _delta_respond(snap, w, also if base is not None else None) if snap is not None else None
         if resp is None and answer_now and snap is not None and not known:
-            resp = DeltaWatchResponse(type_url, snap.version(type_url), (), (), w.known)
+            resp = DeltaWatchResponse(type_url, snap.version(type_url), (), (), w.known,
+                                      source=snap.get(type_url))
         if resp is not None:
             queue.put_nowait(replace(resp, generation=self.generation))
         else:

@@ -90,6 +90,10 @@ def apply_subscription(sub: DeltaSubscription, known: Mapping[str, str],
     if WILDCARD in unsubscribe:
         wildcard = False
     sub = DeltaSubscription(wildcard, frozenset(names))
+    if not first and not unsubscribe:
+        # Only names added: nothing held stops being covered (and a fleet's agents
+        # add Workload names on every endpoint change, so skip the walk).
+        return sub, held
     # Only what is still covered is tracked (by name, glob or wildcard); the rest
     # the client drops. A resource marked UNCERTAIN stays until answered.
     held = {n: v for n, v in held.items() if (v == UNCERTAIN and wildcard) or sub.covers(n)}

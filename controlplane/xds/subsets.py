@@ -79,5 +79,6 @@ def subset_cluster(base: cluster_pb2.Cluster, svc: model.ServiceSpec, port: mode
 def split_targets(split: VersionSplit, svc: model.ServiceSpec, port: int, dns_domain: str,
                   scale: int = 1) -> list[tuple[str, int]]:
     """The weighted subset clusters that replace the whole service in a route."""
-    return [(xdsnames.cluster_name(svc.name, svc.namespace, port, dns_domain, routespec.subset_name(((split.label, v),))),
+    return [(xdsnames.cluster_name(svc.name, svc.namespace, port, dns_domain,
+                                   routespec.subset_name(((split.label, v),))),
              w * scale) for v, w in split.weights if w > 0]
