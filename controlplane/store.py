@@ -57,12 +57,14 @@ class StoredResource:
 
     def spec(self) -> dict[str, object]:
         value = json.loads(self.spec_json)
-        assert isinstance(value, dict)
+        if not isinstance(value, dict):
+            raise ValueError(f"{self.kind} {self.namespace}/{self.name}: stored spec is not a JSON object")
         return value
 
     def status(self) -> dict[str, object]:
         value = json.loads(self.status_json or "{}")
-        assert isinstance(value, dict)
+        if not isinstance(value, dict):
+            raise ValueError(f"{self.kind} {self.namespace}/{self.name}: stored status is not a JSON object")
         return value
 
 
@@ -220,6 +222,10 @@ INSERT OR IGNORE INTO meta (key, value) VALUES ('revision', 0), ('compacted', 0)
 
 _COLUMNS = ("kind, namespace, name, api_version, spec_json, status_json, labels_json, "
             "resource_version, created_ms, updated_ms")
+# Columns and clauses are constants; every value is bound with "?".
+_SELECT_ALL = f"SELECT {_COLUMNS} FROM resources"  # noqa: S608
+_SELECT_ONE = _SELECT_ALL + " WHERE kind = ? AND namespace = ? AND name = ?"
+_UPSERT = f"INSERT OR REPLACE INTO resources ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)"  # noqa: S608
 
 
 def _row_to_resource(row: Sequence[object]) -> StoredResource:
@@ -284,7 +290,7 @@ class SQLiteStore(Store):
     def get(self, kind: str, namespace: str, name: str) -> StoredResource | None:
         with self._lock:
             row = self._db.execute(
-                f"SELECT {_COLUMNS} FROM resources WHERE kind = ? AND namespace = ? AND name = ?",
+                _SELECT_ONE,
                 (kind, namespace, name)).fetchone()
         return _row_to_resource(row) if row else None
 
@@ -300,7 +306,7 @@ class SQLiteStore(Store):
         if namespace:
             where.append("namespace = ?")
             args.append(namespace)
-        sql = f"SELECT {_COLUMNS} FROM resources"
+        sql = _SELECT_ALL
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY kind, namespace, name"
@@ -322,7 +328,7 @@ class SQLiteStore(Store):
                 changed = False
                 for w in writes:
                     row = db.execute(
-                        f"SELECT {_COLUMNS} FROM resources WHERE kind = ? AND namespace = ? AND name = ?",
+                        _SELECT_ONE,
                         w.ref).fetchone()
                     old = _row_to_resource(row) if row else None
                     if isinstance(w, Delete):
@@ -349,7 +355,7 @@ class SQLiteStore(Store):
                         resource_version=new_rev,
                         created_unix_ms=old.created_unix_ms if old else now_ms, updated_unix_ms=now_ms)
                     db.execute(
-                        f"INSERT OR REPLACE INTO resources ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                        _UPSERT,
                         (res.kind, res.namespace, res.name, res.api_version, res.spec_json,
                          res.status_json, json.dumps(dict(labels), sort_keys=True),
                          res.resource_version, res.created_unix_ms, res.updated_unix_ms))

@@ -90,7 +90,8 @@ async def connect(ip: str, port: int, mark: int, timeout_s: float, source_ip: st
     except OSError as e:
         sock.close()
         if e.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
-            raise NetworkError(f"connect to {ip}:{port}: {e.strerror}", hint="is there a route to that address?") from None
+            raise NetworkError(f"connect to {ip}:{port}: {e.strerror}",
+                               hint="is there a route to that address?") from None
         raise NetworkError(f"connect to {ip}:{port}: {e}") from None
     except BaseException:
         sock.close()

@@ -20,6 +20,7 @@ shut a socket down on close), and this relay owns the duplicates.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import logging
@@ -37,10 +38,9 @@ AVAILABLE = hasattr(os, "splice")
 
 def _pipe() -> tuple[int, int]:
     r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
+    # Over /proc/sys/fs/pipe-max-size for an unprivileged worker: the default 64 KiB works too.
+    with contextlib.suppress(OSError):
         fcntl.fcntl(w, F_SETPIPE_SZ, PIPE_SIZE)
-    except OSError:
-        pass  # over /proc/sys/fs/pipe-max-size for an unprivileged worker: the default 64 KiB works too
     return r, w
 
 
@@ -135,10 +135,8 @@ class _Direction:
             self._want_read(True)
 
     def _send_eof(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.dst_sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
         self.relay.eof_sent(self)
 
     def stop(self) -> None:

@@ -4,6 +4,8 @@ one the agent mounts on /sys/fs/bpf when eBPF capture is installed."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from nodeagent.capture import heartbeat
@@ -12,8 +14,12 @@ from nodeagent.capture import heartbeat
 def test_no_bpffs_is_not_rescanned_every_beat(monkeypatch: pytest.MonkeyPatch) -> None:
     scans: list[int] = []
     mounted = [False]
-    monkeypatch.setattr(heartbeat, "bpffs_mount", lambda: scans.append(1) or ("/sys/fs/bpf" if mounted[0] else None))
-    monkeypatch.setattr(heartbeat.os.path, "ismount", lambda p: mounted[0] and p == "/sys/fs/bpf")
+    def bpffs_mount() -> str | None:
+        scans.append(1)
+        return "/sys/fs/bpf" if mounted[0] else None
+
+    monkeypatch.setattr(heartbeat, "bpffs_mount", bpffs_mount)
+    monkeypatch.setattr(os.path, "ismount", lambda p: mounted[0] and p == "/sys/fs/bpf")
     w = heartbeat.LivenessWriter()
     for _ in range(20):
         assert w.beat() is False

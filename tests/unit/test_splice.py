@@ -6,6 +6,7 @@ and a tapped end (someone watching the bytes) stays on the Protocol relay."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import socket
@@ -107,10 +108,8 @@ def test_reset_closes_both_sides() -> None:
         await asyncio.sleep(0.1)
         w.write(b"x")
         await closed
-        try:
+        with contextlib.suppress(ConnectionResetError):
             assert await asyncio.wait_for(r.read(), 5) == b""
-        except ConnectionResetError:
-            pass
         for _ in range(100):
             if rec:
                 break
