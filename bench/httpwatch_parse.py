@@ -2,7 +2,7 @@
 the time to observe N request/response pairs on one keep-alive connection, fed
 as the relay feeds it (one read per message).
 
-    .venv/bin/python scripts/bench_httpwatch.py [N]
+    .venv/bin/python bench/httpwatch_parse.py [N]
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ REQ = (b"GET /api/v1/items?page=3 HTTP/1.1\r\nHost: reviews.default.svc:9080\r\n
        b"x-request-id: 6c1f3c2e-8d7a-4b7e-9f0e-2a1b3c4d5e6f\r\n\r\n")
 POST = (b"POST /api/v1/items HTTP/1.1\r\nHost: reviews.default.svc:9080\r\nContent-Type: application/json\r\n"
         b"Content-Length: 27\r\n\r\n{\"name\": \"x\", \"count\": 12}\n")
-RESP = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nServer: uvicorn\r\nDate: Fri, 27 Nov 2026 05:41:28 GMT\r\n"
-        b"Content-Length: 512\r\n\r\n" + b"x" * 512)
+RESP = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nServer: uvicorn\r\n"
+        b"Date: Fri, 27 Nov 2026 05:41:28 GMT\r\nContent-Length: 512\r\n\r\n" + b"x" * 512)
 CHUNKED = (b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
            b"100\r\n" + b"y" * 256 + b"\r\n10\r\n" + b"z" * 16 + b"\r\n0\r\n\r\n")
 
@@ -35,7 +35,8 @@ def run(n: int) -> float:
             w.request(REQ)
             w.response(RESP)
     elapsed = time.perf_counter() - t
-    assert len(done) == n and not w.stopped, (len(done), w.stopped)
+    if len(done) != n or w.stopped:
+        raise SystemExit(f"the watch saw {len(done)} of {n} exchanges (stopped: {w.stopped!r}): not a valid run")
     return elapsed
 
 
