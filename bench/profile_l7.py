@@ -5,8 +5,9 @@ and the receiving node's (process B: HBONE server, the workload connection),
 each in its own process on loopback with real mTLS HBONE, a keep-alive 1 KiB
 HTTP/1.1 backend beside B in a process of its own, and the client in the
 parent (neither's CPU is counted). The receiving workload has no HTTP
-authorization rules, so B relays the stream at L4 (the common case). No
-root, no namespaces: a quick, repeatable view, not the benchmark
+authorization rules, so B relays the stream at L4 (the common case); with
+--l7-policy an AuthorizationPolicy with an HTTP rule (GET /item*) applies to it,
+so B's guard (authz_l7.py) decides every request. No root, no namespaces: a quick, repeatable view, not the benchmark
 (bench/compare.py is).
 
 Phase 1 measures CPU per request in each proxy process (time.process_time
@@ -15,7 +16,7 @@ Phase 2 runs the same load under cProfile in both processes and prints each
 side's functions by own time and cumulative time.
 
 Usage: .venv/bin/python bench/profile_l7.py [--requests 4000] [--conns 4] [--top 25]
-       [--json out.json]
+       [--l7-policy] [--json out.json]
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ from nodeagent.proxy.accesslog import AccessLog  # noqa: E402
 from nodeagent.proxy.proxy import NodeProxy  # noqa: E402
 from nodeagent.proxy.testca import TestCA  # noqa: E402
 from nodeagent.supervision.settings import Certs, ProxySettings  # noqa: E402
+from nodemesh import model  # noqa: E402
+from nodemesh.security import MeshSecurity, SecurityPolicies  # noqa: E402
 
 A, B = "127.0.0.2", "127.0.0.3"
 TD = "cluster.local"
@@ -58,6 +61,16 @@ WEB = f"spiffe://{TD}/ns/default/sa/web"
 VIP = ("10.96.0.20", 80)
 CL = "outbound|80||web.default.svc.mesh"
 BODY = b"x" * 1024
+L7_POLICY = """\
+apiVersion: nodemesh.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: web-http, namespace: default}
+spec:
+  selector: {matchLabels: {app: web}}
+  action: ALLOW
+  rules:
+  - to: [{operation: {methods: [GET], paths: ["/item*"]}}]
+"""
 
 
 def _settings(name: str, addr: str) -> ProxySettings:
@@ -66,14 +79,21 @@ def _settings(name: str, addr: str) -> ProxySettings:
                          access_log="off")
 
 
-def _snapshot(node: str, pem: str, web_port: int, hbone_b: int) -> Snapshot:
+def _security(l7_policy: bool) -> SecurityPolicies:
+    if not l7_policy:
+        return SecurityPolicies()
+    docs = model.parse_documents(L7_POLICY)
+    return SecurityPolicies(MeshSecurity(), (), tuple(d.obj for d in docs if d.kind == "AuthorizationPolicy"))
+
+
+def _snapshot(node: str, pem: str, web_port: int, hbone_b: int, l7_policy: bool = False) -> Snapshot:
     mesh = MeshSettings(trust_domain=TD, trust_bundle=(pem,))
     ep = Endpoint(B, web_port, "default/web-0", WEB, "b", B, hbone_port=hbone_b)
-    services = (Service("web", "default", VIP[0], (ServicePort(VIP[1], 0, "http", "http", CL, (ep,)),)),)
+    services = (Service("web", "default", VIP[0], (ServicePort(VIP[1], web_port, "http", "http", CL, (ep,)),)),)
     workloads = (Workload("web-0", "default", "web", "b", B, (web_port,), WEB, B, hbone_b),)
     local = ((LocalWorkload("client", "default", "client", A, (), uid=os.getuid()),) if node == "a"
-             else (LocalWorkload("web", "default", "web", B, (web_port,)),))
-    return Snapshot("1", node, mesh, services, workloads, local)
+             else (LocalWorkload("web", "default", "web", B, (web_port,), labels=(("app", "web"),)),))
+    return Snapshot("1", node, mesh, services, workloads, local, security=_security(l7_policy))
 
 
 class _Backend(asyncio.Protocol):
@@ -90,7 +110,7 @@ class _Backend(asyncio.Protocol):
             self.t.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(BODY), BODY))
 
 
-def _node(role: str, certs: Certs, pem: str, pipe: Connection, ports: tuple[int, int]) -> None:
+def _node(role: str, certs: Certs, pem: str, pipe: Connection, ports: tuple[int, int], l7_policy: bool) -> None:
     """One node's proxy (and, on B, the backend) in this process, driven by `pipe`."""
     import uvloop
 
@@ -104,7 +124,7 @@ def _node(role: str, certs: Certs, pem: str, pipe: Connection, ports: tuple[int,
                               source_lookup=lambda snap, c, d: snap.local_by_uid.get(os.getuid()))
         await proxy.start()
         hbone = ports[1] if role == "a" else proxy.addresses()[2][1]
-        proxy.update(_snapshot(role, pem, web_port, hbone), certs)
+        proxy.update(_snapshot(role, pem, web_port, hbone, l7_policy), certs)
         pipe.send((web_port, hbone, proxy.addresses()[0]))
         prof: cProfile.Profile | None = None
         cpu0 = 0.0
@@ -189,6 +209,9 @@ def main() -> int:
     ap.add_argument("--conns", type=int, default=4)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--json", help="write the CPU figures here")
+    ap.add_argument("--l7-policy", action="store_true",
+                    help="an AuthorizationPolicy with an HTTP rule on the receiving workload:"
+                         " its guard decides each request")
     a = ap.parse_args()
     TOP = a.top
     ca = TestCA()
@@ -198,11 +221,12 @@ def main() -> int:
     w.start()
     web_port = w_pipe.recv()
     b_pipe, b_child = ctx.Pipe()
-    b = ctx.Process(target=_node, args=("b", ca.certs(WEB), ca.pem, b_child, (web_port, 0)), daemon=True)
+    b = ctx.Process(target=_node, args=("b", ca.certs(WEB), ca.pem, b_child, (web_port, 0), a.l7_policy), daemon=True)
     b.start()
     web_port, hbone_b, _ = b_pipe.recv()
     a_pipe, a_child = ctx.Pipe()
-    ap_ = ctx.Process(target=_node, args=("a", ca.certs(CLIENT), ca.pem, a_child, (web_port, hbone_b)), daemon=True)
+    ap_ = ctx.Process(target=_node, args=("a", ca.certs(CLIENT), ca.pem, a_child, (web_port, hbone_b),
+                                                     a.l7_policy), daemon=True)
     ap_.start()
     _, _, a_out = a_pipe.recv()
     # The outbound listener sees every connection as captured on its way to the VIP (original_dst).
@@ -212,7 +236,7 @@ def main() -> int:
         asyncio.run(_load(a_out, 400, a.conns))  # warm: connections, pools, caches
         wall, [(cpu_a, _), (cpu_b, _)] = _run("start", pipes, a_out, a.requests, a.conns)
         n = a.requests // a.conns * a.conns
-        result = {"requests": n, "conns": a.conns, "wall_s": wall, "req_per_s": n / wall,
+        result = {"requests": n, "conns": a.conns, "l7_policy": a.l7_policy, "wall_s": wall, "req_per_s": n / wall,
                   "sending_cpu_us_per_req": cpu_a / n * 1e6, "receiving_cpu_us_per_req": cpu_b / n * 1e6}
         print(json.dumps(result, indent=1))
         _, [(pa, sa), (pb, sb)] = _run("profile", pipes, a_out, a.requests, a.conns)

@@ -20,6 +20,13 @@ by Content-Length or chunked framing (chunk sizes parsed, chunk data never
 copied; trailers read for grpc-status). Responses are framed by their request
 (HEAD, 1xx then the final response, 204, 304; read-until-close without a
 length), and pipelined requests queue up for their responses in order.
+
+When the receiving node's policy guard (nodeagent/proxy/authz_l7.py, and
+authz_h2.py for HTTP/2) stands in front of the workload it parses every
+request and response anyway: the watch is then taken off the workload's end
+and the guard reports its own parse through an `ExchangeReport` with the
+watch's two callbacks, so each byte is parsed once per node. The watches
+keep serving the connections no guard decides.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import logging
 import re
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from nodeagent.observe.tracing import TRACE_HEADERS
@@ -50,6 +57,7 @@ _OWS = b" \t"
 _REQUEST_HEADERS = frozenset({b"content-length", b"transfer-encoding", b"connection", b"upgrade",
                               b"content-type", b"baggage"} | {h.encode() for h in TRACE_HEADERS})
 _TRACE = frozenset({h.encode() for h in TRACE_HEADERS} | {b"baggage"})
+_TRACE_STR = frozenset(TRACE_HEADERS | {"baggage"})
 _RESPONSE_HEADERS = frozenset({b"content-length", b"transfer-encoding", b"connection", b"grpc-status"})
 
 # Parser states of one direction.
@@ -78,6 +86,110 @@ class Exchange:
     @property
     def duration_ms(self) -> float:
         return max(0.0, (self.t_end or self.t0) - self.t0) * 1000.0
+
+
+def request_exchange(method: str, target: str, headers: Iterable[tuple[str, str]],
+                     clock: Callable[[], float] = time.monotonic) -> Exchange:
+    """An Exchange begun from a parsed request head ((lower-case name, value)
+    pairs): its trace headers and baggage, and whether it is gRPC."""
+    trace: list[tuple[str, str]] = []
+    grpc = False
+    for k, v in headers:
+        if k in _TRACE_STR:
+            trace.append((k, v))
+        elif k == "content-type" and v.startswith("application/grpc"):
+            grpc = True
+    return Exchange(method, target, clock(), time.time(), tuple(trace), grpc=grpc)
+
+
+class ExchangeReport:
+    """The exchanges of one connection as a guard parsed them, reported through
+    a watch's callbacks (see the module docstring). Telemetry keeps it where it
+    kept the watch: `close()` reports what is still open (status 0 when no
+    response head came), `is_l7` says an HTTP/2 connection was followed."""
+
+    def __init__(self, on_start: Callable[[Exchange], None], on_done: Callable[[Exchange], None],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._on_start = on_start
+        self._on_done = on_done
+        self.clock = clock
+        self._open: list[Exchange] = []  # started, not reported (oldest first)
+        self.stopped = ""  # why no more exchanges are reported ("" while they are)
+        self.failed = False  # stopped on bytes that were not HTTP (the connection is accounted as TCP)
+        self.detected = False  # an HTTP/2 connection preface was followed
+        self.exchanges = 0
+
+    def __repr__(self) -> str:
+        return f"<ExchangeReport exchanges={self.exchanges} open={len(self._open)} stopped={self.stopped!r}>"
+
+    @property
+    def is_l7(self) -> bool:
+        return self.detected and not self.failed
+
+    def start(self, ex: Exchange) -> bool:
+        """A request went to the workload; False (not followed) once stopped."""
+        if self.stopped:
+            return False
+        self._open.append(ex)
+        self._call(self._on_start, ex)
+        return True
+
+    def response_end(self, ex: Exchange) -> None:
+        """The response ended: the exchange is over for the workload."""
+        ex.t_end = self.clock()
+        ex.complete = True
+        self.done(ex)
+
+    def done(self, ex: Exchange) -> None:
+        if self._take(ex):
+            self.exchanges += 1
+            self._call(self._on_done, ex)
+
+    def drop(self, ex: Exchange) -> None:
+        """Never processed by the workload (refused by its GOAWAY): not reported."""
+        self._take(ex)
+
+    def _take(self, ex: Exchange) -> bool:
+        for i, open_ex in enumerate(self._open):
+            if open_ex is ex:  # by identity: two exchanges may hold equal fields
+                del self._open[i]
+                return True
+        return False
+
+    def stop(self, why: str, failed: bool = False) -> None:
+        """No more exchanges (an upgrade, or bytes that are not HTTP: `failed`);
+        on a failure the open ones are reported now, abandoned."""
+        if self.stopped:
+            return
+        self.stopped, self.failed = why, failed
+        if failed:
+            now = self.clock()
+            for ex in self._open:
+                ex.t_end = ex.t_end or now
+                ex.extra["abandoned"] = why
+            self._report_open()
+
+    def close(self) -> None:
+        now = self.clock()
+        for ex in self._open:
+            if not ex.complete or not ex.t_end:
+                ex.t_end = now
+        self._report_open()
+        if not self.stopped:
+            self.stopped = "closed"
+
+    def _report_open(self) -> None:
+        left, self._open = self._open, []
+        for ex in left:
+            self.exchanges += 1
+            self._call(self._on_done, ex)
+
+    @staticmethod
+    def _call(cb: Callable[[Exchange], None], ex: Exchange) -> None:
+        try:
+            cb(ex)
+        except Exception:  # observing must never break the traffic it reports
+            log.exception("reporting an HTTP exchange failed")
 
 
 class _Malformed(Exception):

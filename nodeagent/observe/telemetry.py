@@ -25,7 +25,7 @@ from nodemesh.xdsnames import service_host
 
 if TYPE_CHECKING:
     from nodeagent.observe.h2watch import H2Watch
-    from nodeagent.observe.httpwatch import Exchange, Http1Watch
+    from nodeagent.observe.httpwatch import Exchange, ExchangeReport, Http1Watch
     from nodeagent.proxy.inbound import InboundTarget
     from nodeagent.proxy.proxy import NodeProxy
     from nodeagent.proxy.relay import TcpEnd
@@ -47,7 +47,8 @@ class SessionTelemetry:
 
     t0_unix: float  # wall-clock start, the span's start
     span: tracing.Span | None = None  # this hop's span (outbound: always; inbound: from the caller's context)
-    http_watch: Http1Watch | H2Watch | None = None  # inbound on an HTTP port: the watch of its exchanges
+    # Inbound on an HTTP port: the watch of its exchanges, or the report of the guard that parses them.
+    http_watch: Http1Watch | H2Watch | ExchangeReport | None = None
     http_requests: int = 0  # requests the watch saw on this connection
     labels: meshmetrics.MeshLabels | None = None  # the series opened() counted; closed() closes the same
 
@@ -303,6 +304,21 @@ class ProxyTelemetry:
         st = _state(session)
         st.http_watch = watch
         st.http_requests = 0
+
+    def guard_parses(self, session: Session, end: TcpEnd) -> ExchangeReport | None:
+        """Called when a policy guard (nodeagent/proxy/authz_l7.py) is put in front
+        of the workload's end: the guard parses every request and response anyway,
+        so the watch comes off the end and the guard reports its exchanges through
+        the returned report (one parse per node). None when nothing watches `end`."""
+        st = session.telemetry
+        if st is None or st.http_watch is None or end.tap is not st.http_watch:
+            return None
+        from nodeagent.observe.httpwatch import ExchangeReport
+
+        end.tap = None
+        report = ExchangeReport(lambda ex: self._dest_request_start(session, ex), self._dest_request_done)
+        st.http_watch = report
+        return report
 
     def _dest_request_start(self, conn: Session, ex: Exchange) -> None:
         f = conn.fields

@@ -13,6 +13,16 @@ headers.
 - denied: the caller gets a trailers-only gRPC answer (grpc-status 7,
   PERMISSION_DENIED, naming the policy and rule) or, for plain HTTP/2, 403;
   nothing reaches the workload; one access log line names the policy and rule.
+- time limits (MeshConfig spec.http, ticked by the guard's ConnTimer): a
+  request head begun and not complete within requestHeadersTimeoutSeconds
+  ends the connection (GOAWAY, counted, logged); a stream that moved nothing
+  either way for streamIdleTimeoutSeconds is ended alone: the workload's
+  stream is cancelled and the caller gets 408 (gRPC: the mapped status) if no
+  response began, else a reset.
+
+Each allowed stream is reported to telemetry through the guard's
+ExchangeReport (nodeagent/observe/httpwatch.py) from this parse, as the
+HTTP/2 watch would have from the bytes: the bytes are parsed once on this node.
 
 The bridge does no I/O: bytes come in through from_caller()/from_workload() and
 go out through the Wire callbacks, so it is tested with two in-memory peers.
@@ -20,6 +30,7 @@ go out through the Wire callbacks, so it is tested with two in-memory peers.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -29,20 +40,26 @@ import h2.events
 import h2.exceptions
 
 from nodeagent.observe import meshmetrics
+from nodeagent.observe.httpwatch import Exchange, ExchangeReport, request_exchange
 
 from . import authz
+from .http.edge import STREAM_IDLE_TIMEOUT
+from .http.h1 import EdgeError
 from .http.h2core import (
     GRPC_PERMISSION_DENIED,
     H2Core,
     Headers,
     Received,
     grpc_message_escape,
+    grpc_status_for_http,
     header_value,
     is_grpc,
     strip_connection_headers,
 )
 from .http.pathnorm import BadTarget, normalize_target
 from .relay import Session
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -68,6 +85,12 @@ class _Stream:
     owed_down: int = 0  # workload's bytes queued toward the caller, not yet acknowledged to the workload
     req_done: bool = False
     resp_done: bool = False
+    ex: Exchange | None = None  # as reported to telemetry (None: nobody observes)
+    grpc: bool = False
+    resp_started: bool = False  # a response head went to the caller
+    moved: int = 0  # frames that moved on this stream (either way), for the idle timer
+    seen: int = -1  # `moved` at the timer's last tick
+    idle_for: float = 0.0
 
 
 @dataclass
@@ -75,6 +98,7 @@ class BridgeStats:
     requests: int = 0
     allowed: int = 0
     denied: int = 0
+    idle_timeouts: int = 0  # streams ended by streamIdleTimeoutSeconds
     decisions: list[tuple[str, str, int | None]] = field(default_factory=list)  # (path, allow|deny, rule), last 32
 
 
@@ -87,9 +111,12 @@ def deny_message(v: authz.Verdict) -> str:
 class H2AuthzBridge:
     """One h2c connection from a caller to the workload, decided per stream."""
 
-    def __init__(self, check: Any, session: Session, wire: Wire) -> None:
+    def __init__(self, check: Any, session: Session, wire: Wire, report: ExchangeReport | None = None) -> None:
         self.check = check  # authz_l7.L7Check: the policies and the connection's L4 facts
         self.session = session
+        self.report = report
+        if report is not None:
+            report.detected = True  # the caller's preface: an HTTP/2 connection, followed
         self.wire = wire
         self.srv = H2Core(client=False)  # toward the caller
         self.cli = H2Core(client=True)  # toward the workload
@@ -110,6 +137,8 @@ class H2AuthzBridge:
             return
         rec = self.srv.receive_data(data)
         if rec.error:
+            if self.report is not None:
+                self.report.stop(f"request: {rec.error}", failed=True)
             self._fail("bad_request", f"malformed HTTP/2 from the caller: {rec.error}")
             return
         for ev in rec.events:
@@ -123,6 +152,8 @@ class H2AuthzBridge:
             return
         rec = self.cli.receive_data(data)
         if rec.error:
+            if self.report is not None:
+                self.report.stop(f"response: {rec.error}", failed=True)
             self._fail("upstream_protocol_error", f"the workload's HTTP/2 is malformed: {rec.error}")
             return
         for ev in rec.events:
@@ -139,6 +170,7 @@ class H2AuthzBridge:
         for st in list(self.by_caller.values()):
             if not st.req_done:  # a request cut short: the workload must not take it as complete
                 self.cli.reset(st.ws, h2.errors.ErrorCodes.CANCEL)
+                self._reset_reported(st, h2.errors.ErrorCodes.CANCEL, "client")
                 self._drop(st)
         self.cli.close()
         self._flush()
@@ -170,6 +202,9 @@ class H2AuthzBridge:
                 self.srv.acknowledge(ev.stream_id, ev.flow_controlled_length)
                 return
             st.owed_up += ev.flow_controlled_length
+            st.moved += 1
+            if st.ex is not None:
+                st.ex.request_bytes += len(ev.data)
             self.cli.send_data(st.ws, ev.data)
             if ev.stream_ended is not None:
                 self._request_done(st, None)
@@ -185,12 +220,16 @@ class H2AuthzBridge:
             st = self.by_caller.get(ev.stream_id)
             if st is not None:
                 self.cli.reset(st.ws, ev.error_code)
+                self._reset_reported(st, ev.error_code, "client")
                 self._drop(st)
         elif isinstance(ev, h2.events.ConnectionTerminated):
             self._goaway_from(caller=True, code=int(ev.error_code or 0))
 
     def _request_done(self, st: _Stream, trailers: Headers | None) -> None:
         st.req_done = True
+        st.moved += 1
+        if st.ex is not None:
+            st.ex.request_done = True
         self.cli.end_stream(st.ws, trailers)
         self._maybe_forget(st)
 
@@ -233,9 +272,47 @@ class H2AuthzBridge:
             self.srv.reset(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
             return
         self.workload_started = True
-        st = _Stream(sid, ws, req_done=ended)
+        st = _Stream(sid, ws, req_done=ended, grpc=grpc)
         self.by_caller[sid] = st
         self.by_workload[ws] = st
+        if self.report is not None:
+            self._report_request(self.report, st, method, path + query, headers, grpc)
+
+    @staticmethod
+    def _report_request(report: ExchangeReport, st: _Stream, method: str, target: str, headers: Headers,
+                        grpc: bool) -> None:
+        """The stream as the HTTP/2 watch would have reported it (observe/h2watch.py)."""
+        ex = request_exchange(method, target, headers, report.clock)
+        ex.grpc = grpc
+        ex.request_done = st.req_done
+        ex.extra.update(authority=header_value(headers, ":authority") or "", protocol="http2", stream=st.ws)
+        if grpc and target.count("/") == 2:
+            service, _, rpc = target[1:].partition("/")
+            ex.extra["grpc_service"], ex.extra["grpc_method"] = service, rpc
+        if report.start(ex):
+            st.ex = ex
+
+    def _reset_reported(self, st: _Stream, code: int, by: str) -> None:
+        ex, st.ex = st.ex, None
+        if ex is not None and self.report is not None:
+            ex.t_end = self.report.clock()
+            ex.extra["reset"], ex.extra["reset_by"] = int(code), by
+            self.report.done(ex)
+
+    def _response_reported(self, st: _Stream, headers: Headers | None) -> None:
+        """A response head or trailers: the status and grpc-status; with `headers` None, its end."""
+        ex = st.ex
+        if ex is None or self.report is None:
+            return
+        if headers is None:
+            st.ex = None
+            self.report.response_end(ex)
+            return
+        for k, v in headers:
+            if k == ":status" and v.isdigit():
+                ex.status = int(v)
+            elif k == "grpc-status":  # in the trailers, or in the head of a trailers-only answer
+                ex.grpc_status = v
 
     def _log_decision(self, v: authz.Verdict, grpc: bool) -> None:
         """One line per decided stream, like the HTTP/1.1 guard's (authz_l7._log_decision)."""
@@ -297,6 +374,9 @@ class H2AuthzBridge:
                 self.cli.acknowledge(ev.stream_id, ev.flow_controlled_length)
                 return
             st.owed_down += ev.flow_controlled_length
+            st.moved += 1
+            if st.ex is not None:
+                st.ex.response_bytes += len(ev.data)
             self.srv.send_data(st.cs, ev.data)
             if ev.stream_ended is not None:
                 self._response_done(st, None)
@@ -305,26 +385,98 @@ class H2AuthzBridge:
             return
         if isinstance(ev, h2.events.ResponseReceived):
             ended = ev.stream_ended is not None
+            st.resp_started = True
+            st.moved += 1
+            head = _headers(ev.headers)
+            self._response_reported(st, head)
             # A trailers-only answer (HEADERS with END_STREAM) stays one frame: gRPC reads its status there.
-            self.srv.send_headers(st.cs, strip_connection_headers(_headers(ev.headers)), end_stream=ended)
+            self.srv.send_headers(st.cs, strip_connection_headers(head), end_stream=ended)
             if ended:
                 st.resp_done = True
+                self._response_reported(st, None)
                 self._maybe_forget(st)
         elif isinstance(ev, h2.events.InformationalResponseReceived):
             self.srv.send_headers(st.cs, _headers(ev.headers))
         elif isinstance(ev, h2.events.TrailersReceived):
-            self._response_done(st, strip_connection_headers(_headers(ev.headers)))
+            trailers = strip_connection_headers(_headers(ev.headers))
+            self._response_reported(st, trailers)
+            self._response_done(st, trailers)
         elif isinstance(ev, h2.events.StreamEnded):
             if not st.resp_done:
                 self._response_done(st, None)
         elif isinstance(ev, h2.events.StreamReset):
             self.srv.reset(st.cs, ev.error_code)
+            self._reset_reported(st, ev.error_code, "workload")
             self._drop(st)
 
     def _response_done(self, st: _Stream, trailers: Headers | None) -> None:
         st.resp_done = True
+        st.moved += 1
+        self._response_reported(st, None)
         self.srv.end_stream(st.cs, trailers)
         self._maybe_forget(st)
+
+    # ---------------------------------------------------------------- time limits
+    def head_in_progress(self) -> bool:
+        """A request head (HEADERS/CONTINUATION) from the caller begun and not complete."""
+        return not self.closed and self.srv.head_in_progress()
+
+    def head_timeout(self, e: EdgeError) -> None:
+        """requestHeadersTimeoutSeconds passed with a head still incomplete: GOAWAY, end the connection."""
+        if self.closed:
+            return
+        meshmetrics.http_edge_refused("inbound", e.status, e.reason)
+        log.info("h2c connection from %s: %s", self.session.fields.get("src", "?"), e.message)
+        self.session.fail(e.reason, e.message)
+        self.srv.close(h2.errors.ErrorCodes.NO_ERROR)
+        self._flush()
+        self.closed = True
+        self.wire.end_caller()
+        self.wire.abort_workload()
+
+    def tick_idle(self, elapsed: float, limit: float) -> None:
+        """One tick of the guard's timer: a stream that moved nothing either way
+        for `limit` seconds (streamIdleTimeoutSeconds) is ended alone."""
+        if self.closed:
+            return
+        for st in list(self.by_caller.values()):
+            if st.moved != st.seen:
+                st.seen, st.idle_for = st.moved, 0.0
+                continue
+            st.idle_for += elapsed
+            if st.idle_for >= limit:
+                self._stream_idle(st, limit)
+        self._flush()
+        self._maybe_finish()
+
+    def _stream_idle(self, st: _Stream, limit: float) -> None:
+        self.stats.idle_timeouts += 1
+        meshmetrics.http_edge_refused("inbound", 408, STREAM_IDLE_TIMEOUT)
+        why = f"no byte moved for {limit:g}s (MeshConfig spec.http.streamIdleTimeoutSeconds)"
+        log.info("stream from %s: %s; ended", self.session.fields.get("src", "?"), why)
+        if self.session.fields.get("direction") == "inbound":
+            rec = dict(self.session.fields)
+            rec.update(event="stream_idle_timeout", reason=STREAM_IDLE_TIMEOUT, error=why)
+            self.session._log.write(rec)
+        self.cli.reset(st.ws, h2.errors.ErrorCodes.CANCEL)
+        if st.resp_started:
+            self.srv.reset(st.cs, h2.errors.ErrorCodes.CANCEL)
+        elif st.grpc:
+            self.srv.send_headers(st.cs, [(":status", "200"), ("content-type", "application/grpc"),
+                                          ("grpc-status", str(grpc_status_for_http(408))),
+                                          ("grpc-message", grpc_message_escape(why)),
+                                          ("x-nodemesh-reason", STREAM_IDLE_TIMEOUT)], end_stream=True)
+        else:
+            body = f"{STREAM_IDLE_TIMEOUT}: {why}\n".encode()
+            self.srv.send_headers(st.cs, [(":status", "408"), ("content-type", "text/plain"),
+                                          ("content-length", str(len(body))),
+                                          ("x-nodemesh-reason", STREAM_IDLE_TIMEOUT)])
+            self.srv.send_data(st.cs, body)
+            self.srv.end_stream(st.cs)
+        if not st.resp_started and not st.req_done:
+            self.srv.reset(st.cs, h2.errors.ErrorCodes.NO_ERROR)  # the answer is complete: stop the upload
+        self._reset_reported(st, h2.errors.ErrorCodes.CANCEL, "proxy (streamIdleTimeoutSeconds)")
+        self._drop(st)
 
     # ---------------------------------------------------------------- flow control and lifecycle
     def _release(self, rec: Received, caller_side: bool) -> None:
@@ -377,6 +529,8 @@ class H2AuthzBridge:
         for st in list(self.by_caller.values()):
             if last is not None and st.ws > last:
                 self.srv.reset(st.cs, h2.errors.ErrorCodes.REFUSED_STREAM)
+                if st.ex is not None and self.report is not None:
+                    self.report.drop(st.ex)  # never processed by the workload: not a request it served
                 self._drop(st)
         self.srv.close()
 

@@ -22,6 +22,12 @@ TCP end, looks at the caller's first bytes, and
 
 The decision (policy, rule, reason) goes into the inbound session's access
 log fields, like the L4 decision.
+
+The guard parses every request and response it forwards, so it also tells
+telemetry about them: wrap() takes the observer's watch off the workload's end
+(nodeagent/observe/httpwatch.py) and the guard reports each forwarded request
+and its response (method, target, trace headers, status, grpc-status, body
+bytes) through an ExchangeReport: the bytes are parsed once on this node.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import re
 from collections import deque
 from dataclasses import dataclass, replace
@@ -38,11 +45,12 @@ import h11
 
 from nodeagent.meshview.snapshot import LocalWorkload, Snapshot
 from nodeagent.observe import meshmetrics
+from nodeagent.observe.httpwatch import Exchange, ExchangeReport, request_exchange
 from nodemesh.security import MTLS_STRICT, SecurityPolicies
 
 from . import authz, authz_h2, detect
 from .http import h1
-from .http.edge import HEAD_TIMEOUT, STREAM_IDLE_TIMEOUT, ConnTimer, head_timeout
+from .http.edge import HEAD_TIMEOUT, STREAM_IDLE_TIMEOUT, TICKS_PER_LIMIT, ConnTimer, head_timeout
 from .http.h1 import EdgeError, EndOfRequest, Event, RequestHead, RequestReader, ResponseFramer
 from .http.pathnorm import normalize_target
 from .relay import End, Session
@@ -91,9 +99,17 @@ def admit(snapshot: Snapshot, workload: LocalWorkload, port: int, source_princip
     return L7Check(policies, facts)
 
 
-def wrap(check: L7Check | None, upstream: Any, session: Session) -> Any:
-    """The end to give the caller: the workload's own end when L4 decided, else a guard in front of it."""
-    return upstream if check is None else InboundHttpGuard(check, upstream, session)
+def wrap(check: L7Check | None, upstream: Any, session: Session, watched: Session | None = None) -> Any:
+    """The end to give the caller: the workload's own end when L4 decided, else
+    a guard in front of it, which takes over the reporting of the exchanges from
+    the watch telemetry put on the workload's end (one parse per node).
+    `watched`: the session that owns the workload's connection (default `session`)."""
+    if check is None:
+        return upstream
+    owner = watched or session
+    handoff = getattr(owner.observer, "guard_parses", None)
+    report = handoff(owner, upstream) if handoff is not None else None
+    return InboundHttpGuard(check, upstream, session, report)
 
 
 def normalize_path(target: str) -> tuple[str, str]:
@@ -149,7 +165,7 @@ class InboundHttpGuard:
     workload at a time; the workload's responses are read with h11 and framed
     again for the caller; a denied request gets 403 and the connection ends."""
 
-    def __init__(self, check: L7Check, upstream: Any, session: Session) -> None:
+    def __init__(self, check: L7Check, upstream: Any, session: Session, report: ExchangeReport | None = None) -> None:
         self.check = check
         self.up = upstream  # the workload's TcpEnd
         self.session = session
@@ -166,6 +182,8 @@ class InboundHttpGuard:
         self._buffer_paused = False  # the caller's reading is paused because _queued is over the limit
         self._workload_paused = False  # ... because the workload's socket is full
         self._cur: RequestHead | None = None  # the request in flight (allowed, forwarded)
+        self.report = report  # telemetry's view of the forwarded requests (None: nobody observes)
+        self._ex: Exchange | None = None  # the request in flight, as reported
         self._caller_done = False  # the caller half-closed
         self._req_done = False
         self._resp_done = False
@@ -313,15 +331,34 @@ class InboundHttpGuard:
 
     # -- decisions --
     def _start_h2(self) -> None:
-        """The HTTP/2 preface: terminate h2c and decide each stream (authz_h2.py)."""
+        """The HTTP/2 preface: terminate h2c and decide each stream (authz_h2.py).
+        The timer now ticks for the request-head timeout and each stream's idle
+        time (the bridge's); a connection with no stream open is bounded by the
+        HBONE tunnel's idle timeout, as before."""
         self.state = H2
         self.session.set(authz_layer="L7", protocol=detect.HTTP2)
         self._h2 = authz_h2.H2AuthzBridge(self.check, self.session, authz_h2.Wire(
             to_caller=self._to_caller, to_workload=self.up.send, end_caller=self._caller_eof,
-            end_workload=self.up.send_eof, abort_both=self._close_both, abort_workload=self.up.abort))
+            end_workload=lambda: self._h2_workload_done(True), abort_both=self._close_both,
+            abort_workload=lambda: self._h2_workload_done(False)),
+            report=self.report)
+        self.timer.cancel()
+        self.timer = ConnTimer(replace(self.limits, idle_timeout_s=math.inf, stream_idle_timeout_s=math.inf),
+                               self._probe, self._expired)
+        self.timer.period = max(0.02, min(self.timer.period, self.limits.stream_idle_timeout_s / TICKS_PER_LIMIT))
+        if self.caller is not None:  # else attach() starts it
+            self.timer.start()
         buf, self._buf = bytes(self._buf), bytearray()
         self._h2.from_caller(buf)
         self._release_early()
+
+    def _h2_workload_done(self, eof: bool) -> None:
+        """The bridge is done with the workload's connection: the timers stop too."""
+        self.timer.cancel()
+        if eof:
+            self.up.send_eof()
+        else:
+            self.up.abort()
 
     def _release_early(self) -> None:
         if self._early_up:
@@ -380,10 +417,14 @@ class InboundHttpGuard:
             elif isinstance(ev, bytes):
                 q.popleft()
                 self._queued -= len(ev)
+                if self._ex is not None:
+                    self._ex.request_bytes += len(ev)
                 self._to_workload(h11.Data(data=ev))
             elif isinstance(ev, EndOfRequest):
                 q.popleft()
                 self._req_done = True
+                if self._ex is not None:
+                    self._ex.request_done = True
                 self._to_workload(h11.EndOfMessage())
                 if self._resp_done:
                     self._end_of_exchange()
@@ -422,9 +463,19 @@ class InboundHttpGuard:
             self._refuse(EdgeError(400, "bad_request", f"cannot forward the request: {e}"))
             return False
         self._to_workload(out)
+        if self.report is not None and self.state == HTTP:
+            self._report_request(req, self.report)
         if req.upgrade and self.state == HTTP:
             self.state = UPGRADING  # bytes after it are held until the workload answers (101 or not)
         return True
+
+    def _report_request(self, req: RequestHead, report: ExchangeReport) -> None:
+        if req.upgrade:  # the bytes after it are another protocol: nothing more is reported
+            report.stop("upgrade")
+            return
+        ex = request_exchange(req.method, req.target.target, req.headers, report.clock)
+        if report.start(ex):
+            self._ex = ex
 
     def _log_decision(self, v: authz.Verdict) -> None:
         """One access log line per decided request when the guard's session is a
@@ -477,15 +528,26 @@ class InboundHttpGuard:
                 length = None
                 if not any(k == b"transfer-encoding" for k, _ in ev.headers):
                     length = next((int(v) for k, v in ev.headers if k == b"content-length"), None)
+                if self._ex is not None:
+                    self._ex.status = ev.status_code
+                    self._ex.grpc_status = next((v for k, v in hdrs if k == "grpc-status"), "")
                 self._to_caller(self._framer.head(
                     ev.status_code, ev.reason.decode("latin-1"), hdrs,
                     method=cur.method if cur else "GET", version=cur.version if cur else "1.1",
                     keep_alive=bool(cur and cur.keep_alive), length=length))
             elif isinstance(ev, h11.Data):
+                if self._ex is not None:
+                    self._ex.response_bytes += len(ev.data)
                 out = self._framer.body(ev.data)
                 if out:
                     self._to_caller(out)
             elif isinstance(ev, h11.EndOfMessage):
+                ex, self._ex = self._ex, None
+                if ex is not None and self.report is not None:
+                    for k, v in ev.headers:  # trailers: gRPC over HTTP/1.1 is rare, but honest
+                        if k == b"grpc-status":
+                            ex.grpc_status = v.decode("latin-1")
+                    self.report.response_end(ex)
                 out = self._framer.end()
                 if out:
                     self._to_caller(out)
@@ -584,11 +646,19 @@ class InboundHttpGuard:
 
     # -- time limits (http/edge.py) --
     def _probe(self) -> tuple[bool, bool, int]:
+        if self.state == H2 and self._h2 is not None:
+            self._h2.tick_idle(self.timer.period, self.limits.stream_idle_timeout_s)
+            return self._h2.head_in_progress(), bool(self._h2.by_caller), self.rx + self.tx
         in_head = (self.state == DETECT and bool(self._buf)) or (
             self.state == HTTP and self._cur is None and self.reader.in_head)
         return in_head, self._cur is not None, self.rx + self.tx
 
     def _expired(self, what: str) -> None:
+        if self.state == H2 and self._h2 is not None:
+            if what == HEAD_TIMEOUT:
+                self.timer.cancel()
+                self._h2.head_timeout(head_timeout(self.limits))
+            return
         if self.state not in (DETECT, HTTP):
             return
         if what == HEAD_TIMEOUT:

@@ -116,7 +116,8 @@ class UpstreamConnector:
                 inbound.fail(e)
                 inbound.finish()
                 raise
-            return Upstream(authz_l7.wrap(l7, up, decisions or inbound), inbound, "same-node", l7 is not None)
+            wire = authz_l7.wrap(l7, up, decisions or inbound, watched=workload_session or inbound)
+            return Upstream(wire, inbound, "same-node", l7 is not None)
         session.set(via="hbone", upstream_node=ep.node, upstream_node_address=f"{ep.node_address}:{ep.hbone_port}")
         key = PoolKey(source_id, (ep.node_address, ep.hbone_port), ep.identity)
         timeout = settings.connect_timeout_s

@@ -7,6 +7,7 @@ frames failing only their own connection."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import h2.config
@@ -414,3 +415,58 @@ def test_eof_for_the_caller_before_attach_is_delivered_on_attach() -> None:
     caller = FakeEnd()
     guard.attach(caller)  # type: ignore[arg-type]
     assert bytes(caller.data) == b"banner" and caller.eof
+
+
+# -- the guard's own time limits for HTTP/2 (MeshConfig spec.http), its timer driven by hand --
+
+def test_stream_idle_timeout_ends_only_the_quiet_stream() -> None:
+    m = Mesh()
+    limit = m.guard.limits.stream_idle_timeout_s
+    quiet = m.call("/echo.Echo/GetQuiet", end=False)  # no response yet: answered 408 / its gRPC status
+    busy = m.call("/echo.Echo/GetBusy", end=False)
+    started = m.call("/plain/started", body=b"", grpc=False, end=False)  # response begun: reset
+    wq, wb, ws = (e.stream_id for e in m.of(h2.events.RequestReceived, m.server_events))
+    m.server.send_headers(ws, [(":status", "200")])
+    m.pump()
+    period = m.guard.timer.period
+    assert period <= limit / 4  # ticks often enough for the stream limit
+    ticks = math.ceil(limit / period)  # the first tick starts each stream's clock, then this many reach it
+    for _ in range(ticks):
+        assert m.guard.timer.tick(period)
+    m.client.send_data(busy, b"\x00\x00\x00\x00\x01z")  # the busy stream keeps moving
+    m.pump()
+    assert not m.of(h2.events.StreamReset, m.server_events)  # below the limit: nothing ended
+    assert m.guard.timer.tick(period)  # the connection's timer keeps ticking after a stream limit
+    m.pump()
+    h = dict(m.of(h2.events.ResponseReceived, m.client_events, quiet)[0].headers)
+    assert h["grpc-status"] == "2" and h["x-nodemesh-reason"] == "stream_idle_timeout"  # 408 as gRPC: UNKNOWN
+    assert "streamIdleTimeoutSeconds" in h["grpc-message"]
+    assert [e.stream_id for e in m.of(h2.events.StreamReset, m.server_events)] == [wq, ws]  # cancelled upstream
+    assert m.of(h2.events.StreamReset, m.client_events, started)  # its response had begun: reset
+    assert not m.of(h2.events.StreamReset, m.client_events, busy) and wb in {
+        e.stream_id for e in m.of(h2.events.DataReceived, m.server_events)}
+    assert m.guard._h2.stats.idle_timeouts == 2  # type: ignore[union-attr]
+    assert [r["event"] for r in m.log.lines if r.get("reason") == "stream_idle_timeout"] == ["stream_idle_timeout"] * 2
+    assert not m.caller_end.eof and not m.caller_end.aborted  # the connection lives on
+    sid = m.call("/echo.Echo/GetAfter")
+    m.answer(m.of(h2.events.RequestReceived, m.server_events)[-1].stream_id)
+    assert dict(m.of(h2.events.TrailersReceived, m.client_events, sid)[0].headers)["grpc-status"] == "0"
+
+
+def test_request_head_timeout_ends_the_connection_with_goaway() -> None:
+    m = Mesh()
+    head_s = m.guard.limits.request_head_timeout_s
+    m.guard.timer.tick(head_s * 2)  # a connection with no head pending: nothing fires, however long
+    assert not m.of(h2.events.ConnectionTerminated, m.client_events)
+    # HEADERS without END_HEADERS (":method GET", indexed): the block waits for a CONTINUATION that never comes.
+    m.guard.send(b"\x00\x00\x01\x01\x00\x00\x00\x00\x01\x82")
+    assert m.guard._h2.head_in_progress()  # type: ignore[union-attr]
+    assert m.guard.timer.tick(head_s / 2)  # the first tick that sees the head starts its clock
+    assert m.guard.timer.tick(head_s / 2)
+    assert not m.guard.timer.tick(head_s / 2)  # fired
+    m.pump()
+    assert m.of(h2.events.ConnectionTerminated, m.client_events)  # GOAWAY
+    assert m.caller_end.eof and m.workload_end.aborted
+    assert m.session.fields["reason"] == "request_head_timeout"
+    assert m.session.fields["error"].endswith(f"the request head did not arrive within {head_s:g}s")
+    assert not m.of(h2.events.RequestReceived, m.server_events)
