@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import ctypes as ct
 import ipaddress
+import json
 import struct
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ from nodeagent.capture import bpfheaders, bpflayout, bpfnode, bpfprobe, bpfrende
 from nodeagent.capture.base import CaptureError
 from nodeagent.meshview.snapshot import LocalWorkload
 from nodeagent.supervision.settings import ProxySettings
-from tests.conftest import require_root
+from tests.conftest import require_root, require_tool
 
 
 def _layout(t: Any) -> list[tuple[str, int, int]] | int:
@@ -44,6 +46,56 @@ def test_map_layout_matches_compiled_program(compiled: Any, name: str) -> None:
     assert _layout(bcc_leaf) == _layout(leaf), f"{name} leaf layout differs from bpf/maps.h"
     assert ct.sizeof(bcc_leaf) == ct.sizeof(leaf)
     assert table.max_entries == max_entries
+
+
+def _kernel_btf(bpf: Any) -> dict[int, dict[str, Any]]:
+    """The BTF the kernel holds for the loaded programs (bpftool reads it back by
+    id): every type of bpf/*.c, including bcc's `<map>_table_t` wrappers."""
+    with open(f"/proc/self/fdinfo/{bpf[b'nm_config'].map_fd}") as f:
+        map_id = next(int(line.split()[1]) for line in f if line.startswith("map_id:"))
+    info = json.loads(subprocess.run(["bpftool", "-j", "map", "show", "id", str(map_id)], capture_output=True,
+                                     text=True, check=True).stdout)
+    assert info.get("btf_id"), f"the kernel holds no BTF for the maps ({info}): is the kernel built with BTF?"
+    dump = json.loads(subprocess.run(["bpftool", "-j", "btf", "dump", "id", str(info["btf_id"])],
+                                     capture_output=True, text=True, check=True).stdout)
+    return {int(ty["id"]): ty for ty in dump["types"]}
+
+
+def _btf_resolve(types: dict[int, dict[str, Any]], tid: int) -> dict[str, Any]:
+    ty = types[tid]
+    while ty["kind"] in ("TYPEDEF", "VOLATILE", "CONST", "RESTRICT"):
+        ty = types[ty["type_id"]]
+    return ty
+
+
+def _btf_size(types: dict[int, dict[str, Any]], tid: int) -> int:
+    ty = _btf_resolve(types, tid)
+    if ty["kind"] == "ARRAY":
+        return _btf_size(types, ty["type_id"]) * int(ty["nr_elems"])
+    return int(ty["size"])
+
+
+def _btf_layout(types: dict[int, dict[str, Any]], tid: int) -> list[tuple[str, int, int]] | int:
+    """(field, offset, size) of a BTF struct, as _layout() gives them for ctypes; a scalar's size."""
+    ty = _btf_resolve(types, tid)
+    if ty["kind"] == "STRUCT":
+        return [(m["name"], m["bits_offset"] // 8, _btf_size(types, m["type_id"])) for m in ty["members"]]
+    return _btf_size(types, tid)
+
+
+@pytest.mark.parametrize("name", sorted(bpflayout.MAP_LAYOUTS))
+def test_map_layout_matches_the_kernels_btf(compiled: Any, name: str) -> None:
+    """The mirrors against the kernel's own record of the C types (BTF), not only
+    bcc's Python view of them: bcc describes each map as `<map>_table_t` with a
+    `key` and a `leaf` member."""
+    require_tool("bpftool")
+    types = _kernel_btf(compiled)
+    table_t = next((ty for ty in types.values() if ty["kind"] == "STRUCT" and ty["name"] == f"{name}_table_t"), None)
+    assert table_t is not None, f"no {name}_table_t in the programs' BTF"
+    members = {m["name"]: m["type_id"] for m in table_t["members"]}
+    key, leaf, _ = bpflayout.MAP_LAYOUTS[name]
+    assert _btf_layout(types, members["key"]) == _layout(key), f"{name} key differs from the kernel's BTF"
+    assert _btf_layout(types, members["leaf"]) == _layout(leaf), f"{name} leaf differs from the kernel's BTF"
 
 
 def test_every_map_in_the_program_is_mirrored(compiled: Any) -> None:
