@@ -230,7 +230,8 @@ def remove_leftovers() -> None:
     """Namespaces of an interrupted run of this benchmark (its lab ids only)."""
     for ns in list_lab_namespaces():
         if any(ns.startswith(f"nmlab-{lid}-") for lid in LAB_IDS.values()):
-            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, check=False).stdout.split()
+            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True,
+                                  check=False).stdout.split()
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError, ValueError):
                     os.kill(int(pid), 9)
@@ -257,7 +258,7 @@ def start_mesh_lab(lab: Lab) -> dict[str, str]:
     lab.add_workload(LabWorkload("client", node=1, uid=CLIENT_UID, service_account="client"))
     d = lab.workdir / "nginx"
     d.mkdir(exist_ok=True)
-    os.chmod(d, 0o777)
+    os.chmod(d, 0o777)  # noqa: S103 (nginx's workers run as another user and write their temp files here)
     conf = peers.write(d / "nginx.conf", peers.render_nginx_upstream(d))
     os.chmod(conf, 0o644)
     lab.spawn("nginx", lab.node_ns(2), ["nginx", "-c", str(conf), "-g", "daemon off; master_process off;"],
@@ -424,7 +425,8 @@ def table(summary: dict[str, dict[str, Any]], rate: float) -> str:
         us_per_req = fmt(None if s["cpu_s_per_1k_max"] is None else s["cpu_s_per_1k_max"] * 1000, ".0f")
         bulk = s.get("bulk_MBps")
         bulk_s = "–" if bulk is None else f"{bulk:,.0f}" + (f" ({bulk / dbulk:.2f})" if dbulk else "")
-        lines.append(f"| {LABELS[key]} | {rps:,.0f}{ratio} | {fmt(p99, '.2f')}{added} | {cpu} | {us_per_req} | {bulk_s} | "
+        lines.append(f"| {LABELS[key]} | {rps:,.0f}{ratio} | {fmt(p99, '.2f')}{added} | {cpu} | {us_per_req} | "
+                     f"{bulk_s} | "
                      f"{fmt(s['wrk_p99_ms'], '.2f')} | {fmt(s['generator_vcpu'], '.2f')} | "
                      f"{fmt(s['host_busy'], '.0%')} | {fmt(s.get('mtls_conns'), '.0f')} |")
     return "\n".join(lines)
@@ -447,7 +449,8 @@ def target_checks(summary: dict[str, dict[str, Any]]) -> list[str]:
         p = get(path, "fixed_p99_ms")
         return None if p is None or dp99 is None else p - dp99
 
-    for mesh, peer, what in (("mesh_l7", "haproxy", "L7 vs HAProxy pair"), ("mesh_l4", "envoy_l4", "L4 vs Envoy L4 pair")):
+    for mesh, peer, what in (("mesh_l7", "haproxy", "L7 vs HAProxy pair"),
+                             ("mesh_l4", "envoy_l4", "L4 vs Envoy L4 pair")):
         m, e = get(mesh, "rps"), get(peer, "rps")
         check(f"{what}: max req/s", None if m is None or e is None else m >= e,
               f"{fmt(m, ',.0f')} vs {fmt(e, ',.0f')}" + (f" ({m / e:.2f}×)" if m and e else ""))

@@ -83,7 +83,8 @@ class RequestFacts:
 @dataclass(frozen=True)
 class Verdict:
     allowed: bool
-    reason: str  # stable code: allowed_by_policy | no_policy | denied_by_policy | no_allow_match | default_deny | mtls_required
+    # stable code: allowed_by_policy | no_policy | denied_by_policy | no_allow_match | default_deny | mtls_required
+    reason: str
     policy: str = ""  # "<Kind>/<namespace>/<name>" that decided, "" if none
     rule: int | None = None  # index in spec.rules of the deciding policy
     mtls_mode: str = MTLS_PERMISSIVE

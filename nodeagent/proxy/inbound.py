@@ -38,7 +38,7 @@ def resolve_inbound(
     """Pure: the local workload serving ip:port, checked against the identity this
     node presented to the caller (None: plaintext, no identity to check)."""
     lw = snapshot.local_by_port.get(port)
-    if lw is not None and lw.ip and lw.ip not in (ip, "0.0.0.0", "::"):
+    if lw is not None and lw.ip and lw.ip not in (ip, "0.0.0.0", "::"):  # noqa: S104 (a wildcard bind, compared)
         lw = None
     if lw is None:
         wl = snapshot.by_workload_addr.get((ip, port))

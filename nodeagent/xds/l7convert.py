@@ -36,13 +36,13 @@ class L7ResourceError(ValueError):
 
 
 def _secs(d: duration_pb2.Duration) -> float:
-    return d.seconds + d.nanos / 1e9
+    return float(d.seconds) + float(d.nanos) / 1e9
 
 
 def _pct(p: percent_pb2.FractionalPercent) -> float:
     denom = {percent_pb2.FractionalPercent.HUNDRED: 100, percent_pb2.FractionalPercent.TEN_THOUSAND: 10000,
              percent_pb2.FractionalPercent.MILLION: 1_000_000}[p.denominator]
-    return 100.0 * p.numerator / denom
+    return 100.0 * float(p.numerator) / denom
 
 
 def _regex(pattern: str, what: str) -> str:
@@ -92,7 +92,8 @@ def _match(rm: rc.RouteMatch, what: str) -> m.RouteMatch:
 def _headers(add: Any, remove: Any) -> m.HeaderModifier | None:
     if not add and not remove:
         return None
-    set_, add_ = [], []
+    set_: list[tuple[str, str]] = []
+    add_: list[tuple[str, str]] = []
     for o in add:
         pair = (o.header.key.lower(), o.header.value)
         (add_ if o.append_action == base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD else set_).append(pair)

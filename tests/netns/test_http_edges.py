@@ -43,7 +43,8 @@ spec:
 # the peer closed or argv[6] s passed; the last line is the seconds from connect to the close.
 RAW_CLIENT = r"""
 import select, socket, sys, time
-host, port, data, piece, gap, wait = sys.argv[1], int(sys.argv[2]), bytes.fromhex(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6])
+host, port, data = sys.argv[1], int(sys.argv[2]), bytes.fromhex(sys.argv[3])
+piece, gap, wait = int(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6])
 s = socket.create_connection((host, port), timeout=5)
 t0 = time.monotonic()
 out, closed = b"", False
@@ -135,7 +136,7 @@ def test_smuggling_and_normalization_bypasses_fail_on_both_nodes(mesh: Lab) -> N
     assert not any("/admin" in line for line in app_requests(mesh))
     # Counted and logged with the reason on both nodes (a connection's line is written when it ends).
     for k in (1, 2):
-        mesh.wait_for(lambda k=k: any(e.get("reason") == "cl_and_te" and e.get("http_status") == 400  # type: ignore[misc]
+        mesh.wait_for(lambda k=k: any(e.get("reason") == "cl_and_te" and e.get("http_status") == 400
                                       for e in mesh.access_log(k)), 10, f"node {k}'s cl_and_te log line")
 
 
@@ -165,7 +166,7 @@ def test_slow_head_closed_at_the_deadline(mesh: Lab) -> None:
         return out.startswith(b"HTTP/1.1 408 ") and took < 9
 
     for host, port, uid in ((vip, 80, CLIENT_UID), (plain, 8080, 0)):
-        mesh.wait_for(lambda h=host, p=port, u=uid: answered_408(h, p, u), 40,  # type: ignore[misc]
+        mesh.wait_for(lambda h=host, p=port, u=uid: answered_408(h, p, u), 40,
                       f"a slow head to {host}:{port} to be cut with 408")
     assert not any("/public/slow" in line for line in app_requests(mesh))
 

@@ -82,8 +82,8 @@ def rollout_doc(name: str = "web", service: str = "web", steps: tuple[int, ...] 
     if p99:  # only where latency is under test: a few cold HBONE handshakes on a busy CI box dominate a small p99
         spec["analysis"]["p99Latency"] = p99
     spec.update(extra)
-    return yaml.safe_dump({"apiVersion": "nodemesh.io/v1alpha1", "kind": "Rollout",
-                           "metadata": {"name": name, "namespace": "default"}, "spec": spec}, sort_keys=False)
+    return str(yaml.safe_dump({"apiVersion": "nodemesh.io/v1alpha1", "kind": "Rollout",
+                               "metadata": {"name": name, "namespace": "default"}, "spec": spec}, sort_keys=False))
 
 
 def two_versions(lab: Lab, app: str = "web", port: int = 8080, v2_args: tuple[str, ...] = (),

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from nodeagent.proxy.loadbalance import Balancer
 from nodeagent.proxy.errors import NoHealthyEndpoint
+from nodeagent.proxy.loadbalance import Balancer
 
 
 @dataclass(frozen=True)

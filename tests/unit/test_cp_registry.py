@@ -123,7 +123,7 @@ async def _run_session(registry: NodeRegistry, reports: list[mesh_pb2.NodeReport
     ctx = FakeContext()
     grants = []
     try:
-        async for g in RegistryServicer(registry).Session(it(), ctx):  # type: ignore[arg-type]
+        async for g in RegistryServicer(registry).Session(it(), ctx):
             grants.append(g)
     except grpc.RpcError:
         pass
@@ -163,7 +163,7 @@ def test_heartbeat_after_expiry_asks_for_reregistration() -> None:
 
         ctx = FakeContext()
         try:
-            async for _ in RegistryServicer(r).Session(it(), ctx):  # type: ignore[arg-type]
+            async for _ in RegistryServicer(r).Session(it(), ctx):
                 pass
         except grpc.RpcError:
             pass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 from envoy.config.cluster.v3 import cluster_pb2
@@ -115,7 +116,7 @@ NODES = [
 ]
 
 
-def unpack(s: XdsSnapshot, type_url: str, cls: type) -> dict[str, object]:
+def unpack(s: XdsSnapshot, type_url: str, cls: Any) -> dict[str, Any]:
     return {n: cls.FromString(a.value) for n, a in s.get(type_url).resources.items()}
 
 

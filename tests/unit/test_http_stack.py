@@ -129,7 +129,8 @@ class Mesh:
         await self.a.stop()
         await self.b.stop()
 
-    async def request(self, path: str, headers: dict[str, str] | None = None, n: int = 1) -> list[tuple[int, dict[str, str], bytes]]:
+    async def request(self, path: str, headers: dict[str, str] | None = None,
+                      n: int = 1) -> list[tuple[int, dict[str, str], bytes]]:
         """n requests on one keep-alive client connection."""
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))

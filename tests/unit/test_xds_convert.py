@@ -38,7 +38,8 @@ def mesh_config(**kw: Any) -> mesh_pb2.MeshConfig:
 
 
 def workload(name: str = "web-2", ip: str = "10.0.0.3", **kw: Any) -> mesh_pb2.Workload:
-    base = {"name": name, "namespace": "default", "service_account": "web", "node": "node-2", "ip": ip, "ports": [8080],
+    base: dict[str, Any] = {"name": name, "namespace": "default", "service_account": "web", "node": "node-2", "ip": ip,
+                            "ports": [8080],
                 "labels": {"app": "web"}, "identity": WEB_ID, "node_address": "10.0.0.3", "hbone_port": 15008,
                 "zone": "z1"}
     base.update(kw)
