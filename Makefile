@@ -11,7 +11,8 @@ setup:
 demo: setup
 	$(PY) -m nodemesh demo
 
-test: setup
+# Lint first: a ruff or mypy --strict finding fails `make test` (and so CI) before the tiers run.
+test: setup lint
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests
 
 unit: setup
