@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, cast
 
 import asyncio_dgram
 
-from nodeagent.dns.forwarder import Forwarder, Upstream, default_upstreams, parse_upstream
+from nodeagent.dns.forwarder import DnsUpstream, Forwarder, default_upstreams, parse_upstream
 from nodeagent.dns.message import (
     FLAG_QR,
     OPCODE_QUERY,
@@ -41,7 +41,7 @@ from nodeagent.dns.message import (
     soa_record,
     truncated,
 )
-from nodeagent.dns.zone import ANSWER_TTL, NEGATIVE_TTL, Decision, MeshZone, decide
+from nodeagent.dns.zone import ANSWER_TTL, NEGATIVE_TTL, DnsDecision, MeshZone, decide
 from nodeagent.meshview.snapshot import Snapshot
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ TCP_MAX_PENDING = 16  # per connection; reading pauses beyond this
 class DnsSettings:
     address: str = "127.0.0.1"
     port: int = DEFAULT_DNS_PORT
-    upstreams: tuple[Upstream, ...] = ()
+    upstreams: tuple[DnsUpstream, ...] = ()
     upstream_timeout_s: float = 2.0
     mark: int = 0
 
@@ -100,14 +100,14 @@ class DnsResponder:
             self.stats["formerr"] += 1
             return build_message(make_response(query, RCODE_FORMERR))
         zone = self.zone
-        decision = decide(zone, query.questions[0]) if zone is not None else Decision("forward")
+        decision = decide(zone, query.questions[0]) if zone is not None else DnsDecision("forward")
         if decision.kind == "forward":
             return await self._forward(query, data, tcp)
         self.stats[f"mesh_{decision.kind}"] += 1
         return self._fit(query, build_message(self._mesh_answer(query, decision, zone)), tcp,
                          authoritative=True)
 
-    def _mesh_answer(self, query: Message, decision: Decision, zone: MeshZone | None) -> Message:
+    def _mesh_answer(self, query: Message, decision: DnsDecision, zone: MeshZone | None) -> Message:
         q = query.questions[0]
         if decision.kind == "answer":
             answers = tuple(a_record(q.name, ip, ANSWER_TTL) for ip in decision.addresses)

@@ -43,7 +43,7 @@ DOWN_FOR_S = 30.0  # an upstream that timed out is tried last for this long
 
 
 @dataclass(frozen=True)
-class Upstream:
+class DnsUpstream:
     host: str
     port: int = DNS_PORT
 
@@ -51,7 +51,7 @@ class Upstream:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
-def parse_upstream(text: str) -> Upstream:
+def parse_upstream(text: str) -> DnsUpstream:
     """"10.0.0.2", "10.0.0.2:5353", "[fd00::2]:53" or "fd00::2"; ValueError says why."""
     s = text.strip()
     host, port = s, DNS_PORT
@@ -68,7 +68,7 @@ def parse_upstream(text: str) -> Upstream:
         host = str(ipaddress.ip_address(host))
     except ValueError:
         raise ValueError(f"{text!r}: {host!r} is not an IP address (upstreams are addresses, not names)") from None
-    return Upstream(host, port)
+    return DnsUpstream(host, port)
 
 
 def _port(text: str, whole: str) -> int:
@@ -77,11 +77,11 @@ def _port(text: str, whole: str) -> int:
     return int(text)
 
 
-def parse_resolv_conf(text: str) -> tuple[Upstream, ...]:
+def parse_resolv_conf(text: str) -> tuple[DnsUpstream, ...]:
     """The `nameserver` lines, skipping loopback stubs: those would be a local
     cache in front of the real resolvers, or a workload-facing address we
     capture ourselves."""
-    out: list[Upstream] = []
+    out: list[DnsUpstream] = []
     for line in text.splitlines():
         parts = line.split("#", 1)[0].split(";", 1)[0].split()
         if len(parts) < 2 or parts[0] != "nameserver":
@@ -92,13 +92,13 @@ def parse_resolv_conf(text: str) -> tuple[Upstream, ...]:
             continue
         if addr.is_loopback:
             continue
-        up = Upstream(str(addr))
+        up = DnsUpstream(str(addr))
         if up not in out:
             out.append(up)
     return tuple(out)
 
 
-def default_upstreams(paths: Sequence[str] = RESOLV_CONF_PATHS) -> tuple[Upstream, ...]:
+def default_upstreams(paths: Sequence[str] = RESOLV_CONF_PATHS) -> tuple[DnsUpstream, ...]:
     """The node's resolvers: the first resolv.conf naming a non-loopback one
     (systemd-resolved keeps the real list in /run/systemd/resolve/resolv.conf
     when /etc/resolv.conf names only its 127.0.0.53 stub)."""
@@ -123,7 +123,7 @@ class UpstreamError(Exception):
         super().__init__(message)
 
 
-def _socket(up: Upstream, kind: int, mark: int) -> socket.socket:
+def _socket(up: DnsUpstream, kind: int, mark: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in up.host else socket.AF_INET
     sock = socket.socket(family, kind)
     try:
@@ -161,7 +161,7 @@ def answers_query(query: bytes, response: bytes) -> bool:
     return [(name_key(x.name), x.qtype, x.qclass) for x in q] == [(name_key(x.name), x.qtype, x.qclass) for x in r]
 
 
-async def exchange_udp(up: Upstream, query: bytes, timeout_s: float, mark: int) -> bytes:
+async def exchange_udp(up: DnsUpstream, query: bytes, timeout_s: float, mark: int) -> bytes:
     """Send over UDP and wait for the matching answer; stray datagrams (wrong ID
     or question) are ignored until the timeout."""
     try:
@@ -191,7 +191,7 @@ async def exchange_udp(up: Upstream, query: bytes, timeout_s: float, mark: int) 
         stream.close()
 
 
-async def exchange_tcp(up: Upstream, query: bytes, timeout_s: float, mark: int) -> bytes:
+async def exchange_tcp(up: DnsUpstream, query: bytes, timeout_s: float, mark: int) -> bytes:
     """One query on a new TCP connection (2-octet length framing, RFC 1035 4.2.2)."""
     loop = asyncio.get_running_loop()
     sock = _socket(up, socket.SOCK_STREAM, mark)
@@ -220,7 +220,7 @@ async def exchange_tcp(up: Upstream, query: bytes, timeout_s: float, mark: int) 
             sock.close()
 
 
-Exchange = Callable[[Upstream, bytes, float, int], Awaitable[bytes]]
+Exchange = Callable[[DnsUpstream, bytes, float, int], Awaitable[bytes]]
 
 
 # ------------------------------------------------------------------ failover
@@ -229,7 +229,7 @@ Exchange = Callable[[Upstream, bytes, float, int], Awaitable[bytes]]
 @dataclass(frozen=True)
 class ForwardResult:
     response: bytes | None  # None: no upstream answered (the caller says SERVFAIL)
-    upstream: Upstream | None = None
+    upstream: DnsUpstream | None = None
     errors: tuple[str, ...] = ()
 
 
@@ -239,7 +239,7 @@ class Forwarder:
     is tried last for DOWN_FOR_S, so one dead resolver does not add its timeout
     to every query."""
 
-    def __init__(self, upstreams: Sequence[Upstream], timeout_s: float, mark: int = 0, *,
+    def __init__(self, upstreams: Sequence[DnsUpstream], timeout_s: float, mark: int = 0, *,
                  udp: Exchange = exchange_udp, tcp: Exchange = exchange_tcp,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.upstreams = tuple(upstreams)
@@ -248,14 +248,14 @@ class Forwarder:
         self._udp = udp
         self._tcp = tcp
         self._clock = clock
-        self._down_until: dict[Upstream, float] = {}
+        self._down_until: dict[DnsUpstream, float] = {}
 
     def __repr__(self) -> str:
         now = self._clock()
         down = [str(u) for u, t in self._down_until.items() if t > now]
         return f"Forwarder(upstreams={[str(u) for u in self.upstreams]}, down={down})"
 
-    def order(self) -> tuple[Upstream, ...]:
+    def order(self) -> tuple[DnsUpstream, ...]:
         now = self._clock()
         up = [u for u in self.upstreams if self._down_until.get(u, 0.0) <= now]
         down = [u for u in self.upstreams if self._down_until.get(u, 0.0) > now]
@@ -264,7 +264,7 @@ class Forwarder:
     async def forward(self, query: bytes, tcp: bool = False) -> ForwardResult:
         """The upstream's answer to `query`, carrying the query's own ID."""
         client_id = struct.unpack_from("!H", query)[0]
-        fallback: tuple[bytes, Upstream] | None = None
+        fallback: tuple[bytes, DnsUpstream] | None = None
         errors: list[str] = []
         for up in self.order():
             upstream_id = secrets.randbits(16)

@@ -43,7 +43,7 @@ Kind = Literal["answer", "nodata", "nxdomain", "forward"]
 
 
 @dataclass(frozen=True)
-class Decision:
+class DnsDecision:
     """What to do with one question. `zone` is set when the answer is
     authoritative for the mesh zone (its SOA goes in negative answers)."""
 
@@ -78,10 +78,10 @@ class MeshZone:
                    version=snapshot.version)
 
 
-def decide(zone: MeshZone, question: Question, caller_namespace: str | None = None) -> Decision:
+def decide(zone: MeshZone, question: Question, caller_namespace: str | None = None) -> DnsDecision:
     """The mesh's answer to one question, or "forward" for names it does not own."""
     if question.qclass not in (CLASS_IN, CLASS_ANY):
-        return Decision("forward", reason="class is not IN")
+        return DnsDecision("forward", reason="class is not IN")
     labels = name_key(question.name)
     dlen = len(zone.domain)
     if zone.domain and len(labels) > dlen and labels[-dlen:] == zone.domain:
@@ -89,7 +89,7 @@ def decide(zone: MeshZone, question: Question, caller_namespace: str | None = No
         if rest[-1] == b"svc":
             return _in_zone(zone, question, rest[:-1])
         # Other names under the mesh domain may be the operator's own: not ours.
-        return Decision("forward", reason="under the mesh domain but not svc.<domain>")
+        return DnsDecision("forward", reason="under the mesh domain but not svc.<domain>")
     if len(labels) == 3 and labels[2] == b"svc":
         return _short(zone, question, labels[1], labels[0], "<svc>.<ns>.svc")
     if len(labels) == 2:
@@ -97,45 +97,45 @@ def decide(zone: MeshZone, question: Question, caller_namespace: str | None = No
     if len(labels) == 1:
         ns = caller_namespace.encode().lower() if caller_namespace else zone.bare_namespace
         if ns is None:
-            return Decision("forward", reason="bare name, and the caller's namespace is unknown")
+            return DnsDecision("forward", reason="bare name, and the caller's namespace is unknown")
         return _short(zone, question, ns, labels[0], "<svc>")
-    return Decision("forward", reason="not a mesh name")
+    return DnsDecision("forward", reason="not a mesh name")
 
 
 def _svc_zone(zone: MeshZone) -> Name:
     return (b"svc",) + zone.domain
 
 
-def _in_zone(zone: MeshZone, question: Question, rest: Name) -> Decision:
+def _in_zone(zone: MeshZone, question: Question, rest: Name) -> DnsDecision:
     """Names under svc.<domain>: the mesh is authoritative, so a miss is NXDOMAIN."""
     soa = _svc_zone(zone)
     if not rest:
-        return Decision("nodata", zone=soa, reason="the svc zone apex")
+        return DnsDecision("nodata", zone=soa, reason="the svc zone apex")
     if len(rest) == 1:
         if rest[0] in zone.namespaces:
-            return Decision("nodata", zone=soa, reason="a namespace (empty non-terminal)")
-        return Decision("nxdomain", zone=soa, reason=f"no services in namespace {rest[0].decode(errors='replace')}")
+            return DnsDecision("nodata", zone=soa, reason="a namespace (empty non-terminal)")
+        return DnsDecision("nxdomain", zone=soa, reason=f"no services in namespace {rest[0].decode(errors='replace')}")
     if len(rest) == 2:
         name, ns = rest
         vip = zone.vips.get((ns, name))
         if vip is not None:
             return _found(question, ns, name, vip, soa)
-    return Decision("nxdomain", zone=soa, reason="no such service")
+    return DnsDecision("nxdomain", zone=soa, reason="no such service")
 
 
-def _short(zone: MeshZone, question: Question, ns: bytes, name: bytes, form: str) -> Decision:
+def _short(zone: MeshZone, question: Question, ns: bytes, name: bytes, form: str) -> DnsDecision:
     vip = zone.vips.get((ns, name))
     if vip is None:
-        return Decision("forward", reason=f"{form}: no mesh service {name.decode(errors='replace')} "
+        return DnsDecision("forward", reason=f"{form}: no mesh service {name.decode(errors='replace')} "
                                             f"in namespace {ns.decode(errors='replace')}")
     # Short names are not in the mesh zone; negative answers carry no SOA.
     return _found(question, ns, name, vip, None)
 
 
-def _found(question: Question, ns: bytes, name: bytes, vip: str, soa: Name | None) -> Decision:
+def _found(question: Question, ns: bytes, name: bytes, vip: str, soa: Name | None) -> DnsDecision:
     service = f"{ns.decode()}/{name.decode()}"
     if question.qtype in (TYPE_A, TYPE_ANY):
-        return Decision("answer", addresses=(vip,), service=service, zone=soa)
+        return DnsDecision("answer", addresses=(vip,), service=service, zone=soa)
     # We are IPv4 only: AAAA (and every other type) has no data, but the name
     # exists, so NODATA rather than NXDOMAIN (which would hide the A record).
-    return Decision("nodata", service=service, zone=soa, reason="the mesh serves A records only")
+    return DnsDecision("nodata", service=service, zone=soa, reason="the mesh serves A records only")

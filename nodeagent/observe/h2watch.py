@@ -52,7 +52,7 @@ class Malformed(Exception):
     """The bytes are not (well-formed) HTTP/2: the watch stops."""
 
 
-class _Direction:
+class _H2Direction:
     """Frame reassembly for one direction: the bytes of the frame in progress."""
 
     def __init__(self, name: str, expect_preface: bool) -> None:
@@ -83,8 +83,8 @@ class H2Watch:
         self._on_start = on_start
         self._on_done = on_done
         self._clock = clock
-        self._req = _Direction("request", expect_preface=True)
-        self._resp = _Direction("response", expect_preface=False)
+        self._req = _H2Direction("request", expect_preface=True)
+        self._resp = _H2Direction("response", expect_preface=False)
         self.streams: dict[int, Exchange] = {}
         self.stopped = ""  # why the watch gave up ("" while it follows the traffic)
         self.failed = False  # stopped on bytes that are not HTTP/2 (vs. a normal close)
@@ -124,7 +124,7 @@ class H2Watch:
         return left
 
     # -- internals --
-    def _feed(self, d: _Direction, data: bytes) -> None:
+    def _feed(self, d: _H2Direction, data: bytes) -> None:
         if self.stopped or not data:
             return
         try:
@@ -151,7 +151,7 @@ class H2Watch:
             ex.extra["abandoned"] = self.stopped
             self._report(ex)
 
-    def _parse(self, d: _Direction, mv: memoryview) -> None:
+    def _parse(self, d: _H2Direction, mv: memoryview) -> None:
         if d.preface_left:
             n = min(len(d.preface_left), len(mv))
             if bytes(mv[:n]) != d.preface_left[:n]:
@@ -209,7 +209,7 @@ class H2Watch:
             d.buf.clear()
             self._frame(d, ftype, flags, stream_id, payload)
 
-    def _data(self, d: _Direction, stream_id: int, flags: int, length: int) -> None:
+    def _data(self, d: _H2Direction, stream_id: int, flags: int, length: int) -> None:
         if stream_id == 0:
             raise Malformed("DATA on stream 0")
         body = length
@@ -233,7 +233,7 @@ class H2Watch:
         if not left and d.skip_end:
             self._end_stream(d, stream_id)
 
-    def _frame(self, d: _Direction, ftype: int, flags: int, stream_id: int, payload: bytes) -> None:
+    def _frame(self, d: _H2Direction, ftype: int, flags: int, stream_id: int, payload: bytes) -> None:
         if ftype in (HEADERS, PUSH_PROMISE):
             if stream_id == 0:
                 raise Malformed("HEADERS on stream 0")
@@ -296,7 +296,7 @@ class H2Watch:
                     del self.streams[sid]
         # PRIORITY, PING, WINDOW_UPDATE and unknown types carry nothing to report.
 
-    def _block_done(self, d: _Direction) -> None:
+    def _block_done(self, d: _H2Direction) -> None:
         stream_id, flags, kind = d.block_stream, d.block_flags, d.block_kind
         block, d.block, d.block_stream = bytes(d.block), bytearray(), 0
         # Decode every block, even of streams not followed: the dynamic table must stay in step.
@@ -355,7 +355,7 @@ class H2Watch:
         if flags & END_STREAM:
             self._end_stream(self._resp, stream_id)
 
-    def _end_stream(self, d: _Direction, stream_id: int) -> None:
+    def _end_stream(self, d: _H2Direction, stream_id: int) -> None:
         ex = self.streams.get(stream_id)
         if ex is None:
             return

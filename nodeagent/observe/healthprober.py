@@ -43,7 +43,7 @@ _MAX_RESPONSE = 64 * 1024  # a health answer is tiny; never buffer more than thi
 
 
 @dataclass(frozen=True)
-class Target:
+class ProbeTarget:
     """One local endpoint to check: a workload's ip and target port."""
 
     workload: str  # "<namespace>/<name>"
@@ -58,7 +58,7 @@ class Target:
 
 
 @dataclass(frozen=True)
-class Verdict:
+class HealthVerdict:
     workload: str
     port: int
     healthy: bool
@@ -102,7 +102,7 @@ class HealthState:
 # ---------------------------------------------------------------- probes
 
 ProbeResult = tuple[bool, str]
-Probe = Callable[[Target, int], Awaitable[ProbeResult]]
+Probe = Callable[[ProbeTarget, int], Awaitable[ProbeResult]]
 
 
 async def _connect(ip: str, port: int, mark: int) -> socket.socket:
@@ -119,13 +119,13 @@ async def _connect(ip: str, port: int, mark: int) -> socket.socket:
     return sock
 
 
-async def probe_tcp(t: Target, mark: int) -> ProbeResult:
+async def probe_tcp(t: ProbeTarget, mark: int) -> ProbeResult:
     sock = await _connect(t.ip, t.port, mark)
     sock.close()
     return True, "tcp connect ok"
 
 
-async def probe_http(t: Target, mark: int) -> ProbeResult:
+async def probe_http(t: ProbeTarget, mark: int) -> ProbeResult:
     loop = asyncio.get_running_loop()
     sock = await _connect(t.ip, t.port, mark)
     try:
@@ -192,7 +192,7 @@ def _text(v: bytes | str) -> str:
     return v.decode("latin-1") if isinstance(v, bytes) else v
 
 
-async def probe_grpc(t: Target, mark: int) -> ProbeResult:
+async def probe_grpc(t: ProbeTarget, mark: int) -> ProbeResult:
     loop = asyncio.get_running_loop()
     sock = await _connect(t.ip, t.port, mark)
     try:
@@ -245,7 +245,7 @@ async def probe_grpc(t: Target, mark: int) -> ProbeResult:
 PROBES: Mapping[str, Probe] = {"tcp": probe_tcp, "http": probe_http, "grpc": probe_grpc}
 
 
-async def run_probe(t: Target, mark: int) -> ProbeResult:
+async def run_probe(t: ProbeTarget, mark: int) -> ProbeResult:
     """One check with its timeout; every failure becomes (False, why)."""
     try:
         return await asyncio.wait_for(PROBES[t.check.kind](t, mark), t.check.timeout_s)
@@ -262,10 +262,10 @@ async def run_probe(t: Target, mark: int) -> ProbeResult:
 # ---------------------------------------------------------------- monitor
 
 
-def targets_for(snapshot: Snapshot) -> dict[tuple[str, int], Target]:
+def targets_for(snapshot: Snapshot) -> dict[tuple[str, int], ProbeTarget]:
     """Endpoints of this node that some service port wants health checked. Two
     service ports asking for the same workload port: the first cluster by name wins."""
-    out: dict[tuple[str, int], Target] = {}
+    out: dict[tuple[str, int], ProbeTarget] = {}
     ports = sorted(((sp.cluster, sp) for svc in snapshot.services for sp in svc.ports), key=lambda x: x[0])
     for cluster, sp in ports:
         hc = sp.policy.health_check if sp.policy is not None else None
@@ -279,7 +279,7 @@ def targets_for(snapshot: Snapshot) -> dict[tuple[str, int], Target]:
                 log.warning("endpoint %s:%d is health checked by %s and %s with different settings; "
                             "using %s's", ep.workload, ep.port, out[key].cluster, cluster, out[key].cluster)
                 continue
-            out.setdefault(key, Target(ep.workload, ep.ip, ep.port, hc, cluster))
+            out.setdefault(key, ProbeTarget(ep.workload, ep.ip, ep.port, hc, cluster))
     return out
 
 
@@ -287,13 +287,13 @@ class HealthMonitor:
     """Runs one check loop per local endpoint and calls `on_report` with every
     verdict whenever one changes (or the set of checked endpoints changes)."""
 
-    def __init__(self, on_report: Callable[[list[Verdict]], None], *, mark: int = 0,
+    def __init__(self, on_report: Callable[[list[HealthVerdict]], None], *, mark: int = 0,
                  probe: Probe = run_probe, rng: random.Random | None = None) -> None:
         self._on_report = on_report
         self._mark = mark
         self._probe = probe
         self._rng = rng or random.Random()
-        self._targets: dict[tuple[str, int], Target] = {}
+        self._targets: dict[tuple[str, int], ProbeTarget] = {}
         self._states: dict[tuple[str, int], HealthState] = {}
         self._tasks: dict[tuple[str, int], asyncio.Task[None]] = {}
         self.checks_run = 0
@@ -304,7 +304,7 @@ class HealthMonitor:
     def set_snapshot(self, snapshot: Snapshot) -> None:
         self.set_targets(targets_for(snapshot))
 
-    def set_targets(self, targets: Mapping[tuple[str, int], Target]) -> None:
+    def set_targets(self, targets: Mapping[tuple[str, int], ProbeTarget]) -> None:
         changed = False
         for key in list(self._targets):
             if key not in targets or targets[key] != self._targets[key]:
@@ -326,12 +326,12 @@ class HealthMonitor:
         if changed:
             self._report()
 
-    def verdicts(self) -> list[Verdict]:
+    def verdicts(self) -> list[HealthVerdict]:
         out = []
         for key in sorted(self._states):
             st = self._states[key]
             if st.healthy is not None:
-                out.append(Verdict(key[0], key[1], st.healthy, st.detail))
+                out.append(HealthVerdict(key[0], key[1], st.healthy, st.detail))
         return out
 
     def _report(self) -> None:
@@ -340,7 +340,7 @@ class HealthMonitor:
         except Exception:
             log.exception("health report callback failed")
 
-    async def _loop(self, t: Target) -> None:
+    async def _loop(self, t: ProbeTarget) -> None:
         hc = t.check
         # Spread the first checks over one interval so a node's endpoints are not probed in lockstep.
         await asyncio.sleep(self._rng.uniform(0, min(hc.interval_s, 0.2)))

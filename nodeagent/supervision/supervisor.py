@@ -717,10 +717,10 @@ class Agent:
 
     def _health_monitor(self, registry: RegistrySession) -> Any:
         """Active health checks of local endpoints, reported on the registry session."""
-        from nodeagent.observe.healthprober import HealthMonitor, Verdict
+        from nodeagent.observe.healthprober import HealthMonitor, HealthVerdict
         from nodemesh.v1 import mesh_pb2
 
-        def report(verdicts: list[Verdict]) -> None:
+        def report(verdicts: list[HealthVerdict]) -> None:
             registry.set_health(mesh_pb2.HealthReport(endpoints=[
                 mesh_pb2.EndpointHealth(workload=v.workload, port=v.port, healthy=v.healthy, detail=v.detail)
                 for v in verdicts]))

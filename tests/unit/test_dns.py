@@ -15,8 +15,8 @@ from nodeagent.capture.iptables import output_rules
 from nodeagent.config import ConfigError, parse_config
 from nodeagent.dns.dnsserver import DnsResponder, DnsServer, DnsSettings
 from nodeagent.dns.forwarder import (
+    DnsUpstream,
     Forwarder,
-    Upstream,
     UpstreamError,
     answers_query,
     parse_resolv_conf,
@@ -229,8 +229,8 @@ class ScriptedUpstreams:
         self.behaviours = behaviours
         self.seen: list[tuple[str, int, bool]] = []  # (upstream, id sent, tcp)
 
-    def exchange(self, tcp: bool) -> Callable[[Upstream, bytes, float, int], object]:
-        async def run(up: Upstream, q: bytes, timeout_s: float, mark: int) -> bytes:
+    def exchange(self, tcp: bool) -> Callable[[DnsUpstream, bytes, float, int], object]:
+        async def run(up: DnsUpstream, q: bytes, timeout_s: float, mark: int) -> bytes:
             self.seen.append((up.host, struct.unpack_from("!H", q)[0], tcp))
             b = self.behaviours[up.host]
             if isinstance(b, str):
@@ -261,7 +261,7 @@ class Clock:
 def responder(behaviours: dict[str, Callable[[bytes], bytes] | str],
               clock: Clock | None = None) -> tuple[DnsResponder, ScriptedUpstreams]:
     script = ScriptedUpstreams(behaviours)
-    fwd = Forwarder([Upstream(h) for h in behaviours], 0.5, udp=script.exchange(False),  # type: ignore[arg-type]
+    fwd = Forwarder([DnsUpstream(h) for h in behaviours], 0.5, udp=script.exchange(False),  # type: ignore[arg-type]
                     tcp=script.exchange(True), clock=clock or Clock())  # type: ignore[arg-type]
     r = DnsResponder(fwd)
     r.set_snapshot(snapshot())
@@ -383,14 +383,14 @@ nameserver 10.0.0.2
 nameserver bogus
 options edns0
 """
-    assert parse_resolv_conf(text) == (Upstream("10.0.0.2"), Upstream("fd00::53"))
+    assert parse_resolv_conf(text) == (DnsUpstream("10.0.0.2"), DnsUpstream("fd00::53"))
 
 
 def test_parse_upstream() -> None:
-    assert parse_upstream("10.0.0.2") == Upstream("10.0.0.2", 53)
-    assert parse_upstream("10.0.0.2:5353") == Upstream("10.0.0.2", 5353)
-    assert parse_upstream("[fd00::1]:54") == Upstream("fd00::1", 54)
-    assert parse_upstream("fd00::1") == Upstream("fd00::1", 53)
+    assert parse_upstream("10.0.0.2") == DnsUpstream("10.0.0.2", 53)
+    assert parse_upstream("10.0.0.2:5353") == DnsUpstream("10.0.0.2", 5353)
+    assert parse_upstream("[fd00::1]:54") == DnsUpstream("fd00::1", 54)
+    assert parse_upstream("fd00::1") == DnsUpstream("fd00::1", 53)
     with pytest.raises(ValueError, match="not an IP address"):
         parse_upstream("dns.example.com")
     with pytest.raises(ValueError, match="port"):
@@ -483,7 +483,7 @@ def test_server_over_udp_and_tcp_on_loopback(loop: str) -> None:
         loop = asyncio.get_running_loop()
         transport, fake = await loop.create_datagram_endpoint(FakeUpstream, local_addr=("127.0.0.1", 0))
         up_port = transport.get_extra_info("sockname")[1]
-        server = DnsServer(DnsSettings("127.0.0.1", 0, (Upstream("127.0.0.1", up_port),), 0.3))
+        server = DnsServer(DnsSettings("127.0.0.1", 0, (DnsUpstream("127.0.0.1", up_port),), 0.3))
         server.set_snapshot(snapshot())
         await server.start()
         try:

@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nodeagent.dns.dnsserver import DnsResponder
-from nodeagent.dns.forwarder import Forwarder, Upstream
+from nodeagent.dns.forwarder import DnsUpstream, Forwarder
 from nodeagent.dns.message import (
     CLASS_IN,
     FLAG_RD,
@@ -103,10 +103,10 @@ def test_compressed_answers_from_dnspython_parse_with_names_expanded() -> None:
 
 
 def _responder() -> DnsResponder:
-    async def never(up: Upstream, q: bytes, timeout_s: float, mark: int) -> bytes:
+    async def never(up: DnsUpstream, q: bytes, timeout_s: float, mark: int) -> bytes:
         raise AssertionError("a mesh name must not be forwarded")
 
-    r = DnsResponder(Forwarder([Upstream("10.0.0.53")], 0.5, udp=never, tcp=never))
+    r = DnsResponder(Forwarder([DnsUpstream("10.0.0.53")], 0.5, udp=never, tcp=never))
     r.set_snapshot(Snapshot(version="v1", node="node-1", mesh=MeshSettings(dns_domain="mesh"),
                             services=(Service("web", "default", "240.240.0.10", (ServicePort(80, 8080),)),),
                             local_workloads=(LocalWorkload("c", "default", "sa", "10.0.0.2", (), uid=3000),)))

@@ -198,8 +198,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _target(kind: str, port: int, **kw: Any) -> healthprober.Target:
-    return healthprober.Target("default/w", "127.0.0.1", port,
+def _target(kind: str, port: int, **kw: Any) -> healthprober.ProbeTarget:
+    return healthprober.ProbeTarget("default/w", "127.0.0.1", port,
                                HealthCheck(kind, timeout_s=kw.pop("timeout_s", 1.0), **kw))
 
 
@@ -285,9 +285,9 @@ def test_monitor_checks_only_local_endpoints_and_reports_flips() -> None:
     hc = HealthCheck("http", interval_s=0.01, timeout_s=0.01, unhealthy_threshold=2)
     script = iter([True, False, False, False, True] + [True] * 1000)
     probed: list[tuple[str, int]] = []
-    reports: list[list[healthprober.Verdict]] = []
+    reports: list[list[healthprober.HealthVerdict]] = []
 
-    async def probe(t: healthprober.Target, mark: int) -> tuple[bool, str]:
+    async def probe(t: healthprober.ProbeTarget, mark: int) -> tuple[bool, str]:
         probed.append((t.ip, t.port))
         ok = next(script)
         return ok, "ok" if ok else "http 503"
@@ -313,7 +313,7 @@ def test_monitor_checks_only_local_endpoints_and_reports_flips() -> None:
 def test_snapshot_without_change_keeps_the_loop() -> None:
     hc = HealthCheck("tcp", interval_s=10, timeout_s=1)
 
-    async def probe(t: healthprober.Target, mark: int) -> tuple[bool, str]:
+    async def probe(t: healthprober.ProbeTarget, mark: int) -> tuple[bool, str]:
         return True, "ok"
 
     async def main() -> tuple[int, int]:
