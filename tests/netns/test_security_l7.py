@@ -88,6 +88,11 @@ def test_http_rules_enforced_by_the_receiving_node(mesh: Lab) -> None:
     allowed = inbound(mesh, via="hbone", authz="allow", http_path="/public/page")
     assert allowed and allowed[-1]["authz_policy"] == "AuthorizationPolicy/default/web-public"
     assert allowed[-1]["authz_rule"] == 0
+    # Node 2 reports the request it decided as a destination request, from the guard's own
+    # parse (the observer's watch is off a guarded connection: one parse per node).
+    wait_until(lambda: inbound(mesh, path="/public/page", method="GET", status=200), 5, "the destination request")
+    req = inbound(mesh, path="/public/page", method="GET", status=200)[-1]
+    assert req["reporter"] == "destination" and req["source_workload_name"] == "client", req
     assert status(mesh, f"http://{vip}/private")[0] == 403
     assert inbound(mesh, via="hbone", http_path="/private")[-1]["authz_reason"] == "no_allow_match"
     # A dot segment does not get around the DENY rule.
