@@ -107,7 +107,7 @@ class WriteResult:
 
 
 @dataclass(frozen=True)
-class Event:
+class StoreEvent:
     type: str  # ADDED | MODIFIED | DELETED
     resource: StoredResource
     revision: int
@@ -143,7 +143,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def watch(self, kind: str | None = None, namespace: str | None = None,
-              since_revision: int = 0) -> AsyncIterator[Event]:
+              since_revision: int = 0) -> AsyncIterator[StoreEvent]:
         """since_revision 0: current state as ADDED events, then changes.
         Otherwise: every change after that revision, then live changes."""
 
@@ -195,9 +195,9 @@ class _Subscriber:
     kind: str | None
     namespace: str | None
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    queue: asyncio.Queue[StoreEvent] = field(default_factory=asyncio.Queue)
 
-    def wants(self, ev: Event) -> bool:
+    def wants(self, ev: StoreEvent) -> bool:
         r = ev.resource
         return (self.kind is None or r.kind == self.kind) and (
             self.namespace is None or r.namespace == self.namespace)
@@ -317,7 +317,7 @@ class SQLiteStore(Store):
 
     def apply(self, writes: Sequence[Write], dry_run: bool = False) -> builtins.list[WriteResult]:
         now_ms = int(self._clock() * 1000)
-        events: builtins.list[Event] = []
+        events: builtins.list[StoreEvent] = []
         results: builtins.list[WriteResult] = []
         with self._lock:
             db = self._db
@@ -338,7 +338,7 @@ class SQLiteStore(Store):
                         db.execute("DELETE FROM resources WHERE kind = ? AND namespace = ? AND name = ?",
                                    w.ref)
                         gone = replace(old, resource_version=new_rev, updated_unix_ms=now_ms)
-                        events.append(Event(DELETED, gone, new_rev))
+                        events.append(StoreEvent(DELETED, gone, new_rev))
                         results.append(WriteResult(*w.ref, "deleted", new_rev))
                         changed = True
                         continue
@@ -359,7 +359,7 @@ class SQLiteStore(Store):
                         (res.kind, res.namespace, res.name, res.api_version, res.spec_json,
                          res.status_json, json.dumps(dict(labels), sort_keys=True),
                          res.resource_version, res.created_unix_ms, res.updated_unix_ms))
-                    events.append(Event(MODIFIED if old else ADDED, res, new_rev))
+                    events.append(StoreEvent(MODIFIED if old else ADDED, res, new_rev))
                     results.append(WriteResult(*w.ref, "configured" if old else "created", new_rev))
                     changed = True
                 if changed:
@@ -394,7 +394,7 @@ class SQLiteStore(Store):
             self._db.execute("DELETE FROM events WHERE revision <= ?", (compacted,))
             self._db.execute("UPDATE meta SET value = ? WHERE key = 'compacted'", (compacted,))
 
-    def _notify(self, events: Iterable[Event]) -> None:
+    def _notify(self, events: Iterable[StoreEvent]) -> None:
         for ev in events:
             for sub in list(self._subscribers):
                 if sub.wants(ev):
@@ -403,7 +403,7 @@ class SQLiteStore(Store):
     # ------------------------------------------------------------ watch
 
     async def watch(self, kind: str | None = None, namespace: str | None = None,
-                    since_revision: int = 0) -> AsyncIterator[Event]:
+                    since_revision: int = 0) -> AsyncIterator[StoreEvent]:
         sub = _Subscriber(kind or None, namespace or None, asyncio.get_running_loop())
         # Subscribe before reading the backlog so nothing committed in between is lost;
         # live events at or below the backlog's revision are duplicates and skipped.
@@ -426,11 +426,11 @@ class SQLiteStore(Store):
                 if sub in self._subscribers:
                     self._subscribers.remove(sub)
 
-    def _backlog_locked(self, sub: _Subscriber, since: int) -> tuple[builtins.list[Event], int]:
+    def _backlog_locked(self, sub: _Subscriber, since: int) -> tuple[builtins.list[StoreEvent], int]:
         rev = self._meta("revision")
         if since <= 0:
             resources, rev = self._list_locked(sub.kind, sub.namespace)
-            return [Event(ADDED, r, rev) for r in resources], rev
+            return [StoreEvent(ADDED, r, rev) for r in resources], rev
         if since > rev:
             raise StoreError(f"watch from revision {since} but the store is at {rev}; "
                              "use a revision returned by List")
@@ -441,7 +441,7 @@ class SQLiteStore(Store):
         rows = self._db.execute(
             "SELECT type, revision, resource_json FROM events WHERE revision > ? ORDER BY seq",
             (since,)).fetchall()
-        out = [Event(str(t), _resource_from_json(str(j)), int(r)) for t, r, j in rows]
+        out = [StoreEvent(str(t), _resource_from_json(str(j)), int(r)) for t, r, j in rows]
         return [e for e in out if sub.wants(e)], rev
 
     # ------------------------------------------------------------ nodes

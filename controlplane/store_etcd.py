@@ -73,12 +73,12 @@ from controlplane.store import (
     MODIFIED,
     CompactedError,
     Delete,
-    Event,
     NodeRecord,
     Put,
     Store,
     StoredResource,
     StoreError,
+    StoreEvent,
     Write,
     WriteResult,
 )
@@ -147,9 +147,9 @@ class _Subscriber:
     kind: str | None
     namespace: str | None
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[Event | BaseException]
+    queue: asyncio.Queue[StoreEvent | BaseException]
 
-    def wants(self, ev: Event) -> bool:
+    def wants(self, ev: StoreEvent) -> bool:
         r = ev.resource
         return (self.kind is None or r.kind == self.kind) and (self.namespace is None or r.namespace == self.namespace)
 
@@ -172,7 +172,7 @@ class EtcdStore(Store):
         self._lock = threading.RLock()
         self._kv: dict[bytes, KeyValue] = {}
         self._rev = 0
-        self._log: deque[Event] = deque(maxlen=EVENT_LOG_RETENTION)
+        self._log: deque[StoreEvent] = deque(maxlen=EVENT_LOG_RETENTION)
         self._log_from = 0  # the mirror replays watches from after this revision
         self._subs: list[_Subscriber] = []
         self._listeners: dict[str, list[tuple[asyncio.AbstractEventLoop, Callable[[list[SectionChange]], None]]]] = {}
@@ -328,7 +328,7 @@ class EtcdStore(Store):
                 await asyncio.sleep(WATCH_RETRY_S)
 
     def _apply_batch(self, batch: WatchBatch, reload: bool = False) -> None:
-        res_events: builtins.list[Event] = []
+        res_events: builtins.list[StoreEvent] = []
         changes: dict[str, builtins.list[SectionChange]] = {}
         with self._lock:
             for ev in batch.events:
@@ -412,15 +412,15 @@ class EtcdStore(Store):
                            "api_version": r.api_version, "created_unix_ms": r.created_unix_ms,
                            "updated_unix_ms": r.updated_unix_ms}, sort_keys=True).encode()
 
-    def _to_event(self, kind: str, kv: KeyValue, prev: KeyValue | None) -> Event:
+    def _to_event(self, kind: str, kv: KeyValue, prev: KeyValue | None) -> StoreEvent:
         if kind == "DELETE":
             parts = kv.key[len(self._p) + 1:].decode().split("/", 3)
             # The mirror had the value: a deletion carries what was deleted.
             gone = self._decode(prev) if prev is not None else StoredResource(parts[1], parts[2], parts[3], "{}")
             gone = dataclasses.replace(gone, resource_version=kv.mod_revision,
                                        updated_unix_ms=int(self._clock() * 1000))
-            return Event(DELETED, gone, kv.mod_revision)
-        return Event(ADDED if kv.create_revision == kv.mod_revision or prev is None else MODIFIED,
+            return StoreEvent(DELETED, gone, kv.mod_revision)
+        return StoreEvent(ADDED if kv.create_revision == kv.mod_revision or prev is None else MODIFIED,
                      self._decode(kv), kv.mod_revision)
 
     # ------------------------------------------------------------ reads (the mirror; never wait on etcd)
@@ -531,13 +531,13 @@ class EtcdStore(Store):
     # ------------------------------------------------------------ watch
 
     async def watch(self, kind: str | None = None, namespace: str | None = None,
-                    since_revision: int = 0) -> AsyncIterator[Event]:
+                    since_revision: int = 0) -> AsyncIterator[StoreEvent]:
         loop = asyncio.get_running_loop()
         sub = _Subscriber(kind or None, namespace or None, loop, asyncio.Queue())
         with self._lock:  # the backlog and the subscription at one revision: nothing lost, nothing twice
             if since_revision <= 0:
                 resources, at = self.list(kind, namespace)
-                backlog = [Event(ADDED, r, at) for r in resources]
+                backlog = [StoreEvent(ADDED, r, at) for r in resources]
             else:
                 if since_revision > self._rev:
                     raise StoreError(f"watch from revision {since_revision} but the store is at {self._rev}; "

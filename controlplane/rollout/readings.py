@@ -26,7 +26,7 @@ STALE_AFTER_S = 60.0
 
 
 @dataclass(frozen=True)
-class Counters:
+class VersionCounters:
     """Cumulative counts for one version on one node."""
 
     requests: float = 0.0
@@ -37,7 +37,7 @@ class Counters:
     hist: tuple[float, ...] = ()
     open_connections: float = 0.0  # opened minus closed now: bytes are only counted at close
 
-    def minus(self, base: Counters | None) -> Counters:
+    def minus(self, base: VersionCounters | None) -> VersionCounters:
         """This minus an earlier reading; a counter that went down is an agent restart:
         everything counted since then is the interval's."""
         if base is None:
@@ -49,25 +49,25 @@ class Counters:
             return self
         hist = tuple(a - b for a, b in zip(self.hist, base.hist, strict=True)) if base.hist else self.hist
         d = [a - b for a, b in zip(fields, olds, strict=True)]
-        return Counters(d[0], d[1], d[2], d[3], d[4], hist, self.open_connections)
+        return VersionCounters(d[0], d[1], d[2], d[3], d[4], hist, self.open_connections)
 
-    def plus(self, other: Counters) -> Counters:
+    def plus(self, other: VersionCounters) -> VersionCounters:
         if self.hist and other.hist and len(self.hist) == len(other.hist):
             hist = tuple(a + b for a, b in zip(self.hist, other.hist, strict=True))
         else:
             hist = self.hist or other.hist
-        return Counters(self.requests + other.requests, self.failures + other.failures,
+        return VersionCounters(self.requests + other.requests, self.failures + other.failures,
                         self.tcp_closed + other.tcp_closed, self.tcp_failed + other.tcp_failed,
                         self.traffic + other.traffic, hist, self.open_connections + other.open_connections)
 
 
-Snapshot = dict[str, Counters]  # node -> cumulative counters of one version
+Snapshot = dict[str, VersionCounters]  # node -> cumulative counters of one version
 
 
 def interval_stats(now: Snapshot, base: Snapshot | None, buckets: tuple[float, ...]) -> tuple[Stats, float]:
     """(Stats over the interval, traffic) from two snapshots of one version; traffic
     counts what moved in the interval plus the connections open now."""
-    total = Counters()
+    total = VersionCounters()
     for node, c in now.items():
         total = total.plus(c.minus((base or {}).get(node)))
     p99 = None
@@ -116,7 +116,7 @@ class Readings:
         for node, (t, summary) in self.latest.items():
             if now - t > STALE_AFTER_S:
                 continue
-            c = Counters()
+            c = VersionCounters()
             edges = summary.get("edges")
             for e in edges if isinstance(edges, list) else ():
                 if not isinstance(e, dict) or e.get("destination_workload") not in workloads:
@@ -129,12 +129,12 @@ class Readings:
                 # service's callers, as their proxies saw them.
                 open_now = max(0.0, _num(e, "tcp_opened") - _num(e, "tcp_closed"))
                 if e.get("reporter") != "source" or e.get("destination_service_key") != service:
-                    c = c.plus(Counters(traffic=traffic, open_connections=open_now))
+                    c = c.plus(VersionCounters(traffic=traffic, open_connections=open_now))
                     continue
                 gs = e.get("grpc_status")
                 grpc_failed = sum(_num(gs, k) for k in gs if k in codes) if isinstance(gs, dict) else 0.0
                 hist = e.get("latency_hist")
-                c = c.plus(Counters(_num(e, "requests"), _num(e, "errors") + grpc_failed, _num(e, "tcp_closed"),
+                c = c.plus(VersionCounters(_num(e, "requests"), _num(e, "errors") + grpc_failed, _num(e, "tcp_closed"),
                                     _num(e, "tcp_failed"), traffic,
                                     tuple(float(x) for x in hist) if isinstance(hist, list) else (), open_now))
             out[node] = c

@@ -17,11 +17,11 @@ from controlplane.store import (
     DELETED,
     MODIFIED,
     Delete,
-    Event,
     NodeRecord,
     Put,
     SQLiteStore,
     StoreError,
+    StoreEvent,
 )
 from controlplane.vip import VipExhausted, allocate_vip, is_usable
 from nodemesh import model
@@ -92,7 +92,7 @@ def test_watch_replays_then_follows(tmp_path: Path) -> None:
         s = SQLiteStore(str(tmp_path / "db"))
         s.apply([put("a")])
         s.apply([put("b", ns="other")])
-        got: list[Event] = []
+        got: list[StoreEvent] = []
 
         async def consume(it: object, n: int) -> None:
             async for ev in it:  # type: ignore[attr-defined]

@@ -16,7 +16,7 @@ from controlplane.nodes import RegisteredNode, RegisteredWorkload
 from controlplane.rollout import machine
 from controlplane.rollout.controller import RolloutController, splits
 from controlplane.rollout.machine import Stats, advance
-from controlplane.rollout.readings import Counters, Readings, interval_stats
+from controlplane.rollout.readings import Readings, VersionCounters, interval_stats
 from controlplane.store import SQLiteStore, Store
 from nodemesh import model
 from nodemesh.rolloutspec import Rollout
@@ -208,8 +208,9 @@ def test_apply_checks_service_and_versions_against_the_registry(tmp_path: Path) 
 
 def test_interval_stats_from_summaries_survive_an_agent_restart() -> None:
     buckets = (10.0, 100.0, 1000.0)
-    base = {"n1": Counters(100, 5, hist=(90, 10, 0, 0)), "n2": Counters(50, 0, hist=(50, 0, 0, 0))}
-    now = {"n1": Counters(200, 15, hist=(170, 20, 10, 0)), "n2": Counters(10, 1, hist=(0, 0, 10, 0))}  # n2 restarted
+    base = {"n1": VersionCounters(100, 5, hist=(90, 10, 0, 0)), "n2": VersionCounters(50, 0, hist=(50, 0, 0, 0))}
+    # n2 restarted: its counts went down
+    now = {"n1": VersionCounters(200, 15, hist=(170, 20, 10, 0)), "n2": VersionCounters(10, 1, hist=(0, 0, 10, 0))}
     st, _ = interval_stats(now, base, buckets)
     assert st.total == 110 and st.failures == 11
     assert st.p99_ms is not None and 100 < st.p99_ms <= 1000
