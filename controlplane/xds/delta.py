@@ -226,17 +226,17 @@ class DeltaStrategy:
         found = st.stop_watch()
         if found is not None:
             st.base = found
-        old_sub = st.sub
         st.sub, st.known = apply_subscription(st.sub, st.known, req, first)
-        also: frozenset[str] | None = None
-        if first or st.sub.wildcard != old_sub.wildcard:
-            st.base = None  # look at everything the subscription covers
-        elif st.sub is not old_sub or req.resource_names_subscribe or req.resource_names_unsubscribe:
-            # Only the names (and slice globs) this request (un)subscribed, besides what changed.
-            also = frozenset(req.resource_names_subscribe) | frozenset(req.resource_names_unsubscribe)
+        # Each request's watch compares the whole subscription with what the client
+        # holds. Starting from the set the last answer came from (st.base) and only
+        # what changed since was tried and withdrawn: at 100 simulated nodes a third
+        # of them missed a Workload or two during a join storm (bench/fleet.py), a
+        # hole in that bookkeeping not yet found. Within one watch's life the
+        # fan-out still compares only what changed (SnapshotCache._answer).
+        st.base = None
         return self._cache.create_delta_watch(
             info.node_id, req.type_url, st.sub, st.known, answer_now=first, rejected=st.rejected,
-            on_current=functools.partial(sync.current, info.stream, req.type_url), base=st.base, also=also)
+            on_current=functools.partial(sync.current, info.stream, req.type_url))
 
     def answer(self, info: StreamInfo, type_url: str, st: _DeltaTypeState,
                wresp: DeltaWatchResponse) -> Iterator[bytes]:
