@@ -196,6 +196,34 @@ class TcpEnd(asyncio.Protocol):
             self.partner.abort()
         self.session.end_closed()
 
+    # -- an L7 adapter taking this connection over, and handing it back --
+    def take_over(self) -> list[bytes]:
+        """An L7 adapter becomes the transport's protocol: returns the bytes read
+        before it; the reading flag stays in step with the adapter from now on
+        (set_reading), or the deferred re-sync (_resync_reading) would undo its pauses."""
+        early, self._early = self._early, []
+        self._reading = True
+        return early
+
+    def set_reading(self, on: bool) -> None:
+        """The adapter pauses or resumes the transport itself; the flag follows."""
+        self._reading = on
+        if on:
+            cast(asyncio.Transport, self.transport).resume_reading()
+        else:
+            cast(asyncio.Transport, self.transport).pause_reading()
+
+    def hand_back(self, sniffed: bytes) -> None:
+        """Not the protocol the adapter speaks after all: this end relays the
+        connection again, starting with the bytes the adapter already read."""
+        transport = cast(asyncio.Transport, self.transport)
+        transport.pause_reading()
+        self._reading = False
+        if sniffed:
+            self._early.append(sniffed)
+            self.rx += len(sniffed)
+        transport.set_protocol(self)
+
     # -- End --
     def attach(self, partner: End) -> None:
         self.partner = partner

@@ -42,7 +42,6 @@ from .pipeline import (
     RequestTooLarge,
     StreamIdleTimeout,
     TryResult,
-    hand_back_to_relay,
     shadow_authority,
 )
 from .retry import Outcome
@@ -136,8 +135,7 @@ class Downstream(asyncio.Protocol):
 
     # -- start --
     def begin(self) -> None:
-        early, self.end._early = self.end._early, []
-        self.end._reading = True  # so the relay end's deferred read re-sync keeps us reading
+        early = self.end.take_over()
         self.conn_session.set(protocol="http")
         if self.mode == "auto":
             self._detect_timer = asyncio.get_running_loop().call_later(self.rt.detect_timeout_s, self._detect_timeout)
@@ -158,7 +156,8 @@ class Downstream(asyncio.Protocol):
         self.timer.cancel()
         if self._detect_timer is not None:
             self._detect_timer.cancel()
-        hand_back_to_relay(self.end, self._sniffed, self.tcp_fallback)
+        self.end.hand_back(self._sniffed)
+        self.tcp_fallback()
 
     # -- asyncio.Protocol --
     def data_received(self, data: bytes) -> None:
@@ -369,13 +368,8 @@ class Downstream(asyncio.Protocol):
         self._process()
 
     def _reading(self, on: bool) -> None:
-        """Pause while a request is served (pipelined bytes wait in the kernel), resume after.
-        The relay end's flag follows, or its deferred re-sync (relay.TcpEnd) would undo a pause."""
-        self.end._reading = on
-        if on:
-            self.transport.resume_reading()
-        else:
-            self.transport.pause_reading()
+        """Pause while a request is served (pipelined bytes wait in the kernel), resume after."""
+        self.end.set_reading(on)
 
     async def _serve(self, req: RequestHead, body: bytes, too_big: bool) -> None:
         self.requests += 1

@@ -63,7 +63,6 @@ from .pipeline import (
     Request,
     StreamIdleTimeout,
     TryResult,
-    hand_back_to_relay,
 )
 from .retry import Outcome
 from .timeout import GRPC_TIMEOUT_HEADER, MESH_DEADLINE_HEADER, Deadline, format_grpc_timeout
@@ -126,8 +125,7 @@ class H2Downstream(asyncio.Protocol):
         self.timer.period = max(0.02, min(self.timer.period, self.limits.stream_idle_timeout_s / TICKS_PER_LIMIT))
 
     def begin(self, early: bytes) -> None:
-        pending, self.end._early = self.end._early, []
-        self.end._reading = True  # so the relay end's deferred read re-sync keeps us reading
+        pending = self.end.take_over()
         self.conn_session.set(protocol="http2")
         self.timer.start()
         self.transport.resume_reading()
@@ -141,7 +139,8 @@ class H2Downstream(asyncio.Protocol):
         self.closed = True
         self.timer.cancel()
         self.conn_session.set(protocol="tcp", detect="not_http2")
-        hand_back_to_relay(self.end, self._sniffed, self.tcp_fallback)
+        self.end.hand_back(self._sniffed)
+        self.tcp_fallback()
 
     # -- asyncio.Protocol --
     def data_received(self, data: bytes) -> None:

@@ -18,13 +18,14 @@ proxy owns (no module globals).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from nodeagent.meshview.l7snapshot import RouteEntry, RouteTable, WeightedCluster
 from nodeagent.meshview.snapshot import Endpoint, ServicePort, Snapshot
@@ -44,7 +45,6 @@ from .timeout import Deadline, incoming_budget
 
 if TYPE_CHECKING:
     from ..accesslog import AccessLog
-    from ..outbound import OutboundConnection
     from ..proxy import NodeProxy
     from .h2upstream import H2UpstreamPool
 
@@ -358,8 +358,7 @@ class Call(ABC):
             hs = list(req.headers)
             req = req.with_headers(tracing.replace_trace_headers(hs, tel.request_headers(self.session, hs)))
         # route
-        table = sp.routes or RouteTable(sp.cluster, (RouteEntry("default", _DEFAULT_MATCH,
-                                                                  (WeightedCluster(sp.cluster),)),))
+        table = sp.routes or _default_table(sp.cluster)
         view = route_select.RequestView(req.method, req.target, req.headers)
         entry = route_select.select_route(table, view)
         if entry is None:
@@ -373,7 +372,7 @@ class Call(ABC):
         if entry.direct_status:
             raise NoBackend(f"route {entry.name} has no usable backendRefs", status=entry.direct_status)
         # deadline
-        deadline = Deadline.start(entry.timeout_s or None, incoming_budget(dict(req.headers)), clock=rt.clock)
+        deadline = Deadline.start(entry.timeout_s or None, incoming_budget(req.headers), clock=rt.clock)
         if deadline.expired():
             raise DeadlineExceeded(self._deadline_text)
         # fault
@@ -527,17 +526,10 @@ class Call(ABC):
             raise
 
 
-def hand_back_to_relay(end: OutboundConnection, sniffed: bytes, tcp_fallback: Callable[[], None]) -> None:
-    """Not HTTP after all (or not the HTTP the port declares): give the client
-    connection back to the L4 relay end, with the bytes already read."""
-    transport = cast(asyncio.Transport, end.transport)
-    transport.pause_reading()
-    end._reading = False
-    if sniffed:
-        end._early.append(sniffed)
-        end.rx += len(sniffed)
-    transport.set_protocol(end)
-    tcp_fallback()
+@functools.lru_cache(maxsize=4096)
+def _default_table(cluster: str) -> RouteTable:
+    """A port with no HTTPRoute: every request to its own cluster (built once per cluster, not per request)."""
+    return RouteTable(cluster, (RouteEntry("default", _DEFAULT_MATCH, (WeightedCluster(cluster),)),))
 
 
 def shadow_authority(authority: str) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 MESH_DEADLINE_HEADER = "x-nodemesh-deadline-ms"
@@ -63,15 +63,20 @@ class Deadline:
         return min(r, seconds) if seconds else r
 
 
-def incoming_budget(headers: dict[str, str]) -> float | None:
-    """The caller's remaining budget from grpc-timeout or the mesh header (the tighter)."""
+def incoming_budget(headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> float | None:
+    """The caller's remaining budget from grpc-timeout or the mesh header (the tighter);
+    `headers` as a mapping or as the request's (name, value) pairs (the last of a repeated
+    header counts), so the request path need not build a dict per request."""
+    pairs = headers.items() if isinstance(headers, Mapping) else headers
+    grpc_timeout = mesh_deadline = None
+    for k, v in pairs:
+        if k == GRPC_TIMEOUT_HEADER:
+            grpc_timeout = v
+        elif k == MESH_DEADLINE_HEADER:
+            mesh_deadline = v
     vals = []
-    if GRPC_TIMEOUT_HEADER in headers:
-        v = parse_grpc_timeout(headers[GRPC_TIMEOUT_HEADER])
-        if v is not None:
-            vals.append(v)
-    if MESH_DEADLINE_HEADER in headers:
-        v = parse_mesh_deadline(headers[MESH_DEADLINE_HEADER])
-        if v is not None:
-            vals.append(v)
+    if grpc_timeout is not None and (g := parse_grpc_timeout(grpc_timeout)) is not None:
+        vals.append(g)
+    if mesh_deadline is not None and (m := parse_mesh_deadline(mesh_deadline)) is not None:
+        vals.append(m)
     return min(vals) if vals else None
