@@ -448,9 +448,8 @@ class HboneConnection:
         return early
 
     def refuse(self, stream_id: int, status: int, reason: str) -> None:
-        if self._streams.pop(stream_id, None) is None or self._closed:
+        if self._forget(stream_id) is None or self._closed:
             return
-        self._blocked.pop(stream_id, None)
         self._send_headers(stream_id, [(":status", str(status)), (REASON_HEADER, _header_safe(reason))],
                            end_stream=True)
         # The answer is complete: ask the caller to stop sending (RFC 9113 §8.1).
@@ -968,6 +967,13 @@ class HboneConnection:
             self._blocked.pop(sid, None)
             if (sid & 1) == (1 if self.client else 0):
                 self._local_open -= 1
+            if st.early:
+                # Data held before our 200 was never handed to the caller, so nobody
+                # else will acknowledge it: give the connection window back here, or
+                # every refused or reset CONNECT that carried early data shrinks it
+                # for good (the stream's own window dies with the stream).
+                self.acknowledge(sid, sum(d.flow_controlled_length for d in st.early))
+                st.early = []
         return st
 
     def _send_headers(self, sid: int, headers: list[tuple[str, str]], end_stream: bool) -> None:
