@@ -7,7 +7,16 @@ nodemesh.lab are the only parts of `nodemesh` that import the two sides
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+# Before anything imports grpc: the agent spawns its proxy workers (fork + exec)
+# while its xDS and registry streams are busy, and gRPC's fork support then runs
+# its child-side handlers in the forked child before exec, which can abort it
+# ("Check failed: next_worker->state == KICKED", a worker that never starts: seen
+# in CI on a worker restart). Nothing of nodemesh uses gRPC across a fork, so the
+# handlers only add that risk.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 from nodemesh import __version__
 

@@ -72,3 +72,19 @@ def test_module_basenames_are_unique() -> None:
             if path.name not in ("__init__.py", "__main__.py"):
                 seen.setdefault(path.name, []).append(str(path.relative_to(ROOT)))
     assert {k: v for k, v in seen.items() if len(v) > 1} == {}
+
+
+
+def test_the_cli_turns_grpc_fork_handlers_off_before_grpc_is_imported() -> None:
+    """Every nodemesh process starts in the CLI package; the agent forks its proxy workers
+    while gRPC is busy, and gRPC's fork handlers in the child can abort the worker. The
+    package above the CLI must not import grpc first, or the setting comes too late."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, os, nodemesh; before = 'grpc' in sys.modules; import nodemesh.cli; "
+            "print(before, os.environ.get('GRPC_ENABLE_FORK_SUPPORT'))")
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_ENABLE_FORK_SUPPORT"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.split() == ["False", "false"], out
