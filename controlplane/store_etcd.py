@@ -1087,13 +1087,18 @@ class EtcdJoinTokens(JoinTokens):
         return (str(d["node_name"]), str(d["secret_sha256"]), float(d["expires_unix"]),
                 None if d.get("used_unix") is None else float(d["used_unix"]), float(d.get("created_unix") or 0))
 
-    def _mark_used(self, token_id: str, now: float) -> bool:
+    def _mark_used(self, token_id: str, now: float) -> float | None:
+        used_before: list[float] = []  # read from etcd by the compare-and-set, not from the mirror
+
         def change(old: dict[str, Any] | None) -> dict[str, Any] | None:
             if old is None or old.get("used_unix") is not None:
+                used_before.append(float(old["used_unix"]) if old is not None else now)
                 return None
             return {**old, "used_unix": now}
 
-        return _cas(self._store, self._store.key("tokens", token_id), change) is not None
+        if _cas(self._store, self._store.key("tokens", token_id), change) is not None:
+            return None
+        return used_before[-1] if used_before else now
 
 
 def open_store(kind: str, *, sqlite_path: str, etcd_endpoints: Sequence[str] = (), etcd_prefix: str = DEFAULT_PREFIX,

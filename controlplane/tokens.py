@@ -130,12 +130,17 @@ class JoinTokens:
         return None if row is None else (str(row[0]), str(row[1]), float(row[2]),
                                          None if row[3] is None else float(row[3]), float(row[4]))
 
-    def _mark_used(self, token_id: str, now: float) -> bool:
-        """Mark a token used unless it already is (one statement: two joins cannot both win)."""
+    def _mark_used(self, token_id: str, now: float) -> float | None:
+        """Mark a token used unless it already is (one statement: two joins cannot both win).
+        Returns None when this call marked it, else when it had been used (read from the
+        record itself, not from a cache that may lag behind another join)."""
         with self._lock:
             cur = self._db.execute("UPDATE join_tokens SET used_unix = ? WHERE id = ? AND used_unix IS NULL",
                                    (now, token_id))
-            return cur.rowcount == 1
+            if cur.rowcount == 1:
+                return None
+            row = self._db.execute("SELECT used_unix FROM join_tokens WHERE id = ?", (token_id,)).fetchone()
+        return float(row[0]) if row is not None and row[0] is not None else now
 
     def consume(self, token: str, node_name: str, revoked_at: float = 0.0) -> None:
         """Use up `token` for `node_name`, or raise TokenRefused. A token works once:
@@ -154,9 +159,7 @@ class JoinTokens:
             raise TokenRefused(f"the join token was made for node {bound!r}, not {node_name!r}; "
                                "check the agent's node.name or create a token for this node")
         if used is not None:
-            raise TokenRefused(f"the join token was already used at "
-                               f"{_iso(float(used))}; a token works once: create a new one with "
-                               f"`nodemesh token create --node {node_name}`")
+            raise _already_used(used, node_name)
         if expires <= now:
             raise TokenRefused(f"the join token expired at {_iso(expires)}; create a new one with "
                                f"`nodemesh token create --node {node_name}`")
@@ -164,8 +167,14 @@ class JoinTokens:
             raise TokenRefused(f"node {node_name} was revoked at {_iso(revoked_at)}, after this token was made "
                                f"({_iso(created)}); a token made before a revocation no longer works: create a "
                                f"new one with `nodemesh token create --node {node_name}`")
-        if not self._mark_used(parsed.token_id, now):
-            raise TokenRefused("the join token was used concurrently by another join; create a new one")
+        used = self._mark_used(parsed.token_id, now)
+        if used is not None:  # another join won (on another replica, or this one's cache lagged)
+            raise _already_used(used, node_name)
+
+
+def _already_used(used: float, node_name: str) -> TokenRefused:
+    return TokenRefused(f"the join token was already used at {_iso(used)}; a token works once: create a new "
+                        f"one with `nodemesh token create --node {node_name}`")
 
 
 def _iso(t: float) -> str:

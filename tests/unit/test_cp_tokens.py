@@ -92,3 +92,18 @@ def test_a_token_made_before_a_revocation_is_void(tokens: tuple[JoinTokens, Cloc
         t.consume(stale, "node-1", revoked_at)
     fresh, _ = t.create("node-1", 3600, PIN)
     t.consume(fresh, "node-1", revoked_at)
+
+
+def test_a_join_that_loses_the_race_is_told_when_the_token_was_used(
+        tokens: tuple[JoinTokens, Clock, sqlite3.Connection], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lookup that still shows the token unused (a replica's cache behind another join,
+    or two joins at once) loses at the compare-and-set and is told when it was used."""
+    jt, clock, _ = tokens
+    token, _ = jt.create("node-1", 600, "pin")
+    token_id = parse_token(token).token_id
+    unused = jt._row(token_id)
+    jt.consume(token, "node-1")
+    clock.t += 5
+    monkeypatch.setattr(jt, "_row", lambda _tid: unused)
+    with pytest.raises(TokenRefused, match="already used at"):
+        jt.consume(token, "node-1")
