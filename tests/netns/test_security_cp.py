@@ -114,10 +114,10 @@ async def main():
         except grpc.aio.AioRpcError as e:
             out["cert"] = f"{e.code().name}: {e.details()}"
         call = mesh_pb2_grpc.RegistryStub(ch).Session()
-        await call.write(mesh_pb2.NodeReport(register=mesh_pb2.NodeRegistration(
-            node_name=claim, addresses=["10.9.9.9"], workloads=[mesh_pb2.WorkloadRegistration(
-                name="intruder", namespace="default", service_account="web", ip="10.9.9.9")])))
-        try:
+        try:  # a refused stream can end before our first write completes: the write raises then
+            await call.write(mesh_pb2.NodeReport(register=mesh_pb2.NodeRegistration(
+                node_name=claim, addresses=["10.9.9.9"], workloads=[mesh_pb2.WorkloadRegistration(
+                    name="intruder", namespace="default", service_account="web", ip="10.9.9.9")])))
             await call.read()
             out["register"] = "granted"
         except grpc.aio.AioRpcError as e:

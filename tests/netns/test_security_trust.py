@@ -71,11 +71,11 @@ async def main():
         if "register" in spec:
             r = spec["register"]
             call = mesh_pb2_grpc.RegistryStub(ch).Session()
-            await call.write(mesh_pb2.NodeReport(register=mesh_pb2.NodeRegistration(
-                node_name=node, addresses=r["addresses"], workloads=[mesh_pb2.WorkloadRegistration(
-                    name=w["name"], namespace="default", service_account=w["sa"], ip=w["ip"],
-                    labels=w.get("labels", {})) for w in r["workloads"]])))
-            try:
+            try:  # a refused stream can end before our first write completes: the write raises then
+                await call.write(mesh_pb2.NodeReport(register=mesh_pb2.NodeRegistration(
+                    node_name=node, addresses=r["addresses"], workloads=[mesh_pb2.WorkloadRegistration(
+                        name=w["name"], namespace="default", service_account=w["sa"], ip=w["ip"],
+                        labels=w.get("labels", {})) for w in r["workloads"]])))
                 await call.read()
                 out["register"] = "granted"
             except grpc.aio.AioRpcError as e:
