@@ -21,6 +21,7 @@ from . import authz_l7, hbone, netutil, tls
 from .accesslog import AccessLog
 from .connector import UpstreamConnector
 from .errors import NoCertificate, PeerIdentityMismatch, ProxyError, TlsHandshakeFailed
+from .http.h2core import GOAWAY_GRACE_S
 from .http.pipeline import L7Runtime
 from .inbound import InboundRefused, connect_local, resolve_inbound
 from .loadbalance import Balancer
@@ -37,9 +38,6 @@ class ListenerError(OSError):
 
 
 LISTENER_NAMES = ("outbound", "inbound", "hbone")
-# Between the two GOAWAYs of a drain, and after the last one before idle HBONE
-# connections close: far more than a round trip between nodes.
-GOAWAY_GRACE_S = 1.0
 _LABELS = {"outbound": "outbound", "inbound": "inbound plaintext", "hbone": "HBONE"}
 
 
@@ -167,8 +165,9 @@ class NodeProxy:
         listening sockets stay open wherever else they are held (the next agent's
         workers, systemd's fd store), so no connection is refused meanwhile;
         HTTP/1.1 responses now carry `Connection: close` (http/h1stack.py); HBONE
-        callers get a graceful GOAWAY in two steps (any stream, then the last one
-        seen, GOAWAY_GRACE_S later), so they open their next tunnels to the new
+        callers and HTTP/2 clients (h2c, gRPC: http/h2stack.py) get a graceful
+        GOAWAY in two steps (any stream, then the last one seen, GOAWAY_GRACE_S or
+        a PING's round trip later), so they open their next connections to the new
         workers and no stream is refused. Returns how many connections were still
         open at the deadline."""
         self.draining = True
@@ -178,6 +177,9 @@ class NodeProxy:
         start = loop.time()
         deadline = start + timeout_s
         self._goaway(final=False)
+        h2_clients = self.l7.drain_h2_clients()  # each takes its own two steps (h2stack.py)
+        if h2_clients:
+            log.info("draining: GOAWAY to %d HTTP/2 client connection(s)", h2_clients)
         final_at = 0.0
         while loop.time() < deadline:
             now = loop.time()

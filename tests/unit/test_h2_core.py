@@ -7,6 +7,7 @@ from __future__ import annotations
 import h2.events
 
 from nodeagent.proxy.http.h2core import (
+    MAX_STREAM_ID,
     H2Core,
     grpc_message_escape,
     grpc_status_for_http,
@@ -112,3 +113,28 @@ def test_grpc_helpers() -> None:
     assert grpc_status_of([("grpc-status", "5")]) == 5 and grpc_status_of([("grpc-status", "x")]) is None
     assert strip_connection_headers([("te", "trailers"), ("te", "gzip"), ("connection", "close"), ("a", "1")]) == [
         ("te", "trailers"), ("a", "1")]
+
+
+def test_graceful_goaway_keeps_the_connection_for_the_streams_it_still_serves() -> None:
+    """goaway(): NO_ERROR GOAWAY, the largest stream ID first, then the last one
+    taken; our side can still answer streams up to it (h2 alone would refuse any
+    frame after a GOAWAY it sent), and refuses() names the later ones."""
+    c, s = pair()
+    sid = c.new_request(REQ, end_stream=True)
+    pump(c, s)
+    s.goaway(None, "restarting")
+    ec, _, _, _ = pump(c, s)
+    first = [e for e in ec if isinstance(e, h2.events.ConnectionTerminated)]
+    assert [(e.error_code, e.last_stream_id, e.additional_data) for e in first] == [(0, MAX_STREAM_ID, b"restarting")]
+    assert c.draining and not c.closed and not s.refuses(sid + 2)
+    s.goaway(s.last_peer_stream)
+    late = c.new_request(REQ, end_stream=True)  # crossed the final GOAWAY
+    ec, _, _, _ = pump(c, s)
+    assert [e.last_stream_id for e in ec if isinstance(e, h2.events.ConnectionTerminated)] == [sid]
+    assert s.refuses(late) and not s.refuses(sid)
+    s.send_headers(sid, [(":status", "200")])
+    s.end_stream(sid, [("grpc-status", "0")])
+    ec, _, _, _ = pump(c, s)
+    assert any(isinstance(e, h2.events.TrailersReceived) and e.stream_id == sid for e in ec)
+    s.goaway(MAX_STREAM_ID)  # a later GOAWAY never raises the last stream ID again
+    assert s.serve_up_to == sid

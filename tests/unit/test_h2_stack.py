@@ -17,13 +17,16 @@ from concurrent import futures
 from typing import Any
 
 import grpc
+import h2.errors
+import h2.events
 import uvloop
 
 from nodeagent.meshview.l7snapshot import ClusterPolicy, MirrorTo, RouteEntry, RouteTable, WeightedCluster
 from nodeagent.meshview.snapshot import Endpoint, LocalWorkload, MeshSettings, Service, ServicePort, Snapshot, Workload
 from nodeagent.proxy.accesslog import AccessLog
+from nodeagent.proxy.http.h2core import MAX_STREAM_ID, H2Core
 from nodeagent.proxy.http.pipeline import shadow_authority
-from nodeagent.proxy.proxy import NodeProxy
+from nodeagent.proxy.proxy import NodeProxy, open_listeners
 from nodeagent.proxy.testca import TestCA
 from nodeagent.supervision.settings import ProxySettings
 from nodemesh.httpedge import HttpLimits
@@ -59,6 +62,8 @@ class Backend:
         self.seen_timeouts.append(ctx.time_remaining())
         if self.delay:
             time.sleep(self.delay)
+        if req.startswith(b"sleep:"):
+            time.sleep(float(req[6:]))
         if req == b"notfound":
             ctx.abort(grpc.StatusCode.NOT_FOUND, "no such thing: notfound")
         if self.fail is not None:
@@ -96,12 +101,17 @@ class Mesh:
                                  outbound_port=0, inbound_plain_port=0, hbone_port=0, mark=0,
                                  connect_timeout_s=3.0, access_log="off")
 
-        # Every connection to A's outbound listener counts as captured on its way to the VIP.
-        self.a = NodeProxy(settings("a", A), access_log=self.log_a, original_dst=lambda s: VIP,
-                           source_lookup=lambda snap, c, d: snap.local_by_uid.get(os.getuid()))
-        self.b = NodeProxy(settings("b", B), access_log=AccessLog("off"), original_dst=lambda s: VIP)
-        await self.a.start()
-        await self.b.start()
+        self.settings_a = settings("a", A)
+        self.a = self.new_a()
+        self.settings_b = settings("b", B)
+        self.b = self.new_b()
+        # The listening sockets are held here too, as the agent holds them for its workers.
+        self.a_listeners = open_listeners(self.a.settings)
+        self.b_listeners = open_listeners(self.b.settings)
+        self.a2: NodeProxy | None = None
+        self.b2: NodeProxy | None = None
+        await self.a.start([sk.dup() for sk in self.a_listeners])
+        await self.b.start([sk.dup() for sk in self.b_listeners])
         self.a_out = self.a.addresses()[0]
         self.hbone_b = self.b.addresses()[2][1]
         self.backends = v1 + (v2 or [])
@@ -127,8 +137,12 @@ class Mesh:
                           for i, p in enumerate(all_ports))
         client = LocalWorkload("client", "default", "client", A, (), uid=os.getuid())
         echo = LocalWorkload("echo", "default", "echo", B, tuple(all_ports))
-        self.a.update(Snapshot("1", "a", mesh, services, workloads, (client,)), self.ca.certs(CLIENT))
-        self.b.update(Snapshot("1", "b", mesh, services, workloads, (echo,)), self.ca.certs(ECHO))
+        for a in (self.a, self.a2):
+            if a is not None:
+                a.update(Snapshot("1", "a", mesh, services, workloads, (client,)), self.ca.certs(CLIENT))
+        for b in (self.b, self.b2):
+            if b is not None:
+                b.update(Snapshot("1", "b", mesh, services, workloads, (echo,)), self.ca.certs(ECHO))
 
     async def unary(self, req: bytes, timeout: float | None = 10.0, method: str = "Unary",
                     metadata: tuple[tuple[str, str], ...] = ()) -> tuple[Any, str, bytes]:
@@ -146,12 +160,34 @@ class Mesh:
         call = self.channel.unary_stream("/test.Echo/Stream", *_ident)
         return await asyncio.to_thread(lambda: list(call(b"%d,%d" % (n, size), timeout=30)))
 
+    def new_a(self) -> NodeProxy:
+        # Every connection to A's outbound listener counts as captured on its way to the VIP.
+        return NodeProxy(self.settings_a, access_log=self.log_a, original_dst=lambda s: VIP,
+                         source_lookup=lambda snap, c, d: snap.local_by_uid.get(os.getuid()))
+
+    def new_b(self) -> NodeProxy:
+        return NodeProxy(self.settings_b, access_log=AccessLog("off"), original_dst=lambda s: VIP)
+
+    async def next_worker(self, node: str = "a") -> NodeProxy:
+        """A second proxy of that node serving on its listening sockets (a restart's next worker)."""
+        old, new = (self.a, self.new_a()) if node == "a" else (self.b, self.new_b())
+        new.update(old.snapshot, old.certs)
+        await new.start([sk.dup() for sk in (self.a_listeners if node == "a" else self.b_listeners)])
+        if node == "a":
+            self.a2 = new
+        else:
+            self.b2 = new
+        return new
+
     async def stop(self) -> None:
         self.channel.close()
         for b in self.backends:
             b.server.stop(0)
-        await self.a.stop()
-        await self.b.stop()
+        for p in (self.a, self.a2, self.b, self.b2):
+            if p is not None:
+                await p.stop()
+        for sk in self.a_listeners + self.b_listeners:
+            sk.close()
 
     def grpc_lines(self) -> list[dict[str, Any]]:
         return [r for r in self.rec_a if r.get("protocol") == "grpc"]
@@ -379,3 +415,94 @@ def test_h2c_connection_with_a_stalled_request_head_gets_goaway_at_the_deadline(
             out = out[9 + n:]
         assert frames[-1] == 0x7, frames  # GOAWAY, then the connection closes
     run(body, [Backend("r0")])
+
+
+def _grpc_message(payload: bytes) -> bytes:
+    return b"\x00" + len(payload).to_bytes(4, "big") + payload
+
+
+def test_drain_goaway_in_two_steps_in_flight_stream_finishes_new_ones_go_to_the_next_worker() -> None:
+    """A draining worker (a restart) sends each client h2c connection GOAWAY with
+    the largest stream ID and a PING, then, at the PING's answer, GOAWAY with the
+    last stream it took; the stream in flight completes, a stream opened after
+    the final GOAWAY is refused (REFUSED_STREAM: never processed), the connection
+    ends once idle, and the client's next connection reaches the next worker. A
+    real grpcio channel connected to the old worker carries on without an error."""
+    async def body(m: Mesh) -> None:
+        code, _, _ = await m.unary(b"before")  # grpcio's connection: to the old worker (the only one)
+        assert code == grpc.StatusCode.OK
+        r, w = await asyncio.open_connection(*m.a_out)
+        c = H2Core(client=True)  # h2 that, like grpcio, keeps a GOAWAYed connection's streams going
+        c.initiate()
+        grpc_head = [(":method", "POST"), (":scheme", "http"), (":path", "/test.Echo/Unary"),
+                     (":authority", "echo"), ("content-type", "application/grpc"), ("te", "trailers")]
+        sid = c.new_request(grpc_head)
+        c.send_data(sid, _grpc_message(b"sleep:0.8"))
+        c.end_stream(sid)
+        w.write(c.data_to_send())
+        await wait_for_async(lambda: m.backends[0].calls == 2)  # the request is at the backend
+        await m.next_worker()
+        drain = asyncio.create_task(m.a.drain(10.0))
+        goaways: list[tuple[Any, Any]] = []
+        resp: dict[int, list[Any]] = {}
+        refused: dict[int, int] = {}
+        late = 0
+        while chunk := await asyncio.wait_for(r.read(65536), 5.0):
+            got = c.receive_data(chunk)
+            assert not got.error, got.error
+            for ev in got.events:
+                if isinstance(ev, h2.events.ConnectionTerminated):
+                    goaways.append((ev.error_code, ev.last_stream_id))
+                    if len(goaways) == 2:  # the final one: a stream opened now is never processed
+                        late = c.new_request(grpc_head)
+                        c.send_data(late, _grpc_message(b"late"))
+                        c.end_stream(late)
+                elif isinstance(ev, (h2.events.ResponseReceived, h2.events.DataReceived,
+                                     h2.events.TrailersReceived)):
+                    resp.setdefault(ev.stream_id, []).append(ev)
+                elif isinstance(ev, h2.events.StreamReset):
+                    refused[ev.stream_id] = ev.error_code
+            w.write(c.data_to_send())  # PING ACKs, WINDOW_UPDATEs, the late stream
+        w.close()
+        assert goaways == [(0, MAX_STREAM_ID), (0, sid)], goaways
+        assert late and refused == {late: h2.errors.ErrorCodes.REFUSED_STREAM}, refused
+        data = b"".join(bytes(ev.data) for ev in resp[sid] if isinstance(ev, h2.events.DataReceived))
+        trailers = {str(k): str(v) for ev in resp[sid] if isinstance(ev, h2.events.TrailersReceived)
+                    for k, v in ev.headers}
+        assert data == _grpc_message(b"r0:sleep:0.8#9") and trailers["grpc-status"] == "0", (data, trailers)
+        assert await drain == 0  # every connection ended before the deadline
+        assert m.a2 is not None and not m.a2.open_connections()
+        code, _, resp_b = await m.unary(b"after")  # grpcio saw its GOAWAY and reconnected: the next worker
+        assert code == grpc.StatusCode.OK and resp_b == b"r0:after#5"
+        assert m.a2.open_connections() == 1
+        assert not [x for x in m.grpc_lines() if x.get("grpc_status") not in (0, None)], m.grpc_lines()
+    run(body, [Backend("r0")])
+
+
+def test_drain_of_the_receiving_node_moves_pooled_h2_upstreams_to_its_next_worker() -> None:
+    """The receiving node's worker drains: its HBONE GOAWAY reaches the sending
+    node, whose pooled h2c connection on that tunnel takes no new stream (the
+    next call opens a connection to the next worker) and closes once its stream
+    in flight is done, so the old worker ends well before its drain deadline."""
+    async def body(m: Mesh) -> None:
+        code, _, _ = await m.unary(b"before")
+        assert code == grpc.StatusCode.OK and m.a.l7.h2_upstreams.opened == 1
+        slow = asyncio.create_task(m.unary(b"sleep:0.8"))
+        await wait_for_async(lambda: m.backends[0].calls == 2)
+        b2 = await m.next_worker("b")
+        t0 = time.monotonic()
+        drain = asyncio.create_task(m.b.drain(6.0))
+        await asyncio.sleep(0.2)  # the first GOAWAY is at node A
+        code, _, resp = await m.unary(b"during")
+        assert code == grpc.StatusCode.OK and resp == b"r0:during#6"
+        assert m.a.l7.h2_upstreams.opened == 2 and b2.open_connections() == 1
+        assert (await slow)[0] == grpc.StatusCode.OK
+        assert await drain == 0 and time.monotonic() - t0 < 4.0
+    run(body, [Backend("r0")])
+
+
+async def wait_for_async(cond: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)

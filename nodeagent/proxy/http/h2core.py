@@ -26,6 +26,12 @@ CONNECTION_WINDOW = 16 << 20
 MAX_FRAME_SIZE = 64 * 1024
 MAX_CONCURRENT_STREAMS = 1000
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+# A drain's graceful GOAWAY comes in two steps (RFC 9113 6.8): the largest stream ID
+# first, the last one taken at most this long later (sooner on a PING's round trip),
+# so streams the peer opened before it saw the first are still served. Far more
+# than a round trip between nodes. Used for HBONE (proxy.py) and h2c (h2stack.py).
+GOAWAY_GRACE_S = 1.0
+MAX_STREAM_ID = 2**31 - 1
 
 Headers = list[tuple[str, str]]
 
@@ -138,6 +144,7 @@ class H2Core:
         self._max_streams = max_concurrent_streams
         self.closed = False
         self.draining = False  # the peer sent a graceful GOAWAY: open no new stream here
+        self.serve_up_to = MAX_STREAM_ID  # our graceful GOAWAY's last stream ID: later peer streams are refused
 
     def initiate(self) -> None:
         self.h2.initiate_connection()
@@ -221,6 +228,29 @@ class H2Core:
 
     def forget(self, sid: int) -> None:
         self._out.pop(sid, None)
+
+    def goaway(self, last_stream_id: int | None = None, reason: str = "") -> None:
+        """Graceful GOAWAY (NO_ERROR): the peer opens no new stream; the connection
+        stays open so that streams up to `last_stream_id` (default: any) finish.
+        Streams the peer opens above it are for the caller to refuse (`refuses`)."""
+        if self.closed:
+            return
+        last = MAX_STREAM_ID if last_stream_id is None else min(last_stream_id, MAX_STREAM_ID)
+        self.serve_up_to = min(self.serve_up_to, last)
+        # h2 treats any GOAWAY sent as the end of the connection: keep its state open.
+        state = self.h2.state_machine.state
+        self.h2.close_connection(error_code=0, additional_data=reason.encode()[:256], last_stream_id=self.serve_up_to)
+        self.h2.state_machine.state = state
+
+    @property
+    def last_peer_stream(self) -> int:
+        """The highest stream ID the peer opened so far."""
+        return int(self.h2.highest_inbound_stream_id)
+
+    def refuses(self, sid: int) -> bool:
+        """A peer stream above our graceful GOAWAY's last stream ID: never processed
+        (the peer may send it again elsewhere)."""
+        return sid > self.serve_up_to
 
     def close(self, code: int = 0) -> None:
         if not self.closed:

@@ -39,6 +39,7 @@ from ..plan import OutboundPlan
 from . import h2mirror, route_select
 from .edge import HEAD_TIMEOUT, STREAM_IDLE_TIMEOUT, TICKS_PER_LIMIT, ConnTimer, head_timeout
 from .h2core import (
+    GOAWAY_GRACE_S,
     GRPC_DEADLINE_EXCEEDED,
     GRPC_UNAVAILABLE,
     PREFACE,
@@ -73,6 +74,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_DRAIN_PING = b"drain\x00\x00\x00"  # the PING that follows a drain's first GOAWAY
+_DRAIN = "proxy restarting"
 
 
 # ---------------------------------------------------------------- entry points
@@ -123,6 +126,12 @@ class H2Downstream(asyncio.Protocol):
         self.timer = ConnTimer(dataclasses.replace(self.limits, stream_idle_timeout_s=math.inf), self._probe,
                                self._expired)
         self.timer.period = max(0.02, min(self.timer.period, self.limits.stream_idle_timeout_s / TICKS_PER_LIMIT))
+        # A drain (the worker's, at a restart): 0 not draining, 1 first GOAWAY due or sent, 2 final sent.
+        self.goaway_step = 0
+        self._goaway_timer: asyncio.TimerHandle | None = None
+        rt.h2_clients.add(self)
+        if rt.proxy.draining:
+            self.drain()
 
     def begin(self, early: bytes) -> None:
         pending = self.end.take_over()
@@ -162,6 +171,8 @@ class H2Downstream(asyncio.Protocol):
         if not self._started:
             self._started = True
             self.core.initiate()
+            if self.goaway_step:
+                self._goaway_first()
         self.end.rx += len(data)
         got = self.core.receive_data(data)
         if got.error:
@@ -180,6 +191,9 @@ class H2Downstream(asyncio.Protocol):
 
     def _dispatch(self, ev: h2.events.Event) -> None:
         if isinstance(ev, h2.events.RequestReceived):
+            if self.core.refuses(ev.stream_id):  # opened after our final GOAWAY: the client retries it
+                self.core.reset(ev.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+                return
             hdrs = [(str(k), str(v)) for k, v in ev.headers]
             new = H2Call(self, ev.stream_id, hdrs)
             self.calls[ev.stream_id] = new
@@ -204,15 +218,65 @@ class H2Downstream(asyncio.Protocol):
             call = self.calls.get(ev.stream_id)
             if call is not None:
                 call.on_client_reset(f"client reset the stream (code {ev.error_code})")
+        elif isinstance(ev, h2.events.PingAckReceived) and ev.ping_data == _DRAIN_PING:
+            self._goaway_final()  # a round trip: every stream opened before our first GOAWAY is here
 
     def eof_received(self) -> bool:
-        return True  # h2: the client's half-close ends nothing we still owe it
+        # h2: the client's half-close ends nothing we still owe it, unless it is the
+        # answer to a drained connection's end.
+        return not (self.goaway_step == 2 and not self.calls)
+
+    # -- drain (a restart): GOAWAY, the open streams finish, then close --
+    def drain(self) -> None:
+        """Send the client a graceful GOAWAY in two steps, as Envoy and Go's server
+        do: the largest stream ID and a PING first (open no new stream here), then,
+        at the PING's answer or GOAWAY_GRACE_S later, the last stream ID taken.
+        Streams up to it finish; later ones are refused (REFUSED_STREAM: the client
+        sends them again on a new connection, to the next workers). The connection
+        ends once no stream is left."""
+        if self.closed or self.goaway_step:
+            return
+        self.goaway_step = 1
+        if self._started:
+            self._goaway_first()
+        # else: once the preface arrived (data_received)
+
+    def _goaway_first(self) -> None:
+        self.core.goaway(None, _DRAIN)
+        self.core.h2.ping(_DRAIN_PING)
+        self.flush()
+        self._goaway_timer = asyncio.get_running_loop().call_later(GOAWAY_GRACE_S, self._goaway_final)
+
+    def _goaway_final(self) -> None:
+        if self.closed or self.goaway_step != 1:
+            return
+        if self._goaway_timer is not None:
+            self._goaway_timer.cancel()
+        self.goaway_step = 2
+        self.core.goaway(self.core.last_peer_stream, _DRAIN)
+        self.flush()
+        self._end_if_drained()
+
+    def _end_if_drained(self) -> None:
+        """After the final GOAWAY and the last stream: half-close (our FIN after the
+        last frame), and close at the client's or GOAWAY_GRACE_S later. A close with
+        the client still sending would answer it with a reset."""
+        if self.goaway_step != 2 or self.calls or self.closed or self.transport.is_closing():
+            return
+        self.flush()
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+            asyncio.get_running_loop().call_later(GOAWAY_GRACE_S, self.transport.close)
+        else:
+            self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.closed and not self._started:
             return  # handed over to the L4 relay
         self.closed = True
         self.timer.cancel()
+        if self._goaway_timer is not None:
+            self._goaway_timer.cancel()
         for call in list(self.calls.values()):
             call.on_client_reset("client connection closed")
         self.conn_session.set(requests=self.requests)
@@ -261,6 +325,7 @@ class H2Downstream(asyncio.Protocol):
     def call_done(self, sid: int) -> None:
         self.calls.pop(sid, None)
         self.core.forget(sid)
+        self._end_if_drained()
 
 
 # ---------------------------------------------------------------- one try

@@ -19,6 +19,7 @@ import h2.events
 from nodeagent.meshview.snapshot import Endpoint, Snapshot
 
 from ..relay import End, Session
+from ..tunnel import StreamEnd
 from .h2core import H2Core, Headers
 from .pipeline import QuietSession
 
@@ -27,6 +28,10 @@ if TYPE_CHECKING:
 
 UPSTREAM_IDLE_TIMEOUT_S = 60.0
 MAX_STREAMS_PER_UPSTREAM = 100  # a busier endpoint gets a second pooled connection
+
+
+def _never() -> bool:
+    return False
 
 
 class StreamHandler:
@@ -60,6 +65,9 @@ class H2Upstream:
         self.write_paused = False
         self.dead = False
         self.draining = False  # GOAWAY received: no new streams
+        # The HBONE connection carrying this one got a graceful GOAWAY (the far node's
+        # worker is draining at a restart): no new streams here either; closed once idle.
+        self.carrier_closing: Callable[[], bool] = _never
         self.last_used = time.monotonic()
         self.on_idle: Callable[[H2Upstream], None] | None = None
         self.on_dead: Callable[[H2Upstream], None] | None = None
@@ -72,6 +80,7 @@ class H2Upstream:
     @property
     def usable(self) -> bool:
         return not self.dead and not self.draining and not self.core.closed and not self.core.draining and (
+            not self.carrier_closing()) and (
             len(self.streams) < min(MAX_STREAMS_PER_UPSTREAM, self.core.peer_max_concurrent_streams()))
 
     def flush(self) -> None:
@@ -222,9 +231,11 @@ class H2UpstreamPool:
         if self.per_request:
             return await self._connect(key, snapshot, ep, source_id, session)
         while True:
-            for c in self.conns.get(key, ()):
+            for c in list(self.conns.get(key, ())):
                 if c.usable:
                     return c
+                if not c.streams and c.carrier_closing():
+                    c.close()  # its tunnel is going away: let the far node's old worker finish
             task = self._connecting.get(key)
             if task is None:
                 task = asyncio.get_running_loop().create_task(self._connect(key, snapshot, ep, source_id, session))
@@ -247,6 +258,9 @@ class H2UpstreamPool:
         # rides right behind the CONNECT's 200 (losing it leaves us on default windows).
         conn.start(up.wire)
         up.wire.attach(conn)
+        if isinstance(up.wire, StreamEnd):
+            hbone_conn = up.wire.conn
+            conn.carrier_closing = lambda: hbone_conn.core.closed
         self.opened += 1
         conn.on_dead = self._forget
         conn.on_idle = self._idle
@@ -265,7 +279,7 @@ class H2UpstreamPool:
                 self.conns.pop(conn.key, None)
 
     def _idle(self, conn: H2Upstream) -> None:
-        if self.per_request or conn.draining:
+        if self.per_request or conn.draining or conn.carrier_closing():
             conn.close()
             return
         asyncio.get_running_loop().call_later(self.idle_timeout_s, self._reap, conn)

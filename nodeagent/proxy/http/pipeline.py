@@ -22,6 +22,7 @@ import functools
 import logging
 import random
 import time
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ from .timeout import Deadline, incoming_budget
 if TYPE_CHECKING:
     from ..accesslog import AccessLog
     from ..proxy import NodeProxy
+    from .h2stack import H2Downstream
     from .h2upstream import H2UpstreamPool
 
 log = logging.getLogger(__name__)
@@ -203,6 +205,17 @@ class L7Runtime:
         self._by_cluster: dict[str, ServicePort] = {}
         self.upstreams = UpstreamPool(clock=clock)  # HTTP/1.1 keep-alive upstream conns (h1pool.py)
         self.h2_upstreams: H2UpstreamPool = H2UpstreamPool(self)  # multiplexed h2c upstream conns
+        self.h2_clients: weakref.WeakSet[H2Downstream] = weakref.WeakSet()  # the clients' h2c connections
+
+    def drain_h2_clients(self) -> int:
+        """A restart: every client h2c connection gets its GOAWAY (H2Downstream.drain);
+        returns how many. (HTTP/1.1 clients get `Connection: close` per response.)"""
+        n = 0
+        for ds in list(self.h2_clients):
+            if not ds.closed:
+                ds.drain()
+                n += 1
+        return n
 
     def port_of_cluster(self, snapshot: Snapshot, cluster: str) -> ServicePort | None:
         if self._index_for is not snapshot:
