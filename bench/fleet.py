@@ -133,6 +133,40 @@ def profile_summary(raw_path: str, top: int = 25) -> list[tuple[float, str]]:
     return [(round(p, 1), fr) for p, fr in ranked[:top]]
 
 
+def loop_metrics(web_port: int) -> dict[str, Any]:
+    """From the (first) control plane's /metrics: how late its event loop ran
+    (controlplane/looplag.py), how many snapshots it published, and how long
+    rebuilds were held for the previous push to be answered."""
+    import urllib.request
+
+    from nodemesh.prom import histogram_quantile
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/metrics", timeout=30) as r:  # noqa: S310
+        text = r.read().decode()
+    out: dict[str, Any] = {}
+    for family, key in (("nodemesh_controlplane_event_loop_lag_seconds", "lag"),
+                        ("nodemesh_controlplane_publish_hold_seconds", "hold")):
+        bounds, cum, total = [], [], 0.0
+        for line in text.splitlines():
+            if line.startswith(family + "_bucket{"):
+                le = line.split('le="', 1)[1].split('"', 1)[0]
+                if le != "+Inf":
+                    bounds.append(float(le))
+                cum.append(float(line.rsplit(" ", 1)[1]))
+            elif line.startswith(family + "_sum"):
+                total = float(line.rsplit(" ", 1)[1])
+        counts = [c - p for c, p in zip(cum, [0.0, *cum[:-1]], strict=True)]
+        if counts:
+            out[key] = {"n": int(cum[-1]), "sum_s": round(total, 2),
+                        "p50_s": round(histogram_quantile(bounds, counts, 0.5), 3),
+                        "p99_s": round(histogram_quantile(bounds, counts, 0.99), 3),
+                        "over_1s": int(cum[-1] - next((c for b, c in zip(bounds, cum, strict=False) if b >= 1), 0))}
+    for line in text.splitlines():
+        if line.startswith("nodemesh_controlplane_snapshots_published_total"):
+            out["snapshots_published"] = int(float(line.rsplit(" ", 1)[1]))
+    return out
+
+
 def self_cpu_s() -> float:
     t = os.times()
     return t.user + t.system
@@ -519,11 +553,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                    str(key_f), "--ca-chain", str(chain_f)]
     # --profile FILE: the (first) control plane under cProfile (written when it stops).
     prof = ["-m", "cProfile", "-o", args.profile] if args.profile else []
-    socks, targets, cps = [], [], []
+    socks, targets, cps, webs = [], [], [], []
     for r in range(args.replicas):
         port, web = free_port(), free_port()
         while web in (port, port + 1):
             web = free_port()
+        webs.append(web)
         state = work / ("cp" if r == 0 else f"cp{r}")
         if r:
             state.mkdir()
@@ -637,9 +672,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "join_retries": sum(len(a.join_errors) for a in fleet.agents),
             "join_errors": sorted({e for a in fleet.agents for e in a.join_errors})[:5],
         }
+        out["join_storm"]["cp_loop"] = loop_metrics(webs[0])
         print(f"join storm: {args.nodes} nodes joined in {joined:.2f}s, converged in {converged:.2f}s, "
               f"cp cpu {storm_cpu:.1f}s, "
-              f"{out['join_storm']['bytes_received'] / 1e6:.1f} MB", flush=True)
+              f"{out['join_storm']['bytes_received'] / 1e6:.1f} MB; cp loop {out['join_storm']['cp_loop']}",
+              flush=True)
         await asyncio.sleep(args.settle)
         rss1 = proc.rss_mb()
         out["cp_rss_mb_after_join"] = rss1

@@ -269,17 +269,30 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             await asyncio.sleep(interval_s)
             if self.nodes is None:
                 continue
-            for sid, (node, serial) in list(self._serials.items()):
-                try:
-                    why = await asyncio.to_thread(self.nodes.certificate_refused, node, serial)
-                except Exception as e:  # noqa: BLE001 - the store may be briefly unreachable; keep serving
-                    log.debug("re-check of node %s's stream failed: %s", node, e)
-                    continue
-                if why:
-                    streams = self.guard._open.get(node, {})
-                    if sid in streams:
-                        self.guard._reasons[sid] = why
-                        streams[sid].set()
+            # One trip to a worker thread per sweep, not one per stream: at 1,000 nodes
+            # (2,000 streams) a trip each kept the event loop turning for nothing.
+            refused = await asyncio.to_thread(self._refused_streams, list(self._serials.items()))
+            for sid, node, why in refused:
+                streams = self.guard._open.get(node, {})
+                if sid in streams:
+                    self.guard._reasons[sid] = why
+                    streams[sid].set()
+
+    def _refused_streams(self, streams: list[tuple[int, tuple[str, str]]]) -> list[tuple[int, str, str]]:
+        """(stream, node, why) of the open streams whose certificate is refused now."""
+        out: list[tuple[int, str, str]] = []
+        nodes = self.nodes
+        if nodes is None:
+            return out
+        for sid, (node, serial) in streams:
+            try:
+                why = nodes.certificate_refused(node, serial)
+            except Exception as e:  # noqa: BLE001 - the store may be briefly unreachable; keep serving
+                log.debug("re-check of node %s's stream failed: %s", node, e)
+                continue
+            if why:
+                out.append((sid, node, why))
+        return out
 
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails],
                                                              Awaitable[grpc.RpcMethodHandler]],

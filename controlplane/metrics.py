@@ -17,6 +17,7 @@ from typing import Any
 from nodemesh.prom import Registry, render
 
 PUSH_LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+LOOP_LAG_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 BYTES_BUCKETS = (256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216)
 
 
@@ -50,6 +51,15 @@ class ControlPlaneMetrics:
         self.acks = self.registry.counter("nodemesh_controlplane_xds_acks_total", "xDS ACKs by type.", ("type",))
         self.nacks = self.registry.counter("nodemesh_controlplane_xds_nacks_total", "xDS NACKs by node and type.",
                                            ("node", "type"))
+        self.loop_lag = self.registry.histogram(
+            "nodemesh_controlplane_event_loop_lag_seconds",
+            "How late the event loop woke a 100 ms timer (controlplane/looplag.py): new gRPC calls wait "
+            "this long or more to be accepted, and gRPC cancels those that wait 30 s.", (),
+            buckets=LOOP_LAG_BUCKETS_S)
+        self.publish_holds = self.registry.histogram(
+            "nodemesh_controlplane_publish_hold_seconds",
+            "How long a snapshot rebuild waited for the previous push to be answered by the streams "
+            "(SnapshotPublisher: one push in flight at a time).", (), buckets=PUSH_LATENCY_BUCKETS_S)
         self._dirty_since: float | None = None
 
     @staticmethod
@@ -69,6 +79,12 @@ class ControlPlaneMetrics:
 
     def fanned_out(self, seconds: float) -> None:
         self.fanout_duration.observe(None, seconds)
+
+    def held(self, seconds: float) -> None:
+        self.publish_holds.observe(None, seconds)
+
+    def lagged(self, seconds: float) -> None:
+        self.loop_lag.observe(None, seconds)
 
     # -- sync tracker hooks (controlplane.xds.sync.SyncObserver) --
     def pushed(self, type_url: str, nbytes: int) -> None:

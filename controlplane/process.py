@@ -19,6 +19,7 @@ from controlplane import auth as cp_auth
 from controlplane.api import ConfigServicer, current_mesh, current_services
 from controlplane.ca import DEFAULT_CERT_TTL_S, MAX_CERT_TTL_S, CertificateAuthority, CertificateServicer
 from controlplane.leader import Leadership
+from controlplane.looplag import watch_loop_lag
 from controlplane.metrics import ControlPlaneMetrics
 from controlplane.noderegistry import DEFAULT_LEASE_SECONDS, NodeRegistry, RegistryServicer
 from controlplane.policies import current_policies
@@ -36,6 +37,10 @@ log = logging.getLogger("nodemesh.controlplane")
 DEFAULT_LISTEN = "unix:/run/nodemesh/controlplane.sock"
 DB_FILE = "nodemesh.db"
 DEBOUNCE_S = 0.05
+# A rebuild waits, after the debounce, until the streams have answered the previous
+# push (SnapshotPublisher._hold), but never longer than this.
+PUBLISH_HOLD_MAX_S = 2.0
+HOLD_POLL_S = 0.02
 
 
 @dataclass(frozen=True)
@@ -108,15 +113,28 @@ class ControlPlaneSettings:
 
 class SnapshotPublisher:
     """Rebuilds the snapshot after changes, coalescing bursts: a change marks
-    the snapshot dirty, and one rebuild follows `debounce_s` later."""
+    the snapshot dirty, and one rebuild follows `debounce_s` later, once the
+    streams have answered the previous push (at most `max_hold_s` later still).
+
+    The hold is what keeps a join storm from feeding itself: each rebuild is
+    pushed to every connected stream, and each push costs the one event loop a
+    response and an ACK per stream; rebuilding every `debounce_s` while a
+    thousand nodes join kept that loop busy for minutes, so new calls waited in
+    gRPC's queue until gRPC cancelled them (controlplane/looplag.py) and were
+    retried. Holding the rebuild until the last push is answered makes the
+    changes of a burst share one push; a quiet mesh never waits."""
 
     def __init__(self, store: Store, registry: NodeRegistry, cache: SnapshotCache,
-                 trust_bundle: Callable[[], list[str]], debounce_s: float = DEBOUNCE_S) -> None:
+                 trust_bundle: Callable[[], list[str]], debounce_s: float = DEBOUNCE_S,
+                 in_flight: Callable[[], bool] | None = None, max_hold_s: float = PUBLISH_HOLD_MAX_S) -> None:
         self._store = store
         self._registry = registry
         self._cache = cache
         self._trust_bundle = trust_bundle
         self._debounce_s = debounce_s
+        # True while the last push is still unanswered by the streams (ADS sync tracker).
+        self._in_flight = in_flight
+        self._max_hold_s = max_hold_s
         self._dirty = asyncio.Event()
         self.published = 0
         self.observer: Any = None  # controlplane.metrics.ControlPlaneMetrics: changed() / published(snap)
@@ -164,6 +182,7 @@ class SnapshotPublisher:
             while True:
                 await self._dirty.wait()
                 await asyncio.sleep(self._debounce_s)
+                await self._hold()
                 self._dirty.clear()
                 try:
                     await self.publish()
@@ -172,6 +191,17 @@ class SnapshotPublisher:
                     log.exception("building the xDS snapshot failed; the previous one stays in force")
         finally:
             watcher.cancel()
+
+    async def _hold(self) -> None:
+        """Wait while the previous push is still in flight, at most max_hold_s."""
+        if self._in_flight is None or not self._in_flight():
+            return
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        while self._in_flight() and loop.time() - t0 < self._max_hold_s:
+            await asyncio.sleep(HOLD_POLL_S)
+        if self.observer is not None:
+            self.observer.held(loop.time() - t0)
 
     async def _watch_store(self) -> None:
         async for _ in self._store.watch(since_revision=self._store.revision()):
@@ -184,6 +214,12 @@ def _fanout(*sinks: Callable[[str, str], None]) -> Callable[[str, str], None]:
         for sink in sinks:
             sink(node, text)
     return ingest
+
+
+def _hold_slack(ads: AdsServicer) -> int:
+    """Streams that may still owe an answer when the next rebuild goes ahead: a
+    client that never answers (or a few slow ones) must not hold every push."""
+    return 2 + ads.stats.streams_active // 50
 
 
 def _bind_address(addr: str) -> str:
@@ -223,11 +259,12 @@ async def start(settings: ControlPlaneSettings) -> ControlPlane:
         restored = registry.restore()
     cache = SnapshotCache()
     # The bundle holds roots replaced by a rotation until their overlap ends (ca.py).
-    publisher = SnapshotPublisher(store, registry, cache, lambda: ca.trust_bundle, settings.debounce_s)
+    ads = AdsServicer(cache)
+    publisher = SnapshotPublisher(store, registry, cache, lambda: ca.trust_bundle, settings.debounce_s,
+                                  in_flight=lambda: ads.sync.awaiting_answers() > _hold_slack(ads))
     cp_metrics = ControlPlaneMetrics()
     publisher.observer = cp_metrics
     publisher.publish_now()
-    ads = AdsServicer(cache)
     ads.sync.observer = cp_metrics
     registry_servicer = RegistryServicer(registry)
     security = cp_auth.Security.open(settings.state_dir, os.path.join(settings.state_dir, DB_FILE),
@@ -291,7 +328,8 @@ async def start(settings: ControlPlaneSettings) -> ControlPlane:
              asyncio.create_task(leader.run_while_leader("rollouts", rollouts.run)),
              asyncio.create_task(registry.run_expiry(settings.expiry_interval_s)),
              asyncio.create_task(cp_auth.watch_trust_bundle(ca, publisher.trigger)),
-             asyncio.create_task(security.interceptor.recheck_streams())]
+             asyncio.create_task(security.interceptor.recheck_streams()),
+             asyncio.create_task(watch_loop_lag(cp_metrics.lagged))]
     if isinstance(store, store_etcd.EtcdStore):
         # Singleton duties: only the elected replica sweeps the shared records.
         tasks.append(asyncio.create_task(leader.run_while_leader("shared-records sweep", store.collect_garbage)))

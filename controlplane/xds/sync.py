@@ -98,6 +98,13 @@ class SyncTracker:
         self.clients: dict[int, ClientSync] = {}
         self.observer: SyncObserver | None = None
         self.generation = generation  # the cache's current generation (SnapshotCache.generation)
+        self._awaiting: set[int] = set()  # streams with a response sent and not yet answered
+
+    def awaiting_answers(self) -> int:
+        """Streams that were sent a response their client has not answered yet: how
+        much of the last push is still in flight (SnapshotPublisher holds the next
+        rebuild on it)."""
+        return len(self._awaiting)
 
     def current(self, stream: int, type_url: str, generation: int) -> None:
         """The cache found nothing new for this stream's type at `generation`."""
@@ -132,6 +139,7 @@ class SyncTracker:
 
     def closed(self, stream: int) -> None:
         self.clients.pop(stream, None)
+        self._awaiting.discard(stream)
 
     def sent(self, stream: int, type_url: str, version: str, nonce: str, nbytes: int, generation: int = 0) -> None:
         c = self.clients.get(stream)
@@ -142,6 +150,7 @@ class SyncTracker:
         ts.responses += 1
         ts.bytes_sent += nbytes
         ts.pending[nonce] = (version, self._clock(), generation)
+        self._awaiting.add(stream)
         while len(ts.pending) > MAX_PENDING:
             ts.pending.popitem(last=False)
         if self.observer is not None:
@@ -163,6 +172,8 @@ class SyncTracker:
         version, t0, generation = got
         if not ts.pending:
             ts.caught_up = max(ts.caught_up, generation)  # answered (ACK or NACK): nothing more in flight
+            if not any(t.pending for t in c.types.values()):
+                self._awaiting.discard(stream)
         if nack_reason is None:
             ts.acked_version = version
             ts.last_answer_nack = False
