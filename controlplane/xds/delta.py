@@ -196,6 +196,7 @@ class DeltaStrategy:
     def request(self, info: StreamInfo, st: _DeltaTypeState, req: discovery_pb2.DeltaDiscoveryRequest,
                 first: bool) -> tuple[asyncio.Queue[DeltaWatchResponse], Callable[[], Any]]:
         stats, sync = self._observer.stats, self._observer.sync
+        sent = None
         if req.response_nonce:
             sent = st.unanswered.pop(req.response_nonce, None)
             if sent is None:
@@ -227,16 +228,22 @@ class DeltaStrategy:
         if found is not None:
             st.base = found
         st.sub, st.known = apply_subscription(st.sub, st.known, req, first)
-        # Each request's watch compares the whole subscription with what the client
-        # holds. Starting from the set the last answer came from (st.base) and only
-        # what changed since was tried and withdrawn: at 100 simulated nodes a third
-        # of them missed a Workload or two during a join storm (bench/fleet.py), a
-        # hole in that bookkeeping not yet found. Within one watch's life the
-        # fan-out still compares only what changed (SnapshotCache._answer).
-        st.base = None
+        # A plain ACK changes neither the subscription nor what the client holds, so
+        # its watch starts from the set the last answer came from (or the stopped
+        # watch found nothing new in) and looks only at what changed since: an ACK
+        # costs the size of the change, not of the subscription (a fleet ACKs every
+        # push; at 1,000 nodes the full comparison was most of a push's CPU). Any
+        # other request compares the whole subscription: the incremental diff was
+        # also tried for subscription changes and NACKs and withdrawn (ed0ebf5: at
+        # 100 simulated nodes a third of them missed a Workload or two during a join
+        # storm, a hole in that bookkeeping not yet found).
+        plain_ack = (sent is not None and not first and not req.HasField("error_detail")
+                     and not req.resource_names_subscribe and not req.resource_names_unsubscribe)
+        if not plain_ack:
+            st.base = None
         return self._cache.create_delta_watch(
             info.node_id, req.type_url, st.sub, st.known, answer_now=first, rejected=st.rejected,
-            on_current=functools.partial(sync.current, info.stream, req.type_url))
+            on_current=functools.partial(sync.current, info.stream, req.type_url), base=st.base)
 
     def answer(self, info: StreamInfo, type_url: str, st: _DeltaTypeState,
                wresp: DeltaWatchResponse) -> Iterator[bytes]:

@@ -425,3 +425,44 @@ def test_queue_depth_counts_the_snapshot_versions_a_stream_has_not_caught_up_on(
         c.close()
 
     serve(body)
+
+
+def test_a_plain_ack_looks_only_at_what_changed_and_anything_else_at_everything(monkeypatch: Any) -> None:
+    """An ACK's watch starts from the set the answer came from: it compares only the
+    names changed since (also when a change lands between the answer and its ACK);
+    a subscription change or a NACK compares the whole subscription."""
+    from controlplane.xds import cache as xds_cache
+
+    full: list[int] = []
+    real = xds_cache.delta_diff
+
+    def spy(*a: Any, **kw: Any) -> Any:
+        if (a[4] if len(a) > 4 else kw.get("only")) is None:
+            full.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(xds_cache, "delta_diff", spy)
+    many = {f"w{i:03d}": f"10.0.0.{i % 250 + 1}" for i in range(200)}
+
+    async def body(cache: SnapshotCache, ads: AdsServicer, ch: grpc.aio.Channel) -> None:
+        cache.set_default(snap(**many))
+        c = DeltaClient(ch)
+        await c.send(dreq(("*",)))
+        r = await c.recv()
+        assert len(r.resources) == 200 and len(full) == 1
+        cache.set_default(snap(**{**many, "w007": "10.9.9.9"}))  # changed before the ACK
+        await c.ack(r)
+        r = await c.recv()
+        assert names(r) == ["w007"] and len(full) == 1  # found by the change alone
+        await c.ack(r)
+        await until(lambda: ads.stats.acks == 2)
+        assert await c.nothing() and len(full) == 1
+        await c.send(dreq(("extra",)))  # a subscription change: everything is compared
+        r = await c.recv()
+        assert list(r.removed_resources) == ["extra"] and len(full) == 2
+        await c.send(dreq(nonce=r.nonce, error="no"))  # a NACK: everything again
+        await until(lambda: ads.stats.nacks == 1)
+        assert await c.nothing() and len(full) == 3
+        c.close()
+
+    serve(body)
