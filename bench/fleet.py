@@ -155,8 +155,8 @@ def loop_metrics(web_port: int) -> dict[str, Any]:
                 cum.append(float(line.rsplit(" ", 1)[1]))
             elif line.startswith(family + "_sum"):
                 total = float(line.rsplit(" ", 1)[1])
-        counts = [c - p for c, p in zip(cum, [0.0, *cum[:-1]], strict=True)]
-        if counts:
+        if cum:  # a family never observed has no buckets
+            counts = [c - p for c, p in zip(cum, [0.0, *cum[:-1]], strict=True)]
             out[key] = {"n": int(cum[-1]), "sum_s": round(total, 2),
                         "p50_s": round(histogram_quantile(bounds, counts, 0.5), 3),
                         "p99_s": round(histogram_quantile(bounds, counts, 0.99), 3),
@@ -672,7 +672,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "join_retries": sum(len(a.join_errors) for a in fleet.agents),
             "join_errors": sorted({e for a in fleet.agents for e in a.join_errors})[:5],
         }
-        out["join_storm"]["cp_loop"] = loop_metrics(webs[0])
+        try:
+            out["join_storm"]["cp_loop"] = loop_metrics(webs[0])
+        except (OSError, ValueError) as e:  # a busy control plane may not answer in time: say so
+            out["join_storm"]["cp_loop"] = {"error": repr(e)}
         print(f"join storm: {args.nodes} nodes joined in {joined:.2f}s, converged in {converged:.2f}s, "
               f"cp cpu {storm_cpu:.1f}s, "
               f"{out['join_storm']['bytes_received'] / 1e6:.1f} MB; cp loop {out['join_storm']['cp_loop']}",
