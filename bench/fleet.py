@@ -164,6 +164,8 @@ def loop_metrics(web_port: int) -> dict[str, Any]:
     for line in text.splitlines():
         if line.startswith("nodemesh_controlplane_snapshots_published_total"):
             out["snapshots_published"] = int(float(line.rsplit(" ", 1)[1]))
+        elif line.startswith("nodemesh_controlplane_xds_streams_awaiting_answer "):
+            out["streams_awaiting_answer"] = int(float(line.rsplit(" ", 1)[1]))
     return out
 
 
@@ -722,6 +724,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                   if args.protocol == "delta" else xdsnames.cluster_name("svc-1", "default", 80, "mesh"))
             before = {a.name: a.held.get(xdsnames.ENDPOINT, {}).get(sl) for a in fleet.agents}
             b0 = sum(a.bytes_received for a in fleet.agents)
+            awaiting_before = None
+            with contextlib.suppress(OSError, ValueError):
+                awaiting_before = loop_metrics(webs[0]).get("streams_awaiting_answer")
             cpu0, t0 = proc.cpu_s(), time.monotonic()
             fleet.reregister(a0, list(a0.workloads) + [new])
 
@@ -744,7 +749,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         or a.depends is None or "svc-1" in a.depends]
             lat = [done[n] - t0 for n in affected if n in done]
             res = {"latency": summary(lat), "affected": len(affected), "acked": len(lat),
-                   "bytes": sum(a.bytes_received for a in fleet.agents) - b0, "cp_cpu_s": proc.cpu_s() - cpu0}
+                   "bytes": sum(a.bytes_received for a in fleet.agents) - b0, "cp_cpu_s": proc.cpu_s() - cpu0,
+                   "awaiting_before": awaiting_before}
+            with contextlib.suppress(OSError, ValueError):
+                res["cp_loop"] = loop_metrics(webs[0])
             out["workload_starts"].append(res)
             print(f"workload start {n}: p50 {res['latency']['p50'] * 1000:.0f} ms p99 "
                   f"{res['latency']['p99'] * 1000:.0f} ms max {res['latency']['max'] * 1000:.0f} ms, "

@@ -117,6 +117,9 @@ class ControlPlaneMetrics:
             None, stats.streams_opened)
         r.gauge("nodemesh_controlplane_xds_responses", "xDS responses sent since start (a counter).").set(
             None, stats.responses)
+        r.gauge("nodemesh_controlplane_xds_streams_awaiting_answer",
+                "Streams sent a response their client has not answered yet (a rebuild waits for "
+                "most of them, see …_publish_hold_seconds).").set(None, cp.ads.sync.awaiting_answers())
         unanswered = r.gauge("nodemesh_controlplane_xds_unanswered_responses",
                              "Responses sent to a node and not yet answered (ACK or NACK).", ("node",))
         unanswered.clear()  # nodes that left must not linger

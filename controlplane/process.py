@@ -38,7 +38,8 @@ DEFAULT_LISTEN = "unix:/run/nodemesh/controlplane.sock"
 DB_FILE = "nodemesh.db"
 DEBOUNCE_S = 0.05
 # A rebuild waits, after the debounce, until the streams have answered the previous
-# push (SnapshotPublisher._hold), but never longer than this.
+# push and then as long again as that took (SnapshotPublisher._hold), but never
+# longer than this in all.
 PUBLISH_HOLD_MAX_S = 2.0
 HOLD_POLL_S = 0.02
 
@@ -114,7 +115,9 @@ class ControlPlaneSettings:
 class SnapshotPublisher:
     """Rebuilds the snapshot after changes, coalescing bursts: a change marks
     the snapshot dirty, and one rebuild follows `debounce_s` later, once the
-    streams have answered the previous push (at most `max_hold_s` later still).
+    streams have answered the previous push and as long again has passed (so
+    pushes take at most about half of the event loop), at most `max_hold_s`
+    later still.
 
     The hold is what keeps a join storm from feeding itself: each rebuild is
     pushed to every connected stream, and each push costs the one event loop a
@@ -122,7 +125,8 @@ class SnapshotPublisher:
     thousand nodes join kept that loop busy for minutes, so new calls waited in
     gRPC's queue until gRPC cancelled them (controlplane/looplag.py) and were
     retried. Holding the rebuild until the last push is answered makes the
-    changes of a burst share one push; a quiet mesh never waits."""
+    changes of a burst share one push; a change long after the last push
+    never waits."""
 
     def __init__(self, store: Store, registry: NodeRegistry, cache: SnapshotCache,
                  trust_bundle: Callable[[], list[str]], debounce_s: float = DEBOUNCE_S,
@@ -135,6 +139,8 @@ class SnapshotPublisher:
         # True while the last push is still unanswered by the streams (ADS sync tracker).
         self._in_flight = in_flight
         self._max_hold_s = max_hold_s
+        # Follows the last push until the streams have answered it: (published, answered) times.
+        self._absorbing: asyncio.Task[tuple[float, float]] | None = None
         self._dirty = asyncio.Event()
         self.published = 0
         self.observer: Any = None  # controlplane.metrics.ControlPlaneMetrics: changed() / published(snap)
@@ -185,23 +191,43 @@ class SnapshotPublisher:
                 await self._hold()
                 self._dirty.clear()
                 try:
+                    published = asyncio.get_running_loop().time()
                     await self.publish()
+                    if self._in_flight is not None:
+                        self._absorbing = asyncio.create_task(self._absorbed(published))
                 except Exception:
                     # Keep serving the last good snapshot; the next change retries.
                     log.exception("building the xDS snapshot failed; the previous one stays in force")
         finally:
             watcher.cancel()
+            if self._absorbing is not None:
+                self._absorbing.cancel()
+
+    async def _absorbed(self, published: float) -> tuple[float, float]:
+        """(published, answered): when the streams have answered the push made at
+        `published` (or max_hold_s has passed: a client that never answers)."""
+        loop = asyncio.get_running_loop()
+        while self._in_flight is not None and self._in_flight() and loop.time() - published < self._max_hold_s:
+            await asyncio.sleep(HOLD_POLL_S)
+        return published, loop.time()
 
     async def _hold(self) -> None:
-        """Wait while the previous push is still in flight, at most max_hold_s."""
-        if self._in_flight is None or not self._in_flight():
+        """Wait until the previous push is answered, then as long again as that
+        took; max_hold_s at most in all."""
+        if self._absorbing is None:
             return
         loop = asyncio.get_running_loop()
         t0 = loop.time()
-        while self._in_flight() and loop.time() - t0 < self._max_hold_s:
-            await asyncio.sleep(HOLD_POLL_S)
-        if self.observer is not None:
-            self.observer.held(loop.time() - t0)
+        try:
+            published, answered = await asyncio.wait_for(asyncio.shield(self._absorbing), self._max_hold_s)
+            pause = answered + (answered - published) - loop.time()
+            if pause > 0:
+                await asyncio.sleep(min(pause, self._max_hold_s - (loop.time() - t0)))
+        except TimeoutError:
+            pass
+        held = loop.time() - t0
+        if held > 0.001 and self.observer is not None:
+            self.observer.held(held)
 
     async def _watch_store(self) -> None:
         async for _ in self._store.watch(since_revision=self._store.revision()):

@@ -51,7 +51,7 @@ async def _until(pred: object, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
-def test_a_rebuild_waits_for_the_previous_push_to_be_answered(tmp_path: Path) -> None:
+def test_a_rebuild_waits_for_the_last_push_to_be_answered_and_as_long_again(tmp_path: Path) -> None:
     async def body() -> None:
         store = SQLiteStore(str(tmp_path / "db"))
         in_flight = [True]
@@ -61,16 +61,23 @@ def test_a_rebuild_waits_for_the_previous_push_to_be_answered(tmp_path: Path) ->
         task = asyncio.create_task(pub.run())
         try:
             pub.trigger()
+            await _until(lambda: pub.published == 2)  # nothing pushed before: no wait
+            t_push = time.monotonic()
+            pub.trigger()
             pub.trigger()
             await asyncio.sleep(0.3)
-            assert pub.published == 1  # held: the streams have not answered the last push
+            assert pub.published == 2  # held: the streams have not answered the last push
             in_flight[0] = False
-            await _until(lambda: pub.published == 2)  # the two changes share one push
+            t_answered = time.monotonic()
+            await _until(lambda: pub.published == 3)  # the two changes share one push ...
+            waited = time.monotonic() - t_answered
+            assert waited >= 0.8 * (t_answered - t_push)  # ... made as long after the answers again
             await asyncio.sleep(0.1)
-            assert pub.published == 2
-            pub.trigger()  # a quiet mesh: no hold beyond the debounce
+            assert pub.published == 3
+            await asyncio.sleep(1.0)  # long after the last push was answered: no wait
+            pub.trigger()
             t0 = time.monotonic()
-            await _until(lambda: pub.published == 3)
+            await _until(lambda: pub.published == 4)
             assert time.monotonic() - t0 < 0.2
         finally:
             task.cancel()
@@ -87,10 +94,12 @@ def test_a_rebuild_is_held_no_longer_than_the_limit(tmp_path: Path) -> None:
         pub.publish_now()
         task = asyncio.create_task(pub.run())
         try:
-            t0 = time.monotonic()
             pub.trigger()
             await _until(lambda: pub.published == 2)
-            assert 0.2 <= time.monotonic() - t0 < 1.0
+            t0 = time.monotonic()
+            pub.trigger()
+            await _until(lambda: pub.published == 3)
+            assert 0.15 <= time.monotonic() - t0 < 1.0
         finally:
             task.cancel()
             store.close()
