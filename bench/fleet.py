@@ -635,14 +635,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         rss0 = proc.rss_mb()
         out["cp_rss_mb_before_join"] = rss0  # every replica's, summed
 
-        if args.py_spy:
-            # Where the control plane's time goes during the join storm and the changes
-            # (raw collapsed stacks: one line per stack with its sample count).
+        async def start_spy() -> None:
+            # Where the control plane's time goes (raw collapsed stacks: one line per
+            # stack with its sample count).
             spy.append(subprocess.Popen(  # noqa: ASYNC220 - once
                 [shutil.which("py-spy", path=os.path.dirname(sys.executable)) or "py-spy", "record",
                  "--pid", str(cps[0].pid), "--rate", "50", "--format", "raw", "--nonblocking", "--output", args.py_spy],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             await asyncio.sleep(1.0)
+
+        if args.py_spy and args.py_spy_from == "storm":
+            await start_spy()
 
         # ---- join storm ----
         cpu0, t0, me0 = proc.cpu_s(), time.monotonic(), self_cpu_s()
@@ -686,6 +689,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         rss1 = proc.rss_mb()
         out["cp_rss_mb_after_join"] = rss1
         out["cp_mb_per_node"] = (rss1 - rss0) / args.nodes
+
+        if args.py_spy and args.py_spy_from == "changes":
+            await start_spy()
 
         # ---- route changes ----
         route_name = xdsnames.cluster_name("svc-0", "default", 80, "mesh")
@@ -829,6 +835,8 @@ def main() -> int:
     p.add_argument("--profile", default="", metavar="FILE", help="run the control plane under cProfile")
     p.add_argument("--py-spy", default="", metavar="FILE",
                    help="sample the control plane with py-spy (raw collapsed stacks) for the whole run")
+    p.add_argument("--py-spy-from", choices=("storm", "changes"), default="storm",
+                   help="start sampling at the join storm (default) or only once the changes begin")
     p.add_argument("--edges", type=int, default=20,
                    help="service edges in each heartbeat's traffic summary (the mesh view's input); 0: none")
     p.add_argument("--keep", action="store_true", help="keep the control plane's state dir and log")

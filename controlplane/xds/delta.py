@@ -11,7 +11,6 @@ request), initial_resource_versions after a reconnect, nonces, ACK and NACK.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import itertools
 import logging
@@ -30,6 +29,7 @@ from controlplane.xds.cache import (
     DeltaWatchResponse,
     SnapshotCache,
     TypeResources,
+    WatchQueue,
 )
 from controlplane.xds.stream import AdsObserver, StreamInfo, WatchSlot
 
@@ -194,7 +194,7 @@ class DeltaStrategy:
         return _DeltaTypeState()
 
     def request(self, info: StreamInfo, st: _DeltaTypeState, req: discovery_pb2.DeltaDiscoveryRequest,
-                first: bool) -> tuple[asyncio.Queue[DeltaWatchResponse], Callable[[], Any]]:
+                first: bool) -> tuple[WatchQueue[DeltaWatchResponse], Callable[[], Any]]:
         stats, sync = self._observer.stats, self._observer.sync
         sent = None
         if req.response_nonce:

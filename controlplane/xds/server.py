@@ -5,7 +5,6 @@ here, Delta's (incremental) in controlplane/xds/delta.py."""
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import itertools
 import logging
@@ -16,7 +15,7 @@ from typing import Any
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
-from controlplane.xds.cache import SnapshotCache, WatchResponse
+from controlplane.xds.cache import SnapshotCache, WatchQueue, WatchResponse
 from controlplane.xds.delta import DeltaStrategy
 from controlplane.xds.stream import AdsObserver, StreamInfo, WatchSlot, serve_stream
 from controlplane.xds.sync import SyncTracker
@@ -116,7 +115,7 @@ class SotwStrategy:
         return _TypeState()
 
     def request(self, info: StreamInfo, st: _TypeState, req: discovery_pb2.DiscoveryRequest,
-                first: bool) -> tuple[asyncio.Queue[WatchResponse], Callable[[], Any]] | None:
+                first: bool) -> tuple[WatchQueue[WatchResponse], Callable[[], Any]] | None:
         stats, sync = self._observer.stats, self._observer.sync
         names = _names(req)
         if first:

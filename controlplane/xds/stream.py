@@ -3,7 +3,7 @@ watch answers meet in one queue, so all of a stream's state is touched by this
 loop only; each type URL has one watch at a time, re-armed by every request of
 that type. What a request and an answer mean is the protocol's own business,
 given as a strategy (controlplane/xds/server.py SotwStrategy, delta.py
-DeltaStrategy); the loop owns the rest: the reader, the forwarders, node
+DeltaStrategy); the loop owns the rest: the reader, the watch answers, node
 identity, the stream counters and the proxy-status records.
 """
 
@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import grpc
 
 if TYPE_CHECKING:
+    from controlplane.xds.cache import WatchQueue
     from controlplane.xds.server import AdsStats
     from controlplane.xds.sync import SyncTracker
 
@@ -35,18 +36,15 @@ class WatchSlot:
 
     watch_id: int = 0
     cancel: Callable[[], Any] | None = None
-    forwarder: asyncio.Task[None] | None = field(default=None, repr=False)
 
     def stop_watch(self) -> Any:
         """Drop the pending watch; returns what its cancel() returned (Delta: the
-        latest set the watch found nothing new in), else None."""
+        latest set the watch found nothing new in), else None. An answer it gave
+        already is in the stream's events with the old watch id, and is skipped."""
         found = None
         if self.cancel is not None:
             found = self.cancel()
             self.cancel = None
-        if self.forwarder is not None:
-            self.forwarder.cancel()
-            self.forwarder = None
         return found
 
 
@@ -70,7 +68,7 @@ class StreamStrategy(Protocol[StateT, ReqT, RespT]):
     def new_state(self) -> StateT: ...
 
     def request(self, info: StreamInfo, st: StateT, req: ReqT,
-                first: bool) -> tuple[asyncio.Queue[RespT], Callable[[], Any]] | None:
+                first: bool) -> tuple[WatchQueue[RespT], Callable[[], Any]] | None:
         """Account for `req` (ACK, NACK, subscription) and return the type's new
         watch (queue, cancel), or None to leave the current one in place."""
         ...
@@ -98,9 +96,9 @@ async def serve_stream(observer: AdsObserver, strategy: StreamStrategy[StateT, R
         except Exception as e:  # noqa: BLE001 - the client went away; any error ends the stream
             await events.put(("eof", e))
 
-    async def forward(type_url: str, watch_id: int, q: asyncio.Queue[RespT]) -> None:
-        resp = await q.get()
-        await events.put(("resp", (type_url, watch_id, resp)))
+    def answered(type_url: str, watch_id: int) -> Callable[[RespT], None]:
+        # A watch's answer goes straight into this stream's events (no task per watch).
+        return lambda resp: events.put_nowait(("resp", (type_url, watch_id, resp)))
 
     reader = asyncio.create_task(read())
     sync.opened(stream, strategy.protocol)
@@ -133,7 +131,7 @@ async def serve_stream(observer: AdsObserver, strategy: StreamStrategy[StateT, R
                 watch_ids += 1
                 st.watch_id = watch_ids
                 st.cancel = cancel
-                st.forwarder = asyncio.create_task(forward(req.type_url, st.watch_id, q))
+                q.deliver(answered(req.type_url, st.watch_id))
                 continue
             # kind == "resp": a watch fired
             type_url, watch_id, resp = item
@@ -141,7 +139,6 @@ async def serve_stream(observer: AdsObserver, strategy: StreamStrategy[StateT, R
             if st is None or st.watch_id != watch_id:
                 continue  # superseded by a later request of this type
             st.cancel = None
-            st.forwarder = None
             for data in strategy.answer(info, type_url, st, resp):
                 stats.responses += 1
                 yield data

@@ -20,6 +20,7 @@ from controlplane.xds.cache import (
     DeltaSubscription,
     SnapshotCache,
     TypeResources,
+    WatchQueue,
     XdsSnapshot,
     content_version,
     delta_diff,
@@ -275,3 +276,26 @@ def test_snapshots_replaced_are_not_kept_alive_by_the_remembered_changes() -> No
     gc.collect()
     assert gone() is None
     assert snap.get(T).changes_since(snap.get(T)) == frozenset()
+
+
+def test_a_watch_answer_reaches_the_stream_directly_now_or_later() -> None:
+    async def body() -> None:
+        q: WatchQueue[str] = WatchQueue()
+        assert q.empty()
+        q.put_nowait("first")
+        with pytest.raises(asyncio.QueueFull):  # one answer per watch
+            q.put_nowait("second")
+        got: list[str] = []
+        q.deliver(got.append)  # the answer already there is handed over at once ...
+        assert got == ["first"] and q.empty()
+        q.put_nowait("later")  # ... and a later one as it comes, with no task between
+        assert got == ["first", "later"]
+        w: WatchQueue[str] = WatchQueue()  # without a deliverer it is a one-slot queue
+        waiter = asyncio.create_task(w.get())
+        await asyncio.sleep(0)
+        w.put_nowait("x")
+        assert await waiter == "x" and w.empty()
+        with pytest.raises(asyncio.QueueEmpty):
+            w.get_nowait()
+
+    asyncio.run(body())
