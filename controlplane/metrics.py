@@ -60,6 +60,11 @@ class ControlPlaneMetrics:
             "nodemesh_controlplane_publish_hold_seconds",
             "How long a snapshot rebuild waited for the previous push to be answered by the streams "
             "(SnapshotPublisher: one push in flight at a time).", (), buckets=PUSH_LATENCY_BUCKETS_S)
+        self.node_expiries = self.registry.counter(
+            "nodemesh_controlplane_node_expiries_total",
+            "Nodes this replica expired as the leader because their lease lapsed, by how it knew the lease: "
+            "'session' (the node's session was held here) or 'published' (another replica published it). "
+            "The log and the audit log name each node and why.", ("cause",))
         self._dirty_since: float | None = None
 
     @staticmethod
@@ -99,6 +104,9 @@ class ControlPlaneMetrics:
 
     def nacked(self, node: str, type_url: str) -> None:
         self.nacks.inc({"node": node, "type": self._short(type_url)})
+
+    def node_expired(self, cause: str) -> None:
+        self.node_expiries.inc({"cause": cause})
 
     def forget_node(self, node: str) -> None:
         """The node left the mesh: drop its per-node state and series, so a fleet

@@ -3,6 +3,19 @@ which workloads they run, plus the Registry/Session gRPC servicer feeding it.
 
 A node whose session ends stays registered until its lease runs out, so a short
 disconnect does not make its endpoints flap.
+
+Expiry is a singleton duty (`run_expiry` under controlplane/leader.py): only the
+elected replica removes nodes, through the store's fenced `expire_node`, so
+it happens once however many replicas share the store. Each replica knows the
+leases of the sessions it holds exactly; for the others it reads the liveness
+their holders publish (`Store.publish_liveness`), rewritten only once a lease
+moved by PUBLISH_FRACTION of its length (at 1,000 nodes, 15 s leases and
+heartbeats every 5 s: about 100 writes/s rather than 200). A published lease
+is therefore up to that fraction older than the truth, and the leader waits
+that much longer before it expires a node held by another replica (or by one
+that died): a node is expired between one and one and a half leases after its
+last heartbeat, and never while it heartbeats to any replica. With the SQLite
+store the one control plane holds every session and always leads.
 """
 
 from __future__ import annotations
@@ -17,18 +30,31 @@ from dataclasses import dataclass
 import grpc
 
 from controlplane.nodes import RegisteredNode, RegistrationError, node_from_proto
-from controlplane.store import NodeRecord, Store
+from controlplane.store import NodeLiveness, NodeRecord, Store, StoreError
 from nodemesh.v1 import mesh_pb2, mesh_pb2_grpc
 
 log = logging.getLogger("nodemesh.controlplane.noderegistry")
 
 DEFAULT_LEASE_SECONDS = 15.0
+# A held node's liveness is published again once its lease moved by this fraction
+# of a lease; the leader allows the same fraction on top of a published lease.
+PUBLISH_FRACTION = 0.5
 
 
 @dataclass(frozen=True)
 class Lease:
     node: RegisteredNode
     expires_unix: float
+
+
+@dataclass(frozen=True)
+class Lapse:
+    """A node whose lease lapsed, as the leader's expiry found it."""
+
+    name: str
+    seen: NodeLiveness | None  # the published liveness the decision read: the store's fence
+    cause: str  # "session": its session is held here; "published": another replica published its lease
+    reason: str  # for the log and the audit line
 
 
 class NodeRegistry:
@@ -58,6 +84,13 @@ class NodeRegistry:
         # replicas sharing the store see it (controlplane/store_etcd.py share_registry).
         self.on_health: Callable[[str, dict[tuple[str, int], str]], None] | None = None
         self._health_unshared: set[str] = set()  # nodes just taken over: share their next report
+        # Held nodes: the lease end last published to the store (publish_liveness).
+        self._published: dict[str, float] = {}
+        # Published leases older than this replica get a lease from its start (as restore() does):
+        # the agents may have had no replica to heartbeat to.
+        self._started = clock()
+        # Told each Lapse this replica expired (metrics, the audit log).
+        self.on_expiry: Callable[[Lapse], None] | None = None
 
     # ------------------------------------------------------------ reads
 
@@ -168,10 +201,14 @@ class NodeRegistry:
         return restored
 
     def set_remote(self, name: str, node: RegisteredNode | None) -> None:
-        """A registration another replica wrote to the shared store (None: it is gone).
-        A node held here whose agent re-registered with another replica moves to
-        the remote set; a deletion leaves a node held here alone."""
-        moved = self._leases.pop(name, None) if node is not None else None
+        """A registration another replica wrote to the shared store, or None: the
+        record is gone (the leader expired it, or a revocation withdrew it), for
+        every replica, a node held here too: its agent's next heartbeat is told to
+        register again. A node held here whose agent re-registered with another
+        replica moves to the remote set."""
+        moved = self._leases.pop(name, None)
+        if moved is not None:
+            self._published.pop(name, None)
         old = self._remote.pop(name, None)
         if node is not None:
             self._remote[name] = node
@@ -179,22 +216,26 @@ class NodeRegistry:
             log.info("node %s %s through another control plane replica", name,
                      "is registered" if node is not None else "is no longer registered")
             self._changed()
-        if node is None and old is not None and name not in self._leases:
+        if node is None and (old is not None or moved is not None):
             self._unhealthy.pop(name, None)
+            self._health_unshared.discard(name)
             self._departed(name)
 
     def register(self, reg: mesh_pb2.NodeRegistration) -> Lease:
         """Register or re-register a node (its workload set is replaced).
         Raises RegistrationError when the registration is invalid."""
         node = node_from_proto(reg)
-        expires = self._clock() + self.lease_seconds
+        now = self._clock()
+        expires = now + self.lease_seconds
         old = self._leases.get(node.name)
         if self._remote.pop(node.name, None) is not None or old is None:
             self._health_unshared.add(node.name)  # its agent is with this replica now: re-share its health
         self._leases[node.name] = lease = Lease(node, expires)
-        if self._store is not None and (old is None or old.node != node):
+        # A lapsed lease is written again with the registration: the leader may be expiring it.
+        if self._store is not None and (old is None or old.node != node or old.expires_unix <= now):
             self._store.save_node(NodeRecord(node.name, reg.SerializeToString(deterministic=True),
                                              int(expires * 1000)))
+            self._published[node.name] = expires
         if old is None or old.node != node:
             log.info("node %s registered with %d workloads at %s", node.name, len(node.workloads),
                      node.address)
@@ -207,6 +248,7 @@ class NodeRegistry:
         had = self._leases.pop(name, None) is not None
         had = self._remote.pop(name, None) is not None or had
         self._unhealthy.pop(name, None)
+        self._published.pop(name, None)
         if self._store is not None:
             self._store.delete_node(name)
         if had:
@@ -215,34 +257,92 @@ class NodeRegistry:
         return had
 
     def renew(self, name: str) -> Lease | None:
-        """Extend a node's lease; None when the node is not (or no longer) registered."""
+        """Extend a node's lease; None when the node is not (or no longer) registered.
+        A lapsed lease is renewed too until the leader expires the node. The new end
+        is published once it moved by PUBLISH_FRACTION of a lease since the last."""
         old = self._leases.get(name)
         if old is None:
             return None
         self._leases[name] = lease = Lease(old.node, self._clock() + self.lease_seconds)
+        if (self._store is not None
+                and lease.expires_unix - self._published.get(name, 0.0) >= self.lease_seconds * PUBLISH_FRACTION):
+            self._published[name] = lease.expires_unix
+            self._store.publish_liveness(name, int(lease.expires_unix * 1000))
         return lease
 
-    def expire(self) -> list[str]:
-        """Remove nodes whose lease has run out; returns their names."""
+    def lapsed(self) -> list[Lapse]:
+        """The nodes whose lease lapsed, each with the liveness the decision read (the
+        store's fence) and why. A node held here lapses
+        with its lease; one held by another replica PUBLISH_FRACTION of a lease
+        after its published lease (how stale a publication may be), and never
+        before a lease from this replica's start."""
         now = self._clock()
-        gone = [n for n, lease in self._leases.items() if lease.expires_unix <= now]
-        for n in gone:
-            del self._leases[n]
-            self._unhealthy.pop(n, None)
-            self._health_unshared.discard(n)
-            if self._store is not None:
-                self._store.delete_node(n)
-            log.info("node %s lease expired; its workloads are removed", n)
+        published = self._store.node_liveness() if self._store is not None else {}
+        out: list[Lapse] = []
+        for name, lease in self._leases.items():
+            if lease.expires_unix <= now:
+                out.append(Lapse(name, published.get(name), "session",
+                                 f"no heartbeat on its session with this replica for {self.lease_seconds:g} s "
+                                 f"(lease ended {_iso(lease.expires_unix)})"))
+        slack = self.lease_seconds * PUBLISH_FRACTION
+        for name in self._remote:
+            live = published.get(name)
+            if live is None or name in self._leases:
+                continue  # nothing published (written by a replica without shared liveness)
+            until = live.until_unix_ms / 1000
+            if max(until + slack, self._started + self.lease_seconds) <= now:
+                out.append(Lapse(name, live, "published",
+                                 f"no heartbeat reached any replica: replica {live.replica or '?'} last published "
+                                 f"its lease until {_iso(until)}, and {slack:g} s more (how stale a published "
+                                 "lease may be) have passed"))
+        return sorted(out, key=lambda lapse: lapse.name)
+
+    async def expire(self) -> list[str]:
+        """The leader's duty: remove every node whose lease lapsed (lapsed()), each
+        through the store's fenced expire_node, so a replica that is no longer the
+        leader, or a node renewed meanwhile, expires nothing. Returns their names."""
+        gone = []
+        for lapse in self.lapsed():
+            name = lapse.name
+            try:
+                done = await self._store.expire_node(name, lapse.seen) if self._store is not None else True
+            except StoreError as e:
+                log.warning("cannot expire node %s now (%s); trying again", name, e)
+                continue
+            if not done:
+                log.info("node %s was not expired: its liveness was published again, or this replica no "
+                         "longer leads", name)
+                continue
+            lease = self._leases.get(name)
+            if lease is not None and lease.expires_unix > self._clock():
+                continue  # it registered here while the expiry was written: that write puts it back
+            self._leases.pop(name, None)
+            self._remote.pop(name, None)
+            self._unhealthy.pop(name, None)
+            self._health_unshared.discard(name)
+            self._published.pop(name, None)
+            log.warning("node %s expired: %s; its workloads are removed", name, lapse.reason)
+            if self.on_expiry is not None:
+                try:
+                    self.on_expiry(lapse)
+                except Exception:
+                    log.exception("registry expiry listener failed")
+            gone.append(name)
         if gone:
             self._changed()
         for n in gone:
             self._departed(n)
-        return sorted(gone)
+        return gone
 
     async def run_expiry(self, interval: float = 1.0) -> None:
+        """expire() every `interval` seconds: run it while leading (controlplane/leader.py)."""
         while True:
             await asyncio.sleep(interval)
-            self.expire()
+            await self.expire()
+
+
+def _iso(unix: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix))
 
 
 def _grant(lease: Lease, lease_seconds: float) -> mesh_pb2.LeaseGrant:

@@ -21,7 +21,7 @@ from controlplane.ca import DEFAULT_CERT_TTL_S, MAX_CERT_TTL_S, CertificateAutho
 from controlplane.leader import Leadership
 from controlplane.looplag import watch_loop_lag
 from controlplane.metrics import ControlPlaneMetrics
-from controlplane.noderegistry import DEFAULT_LEASE_SECONDS, NodeRegistry, RegistryServicer
+from controlplane.noderegistry import DEFAULT_LEASE_SECONDS, Lapse, NodeRegistry, RegistryServicer
 from controlplane.policies import current_policies
 from controlplane.rollout import controller as rollout_controller
 from controlplane.rollout.readings import Readings
@@ -248,6 +248,20 @@ def _hold_slack(ads: AdsServicer) -> int:
     return 2 + ads.stats.streams_active // 50
 
 
+def _replica_name(store: Store) -> str:
+    replica = getattr(store, "replica_id", "")
+    return f"control plane replica {replica}" if replica else "control plane"
+
+
+def _expiry_recorder(metrics: ControlPlaneMetrics, audit: Any, principal: str) -> Callable[[Lapse], None]:
+    """Each node this replica expires: counted by cause, and a line in the audit log
+    naming the node and why (the registry logs it too)."""
+    def record(lapse: Lapse) -> None:
+        metrics.node_expired(lapse.cause)
+        audit.append(f"{principal} (leader)", "ExpireNode", f"node {lapse.name}: {lapse.reason}", "ok")
+    return record
+
+
 def _bind_address(addr: str) -> str:
     if addr.startswith("unix:"):
         path = addr[len("unix:"):]
@@ -352,7 +366,9 @@ async def start(settings: ControlPlaneSettings) -> ControlPlane:
              # Only the elected replica drives rollouts (controlplane/leader.py); the driver lease
              # in each Rollout's status still fences a replica that has not yet learnt it lost.
              asyncio.create_task(leader.run_while_leader("rollouts", rollouts.run)),
-             asyncio.create_task(registry.run_expiry(settings.expiry_interval_s)),
+             # Node lease expiry runs once, on the elected replica (controlplane/noderegistry.py).
+             asyncio.create_task(leader.run_while_leader(
+                 "node lease expiry", lambda: registry.run_expiry(settings.expiry_interval_s))),
              asyncio.create_task(cp_auth.watch_trust_bundle(ca, publisher.trigger)),
              asyncio.create_task(security.interceptor.recheck_streams()),
              asyncio.create_task(watch_loop_lag(cp_metrics.lagged))]
@@ -366,6 +382,7 @@ async def start(settings: ControlPlaneSettings) -> ControlPlane:
     cp.metrics = cp_metrics
     cp.security = security
     registry.on_departure(cp_metrics.forget_node)
+    registry.on_expiry = _expiry_recorder(cp_metrics, security.audit, _replica_name(store))
     cp.rollouts = rollouts
     registry.on_departure(readings.forget)
     if settings.web_listen:

@@ -120,6 +120,19 @@ class NodeRecord:
     lease_expiry_unix_ms: int
 
 
+@dataclass(frozen=True)
+class NodeLiveness:
+    """How long the replica holding a node's registry session last said it is alive
+    (controlplane/noderegistry.py publishes it at a bounded rate): the node's lease
+    ran until `until_unix_ms` as of the last publication. `token` identifies that
+    publication, so an expiry decided on it loses to a later one (etcd: the key's
+    mod_revision)."""
+
+    until_unix_ms: int
+    replica: str
+    token: int
+
+
 class Store(abc.ABC):
     """What the control plane needs from durable storage."""
 
@@ -162,6 +175,26 @@ class Store(abc.ABC):
     # Several control plane replicas on one store (controlplane/store_etcd.py) need
     # these; a store only one process uses keeps the defaults.
     shares_state: bool = False  # node records, operators, tokens and audit are shared between replicas
+
+    def publish_liveness(self, name: str, until_unix_ms: int) -> None:
+        """The replica holding `name`'s session says its lease now runs until then
+        (called at a bounded rate, controlplane/noderegistry.py). A store only one
+        control plane uses has nobody to tell: that control plane holds every
+        session and knows each lease itself."""
+        return
+
+    def node_liveness(self) -> dict[str, NodeLiveness]:
+        """The last published liveness of every stored node (empty: none published)."""
+        return {}
+
+    async def expire_node(self, name: str, seen: NodeLiveness | None) -> bool:
+        """Delete a node whose lease lapsed, as the leader decided from `seen` (its
+        last published liveness, None when the session is held here). True when it
+        was deleted; False when the decision no longer holds: this replica is not
+        the leader any more, or the node's liveness was published again since `seen`.
+        A store only one control plane uses is always led by it."""
+        self.delete_node(name)
+        return True
 
     def apply_planned(self, plan: Callable[[], Sequence[Write]],
                       dry_run: bool = False) -> builtins.list[WriteResult]:

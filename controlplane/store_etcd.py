@@ -4,10 +4,16 @@ Layout under the prefix (default /nodemesh):
   <p>/res/<kind>/<namespace>/<name>  a config resource (JSON); its resource_version is the key's mod_revision
   <p>/guard/config                   bumped by every config write: a planned apply (VIP allocation)
                                      compares it, so two replicas never plan from the same state
-  <p>/nodes/<name>                   a node registration, under the etcd lease of the replica holding the
-                                     agent's registry session: a replica that dies takes its nodes with it
-                                     after the lease TTL, unless their agents re-register elsewhere
-  <p>/health/<name>                  the endpoints that node's agent reports unhealthy (same lease)
+  <p>/nodes/<name>                   a node registration, written by the replica holding the agent's
+                                     registry session (its id in the value); no etcd lease: it outlives
+                                     that replica, and only the leader deletes it once the node's
+                                     liveness lapsed (or a revocation withdraws it)
+  <p>/alive/<name>                   that node's liveness: {"until_unix_ms", "replica"}, rewritten by the
+                                     holding replica when the lease moved by half a lease or more
+                                     (controlplane/noderegistry.py); the leader's expiry compares its
+                                     mod_revision, so a renewal published meanwhile wins
+  <p>/health/<name>                  the endpoints that node's agent reports unhealthy ({"replica",
+                                     "unhealthy"}; no lease, deleted with the node)
   <p>/telemetry/<name>               that node's latest traffic summary for the mesh view, shared every
                                      TELEMETRY_SHARE_S (same lease)
   <p>/leader                         the replica elected for singleton duties (its lease: it goes with it)
@@ -73,6 +79,7 @@ from controlplane.store import (
     MODIFIED,
     CompactedError,
     Delete,
+    NodeLiveness,
     NodeRecord,
     Put,
     Store,
@@ -98,7 +105,10 @@ TELEMETRY_SHARE_S = 10.0  # how often a node's summary is written for the other 
 GC_INTERVAL_S = 60.0  # the leader's sweep of the audit log and used-up join tokens
 # Sections of the prefix the mirror keeps; the others (audit, telemetry) are only passed on.
 # "sec": operators, credentials and node identities (controlplane/records.py), read on every call.
-MIRRORED = frozenset({"res", "guard", "nodes", "health", "leader", "operators", "tokens", "cp-ca-pin", "sec"})
+MIRRORED = frozenset({"res", "guard", "nodes", "alive", "health", "leader", "operators", "tokens", "cp-ca-pin",
+                      "sec"})
+# Sections whose records name the replica that wrote them (no etcd lease says it).
+OWNED_BY_VALUE = frozenset({"nodes", "health"})
 # Sections that are one key (<prefix>/<section>), not a directory of keys. The
 # leader key was read as a directory once: a replica started after the election
 # never mirrored it, took the leader as "already gone" and campaigned in a loop
@@ -177,8 +187,7 @@ class EtcdStore(Store):
         self._subs: list[_Subscriber] = []
         self._listeners: dict[str, list[tuple[asyncio.AbstractEventLoop, Callable[[list[SectionChange]], None]]]] = {}
         self._lease = 0
-        self._mine: dict[str, NodeRecord] = {}  # registrations this replica wrote and still holds
-        self._mine_health: dict[str, bytes] = {}
+        self._mine: dict[str, bytes] = {}  # registrations this replica wrote and still holds: their values
         self._closed = False
         self._resigned = False  # stopping: campaign no more
         # Only touched on the etcd loop:
@@ -343,9 +352,9 @@ class EtcdStore(Store):
                     res_events.append(self._to_event(ev.type, ev.kv, old or ev.prev_kv))
                 elif section in ("nodes", "health", "telemetry", "leader"):
                     before = old or ev.prev_kv
-                    owner = before.lease if ev.type == "DELETE" and before is not None else ev.kv.lease
                     changes.setdefault(section, []).append(SectionChange(
-                        rest, None if ev.type == "DELETE" else ev.kv.value, bool(self._lease) and owner == self._lease))
+                        rest, None if ev.type == "DELETE" else ev.kv.value,
+                        self._is_mine(section, ev.kv if ev.type != "DELETE" else before, ev.type == "DELETE")))
             self._rev = max(self._rev, batch.revision)
             if reload:
                 self._log.clear()
@@ -569,15 +578,30 @@ class EtcdStore(Store):
         loop = loop or asyncio.get_running_loop()
         with self._lock:
             self._listeners.setdefault(section, []).append((loop, callback))
-            return [SectionChange(name, kv.value, bool(self._lease) and kv.lease == self._lease)
+            return [SectionChange(name, kv.value, self._is_mine(section, kv, False))
                     for name, kv in self.section(section).items()]
+
+    def _is_mine(self, section: str, kv: KeyValue | None, deleted: bool) -> bool:
+        """Whether this replica wrote the change: by the lease a key lives under, or for
+        the records that outlive their writer (OWNED_BY_VALUE) by the id in the value.
+        Their deletion is never 'mine': whoever deleted a node, every replica drops it."""
+        if kv is None:
+            return False
+        if section in OWNED_BY_VALUE:
+            if deleted:
+                return False
+            try:
+                return bool(json.loads(kv.value).get("replica") == self.replica_id)
+            except (ValueError, AttributeError):
+                return False
+        return bool(self._lease) and kv.lease == self._lease
 
     # ------------------------------------------------------------ the replica's lease, nodes, health, telemetry
 
     async def _keep_alive(self) -> None:
         """Renew this replica's lease at a third of its TTL. A lease etcd dropped (etcd
-        unreachable for a whole TTL) is replaced: the nodes and health reports still
-        held here are written again under the new one, and leadership is given up."""
+        unreachable for a whole TTL) is replaced and leadership is given up (node
+        records and health reports live under no lease: they stay)."""
         if self._lease_lost is None:
             raise RuntimeError("the etcd store is not started (EtcdStore._start)")
         interval = max(0.5, self.node_lease_s / 3)
@@ -588,14 +612,10 @@ class EtcdStore(Store):
                 ttl = await self._client.lease_keepalive(lease)
                 if ttl > 0:
                     continue
-                log.warning("this replica's etcd lease %x expired; writing its %d node registrations again",
-                            lease, len(self._mine))
+                log.warning("this replica's etcd lease %x expired; taking a new one (leadership is given up)",
+                            lease)
                 self._lease = await self._client.lease_grant(max(2, round(self.node_lease_s)))
                 self._lease_lost.set()
-                for rec in builtins.list(self._mine.values()):
-                    await self._client.put(self.key("nodes", rec.name), self._node_value(rec), self._lease)
-                for name, value in builtins.list(self._mine_health.items()):
-                    await self._client.put(self.key("health", name), value, self._lease)
             except EtcdError as e:
                 log.warning("cannot renew the etcd lease of this replica: %s", e)
 
@@ -608,39 +628,82 @@ class EtcdStore(Store):
         d = json.loads(value)
         return NodeRecord(name, base64.b64decode(d["registration"]), int(d["lease_expiry_unix_ms"]))
 
+    def _node_keys(self, name: str) -> tuple[bytes, bytes, bytes, bytes]:
+        """Everything kept about a node: registration, liveness, health, telemetry."""
+        return (self.key("nodes", name), self.key("alive", name), self.key("health", name),
+                self.key("telemetry", name))
+
+    def _alive_value(self, until_unix_ms: int) -> bytes:
+        return json.dumps({"until_unix_ms": int(until_unix_ms), "replica": self.replica_id}).encode()
+
     def save_node(self, record: NodeRecord) -> None:
-        """Write a registration under this replica's lease; a health report another
-        replica wrote for the node goes (its agent re-reports here)."""
-        self._mine[record.name] = record
-        key, health = self.key("nodes", record.name), self.key("health", record.name)
+        """Write a registration and its liveness (no etcd lease: the record outlives
+        this replica until the leader expires it); a health report another replica
+        wrote for the node goes (its agent re-reports here)."""
+        key, alive, health, _ = self._node_keys(record.name)
         value = self._node_value(record)
+        self._mine[record.name] = value
+        live = self._alive_value(record.lease_expiry_unix_ms)
 
         async def write() -> None:
-            await self._client.txn([], [put_op(key, value, self._lease), delete_op(health)])
-        self._mine_health.pop(record.name, None)
+            await self._client.txn([], [put_op(key, value), put_op(alive, live), delete_op(health)])
         self._queue_write(write)
 
-    def delete_node(self, name: str) -> None:
-        """Delete a registration (with its health and telemetry) only while it is this
-        replica's: a node whose agent moved to another replica is that replica's to keep."""
-        self._mine.pop(name, None)
-        self._mine_health.pop(name, None)
-        key = self.key("nodes", name)
+    def publish_liveness(self, name: str, until_unix_ms: int) -> None:
+        """Rewrite a node's liveness while its registration is still the one this
+        replica wrote (a node that moved to another replica, or was expired or
+        withdrawn, is not written back)."""
+        mine = self._mine.get(name)
+        if mine is None:
+            return
+        key, alive, _, _ = self._node_keys(name)
+        live = self._alive_value(until_unix_ms)
 
         async def write() -> None:
-            await self._client.txn([compare(key, "LEASE", "EQUAL", self._lease)],
-                                   [delete_op(key), delete_op(self.key("health", name)),
-                                    delete_op(self.key("telemetry", name))])
+            await self._client.txn([compare(key, "VALUE", "EQUAL", mine)], [put_op(alive, live)])
+        self._queue_write(write)
+
+    def node_liveness(self) -> dict[str, NodeLiveness]:
+        out = {}
+        for name, kv in self.section("alive").items():
+            try:
+                d = json.loads(kv.value)
+                out[name] = NodeLiveness(int(d["until_unix_ms"]), str(d.get("replica", "")), kv.mod_revision)
+            except (ValueError, KeyError, TypeError) as e:
+                log.warning("ignoring the unreadable liveness record of node %s: %s", name, e)
+        return out
+
+    async def expire_node(self, name: str, seen: NodeLiveness | None) -> bool:
+        """One txn, fenced twice: this replica still holds the leader key under its
+        current lease (a deposed leader that has not learnt it yet expires nothing),
+        and the node's liveness is still the publication the decision read."""
+        key, alive, health, telemetry = self._node_keys(name)
+        fence = [compare(self.key("leader"), "LEASE", "EQUAL", self._lease),
+                 compare(alive, "MOD", "EQUAL", seen.token if seen is not None else 0)]
+        done = await self._run(self._client.txn(fence, [delete_op(key), delete_op(alive), delete_op(health),
+                                                        delete_op(telemetry)]))
+        if done.succeeded:
+            self._mine.pop(name, None)
+        return bool(done.succeeded)
+
+    def delete_node(self, name: str) -> None:
+        """Delete a node's registration, liveness, health and telemetry whoever holds
+        its session (a revoked node is withdrawn everywhere)."""
+        self._mine.pop(name, None)
+        keys = self._node_keys(name)
+
+        async def write() -> None:
+            await self._client.txn([], [delete_op(k) for k in keys])
         self._queue_write(write)
 
     def save_health(self, name: str, unhealthy: dict[tuple[str, int], str]) -> None:
         """Share the endpoints a node's agent (held here) reports unhealthy."""
         key = self.key("health", name)
-        value = json.dumps([[w, p, d] for (w, p), d in sorted(unhealthy.items())]).encode()
-        self._mine_health[name] = value
+        value = json.dumps({"replica": self.replica_id,
+                            "unhealthy": [[w, p, d] for (w, p), d in sorted(unhealthy.items())]}).encode()
 
         async def write() -> None:
-            await self._client.put(key, value, self._lease)
+            await self._client.put(key, value)
         self._queue_write(write)
 
     def save_telemetry(self, name: str, text: str) -> None:
@@ -857,7 +920,8 @@ def _node_change(store: EtcdStore, registry: NodeRegistry, change: SectionChange
 
     if change.mine:
         return  # this replica's own write: the registry already has it
-    if change.value is None:
+    if change.value is None:  # expired by the leader, or withdrawn: gone for every replica
+        store._mine.pop(change.name, None)
         registry.set_remote(change.name, None)
         return
     reg = mesh_pb2.NodeRegistration()
@@ -882,8 +946,8 @@ def _health_change(registry: NodeRegistry, change: SectionChange) -> None:
     bad: dict[tuple[str, int], str] = {}
     if change.value is not None:
         try:
-            bad = {(str(w), int(p)): str(d) for w, p, d in json.loads(change.value)}
-        except (ValueError, TypeError) as e:
+            bad = {(str(w), int(p)): str(d) for w, p, d in json.loads(change.value)["unhealthy"]}
+        except (ValueError, TypeError, KeyError) as e:
             log.warning("ignoring the stored health report of node %s: %s", change.name, e)
             return
     registry.set_remote_health(change.name, bad)

@@ -2,9 +2,11 @@
 end to end: etcd and replicas A and B in the lab's hub, node 1's agent on A and
 node 2's on B (each lists the other replica for failover). Config applied
 through A reaches agents on B; each replica sees the other's registrations and
-health reports; a replica killed hands its agent to the other, and the config
-stays; the leader killed in the middle of a push: every node converges and the
-other replica leads within a lease."""
+health reports; a replica killed hands its agent to the other, which keeps its
+endpoints throughout, and the config stays; the leader killed in the middle of
+a push: every node converges and the other replica leads within a lease; a
+replica killed with a node that cannot reconnect: the leader expires that node
+(once, saying why) within about a lease and its endpoints leave the other node."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -127,6 +130,32 @@ def is_leader(lab: Lab, replica: str) -> bool | None:
     return "\nnodemesh_controlplane_leader 1\n" in r.stdout
 
 
+class EndpointWatch:
+    """Samples node k's endpoints of a service in a thread until stopped, keeping
+    every sample that lacks `workload`."""
+
+    def __init__(self, lab: Lab, k: int, service: str, workload: str) -> None:
+        self.misses: list[tuple[float, dict[str, bool]]] = []
+        self.samples = 0
+        self._stop = threading.Event()
+        t0 = time.monotonic()
+
+        def run() -> None:
+            while not self._stop.is_set():
+                seen = endpoint_health(lab, k, service)
+                self.samples += 1
+                if workload not in seen:
+                    self.misses.append((round(time.monotonic() - t0, 1), seen))
+                self._stop.wait(0.3)
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
 def test_two_replicas_share_config_registrations_and_take_over(lab: Lab) -> None:
     start_two_replicas(lab, check_refusal=True)
 
@@ -150,16 +179,21 @@ def test_two_replicas_share_config_registrations_and_take_over(lab: Lab) -> None
                  lambda: lab.log("controlplane-b"))
     assert "registered through another control plane replica" in lab.log("controlplane-b")
 
-    # Replica A dies. Node 1's agent fails over to B; its registration outlives A's lease.
+    # Replica A dies. Node 1's agent fails over to B in time: its endpoints never leave node 2.
+    assert endpoint_health(lab, 2, "default/alpha") == {"default/web-1": True}
     lab.stop("controlplane", sig=signal.SIGKILL)
+    watch = EndpointWatch(lab, 2, "default/alpha", "default/web-1")
     with client_of(lab, "b") as c:
         c.apply(MESH + service("beta", "web-b") + service("alpha", "web-a") + service("gamma", "web-b"))
     gamma = vip_of(lab, "b", "gamma")
     lab.wait_for(lambda: answers(lab, 1, gamma) == "web-2", 30, "node 1 to get gamma from B after A died",
                  lambda: lab.log("agent-1")[-3000:] + lab.log("controlplane-b"))
     assert "node node-1 registered" in lab.log("controlplane-b"), "node 1's agent did not re-register at B"
-    time.sleep(lab.lease_seconds + 1)  # past A's etcd lease: node 1 counts only if it re-registered at B
+    time.sleep(lab.lease_seconds * 1.5 + 1)  # past node 1's last lease published through A
+    watch.stop()
+    assert watch.samples >= 10 and watch.misses == [], f"{watch.misses} of {watch.samples} samples"
     assert answers(lab, 2, alpha) == "web-1", lab.log("controlplane-b")[-3000:]
+    assert "node node-1 expired" not in lab.log("controlplane-b")
     # Config survives: everything applied through either replica is in the store, VIPs unchanged.
     with client_of(lab, "b") as c:
         assert sorted(r.name for r in c.list("Service")) == ["alpha", "beta", "gamma"]
@@ -210,3 +244,67 @@ def test_health_is_shared_and_the_leader_killed_mid_push_hands_over(lab: Lab) ->
                      f"node {node} to reach every new service",
                      lambda node=node: lab.log(f"agent-{node}")[-3000:])
     print(f"leadership moved {took:.2f} s after the leader was killed (lease {lab.lease_seconds} s)")
+
+
+def metric(lab: Lab, replica: str, line_start: str) -> float | None:
+    port = 15014 if replica == "a" else 15024
+    r = lab.ns_exec(lab.hub, ["curl", "-sf", "--max-time", "2", f"http://127.0.0.1:{port}/metrics"], check=False)
+    for line in r.stdout.splitlines():
+        if line.startswith(line_start):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+@pytest.mark.parametrize("leader_dies", [False, True], ids=["follower-dies", "leader-dies"])
+def test_a_dead_replicas_node_that_does_not_come_back_is_expired_by_the_leader(lab: Lab, leader_dies: bool) -> None:
+    """Node 2's agent and the replica holding its session die together: the other
+    replica (the leader, or the new one once it takes over) expires node 2 within
+    about a lease of its last heartbeat, once, and node 1 stops seeing web-2."""
+    start_two_replicas(lab)
+    lab.apply(MESH + service("web", "web"))
+    lab.add_workload(LabWorkload("web-1", node=1, uid=WEB_UID, ports=(8080,), service_account="web",
+                                 labels={"app": "web"}))
+    lab.add_workload(LabWorkload("web-2", node=2, uid=WEB_UID + 1, ports=(8080,), service_account="web",
+                                 labels={"app": "web"}))
+    add_clients_and_start_apps(lab)
+    lab.wait_for(lambda: [is_leader(lab, "a"), is_leader(lab, "b")] in ([True, False], [False, True]), 15,
+                 "exactly one leader")
+    # The node whose replica dies is on the leader or on the follower, as the case says.
+    b_leads = bool(is_leader(lab, "b"))
+    a_addr, b_addr = f"{lab.cp_ip}:{PORT_A}", f"{lab.cp_ip}:{PORT_B}"
+    doomed, kept = (b_addr, a_addr) if b_leads == leader_dies else (a_addr, b_addr)
+    lab.agent_control_plane[1] = {"address": kept, "addresses": [doomed]}
+    lab.agent_control_plane[2] = {"address": doomed, "addresses": [kept]}
+    lab.start_agent(1)
+    lab.start_agent(2)
+    both = {"default/web-1": True, "default/web-2": True}
+    lab.wait_for(lambda: endpoint_health(lab, 1) == both, 20, "node 1 to see both replicas of web")
+    dead, survivor = ("b", "a") if doomed == b_addr else ("a", "b")
+    survivor_log = "controlplane" if survivor == "a" else "controlplane-b"
+    time.sleep(1.0)  # a heartbeat or two after registering: node 2's lease is its own, not its grant's
+
+    lab.stop("agent-2", sig=signal.SIGKILL)
+    t0 = time.monotonic()
+    lab.stop("controlplane" if dead == "a" else "controlplane-b", sig=signal.SIGKILL)
+    lease = lab.lease_seconds
+    # Published leases are up to half a lease stale, so the leader allows that much more:
+    # expired 1 to 1.5 leases after the last heartbeat (plus a takeover when the leader died).
+    bound = lease * 1.5 + (lease + 1 if leader_dies else 0) + 4
+    lab.wait_for(lambda: endpoint_health(lab, 1) == {"default/web-1": True}, bound,
+                 "node 1 to lose web-2 after node 2 was expired", lambda: lab.log(survivor_log)[-3000:])
+    took = time.monotonic() - t0
+    assert took >= lease * 2 / 3, f"node 2 expired {took:.1f} s after its last heartbeat: before its lease ended"
+    log = lab.log(survivor_log)
+    lines = [line for line in log.splitlines() if "node node-2 expired" in line]
+    assert len(lines) == 1 and "no heartbeat reached any replica" in lines[0], lines or log[-3000:]
+    assert "node node-1 expired" not in log
+    assert is_leader(lab, survivor) is True
+    assert metric(lab, survivor, 'nodemesh_controlplane_node_expiries_total{cause="published"}') == 1
+    with client_of(lab, survivor) as c:
+        entries = [e for e in c.audit(200) if e.action == "ExpireNode"]
+    assert len(entries) == 1 and entries[0].detail.startswith("node node-2: no heartbeat reached any replica"), entries
+    assert "(leader)" in entries[0].principal
+    # Node 1 stays registered and served throughout.
+    assert endpoint_health(lab, 1) == {"default/web-1": True}
+    print(f"node 2 expired {took:.1f} s after its replica and agent were killed (lease {lease} s, "
+          f"{'leader' if leader_dies else 'follower'} killed)")

@@ -71,9 +71,9 @@ def test_leases_renew_and_expire_on_the_clock() -> None:
     clock.now = 1010
     assert r.renew("node-a") is not None
     clock.now = 1020
-    assert r.expire() == []  # renewed at 1010, so alive until 1025
+    assert asyncio.run(r.expire()) == []  # renewed at 1010, so alive until 1025
     clock.now = 1025
-    assert r.expire() == ["node-a"] and r.nodes() == () and changes == [1, 2]
+    assert asyncio.run(r.expire()) == ["node-a"] and r.nodes() == () and changes == [1, 2]
     assert r.renew("node-a") is None
 
 
@@ -97,7 +97,7 @@ def test_restart_restores_registrations_with_a_fresh_grace(tmp_path: Path) -> No
     lease = r2.lease("node-a")
     assert lease is not None and lease.expires_unix == 5015
     clock.now = 5016
-    assert r2.expire() == ["node-a"]
+    assert asyncio.run(r2.expire()) == ["node-a"]
     assert store.load_nodes() == []  # expiry is persisted too
 
 
@@ -158,7 +158,7 @@ def test_heartbeat_after_expiry_asks_for_reregistration() -> None:
         async def it() -> AsyncIterator[mesh_pb2.NodeReport]:
             yield mesh_pb2.NodeReport(register=reg())
             clock.now += 60
-            r.expire()
+            await r.expire()
             yield mesh_pb2.NodeReport(heartbeat=mesh_pb2.Heartbeat())
 
         ctx = FakeContext()

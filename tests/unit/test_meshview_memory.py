@@ -4,6 +4,7 @@ per-node metric state), and its answers come from the aggregates."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import tracemalloc
 import types
@@ -130,7 +131,7 @@ def test_nodes_that_leave_are_forgotten_with_their_metrics() -> None:
     assert t.reporting() == ["node-1", "node-2"]
 
     now[0] += 5  # node-1's lease (renewed last at 1000) runs out; node-2's does not
-    assert reg.expire() == ["node-1"]
+    assert asyncio.run(reg.expire()) == ["node-1"]
     assert t.reporting() == ["node-2"] and "node-1" not in t.nodes
     assert all("node-1" not in e["nodes"] for e in t.edges())
     assert not any(e["source"] == "default/client-1" for e in t.edges())

@@ -343,10 +343,11 @@ def test_replicas_share_registrations_health_and_a_dead_replicas_nodes_expire(et
         assert {n.name: n.unhealthy for n in rb.nodes()}["node-1"] == frozenset({("default/w", 8080)})
         ra.set_health("node-1", mesh_pb2.HealthReport())
         await _until(lambda: rb.unhealthy("node-1") == {}, what="healthy again on B")
-        # node-2's agent moves to replica A: B gives it up, and B's expiry must not delete A's record.
+        # node-2's agent moves to replica A: B gives it up, and B (not the leader) expires nothing.
         ra.register(_reg("node-2", "10.0.0.2"))
         await _until(lambda: rb.lease("node-2") is None)
-        assert rb.expire() == [] and [r.name for r in await asyncio.to_thread(sa.load_nodes)] == ["node-1", "node-2"]
+        assert await rb.expire() == []
+        assert [r.name for r in await asyncio.to_thread(sa.load_nodes)] == ["node-1", "node-2"]
         # Replica B dies (closed without a word): nothing of A's goes.
         await asyncio.to_thread(sb.close)
         sb_closed = True
@@ -354,10 +355,27 @@ def test_replicas_share_registrations_health_and_a_dead_replicas_nodes_expire(et
         rc = NodeRegistry(sc, 2)
         share_registry(sc, rc)
         assert tuple(n.name for n in rc.nodes()) == both
-        # Replica A dies: its nodes go when its etcd lease runs out (2 s).
+        lead = Leadership()
+        sc.start_election(lead)
+        await _until(lead.is_leader, what="C to lead")
+        expired: list[str] = []
+        rc.on_expiry = lambda lapse: expired.append(f"{lapse.name} {lapse.cause}")
+        # Replica A dies: its records outlive it. node-1's agent re-registers at C in time and is
+        # kept throughout; node-2's does not, and the leader (C) expires it after its published
+        # lease and half a lease more.
         await asyncio.to_thread(sa.close)
-        await _until(lambda: rc.nodes() == (), timeout=10, what="A's nodes to expire")
-        assert await asyncio.to_thread(sc.load_nodes) == []
+        t0 = time.monotonic()
+        rc.register(_reg("node-1", "10.0.0.1"))
+        while "node-2" in {n.name for n in rc.nodes()}:
+            assert time.monotonic() - t0 < 2 * 1.5 + 2, "node-2 was not expired within a lease and a half"
+            rc.renew("node-1")
+            await rc.expire()
+            assert "node-1" in {n.name for n in rc.nodes()}
+            await asyncio.sleep(0.2)
+        took = time.monotonic() - t0
+        assert took >= 0.5, f"node-2 expired {took:.1f} s after its replica died: before its lease could lapse"
+        assert expired == ["node-2 published"]
+        assert [r.name for r in await asyncio.to_thread(sc.load_nodes)] == ["node-1"]
         await asyncio.to_thread(sc.close)
 
     try:
@@ -366,6 +384,130 @@ def test_replicas_share_registrations_health_and_a_dead_replicas_nodes_expire(et
         sa.close()
         if not sb_closed:
             sb.close()
+
+
+def _names(registry: NodeRegistry) -> list[str]:
+    return [n.name for n in registry.nodes()]
+
+
+def test_node_expiry_is_the_leaders_and_goes_through_the_store(make_store: Callable[[], Store]) -> None:
+    """The same path on both stores: the leader (SQLite's one control plane always
+    leads) expires a node whose lease lapsed, through the store, once; the node's
+    record goes with it and the expiry is told why."""
+    s = make_store()
+    now = [1000.0]
+    reg = NodeRegistry(s, lease_seconds=10, clock=lambda: now[0])
+    told: list[tuple[str, str, str]] = []
+    reg.on_expiry = lambda lapse: told.append((lapse.name, lapse.cause, lapse.reason))
+
+    async def main() -> None:
+        if isinstance(s, EtcdStore):
+            share_registry(s, reg)
+            lead = Leadership()
+            s.start_election(lead)
+            await _until(lead.is_leader, what="the replica to lead")
+        reg.register(_reg("node-1", "10.0.0.1"))
+        reg.register(_reg("node-2", "10.0.0.2"))
+        await asyncio.to_thread(getattr(s, "flush", lambda: None))
+        now[0] = 1006
+        reg.renew("node-2")  # until 1016
+        now[0] = 1010
+        assert await reg.expire() == ["node-1"] and _names(reg) == ["node-2"]
+        assert await reg.expire() == []  # once
+        assert [(n, c) for n, c, _ in told] == [("node-1", "session")]
+        assert "no heartbeat on its session with this replica for 10 s" in told[0][2]
+        await asyncio.to_thread(getattr(s, "flush", lambda: None))
+        assert [r.name for r in await asyncio.to_thread(s.load_nodes)] == ["node-2"]
+        now[0] = 1016
+        assert await reg.expire() == ["node-2"] and reg.nodes() == ()
+
+    asyncio.run(main())
+
+
+def test_liveness_is_published_at_a_bounded_rate(etcd_endpoint: str) -> None:
+    """Every heartbeat renews the lease; only one that moved it by half a lease or
+    more since the last publication is written to etcd."""
+    s = _etcd(etcd_endpoint, node_lease_s=2)
+    now = [1000.0]
+    reg = NodeRegistry(s, lease_seconds=15, clock=lambda: now[0])
+    writes: list[tuple[str, int]] = []
+    real = s.publish_liveness
+
+    def counted(name: str, until_unix_ms: int) -> None:
+        writes.append((name, until_unix_ms))
+        real(name, until_unix_ms)
+
+    s.publish_liveness = counted  # type: ignore[method-assign]
+    try:
+        async def main() -> None:
+            share_registry(s, reg)
+            reg.register(_reg("node-1", "10.0.0.1"))
+            for _ in range(30):  # heartbeats at a third of the lease, as agents send them
+                now[0] += 5
+                reg.renew("node-1")
+            await asyncio.to_thread(s.flush)
+            await asyncio.to_thread(s.catch_up)
+            # 150 s of heartbeats: 30 renewals, 15 publications (every second heartbeat).
+            assert len(writes) == 15 and writes[-1] == ("node-1", 1000_000 + 150_000 + 15_000)
+            live = s.node_liveness()["node-1"]
+            assert (live.until_unix_ms, live.replica) == (1165_000, s.replica_id)
+
+        asyncio.run(main())
+    finally:
+        s.close()
+
+
+def test_only_the_leader_expires_and_a_deposed_one_cannot(etcd_endpoint: str) -> None:
+    prefix = f"/t-{uuid.uuid4().hex[:8]}"
+    sa, sb = _store(etcd_endpoint, prefix, node_lease_s=2), _store(etcd_endpoint, prefix, node_lease_s=2)
+    ra, rb = NodeRegistry(sa, 2), NodeRegistry(sb, 2)
+
+    async def main() -> None:
+        share_registry(sa, ra)
+        share_registry(sb, rb)
+        lead_a, lead_b = Leadership(), Leadership()
+        sb.start_election(lead_b)
+        await _until(lead_b.is_leader, what="B to lead")
+        ra.register(_reg("node-1", "10.0.0.1"))
+        ra.register(_reg("node-2", "10.0.0.2"))
+        await _until(lambda: _names(rb) == ["node-1", "node-2"], what="A's nodes on B")
+        t0 = time.monotonic()
+        # node-2 heartbeats to A; node-1 stops. A holds node-1's session and sees its lease
+        # lapse, but A does not lead: the store refuses it the expiry.
+        while time.monotonic() - t0 < 2.2:
+            ra.renew("node-2")
+            await asyncio.sleep(0.3)
+        assert [lapse.name for lapse in ra.lapsed()] == ["node-1"]
+        assert await ra.expire() == [] and _names(ra) == ["node-1", "node-2"]
+        # The leader expires node-1 (never node-2, which heartbeats), and every replica drops it.
+        while "node-1" in _names(rb):
+            assert time.monotonic() - t0 < 2 * 1.5 + 2, "the leader did not expire node-1"
+            ra.renew("node-2")
+            assert "node-2" not in await rb.expire()
+            await asyncio.sleep(0.2)
+        await _until(lambda: _names(ra) == ["node-2"], what="node-1 gone from A too")
+        # An expiry decided on a publication that has been superseded is refused.
+        seen = sb.node_liveness()["node-2"]
+        sa.publish_liveness("node-2", seen.until_unix_ms + 1000)
+        await asyncio.to_thread(sa.flush)
+        assert not await sb.expire_node("node-2", seen)
+        # B resigns and A leads. B, deposed without being told (its Leadership still says it
+        # leads), cannot expire node-2 once it lapses; A can.
+        await asyncio.to_thread(sb.resign)
+        lead_b._apply(True, sb.replica_id)
+        sa.start_election(lead_a)
+        await _until(lead_a.is_leader, what="A to lead")
+        await _until(lambda: [lapse.name for lapse in rb.lapsed()] == ["node-2"], timeout=6,
+                     what="node-2's published lease to lapse on B")
+        assert await rb.expire() == [] and _names(rb) == ["node-2"]
+        assert await ra.expire() == ["node-2"]
+        await _until(lambda: rb.nodes() == (), what="node-2 gone from B")
+
+    try:
+        asyncio.run(main())
+    finally:
+        sa.close()
+        sb.close()
 
 
 def test_one_leader_and_another_takes_over_within_a_lease(etcd_endpoint: str) -> None:
