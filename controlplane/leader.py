@@ -1,6 +1,7 @@
 """Which control plane replica runs the duties that must run once (singleton
-duties): the shared-records sweep, the rollout controller, anything that would
-act twice if every replica did it.
+duties): the shared-records sweep, the rollout controller, node lease expiry
+(controlplane/noderegistry.py), anything that would act twice if every replica
+did it.
 
 With the SQLite store there is one control plane and it always leads
 (`Leadership.sole()`). With etcd the replicas campaign for the key <prefix>/leader

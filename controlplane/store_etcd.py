@@ -34,8 +34,10 @@ concurrent writers on other replicas never lose an update: on a conflict the
 batch waits for the mirror to catch up, then is read and computed again (a few
 times, then the caller is told the store is busy).
 
-Registrations, health and telemetry writes are queued in order and never make
-the caller wait when it runs on an event loop.
+Registrations, liveness, health and telemetry writes are queued in order and
+never make the caller wait when it runs on an event loop. A node's expiry is
+the leader's (expire_node: one txn fenced by the leader key's lease and the
+node's liveness revision).
 """
 
 from __future__ import annotations
