@@ -275,7 +275,7 @@ class NodeRegistry:
         store's fence) and why. A node held here lapses
         with its lease; one held by another replica PUBLISH_FRACTION of a lease
         after its published lease (how stale a publication may be), and never
-        before a lease from this replica's start."""
+        before a lease from this replica's start or the store's last outage."""
         now = self._clock()
         published = self._store.node_liveness() if self._store is not None else {}
         out: list[Lapse] = []
@@ -285,12 +285,15 @@ class NodeRegistry:
                                  f"no heartbeat on its session with this replica for {self.lease_seconds:g} s "
                                  f"(lease ended {_iso(lease.expires_unix)})"))
         slack = self.lease_seconds * PUBLISH_FRACTION
+        # A lease from this replica's start, or from the store's last break, before any
+        # published lease counts as stale: the holders may have had no way to publish.
+        floor = max(self._started, self._store.liveness_view_since() if self._store is not None else 0.0)
         for name in self._remote:
             live = published.get(name)
             if live is None or name in self._leases:
                 continue  # nothing published (written by a replica without shared liveness)
             until = live.until_unix_ms / 1000
-            if max(until + slack, self._started + self.lease_seconds) <= now:
+            if max(until + slack, floor + self.lease_seconds) <= now:
                 out.append(Lapse(name, live, "published",
                                  f"no heartbeat reached any replica: replica {live.replica or '?'} last published "
                                  f"its lease until {_iso(until)}, and {slack:g} s more (how stale a published "

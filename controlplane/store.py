@@ -187,6 +187,12 @@ class Store(abc.ABC):
         """The last published liveness of every stored node (empty: none published)."""
         return {}
 
+    def liveness_view_since(self) -> float:
+        """Unix time since which the published liveness reached this replica without a
+        break (the store unreachable): no published lease is judged stale before a
+        lease from then. 0: always (nothing is published here)."""
+        return 0.0
+
     async def expire_node(self, name: str, seen: NodeLiveness | None) -> bool:
         """Delete a node whose lease lapsed, as the leader decided from `seen` (its
         last published liveness, None when the session is held here). True when it

@@ -190,6 +190,9 @@ class EtcdStore(Store):
         self._listeners: dict[str, list[tuple[asyncio.AbstractEventLoop, Callable[[list[SectionChange]], None]]]] = {}
         self._lease = 0
         self._mine: dict[str, bytes] = {}  # registrations this replica wrote and still holds: their values
+        # When this replica last found etcd away (or opened the store): liveness published
+        # before then may not have reached it (liveness_view_since).
+        self._view_since = clock()
         self._closed = False
         self._resigned = False  # stopping: campaign no more
         # Only touched on the etcd loop:
@@ -331,12 +334,15 @@ class EtcdStore(Store):
                     next_rev = await self._reload() + 1
                 except EtcdError as e:
                     log.warning("cannot reload the mirror from etcd (%s); retrying", e)
+                    self._view_since = self._clock()
                     await asyncio.sleep(WATCH_RETRY_S)
             except EtcdError as e:
                 if self._stopping():
                     return
                 log.warning("the etcd watch broke (%s); resuming from revision %d", e, next_rev)
+                self._view_since = self._clock()
                 await asyncio.sleep(WATCH_RETRY_S)
+                self._view_since = self._clock()
 
     def _apply_batch(self, batch: WatchBatch, reload: bool = False) -> None:
         res_events: builtins.list[StoreEvent] = []
@@ -620,6 +626,7 @@ class EtcdStore(Store):
                 self._lease_lost.set()
             except EtcdError as e:
                 log.warning("cannot renew the etcd lease of this replica: %s", e)
+                self._view_since = self._clock()
 
     def _node_value(self, record: NodeRecord) -> bytes:
         return json.dumps({"registration": base64.b64encode(record.registration).decode(),
@@ -674,6 +681,12 @@ class EtcdStore(Store):
             except (ValueError, KeyError, TypeError) as e:
                 log.warning("ignoring the unreadable liveness record of node %s: %s", name, e)
         return out
+
+    def liveness_view_since(self) -> float:
+        """Since when this replica has been in touch with etcd without a break: the
+        holders' publications may have failed while etcd was away, so the leader
+        gives every node a lease from then (as after a start)."""
+        return self._view_since
 
     async def expire_node(self, name: str, seen: NodeLiveness | None) -> bool:
         """One txn, fenced twice: this replica still holds the leader key under its

@@ -13,7 +13,7 @@ import pytest
 
 from controlplane.noderegistry import NodeRegistry, RegistryServicer
 from controlplane.nodes import RegistrationError, node_from_proto
-from controlplane.store import SQLiteStore
+from controlplane.store import NodeLiveness, SQLiteStore
 from nodemesh.v1 import mesh_pb2
 
 
@@ -171,3 +171,44 @@ def test_heartbeat_after_expiry_asks_for_reregistration() -> None:
 
     ctx = asyncio.run(main())
     assert ctx.code == grpc.StatusCode.NOT_FOUND and "re-register" in ctx.details
+
+
+class PublishedStore(SQLiteStore):
+    """A store that reports other replicas' published liveness, and an outage."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.published: dict[str, NodeLiveness] = {}
+        self.view_since = 0.0
+        self.expired: list[tuple[str, NodeLiveness | None]] = []
+
+    def node_liveness(self) -> dict[str, NodeLiveness]:
+        return dict(self.published)
+
+    def liveness_view_since(self) -> float:
+        return self.view_since
+
+    async def expire_node(self, name: str, seen: NodeLiveness | None) -> bool:
+        self.expired.append((name, seen))
+        return True
+
+
+def test_a_node_held_elsewhere_lapses_half_a_lease_after_its_published_lease_not_during_an_outage(
+        tmp_path: Path) -> None:
+    clock = Clock()
+    store = PublishedStore(str(tmp_path / "db"))
+    r = NodeRegistry(store, lease_seconds=10, clock=clock)
+    r.set_remote("node-b", node_from_proto(reg("node-b")))
+    store.published["node-b"] = NodeLiveness(1020_000, "replica-b", 7)  # its holder: lease until 1020
+    clock.now = 1024.9
+    assert r.lapsed() == []  # the publication may be up to half a lease (5 s) stale
+    # The store was away until 1020: the holder may not have published since; a lease from then.
+    store.view_since = 1020
+    clock.now = 1025
+    assert r.lapsed() == []
+    clock.now = 1030
+    [lapse] = r.lapsed()
+    assert (lapse.name, lapse.cause, lapse.seen) == ("node-b", "published", store.published["node-b"])
+    assert "replica replica-b last published its lease until" in lapse.reason
+    assert asyncio.run(r.expire()) == ["node-b"] and r.nodes() == ()
+    assert store.expired == [("node-b", store.published["node-b"])]  # the fence: what the decision read
