@@ -718,6 +718,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await asyncio.sleep(1.0)
 
         # ---- workload starts ----
+        if args.py_spy and args.py_spy_from == "starts":
+            await start_spy()
         out["workload_starts"] = []
         for n in range(args.changes):
             a0 = fleet.agents[(n * 37) % len(fleet.agents)]
@@ -835,8 +837,9 @@ def main() -> int:
     p.add_argument("--profile", default="", metavar="FILE", help="run the control plane under cProfile")
     p.add_argument("--py-spy", default="", metavar="FILE",
                    help="sample the control plane with py-spy (raw collapsed stacks) for the whole run")
-    p.add_argument("--py-spy-from", choices=("storm", "changes"), default="storm",
-                   help="start sampling at the join storm (default) or only once the changes begin")
+    p.add_argument("--py-spy-from", choices=("storm", "changes", "starts"), default="storm",
+                   help="start sampling at the join storm (default), once the changes begin, or at the "
+                        "workload starts")
     p.add_argument("--edges", type=int, default=20,
                    help="service edges in each heartbeat's traffic summary (the mesh view's input); 0: none")
     p.add_argument("--keep", action="store_true", help="keep the control plane's state dir and log")
