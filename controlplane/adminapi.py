@@ -111,14 +111,17 @@ class AdminServicer(mesh_pb2_grpc.AdminServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         caller = current_caller()
         by = caller.principal if caller is not None else "local"
-        fresh, certs = await off_loop(self._sec.blocking, self._sec.nodes.revoke, request.name, by)
+        fresh, certs, written = await off_loop(self._sec.blocking, self._sec.nodes.revoke, request.name, by)
+        if self._sec.revocations is not None:
+            # Its SVIDs issued so far go into the push below: every node refuses them at HBONE.
+            self._sec.revocations.note(written)
         reason = (f"node {request.name} was revoked by {by} at "
                   f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
         closed = self._sec.interceptor.guard.close_node(request.name, reason)
         withdrawn = False
         if self._registry is not None:
             withdrawn = self._registry.withdraw(request.name, reason)  # on the loop: it tells the publisher
-        # One push, now: every node drops the revoked node's endpoints.
+        # One push, now: every node drops the revoked node's endpoints and refuses its SVIDs.
         self._republish()
         log.warning("%s: %d certificate(s) refused from now on, %d open stream(s) closed, endpoints %s",
                     reason, certs, closed, "withdrawn" if withdrawn else "were not registered")

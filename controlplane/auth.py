@@ -12,7 +12,8 @@ wiring of the pieces, each in a module of its own.
   close the open streams of revoked nodes.
 - controlplane/audit.py: the hash-chained change log and the bounded refusal log.
 - controlplane/adminapi.py: nodemesh.v1.Admin.
-- controlplane/trustwatch.py: republish when the trust bundle changes.
+- controlplane/trustwatch.py: republish when the trust bundle or the SVID
+  revocation list changes.
 - controlplane/unixsock.py: the local-admin unix socket, created private.
 - nodemesh/bindings.py: which identities the operator bound to which nodes.
 
@@ -51,7 +52,7 @@ from controlplane.interceptor import (
     refusal,
 )
 from controlplane.interceptor import uri_of as _uri_of
-from controlplane.nodeids import NodeIdentities
+from controlplane.nodeids import NodeIdentities, SvidRevocations
 from controlplane.operators import (
     ADMIN_TOKEN_FILE,
     BOOTSTRAP_OPERATOR,
@@ -71,7 +72,7 @@ from controlplane.operators import (
 )
 from controlplane.records import Records
 from controlplane.tokens import DEFAULT_NODE_CERT_TTL_S, JoinTokens, NodeAttestationServicer
-from controlplane.trustwatch import watch_trust_bundle
+from controlplane.trustwatch import watch_revocations, watch_trust_bundle
 from controlplane.unixsock import prepare_unix_socket, private_umask, secure_unix_socket
 from nodemesh.v1 import mesh_pb2, mesh_pb2_grpc
 
@@ -87,7 +88,7 @@ __all__ = [
     "ControlPlaneCA", "NodeIdentities", "OperatorError", "Operators", "RefusalLog", "Security", "StreamGuard",
     "_hash", "_uri_of", "allows", "attested_node", "audit_detail", "bootstrap_admin", "current_caller",
     "identify", "prepare_unix_socket", "private_umask", "refusal", "san_entries", "secure_unix_socket",
-    "token_port_address", "watch_trust_bundle", "write_private",
+    "token_port_address", "watch_revocations", "watch_trust_bundle", "write_private",
 ]
 
 AUDIT_KEY_LABEL = b"nodemesh audit chain v1"
@@ -107,6 +108,8 @@ class Security:
     nodes: NodeIdentities
     audit: AuditLog
     refusals: RefusalLog
+    # What every node refuses at HBONE: SVIDs of revoked nodes (set by controlplane/process.py).
+    revocations: SvidRevocations | None = None
 
     @classmethod
     def open(cls, state_dir: str, db_path: str, node_cert_ttl_s: int = DEFAULT_NODE_CERT_TTL_S,
@@ -155,18 +158,24 @@ class Security:
                  ", ".join(str(getattr(n, "value", n)) for n in sans))
         return self.cp_ca.server_credentials(sans)
 
-    def _node_labels(self, node: str) -> dict[str, str]:
-        return dict(self.nodes.get(node).labels)
-
     def identity_check(self, mesh: Callable[[], Any]) -> Callable[[str, str, str], str]:
         """For the CA: '' when the identity (namespace, service account) is bound
         to the node, else which binding is missing."""
         from nodemesh.bindings import identity_refused
 
         def check(node: str, namespace: str, service_account: str) -> str:
-            return identity_refused(mesh(), node, self._node_labels(node), namespace, service_account)
+            rec = self.nodes.get(node)
+            if rec.revoked_unix:  # its node certificate is refused too; this holds for the unix socket
+                when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(rec.revoked_unix))
+                return (f"node {node} was revoked at {when} by {rec.revoked_by or 'an operator'}; it gets no "
+                        "certificate until it joins again with a new token")
+            return identity_refused(mesh(), node, dict(rec.labels), namespace, service_account)
 
         return check
+
+    def svid_epoch(self, node: str) -> int:
+        """The node's issuance epoch, for its SVIDs' serials (nodemesh/revocation.py)."""
+        return self.nodes.get(node).svid_epoch
 
     def admit_registration(self, mesh: Callable[[], Any]) -> Callable[[mesh_pb2.NodeRegistration], str]:
         """The registry's check of a registration against the caller, the node's

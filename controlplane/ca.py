@@ -27,6 +27,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from controlplane.noderegistry import NodeRegistry
 from nodemesh.identity import Identity, IdentityError
+from nodemesh.revocation import svid_serial
 from nodemesh.v1 import mesh_pb2, mesh_pb2_grpc
 
 log = logging.getLogger("nodemesh.controlplane.ca")
@@ -255,8 +256,9 @@ class CertificateAuthority:
         return hmac.new(hashlib.sha256(der).digest(), label, hashlib.sha256).digest()
 
     def issue(self, public_key: Any, sans: list[x509.GeneralName], ttl: datetime.timedelta,
-              usages: list[x509.ObjectIdentifier]) -> x509.Certificate:
-        """A leaf for `public_key` with these names and extended key usages."""
+              usages: list[x509.ObjectIdentifier], serial: int | None = None) -> x509.Certificate:
+        """A leaf for `public_key` with these names and extended key usages
+        (`serial`: a random one unless given)."""
         now = datetime.datetime.fromtimestamp(self._clock(), datetime.UTC)
         ski = self.root_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
         return (
@@ -264,7 +266,7 @@ class CertificateAuthority:
             .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "nodemesh")]))
             .issuer_name(self.root_cert.subject)
             .public_key(public_key)
-            .serial_number(x509.random_serial_number())
+            .serial_number(serial if serial is not None else x509.random_serial_number())
             .not_valid_before(now - BACKDATE).not_valid_after(min(now + ttl, self.root_cert.not_valid_after_utc))
             # The subject is empty, so the SAN carries the identity and must be critical (RFC 5280).
             .add_extension(x509.SubjectAlternativeName(sans), critical=True)
@@ -328,11 +330,13 @@ class CertificateAuthority:
                  fingerprint(cert), overlap_s)
         return fingerprint(old), fingerprint(cert)
 
-    def sign(self, csr: x509.CertificateSigningRequest, identity: Identity, ttl_s: int) -> x509.Certificate:
-        """A workload SVID (server and client use) for `identity`."""
+    def sign(self, csr: x509.CertificateSigningRequest, identity: Identity, ttl_s: int,
+             serial: int | None = None) -> x509.Certificate:
+        """A workload SVID (server and client use) for `identity`; `serial` says
+        which node and issuance epoch it is for (nodemesh/revocation.py)."""
         return self.issue(csr.public_key(), [x509.UniformResourceIdentifier(identity.uri)],
                           datetime.timedelta(seconds=ttl_s),
-                          [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
+                          [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH], serial)
 
 
 def _new_root(trust_domain: str, clock: Callable[[], float],
@@ -566,8 +570,12 @@ class CertificateServicer(mesh_pb2_grpc.CertificateServiceServicer):
     def __init__(self, ca: CertificateAuthority, registry: NodeRegistry,
                  trust_domain: Callable[[], str], default_ttl_s: int = DEFAULT_CERT_TTL_S,
                  max_ttl_s: int = MAX_CERT_TTL_S, *, bound: Callable[[str, str, str], str] | None = None,
-                 on_refusal: Callable[..., None] | None = None) -> None:
+                 on_refusal: Callable[..., None] | None = None,
+                 svid_epoch: Callable[[str], int] | None = None) -> None:
         self._ca = ca
+        # node -> its issuance epoch (controlplane/nodeids.py), put in each SVID's serial so that
+        # peers can refuse the SVIDs of a revoked node (nodemesh/revocation.py).
+        self._svid_epoch = svid_epoch
         # (node, namespace, service account) -> '' or which identity binding is missing
         # (controlplane/auth.py Security.identity_check; nodemesh/bindings.py).
         self._bound = bound
@@ -588,8 +596,10 @@ class CertificateServicer(mesh_pb2_grpc.CertificateServiceServicer):
             if why:
                 raise CertificateRefused(grpc.StatusCode.PERMISSION_DENIED, f"no certificate for {identity.uri}: {why}")
         ttl = clamp_ttl(req.ttl_seconds, self._default_ttl_s, self._max_ttl_s)
-        leaf = self._ca.sign(csr, identity, ttl)
-        log.info("issued a certificate for %s to node %s (ttl %ds)", identity.uri, req.node_name, ttl)
+        epoch = self._svid_epoch(req.node_name) if self._svid_epoch is not None else 0
+        leaf = self._ca.sign(csr, identity, ttl, svid_serial(req.node_name, epoch))
+        log.info("issued a certificate for %s to node %s (ttl %ds, serial %x)", identity.uri, req.node_name, ttl,
+                 leaf.serial_number)
         return mesh_pb2.CertificateResponse(
             cert_chain=[leaf.public_bytes(serialization.Encoding.PEM).decode(), *self._ca.chain],
             trust_bundle=self._ca.trust_bundle)

@@ -21,6 +21,7 @@ from controlplane.ca import DEFAULT_CERT_TTL_S, MAX_CERT_TTL_S, CertificateAutho
 from controlplane.leader import Leadership
 from controlplane.looplag import watch_loop_lag
 from controlplane.metrics import ControlPlaneMetrics
+from controlplane.nodeids import SvidRevocations
 from controlplane.noderegistry import DEFAULT_LEASE_SECONDS, Lapse, NodeRegistry, RegistryServicer
 from controlplane.policies import current_policies
 from controlplane.rollout import controller as rollout_controller
@@ -30,6 +31,7 @@ from controlplane.xds import build_routes as xds_routes
 from controlplane.xds.build import build_snapshot
 from controlplane.xds.cache import SnapshotCache, XdsSnapshot
 from controlplane.xds.server import SERVER_OPTIONS, AdsServicer, add_to_server
+from nodemesh.revocation import RevocationList
 from nodemesh.v1 import mesh_pb2_grpc
 
 log = logging.getLogger("nodemesh.controlplane")
@@ -144,6 +146,8 @@ class SnapshotPublisher:
         self._dirty = asyncio.Event()
         self.published = 0
         self.observer: Any = None  # controlplane.metrics.ControlPlaneMetrics: changed() / published(snap)
+        # SVIDs every node refuses (controlplane/nodeids.py SvidRevocations.current).
+        self.revocations: Callable[[], RevocationList] = RevocationList
         registry.subscribe(self.trigger)
 
     def trigger(self) -> None:
@@ -156,7 +160,7 @@ class SnapshotPublisher:
                               self._registry.nodes(), self._trust_bundle(),
                               current_policies(self._store), l7=xds_routes.load(self._store),
                               splits=rollout_controller.splits(self._store),
-                              previous=self._cache.default_snapshot)
+                              previous=self._cache.default_snapshot, revocations=self.revocations())
 
     def publish_now(self) -> None:
         """Build and publish at once, answering every watch before returning
@@ -304,11 +308,14 @@ async def start(settings: ControlPlaneSettings) -> ControlPlane:
                                   in_flight=lambda: ads.sync.awaiting_answers() > _hold_slack(ads))
     cp_metrics = ControlPlaneMetrics()
     publisher.observer = cp_metrics
+    security = cp_auth.Security.open(settings.state_dir, os.path.join(settings.state_dir, DB_FILE),
+                                     settings.node_cert_ttl_s, store=store)
+    # Revoked nodes' SVIDs, refused at every node's HBONE port (nodemesh/revocation.py).
+    security.revocations = SvidRevocations(security.nodes, settings.max_cert_ttl_s)
+    publisher.revocations = security.revocations.current
     publisher.publish_now()
     ads.sync.observer = cp_metrics
     registry_servicer = RegistryServicer(registry)
-    security = cp_auth.Security.open(settings.state_dir, os.path.join(settings.state_dir, DB_FILE),
-                                     settings.node_cert_ttl_s, store=store)
     registry_servicer.admit = security.admit_registration(lambda: current_mesh(store))
 
     server = grpc.aio.server(interceptors=[security.interceptor], options=SERVER_OPTIONS)
@@ -324,7 +331,7 @@ async def start(settings: ControlPlaneSettings) -> ControlPlane:
         CertificateServicer(ca, registry, lambda: current_mesh(store).trust_domain,
                             settings.default_cert_ttl_s, settings.max_cert_ttl_s,
                             bound=security.identity_check(lambda: current_mesh(store)),
-                            on_refusal=security.refusals.record), server)
+                            on_refusal=security.refusals.record, svid_epoch=security.svid_epoch), server)
     add_to_server(ads, server)
     bound = []
     token_bound: list[str] = []  # server-only TLS ports, after the listen addresses
@@ -370,6 +377,7 @@ async def start(settings: ControlPlaneSettings) -> ControlPlane:
              asyncio.create_task(leader.run_while_leader(
                  "node lease expiry", lambda: registry.run_expiry(settings.expiry_interval_s))),
              asyncio.create_task(cp_auth.watch_trust_bundle(ca, publisher.trigger)),
+             asyncio.create_task(cp_auth.watch_revocations(security.revocations, publisher.trigger)),
              asyncio.create_task(security.interceptor.recheck_streams()),
              asyncio.create_task(watch_loop_lag(cp_metrics.lagged))]
     if isinstance(store, store_etcd.EtcdStore):

@@ -24,6 +24,7 @@ from controlplane.xds.cache import XdsSnapshot
 from controlplane.xds.subsets import VersionSplit
 from nodemesh import model, xdsnames
 from nodemesh.identity import Identity
+from nodemesh.revocation import RevocationList
 from nodemesh.v1 import mesh_pb2
 
 CONNECT_TIMEOUT_S = 5
@@ -165,12 +166,14 @@ def _workload(node: RegisteredNode, wl: RegisteredWorkload, trust_domain: str) -
 def build_snapshot(mesh: model.MeshConfig, services: Sequence[ServiceEntry],
                    nodes: Sequence[RegisteredNode], trust_bundle: Sequence[str],
                    policies: Sequence[Any] = (), *, l7: Any = None,
-                   splits: Sequence[VersionSplit] = (), previous: XdsSnapshot | None = None) -> XdsSnapshot:
+                   splits: Sequence[VersionSplit] = (), previous: XdsSnapshot | None = None,
+                   revocations: RevocationList | None = None) -> XdsSnapshot:
     """Every resource a node agent needs, each type versioned by its content.
     `l7`: (routes, destination policies) from controlplane.xds.build_routes.load();
     `splits`: what Rollouts ask (controlplane/rollout/state.py splits());
     `previous`: the snapshot in force, whose unchanged resources are carried over
-    with their versions and encodings (only what changed is hashed again)."""
+    with their versions and encodings (only what changed is hashed again);
+    `revocations`: nodes whose SVIDs every node refuses (nodemesh/revocation.py)."""
     l7_routes, l7_policies = l7 if l7 is not None else ((), ())
     wanted = subsets.needed_subsets([e.service for e in services], l7_routes, splits)
     clusters: dict[str, any_pb2.Any] = {}
@@ -221,7 +224,10 @@ def build_snapshot(mesh: model.MeshConfig, services: Sequence[ServiceEntry],
                 _add_slices(assignments, sc.name, port, members, mesh.trust_domain)
     mesh_pb = mesh_pb2.MeshConfig(
         trust_domain=mesh.trust_domain, outbound_policy=mesh.outbound_policy, vip_cidr=mesh.vip_range,
-        trust_bundle=list(trust_bundle), dns_domain=mesh.dns_domain)
+        trust_bundle=list(trust_bundle), dns_domain=mesh.dns_domain,
+        revoked_nodes=[mesh_pb2.RevokedNode(node=e.node, epoch=e.epoch, revoked_unix=e.revoked_unix,
+                                            revoked_by=e.revoked_by, until_unix=e.until_unix)
+                       for e in (revocations.entries if revocations is not None else ())])
     snap = XdsSnapshot.from_resources({
         xdsnames.CLUSTER: clusters,
         xdsnames.ENDPOINT: assignments,

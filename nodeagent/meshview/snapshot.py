@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from nodeagent.meshview.l7snapshot import ClusterPolicy, RouteTable
+from nodemesh.revocation import RevocationList
 from nodemesh.security import SecurityPolicies
 
 OUTBOUND_ALLOW_ANY = "ALLOW_ANY"
@@ -25,6 +26,8 @@ class MeshSettings:
     dns_domain: str = "mesh"
     vip_cidr: str = ""
     trust_bundle: tuple[str, ...] = ()  # PEM roots
+    # Revoked nodes whose SVIDs this node refuses at HBONE, both ways (nodemesh/revocation.py).
+    revocations: RevocationList = field(default_factory=RevocationList)
 
 
 @dataclass(frozen=True)

@@ -103,6 +103,12 @@ class PeerIdentityMismatch(PolicyError):
     hint = "the peer node presented a certificate for another identity: check the endpoint's registration"
 
 
+class PeerCertificateRevoked(PolicyError):
+    reason = "revoked_peer_certificate"
+    hint = ("the control plane revoked the node this certificate was issued to (`nodemesh node revoke`); "
+            "`nodemesh node list` shows when and by whom")
+
+
 class NoCertificate(PolicyError):
     reason = "no_certificate"
     hint = "has the node agent obtained an SVID for this workload from the CA?"

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import socket
 import ssl
+import time
 import weakref
 from collections.abc import Coroutine
 from typing import Any, cast
@@ -20,7 +21,7 @@ from nodemesh.identity import Identity
 from . import authz_l7, hbone, netutil, tls
 from .accesslog import AccessLog
 from .connector import UpstreamConnector
-from .errors import NoCertificate, PeerIdentityMismatch, ProxyError, TlsHandshakeFailed
+from .errors import NoCertificate, PeerCertificateRevoked, PeerIdentityMismatch, ProxyError, TlsHandshakeFailed
 from .http.h2core import GOAWAY_GRACE_S
 from .http.pipeline import L7Runtime
 from .inbound import InboundRefused, connect_local, resolve_inbound
@@ -38,6 +39,8 @@ class ListenerError(OSError):
 
 
 LISTENER_NAMES = ("outbound", "inbound", "hbone")
+# A refusal of a revoked peer certificate is logged at most this often per reason (each is counted).
+REVOKED_LOG_INTERVAL_S = 10.0
 _LABELS = {"outbound": "outbound", "inbound": "inbound plaintext", "hbone": "HBONE"}
 
 
@@ -110,6 +113,7 @@ class NodeProxy:
         self._conns: set[Session] = set()
         self._hbone_conns: weakref.WeakSet[HboneServerProtocol] = weakref.WeakSet()
         self._idle = hbone_limits.client_idle_timeout_s
+        self._revoked_logged: dict[str, tuple[float, int]] = {}  # reason -> (last logged, refused since)
         self.connector = UpstreamConnector(self)  # same node or HBONE, for L4 and L7 alike
         self.l7 = L7Runtime(self)  # the L7 pipeline's per-proxy state (http/pipeline.py)
         from nodeagent.observe.telemetry import ProxyTelemetry  # metrics, traces, log sampling
@@ -120,8 +124,11 @@ class NodeProxy:
         """Swap in new config for new connections; returns per-item errors (the rest applies)."""
         errors: list[str] = []
         if snapshot is not None:
+            old = self.snapshot
             self.snapshot = snapshot
             self._apply_hbone(snapshot.security.mesh.hbone)
+            if old is not None and old.mesh.revocations != snapshot.mesh.revocations:
+                self._cut_revoked_peers(snapshot)
         if certs is not None:
             errors += self.server_tls.update(certs)
             self.certs = certs
@@ -130,6 +137,48 @@ class NodeProxy:
         for e in errors:
             log.warning("certificate not usable: %s", e)
         return errors
+
+    # -- revoked peers (nodemesh/revocation.py): refused both ways, counted and logged --
+    def revoked_peer(self, direction: str, serial: str, identity: str, peer: str,
+                     snapshot: Snapshot | None = None) -> str:
+        """'' unless the peer's certificate was issued to a revoked node; then the
+        reason, logged (at most every REVOKED_LOG_INTERVAL_S per reason).
+        Connection-level refusals count themselves (`count`); a session's failure is
+        counted by its telemetry."""
+        snapshot = snapshot if snapshot is not None else self.snapshot
+        why = snapshot.mesh.revocations.refusal(serial, identity) if snapshot is not None else ""
+        if why:
+            now = time.monotonic()
+            last, since = self._revoked_logged.get(why, (-REVOKED_LOG_INTERVAL_S, 0))
+            if now - last >= REVOKED_LOG_INTERVAL_S:
+                if len(self._revoked_logged) >= 1024:
+                    self._revoked_logged.clear()
+                self._revoked_logged[why] = (now, 0)
+                log.warning("refused HBONE peer %s (%s): %s%s", peer or "?", direction, why,
+                            f" ({since} more refused since the last line)" if since else "")
+            else:
+                self._revoked_logged[why] = (last, since + 1)
+        return why
+
+    def _admit_hbone_peer(self, conn: HboneServerProtocol) -> str:
+        peer = f"{conn.peer_addr[0]}:{conn.peer_addr[1]}" if conn.peer_addr else ""
+        why = self.revoked_peer("inbound", conn.peer_serial, conn.peer_identity, peer)
+        if why:
+            meshmetrics.PROXY_ERRORS.inc({"direction": "inbound", "reason": PeerCertificateRevoked.reason})
+        return why
+
+    def _cut_revoked_peers(self, snapshot: Snapshot) -> None:
+        """A new revocation list: close accepted connections whose peer it revokes
+        (their tunnels end now), and retire client connections so that the next
+        stream dials again and checks the peer."""
+        for conn in list(self._hbone_conns):
+            if conn.lost:
+                continue
+            peer = f"{conn.peer_addr[0]}:{conn.peer_addr[1]}" if conn.peer_addr else ""
+            if self.revoked_peer("inbound", conn.peer_serial, conn.peer_identity, peer, snapshot):
+                meshmetrics.PROXY_ERRORS.inc({"direction": "inbound", "reason": PeerCertificateRevoked.reason})
+                conn.close("peer certificate revoked")
+        self.pool.retire_all()
 
     def _apply_hbone(self, spec: HboneSettings) -> None:
         """MeshConfig spec.hbone, for connections opened from now on (open ones keep theirs)."""
@@ -277,17 +326,23 @@ class NodeProxy:
             sock.close()
             raise TlsHandshakeFailed(f"TLS handshake with {host}:{port} for {key.expected_identity} "
                                      f"failed: {e}") from None
+        ssl_object = transport.get_extra_info("ssl_object")
         try:
-            tls.check_peer_identity(transport.get_extra_info("ssl_object"), key.expected_identity)
+            tls.check_peer_identity(ssl_object, key.expected_identity)
         except PeerIdentityMismatch as e:
             transport.abort()
             raise PeerIdentityMismatch(f"node {host}:{port}: {e.message}") from None
+        # The peer node's SVID was issued to a node revoked since: refuse it as the HBONE server would.
+        why = self.revoked_peer("outbound", tls.peer_serial(ssl_object), key.expected_identity, f"{host}:{port}")
+        if why:
+            transport.abort()
+            raise PeerCertificateRevoked(f"node {host}:{port}: {why}")
         return proto
 
     # -- inbound: HBONE --
     def _hbone_factory(self) -> HboneServerProtocol:
         conn = HboneServerProtocol(self._on_connect, self._hbone_session, self._describe_tls, self.hbone_limits,
-                                   self._hbone_idle_closed)
+                                   self._hbone_idle_closed, admit_peer=self._admit_hbone_peer)
         self._hbone_conns.add(conn)
         return conn
 
@@ -315,6 +370,11 @@ class NodeProxy:
             raise InboundRefused(503, "not_ready", "node proxy has no configuration yet")
         if not conn.peer_identity:
             raise InboundRefused(403, "no_peer_identity", "caller presented no SPIFFE ID")
+        # A connection accepted before the revocation list named its certificate (counted as the session's reason).
+        why = self.revoked_peer("inbound", conn.peer_serial, conn.peer_identity, session.fields.get("src", ""),
+                                snapshot)
+        if why:
+            raise InboundRefused(403, PeerCertificateRevoked.reason, why, PeerCertificateRevoked.hint)
         target = resolve_inbound(snapshot, host, port, conn.presented_identity)
         session.set(dst_workload=target.workload.key)
         # mTLS mode and AuthorizationPolicy (nodeagent/proxy/authz.py); raises InboundRefused (403).

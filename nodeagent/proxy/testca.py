@@ -49,7 +49,8 @@ class TestCA:
         )
         self.pem = self.cert.public_bytes(serialization.Encoding.PEM).decode()
 
-    def issue(self, spiffe_id: str, *, lifetime_s: float = 3600.0) -> Svid:
+    def issue(self, spiffe_id: str, *, lifetime_s: float = 3600.0, serial: int | None = None) -> Svid:
+        """`serial`: e.g. nodemesh.revocation.svid_serial(node, epoch), as the mesh CA signs; else random."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = dt.datetime.now(dt.UTC)
         not_after = now + dt.timedelta(seconds=lifetime_s)
@@ -58,7 +59,7 @@ class TestCA:
             .subject_name(x509.Name([]))
             .issuer_name(self.cert.subject)
             .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
+            .serial_number(serial if serial is not None else x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(minutes=5))
             .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)

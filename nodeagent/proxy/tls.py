@@ -127,6 +127,13 @@ def uri_sans(ssl_object: Any) -> list[str]:
     return [v for k, v in cert.get("subjectAltName", ()) if k == "URI"]
 
 
+def peer_serial(ssl_object: Any) -> str:
+    """The peer certificate's serial as OpenSSL prints it (hex), or "" (checked
+    against the mesh's revocation list: nodemesh/revocation.py)."""
+    cert = ssl_object.getpeercert() if ssl_object is not None else None
+    return str(cert.get("serialNumber", "")) if cert else ""
+
+
 def peer_spiffe_id(ssl_object: Any) -> str:
     """The peer's SPIFFE ID, or "" if it presented none (or several)."""
     uris = [u for u in uri_sans(ssl_object) if u.startswith("spiffe://")]

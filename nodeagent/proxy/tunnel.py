@@ -11,6 +11,7 @@ from typing import Any, cast
 from . import hbone
 from .errors import ProxyError, RemoteProtocolError, StreamRefused
 from .relay import End, Session
+from .tls import peer_serial
 
 log = logging.getLogger(__name__)
 
@@ -371,8 +372,11 @@ class HboneServerProtocol(HboneProtocol):
         describe_tls: Callable[[Any], tuple[str, str]],
         limits: hbone.HboneLimits = hbone.DEFAULT_LIMITS,
         on_idle_close: Callable[[], None] | None = None,
+        admit_peer: Callable[[HboneServerProtocol], str] | None = None,
     ) -> None:
         super().__init__(client=False, limits=limits)
+        # '' to serve the peer that just finished its handshake, else why not (a revoked certificate).
+        self._admit_peer = admit_peer
         self._on_idle_close = on_idle_close  # counts the closes (metrics)
         self._idle_since = 0.0
         self._idle_timer: asyncio.TimerHandle | None = None
@@ -380,15 +384,21 @@ class HboneServerProtocol(HboneProtocol):
         self._make_session = make_session
         self._describe_tls = describe_tls
         self.peer_identity = ""
+        self.peer_serial = ""  # hex, as OpenSSL prints it
         self.presented_identity = ""
         self.peer_addr: tuple[str, int] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.peer_identity, self.presented_identity = self._describe_tls(transport.get_extra_info("ssl_object"))
+        ssl_object = transport.get_extra_info("ssl_object")
+        self.peer_identity, self.presented_identity = self._describe_tls(ssl_object)
+        self.peer_serial = peer_serial(ssl_object)
         peer = transport.get_extra_info("peername")
         self.peer_addr = (str(peer[0]), int(peer[1])) if peer else None
         super().connection_made(transport)
+        if self._admit_peer is not None and self._admit_peer(self):
+            self.close("peer certificate revoked")  # the reason is in this node's log, counted
+            return
         self._went_idle()  # a connection that never opens a stream is idle from the start
 
     # -- idle timeout: no stream for limits.server_idle_timeout_s -> GOAWAY, close --

@@ -39,6 +39,7 @@ from nodeagent.xds import l7convert
 from nodemesh import routespec, security, xdsnames
 from nodemesh.fieldcheck import FieldChecker
 from nodemesh.identity import Identity, IdentityError, check_dns_label
+from nodemesh.revocation import RevocationError, RevocationList, RevokedNode
 from nodemesh.v1 import mesh_pb2
 
 PROTOCOLS = ("tcp", "http", "http2", "grpc")
@@ -159,12 +160,19 @@ def convert_mesh_config(msg: mesh_pb2.MeshConfig) -> MeshSettings:
         except ValueError as e:
             raise ResourceError(f"trust_bundle[{i}] is not a PEM certificate: {e}") from None
     dns_domain = msg.dns_domain or MeshSettings.dns_domain
+    try:
+        revocations = RevocationList.of(
+            RevokedNode(node=r.node, epoch=r.epoch, revoked_unix=r.revoked_unix, revoked_by=r.revoked_by,
+                        until_unix=r.until_unix) for r in msg.revoked_nodes)
+    except RevocationError as e:
+        raise ResourceError(str(e)) from None
     return MeshSettings(
         trust_domain=trust_domain,
         outbound_policy=policy,
         dns_domain=dns_domain,
         vip_cidr=msg.vip_cidr,
         trust_bundle=tuple(msg.trust_bundle),
+        revocations=revocations,
     )
 
 

@@ -490,18 +490,34 @@ class Workload(_message.Message):
     def __init__(self, name: _Optional[str] = ..., namespace: _Optional[str] = ..., service_account: _Optional[str] = ..., node: _Optional[str] = ..., ip: _Optional[str] = ..., ports: _Optional[_Iterable[int]] = ..., labels: _Optional[_Mapping[str, str]] = ..., identity: _Optional[str] = ..., node_address: _Optional[str] = ..., hbone_port: _Optional[int] = ..., zone: _Optional[str] = ...) -> None: ...
 
 class MeshConfig(_message.Message):
-    __slots__ = ("trust_domain", "outbound_policy", "vip_cidr", "trust_bundle", "dns_domain")
+    __slots__ = ("trust_domain", "outbound_policy", "vip_cidr", "trust_bundle", "dns_domain", "revoked_nodes")
     TRUST_DOMAIN_FIELD_NUMBER: _ClassVar[int]
     OUTBOUND_POLICY_FIELD_NUMBER: _ClassVar[int]
     VIP_CIDR_FIELD_NUMBER: _ClassVar[int]
     TRUST_BUNDLE_FIELD_NUMBER: _ClassVar[int]
     DNS_DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_NODES_FIELD_NUMBER: _ClassVar[int]
     trust_domain: str
     outbound_policy: str
     vip_cidr: str
     trust_bundle: _containers.RepeatedScalarFieldContainer[str]
     dns_domain: str
-    def __init__(self, trust_domain: _Optional[str] = ..., outbound_policy: _Optional[str] = ..., vip_cidr: _Optional[str] = ..., trust_bundle: _Optional[_Iterable[str]] = ..., dns_domain: _Optional[str] = ...) -> None: ...
+    revoked_nodes: _containers.RepeatedCompositeFieldContainer[RevokedNode]
+    def __init__(self, trust_domain: _Optional[str] = ..., outbound_policy: _Optional[str] = ..., vip_cidr: _Optional[str] = ..., trust_bundle: _Optional[_Iterable[str]] = ..., dns_domain: _Optional[str] = ..., revoked_nodes: _Optional[_Iterable[_Union[RevokedNode, _Mapping]]] = ...) -> None: ...
+
+class RevokedNode(_message.Message):
+    __slots__ = ("node", "epoch", "revoked_unix", "revoked_by", "until_unix")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_BY_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_UNIX_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    epoch: int
+    revoked_unix: float
+    revoked_by: str
+    until_unix: float
+    def __init__(self, node: _Optional[str] = ..., epoch: _Optional[int] = ..., revoked_unix: _Optional[float] = ..., revoked_by: _Optional[str] = ..., until_unix: _Optional[float] = ...) -> None: ...
 
 class Policy(_message.Message):
     __slots__ = ("kind", "namespace", "name", "spec_json")

@@ -5,7 +5,8 @@ fail with a clear reason in the logs.
 - a node asking for an identity the operator did not bind to it;
 - a node registering another node's address (and a service's labels);
 - a revoked node: its open streams closed, its renewal refused, its endpoints
-  withdrawn from the other nodes within one push;
+  withdrawn from the other nodes within one push, and the workload certificate
+  (SVID) it held refused at the other nodes' HBONE port in that same push;
 - an operator re-created after revocation: the old certificate stays refused;
 - 10,000 anonymous refused calls: every change record stays, `audit verify` passes;
 - an edited audit row: `nodemesh audit verify` names it.
@@ -20,7 +21,9 @@ import time
 
 import pytest
 
+from nodemesh import revocation
 from nodemesh.lab.harness import Lab, LabWorkload
+from nodemesh.prom import parse, select
 from tests.netns.conftest import BASE_CONFIG, CLIENT_UID, WEB_UID
 from tests.netns.test_security_cp import cli, py
 
@@ -93,6 +96,80 @@ async def main():
 asyncio.run(main())
 """
 
+# As node N (its node certificate): a workload SVID for URI with a key of our own, both written out.
+STEAL_SVID = r"""
+import json, os, sys
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from nodemesh.v1 import mesh_pb2, mesh_pb2_grpc
+target, state, node, uri, out = sys.argv[1:6]
+creds = grpc.ssl_channel_credentials(open(f"{state}/cp-ca.pem", "rb").read(), open(f"{state}/node.key", "rb").read(),
+                                     open(f"{state}/node.pem", "rb").read())
+key = ec.generate_private_key(ec.SECP256R1())
+csr = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+       .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=True)
+       .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode())
+with grpc.secure_channel(target, creds) as ch:
+    resp = mesh_pb2_grpc.CertificateServiceStub(ch).CreateCertificate(
+        mesh_pb2.CertificateRequest(node_name=node, csr_pem=csr), timeout=5)
+open(out + ".pem", "w").write("".join(resp.cert_chain))
+fd = os.open(out + ".key", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+os.write(fd, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                               serialization.NoEncryption()))
+os.close(fd)
+leaf = x509.load_pem_x509_certificate(resp.cert_chain[0].encode())
+print(json.dumps({"serial": format(leaf.serial_number, "x")}))
+"""
+
+# An HBONE client by hand (h2): TLS to HOST:15008 with the given certificate, SNI for EXPECT, one
+# CONNECT to AUTHORITY, then an HTTP/1.1 GET through the tunnel.
+HBONE_CONNECT = r"""
+import json, socket, ssl, sys
+import h2.config, h2.connection, h2.events
+from nodemesh.identity import Identity
+host, cert, key, bundle, expect, authority = sys.argv[1:7]
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT); ctx.check_hostname = False
+ctx.load_verify_locations(bundle); ctx.load_cert_chain(cert, key); ctx.set_alpn_protocols(["h2"])
+out = {"status": 0, "body": "", "error": ""}
+body = b""
+try:
+    with socket.create_connection((host, 15008), timeout=5) as raw:
+        with ctx.wrap_socket(raw, server_hostname=Identity.parse(expect).sni()) as tls:
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+            conn.initiate_connection()
+            conn.send_headers(1, [(":method", "CONNECT"), (":authority", authority)])
+            tls.sendall(conn.data_to_send())
+            tls.settimeout(5)
+            done = False
+            while not done:
+                data = tls.recv(65536)
+                if not data:
+                    out["error"] = out["error"] or "connection closed by the peer"
+                    break
+                for ev in conn.receive_data(data):
+                    if isinstance(ev, h2.events.ResponseReceived):
+                        out["status"] = int(dict(ev.headers)[":status"])
+                        if out["status"] == 200:
+                            conn.send_data(1, f"GET / HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n".encode())
+                        else:
+                            done = True
+                    elif isinstance(ev, h2.events.DataReceived):
+                        body += ev.data
+                        conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                    elif isinstance(ev, h2.events.ConnectionTerminated):
+                        out["error"] = f"GOAWAY {ev.error_code}: {ev.additional_data!r}"
+                        done = True
+                    elif isinstance(ev, (h2.events.StreamEnded, h2.events.StreamReset)):
+                        done = True
+                tls.sendall(conn.data_to_send())
+except (ssl.SSLError, OSError) as e:
+    out["error"] = out["error"] or f"{type(e).__name__}: {e}"
+out["body"] = body.decode(errors="replace")
+print(json.dumps(out))
+"""
+
 # N anonymous calls (server-only TLS, no credential) over one connection, as fast as they go.
 FLOOD = r"""
 import asyncio, json, sys, time
@@ -118,14 +195,17 @@ asyncio.run(main())
 """
 
 
-def narrow_mesh(lab: Lab) -> None:
+def narrow_mesh(lab: Lab, client_ports: tuple[int, ...] = ()) -> None:
+    """`client_ports`: the client on node-1 also serves (the lab app) on these."""
     lab.start_controlplane()
     lab.apply(NARROW)
     lab.add_workload(LabWorkload("web-2", node=2, uid=WEB_UID, ports=(8080,), service_account="web",
                                  labels={"app": "web"}))
-    lab.add_workload(LabWorkload("client", node=1, uid=CLIENT_UID, service_account="client",
+    lab.add_workload(LabWorkload("client", node=1, uid=CLIENT_UID, ports=client_ports, service_account="client",
                                  labels={"app": "client"}))
     lab.start_app("web-2")
+    if client_ports:
+        lab.start_app("client")
     lab.start_agent(1)
     lab.start_agent(2)
     vip = lab.service_vip("web")
@@ -196,12 +276,35 @@ def test_a_node_registering_another_nodes_address_or_a_services_labels_is_refuse
     assert r["register"] == "granted", r
 
 
+def hbone_as(lab: Lab, k: int, svid: str, to: int, port: int) -> dict:  # type: ignore[type-arg]
+    """From node k's namespace: an HBONE CONNECT to node `to`'s client workload on
+    `port`, presenting the SVID in files `svid`.pem/.key (thief/)."""
+    return py(lab, lab.node_ns(k), HBONE_CONNECT, lab.node_ip(to), svid + ".pem", svid + ".key",
+              str(lab.workdir / "cp-state" / "ca-root.pem"), "spiffe://cluster.local/ns/default/sa/client",
+              f"{lab.node_ip(to)}:{port}")
+
+
 def test_a_revoked_node_is_cut_off_at_once(lab: Lab) -> None:
-    narrow_mesh(lab)
+    narrow_mesh(lab, client_ports=(8080,))
     vip = lab.service_vip("web")
     state2 = lab.workdir / "agent-2"
     stolen = {f: (state2 / f).read_bytes() for f in ("node.key", "node.pem", "cp-ca.pem")}
     assert as_node(lab, 2, "node-2", {"renew": True})["renew"] == "renewed"  # the control: renewal works
+    # The thief (root on node-2) takes a workload SVID and its key: one the control plane signs for
+    # node-2 on request with the node's own key, as the agent's are (the agent keeps its keys in memory;
+    # root could read them there). Both are in node-2's issuance epoch 0, which the revocation ends.
+    thief = lab.workdir / "thief"
+    thief.mkdir(exist_ok=True)
+    web = py(lab, lab.node_ns(2), STEAL_SVID, lab.cp_addr, str(state2), "node-2",
+             "spiffe://cluster.local/ns/default/sa/web", str(thief / "web"))
+    assert web["serial"], web
+    held = json.loads(lab.ns_exec(lab.node_ns(2), ["curl", "-sS", "--max-time", "5",
+                                                  "http://127.0.0.1:15000/certs"]).stdout)["certificates"]
+    for serial in [web["serial"], *(c["serial"] for c in held)]:
+        assert revocation.serial_origin(int(serial, 16)) == (revocation.node_tag("node-2"), 0), (serial, held)
+    # The control: before the revocation node-1 accepts that SVID at HBONE (a tunnel to its client app).
+    before = hbone_as(lab, 2, str(thief / "web"), 1, 8080)
+    assert before["status"] == 200 and '"replica": "client"' in before["body"], before
     t0 = time.monotonic()
     code, out, err = cli(lab, "node", "revoke", "node-2", "--server", f"{lab.cp_ip}:15011", "--ca-file",
                          str(lab.workdir / "cp-state" / "cp-ca.pem"), "--token-file",
@@ -215,6 +318,19 @@ def test_a_revoked_node_is_cut_off_at_once(lab: Lab) -> None:
     lab.wait_for(lambda: lab.curl(1, f"http://{vip}/", uid=CLIENT_UID, timeout=1).returncode != 0, 5,
                  "node-1 to drop web-2's endpoint", lambda: lab.log("agent-1"))
     withdrawn_s = time.monotonic() - t0
+    # The same push told node-1 to refuse node-2's SVIDs: the stolen one opens nothing now, and
+    # node-1 says why in its log and counts it.
+    after = hbone_as(lab, 2, str(thief / "web"), 1, 8080)
+    assert after["status"] != 200 and "replica" not in after["body"], after
+    why = (f"certificate {web['serial']} of spiffe://cluster.local/ns/default/sa/web was issued to node node-2, "
+           "revoked at")
+    lab.wait_for(lambda: why in lab.log("agent-1"), 5, "node-1 to log the refused SVID", lambda: lab.log("agent-1"))
+    line = next(x for x in lab.log("agent-1").splitlines() if why in x)
+    assert " by operator/admin" in line, line
+    refused = select(parse(lab.ns_exec(lab.node_ns(1), ["curl", "-sS", "--max-time", "5",
+                                                        "http://127.0.0.1:15000/metrics"]).stdout),
+                     "nodemesh_proxy_connection_errors_total", direction="inbound", reason="revoked_peer_certificate")
+    assert refused and sum(v for _, v in refused) >= 1, refused
     # The stolen key renews nothing, and opens nothing.
     for f, data in stolen.items():
         (lab.workdir / "thief" / f).parent.mkdir(exist_ok=True)
