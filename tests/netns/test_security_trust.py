@@ -152,7 +152,8 @@ try:
                     if isinstance(ev, h2.events.ResponseReceived):
                         out["status"] = int(dict(ev.headers)[":status"])
                         if out["status"] == 200:
-                            conn.send_data(1, f"GET / HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n".encode())
+                            req = f"GET / HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
+                            conn.send_data(1, req.encode())
                         else:
                             done = True
                     elif isinstance(ev, h2.events.DataReceived):
