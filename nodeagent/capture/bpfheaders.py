@@ -18,6 +18,7 @@ import platform
 import re
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,13 +104,16 @@ def find_headers(cache_dir: str = DEFAULT_CACHE_DIR, src_dir: str = SRC_DIR,
     version, common, arch = trees[0]
     dest = Path(cache_dir) / version
     if not (dest / _MARKER).exists():
-        log.info("ebpf: merging kernel headers %s + %s into %s", common, arch, dest)
+        # Once per machine and headers version (1-3 s here, more on a cold disk).
+        log.info("ebpf: first use of kernel headers %s: merging %s + %s into %s", version, common, arch, dest)
+        started = time.monotonic()
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise HeadersError(f"cannot create {dest.parent} ({e.strerror}): the agent needs a writable "
                                "state directory for merged kernel headers") from None
         merge_trees(common, arch, dest)
+        log.info("ebpf: kernel headers merged in %.1fs (kept for the next starts)", time.monotonic() - started)
     return HeaderTree(version, str(dest), f"merged from {common.name} + {arch.name}")
 
 

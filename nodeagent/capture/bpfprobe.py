@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 from nodeagent.capture import heartbeat
@@ -24,12 +25,26 @@ log = logging.getLogger("nodeagent.capture.ebpf")
 
 
 _available: tuple[bool, str] | None = None
+# What available() compiled and loaded, kept for the first install: compiling bpf/ is
+# the slowest step of an eBPF start (1.5-3 s here), and the probe and the install
+# compiled the same source twice.
+_prepared: Any = None
 
 
 def load_programs() -> Any:
-    """Compile bpf/ with bcc and load every program (not attached)."""
+    """Compile bpf/ with bcc and load every program (not attached). The first
+    call after available() takes the probe's copy instead of compiling again."""
+    global _prepared
+    if _prepared is not None:
+        bpf, _prepared = _prepared, None
+        return bpf
+    return _compile_and_load()
+
+
+def _compile_and_load() -> Any:
+    started = time.monotonic()
     try:
-        ensure_bcc_headers()
+        tree = ensure_bcc_headers()
     except HeadersError as e:
         raise CaptureError("no_kernel_headers", str(e)) from None
     try:
@@ -37,8 +52,12 @@ def load_programs() -> Any:
     except ImportError:
         raise CaptureError("no_bcc", "cannot import bcc: install python3-bpfcc and run the agent with a "
                            "Python that sees /usr/lib/python3/dist-packages (scripts/setup.sh's .venv does)") from None
+    # Said before it starts: the agent is silent for the seconds bcc's clang takes.
+    log.info("ebpf: compiling and loading bpf/ with bcc (kernel headers %s)", tree.path)
+    compile_at = time.monotonic()
     try:
         bpf = BPF(text=load_source().encode(), cflags=["-Wno-macro-redefined"])
+        loaded_at = time.monotonic()
         for spec in PROGRAMS.values():
             bpf.load_func(spec.function.encode(), spec.prog_type, attach_type=spec.attach_type)
     except CaptureError:
@@ -46,13 +65,16 @@ def load_programs() -> Any:
     except Exception as e:  # noqa: BLE001 - bcc raises bare Exception (verifier log on stderr)
         raise CaptureError("bpf_load_failed", f"compiling or loading bpf/ failed: {e}; "
                            "is the agent root (CAP_BPF, CAP_NET_ADMIN) and the kernel 5.15 or later?") from None
+    now = time.monotonic()
+    log.info("ebpf: bpf/ ready in %.1fs (headers %.1fs, compile %.1fs, load %.1fs)", now - started,
+             compile_at - started, loaded_at - compile_at, now - loaded_at)
     return bpf
 
 
 def available() -> tuple[bool, str]:
     """Can eBPF capture load here, and why not: a real compile and load of bpf/
     (nothing attached). Cached: the answer does not change while the agent runs."""
-    global _available
+    global _available, _prepared
     if _available is not None:
         return _available
     try:
@@ -60,8 +82,7 @@ def available() -> tuple[bool, str]:
             raise CaptureError("not_root", "eBPF capture needs root (CAP_BPF and CAP_NET_ADMIN)")
         cgroup2_mount()
         netns_cookie()
-        bpf = load_programs()
-        bpf.cleanup()
+        _prepared = _compile_and_load()  # the first install attaches these (load_programs)
         _available = (True, "bcc compiled and the kernel loaded every program in bpf/")
     except CaptureError as e:
         _available = (False, str(e))

@@ -121,6 +121,13 @@ class Agent:
         self._pool_factory = pool_factory
         self.state_dir = Path(config.state_dir)
         self.settings = config.proxy_settings(resolve_control_plane(config))
+        # systemd (Type=notify, nodemesh install): READY once capture serves, RELOADING
+        # around SIGHUP, STOPPING, and the watchdog fed only while every worker answers.
+        self.notifier = Notifier()
+        if config.capture.mode in ("ebpf", "auto"):
+            # bcc compiles bpf/ now (seconds; the first start on a machine also merges the
+            # kernel headers): say so rather than look dead (status.json, systemctl status).
+            self._early_status("compiling BPF programs")
         self.capture = self._capture_for(config)
         self.snapshot: Snapshot | None = None
         self.certs: Certs | None = None
@@ -138,9 +145,6 @@ class Agent:
         self.dns: DnsServer | None = None  # mesh DNS (nodeagent/dns), started after the first snapshot
         self.dns_failed = False
         self.health: Any = None  # nodeagent.observe.healthprober.HealthMonitor, once the registry session exists
-        # systemd (Type=notify, nodemesh install): READY once capture serves, RELOADING
-        # around SIGHUP, STOPPING, and the watchdog fed only while every worker answers.
-        self.notifier = Notifier()
         self.vip_route = ""  # the service VIP range this agent routed to lo while capturing
         # Restarts (nodeagent/handover.py): what the previous agent kept for this one, and
         # the memfd the next one reads the last snapshot and certificates from.
@@ -255,12 +259,19 @@ class Agent:
         refused = self.cert_manager.refusals if self.cert_manager is not None else {}
         return out + [f"certificate {ident}: {why}" for ident, why in sorted(refused.items())]
 
-    def write_status(self) -> None:
+    def _early_status(self, phase: str) -> None:
+        """Before the agent is set up enough for status(): the phase alone."""
+        self.notifier.status(phase)
+        log.info("%s", phase)
+        self.write_status({"pid": os.getpid(), "agent_version": nodemesh.__version__, "node": self.config.node.name,
+                           "phase": phase, "capture_installed": False, "updated_unix": time.time()})
+
+    def write_status(self, status: dict[str, Any] | None = None) -> None:
         """Atomically replace stateDir/status.json (the CLI and tests read it)."""
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
             tmp = self.state_dir / "status.json.tmp"
-            tmp.write_text(json.dumps(self.status(), indent=2, sort_keys=True) + "\n")
+            tmp.write_text(json.dumps(status or self.status(), indent=2, sort_keys=True) + "\n")
             os.replace(tmp, self.state_dir / "status.json")
             (self.state_dir / "agent.pid").write_text(f"{os.getpid()}\n")
         except OSError as e:

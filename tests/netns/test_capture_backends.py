@@ -120,6 +120,9 @@ def test_capture_open(lab: Lab, backend: str, monkeypatch: pytest.MonkeyPatch) -
     start(lab, backend, "open", monkeypatch, exclude=[f"{lab.node_ip(2)}/32"])
     st = lab.agent_status(1)
     assert st["capture_backend"] == backend and st["proxy_state"] == "serving", st
+    if backend == "ebpf":  # said before bcc's seconds of compiling, and compiled once (probe + install)
+        log = lab.log("agent-1")
+        assert "compiling BPF programs" in log and log.count("ebpf: compiling and loading bpf/") == 1, log[-3000:]
 
     # Outbound to a VIP, through the proxy exactly once (its own connection is not captured again).
     vip = lab.service_vip("web")

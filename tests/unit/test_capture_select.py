@@ -176,3 +176,27 @@ def test_capture_config_errors_name_the_field(capture: dict[str, Any], path: str
     with pytest.raises(ConfigError) as err:
         _cfg(capture)
     assert err.value.path == path and reason in err.value.reason
+
+
+def test_the_ebpf_probe_compiles_once_and_the_first_install_attaches_its_programs(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """available() compiles and loads bpf/ to answer; the first load_programs()
+    (the install) takes that copy rather than compiling again (bcc's compile is
+    the slowest step of an eBPF start); later installs (a reload) compile anew."""
+    from nodeagent.capture import bpfprobe
+
+    compiled: list[object] = []
+
+    def compile_and_load() -> object:
+        compiled.append(object())
+        return compiled[-1]
+
+    monkeypatch.setattr(bpfprobe, "_available", None)
+    monkeypatch.setattr(bpfprobe, "_prepared", None)
+    monkeypatch.setattr(bpfprobe, "_compile_and_load", compile_and_load)
+    monkeypatch.setattr("os.geteuid", lambda: 0)
+    monkeypatch.setattr(bpfprobe, "cgroup2_mount", lambda: "/sys/fs/cgroup")
+    monkeypatch.setattr(bpfprobe, "netns_cookie", lambda: 1)
+    assert bpfprobe.available()[0] and bpfprobe.available()[0] and len(compiled) == 1
+    assert bpfprobe.load_programs() is compiled[0] and len(compiled) == 1
+    assert bpfprobe.load_programs() is compiled[1]
