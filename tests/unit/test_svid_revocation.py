@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,7 @@ from nodemesh.revocation import MAX_REVOKED_NODES, RevocationError, RevocationLi
 from nodemesh.v1 import mesh_pb2
 from tests.unit.test_cp_ca import URI, make_csr, registry
 from tests.unit.test_proxy_loopback import CLIENT, ECHO, ECHO_VIP, Cluster, run, wait_for_log
+from tests.unit.test_store_contract import _store, etcd_certs, etcd_endpoint  # noqa: F401 - fixtures
 from tests.unit.test_trust import mesh
 
 NOW = 1_800_000_000.0
@@ -134,6 +136,27 @@ def test_the_pushed_list_changes_at_once_and_on_expiry(tmp_path: Path) -> None:
     assert not lst.refresh()  # nothing new
     now[0] = NOW + 3600 + 301
     assert lst.refresh() and len(lst.current()) == 0
+
+
+def test_a_revocation_made_at_one_replica_is_in_every_replicas_list(request: pytest.FixtureRequest) -> None:
+    etcd = request.getfixturevalue("etcd_endpoint")  # a real etcd, as in test_store_contract.py
+    prefix = f"/t-{uuid.uuid4().hex[:8]}"
+    a, b = _store(etcd, prefix), _store(etcd, prefix)
+    c = None
+    try:
+        list_b = SvidRevocations(NodeIdentities(b.security_records()), 3600)
+        assert len(list_b.current()) == 0
+        NodeIdentities(a.security_records()).revoke("node-2", "operator/admin")
+        b.catch_up()  # replica b reads its mirror of etcd, as its 2-second re-read does
+        assert list_b.refresh() and [(e.node, e.epoch) for e in list_b.current().entries] == [("node-2", 1)]
+        # A replica started afterwards (or a restart) has it from the first snapshot on.
+        c = _store(etcd, prefix)
+        c.catch_up()
+        assert SvidRevocations(NodeIdentities(c.security_records()), 3600).current() == list_b.current()
+    finally:
+        for s in (a, b, c):
+            if s is not None:
+                s.close()
 
 
 def test_the_ca_signs_with_the_nodes_epoch_and_refuses_a_revoked_node(tmp_path: Path) -> None:
