@@ -15,8 +15,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import grpc
 
@@ -140,3 +142,43 @@ async def keep_connected(session: Callable[[], Awaitable[bool]], ended: Callable
         attempt += 1
         ended(reason, delay)
         await sleep(delay)
+
+
+class KeptSession(ABC):
+    """A stream to the control plane kept up by `keep_connected` (the registry
+    session, the xDS client): whether it is up now, and `on_connection` told of
+    each change. A subclass supplies one session and what to do when it ends."""
+
+    what: ClassVar[str]  # names the stream in log lines
+    closed_reason: ClassVar[str] = "the control plane closed the stream"
+
+    def __init__(self, *, on_connection: Callable[[bool], None] | None,
+                 backoff_initial_s: float, backoff_cap_s: float) -> None:
+        self.connected = False
+        self._on_connection = on_connection
+        self._backoff_initial = backoff_initial_s
+        self._backoff_cap = backoff_cap_s
+
+    def _set_connected(self, value: bool) -> None:
+        if value != self.connected:
+            self.connected = value
+            if self._on_connection:
+                self._on_connection(value)
+
+    async def run(self) -> None:
+        """Keep the stream open until cancelled."""
+        await keep_connected(self._session, self._ended, what=self.what, closed_reason=self.closed_reason,
+                             on_rpc_error=self._rpc_error, backoff_initial_s=self._backoff_initial,
+                             backoff_cap_s=self._backoff_cap)
+
+    @abstractmethod
+    async def _session(self) -> bool:
+        """One stream; returns whether it got anywhere (the backoff starts over)."""
+
+    @abstractmethod
+    def _ended(self, reason: str, delay: float) -> None:
+        """The stream ended for `reason`; the next try is in `delay` seconds."""
+
+    def _rpc_error(self, e: grpc.aio.AioRpcError) -> None:
+        """The stream ended with this gRPC status (told before `_ended`, which logs the reason)."""
+        log.debug("%s stream ended with %s", self.what, e.code().name)

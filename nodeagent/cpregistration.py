@@ -42,19 +42,20 @@ def heartbeat_interval(lease_seconds: int) -> float:
     return max(MIN_HEARTBEAT_S, lease_seconds / 3)
 
 
-class RegistrySession:
+class RegistrySession(cpchannel.KeptSession):
+    what = "registry"
+    closed_reason = "the control plane closed the session"
+
     def __init__(self, target: str, registration: mesh_pb2.NodeRegistration, *,
                  on_connection: Callable[[bool], None] | None = None,
                  backoff_initial_s: float = cpchannel.BACKOFF_INITIAL_S,
                  backoff_cap_s: float = cpchannel.BACKOFF_CAP_S) -> None:
+        super().__init__(on_connection=on_connection, backoff_initial_s=backoff_initial_s,
+                         backoff_cap_s=backoff_cap_s)
         self.target = target
         self.registration = registration
         self.lease: mesh_pb2.LeaseGrant | None = None
-        self.connected = False
         self.heartbeats = 0
-        self._on_connection = on_connection
-        self._backoff_initial = backoff_initial_s
-        self._backoff_cap = backoff_cap_s
         self._outbox: asyncio.Queue[mesh_pb2.NodeReport] | None = None
         # Returns a compact JSON summary of the node's traffic for the control plane's
         # mesh view (nodeagent.supervision.admin.AdminServer.telemetry_json); None = send none.
@@ -63,20 +64,7 @@ class RegistrySession:
         self.health: mesh_pb2.HealthReport | None = None
         self.last_refusal = ""  # the control plane's reason when it refused this node's registration
 
-    def _set_connected(self, value: bool) -> None:
-        if value != self.connected:
-            self.connected = value
-            if self._on_connection:
-                self._on_connection(value)
-
-    async def run(self) -> None:
-        """Keep the session open until cancelled (cpchannel.keep_connected)."""
-        await cpchannel.keep_connected(self._session, self._ended, what="registry",
-                                       closed_reason="the control plane closed the session",
-                                       on_rpc_error=self._refused, backoff_initial_s=self._backoff_initial,
-                                       backoff_cap_s=self._backoff_cap)
-
-    def _refused(self, e: grpc.aio.AioRpcError) -> None:
+    def _rpc_error(self, e: grpc.aio.AioRpcError) -> None:
         if e.code() == grpc.StatusCode.PERMISSION_DENIED:
             # Shown by `nodemesh status` (e.g. which identity binding is missing).
             self.last_refusal = str(e.details())

@@ -40,11 +40,6 @@ class ConnectRefused(NetworkError):
     hint = "is the destination listening on that port?"
 
 
-class UpstreamConnectFailed(NetworkError):
-    reason = "upstream_connect_failed"
-    hint = "the destination node's proxy could not reach the workload: is it listening?"
-
-
 class TlsHandshakeFailed(NetworkError):
     reason = "tls_handshake_failed"
     hint = "do both nodes trust the same CA, and does the peer node hold a certificate for the identity?"

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from nodeagent.meshview.snapshot import LocalWorkload, Snapshot
 
 from . import netutil
-from .errors import ProxyError, UnknownDestination, UpstreamConnectFailed
+from .errors import ProxyError, UnknownDestination
 from .relay import Session, TcpEnd
 
 
@@ -68,7 +68,7 @@ async def connect_local(target: InboundTarget, session: Session, mark: int, time
     except ProxyError as e:
         raise InboundRefused(
             503, "upstream_connect_failed", f"workload {target.workload.key} at {target.ip}:{target.port}: {e.message}",
-            hint=UpstreamConnectFailed.hint,
+            hint="the destination node's proxy could not reach the workload: is it listening?",
         ) from None
     loop = asyncio.get_running_loop()
     _, end = await loop.create_connection(lambda: TcpEnd(session), sock=sock)

@@ -67,7 +67,9 @@ def delta_nack(response: discovery_pb2.DeltaDiscoveryResponse,
                                                error_detail=detail)
 
 
-class AdsClient:
+class AdsClient(cpchannel.KeptSession):
+    what = "xDS"
+
     def __init__(
         self,
         target: str,
@@ -85,6 +87,8 @@ class AdsClient:
     ) -> None:
         if protocol not in PROTOCOLS:
             raise ValueError(f"xDS protocol {protocol!r} must be one of {', '.join(PROTOCOLS)}")
+        super().__init__(on_connection=on_connection, backoff_initial_s=backoff_initial_s,
+                         backoff_cap_s=backoff_cap_s)
         self.protocol = protocol
         # Scoped discovery (Delta): endpoints only of these services ("namespace/name");
         # None: of every service the node knows. See docs/architecture.md.
@@ -100,10 +104,6 @@ class AdsClient:
         self.types = tuple(types)
         self.state = XdsState(node=node_name, local_workloads=tuple(local_workloads), types=self.types)
         self._on_snapshot = on_snapshot
-        self._on_connection = on_connection
-        self._backoff_initial = backoff_initial_s
-        self._backoff_cap = backoff_cap_s
-        self.connected = False
         self.acks = 0
         self.nacks = 0
         self.last_error = ""
@@ -122,17 +122,6 @@ class AdsClient:
             follow = self.workload_subscription_update()
             if follow is not None:
                 self._outbox.put_nowait(follow)
-
-    def _set_connected(self, value: bool) -> None:
-        if value != self.connected:
-            self.connected = value
-            if self._on_connection:
-                self._on_connection(value)
-
-    async def run(self) -> None:
-        """Keep a stream open until cancelled (cpchannel.keep_connected)."""
-        await cpchannel.keep_connected(self._session, self._ended, what="xDS",
-                                       backoff_initial_s=self._backoff_initial, backoff_cap_s=self._backoff_cap)
 
     def _ended(self, reason: str, delay: float) -> None:
         self._set_connected(False)
