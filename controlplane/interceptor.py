@@ -18,7 +18,8 @@ import contextvars
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -208,39 +209,69 @@ def _skip_audit(request: Any) -> bool:
     return isinstance(request, mesh_pb2.ApplyRequest) and request.dry_run
 
 
+@dataclass(eq=False)
+class TrackedStream:
+    """One open node stream: the task serving it, and why it is being closed."""
+
+    sid: int
+    node: str
+    serial: str  # of the certificate it was opened with (re-checked periodically)
+    task: asyncio.Task[Any] | None
+    reason: str = ""  # set once the stream is to close
+    in_servicer: bool = False  # the task is waiting on the servicer (a cancel lands there)
+    cancelled: bool = False  # the guard cancelled the task to close the stream
+
+    def close(self, reason: str) -> None:
+        """Close with `reason`: at once if the servicer is waiting (its task is
+        cancelled there), else as soon as the response being sent is out."""
+        if self.reason:
+            return
+        self.reason = reason
+        if self.in_servicer and self.task is not None and not self.task.done():
+            self.cancelled = True
+            self.task.cancel()
+
+    def closing(self) -> bool:
+        """Whether the stream is to close now (a call, so that it is read afresh
+        after every await); takes back the guard's cancel of the task."""
+        if not self.reason:
+            return False
+        if self.cancelled and self.task is not None:
+            self.cancelled = False
+            self.task.uncancel()
+        return True
+
+
 class StreamGuard:
     """The open streams of each node on this replica, so that a revocation
     closes them at once (and a periodic re-check catches revocations made
     through another replica and certificates that expire)."""
 
     def __init__(self) -> None:
-        self._open: dict[str, dict[int, asyncio.Event]] = {}
-        self._reasons: dict[int, str] = {}
+        self._open: dict[str, dict[int, TrackedStream]] = {}
         self._next = 0
 
-    def enter(self, node: str) -> tuple[int, asyncio.Event]:
+    def enter(self, node: str, serial: str = "") -> TrackedStream:
         self._next += 1
-        ev = asyncio.Event()
-        self._open.setdefault(node, {})[self._next] = ev
-        return self._next, ev
+        tracked = TrackedStream(self._next, node, serial, asyncio.current_task())
+        self._open.setdefault(node, {})[tracked.sid] = tracked
+        return tracked
 
-    def leave(self, node: str, sid: int) -> None:
-        streams = self._open.get(node)
+    def leave(self, tracked: TrackedStream) -> None:
+        streams = self._open.get(tracked.node)
         if streams is not None:
-            streams.pop(sid, None)
+            streams.pop(tracked.sid, None)
             if not streams:
-                del self._open[node]
-        self._reasons.pop(sid, None)
-
-    def reason(self, sid: int) -> str:
-        return self._reasons.get(sid, "")
+                del self._open[tracked.node]
 
     def close_node(self, node: str, reason: str) -> int:
-        streams = self._open.get(node, {})
-        for sid, ev in streams.items():
-            self._reasons[sid] = reason
-            ev.set()
+        streams = list(self._open.get(node, {}).values())
+        for tracked in streams:
+            tracked.close(reason)
         return len(streams)
+
+    def streams(self) -> list[TrackedStream]:
+        return [t for streams in self._open.values() for t in streams.values()]
 
     def nodes(self) -> list[str]:
         return list(self._open)
@@ -259,8 +290,6 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self.refusals = refusals or RefusalLog()
         self.nodes = nodes
         self.guard = StreamGuard()
-        # node -> serial of each open stream's certificate, for the periodic re-check
-        self._serials: dict[int, tuple[str, str]] = {}
 
     async def recheck_streams(self, interval_s: float = RECHECK_S) -> None:
         """Close open node streams whose certificate stopped being valid (revoked
@@ -271,27 +300,24 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 continue
             # One trip to a worker thread per sweep, not one per stream: at 1,000 nodes
             # (2,000 streams) a trip each kept the event loop turning for nothing.
-            refused = await asyncio.to_thread(self._refused_streams, list(self._serials.items()))
-            for sid, node, why in refused:
-                streams = self.guard._open.get(node, {})
-                if sid in streams:
-                    self.guard._reasons[sid] = why
-                    streams[sid].set()
+            refused = await asyncio.to_thread(self._refused_streams, self.guard.streams())
+            for tracked, why in refused:
+                tracked.close(why)
 
-    def _refused_streams(self, streams: list[tuple[int, tuple[str, str]]]) -> list[tuple[int, str, str]]:
-        """(stream, node, why) of the open streams whose certificate is refused now."""
-        out: list[tuple[int, str, str]] = []
+    def _refused_streams(self, streams: list[TrackedStream]) -> list[tuple[TrackedStream, str]]:
+        """(stream, why) of the open streams whose certificate is refused now."""
+        out: list[tuple[TrackedStream, str]] = []
         nodes = self.nodes
         if nodes is None:
             return out
-        for sid, (node, serial) in streams:
+        for tracked in streams:
             try:
-                why = nodes.certificate_refused(node, serial)
+                why = nodes.certificate_refused(tracked.node, tracked.serial)
             except Exception as e:  # noqa: BLE001 - the store may be briefly unreachable; keep serving
-                log.debug("re-check of node %s's stream failed: %s", node, e)
+                log.debug("re-check of node %s's stream failed: %s", tracked.node, e)
                 continue
             if why:
-                out.append((sid, node, why))
+                out.append((tracked, why))
         return out
 
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails],
@@ -358,55 +384,47 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         attr = {(False, True): "unary_stream", (True, False): "stream_unary",
                 (True, True): "stream_stream"}[(handler.request_streaming, handler.response_streaming)]
         inner_any = getattr(handler, attr)
-        interceptor = self
 
-        def track(caller: Caller) -> tuple[int, asyncio.Event] | None:
-            if caller.kind != "node":
-                return None
-            sid, ev = guard.enter(caller.name)
-            interceptor._serials[sid] = (caller.name, caller.credential)
-            return sid, ev
-
-        def untrack(caller: Caller, tracked: tuple[int, asyncio.Event] | None) -> None:
-            if tracked is not None:
-                guard.leave(caller.name, tracked[0])
-                interceptor._serials.pop(tracked[0], None)
-
-        async def closed(context: grpc.aio.ServicerContext, caller: Caller, sid: int) -> None:
-            why = guard.reason(sid) or f"node {caller.name} was revoked"
-            refusals.record(caller.principal, method, "PERMISSION_DENIED", f"open stream closed: {why}",
+        # A node's stream is tracked so that a revocation closes it: no task or
+        # future per response, the guard cancels the serving task only while it
+        # waits on the servicer (where the cancel lands in servicer code).
+        async def closed(context: grpc.aio.ServicerContext, caller: Caller, tracked: TrackedStream) -> None:
+            refusals.record(caller.principal, method, "PERMISSION_DENIED", f"open stream closed: {tracked.reason}",
                             context.peer() or "")
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"stream closed: {why}")
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"stream closed: {tracked.reason}")
 
         if inspect.isasyncgenfunction(inner_any):
             async def streaming_gen(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 caller = await admit(context)
                 token = _CALLER.set(caller)
-                tracked = track(caller)
-                gen: AsyncIterator[Any] = inner_any(request, context)
+                gen: AsyncGenerator[Any, None] = inner_any(request, context)
+                tracked = guard.enter(caller.name, caller.credential) if caller.kind == "node" else None
                 try:
                     if tracked is None:
                         async for item in gen:
                             yield item
                         return
-                    sid, ev = tracked
-                    waiter = asyncio.ensure_future(ev.wait())
-                    try:
-                        while True:
-                            nxt = asyncio.ensure_future(gen.__anext__())
-                            await asyncio.wait({nxt, waiter}, return_when=asyncio.FIRST_COMPLETED)
-                            if ev.is_set():
-                                nxt.cancel()
-                                await closed(context, caller, sid)
-                            try:
-                                item = nxt.result()
-                            except StopAsyncIteration:
-                                return
-                            yield item
-                    finally:
-                        waiter.cancel()
+                    while not tracked.closing():
+                        tracked.in_servicer = True
+                        try:
+                            item = await gen.__anext__()
+                        except StopAsyncIteration:
+                            break
+                        except asyncio.CancelledError:
+                            if not tracked.closing():
+                                raise
+                            break
+                        finally:
+                            tracked.in_servicer = False
+                        if tracked.closing():
+                            break
+                        yield item
+                    if tracked.closing():
+                        await closed(context, caller, tracked)
                 finally:
-                    untrack(caller, tracked)
+                    if tracked is not None:
+                        guard.leave(tracked)
+                    await gen.aclose()  # the servicer's cleanup runs now, not at GC
                     _CALLER.reset(token)
 
             return handler._replace(**{attr: streaming_gen})
@@ -414,23 +432,24 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         async def streaming(request: Any, context: grpc.aio.ServicerContext) -> Any:
             caller = await admit(context)
             token = _CALLER.set(caller)
-            tracked = track(caller)
+            tracked = guard.enter(caller.name, caller.credential) if caller.kind == "node" else None
             try:
                 if tracked is None:
                     return await inner_any(request, context)
-                sid, ev = tracked
-                work = asyncio.ensure_future(inner_any(request, context))
-                waiter = asyncio.ensure_future(ev.wait())
+                tracked.in_servicer = True
                 try:
-                    await asyncio.wait({work, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                    result = await inner_any(request, context)
+                except asyncio.CancelledError:
+                    if not tracked.closing():
+                        raise
                 finally:
-                    waiter.cancel()
-                if ev.is_set() and not work.done():
-                    work.cancel()
-                    await closed(context, caller, sid)
-                return work.result()
+                    tracked.in_servicer = False
+                if not tracked.closing():
+                    return result
+                await closed(context, caller, tracked)
             finally:
-                untrack(caller, tracked)
+                if tracked is not None:
+                    guard.leave(tracked)
                 _CALLER.reset(token)
 
         return handler._replace(**{attr: streaming})
