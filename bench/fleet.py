@@ -467,9 +467,9 @@ class Fleet:
     @staticmethod
     def _sotw_name(type_url: str, r: Any) -> str:
         # State of the world carries no names beside the resources: take them from the bytes.
-        from nodeagent.xds.convert import _MESSAGES, _name_of
+        from nodeagent.xds.convert import MESSAGES, default_name
 
-        return _name_of(type_url, _MESSAGES[type_url].FromString(r.value))
+        return default_name(MESSAGES[type_url].FromString(r.value))
 
     async def start_agent(self, a: Agent) -> None:
         # As the agent (nodeagent/identity/attest.py): a failed join is retried with backoff.

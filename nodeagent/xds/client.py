@@ -178,8 +178,7 @@ class AdsClient(cpchannel.KeptSession):
     def wanted_slice_globs(self) -> set[str]:
         """The endpoint-slice globs for the clusters this node needs: every
         cluster it knows, or only those of its declared dependencies."""
-        clusters = self.state.resources.get(xdsnames.CLUSTER, {})
-        return {xdsnames.slice_glob(name) for name, c in clusters.items()
+        return {xdsnames.slice_glob(name) for name, c in self.state.resources.clusters.items()
                 if self.depends_on is None or f"{c.namespace}/{c.service}" in self.depends_on}
 
     def wanted_workload_names(self) -> set[str]:
@@ -188,7 +187,7 @@ class AdsClient(cpchannel.KeptSession):
         `nodemesh explain` know their peers) and no other."""
         names = {xdsnames.workload_resource_name(self.node_name, lw.namespace, lw.name)
                  for lw in self.state.local_workloads}
-        for la in self.state.resources.get(xdsnames.ENDPOINT, {}).values():
+        for la in self.state.resources.assignments.values():
             for ep in la.endpoints:
                 namespace, _, name = ep.workload.partition("/")
                 if name:
@@ -204,7 +203,7 @@ class AdsClient(cpchannel.KeptSession):
         wanted = self.wanted_workload_names()
         add, drop = wanted - self._wl_names, self._wl_names - wanted
         if drop:
-            held = self.state.resources.get(xdsnames.WORKLOAD, {})
+            held = self.state.resources.workloads
             gone = [n for n in drop if n in held]
             if gone:
                 self._after_accept(self.state.apply_delta(
@@ -235,7 +234,7 @@ class AdsClient(cpchannel.KeptSession):
         add, drop = wanted - self._eds_globs, self._eds_globs - wanted
         if drop:
             prefixes = tuple(g[:-1] for g in drop)
-            held = self.state.resources.get(xdsnames.ENDPOINT, {})
+            held = self.state.resources.assignments
             gone = [n for n in held if n.startswith(prefixes)]
             if gone:
                 self._after_accept(self.state.apply_delta(

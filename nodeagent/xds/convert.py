@@ -5,6 +5,8 @@ its own and every bad one yields "<name>: <reason>". A type's batch is accepted
 whole or not at all, so the previous good set of that type stays in force when
 one resource is bad (the NACK carries the reasons). Once every type has been
 received, the accepted sets are joined into a Snapshot, which checks itself.
+Every converted value is one of the frozen types named in `Converted`, and the
+accepted sets are kept per type (`Resources`), so their users are type-checked.
 """
 
 from __future__ import annotations
@@ -12,17 +14,18 @@ from __future__ import annotations
 import ipaddress
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from dataclasses import dataclass, field, replace
+from typing import NoReturn, TypeVar
 
 from cryptography import x509
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.route.v3 import route_pb2
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, struct_pb2
 from google.protobuf.message import DecodeError, Message
 
+from nodeagent.meshview.l7snapshot import ClusterPolicy, RouteTable
 from nodeagent.meshview.snapshot import (
     OUTBOUND_ALLOW_ANY,
     OUTBOUND_REGISTRY_ONLY,
@@ -48,6 +51,8 @@ PROTOCOLS = ("tcp", "http", "http2", "grpc")
 class ResourceError(ValueError):
     """One resource is invalid; the message becomes part of the NACK."""
 
+    resource = ""  # its name, once known
+
 
 # Intermediate, still per-resource, forms of Cluster and ClusterLoadAssignment:
 # they only become Services once both types are known.
@@ -61,7 +66,7 @@ class ClusterInfo:
     target_port: int
     protocol: str
     port_name: str
-    policy: Any = None  # nodeagent.meshview.l7snapshot.ClusterPolicy (L7 traffic policy)
+    policy: ClusterPolicy | None = None  # L7 traffic policy
     subset: str = ""  # a version subset of the service port ("version=v2"), "" = the whole port
 
 
@@ -69,6 +74,12 @@ class ClusterInfo:
 class AssignmentInfo:
     cluster: str
     endpoints: tuple[Endpoint, ...]
+
+
+# A Policy resource is one of these (nodemesh/security.py).
+PolicyResource = security.MeshSecurity | security.PeerAuthentication | security.AuthorizationPolicy
+# What one resource of any subscribed type converts to.
+Converted = MeshSettings | Workload | ClusterInfo | AssignmentInfo | PolicyResource | RouteTable
 
 
 # ------------------------------------------------------------------ field checks
@@ -113,10 +124,10 @@ class _Meta:
     """A resource's nodemesh metadata (filter_metadata[METADATA_KEY]), read through
     the shared field validator (nodemesh/fieldcheck.py): the first bad field NACKs."""
 
-    def __init__(self, struct_map: Any, what: str) -> None:
+    def __init__(self, struct_map: Mapping[str, struct_pb2.Struct], what: str) -> None:
         if xdsnames.METADATA_KEY not in struct_map:
             raise ResourceError(f"{what} has no metadata.filter_metadata[{xdsnames.METADATA_KEY!r}]")
-        self.values: dict[str, Any] = {}
+        self.values: dict[str, object] = {}
         for k, v in struct_map[xdsnames.METADATA_KEY].fields.items():
             kind = v.WhichOneof("kind")
             self.values[k] = getattr(v, kind) if kind else None
@@ -239,7 +250,7 @@ def convert_cluster(msg: cluster_pb2.Cluster) -> ClusterInfo:
     )
 
 
-def _l7_policy(msg: cluster_pb2.Cluster) -> Any:
+def _l7_policy(msg: cluster_pb2.Cluster) -> ClusterPolicy:
     try:
         return l7convert.cluster_policy(msg)
     except l7convert.L7ResourceError as e:
@@ -276,7 +287,7 @@ def convert_assignment(msg: endpoint_pb2.ClusterLoadAssignment) -> AssignmentInf
     return AssignmentInfo(cluster=msg.cluster_name, endpoints=tuple(endpoints))
 
 
-def convert_policy(name: str, msg: mesh_pb2.Policy) -> Any:
+def convert_policy(name: str, msg: mesh_pb2.Policy) -> PolicyResource:
     """A Policy resource: MeshSecurity settings or a PeerAuthentication /
     AuthorizationPolicy, validated by the same parser the config API uses."""
     if msg.kind == security.KIND_MESH_SECURITY:
@@ -297,8 +308,10 @@ def convert_policy(name: str, msg: mesh_pb2.Policy) -> Any:
         raise ResourceError(str(e)) from None
 
 
-def security_from(policies: Mapping[str, Any]) -> security.SecurityPolicies:
-    mesh = policies.get(xdsnames.MESH_SECURITY_RESOURCE, security.MeshSecurity())
+def security_from(policies: Mapping[str, PolicyResource]) -> security.SecurityPolicies:
+    mesh = policies.get(xdsnames.MESH_SECURITY_RESOURCE)
+    if not isinstance(mesh, security.MeshSecurity):  # convert_policy names only MeshSecurity so
+        mesh = security.MeshSecurity()
     return security.SecurityPolicies(
         mesh=mesh,
         peer_authentications=tuple(p for _, p in sorted(policies.items())
@@ -311,9 +324,23 @@ def security_from(policies: Mapping[str, Any]) -> security.SecurityPolicies:
 # ------------------------------------------------------------------ per-type batches
 
 
-def _unpack(resource: any_pb2.Any, type_url: str, message: type[Message]) -> Message:
+T = TypeVar("T")
+
+# The message each subscribed type carries.
+MESSAGES: dict[str, type[Message]] = {
+    xdsnames.MESH_CONFIG: mesh_pb2.MeshConfig,
+    xdsnames.WORKLOAD: mesh_pb2.Workload,
+    xdsnames.CLUSTER: cluster_pb2.Cluster,
+    xdsnames.ENDPOINT: endpoint_pb2.ClusterLoadAssignment,
+    xdsnames.POLICY: mesh_pb2.Policy,
+    xdsnames.ROUTE: route_pb2.RouteConfiguration,
+}
+
+
+def _unpack(resource: any_pb2.Any, type_url: str) -> Message:
     if resource.type_url != type_url:
         raise ResourceError(f"has type {resource.type_url!r} in a {type_url} response")
+    message = MESSAGES[type_url]
     msg = message()
     try:
         msg.ParseFromString(resource.value)
@@ -322,28 +349,19 @@ def _unpack(resource: any_pb2.Any, type_url: str, message: type[Message]) -> Mes
     return msg
 
 
-def _name_of(type_url: str, msg: Any) -> str:
-    if type_url == xdsnames.CLUSTER:
-        return str(msg.name)
-    if type_url == xdsnames.ENDPOINT:
-        return str(msg.cluster_name)
-    if type_url == xdsnames.WORKLOAD:
+def default_name(msg: Message) -> str:
+    """The name a resource goes by when its response does not say (state of the world)."""
+    if isinstance(msg, mesh_pb2.MeshConfig):
+        return xdsnames.MESH_CONFIG_NAME
+    if isinstance(msg, mesh_pb2.Workload):
         return xdsnames.workload_resource_name(msg.node, msg.namespace, msg.name)
-    if type_url == xdsnames.POLICY:
+    if isinstance(msg, mesh_pb2.Policy):
         return xdsnames.policy_resource_name(msg.kind, msg.namespace, msg.name)
-    if type_url == xdsnames.ROUTE:
+    if isinstance(msg, cluster_pb2.Cluster | route_pb2.RouteConfiguration):
         return str(msg.name)
-    return xdsnames.MESH_CONFIG_NAME
-
-
-_MESSAGES: dict[str, type[Message]] = {
-    xdsnames.MESH_CONFIG: mesh_pb2.MeshConfig,
-    xdsnames.WORKLOAD: mesh_pb2.Workload,
-    xdsnames.CLUSTER: cluster_pb2.Cluster,
-    xdsnames.ENDPOINT: endpoint_pb2.ClusterLoadAssignment,
-    xdsnames.POLICY: mesh_pb2.Policy,
-    xdsnames.ROUTE: route_pb2.RouteConfiguration,
-}
+    if isinstance(msg, endpoint_pb2.ClusterLoadAssignment):
+        return str(msg.cluster_name)
+    return ""
 
 
 @dataclass(frozen=True)
@@ -355,56 +373,68 @@ class NamedResource:
     resource: any_pb2.Any
 
 
+def _convert_one(type_url: str, r: NamedResource) -> tuple[str, Converted]:
+    """One resource of a subscribed type -> (its name, its frozen value). A
+    ResourceError names the resource as far as it is known (`.resource`)."""
+    name = r.name
+    converted: Converted
+    try:
+        msg = _unpack(r.resource, type_url)
+        name = r.name or default_name(msg)
+        if not name:
+            raise ResourceError("has no name")
+        if isinstance(msg, mesh_pb2.MeshConfig):
+            if name != xdsnames.MESH_CONFIG_NAME:
+                raise ResourceError(f"MeshConfig must be named {xdsnames.MESH_CONFIG_NAME!r}")
+            converted = convert_mesh_config(msg)
+        elif isinstance(msg, mesh_pb2.Workload):
+            converted = convert_workload(name, msg)
+        elif isinstance(msg, cluster_pb2.Cluster):
+            converted = convert_cluster(msg)
+        elif isinstance(msg, mesh_pb2.Policy):
+            converted = convert_policy(name, msg)
+        elif isinstance(msg, route_pb2.RouteConfiguration):
+            try:
+                converted = l7convert.convert_route_configuration(msg)
+            except l7convert.L7ResourceError as e:
+                raise ResourceError(str(e)) from None
+        elif isinstance(msg, endpoint_pb2.ClusterLoadAssignment):
+            converted = convert_assignment(msg)
+            if xdsnames.is_slice(name) and name[:name.index(xdsnames.SLICE_MARK)] != converted.cluster:
+                raise ResourceError(f"an endpoint slice of cluster {converted.cluster!r} under another "
+                                    "cluster's name")
+        else:
+            raise ResourceError(f"a {type(msg).__name__} is not a resource nodemesh converts")
+    except ResourceError as e:
+        e.resource = name
+        raise
+    return name, converted
+
+
 def convert_batch(type_url: str, resources: Sequence[NamedResource],
-                  whole_set: bool = True) -> tuple[dict[str, Any], tuple[str, ...]]:
+                  whole_set: bool = True) -> tuple[dict[str, Converted], tuple[str, ...]]:
     """Convert every resource of one response. Returns (name -> converted, errors).
     `whole_set`: the response is the type's whole set (state of the world), so the
     resources every set must hold are checked here; a Delta response carries only
     changes, and XdsState checks the merged set instead (required_errors)."""
-    if type_url not in _MESSAGES:
+    if type_url not in MESSAGES:
         return {}, (f"type {type_url} is not one nodemesh subscribes to",)
-    out: dict[str, Any] = {}
+    out: dict[str, Converted] = {}
     errors: list[str] = []
     for i, r in enumerate(resources):
-        label = r.name or f"#{i}"
         try:
-            msg = _unpack(r.resource, type_url, _MESSAGES[type_url])
-            name = r.name or _name_of(type_url, msg)
-            label = name or label
-            if not name:
-                raise ResourceError("has no name")
-            converted: Any
-            if type_url == xdsnames.MESH_CONFIG:
-                if name != xdsnames.MESH_CONFIG_NAME:
-                    raise ResourceError(f"MeshConfig must be named {xdsnames.MESH_CONFIG_NAME!r}")
-                converted = convert_mesh_config(msg)
-            elif type_url == xdsnames.WORKLOAD:
-                converted = convert_workload(name, msg)
-            elif type_url == xdsnames.CLUSTER:
-                converted = convert_cluster(msg)
-            elif type_url == xdsnames.POLICY:
-                converted = convert_policy(name, msg)
-            elif type_url == xdsnames.ROUTE:
-                try:
-                    converted = l7convert.convert_route_configuration(msg)
-                except l7convert.L7ResourceError as e:
-                    raise ResourceError(str(e)) from None
-            else:
-                converted = convert_assignment(msg)
-                if xdsnames.is_slice(name) and name[:name.index(xdsnames.SLICE_MARK)] != converted.cluster:
-                    raise ResourceError(f"an endpoint slice of cluster {converted.cluster!r} under another "
-                                        "cluster's name")
+            name, converted = _convert_one(type_url, r)
             if name in out:
                 raise ResourceError("appears twice in one response")
             out[name] = converted
         except ResourceError as e:
-            errors.append(f"{label}: {e}")
+            errors.append(f"{e.resource or f'#{i}'}: {e}")
     if whole_set and not errors:
         errors += required_errors(type_url, out)
     return out, tuple(errors)
 
 
-def required_errors(type_url: str, whole: Mapping[str, Any]) -> list[str]:
+def required_errors(type_url: str, whole: Mapping[str, object]) -> list[str]:
     """What a type's whole set must hold for the agent to work."""
     if type_url == xdsnames.POLICY and xdsnames.MESH_SECURITY_RESOURCE not in whole:
         return [(f"{xdsnames.MESH_SECURITY_RESOURCE}: the response holds no mesh security settings; "
@@ -415,21 +445,76 @@ def required_errors(type_url: str, whole: Mapping[str, Any]) -> list[str]:
     return []
 
 
+def _only(values: Mapping[str, Converted], kind: type[T], type_url: str) -> dict[str, T]:
+    out: dict[str, T] = {}
+    for name, v in values.items():
+        if not isinstance(v, kind):
+            raise TypeError(f"{name}: a {type(v).__name__} among the {type_url} resources")
+        out[name] = v
+    return out
+
+
+def _policies(values: Mapping[str, Converted]) -> dict[str, PolicyResource]:
+    out: dict[str, PolicyResource] = {}
+    for name, v in values.items():
+        if not isinstance(v, security.MeshSecurity | security.PeerAuthentication | security.AuthorizationPolicy):
+            raise TypeError(f"{name}: a {type(v).__name__} among the {xdsnames.POLICY} resources")
+        out[name] = v
+    return out
+
+
+@dataclass(frozen=True)
+class Resources:
+    """The accepted resources of every type, by name, each type its own value
+    type. Immutable: a type's new set makes a new Resources (`with_set`)."""
+
+    mesh: Mapping[str, MeshSettings] = field(default_factory=dict)
+    workloads: Mapping[str, Workload] = field(default_factory=dict)
+    clusters: Mapping[str, ClusterInfo] = field(default_factory=dict)
+    assignments: Mapping[str, AssignmentInfo] = field(default_factory=dict)  # whole ones and slices
+    policies: Mapping[str, PolicyResource] = field(default_factory=dict)
+    routes: Mapping[str, RouteTable] = field(default_factory=dict)
+
+    def of(self, type_url: str) -> Mapping[str, Converted]:
+        """One type's set, whatever the type (for what works on names alone)."""
+        sets: dict[str, Mapping[str, Converted]] = {
+            xdsnames.MESH_CONFIG: self.mesh, xdsnames.WORKLOAD: self.workloads, xdsnames.CLUSTER: self.clusters,
+            xdsnames.ENDPOINT: self.assignments, xdsnames.POLICY: self.policies, xdsnames.ROUTE: self.routes}
+        return sets[type_url]
+
+    def with_set(self, type_url: str, values: Mapping[str, Converted]) -> Resources:
+        """This with `type_url`'s set replaced by `values` (as convert_batch made
+        them; a value of another type is a bug and raises TypeError)."""
+        if type_url == xdsnames.MESH_CONFIG:
+            return replace(self, mesh=_only(values, MeshSettings, type_url))
+        if type_url == xdsnames.WORKLOAD:
+            return replace(self, workloads=_only(values, Workload, type_url))
+        if type_url == xdsnames.CLUSTER:
+            return replace(self, clusters=_only(values, ClusterInfo, type_url))
+        if type_url == xdsnames.ENDPOINT:
+            return replace(self, assignments=_only(values, AssignmentInfo, type_url))
+        if type_url == xdsnames.POLICY:
+            return replace(self, policies=_policies(values))
+        if type_url == xdsnames.ROUTE:
+            return replace(self, routes=_only(values, RouteTable, type_url))
+        raise ValueError(f"type {type_url} is not one nodemesh subscribes to")
+
+
 def build_snapshot(version: str, node: str, local_workloads: Sequence[LocalWorkload],
-                   resources: Mapping[str, Mapping[str, Any]]) -> Snapshot:
+                   resources: Resources) -> Snapshot:
     """Join accepted resources of all types into a Snapshot (raises SnapshotError)."""
-    mesh: MeshSettings = resources[xdsnames.MESH_CONFIG][xdsnames.MESH_CONFIG_NAME]
+    mesh = resources.mesh[xdsnames.MESH_CONFIG_NAME]
     assignments: dict[str, AssignmentInfo] = {}
     sliced: dict[str, list[Endpoint]] = {}
     # A whole ClusterLoadAssignment (state of the world) or the cluster's slices (Delta).
-    for name, la in sorted(resources.get(xdsnames.ENDPOINT, {}).items()):
+    for name, la in sorted(resources.assignments.items()):
         if xdsnames.is_slice(name):
             sliced.setdefault(la.cluster, []).extend(la.endpoints)
         else:
             assignments[name] = la
     for cluster_name, eps in sliced.items():
         assignments.setdefault(cluster_name, AssignmentInfo(cluster_name, tuple(eps)))
-    clusters: Mapping[str, ClusterInfo] = resources.get(xdsnames.CLUSTER, {})
+    clusters = resources.clusters
     grouped: dict[tuple[str, str], list[ClusterInfo]] = {}
     subset_of: dict[str, list[ClusterInfo]] = {}  # parent cluster name -> its subset clusters
     for c in clusters.values():
@@ -445,9 +530,9 @@ def build_snapshot(version: str, node: str, local_workloads: Sequence[LocalWorkl
     for parent, orphans in subset_of.items():
         if parent not in clusters:
             raise SnapshotError(f"subset cluster {orphans[0].name} has no cluster {parent} for its service port")
-    labels_of = {w.key: dict(w.labels) for w in resources.get(xdsnames.WORKLOAD, {}).values()}
+    labels_of = {w.key: dict(w.labels) for w in resources.workloads.values()}
     referenced: dict[str, set[str]] = {}  # port cluster -> subset clusters its routes name
-    for table in resources.get(xdsnames.ROUTE, {}).values():
+    for table in resources.routes.values():
         for entry in table.routes:
             for name in [wc.cluster for wc in entry.clusters] + [m.cluster for m in entry.mirrors]:
                 parts = name.split("|")
@@ -460,9 +545,9 @@ def build_snapshot(version: str, node: str, local_workloads: Sequence[LocalWorkl
             raise SnapshotError(f"service {namespace}/{name} has clusters with different VIPs {sorted(vips)}")
         ports = []
         for c in sorted(cs, key=lambda c: c.port):
-            la = assignments.get(c.name)
+            port_la = assignments.get(c.name)
             subs: dict[str, ServicePort] = {}
-            parent_eps = la.endpoints if la else ()
+            parent_eps = port_la.endpoints if port_la else ()
             for sc in subset_of.get(c.name, ()):
                 sla = assignments.get(sc.name)
                 subs[sc.name] = ServicePort(
@@ -480,16 +565,15 @@ def build_snapshot(version: str, node: str, local_workloads: Sequence[LocalWorkl
                                             endpoints=_subset_endpoints(parent_eps, ref.split("|")[2], labels_of))
             ports.append(ServicePort(
                 port=c.port, target_port=c.target_port, protocol=c.protocol, name=c.port_name,
-                cluster=c.name, endpoints=la.endpoints if la else (),
-                routes=resources.get(xdsnames.ROUTE, {}).get(c.name), policy=c.policy,
+                cluster=c.name, endpoints=parent_eps,
+                routes=resources.routes.get(c.name), policy=c.policy,
                 subsets=tuple(subs[k] for k in sorted(subs)),
             ))
         services.append(Service(name=name, namespace=namespace, vip=vips.pop(), ports=tuple(ports)))
-    workloads = tuple(sorted(resources.get(xdsnames.WORKLOAD, {}).values(),
-                             key=lambda w: (w.node, w.namespace, w.name)))
+    workloads = tuple(sorted(resources.workloads.values(), key=lambda w: (w.node, w.namespace, w.name)))
     return Snapshot(version=version, node=node, mesh=mesh, services=tuple(services),
                     workloads=workloads, local_workloads=tuple(local_workloads),
-                    security=security_from(resources.get(xdsnames.POLICY, {})))
+                    security=security_from(resources.policies))
 
 
 def _subset_endpoints(endpoints: Sequence[Endpoint], subset: str,
@@ -523,7 +607,7 @@ class XdsState:
     node: str
     local_workloads: tuple[LocalWorkload, ...] = ()
     types: tuple[str, ...] = xdsnames.AGENT_TYPES
-    resources: dict[str, dict[str, Any]] = field(default_factory=dict)
+    resources: Resources = field(default_factory=Resources)
     versions: dict[str, str] = field(default_factory=dict)
     snapshot: Snapshot | None = None
     local_generation: int = 0  # bumped when the agent's own workload list changes
@@ -576,7 +660,7 @@ class XdsState:
         converted, errors = convert_batch(type_url, resources, whole_set=False)
         if errors:
             return ApplyResult(False, errors)
-        merged = dict(self.resources.get(type_url, {}))
+        merged = dict(self.resources.of(type_url))
         merged.update(converted)
         for n in removed:
             merged.pop(n, None)
@@ -591,10 +675,10 @@ class XdsState:
                 held.pop(n, None)
         return result
 
-    def _install(self, type_url: str, version: str, converted: dict[str, Any]) -> ApplyResult:
-        prev_resources = self.resources.get(type_url)
+    def _install(self, type_url: str, version: str, converted: Mapping[str, Converted]) -> ApplyResult:
+        prev_resources = self.resources
         prev_version = self.versions.get(type_url)
-        self.resources[type_url] = converted
+        self.resources = self.resources.with_set(type_url, converted)
         self.versions[type_url] = version
         if not self.complete:
             return ApplyResult(True)
@@ -602,10 +686,7 @@ class XdsState:
             snap = build_snapshot(self.snapshot_version(), self.node, self.local_workloads, self.resources)
         except SnapshotError as e:
             # Roll this type back: the snapshot in force stays what it was.
-            if prev_resources is None:
-                del self.resources[type_url]
-            else:
-                self.resources[type_url] = prev_resources
+            self.resources = prev_resources
             if prev_version is None:
                 del self.versions[type_url]
             else:

@@ -6,6 +6,8 @@ rejected with a reason (the NACK names it) rather than silently ignored."""
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from envoy.config.cluster.v3 import cluster_pb2
@@ -89,7 +91,7 @@ def _match(rm: rc.RouteMatch, what: str) -> m.RouteMatch:
     return m.RouteMatch(pt, pv, method, tuple(headers), tuple(query))
 
 
-def _headers(add: Any, remove: Any) -> m.HeaderModifier | None:
+def _headers(add: Sequence[base_pb2.HeaderValueOption], remove: Sequence[str]) -> m.HeaderModifier | None:
     if not add and not remove:
         return None
     set_: list[tuple[str, str]] = []
@@ -133,12 +135,10 @@ def _retry(p: rc.RetryPolicy, what: str) -> tuple[m.Retry | None, float]:
 
 def _route(r: rc.Route, what: str) -> RouteEntry:
     match = _match(r.match, f"{what}.match")
-    common: dict[str, Any] = {
-        "name": r.name, "match": match,
-        "request_headers": _headers(r.request_headers_to_add, r.request_headers_to_remove),
-        "response_headers": _headers(r.response_headers_to_add, r.response_headers_to_remove),
-        "fault": _fault(r, what),
-    }
+    common = RouteEntry(name=r.name, match=match,
+                        request_headers=_headers(r.request_headers_to_add, r.request_headers_to_remove),
+                        response_headers=_headers(r.response_headers_to_add, r.response_headers_to_remove),
+                        fault=_fault(r, what))
     action = r.WhichOneof("action")
     if action == "redirect":
         rd = r.redirect
@@ -147,10 +147,10 @@ def _route(r: rc.Route, what: str) -> RouteEntry:
             pt, pv = "ReplaceFullPath", rd.path_redirect
         elif rd.WhichOneof("path_rewrite_specifier") == "prefix_rewrite":
             pt, pv = "ReplacePrefixMatch", rd.prefix_rewrite
-        return RouteEntry(**common, redirect=m.Redirect(rd.scheme_redirect, rd.host_redirect, rd.port_redirect,
-                                                        pt, pv, _REDIRECT.get(rd.response_code, 302)))
+        return replace(common, redirect=m.Redirect(rd.scheme_redirect, rd.host_redirect, rd.port_redirect,
+                                                   pt, pv, _REDIRECT.get(rd.response_code, 302)))
     if action == "direct_response":
-        return RouteEntry(**common, direct_status=r.direct_response.status)
+        return replace(common, direct_status=r.direct_response.status)
     if action != "route":
         raise L7ResourceError(f"{what}: action {action!r} is not supported")
     act = r.route
@@ -173,9 +173,9 @@ def _route(r: rc.Route, what: str) -> RouteEntry:
     retry, per_try = _retry(act.retry_policy, f"{what}.retry_policy") if act.HasField("retry_policy") else (None, 0.0)
     mirrors = tuple(MirrorTo(p.cluster, _pct(p.runtime_fraction.default_value)
                              if p.HasField("runtime_fraction") else 100.0) for p in act.request_mirror_policies)
-    return RouteEntry(**common, clusters=clusters, path_rewrite=rewrite, host_rewrite=act.host_rewrite_literal,
-                      mirrors=mirrors, timeout_s=_secs(act.timeout) if act.HasField("timeout") else 0.0,
-                      per_try_timeout_s=per_try, retry=retry)
+    return replace(common, clusters=clusters, path_rewrite=rewrite, host_rewrite=act.host_rewrite_literal,
+                   mirrors=mirrors, timeout_s=_secs(act.timeout) if act.HasField("timeout") else 0.0,
+                   per_try_timeout_s=per_try, retry=retry)
 
 
 def convert_route_configuration(msg: route_pb2.RouteConfiguration) -> RouteTable:

@@ -177,12 +177,12 @@ def test_delta_is_the_default_and_sends_only_changes_to_the_real_servicer() -> N
 
         try:
             await until(lambda: snaps and ads.stats.acks >= len(xdsnames.AGENT_TYPES)
-                        and "node-2/default/web-2" in client.state.resources.get(xdsnames.WORKLOAD, {})
+                        and "node-2/default/web-2" in client.state.resources.workloads
                         and all(r["state"] == "synced" for r in ads.sync.rows()))
             assert ads.stats.delta_streams_opened == 1 and ads.stats.nacks == 0
             assert snaps[-1].services[0].ports[0].endpoints[0].ip == "10.0.0.3"
             # Workloads scoped to the node: those behind its endpoints (and its own), not the mesh's.
-            assert set(client.state.resources[xdsnames.WORKLOAD]) == {"node-2/default/web-2"}
+            assert set(client.state.resources.workloads) == {"node-2/default/web-2"}
             sent = sum(r["bytes_sent"] for r in ads.sync.rows())
             responses = ads.stats.responses
 
@@ -243,7 +243,7 @@ def test_scoped_discovery_receives_only_the_declared_services_endpoints() -> Non
         try:
             for _ in range(1000):  # settled: the declared service's endpoints and the workload behind them
                 if (snaps and any(s.ports[0].endpoints for s in snaps[-1].services)
-                        and "node-2/default/web-2" in client.state.resources.get(xdsnames.WORKLOAD, {})
+                        and "node-2/default/web-2" in client.state.resources.workloads
                         and all(r["state"] == "synced" for r in ads.sync.rows())):
                     break
                 await asyncio.sleep(0.01)
@@ -251,7 +251,7 @@ def test_scoped_discovery_receives_only_the_declared_services_endpoints() -> Non
             # Both services are known (CDS); only the declared one has endpoints.
             assert set(by_svc) == {"default/web", "default/api"}
             assert by_svc["default/web"] and by_svc["default/api"] == ()
-            held = set(client.state.resources[xdsnames.ENDPOINT])
+            held = set(client.state.resources.assignments)
             assert held == {xdsnames.slice_name(xdsnames.cluster_name("web", "default", 80, "mesh"), "node-2")}
             # api's endpoints move: nothing reaches this node.
             responses = ads.stats.responses
@@ -411,4 +411,4 @@ def test_workload_subscription_follows_the_endpoints_held() -> None:
     client.state.apply_delta(xdsnames.ENDPOINT, "v2", [], [api], {})
     req = client.workload_subscription_update()
     assert req is not None and list(req.resource_names_unsubscribe) == ["node-3/default/api-1"]
-    assert "node-3/default/api-1" not in client.state.resources.get(xdsnames.WORKLOAD, {})
+    assert "node-3/default/api-1" not in client.state.resources.workloads

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
-from nodeagent.meshview.snapshot import LocalWorkload
-from nodeagent.xds.convert import NamedResource, XdsState, convert_batch
+from nodeagent.meshview.snapshot import LocalWorkload, MeshSettings, Workload
+from nodeagent.xds.convert import AssignmentInfo, ClusterInfo, NamedResource, XdsState, convert_batch
 from nodemesh import xdsnames
+from nodemesh.security import MeshSecurity
 from nodemesh.v1 import mesh_pb2
 
 WEB_ID = "spiffe://cluster.local/ns/default/sa/web"
@@ -206,3 +208,21 @@ def test_local_workloads_swap_rebuilds() -> None:
     new = LOCAL + (LocalWorkload("web-1", "default", "web", "10.0.0.2", (8080,), uid=2001),)
     snap = st.set_local_workloads(new)
     assert snap is not None and snap.local_workloads == new and snap.version.endswith(",local=1")
+
+
+def test_accepted_sets_are_kept_per_type_as_their_frozen_types() -> None:
+    """The edge hands on typed values (mypy --strict checks their users); a set
+    of one type cannot hold another type's values, and an unnamed resource that
+    fails is named from its message (state of the world sends no names)."""
+    st = full_state()
+    r = st.resources
+    assert isinstance(r.mesh["mesh"], MeshSettings) and isinstance(r.policies["MeshSecurity//mesh"], MeshSecurity)
+    assert all(isinstance(c, ClusterInfo) for c in r.clusters.values()) and r.clusters
+    assert all(isinstance(a, AssignmentInfo) for a in r.assignments.values()) and r.assignments
+    assert all(isinstance(w, Workload) for w in r.workloads.values()) and r.workloads
+    with pytest.raises(TypeError, match="a Workload among the .*Cluster resources"):
+        r.with_set(xdsnames.CLUSTER, dict(r.workloads))
+    c = cluster()
+    c.type = cluster_pb2.Cluster.STATIC
+    _, errors = convert_batch(xdsnames.CLUSTER, named(c))
+    assert errors == ("outbound|80||web.default.svc.mesh: type is STATIC, nodemesh clusters are EDS",)
