@@ -68,12 +68,12 @@ from controlplane.operators import (
     _hash,
     bootstrap_admin,
     migrate_legacy,
-    write_private,
 )
 from controlplane.records import Records
 from controlplane.tokens import DEFAULT_NODE_CERT_TTL_S, JoinTokens, NodeAttestationServicer
 from controlplane.trustwatch import watch_revocations, watch_trust_bundle
 from controlplane.unixsock import prepare_unix_socket, private_umask, secure_unix_socket
+from nodemesh.keyfiles import write_private
 from nodemesh.v1 import mesh_pb2, mesh_pb2_grpc
 
 if TYPE_CHECKING:

@@ -4,7 +4,6 @@ for registered workloads."""
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import hashlib
 import hmac
@@ -27,6 +26,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from controlplane.noderegistry import NodeRegistry
 from nodemesh.identity import Identity, IdentityError
+from nodemesh.keyfiles import write_private, write_public
 from nodemesh.revocation import svid_serial
 from nodemesh.v1 import mesh_pb2, mesh_pb2_grpc
 
@@ -65,27 +65,6 @@ def _pem(cert: x509.Certificate) -> str:
 
 def fingerprint(cert: x509.Certificate) -> str:
     return cert.fingerprint(hashes.SHA256()).hex()[:16]
-
-
-def _write_private(path: str, data: bytes) -> None:
-    """Write a key file with mode 0600 from its creation, replacing any old one
-    atomically (a crash leaves the old key or the new one, never half of one)."""
-    tmp = f"{path}.tmp"
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _write_public(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -318,11 +297,11 @@ class CertificateAuthority:
             PreviousRoot(self.root_pem, now + overlap_s),)
         # Persist the old root's overlap before the new root replaces it, so a crash
         # in between never leaves leaves that nothing trusts.
-        _write_public(os.path.join(self._state_dir, PREVIOUS_ROOTS_FILE), json.dumps(
+        write_public(os.path.join(self._state_dir, PREVIOUS_ROOTS_FILE), json.dumps(
             [{"pem": p.pem, "trusted_until_unix": p.trusted_until_unix} for p in previous]).encode())
-        _write_private(os.path.join(self._state_dir, ROOT_KEY_FILE), key.private_bytes(
+        write_private(os.path.join(self._state_dir, ROOT_KEY_FILE), key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-        _write_public(os.path.join(self._state_dir, ROOT_CERT_FILE), cert.public_bytes(serialization.Encoding.PEM))
+        write_public(os.path.join(self._state_dir, ROOT_CERT_FILE), cert.public_bytes(serialization.Encoding.PEM))
         self.root_cert, self._root_key, self.root_pem = cert, key, _pem(cert)
         self._anchors = (self.root_pem,)
         self.previous = previous

@@ -23,8 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from controlplane.ca import _write_private
 from controlplane.records import Record, Records
+from nodemesh.keyfiles import write_private
 
 log = logging.getLogger("nodemesh.controlplane.operators")
 
@@ -62,11 +62,6 @@ class OperatorError(ValueError):
 
 def _hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
-
-
-def write_private(path: str, data: bytes) -> None:
-    """Create or replace a file that only its owner can read (0600 from the start)."""
-    _write_private(path, data)
 
 
 def cert_credential_id(serial_hex: str) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import os
 import random
 import socket
 import ssl
@@ -31,6 +30,7 @@ from cryptography.x509.oid import NameOID
 
 from nodeagent import cpchannel
 from nodeagent.config import AgentConfig
+from nodemesh.keyfiles import write_private, write_public
 from nodemesh.v1 import mesh_pb2, mesh_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -50,23 +50,6 @@ class AttestError(RuntimeError):
     def __init__(self, reason: str, message: str) -> None:
         self.reason = reason
         super().__init__(message)
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _write_public(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def node_csr(key: ec.EllipticCurvePrivateKey, node_name: str) -> str:
@@ -154,7 +137,7 @@ class NodeAttestation:
             return key
         self.state_dir.mkdir(parents=True, exist_ok=True)
         key = ec.generate_private_key(ec.SECP256R1())
-        _write_private(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        write_private(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                serialization.NoEncryption()))
         return key
 
@@ -187,10 +170,10 @@ class NodeAttestation:
     def _save(self, resp: mesh_pb2.JoinResponse) -> bytes:
         chain = "".join(resp.node_cert_chain).encode()
         leaf = x509.load_pem_x509_certificates(chain)[0]
-        _write_public(self.state_dir / NODE_CERT_FILE, chain)
+        write_public(self.state_dir / NODE_CERT_FILE, chain)
         self.not_after = leaf.not_valid_after_utc.timestamp()
         if not self.config.control_plane.ca_bundle_file and resp.server_ca_bundle:
-            _write_public(self.state_dir / CP_CA_FILE, "".join(resp.server_ca_bundle).encode())
+            write_public(self.state_dir / CP_CA_FILE, "".join(resp.server_ca_bundle).encode())
         return chain
 
     # ------------------------------------------------------------ join and renew
@@ -224,7 +207,7 @@ class NodeAttestation:
                 if ca is None:
                     host, _, port = join_target.rpartition(":")
                     ca = await asyncio.to_thread(fetch_pinned_ca, host.strip("[]"), int(port), pin)
-                    _write_public(self.state_dir / CP_CA_FILE, ca)
+                    write_public(self.state_dir / CP_CA_FILE, ca)
                 async with cpchannel.open_join_channel(join_target, ca) as channel:
                     resp = await mesh_pb2_grpc.NodeAttestationStub(channel).Join(  # type: ignore[no-untyped-call]
                         mesh_pb2.JoinRequest(token=token, node_name=self.config.node.name,

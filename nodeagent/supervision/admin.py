@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import nodemesh
 from nodeagent.observe import meshmetrics
+from nodemesh.keyfiles import write_private
 from nodemesh.prom import histogram_quantile
 
 if TYPE_CHECKING:
@@ -176,11 +177,9 @@ def write_admin_token(state_dir: str | os.PathLike[str] | None) -> tuple[str, st
     token = secrets.token_urlsafe(32)
     if state_dir is None:
         return token, ""
-    from nodeagent.identity.attest import _write_private
-
     directory = Path(state_dir)
     directory.mkdir(parents=True, exist_ok=True)
-    _write_private(directory / ADMIN_TOKEN_FILE, (token + "\n").encode())
+    write_private(directory / ADMIN_TOKEN_FILE, (token + "\n").encode())
     return token, str(directory / ADMIN_TOKEN_FILE)
 
 

@@ -16,6 +16,7 @@ from cryptography.x509.oid import NameOID
 
 from controlplane.adminclient import AdminClient
 from nodemesh.cli.output import CommandError, add_output_flag, add_server_flags, emit, table
+from nodemesh.keyfiles import write_private
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
 
@@ -124,8 +125,6 @@ def cmd_operator_create(args: argparse.Namespace) -> int:
     key_path, cert_path = f"{args.cert_out}.key", f"{args.cert_out}.pem"
     # A fresh file made 0600 and renamed over any old one: truncating an existing
     # file would keep its mode, which may let others read the new key.
-    from controlplane.auth import write_private
-
     write_private(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                               serialization.NoEncryption()))
     with open(cert_path, "w") as f:

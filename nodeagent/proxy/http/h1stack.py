@@ -33,6 +33,7 @@ from .h1upstream import ResponseHead, UpstreamConn, UpstreamExchange, UpstreamRe
 from .pipeline import (
     MAX_BUFFERED_BODY,
     Call,
+    Downstream,
     Headers,
     InternalError,
     L7Runtime,
@@ -86,12 +87,12 @@ def start_l7(proxy: NodeProxy, end: OutboundConnection, snapshot: Snapshot, sour
         from .h2stack import start_h2  # h2c and gRPC (docs/interop.md)
 
         return start_h2(proxy, end, snapshot, source_key, source_id, plan, tcp_fallback)
-    h = Downstream(proxy.l7, end, snapshot, source_key, source_id, plan, mode, tcp_fallback)
+    h = H1Downstream(proxy.l7, end, snapshot, source_key, source_id, plan, mode, tcp_fallback)
     transport.set_protocol(h)
     h.begin()
 
 
-class Downstream(asyncio.Protocol):
+class H1Downstream(Downstream):
     """The client's HTTP/1.1 connection (server role), one request at a time.
     Requests are read by the strict edge (h1.py: httptools, limits, one path
     normalization); reading pauses while a request is served, so pipelined bytes
@@ -99,17 +100,8 @@ class Downstream(asyncio.Protocol):
 
     def __init__(self, rt: L7Runtime, end: OutboundConnection, snapshot: Snapshot, source_key: str,
                  source_id: str, plan: OutboundPlan, mode: str, tcp_fallback: Callable[[], None]) -> None:
-        self.rt = rt
-        self.end = end
-        self.transport = cast(asyncio.Transport, end.transport)
-        self.conn_session = end.session
-        self.source_key = source_key
-        self.source_id = source_id
-        self.plan = plan
+        super().__init__(rt, end, snapshot, source_key, source_id, plan, tcp_fallback)
         self.mode = mode
-        self.tcp_fallback = tcp_fallback
-        self.snapshot = snapshot  # at accept; each request runs on the config current when it starts
-        self.limits = snapshot.security.mesh.http  # read once per connection
         self.reader = RequestReader(self.limits)
         self._queue: deque[Event] = deque()  # parsed, not yet taken (pipelined requests)
         self._sniffed = b""
@@ -404,7 +396,7 @@ H2_REFUSAL = bytes.fromhex("000000040000000000") + bytes.fromhex("00000807000000
 class H1Call(Call):
     """One HTTP/1.1 request through the pipeline."""
 
-    def __init__(self, ds: Downstream, req: RequestHead, body: bytes) -> None:
+    def __init__(self, ds: H1Downstream, req: RequestHead, body: bytes) -> None:
         f = ds.conn_session.fields
         session = ds.rt.proxy.new_session(
             "outbound", protocol="http", src=f.get("src", ""), source_workload=ds.source_key,

@@ -58,6 +58,7 @@ from .pipeline import (
     MAX_BUFFERED_BODY,
     BadRequest,
     Call,
+    Downstream,
     InternalError,
     L7Runtime,
     LocalReply,
@@ -89,8 +90,8 @@ def start_h2(proxy: NodeProxy, end: OutboundConnection, snapshot: Snapshot, sour
     ds.begin(early)
 
 
-def take_over_from_h1(h1: Any, sniffed: bytes) -> None:
-    """`auto` port whose first bytes were the HTTP/2 preface (h1stack.Downstream saw them)."""
+def take_over_from_h1(h1: Downstream, sniffed: bytes) -> None:
+    """`auto` port whose first bytes were the HTTP/2 preface (h1stack.H1Downstream saw them)."""
     h1.conn_session.set(protocol="http2", detect="http2")
     ds = H2Downstream(h1.rt, h1.end, h1.snapshot, h1.source_key, h1.source_id, h1.plan, h1.tcp_fallback, False)
     h1.transport.set_protocol(ds)
@@ -98,20 +99,12 @@ def take_over_from_h1(h1: Any, sniffed: bytes) -> None:
 
 
 # ---------------------------------------------------------------- client side (server role)
-class H2Downstream(asyncio.Protocol):
+class H2Downstream(Downstream):
     """The client's h2c connection: one H2Call per stream."""
 
     def __init__(self, rt: L7Runtime, end: OutboundConnection, snapshot: Snapshot, source_key: str,
                  source_id: str, plan: OutboundPlan, tcp_fallback: Callable[[], None], sniff: bool) -> None:
-        self.rt = rt
-        self.snapshot = snapshot  # at accept; each stream runs on the config current when it starts
-        self.end = end
-        self.transport = cast(asyncio.Transport, end.transport)
-        self.conn_session = end.session
-        self.source_key = source_key
-        self.source_id = source_id
-        self.plan = plan
-        self.tcp_fallback = tcp_fallback
+        super().__init__(rt, end, snapshot, source_key, source_id, plan, tcp_fallback)
         self.core = H2Core(client=False)
         self.calls: dict[int, H2Call] = {}
         self.write_paused = False
@@ -120,9 +113,8 @@ class H2Downstream(asyncio.Protocol):
         self._sniffing = sniff
         self._sniffed = b""
         self._started = False
-        # The connection's limits (MeshConfig spec.http), read once: the request-head and
+        # The connection's limits (MeshConfig spec.http, self.limits): the request-head and
         # idle timeouts by one ticking timer, each stream's idle time at its ticks (_probe).
-        self.limits = snapshot.security.mesh.http
         self.timer = ConnTimer(dataclasses.replace(self.limits, stream_idle_timeout_s=math.inf), self._probe,
                                self._expired)
         self.timer.period = max(0.02, min(self.timer.period, self.limits.stream_idle_timeout_s / TICKS_PER_LIMIT))

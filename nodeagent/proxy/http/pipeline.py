@@ -26,7 +26,7 @@ import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from nodeagent.meshview.l7snapshot import RouteEntry, RouteTable, WeightedCluster
 from nodeagent.meshview.snapshot import Endpoint, ServicePort, Snapshot
@@ -46,6 +46,7 @@ from .timeout import Deadline, incoming_budget
 
 if TYPE_CHECKING:
     from ..accesslog import AccessLog
+    from ..outbound import OutboundConnection
     from ..proxy import NodeProxy
     from .h2stack import H2Downstream
     from .h2upstream import H2UpstreamPool
@@ -162,6 +163,25 @@ class StreamIdleTimeout(LocalReply):
 
 class InternalError(LocalReply):
     reason = "internal_error"
+
+
+# ---------------------------------------------------------------- the client's connection
+class Downstream(asyncio.Protocol):
+    """The client's connection once a protocol adapter took it over from the L4
+    relay (h1stack.H1Downstream, h2stack.H2Downstream): what both keep of it."""
+
+    def __init__(self, rt: L7Runtime, end: OutboundConnection, snapshot: Snapshot, source_key: str,
+                 source_id: str, plan: OutboundPlan, tcp_fallback: Callable[[], None]) -> None:
+        self.rt = rt
+        self.end = end
+        self.transport = cast(asyncio.Transport, end.transport)  # set: the relay end is connected
+        self.conn_session = end.session
+        self.source_key = source_key
+        self.source_id = source_id
+        self.plan = plan
+        self.tcp_fallback = tcp_fallback  # hands the connection back to the L4 relay
+        self.snapshot = snapshot  # at accept; each request runs on the config current when it starts
+        self.limits = snapshot.security.mesh.http  # read once per connection
 
 
 # ---------------------------------------------------------------- per-proxy state
