@@ -14,7 +14,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,8 +70,24 @@ def selects(selector: Labels, labels: Mapping[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector)
 
 
+class _ScopedPolicy:
+    """What PeerAuthentication and AuthorizationPolicy share: a name in a
+    namespace (the key) and a workload selector."""
+
+    name: str
+    namespace: str
+    selector: Labels
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def _selector_spec(self) -> dict[str, Any]:
+        return {"selector": {"matchLabels": dict(self.selector)}} if self.selector else {}
+
+
 @dataclass(frozen=True)
-class PeerAuthentication:
+class PeerAuthentication(_ScopedPolicy):
     name: str
     namespace: str
     selector: Labels = ()
@@ -81,14 +97,8 @@ class PeerAuthentication:
 
     kind = KIND_PEER_AUTHENTICATION
 
-    @property
-    def key(self) -> str:
-        return f"{self.namespace}/{self.name}"
-
     def spec(self) -> dict[str, Any]:
-        spec: dict[str, Any] = {}
-        if self.selector:
-            spec["selector"] = {"matchLabels": dict(self.selector)}
+        spec = self._selector_spec()
         spec["mtls"] = {"mode": self.mode}
         if self.port_modes:
             # JSON object keys are strings; the parser accepts both.
@@ -149,7 +159,7 @@ class AuthzRule:
 
 
 @dataclass(frozen=True)
-class AuthorizationPolicy:
+class AuthorizationPolicy(_ScopedPolicy):
     name: str
     namespace: str
     selector: Labels = ()
@@ -159,14 +169,8 @@ class AuthorizationPolicy:
 
     kind = KIND_AUTHORIZATION_POLICY
 
-    @property
-    def key(self) -> str:
-        return f"{self.namespace}/{self.name}"
-
     def spec(self) -> dict[str, Any]:
-        spec: dict[str, Any] = {}
-        if self.selector:
-            spec["selector"] = {"matchLabels": dict(self.selector)}
+        spec = self._selector_spec()
         spec["action"] = self.action
         spec["rules"] = [_rule_spec(r) for r in self.rules]
         return spec
@@ -359,50 +363,53 @@ def _list_of_maps(c: FieldChecker, raw: Any, path: str) -> list[tuple[str, Any]]
     return [(f"{path}[{i}]", v) for i, v in enumerate(raw)]
 
 
-def _source(c: FieldChecker, raw: Any, path: str) -> Source | None:
-    m = c.mapping(raw, path, ("source",))
+_SOURCE_KEYS = ("principals", "notPrincipals", "namespaces", "notNamespaces", "ipBlocks", "notIpBlocks")
+_OPERATION_KEYS = ("ports", "notPorts", "methods", "notMethods", "paths", "notPaths", "hosts", "notHosts")
+
+
+def _clause(c: FieldChecker, raw: Any, path: str, wrapper: str,
+            keys: tuple[str, ...]) -> tuple[Mapping[str, Any], str] | None:
+    """`{<wrapper>: {<keys>...}}` (a rule's `from` source or `to` operation):
+    the inner mapping and its path, or None where it is not a mapping."""
+    m = c.mapping(raw, path, (wrapper,))
     if m is None:
         return None
-    spath = f"{path}.source"
-    s = c.mapping(m.get("source"), spath, ("principals", "notPrincipals", "namespaces", "notNamespaces",
-                                           "ipBlocks", "notIpBlocks"))
-    if s is None:
+    inner_path = f"{path}.{wrapper}"
+    inner = c.mapping(m.get(wrapper), inner_path, keys)
+    if inner is None:
         return None
-    if not s:
-        c.add(spath, "required; a source needs at least one of principals, notPrincipals, namespaces, "
-              "notNamespaces, ipBlocks, notIpBlocks")
-    return Source(
-        principals=_strings(c, s.get("principals"), f"{spath}.principals", _principal_ok),
-        not_principals=_strings(c, s.get("notPrincipals"), f"{spath}.notPrincipals", _principal_ok),
-        namespaces=_strings(c, s.get("namespaces"), f"{spath}.namespaces", _principal_ok),
-        not_namespaces=_strings(c, s.get("notNamespaces"), f"{spath}.notNamespaces", _principal_ok),
-        ip_blocks=_strings(c, s.get("ipBlocks"), f"{spath}.ipBlocks", _cidr_ok),
-        not_ip_blocks=_strings(c, s.get("notIpBlocks"), f"{spath}.notIpBlocks", _cidr_ok),
-    )
+    if not inner:
+        c.add(inner_path, f"required; a {wrapper} needs at least one of {', '.join(keys)}")
+    return inner, inner_path
+
+
+def _source(c: FieldChecker, raw: Any, path: str) -> Source | None:
+    got = _clause(c, raw, path, "source", _SOURCE_KEYS)
+    if got is None:
+        return None
+    s, spath = got
+
+    def strings(key: str, check: Callable[[str], str]) -> tuple[str, ...]:
+        return _strings(c, s.get(key), f"{spath}.{key}", check)
+
+    return Source(strings("principals", _principal_ok), strings("notPrincipals", _principal_ok),
+                  strings("namespaces", _principal_ok), strings("notNamespaces", _principal_ok),
+                  strings("ipBlocks", _cidr_ok), strings("notIpBlocks", _cidr_ok))
 
 
 def _operation(c: FieldChecker, raw: Any, path: str) -> Operation | None:
-    m = c.mapping(raw, path, ("operation",))
-    if m is None:
+    got = _clause(c, raw, path, "operation", _OPERATION_KEYS)
+    if got is None:
         return None
-    opath = f"{path}.operation"
-    o = c.mapping(m.get("operation"), opath, ("ports", "notPorts", "methods", "notMethods", "paths",
-                                              "notPaths", "hosts", "notHosts"))
-    if o is None:
-        return None
-    if not o:
-        c.add(opath, "required; an operation needs at least one of ports, notPorts, methods, notMethods, "
-              "paths, notPaths, hosts, notHosts")
-    return Operation(
-        ports=_ports(c, o.get("ports"), f"{opath}.ports"),
-        not_ports=_ports(c, o.get("notPorts"), f"{opath}.notPorts"),
-        methods=_strings(c, o.get("methods"), f"{opath}.methods", _method_ok),
-        not_methods=_strings(c, o.get("notMethods"), f"{opath}.notMethods", _method_ok),
-        paths=_strings(c, o.get("paths"), f"{opath}.paths", _path_ok),
-        not_paths=_strings(c, o.get("notPaths"), f"{opath}.notPaths", _path_ok),
-        hosts=_strings(c, o.get("hosts"), f"{opath}.hosts", _host_ok),
-        not_hosts=_strings(c, o.get("notHosts"), f"{opath}.notHosts", _host_ok),
-    )
+    o, opath = got
+
+    def strings(key: str, check: Callable[[str], str]) -> tuple[str, ...]:
+        return _strings(c, o.get(key), f"{opath}.{key}", check)
+
+    return Operation(_ports(c, o.get("ports"), f"{opath}.ports"), _ports(c, o.get("notPorts"), f"{opath}.notPorts"),
+                     strings("methods", _method_ok), strings("notMethods", _method_ok),
+                     strings("paths", _path_ok), strings("notPaths", _path_ok),
+                     strings("hosts", _host_ok), strings("notHosts", _host_ok))
 
 
 def _condition(c: FieldChecker, raw: Any, path: str) -> Condition | None:
