@@ -130,17 +130,15 @@ def test_open_streams_of_a_revoked_node_are_closed_by_the_recheck(tmp_path: Path
     icpt = AuthInterceptor(Operators(Records(db)), nodes=ids)
 
     async def body() -> tuple[bool, bool, str]:
-        sa, ev_a = icpt.guard.enter("node-a")
-        sb, ev_b = icpt.guard.enter("node-b")
-        icpt._serials[sa] = ("node-a", "aa")
-        icpt._serials[sb] = ("node-b", "bb")
+        a = icpt.guard.enter("node-a", "aa")
+        b = icpt.guard.enter("node-b", "bb")
         task = asyncio.create_task(icpt.recheck_streams(interval_s=0.02))
         await asyncio.sleep(0.1)
-        assert not ev_a.is_set() and not ev_b.is_set()
+        assert not a.reason and not b.reason
         ids.revoke("node-a", "test")
-        await _until(ev_a.is_set)
+        await _until(lambda: bool(a.reason))
         task.cancel()
-        return ev_a.is_set(), ev_b.is_set(), icpt.guard.reason(sa)
+        return bool(a.reason), bool(b.reason), a.reason
 
     a, b, why = asyncio.run(body())
     assert a and not b and "node node-a was revoked" in why

@@ -33,8 +33,8 @@ def named(msg: Message) -> list[NamedResource]:
 
 
 def mesh_config(**kw: Any) -> mesh_pb2.MeshConfig:
-    base = {"trust_domain": "cluster.local", "outbound_policy": "ALLOW_ANY", "vip_cidr": "10.96.0.0/16",
-                "dns_domain": "mesh"}
+    base: dict[str, Any] = {"trust_domain": "cluster.local", "outbound_policy": "ALLOW_ANY",
+                            "vip_cidr": "10.96.0.0/16", "dns_domain": "mesh"}
     base.update(kw)
     return mesh_pb2.MeshConfig(**base)
 
