@@ -422,8 +422,12 @@ def delta_diff(type_url: str, tr: TypeResources, sub: DeltaSubscription,
     else:
         wanted = {n for n in only if n in versions and sub.covers(n)}
         gone = {n for n in only if n in known or n in sub.plain}
-    # What the client holds at the current version needs nothing.
-    changing = wanted.difference(dict(known.items() & versions.items()))
+    if only is None:
+        # What the client holds at the current version needs nothing (one pass in C
+        # over the held map; the names-only path below stays the size of `only`).
+        changing = wanted.difference(dict(known.items() & versions.items()))
+    else:
+        changing = {n for n in wanted if known.get(n) != versions[n]}
     if rejected:
         changing = {n for n in changing if rejected.get(n) != versions[n]}
     changed = sorted(changing)
