@@ -50,14 +50,15 @@ from nodeagent.meshview.snapshot import (  # noqa: E402 - after the path insert
 from nodeagent.proxy.accesslog import AccessLog  # noqa: E402
 from nodeagent.proxy.proxy import NodeProxy  # noqa: E402
 from nodeagent.proxy.testca import TestCA  # noqa: E402
-from nodeagent.supervision.settings import Certs, ProxySettings  # noqa: E402
+from nodeagent.supervision.settings import Certs  # noqa: E402
 from nodemesh import model  # noqa: E402
+from nodemesh.lab.loopback import NODE_A, NODE_B, TRUST_DOMAIN, loopback_settings, spiffe_id  # noqa: E402
 from nodemesh.security import MeshSecurity, SecurityPolicies  # noqa: E402
 
-A, B = "127.0.0.2", "127.0.0.3"
-TD = "cluster.local"
-CLIENT = f"spiffe://{TD}/ns/default/sa/client"
-WEB = f"spiffe://{TD}/ns/default/sa/web"
+A, B = NODE_A, NODE_B
+TD = TRUST_DOMAIN
+CLIENT = spiffe_id("client")
+WEB = spiffe_id("web")
 VIP = ("10.96.0.20", 80)
 CL = "outbound|80||web.default.svc.mesh"
 BODY = b"x" * 1024
@@ -71,12 +72,6 @@ spec:
   rules:
   - to: [{operation: {methods: [GET], paths: ["/item*"]}}]
 """
-
-
-def _settings(name: str, addr: str) -> ProxySettings:
-    return ProxySettings(node_name=name, node_address=addr, outbound_bind=addr, inbound_bind=addr,
-                         outbound_port=0, inbound_plain_port=0, hbone_port=0, mark=0, connect_timeout_s=3.0,
-                         access_log="off")
 
 
 def _security(l7_policy: bool) -> SecurityPolicies:
@@ -118,9 +113,9 @@ def _node(role: str, certs: Certs, pem: str, pipe: Connection, ports: tuple[int,
         loop = asyncio.get_running_loop()
         web_port = ports[0]
         if role == "b":
-            proxy = NodeProxy(_settings("b", B), access_log=AccessLog("off"), original_dst=lambda s: VIP)
+            proxy = NodeProxy(loopback_settings("b", B), access_log=AccessLog("off"), original_dst=lambda s: VIP)
         else:
-            proxy = NodeProxy(_settings("a", A), access_log=AccessLog("off"), original_dst=lambda s: VIP,
+            proxy = NodeProxy(loopback_settings("a", A), access_log=AccessLog("off"), original_dst=lambda s: VIP,
                               source_lookup=lambda snap, c, d: snap.local_by_uid.get(os.getuid()))
         await proxy.start()
         hbone = ports[1] if role == "a" else proxy.addresses()[2][1]

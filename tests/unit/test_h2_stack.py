@@ -28,17 +28,17 @@ from nodeagent.proxy.http.h2core import MAX_STREAM_ID, H2Core
 from nodeagent.proxy.http.pipeline import shadow_authority
 from nodeagent.proxy.proxy import NodeProxy, open_listeners
 from nodeagent.proxy.testca import TestCA
-from nodeagent.supervision.settings import ProxySettings
 from nodemesh.httpedge import HttpLimits
+from nodemesh.lab.loopback import NODE_A, NODE_B, TRUST_DOMAIN, loopback_settings, spiffe_id
 from nodemesh.routespec import LoadBalancer, Retry, RouteMatch
 from nodemesh.security import MeshSecurity, SecurityPolicies
 
 RR = ClusterPolicy(load_balancer=LoadBalancer(policy="RoundRobin"))  # every replica gets its turn
 
-A, B = "127.0.0.2", "127.0.0.3"
-TD = "cluster.local"
-CLIENT = f"spiffe://{TD}/ns/default/sa/client"
-ECHO = f"spiffe://{TD}/ns/default/sa/echo"
+A, B = NODE_A, NODE_B
+TD = TRUST_DOMAIN
+CLIENT = spiffe_id("client")
+ECHO = spiffe_id("echo")
 VIP = ("10.96.0.30", 50051)
 CL = "outbound|50051||echo.default.svc.mesh"
 CL_V2 = "outbound|50051||echo-v2.default.svc.mesh"
@@ -96,14 +96,9 @@ class Mesh:
         self.rec_a = self.log_a.capture()
 
     async def start(self, v1: list[Backend], v2: list[Backend] | None = None) -> None:
-        def settings(name: str, addr: str) -> ProxySettings:
-            return ProxySettings(node_name=name, node_address=addr, outbound_bind=addr, inbound_bind=addr,
-                                 outbound_port=0, inbound_plain_port=0, hbone_port=0, mark=0,
-                                 connect_timeout_s=3.0, access_log="off")
-
-        self.settings_a = settings("a", A)
+        self.settings_a = loopback_settings("a", A)
         self.a = self.new_a()
-        self.settings_b = settings("b", B)
+        self.settings_b = loopback_settings("b", B)
         self.b = self.new_b()
         # The listening sockets are held here too, as the agent holds them for its workers.
         self.a_listeners = open_listeners(self.a.settings)

@@ -16,7 +16,7 @@ from nodeagent.meshview.snapshot import Endpoint, LocalWorkload, MeshSettings, S
 from nodeagent.proxy.accesslog import AccessLog
 from nodeagent.proxy.proxy import NodeProxy
 from nodeagent.proxy.testca import TestCA
-from nodeagent.supervision.settings import ProxySettings
+from nodemesh.lab.loopback import NODE_A, NODE_B, TRUST_DOMAIN, loopback_settings, spiffe_id
 from nodemesh.routespec import (
     CircuitBreaker,
     Fault,
@@ -28,10 +28,10 @@ from nodemesh.routespec import (
     StringMatch,
 )
 
-A, B = "127.0.0.2", "127.0.0.3"
-TD = "cluster.local"
-CLIENT = f"spiffe://{TD}/ns/default/sa/client"
-WEB = f"spiffe://{TD}/ns/default/sa/web"
+A, B = NODE_A, NODE_B
+TD = TRUST_DOMAIN
+CLIENT = spiffe_id("client")
+WEB = spiffe_id("web")
 VIP = ("10.96.0.20", 80)
 CL_WEB = "outbound|80||web.default.svc.mesh"
 CL_V2 = "outbound|80||web-v2.default.svc.mesh"
@@ -88,14 +88,9 @@ class Mesh:
         return self.dst[sock.getpeername()[1]]
 
     async def start(self, replicas: list[Server], v2: list[Server] | None = None) -> None:
-        def settings(name: str, addr: str) -> ProxySettings:
-            return ProxySettings(node_name=name, node_address=addr, outbound_bind=addr, inbound_bind=addr,
-                                 outbound_port=0, inbound_plain_port=0, hbone_port=0, mark=0,
-                                 connect_timeout_s=3.0, access_log="off")
-
-        self.a = NodeProxy(settings("a", A), access_log=self.log_a, original_dst=self.original_dst,
+        self.a = NodeProxy(loopback_settings("a", A), access_log=self.log_a, original_dst=self.original_dst,
                            source_lookup=lambda snap, c, d: snap.local_by_uid.get(os.getuid()))
-        self.b = NodeProxy(settings("b", B), access_log=AccessLog("off"), original_dst=self.original_dst)
+        self.b = NodeProxy(loopback_settings("b", B), access_log=AccessLog("off"), original_dst=self.original_dst)
         await self.a.start()
         await self.b.start()
         self.a_out = self.a.addresses()[0]

@@ -28,12 +28,13 @@ from nodeagent.proxy.accesslog import AccessLog
 from nodeagent.proxy.proxy import NodeProxy
 from nodeagent.proxy.testca import TestCA
 from nodeagent.supervision.settings import ProxySettings
+from nodemesh.lab.loopback import NODE_A, NODE_B, TRUST_DOMAIN, loopback_settings, spiffe_id
 
-A, B = "127.0.0.2", "127.0.0.3"
-TD = "cluster.local"
-CLIENT = f"spiffe://{TD}/ns/default/sa/client"
-ECHO = f"spiffe://{TD}/ns/default/sa/echo"
-LOCAL = f"spiffe://{TD}/ns/default/sa/local"
+A, B = NODE_A, NODE_B
+TD = TRUST_DOMAIN
+CLIENT = spiffe_id("client")
+ECHO = spiffe_id("echo")
+LOCAL = spiffe_id("local")
 ECHO_VIP = ("10.96.0.10", 80)
 LOCAL_VIP = ("10.96.0.11", 80)
 WRONG_VIP = ("10.96.0.12", 80)
@@ -85,14 +86,9 @@ class Cluster:
         self.echo_b_port = self.echo_b.sockets[0].getsockname()[1]
         self.echo_a_port = self.echo_a.sockets[0].getsockname()[1]
 
-        def settings(name: str, addr: str) -> ProxySettings:
-            return ProxySettings(node_name=name, node_address=addr, outbound_bind=addr, inbound_bind=addr,
-                                 outbound_port=0, inbound_plain_port=0, hbone_port=0, mark=0,
-                                 connect_timeout_s=3.0, access_log="off")
-
-        self.a = NodeProxy(settings("a", A), access_log=self.log_a, original_dst=self.original_dst,
+        self.a = NodeProxy(loopback_settings("a", A), access_log=self.log_a, original_dst=self.original_dst,
                            source_lookup=self.source_lookup)
-        self.b = NodeProxy(settings("b", B), access_log=self.log_b, original_dst=self.original_dst,
+        self.b = NodeProxy(loopback_settings("b", B), access_log=self.log_b, original_dst=self.original_dst,
                            inbound_original_dst=self.original_dst)
         await self.a.start()
         await self.b.start()
