@@ -29,26 +29,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-CLIENT_UID = 3001
+from run import CONFIG  # noqa: E402 - the same mesh as bench/run.py (a MeshConfig and the web Service)
 
-CONFIG = """\
-apiVersion: nodemesh.io/v1alpha1
-kind: MeshConfig
-metadata: {name: mesh}
-spec:
-  trustDomain: cluster.local
-  # Which identities may run where (default deny; nodemesh/bindings.py).
-  identityBindings:
-    - {name: web, nodes: ['node-*'], serviceAccounts: [default/web], workloadLabels: {app: [web]}}
-    - {name: client, nodes: ['node-*'], serviceAccounts: [default/client]}
----
-apiVersion: nodemesh.io/v1alpha1
-kind: Service
-metadata: {name: web, namespace: default}
-spec:
-  selector: {app: web}
-  ports: [{name: http, port: 80, targetPort: 8080, protocol: http}]
-"""
+CLIENT_UID = 3001
 
 
 def policy(name: str) -> str:
