@@ -11,7 +11,8 @@
 #   provision.sh controlplane IP          `nodemesh install controlplane`, the sample config
 #   provision.sh token NODE               print a one-time join token for NODE (on the cp)
 #   provision.sh node NAME IP CP_IP TOKEN_FILE
-#                                         the sample workloads' users and services,
+#                                         the sample workloads' users and services
+#                                         (web: HTTP/1.1 on 8080, echo: gRPC on 9090),
 #                                         `nodemesh install agent` joined with TOKEN_FILE
 #   provision.sh upgrade NEW_SRC          run the nodemesh code at NEW_SRC from now on and
 #                                         apply it as documented: `systemctl restart` of
@@ -86,7 +87,7 @@ node: {name: $name, address: $ip, zone: cluster}
 controlPlane: {address: "$cp_ip:15010", joinTokenFile: /etc/nodemesh/join.token}
 capture: {mode: iptables, failurePolicy: open}
 workloads:
-  - {name: web-$name, namespace: default, serviceAccount: web, labels: {app: web}, uid: $WEB_UID, ports: [8080]}
+  - {name: web-$name, namespace: default, serviceAccount: web, labels: {app: web}, uid: $WEB_UID, ports: [8080, 9090]}
   - {name: client-$name, namespace: default, serviceAccount: client, labels: {app: client}, uid: $CLIENT_UID}
 YAML
   cat > /etc/systemd/system/nodemesh-sample-web.service <<UNIT
@@ -99,8 +100,18 @@ Restart=on-failure
 [Install]
 WantedBy=multi-user.target
 UNIT
+  cat > /etc/systemd/system/nodemesh-sample-grpc.service <<UNIT
+[Unit]
+Description=nodemesh sample workload: the echo gRPC service's replica on $name
+[Service]
+User=web
+ExecStart=$PY $SRC/nodemesh/lab/labgrpc.py --name web-$name --port 9090
+Restart=on-failure
+[Install]
+WantedBy=multi-user.target
+UNIT
   systemctl daemon-reload
-  systemctl enable --now nodemesh-sample-web
+  systemctl enable --now nodemesh-sample-web nodemesh-sample-grpc
   nodemesh install agent --config /etc/nodemesh/agent.yaml
   ;;
 upgrade)
@@ -114,7 +125,7 @@ upgrade)
   (cd / && $PY -c 'import nodemesh; print("nodemesh", nodemesh.__version__, "from", nodemesh.__file__)')
   ;;
 *)
-  sed -n '2,24p' "$0" >&2
+  sed -n '2,25p' "$0" >&2
   exit 2
   ;;
 esac
