@@ -294,7 +294,7 @@ def test_restarts_and_upgrade_drop_nothing(tier: Tier) -> None:
     counts = json.loads(out[0].strip().splitlines()[-1])
     failures = {k: v for k, v in counts.items() if k.endswith(("failed_connects", "reset", "timeout", "error",
                                                                "bad_status")) and v}
-    assert not failures, counts
+    assert not failures, json.dumps(counts)
     # The load really ran at rate across the restarts, and each of node1's restarts (and
     # the upgrade) closed the held connections gracefully, at a response.
     assert counts["new_ok"] >= 0.9 * LOAD_RATE * counts["seconds"], counts
@@ -307,7 +307,7 @@ def test_restarts_and_upgrade_drop_nothing(tier: Tier) -> None:
             assert len(re.findall(r"draining: GOAWAY to \d+ HTTP/2 client connection", log)) >= n, log[-3000:]
     assert grpc_out and grpc_out[0].strip(), "the gRPC load generator printed nothing"
     grpc_counts = json.loads(grpc_out[0].strip().splitlines()[-1])
-    assert not [k for k in grpc_counts if k.startswith("failed_") or k == "bad_answer"], grpc_counts
+    assert not [k for k in grpc_counts if k.startswith("failed_") or k == "bad_answer"], json.dumps(grpc_counts)
     assert grpc_counts["replicas"] == ["web-node1", "web-node2"], grpc_counts
     # Calls went on throughout (at least a third of the unhindered rate, on a saturated machine).
     rate = GRPC_CHANNELS * GRPC_CALLS * 1000 / GRPC_DELAY_MS
