@@ -1,4 +1,6 @@
-"""gRPC load for the restart test, run inside a node as the client workload with
+"""gRPC load across agent restarts (not yet part of test_cluster.py: with it,
+calls and even plain HTTP/1.1 connects fail during one restart in a few runs;
+see the drain report of 2026-12-05), run inside a node as the client workload with
 the node's nodemesh venv (grpcio): CHANNELS channels, each its own HTTP/2
 connection (no shared subchannels), each with CALLS calls always in flight to
 TARGET's /nodemesh.lab.Echo/Unary (nodemesh/lab/labgrpc.py), every call taking
