@@ -48,6 +48,7 @@ from nodeagent.meshview.snapshot import (  # noqa: E402 - after the path insert
     Workload,
 )
 from nodeagent.proxy.accesslog import AccessLog  # noqa: E402
+from nodeagent.proxy.outbound import by_uid  # noqa: E402
 from nodeagent.proxy.proxy import NodeProxy  # noqa: E402
 from nodeagent.proxy.testca import TestCA  # noqa: E402
 from nodeagent.supervision.settings import Certs  # noqa: E402
@@ -116,7 +117,7 @@ def _node(role: str, certs: Certs, pem: str, pipe: Connection, ports: tuple[int,
             proxy = NodeProxy(loopback_settings("b", B), access_log=AccessLog("off"), original_dst=lambda s: VIP)
         else:
             proxy = NodeProxy(loopback_settings("a", A), access_log=AccessLog("off"), original_dst=lambda s: VIP,
-                              source_lookup=lambda snap, c, d: snap.local_by_uid.get(os.getuid()))
+                              source_lookup=by_uid(os.getuid()))
         await proxy.start()
         hbone = ports[1] if role == "a" else proxy.addresses()[2][1]
         proxy.update(_snapshot(role, pem, web_port, hbone, l7_policy), certs)

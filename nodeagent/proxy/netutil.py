@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import errno
 import ipaddress
+import os
 import socket
 import struct
+from collections.abc import Iterator
 
 from .errors import ConnectRefused, ConnectTimeout, NetworkError
 
@@ -113,3 +115,38 @@ def local_dst(sock: socket.socket) -> tuple[str, int]:
     """For TPROXY listeners: the accepted socket's own address is the original destination."""
     name = sock.getsockname()
     return str(name[0]), int(name[1])
+
+
+# --- one netlink question, one answer (sock_diag, conntrack) ----------------------------------------
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+_NLMSGHDR = struct.Struct("=IHHII")
+
+
+def netlink_ask(protocol: int, request: bytes, timeout_s: float) -> bytes:
+    """Send one request on a fresh netlink socket of `protocol` and return the
+    kernel's answer (TimeoutError if there is none within timeout_s)."""
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, protocol) as s:
+        s.settimeout(timeout_s)
+        s.sendto(request, (0, 0))
+        return s.recv(65536)
+
+
+def netlink_messages(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """(type, body) of each netlink message in an answer, up to NLMSG_DONE; an
+    NLMSG_ERROR with an error code raises OSError with it."""
+    off = 0
+    while off + _NLMSGHDR.size <= len(data):
+        length, mtype, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, off)
+        if length < _NLMSGHDR.size:
+            return
+        body = data[off + _NLMSGHDR.size: off + length]
+        if mtype == NLMSG_ERROR:
+            (err,) = struct.unpack_from("=i", body, 0)
+            if err:
+                raise OSError(-err, os.strerror(-err))
+        elif mtype == NLMSG_DONE:
+            return
+        else:
+            yield mtype, body
+        off += (length + 3) & ~3

@@ -8,11 +8,12 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 from nodeagent.meshview.snapshot import LocalWorkload, Snapshot
 
-from . import sockdiag
+from . import conntrack, sockdiag
 from .connector import Upstream
 from .errors import (
     NoHealthyEndpoint,
@@ -32,37 +33,94 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 OriginalDst = Callable[[socket.socket], tuple[str, int]]
-# (snapshot, client addr:port, original dst addr:port) -> the workload that opened it
-SourceLookup = Callable[[Snapshot, tuple[str, int], tuple[str, int]], LocalWorkload | None]
+Addr = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class SourceMatch:
+    """The workload that opened a captured connection, and the client address
+    its socket really has (not always the peer the proxy sees: see conntrack.py)."""
+
+    workload: LocalWorkload
+    client: Addr
+
+
+# (snapshot, peer as accepted, original dst, the accepting socket's address) -> who opened it
+SourceLookup = Callable[[Snapshot, Addr, Addr, Addr], SourceMatch | None]
 
 FAILURE_PENALTY_S = 1.0  # what a failed connect costs an endpoint in the balancer
 
 
-class KernelSourceLookup:
-    """The real source lookup: sock_diag for the client's socket, then uid/cgroup."""
+def by_uid(uid: int) -> SourceLookup:
+    """A lookup that gives every connection to the workload declared with `uid`
+    (in-process tests and benchmarks, where nothing is captured)."""
+    def lookup(snapshot: Snapshot, client: Addr, _dst: Addr, _local: Addr) -> SourceMatch | None:
+        lw = snapshot.local_by_uid.get(uid)
+        return None if lw is None else SourceMatch(lw, client)
+    return lookup
 
-    def __init__(self, redirect_target: tuple[str, int] | None = None) -> None:
+
+class KernelSourceLookup:
+    """The real source lookup: sock_diag for the client's socket, then uid/cgroup.
+
+    The common path is one sock_diag query keyed by (peer as accepted -> original
+    dst). When the kernel has no such socket, the peer port may have been remapped
+    by NAT (REDIRECT capture, two connections from one source port): conntrack's
+    entry for the accepted connection then gives the client's real address, and the
+    socket is looked up again with it. Only misses pay for the second lookup."""
+
+    def __init__(self, redirect_target: Addr | None = None) -> None:
         self._index_for: Snapshot | None = None
         self._index: Mapping[int, LocalWorkload] = {}
         # eBPF capture rewrites the connect itself (no NAT): the client's socket
         # is connected to the outbound listener, not to the original destination.
         self._redirect_target = redirect_target
 
-    def __call__(self, snapshot: Snapshot, client: tuple[str, int], dst: tuple[str, int]) -> LocalWorkload | None:
+    def __call__(self, snapshot: Snapshot, client: Addr, dst: Addr, local: Addr) -> SourceMatch | None:
         if self._index_for is not snapshot:
             self._index = sockdiag.cgroup_index(snapshot)  # resolved once per snapshot
             self._index_for = snapshot
+        found = self._owner(client, dst, local)
+        if found is None:
+            return None
+        owner, real_client = found
+        lw = sockdiag.identify(snapshot, self._index, owner)
+        if lw is None:
+            log.warning("the socket %s:%s -> %s:%s belongs to uid %s, cgroup id %s: no local workload has "
+                        "that uid or cgroup; check the workload's declaration on this node",
+                        *real_client, *dst, owner.uid, owner.cgroup_id)
+            return None
+        return SourceMatch(lw, real_client)
+
+    def _owner(self, client: Addr, dst: Addr, local: Addr) -> tuple[sockdiag.SocketOwner, Addr] | None:
         try:
-            owner = sockdiag.query_owner(client, dst)
-        except OSError as e:
+            return sockdiag.query_owner(client, dst), client
+        except OSError as first:
+            miss = first
+        if self._redirect_target is not None:
             try:
-                if self._redirect_target is None:
-                    raise
-                owner = sockdiag.query_owner(client, self._redirect_target)
+                return sockdiag.query_owner(client, self._redirect_target), client
             except OSError:
-                log.warning("cannot find the socket for %s:%s -> %s:%s: %s", *client, *dst, e)
-                return None
-        return sockdiag.identify(snapshot, self._index, owner)
+                pass
+        try:
+            orig = conntrack.original_of(conntrack.ConnTuple(local, client))
+        except OSError as e:
+            log.warning("cannot find the socket for %s:%s -> %s:%s: %s; conntrack has no entry for it either (%s): "
+                        "was the client gone already, or is the proxy missing CAP_NET_ADMIN?",
+                        *client, *dst, miss, e)
+            return None
+        if orig.src == client:
+            log.warning("cannot find the socket for %s:%s -> %s:%s: %s (conntrack shows no remapped source port)",
+                        *client, *dst, miss)
+            return None
+        try:
+            owner = sockdiag.query_owner(orig.src, orig.dst)
+        except OSError as e:
+            log.warning("cannot find the socket for %s:%s -> %s:%s, seen as %s:%s after NAT remapped its port: %s",
+                        *orig.src, *orig.dst, *client, e)
+            return None
+        log.debug("client %s:%s is %s:%s (source port remapped by NAT)", *client, *orig.src)
+        return owner, orig.src
 
 
 class OutboundConnection(TcpEnd):
@@ -100,10 +158,14 @@ def start_outbound(proxy: NodeProxy, end: OutboundConnection) -> None:
         return refuse(end, ProxyError(f"cannot read the original destination: {e}",
                                       hint="was this connection redirected by the capture rules?"))
     session.set(dst_addr=f"{dst[0]}:{dst[1]}")
-    source = proxy.source_lookup(snapshot, client, dst)
-    if source is None:
+    sock = transport.get_extra_info("sockname")
+    match = proxy.source_lookup(snapshot, client, dst, (str(sock[0]), int(sock[1])))
+    if match is None:
         return refuse(end, UnknownSource(f"no local workload owns the socket {client[0]}:{client[1]} -> "
-                                         f"{dst[0]}:{dst[1]}"))
+                                         f"{dst[0]}:{dst[1]} (looked up by sock_diag, then conntrack)"))
+    source = match.workload
+    if match.client != client:  # NAT remapped the source port: log the client's real one
+        session.set(src=f"{match.client[0]}:{match.client[1]}")
     source_id = snapshot.identity_of(source)
     session.set(source_workload=source.key, source_principal=source_id)
     plan = plan_outbound(snapshot, source, dst[0], dst[1], excluded_cidrs=proxy.settings.excluded_cidrs)

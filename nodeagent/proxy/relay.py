@@ -24,6 +24,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# A refused connection: what is still read and discarded after our FIN so that
+# closing does not turn the client's unread bytes into a reset (TcpEnd.close).
+REFUSE_DRAIN_BYTES = 64 * 1024
+REFUSE_DRAIN_S = 2.0
+
 
 class End(Protocol):
     """What an end offers its partner."""
@@ -143,6 +148,8 @@ class TcpEnd(asyncio.Protocol):
         self._aborted_by_partner = False
         self._splice: splice.SpliceRelay | None = None
         self._splice_pending = False
+        self._refusing: asyncio.TimerHandle | None = None  # set while a refusal drains (close())
+        self._discarded = 0  # bytes read and dropped while refusing (not relayed: not in rx)
         session.end_opened()
 
     # -- asyncio.Protocol --
@@ -159,6 +166,9 @@ class TcpEnd(asyncio.Protocol):
         asyncio.get_running_loop().call_soon(self._resync_reading)
 
     def data_received(self, data: bytes) -> None:
+        if self._refusing is not None:
+            self._discard(data)
+            return
         self.rx += len(data)
         if self.tap is not None:
             self.tap.response(data)
@@ -169,6 +179,9 @@ class TcpEnd(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self._read_eof = True
+        if self._refusing is not None:
+            self._maybe_close()  # the client saw our FIN and closed: a clean end
+            return True
         if self.partner is None:
             self._early_eof = True
         else:
@@ -185,6 +198,8 @@ class TcpEnd(asyncio.Protocol):
             self.partner.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._refusing is not None:
+            self._refusing.cancel()
         if self._closed or self._splice is not None:
             return  # spliced: the relay owns the socket now and reports the end
         self._closed = True
@@ -310,13 +325,40 @@ class TcpEnd(asyncio.Protocol):
             self.session.end_closed()
 
     def close(self) -> None:
-        """Close without relaying anything (a refused or failed connection)."""
+        """Close without relaying anything (a refused or failed connection).
+
+        A clean refusal, not a reset: closing a socket whose receive queue holds
+        bytes makes the kernel send RST, and a client whose request was already
+        on its way would see "connection reset" instead of an orderly close. So
+        send FIN (after whatever was written, e.g. an error response), then read
+        and discard what the client still sends until its EOF, bounded by
+        REFUSE_DRAIN_BYTES and REFUSE_DRAIN_S; past either, abort."""
         self._aborted_by_partner = True
         if self._splice is not None:
             self._splice.abort()
             return
-        if self.transport is not None:
-            self.transport.close()
+        t = self.transport
+        if t is None or t.is_closing() or self._refusing is not None:
+            return
+        if self._read_eof or not t.can_write_eof() or getattr(t, "get_protocol", lambda: self)() is not self:
+            t.close()  # nothing more can arrive, or an L7 adapter owns the reading
+            return
+        self._refusing = asyncio.get_running_loop().call_later(REFUSE_DRAIN_S, self._refuse_timed_out)
+        self._wrote_eof = True
+        t.write_eof()
+        self._reading = True  # _resync_reading (after connection_made) must not pause it again
+        t.resume_reading()
+
+    def _discard(self, data: bytes) -> None:
+        self._discarded += len(data)
+        if self._discarded > REFUSE_DRAIN_BYTES and self.transport is not None:
+            log.info("refused connection kept sending (%d bytes): reset", self._discarded)
+            self.transport.abort()
+
+    def _refuse_timed_out(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            log.info("refused connection not closed by the client within %.0f s: reset", REFUSE_DRAIN_S)
+            self.transport.abort()
 
     def pause_reading(self) -> None:
         self._want_paused = True
@@ -329,7 +371,7 @@ class TcpEnd(asyncio.Protocol):
     def _apply_reading(self) -> None:
         if self.transport is None or self.transport.is_closing() or self._splice is not None:
             return
-        should = not self._want_paused and self.partner is not None
+        should = self._refusing is not None or (not self._want_paused and self.partner is not None)
         if should and not self._reading:
             self._reading = True
             self.transport.resume_reading()

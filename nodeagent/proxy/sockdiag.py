@@ -15,13 +15,13 @@ from dataclasses import dataclass
 
 from nodeagent.meshview.snapshot import LocalWorkload, Snapshot
 
+from .netutil import netlink_ask, netlink_messages
+
 log = logging.getLogger(__name__)
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
 NLM_F_REQUEST = 0x1
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
 INET_DIAG_CGROUP_ID = 21  # u64, kernel >= 5.7
 INET_DIAG_NOCOOKIE = 0xFFFFFFFF
 TCP_ALL_STATES = 0xFFFFFFFF
@@ -71,17 +71,10 @@ def build_request(src: tuple[str, int], dst: tuple[str, int], seq: int = 1) -> b
 
 
 def parse_response(data: bytes) -> SocketOwner:
-    off = 0
-    while off + _NLMSGHDR.size <= len(data):
-        length, mtype, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, off)
-        if length < _NLMSGHDR.size:
-            break
-        body = data[off + _NLMSGHDR.size: off + length]
-        if mtype == NLMSG_ERROR:
-            (err,) = struct.unpack_from("=i", body, 0)
-            if err:
-                raise SockDiagError(-err, f"sock_diag: {os.strerror(-err)}")
-        elif mtype == SOCK_DIAG_BY_FAMILY:
+    try:
+        for mtype, body in netlink_messages(data):
+            if mtype != SOCK_DIAG_BY_FAMILY:
+                continue
             p = _MSG_HEAD.size + _SOCKID_LEN
             _exp, _rq, _wq, uid, inode = _MSG_TAIL.unpack_from(body, p)
             p += _MSG_TAIL.size
@@ -94,22 +87,18 @@ def parse_response(data: bytes) -> SocketOwner:
                     (cgroup_id,) = struct.unpack_from("=Q", body, p + _RTA.size)
                 p += (rlen + 3) & ~3
             return SocketOwner(uid=uid, inode=inode, cgroup_id=cgroup_id)
-        elif mtype == NLMSG_DONE:
-            break
-        off += (length + 3) & ~3
+    except OSError as e:
+        raise SockDiagError(e.errno, f"sock_diag: {e.strerror}") from None
     raise SockDiagError(errno.ENOENT, "sock_diag: no socket in reply")
 
 
 def query_owner(src: tuple[str, int], dst: tuple[str, int], timeout_s: float = 0.5) -> SocketOwner:
     """Owner of the TCP socket whose local address is `src` and peer is `dst`
     (for a redirected connection: client addr:port -> original destination)."""
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG) as s:
-        s.settimeout(timeout_s)
-        s.sendto(build_request(src, dst), (0, 0))
-        try:
-            data = s.recv(65536)
-        except TimeoutError as e:
-            raise SockDiagError(errno.ETIMEDOUT, "sock_diag: no answer from the kernel") from e
+    try:
+        data = netlink_ask(NETLINK_SOCK_DIAG, build_request(src, dst), timeout_s)
+    except TimeoutError as e:
+        raise SockDiagError(errno.ETIMEDOUT, "sock_diag: no answer from the kernel") from e
     try:
         return parse_response(data)
     except SockDiagError as e:

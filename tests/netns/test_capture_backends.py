@@ -207,3 +207,66 @@ def test_capture_closed(lab: Lab, backend: str, monkeypatch: pytest.MonkeyPatch)
     lab.stop("agent-1")
     assert nodemesh(lab, 1, "capture", "remove").returncode == 0
     assert leftovers(lab, 1) == []
+
+
+# Two sockets of one workload bound to the same local port (SO_REUSEADDR, as Linux
+# itself does when it reuses an ephemeral port for another destination), each sends
+# one HTTP request and reads the whole answer.
+SAME_PORT_CLIENT = r"""
+import json, socket, sys
+dests = [(sys.argv[1], int(sys.argv[2])), (sys.argv[3], int(sys.argv[4]))]
+socks, port = [], 0
+for host, p in dests:
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.settimeout(5)
+    s.bind(("0.0.0.0", port))
+    port = s.getsockname()[1]
+    s.connect((host, p))
+    socks.append(s)
+out = []
+for (host, p), s in zip(dests, socks):
+    data = b""
+    try:
+        s.sendall(f"GET /same-port HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        out.append({"dst": f"{host}:{p}", "answer": data.decode(errors="replace")})
+    except OSError as e:
+        out.append({"dst": f"{host}:{p}", "error": repr(e), "answer": data.decode(errors="replace")})
+print(json.dumps({"port": port, "results": out}))
+"""
+
+
+@pytest.mark.parametrize("backend", ["iptables", "nftables"])
+def test_capture_same_source_port(lab: Lab, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """REDIRECT rewrites both connections to the proxy's port: the second one's reply
+    tuple clashes with the first and conntrack remaps its source port. The proxy must
+    still find the client's socket (conntrack's original tuple) and serve both."""
+    start(lab, backend, "open", monkeypatch, exclude=[])
+    vip, web = lab.service_vip("web"), lab.node_ip(1)
+    res = lab.ns_exec(lab.node_ns(1), ["/usr/bin/python3", "-c", SAME_PORT_CLIENT, vip, "80", web, "8080"],
+                      uid=CLIENT_UID, check=False, timeout=20)
+    assert res.returncode == 0, f"{res.stdout}\n{res.stderr}"
+    out = json.loads(res.stdout)
+    port = out["port"]
+    for r in out["results"]:
+        assert "error" not in r and r["answer"].startswith("HTTP/1.1 200"), \
+            f"{r}\nagent-1 log:\n{lab.log('agent-1')[-3000:]}"
+        assert json.loads(r["answer"].split("\r\n\r\n", 1)[1])["replica"] == "web-1", r
+
+    # Attributed to the client workload, under the client's real source port (not the remapped one).
+    dsts = {f"{vip}:80", f"{web}:8080"}
+
+    def lines() -> list[dict[str, Any]]:
+        return [e for e in lab.access_log(1) if e.get("direction") == "outbound" and e.get("dst_addr") in dsts]
+
+    wait_until(lambda: {e["dst_addr"] for e in lines()} == dsts, 5, "an access log line for each connection",
+               diag=lambda: json.dumps(lab.access_log(1)[-6:]))
+    for e in lines():
+        assert e.get("source_workload") == "default/client" and "reason" not in e, e
+    assert {e.get("src") for e in lines() if e.get("src")} == {f"{web}:{port}"}, (port, lines())
+    assert "cannot find the socket" not in lab.log("agent-1")

@@ -26,6 +26,7 @@ from nodeagent.meshview.snapshot import Endpoint, LocalWorkload, MeshSettings, S
 from nodeagent.proxy.accesslog import AccessLog
 from nodeagent.proxy.http.h2core import MAX_STREAM_ID, H2Core
 from nodeagent.proxy.http.pipeline import shadow_authority
+from nodeagent.proxy.outbound import by_uid
 from nodeagent.proxy.proxy import NodeProxy, open_listeners
 from nodeagent.proxy.testca import TestCA
 from nodemesh.httpedge import HttpLimits
@@ -158,7 +159,7 @@ class Mesh:
     def new_a(self) -> NodeProxy:
         # Every connection to A's outbound listener counts as captured on its way to the VIP.
         return NodeProxy(self.settings_a, access_log=self.log_a, original_dst=lambda s: VIP,
-                         source_lookup=lambda snap, c, d: snap.local_by_uid.get(os.getuid()))
+                         source_lookup=by_uid(os.getuid()))
 
     def new_b(self) -> NodeProxy:
         return NodeProxy(self.settings_b, access_log=AccessLog("off"), original_dst=lambda s: VIP)

@@ -14,6 +14,7 @@ import uvloop
 from nodeagent.meshview.l7snapshot import ClusterPolicy, RouteEntry, RouteTable, WeightedCluster
 from nodeagent.meshview.snapshot import Endpoint, LocalWorkload, MeshSettings, Service, ServicePort, Snapshot, Workload
 from nodeagent.proxy.accesslog import AccessLog
+from nodeagent.proxy.outbound import by_uid
 from nodeagent.proxy.proxy import NodeProxy
 from nodeagent.proxy.testca import TestCA
 from nodemesh.lab.loopback import NODE_A, NODE_B, TRUST_DOMAIN, loopback_settings, spiffe_id
@@ -89,7 +90,7 @@ class Mesh:
 
     async def start(self, replicas: list[Server], v2: list[Server] | None = None) -> None:
         self.a = NodeProxy(loopback_settings("a", A), access_log=self.log_a, original_dst=self.original_dst,
-                           source_lookup=lambda snap, c, d: snap.local_by_uid.get(os.getuid()))
+                           source_lookup=by_uid(os.getuid()))
         self.b = NodeProxy(loopback_settings("b", B), access_log=AccessLog("off"), original_dst=self.original_dst)
         await self.a.start()
         await self.b.start()

@@ -25,6 +25,7 @@ from nodeagent.meshview.snapshot import (
     Workload,
 )
 from nodeagent.proxy.accesslog import AccessLog
+from nodeagent.proxy.outbound import SourceMatch
 from nodeagent.proxy.proxy import NodeProxy
 from nodeagent.proxy.testca import TestCA
 from nodeagent.supervision.settings import ProxySettings
@@ -73,10 +74,12 @@ class Cluster:
     def original_dst(self, sock: socket.socket) -> tuple[str, int]:
         return self.dst[sock.getpeername()[1]]
 
-    def source_lookup(self, snap: Snapshot, client: tuple[str, int], dst: tuple[str, int]) -> LocalWorkload | None:
-        if client[1] in self.unknown_ports:
+    def source_lookup(self, snap: Snapshot, client: tuple[str, int], dst: tuple[str, int],
+                      local: tuple[str, int]) -> SourceMatch | None:
+        lw = snap.local_by_uid.get(os.getuid())
+        if client[1] in self.unknown_ports or lw is None:
             return None
-        return snap.local_by_uid.get(os.getuid())
+        return SourceMatch(lw, client)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -294,6 +297,45 @@ def test_unknown_source_refused_at_once() -> None:
         assert await r.read() == b""
         out = await wait_for_log(c.rec_a, lambda x: "reason" in x)
         assert out["reason"] == "unknown_source" and "declare the workload" in out["error"]
+
+    run(go)
+
+
+def _refused_after_sending(c: Cluster, payload: bytes) -> socket.socket:
+    """A client whose bytes are in the proxy's receive queue before the refusal
+    (blocking connect + send before the loop runs the accept)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    c.dst[port] = ECHO_VIP
+    c.unknown_ports.add(port)
+    sock.connect(c.a_out)
+    sock.sendall(payload)
+    sock.setblocking(False)
+    return sock
+
+
+def test_refusal_with_unread_bytes_is_a_clean_close() -> None:
+    async def go(c: Cluster) -> None:
+        loop = asyncio.get_running_loop()
+        with _refused_after_sending(c, b"GET / HTTP/1.1\r\nhost: echo\r\n\r\n") as sock:
+            assert await loop.sock_recv(sock, 100) == b""  # FIN, not "connection reset by peer"
+            sock.shutdown(socket.SHUT_WR)
+            out = await wait_for_log(c.rec_a, lambda x: "reason" in x)
+            assert out["reason"] == "unknown_source" and out["bytes_sent"] == 0, out
+
+    run(go)
+
+
+def test_refusal_resets_a_client_that_keeps_sending() -> None:
+    async def go(c: Cluster) -> None:
+        loop = asyncio.get_running_loop()
+        with _refused_after_sending(c, b"x") as sock:
+            assert await loop.sock_recv(sock, 100) == b""
+            with pytest.raises((ConnectionResetError, BrokenPipeError)):
+                for _ in range(64):  # past REFUSE_DRAIN_BYTES, the drain gives up
+                    await loop.sock_sendall(sock, b"y" * 8192)
+                    await asyncio.sleep(0.01)
 
     run(go)
 

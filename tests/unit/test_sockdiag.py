@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from nodeagent.meshview.snapshot import LocalWorkload, MeshSettings, Snapshot
-from nodeagent.proxy import sockdiag
+from nodeagent.proxy import netutil, sockdiag
 
 
 @pytest.fixture
@@ -63,6 +63,6 @@ def test_identify_prefers_cgroup_then_uid(tmp_path: os.PathLike[str]) -> None:
 def test_parse_error_reply() -> None:
     import struct
 
-    reply = struct.pack("=IHHII", 36, sockdiag.NLMSG_ERROR, 0, 1, 0) + struct.pack("=i", -13) + b"\0" * 16
+    reply = struct.pack("=IHHII", 36, netutil.NLMSG_ERROR, 0, 1, 0) + struct.pack("=i", -13) + b"\0" * 16
     with pytest.raises(sockdiag.SockDiagError, match="Permission denied"):
         sockdiag.parse_response(reply)
