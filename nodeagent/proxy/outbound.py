@@ -45,8 +45,9 @@ class SourceMatch:
     client: Addr
 
 
-# (snapshot, peer as accepted, original dst, the accepting socket's address) -> who opened it
-SourceLookup = Callable[[Snapshot, Addr, Addr, Addr], SourceMatch | None]
+# (snapshot, peer as accepted, original dst, the accepting socket's address) -> who opened it.
+# The address is asked for (a getsockname) only by a lookup that needs it: on a miss.
+SourceLookup = Callable[[Snapshot, Addr, Addr, Callable[[], Addr]], SourceMatch | None]
 
 FAILURE_PENALTY_S = 1.0  # what a failed connect costs an endpoint in the balancer
 
@@ -54,7 +55,7 @@ FAILURE_PENALTY_S = 1.0  # what a failed connect costs an endpoint in the balanc
 def by_uid(uid: int) -> SourceLookup:
     """A lookup that gives every connection to the workload declared with `uid`
     (in-process tests and benchmarks, where nothing is captured)."""
-    def lookup(snapshot: Snapshot, client: Addr, _dst: Addr, _local: Addr) -> SourceMatch | None:
+    def lookup(snapshot: Snapshot, client: Addr, _dst: Addr, _local: Callable[[], Addr]) -> SourceMatch | None:
         lw = snapshot.local_by_uid.get(uid)
         return None if lw is None else SourceMatch(lw, client)
     return lookup
@@ -76,7 +77,7 @@ class KernelSourceLookup:
         # is connected to the outbound listener, not to the original destination.
         self._redirect_target = redirect_target
 
-    def __call__(self, snapshot: Snapshot, client: Addr, dst: Addr, local: Addr) -> SourceMatch | None:
+    def __call__(self, snapshot: Snapshot, client: Addr, dst: Addr, local: Callable[[], Addr]) -> SourceMatch | None:
         if self._index_for is not snapshot:
             self._index = sockdiag.cgroup_index(snapshot)  # resolved once per snapshot
             self._index_for = snapshot
@@ -92,7 +93,7 @@ class KernelSourceLookup:
             return None
         return SourceMatch(lw, real_client)
 
-    def _owner(self, client: Addr, dst: Addr, local: Addr) -> tuple[sockdiag.SocketOwner, Addr] | None:
+    def _owner(self, client: Addr, dst: Addr, local: Callable[[], Addr]) -> tuple[sockdiag.SocketOwner, Addr] | None:
         try:
             return sockdiag.query_owner(client, dst), client
         except OSError as first:
@@ -103,7 +104,7 @@ class KernelSourceLookup:
             except OSError:
                 pass
         try:
-            orig = conntrack.original_of(conntrack.ConnTuple(local, client))
+            orig = conntrack.original_of(conntrack.ConnTuple(local(), client))
         except OSError as e:
             log.warning("cannot find the socket for %s:%s -> %s:%s: %s; conntrack has no entry for it either (%s): "
                         "was the client gone already, or is the proxy missing CAP_NET_ADMIN?",
@@ -142,6 +143,11 @@ def refuse(end: TcpEnd, err: ProxyError) -> None:
     end.close()
 
 
+def _sockname(transport: asyncio.BaseTransport) -> Addr:
+    name = transport.get_extra_info("sockname")
+    return str(name[0]), int(name[1])
+
+
 def start_outbound(proxy: NodeProxy, end: OutboundConnection) -> None:
     """Runs in connection_made: decide synchronously, connect in a task."""
     transport = cast(asyncio.Transport, end.transport)  # set: connection_made ran
@@ -158,8 +164,7 @@ def start_outbound(proxy: NodeProxy, end: OutboundConnection) -> None:
         return refuse(end, ProxyError(f"cannot read the original destination: {e}",
                                       hint="was this connection redirected by the capture rules?"))
     session.set(dst_addr=f"{dst[0]}:{dst[1]}")
-    sock = transport.get_extra_info("sockname")
-    match = proxy.source_lookup(snapshot, client, dst, (str(sock[0]), int(sock[1])))
+    match = proxy.source_lookup(snapshot, client, dst, lambda: _sockname(transport))
     if match is None:
         return refuse(end, UnknownSource(f"no local workload owns the socket {client[0]}:{client[1]} -> "
                                          f"{dst[0]}:{dst[1]} (looked up by sock_diag, then conntrack)"))

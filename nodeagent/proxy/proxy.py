@@ -128,7 +128,7 @@ class NodeProxy:
             self.snapshot = snapshot
             self._apply_hbone(snapshot.security.mesh.hbone)
             if old is not None and old.mesh.revocations != snapshot.mesh.revocations:
-                self._cut_revoked_peers(snapshot)
+                self._cut_revoked_peers()
         if certs is not None:
             errors += self.server_tls.update(certs)
             self.certs = certs
@@ -167,16 +167,12 @@ class NodeProxy:
             meshmetrics.PROXY_ERRORS.inc({"direction": "inbound", "reason": PeerCertificateRevoked.reason})
         return why
 
-    def _cut_revoked_peers(self, snapshot: Snapshot) -> None:
+    def _cut_revoked_peers(self) -> None:
         """A new revocation list: close accepted connections whose peer it revokes
         (their tunnels end now), and retire client connections so that the next
         stream dials again and checks the peer."""
         for conn in list(self._hbone_conns):
-            if conn.lost:
-                continue
-            peer = f"{conn.peer_addr[0]}:{conn.peer_addr[1]}" if conn.peer_addr else ""
-            if self.revoked_peer("inbound", conn.peer_serial, conn.peer_identity, peer, snapshot):
-                meshmetrics.PROXY_ERRORS.inc({"direction": "inbound", "reason": PeerCertificateRevoked.reason})
+            if not conn.lost and self._admit_hbone_peer(conn):  # self.snapshot is the new one here
                 conn.close("peer certificate revoked")
         self.pool.retire_all()
 

@@ -75,7 +75,7 @@ class Cluster:
         return self.dst[sock.getpeername()[1]]
 
     def source_lookup(self, snap: Snapshot, client: tuple[str, int], dst: tuple[str, int],
-                      local: tuple[str, int]) -> SourceMatch | None:
+                      local: Callable[[], tuple[str, int]]) -> SourceMatch | None:
         lw = snap.local_by_uid.get(os.getuid())
         if client[1] in self.unknown_ports or lw is None:
             return None
